@@ -1,0 +1,1 @@
+"""Instrument drivers and transports (installed as ``labdaq.drivers``)."""

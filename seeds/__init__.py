@@ -1,0 +1,1 @@
+"""Seed data (YAML) shipped as package data; read with importlib.resources."""

@@ -1,0 +1,1 @@
+"""Simulated instruments and cell physics (installed as ``labdaq.sims``)."""
