@@ -1,1 +1,1 @@
-"""labdaq package."""
+"""Acquisition engine: scheduler, channel workers, safety checks, batched sample writer."""

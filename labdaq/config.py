@@ -1,0 +1,65 @@
+"""Settings: one place that reads LABDAQ_* environment variables and an optional TOML file."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _toml_values() -> dict[str, Any]:
+    """Values from the TOML file named by LABDAQ_CONFIG (or ./labdaq.toml if present)."""
+    path = os.environ.get("LABDAQ_CONFIG")
+    candidate = Path(path) if path else Path("labdaq.toml")
+    if not candidate.is_file():
+        if path:
+            raise FileNotFoundError(f"LABDAQ_CONFIG points at {candidate}, which does not exist")
+        return {}
+    with candidate.open("rb") as fh:
+        data = tomllib.load(fh)
+    # Accept both a flat file and one with a [labdaq] table.
+    return dict(data.get("labdaq", data))
+
+
+class Settings(BaseSettings):
+    """Runtime configuration. Environment variables win over the TOML file."""
+
+    model_config = SettingsConfigDict(env_prefix="LABDAQ_", extra="ignore")
+
+    data_dir: Path = Field(
+        default=Path("./data"), description="Where the SQLite file and journals live"
+    )
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default sqlite file in data_dir"
+    )
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Writer batching: a batch is flushed when it reaches this many rows or this age.
+    writer_batch_rows: int = 2000
+    writer_batch_age_s: float = 0.5
+    # How often the engine polls the database for new work when no nudge arrives.
+    engine_poll_s: float = 0.5
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'labdaq.db').resolve()}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    values = _toml_values()
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    # Explicit overrides > env > TOML: pydantic-settings gives init kwargs priority over env,
+    # so pass TOML values only where the environment does not set them.
+    env_keys = {k[len("LABDAQ_") :].lower() for k in os.environ if k.startswith("LABDAQ_")}
+    init = {
+        k: v
+        for k, v in values.items()
+        if k in overrides and overrides[k] is not None or k not in env_keys
+    }
+    return Settings(**init)

@@ -1,0 +1,89 @@
+"""Database engines and sessions: URL handling, SQLite pragmas, session scopes, migrations."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+
+def async_url(url: str | URL) -> URL:
+    """Map a plain URL to its asyncio driver (sqlite → aiosqlite, postgresql → asyncpg)."""
+    u = make_url(url)
+    backend = u.get_backend_name()
+    if backend == "sqlite" and u.drivername != "sqlite+aiosqlite":
+        u = u.set(drivername="sqlite+aiosqlite")
+    elif backend == "postgresql" and u.drivername != "postgresql+asyncpg":
+        u = u.set(drivername="postgresql+asyncpg")
+    return u
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # WAL lets the API read while the engine writes; NORMAL is durable across process
+    # crashes (only an OS crash can lose the last commits); foreign keys are off by
+    # default in SQLite and must be turned on per connection.
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()
+
+
+def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
+    u = async_url(url)
+    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
+        Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_async_engine(u, **kwargs)
+    if u.get_backend_name() == "sqlite":
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+@asynccontextmanager
+async def session_scope(
+    maker: async_sessionmaker[AsyncSession],
+) -> AsyncIterator[AsyncSession]:
+    """One unit of work: commit on success, roll back on error."""
+    async with maker() as session:
+        try:
+            yield session
+            await session.commit()
+        except BaseException:
+            await session.rollback()
+            raise
+
+
+def alembic_config(url: str | URL) -> Any:
+    from alembic.config import Config
+
+    pkg = resources.files("labdaq.storage")
+    cfg = Config(str(pkg / "alembic.ini"))
+    cfg.set_main_option("script_location", str(pkg / "migrations"))
+    # Alembic's env.py reads this; keep the password out of logs by rendering it once here.
+    cfg.set_main_option(
+        "sqlalchemy.url", async_url(url).render_as_string(hide_password=False).replace("%", "%%")
+    )
+    return cfg
+
+
+def upgrade(url: str | URL, revision: str = "head") -> None:
+    """Apply migrations (blocking; runs its own event loop inside Alembic's env.py)."""
+    from alembic import command
+
+    command.upgrade(alembic_config(url), revision)

@@ -1,0 +1,247 @@
+"""ORM models: the database schema of labdaq as SQLAlchemy 2 typed declarative classes."""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class RunState(enum.StrEnum):
+    queued = "queued"
+    running = "running"
+    paused = "paused"
+    completed = "completed"
+    stopped = "stopped"
+    aborted_safety = "aborted_safety"
+    failed = "failed"
+    interrupted = "interrupted"
+
+
+#: States in which a run holds its channel.
+ACTIVE_STATES = (RunState.queued, RunState.running, RunState.paused)
+_ACTIVE_SQL = "state IN ('queued', 'running', 'paused')"
+
+
+class Instrument(Base):
+    __tablename__ = "instruments"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    driver: Mapped[str] = mapped_column(String(100))
+    resource: Mapped[str] = mapped_column(String(300))
+    options: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    idn: Mapped[str | None] = mapped_column(String(300))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Channel(Base):
+    __tablename__ = "channels"
+    __table_args__ = (
+        UniqueConstraint("instrument_id", "index", name="uq_channel_instrument_index"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    instrument_id: Mapped[int] = mapped_column(ForeignKey("instruments.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)
+    # Hardware limits of the channel, used to reject protocols before anything runs.
+    max_current_a: Mapped[float | None] = mapped_column(Float)
+    max_voltage_v: Mapped[float | None] = mapped_column(Float)
+
+
+class Cell(Base):
+    __tablename__ = "cells"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    serial: Mapped[str] = mapped_column(String(100), unique=True)
+    chemistry: Mapped[str] = mapped_column(String(50))
+    spec_name: Mapped[str | None] = mapped_column(String(100))
+    capacity_ah: Mapped[float] = mapped_column(Float)
+    nominal_voltage_v: Mapped[float | None] = mapped_column(Float)
+    charge_cutoff_v: Mapped[float] = mapped_column(Float)
+    discharge_cutoff_v: Mapped[float] = mapped_column(Float)
+    max_charge_current_a: Mapped[float | None] = mapped_column(Float)
+    max_discharge_current_a: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Protocol(Base):
+    __tablename__ = "protocols"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    # The same document always hashes the same, so a run points at exactly what it ran.
+    content_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    document: Mapped[dict[str, Any]] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Run(Base):
+    __tablename__ = "runs"
+    __table_args__ = (
+        # At most one active run per channel, enforced by the database itself so two
+        # concurrent requests cannot both win.
+        Index(
+            "uq_runs_active_channel",
+            "channel_id",
+            unique=True,
+            sqlite_where=text(_ACTIVE_SQL),
+            postgresql_where=text(_ACTIVE_SQL),
+        ),
+        Index("ix_runs_state", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    channel_id: Mapped[int] = mapped_column(ForeignKey("channels.id"))
+    cell_id: Mapped[int] = mapped_column(ForeignKey("cells.id"))
+    protocol_id: Mapped[int] = mapped_column(ForeignKey("protocols.id"))
+    state: Mapped[str] = mapped_column(String(20), default=RunState.queued.value)
+    # Written by the API, read by the engine: "stop", "pause", "resume".
+    requested_action: Mapped[str | None] = mapped_column(String(20))
+    # The protocol after C-rates and limits were resolved against the cell and channel.
+    plan: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    sample_period_s: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column()
+    ended_at: Mapped[datetime | None] = mapped_column()
+    end_reason: Mapped[str | None] = mapped_column(Text)
+    step_index: Mapped[int] = mapped_column(Integer, default=0)
+    step_count: Mapped[int] = mapped_column(Integer, default=0)
+    cycle_index: Mapped[int] = mapped_column(Integer, default=0)
+    elapsed_s: Mapped[float] = mapped_column(Float, default=0.0)
+    last_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    node: Mapped[str | None] = mapped_column(String(100))
+
+
+class Sample(Base):
+    """One measurement of one channel. Narrow on purpose: this is the hot table."""
+
+    __tablename__ = "samples"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    # Per-run monotonic sequence; (run_id, seq) unique so a replay never duplicates.
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    t_s: Mapped[float] = mapped_column(Float)
+    ts_utc: Mapped[float] = mapped_column(Float)  # POSIX seconds, UTC
+    step_index: Mapped[int] = mapped_column(Integer)
+    cycle_index: Mapped[int] = mapped_column(Integer)
+    voltage_v: Mapped[float] = mapped_column(Float)
+    current_a: Mapped[float] = mapped_column(Float)
+    temperature_c: Mapped[float | None] = mapped_column(Float)
+    step_capacity_ah: Mapped[float] = mapped_column(Float)
+    step_energy_wh: Mapped[float] = mapped_column(Float)
+    flags: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Step(Base):
+    __tablename__ = "steps"
+    __table_args__ = (UniqueConstraint("run_id", "step_number", name="uq_steps_run_number"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    # step_number counts executed steps (loops repeat step_index); step_index is the plan's.
+    step_number: Mapped[int] = mapped_column(Integer)
+    step_index: Mapped[int] = mapped_column(Integer)
+    cycle_index: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(30))
+    start_t_s: Mapped[float] = mapped_column(Float)
+    end_t_s: Mapped[float] = mapped_column(Float)
+    end_reason: Mapped[str] = mapped_column(String(100))
+    capacity_ah: Mapped[float] = mapped_column(Float)
+    energy_wh: Mapped[float] = mapped_column(Float)
+    end_voltage_v: Mapped[float | None] = mapped_column(Float)
+
+
+class Cycle(Base):
+    __tablename__ = "cycles"
+    __table_args__ = (UniqueConstraint("run_id", "cycle_index", name="uq_cycles_run_index"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    cycle_index: Mapped[int] = mapped_column(Integer)
+    start_t_s: Mapped[float] = mapped_column(Float)
+    end_t_s: Mapped[float] = mapped_column(Float)
+    charge_capacity_ah: Mapped[float] = mapped_column(Float)
+    discharge_capacity_ah: Mapped[float] = mapped_column(Float)
+    charge_energy_wh: Mapped[float] = mapped_column(Float)
+    discharge_energy_wh: Mapped[float] = mapped_column(Float)
+    coulombic_efficiency: Mapped[float | None] = mapped_column(Float)
+    energy_efficiency: Mapped[float | None] = mapped_column(Float)
+    mean_charge_voltage_v: Mapped[float | None] = mapped_column(Float)
+    mean_discharge_voltage_v: Mapped[float | None] = mapped_column(Float)
+
+
+class Event(Base):
+    """Safety, state-change, interruption and audit events."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int | None] = mapped_column(
+        ForeignKey("runs.id", ondelete="CASCADE"), index=True
+    )
+    ts: Mapped[datetime] = mapped_column(default=utcnow)
+    kind: Mapped[str] = mapped_column(String(30))
+    severity: Mapped[str] = mapped_column(String(10), default="info")
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    actor: Mapped[str | None] = mapped_column(String(100))
+
+
+SAMPLE_COLUMNS = (
+    "run_id",
+    "seq",
+    "t_s",
+    "ts_utc",
+    "step_index",
+    "cycle_index",
+    "voltage_v",
+    "current_a",
+    "temperature_c",
+    "step_capacity_ah",
+    "step_energy_wh",
+    "flags",
+)
+
+
+class Role(enum.StrEnum):
+    technician = "technician"  # operates runs
+    engineer = "engineer"  # reads, exports, evaluates
+    admin = "admin"  # users, instruments, calibrations
+
+
+class ApiToken(Base):
+    """A bearer token. Only its SHA-256 is stored: the secret is shown once at creation."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    role: Mapped[str] = mapped_column(String(20))
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column()
