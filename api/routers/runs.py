@@ -1,0 +1,55 @@
+"""Runs: start, inspect, stop; their samples and cycle summaries."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, status
+
+from labdaq import runs as service
+from labdaq.api.deps import Operator, Reader, Session
+from labdaq.api.schemas import CycleOut, RunOut, SamplesOut
+from labdaq.runs import RunCreate
+from labdaq.storage.models import SAMPLE_COLUMNS
+
+router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
+
+
+@router.post("", response_model=RunOut, status_code=status.HTTP_201_CREATED)
+async def create_run(body: RunCreate, session: Session, token: Operator) -> RunOut:
+    run = await service.create_run(session, body, actor=token.name)
+    await session.commit()
+    return RunOut.model_validate(run)
+
+
+@router.get("/{run_id}", response_model=RunOut)
+async def get_run(run_id: int, session: Session, _: Reader) -> RunOut:
+    return RunOut.model_validate(await service.get_run(session, run_id))
+
+
+@router.post("/{run_id}/stop", response_model=RunOut)
+async def stop_run(run_id: int, session: Session, token: Operator) -> RunOut:
+    run = await service.request_stop(session, run_id, actor=token.name)
+    await session.commit()
+    return RunOut.model_validate(run)
+
+
+@router.get("/{run_id}/samples", response_model=SamplesOut)
+async def get_samples(
+    run_id: int,
+    session: Session,
+    _: Reader,
+    after_seq: int = Query(0, ge=0, description="return samples with seq greater than this"),
+    limit: int = Query(10_000, ge=1, le=100_000),
+) -> SamplesOut:
+    rows = await service.list_samples(session, run_id, after_seq, limit)
+    cols = {c: [getattr(r, c) for r in rows] for c in SAMPLE_COLUMNS if c != "run_id"}
+    return SamplesOut(
+        run_id=run_id,
+        count=len(rows),
+        next_after_seq=rows[-1].seq if rows else after_seq,
+        **cols,
+    )
+
+
+@router.get("/{run_id}/cycles", response_model=list[CycleOut])
+async def get_cycles(run_id: int, session: Session, _: Reader) -> list[CycleOut]:
+    return [CycleOut.model_validate(c) for c in await service.list_cycles(session, run_id)]

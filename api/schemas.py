@@ -1,0 +1,89 @@
+"""Pydantic response schemas of the HTTP API (kept apart from the ORM models)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+    database: str
+
+
+class ChannelOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    name: str
+    instrument: str
+    driver: str
+    resource: str
+    index: int
+    max_current_a: float | None
+    max_voltage_v: float | None
+    active_run_id: int | None
+    state: str
+
+
+class RunOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    channel_id: int
+    cell_id: int
+    protocol_id: int
+    state: str
+    requested_action: str | None
+    sample_period_s: float
+    created_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None
+    end_reason: str | None
+    step_index: int
+    step_count: int
+    cycle_index: int
+    elapsed_s: float
+    last_seq: int
+
+
+class SamplesOut(BaseModel):
+    """Column-oriented: one array per quantity, units in the names."""
+
+    run_id: int
+    count: int
+    next_after_seq: int
+    seq: list[int]
+    t_s: list[float]
+    ts_utc: list[float]
+    step_index: list[int]
+    cycle_index: list[int]
+    voltage_v: list[float]
+    current_a: list[float]
+    temperature_c: list[float | None]
+    step_capacity_ah: list[float]
+    step_energy_wh: list[float]
+    flags: list[int]
+
+
+class CycleOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    cycle_index: int
+    start_t_s: float
+    end_t_s: float
+    charge_capacity_ah: float
+    discharge_capacity_ah: float
+    charge_energy_wh: float
+    discharge_energy_wh: float
+    coulombic_efficiency: float | None
+    energy_efficiency: float | None
+    mean_charge_voltage_v: float | None
+    mean_discharge_voltage_v: float | None
+
+
+class ErrorOut(BaseModel):
+    detail: str
+    errors: list[dict[str, object]] = []

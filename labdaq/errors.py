@@ -1,0 +1,28 @@
+"""Domain errors raised by services and mapped to HTTP status codes by the API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class LabdaqError(Exception):
+    status_code = 400
+
+    def __init__(self, message: str, details: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or []
+
+
+class NotFound(LabdaqError):
+    status_code = 404
+
+
+class Conflict(LabdaqError):
+    status_code = 409
+
+
+class Invalid(LabdaqError):
+    """Bad input; ``details`` lists ``{"loc": ..., "msg": ...}`` naming each bad field."""
+
+    status_code = 422

@@ -1,0 +1,280 @@
+"""Run service: validate a run request, resolve it into a plan, queue it; stop; query."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from labdaq.engine.plan import Limits, Plan, PlanStep, StepEnd
+from labdaq.errors import Conflict, Invalid, NotFound
+from labdaq.hashing import content_hash
+from labdaq.storage import models as m
+
+
+class CellIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    serial: str = Field(min_length=1, max_length=100)
+    chemistry: str = Field(min_length=1, max_length=50)
+    capacity_ah: float = Field(gt=0)
+    nominal_voltage_v: float | None = Field(default=None, gt=0)
+    charge_cutoff_v: float = Field(gt=0)
+    discharge_cutoff_v: float = Field(gt=0)
+    max_charge_current_a: float | None = Field(default=None, gt=0)
+    max_discharge_current_a: float | None = Field(default=None, gt=0)
+    spec_name: str | None = None
+
+    @model_validator(mode="after")
+    def _window(self) -> CellIn:
+        if self.discharge_cutoff_v >= self.charge_cutoff_v:
+            raise ValueError("discharge_cutoff_v must be below charge_cutoff_v")
+        return self
+
+
+class CycleProtocolIn(BaseModel):
+    """The fixed first protocol: CC-CV charge, rest, CC discharge, rest; repeated."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = Field(default="basic_cycle", pattern="^basic_cycle$")
+    charge_current_a: float = Field(gt=0, description="CC charge current, A")
+    charge_voltage_v: float = Field(gt=0, description="CC end / CV hold voltage, V")
+    taper_current_a: float | None = Field(
+        default=None, gt=0, description="CV ends when |I| falls below; default C/20"
+    )
+    rest_s: float = Field(default=600.0, ge=0)
+    discharge_current_a: float = Field(gt=0, description="CC discharge current magnitude, A")
+    discharge_cutoff_v: float = Field(gt=0)
+    cycles: int = Field(default=1, ge=1, le=100_000)
+    max_step_s: float = Field(default=48 * 3600.0, gt=0, description="time bound on every step")
+
+
+class RunCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    channel: str | int = Field(description="channel name (e.g. 'smu1/1') or id")
+    cell_id: int | None = None
+    cell_serial: str | None = None
+    cell: CellIn | None = None
+    protocol: CycleProtocolIn
+    sample_period_s: float = Field(default=1.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _one_cell(self) -> RunCreate:
+        given = [x is not None for x in (self.cell_id, self.cell_serial, self.cell)]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of cell_id, cell_serial or cell")
+        return self
+
+
+def build_plan(req: RunCreate, cell: m.Cell, channel: m.Channel) -> Plan:
+    """Resolve the request against the cell and channel limits, or raise Invalid."""
+    p = req.protocol
+    problems: list[dict[str, Any]] = []
+
+    def bad(field: str, msg: str) -> None:
+        problems.append({"loc": f"protocol.{field}", "msg": msg})
+
+    if p.charge_voltage_v > cell.charge_cutoff_v:
+        bad(
+            "charge_voltage_v",
+            f"{p.charge_voltage_v} V is above the cell's charge cut-off {cell.charge_cutoff_v} V",
+        )
+    if p.discharge_cutoff_v < cell.discharge_cutoff_v:
+        bad(
+            "discharge_cutoff_v",
+            f"{p.discharge_cutoff_v} V is below the cell's discharge "
+            f"cut-off {cell.discharge_cutoff_v} V",
+        )
+    if p.discharge_cutoff_v >= p.charge_voltage_v:
+        bad("discharge_cutoff_v", "must be below charge_voltage_v")
+    if cell.max_charge_current_a is not None and p.charge_current_a > cell.max_charge_current_a:
+        bad(
+            "charge_current_a",
+            f"{p.charge_current_a} A exceeds the cell's max charge current "
+            f"{cell.max_charge_current_a} A",
+        )
+    if (
+        cell.max_discharge_current_a is not None
+        and p.discharge_current_a > cell.max_discharge_current_a
+    ):
+        bad(
+            "discharge_current_a",
+            f"{p.discharge_current_a} A exceeds the cell's max discharge "
+            f"current {cell.max_discharge_current_a} A",
+        )
+    for fld in ("charge_current_a", "discharge_current_a"):
+        val = getattr(p, fld)
+        if channel.max_current_a is not None and val > channel.max_current_a:
+            bad(fld, f"{val} A exceeds channel {channel.name}'s limit {channel.max_current_a} A")
+    if channel.max_voltage_v is not None and p.charge_voltage_v > channel.max_voltage_v:
+        bad(
+            "charge_voltage_v",
+            f"{p.charge_voltage_v} V exceeds channel {channel.name}'s "
+            f"limit {channel.max_voltage_v} V",
+        )
+    if problems:
+        raise Invalid("protocol does not fit the cell or channel", problems)
+
+    taper_a = p.taper_current_a or cell.capacity_ah / 20.0
+    steps: list[PlanStep] = []
+    for c in range(1, p.cycles + 1):
+        steps += [
+            PlanStep(
+                kind="cccv",
+                cycle_index=c,
+                current_a=p.charge_current_a,
+                voltage_v=p.charge_voltage_v,
+                end=StepEnd(current_below_a=taper_a, duration_s=p.max_step_s),
+                label="charge",
+            ),
+            PlanStep(kind="rest", cycle_index=c, end=StepEnd(duration_s=p.rest_s), label="rest"),
+            PlanStep(
+                kind="cc",
+                cycle_index=c,
+                current_a=-p.discharge_current_a,
+                end=StepEnd(voltage_below_v=p.discharge_cutoff_v, duration_s=p.max_step_s),
+                label="discharge",
+            ),
+            PlanStep(kind="rest", cycle_index=c, end=StepEnd(duration_s=p.rest_s), label="rest"),
+        ]
+    # Safety margins outside the cell's operating window: the window itself is reached in
+    # normal operation (end of charge, end of discharge), a breach is beyond it.
+    limits = Limits(
+        voltage_min_v=cell.discharge_cutoff_v - 0.2,
+        voltage_max_v=cell.charge_cutoff_v + 0.05,
+        current_max_a=1.1 * max(p.charge_current_a, p.discharge_current_a),
+        temperature_min_c=-20.0,
+        temperature_max_c=60.0,
+    )
+    return Plan(steps=steps, limits=limits, sample_period_s=req.sample_period_s)
+
+
+async def _channel(session: AsyncSession, ref: str | int) -> m.Channel:
+    if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+        ch = await session.get(m.Channel, int(ref))
+    else:
+        ch = await session.scalar(select(m.Channel).where(m.Channel.name == ref))
+    if ch is None:
+        names = (await session.scalars(select(m.Channel.name))).all()
+        raise Invalid(
+            f"unknown channel {ref!r}",
+            [{"loc": "channel", "msg": f"no channel {ref!r}; known: {sorted(names)}"}],
+        )
+    return ch
+
+
+async def _cell(session: AsyncSession, req: RunCreate) -> m.Cell:
+    if req.cell_id is not None:
+        cell = await session.get(m.Cell, req.cell_id)
+        if cell is None:
+            raise Invalid("unknown cell", [{"loc": "cell_id", "msg": f"no cell {req.cell_id}"}])
+        return cell
+    if req.cell_serial is not None:
+        cell = await session.scalar(select(m.Cell).where(m.Cell.serial == req.cell_serial))
+        if cell is None:
+            raise Invalid(
+                "unknown cell",
+                [{"loc": "cell_serial", "msg": f"no cell with serial {req.cell_serial!r}"}],
+            )
+        return cell
+    assert req.cell is not None
+    cell = await session.scalar(select(m.Cell).where(m.Cell.serial == req.cell.serial))
+    if cell is None:
+        cell = m.Cell(**req.cell.model_dump())
+        session.add(cell)
+        await session.flush()
+    return cell
+
+
+async def create_run(session: AsyncSession, req: RunCreate, actor: str) -> m.Run:
+    channel = await _channel(session, req.channel)
+    cell = await _cell(session, req)
+    busy = await session.scalar(
+        select(m.Run.id).where(
+            m.Run.channel_id == channel.id,
+            m.Run.state.in_([s.value for s in m.ACTIVE_STATES]),
+        )
+    )
+    if busy is not None:
+        raise Conflict(f"channel {channel.name} is busy with run {busy}")
+    plan = build_plan(req, cell, channel)
+    doc = req.protocol.model_dump(mode="json")
+
+    digest = content_hash(doc)
+    proto = await session.scalar(select(m.Protocol).where(m.Protocol.content_hash == digest))
+    if proto is None:
+        proto = m.Protocol(name=req.protocol.kind, content_hash=digest, document=doc)
+        session.add(proto)
+        await session.flush()
+    run = m.Run(
+        channel_id=channel.id,
+        cell_id=cell.id,
+        protocol_id=proto.id,
+        state=m.RunState.queued.value,
+        plan=plan.to_json(),
+        sample_period_s=req.sample_period_s,
+        step_count=len(plan.steps),
+    )
+    session.add(run)
+    try:
+        await session.flush()
+    except IntegrityError as exc:
+        # The partial unique index caught a concurrent request for the same channel.
+        raise Conflict(f"channel {channel.name} is busy") from exc
+    session.add(
+        m.Event(
+            run_id=run.id,
+            kind="audit",
+            message=f"run created on channel {channel.name}",
+            data={"request": req.model_dump(mode="json")},
+            actor=actor,
+        )
+    )
+    return run
+
+
+async def get_run(session: AsyncSession, run_id: int) -> m.Run:
+    run = await session.get(m.Run, run_id)
+    if run is None:
+        raise NotFound(f"no run {run_id}")
+    return run
+
+
+async def request_stop(session: AsyncSession, run_id: int, actor: str) -> m.Run:
+    run = await get_run(session, run_id)
+    if run.state not in {s.value for s in m.ACTIVE_STATES}:
+        raise Conflict(f"run {run_id} is {run.state}; only an active run can be stopped")
+    if run.state == m.RunState.queued.value:
+        # Nothing touched an instrument yet: end it here.
+        run.state = m.RunState.stopped.value
+        run.end_reason = "stopped before it started"
+    else:
+        run.requested_action = "stop"
+    session.add(m.Event(run_id=run_id, kind="audit", message="stop requested", actor=actor))
+    return run
+
+
+async def list_samples(
+    session: AsyncSession, run_id: int, after_seq: int, limit: int
+) -> list[m.Sample]:
+    await get_run(session, run_id)
+    rows = await session.scalars(
+        select(m.Sample)
+        .where(m.Sample.run_id == run_id, m.Sample.seq > after_seq)
+        .order_by(m.Sample.seq)
+        .limit(limit)
+    )
+    return list(rows.all())
+
+
+async def list_cycles(session: AsyncSession, run_id: int) -> list[m.Cycle]:
+    await get_run(session, run_id)
+    rows = await session.scalars(
+        select(m.Cycle).where(m.Cycle.run_id == run_id).order_by(m.Cycle.cycle_index)
+    )
+    return list(rows.all())
