@@ -1,0 +1,324 @@
+"""Command line: serve (supervisor), engine, api, sim, db, token."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from labdaq.config import load_settings
+
+app = typer.Typer(help="labdaq: data acquisition for a battery testing laboratory.")
+db_app = typer.Typer(help="Database schema management.")
+token_app = typer.Typer(help="API tokens.")
+app.add_typer(db_app, name="db")
+app.add_typer(token_app, name="token")
+
+DataDir = Annotated[Path | None, typer.Option(help="data directory (SQLite file, journals)")]
+DbUrl = Annotated[str | None, typer.Option(help="SQLAlchemy database URL")]
+
+
+def _settings(data_dir: Path | None = None, database_url: str | None = None) -> Any:
+    return load_settings(data_dir=data_dir, database_url=database_url)
+
+
+def _logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@db_app.command("upgrade")
+def db_upgrade(data_dir: DataDir = None, database_url: DbUrl = None) -> None:
+    """Apply database migrations up to the latest revision."""
+    from labdaq.storage.db import upgrade
+
+    s = _settings(data_dir, database_url)
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(s.resolved_database_url)
+    typer.echo(f"database at head: {s.resolved_database_url}")
+
+
+@token_app.command("create")
+def token_create(
+    name: Annotated[str, typer.Option(help="who or what uses the token")],
+    role: Annotated[str, typer.Option(help="technician | engineer | admin")] = "technician",
+    data_dir: DataDir = None,
+    database_url: DbUrl = None,
+) -> None:
+    """Create a bearer token; the secret is printed once and only its hash is stored."""
+    s = _settings(data_dir, database_url)
+    try:
+        token = asyncio.run(_create_token(s.resolved_database_url, name, role))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    typer.echo(token)
+
+
+async def _create_token(url: str, name: str, role: str) -> str:
+    from labdaq.auth import create_token
+    from labdaq.storage import models as m
+    from labdaq.storage.db import create_engine, session_scope, sessionmaker
+
+    engine = create_engine(url)
+    try:
+        async with session_scope(sessionmaker(engine)) as session:
+            token = await create_token(session, name, role)
+            session.add(m.Event(kind="audit", message=f"token {name!r} created with role {role}"))
+        return token
+    finally:
+        await engine.dispose()
+
+
+@app.command()
+def engine(
+    speed: Annotated[
+        float, typer.Option(help="clock acceleration (match the simulated lab)")
+    ] = 1.0,
+    data_dir: DataDir = None,
+    database_url: DbUrl = None,
+    log_level: str = "INFO",
+) -> None:
+    """Run the acquisition node (owns the instruments; its own OS process)."""
+    _logging(log_level)
+    from labdaq.engine.clock import EngineClock
+    from labdaq.engine.node import AcquisitionNode
+    from labdaq.storage.db import create_engine
+
+    s = _settings(data_dir, database_url)
+
+    async def main() -> None:
+        eng = create_engine(s.resolved_database_url)
+        node = AcquisitionNode(
+            eng,
+            EngineClock(speed),
+            poll_s=s.engine_poll_s,
+            batch_rows=s.writer_batch_rows,
+            batch_age_s=s.writer_batch_age_s,
+        )
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, node.request_stop)
+        try:
+            await node.run_forever()
+        finally:
+            await eng.dispose()
+
+    asyncio.run(main())
+
+
+@app.command("api")
+def api_cmd(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    data_dir: DataDir = None,
+    database_url: DbUrl = None,
+    log_level: str = "warning",
+) -> None:
+    """Run only the HTTP API (uvicorn)."""
+    import uvicorn
+
+    from labdaq.api.app import create_app
+
+    s = _settings(data_dir, database_url)
+    uvicorn.run(create_app(s), host=host, port=port, log_level=log_level)
+
+
+@app.command()
+def sim(
+    speed: Annotated[float, typer.Option(help="simulated seconds per wall second")] = 1.0,
+    smus: Annotated[int, typer.Option(help="number of simulated Keithley 2450 SMUs")] = 1,
+    cell: Annotated[str, typer.Option(help="cell specification in seeds/cells")] = "nmc811",
+    soc: Annotated[float, typer.Option(help="initial state of charge, 0..1")] = 0.5,
+    seed: int = 1,
+    describe: Annotated[
+        Path | None, typer.Option(help="write the lab description (JSON) to this file")
+    ] = None,
+) -> None:
+    """Start a simulated lab and print the resource strings of its instruments."""
+    from labdaq.sims.lab import SimLab
+
+    lab = SimLab(speed=speed, smus=smus, cell_spec=cell, soc=soc, seed=seed)
+    desc = lab.start()
+    for inst in desc["instruments"]:
+        typer.echo(f"{inst['name']:<12} {inst['driver']:<14} {inst['resource']}")
+    if describe is not None:
+        tmp = describe.with_suffix(".tmp")
+        tmp.write_text(json.dumps(desc, indent=2))
+        tmp.replace(describe)  # atomic: the supervisor never reads half a file
+    stop = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stop:
+            time.sleep(0.2)
+    finally:
+        lab.stop()
+
+
+async def _register_sim_lab(url: str, desc: dict[str, Any]) -> str:
+    """Put the simulated lab's instruments, channels and cells in the database."""
+    from sqlalchemy import select
+
+    from labdaq.auth import create_token
+    from labdaq.channels import upsert_instrument
+    from labdaq.storage import models as m
+    from labdaq.storage.db import create_engine, session_scope, sessionmaker
+
+    engine = create_engine(url)
+    try:
+        async with session_scope(sessionmaker(engine)) as s:
+            for inst in desc["instruments"]:
+                await upsert_instrument(
+                    s,
+                    inst["name"],
+                    inst["driver"],
+                    inst["resource"],
+                    [
+                        {k: ch[k] for k in ("index", "name", "max_current_a", "max_voltage_v")}
+                        for ch in inst["channels"]
+                    ],
+                )
+                for ch in inst["channels"]:
+                    cell = ch.get("cell")
+                    if cell and not await s.scalar(
+                        select(m.Cell.id).where(m.Cell.serial == cell["serial"])
+                    ):
+                        s.add(m.Cell(**cell))
+            token = await create_token(s, f"demo-{int(time.time())}", "technician")
+            s.add(m.Event(kind="audit", message="demo technician token created by serve --sim"))
+        return token
+    finally:
+        await engine.dispose()
+
+
+def _spawn(args: list[str]) -> subprocess.Popen[bytes]:
+    # Own session: Ctrl-C reaches only the supervisor, which then stops children in order
+    # (API first, then the engine so it can turn outputs off, then the simulated lab).
+    return subprocess.Popen([sys.executable, "-m", "labdaq.cli", *args], start_new_session=True)
+
+
+@app.command()
+def serve(
+    sim_lab: Annotated[bool, typer.Option("--sim", help="also start a simulated lab")] = False,
+    speed: Annotated[float, typer.Option(help="clock acceleration for --sim")] = 1.0,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    data_dir: DataDir = None,
+    database_url: DbUrl = None,
+) -> None:
+    """Supervise the API, the acquisition engine and (with --sim) a simulated lab."""
+    from labdaq.storage.db import upgrade
+
+    s = _settings(data_dir, database_url)
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    url = s.resolved_database_url
+    upgrade(url)
+    common = ["--data-dir", str(s.data_dir)] + (
+        ["--database-url", s.database_url] if s.database_url else []
+    )
+    children: list[tuple[str, subprocess.Popen[bytes]]] = []
+    token = None
+    if sim_lab:
+        desc_path = s.data_dir / "simlab.json"
+        desc_path.unlink(missing_ok=True)
+        children.append(
+            ("sim", _spawn(["sim", "--speed", str(speed), "--describe", str(desc_path)]))
+        )
+        deadline = time.monotonic() + 30
+        while not desc_path.exists():
+            if children[0][1].poll() is not None or time.monotonic() > deadline:
+                _stop_children(children)
+                raise typer.Exit(f"simulated lab did not start (exit {children[0][1].poll()})")
+            time.sleep(0.05)
+        desc = json.loads(desc_path.read_text())
+        token = asyncio.run(_register_sim_lab(url, desc))
+    engine_speed = speed if sim_lab else 1.0
+    children.append(("engine", _spawn(["engine", "--speed", str(engine_speed), *common])))
+    children.append(("api", _spawn(["api", "--host", host, "--port", str(port), *common])))
+    base = f"http://{host}:{port}"
+    typer.echo(f"labdaq is starting: API {base}  (docs {base}/docs, health {base}/health)")
+    if token:
+        typer.echo(_demo_text(base, token, desc))
+    stop = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stop:
+            for name, proc in children:
+                if proc.poll() is not None:
+                    typer.echo(f"{name} process exited with {proc.returncode}; stopping", err=True)
+                    stop = True
+            time.sleep(0.2)
+    finally:
+        _stop_children(children)
+
+
+def _demo_text(base: str, token: str, desc: dict[str, Any]) -> str:
+    ch = desc["instruments"][0]["channels"][0]
+    cell = ch["cell"]
+    cap = cell["capacity_ah"]
+    body = {
+        "channel": ch["name"],
+        "cell_serial": cell["serial"],
+        "protocol": {
+            "charge_current_a": round(cap / 2, 4),
+            "charge_voltage_v": cell["charge_cutoff_v"],
+            "rest_s": 300,
+            "discharge_current_a": round(cap / 2, 4),
+            "discharge_cutoff_v": cell["discharge_cutoff_v"],
+            "cycles": 1,
+        },
+        "sample_period_s": 5,
+    }
+    return (
+        f"\nDemo technician token (shown once): {token}\n"
+        f"Start a demo run (C/2 charge and discharge of {cell['serial']}, {cap} Ah):\n"
+        f"  curl -s -X POST {base}/api/v1/runs -H 'Authorization: Bearer {token}' "
+        f"-H 'Content-Type: application/json' -d '{json.dumps(body)}'\n"
+        f"Then watch it:  curl -s -H 'Authorization: Bearer {token}' {base}/api/v1/runs/1\n"
+        f"Cycle summary:  curl -s -H 'Authorization: Bearer {token}' "
+        f"{base}/api/v1/runs/1/cycles\n"
+        "Press Ctrl-C to stop everything (outputs are turned off first).\n"
+    )
+
+
+def _stop_children(children: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
+    order = {"api": 0, "engine": 1, "sim": 2}
+    for _name, proc in sorted(children, key=lambda c: order.get(c[0], 9)):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
