@@ -26,3 +26,9 @@ class Invalid(LabdaqError):
     """Bad input; ``details`` lists ``{"loc": ..., "msg": ...}`` naming each bad field."""
 
     status_code = 422
+
+    def __init__(self, message: str, details: list[dict[str, Any]] | None = None) -> None:
+        # The message names every bad field so a technician reading only it knows what to fix.
+        if details:
+            message = f"{message}: " + "; ".join(f"{d['loc']}: {d['msg']}" for d in details)
+        super().__init__(message, details)
