@@ -638,11 +638,18 @@ def effective_limits(cell: CellLimits, safety: Safety | None = None,
                   if lab is not None and "breach_duration_s" in lab.model_fields_set else None)
     pick("breach_duration_s", True, [(safety.breach_duration_s, "protocol"),
                                      (lab_breach, "lab")])
+
+    def from_cell(field: str) -> float:
+        # The cell always contributes these, so they are never missing.
+        value = values[field]
+        assert value is not None
+        return value
+
     return EffectiveLimits(
-        min_voltage_v=values["min_voltage_v"],
-        max_voltage_v=values["max_voltage_v"],
-        max_charge_current_a=values["max_charge_current_a"],
-        max_discharge_current_a=values["max_discharge_current_a"],
+        min_voltage_v=from_cell("min_voltage_v"),
+        max_voltage_v=from_cell("max_voltage_v"),
+        max_charge_current_a=from_cell("max_charge_current_a"),
+        max_discharge_current_a=from_cell("max_discharge_current_a"),
         min_temperature_c=values["min_temperature_c"],
         max_temperature_c=values["max_temperature_c"],
         max_capacity_ah=values["max_capacity_ah"],
