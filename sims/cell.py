@@ -1,0 +1,638 @@
+"""Physical model of simulated battery cells: one job — advance N cells' electrical,
+thermal and ageing state in time for the instrument simulators.
+
+Model (per cell, vectorised over a bank with numpy; current positive = charge):
+
+* terminal voltage ``V = OCV(SOC, h, T) + I*R0 + v1 + v2`` — a Thevenin model with two RC
+  pairs (Plett, *Battery Management Systems* Vol. I, ch. 2), updated with the exact
+  exponential solution for constant current over ``dt`` so any step size is stable;
+* one-state hysteresis ``h`` in [-1, 1] blending the discharge and charge OCV branches (LFP);
+* lumped thermal model ``m*cp*dT/dt = Q - h_tr*(T - T_amb)`` with Bernardi heat
+  ``Q = I^2*R0 + I*(v1 + v2) - I*T*dU/dT`` (+ short-circuit and abuse heat), also updated
+  exactly for constant heat over ``dt``;
+* R0/R1/R2 scale with Arrhenius temperature factors, a SOC table and ageing growth;
+* ageing: capacity fade and resistance growth per equivalent full cycle and per day, both
+  accelerated by an Arrhenius factor of cell temperature; self-discharge always acts;
+* abuse: OCV rises steeply above SOC 1, the excess is dissipated as heat; above the spec's
+  runaway onset temperature the cell self-heats at its runaway rate until its reaction
+  energy is spent, and an internal short collapses the voltage to ~0 V.
+
+Parameters come from YAML files in ``labdaq.seeds/cells`` (see docs/cells.md).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import yaml
+from numpy.typing import ArrayLike, NDArray
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+FloatArray = NDArray[np.float64]
+
+GAS_CONSTANT_J_PER_MOL_K = 8.314462618
+KELVIN_OFFSET = 273.15
+SECONDS_PER_HOUR = 3600.0
+SECONDS_PER_DAY = 86400.0
+SECONDS_PER_MONTH = 30.4375 * SECONDS_PER_DAY
+# Below SOC 0 (over-discharge) the OCV falls linearly to 0 V over this SOC span, so a
+# shorted or over-discharged cell stops draining itself instead of sitting at OCV(0).
+_OVERDISCHARGE_SOC_SPAN = 0.02
+# SOC is allowed slightly out of [0, 1] for abuse; these bounds only keep numbers finite.
+_SOC_MIN = -0.05
+_SOC_MAX = 5.0
+# After runaway starts the separator fails: an internal short of this resistance grows in
+# as the reaction proceeds, which is what drives the terminal voltage to ~0 V.
+_RUNAWAY_SHORT_OHM = 0.005
+# Fraction of the runaway reaction energy after which the voltage has fully collapsed.
+_RUNAWAY_COLLAPSE_FRACTION = 0.1
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _check_table(x: list[float], ys: dict[str, list[float]], what: str) -> None:
+    if len(x) < 2:
+        raise ValueError(f"{what}: need at least two points")
+    if any(b <= a for a, b in zip(x, x[1:], strict=False)):
+        raise ValueError(f"{what}: abscissa must increase strictly")
+    for name, y in ys.items():
+        if len(y) != len(x):
+            raise ValueError(f"{what}: {name} has {len(y)} points, abscissa has {len(x)}")
+
+
+class OcvTable(_Frozen):
+    """Open-circuit voltage against SOC; ``discharge_v`` omitted means no hysteresis."""
+
+    soc: list[float]
+    charge_v: list[float]
+    discharge_v: list[float] | None = None
+    hysteresis_soc: float = Field(0.05, gt=0)
+    overcharge_v_per_soc: float = Field(4.0, ge=0)
+    entropic_coefficient_v_per_k: float = 0.0
+
+    @model_validator(mode="after")
+    def _tables(self) -> OcvTable:
+        ys = {"charge_v": self.charge_v}
+        if self.discharge_v is not None:
+            ys["discharge_v"] = self.discharge_v
+        _check_table(self.soc, ys, "ocv")
+        if abs(self.soc[0]) > 1e-12 or abs(self.soc[-1] - 1.0) > 1e-12:
+            raise ValueError("ocv: soc table must run from 0 to 1")
+        return self
+
+
+class ResistanceModel(_Frozen):
+    """R0 and two RC pairs at the reference temperature and mid SOC, with their scaling."""
+
+    r0_ohm: float = Field(gt=0)
+    r1_ohm: float = Field(gt=0)
+    tau1_s: float = Field(gt=0)
+    r2_ohm: float = Field(gt=0)
+    tau2_s: float = Field(gt=0)
+    soc: list[float]
+    factor: list[float]
+    r0_activation_energy_j_per_mol: float = Field(20000.0, ge=0)
+    rc_activation_energy_j_per_mol: float = Field(40000.0, ge=0)
+    reference_temperature_c: float = 25.0
+
+    @model_validator(mode="after")
+    def _tables(self) -> ResistanceModel:
+        _check_table(self.soc, {"factor": self.factor}, "resistance")
+        return self
+
+
+class CapacityTemperature(_Frozen):
+    """Fraction of capacity that can be delivered at a cell temperature."""
+
+    temperature_c: list[float]
+    factor: list[float]
+
+    @model_validator(mode="after")
+    def _tables(self) -> CapacityTemperature:
+        _check_table(self.temperature_c, {"factor": self.factor}, "available_capacity")
+        if any(not 0 < f <= 1.0 for f in self.factor):
+            raise ValueError("available_capacity: factors must be in (0, 1]")
+        return self
+
+
+class ThermalModel(_Frozen):
+    mass_kg: float = Field(gt=0)
+    cp_j_per_kg_k: float = Field(gt=0)
+    h_w_per_k: float = Field(gt=0)
+    runaway_onset_c: float
+    runaway_peak_c: float
+    runaway_heating_rate_c_per_min: float = Field(gt=0)
+
+    @property
+    def heat_capacity_j_per_k(self) -> float:
+        return self.mass_kg * self.cp_j_per_kg_k
+
+
+class AgeingModel(_Frozen):
+    cycle_capacity_fade_per_efc: float = Field(ge=0)
+    cycle_resistance_growth_per_efc: float = Field(ge=0)
+    calendar_capacity_fade_per_day: float = Field(ge=0)
+    calendar_resistance_growth_per_day: float = Field(ge=0)
+    activation_energy_j_per_mol: float = Field(50000.0, ge=0)
+    reference_temperature_c: float = 25.0
+
+
+class ImpedanceExtras(_Frozen):
+    """Spectrum-only parameters: CPE exponents of the two arcs and the Warburg coefficient."""
+
+    cpe1_n: float = Field(0.92, gt=0, le=1)
+    cpe2_n: float = Field(0.85, gt=0, le=1)
+    warburg_sigma_ohm_per_sqrt_s: float = Field(0.001, ge=0)
+
+
+class Variation(_Frozen):
+    """Cell-to-cell manufacturing spread (1 sigma, relative); used only for seeded banks."""
+
+    capacity_rel: float = Field(0.005, ge=0)
+    resistance_rel: float = Field(0.03, ge=0)
+
+
+class CellSpec(_Frozen):
+    """One cell type: datasheet limits plus the model parameters behind them."""
+
+    name: str
+    chemistry: str
+    format: str = ""
+    reference_cell: str = ""
+    capacity_ah: float = Field(gt=0)
+    nominal_voltage_v: float = Field(gt=0)
+    charge_cutoff_v: float
+    discharge_cutoff_v: float
+    max_charge_current_a: float = Field(gt=0)
+    max_discharge_current_a: float = Field(gt=0)
+    self_discharge_pct_per_month: float = Field(ge=0)
+    ocv: OcvTable
+    resistance: ResistanceModel
+    available_capacity: CapacityTemperature
+    thermal: ThermalModel
+    ageing: AgeingModel
+    impedance: ImpedanceExtras = ImpedanceExtras()
+    variation: Variation = Variation()
+    sources: list[str] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _limits(self) -> CellSpec:
+        if not self.discharge_cutoff_v < self.nominal_voltage_v < self.charge_cutoff_v:
+            raise ValueError("need discharge_cutoff_v < nominal_voltage_v < charge_cutoff_v")
+        if self.thermal.runaway_peak_c <= self.thermal.runaway_onset_c:
+            raise ValueError("thermal: runaway_peak_c must exceed runaway_onset_c")
+        return self
+
+    @property
+    def has_hysteresis(self) -> bool:
+        return self.ocv.discharge_v is not None and self.ocv.discharge_v != self.ocv.charge_v
+
+    def ocv_v(
+        self, soc: ArrayLike, branch: Literal["charge", "discharge", "mean"] = "mean"
+    ) -> FloatArray:
+        """OCV at 25 degC from the table (SOC clamped to [0, 1]) on one hysteresis branch."""
+        x = np.clip(np.asarray(soc, dtype=float), 0.0, 1.0)
+        chg = np.interp(x, self.ocv.soc, self.ocv.charge_v)
+        if self.ocv.discharge_v is None:
+            return chg
+        dis = np.interp(x, self.ocv.soc, self.ocv.discharge_v)
+        return {"charge": chg, "discharge": dis, "mean": 0.5 * (chg + dis)}[branch]
+
+    def capacity_factor(self, temperature_c: ArrayLike) -> FloatArray:
+        """Deliverable fraction of capacity at this cell temperature (1 at and above 25 degC)."""
+        t = np.asarray(temperature_c, dtype=float)
+        return np.interp(t, self.available_capacity.temperature_c, self.available_capacity.factor)
+
+    def arrhenius(self, activation_energy_j_per_mol: float, temperature_c: ArrayLike,
+                  reference_temperature_c: float = 25.0) -> FloatArray:
+        """exp(Ea/R * (1/T - 1/T_ref)): >1 below the reference temperature."""
+        t_k = np.asarray(temperature_c, dtype=float) + KELVIN_OFFSET
+        t_ref_k = reference_temperature_c + KELVIN_OFFSET
+        return np.exp(activation_energy_j_per_mol / GAS_CONSTANT_J_PER_MOL_K
+                      * (1.0 / t_k - 1.0 / t_ref_k))
+
+
+def _cells_dir() -> Path:
+    return Path(str(resources.files("labdaq.seeds") / "cells"))
+
+
+def list_cell_specs() -> list[str]:
+    """Names of the shipped cell specifications (file stems in seeds/cells)."""
+    return sorted(p.stem for p in _cells_dir().glob("*.yaml"))
+
+
+@lru_cache(maxsize=64)
+def load_cell_spec(name: str) -> CellSpec:
+    """Load a shipped spec by name (``"lfp"``) or a YAML file by path."""
+    path = Path(name)
+    if path.suffix not in (".yaml", ".yml") or not path.exists():
+        path = _cells_dir() / f"{name}.yaml"
+        if not path.exists():
+            raise KeyError(f"unknown cell spec {name!r}; known: {', '.join(list_cell_specs())}")
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return CellSpec.model_validate(data)
+
+
+class CellBank:
+    """N cells of one spec advanced together; every state is a numpy array of length N."""
+
+    def __init__(
+        self,
+        spec: CellSpec | str,
+        n: int = 1,
+        soc: ArrayLike = 1.0,
+        ambient_c: ArrayLike = 25.0,
+        seed: int | None = None,
+        *,
+        temperature_c: ArrayLike | None = None,
+        reversible_heat: bool = True,
+    ) -> None:
+        if isinstance(spec, str):
+            spec = load_cell_spec(spec)
+        if n < 1:
+            raise ValueError("n must be >= 1")
+        self.spec = spec
+        self.n = int(n)
+        self.reversible_heat = reversible_heat
+        self.rng = np.random.default_rng(seed)
+        shape = (self.n,)
+
+        # Lookup tables as arrays once, so a step does no Python-level conversion.
+        self._ocv_soc = np.asarray(spec.ocv.soc, dtype=float)
+        self._ocv_chg = np.asarray(spec.ocv.charge_v, dtype=float)
+        self._ocv_dis = (np.asarray(spec.ocv.discharge_v, dtype=float)
+                         if spec.ocv.discharge_v is not None else self._ocv_chg)
+        self._hysteresis = spec.has_hysteresis
+        self._r_soc = np.asarray(spec.resistance.soc, dtype=float)
+        self._r_factor = np.asarray(spec.resistance.factor, dtype=float)
+        self._cap_t = np.asarray(spec.available_capacity.temperature_c, dtype=float)
+        self._cap_f = np.asarray(spec.available_capacity.factor, dtype=float)
+
+        res = spec.resistance
+        self._ea0_r = res.r0_activation_energy_j_per_mol / GAS_CONSTANT_J_PER_MOL_K
+        self._earc_r = res.rc_activation_energy_j_per_mol / GAS_CONSTANT_J_PER_MOL_K
+        self._inv_tref_r = 1.0 / (res.reference_temperature_c + KELVIN_OFFSET)
+        self._eaage_r = spec.ageing.activation_energy_j_per_mol / GAS_CONSTANT_J_PER_MOL_K
+        self._inv_tref_age = 1.0 / (spec.ageing.reference_temperature_c + KELVIN_OFFSET)
+        self.tau1_s = res.tau1_s
+        self.tau2_s = res.tau2_s
+        th = spec.thermal
+        self._mcp = th.heat_capacity_j_per_k
+        self._h = th.h_w_per_k
+        self._runaway_power_w = self._mcp * th.runaway_heating_rate_c_per_min / 60.0
+        # Reaction energy sized so an adiabatic cell would climb from onset to peak; with
+        # cooling the peak is reached a little lower, as in real ARC vs. open-air tests.
+        self._runaway_energy_j = self._mcp * (th.runaway_peak_c - th.runaway_onset_c)
+        self._self_discharge_per_s = spec.self_discharge_pct_per_month / 100.0 / SECONDS_PER_MONTH
+
+        # Manufacturing spread only when seeded: an unseeded bank is N identical cells.
+        if seed is None:
+            self._cap_var = np.ones(shape)
+            self._r_var = np.ones(shape)
+        else:
+            v = spec.variation
+            self._cap_var = np.clip(1.0 + self.rng.normal(0.0, v.capacity_rel, shape), 0.5, 1.5)
+            self._r_var = np.clip(1.0 + self.rng.normal(0.0, v.resistance_rel, shape), 0.5, 2.0)
+        self._fresh_capacity_ah = spec.capacity_ah * self._cap_var
+
+        # State.
+        self._soc = np.broadcast_to(np.asarray(soc, dtype=float), shape).copy()
+        # A full cell has just been charged, an empty one discharged; in between, mid-branch.
+        self._h_state = np.clip(2.0 * self._soc - 1.0, -1.0, 1.0)
+        self._v1 = np.zeros(shape)
+        self._v2 = np.zeros(shape)
+        self._ambient = np.broadcast_to(np.asarray(ambient_c, dtype=float), shape).copy()
+        t0 = self._ambient if temperature_c is None else np.asarray(temperature_c, dtype=float)
+        self._temp_c = np.broadcast_to(t0, shape).astype(float).copy()
+        self._efc = np.zeros(shape)
+        self._throughput_ah = np.zeros(shape)
+        self._fade = np.zeros(shape)
+        self._growth = np.zeros(shape)
+        self._r_age = self._r_var.copy()
+        self._capacity_ah = self._fresh_capacity_ah.copy()
+        self._current_a: FloatArray = np.zeros(shape)
+        self._cell_current_a: FloatArray = np.zeros(shape)
+        self._heat_w = np.zeros(shape)
+        self._runaway = np.zeros(shape, dtype=bool)
+        self._runaway_released_j = np.zeros(shape)
+        self._collapse = np.zeros(shape)
+        self._g_int = np.zeros(shape)
+        self._g_ext = np.zeros(shape)
+        self._g_total = np.zeros(shape)
+        self._shorted = False
+        self._any_runaway = False
+        self.sensor_dropout = np.zeros(shape, dtype=bool)
+        self.time_s = 0.0
+        self._cache: tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray] | None
+        self._cache = None
+        self._dt_cache: tuple[float, tuple[float, float, float, float, float]] | None = None
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval(self) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray]:
+        """(ocv_v, r0, r1, r2, T_kelvin) for the present state; cached until the next step."""
+        if self._cache is not None:
+            return self._cache
+        t_k = self._temp_c + KELVIN_OFFSET
+        inv_dt = 1.0 / t_k - self._inv_tref_r
+        soc = self._soc
+        socc = np.clip(soc, 0.0, 1.0)
+        base = np.interp(socc, self._r_soc, self._r_factor) * self._r_age
+        r0 = self.spec.resistance.r0_ohm * base * np.exp(self._ea0_r * inv_dt)
+        rc = base * np.exp(self._earc_r * inv_dt)
+        r1 = self.spec.resistance.r1_ohm * rc
+        r2 = self.spec.resistance.r2_ohm * rc
+
+        # Cold cells cannot deliver their full charge: map SOC onto the table so that the
+        # empty end of the curve is reached after only factor*capacity has been drawn.
+        f = np.interp(self._temp_c, self._cap_t, self._cap_f)
+        x = 1.0 - (1.0 - soc) / f
+        xc = np.clip(x, 0.0, 1.0)
+        ocv = np.interp(xc, self._ocv_soc, self._ocv_dis)
+        if self._hysteresis:
+            ocv_c = np.interp(xc, self._ocv_soc, self._ocv_chg)
+            ocv = ocv + 0.5 * (self._h_state + 1.0) * (ocv_c - ocv)
+        over = soc - 1.0
+        if over.max() > 0.0:
+            ocv = ocv + self.spec.ocv.overcharge_v_per_soc * np.maximum(over, 0.0)
+        if x.min() < 0.0:
+            ocv = ocv * np.clip(1.0 + x / _OVERDISCHARGE_SOC_SPAN, 0.0, 1.0)
+        if self._any_runaway:
+            ocv = ocv * (1.0 - self._collapse)
+        self._cache = (ocv, r0, r1, r2, t_k)
+        return self._cache
+
+    def _dt_coeffs(self, dt_s: float) -> tuple[float, float, float, float, float]:
+        # exp(-dt/tau) and the step-mean weights depend only on dt: compute once per dt.
+        if self._dt_cache is None or self._dt_cache[0] != dt_s:
+            a1 = math.exp(-dt_s / self.tau1_s)
+            a2 = math.exp(-dt_s / self.tau2_s)
+            b1 = self.tau1_s / dt_s * (1.0 - a1)
+            b2 = self.tau2_s / dt_s * (1.0 - a2)
+            at = math.exp(-dt_s * self._h / self._mcp)
+            self._dt_cache = (dt_s, (a1, a2, b1, b2, at))
+        return self._dt_cache[1]
+
+    # ------------------------------------------------------------------ dynamics
+    def step(self, current_a: ArrayLike, dt_s: float) -> None:
+        """Advance every cell by ``dt_s`` with ``current_a`` (A, + = charge) held constant."""
+        dt = float(dt_s)
+        if dt < 0.0:
+            raise ValueError("dt_s must be >= 0")
+        i_ext = np.asarray(current_a, dtype=float)
+        if i_ext.shape != self._soc.shape:
+            i_ext = np.broadcast_to(i_ext, self._soc.shape)
+        if dt == 0.0:
+            self._current_a = i_ext
+            return
+        ocv, r0, r1, r2, t_k = self._eval()
+        a1, a2, b1, b2, a_th = self._dt_coeffs(dt)
+        v1 = self._v1
+        v2 = self._v2
+
+        heat = 0.0
+        if self._shorted:
+            # Shorts are conductances across the terminals: solve V with the RC voltages
+            # frozen at the start of the step, then the cell's own current is what is left.
+            g = self._g_total
+            v_term = (ocv + v1 + v2 + i_ext * r0) / (1.0 + r0 * g)
+            i_cell = i_ext - v_term * g
+            heat = v_term * v_term * self._g_int
+        else:
+            i_cell = i_ext
+
+        s1 = i_cell * r1
+        s2 = i_cell * r2
+        d1 = v1 - s1
+        d2 = v2 - s2
+        self._v1 = s1 + d1 * a1
+        self._v2 = s2 + d2 * a2
+        # Joule + polarisation heat uses the exact mean of v_rc over the step, so the
+        # thermal result does not depend on dt.
+        heat = heat + i_cell * (i_cell * r0 + s1 + s2 + d1 * b1 + d2 * b2)
+        if self.reversible_heat:
+            heat = heat - i_cell * t_k * self.spec.ocv.entropic_coefficient_v_per_k
+        soc = self._soc
+        if soc.max() > 1.0:
+            # Charge pushed beyond full goes into side reactions (electrolyte oxidation,
+            # plating): the steep OCV excess is dissipated rather than stored.
+            over_v = self.spec.ocv.overcharge_v_per_soc * np.maximum(soc - 1.0, 0.0)
+            heat = heat + np.maximum(i_cell, 0.0) * over_v
+
+        if self._any_runaway:
+            remaining = self._runaway_energy_j - self._runaway_released_j
+            p = np.where(self._runaway, np.minimum(self._runaway_power_w, remaining / dt), 0.0)
+            p = np.maximum(p, 0.0)
+            self._runaway_released_j = self._runaway_released_j + p * dt
+            heat = heat + p
+            self._collapse = np.clip(
+                self._runaway_released_j / (_RUNAWAY_COLLAPSE_FRACTION * self._runaway_energy_j),
+                0.0, 1.0)
+            self._update_conductance()
+
+        # Exact solution of m*cp*dT/dt = Q - h*(T - T_amb) for constant Q over dt.
+        t_ss = self._ambient + heat / self._h
+        temp_old = self._temp_c
+        self._temp_c = t_ss + (temp_old - t_ss) * a_th
+        onset = self._temp_c >= self.spec.thermal.runaway_onset_c
+        if onset.any() and not self._runaway[onset].all():
+            self._runaway |= onset
+            self._any_runaway = True
+
+        # Calendar/cycle ageing and self-discharge share one Arrhenius factor of T.
+        accel = np.exp(self._eaage_r * (self._inv_tref_age - 1.0 / t_k))
+        abs_i = np.abs(i_cell)
+        dq_ah = abs_i * (dt / SECONDS_PER_HOUR)
+        self._soc = np.clip(
+            soc + i_cell * (dt / SECONDS_PER_HOUR) / self._capacity_ah
+            - (self._self_discharge_per_s * dt) * accel,
+            _SOC_MIN, _SOC_MAX)
+        if self._hysteresis:
+            target = np.sign(i_cell)
+            decay = np.exp(-dq_ah / (self._capacity_ah * self.spec.ocv.hysteresis_soc))
+            self._h_state = target + (self._h_state - target) * decay
+        self._throughput_ah = self._throughput_ah + dq_ah
+        d_efc = dq_ah / (2.0 * self.spec.capacity_ah)
+        self._efc = self._efc + d_efc
+        ag = self.spec.ageing
+        days = dt / SECONDS_PER_DAY
+        self._fade = self._fade + (ag.cycle_capacity_fade_per_efc * d_efc
+                                   + ag.calendar_capacity_fade_per_day * days) * accel
+        self._growth = self._growth + (ag.cycle_resistance_growth_per_efc * d_efc
+                                       + ag.calendar_resistance_growth_per_day * days) * accel
+        self._capacity_ah = self._fresh_capacity_ah * np.maximum(1.0 - self._fade, 0.01)
+        self._r_age = self._r_var * (1.0 + self._growth)
+
+        self._current_a = i_ext
+        self._cell_current_a = np.broadcast_to(i_cell, self._soc.shape)
+        self._heat_w = np.broadcast_to(heat, self._soc.shape)
+        self.time_s += dt
+        self._cache = None
+
+    def _update_conductance(self) -> None:
+        g_rw = self._collapse / _RUNAWAY_SHORT_OHM if self._any_runaway else 0.0
+        self._g_total = self._g_int + self._g_ext + g_rw
+        self._shorted = bool(np.any(self._g_total > 0.0))
+
+    # ------------------------------------------------------------------ instantaneous
+    def terminal_voltage(self, current_a: ArrayLike) -> FloatArray:
+        """Terminal voltage if ``current_a`` flowed now (no state change)."""
+        ocv, r0, _, _, _ = self._eval()
+        i = np.asarray(current_a, dtype=float)
+        e = ocv + self._v1 + self._v2
+        if self._shorted:
+            return (e + i * r0) / (1.0 + r0 * self._g_total)
+        return e + i * r0
+
+    def current_for_voltage(self, target_v: ArrayLike) -> FloatArray:
+        """Current that would hold the terminal voltage at ``target_v`` now (CV, clamping)."""
+        ocv, r0, _, _, _ = self._eval()
+        v = np.asarray(target_v, dtype=float)
+        e = ocv + self._v1 + self._v2
+        if self._shorted:
+            return (v * (1.0 + r0 * self._g_total) - e) / r0
+        return (v - e) / r0
+
+    # ------------------------------------------------------------------ faults
+    def set_internal_short(self, index: int | slice | ArrayLike,
+                           resistance_ohm: float | None) -> None:
+        """Put (or with None remove) a resistance across the cell inside its can."""
+        self._g_int[index] = 0.0 if resistance_ohm is None else 1.0 / float(resistance_ohm)
+        self._update_conductance()
+        self._cache = None
+
+    def set_external_short(self, index: int | slice | ArrayLike,
+                           resistance_ohm: float | None) -> None:
+        """Put (or with None remove) a resistance across the cell's terminals outside it."""
+        self._g_ext[index] = 0.0 if resistance_ohm is None else 1.0 / float(resistance_ohm)
+        self._update_conductance()
+        self._cache = None
+
+    def trigger_thermal_runaway(self, index: int | slice | ArrayLike) -> None:
+        """Start a runaway now regardless of temperature (fault injection)."""
+        self._runaway[index] = True
+        self._any_runaway = True
+
+    # ------------------------------------------------------------------ read-outs
+    @property
+    def voltage_v(self) -> FloatArray:
+        """Terminal voltage at the last applied current."""
+        return self.terminal_voltage(self._current_a)
+
+    @property
+    def current_a(self) -> FloatArray:
+        """Last applied (external) current, A, + = charge."""
+        return np.broadcast_to(self._current_a, self._soc.shape).copy()
+
+    @property
+    def cell_current_a(self) -> FloatArray:
+        """Current through the electrochemistry in the last step (external minus shorts)."""
+        return np.array(self._cell_current_a)
+
+    @property
+    def ocv_v(self) -> FloatArray:
+        return self._eval()[0].copy()
+
+    @property
+    def soc(self) -> FloatArray:
+        return self._soc.copy()
+
+    @soc.setter
+    def soc(self, value: ArrayLike) -> None:
+        self._soc = np.broadcast_to(np.asarray(value, dtype=float), self._soc.shape).copy()
+        self._cache = None
+
+    @property
+    def temperature_c(self) -> FloatArray:
+        """Reported temperature: NaN where the sensor has dropped out."""
+        if self.sensor_dropout.any():
+            return np.where(self.sensor_dropout, np.nan, self._temp_c)
+        return self._temp_c.copy()
+
+    @property
+    def cell_temperature_c(self) -> FloatArray:
+        """True cell temperature (ignores sensor dropout)."""
+        return self._temp_c.copy()
+
+    @property
+    def ambient_c(self) -> FloatArray:
+        return self._ambient.copy()
+
+    @ambient_c.setter
+    def ambient_c(self, value: ArrayLike) -> None:
+        self._ambient = np.broadcast_to(np.asarray(value, dtype=float), self._soc.shape).copy()
+
+    @property
+    def capacity_ah(self) -> FloatArray:
+        """Present (faded) capacity at the reference temperature."""
+        return self._capacity_ah.copy()
+
+    @property
+    def available_capacity_ah(self) -> FloatArray:
+        """Present capacity times the deliverable fraction at the cell's temperature."""
+        return self._capacity_ah * np.interp(self._temp_c, self._cap_t, self._cap_f)
+
+    @property
+    def soh(self) -> FloatArray:
+        """State of health: present capacity over the cell's fresh capacity."""
+        return self._capacity_ah / self._fresh_capacity_ah
+
+    @property
+    def r0_ohm(self) -> FloatArray:
+        """Present series resistance (temperature, SOC and ageing applied)."""
+        return self._eval()[1].copy()
+
+    @property
+    def r1_ohm(self) -> FloatArray:
+        return self._eval()[2].copy()
+
+    @property
+    def r2_ohm(self) -> FloatArray:
+        return self._eval()[3].copy()
+
+    @property
+    def resistance_growth(self) -> FloatArray:
+        """Relative growth of all resistances from ageing (0 = fresh)."""
+        return self._growth.copy()
+
+    @property
+    def capacity_fade(self) -> FloatArray:
+        """Relative capacity lost to ageing (0 = fresh)."""
+        return self._fade.copy()
+
+    @property
+    def v_rc1_v(self) -> FloatArray:
+        return self._v1.copy()
+
+    @property
+    def v_rc2_v(self) -> FloatArray:
+        return self._v2.copy()
+
+    @property
+    def hysteresis_state(self) -> FloatArray:
+        """-1 on the discharge OCV branch, +1 on the charge branch."""
+        return self._h_state.copy()
+
+    @property
+    def heat_w(self) -> FloatArray:
+        """Heat generated inside each cell during the last step (mean over the step)."""
+        return np.array(self._heat_w)
+
+    @property
+    def equivalent_full_cycles(self) -> FloatArray:
+        return self._efc.copy()
+
+    @property
+    def throughput_ah(self) -> FloatArray:
+        return self._throughput_ah.copy()
+
+    @property
+    def runaway(self) -> NDArray[np.bool_]:
+        """True for cells in (or after) thermal runaway."""
+        return self._runaway.copy()
