@@ -1,0 +1,98 @@
+"""Role interfaces the engine programs against: Cycler, ImpedanceAnalyser, TemperatureLogger,
+Chamber.
+
+One job: say what a kind of instrument can do, independent of model, so the engine drives
+a Keithley SMU and a multi-channel cycler the same way. Sign convention everywhere:
+positive current flows into the cell (charge).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import numpy as np
+
+
+class Cycler(ABC):
+    """Source/measure channels that charge and discharge cells.
+
+    ``measure`` returns one row per requested channel: ``[voltage_v, current_a,
+    temperature_c]`` (temperature NaN when the instrument has no sensor) as a float64
+    array of shape ``(n, 3)`` — one numpy operation per tick, not an object per sample.
+    """
+
+    channels: list[int]
+
+    @abstractmethod
+    def configure_protection(self, channel: int, voltage_max_v: float,
+                             current_max_a: float) -> None:
+        """Program the instrument's own limits so it trips by itself (hardware layer)."""
+
+    @abstractmethod
+    def set_current(self, channel: int, current_a: float, voltage_limit_v: float) -> None:
+        """Constant current (positive = charge) with voltage compliance (CV clamp)."""
+
+    @abstractmethod
+    def set_voltage(self, channel: int, voltage_v: float, current_limit_a: float) -> None:
+        """Constant voltage with a current limit."""
+
+    @abstractmethod
+    def output(self, channel: int, on: bool) -> None:
+        """Switch a channel's output."""
+
+    @abstractmethod
+    def all_off(self) -> None:
+        """Switch every output off."""
+
+    @abstractmethod
+    def measure(self, channels: Sequence[int] | None = None) -> np.ndarray:
+        """``(n, 3)`` array of ``[voltage_v, current_a, temperature_c]``; None = all."""
+
+    @abstractmethod
+    def safe_shutdown(self) -> None:
+        """Best-effort: outputs off and into a state that cannot drain or push the cell;
+        raises if the output could not be confirmed off."""
+
+
+class ImpedanceAnalyser(ABC):
+    """EIS / AC-IR meters."""
+
+    @abstractmethod
+    def sweep(self, freqs_hz: Sequence[float] | np.ndarray) -> np.ndarray:
+        """Complex impedance (ohm) at each frequency, same order as ``freqs_hz``."""
+
+    @abstractmethod
+    def dc_voltage_v(self) -> float:
+        """Open-circuit DC voltage of the cell under test."""
+
+
+class TemperatureLogger(ABC):
+    """Thermocouple / RTD scanners."""
+
+    channels: list[int]
+
+    @abstractmethod
+    def read_temperatures_c(self, channels: Sequence[int] | None = None) -> np.ndarray:
+        """Temperatures in °C, one per channel; an open thermocouple is NaN (or raises
+        InstrumentError if the driver is configured to be strict)."""
+
+
+class Chamber(ABC):
+    """Climatic chambers."""
+
+    @abstractmethod
+    def set_point_c(self, temperature_c: float) -> None:
+        """Hold ``temperature_c``."""
+
+    @abstractmethod
+    def ramp(self, temperature_c: float, rate_c_per_min: float) -> None:
+        """Ramp to ``temperature_c`` at ``rate_c_per_min``."""
+
+    @abstractmethod
+    def actual_c(self) -> float:
+        """Measured chamber air temperature."""
+
+    @abstractmethod
+    def status(self) -> str:
+        """Free-text state, e.g. ``"stable"``, ``"ramping"``, ``"alarm: ..."``."""
