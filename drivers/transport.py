@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import re
 import socket
 import threading
@@ -332,6 +333,19 @@ class VisaTransport(Transport):
         )
         inst.encoding = self.encoding
         self._inst = inst
+        sock = self._socket()
+        if sock is not None:
+            # pyvisa-py reports success for a refused non-blocking connect; ask the socket.
+            try:
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    raise ConnectionRefusedError(err, os.strerror(err))
+                sock.getpeername()
+            except OSError as exc:
+                self._close()
+                raise ConnectionFailed(f"connect failed: {exc}", instrument=self.resource,
+                                       expected="the instrument to accept a connection"
+                                       ) from exc
 
     def _close(self) -> None:
         inst, self._inst = self._inst, None

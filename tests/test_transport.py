@@ -1,0 +1,295 @@
+"""Transport layer: worker ordering off the event loop, resource dispatch, scripted
+transport, reconnect/backoff, stale-reply handling, serial framing."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import pytest
+
+from labdaq.drivers.errors import ConnectionFailed, GarbledReply, InstrumentTimeout
+from labdaq.drivers.transport import (
+    InstrumentWorker,
+    ScriptedTransport,
+    SerialTransport,
+    VisaTransport,
+    is_idempotent,
+    open_transport,
+)
+from labdaq.sims.server import SimServer
+
+TIMEOUT_S = 0.5
+
+
+class Echo:
+    """Answers ``X?`` with ``X`` and counts commands; enough to test framing."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def handle_line(self, line: str) -> str | None:
+        self.lines.append(line)
+        if line.endswith("?"):
+            return line[:-1]
+        return None
+
+
+# -- InstrumentWorker ---------------------------------------------------------------------
+
+
+async def test_worker_keeps_order_under_concurrency() -> None:
+    worker = InstrumentWorker("order")
+    seen: list[int] = []
+
+    def io(k: int) -> int:
+        time.sleep(0.002 if k % 3 == 0 else 0.0)  # uneven durations must not reorder
+        seen.append(k)
+        return k * 10
+
+    try:
+        results = await asyncio.gather(*(worker.call(io, k) for k in range(40)))
+    finally:
+        worker.shutdown()
+    assert seen == list(range(40))
+    assert results == [k * 10 for k in range(40)]
+
+
+async def test_worker_does_not_block_the_loop() -> None:
+    worker = InstrumentWorker("slow")
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.005)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    try:
+        t0 = time.monotonic()
+        await worker.call(time.sleep, 0.2)
+        elapsed = time.monotonic() - t0
+    finally:
+        task.cancel()
+        worker.shutdown()
+    assert elapsed >= 0.2
+    assert ticks >= 10  # the loop kept running while the worker thread was blocked
+
+
+async def test_workers_of_different_instruments_run_in_parallel() -> None:
+    a, b = InstrumentWorker("a"), InstrumentWorker("b")
+    try:
+        t0 = time.monotonic()
+        await asyncio.gather(a.call(time.sleep, 0.15), b.call(time.sleep, 0.15))
+        assert time.monotonic() - t0 < 0.28
+    finally:
+        a.shutdown()
+        b.shutdown()
+
+
+async def test_worker_propagates_exceptions_and_runs_on_one_thread() -> None:
+    worker = InstrumentWorker("err")
+    threads: set[int] = set()
+
+    def record() -> None:
+        threads.add(threading.get_ident())
+
+    def boom() -> None:
+        raise InstrumentTimeout("late", instrument="x")
+
+    try:
+        for _ in range(5):
+            await worker.call(record)
+        with pytest.raises(InstrumentTimeout):
+            await worker.call(boom)
+        await worker.call(record)
+    finally:
+        worker.shutdown()
+    assert len(threads) == 1 and threading.get_ident() not in threads
+
+
+# -- dispatch and helpers -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("resource", "kind"),
+    [
+        ("TCPIP::127.0.0.1::5025::SOCKET", VisaTransport),
+        ("TCPIP::10.0.0.2::INSTR", VisaTransport),
+        ("ASRL/dev/ttyUSB0::INSTR", VisaTransport),
+        ("GPIB0::24::INSTR", VisaTransport),
+        ("USB0::0x05E6::0x2450::04412345::INSTR", VisaTransport),
+        ("/dev/ttyUSB0", SerialTransport),
+        ("serial:///dev/ttyS1?baudrate=115200", SerialTransport),
+        ("COM3", SerialTransport),
+    ],
+)
+def test_open_transport_dispatch(resource: str, kind: type) -> None:
+    t = open_transport(resource, connect=False, timeout_s=0.1)
+    assert isinstance(t, kind)
+    assert not t.is_open
+
+
+def test_serial_url_options() -> None:
+    t = open_transport("serial:///dev/ttyS1?baudrate=115200", connect=False,
+                       read_termination="\r\n")
+    assert isinstance(t, SerialTransport)
+    assert t.port == "/dev/ttyS1"
+    assert t.serial_kwargs["baudrate"] == 115200
+    assert t.read_termination == "\r\n"
+
+
+def test_visa_gets_baud_rate_alias() -> None:
+    t = open_transport("ASRL/dev/ttyS0::INSTR", connect=False, baudrate=19200)
+    assert isinstance(t, VisaTransport)
+    assert t.visa_kwargs["baud_rate"] == 19200
+
+
+@pytest.mark.parametrize(
+    ("command", "idempotent"),
+    [
+        ("*IDN?", True),
+        (":MEAS:VOLT?;:MEAS:CURR?", True),
+        (":SOUR:CURR 1", False),
+        (":SOUR:CURR 1;:SOUR:CURR?", False),
+        (":SYST:ERR?", False),
+        ("SYSTEM:ERROR:NEXT?", False),
+        ("*ESR?", False),
+    ],
+)
+def test_is_idempotent(command: str, idempotent: bool) -> None:
+    assert is_idempotent(command) is idempotent
+
+
+def test_scripted_transport() -> None:
+    t = ScriptedTransport([("*IDN?", "ACME"), (":OUTP 1", None), (None, "late")])
+    assert t.query("*IDN?") == "ACME"
+    t.write(":OUTP 1")
+    assert t.read() == "late"
+    t.assert_all_used()
+    with pytest.raises(AssertionError, match="script exhausted"):
+        t.write("*RST")
+    t2 = ScriptedTransport([("*IDN?", "ACME")])
+    with pytest.raises(AssertionError, match="expected"):
+        t2.write("*idn?")
+    with pytest.raises(AssertionError):
+        ScriptedTransport([("*RST", None)]).assert_all_used()
+
+
+# -- against a live TCP server ---------------------------------------------------------------
+
+
+def test_tcp_query_and_framing() -> None:
+    sim = Echo()
+    with SimServer.tcp(sim) as srv:
+        t = open_transport(srv.resource, timeout_s=TIMEOUT_S)
+        try:
+            assert t.query("HELLO?") == "HELLO"
+            t.write("SET 1")
+            assert t.query("A?") == "A"
+            assert sim.lines == ["HELLO?", "SET 1", "A?"]
+        finally:
+            t.close()
+
+
+def test_crlf_terminations() -> None:
+    sim = Echo()
+    with SimServer.tcp(sim, read_termination="\r\n", write_termination="\r\n") as srv:
+        t = open_transport(srv.resource, timeout_s=TIMEOUT_S, read_termination="\r\n",
+                           write_termination="\r\n")
+        try:
+            assert t.query("X?") == "X"
+        finally:
+            t.close()
+
+
+def test_connect_to_closed_port_fails_fast() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = VisaTransport(f"TCPIP::127.0.0.1::{port}::SOCKET", timeout_s=0.3,
+                      reconnect_attempts=3, backoff_initial_s=0.01)
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionFailed) as exc:
+        t.reconnect()
+    assert time.monotonic() - t0 < 3.0
+    assert str(port) in str(exc.value)
+
+
+def test_reconnect_after_server_restart() -> None:
+    sim = Echo()
+    srv = SimServer.tcp(sim).start()
+    t = open_transport(srv.resource, timeout_s=TIMEOUT_S, backoff_initial_s=0.05,
+                       reconnect_attempts=8)
+    try:
+        assert t.query("A?") == "A"
+        srv.stop()
+        # Restart on the same port a little later: backoff keeps trying meanwhile.
+        threading.Timer(0.15, srv.start).start()
+        assert t.query("B?") == "B"
+        assert t.reconnects >= 1
+    finally:
+        t.close()
+        time.sleep(0.2)
+        srv.stop()
+
+
+def test_late_reply_is_not_taken_for_the_next_answer() -> None:
+    sim = Echo()
+    with SimServer.tcp(sim) as srv:
+        t = open_transport(srv.resource, timeout_s=0.2, retry_timeouts=False)
+        try:
+            srv.set_reply_delay(0.4)
+            with pytest.raises(InstrumentTimeout):
+                t.query("OLD?")
+            srv.set_reply_delay(0)
+            assert t.query("NEW?") == "NEW"
+            time.sleep(0.3)  # the late "OLD" has arrived on the abandoned connection
+            assert t.query("NEXT?") == "NEXT"
+        finally:
+            t.close()
+
+
+def test_garbled_reply_raises() -> None:
+    with SimServer.tcp(Echo()) as srv:
+        t = open_transport(srv.resource, timeout_s=TIMEOUT_S)
+        try:
+            srv.garble_next_reply()
+            with pytest.raises(GarbledReply) as exc:
+                t.query("ABC?")
+            assert exc.value.command == "ABC?"
+            assert t.query("OK?") == "OK"
+        finally:
+            t.close()
+
+
+# -- pty: both client stacks, reopen -------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_visa", [True, False], ids=["pyvisa-asrl", "pyserial"])
+def test_pty_reopen(use_visa: bool) -> None:
+    with SimServer.pty(Echo()) as srv:
+        resource = srv.resource if use_visa else srv.path
+        for _ in range(3):  # clients come and go; the server keeps serving
+            t = open_transport(resource, timeout_s=TIMEOUT_S)
+            try:
+                assert t.query("PING?") == "PING"
+            finally:
+                t.close()
+
+
+def test_serial_timeout_is_bounded() -> None:
+    with SimServer.pty(Echo()) as srv:
+        t = open_transport(srv.path, timeout_s=0.2, retry_timeouts=False)
+        try:
+            srv.swallow_next_reply()
+            t0 = time.monotonic()
+            with pytest.raises(InstrumentTimeout):
+                t.query("LOST?")
+            assert time.monotonic() - t0 < 0.6
+            assert t.query("BACK?") == "BACK"
+        finally:
+            t.close()
