@@ -41,10 +41,17 @@ OVP_LEVELS: dict[str, float] = {
     "PROT160": 160.0, "PROT180": 180.0, "NONE": math.inf,
 }
 
-# Largest simulated step while current flows: keeps compliance clamping accurate.
+# Largest simulated step while current flows near a limit: keeps compliance clamping
+# accurate (the current is recomputed at the start of every step and then held).
 MAX_STEP_ACTIVE_S = 1.0
-# With no current flowing only relaxation and self-discharge happen; bigger steps are fine.
+# Upper bound for adaptive steps far from any limit, and with no current flowing (then only
+# relaxation and self-discharge happen).
+MAX_STEP_ADAPTIVE_S = 30.0
 MAX_STEP_IDLE_S = 30.0
+# Adaptive stepping targets: use at most this fraction of the voltage margin to compliance,
+# or change a clamped current by at most this fraction, per step.
+MARGIN_FRACTION = 0.25
+CURRENT_FRACTION = 0.01
 
 
 class CellLike(Protocol):
@@ -102,6 +109,9 @@ class Keithley2450Sim:
         model: str = "2450",
         serial: str = "04412345",
         firmware: str = "1.7.12b",
+        *,
+        max_step_s: float = MAX_STEP_ACTIVE_S,
+        adaptive_steps: bool = True,
     ) -> None:
         if model not in MODEL_LIMITS:
             raise ValueError(f"unknown model {model!r}; expected one of {list(MODEL_LIMITS)}")
@@ -112,6 +122,13 @@ class Keithley2450Sim:
         self.cell: CellLike = cell_bank if cell_bank is not None else _IdealCell()
         self.clock: Clock = clock if clock is not None else SimClock()
         self._t_last = self.clock.now()
+        self.max_step_s = max_step_s
+        # Far from compliance, steps up to MAX_STEP_ADAPTIVE_S keep fast clocks affordable
+        # (a cell step costs ~0.1 ms; 1-s steps at 3600x would eat a CPU core per SMU).
+        self.adaptive_steps = adaptive_steps
+        # (regime, current after the step, dI/dt, dV/dt at constant I) of the last step
+        self._prev_step: tuple[tuple[Any, ...], float, float, float] | None = None
+        self.steps_taken = 0
         self.watchdog_tripped = False
         self.parser = ScpiParser(
             idn=f"KEITHLEY INSTRUMENTS INC.,MODEL {model},{serial},{firmware}",
@@ -266,6 +283,36 @@ class Keithley2450Sim:
             return not math.isclose(i, self.source_current_a, rel_tol=1e-9, abs_tol=1e-12)
         return math.isclose(abs(i), self.current_limit_a, rel_tol=1e-9)
 
+    def _regime(self) -> tuple[Any, ...]:
+        """Everything that decides the current; rates are only comparable within one."""
+        return (self.output_on, self.source_function, self.source_current_a,
+                self.voltage_limit_v, self.source_voltage_v, self.current_limit_a,
+                self.off_mode[self.source_function], self.ovp)
+
+    def _step_size(self, i: float, v: float) -> float:
+        """Largest safe step for current ``i`` at terminal voltage ``v`` (>= max_step_s)."""
+        if i == 0.0:
+            return MAX_STEP_IDLE_S
+        if not self.adaptive_steps:
+            return self.max_step_s
+        prev = self._prev_step
+        if prev is None or prev[0] != self._regime():
+            return self.max_step_s
+        _, _, di_dt, dv_dt = prev
+        clamped = self.source_function == "VOLT" or not math.isclose(
+            i, self.source_current_a, rel_tol=1e-9, abs_tol=1e-12)
+        if clamped:
+            # Current follows the cell (CV or compliance): bound its change per step. Entering
+            # the clamp shows up as a large dI/dt and so as a short step.
+            rate = abs(di_dt)
+            h = CURRENT_FRACTION * abs(i) / rate if rate > 0 else MAX_STEP_ADAPTIVE_S
+        else:
+            # Constant current: bound the share of the margin to compliance used per step.
+            margin = (self._compliance_voltage() - v) if i > 0 else v
+            rate = abs(dv_dt)
+            h = MARGIN_FRACTION * margin / rate if rate > 0 else MAX_STEP_ADAPTIVE_S
+        return min(MAX_STEP_ADAPTIVE_S, max(self.max_step_s, h))
+
     def advance(self) -> None:
         """Step the cell up to the clock's now with the current that was flowing."""
         now = self.clock.now()
@@ -273,9 +320,19 @@ class Keithley2450Sim:
         self._t_last = now
         while remaining > 1e-9:
             i = self.actual_current()
-            h = min(remaining, MAX_STEP_IDLE_S if i == 0.0 else MAX_STEP_ACTIVE_S)
+            adaptive = self.adaptive_steps and i != 0.0
+            v_before = _scalar(self.cell.terminal_voltage(i)) if adaptive else 0.0
+            h = min(remaining, self._step_size(i, v_before))
             self.cell.step(i, h)
+            self.steps_taken += 1
             remaining -= h
+            if adaptive and h >= 1e-3:
+                # Rates for the next step size; tiny steps between two close commands
+                # would make them noisy, so those are skipped.
+                v_after = _scalar(self.cell.terminal_voltage(i))
+                i_next = self.actual_current()
+                self._prev_step = (self._regime(), i_next, (i_next - i) / h,
+                                   (v_after - v_before) / h)
 
     def terminal_voltage(self) -> float:
         return _scalar(self.cell.terminal_voltage(self.actual_current()))

@@ -261,7 +261,7 @@ def test_sim_cc_charge_reaches_compliance_and_tapers() -> None:
     clock = ManualClock()
     # 1 Ah, 0.1 ohm: compliance after ~35 min at 0.5 A, then a CV taper with tau ~ 300 s.
     cell = StubCell(soc=0.5, capacity_ah=1.0)
-    sim = Keithley2450Sim(cell_bank=cell, clock=clock)
+    sim = Keithley2450Sim(cell_bank=cell, clock=clock, adaptive_steps=False)
     sim.handle_line(":OUTP:CURR:SMOD HIMP;:SOUR:FUNC CURR;:SOUR:CURR:VLIM 4.0;:SOUR:CURR 0.5")
     sim.handle_line(":OUTP ON")
     currents, voltages = [], []
@@ -309,6 +309,28 @@ def test_sim_output_off_states() -> None:
     clock.advance(60)
     assert float(sim.handle_line(":MEAS:CURR?") or "") < 0
     assert cell.soc < 0.5
+
+
+def test_adaptive_steps_match_one_second_steps() -> None:
+    """Large steps far from compliance must not change the result, only the cost."""
+    results = []
+    for adaptive in (False, True):
+        clock = ManualClock()
+        cell = StubCell(soc=0.2, capacity_ah=1.0)
+        sim = Keithley2450Sim(cell_bank=cell, clock=clock, adaptive_steps=adaptive)
+        sim.handle_line(":OUTP:CURR:SMOD HIMP;:SOUR:FUNC CURR;:SOUR:CURR:VLIM 4.0")
+        sim.handle_line(":SOUR:CURR 0.5;:OUTP ON")
+        trace = []
+        for _ in range(30):
+            clock.advance(300.0)
+            reply = sim.handle_line(":MEAS:VOLT?;:MEAS:CURR?") or ""
+            trace.append([float(x) for x in reply.split(";")])
+        results.append((np.array(trace), cell.soc, sim.steps_taken))
+    (strict, soc_strict, n_strict), (fast, soc_fast, n_fast) = results
+    assert n_fast < n_strict / 5
+    assert soc_fast == pytest.approx(soc_strict, abs=1e-3)
+    assert fast[:, 0].max() <= 4.0 + 1e-9
+    np.testing.assert_allclose(fast, strict, atol=0.01)
 
 
 def test_sim_with_real_cell_bank() -> None:
