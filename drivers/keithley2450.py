@@ -21,7 +21,7 @@ from .base import (
     strict_discrete_set,
     strict_range,
 )
-from .errors import InstrumentError, InstrumentValueError
+from .errors import GarbledReply, InstrumentError, InstrumentValueError
 from .roles import Cycler
 from .transport import Transport
 
@@ -193,7 +193,13 @@ class Keithley2450(Instrument, Cycler):
         for channel in channels if channels is not None else self.channels:
             self._check_channel(channel)
         # One line, one round trip: both queries are answered as "V;I".
-        voltage, current = self.query_floats(":MEAS:VOLT?;:MEAS:CURR?")[:2]
+        command = ":MEAS:VOLT?;:MEAS:CURR?"
+        values = self.query_floats(command)
+        if len(values) != 2:
+            raise GarbledReply(f"expected 2 values, got {len(values)}", reply=str(values),
+                               instrument=self.name, command=command,
+                               expected="'<volts>;<amps>'")
+        voltage, current = values
         row = [_nan_if_overrange(voltage), _nan_if_overrange(current), math.nan]
         n = 1 if channels is None else len(channels)
         return np.array([row] * n, dtype=float)

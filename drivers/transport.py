@@ -71,6 +71,7 @@ class Transport(ABC):
         backoff_max_s: float = 2.0,
         retry_timeouts: bool = True,
     ) -> None:
+        self._is_open = False
         self.resource = resource
         self.read_termination = read_termination
         self.write_termination = write_termination
@@ -81,7 +82,6 @@ class Transport(ABC):
         self.backoff_max_s = backoff_max_s
         self.retry_timeouts = retry_timeouts
         self._lock = threading.RLock()
-        self._is_open = False
         self._stale = False  # a reply may still be in flight after a timeout
         self.reconnects = 0
 
@@ -105,7 +105,24 @@ class Transport(ABC):
         """Hook before each write: detect a closed peer or discard stale input."""
         return None
 
+    def _apply_timeout(self) -> None:
+        """Hook: push a changed ``timeout_s`` to an open link."""
+        return None
+
     # -- public API -------------------------------------------------------------------
+    @property
+    def timeout_s(self) -> float:
+        """I/O timeout in seconds; changing it applies to an open link at once."""
+        return self._timeout_s
+
+    @timeout_s.setter
+    def timeout_s(self, value: float) -> None:
+        if value <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {value!r}")
+        self._timeout_s = float(value)
+        if self._is_open:
+            self._apply_timeout()
+
     @property
     def is_open(self) -> bool:
         return self._is_open
@@ -347,6 +364,10 @@ class VisaTransport(Transport):
                                        expected="the instrument to accept a connection"
                                        ) from exc
 
+    def _apply_timeout(self) -> None:
+        if self._inst is not None:
+            self._inst.timeout = int(round(self.timeout_s * 1000))
+
     def _close(self) -> None:
         inst, self._inst = self._inst, None
         if inst is not None:
@@ -504,6 +525,11 @@ class SerialTransport(Transport):
             self.port, timeout=self.timeout_s, write_timeout=self.timeout_s,
             **self.serial_kwargs
         )
+
+    def _apply_timeout(self) -> None:
+        if self._ser is not None:
+            self._ser.timeout = self.timeout_s
+            self._ser.write_timeout = self.timeout_s
 
     def _close(self) -> None:
         ser, self._ser = self._ser, None

@@ -151,7 +151,8 @@ def parse_number(
             # Starts with a letter or quote: it is not numeric data at all.
             raise ScpiError(-104 if t[0].isalpha() or t[0] in "\"'" else -120)
         rest = t[prefix.end():].strip()
-        if rest and rest[0].isalpha() and rest.isalnum():
+        # "1.5V" / "2 mA" carry a unit suffix; "1e" / "1e+" are broken exponents.
+        if rest and rest.isalpha() and not re.fullmatch(r"[eE][+-]?", rest):
             raise ScpiError(-131)
         raise ScpiError(-120)
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):

@@ -236,3 +236,10 @@ def test_register_rejects_bad_patterns() -> None:
         p.register(":A:B")
     with pytest.raises(ValueError):
         p.register("::[", on_query=lambda a: "")
+
+
+def test_broken_exponent_is_numeric_error() -> None:
+    for text in ("1e", "1e+", "1..2"):
+        with pytest.raises(ScpiError) as exc:
+            parse_number(text)
+        assert exc.value.code == -120

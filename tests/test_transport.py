@@ -293,3 +293,55 @@ def test_serial_timeout_is_bounded() -> None:
             assert t.query("BACK?") == "BACK"
         finally:
             t.close()
+
+
+def test_timeout_change_applies_to_open_link() -> None:
+    with SimServer.tcp(Echo()) as srv:
+        t = open_transport(srv.resource, timeout_s=2.0, retry_timeouts=False)
+        try:
+            t.timeout_s = 0.15
+            srv.swallow_next_reply()
+            t0 = time.monotonic()
+            with pytest.raises(InstrumentTimeout):
+                t.query("GONE?")
+            assert time.monotonic() - t0 < 0.6
+        finally:
+            t.close()
+
+
+def test_many_clients_and_threads_share_one_simulator() -> None:
+    sim = Echo()
+    with SimServer.tcp(sim) as srv:
+        transports = [open_transport(srv.resource, timeout_s=TIMEOUT_S) for _ in range(4)]
+        errors: list[BaseException] = []
+
+        def hammer(k: int) -> None:
+            t = transports[k % len(transports)]
+            try:
+                for j in range(50):
+                    assert t.query(f"C{k}X{j}?") == f"C{k}X{j}"
+            except BaseException as exc:  # surface failures from the threads
+                errors.append(exc)
+
+        threads = [threading.Thread(target=hammer, args=(k,)) for k in range(8)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=10)
+        for t in transports:
+            t.close()
+        assert not errors
+        assert len(sim.lines) == 400
+
+
+def test_server_stops_with_clients_connected() -> None:
+    srv = SimServer.tcp(Echo()).start()
+    t = open_transport(srv.resource, timeout_s=TIMEOUT_S)
+    assert t.query("A?") == "A"
+    t0 = time.monotonic()
+    srv.stop()
+    assert time.monotonic() - t0 < 1.5
+    t.reconnect_attempts = 1
+    with pytest.raises(ConnectionFailed):
+        t.query("B?")
+    t.close()
