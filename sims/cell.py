@@ -241,7 +241,15 @@ def load_cell_spec(name: str) -> CellSpec:
 
 
 class CellBank:
-    """N cells of one spec advanced together; every state is a numpy array of length N."""
+    """N cells of one spec advanced together; every state is a numpy array of length N.
+
+    Hot-path notes: a step is ~60 small numpy operations, so per-call overhead dominates at
+    N=64. Scalars from the spec are copied to plain attributes once, flags skip work that is
+    rarely needed (abuse, shorts, cold cells), and ageing is integrated every step but folded
+    into capacity and resistance only every ``ageing_refresh_s`` of simulated time.
+    """
+
+    ageing_refresh_s = 60.0
 
     def __init__(
         self,
@@ -263,6 +271,7 @@ class CellBank:
         self.reversible_heat = reversible_heat
         self.rng = np.random.default_rng(seed)
         shape = (self.n,)
+        self._shape = shape
 
         # Lookup tables as arrays once, so a step does no Python-level conversion.
         self._ocv_soc = np.asarray(spec.ocv.soc, dtype=float)
@@ -270,10 +279,16 @@ class CellBank:
         self._ocv_dis = (np.asarray(spec.ocv.discharge_v, dtype=float)
                          if spec.ocv.discharge_v is not None else self._ocv_chg)
         self._hysteresis = spec.has_hysteresis
+        self._hyst_ah = spec.ocv.hysteresis_soc
+        self._k_over = spec.ocv.overcharge_v_per_soc
+        self._dudt = spec.ocv.entropic_coefficient_v_per_k
         self._r_soc = np.asarray(spec.resistance.soc, dtype=float)
         self._r_factor = np.asarray(spec.resistance.factor, dtype=float)
         self._cap_t = np.asarray(spec.available_capacity.temperature_c, dtype=float)
         self._cap_f = np.asarray(spec.available_capacity.factor, dtype=float)
+        # Above this temperature every cell delivers its full capacity: skip the remap.
+        full = [t for t, f in zip(self._cap_t, self._cap_f, strict=True) if f >= 1.0]
+        self._t_full_c = min(full) if full else math.inf
 
         res = spec.resistance
         self._ea0_r = res.r0_activation_energy_j_per_mol / GAS_CONSTANT_J_PER_MOL_K
@@ -283,14 +298,18 @@ class CellBank:
         self._inv_tref_age = 1.0 / (spec.ageing.reference_temperature_c + KELVIN_OFFSET)
         self.tau1_s = res.tau1_s
         self.tau2_s = res.tau2_s
+        ag = spec.ageing
+        self._k_fade = (ag.cycle_capacity_fade_per_efc, ag.calendar_capacity_fade_per_day)
+        self._k_growth = (ag.cycle_resistance_growth_per_efc,
+                          ag.calendar_resistance_growth_per_day)
         th = spec.thermal
         self._mcp = th.heat_capacity_j_per_k
         self._h = th.h_w_per_k
-        self._runaway_power_w = self._mcp * th.runaway_heating_rate_c_per_min / 60.0
-        # Reaction energy sized so an adiabatic cell would climb from onset to peak; with
-        # cooling the peak is reached a little lower, as in real ARC vs. open-air tests.
-        self._runaway_energy_j = self._mcp * (th.runaway_peak_c - th.runaway_onset_c)
+        self._onset_c = th.runaway_onset_c
+        self._peak_c = th.runaway_peak_c
+        self._runaway_rate_w = self._mcp * th.runaway_heating_rate_c_per_min / 60.0
         self._self_discharge_per_s = spec.self_discharge_pct_per_month / 100.0 / SECONDS_PER_MONTH
+        self._inv_2q_as = 1.0 / (2.0 * spec.capacity_ah * SECONDS_PER_HOUR)
 
         # Manufacturing spread only when seeded: an unseeded bank is N identical cells.
         if seed is None:
@@ -306,78 +325,109 @@ class CellBank:
         self._soc = np.broadcast_to(np.asarray(soc, dtype=float), shape).copy()
         # A full cell has just been charged, an empty one discharged; in between, mid-branch.
         self._h_state = np.clip(2.0 * self._soc - 1.0, -1.0, 1.0)
-        self._v1 = np.zeros(shape)
-        self._v2 = np.zeros(shape)
+        # Both RC voltages in one (2, N) array: one numpy call updates both pairs.
+        self._vrc = np.zeros((2, self.n))
         self._ambient = np.broadcast_to(np.asarray(ambient_c, dtype=float), shape).copy()
         t0 = self._ambient if temperature_c is None else np.asarray(temperature_c, dtype=float)
         self._temp_c = np.broadcast_to(t0, shape).astype(float).copy()
         self._efc = np.zeros(shape)
-        self._throughput_ah = np.zeros(shape)
+        # Arrhenius-weighted EFC and days: fade/growth are linear in these two.
+        self._w_efc = np.zeros(shape)
+        self._w_days = np.zeros(shape)
         self._fade = np.zeros(shape)
         self._growth = np.zeros(shape)
-        self._r_age = self._r_var.copy()
         self._capacity_ah = self._fresh_capacity_ah.copy()
+        self._inv_cap_as = 1.0 / (self._capacity_ah * SECONDS_PER_HOUR)
+        self._r0_age = res.r0_ohm * self._r_var
+        self._r12_ref = np.array([[res.r1_ohm], [res.r2_ohm]])
+        self._r12_age = self._r12_ref * self._r_var
+        # Arrhenius exponents for R0, the RC pairs and ageing, evaluated in one exp call.
+        self._ea_stack = np.array([[self._ea0_r], [self._earc_r], [-self._eaage_r]])
+        self._ea_offset = np.array([[-self._ea0_r * self._inv_tref_r],
+                                    [-self._earc_r * self._inv_tref_r],
+                                    [self._eaage_r * self._inv_tref_age]])
+        self._tau12 = np.array([[res.tau1_s], [res.tau2_s]])
+        self._since_refresh_s = 0.0
         self._current_a: FloatArray = np.zeros(shape)
         self._cell_current_a: FloatArray = np.zeros(shape)
-        self._heat_w = np.zeros(shape)
+        self._heat_w: FloatArray = np.zeros(shape)
         self._runaway = np.zeros(shape, dtype=bool)
-        self._runaway_released_j = np.zeros(shape)
+        self._runaway_done = np.zeros(shape, dtype=bool)
+        self._runaway_start_c = np.zeros(shape)
         self._collapse = np.zeros(shape)
         self._g_int = np.zeros(shape)
         self._g_ext = np.zeros(shape)
         self._g_total = np.zeros(shape)
         self._shorted = False
         self._any_runaway = False
+        self._soc_min = float(self._soc.min())
+        self._soc_max = float(self._soc.max())
         self.sensor_dropout = np.zeros(shape, dtype=bool)
         self.time_s = 0.0
         self._cache: tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray] | None
         self._cache = None
-        self._dt_cache: tuple[float, tuple[float, float, float, float, float]] | None = None
+        self._dt_cache: tuple[float, FloatArray, FloatArray, float] | None = None
 
     # ------------------------------------------------------------------ evaluation
     def _eval(self) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray]:
-        """(ocv_v, r0, r1, r2, T_kelvin) for the present state; cached until the next step."""
+        """(ocv_v, r0, r12 (2, N), T_kelvin, ageing acceleration) for the present state;
+        cached until the next step."""
         if self._cache is not None:
             return self._cache
-        t_k = self._temp_c + KELVIN_OFFSET
-        inv_dt = 1.0 / t_k - self._inv_tref_r
+        temp_c = self._temp_c
+        t_k = temp_c + KELVIN_OFFSET
+        arr = np.exp(self._ea_stack * (1.0 / t_k) + self._ea_offset)
         soc = self._soc
-        socc = np.clip(soc, 0.0, 1.0)
-        base = np.interp(socc, self._r_soc, self._r_factor) * self._r_age
-        r0 = self.spec.resistance.r0_ohm * base * np.exp(self._ea0_r * inv_dt)
-        rc = base * np.exp(self._earc_r * inv_dt)
-        r1 = self.spec.resistance.r1_ohm * rc
-        r2 = self.spec.resistance.r2_ohm * rc
+        socc = soc if 0.0 <= self._soc_min and self._soc_max <= 1.0 else np.clip(soc, 0.0, 1.0)
+        base = np.interp(socc, self._r_soc, self._r_factor)
+        r0 = self._r0_age * base * arr[0]
+        r12 = self._r12_age * (base * arr[1])
 
         # Cold cells cannot deliver their full charge: map SOC onto the table so that the
         # empty end of the curve is reached after only factor*capacity has been drawn.
-        f = np.interp(self._temp_c, self._cap_t, self._cap_f)
-        x = 1.0 - (1.0 - soc) / f
-        xc = np.clip(x, 0.0, 1.0)
+        if float(temp_c.min()) < self._t_full_c:
+            f = np.interp(temp_c, self._cap_t, self._cap_f)
+            x = 1.0 - (1.0 - soc) / f
+            x_min = float(x.min())
+        else:
+            x = soc
+            x_min = self._soc_min
+        xc = x if 0.0 <= x_min and self._soc_max <= 1.0 else np.clip(x, 0.0, 1.0)
         ocv = np.interp(xc, self._ocv_soc, self._ocv_dis)
         if self._hysteresis:
             ocv_c = np.interp(xc, self._ocv_soc, self._ocv_chg)
             ocv = ocv + 0.5 * (self._h_state + 1.0) * (ocv_c - ocv)
-        over = soc - 1.0
-        if over.max() > 0.0:
-            ocv = ocv + self.spec.ocv.overcharge_v_per_soc * np.maximum(over, 0.0)
-        if x.min() < 0.0:
+        if self._soc_max > 1.0:
+            ocv = ocv + self._k_over * np.maximum(soc - 1.0, 0.0)
+        if x_min < 0.0:
             ocv = ocv * np.clip(1.0 + x / _OVERDISCHARGE_SOC_SPAN, 0.0, 1.0)
         if self._any_runaway:
             ocv = ocv * (1.0 - self._collapse)
-        self._cache = (ocv, r0, r1, r2, t_k)
+        self._cache = (ocv, r0, r12, t_k, arr[2])
         return self._cache
 
-    def _dt_coeffs(self, dt_s: float) -> tuple[float, float, float, float, float]:
+    def _dt_coeffs(self, dt_s: float) -> tuple[FloatArray, FloatArray, float]:
         # exp(-dt/tau) and the step-mean weights depend only on dt: compute once per dt.
         if self._dt_cache is None or self._dt_cache[0] != dt_s:
-            a1 = math.exp(-dt_s / self.tau1_s)
-            a2 = math.exp(-dt_s / self.tau2_s)
-            b1 = self.tau1_s / dt_s * (1.0 - a1)
-            b2 = self.tau2_s / dt_s * (1.0 - a2)
-            at = math.exp(-dt_s * self._h / self._mcp)
-            self._dt_cache = (dt_s, (a1, a2, b1, b2, at))
-        return self._dt_cache[1]
+            a = np.exp(-dt_s / self._tau12)
+            b = self._tau12 / dt_s * (1.0 - a)
+            a_th = math.exp(-dt_s * self._h / self._mcp)
+            self._dt_cache = (dt_s, a, b, a_th)
+        return self._dt_cache[1], self._dt_cache[2], self._dt_cache[3]
+
+    def _refresh_ageing(self) -> None:
+        """Fold the integrated ageing into capacity and resistances."""
+        kc, kd = self._k_fade
+        self._fade = kc * self._w_efc + kd * self._w_days
+        kc, kd = self._k_growth
+        self._growth = kc * self._w_efc + kd * self._w_days
+        self._capacity_ah = self._fresh_capacity_ah * np.maximum(1.0 - self._fade, 0.01)
+        self._inv_cap_as = 1.0 / (self._capacity_ah * SECONDS_PER_HOUR)
+        r_age = self._r_var * (1.0 + self._growth)
+        self._r0_age = self.spec.resistance.r0_ohm * r_age
+        self._r12_age = self._r12_ref * r_age
+        self._since_refresh_s = 0.0
+        self._cache = None
 
     # ------------------------------------------------------------------ dynamics
     def step(self, current_a: ArrayLike, dt_s: float) -> None:
@@ -386,94 +436,116 @@ class CellBank:
         if dt < 0.0:
             raise ValueError("dt_s must be >= 0")
         i_ext = np.asarray(current_a, dtype=float)
-        if i_ext.shape != self._soc.shape:
-            i_ext = np.broadcast_to(i_ext, self._soc.shape)
+        if i_ext.shape != self._shape:
+            i_ext = (np.full(self._shape, float(i_ext)) if i_ext.ndim == 0
+                     else np.broadcast_to(i_ext, self._shape).copy())
         if dt == 0.0:
             self._current_a = i_ext
             return
-        ocv, r0, r1, r2, t_k = self._eval()
-        a1, a2, b1, b2, a_th = self._dt_coeffs(dt)
-        v1 = self._v1
-        v2 = self._v2
+        ocv, r0, r12, t_k, accel = self._eval()
+        a, b, a_th = self._dt_coeffs(dt)
+        vrc = self._vrc
 
-        heat = 0.0
         if self._shorted:
             # Shorts are conductances across the terminals: solve V with the RC voltages
             # frozen at the start of the step, then the cell's own current is what is left.
             g = self._g_total
-            v_term = (ocv + v1 + v2 + i_ext * r0) / (1.0 + r0 * g)
+            v_term = (ocv + vrc[0] + vrc[1] + i_ext * r0) / (1.0 + r0 * g)
             i_cell = i_ext - v_term * g
-            heat = v_term * v_term * self._g_int
+            heat_short: FloatArray | None = v_term * v_term * self._g_int
         else:
             i_cell = i_ext
+            heat_short = None
 
-        s1 = i_cell * r1
-        s2 = i_cell * r2
-        d1 = v1 - s1
-        d2 = v2 - s2
-        self._v1 = s1 + d1 * a1
-        self._v2 = s2 + d2 * a2
-        # Joule + polarisation heat uses the exact mean of v_rc over the step, so the
-        # thermal result does not depend on dt.
-        heat = heat + i_cell * (i_cell * r0 + s1 + s2 + d1 * b1 + d2 * b2)
+        # Exact RC update for constant current: v -> s + (v - s)*exp(-dt/tau), s = I*R.
+        s_rc = i_cell * r12
+        d_rc = vrc - s_rc
+        self._vrc = s_rc + d_rc * a
+        # Joule + polarisation heat uses the exact mean of v_rc over the step (s + d*b), so
+        # the thermal result does not depend on dt; Bernardi's reversible term is
+        # -I*T*dU/dT with I positive on charge.
+        m_rc = s_rc + d_rc * b
+        drop = i_cell * r0 + m_rc[0] + m_rc[1]
         if self.reversible_heat:
-            heat = heat - i_cell * t_k * self.spec.ocv.entropic_coefficient_v_per_k
+            drop = drop - self._dudt * t_k
+        heat = i_cell * drop
+        if heat_short is not None:
+            heat = heat + heat_short
         soc = self._soc
-        if soc.max() > 1.0:
+        if self._soc_max > 1.0:
             # Charge pushed beyond full goes into side reactions (electrolyte oxidation,
             # plating): the steep OCV excess is dissipated rather than stored.
-            over_v = self.spec.ocv.overcharge_v_per_soc * np.maximum(soc - 1.0, 0.0)
-            heat = heat + np.maximum(i_cell, 0.0) * over_v
+            heat = heat + np.maximum(i_cell, 0.0) * (self._k_over * np.maximum(soc - 1.0, 0.0))
 
+        temp_old = self._temp_c
+        amb = self._ambient
         if self._any_runaway:
-            remaining = self._runaway_energy_j - self._runaway_released_j
-            p = np.where(self._runaway, np.minimum(self._runaway_power_w, remaining / dt), 0.0)
-            p = np.maximum(p, 0.0)
-            self._runaway_released_j = self._runaway_released_j + p * dt
-            heat = heat + p
-            self._collapse = np.clip(
-                self._runaway_released_j / (_RUNAWAY_COLLAPSE_FRACTION * self._runaway_energy_j),
-                0.0, 1.0)
-            self._update_conductance()
+            heat = self._runaway_heat(heat, temp_old, amb, a_th)
 
         # Exact solution of m*cp*dT/dt = Q - h*(T - T_amb) for constant Q over dt.
-        t_ss = self._ambient + heat / self._h
-        temp_old = self._temp_c
-        self._temp_c = t_ss + (temp_old - t_ss) * a_th
-        onset = self._temp_c >= self.spec.thermal.runaway_onset_c
-        if onset.any() and not self._runaway[onset].all():
-            self._runaway |= onset
-            self._any_runaway = True
+        t_ss = amb + heat * (1.0 / self._h)
+        temp = t_ss + (temp_old - t_ss) * a_th
+        self._temp_c = temp
+        if float(temp.max()) >= self._onset_c:
+            new = (temp >= self._onset_c) & ~self._runaway
+            if new.any():
+                self._runaway_start_c = np.where(new, temp, self._runaway_start_c)
+                self._runaway |= new
+                self._any_runaway = True
+        if self._any_runaway:
+            self._update_runaway(temp)
 
         # Calendar/cycle ageing and self-discharge share one Arrhenius factor of T.
-        accel = np.exp(self._eaage_r * (self._inv_tref_age - 1.0 / t_k))
         abs_i = np.abs(i_cell)
-        dq_ah = abs_i * (dt / SECONDS_PER_HOUR)
-        self._soc = np.clip(
-            soc + i_cell * (dt / SECONDS_PER_HOUR) / self._capacity_ah
-            - (self._self_discharge_per_s * dt) * accel,
-            _SOC_MIN, _SOC_MAX)
+        soc = soc + i_cell * dt * self._inv_cap_as - (self._self_discharge_per_s * dt) * accel
+        lo = float(soc.min())
+        hi = float(soc.max())
+        if lo < _SOC_MIN or hi > _SOC_MAX:
+            soc = np.clip(soc, _SOC_MIN, _SOC_MAX)
+            lo, hi = max(lo, _SOC_MIN), min(hi, _SOC_MAX)
+        self._soc = soc
+        self._soc_min = lo
+        self._soc_max = hi
+        d_efc = abs_i * (dt * self._inv_2q_as)
         if self._hysteresis:
             target = np.sign(i_cell)
-            decay = np.exp(-dq_ah / (self._capacity_ah * self.spec.ocv.hysteresis_soc))
+            decay = np.exp(d_efc * (-2.0 * self.spec.capacity_ah / self._hyst_ah)
+                           / self._capacity_ah)
             self._h_state = target + (self._h_state - target) * decay
-        self._throughput_ah = self._throughput_ah + dq_ah
-        d_efc = dq_ah / (2.0 * self.spec.capacity_ah)
         self._efc = self._efc + d_efc
-        ag = self.spec.ageing
-        days = dt / SECONDS_PER_DAY
-        self._fade = self._fade + (ag.cycle_capacity_fade_per_efc * d_efc
-                                   + ag.calendar_capacity_fade_per_day * days) * accel
-        self._growth = self._growth + (ag.cycle_resistance_growth_per_efc * d_efc
-                                       + ag.calendar_resistance_growth_per_day * days) * accel
-        self._capacity_ah = self._fresh_capacity_ah * np.maximum(1.0 - self._fade, 0.01)
-        self._r_age = self._r_var * (1.0 + self._growth)
+        self._w_efc = self._w_efc + d_efc * accel
+        self._w_days = self._w_days + accel * (dt / SECONDS_PER_DAY)
+        self._since_refresh_s += dt
+        if self._since_refresh_s >= self.ageing_refresh_s:
+            self._refresh_ageing()
 
         self._current_a = i_ext
-        self._cell_current_a = np.broadcast_to(i_cell, self._soc.shape)
-        self._heat_w = np.broadcast_to(heat, self._soc.shape)
+        self._cell_current_a = i_cell
+        self._heat_w = heat
         self.time_s += dt
         self._cache = None
+
+    def _runaway_heat(self, heat: FloatArray, temp_c: FloatArray, ambient_c: FloatArray,
+                      a_th: float) -> FloatArray:
+        """Add the runaway reaction heat: the configured net self-heating rate (so the cell
+        climbs at that rate despite cooling), never overshooting the peak temperature."""
+        active = self._runaway & ~self._runaway_done
+        h = self._h
+        p_rate = self._runaway_rate_w + h * (temp_c - ambient_c)
+        # Heat that would land exactly on the peak at the end of this step.
+        t_ss_peak = (self._peak_c - temp_c * a_th) / (1.0 - a_th)
+        p_peak = h * (t_ss_peak - ambient_c) - heat
+        p = np.where(active, np.maximum(np.minimum(p_rate, p_peak), 0.0), 0.0)
+        return heat + p
+
+    def _update_runaway(self, temp_c: FloatArray) -> None:
+        self._runaway_done |= self._runaway & (temp_c >= self._peak_c - 1e-6)
+        span = np.maximum(self._peak_c - self._runaway_start_c, 1.0)
+        progress = np.where(self._runaway, (temp_c - self._runaway_start_c) / span, 0.0)
+        # Separator failure is irreversible: the collapse only ever grows.
+        self._collapse = np.maximum(
+            self._collapse, np.clip(progress / _RUNAWAY_COLLAPSE_FRACTION, 0.0, 1.0))
+        self._update_conductance()
 
     def _update_conductance(self) -> None:
         g_rw = self._collapse / _RUNAWAY_SHORT_OHM if self._any_runaway else 0.0
@@ -483,18 +555,18 @@ class CellBank:
     # ------------------------------------------------------------------ instantaneous
     def terminal_voltage(self, current_a: ArrayLike) -> FloatArray:
         """Terminal voltage if ``current_a`` flowed now (no state change)."""
-        ocv, r0, _, _, _ = self._eval()
+        ocv, r0 = self._eval()[:2]
         i = np.asarray(current_a, dtype=float)
-        e = ocv + self._v1 + self._v2
+        e = ocv + self._vrc[0] + self._vrc[1]
         if self._shorted:
             return (e + i * r0) / (1.0 + r0 * self._g_total)
         return e + i * r0
 
     def current_for_voltage(self, target_v: ArrayLike) -> FloatArray:
         """Current that would hold the terminal voltage at ``target_v`` now (CV, clamping)."""
-        ocv, r0, _, _, _ = self._eval()
+        ocv, r0 = self._eval()[:2]
         v = np.asarray(target_v, dtype=float)
-        e = ocv + self._v1 + self._v2
+        e = ocv + self._vrc[0] + self._vrc[1]
         if self._shorted:
             return (v * (1.0 + r0 * self._g_total) - e) / r0
         return (v - e) / r0
@@ -516,8 +588,11 @@ class CellBank:
 
     def trigger_thermal_runaway(self, index: int | slice | ArrayLike) -> None:
         """Start a runaway now regardless of temperature (fault injection)."""
+        start = np.where(self._runaway, self._runaway_start_c, self._temp_c)
         self._runaway[index] = True
+        self._runaway_start_c = np.where(self._runaway, start, 0.0)
         self._any_runaway = True
+        self._cache = None
 
     # ------------------------------------------------------------------ read-outs
     @property
@@ -533,7 +608,7 @@ class CellBank:
     @property
     def cell_current_a(self) -> FloatArray:
         """Current through the electrochemistry in the last step (external minus shorts)."""
-        return np.array(self._cell_current_a)
+        return np.array(self._cell_current_a, dtype=float)
 
     @property
     def ocv_v(self) -> FloatArray:
@@ -569,19 +644,31 @@ class CellBank:
         self._ambient = np.broadcast_to(np.asarray(value, dtype=float), self._soc.shape).copy()
 
     @property
+    def capacity_fade(self) -> FloatArray:
+        """Relative capacity lost to ageing so far (0 = fresh)."""
+        kc, kd = self._k_fade
+        return kc * self._w_efc + kd * self._w_days
+
+    @property
+    def resistance_growth(self) -> FloatArray:
+        """Relative growth of all resistances from ageing so far (0 = fresh)."""
+        kc, kd = self._k_growth
+        return kc * self._w_efc + kd * self._w_days
+
+    @property
     def capacity_ah(self) -> FloatArray:
         """Present (faded) capacity at the reference temperature."""
-        return self._capacity_ah.copy()
+        return self._fresh_capacity_ah * np.maximum(1.0 - self.capacity_fade, 0.01)
 
     @property
     def available_capacity_ah(self) -> FloatArray:
         """Present capacity times the deliverable fraction at the cell's temperature."""
-        return self._capacity_ah * np.interp(self._temp_c, self._cap_t, self._cap_f)
+        return self.capacity_ah * np.interp(self._temp_c, self._cap_t, self._cap_f)
 
     @property
     def soh(self) -> FloatArray:
         """State of health: present capacity over the cell's fresh capacity."""
-        return self._capacity_ah / self._fresh_capacity_ah
+        return self.capacity_ah / self._fresh_capacity_ah
 
     @property
     def r0_ohm(self) -> FloatArray:
@@ -590,29 +677,19 @@ class CellBank:
 
     @property
     def r1_ohm(self) -> FloatArray:
-        return self._eval()[2].copy()
+        return self._eval()[2][0].copy()
 
     @property
     def r2_ohm(self) -> FloatArray:
-        return self._eval()[3].copy()
-
-    @property
-    def resistance_growth(self) -> FloatArray:
-        """Relative growth of all resistances from ageing (0 = fresh)."""
-        return self._growth.copy()
-
-    @property
-    def capacity_fade(self) -> FloatArray:
-        """Relative capacity lost to ageing (0 = fresh)."""
-        return self._fade.copy()
+        return self._eval()[2][1].copy()
 
     @property
     def v_rc1_v(self) -> FloatArray:
-        return self._v1.copy()
+        return self._vrc[0].copy()
 
     @property
     def v_rc2_v(self) -> FloatArray:
-        return self._v2.copy()
+        return self._vrc[1].copy()
 
     @property
     def hysteresis_state(self) -> FloatArray:
@@ -630,7 +707,8 @@ class CellBank:
 
     @property
     def throughput_ah(self) -> FloatArray:
-        return self._throughput_ah.copy()
+        """Charge moved through the cell either way, Ah."""
+        return self._efc * (2.0 * self.spec.capacity_ah)
 
     @property
     def runaway(self) -> NDArray[np.bool_]:

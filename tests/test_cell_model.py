@@ -1,0 +1,358 @@
+"""Tests of the simulated cell model (labdaq.sims.cell) against its own physics."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+
+from labdaq.sims.cell import CellBank, CellSpec, list_cell_specs, load_cell_spec
+
+CHEMISTRIES = ["lfp", "nmc811", "nca", "lto", "sodium_ion"]
+
+
+def discharge_to_cutoff(bank: CellBank, current_a: float, dt_s: float,
+                        max_t_s: float = 30 * 3600.0) -> float:
+    """CC discharge (current_a < 0) until the first cell reaches its cut-off; returns the
+    delivered charge in Ah, interpolated inside the last step."""
+    cutoff_v = bank.spec.discharge_cutoff_v
+    delivered_ah = 0.0
+    v_prev = float(bank.terminal_voltage(current_a)[0])
+    t_s = 0.0
+    while t_s < max_t_s:
+        bank.step(current_a, dt_s)
+        t_s += dt_s
+        v = float(bank.voltage_v[0])
+        step_ah = -current_a * dt_s / 3600.0
+        if v <= cutoff_v:
+            frac = (v_prev - cutoff_v) / (v_prev - v) if v_prev > v else 1.0
+            return delivered_ah + step_ah * min(max(frac, 0.0), 1.0)
+        delivered_ah += step_ah
+        v_prev = v
+    raise AssertionError("never reached the discharge cut-off")
+
+
+def charge_to_cutoff(bank: CellBank, current_a: float, dt_s: float,
+                     max_t_s: float = 30 * 3600.0) -> float:
+    charged_ah = 0.0
+    t_s = 0.0
+    while t_s < max_t_s:
+        bank.step(current_a, dt_s)
+        t_s += dt_s
+        charged_ah += current_a * dt_s / 3600.0
+        if bank.voltage_v[0] >= bank.spec.charge_cutoff_v:
+            return charged_ah
+    raise AssertionError("never reached the charge cut-off")
+
+
+def isothermal(spec: CellSpec) -> CellSpec:
+    """The same cell bolted to a huge heat sink, so ageing runs at the ambient temperature."""
+    return spec.model_copy(update={"thermal": spec.thermal.model_copy(update={"h_w_per_k": 1e3})})
+
+
+# ---------------------------------------------------------------------------- specs
+def test_all_chemistries_shipped_with_sources() -> None:
+    names = list_cell_specs()
+    for name in CHEMISTRIES:
+        assert name in names
+        spec = load_cell_spec(name)
+        assert spec.name == name
+        assert spec.sources and all(len(s) > 10 for s in spec.sources)
+        assert spec.discharge_cutoff_v < spec.nominal_voltage_v < spec.charge_cutoff_v
+        # Colder cells deliver less; the parameter must say so.
+        assert spec.capacity_factor(0.0) < 1.0 == spec.capacity_factor(25.0)
+    assert load_cell_spec("lfp").has_hysteresis
+    assert not load_cell_spec("nmc811").has_hysteresis
+
+
+def test_unknown_spec_is_a_clear_error() -> None:
+    with pytest.raises(KeyError, match="known"):
+        load_cell_spec("unobtainium")
+
+
+# ---------------------------------------------------------------------------- capacity
+@pytest.mark.parametrize("name", CHEMISTRIES)
+def test_c3_discharge_delivers_nominal_capacity_at_25c(name: str) -> None:
+    spec = load_cell_spec(name)
+    bank = CellBank(spec, n=1, soc=1.0, ambient_c=25.0)
+    delivered = discharge_to_cutoff(bank, -spec.capacity_ah / 3, dt_s=2.0)
+    assert delivered == pytest.approx(spec.capacity_ah, rel=0.01)
+
+
+@pytest.mark.parametrize("name", CHEMISTRIES)
+def test_c3_discharge_at_0c_delivers_what_the_parameters_imply(name: str) -> None:
+    spec = load_cell_spec(name)
+    bank = CellBank(spec, n=1, soc=1.0, ambient_c=0.0)
+    delivered = discharge_to_cutoff(bank, -spec.capacity_ah / 3, dt_s=2.0)
+    # The deliverable fraction at the cell's own temperature (it self-heats a little).
+    expected = spec.capacity_ah * float(spec.capacity_factor(bank.cell_temperature_c[0]))
+    assert delivered < 0.99 * spec.capacity_ah
+    assert delivered == pytest.approx(expected, rel=0.01)
+
+
+@pytest.mark.parametrize("name", CHEMISTRIES)
+def test_step_size_independence(name: str) -> None:
+    spec = load_cell_spec(name)
+    results = []
+    for dt_s in (1.0, 10.0):
+        bank = CellBank(spec, n=1, soc=1.0, ambient_c=25.0)
+        results.append(discharge_to_cutoff(bank, -spec.capacity_ah / 3, dt_s=dt_s))
+    assert results[1] == pytest.approx(results[0], rel=0.005)
+
+
+def test_huge_step_is_stable() -> None:
+    # Exact exponential updates: a one-hour step neither oscillates nor blows up.
+    bank = CellBank("nmc811", n=1, soc=0.9)
+    bank.step(-1.0, 3600.0)
+    assert np.all(np.isfinite(bank.voltage_v))
+    assert bank.v_rc2_v[0] == pytest.approx(-1.0 * bank.r2_ohm[0], rel=0.05)
+    assert 25.0 < bank.cell_temperature_c[0] < 30.0
+
+
+# ---------------------------------------------------------------------------- relaxation
+@pytest.mark.parametrize("name", ["nmc811", "lfp"])
+def test_voltage_relaxes_with_the_model_time_constants(name: str) -> None:
+    spec = load_cell_spec(name)
+    bank = CellBank(spec, n=1, soc=1.0, ambient_c=25.0)
+    current_a = -spec.capacity_ah  # 1C for 20 minutes
+    for _ in range(1200):
+        bank.step(current_a, 1.0)
+    v_load = float(bank.voltage_v[0])
+    v1_0, v2_0 = float(bank.v_rc1_v[0]), float(bank.v_rc2_v[0])
+    r0 = float(bank.r0_ohm[0])
+    bank.step(0.0, 0.0)  # current off, no time passes
+    # The instantaneous jump is the ohmic drop.
+    assert float(bank.voltage_v[0]) - v_load == pytest.approx(-current_a * r0, rel=1e-6)
+
+    tau1, tau2 = spec.resistance.tau1_s, spec.resistance.tau2_s
+    times = [tau1, tau2, 2 * tau2, 3 * tau2]
+    trace: dict[float, float] = {}
+    t_s = 0.0
+    for t_mark in times:
+        while t_s < t_mark - 1e-9:
+            step = min(1.0, t_mark - t_s)
+            bank.step(0.0, step)
+            t_s += step
+        trace[t_mark] = float(bank.voltage_v[0])
+    for _ in range(int(15 * tau2)):
+        bank.step(0.0, 1.0)
+    v_rest = float(bank.voltage_v[0])
+    for t_mark, v in trace.items():
+        expected = v1_0 * math.exp(-t_mark / tau1) + v2_0 * math.exp(-t_mark / tau2)
+        assert v - v_rest == pytest.approx(expected, rel=0.02, abs=2e-4)
+    # At t = tau2 the slow pair keeps 1/e of its overpotential.
+    assert (trace[tau2] - v_rest) / v2_0 == pytest.approx(math.exp(-1.0), rel=0.03)
+
+
+# ---------------------------------------------------------------------------- thermal
+@pytest.mark.parametrize("name", CHEMISTRIES)
+def test_temperature_rise_matches_lumped_steady_state(name: str) -> None:
+    spec = load_cell_spec(name)
+    bank = CellBank(spec, n=1, soc=0.5, ambient_c=25.0)
+    current_a = 2.0 * spec.capacity_ah
+    period_s = 60.0  # +-2C square wave keeps SOC in 0.5 +- 1.7 %
+    tau_th = spec.thermal.heat_capacity_j_per_k / spec.thermal.h_w_per_k
+    n_steps = int(8 * tau_th)
+    heat_w, rise_c = [], []
+    for k in range(n_steps):
+        i = current_a if (k // int(period_s)) % 2 == 0 else -current_a
+        bank.step(i, 1.0)
+        if k > n_steps - 20 * period_s:
+            # Irreversible heat from the terminals: I * (V - OCV).
+            heat_w.append(i * float(bank.voltage_v[0] - bank.ocv_v[0]))
+            rise_c.append(float(bank.cell_temperature_c[0]) - 25.0)
+    expected_rise = np.mean(heat_w) / spec.thermal.h_w_per_k
+    assert expected_rise > 0.5
+    assert np.mean(rise_c) == pytest.approx(expected_rise, rel=0.10)
+
+
+def test_ambient_is_settable_like_a_climate_chamber() -> None:
+    bank = CellBank("nmc811", n=3, soc=0.5, ambient_c=25.0)
+    bank.ambient_c = np.array([-10.0, 25.0, 45.0])
+    for _ in range(200):
+        bank.step(0.0, 60.0)
+    assert bank.cell_temperature_c == pytest.approx([-10.0, 25.0, 45.0], abs=0.01)
+    r0 = bank.r0_ohm
+    assert r0[0] > r0[1] > r0[2]
+
+
+# ---------------------------------------------------------------------------- ageing
+def test_cycling_fades_capacity_and_grows_resistance_as_configured() -> None:
+    spec = isothermal(load_cell_spec("nmc811"))
+    bank = CellBank(spec, n=1, soc=1.0, ambient_c=25.0)
+    throughput_ah = 0.0
+    dt_s = 10.0
+    current_a = spec.capacity_ah  # 1C
+    for _ in range(25):
+        throughput_ah += discharge_to_cutoff(bank, -current_a, dt_s)
+        throughput_ah += charge_to_cutoff(bank, current_a, dt_s)
+    efc = throughput_ah / (2 * spec.capacity_ah)
+    days = bank.time_s / 86400.0
+    ag = spec.ageing
+    fade = ag.cycle_capacity_fade_per_efc * efc + ag.calendar_capacity_fade_per_day * days
+    growth = (ag.cycle_resistance_growth_per_efc * efc
+              + ag.calendar_resistance_growth_per_day * days)
+    assert bank.equivalent_full_cycles[0] == pytest.approx(efc, rel=0.01)
+    assert 1.0 - bank.soh[0] == pytest.approx(fade, rel=0.02)
+    assert spec.capacity_ah - bank.capacity_ah[0] == pytest.approx(
+        spec.capacity_ah * fade, rel=0.02)
+
+    # Resistance compared with a fresh cell in the same SOC and temperature.
+    fresh = CellBank(spec, n=1, soc=0.5, ambient_c=25.0)
+    bank.soc = 0.5
+    bank.step(0.0, 1.0)
+    fresh.step(0.0, 1.0)
+    measured_growth = bank.r0_ohm[0] / fresh.r0_ohm[0] - 1.0
+    assert measured_growth == pytest.approx(growth, rel=0.02)
+
+
+def test_calendar_ageing_is_accelerated_by_temperature() -> None:
+    spec = isothermal(load_cell_spec("nca"))
+    banks = {t: CellBank(spec, n=1, soc=0.5, ambient_c=t) for t in (25.0, 45.0)}
+    for bank in banks.values():
+        for _ in range(30 * 24):
+            bank.step(0.0, 3600.0)
+    fade = {t: 1.0 - b.soh[0] for t, b in banks.items()}
+    assert fade[25.0] == pytest.approx(30 * spec.ageing.calendar_capacity_fade_per_day,
+                                       rel=0.02)
+    expected_ratio = float(spec.arrhenius(spec.ageing.activation_energy_j_per_mol, 25.0,
+                                          reference_temperature_c=45.0))
+    assert fade[45.0] / fade[25.0] == pytest.approx(expected_ratio, rel=0.02)
+
+
+def test_self_discharge_at_rest() -> None:
+    spec = isothermal(load_cell_spec("lfp"))
+    bank = CellBank(spec, n=1, soc=0.8, ambient_c=25.0)
+    for _ in range(30):
+        bank.step(0.0, 86400.0)
+    lost = 0.8 - bank.soc[0]
+    assert lost == pytest.approx(spec.self_discharge_pct_per_month / 100 * 30 / 30.4375,
+                                 rel=0.02)
+
+
+# ---------------------------------------------------------------------------- hysteresis
+def test_lfp_hysteresis_charge_branch_above_discharge_branch() -> None:
+    spec = load_cell_spec("lfp")
+    up = CellBank(spec, n=1, soc=0.2)
+    down = CellBank(spec, n=1, soc=0.8)
+    for _ in range(1080):  # 0.3 of capacity each way at C/2
+        up.step(spec.capacity_ah / 2, 2.0)
+        down.step(-spec.capacity_ah / 2, 2.0)
+    assert up.soc[0] == pytest.approx(down.soc[0], abs=0.01)
+    gap = up.ocv_v[0] - down.ocv_v[0]
+    table_gap = float(spec.ocv_v(0.5, "charge") - spec.ocv_v(0.5, "discharge"))
+    assert gap == pytest.approx(table_gap, rel=0.1)
+
+
+# ---------------------------------------------------------------------------- interface
+def test_terminal_voltage_and_current_for_voltage_are_inverse() -> None:
+    bank = CellBank("nmc811", n=4, soc=[0.2, 0.4, 0.6, 0.8])
+    bank.step(-2.0, 30.0)
+    target_v = np.array([3.5, 3.7, 3.9, 4.1])
+    current_a = bank.current_for_voltage(target_v)
+    assert bank.terminal_voltage(current_a) == pytest.approx(target_v)
+    soc_before = bank.soc
+    bank.terminal_voltage(5.0)
+    assert np.array_equal(bank.soc, soc_before)  # no state change
+    bank.set_external_short(1, 0.05)
+    current_a = bank.current_for_voltage(target_v)
+    assert bank.terminal_voltage(current_a) == pytest.approx(target_v)
+
+
+def test_bank_of_64_mixed_state_and_speed() -> None:
+    bank = CellBank("lfp", n=64, soc=np.linspace(0.1, 0.9, 64), seed=3)
+    current_a = np.linspace(-5.0, 5.0, 64)
+    for _ in range(50):
+        bank.step(current_a, 1.0)
+    n = 2000
+    t0 = time.perf_counter()
+    for _ in range(n):
+        bank.step(current_a, 1.0)
+    per_step_us = (time.perf_counter() - t0) / n * 1e6
+    assert bank.voltage_v.shape == (64,)
+    # Loose bound: the target is ~50 us on an idle machine; CI machines are shared.
+    assert per_step_us < 500.0
+
+
+def test_seeded_banks_are_deterministic() -> None:
+    def run(seed: int) -> np.ndarray:
+        bank = CellBank("nca", n=8, soc=0.7, seed=seed)
+        for k in range(500):
+            bank.step(-3.0 if k % 100 < 60 else 1.0, 5.0)
+        return np.concatenate([bank.voltage_v, bank.cell_temperature_c, bank.capacity_ah])
+
+    assert np.array_equal(run(11), run(11))
+    assert not np.array_equal(run(11), run(12))
+    # Unseeded banks are N identical nominal cells.
+    bank = CellBank("nca", n=3)
+    assert np.all(bank.capacity_ah == load_cell_spec("nca").capacity_ah)
+
+
+# ---------------------------------------------------------------------------- abuse & faults
+@pytest.mark.parametrize("name", CHEMISTRIES)
+def test_overcharge_without_limits_runs_away(name: str) -> None:
+    spec = load_cell_spec(name)
+    th = spec.thermal
+    bank = CellBank(spec, n=1, soc=1.0, ambient_c=25.0)
+    temps, volts = [], []
+    for _ in range(8 * 3600):
+        bank.step(spec.capacity_ah, 1.0)  # 1C, no voltage compliance
+        temps.append(float(bank.cell_temperature_c[0]))
+        volts.append(float(bank.voltage_v[0]))
+        if bank.runaway[0] and temps[-1] < max(temps) - 10.0:
+            break  # past the peak
+    temps_a = np.array(temps)
+    assert bank.runaway[0]
+    assert temps_a.max() > th.runaway_onset_c
+    # Overcharge drove the voltage well above the charge cut-off before the runaway.
+    onset_idx = int(np.argmax(temps_a >= th.runaway_onset_c))
+    assert max(volts[:onset_idx]) > spec.charge_cutoff_v + 0.3
+    # Self-heating of tens of degC per minute, to several hundred degC.
+    rate_c_per_min = np.diff(temps_a[onset_idx:]) * 60.0
+    assert rate_c_per_min.max() >= 0.8 * th.runaway_heating_rate_c_per_min
+    assert rate_c_per_min.max() >= 10.0
+    assert temps_a.max() >= th.runaway_onset_c + 0.8 * (th.runaway_peak_c - th.runaway_onset_c)
+    assert temps_a.max() > 300.0
+    assert volts[-1] < 0.2  # voltage collapse
+
+
+def test_external_heating_past_onset_triggers_runaway() -> None:
+    spec = load_cell_spec("nmc811")
+    bank = CellBank(spec, n=2, soc=1.0, ambient_c=[25.0, spec.thermal.runaway_onset_c + 30])
+    for _ in range(3 * 360):
+        bank.step(0.0, 10.0)
+    assert list(bank.runaway) == [False, True]
+    assert bank.voltage_v[1] < 0.1 < 4.0 < bank.voltage_v[0]
+
+
+def test_internal_short_drains_and_heats() -> None:
+    bank = CellBank("nmc811", n=2, soc=1.0)
+    bank.set_internal_short(0, 1.0)
+    for _ in range(600):
+        bank.step(0.0, 1.0)
+    assert bank.soc[0] < bank.soc[1] - 0.02
+    assert bank.cell_temperature_c[0] > bank.cell_temperature_c[1] + 1.0
+    assert bank.heat_w[0] == pytest.approx(bank.voltage_v[0] ** 2 / 1.0, rel=0.05)
+    bank.set_internal_short(0, None)
+    bank.step(0.0, 1.0)
+    assert bank.cell_current_a[0] == 0.0
+
+
+def test_external_short_pulls_voltage_down_and_discharges() -> None:
+    bank = CellBank("lfp", n=1, soc=1.0)
+    ocv = float(bank.ocv_v[0])
+    bank.set_external_short(0, 0.02)
+    bank.step(0.0, 1.0)
+    r0 = float(bank.r0_ohm[0])
+    assert bank.voltage_v[0] < ocv * 0.02 / (0.02 + r0) + 0.05
+    assert bank.cell_current_a[0] < -50.0
+
+
+def test_sensor_dropout_reports_nan() -> None:
+    bank = CellBank("lto", n=3)
+    bank.sensor_dropout[1] = True
+    t = bank.temperature_c
+    assert np.isnan(t[1]) and np.isfinite(t[0]) and np.isfinite(t[2])
+    assert np.all(np.isfinite(bank.cell_temperature_c))
