@@ -1,0 +1,419 @@
+"""Multi-channel cycler cabinet driver (LABDAQ CYC-n channel-list SCPI dialect).
+
+One job: drive a cabinet of 8-64 source/measure channels through channel-list SCPI
+(``SOUR:CURR 1.5,(@1:8)``), reading every channel's V, I, T, mode and status with ONE
+``MEAS:ALL?`` round trip parsed by numpy, with values validated before anything is sent
+and the error queue checked after every set command. Dialect: docs/instruments/cabinet.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .base import (
+    Instrument,
+    _ScpiProperty,
+    measurement,
+    register_driver,
+    strict_discrete_set,
+    strict_range,
+)
+from .errors import GarbledReply, InstrumentError, InstrumentValueError
+from .roles import Cycler
+from .transport import Transport
+
+DEFAULT_CURRENT_MAX_A = 10.0
+DEFAULT_VOLTAGE_MAX_V = 5.0
+PROTECTION_HEADROOM = 1.1  # protection may be programmed up to 110 % of the source range
+MEAS_ALL_FIELDS = 5  # V, I, T, mode, status per channel
+OVERRANGE_THRESHOLD = 9.0e37  # 9.9E+37 over range, 9.91E+37 NaN (open sensor)
+
+# Mode codes (MEAS:ALL? field 4).
+MODE_OFF = 0
+MODE_CC = 1
+MODE_CV = 2
+
+# STAT:CHAN? bits (MEAS:ALL? field 5).
+STAT_OUTPUT = 1
+STAT_CC = 2
+STAT_CV = 4
+STAT_COMPLIANCE = 8
+STAT_OVP = 16
+STAT_OCP = 32
+STAT_WATCHDOG = 64
+STAT_TEMP_FAULT = 128
+STAT_TRIPPED = STAT_OVP | STAT_OCP
+
+
+def channel_list(channels: Iterable[int]) -> str:
+    """``[1, 2, 3, 4, 7, 9, 10]`` -> ``(@1:4,7,9:10)``: runs compressed, order kept."""
+    items: list[str] = []
+    run_start: int | None = None
+    prev: int | None = None
+    for ch in channels:
+        if prev is not None and ch == prev + 1:
+            prev = ch
+            continue
+        if run_start is not None:
+            items.append(str(run_start) if run_start == prev else f"{run_start}:{prev}")
+        run_start = prev = ch
+    if run_start is None:
+        raise ValueError("empty channel list")
+    items.append(str(run_start) if run_start == prev else f"{run_start}:{prev}")
+    return "(@" + ",".join(items) + ")"
+
+
+def _on_off(text: str) -> str:
+    """``OUTP?`` answers 1/0; the set command spells ON/OFF."""
+    return "ON" if float(text) else "OFF"
+
+
+class CabinetSample(NamedTuple):
+    """One ``MEAS:ALL?`` reading; every field is an array with one entry per channel."""
+
+    channels: NDArray[np.int64]
+    voltage_v: NDArray[np.float64]
+    current_a: NDArray[np.float64]
+    temperature_c: NDArray[np.float64]  # NaN where the sensor is open
+    mode: NDArray[np.int64]  # MODE_OFF / MODE_CC / MODE_CV
+    status: NDArray[np.int64]  # STAT_* bits
+
+
+class channel_control(_ScpiProperty):  # noqa: N801 - declarative API, like control()
+    """A per-channel setting addressed with channel lists.
+
+    Declared in one line like :class:`~labdaq.drivers.base.control` with the header
+    only (``"SOUR:CURR?"``, ``"SOUR:CURR %g"``); the channel list is appended:
+    ``SOUR:CURR 1.5,(@1:4)`` / ``SOUR:CURR? (@1:4)``. On an instance it is an accessor::
+
+        cab.source_current_a[3] = 1.5          # one channel
+        cab.source_current_a.set(1.5, [1, 2])  # one command for several channels
+        cab.source_current_a.get([1, 2])       # numpy array, one query
+    """
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return _ChannelAccessor(obj, self)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        raise AttributeError(f"{self.name} is per channel: use .{self.name}[channel] = value "
+                             f"or .{self.name}.set(value, channels)")
+
+
+class _ChannelAccessor:
+    """``channel_control`` bound to one cabinet."""
+
+    def __init__(self, cabinet: CyclerCabinet, prop: channel_control) -> None:
+        self._cabinet = cabinet
+        self._prop = prop
+
+    def command(self, value: Any, channels: int | Sequence[int] | None = None) -> str:
+        """The exact set command (validated, not sent)."""
+        return self._cabinet.channel_command(self._prop.name, value, channels)
+
+    def set(self, value: Any, channels: int | Sequence[int] | None = None) -> None:
+        """One set command for ``channels`` (None = all), then the error-queue check."""
+        self._cabinet.write_checked(self.command(value, channels))
+
+    def get(self, channels: int | Sequence[int] | None = None) -> NDArray[Any]:
+        return self._cabinet.channel_values(self._prop.name, channels)
+
+    def __getitem__(self, channel: int) -> Any:
+        return self.get([channel])[0]
+
+    def __setitem__(self, channel: int, value: Any) -> None:
+        self.set(value, [channel])
+
+
+@register_driver("cabinet")
+class CyclerCabinet(Instrument, Cycler):
+    """LABDAQ CYC-n cycler cabinet: 1-64 channels, +-10 A, 0-5 V (per model).
+
+    Channels and limits are read from the instrument (``SYST:CHAN:COUN?``,
+    ``SYST:CHAN:LIM?``) unless given. Positive current charges the cell.
+    """
+
+    idn_patterns = [r"LABDAQ,CYC-\d+"]
+
+    # -- one line per SCPI property ---------------------------------------------------
+    channel_count = measurement("SYST:CHAN:COUN?", "Number of channels.", cast=int)
+    source_function = channel_control(
+        "SOUR:FUNC?", "SOUR:FUNC %s", "Source function CURR or VOLT.",
+        validator=strict_discrete_set(["CURR", "VOLT"]), cast=str)
+    source_current_a = channel_control(
+        "SOUR:CURR?", "SOUR:CURR %g", "Set current (A), positive = charge.",
+        validator=strict_range(-DEFAULT_CURRENT_MAX_A, DEFAULT_CURRENT_MAX_A))
+    voltage_limit_v = channel_control(
+        "SOUR:CURR:VLIM?", "SOUR:CURR:VLIM %g",
+        "Compliance voltage of the current source: charge clamps to CV here.",
+        validator=strict_range(0.0, DEFAULT_VOLTAGE_MAX_V))
+    voltage_limit_low_v = channel_control(
+        "SOUR:CURR:VLIM:LOW?", "SOUR:CURR:VLIM:LOW %g",
+        "Lower compliance voltage: discharge clamps to CV here.",
+        validator=strict_range(0.0, DEFAULT_VOLTAGE_MAX_V))
+    source_voltage_v = channel_control(
+        "SOUR:VOLT?", "SOUR:VOLT %g", "Set voltage (V) of the voltage source.",
+        validator=strict_range(0.0, DEFAULT_VOLTAGE_MAX_V))
+    current_limit_a = channel_control(
+        "SOUR:VOLT:ILIM?", "SOUR:VOLT:ILIM %g", "Current limit (A) of the voltage source.",
+        validator=strict_range(0.0, DEFAULT_CURRENT_MAX_A))
+    over_voltage_protection_v = channel_control(
+        "SOUR:VOLT:PROT?", "SOUR:VOLT:PROT %g", "Hardware trip above this voltage (V).",
+        validator=strict_range(0.0, DEFAULT_VOLTAGE_MAX_V * PROTECTION_HEADROOM))
+    over_current_protection_a = channel_control(
+        "SOUR:CURR:PROT?", "SOUR:CURR:PROT %g", "Hardware trip above this |current| (A).",
+        validator=strict_range(0.0, DEFAULT_CURRENT_MAX_A * PROTECTION_HEADROOM))
+    output_enabled = channel_control(
+        "OUTP?", "OUTP %s", "Output relay (queried back as 1/0).",
+        values={True: "ON", False: "OFF"}, map_values=True, cast=_on_off)
+    protection_tripped = channel_control(
+        "OUTP:PROT:TRIP?", None, "Latched OVP/OCP trip; clear with clear_protection().",
+        values={True: 1, False: 0}, map_values=True, cast=int)
+
+    def __init__(
+        self,
+        transport: Transport,
+        name: str | None = None,
+        *,
+        idn: str | None = None,
+        channels: int | None = None,
+        current_max_a: float | None = None,
+        voltage_max_v: float | None = None,
+    ) -> None:
+        super().__init__(transport, name, idn=idn)
+        # Discover what this model has; a controller may also pass them (no traffic).
+        if channels is None:
+            channels = int(self.channel_count)
+        if current_max_a is None or voltage_max_v is None:
+            i_max, v_max = self._query_limits()
+            current_max_a = i_max if current_max_a is None else current_max_a
+            voltage_max_v = v_max if voltage_max_v is None else voltage_max_v
+        if not 1 <= channels <= 64:
+            raise InstrumentError(f"instrument reports {channels} channels",
+                                  instrument=self.name, command="SYST:CHAN:COUN?",
+                                  expected="1..64")
+        self.channel_total = channels
+        self.channels = list(range(1, channels + 1))
+        self.current_max_a = float(current_max_a)
+        self.voltage_max_v = float(voltage_max_v)
+        i_max, v_max = self.current_max_a, self.voltage_max_v
+        self.set_validator("source_current_a", strict_range(-i_max, i_max))
+        self.set_validator("voltage_limit_v", strict_range(0.0, v_max))
+        self.set_validator("voltage_limit_low_v", strict_range(0.0, v_max))
+        self.set_validator("source_voltage_v", strict_range(0.0, v_max))
+        self.set_validator("current_limit_a", strict_range(0.0, i_max))
+        self.set_validator("over_voltage_protection_v",
+                           strict_range(0.0, v_max * PROTECTION_HEADROOM))
+        self.set_validator("over_current_protection_a",
+                           strict_range(0.0, i_max * PROTECTION_HEADROOM))
+        # Run limits per channel (voltage_max_v, current_max_a) for the software check.
+        self.protection: dict[int, tuple[float, float]] = {}
+        self._all_list = channel_list(self.channels)
+
+    def _query_limits(self) -> tuple[float, float]:
+        command = "SYST:CHAN:LIM?"
+        values = self.query_floats(command)
+        if len(values) != 2 or not all(v > 0 and math.isfinite(v) for v in values):
+            raise GarbledReply(reply=",".join(map(str, values)), instrument=self.name,
+                               command=command, expected="<max current A>,<max voltage V>")
+        return values[0], values[1]
+
+    # -- channel helpers ------------------------------------------------------------------
+    def _channels(self, channels: int | Sequence[int] | None) -> list[int]:
+        """Validated 1-based channel numbers (None = all); nothing is sent on error."""
+        if channels is None:
+            return self.channels
+        chans = [channels] if isinstance(channels, int | np.integer) else list(channels)
+        if not chans:
+            raise InstrumentValueError("empty channel selection", instrument=self.name,
+                                       expected=f"channels in 1..{self.channel_total}")
+        for ch in chans:
+            if isinstance(ch, bool) or not isinstance(ch, int | np.integer) or not (
+                    1 <= ch <= self.channel_total):
+                raise InstrumentValueError(
+                    f"channel {ch!r} does not exist; nothing was sent",
+                    instrument=self.name, expected=f"channels in 1..{self.channel_total}")
+        return [int(ch) for ch in chans]
+
+    def _list(self, channels: int | Sequence[int] | None) -> tuple[list[int], str]:
+        chans = self._channels(channels)
+        text = self._all_list if chans is self.channels else channel_list(chans)
+        return chans, text
+
+    def channel_command(self, name: str, value: Any,
+                        channels: int | Sequence[int] | None = None) -> str:
+        """``<set command>,(@list)`` for property ``name`` after validation (not sent)."""
+        _, text = self._list(channels)
+        return f"{self.command_for(name, value)},{text}"
+
+    def channel_values(self, name: str,
+                       channels: int | Sequence[int] | None = None) -> NDArray[Any]:
+        """Query property ``name`` for ``channels``: one value per channel, in order."""
+        prop = self._descriptor(name)
+        assert prop.get_cmd is not None
+        chans, text = self._list(channels)
+        command = f"{prop.get_cmd} {text}"
+        reply = self.query(command)
+        parts = reply.split(",")
+        if len(parts) != len(chans):
+            raise GarbledReply(reply=reply, instrument=self.name, command=command,
+                               expected=f"{len(chans)} comma-separated values")
+        try:
+            values = [prop.parse_reply(p) for p in parts]
+        except (ValueError, TypeError, KeyError):
+            raise GarbledReply(reply=reply, instrument=self.name, command=command,
+                               expected=f"values for {name}") from None
+        return np.asarray(values)
+
+    def _send_checked(self, commands: Sequence[str]) -> None:
+        """All commands in one program message (one lock, no time passes between them on
+        the instrument), then the error-queue check."""
+        line = ";:".join(commands)
+        self.write_checked(line)
+
+    # -- measurement: one round trip ------------------------------------------------------
+    def _meas_all(self, channels: int | Sequence[int] | None) -> tuple[list[int],
+                                                                      NDArray[np.float64]]:
+        chans, text = self._list(channels)
+        command = f"MEAS:ALL? {text}"
+        reply = self.query(command)
+        try:
+            data = np.array(reply.split(","), dtype=float)
+        except ValueError:
+            raise GarbledReply(reply=reply, instrument=self.name, command=command,
+                               expected=f"{len(chans) * MEAS_ALL_FIELDS} numbers") from None
+        if data.size != len(chans) * MEAS_ALL_FIELDS:
+            raise GarbledReply(
+                f"got {data.size} numbers for {len(chans)} channels", reply=reply,
+                instrument=self.name, command=command,
+                expected=f"{len(chans) * MEAS_ALL_FIELDS} numbers (V,I,T,mode,status each)")
+        table = data.reshape(len(chans), MEAS_ALL_FIELDS)
+        # SCPI over-range/NaN sentinels become NaN so limits never compare against 9.9e37.
+        reals = table[:, :3]
+        reals[np.abs(reals) >= OVERRANGE_THRESHOLD] = np.nan
+        return chans, table
+
+    def measure(self, channels: Sequence[int] | None = None) -> np.ndarray:
+        """``(n, 3)`` float array ``[voltage_v, current_a, temperature_c]``, one query."""
+        return self._meas_all(channels)[1][:, :3].copy()
+
+    def measure_full(self, channels: Sequence[int] | None = None) -> CabinetSample:
+        """V, I, T, mode and status of ``channels`` (None = all) from one query."""
+        chans, table = self._meas_all(channels)
+        return CabinetSample(
+            channels=np.asarray(chans, dtype=np.int64),
+            voltage_v=table[:, 0], current_a=table[:, 1], temperature_c=table[:, 2],
+            mode=table[:, 3].astype(np.int64), status=table[:, 4].astype(np.int64),
+        )
+
+    def status(self, channels: Sequence[int] | None = None) -> NDArray[np.int64]:
+        """``STAT:CHAN?`` bits per channel."""
+        chans, text = self._list(channels)
+        command = f"STAT:CHAN? {text}"
+        reply = self.query(command)
+        try:
+            bits = np.array(reply.split(","), dtype=np.int64)
+        except ValueError:
+            raise GarbledReply(reply=reply, instrument=self.name, command=command,
+                               expected="integers") from None
+        if bits.size != len(chans):
+            raise GarbledReply(reply=reply, instrument=self.name, command=command,
+                               expected=f"{len(chans)} integers")
+        return bits
+
+    # -- Cycler ---------------------------------------------------------------------------
+    def _check_protection(self, chans: list[int], voltage_v: float, current_a: float,
+                          command: str) -> None:
+        for ch in chans:
+            limits = self.protection.get(ch)
+            if limits is None:
+                continue
+            v_max, i_max = limits
+            if abs(current_a) > i_max or voltage_v > v_max:
+                raise InstrumentValueError(
+                    f"channel {ch}: {current_a:g} A / {voltage_v:g} V exceeds the run's "
+                    "protection limits; nothing was sent",
+                    instrument=self.name, command=command,
+                    expected=f"|I| <= {i_max:g} A and V <= {v_max:g} V")
+
+    def configure_protection(self, channel: int | Sequence[int], voltage_max_v: float,
+                             current_max_a: float) -> None:
+        """Program over-voltage and over-current trips (the hardware safety layer)."""
+        chans, text = self._list(channel)
+        commands = [
+            f"{self.command_for('over_voltage_protection_v', voltage_max_v)},{text}",
+            f"{self.command_for('over_current_protection_a', current_max_a)},{text}",
+        ]
+        if voltage_max_v <= 0 or current_max_a <= 0:
+            # A zero trip level would trip at once; it is never what a run means.
+            raise InstrumentValueError(
+                f"voltage_max_v={voltage_max_v!r}, current_max_a={current_max_a!r}; "
+                "nothing was sent",
+                instrument=self.name, command=commands[0], expected="limits > 0")
+        self._send_checked(commands)
+        for ch in chans:
+            self.protection[ch] = (float(voltage_max_v), float(current_max_a))
+
+    def set_current(self, channel: int | Sequence[int], current_a: float,
+                    voltage_limit_v: float) -> None:
+        """CC (positive = charge) clamped to CV at ``voltage_limit_v`` while charging."""
+        chans, text = self._list(channel)
+        # Validate everything before sending anything: a rejected value changes nothing.
+        commands = [
+            f"{self.command_for('source_function', 'CURR')},{text}",
+            f"{self.command_for('voltage_limit_v', voltage_limit_v)},{text}",
+            f"{self.command_for('source_current_a', current_a)},{text}",
+        ]
+        self._check_protection(chans, voltage_limit_v, current_a, commands[-1])
+        self._send_checked(commands)
+
+    def set_voltage(self, channel: int | Sequence[int], voltage_v: float,
+                    current_limit_a: float) -> None:
+        chans, text = self._list(channel)
+        commands = [
+            f"{self.command_for('source_function', 'VOLT')},{text}",
+            f"{self.command_for('current_limit_a', current_limit_a)},{text}",
+            f"{self.command_for('source_voltage_v', voltage_v)},{text}",
+        ]
+        self._check_protection(chans, voltage_v, current_limit_a, commands[-1])
+        self._send_checked(commands)
+
+    def output(self, channel: int | Sequence[int], on: bool) -> None:
+        self.output_enabled.set(bool(on), channel)
+
+    def clear_protection(self, channels: int | Sequence[int] | None = None) -> None:
+        """Clear latched OVP/OCP trips so the outputs can be switched on again."""
+        _, text = self._list(channels)
+        self.write_checked(f"OUTP:PROT:CLE {text}")
+
+    def all_off(self) -> None:
+        self.output_enabled.set(False, None)
+
+    def safe_shutdown(self) -> None:
+        """Every output off, then confirm; raises if any output still reports on."""
+        off = f"OUTP OFF,{self._all_list}"
+        problem = ""
+        try:
+            self.write(off)
+        except InstrumentError as exc:
+            problem = f"{off}: {exc}"
+        command = f"OUTP? {self._all_list}"
+        try:
+            reply = self.query(command)
+        except InstrumentError as exc:
+            raise InstrumentError(f"could not confirm outputs off ({exc}); earlier: {problem}",
+                                  instrument=self.name, command=command,
+                                  expected="every output 0") from exc
+        states = [s.strip() for s in reply.split(",")]
+        on = [ch for ch, s in zip(self.channels, states, strict=False) if s not in ("0", "OFF")]
+        if len(states) != self.channel_total or on:
+            raise InstrumentError(f"outputs still on: {on or reply!r}; earlier: {problem}",
+                                  instrument=self.name, command=command,
+                                  expected="every output 0")
+
