@@ -34,6 +34,8 @@ from numpy.typing import ArrayLike, NDArray
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 FloatArray = NDArray[np.float64]
+# Which cells a fault applies to: one index, a slice, indices or a boolean mask.
+CellIndex = int | slice | list[int] | NDArray[np.intp] | NDArray[np.bool_]
 
 GAS_CONSTANT_J_PER_MOL_K = 8.314462618
 KELVIN_OFFSET = 273.15
@@ -73,8 +75,8 @@ class OcvTable(_Frozen):
     soc: list[float]
     charge_v: list[float]
     discharge_v: list[float] | None = None
-    hysteresis_soc: float = Field(0.05, gt=0)
-    overcharge_v_per_soc: float = Field(4.0, ge=0)
+    hysteresis_soc: float = Field(default=0.05, gt=0)
+    overcharge_v_per_soc: float = Field(default=4.0, ge=0)
     entropic_coefficient_v_per_k: float = 0.0
 
     @model_validator(mode="after")
@@ -98,8 +100,8 @@ class ResistanceModel(_Frozen):
     tau2_s: float = Field(gt=0)
     soc: list[float]
     factor: list[float]
-    r0_activation_energy_j_per_mol: float = Field(20000.0, ge=0)
-    rc_activation_energy_j_per_mol: float = Field(40000.0, ge=0)
+    r0_activation_energy_j_per_mol: float = Field(default=20000.0, ge=0)
+    rc_activation_energy_j_per_mol: float = Field(default=40000.0, ge=0)
     reference_temperature_c: float = 25.0
 
     @model_validator(mode="after")
@@ -140,23 +142,23 @@ class AgeingModel(_Frozen):
     cycle_resistance_growth_per_efc: float = Field(ge=0)
     calendar_capacity_fade_per_day: float = Field(ge=0)
     calendar_resistance_growth_per_day: float = Field(ge=0)
-    activation_energy_j_per_mol: float = Field(50000.0, ge=0)
+    activation_energy_j_per_mol: float = Field(default=50000.0, ge=0)
     reference_temperature_c: float = 25.0
 
 
 class ImpedanceExtras(_Frozen):
     """Spectrum-only parameters: CPE exponents of the two arcs and the Warburg coefficient."""
 
-    cpe1_n: float = Field(0.92, gt=0, le=1)
-    cpe2_n: float = Field(0.85, gt=0, le=1)
-    warburg_sigma_ohm_per_sqrt_s: float = Field(0.001, ge=0)
+    cpe1_n: float = Field(default=0.92, gt=0, le=1)
+    cpe2_n: float = Field(default=0.85, gt=0, le=1)
+    warburg_sigma_ohm_per_sqrt_s: float = Field(default=0.001, ge=0)
 
 
 class Variation(_Frozen):
     """Cell-to-cell manufacturing spread (1 sigma, relative); used only for seeded banks."""
 
-    capacity_rel: float = Field(0.005, ge=0)
-    resistance_rel: float = Field(0.03, ge=0)
+    capacity_rel: float = Field(default=0.005, ge=0)
+    resistance_rel: float = Field(default=0.03, ge=0)
 
 
 class CellSpec(_Frozen):
@@ -572,21 +574,21 @@ class CellBank:
         return (v - e) / r0
 
     # ------------------------------------------------------------------ faults
-    def set_internal_short(self, index: int | slice | ArrayLike,
+    def set_internal_short(self, index: CellIndex,
                            resistance_ohm: float | None) -> None:
         """Put (or with None remove) a resistance across the cell inside its can."""
         self._g_int[index] = 0.0 if resistance_ohm is None else 1.0 / float(resistance_ohm)
         self._update_conductance()
         self._cache = None
 
-    def set_external_short(self, index: int | slice | ArrayLike,
+    def set_external_short(self, index: CellIndex,
                            resistance_ohm: float | None) -> None:
         """Put (or with None remove) a resistance across the cell's terminals outside it."""
         self._g_ext[index] = 0.0 if resistance_ohm is None else 1.0 / float(resistance_ohm)
         self._update_conductance()
         self._cache = None
 
-    def trigger_thermal_runaway(self, index: int | slice | ArrayLike) -> None:
+    def trigger_thermal_runaway(self, index: CellIndex) -> None:
         """Start a runaway now regardless of temperature (fault injection)."""
         start = np.where(self._runaway, self._runaway_start_c, self._temp_c)
         self._runaway[index] = True
