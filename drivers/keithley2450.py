@@ -6,6 +6,7 @@ One job: map the SMU's SCPI properties and the Cycler role onto the exact comman
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -37,6 +38,8 @@ OVP_LEVELS: list[tuple[float, str]] = [
     (60.0, "PROT60"), (80.0, "PROT80"), (100.0, "PROT100"), (120.0, "PROT120"),
     (140.0, "PROT140"), (160.0, "PROT160"), (180.0, "PROT180"),
 ]
+
+log = logging.getLogger(__name__)
 
 OVERRANGE_THRESHOLD = 9.0e37  # 9.9E+37 = over range, 9.91E+37 = NaN on Keithley SMUs
 
@@ -103,10 +106,15 @@ class Keithley2450(Instrument, Cycler):
     def __init__(self, transport: Transport, name: str | None = None, *,
                  idn: str | None = None, model: str | None = None) -> None:
         super().__init__(transport, name, idn=idn)
-        if model is None and idn is not None:
-            m = re.search(r"MODEL\s+(24\d\d)", idn, re.IGNORECASE)
+        if model is None:
+            # The limits depend on the model, so ask the instrument when nobody said
+            # (one *IDN? round trip at construction; pass model= or idn= to skip it).
+            m = re.search(r"MODEL\s+(24\d\d)", self.idn, re.IGNORECASE)
             model = m.group(1) if m else None
-        # Without an IDN, assume the 2450: its limits are the stricter ones.
+            if model not in MODEL_LIMITS:
+                log.warning("%s: unrecognised model in %r; using 2450 limits", self.name,
+                            self.idn)
+        # An unknown model gets the 2450 limits: they are the stricter ones.
         self.model = model if model in MODEL_LIMITS else "2450"
         i_max, v_max = MODEL_LIMITS[self.model]
         self.set_validator("source_current_a", strict_range(-i_max, i_max))

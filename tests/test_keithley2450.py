@@ -200,6 +200,11 @@ def test_model_limits() -> None:
     used(k2460)
     from_idn = Keithley2450(ScriptedTransport([]), idn=IDN.replace("2450", "2460"))
     assert from_idn.model == "2460"
+    # Neither model nor idn given: the driver asks the instrument once.
+    asked = Keithley2450(ScriptedTransport([("*IDN?", IDN.replace("2450", "2460"))]), "smu")
+    assert asked.model == "2460" and asked.validator("source_current_a").max == 7.35  # type: ignore[union-attr]
+    unknown = Keithley2450(ScriptedTransport([("*IDN?", "KEITHLEY INSTRUMENTS,MODEL 2470,1,1")]))
+    assert unknown.model == "2450"
 
 
 def test_reported_error_is_raised_and_queue_drained() -> None:
@@ -451,7 +456,8 @@ def test_watchdog_turns_output_off() -> None:
     with SimServer.tcp(sim, watchdog_s=0.2) as server:
         t = open_transport(server.resource, timeout_s=TIMEOUT_S)
         try:
-            k = Keithley2450(t, "smu")
+            k = Keithley2450(t, "smu")  # asks *IDN? for the model
+            assert k.model == "2450"
             k.set_current(1, 0.1, 4.2)
             k.output(1, True)
             time.sleep(0.1)
