@@ -40,6 +40,7 @@ from .scpi import (
     parse_choice,
     parse_number,
 )
+from .server import PtySimServer, SimServer, TcpSimServer
 
 # Impedance ranges (ohm) the meter offers; a :RANGe value picks the smallest that holds it.
 RANGES_OHM: tuple[float, ...] = (3e-3, 30e-3, 300e-3, 3.0)
@@ -50,6 +51,8 @@ FREQUENCY_MAX_HZ = 1050.0
 OVERFLOW_OHM = 1.0e9
 CONTACT_FAULT = 1.0e10
 SPEEDS = ("FAST", "MEDium", "SLOW")
+# The meter frames commands and replies with CR+LF (RS-232C and USB virtual COM alike).
+TERMINATION = "\r\n"
 DELAY_WAVES_MAX = 10.0
 
 
@@ -281,3 +284,16 @@ class HiokiBT4560Sim:
     # -- simulator protocol ------------------------------------------------------------
     def handle_line(self, line: str) -> str | None:
         return self.parser.handle_line(line)
+
+
+def make_server(sim: HiokiBT4560Sim, kind: str = "tcp",
+                **kwargs: Any) -> TcpSimServer | PtySimServer:
+    """A TCP or pty server for ``sim`` with the meter's CR+LF framing (not started)."""
+    kwargs.setdefault("read_termination", TERMINATION)
+    kwargs.setdefault("write_termination", TERMINATION)
+    kwargs.setdefault("name", f"bt4560-{sim.serial}")
+    if kind == "tcp":
+        return SimServer.tcp(sim, **kwargs)
+    if kind == "pty":
+        return SimServer.pty(sim, **kwargs)
+    raise ValueError(f"kind must be 'tcp' or 'pty', got {kind!r}")
