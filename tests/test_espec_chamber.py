@@ -334,7 +334,7 @@ def test_sim_limit_alarm_latches(clock: ManualClock) -> None:
     assert sim.handle_line("MODE, CONSTANT").startswith("OK:")
     clock.advance(1.0)
     assert sim.handle_line("ALARM?") == "1,1"
-    assert sim.handle_line("MON?") .endswith(",CONSTANT,1")
+    assert sim.handle_line("MON?").endswith(",CONSTANT,1")
 
 
 def test_sim_end_program_hold(clock: ManualClock) -> None:
