@@ -51,6 +51,9 @@ class Validator:
 class strict_range(Validator):  # noqa: N801 - PyMeasure naming, reads like a function
     """``min <= value <= max`` or ValueError."""
 
+    min: float
+    max: float
+
     def __init__(self, minimum: float, maximum: float) -> None:
         if minimum > maximum:
             raise ValueError(f"empty range [{minimum}, {maximum}]")
@@ -62,7 +65,7 @@ class strict_range(Validator):  # noqa: N801 - PyMeasure naming, reads like a fu
             number = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"{value!r} is not a number") from None
-        if math.isnan(number) or not self.min <= number <= self.max:  # type: ignore[operator]
+        if math.isnan(number) or not self.min <= number <= self.max:
             raise ValueError(f"{value!r} is outside [{self.min:g}, {self.max:g}]")
         return number
 
@@ -83,7 +86,7 @@ class truncated_range(strict_range):  # noqa: N801
             raise ValueError(f"{value!r} is not a number") from None
         if math.isnan(number):
             raise ValueError("NaN is not a valid setting")
-        return min(max(number, self.min), self.max)  # type: ignore[type-var]
+        return min(max(number, self.min), self.max)
 
     def __repr__(self) -> str:
         return f"truncated_range({self.min:g}, {self.max:g})"
@@ -133,7 +136,7 @@ class _ScpiProperty:
         set_cmd: str | None,
         doc: str = "",
         *,
-        validator: Validator | None = None,
+        validator: Validator | type[Validator] | None = None,
         values: Sequence[Any] | Mapping[Any, Any] | None = None,
         map_values: bool = False,
         cast: Callable[[str], Any] = float,
@@ -146,6 +149,16 @@ class _ScpiProperty:
         self.__doc__ = doc
         self.values = values
         self.map_values = map_values
+        if isinstance(validator, type) and issubclass(validator, Validator):
+            # PyMeasure spelling: validator=strict_range, values=(min, max).
+            if values is None:
+                raise TypeError(f"{validator.__name__} as a class needs values=")
+            if issubclass(validator, strict_range):
+                low, high = values  # type: ignore[misc]
+                validator = validator(low, high)
+            else:
+                keys = list(values.keys()) if isinstance(values, Mapping) else list(values)
+                validator = validator(keys)  # type: ignore[call-arg]
         if validator is None and values is not None:
             keys = list(values.keys()) if isinstance(values, Mapping) else list(values)
             validator = strict_discrete_set(keys)
@@ -436,6 +449,12 @@ def register_driver(name: str) -> Callable[[InstrumentT], InstrumentT]:
         return cls
 
     return decorate
+
+
+def unregister_driver(name: str) -> None:
+    """Forget a registered driver (tests, or a lab replacing a shipped driver)."""
+    with _registry_lock:
+        _registry.pop(name, None)
 
 
 def load_entry_point_drivers(*, force: bool = False) -> dict[str, type[Instrument]]:

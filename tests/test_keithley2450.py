@@ -10,7 +10,22 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from labdaq.drivers.base import get_driver, match_driver, open_instrument
+from labdaq.drivers.base import (
+    Instrument,
+    control,
+    get_driver,
+    load_entry_point_drivers,
+    match_driver,
+    measurement,
+    open_instrument,
+    parse_error_reply,
+    register_driver,
+    setting,
+    strict_discrete_set,
+    strict_range,
+    truncated_range,
+    unregister_driver,
+)
 from labdaq.drivers.errors import (
     ConnectionFailed,
     GarbledReply,
@@ -471,3 +486,92 @@ def test_watchdog_turns_output_off() -> None:
             assert k.output_enabled is False
         finally:
             t.close()
+
+
+# -- driver base (declarations shared by every driver) -------------------------------------
+
+
+class Toy(Instrument):
+    """A made-up instrument exercising each declaration style."""
+
+    idn_patterns = [r"^TOYCO,T1"]
+    level = control(":LEV?", ":LEV %g", "Level.", validator=strict_range, values=(0, 10))
+    clamp = control(":CLAMP?", ":CLAMP %.1f", "Clamped.", validator=truncated_range(0, 5),
+                    check_errors=False)
+    mode = control(":MODE?", ":MODE {}", "Mode.", values={"fast": "FAST", "slow": "SLOW"},
+                   map_values=True, cast=str)
+    channel = setting(":CHAN %d", "Channel.", validator=strict_discrete_set([1, 2, 3]))
+    reading = measurement(":READ?", "Reading.")
+
+
+class EsrToy(Toy):
+    """Instruments without an error queue check the event status register instead."""
+
+    def check_errors(self, command: str = "") -> None:
+        esr = int(self.query("*ESR?"))
+        if esr & 0b00111100:
+            raise InstrumentReportedError(code=esr, text="ESR", instrument=self.name,
+                                          command=command)
+
+
+def test_declarations() -> None:
+    toy = Toy(ScriptedTransport([
+        (":LEV 2.5", None), (":SYST:ERR?", "+0,\"No error\""),
+        (":CLAMP 5.0", None),
+        (":MODE SLOW", None), (":SYST:ERR?", "0, No Error"),
+        (":MODE?", "SLOW"),
+        (":CHAN 2", None), (":SYST:ERR?", OK),
+        (":READ?", " +1.25E+00 "),
+    ]), "toy")
+    toy.level = 2.5
+    toy.clamp = 7  # truncated, not rejected
+    toy.mode = "slow"
+    assert toy.mode == "slow"
+    toy.channel = 2
+    assert toy.reading == 1.25
+    with pytest.raises(AttributeError):
+        _ = toy.channel
+    with pytest.raises(AttributeError):
+        toy.reading = 3  # type: ignore[misc]
+    with pytest.raises(InstrumentValueError):
+        toy.level = 11
+    with pytest.raises(InstrumentValueError):
+        toy.mode = "medium"
+    with pytest.raises(InstrumentValueError):
+        toy.channel = True  # a bool is not channel 1
+    lim = toy.validator("level")
+    assert lim is not None and (lim.min, lim.max) == (0, 10)
+    assert toy.command_for("clamp", -3) == ":CLAMP 0.0"
+    used_toy = toy.transport
+    assert isinstance(used_toy, ScriptedTransport)
+    used_toy.assert_all_used()
+
+
+def test_check_errors_override() -> None:
+    toy = EsrToy(ScriptedTransport([(":LEV 1", None), ("*ESR?", "32")]), "esr-toy")
+    with pytest.raises(InstrumentReportedError) as exc:
+        toy.level = 1
+    assert exc.value.code == 32 and exc.value.command == ":LEV 1"
+
+
+def test_error_reply_garbage_is_garbled() -> None:
+    toy = Toy(ScriptedTransport([(":LEV 1", None), (":SYST:ERR?", "no idea")]), "toy")
+    with pytest.raises(GarbledReply):
+        toy.level = 1
+    assert parse_error_reply('-113,"Undefined header"') == (-113, "Undefined header")
+    assert parse_error_reply("+0") == (0, "")
+
+
+def test_register_driver_and_entry_points() -> None:
+    register_driver("toy-test")(Toy)
+    try:
+        assert get_driver("toy-test") is Toy
+        assert match_driver("TOYCO,T1,0,1") == "toy-test"
+        with pytest.raises(ValueError):
+            register_driver("toy-test")(EsrToy)  # a name belongs to one driver
+    finally:
+        unregister_driver("toy-test")
+    with pytest.raises(UnknownInstrument):
+        match_driver("TOYCO,T1,0,1")
+    drivers = load_entry_point_drivers(force=True)
+    assert drivers["keithley2450"] is Keithley2450
