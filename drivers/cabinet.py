@@ -51,20 +51,24 @@ STAT_TRIPPED = STAT_OVP | STAT_OCP
 
 
 def channel_list(channels: Iterable[int]) -> str:
-    """``[1, 2, 3, 4, 7, 9, 10]`` -> ``(@1:4,7,9:10)``: runs compressed, order kept."""
+    """``[1, 2, 3, 4, 7, 9, 10]`` -> ``(@1:4,7,9,10)``: runs of 3+ as ranges, order kept."""
     items: list[str] = []
-    run_start: int | None = None
-    prev: int | None = None
+    run: list[int] = []
+
+    def flush() -> None:
+        if len(run) >= 3:
+            items.append(f"{run[0]}:{run[-1]}")
+        else:
+            items.extend(str(ch) for ch in run)
+
     for ch in channels:
-        if prev is not None and ch == prev + 1:
-            prev = ch
-            continue
-        if run_start is not None:
-            items.append(str(run_start) if run_start == prev else f"{run_start}:{prev}")
-        run_start = prev = ch
-    if run_start is None:
+        if run and ch != run[-1] + 1:
+            flush()
+            run = []
+        run.append(int(ch))
+    if not run:
         raise ValueError("empty channel list")
-    items.append(str(run_start) if run_start == prev else f"{run_start}:{prev}")
+    flush()
     return "(@" + ",".join(items) + ")"
 
 
