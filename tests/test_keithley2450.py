@@ -468,7 +468,7 @@ def test_dropped_connection_reconnects() -> None:
 
 def test_watchdog_turns_output_off() -> None:
     sim = Keithley2450Sim(cell_bank=StubCell(), clock=ManualClock())
-    with SimServer.tcp(sim, watchdog_s=0.2) as server:
+    with SimServer.tcp(sim, watchdog_s=0.5) as server:
         t = open_transport(server.resource, timeout_s=TIMEOUT_S)
         try:
             k = Keithley2450(t, "smu")  # asks *IDN? for the model
@@ -478,9 +478,11 @@ def test_watchdog_turns_output_off() -> None:
             time.sleep(0.1)
             assert sim.output_on  # still talking within the window
             k.measure()
-            deadline = time.monotonic() + 2.0
+            last_command = time.monotonic()
+            deadline = last_command + 3.0
             while sim.output_on and time.monotonic() < deadline:
                 time.sleep(0.02)
+            assert time.monotonic() - last_command >= 0.45  # not before the window closed
             assert not sim.output_on and sim.watchdog_tripped
             assert server.watchdog_trips == 1
             assert k.output_enabled is False

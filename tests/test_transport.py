@@ -76,15 +76,15 @@ async def test_worker_does_not_block_the_loop() -> None:
         task.cancel()
         worker.shutdown()
     assert elapsed >= 0.2
-    assert ticks >= 10  # the loop kept running while the worker thread was blocked
+    assert ticks >= 5  # the loop kept running while the worker thread was blocked
 
 
 async def test_workers_of_different_instruments_run_in_parallel() -> None:
     a, b = InstrumentWorker("a"), InstrumentWorker("b")
     try:
         t0 = time.monotonic()
-        await asyncio.gather(a.call(time.sleep, 0.15), b.call(time.sleep, 0.15))
-        assert time.monotonic() - t0 < 0.28
+        await asyncio.gather(a.call(time.sleep, 0.3), b.call(time.sleep, 0.3))
+        assert time.monotonic() - t0 < 0.55  # not 0.6: the sleeps overlapped
     finally:
         a.shutdown()
         b.shutdown()
