@@ -238,8 +238,12 @@ class HiokiBT4560(Instrument, ImpedanceAnalyser):
         """Trigger one measurement at the present frequency and decode ``R,X,V``."""
         self._ensure_bus_trigger()
         command = "*TRG;*WAI;:FETCh?"
-        frequency = self._frequency_hz if self._frequency_hz is not None else math.nan
-        timeout_s = self._reply_timeout_s(frequency if frequency > 0 else FREQUENCY_MIN_HZ)
+        if self._frequency_hz is None:
+            # Ask once: the reading must say which frequency it belongs to, and the reply
+            # timeout depends on it (10 s per period at 0.1 Hz).
+            self._frequency_hz = float(self.frequency_hz)
+        frequency = self._frequency_hz
+        timeout_s = self._reply_timeout_s(max(frequency, FREQUENCY_MIN_HZ))
         with self._lock, _timeout_at_least(self.transport, timeout_s):
             reply = self.query(command)
         return self._parse_reading(reply, command, frequency)

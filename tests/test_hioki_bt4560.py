@@ -94,8 +94,11 @@ def test_sweep_sets_up_bus_trigger_when_not_configured() -> None:
 
 
 def test_dc_voltage_protocol() -> None:
-    h = configured(("*TRG;*WAI;:FETCh?", SEED_REPLY))
+    # The frequency is asked once (the reading records it), then each point is one query.
+    h = configured((":FREQuency?", "+1.00000000E+03"), ("*TRG;*WAI;:FETCh?", SEED_REPLY),
+                   ("*TRG;*WAI;:FETCh?", SEED_REPLY))
     assert h.dc_voltage_v() == 7.37814
+    assert h.measure_point().frequency_hz == 1000.0
     used(h)
 
 
@@ -216,7 +219,7 @@ def test_overflow_and_contact_fault() -> None:
         (":FREQuency 0.1", None), ("*ESR?", "0"), ("*TRG;*WAI;:FETCh?", "1E+09,-1E+09,3.7"),
         ("*ESR?", "0"),
         (":FREQuency 1", None), ("*ESR?", "0"), ("*TRG;*WAI;:FETCh?", "1E+10,1E+10,1E+10"),
-        ("*TRG;*WAI;:FETCh?", "1E+10,1E+10,1E+10"),
+        ("*TRG;*WAI;:FETCh?", "1E+10,1E+10,1E+10"),  # frequency known from the sweep
     )
     with pytest.raises(ImpedanceOverRange) as exc:
         h.sweep([0.1])
@@ -234,7 +237,7 @@ def test_overflow_and_contact_fault() -> None:
 
 
 def test_reversed_polarity_is_flagged_not_hidden() -> None:
-    h = configured(("*TRG;*WAI;:FETCh?", "0.02,-0.001,-3.7"))
+    h = configured((":FREQuency?", "1E+03"), ("*TRG;*WAI;:FETCh?", "0.02,-0.001,-3.7"))
     reading = h.measure_point()
     assert reading.reversed_polarity and reading.voltage_v == -3.7
 
