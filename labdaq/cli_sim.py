@@ -1,46 +1,114 @@
-"""`labdaq sim`: start a simulated lab and print the resource strings of its instruments."""
+"""`labdaq sim`: start a simulated lab and print the resource strings of its instruments.
+
+The printed table is the contract tests and users rely on: one line per instrument,
+``<name> <driver> <resource>``, then a ``ready`` line; ``--write-config`` writes the same
+lab as an instruments file (``labdaq instruments check`` accepts it) and ``--describe``
+the JSON description the supervisor registers.
+"""
 
 from __future__ import annotations
 
 import json
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+_KINDS = ("smu", "cabinet", "impedance", "logger", "chamber")
+
+
+def _parse_transports(values: list[str]) -> dict[str, str]:
+    """``tcp`` | ``pty`` | ``<kind-or-name>=<tcp|pty>`` -> mapping for SimLab."""
+    choice: dict[str, str] = {}
+    for value in values:
+        key, sep, kind = value.partition("=")
+        if not sep:
+            key, kind = "default", value
+        key, kind = key.strip(), kind.strip().lower()
+        if kind not in ("tcp", "pty") or not key:
+            raise typer.BadParameter(
+                f"{value!r}: expected tcp, pty or <instrument>=<tcp|pty> with <instrument> a "
+                f"kind ({', '.join(_KINDS)}) or a name like smu2", param_hint="--transport")
+        choice[key] = kind
+    return choice
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)  # atomic: a reader never sees half a file
+
 
 def sim(
     speed: Annotated[float, typer.Option(help="simulated seconds per wall second")] = 1.0,
-    smus: Annotated[int, typer.Option(help="number of simulated Keithley 2450 SMUs")] = 1,
+    smus: Annotated[int, typer.Option(help="number of simulated Keithley 2450/2460 SMUs")] = 1,
+    cabinets: Annotated[int, typer.Option(help="number of multi-channel cycler cabinets")] = 0,
+    cabinet_channels: Annotated[int, typer.Option(help="channels per cabinet (1-64)")] = 8,
+    impedance: Annotated[int, typer.Option(
+        help="number of Hioki BT4560 impedance meters (meter n on cell n)")] = 0,
+    loggers: Annotated[int, typer.Option(
+        help="number of Keysight DAQ970A thermocouple loggers")] = 0,
+    logger_channels: Annotated[int, typer.Option(help="thermocouples per logger (1-20)")] = 4,
+    chamber: Annotated[bool, typer.Option(
+        "--chamber/--no-chamber", help="an ESPEC chamber holding every cell")] = False,
+    transport: Annotated[list[str] | None, typer.Option(
+        help="tcp or pty for all, or per kind/name: --transport chamber=pty "
+             "(repeatable)")] = None,
     cell: Annotated[str, typer.Option(help="cell specification in seeds/cells")] = "nmc811",
     soc: Annotated[float, typer.Option(help="initial state of charge, 0..1")] = 0.5,
-    seed: int = 1,
+    seed: Annotated[int, typer.Option(help="random seed (cell spread, sensor noise)")] = 1,
+    room: Annotated[float, typer.Option(help="room temperature around the chamber, °C")] = 25.0,
+    watchdog: Annotated[float, typer.Option(
+        help="cycler outputs off after this many wall seconds without a command "
+             "(0 = never)")] = 30.0,
     describe: Annotated[
         Path | None, typer.Option(help="write the lab description (JSON) to this file")
+    ] = None,
+    write_config: Annotated[
+        Path | None, typer.Option(help="write an instruments TOML for this lab to this file")
     ] = None,
 ) -> None:
     """Start a simulated lab and print the resource strings of its instruments."""
     from labdaq.sims.lab import SimLab
 
-    lab = SimLab(speed=speed, smus=smus, cell_spec=cell, soc=soc, seed=seed)
-    desc = lab.start()
-    for inst in desc["instruments"]:
-        typer.echo(f"{inst['name']:<12} {inst['driver']:<14} {inst['resource']}")
-    if describe is not None:
-        tmp = describe.with_suffix(".tmp")
-        tmp.write_text(json.dumps(desc, indent=2))
-        tmp.replace(describe)  # atomic: the supervisor never reads half a file
-    stop = False
-
-    def _stop(*_: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGTERM, _stop)
+    if speed <= 0:
+        raise typer.BadParameter(f"{speed!r}: expected > 0", param_hint="--speed")
+    if not 0.0 <= soc <= 1.0:
+        raise typer.BadParameter(f"{soc!r}: expected 0..1", param_hint="--soc")
     try:
+        lab = SimLab(
+            speed=speed, smus=smus, cell_spec=cell, soc=soc, seed=seed,
+            watchdog_s=watchdog if watchdog > 0 else None,
+            cabinets=cabinets, cabinet_channels=cabinet_channels, impedance=impedance,
+            loggers=loggers, logger_channels=logger_channels, chamber=chamber, room_c=room,
+            transport=_parse_transports(transport or []),
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        typer.echo(f"error: labdaq sim: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    desc = lab.start()
+    try:
+        for inst in desc["instruments"]:
+            typer.echo(f"{inst['name']:<12} {inst['driver']:<18} {inst['resource']}")
+        if write_config is not None:
+            _write_atomic(write_config, lab.instruments_toml())
+            typer.echo(f"instruments configuration written to {write_config}")
+        if describe is not None:
+            _write_atomic(describe, json.dumps(desc, indent=2))
+        typer.echo(f"ready: {len(desc['instruments'])} simulated instrument(s) at speed "
+                   f"{speed:g}; Ctrl-C stops the lab")
+        sys.stdout.flush()
+        stop = False
+
+        def _stop(*_: object) -> None:
+            nonlocal stop
+            stop = True
+
+        signal.signal(signal.SIGINT, _stop)
+        signal.signal(signal.SIGTERM, _stop)
         while not stop:
             time.sleep(0.2)
     finally:

@@ -423,13 +423,20 @@ def _driver_keywords(cls: type) -> set[str] | None:
 
 
 def open_configured(inst: InstrumentConfig, **transport_overrides: Any) -> Any:
-    """Open a configured instrument: the driver's own framing (``transport_options``
-    class attribute), then the file's ``options.transport``, then overrides."""
+    """Open a configured instrument: the driver's own framing (class attributes), then
+    the file's ``options.transport``, then ``transport_overrides``."""
     from labdaq.drivers.base import get_driver
     from labdaq.drivers.transport import open_transport
 
     cls = get_driver(inst.driver)
-    opts = dict(getattr(cls, "transport_options", {}) or {})
+    opts: dict[str, Any] = {}
+    # Drivers declare their framing either way: read_/write_termination class attributes
+    # or a transport_options dict.
+    for key in ("read_termination", "write_termination"):
+        value = getattr(cls, key, None)
+        if isinstance(value, str):
+            opts[key] = value
+    opts.update(getattr(cls, "transport_options", {}) or {})
     opts.update(inst.transport_options)
     opts.update(transport_overrides)
     transport = open_transport(inst.resource, **opts)
