@@ -345,3 +345,35 @@ def test_server_stops_with_clients_connected() -> None:
     with pytest.raises(ConnectionFailed):
         t.query("B?")
     t.close()
+
+
+def test_refused_connections_end_in_connection_failed() -> None:
+    with SimServer.tcp(Echo()) as srv:
+        t = open_transport(srv.resource, timeout_s=0.3, reconnect_attempts=2,
+                           backoff_initial_s=0.01)
+        try:
+            assert t.query("A?") == "A"
+            srv.refuse_connections()
+            srv.drop_connections()
+            t0 = time.monotonic()
+            with pytest.raises(ConnectionFailed):
+                t.query("B?")
+            assert time.monotonic() - t0 < 3.0
+            srv.refuse_connections(False)
+            t.reconnect()
+            assert t.query("C?") == "C"
+        finally:
+            t.close()
+
+
+def test_pty_drop_loses_the_command_then_recovers() -> None:
+    with SimServer.pty(Echo()) as srv:
+        t = open_transport(srv.path, timeout_s=0.15, retry_timeouts=False)
+        try:
+            srv.drop_connections()  # a serial line cannot be cut: it goes deaf briefly
+            with pytest.raises(InstrumentTimeout):
+                t.query("LOST?")
+            time.sleep(0.1)
+            assert t.query("BACK?") == "BACK"
+        finally:
+            t.close()
