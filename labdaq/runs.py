@@ -147,7 +147,10 @@ def build_plan(req: RunCreate, cell: m.Cell, channel: m.Channel) -> Plan:
     limits = Limits(
         voltage_min_v=cell.discharge_cutoff_v - 0.2,
         voltage_max_v=cell.charge_cutoff_v + 0.05,
-        current_max_a=1.1 * max(p.charge_current_a, p.discharge_current_a),
+        current_max_a=min(
+            1.1 * max(p.charge_current_a, p.discharge_current_a),
+            channel.max_current_a if channel.max_current_a is not None else float("inf"),
+        ),
         temperature_min_c=-20.0,
         temperature_max_c=60.0,
     )

@@ -113,9 +113,21 @@ class AcquisitionNode:
                     )
                 )
 
+    async def open_all(self) -> None:
+        """Connect every configured instrument and make it safe before any run starts."""
+        async with session_scope(self.maker) as s:
+            rows = (await s.scalars(select(m.Instrument))).all()
+        for row in rows:
+            try:
+                inst = await self._open_instrument(row)
+                await inst.worker.call(inst.driver.safe_shutdown)
+            except Exception as exc:  # noqa: BLE001 - one broken instrument must not stop the rest
+                log.error("instrument %s (%s) not ready: %s", row.name, row.resource, exc)
+
     async def run_forever(self) -> None:
         self.writer.start()
         await self.recover()
+        await self.open_all()
         try:
             while not self._stopping.is_set():
                 await self.tick()
@@ -140,7 +152,7 @@ class AcquisitionNode:
                 await inst.worker.call(inst.driver.all_off)
             except Exception as exc:  # noqa: BLE001
                 log.error("could not make %s safe: %s", inst.name, exc)
-            inst.worker.close()
+            inst.worker.shutdown(wait=False)
 
     # -- scheduling --------------------------------------------------------------------
     async def tick(self) -> None:
