@@ -77,7 +77,7 @@ def test_unknown_spec_is_a_clear_error() -> None:
 def test_c3_discharge_delivers_nominal_capacity_at_25c(name: str) -> None:
     spec = load_cell_spec(name)
     bank = CellBank(spec, n=1, soc=1.0, ambient_c=25.0)
-    delivered = discharge_to_cutoff(bank, -spec.capacity_ah / 3, dt_s=2.0)
+    delivered = discharge_to_cutoff(bank, -spec.capacity_ah / 3, dt_s=5.0)
     assert delivered == pytest.approx(spec.capacity_ah, rel=0.01)
 
 
@@ -85,7 +85,7 @@ def test_c3_discharge_delivers_nominal_capacity_at_25c(name: str) -> None:
 def test_c3_discharge_at_0c_delivers_what_the_parameters_imply(name: str) -> None:
     spec = load_cell_spec(name)
     bank = CellBank(spec, n=1, soc=1.0, ambient_c=0.0)
-    delivered = discharge_to_cutoff(bank, -spec.capacity_ah / 3, dt_s=2.0)
+    delivered = discharge_to_cutoff(bank, -spec.capacity_ah / 3, dt_s=5.0)
     # The deliverable fraction at the cell's own temperature (it self-heats a little).
     expected = spec.capacity_ah * float(spec.capacity_factor(bank.cell_temperature_c[0]))
     assert delivered < 0.99 * spec.capacity_ah
@@ -98,7 +98,8 @@ def test_step_size_independence(name: str) -> None:
     results = []
     for dt_s in (1.0, 10.0):
         bank = CellBank(spec, n=1, soc=1.0, ambient_c=25.0)
-        results.append(discharge_to_cutoff(bank, -spec.capacity_ah / 3, dt_s=dt_s))
+        # 1C: RC dynamics matter more than at C/3, so this is the harsher comparison.
+        results.append(discharge_to_cutoff(bank, -spec.capacity_ah, dt_s=dt_s))
     assert results[1] == pytest.approx(results[0], rel=0.005)
 
 
@@ -152,14 +153,15 @@ def test_temperature_rise_matches_lumped_steady_state(name: str) -> None:
     spec = load_cell_spec(name)
     bank = CellBank(spec, n=1, soc=0.5, ambient_c=25.0)
     current_a = 2.0 * spec.capacity_ah
-    period_s = 60.0  # +-2C square wave keeps SOC in 0.5 +- 1.7 %
+    dt_s = 2.0
+    half_period_steps = 30  # +-2C square wave, 60 s each way: SOC stays in 0.5 +- 1.7 %
     tau_th = spec.thermal.heat_capacity_j_per_k / spec.thermal.h_w_per_k
-    n_steps = int(8 * tau_th)
+    n_steps = int(7 * tau_th / dt_s)
     heat_w, rise_c = [], []
     for k in range(n_steps):
-        i = current_a if (k // int(period_s)) % 2 == 0 else -current_a
-        bank.step(i, 1.0)
-        if k > n_steps - 20 * period_s:
+        i = current_a if (k // half_period_steps) % 2 == 0 else -current_a
+        bank.step(i, dt_s)
+        if k >= n_steps - 20 * half_period_steps:
             # Irreversible heat from the terminals: I * (V - OCV).
             heat_w.append(i * float(bank.voltage_v[0] - bank.ocv_v[0]))
             rise_c.append(float(bank.cell_temperature_c[0]) - 25.0)
@@ -183,9 +185,9 @@ def test_cycling_fades_capacity_and_grows_resistance_as_configured() -> None:
     spec = isothermal(load_cell_spec("nmc811"))
     bank = CellBank(spec, n=1, soc=1.0, ambient_c=25.0)
     throughput_ah = 0.0
-    dt_s = 10.0
+    dt_s = 20.0
     current_a = spec.capacity_ah  # 1C
-    for _ in range(25):
+    for _ in range(15):
         throughput_ah += discharge_to_cutoff(bank, -current_a, dt_s)
         throughput_ah += charge_to_cutoff(bank, current_a, dt_s)
     efc = throughput_ah / (2 * spec.capacity_ah)
@@ -297,8 +299,9 @@ def test_overcharge_without_limits_runs_away(name: str) -> None:
     th = spec.thermal
     bank = CellBank(spec, n=1, soc=1.0, ambient_c=25.0)
     temps, volts = [], []
-    for _ in range(8 * 3600):
-        bank.step(spec.capacity_ah, 1.0)  # 1C, no voltage compliance
+    dt_s = 2.0
+    for _ in range(4 * 3600):
+        bank.step(spec.capacity_ah, dt_s)  # 1C, no voltage compliance
         temps.append(float(bank.cell_temperature_c[0]))
         volts.append(float(bank.voltage_v[0]))
         if bank.runaway[0] and temps[-1] < max(temps) - 10.0:
@@ -310,7 +313,7 @@ def test_overcharge_without_limits_runs_away(name: str) -> None:
     onset_idx = int(np.argmax(temps_a >= th.runaway_onset_c))
     assert max(volts[:onset_idx]) > spec.charge_cutoff_v + 0.3
     # Self-heating of tens of degC per minute, to several hundred degC.
-    rate_c_per_min = np.diff(temps_a[onset_idx:]) * 60.0
+    rate_c_per_min = np.diff(temps_a[onset_idx:]) * 60.0 / dt_s
     assert rate_c_per_min.max() >= 0.8 * th.runaway_heating_rate_c_per_min
     assert rate_c_per_min.max() >= 10.0
     assert temps_a.max() >= th.runaway_onset_c + 0.8 * (th.runaway_peak_c - th.runaway_onset_c)
