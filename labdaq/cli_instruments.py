@@ -64,6 +64,12 @@ def _short(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _looks_like_idn(reply: str) -> bool:
+    """IEEE 488.2 ``*IDN?`` reply: four comma-separated fields, a maker first."""
+    fields = [f.strip() for f in reply.split(",")]
+    return len(fields) == 4 and bool(fields[0]) and ":" not in fields[0]
+
+
 def probe_resource(resource: str, timeout_s: float = 2.0, *, termination: str = "\n",
                    ) -> ProbeResult:
     """Open ``resource``, ask ``*IDN?`` and find the driver; ProbeError says what failed.
@@ -124,9 +130,11 @@ def probe_resource(resource: str, timeout_s: float = 2.0, *, termination: str = 
             except UnknownInstrument:
                 pass
         drivers = load_entry_point_drivers()
-        # Instruments outside IEEE 488.2 (no *IDN?): ask what their drivers say identifies
-        # them, each query once, in a stable order.
-        for name in sorted(drivers):
+        # Instruments outside IEEE 488.2 (no *IDN?, e.g. ESPEC's "NA:CMD ERR"): ask what
+        # their drivers say identifies them, each query once, in a stable order. A proper
+        # identification (maker,model,serial,firmware) is not asked further.
+        candidates = [] if _looks_like_idn(idn) else sorted(drivers)
+        for name in candidates:
             for query, pattern in getattr(drivers[name], "identify_queries", []) or []:
                 if query not in replies:
                     try:
@@ -148,8 +156,11 @@ def probe_resource(resource: str, timeout_s: float = 2.0, *, termination: str = 
 
 def _quiet_logging() -> None:
     """Transport retries log warnings; the command's own one-line error says it all."""
-    logging.getLogger("labdaq").addHandler(logging.NullHandler())
-    logging.getLogger("labdaq").propagate = False
+    # A handler on "labdaq" stops logging's last-resort printer; configured logging (a
+    # root handler) still sees the records.
+    logger = logging.getLogger("labdaq")
+    if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
+        logger.addHandler(logging.NullHandler())
 
 
 def _run_with_deadline(fn: Any, deadline_s: float, what: str) -> Any:
