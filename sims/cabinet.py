@@ -113,24 +113,43 @@ def parse_channel_list(text: str, channels: int) -> IntArray:
 # ---------------------------------------------------------------------------------------
 # Vectorised NR3/NR1 formatting
 # ---------------------------------------------------------------------------------------
-# Measured on the 2-core dev machine for one 64-channel MEAS:ALL? reply (192 reals + 128
-# integers): one f-string per value 275 us; one "%+.8E,..." % tuple pass 95 us; this
-# table-driven numpy pass ~75 us. It reproduces f"{x:+.8E}" byte for byte (the tests
-# compare them on random values across 40 decades).
+# One 64-channel MEAS:ALL? reply is 192 reals + 128 integers. Measured on the 2-core dev
+# machine (same run, quiet moment): one f-string per value ~275 us; one big
+# "%+.8E,...,%d" % tuple(...) pass ~95 us; this pass ~60 us. Each real "+3.71234500E+00,"
+# is exactly 16 bytes = two little-endian uint64 words assembled by OR-ing 1-D table
+# lookups (sign+digit+point, digit groups, exponent+comma), so numpy does a handful of
+# gathers instead of 2-D strided copies. Output equals f"{x:+.8E}" byte for byte (tested
+# on random values across 60 decades).
 
 _POW10 = 10.0 ** np.arange(-130, 131)  # _POW10[k + 130] == 10**k
-_DIGITS3 = np.frombuffer("".join(f"{i:03d}" for i in range(1000)).encode(),
-                         np.uint8).reshape(1000, 3)
-_EXPONENT = np.frombuffer("".join(f"E{i:+03d}" for i in range(-99, 100)).encode(),
-                          np.uint8).reshape(199, 4)
-# Sign, leading digit and point in one lookup: index = digit + 10 * negative.
-_HEAD = np.frombuffer("".join(f"{s}{d}." for s in "+-" for d in range(10)).encode(),
-                      np.uint8).reshape(20, 3)
-# NR1 for 0..999, right-aligned in 3 bytes padded with NUL (removed after joining).
-_NR1_PADDED = np.frombuffer(
-    "".join(f"{i:>3d}".replace(" ", "\0") for i in range(1000)).encode(), np.uint8
-).reshape(1000, 3)
-_COMMA = ord(",")
+
+
+def _word_table(count: int, fill: Callable[[int], list[tuple[int, str]]]) -> NDArray[np.uint64]:
+    """``count`` uint64 words; ``fill(i)`` gives (byte position, character) pairs."""
+    table = np.zeros((count, 8), np.uint8)
+    for i in range(count):
+        for pos, char in fill(i):
+            table[i, pos] = ord(char)
+    return table.view("<u8").reshape(count)
+
+
+# Word 0 of a real: sign, leading digit, point, digits 1-3, digits 4-5.
+_W_HEAD = _word_table(20, lambda i: [(0, "+-"[i // 10]), (1, str(i % 10)), (2, ".")])
+_W_GROUP1 = _word_table(1000, lambda g: list(zip((3, 4, 5), f"{g:03d}", strict=True)))
+_W_GROUP2_HEAD = _word_table(1000, lambda g: list(zip((6, 7), f"{g:03d}"[:2], strict=True)))
+# Word 1: digit 6, digits 7-8, exponent, comma.
+_W_GROUP2_TAIL = _word_table(1000, lambda g: [(0, f"{g:03d}"[2])])
+_W_GROUP3 = _word_table(100, lambda g: list(zip((1, 2), f"{g:02d}", strict=True)))
+_W_EXPONENT = _word_table(199, lambda i: list(zip((3, 4, 5, 6, 7), f"E{i - 99:+03d},",
+                                                  strict=True)))
+# NR1 0..999 right-aligned in 3 bytes, NUL-padded (NULs are removed after joining):
+# the mode field in bytes 0-3 and the status field in bytes 4-7 of one word.
+_W_MODE = _word_table(1000, lambda v: [(p, c) for p, c in zip((0, 1, 2), f"{v:>3d}",
+                                                              strict=True) if c != " "]
+                      + [(3, ",")])
+_W_STATUS = _word_table(1000, lambda v: [(p, c) for p, c in zip((4, 5, 6), f"{v:>3d}",
+                                                                strict=True) if c != " "]
+                        + [(7, ",")])
 
 
 def _scpi_reals(values: FloatArray) -> FloatArray:
@@ -144,9 +163,9 @@ def _scpi_reals(values: FloatArray) -> FloatArray:
     return out
 
 
-def nr3_bytes_into(values: FloatArray, out: NDArray[np.uint8]) -> None:
-    """Write ``%+.8E`` of each finite value into the rows of ``out`` (shape (n, 15))."""
-    x = np.asarray(values, dtype=float)
+def nr3_words(values: FloatArray) -> NDArray[np.uint64]:
+    """``(n, 2)`` uint64 whose bytes are ``%+.8E,`` of each finite value (16 bytes)."""
+    x = np.asarray(values, dtype=float).reshape(-1)
     ax = np.abs(x)
     ax[ax < 1e-99] = 0.0  # exponents are two digits: flush denormal-scale noise to zero
     nz = ax > 0.0
@@ -155,33 +174,26 @@ def nr3_bytes_into(values: FloatArray, out: NDArray[np.uint8]) -> None:
     m = np.rint(ax * _POW10[138 - e])
     e += m >= 1e9
     e -= (m < 1e8) & nz
-    mant = np.rint(ax * _POW10[138 - e]).astype(np.int64)
+    mant = np.rint(ax * _POW10[138 - e]).astype(np.int64)  # 9 significant digits
     d0, rest = np.divmod(mant, 100_000_000)
     g1, rest = np.divmod(rest, 100_000)
     g2, g3 = np.divmod(rest, 100)
-    out[:, 0:3] = _HEAD[d0 + 10 * (x < 0)]
-    out[:, 3:6] = _DIGITS3[g1]
-    out[:, 6:9] = _DIGITS3[g2]
-    out[:, 9:11] = _DIGITS3[g3, 1:]
-    out[:, 11:15] = _EXPONENT[e + 99]
+    out = np.empty((x.size, 2), "<u8")  # explicit byte order: the bytes are the text
+    out[:, 0] = _W_HEAD[d0 + 10 * (x < 0)] | _W_GROUP1[g1] | _W_GROUP2_HEAD[g2]
+    out[:, 1] = _W_GROUP2_TAIL[g2] | _W_GROUP3[g3] | _W_EXPONENT[e + 99]
+    return out
 
 
 def format_nr3_list(values: FloatArray) -> str:
     """Comma-separated NR3 list (``+3.71234500E+00,...``) in one numpy pass."""
-    x = _scpi_reals(np.asarray(values, dtype=float).reshape(-1))
-    buf = np.empty((x.size, 16), np.uint8)
-    buf[:, 15] = _COMMA
-    nr3_bytes_into(x, buf[:, :15])
-    return buf.tobytes()[:-1].decode("ascii")
+    words = nr3_words(_scpi_reals(np.asarray(values, dtype=float).reshape(-1)))
+    return words.tobytes()[:-1].decode("ascii")
 
 
 def format_nr1_list(values: IntArray) -> str:
     """Comma-separated NR1 list of integers 0..999."""
-    v = np.asarray(values, dtype=np.int64).reshape(-1)
-    buf = np.empty((v.size, 4), np.uint8)
-    buf[:, 0:3] = _NR1_PADDED[v]
-    buf[:, 3] = _COMMA
-    return buf.tobytes()[:-1].replace(b"\0", b"").decode("ascii")
+    words = _W_STATUS[np.asarray(values, dtype=np.int64).reshape(-1)] >> np.uint64(32)
+    return words.astype("<u4").tobytes()[:-1].replace(b"\0", b"").decode("ascii")
 
 
 def format_meas_all(voltage_v: FloatArray, current_a: FloatArray, temperature_c: FloatArray,
@@ -189,17 +201,10 @@ def format_meas_all(voltage_v: FloatArray, current_a: FloatArray, temperature_c:
     """``V,I,T,mode,status`` per channel, channels joined by commas, in one numpy pass."""
     n = len(voltage_v)
     reals = _scpi_reals(np.column_stack((voltage_v, current_a, temperature_c)))
-    row = np.empty((n, 56), np.uint8)  # 3 x (15 + comma) + 3 + comma + 3 + comma
-    reals_view = row[:, :48].reshape(n, 3, 16)
-    reals_view[:, :, 15] = _COMMA
-    # Write the 3n reals through a (3n, 15) view of the row buffer.
-    nr3_block = np.empty((3 * n, 15), np.uint8)
-    nr3_bytes_into(reals.reshape(-1), nr3_block)
-    reals_view[:, :, :15] = nr3_block.reshape(n, 3, 15)
-    row[:, 48:51] = _NR1_PADDED[np.asarray(mode, dtype=np.int64)]
-    row[:, 51] = _COMMA
-    row[:, 52:55] = _NR1_PADDED[np.asarray(status, dtype=np.int64)]
-    row[:, 55] = _COMMA
+    row = np.empty((n, 7), "<u8")  # 3 reals x 2 words + 1 word for mode,status
+    row[:, :6] = nr3_words(reals).reshape(n, 6)
+    row[:, 6] = (_W_MODE[np.asarray(mode, dtype=np.int64)]
+                 | _W_STATUS[np.asarray(status, dtype=np.int64)])
     return row.tobytes()[:-1].replace(b"\0", b"").decode("ascii")
 
 
@@ -212,9 +217,11 @@ class CabinetSim:
     """Stateful CYC-n cabinet; serve it with :class:`labdaq.sims.server.SimServer`.
 
     ``cell_spec`` is a shipped spec name, a :class:`CellSpec` or a ready :class:`CellBank`
-    with ``n == channels``. ``min_step_s`` (simulated seconds): queries arriving closer
-    together than this read the same state instead of stepping the bank (set commands
-    always advance exactly, so no current/time pairing is lost).
+    with ``n == channels``. ``refresh_s`` (simulated seconds) is the measurement cycle:
+    like a real cabinet, readings are refreshed at most this often, so queries arriving
+    closer together read the same state (and the same cached reply) instead of stepping
+    the bank. Set commands always advance exactly first, so no current/time pairing is
+    lost.
     """
 
     def __init__(
@@ -229,7 +236,7 @@ class CabinetSim:
         current_max_a: float = DEFAULT_CURRENT_MAX_A,
         serial: str = "CYC0000001",
         firmware: str = "1.0.0",
-        min_step_s: float = 1e-3,
+        refresh_s: float = 0.01,
     ) -> None:
         if not CHANNELS_MIN <= channels <= CHANNELS_MAX:
             raise ValueError(f"channels must be in 1..{CHANNELS_MAX}, got {channels!r}")
@@ -250,7 +257,7 @@ class CabinetSim:
             self.bank = CellBank(cell_spec, n=self.channels, soc=soc, ambient_c=ambient_c,
                                  seed=seed)
         self.clock: Clock = clock if clock is not None else SimClock()
-        self.min_step_s = float(min_step_s)
+        self.refresh_s = float(refresh_s)
         self._t_last = self.clock.now()
         self._all = np.arange(self.channels, dtype=np.int64)
         self._list_cache: dict[str, IntArray] = {}
@@ -460,17 +467,21 @@ class CabinetSim:
         self._t_last = now
         if remaining <= 0.0:
             return
-        while remaining > 1e-12:
-            current = self._drive()[0]
+        # A still-valid snapshot already holds the current flowing from the last update.
+        current = self._snapshot[1] if self._snapshot is not None else self._drive()[0]
+        while True:
             h = min(remaining, MAX_STEP_ACTIVE_S if current.any() else MAX_STEP_IDLE_S)
             self.bank.step(current, h)
             remaining -= h
+            if remaining <= 1e-12:
+                break
+            current = self._drive()[0]
         self._changed()
 
     def advance(self) -> None:
-        """Step every cell up to the clock's now (skipped below ``min_step_s``)."""
+        """Step every cell up to the clock's now (at most once per ``refresh_s``)."""
         now = self.clock.now()
-        if now - self._t_last >= self.min_step_s:
+        if now - self._t_last >= self.refresh_s:
             self._step_to(now)
 
     def _flush(self) -> None:

@@ -220,7 +220,7 @@ def test_safe_shutdown_confirms_every_output_off() -> None:
 
 def test_numpy_formatting_matches_scpi_nr3_exactly() -> None:
     rng = np.random.default_rng(7)
-    values = rng.standard_normal(20000) * 10.0 ** rng.integers(-20, 20, 20000)
+    values = rng.standard_normal(20000) * 10.0 ** rng.integers(-30, 30, 20000)
     values = np.concatenate([values, [0.0, -0.0, 1.0, 9.999999999, 9.9999999949, 1e-5,
                                       -4.2, np.nan, np.inf, -np.inf, 1e-120]])
     got = format_nr3_list(values).split(",")
