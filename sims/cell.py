@@ -593,6 +593,56 @@ class CellBank:
             return (v * (1.0 + r0 * self._g_total) - e) / r0
         return (v - e) / r0
 
+    def current_to_reach_voltage(self, target_v: ArrayLike, dt_s: float) -> FloatArray:
+        """Constant current that brings the terminal voltage to ``target_v`` at the *end* of
+        a ``dt_s`` step: the implicit CV step.
+
+        ``current_for_voltage`` holds V only at the start of the step; used as a CV loop with
+        large steps it overshoots and can oscillate when R1 + R2 > R0 (cold cells). This
+        solves ``V_end(I) = target`` with the exact RC update and the OCV slope, so a CV
+        hold is stable and tapers smoothly at any step size. Clamp the result to the
+        channel's limits before passing it to :meth:`step`.
+        """
+        ocv, r0, r1, r2 = self._eval()[:4]
+        v = np.asarray(target_v, dtype=float)
+        dt = float(dt_s)
+        a1 = math.exp(-dt / self.tau1_s)
+        a2 = math.exp(-dt / self.tau2_s)
+        # dOCV/dSOC from the table around the present SOC (both branches move together).
+        x = np.clip(self._soc, 0.0, 1.0)
+        delta = 0.01
+        slope = (np.interp(x + delta, self._ocv_soc, self._ocv_dis)
+                 - np.interp(x - delta, self._ocv_soc, self._ocv_dis)) / (2 * delta)
+        slope = slope + np.where(self._soc > 1.0, self._k_over, 0.0)
+        k_ocv = np.maximum(slope, 0.0) * dt / (SECONDS_PER_HOUR * self._capacity_ah)
+        free_v = ocv + a1 * self._v1 + a2 * self._v2
+        i_cell = (v - free_v) / (r0 + (1.0 - a1) * r1 + (1.0 - a2) * r2 + k_ocv)
+        if self._shorted:
+            # The shorts draw V*G at the held voltage on top of the cell's own current.
+            return i_cell + v * self._g_total
+        return i_cell
+
+    def reset_cells(self, index: CellIndex, soc: float = 1.0,
+                    temperature_c: float | None = None) -> None:
+        """Put fresh cells in these positions (a technician swapped them): new SOC, relaxed,
+        at ambient (or ``temperature_c``), unaged, no faults."""
+        self._soc[index] = soc
+        self._h_state[index] = min(max(2.0 * soc - 1.0, -1.0), 1.0)
+        self._v1[index] = 0.0
+        self._v2[index] = 0.0
+        self._temp_c[index] = self._ambient[index] if temperature_c is None else temperature_c
+        for arr in (self._efc, self._w_efc, self._w_days, self._collapse, self._g_int,
+                    self._g_ext, self._runaway_start_c):
+            arr[index] = 0.0
+        self._runaway[index] = False
+        self._runaway_done[index] = False
+        self.sensor_dropout[index] = False
+        self._any_runaway = bool(self._runaway.any())
+        self._soc_min = float(self._soc.min())
+        self._soc_max = float(self._soc.max())
+        self._update_conductance()
+        self._refresh_ageing()
+
     # ------------------------------------------------------------------ faults
     def set_internal_short(self, index: CellIndex,
                            resistance_ohm: float | None) -> None:

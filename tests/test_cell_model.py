@@ -359,3 +359,53 @@ def test_sensor_dropout_reports_nan() -> None:
     t = bank.temperature_c
     assert np.isnan(t[1]) and np.isfinite(t[0]) and np.isfinite(t[2])
     assert np.all(np.isfinite(bank.cell_temperature_c))
+
+
+# ---------------------------------------------------------------------------- CV and swaps
+def cc_cv_charge(bank: CellBank, target_v: float, limit_a: float, end_a: float,
+                 dt_s: float) -> tuple[float, list[float], list[float]]:
+    charged_ah, currents, volts = 0.0, [], []
+    for _ in range(int(8 * 3600 / dt_s)):
+        i = float(np.clip(bank.current_to_reach_voltage(target_v, dt_s)[0], 0.0, limit_a))
+        if i < end_a:
+            break
+        bank.step(i, dt_s)
+        charged_ah += i * dt_s / 3600.0
+        currents.append(i)
+        volts.append(float(bank.voltage_v[0]))
+    return charged_ah, currents, volts
+
+
+@pytest.mark.parametrize("ambient_c", [25.0, 0.0])
+def test_cc_cv_charge_is_stable_and_step_size_independent(ambient_c: float) -> None:
+    spec = load_cell_spec("nmc811")
+    limit_a, end_a = spec.capacity_ah / 2, spec.capacity_ah / 20
+    results = {}
+    for dt_s in (1.0, 60.0):
+        bank = CellBank(spec, n=1, soc=0.1, ambient_c=ambient_c)
+        charged, currents, volts = cc_cv_charge(bank, spec.charge_cutoff_v, limit_a, end_a,
+                                                dt_s)
+        cv = np.array([i for i in currents if i < limit_a - 1e-9])
+        assert cv.size > 3
+        assert np.all(np.diff(cv) <= 1e-9)  # smooth taper, no oscillation
+        cv_volts = np.array(volts)[np.array(currents) < limit_a - 1e-9]
+        assert np.abs(cv_volts - spec.charge_cutoff_v).max() < 0.005
+        results[dt_s] = charged
+    assert results[60.0] == pytest.approx(results[1.0], rel=0.005)
+
+
+def test_reset_cells_puts_in_a_fresh_cell() -> None:
+    bank = CellBank("lto", n=3, soc=0.5)
+    bank.set_internal_short(1, 0.1)
+    bank.trigger_thermal_runaway(1)
+    for _ in range(100):
+        bank.step(0.0, 10.0)
+    assert bank.runaway[1]
+    bank.reset_cells(1, soc=0.8)
+    assert not bank.runaway[1]
+    assert bank.soc[1] == pytest.approx(0.8)
+    assert bank.cell_temperature_c[1] == pytest.approx(25.0)
+    assert bank.soh[1] == 1.0
+    assert bank.ocv_v[1] == pytest.approx(float(bank.spec.ocv_v(0.8)), abs=0.01)
+    bank.step(0.0, 10.0)
+    assert bank.cell_current_a[1] == 0.0
