@@ -31,13 +31,13 @@ from _common import result  # noqa: E402
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
-def serve(channels: int) -> None:
+def serve(channels: int, speed: float) -> None:
     """Child process: serve a CabinetSim until stdin closes; print the port first."""
     from labdaq.sims.cabinet import CabinetSim
     from labdaq.sims.clock import SimClock
     from labdaq.sims.server import SimServer
 
-    sim = CabinetSim(channels, "nmc811", clock=SimClock(1.0), seed=1)
+    sim = CabinetSim(channels, "nmc811", clock=SimClock(speed), seed=1)
     with SimServer.tcp(sim) as server:
         # Some channels charging, some discharging, so every reply carries real physics.
         half = channels // 2
@@ -102,17 +102,21 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=64)
     ap.add_argument("--duration", type=float, default=None, help="seconds per repeat")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--sim-speed", type=float, default=1.0,
+                    help="simulated seconds per wall second (>= 10 steps the cells on "
+                         "nearly every query; 1 = real time, readings refresh every 10 ms)")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
-        serve(args.channels)
+        serve(args.channels, args.sim_speed)
         return
     duration_s = args.duration if args.duration is not None else (2.0 if args.quick else 5.0)
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 3)
     n = args.channels
     command = f"MEAS:ALL? (@1:{n})\n".encode()
 
-    child = subprocess.Popen([sys.executable, __file__, "--serve", "--channels", str(n)],
+    child = subprocess.Popen([sys.executable, __file__, "--serve", "--channels", str(n),
+                              "--sim-speed", str(args.sim_speed)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout is not None
@@ -163,6 +167,7 @@ def main() -> None:
         baseline_p99_ms=round(float(np.percentile(lats["raw"], 99)) * 1e3, 3),
         server_cpu_us_per_query=round(statistics.median(server_cpu_s_per_query) * 1e6, 1),
         repeats=repeats,
+        sim_speed=args.sim_speed,
         duration_s=duration_s,
     )
 

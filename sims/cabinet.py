@@ -416,31 +416,31 @@ class CabinetSim:
         on = self.output_on
         i_set = self.current_set_a
         # CURR function: the current source leaves its set point only to keep the
-        # terminal voltage inside [VLIM:LOW, VLIM], and never reverses direction.
+        # terminal voltage inside [VLIM:LOW, VLIM], and never reverses direction:
+        # charging min(I, max(I_high, 0)), discharging max(I, min(I_low, 0)) — one
+        # expression serves both signs.
         i_high = bank.current_for_voltage(self.voltage_limit_v)
         i_low = bank.current_for_voltage(self.voltage_limit_low_v)
-        i_cc = np.where(i_set >= 0.0, np.minimum(i_set, np.maximum(i_high, 0.0)),
-                        np.maximum(i_set, np.minimum(i_low, 0.0)))
+        i_cc = np.maximum(np.minimum(i_set, np.maximum(i_high, 0.0)), np.minimum(i_low, 0.0))
         cc_clamped = np.abs(i_cc - i_set) > _COMPLIANCE_ATOL_A + _COMPLIANCE_RTOL * np.abs(i_set)
         volt = self.volt_function
         if volt.any():
             i_raw = bank.current_for_voltage(self.voltage_set_v)
-            i_cv = np.clip(i_raw, -self.current_limit_a, self.current_limit_a)
-            cv_limited = np.abs(i_raw) >= self.current_limit_a
+            limit = self.current_limit_a
+            i_cv = np.minimum(np.maximum(i_raw, -limit), limit)
             current = np.where(volt, i_cv, i_cc)
-            compliance = np.where(volt, cv_limited, cc_clamped)
-            # CURR clamped at a voltage limit regulates voltage; VOLT at ILIM regulates
-            # current.
-            mode = np.where(volt ^ compliance, MODE_CV, MODE_CC)
+            compliance = np.where(volt, np.abs(i_raw) >= limit, cc_clamped)
+            # CURR clamped at a voltage limit regulates voltage (CV); VOLT held at ILIM
+            # regulates current (CC).
+            regulating_v = volt ^ compliance
         else:
             current = i_cc
             compliance = cc_clamped
-            mode = np.where(compliance, MODE_CV, MODE_CC)
-        current = np.clip(current, -self.current_max_a, self.current_max_a)
+            regulating_v = compliance
+        current = np.minimum(np.maximum(current, -self.current_max_a), self.current_max_a)
         current = np.where(on, current, 0.0)
-        compliance = compliance & on
-        mode = np.where(on, mode, MODE_OFF)
-        return current, mode, compliance
+        mode = (MODE_CC + regulating_v.astype(np.int64)) * on  # MODE_CV == MODE_CC + 1
+        return current, mode, compliance & on
 
     def _drive(self) -> tuple[FloatArray, FloatArray, IntArray, NDArray[np.bool_]]:
         """Regulate, trip the protection where exceeded, and regulate again if it tripped.
@@ -496,12 +496,9 @@ class CabinetSim:
             return self._snapshot
         current, voltage, mode, compliance = self._drive()
         temperature = self.bank.temperature_c
-        status = self.latched.copy()
-        status[self.output_on] |= STAT_OUTPUT
-        status[mode == MODE_CC] |= STAT_CC
-        status[mode == MODE_CV] |= STAT_CV
-        status[compliance] |= STAT_COMPLIANCE
-        status[np.isnan(temperature)] |= STAT_TEMP_FAULT
+        status = (self.latched | self.output_on * STAT_OUTPUT | (mode == MODE_CC) * STAT_CC
+                  | (mode == MODE_CV) * STAT_CV | compliance * STAT_COMPLIANCE
+                  | np.isnan(temperature) * STAT_TEMP_FAULT)
         self._snapshot = (voltage, current, temperature, mode.astype(np.int64), status)
         return self._snapshot
 
