@@ -693,6 +693,8 @@ class CellBank:
     @soc.setter
     def soc(self, value: ArrayLike) -> None:
         self._soc = np.broadcast_to(np.asarray(value, dtype=float), self._soc.shape).copy()
+        self._soc_min = float(self._soc.min())
+        self._soc_max = float(self._soc.max())
         self._cache = None
 
     @property

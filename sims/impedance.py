@@ -156,16 +156,21 @@ def fit_equivalent_circuit(freqs_hz: ArrayLike, z: ArrayLike) -> dict[str, float
                              x_scale="jac", xtol=1e-12, ftol=1e-12, gtol=1e-12, max_nfev=400)
 
     # An R||C arc peaks in -Im(Z) at f = 1/(2*pi*tau) with height R/2.
-    neg_im = -zz.imag
-    peaks = [k for k in range(1, f.size - 1)
-             if neg_im[k] > 0 and neg_im[k] >= neg_im[k - 1] and neg_im[k] >= neg_im[k + 1]]
+    # Light smoothing so measurement noise does not create spurious peaks.
+    neg_im = np.convolve(-zz.imag, np.ones(3) / 3.0, mode="same")
+    neg_im[0], neg_im[-1] = -zz.imag[0], -zz.imag[-1]
+    floor = 0.05 * float(neg_im.max())
+    peaks = [k for k in range(2, f.size - 2)
+             if neg_im[k] > floor and neg_im[k] >= neg_im[k - 1] and neg_im[k] >= neg_im[k + 1]]
     top = sorted(sorted(peaks, key=lambda k: neg_im[k], reverse=True)[:2], key=lambda k: -f[k])
     arcs = [(1.0 / (2 * np.pi * f[k]), 2.0 * float(neg_im[k])) for k in top]
     if len(arcs) == 1:
         arcs.append((min(arcs[0][0] * 50, tau_hi), arcs[0][1]))
     candidates: list[tuple[float, float, float, float]] = []
     if len(arcs) == 2:
-        candidates.append((arcs[0][0], arcs[1][0], arcs[0][1], arcs[1][1]))
+        (t1, r1), (t2, r2) = arcs
+        # The peak estimate, then the same estimate shifted, which confirms (or escapes) it.
+        candidates += [(t1, t2, r1, r2), (t1 * 0.5, t2 * 2.0, r1, r2), (t1 * 2.0, t2 * 0.5, r1, r2)]
     taus = np.geomspace(tau_lo * 10, tau_hi / 3, 5)
     r_guess = min(rest / 3, 2.0 * float(max(neg_im.max(), 1e-9)))
     candidates += [(float(a), float(b), r_guess, r_guess)
@@ -175,10 +180,13 @@ def fit_equivalent_circuit(freqs_hz: ArrayLike, z: ArrayLike) -> dict[str, float
     for cand in candidates:
         with np.errstate(over="ignore", invalid="ignore"):
             sol = start(*cand)
+        # Two different starting points landing on the same minimum (or a near-exact fit)
+        # is taken as the global minimum: no need to try the rest of the grid.
+        agree = best is not None and abs(sol.cost - best.cost) <= 1e-6 * best.cost
         if best is None or sol.cost < best.cost:
             best = sol
-        # A near-exact fit cannot be improved by trying more starting points.
-        if best.cost < good_enough:
+        rmse_rel = float(np.sqrt(2.0 * best.cost / (2 * f.size)))
+        if best.cost < good_enough or (agree and rmse_rel < 0.005):
             break
     assert best is not None
     r0, r1, t1, n1, r2, t2, n2, sg = (float(v) for v in unpack(best.x))
