@@ -125,7 +125,7 @@ def main() -> None:
             raise RuntimeError(f"simulator did not start: {line!r}")
         port = int(line[1])
         run_raw(port, command, 0.3)  # warm-up: imports, first steps, caches
-        rates = {"raw": [], "ours": []}
+        rates: dict[str, list[float]] = {"raw": [], "ours": []}
         lats: dict[str, list[float]] = {"raw": [], "ours": []}
         server_cpu_s_per_query: list[float] = []
         for _ in range(repeats):

@@ -520,7 +520,8 @@ class CabinetSim:
 
         def on_query(args: list[str]) -> str:
             idx = self._query_channels(args)
-            return format_nr3_list(self.snapshot()[column][idx])
+            values = np.asarray(self.snapshot()[column], dtype=float)
+            return format_nr3_list(values[idx])
 
         return on_query
 
