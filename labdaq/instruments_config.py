@@ -365,14 +365,18 @@ def parse_instruments_config(data: Any, source: str = "<config>", *,
     if not isinstance(data, Mapping):
         raise InstrumentConfigError(source, [
             "expected a table with an 'instruments' list ([[instruments]] in TOML)"])
+    problems: list[str] = []
+    config: InstrumentsConfig | None = None
     try:
         config = InstrumentsConfig.model_validate(data)
     except ValidationError as exc:
-        raise InstrumentConfigError(source, _format_errors(data, exc)) from None
+        problems.extend(_format_errors(data, exc))
     if check_drivers:
-        problems = check_driver_names(config)
-        if problems:
-            raise InstrumentConfigError(source, problems)
+        # Driver names and options are checked on the raw entries too, so one run of
+        # `check` reports every problem, not the schema's first and the drivers' later.
+        problems.extend(_driver_problems(data.get("instruments")))
+    if problems or config is None:
+        raise InstrumentConfigError(source, problems or ["invalid configuration"])
     return config
 
 
@@ -385,24 +389,35 @@ def load_instruments_config(path: str | Path, *, check_drivers: bool = True,
 
 def check_driver_names(config: InstrumentsConfig) -> list[str]:
     """Unknown drivers and options a driver does not accept, one message per finding."""
+    return _driver_problems([inst.model_dump() for inst in config.instruments])
+
+
+def _driver_problems(entries: Any) -> list[str]:
     from labdaq.drivers.base import load_entry_point_drivers
 
+    if not isinstance(entries, list):
+        return []
     drivers = load_entry_point_drivers()
     problems: list[str] = []
-    for idx, inst in enumerate(config.instruments):
-        who = f"instrument {inst.name!r} (instruments[{idx}])"
-        cls = drivers.get(inst.driver)
+    for idx, entry in enumerate(entries):
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("driver"), str):
+            continue  # the schema reports it
+        name = entry.get("name")
+        who = f"instrument {name!r} (instruments[{idx}])" if name else f"instruments[{idx}]"
+        driver = entry["driver"].strip()
+        cls = drivers.get(driver)
         if cls is None:
-            problems.append(f"{who}, field 'driver': unknown driver {inst.driver!r}; "
+            problems.append(f"{who}, field 'driver': unknown driver {driver!r}; "
                             f"expected one of {sorted(drivers)}")
             continue
+        options = entry.get("options")
         accepted = _driver_keywords(cls)
-        if accepted is None:
+        if accepted is None or not isinstance(options, Mapping):
             continue
-        for key in inst.driver_options:
-            if key not in accepted:
+        for key in options:
+            if key != "transport" and key not in accepted:
                 problems.append(
-                    f"{who}, field 'options.{key}': driver {inst.driver!r} has no option "
+                    f"{who}, field 'options.{key}': driver {driver!r} has no option "
                     f"{key!r}; expected one of {sorted(accepted) + ['transport']}")
     return problems
 

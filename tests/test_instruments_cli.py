@@ -252,6 +252,8 @@ def test_check_bad_file_names_instrument_and_field(tmp_path: Path) -> None:
     assert code == 2 and "Traceback" not in err
     assert "instrument 'smu1' (instruments[0]), field 'resource'" in err
     assert "70000" in err
+    # Schema and driver problems come in one report.
+    assert "instrument 'chamber1' (instruments[1]), field 'options.speed'" in err
     path.write_text('[[instruments]]\nname = "x"\ndriver = "frobnicator"\nresource = "COM3"\n')
     code, out, err, _ = _cli_in_process("instruments", "check", str(path))
     assert code == 2
