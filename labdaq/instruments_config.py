@@ -102,7 +102,7 @@ def parse_resource(resource: str) -> ResourceInfo:
     from pyvisa import rname
 
     try:
-        parsed = rname.parse_resource_name(text)
+        parsed: Any = rname.parse_resource_name(text)
     except Exception as exc:  # pyvisa raises InvalidResourceName (and ValueError variants)
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ResourceError(f"malformed resource string ({reason}); "
@@ -116,13 +116,13 @@ def parse_resource(resource: str) -> ResourceInfo:
     if name == "TCPIPSocket":
         host = str(parsed.host_address)
         try:
-            port = int(str(parsed.port))
+            port_number = int(str(parsed.port))
         except ValueError:
-            port = -1
-        if not host or not 0 < port < 65536:
+            port_number = -1
+        if not host or not 0 < port_number < 65536:
             raise ResourceError(f"port {parsed.port!r} is not a TCP port; expected "
                                 "TCPIP::<host>::<port 1-65535>::SOCKET")
-        return ResourceInfo(resource, "visa", "TCPIP", host=host, port=port)
+        return ResourceInfo(resource, "visa", "TCPIP", host=host, port=port_number)
     if name == "TCPIPInstr":
         return ResourceInfo(resource, "visa", "TCPIP", host=str(parsed.host_address))
     if name == "ASRLInstr":
@@ -425,14 +425,14 @@ def _driver_problems(entries: Any) -> list[str]:
 def _driver_keywords(cls: type) -> set[str] | None:
     """Keyword options a driver's constructor takes (None: it takes **kwargs)."""
     try:
-        params = inspect.signature(cls.__init__).parameters
+        params = inspect.signature(cls).parameters
     except (TypeError, ValueError):
         return None
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return None
     # transport/name/idn are supplied by the opener, not the configuration.
     return {n for n, p in params.items()
-            if n not in ("self", "transport", "name", "idn")
+            if n not in ("transport", "name", "idn")
             and p.kind in (inspect.Parameter.KEYWORD_ONLY,
                            inspect.Parameter.POSITIONAL_OR_KEYWORD)}
 

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -341,7 +342,7 @@ def test_duplicates_rejected() -> None:
 
 
 def test_toml_and_yaml_round_trip(tmp_path: Path) -> None:
-    tables = [
+    tables: list[dict[str, Any]] = [
         {"name": "chamber1", "driver": "espec_chamber", "resource": "ASRL/dev/ttyUSB0::INSTR",
          "options": {"min_c": -20.0, "max_c": 100.0,
                      "transport": {"read_termination": "\r\n", "write_termination": "\r\n",
