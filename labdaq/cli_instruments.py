@@ -247,7 +247,7 @@ def check(
                    f"channels={len(inst.channels)}{state}")
         if not (probe_all and inst.enabled):
             continue
-        term = inst.transport_options.get("read_termination", "\n")
+        term = _write_termination(inst)
         try:
             result = _run_with_deadline(
                 lambda inst=inst, term=term: probe_resource(inst.resource, timeout,
@@ -267,6 +267,19 @@ def check(
     if failures:
         raise typer.Exit(code=EXIT_BAD_INPUT)
     typer.echo(f"{config}: {len(cfg.instruments)} instrument(s), configuration is valid")
+
+
+def _write_termination(inst: Any) -> str:
+    """The line ending to probe a configured instrument with: the file's, else its
+    driver's declared framing (CR+LF for ESPEC / Hioki), else LF."""
+    if "write_termination" in inst.transport_options:
+        return str(inst.transport_options["write_termination"])
+    from labdaq.drivers.base import load_entry_point_drivers
+
+    cls = load_entry_point_drivers().get(inst.driver)
+    declared = getattr(cls, "transport_options", None) or {}
+    value = declared.get("write_termination", getattr(cls, "write_termination", None))
+    return value if isinstance(value, str) and value else "\n"
 
 
 @instruments_app.command("drivers")
