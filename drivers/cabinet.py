@@ -220,6 +220,13 @@ class CyclerCabinet(Instrument, Cycler):
         self.protection: dict[int, tuple[float, float]] = {}
         self._all_list = channel_list(self.channels)
 
+    def set(self, name: str, value: Any, *, check_errors: bool | None = None) -> None:
+        """Plain properties only: a per-channel one without a list would be refused by
+        the instrument (-109), so say so before sending."""
+        if isinstance(self._descriptor(name), channel_control):
+            raise TypeError(f"{name} is per channel: use .{name}.set(value, channels)")
+        super().set(name, value, check_errors=check_errors)
+
     def _query_limits(self) -> tuple[float, float]:
         command = "SYST:CHAN:LIM?"
         values = self.query_floats(command)

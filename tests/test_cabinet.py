@@ -134,6 +134,8 @@ def test_channel_properties_one_command_per_list() -> None:
     assert cab.protection_tripped.get().tolist() == [False, False, True] + [False] * 5
     with pytest.raises(AttributeError):
         cab.source_current_a = 1.0  # type: ignore[assignment]
+    with pytest.raises(TypeError):
+        cab.set("source_current_a", 1.0)
     t.assert_all_used()
 
 
