@@ -112,6 +112,8 @@ def engine(
             poll_s=s.engine_poll_s,
             batch_rows=s.writer_batch_rows,
             batch_age_s=s.writer_batch_age_s,
+            control_period_s=s.engine_control_period_s,
+            max_resume_gap_s=s.max_resume_gap_s,
         )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -43,6 +43,12 @@ class Settings(BaseSettings):
     writer_batch_age_s: float = 0.5
     # How often the engine polls the database for new work when no nudge arrives.
     engine_poll_s: float = 0.5
+    # Safety and end conditions are evaluated at least this often (s, on the engine clock).
+    engine_control_period_s: float = 1.0
+    # The longest interruption (s, simulated) after which a run is resumed, not ended.
+    max_resume_gap_s: float = 600.0
+    # The cell's safety window is its cut-offs widened by this margin (V).
+    safety_voltage_margin_v: float = 0.1
 
     @property
     def resolved_database_url(self) -> str:

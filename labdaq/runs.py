@@ -9,9 +9,18 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from labdaq.engine.plan import Limits, Plan, PlanStep, StepEnd
 from labdaq.errors import Conflict, Invalid, NotFound
-from labdaq.hashing import content_hash
+from labdaq.protocol import (
+    CellLimits,
+    InstrumentLimits,
+    Protocol,
+    ProtocolError,
+    ResolvedProtocol,
+    list_templates,
+    load_template,
+    parse_protocol,
+    resolve,
+)
 from labdaq.storage import models as m
 
 
@@ -54,26 +63,69 @@ class CycleProtocolIn(BaseModel):
 
 
 class RunCreate(BaseModel):
+    """A run request: where, which cell, and what to run (exactly one protocol source)."""
+
     model_config = ConfigDict(extra="forbid")
 
     channel: str | int = Field(description="channel name (e.g. 'smu1/1') or id")
     cell_id: int | None = None
     cell_serial: str | None = None
     cell: CellIn | None = None
-    protocol: CycleProtocolIn
+    protocol: CycleProtocolIn | None = Field(
+        default=None, description="the simple charge/rest/discharge cycle, by its parameters"
+    )
+    protocol_document: dict[str, Any] | str | None = Field(
+        default=None, description="a protocol document (JSON object or YAML/JSON text)"
+    )
+    template: str | None = Field(default=None, description="a shipped protocol template")
     sample_period_s: float = Field(default=1.0, gt=0, le=3600)
 
     @model_validator(mode="after")
-    def _one_cell(self) -> RunCreate:
+    def _one_of_each(self) -> RunCreate:
         given = [x is not None for x in (self.cell_id, self.cell_serial, self.cell)]
         if sum(given) != 1:
             raise ValueError("give exactly one of cell_id, cell_serial or cell")
+        sources = [x is not None for x in (self.protocol, self.protocol_document, self.template)]
+        if sum(sources) != 1:
+            raise ValueError("give exactly one of protocol, protocol_document or template")
         return self
 
 
-def build_plan(req: RunCreate, cell: m.Cell, channel: m.Channel) -> Plan:
-    """Resolve the request against the cell and channel limits, or raise Invalid."""
-    p = req.protocol
+def _cycle_document(p: CycleProtocolIn, taper_a: float) -> dict[str, Any]:
+    rest = [{"step": "rest", "until": {"duration_s": p.rest_s}}] if p.rest_s > 0 else []
+    return {
+        "schema_version": 1,
+        "name": "basic_cycle",
+        "description": "CC-CV charge, rest, CC discharge, rest (the first end-to-end path)",
+        "steps": [
+            {
+                "step": "loop",
+                "count": p.cycles,
+                "tag": "cycle",
+                "body": [
+                    {
+                        "step": "cccv",
+                        "current_a": p.charge_current_a,
+                        "voltage_v": p.charge_voltage_v,
+                        "until": {"current_below_a": taper_a, "duration_s": p.max_step_s},
+                        "tag": "charge",
+                    },
+                    *rest,
+                    {
+                        "step": "cc",
+                        "current_a": -p.discharge_current_a,
+                        "until": {"voltage_v": p.discharge_cutoff_v, "duration_s": p.max_step_s},
+                        "tag": "discharge",
+                    },
+                    *rest,
+                ],
+            }
+        ],
+    }
+
+
+def _check_cycle(p: CycleProtocolIn, cell: m.Cell, channel: m.Channel) -> None:
+    """Field-level checks of the simple cycle, reported under the request's own names."""
     problems: list[dict[str, Any]] = []
 
     def bad(field: str, msg: str) -> None:
@@ -120,41 +172,71 @@ def build_plan(req: RunCreate, cell: m.Cell, channel: m.Channel) -> Plan:
     if problems:
         raise Invalid("protocol does not fit the cell or channel", problems)
 
-    taper_a = p.taper_current_a or cell.capacity_ah / 20.0
-    steps: list[PlanStep] = []
-    for c in range(1, p.cycles + 1):
-        steps += [
-            PlanStep(
-                kind="cccv",
-                cycle_index=c,
-                current_a=p.charge_current_a,
-                voltage_v=p.charge_voltage_v,
-                end=StepEnd(current_below_a=taper_a, duration_s=p.max_step_s),
-                label="charge",
+
+def resolve_request(
+    req: RunCreate, cell: m.Cell, channel: m.Channel, voltage_margin_v: float = 0.1
+) -> tuple[Protocol, ResolvedProtocol, str]:
+    """Turn the request into a validated, resolved program, or raise Invalid (422)."""
+    if req.protocol is not None:
+        _check_cycle(req.protocol, cell, channel)
+        doc: Any = _cycle_document(
+            req.protocol, req.protocol.taper_current_a or cell.capacity_ah / 20.0
+        )
+        prefix = "protocol"
+    elif req.template is not None:
+        if req.template not in list_templates():
+            raise Invalid(
+                "unknown template",
+                [
+                    {
+                        "loc": "template",
+                        "msg": f"no template {req.template!r}; available: {list_templates()}",
+                    }
+                ],
+            )
+        doc = None
+        prefix = "template"
+    else:
+        doc = req.protocol_document
+        prefix = "protocol_document"
+    try:
+        protocol = load_template(req.template) if doc is None else parse_protocol(doc)
+        max_i = channel.max_current_a
+        resolved = resolve(
+            protocol,
+            CellLimits(
+                capacity_ah=cell.capacity_ah,
+                charge_cutoff_v=cell.charge_cutoff_v,
+                discharge_cutoff_v=cell.discharge_cutoff_v,
+                max_charge_current_a=cell.max_charge_current_a or max_i or cell.capacity_ah,
+                max_discharge_current_a=cell.max_discharge_current_a or max_i or cell.capacity_ah,
+                voltage_margin_v=voltage_margin_v,
             ),
-            PlanStep(kind="rest", cycle_index=c, end=StepEnd(duration_s=p.rest_s), label="rest"),
-            PlanStep(
-                kind="cc",
-                cycle_index=c,
-                current_a=-p.discharge_current_a,
-                end=StepEnd(voltage_below_v=p.discharge_cutoff_v, duration_s=p.max_step_s),
-                label="discharge",
+            InstrumentLimits(
+                max_current_a=max_i or 1e9,
+                max_voltage_v=channel.max_voltage_v,
             ),
-            PlanStep(kind="rest", cycle_index=c, end=StepEnd(duration_s=p.rest_s), label="rest"),
-        ]
-    # Safety margins outside the cell's operating window: the window itself is reached in
-    # normal operation (end of charge, end of discharge), a breach is beyond it.
-    limits = Limits(
-        voltage_min_v=cell.discharge_cutoff_v - 0.2,
-        voltage_max_v=cell.charge_cutoff_v + 0.05,
-        current_max_a=min(
-            1.1 * max(p.charge_current_a, p.discharge_current_a),
-            channel.max_current_a if channel.max_current_a is not None else float("inf"),
-        ),
-        temperature_min_c=-20.0,
-        temperature_max_c=60.0,
-    )
-    return Plan(steps=steps, limits=limits, sample_period_s=req.sample_period_s)
+        )
+    except ProtocolError as exc:
+        raise Invalid(
+            "protocol is not valid for this cell and channel",
+            [{"loc": f"{prefix}.{e['loc']}", "msg": e["msg"]} for e in exc.errors],
+        ) from exc
+    unsupported = [st for st in resolved.program if st.step in ("eis", "set_temperature")]
+    if unsupported:
+        raise Invalid(
+            "protocol needs instruments this channel does not have",
+            [
+                {
+                    "loc": f"{prefix}.{st.path}",
+                    "msg": f"a {st.step} step needs "
+                    f"{'an impedance analyser' if st.step == 'eis' else 'a climate chamber'} "
+                    f"assigned to channel {channel.name}; none is",
+                }
+                for st in unsupported
+            ],
+        )
+    return protocol, resolved, prefix
 
 
 async def _channel(session: AsyncSession, ref: str | int) -> m.Channel:
@@ -205,13 +287,13 @@ async def create_run(session: AsyncSession, req: RunCreate, actor: str) -> m.Run
     )
     if busy is not None:
         raise Conflict(f"channel {channel.name} is busy with run {busy}")
-    plan = build_plan(req, cell, channel)
-    doc = req.protocol.model_dump(mode="json")
-
-    digest = content_hash(doc)
+    protocol, resolved, _ = resolve_request(req, cell, channel)
+    digest = protocol.content_hash()
     proto = await session.scalar(select(m.Protocol).where(m.Protocol.content_hash == digest))
     if proto is None:
-        proto = m.Protocol(name=req.protocol.kind, content_hash=digest, document=doc)
+        proto = m.Protocol(
+            name=protocol.name, content_hash=digest, document=protocol.model_dump(mode="json")
+        )
         session.add(proto)
         await session.flush()
     run = m.Run(
@@ -219,9 +301,9 @@ async def create_run(session: AsyncSession, req: RunCreate, actor: str) -> m.Run
         cell_id=cell.id,
         protocol_id=proto.id,
         state=m.RunState.queued.value,
-        plan=plan.to_json(),
+        plan=resolved.model_dump(mode="json"),
         sample_period_s=req.sample_period_s,
-        step_count=len(plan.steps),
+        step_count=len(resolved.program),
     )
     session.add(run)
     try:
@@ -259,6 +341,24 @@ async def request_stop(session: AsyncSession, run_id: int, actor: str) -> m.Run:
     else:
         run.requested_action = "stop"
     session.add(m.Event(run_id=run_id, kind="audit", message="stop requested", actor=actor))
+    return run
+
+
+async def request_pause(session: AsyncSession, run_id: int, actor: str) -> m.Run:
+    run = await get_run(session, run_id)
+    if run.state != m.RunState.running.value:
+        raise Conflict(f"run {run_id} is {run.state}; only a running run can be paused")
+    run.requested_action = "pause"
+    session.add(m.Event(run_id=run_id, kind="audit", message="pause requested", actor=actor))
+    return run
+
+
+async def request_resume(session: AsyncSession, run_id: int, actor: str) -> m.Run:
+    run = await get_run(session, run_id)
+    if run.state != m.RunState.paused.value:
+        raise Conflict(f"run {run_id} is {run.state}; only a paused run can be resumed")
+    run.requested_action = "resume"
+    session.add(m.Event(run_id=run_id, kind="audit", message="resume requested", actor=actor))
     return run
 
 

@@ -85,7 +85,8 @@ async def test_create_run_then_busy_channel_is_409(client) -> None:
     r = await c.post("/api/v1/runs", json=body, headers=h)
     assert r.status_code == 201, r.text
     run = r.json()
-    assert run["state"] == "queued" and run["step_count"] == 4
+    # loop_start, cccv, rest, cc, rest, loop_end
+    assert run["state"] == "queued" and run["step_count"] == 6
     r2 = await c.post("/api/v1/runs", json=body, headers=h)
     assert r2.status_code == 409
     assert "busy" in r2.json()["detail"]

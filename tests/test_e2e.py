@@ -19,7 +19,7 @@ import pytest
 
 from labdaq.sims.lab import make_cell_bank
 
-SPEED = 1000.0
+SPEED = 500.0
 SOC0 = 0.5
 SEED = 1
 

@@ -11,8 +11,7 @@ from sqlalchemy import select
 from labdaq.channels import upsert_instrument
 from labdaq.engine.clock import EngineClock
 from labdaq.engine.node import AcquisitionNode
-from labdaq.engine.plan import Plan
-from labdaq.runs import CycleProtocolIn, RunCreate, create_run
+from labdaq.runs import RunCreate, create_run
 from labdaq.sims.lab import SimLab
 from labdaq.storage import models as m
 from labdaq.storage.db import create_engine, session_scope, sessionmaker
@@ -22,7 +21,7 @@ SPEED = 500.0
 
 @pytest.fixture
 async def rig(sqlite_url: str, request: pytest.FixtureRequest) -> AsyncIterator[tuple]:
-    soc = getattr(request, "param", 0.5)
+    soc, control_period_s = getattr(request, "param", (0.5, 1.0))
     lab = SimLab(speed=SPEED, soc=soc)
     desc = lab.start()
     engine = create_engine(sqlite_url)
@@ -38,7 +37,13 @@ async def rig(sqlite_url: str, request: pytest.FixtureRequest) -> AsyncIterator[
             [{k: ch[k] for k in ("index", "name", "max_current_a", "max_voltage_v")}],
         )
         s.add(m.Cell(**ch["cell"]))
-    node = AcquisitionNode(engine, EngineClock(SPEED), poll_s=0.05, batch_age_s=0.1)
+    node = AcquisitionNode(
+        engine,
+        EngineClock(SPEED),
+        poll_s=0.05,
+        batch_age_s=0.1,
+        control_period_s=control_period_s,
+    )
     task = asyncio.create_task(node.run_forever())
     yield lab, maker, node, ch
     node.request_stop()
@@ -58,37 +63,38 @@ async def _wait_end(maker, run_id: int, timeout_s: float = 60) -> m.Run:
     raise AssertionError(f"run {run_id} did not end")
 
 
-@pytest.mark.parametrize("rig", [0.03], indirect=True)
+# A nearly empty cell and an engine that looks only once a minute (a misconfiguration):
+# the voltage falls through the safety floor between two looks.
+@pytest.mark.parametrize("rig", [(0.03, 60.0)], indirect=True)
 async def test_undervoltage_breach_turns_output_off_and_aborts(rig) -> None:
     lab, maker, node, ch = rig
     async with session_scope(maker) as s:
         # A discharge to the cell's cut-off, but the cell is nearly empty and the engine
         # samples slowly, so the voltage falls through the safety floor between samples.
+        doc = {
+            "schema_version": 1,
+            "name": "discharge",
+            "steps": [
+                {"step": "cc", "current_a": -7.0, "until": {"voltage_v": "discharge_cutoff"}}
+            ],
+        }
         run = await create_run(
             s,
             RunCreate(
                 channel=ch["name"],
                 cell_serial=ch["cell"]["serial"],
-                protocol=CycleProtocolIn(
-                    charge_current_a=0.5,
-                    charge_voltage_v=4.2,
-                    discharge_current_a=7.0,
-                    discharge_cutoff_v=ch["cell"]["discharge_cutoff_v"],
-                    rest_s=0,
-                ),
+                protocol_document=doc,
                 sample_period_s=60,
             ),
             actor="test",
         )
-        plan = Plan.model_validate(run.plan)
-        run.plan = plan.model_copy(update={"steps": plan.steps[2:]}).to_json()
     ended = await _wait_end(maker, run.id)
     assert ended.state == "aborted_safety", (ended.state, ended.end_reason)
-    assert "voltage_min_v" in (ended.end_reason or "")
+    assert "min_voltage_v" in (ended.end_reason or "")
     async with session_scope(maker) as s:
         events = (await s.scalars(select(m.Event).where(m.Event.kind == "safety"))).all()
     assert len(events) == 1
-    assert events[0].data["limit"] == "voltage_min_v"
+    assert events[0].data["limit"] == "min_voltage_v"
     assert events[0].data["breach_to_off_s"] < 0.5
     sim = lab.sims[0]
     assert not sim.output_on

@@ -32,6 +32,20 @@ async def stop_run(run_id: int, session: Session, token: Operator) -> RunOut:
     return RunOut.model_validate(run)
 
 
+@router.post("/{run_id}/pause", response_model=RunOut)
+async def pause_run(run_id: int, session: Session, token: Operator) -> RunOut:
+    run = await service.request_pause(session, run_id, actor=token.name)
+    await session.commit()
+    return RunOut.model_validate(run)
+
+
+@router.post("/{run_id}/resume", response_model=RunOut)
+async def resume_run(run_id: int, session: Session, token: Operator) -> RunOut:
+    run = await service.request_resume(session, run_id, actor=token.name)
+    await session.commit()
+    return RunOut.model_validate(run)
+
+
 @router.get("/{run_id}/samples", response_model=SamplesOut)
 async def get_samples(
     run_id: int,

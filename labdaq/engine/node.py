@@ -17,10 +17,11 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from labdaq.engine.channel import ChannelRun, StepRecord
 from labdaq.engine.clock import EngineClock
-from labdaq.engine.plan import Plan
-from labdaq.engine.worker import ChannelWorker, RunContext, RunOutcome
+from labdaq.engine.group import Callbacks, InstrumentGroup
 from labdaq.engine.writer import SampleWriter
+from labdaq.protocol import ResolvedProtocol
 from labdaq.storage import models as m
 from labdaq.storage.db import session_scope, sessionmaker
 
@@ -53,15 +54,20 @@ class AcquisitionNode:
         batch_rows: int = 2000,
         batch_age_s: float = 0.5,
         node_name: str | None = None,
+        max_resume_gap_s: float = 600.0,
+        control_period_s: float = 1.0,
     ) -> None:
+        self.control_period_s = control_period_s
         self.engine = engine
         self.maker = sessionmaker(engine)
         self.clock = clock
         self.poll_s = poll_s
         self.writer = SampleWriter(engine, batch_rows=batch_rows, batch_age_s=batch_age_s)
         self.node_name = node_name or socket.gethostname()
+        self.max_resume_gap_s = max_resume_gap_s
         self.instruments: dict[int, OpenInstrument] = {}
-        self.active: dict[int, tuple[asyncio.Task[RunOutcome], RunContext]] = {}
+        self.groups: dict[int, InstrumentGroup] = {}
+        self.active: dict[int, ChannelRun] = {}
         self._stopping = asyncio.Event()
 
     # -- instruments -------------------------------------------------------------------
@@ -80,38 +86,32 @@ class AcquisitionNode:
         self.instruments[row.id] = inst
         return inst
 
-    async def _instrument_for(self, instrument_id: int) -> OpenInstrument:
+    async def _group_for(self, instrument_id: int) -> InstrumentGroup:
+        group = self.groups.get(instrument_id)
+        if group is not None:
+            return group
         inst = self.instruments.get(instrument_id)
         if inst is None:
             async with session_scope(self.maker) as s:
                 row = await s.get(m.Instrument, instrument_id)
                 assert row is not None
             inst = await self._open_instrument(row)
-        return inst
-
-    # -- lifecycle ---------------------------------------------------------------------
-    async def recover(self) -> None:
-        """Runs left active by a previous engine process are marked, never silently lost."""
-        async with session_scope(self.maker) as s:
-            rows = (
-                await s.scalars(
-                    select(m.Run).where(m.Run.state.in_([m.RunState.running, m.RunState.paused]))
-                )
-            ).all()
-            for run in rows:
-                run.state = m.RunState.interrupted.value
-                run.ended_at = datetime.now(UTC)
-                run.end_reason = "acquisition node restarted while the run was active"
-                s.add(
-                    m.Event(
-                        run_id=run.id,
-                        kind="interruption",
-                        severity="warning",
-                        message=run.end_reason,
-                        data={"last_seq": run.last_seq, "elapsed_s": run.elapsed_s},
-                        actor=self.node_name,
-                    )
-                )
+        group = InstrumentGroup(
+            inst.name,
+            inst.driver,
+            inst.worker.call,
+            self.clock,
+            self.writer,
+            Callbacks(
+                on_step=self._on_step,
+                on_cycle=self._on_cycle,
+                on_event=self._on_event,
+                on_finish=self._on_finish,
+            ),
+            control_period_s=self.control_period_s,
+        )
+        self.groups[instrument_id] = group
+        return group
 
     async def open_all(self) -> None:
         """Connect every configured instrument and make it safe before any run starts."""
@@ -120,15 +120,17 @@ class AcquisitionNode:
         for row in rows:
             try:
                 inst = await self._open_instrument(row)
-                await inst.worker.call(inst.driver.safe_shutdown)
+                if hasattr(inst.driver, "safe_shutdown"):
+                    await inst.worker.call(inst.driver.safe_shutdown)
             except Exception as exc:  # noqa: BLE001 - one broken instrument must not stop the rest
                 log.error("instrument %s (%s) not ready: %s", row.name, row.resource, exc)
 
+    # -- lifecycle ---------------------------------------------------------------------
     async def run_forever(self) -> None:
         self.writer.start()
-        await self.recover()
-        await self.open_all()
         try:
+            await self.open_all()
+            await self.recover()
             while not self._stopping.is_set():
                 await self.tick()
                 try:
@@ -142,17 +144,132 @@ class AcquisitionNode:
         self._stopping.set()
 
     async def shutdown(self) -> None:
-        for _task, ctx in self.active.values():
-            ctx.stop.set()
-        if self.active:
-            await asyncio.gather(*(t for t, _ in self.active.values()), return_exceptions=True)
-        await self.writer.close()
+        # Runs are not stopped here: an engine restart resumes them (see recover()). The
+        # outputs are turned off and the position is saved, which is what resuming needs.
+        for group in self.groups.values():
+            group._closing = True
+        for group in self.groups.values():
+            if group._task is not None:
+                await asyncio.wait([group._task], timeout=10)
+        await self._publish_progress()
         for inst in self.instruments.values():
             try:
                 await inst.worker.call(inst.driver.all_off)
             except Exception as exc:  # noqa: BLE001
                 log.error("could not make %s safe: %s", inst.name, exc)
+        await self.writer.close()
+        for inst in self.instruments.values():
             inst.worker.shutdown(wait=False)
+
+    # -- recovery ----------------------------------------------------------------------
+    async def recover(self) -> None:
+        """Resume runs a previous engine process left active, or mark them interrupted.
+
+        Resuming continues at the step the run was in, with the step's accumulated
+        capacity and time; the samples continue from the last committed sequence number,
+        and the gap becomes an interruption event with its bounds.
+        """
+        async with session_scope(self.maker) as s:
+            rows = (
+                await s.execute(
+                    select(m.Run, m.Channel)
+                    .join(m.Channel, m.Channel.id == m.Run.channel_id)
+                    .where(m.Run.state.in_([m.RunState.running, m.RunState.paused]))
+                )
+            ).all()
+        for run, channel in rows:
+            await self._resume(run, channel)
+
+    async def _resume(self, run: m.Run, channel: m.Channel) -> None:
+        from sqlalchemy import func
+
+        async with session_scope(self.maker) as s:
+            last = (
+                await s.execute(
+                    select(
+                        m.Sample.seq,
+                        m.Sample.t_s,
+                        m.Sample.ts_utc,
+                        m.Sample.step_index,
+                        m.Sample.step_capacity_ah,
+                        m.Sample.step_energy_wh,
+                    )
+                    .where(m.Run.id == run.id, m.Sample.run_id == run.id)
+                    .order_by(m.Sample.seq.desc())
+                    .limit(1)
+                )
+            ).first()
+            n_samples = await s.scalar(
+                select(func.count()).select_from(m.Sample).where(m.Sample.run_id == run.id)
+            )
+        import time as _time
+
+        gap_s = (_time.time() - last.ts_utc) * self.clock.speed if last else 0.0
+        pos = run.position
+        reason = None
+        if pos is None or last is None:
+            reason = "no saved position to resume from"
+        elif gap_s > self.max_resume_gap_s:
+            reason = (
+                f"interrupted for {gap_s:.0f} s (simulated), more than the "
+                f"{self.max_resume_gap_s:.0f} s a run may be resumed after"
+            )
+        if reason is None:
+            assert pos is not None and last is not None
+            try:
+                resolved = ResolvedProtocol.model_validate(run.plan)
+                cr = ChannelRun(run.id, channel.index, resolved, run.sample_period_s)
+                pos = dict(pos)
+                # The committed samples are the truth: continue after the last one.
+                pos["seq"] = int(last.seq)
+                pos["t_s"] = float(last.t_s)
+                if int(last.step_index) == resolved.program[int(pos["pc"])].index:
+                    pos["step_cap_ah"] = float(last.step_capacity_ah)
+                    pos["step_en_wh"] = float(last.step_energy_wh)
+                phase = cr.restore(pos, shift_s=gap_s)
+                cr.t_s = float(last.t_s) + gap_s
+                group = await self._group_for(channel.instrument_id)
+                await group.add(cr, phase, self.clock.now() - cr.t_s)
+                self.active[run.id] = cr
+            except Exception as exc:  # noqa: BLE001
+                reason = f"could not resume: {type(exc).__name__}: {exc}"
+        async with session_scope(self.maker) as s:
+            row = await s.get(m.Run, run.id)
+            assert row is not None
+            data = {
+                "last_seq": last.seq if last else 0,
+                "samples_committed": n_samples,
+                "from_t_s": last.t_s if last else None,
+                "gap_s": gap_s,
+            }
+            if reason is None:
+                row.state = m.RunState.running.value
+                row.node = self.node_name
+                s.add(
+                    m.Event(
+                        run_id=run.id,
+                        kind="interruption",
+                        severity="warning",
+                        message=f"acquisition node restarted; run resumed after a "
+                        f"{gap_s:.1f} s gap",
+                        data={**data, "to_t_s": (last.t_s + gap_s) if last else None},
+                        actor=self.node_name,
+                    )
+                )
+            else:
+                row.state = m.RunState.interrupted.value
+                row.ended_at = datetime.now(UTC)
+                row.end_reason = reason
+                s.add(
+                    m.Event(
+                        run_id=run.id,
+                        kind="interruption",
+                        severity="warning",
+                        message=reason,
+                        data=data,
+                        actor=self.node_name,
+                    )
+                )
 
     # -- scheduling --------------------------------------------------------------------
     async def tick(self) -> None:
@@ -171,9 +288,26 @@ class AcquisitionNode:
                     )
                 )
             ).all()
-        for run_id, action in rows:
-            if action == "stop":
-                self.active[run_id][1].stop.set()
+            for run_id, action in rows:
+                cr = self.active.get(run_id)
+                if cr is None:
+                    continue
+                if action == "stop":
+                    cr.stop_requested = True
+                elif action == "pause":
+                    cr.pause_requested = True
+                    await s.execute(
+                        update(m.Run)
+                        .where(m.Run.id == run_id)
+                        .values(state=m.RunState.paused.value, requested_action=None)
+                    )
+                elif action == "resume":
+                    cr.pause_requested = False
+                    await s.execute(
+                        update(m.Run)
+                        .where(m.Run.id == run_id)
+                        .values(state=m.RunState.running.value, requested_action=None)
+                    )
 
     async def _claim_queued(self) -> None:
         async with session_scope(self.maker) as s:
@@ -205,71 +339,77 @@ class AcquisitionNode:
 
     async def _start(self, run: m.Run, channel: m.Channel) -> None:
         try:
-            inst = await self._instrument_for(channel.instrument_id)
-        except Exception as exc:  # noqa: BLE001
-            await self._finish(run.id, RunOutcome("failed", f"instrument unavailable: {exc}"))
-            return
-        plan = Plan.model_validate(run.plan)
-        run_id = run.id
-        ctx = RunContext(
-            run_id=run_id,
-            channel=channel.index,
-            plan=plan,
-            cycler=inst.driver,
-            call=inst.worker.call,
-            writer=self.writer,
-            clock=self.clock,
-            on_step_end=lambda d: self._record(m.Step(run_id=run_id, **d)),
-            on_cycle_end=lambda d: self._record(m.Cycle(run_id=run_id, **d)),
-            on_event=lambda kind, sev, msg, data: self._record(
-                m.Event(
-                    run_id=run_id,
-                    kind=kind,
-                    severity=sev,
-                    message=msg,
-                    data=data,
-                    actor=self.node_name,
-                )
-            ),
-            start_seq=run.last_seq,
-        )
-        worker = ChannelWorker(ctx)
-        task = asyncio.create_task(self._supervise(worker), name=f"run-{run_id}")
-        self.active[run_id] = (task, ctx)
+            resolved = ResolvedProtocol.model_validate(run.plan)
+            cr = ChannelRun(run.id, channel.index, resolved, run.sample_period_s)
+            group = await self._group_for(channel.instrument_id)
+            lim = resolved.limits
+            # Layer one of safety: the instrument's own protection trips even if we stall.
+            await group.call(
+                group.driver.configure_protection,
+                channel.index,
+                lim.max_voltage_v,
+                lim.max_abs_current_a,
+            )
+            tr = cr.start(0.0)
+            if tr.done or tr.next_phase is None:
+                cr.outcome = ("completed", "the program has no measuring step")
+                await self._on_finish(cr)
+                return
+            self.active[run.id] = cr
+            await group.add(cr, tr.next_phase, self.clock.now())
+        except Exception as exc:  # noqa: BLE001 - the run fails with its reason; others go on
+            log.exception("run %s could not start", run.id)
+            self.active.pop(run.id, None)
+            await self._finish(run.id, ("failed", f"{type(exc).__name__}: {exc}"), None)
 
-    async def _supervise(self, worker: ChannelWorker) -> RunOutcome:
-        run_id = worker.ctx.run_id
-        try:
-            outcome = await worker.run()
-        except Exception as exc:  # noqa: BLE001 - any failure ends the run, with its reason
-            log.exception("run %s failed", run_id)
-            outcome = RunOutcome("failed", f"{type(exc).__name__}: {exc}")
-        await self._finish(run_id, outcome, worker.ctx)
-        self.active.pop(run_id, None)
-        return outcome
+    # -- callbacks from groups -----------------------------------------------------------
+    async def _on_step(self, run_id: int, rec: StepRecord) -> None:
+        await self._record(m.Step(run_id=run_id, **rec.__dict__))
 
-    async def _finish(
-        self, run_id: int, outcome: RunOutcome, ctx: RunContext | None = None
+    async def _on_cycle(self, run_id: int, summary: dict[str, Any]) -> None:
+        await self._record(m.Cycle(run_id=run_id, **summary))
+
+    async def _on_event(
+        self, run_id: int, kind: str, severity: str, message: str, data: dict[str, Any]
     ) -> None:
+        await self._record(
+            m.Event(
+                run_id=run_id,
+                kind=kind,
+                severity=severity,
+                message=message,
+                data=data,
+                actor=self.node_name,
+            )
+        )
+
+    async def _on_finish(self, cr: ChannelRun) -> None:
+        self.active.pop(cr.run_id, None)
+        # Samples first: a finished run's samples are all committed before it says so.
+        await self.writer.flush()
+        await self._finish(cr.run_id, cr.outcome or ("failed", "ended without outcome"), cr)
+
+    async def _finish(self, run_id: int, outcome: tuple[str, str], cr: ChannelRun | None) -> None:
+        state, reason = outcome
         async with session_scope(self.maker) as s:
             run = await s.get(m.Run, run_id)
             assert run is not None
-            run.state = outcome.state
-            run.end_reason = outcome.reason
+            run.state = state
+            run.end_reason = reason
             run.ended_at = datetime.now(UTC)
             run.requested_action = None
-            if ctx is not None:
-                run.last_seq = ctx.progress.last_seq
-                run.elapsed_s = ctx.progress.elapsed_s
-                run.step_index = ctx.progress.step_index
-                run.cycle_index = ctx.progress.cycle_index
+            if cr is not None:
+                run.last_seq = cr.seq
+                run.elapsed_s = cr.t_s
+                run.cycle_index = cr.cycle.cycle_index
+                run.position = cr.position()
             s.add(
                 m.Event(
                     run_id=run_id,
                     kind="state",
-                    severity="info" if outcome.state == "completed" else "warning",
-                    message=f"run {outcome.state}: {outcome.reason}",
-                    data={"state": outcome.state},
+                    severity="info" if state == "completed" else "warning",
+                    message=f"run {state}: {reason}",
+                    data={"state": state},
                     actor=self.node_name,
                 )
             )
@@ -282,16 +422,17 @@ class AcquisitionNode:
         if not self.active:
             return
         async with session_scope(self.maker) as s:
-            for run_id, (_task, ctx) in list(self.active.items()):
-                p = ctx.progress
+            for run_id, cr in list(self.active.items()):
+                st = cr.step
                 await s.execute(
                     update(m.Run)
                     .where(m.Run.id == run_id)
                     .values(
-                        step_index=p.step_index,
-                        step_count=p.step_count,
-                        cycle_index=p.cycle_index,
-                        elapsed_s=p.elapsed_s,
-                        last_seq=p.last_seq,
+                        step_index=st.index if st is not None else cr.pc,
+                        step_count=len(cr.program),
+                        cycle_index=cr.cycle.cycle_index,
+                        elapsed_s=cr.t_s,
+                        last_seq=cr.seq,
+                        position=cr.position(),
                     )
                 )

@@ -27,7 +27,11 @@ def utcnow() -> datetime:
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+    type_annotation_map = {
+        dict[str, Any]: JSON,
+        dict[str, Any] | None: JSON,
+        datetime: DateTime(timezone=True),
+    }
 
 
 class RunState(enum.StrEnum):
@@ -95,7 +99,7 @@ class Protocol(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
     # The same document always hashes the same, so a run points at exactly what it ran.
-    content_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    content_hash: Mapped[str] = mapped_column(String(80), unique=True)  # "sha256:<hex>"
     document: Mapped[dict[str, Any]] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -135,6 +139,9 @@ class Run(Base):
     elapsed_s: Mapped[float] = mapped_column(Float, default=0.0)
     last_seq: Mapped[int] = mapped_column(BigInteger, default=0)
     node: Mapped[str | None] = mapped_column(String(100))
+    # The run's place in its program (pc, loop counters, accumulators): what a restarted
+    # engine resumes from. Written with every progress update and at step boundaries.
+    position: Mapped[dict[str, Any] | None] = mapped_column()
 
 
 class Sample(Base):
@@ -174,6 +181,7 @@ class Step(Base):
     capacity_ah: Mapped[float] = mapped_column(Float)
     energy_wh: Mapped[float] = mapped_column(Float)
     end_voltage_v: Mapped[float | None] = mapped_column(Float)
+    dcir_ohm: Mapped[float | None] = mapped_column(Float)  # mean of the step's pulses
 
 
 class Cycle(Base):

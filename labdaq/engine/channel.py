@@ -1,0 +1,379 @@
+"""ChannelRun: one run's position in its protocol program and the set points it implies.
+
+The per-sample arithmetic (integration, limits, end conditions) is vectorised across all
+channels of an instrument in :mod:`labdaq.engine.group`; this module holds what changes
+only at step and phase boundaries, in plain Python. ``(pc, loop counters, phase)`` plus the
+accumulators is the run's whole position, which :meth:`position` serialises so a restarted
+engine can resume the run where it was.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from labdaq.protocol import (
+    EffectiveLimits,
+    ResolvedCC,
+    ResolvedCCCV,
+    ResolvedCV,
+    ResolvedLoopEnd,
+    ResolvedLoopStart,
+    ResolvedProtocol,
+    ResolvedPulse,
+    ResolvedRest,
+    ResolvedUntil,
+)
+
+NAN = math.nan
+
+
+@dataclass
+class Phase:
+    """What the instrument does now and when the phase ends (absolute run times in s)."""
+
+    mode: str  # "off" | "cc" | "cv"
+    current_a: float = 0.0  # cc: signed set point; cv: current limit (magnitude)
+    voltage_v: float = NAN  # cv: set point; cc: compliance voltage
+    voltage_above_v: float = NAN
+    voltage_below_v: float = NAN
+    current_below_a: float = NAN
+    deadline_t_s: float = math.inf
+    capacity_ah: float = NAN
+    dvdt_below_v_per_s: float = NAN
+    temperature_above_c: float = NAN
+    name: str = ""
+
+
+@dataclass
+class CycleTotals:
+    cycle_index: int
+    start_t_s: float
+    end_t_s: float = 0.0
+    charge_ah: float = 0.0
+    discharge_ah: float = 0.0
+    charge_wh: float = 0.0
+    discharge_wh: float = 0.0
+    charge_v_s: float = 0.0
+    charge_s: float = 0.0
+    discharge_v_s: float = 0.0
+    discharge_s: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        ce = self.discharge_ah / self.charge_ah if self.charge_ah > 0 else None
+        ee = self.discharge_wh / self.charge_wh if self.charge_wh > 0 else None
+        return {
+            "cycle_index": self.cycle_index,
+            "start_t_s": self.start_t_s,
+            "end_t_s": self.end_t_s,
+            "charge_capacity_ah": self.charge_ah,
+            "discharge_capacity_ah": self.discharge_ah,
+            "charge_energy_wh": self.charge_wh,
+            "discharge_energy_wh": self.discharge_wh,
+            "coulombic_efficiency": ce,
+            "energy_efficiency": ee,
+            "mean_charge_voltage_v": self.charge_v_s / self.charge_s if self.charge_s else None,
+            "mean_discharge_voltage_v": (
+                self.discharge_v_s / self.discharge_s if self.discharge_s else None
+            ),
+        }
+
+
+@dataclass
+class StepRecord:
+    """A finished step, as written to the steps table."""
+
+    step_number: int
+    step_index: int
+    cycle_index: int
+    kind: str
+    start_t_s: float
+    end_t_s: float
+    end_reason: str
+    capacity_ah: float
+    energy_wh: float
+    end_voltage_v: float | None
+    dcir_ohm: float | None = None
+
+
+@dataclass
+class Transition:
+    """What happened at a phase end: records to write and the next phase (None = done)."""
+
+    step: StepRecord | None = None
+    cycles: list[dict[str, Any]] = field(default_factory=list)
+    next_phase: Phase | None = None
+    done: bool = False
+
+
+class ChannelRun:
+    def __init__(
+        self,
+        run_id: int,
+        channel: int,
+        resolved: ResolvedProtocol,
+        sample_period_s: float,
+    ) -> None:
+        self.run_id = run_id
+        self.channel = channel
+        self.resolved = resolved
+        self.program = resolved.program
+        self.limits: EffectiveLimits = resolved.limits
+        self.period_s = sample_period_s
+        self.pc = 0
+        self.loop_iters: dict[int, int] = {}
+        self.loop_dis_ah: dict[int, float] = {}
+        self.loop_first_dis_ah: dict[int, float] = {}
+        self.cycle = CycleTotals(1, 0.0)
+        self.step_number = 0
+        self.step_t0_s = 0.0
+        self.phase_t0_s = 0.0
+        self.phase_name = ""
+        self.pulse_i = 0
+        self.pulse_v_before: float | None = None
+        self.pulse_i_before: float | None = None
+        self.dcir: list[float] = []
+        self.seq = 0
+        self.t_s = 0.0
+        self.step_cap_ah = 0.0
+        self.step_en_wh = 0.0
+        self.step_dis_ah = 0.0
+        self.stop_requested = False
+        self.pause_requested = False
+        self.paused = False
+        self.outcome: tuple[str, str] | None = None
+
+    # -- program -----------------------------------------------------------------------
+    @property
+    def step(self) -> Any:
+        return self.program[self.pc] if self.pc < len(self.program) else None
+
+    def start(self, t_s: float) -> Transition:
+        """Enter the first measuring step."""
+        self.cycle = CycleTotals(1, t_s)
+        return self._enter(t_s, Transition())
+
+    def _enter(self, t_s: float, tr: Transition) -> Transition:
+        """Advance through loop markers to the next measuring step and its first phase."""
+        while self.pc < len(self.program):
+            st = self.program[self.pc]
+            if isinstance(st, ResolvedLoopStart):
+                self.loop_iters[self.pc] = 0
+                self.loop_dis_ah[self.pc] = 0.0
+                self.loop_first_dis_ah.pop(self.pc, None)
+                self.pc += 1
+                continue
+            if isinstance(st, ResolvedLoopEnd):
+                start = st.start_index
+                self.loop_iters[start] = self.loop_iters.get(start, 0) + 1
+                dis = self.loop_dis_ah.get(start, 0.0)
+                first = self.loop_first_dis_ah.setdefault(start, dis)
+                # Each completed loop iteration closes a cycle.
+                self.cycle.end_t_s = t_s
+                tr.cycles.append(self.cycle.summary())
+                self.cycle = CycleTotals(self.cycle.cycle_index + 1, t_s)
+                if st.repeat(self.loop_iters[start], dis, first):
+                    self.loop_dis_ah[start] = 0.0
+                    self.pc = start + 1
+                else:
+                    self.pc += 1
+                continue
+            self.step_number += 1
+            self.step_t0_s = t_s
+            self.step_cap_ah = self.step_en_wh = self.step_dis_ah = 0.0
+            self.pulse_i = 0
+            self.dcir = []
+            tr.next_phase = self._first_phase(st, t_s)
+            return tr
+        # Past the end: close the open cycle if it saw any current.
+        if self.cycle.charge_ah or self.cycle.discharge_ah:
+            self.cycle.end_t_s = t_s
+            tr.cycles.append(self.cycle.summary())
+        tr.done = True
+        return tr
+
+    def _until(self, p: Phase, u: ResolvedUntil, t_s: float) -> Phase:
+        p.voltage_above_v = _f(u.voltage_above_v)
+        p.voltage_below_v = _f(u.voltage_below_v)
+        p.current_below_a = _f(u.current_below_a)
+        p.capacity_ah = _f(u.capacity_ah)
+        p.dvdt_below_v_per_s = _f(u.dvdt_below_v_per_s)
+        p.temperature_above_c = _f(u.temperature_above_c)
+        if u.duration_s is not None:
+            p.deadline_t_s = self.step_t0_s + u.duration_s
+        return p
+
+    def _first_phase(self, st: Any, t_s: float) -> Phase:
+        self.phase_t0_s = t_s
+        lim = self.limits
+        if isinstance(st, ResolvedRest):
+            p = self._until(Phase("off", name="rest"), st.until, t_s)
+        elif isinstance(st, ResolvedCC):
+            p = self._until(
+                Phase("cc", current_a=st.current_a, voltage_v=lim.max_voltage_v, name="cc"),
+                st.until,
+                t_s,
+            )
+        elif isinstance(st, ResolvedCV):
+            p = self._until(
+                Phase("cv", current_a=st.current_limit_a, voltage_v=st.voltage_v, name="cv"),
+                st.until,
+                t_s,
+            )
+        elif isinstance(st, ResolvedCCCV):
+            # CC phase: compliance at the CV voltage (an SMU or cycler then holds it by
+            # itself); the phase ends when the voltage reaches it and CV takes over.
+            charging = st.current_a > 0
+            p = Phase(
+                "cc",
+                current_a=st.current_a,
+                voltage_v=st.voltage_v if charging else lim.max_voltage_v,
+                name="cccv.cc",
+            )
+            if charging:
+                p.voltage_above_v = st.voltage_v - 0.002
+            else:
+                p.voltage_below_v = st.voltage_v
+            if st.until.duration_s is not None:
+                p.deadline_t_s = self.step_t0_s + st.until.duration_s
+            p.capacity_ah = _f(st.until.capacity_ah)
+            p.temperature_above_c = _f(st.until.temperature_above_c)
+        elif isinstance(st, ResolvedPulse):
+            p = self._pulse_phase(st, t_s, on=True)
+        else:
+            raise NotImplementedError(
+                f"step {st.index} ({st.step}) needs an instrument this channel does not have"
+            )
+        self.phase_name = p.name
+        return p
+
+    def _pulse_phase(self, st: ResolvedPulse, t_s: float, on: bool) -> Phase:
+        self.phase_t0_s = t_s
+        if on:
+            p = Phase(
+                "cc", current_a=st.current_a, voltage_v=self.limits.max_voltage_v, name="pulse.on"
+            )
+            p = self._until(p, st.until, t_s)
+            p.deadline_t_s = min(p.deadline_t_s, t_s + st.pulse_duration_s)
+        else:
+            p = Phase("off", name="pulse.rest")
+            p = self._until(p, st.until, t_s)
+            p.deadline_t_s = min(p.deadline_t_s, t_s + st.rest_duration_s)
+        return p
+
+    def phase_ended(self, reason: str, t_end_s: float, v: float, i: float) -> Transition:
+        """A phase's end condition fired at ``t_end_s``: next phase, next step, or done."""
+        st = self.step
+        tr = Transition()
+        if (
+            isinstance(st, ResolvedCCCV)
+            and self.phase_name == "cccv.cc"
+            and reason
+            in (
+                "voltage_above",
+                "voltage_below",
+            )
+        ):
+            self.phase_t0_s = t_end_s
+            p = Phase("cv", current_a=abs(st.current_a), voltage_v=st.voltage_v, name="cccv.cv")
+            p = self._until(p, st.until, t_end_s)
+            self.phase_name = p.name
+            tr.next_phase = p
+            return tr
+        if isinstance(st, ResolvedPulse) and reason == "duration":
+            step_deadline = (
+                self.step_t0_s + st.until.duration_s if st.until.duration_s else math.inf
+            )
+            if t_end_s < step_deadline - 1e-9:
+                if self.phase_name == "pulse.on":
+                    tr.next_phase = self._pulse_phase(st, t_end_s, on=False)
+                    self.phase_name = "pulse.rest"
+                    return tr
+                self.pulse_i += 1
+                if self.pulse_i < st.count:
+                    tr.next_phase = self._pulse_phase(st, t_end_s, on=True)
+                    self.phase_name = "pulse.on"
+                    return tr
+        # The step is over.
+        for start in self.loop_dis_ah:
+            self.loop_dis_ah[start] += self.step_dis_ah
+        tr.step = StepRecord(
+            step_number=self.step_number,
+            step_index=st.index,
+            cycle_index=self.cycle.cycle_index,
+            kind=st.step,
+            start_t_s=self.step_t0_s,
+            end_t_s=t_end_s,
+            end_reason=reason,
+            capacity_ah=self.step_cap_ah,
+            energy_wh=self.step_en_wh,
+            end_voltage_v=v,
+            dcir_ohm=sum(self.dcir) / len(self.dcir) if self.dcir else None,
+        )
+        self.pc += 1
+        return self._enter(t_end_s, tr)
+
+    def pulse_edge(self, v_before: float, i_before: float, v_after: float, i_after: float) -> None:
+        """DC internal resistance from the voltage step at a current step (HPPC style)."""
+        di = i_after - i_before
+        if abs(di) > 1e-6:
+            self.dcir.append(abs((v_after - v_before) / di))
+
+    # -- persistence -------------------------------------------------------------------
+    def position(self) -> dict[str, Any]:
+        c = self.cycle
+        return {
+            "pc": self.pc,
+            "loop_iters": {str(k): v for k, v in self.loop_iters.items()},
+            "loop_dis_ah": {str(k): v for k, v in self.loop_dis_ah.items()},
+            "loop_first_dis_ah": {str(k): v for k, v in self.loop_first_dis_ah.items()},
+            "cycle": c.__dict__.copy(),
+            "step_number": self.step_number,
+            "step_t0_s": self.step_t0_s,
+            "phase_t0_s": self.phase_t0_s,
+            "phase_name": self.phase_name,
+            "pulse_i": self.pulse_i,
+            "seq": self.seq,
+            "t_s": self.t_s,
+            "step_cap_ah": self.step_cap_ah,
+            "step_en_wh": self.step_en_wh,
+            "step_dis_ah": self.step_dis_ah,
+        }
+
+    def restore(self, pos: dict[str, Any], shift_s: float) -> Phase:
+        """Resume from a stored position; run times after the gap are shifted by shift_s."""
+        self.pc = int(pos["pc"])
+        self.loop_iters = {int(k): int(v) for k, v in pos["loop_iters"].items()}
+        self.loop_dis_ah = {int(k): float(v) for k, v in pos["loop_dis_ah"].items()}
+        self.loop_first_dis_ah = {int(k): float(v) for k, v in pos["loop_first_dis_ah"].items()}
+        self.cycle = CycleTotals(**pos["cycle"])
+        self.step_number = int(pos["step_number"])
+        self.step_t0_s = float(pos["step_t0_s"])
+        self.seq = int(pos["seq"])
+        self.t_s = float(pos["t_s"])
+        self.step_cap_ah = float(pos["step_cap_ah"])
+        self.step_en_wh = float(pos["step_en_wh"])
+        self.step_dis_ah = float(pos["step_dis_ah"])
+        self.pulse_i = int(pos.get("pulse_i", 0))
+        st = self.step
+        # The time the channel was down does not count towards the step's duration.
+        self.step_t0_s += shift_s
+        phase_name = pos.get("phase_name", "")
+        t_now = self.t_s + shift_s
+        if isinstance(st, ResolvedCCCV) and phase_name == "cccv.cv":
+            p = Phase("cv", current_a=abs(st.current_a), voltage_v=st.voltage_v, name="cccv.cv")
+            p = self._until(p, st.until, t_now)
+            self.phase_name = p.name
+            self.phase_t0_s = t_now
+            return p
+        if isinstance(st, ResolvedPulse):
+            # Restart the interrupted pulse: a half pulse would give a wrong DCIR.
+            p = self._pulse_phase(st, t_now, on=True)
+            self.phase_name = "pulse.on"
+            return p
+        return self._first_phase(st, t_now)
+
+
+def _f(x: float | None) -> float:
+    return NAN if x is None else float(x)
