@@ -152,6 +152,7 @@ async def _register_sim_lab(url: str, desc: dict[str, Any]) -> str:
     from labdaq.storage import models as m
     from labdaq.storage.db import create_engine, session_scope, sessionmaker
 
+    aux = sim_lab_aux(desc)
     engine = create_engine(url)
     try:
         async with session_scope(sessionmaker(engine)) as s:
@@ -162,9 +163,16 @@ async def _register_sim_lab(url: str, desc: dict[str, Any]) -> str:
                     inst["driver"],
                     inst["resource"],
                     [
-                        {k: ch[k] for k in ("index", "name", "max_current_a", "max_voltage_v")}
+                        {
+                            **{
+                                k: ch[k]
+                                for k in ("index", "name", "max_current_a", "max_voltage_v")
+                            },
+                            "aux": aux.get(ch["cell"]["serial"]) or None,
+                        }
                         for ch in inst["channels"]
                     ],
+                    options=inst.get("options") or {},
                 )
                 for ch in inst["channels"]:
                     cell = ch.get("cell")
@@ -179,6 +187,27 @@ async def _register_sim_lab(url: str, desc: dict[str, Any]) -> str:
         await engine.dispose()
 
 
+def sim_lab_aux(desc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Which auxiliary instruments each simulated cell is wired to, by cell serial."""
+    aux: dict[str, dict[str, Any]] = {}
+    serials = [ch["cell"]["serial"] for inst in desc["instruments"] for ch in inst["channels"]]
+    for inst in desc["instruments"]:
+        wiring = inst.get("wiring") or {}
+        driver = inst["driver"]
+        for key, target in wiring.items():
+            if driver == "espec_chamber" and key == "contains":
+                for serial in serials:
+                    if serial in target:
+                        aux.setdefault(serial, {})["chamber"] = inst["name"]
+            elif target.startswith("cell "):
+                serial = target[len("cell ") :]
+                if driver == "hioki_bt4560":
+                    aux.setdefault(serial, {})["impedance"] = inst["name"]
+                elif driver == "keysight_daq970a":
+                    aux.setdefault(serial, {})["thermocouple"] = [inst["name"], int(key)]
+    return aux
+
+
 def _spawn(args: list[str]) -> subprocess.Popen[bytes]:
     # Own session: Ctrl-C reaches only the supervisor, which then stops children in order
     # (API first, then the engine so it can turn outputs off, then the simulated lab).
@@ -189,6 +218,9 @@ def _spawn(args: list[str]) -> subprocess.Popen[bytes]:
 def serve(
     sim_lab: Annotated[bool, typer.Option("--sim", help="also start a simulated lab")] = False,
     speed: Annotated[float, typer.Option(help="clock acceleration for --sim")] = 1.0,
+    sim_cabinets: Annotated[int, typer.Option(help="--sim: 8-channel cabinets")] = 1,
+    sim_impedance: Annotated[int, typer.Option(help="--sim: impedance meters")] = 1,
+    sim_chamber: Annotated[bool, typer.Option(help="--sim: a climate chamber")] = True,
     host: str = "127.0.0.1",
     port: int = 8000,
     data_dir: DataDir = None,
@@ -210,7 +242,23 @@ def serve(
         desc_path = s.data_dir / "simlab.json"
         desc_path.unlink(missing_ok=True)
         children.append(
-            ("sim", _spawn(["sim", "--speed", str(speed), "--describe", str(desc_path)]))
+            (
+                "sim",
+                _spawn(
+                    [
+                        "sim",
+                        "--speed",
+                        str(speed),
+                        "--describe",
+                        str(desc_path),
+                        "--cabinets",
+                        str(sim_cabinets),
+                        "--impedance",
+                        str(sim_impedance),
+                        "--chamber" if sim_chamber else "--no-chamber",
+                    ]
+                ),
+            )
         )
         deadline = time.monotonic() + 30
         while not desc_path.exists():

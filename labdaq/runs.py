@@ -222,7 +222,11 @@ def resolve_request(
             "protocol is not valid for this cell and channel",
             [{"loc": f"{prefix}.{e['loc']}", "msg": e["msg"]} for e in exc.errors],
         ) from exc
-    unsupported = [st for st in resolved.program if st.step in ("eis", "set_temperature")]
+    wired = channel.aux or {}
+    needs = {"eis": "impedance", "set_temperature": "chamber"}
+    unsupported = [
+        st for st in resolved.program if st.step in needs and not wired.get(needs[st.step])
+    ]
     if unsupported:
         raise Invalid(
             "protocol needs instruments this channel does not have",

@@ -321,6 +321,11 @@ class SimLab:
             }
             if inst.wiring:
                 entry["wiring"] = inst.wiring
+            options: dict[str, Any] = dict(inst.driver_options)
+            if inst.termination != "\n":
+                options["transport"] = {"read_termination": inst.termination,
+                                        "write_termination": inst.termination}
+            entry["options"] = options
             instruments.append(entry)
         return {"speed": self.clock.speed, "instruments": instruments}
 

@@ -106,12 +106,13 @@ def reference_discharge_ah(
 def test_demo_run_through_http_to_simulated_smu(lab) -> None:
     base, token, proc = lab
     h = {"Authorization": f"Bearer {token}"}
-    channels = httpx.get(f"{base}/api/v1/channels", headers=h).json()
-    assert channels and channels[0]["state"] == "idle"
-    assert channels[0]["resource"].startswith("TCPIP::127.0.0.1::")
+    channels = {c["name"]: c for c in httpx.get(f"{base}/api/v1/channels", headers=h).json()}
+    smu = channels["smu1/1"]
+    assert smu["state"] == "idle"
+    assert smu["resource"].startswith("TCPIP::127.0.0.1::")
     cap = 4.9  # the nmc811 spec the simulated lab uses
     body = {
-        "channel": channels[0]["name"],
+        "channel": smu["name"],
         "cell_serial": "SIM-NMC811-001",
         "protocol": {
             "charge_current_a": cap / 2,

@@ -18,11 +18,13 @@ from labdaq.protocol import (
     ResolvedCC,
     ResolvedCCCV,
     ResolvedCV,
+    ResolvedEIS,
     ResolvedLoopEnd,
     ResolvedLoopStart,
     ResolvedProtocol,
     ResolvedPulse,
     ResolvedRest,
+    ResolvedSetTemperature,
     ResolvedUntil,
 )
 
@@ -44,6 +46,9 @@ class Phase:
     dvdt_below_v_per_s: float = NAN
     temperature_above_c: float = NAN
     name: str = ""
+    # EIS sweeps and chamber set points run on other instruments, as a task of their own;
+    # the phase ends when that task is done (the output stays off meanwhile).
+    aux: Any = None
 
 
 @dataclass
@@ -143,6 +148,9 @@ class ChannelRun:
         self.pause_requested = False
         self.paused = False
         self.outcome: tuple[str, str] | None = None
+        self.pause_t_s = 0.0
+        self.aux_done = False
+        self.aux_error: str | None = None
 
     # -- program -----------------------------------------------------------------------
     @property
@@ -241,6 +249,8 @@ class ChannelRun:
             p.temperature_above_c = _f(st.until.temperature_above_c)
         elif isinstance(st, ResolvedPulse):
             p = self._pulse_phase(st, t_s, on=True)
+        elif isinstance(st, ResolvedEIS | ResolvedSetTemperature):
+            p = Phase("off", name=st.step, aux=st)
         else:
             raise NotImplementedError(
                 f"step {st.index} ({st.step}) needs an instrument this channel does not have"

@@ -43,6 +43,7 @@ class Callbacks:
     on_cycle: Callable[[int, dict[str, Any]], Awaitable[None]]
     on_event: Callable[[int, str, str, str, dict[str, Any]], Awaitable[None]]
     on_finish: Callable[[ChannelRun], Awaitable[None]]
+    on_aux: Callable[[ChannelRun, Phase], Awaitable[None]]
 
 
 class InstrumentGroup:
@@ -134,6 +135,9 @@ class InstrumentGroup:
         ch = run.channel
         if phase.mode == "off":
             await self.call(self.driver.output, ch, False)
+            if phase.aux is not None:
+                run.aux_done, run.aux_error = False, None
+                await self.cb.on_aux(run, phase)
             return
         if phase.mode == "cc":
             await self.call(self.driver.set_current, ch, phase.current_a, phase.voltage_v)
@@ -247,11 +251,17 @@ class InstrumentGroup:
         hit_time = t >= self.e_deadline - 1e-9
         hit_cap = step_cap >= self.e_cap
         hit_temp = ~tnan & (temp >= self.e_tabove)
+        aux_done = np.array(
+            [
+                r.aux_done and p.aux is not None
+                for r, p in zip(self.runs, self._phases, strict=True)
+            ],
+            bool,
+        )
         ended = (
             (hit_vabove | hit_vbelow | hit_ibelow | hit_time | hit_cap | dvdt_hit | hit_temp)
-            & ~paused
-            & ~breach
-        )
+            | aux_done
+        ) & (~paused & ~breach)
 
         # 4. Store due samples (every breach and every phase end is stored too).
         due = (t >= self.a_next_due - 1e-9) | breach | ended
@@ -314,23 +324,30 @@ class InstrumentGroup:
             )
             r.outcome = ("aborted_safety", f"{lim}: measured {val:.6g}, limit {bound:.6g}")
             done.append(k)
+        for k, r in enumerate(self.runs):
+            if r.aux_error is not None and k not in done:
+                r.outcome = ("failed", r.aux_error)
+                done.append(k)
         for k in np.flatnonzero(ended).tolist():
             if k in done:
                 continue
             r = self.runs[k]
-            reason, t_end = _reason(
-                self,
-                k,
-                hit_vabove,
-                hit_vbelow,
-                hit_ibelow,
-                hit_time,
-                hit_cap,
-                dvdt_hit,
-                hit_temp,
-                v,
-                t,
-            )
+            if aux_done[k]:
+                reason, t_end = "done", float(t[k])
+            else:
+                reason, t_end = _reason(
+                    self,
+                    k,
+                    hit_vabove,
+                    hit_vbelow,
+                    hit_ibelow,
+                    hit_time,
+                    hit_cap,
+                    dvdt_hit,
+                    hit_temp,
+                    v,
+                    t,
+                )
             prev_i, prev_v = float(i[k]), float(v[k])
             tr = r.phase_ended(reason, t_end, float(v[k]), float(i[k]))
             if await self._transition(k, r, tr):

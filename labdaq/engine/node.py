@@ -68,6 +68,8 @@ class AcquisitionNode:
         self.instruments: dict[int, OpenInstrument] = {}
         self.groups: dict[int, InstrumentGroup] = {}
         self.active: dict[int, ChannelRun] = {}
+        self.aux_tasks: dict[int, asyncio.Task[None]] = {}
+        self.channel_aux: dict[int, dict[str, Any]] = {}  # run id -> channel.aux
         self._stopping = asyncio.Event()
 
     # -- instruments -------------------------------------------------------------------
@@ -77,9 +79,14 @@ class AcquisitionNode:
         cls = load_driver_class(row.driver)
         worker = InstrumentWorker(name=row.name)
 
+        options = dict(row.options or {})
+        transport_opts = options.pop("transport", {})
+
         def _open() -> Any:
-            transport = open_transport(row.resource, **(row.options or {}).get("transport", {}))
-            return cls(transport, name=row.name)
+            # options.transport configures the link; every other option is a keyword of
+            # the driver's constructor (labdaq.instruments_config validates both).
+            transport = open_transport(row.resource, **transport_opts)
+            return cls(transport, name=row.name, **options)
 
         driver = await worker.call(_open)
         inst = OpenInstrument(row.id, row.name, driver, worker)
@@ -107,6 +114,7 @@ class AcquisitionNode:
                 on_cycle=self._on_cycle,
                 on_event=self._on_event,
                 on_finish=self._on_finish,
+                on_aux=self._on_aux,
             ),
             control_period_s=self.control_period_s,
         )
@@ -146,6 +154,8 @@ class AcquisitionNode:
     async def shutdown(self) -> None:
         # Runs are not stopped here: an engine restart resumes them (see recover()). The
         # outputs are turned off and the position is saved, which is what resuming needs.
+        for task in self.aux_tasks.values():
+            task.cancel()
         for group in self.groups.values():
             group._closing = True
         for group in self.groups.values():
@@ -219,6 +229,7 @@ class AcquisitionNode:
             try:
                 resolved = ResolvedProtocol.model_validate(run.plan)
                 cr = ChannelRun(run.id, channel.index, resolved, run.sample_period_s)
+                self.channel_aux[run.id] = dict(channel.aux or {})
                 pos = dict(pos)
                 # The committed samples are the truth: continue after the last one.
                 pos["seq"] = int(last.seq)
@@ -341,6 +352,7 @@ class AcquisitionNode:
         try:
             resolved = ResolvedProtocol.model_validate(run.plan)
             cr = ChannelRun(run.id, channel.index, resolved, run.sample_period_s)
+            self.channel_aux[run.id] = dict(channel.aux or {})
             group = await self._group_for(channel.instrument_id)
             lim = resolved.limits
             # Layer one of safety: the instrument's own protection trips even if we stall.
@@ -361,6 +373,84 @@ class AcquisitionNode:
             log.exception("run %s could not start", run.id)
             self.active.pop(run.id, None)
             await self._finish(run.id, ("failed", f"{type(exc).__name__}: {exc}"), None)
+
+    # -- auxiliary instruments (EIS, chamber) -------------------------------------------
+    def _aux_instrument(self, run_id: int, role: str) -> OpenInstrument:
+        name = (self.channel_aux.get(run_id) or {}).get(role)
+        if isinstance(name, list):
+            name = name[0]
+        for inst in self.instruments.values():
+            if inst.name == name:
+                return inst
+        raise LookupError(f"no {role} instrument is wired to this run's channel")
+
+    async def _on_aux(self, cr: ChannelRun, phase: Any) -> None:
+        old = self.aux_tasks.pop(cr.run_id, None)
+        if old is not None:
+            old.cancel()
+        self.aux_tasks[cr.run_id] = asyncio.create_task(
+            self._run_aux(cr, phase), name=f"aux-{cr.run_id}"
+        )
+
+    async def _run_aux(self, cr: ChannelRun, phase: Any) -> None:
+        st = phase.aux
+        try:
+            if st.step == "eis":
+                await self._eis(cr, st)
+            elif st.step == "set_temperature":
+                await self._set_temperature(cr, st)
+            cr.aux_done = True
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the run fails with the reason, not the node
+            log.exception("run %s: %s step failed", cr.run_id, st.step)
+            cr.aux_error = f"{st.step} step {st.index} failed: {type(exc).__name__}: {exc}"
+
+    async def _eis(self, cr: ChannelRun, st: Any) -> None:
+        import numpy as np
+
+        inst = self._aux_instrument(cr.run_id, "impedance")
+        decades = abs(np.log10(st.stop_frequency_hz / st.start_frequency_hz))
+        n = max(2, int(round(decades * st.points_per_decade)) + 1)
+        freqs = np.geomspace(st.start_frequency_hz, st.stop_frequency_hz, n)
+        z = await inst.worker.call(inst.driver.sweep, freqs)
+        v_dc = await inst.worker.call(inst.driver.dc_voltage_v)
+        z = np.asarray(z, complex)
+        await self._record(
+            m.EisSpectrum(
+                run_id=cr.run_id,
+                step_index=st.index,
+                cycle_index=cr.cycle.cycle_index,
+                t_s=cr.t_s,
+                instrument=inst.name,
+                dc_voltage_v=float(v_dc),
+                frequency_hz=[float(f) for f in freqs],
+                z_real_ohm=[float(x) for x in z.real],
+                z_imag_ohm=[float(x) for x in z.imag],
+            )
+        )
+
+    async def _set_temperature(self, cr: ChannelRun, st: Any) -> None:
+        inst = self._aux_instrument(cr.run_id, "chamber")
+        await inst.worker.call(inst.driver.set_point_c, st.temperature_c)
+        t_start = self.clock.now()
+        stable_since: float | None = None
+        while True:
+            actual = float(await inst.worker.call(inst.driver.actual_c))
+            now = self.clock.now()
+            if abs(actual - st.temperature_c) <= st.tolerance_c:
+                stable_since = now if stable_since is None else stable_since
+                if now - stable_since >= st.stable_for_s:
+                    return
+            else:
+                stable_since = None
+            if now - t_start > st.timeout_s:
+                raise TimeoutError(
+                    f"chamber {inst.name} at {actual:.2f} °C did not hold "
+                    f"{st.temperature_c:.2f} ± {st.tolerance_c} °C for {st.stable_for_s:.0f} s "
+                    f"within {st.timeout_s:.0f} s"
+                )
+            await self.clock.sleep_until(now + max(1.0, min(30.0, st.stable_for_s / 10)))
 
     # -- callbacks from groups -----------------------------------------------------------
     async def _on_step(self, run_id: int, rec: StepRecord) -> None:
@@ -385,6 +475,10 @@ class AcquisitionNode:
 
     async def _on_finish(self, cr: ChannelRun) -> None:
         self.active.pop(cr.run_id, None)
+        self.channel_aux.pop(cr.run_id, None)
+        task = self.aux_tasks.pop(cr.run_id, None)
+        if task is not None:
+            task.cancel()
         # Samples first: a finished run's samples are all committed before it says so.
         await self.writer.flush()
         await self._finish(cr.run_id, cr.outcome or ("failed", "ended without outcome"), cr)

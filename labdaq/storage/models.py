@@ -75,6 +75,9 @@ class Channel(Base):
     # Hardware limits of the channel, used to reject protocols before anything runs.
     max_current_a: Mapped[float | None] = mapped_column(Float)
     max_voltage_v: Mapped[float | None] = mapped_column(Float)
+    # Instruments wired to this channel's cell, by instrument name:
+    # {"impedance": "eis1", "chamber": "chamber1", "thermocouple": ["logger1", 101]}.
+    aux: Mapped[dict[str, Any] | None] = mapped_column()
 
 
 class Cell(Base):
@@ -201,6 +204,23 @@ class Cycle(Base):
     energy_efficiency: Mapped[float | None] = mapped_column(Float)
     mean_charge_voltage_v: Mapped[float | None] = mapped_column(Float)
     mean_discharge_voltage_v: Mapped[float | None] = mapped_column(Float)
+
+
+class EisSpectrum(Base):
+    """One impedance sweep taken by an EIS step of a run."""
+
+    __tablename__ = "eis_spectra"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    step_index: Mapped[int] = mapped_column(Integer)
+    cycle_index: Mapped[int] = mapped_column(Integer)
+    t_s: Mapped[float] = mapped_column(Float)
+    instrument: Mapped[str] = mapped_column(String(100))
+    dc_voltage_v: Mapped[float | None] = mapped_column(Float)
+    frequency_hz: Mapped[list[float]] = mapped_column(JSON)
+    z_real_ohm: Mapped[list[float]] = mapped_column(JSON)
+    z_imag_ohm: Mapped[list[float]] = mapped_column(JSON)
 
 
 class Event(Base):

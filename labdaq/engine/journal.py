@@ -1,0 +1,379 @@
+"""Local append-only journal for sample batches the database could not take.
+
+When the database is unavailable (SQLite file locked beyond its busy timeout, PostgreSQL
+down or restarting), :class:`~labdaq.engine.writer.SampleWriter` appends each batch here
+and replays the journal, oldest record first, once the database answers again. Inserts
+are idempotent on ``(run_id, seq)``, so replaying a record that was (partly) committed
+before a crash is harmless; that is what lets this module stay simple: a record is only
+ever appended, and a file is only deleted after every record in it has been committed.
+
+On-disk format (all integers little-endian)::
+
+    directory/samples-<10-digit segment number>.journal
+    file    := header record*
+    header  := b"LDQJ" version:u8 (=1) reserved:3 bytes (zero)          8 bytes
+    record  := length:u32 crc:u32 payload[length]
+               crc = CRC-32 (zlib) over the 4 length bytes followed by the payload
+    payload := kind:u8 nrows:u32 body
+      kind 1 "packed": nrows × struct "<qqddqqdd?dddq" (97 bytes): run_id, seq, t_s,
+             ts_utc, step_index, cycle_index, voltage_v, current_a, has_temperature,
+             temperature_c (0.0 when absent → None), step_capacity_ah, step_energy_wh, flags
+      kind 2 "json": UTF-8 JSON array of rows (lists), used when a batch does not fit the
+             packed layout (an unexpected None, a big integer, ...); keeps every value.
+
+Why length + CRC per record: each append is one ``write`` followed by ``fsync``, so a crash
+(power cut, kill -9) can only leave the *last* record of the newest file incomplete. On
+open, each file is read up to the first record whose header or payload is short or whose
+CRC does not match; everything before it is valid, the rest is reported and ignored.
+New records always go to a new segment after a restart, never after a torn tail.
+
+Disk bound: ``max_bytes`` caps the total size of all segment files (default 1 GiB ≈ 11 M
+sample rows). An append that would exceed it is refused (:class:`JournalFull`); the writer
+then drops that batch and raises its ``journal_overflowed`` flag so the engine can record
+an interruption instead of stalling acquisition. Segments rotate at ``segment_bytes`` so
+that replayed files can be deleted while new records are still being appended.
+
+Not thread-safe: the writer calls it from one task, one call at a time (in a worker
+thread, because ``fsync`` blocks).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"LDQJ"
+VERSION = 1
+FILE_HEADER = MAGIC + bytes([VERSION, 0, 0, 0])
+_REC_HEAD = struct.Struct("<II")  # length, crc
+_PAYLOAD_HEAD = struct.Struct("<BI")  # kind, nrows
+_ROW = struct.Struct("<qqddqqdd?dddq")
+KIND_PACKED = 1
+KIND_JSON = 2
+# A record larger than this can only be a corrupt length field (batches are far smaller).
+MAX_RECORD_BYTES = 256 << 20
+_NAME = re.compile(r"^samples-(\d{10})\.journal$")
+
+
+class JournalFull(Exception):
+    """The journal's disk bound (``max_bytes``) would be exceeded."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One journaled batch, as returned by :meth:`Journal.peek`."""
+
+    segment: int
+    offset: int
+    end: int  # offset just past this record
+    rows: list[Sequence[Any]]
+
+
+def encode_rows(rows: Sequence[Sequence[Any]]) -> bytes:
+    """Payload for one batch: the packed layout when every row fits it, else JSON."""
+    try:
+        return _pack(rows)
+    except (struct.error, TypeError, IndexError, ValueError):
+        # Not representable in the fixed layout; JSON keeps the values as given.
+        body = json.dumps([list(r) for r in rows], default=_json_default).encode()
+        return _PAYLOAD_HEAD.pack(KIND_JSON, len(rows)) + body
+
+
+def decode_rows(payload: bytes) -> list[Sequence[Any]]:
+    kind, nrows = _PAYLOAD_HEAD.unpack_from(payload)
+    body = memoryview(payload)[_PAYLOAD_HEAD.size :]
+    if kind == KIND_PACKED:
+        out: list[Sequence[Any]] = [
+            (a, b, c, d, e, f, g, h, t if has_t else None, i, j, k)
+            for a, b, c, d, e, f, g, h, has_t, t, i, j, k in _ROW.iter_unpack(body)
+        ]
+    elif kind == KIND_JSON:
+        out = json.loads(bytes(body))
+    else:
+        raise ValueError(f"unknown journal record kind {kind}")
+    if len(out) != nrows:
+        raise ValueError(f"journal record says {nrows} rows, holds {len(out)}")
+    return out
+
+
+def _pack(rows: Sequence[Sequence[Any]]) -> bytes:
+    n = len(rows)
+    buf = bytearray(_PAYLOAD_HEAD.size + n * _ROW.size)
+    _PAYLOAD_HEAD.pack_into(buf, 0, KIND_PACKED, n)
+    pack_into, size = _ROW.pack_into, _ROW.size
+    off = _PAYLOAD_HEAD.size
+    for r in rows:
+        if len(r) != 12:
+            raise ValueError("row is not 12 columns")
+        t = r[8]  # the one nullable column: a presence byte keeps None apart from NaN
+        has_t = t is not None
+        pack_into(buf, off, *r[:8], has_t, t if has_t else 0.0, r[9], r[10], r[11])
+        off += size
+    return bytes(buf)
+
+
+def _json_default(obj: Any) -> Any:
+    item = getattr(obj, "item", None)  # numpy scalars
+    if callable(item):
+        return item()
+    raise TypeError(f"{type(obj).__name__} is not journalable")
+
+
+def _fsync_dir(path: Path) -> None:
+    # A new or deleted file is durable only once its directory entry is.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class Journal:
+    """Append-only segment files of length-prefixed, CRC-checked sample batches."""
+
+    def __init__(
+        self,
+        directory: Path,
+        max_bytes: int = 1 << 30,
+        segment_bytes: int = 16 << 20,
+        fsync: bool = True,
+    ) -> None:
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        self.segment_bytes = segment_bytes
+        self.fsync = fsync
+        self._ends: dict[int, int] = {}  # segment -> offset past its last valid record
+        self._sizes: dict[int, int] = {}  # segment -> bytes on disk (torn tails included)
+        self._rows: dict[int, int] = {}  # segment -> rows not yet consumed
+        self._active: int | None = None
+        self._next_seg = 1  # segment numbers only grow, so names never collide
+        self._fh: Any = None
+        self._cursor: tuple[int, int] | None = None  # (segment, offset) of next to replay
+        self.pending_rows = 0
+        self.ignored_bytes = 0  # torn or corrupt bytes found at open
+        self._opened = False
+
+    # -- state ------------------------------------------------------------------------
+    @property
+    def size_bytes(self) -> int:
+        return sum(self._sizes.values())
+
+    @property
+    def segments(self) -> list[Path]:
+        return [self._path(s) for s in sorted(self._sizes)]
+
+    def _path(self, seg: int) -> Path:
+        return self.directory / f"samples-{seg:010d}.journal"
+
+    # -- open / scan ------------------------------------------------------------------
+    def open(self) -> None:
+        """Scan existing segments (left by a previous process) so they are replayed first."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for path in sorted(self.directory.iterdir()):
+            m = _NAME.match(path.name)
+            if m:
+                self._next_seg = max(self._next_seg, int(m.group(1)) + 1)
+                self._scan(int(m.group(1)), path)
+        self._cursor = (min(self._ends), len(FILE_HEADER)) if self._ends else None
+        self._opened = True
+
+    def _scan(self, seg: int, path: Path) -> None:
+        data = path.read_bytes()
+        if len(data) < len(FILE_HEADER):
+            # Crashed while creating the file: nothing was ever acknowledged from it.
+            path.unlink()
+            return
+        if data[:4] != MAGIC or data[4] != VERSION:
+            log.error("journal %s: not a version-%d journal file, left untouched", path, VERSION)
+            return
+        off, rows = len(FILE_HEADER), 0
+        while True:
+            rec = _read_record(data, off)
+            if rec is None:
+                break
+            payload, end = rec
+            rows += _PAYLOAD_HEAD.unpack_from(payload)[1]
+            off = end
+        if off < len(data):
+            self.ignored_bytes += len(data) - off
+            log.warning(
+                "journal %s: %d bytes after offset %d are a torn or corrupt record; ignored",
+                path,
+                len(data) - off,
+                off,
+            )
+        self._ends[seg] = off
+        self._sizes[seg] = len(data)
+        self._rows[seg] = rows
+        self.pending_rows += rows
+
+    # -- append -----------------------------------------------------------------------
+    def append_many(self, batches: Sequence[Sequence[Sequence[Any]]]) -> int:
+        """Append one record per batch, then fsync once; returns how many batches fit.
+
+        Batches beyond the disk bound are not written (the caller counts them as lost).
+        Raises OSError only when not even the first batch could be written.
+        """
+        if not self._opened:
+            self.open()
+        blobs: list[bytes] = []
+        total = self.size_bytes
+        for rows in batches:
+            payload = encode_rows(rows)
+            head = struct.pack("<I", len(payload))
+            crc = zlib.crc32(payload, zlib.crc32(head))
+            blob = head + struct.pack("<I", crc) + payload
+            if total + len(blob) + len(FILE_HEADER) > self.max_bytes:
+                break
+            total += len(blob)
+            blobs.append(blob)
+        written = 0
+        try:
+            for blob, rows in zip(blobs, batches, strict=False):
+                fh, seg = self._segment_for(len(blob))
+                try:
+                    _write_all(fh, blob)
+                except OSError:
+                    # Cut a partial record off again so later appends stay readable; if
+                    # even that fails, never append to this file again.
+                    try:
+                        os.ftruncate(fh.fileno(), self._ends[seg])
+                    except OSError:
+                        self._close_active(sync=False)
+                    raise
+                self._ends[seg] += len(blob)
+                self._sizes[seg] += len(blob)
+                self._rows[seg] += len(rows)
+                self.pending_rows += len(rows)
+                written += 1
+        except OSError as exc:
+            if not written:
+                raise
+            log.error("journal append stopped after %d of %d batches: %s", written, len(blobs), exc)
+        if written and self._fh is not None and self.fsync:
+            os.fsync(self._fh.fileno())
+        return written
+
+    def _segment_for(self, nbytes: int) -> tuple[Any, int]:
+        seg = self._active
+        if seg is not None and self._sizes[seg] + nbytes > self.segment_bytes:
+            self._close_active(sync=True)
+            seg = None
+        if seg is None:
+            seg = self._next_seg
+            fh = open(self._path(seg), "xb", buffering=0)  # noqa: SIM115 - kept for appends
+            self._next_seg += 1
+            try:
+                _write_all(fh, FILE_HEADER)
+                if self.fsync:
+                    os.fsync(fh.fileno())
+                    _fsync_dir(self.directory)
+            except OSError:
+                fh.close()
+                self._path(seg).unlink(missing_ok=True)
+                raise
+            self._fh, self._active = fh, seg
+            self._ends[seg] = self._sizes[seg] = len(FILE_HEADER)
+            self._rows[seg] = 0
+            if self._cursor is None:
+                self._cursor = (seg, len(FILE_HEADER))
+        return self._fh, seg
+
+    def _close_active(self, sync: bool = False) -> None:
+        if self._fh is not None:
+            try:
+                if sync and self.fsync:
+                    os.fsync(self._fh.fileno())
+            finally:
+                self._fh.close()
+        self._fh, self._active = None, None
+
+    # -- replay -----------------------------------------------------------------------
+    def peek(self) -> Record | None:
+        """The oldest record not yet consumed, or None when everything is replayed."""
+        while self._cursor is not None:
+            seg, off = self._cursor
+            if off < self._ends[seg]:
+                with open(self._path(seg), "rb") as fh:
+                    fh.seek(off)
+                    data = fh.read(self._ends[seg] - off)
+                rec = _read_record(data, 0)
+                if rec is None:  # cannot happen for bytes we scanned or wrote ourselves
+                    raise OSError(f"journal {self._path(seg)}: record at {off} unreadable")
+                payload, end = rec
+                return Record(seg, off, off + end, decode_rows(payload))
+            if not self._finish_segment(seg):
+                return None
+        return None
+
+    def consume(self, rec: Record) -> None:
+        """Mark ``rec`` committed to the database; delete its file once fully replayed."""
+        assert self._cursor == (rec.segment, rec.offset), "records are consumed in order"
+        n = len(rec.rows)
+        self._rows[rec.segment] -= n
+        self.pending_rows -= n
+        self._cursor = (rec.segment, rec.end)
+        if rec.end >= self._ends[rec.segment]:
+            self._finish_segment(rec.segment)
+
+    def _finish_segment(self, seg: int) -> bool:
+        """Delete a fully replayed segment and move the cursor on; False if none follows."""
+        if seg == self._active:
+            # Everything appended so far is committed: start a fresh file next time so
+            # this one can go now rather than when the next rotation happens.
+            self._close_active()
+        self._delete(seg)
+        later = [s for s in self._ends if s > seg]
+        self._cursor = (min(later), len(FILE_HEADER)) if later else None
+        return bool(later)
+
+    def _delete(self, seg: int) -> None:
+        try:
+            self._path(seg).unlink()
+        except FileNotFoundError:
+            pass
+        self.pending_rows -= self._rows.pop(seg, 0)
+        self._ends.pop(seg, None)
+        self._sizes.pop(seg, None)
+        if self.fsync:
+            _fsync_dir(self.directory)
+
+    def close(self) -> None:
+        self._close_active()
+
+
+def _write_all(fh: Any, blob: bytes) -> None:
+    # An unbuffered file may take fewer bytes than offered; a record must go out whole.
+    view = memoryview(blob)
+    while view:
+        n = fh.write(view)
+        view = view[n:]
+
+
+def _read_record(data: bytes | memoryview, off: int) -> tuple[bytes, int] | None:
+    """(payload, end offset) of the record at ``off``, or None if short or corrupt."""
+    if off + _REC_HEAD.size > len(data):
+        return None
+    length, crc = _REC_HEAD.unpack_from(data, off)
+    start = off + _REC_HEAD.size
+    if length < _PAYLOAD_HEAD.size or length > MAX_RECORD_BYTES or start + length > len(data):
+        return None
+    payload = bytes(data[start : start + length])
+    if zlib.crc32(payload, zlib.crc32(data[off : off + 4])) != crc:
+        return None
+    return payload, start + length
