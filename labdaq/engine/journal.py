@@ -28,9 +28,10 @@ CRC does not match; everything before it is valid, the rest is reported and igno
 New records always go to a new segment after a restart, never after a torn tail.
 
 Disk bound: ``max_bytes`` caps the total size of all segment files (default 1 GiB ≈ 11 M
-sample rows). An append that would exceed it is refused (:class:`JournalFull`); the writer
-then drops that batch and raises its ``journal_overflowed`` flag so the engine can record
-an interruption instead of stalling acquisition. Segments rotate at ``segment_bytes`` so
+sample rows). A batch whose record would exceed it is not written (``append_many`` returns
+how many batches fit); the writer then drops that batch and raises its
+``journal_overflowed`` flag so the engine can record an interruption instead of stalling
+acquisition. Segments rotate at ``segment_bytes`` so
 that replayed files can be deleted while new records are still being appended.
 
 Not thread-safe: the writer calls it from one task, one call at a time (in a worker
@@ -63,10 +64,6 @@ KIND_JSON = 2
 # A record larger than this can only be a corrupt length field (batches are far smaller).
 MAX_RECORD_BYTES = 256 << 20
 _NAME = re.compile(r"^samples-(\d{10})\.journal$")
-
-
-class JournalFull(Exception):
-    """The journal's disk bound (``max_bytes``) would be exceeded."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +163,7 @@ class Journal:
         self._cursor: tuple[int, int] | None = None  # (segment, offset) of next to replay
         self.pending_rows = 0
         self.ignored_bytes = 0  # torn or corrupt bytes found at open
+        self.lost_rows = 0  # rows in records that could not be read back for replay
         self._opened = False
 
     # -- state ------------------------------------------------------------------------
@@ -305,20 +303,31 @@ class Journal:
 
     # -- replay -----------------------------------------------------------------------
     def peek(self) -> Record | None:
-        """The oldest record not yet consumed, or None when everything is replayed."""
+        """The oldest record not yet consumed, or None when everything is replayed.
+
+        A record that cannot be read back (file removed or damaged after it was scanned)
+        is skipped and its rows counted in ``lost_rows``, so one bad file cannot stop
+        the replay of everything behind it.
+        """
         while self._cursor is not None:
             seg, off = self._cursor
-            if off < self._ends[seg]:
+            if off >= self._ends[seg]:
+                if not self._finish_segment(seg):
+                    return None
+                continue
+            try:
                 with open(self._path(seg), "rb") as fh:
                     fh.seek(off)
                     data = fh.read(self._ends[seg] - off)
                 rec = _read_record(data, 0)
-                if rec is None:  # cannot happen for bytes we scanned or wrote ourselves
-                    raise OSError(f"journal {self._path(seg)}: record at {off} unreadable")
+                if rec is None:
+                    raise ValueError(f"record at offset {off} no longer valid")
                 payload, end = rec
                 return Record(seg, off, off + end, decode_rows(payload))
-            if not self._finish_segment(seg):
-                return None
+            except (OSError, ValueError, struct.error) as exc:
+                log.error("journal %s unreadable, rest of file lost: %s", self._path(seg), exc)
+                self.lost_rows += self._rows.get(seg, 0)
+                self._finish_segment(seg)
         return None
 
     def consume(self, rec: Record) -> None:

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import time
 import weakref
@@ -256,6 +257,9 @@ class SampleWriter:
             return
         while self._pending + n > self.max_pending_rows:
             self._check_alive()
+            # The open batch counts too; hand it over so the writer can free its space
+            # now rather than when it ages out.
+            self._hand_over()
             self._space.clear()
             await self._space.wait()
         if not self._buf:
@@ -350,7 +354,7 @@ class SampleWriter:
                 if self._closing:
                     return
                 await self._sleep(now)
-        except BaseException:
+        except Exception:
             log.exception("sample writer stopped")
             raise
         finally:
@@ -416,6 +420,8 @@ class SampleWriter:
         assert self._journal is not None
         while self._batches:
             batches.append(self._batches.popleft())
+        if not batches:
+            return
         try:
             written = await asyncio.to_thread(self._journal.append_many, batches)
         except OSError as exc:
@@ -471,14 +477,17 @@ class SampleWriter:
         # Most likely the run was deleted (foreign key): drop its rows in one query.
         known = await self._known_runs(rows)
         if known is not None:
-            kept = [r for r in rows if r[0] in known]
+            try:
+                kept = [r for r in rows if r[0] in known]
+            except TypeError:  # an unhashable run_id: leave it to the bisection
+                kept = list(rows)
             self._reject(len(rows) - len(kept), "run does not exist")
             rows = kept
         # Then bisect what is left: a bad row costs about 2·log2(batch) transactions.
         stack: list[Rows] = [rows] if rows else []
         while stack:
             part = stack.pop()
-            outcome = await self._attempt(lambda part=part: self._insert(part))  # type: ignore[misc]
+            outcome = await self._attempt(functools.partial(self._insert, part))
             if outcome is _Outcome.DOWN:
                 return outcome
             if outcome is _Outcome.DATA:
@@ -502,11 +511,8 @@ class SampleWriter:
             async with self.engine.connect() as conn:
                 found.update((await conn.execute(select(Run.id).where(Run.id.in_(ids)))).scalars())
 
-        try:
-            ok = await self._attempt(query) is _Outcome.OK
-        except Exception:  # noqa: BLE001 - unhashable run ids etc.: fall back to bisecting
-            ok = False
-        return found if ok else None
+        # Errors (unhashable ids, the database gone) fall back to bisecting or retrying.
+        return found if await self._attempt(query) is _Outcome.OK else None
 
     async def _attempt(self, op: Callable[[], Awaitable[None]]) -> _Outcome:
         """Run one database operation, giving up on it after ``write_timeout_s``.
@@ -548,10 +554,8 @@ class SampleWriter:
     def _mark_down(self, why: str) -> None:
         now = time.monotonic()
         if self.db_available:
-            log.warning(
-                "database unavailable (%s); %s", why,
-                "journaling samples" if self._journal else "holding samples in memory",
-            )  # fmt: skip
+            where = "journaling samples" if self._journal else "holding samples in memory"
+            log.warning("database unavailable (%s); %s", why, where)
         else:
             log.debug("database still unavailable: %s", why)
         self.db_available = False
