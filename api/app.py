@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 import labdaq
-from labdaq.api.routers import channels, health, runs
+from labdaq.api.routers import channels, health, instruments, protocols, runs
 from labdaq.config import Settings, load_settings
 from labdaq.errors import LabdaqError
 from labdaq.storage.db import create_engine, sessionmaker
@@ -57,4 +57,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(channels.router)
     app.include_router(runs.router)
+    app.include_router(protocols.router)
+    app.include_router(instruments.router)
     return app

@@ -87,3 +87,62 @@ class CycleOut(BaseModel):
 class ErrorOut(BaseModel):
     detail: str
     errors: list[dict[str, object]] = []
+
+
+class StepOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    step_number: int
+    step_index: int
+    cycle_index: int
+    kind: str
+    start_t_s: float
+    end_t_s: float
+    end_reason: str
+    capacity_ah: float
+    energy_wh: float
+    end_voltage_v: float | None
+    dcir_ohm: float | None
+
+
+class EventOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    run_id: int | None
+    ts: datetime
+    kind: str
+    severity: str
+    message: str
+    data: dict[str, object]
+    actor: str | None
+
+
+class EisOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    step_index: int
+    cycle_index: int
+    t_s: float
+    instrument: str
+    dc_voltage_v: float | None
+    frequency_hz: list[float]
+    z_real_ohm: list[float]
+    z_imag_ohm: list[float]
+
+
+class TemplateOut(BaseModel):
+    name: str
+    description: str
+    content_hash: str
+    document: dict[str, object]
+
+
+class InstrumentOut(BaseModel):
+    id: int
+    name: str
+    driver: str
+    resource: str
+    options: dict[str, object]
+    channels: list[str]

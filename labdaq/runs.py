@@ -385,3 +385,36 @@ async def list_cycles(session: AsyncSession, run_id: int) -> list[m.Cycle]:
         select(m.Cycle).where(m.Cycle.run_id == run_id).order_by(m.Cycle.cycle_index)
     )
     return list(rows.all())
+
+
+async def list_runs(
+    session: AsyncSession, state: str | None, limit: int, offset: int
+) -> list[m.Run]:
+    q = select(m.Run).order_by(m.Run.id.desc()).limit(limit).offset(offset)
+    if state is not None:
+        q = q.where(m.Run.state == state)
+    return list((await session.scalars(q)).all())
+
+
+async def list_steps(session: AsyncSession, run_id: int) -> list[m.Step]:
+    await get_run(session, run_id)
+    rows = await session.scalars(
+        select(m.Step).where(m.Step.run_id == run_id).order_by(m.Step.step_number)
+    )
+    return list(rows.all())
+
+
+async def list_events(session: AsyncSession, run_id: int) -> list[m.Event]:
+    await get_run(session, run_id)
+    rows = await session.scalars(
+        select(m.Event).where(m.Event.run_id == run_id).order_by(m.Event.id)
+    )
+    return list(rows.all())
+
+
+async def list_spectra(session: AsyncSession, run_id: int) -> list[m.EisSpectrum]:
+    await get_run(session, run_id)
+    rows = await session.scalars(
+        select(m.EisSpectrum).where(m.EisSpectrum.run_id == run_id).order_by(m.EisSpectrum.id)
+    )
+    return list(rows.all())

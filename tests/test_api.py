@@ -128,3 +128,62 @@ async def test_bad_input_is_422_naming_the_field(client, change: dict, field: st
     locs = [e["loc"] for e in r.json()["errors"]]
     assert field in locs, locs
     assert field.split(".")[-1] in r.json()["detail"]
+
+
+async def test_templates_listed_and_runnable_by_name(client) -> None:
+    c, tokens = client
+    h = auth(tokens["engineer"])
+    names = [t["name"] for t in (await c.get("/api/v1/protocols/templates", headers=h)).json()]
+    assert "capacity_check_c3" in names and "basic_cycle" in names
+    one = (await c.get("/api/v1/protocols/templates/basic_cycle", headers=h)).json()
+    assert one["content_hash"].startswith("sha256:")
+    assert (await c.get("/api/v1/protocols/templates/nope", headers=h)).status_code == 404
+    t = auth(tokens["technician"])
+    body = {"channel": "smu1/1", "cell": CELL, "template": "basic_cycle"}
+    r = await c.post("/api/v1/runs", json=body, headers=t)
+    assert r.status_code == 201, r.text
+    # A template that needs a chamber is refused on a channel without one, naming the step.
+    await c.post(f"/api/v1/runs/{r.json()['id']}/stop", headers=t)
+    body = {"channel": "smu1/1", "cell": CELL, "template": "capacity_check_c3"}
+    r = await c.post("/api/v1/runs", json=body, headers=t)
+    assert r.status_code == 422
+    assert r.json()["errors"][0]["loc"].startswith("template.steps[")
+    assert "chamber" in r.json()["detail"]
+
+
+async def test_protocol_document_errors_name_the_step(client) -> None:
+    c, tokens = client
+    doc = {
+        "schema_version": 1,
+        "name": "bad",
+        "steps": [
+            {"step": "rest", "until": {"duration_s": 10}},
+            {"step": "cc", "current_a": 50.0, "until": {"voltage_v": 4.2}},
+            {"step": "warp"},
+        ],
+    }
+    body = {"channel": "smu1/1", "cell": CELL, "protocol_document": doc}
+    r = await c.post("/api/v1/runs", json=body, headers=auth(tokens["technician"]))
+    assert r.status_code == 422
+    locs = [e["loc"] for e in r.json()["errors"]]
+    assert any(loc.startswith("protocol_document.steps[2]") for loc in locs), locs
+
+
+async def test_admin_configures_instruments_with_audit(client) -> None:
+    c, tokens = client
+    cfg = {
+        "name": "cab1",
+        "driver": "cabinet",
+        "resource": "TCPIP::127.0.0.1::5025::SOCKET",
+        "channels": [{"index": 1, "max_current_a": 10}, {"index": 2}],
+    }
+    r = await c.put("/api/v1/instruments", json=cfg, headers=auth(tokens["technician"]))
+    assert r.status_code == 403
+    r = await c.put("/api/v1/instruments", json=cfg, headers=auth(tokens["admin"]))
+    assert r.status_code == 200, r.text
+    assert r.json()["channels"] == ["cab1/1", "cab1/2"]
+    bad = {**cfg, "driver": "nonesuch"}
+    r = await c.put("/api/v1/instruments", json=bad, headers=auth(tokens["admin"]))
+    assert r.status_code == 422 and "nonesuch" in r.json()["detail"]
+    listed = (await c.get("/api/v1/instruments", headers=auth(tokens["engineer"]))).json()
+    assert [i["name"] for i in listed] == ["smu1", "cab1"]

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Query, status
 
 from labdaq import runs as service
 from labdaq.api.deps import Operator, Reader, Session
-from labdaq.api.schemas import CycleOut, RunOut, SamplesOut
+from labdaq.api.schemas import CycleOut, EisOut, EventOut, RunOut, SamplesOut, StepOut
 from labdaq.runs import RunCreate
 from labdaq.storage.models import SAMPLE_COLUMNS
 
@@ -18,6 +18,19 @@ async def create_run(body: RunCreate, session: Session, token: Operator) -> RunO
     run = await service.create_run(session, body, actor=token.name)
     await session.commit()
     return RunOut.model_validate(run)
+
+
+@router.get("", response_model=list[RunOut])
+async def list_runs(
+    session: Session,
+    _: Reader,
+    state: str | None = Query(None, description="only runs in this state"),
+    limit: int = Query(100, ge=1, le=1000),
+    offset: int = Query(0, ge=0),
+) -> list[RunOut]:
+    return [
+        RunOut.model_validate(r) for r in await service.list_runs(session, state, limit, offset)
+    ]
 
 
 @router.get("/{run_id}", response_model=RunOut)
@@ -67,3 +80,18 @@ async def get_samples(
 @router.get("/{run_id}/cycles", response_model=list[CycleOut])
 async def get_cycles(run_id: int, session: Session, _: Reader) -> list[CycleOut]:
     return [CycleOut.model_validate(c) for c in await service.list_cycles(session, run_id)]
+
+
+@router.get("/{run_id}/steps", response_model=list[StepOut])
+async def get_steps(run_id: int, session: Session, _: Reader) -> list[StepOut]:
+    return [StepOut.model_validate(x) for x in await service.list_steps(session, run_id)]
+
+
+@router.get("/{run_id}/events", response_model=list[EventOut])
+async def get_events(run_id: int, session: Session, _: Reader) -> list[EventOut]:
+    return [EventOut.model_validate(x) for x in await service.list_events(session, run_id)]
+
+
+@router.get("/{run_id}/eis", response_model=list[EisOut])
+async def get_eis(run_id: int, session: Session, _: Reader) -> list[EisOut]:
+    return [EisOut.model_validate(x) for x in await service.list_spectra(session, run_id)]
