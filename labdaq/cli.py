@@ -264,7 +264,10 @@ def serve(
         while not desc_path.exists():
             if children[0][1].poll() is not None or time.monotonic() > deadline:
                 _stop_children(children)
-                raise typer.Exit(f"simulated lab did not start (exit {children[0][1].poll()})")
+                typer.echo(
+                    f"simulated lab did not start (exit {children[0][1].poll()})", err=True
+                )
+                raise typer.Exit(1)
             time.sleep(0.05)
         desc = json.loads(desc_path.read_text())
         token = asyncio.run(_register_sim_lab(url, desc))

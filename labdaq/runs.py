@@ -200,7 +200,7 @@ def resolve_request(
         doc = req.protocol_document
         prefix = "protocol_document"
     try:
-        protocol = load_template(req.template) if doc is None else parse_protocol(doc)
+        protocol = parse_protocol(doc) if doc is not None else load_template(str(req.template))
         max_i = channel.max_current_a
         resolved = resolve(
             protocol,
