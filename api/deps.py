@@ -11,20 +11,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from labdaq.auth import ROLE_GRANTS, lookup_token
 from labdaq.storage import models as m
+from labdaq.storage.db import session_scope
 
 _bearer = HTTPBearer(auto_error=False)
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     """One session per request; committed if the handler returns, rolled back on error."""
-    maker = request.app.state.sessionmaker
-    async with maker() as session:
-        try:
-            yield session
-            await session.commit()
-        except BaseException:
-            await session.rollback()
-            raise
+    async with session_scope(request.app.state.sessionmaker) as session:
+        yield session
 
 
 Session = Annotated[AsyncSession, Depends(get_session)]

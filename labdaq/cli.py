@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from labdaq.config import load_settings
+from labdaq.signals import stop_event
 
 app = typer.Typer(help="labdaq: data acquisition for a battery testing laboratory.")
 db_app = typer.Typer(help="Database schema management.")
@@ -264,9 +265,7 @@ def serve(
         while not desc_path.exists():
             if children[0][1].poll() is not None or time.monotonic() > deadline:
                 _stop_children(children)
-                typer.echo(
-                    f"simulated lab did not start (exit {children[0][1].poll()})", err=True
-                )
+                typer.echo(f"simulated lab did not start (exit {children[0][1].poll()})", err=True)
                 raise typer.Exit(1)
             time.sleep(0.05)
         desc = json.loads(desc_path.read_text())
@@ -278,20 +277,13 @@ def serve(
     typer.echo(f"labdaq is starting: API {base}  (docs {base}/docs, health {base}/health)")
     if token:
         typer.echo(_demo_text(base, token, desc))
-    stop = False
-
-    def _stop(*_: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGTERM, _stop)
+    stop = stop_event()
     try:
-        while not stop:
+        while not stop.is_set():
             for name, proc in children:
                 if proc.poll() is not None:
                     typer.echo(f"{name} process exited with {proc.returncode}; stopping", err=True)
-                    stop = True
+                    stop.set()
             time.sleep(0.2)
     finally:
         _stop_children(children)

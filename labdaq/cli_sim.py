@@ -9,13 +9,14 @@ the JSON description the supervisor registers.
 from __future__ import annotations
 
 import json
-import signal
 import sys
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from labdaq.signals import stop_event
 
 _KINDS = ("smu", "cabinet", "impedance", "logger", "chamber")
 
@@ -101,15 +102,8 @@ def sim(
         typer.echo(f"ready: {len(desc['instruments'])} simulated instrument(s) at speed "
                    f"{speed:g}; Ctrl-C stops the lab")
         sys.stdout.flush()
-        stop = False
-
-        def _stop(*_: object) -> None:
-            nonlocal stop
-            stop = True
-
-        signal.signal(signal.SIGINT, _stop)
-        signal.signal(signal.SIGTERM, _stop)
-        while not stop:
+        stop = stop_event()
+        while not stop.is_set():
             time.sleep(0.2)
     finally:
         lab.stop()
