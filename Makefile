@@ -2,7 +2,7 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-SPEED ?= 60
+SPEED ?= 100
 HOST ?= 127.0.0.1
 PORT ?= 8000
 DATA_DIR ?= ./data

@@ -304,7 +304,7 @@ def _demo_text(base: str, token: str, desc: dict[str, Any]) -> str:
             "discharge_cutoff_v": cell["discharge_cutoff_v"],
             "cycles": 1,
         },
-        "sample_period_s": 5,
+        "sample_period_s": 2,
     }
     return (
         f"\nDemo technician token (shown once): {token}\n"

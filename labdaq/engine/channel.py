@@ -194,10 +194,13 @@ class ChannelRun:
             self.dcir = []
             tr.next_phase = self._first_phase(st, t_s)
             return tr
-        # Past the end: close the open cycle if it saw any current.
+        # Past the end: close the open cycle if it saw any current; a cycle a final loop
+        # end opened but nothing ran in is not a cycle.
         if self.cycle.charge_ah or self.cycle.discharge_ah:
             self.cycle.end_t_s = t_s
             tr.cycles.append(self.cycle.summary())
+        elif tr.cycles or self.cycle.cycle_index > 1:
+            self.cycle.cycle_index -= 1
         tr.done = True
         return tr
 

@@ -376,6 +376,9 @@ class InstrumentGroup:
         self._phases[k] = tr.next_phase
         self._load_phases()
         self.a_dvdt_ref_v[k] = np.nan
+        # The current steps at a phase change: a trapezoid across the change would smear
+        # the old current into the new step, so the next interval uses the new current.
+        self.a_last_v[k] = np.nan
         return False
 
     async def _handle_requests(self) -> None:
