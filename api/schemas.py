@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    # SQLite stores timestamps without their zone; every timestamp labdaq writes is UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
 
 
 class Health(BaseModel):
@@ -38,9 +49,9 @@ class RunOut(BaseModel):
     state: str
     requested_action: str | None
     sample_period_s: float
-    created_at: datetime
-    started_at: datetime | None
-    ended_at: datetime | None
+    created_at: UtcDatetime
+    started_at: UtcDatetime | None
+    ended_at: UtcDatetime | None
     end_reason: str | None
     step_index: int
     step_count: int
@@ -110,7 +121,7 @@ class EventOut(BaseModel):
 
     id: int
     run_id: int | None
-    ts: datetime
+    ts: UtcDatetime
     kind: str
     severity: str
     message: str
