@@ -11,9 +11,11 @@ Data path::
 * Back-pressure, never an unbounded buffer: every row handed to :meth:`SampleWriter.put`
   counts against ``max_pending_rows`` until it is committed, journaled or rejected;
   ``put`` waits for space, and that is the only thing it ever waits for.
-* Idempotent inserts on ``(run_id, seq)``: SQLite ``INSERT OR IGNORE``; PostgreSQL COPY
-  (asyncpg ``copy_records_to_table``) into a per-connection TEMP staging table, then
-  ``INSERT ... SELECT ... ON CONFLICT (run_id, seq) DO NOTHING`` in the same transaction.
+* Idempotent inserts on ``(run_id, seq)``. SQLite: ``executemany`` of ``INSERT ... ON
+  CONFLICT (run_id, seq) DO NOTHING`` (not ``INSERT OR IGNORE``, which would also silently
+  skip NOT NULL violations). PostgreSQL: COPY (asyncpg ``copy_records_to_table``) into a
+  per-connection TEMP staging table, then ``INSERT ... SELECT ... ON CONFLICT (run_id, seq)
+  DO NOTHING`` in the same transaction.
   So a batch whose commit outcome is unknown (timeout, dropped connection) can be written
   again — from the journal — without ever duplicating a sample.
 * Database unavailable (any error that is not about the rows themselves: SQLite "database
@@ -76,7 +78,11 @@ _PG_STAGE_DDL = (
 
 
 def insert_sql(dialect_name: str, paramstyle: str) -> str:
-    """INSERT for samples that ignores rows already stored, so replays never duplicate."""
+    """INSERT for samples that skips rows already stored, so replays never duplicate.
+
+    Only the (run_id, seq) conflict is skipped: other constraint violations still raise,
+    so the writer can count and report the rows it could not store.
+    """
     cols = ", ".join(SAMPLE_COLUMNS)
     n = len(SAMPLE_COLUMNS)
     if paramstyle in ("numeric_dollar",):
@@ -85,8 +91,6 @@ def insert_sql(dialect_name: str, paramstyle: str) -> str:
         ph = ", ".join(["%s"] * n)
     else:
         ph = ", ".join(["?"] * n)
-    if dialect_name == "sqlite":
-        return f"INSERT OR IGNORE INTO samples ({cols}) VALUES ({ph})"
     return f"INSERT INTO samples ({cols}) VALUES ({ph}) ON CONFLICT (run_id, seq) DO NOTHING"
 
 
