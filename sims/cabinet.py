@@ -264,6 +264,11 @@ class CabinetSim:
         self._snapshot: tuple[FloatArray, FloatArray, FloatArray, IntArray, IntArray] | None
         self._snapshot = None
         self._reply_cache: dict[str, str] = {}
+        # Fault injection (labdaq.sims.faults): a frozen cabinet keeps answering the last
+        # snapshot it measured while the cells move on (a hung measurement loop).
+        self.frozen = False
+        self._last_snapshot: tuple[FloatArray, FloatArray, FloatArray, IntArray, IntArray] | None
+        self._last_snapshot = None
         self.parser = ScpiParser(
             idn=f"LABDAQ,{self.model},{serial},{firmware}", on_reset=self._reset,
         )
@@ -492,6 +497,8 @@ class CabinetSim:
     def snapshot(self) -> tuple[FloatArray, FloatArray, FloatArray, IntArray, IntArray]:
         """(voltage_v, current_a, temperature_c, mode, status) of every channel, cached
         until time advances or a setting changes."""
+        if self.frozen and self._last_snapshot is not None:
+            return self._last_snapshot  # physics still uses _snapshot / _drive, not this
         if self._snapshot is not None:
             return self._snapshot
         current, voltage, mode, compliance = self._drive()
@@ -500,6 +507,7 @@ class CabinetSim:
                   | (mode == MODE_CV) * STAT_CV | compliance * STAT_COMPLIANCE
                   | np.isnan(temperature) * STAT_TEMP_FAULT)
         self._snapshot = (voltage, current, temperature, mode.astype(np.int64), status)
+        self._last_snapshot = self._snapshot
         return self._snapshot
 
     # -- queries ----------------------------------------------------------------------

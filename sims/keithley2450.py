@@ -130,6 +130,10 @@ class Keithley2450Sim:
         self._prev_step: tuple[tuple[Any, ...], float, float, float] | None = None
         self.steps_taken = 0
         self.watchdog_tripped = False
+        # Fault injection (labdaq.sims.faults): a frozen SMU keeps answering the last values
+        # it measured while the cell moves on (a hung measurement loop). Not reset by *RST.
+        self.frozen = False
+        self._last_values: dict[str, float] = {}
         self.parser = ScpiParser(
             idn=f"KEITHLEY INSTRUMENTS INC.,MODEL {model},{serial},{firmware}",
             on_reset=self._reset,
@@ -344,6 +348,9 @@ class Keithley2450Sim:
         # Real 2450: with the output off in HIMP the relay is open; the model still reports
         # the cell voltage so a controller can read OCV before switching on.
         value = self.terminal_voltage() if what == "VOLT" else self.actual_current()
+        if self.frozen and what in self._last_values:
+            value = self._last_values[what]
+        self._last_values[what] = value
         self.last_reading = value
         return format_nr3(value)
 

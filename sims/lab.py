@@ -18,11 +18,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from labdaq.sims.clock import SimClock
+from labdaq.sims.clock import Clock, SimClock
 from labdaq.sims.keithley2450 import MODEL_LIMITS, Keithley2450Sim
 from labdaq.sims.server import SimServer
+
+if TYPE_CHECKING:
+    from labdaq.sims.faults import FaultScheduler
 
 KINDS = ("smu", "cabinet", "impedance", "logger", "chamber")
 TRANSPORTS = ("tcp", "pty")
@@ -103,6 +106,7 @@ class SimLab:
         chamber: bool | int = False,
         room_c: float = 25.0,
         transport: str | Mapping[str, str] = "tcp",
+        clock: Clock | None = None,
     ) -> None:
         from labdaq.sims.cell import load_cell_spec
 
@@ -119,7 +123,9 @@ class SimLab:
         if smu_model not in MODEL_LIMITS:
             raise ValueError(f"smu_model must be one of {sorted(MODEL_LIMITS)}")
         self._transport = self._check_transport(transport)
-        self.clock = SimClock(speed)
+        # A ManualClock makes a lab deterministic (tests, benchmarks); `speed` is then unused.
+        self.clock: Any = clock if clock is not None else SimClock(speed)
+        self._faults: FaultScheduler | None = None
         self.spec = load_cell_spec(cell_spec)
         self.smu_model = smu_model
         self.seed = seed
@@ -308,6 +314,8 @@ class SimLab:
                 self.stop()
                 raise
             self._started = True
+            if self._faults is not None:
+                self._faults.start()  # faults injected before start() fire now
         return self.description()
 
     def description(self) -> dict[str, Any]:
@@ -370,7 +378,18 @@ class SimLab:
     def sims(self) -> list[Any]:
         return [inst.sim for inst in self.instruments]
 
+    @property
+    def faults(self) -> FaultScheduler:
+        """Fault injection and scenarios on this lab's clock (labdaq.sims.faults)."""
+        if self._faults is None:
+            from labdaq.sims.faults import FaultScheduler
+
+            self._faults = FaultScheduler(self)
+        return self._faults
+
     def stop(self) -> None:
+        if self._faults is not None:
+            self._faults.stop()
         for inst in self.instruments:
             if inst.server is not None:
                 inst.server.stop()
