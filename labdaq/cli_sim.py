@@ -3,7 +3,9 @@
 The printed table is the contract tests and users rely on: one line per instrument,
 ``<name> <driver> <resource>``, then a ``ready`` line; ``--write-config`` writes the same
 lab as an instruments file (``labdaq instruments check`` accepts it) and ``--describe``
-the JSON description the supervisor registers.
+the JSON description the supervisor registers. ``--fault`` and ``--scenario`` schedule
+faults (labdaq.sims.faults); each scheduled fault adds a ``fault <id> ...`` line before
+``ready``, and each one firing prints a ``t=<sim s> fault <id> applied|cleared`` line.
 """
 
 from __future__ import annotations
@@ -71,6 +73,13 @@ def sim(
     write_config: Annotated[
         Path | None, typer.Option(help="write an instruments TOML for this lab to this file")
     ] = None,
+    fault: Annotated[list[str] | None, typer.Option(
+        help="inject a fault: <kind>:<target>[:key=value,...][@<t_s>], e.g. "
+             "internal_short:smu1:resistance_ohm=2@600 (repeatable; docs/cells.md)")] = None,
+    scenario: Annotated[str | None, typer.Option(
+        help="schedule a fault scenario: a name in seeds/scenarios (internal_short, "
+             "thermal_runaway, flaky_link, sensor_dropout) or a YAML file; adds the "
+             "instruments it needs")] = None,
 ) -> None:
     """Start a simulated lab and print the resource strings of its instruments."""
     from labdaq.sims.lab import SimLab
@@ -80,13 +89,24 @@ def sim(
     if not 0.0 <= soc <= 1.0:
         raise typer.BadParameter(f"{soc!r}: expected 0..1", param_hint="--soc")
     try:
+        from labdaq.sims.faults import ScheduledFault, load_scenario, parse_fault_option
+
+        # Faults are validated before anything is served: a typo exits 2, lab unstarted.
+        specs = [parse_fault_option(text) for text in fault or []]
+        plan = load_scenario(scenario) if scenario else None
+        counts = dict(smus=smus, cabinets=cabinets, cabinet_channels=cabinet_channels,
+                      impedance=impedance, loggers=loggers, logger_channels=logger_channels,
+                      chamber=chamber)
+        if plan is not None:
+            counts = plan.lab.apply(counts)
         lab = SimLab(
-            speed=speed, smus=smus, cell_spec=cell, soc=soc, seed=seed,
-            watchdog_s=watchdog if watchdog > 0 else None,
-            cabinets=cabinets, cabinet_channels=cabinet_channels, impedance=impedance,
-            loggers=loggers, logger_channels=logger_channels, chamber=chamber, room_c=room,
-            transport=_parse_transports(transport or []),
+            speed=speed, cell_spec=cell, soc=soc, seed=seed,
+            watchdog_s=watchdog if watchdog > 0 else None, room_c=room,
+            transport=_parse_transports(transport or []), **counts,
         )
+        scheduled = lab.faults.load(plan) if plan is not None else []
+        scheduled += [lab.faults.schedule(spec, source="--fault", where=f"--fault {text!r}")
+                      for text, spec in zip(fault or [], specs, strict=True)]
     except (ValueError, FileNotFoundError) as exc:
         typer.echo(f"error: labdaq sim: {exc}", err=True)
         raise typer.Exit(code=2) from None
@@ -99,9 +119,17 @@ def sim(
             typer.echo(f"instruments configuration written to {write_config}")
         if describe is not None:
             _write_atomic(describe, json.dumps(desc, indent=2))
+        for f in scheduled:
+            typer.echo(f"fault {f.id:<6} {f.describe()}")
         typer.echo(f"ready: {len(desc['instruments'])} simulated instrument(s) at speed "
                    f"{speed:g}; Ctrl-C stops the lab")
         sys.stdout.flush()
+        if scheduled:
+            def _report(f: ScheduledFault, what: str) -> None:
+                t = f.fired_at_s if what == "applied" else f.cleared_at_s
+                typer.echo(f"t={t or 0.0:.1f} s fault {f.id} {what}: {f.describe()}")
+
+            lab.faults.on_event = _report
         stop = stop_event()
         while not stop.is_set():
             time.sleep(0.2)

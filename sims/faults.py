@@ -441,12 +441,13 @@ class FaultScheduler:
             entry["at_s"] = at_s
         if duration_s is not None:
             entry["duration_s"] = duration_s
-        return self.schedule(parse_fault(entry, "inject()"))
+        return self.schedule(parse_fault(entry, "inject()"), where="inject()")
 
-    def schedule(self, spec: FaultSpec, *, source: str = "api",
-                 offset_s: float = 0.0) -> ScheduledFault:
-        """Schedule a validated fault; ``offset_s`` shifts its time (scenario start)."""
-        fault = self._prepare(spec, source, offset_s)
+    def schedule(self, spec: FaultSpec, *, source: str = "api", offset_s: float = 0.0,
+                 where: str = "fault") -> ScheduledFault:
+        """Schedule a validated fault; ``offset_s`` shifts its time (scenario start);
+        ``where`` names the fault in errors (e.g. the ``--fault`` text)."""
+        fault = self._prepare(spec, source, offset_s, where)
         self._enqueue([fault])
         return fault
 
