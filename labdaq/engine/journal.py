@@ -181,6 +181,8 @@ class Journal:
     # -- open / scan ------------------------------------------------------------------
     def open(self) -> None:
         """Scan existing segments (left by a previous process) so they are replayed first."""
+        if self._opened:
+            return
         self.directory.mkdir(parents=True, exist_ok=True)
         for path in sorted(self.directory.iterdir()):
             m = _NAME.match(path.name)
@@ -313,7 +315,7 @@ class Journal:
             seg, off = self._cursor
             if off >= self._ends[seg]:
                 if not self._finish_segment(seg):
-                    return None
+                    break
                 continue
             try:
                 with open(self._path(seg), "rb") as fh:
@@ -328,6 +330,9 @@ class Journal:
                 log.error("journal %s unreadable, rest of file lost: %s", self._path(seg), exc)
                 self.lost_rows += self._rows.get(seg, 0)
                 self._finish_segment(seg)
+        # Nothing left to read, so nothing can be pending (keeps a caller's
+        # "while pending_rows: peek()" loop from spinning on a miscount).
+        self.pending_rows = 0
         return None
 
     def consume(self, rec: Record) -> None:
