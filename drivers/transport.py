@@ -516,10 +516,12 @@ class SerialTransport(Transport):
             "stopbits": stopbits, "xonxoff": xonxoff, "rtscts": rtscts, "dsrdtr": dsrdtr,
         }
         self._ser: Any = None
+        self._pending = b""
 
     def _open(self) -> None:
         import serial
 
+        self._pending = b""
         # serial_for_url resets the input buffer on open, which discards stale replies.
         self._ser = serial.serial_for_url(
             self.port, timeout=self.timeout_s, write_timeout=self.timeout_s,
@@ -541,6 +543,9 @@ class SerialTransport(Transport):
 
         try:
             waiting = self._ser.in_waiting
+            if self._pending:
+                log.warning("%s: discarding %d stale bytes", self.resource, len(self._pending))
+                self._pending = b""
             if waiting:
                 stale = self._ser.read(waiting)
                 log.warning("%s: discarding %d stale bytes", self.resource, len(stale))
@@ -552,8 +557,10 @@ class SerialTransport(Transport):
         import serial
 
         try:
+            # No flush(): on POSIX pyserial's write() has handed every byte to the driver
+            # when it returns, and tcdrain() would wait for the line to transmit them
+            # (measured ~0.7 ms per query on a pty) without making the reply come sooner.
             self._ser.write(data)
-            self._ser.flush()
         except serial.SerialTimeoutException as exc:
             raise InstrumentTimeout(f"write not accepted within {self.timeout_s:g} s",
                                     instrument=self.resource, expected="write") from exc
@@ -561,12 +568,38 @@ class SerialTransport(Transport):
             raise ConnectionFailed(f"write failed: {exc}", instrument=self.resource,
                                    expected="an open port") from exc
 
+    def _read_line(self, term: bytes) -> bytes:
+        """Read up to ``term`` in chunks of what is waiting.
+
+        pyserial's ``read_until`` reads one byte per system call (two with its select),
+        which cost ~0.4 ms for a 50-byte reply; reading what is waiting is 5-10x cheaper.
+        Bytes after the terminator stay in ``_pending`` for the next read.
+        """
+        buf = self._pending
+        deadline = time.monotonic() + self.timeout_s
+        while term not in buf:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            # read(n) returns at once when n bytes are waiting; read(1) waits up to the
+            # port timeout (not re-set here: changing it reconfigures the tty).
+            chunk = self._ser.read(max(1, self._ser.in_waiting))
+            if not chunk:
+                break
+            buf += chunk
+        cut = buf.find(term)
+        if cut < 0:
+            self._pending = b""
+            return buf
+        self._pending = buf[cut + 1 :]
+        return buf[: cut + 1]
+
     def _receive(self) -> bytes:
         import serial
 
         term_last = self.read_termination.encode(self.encoding)[-1:]
         try:
-            data = bytes(self._ser.read_until(term_last))
+            data = self._read_line(term_last)
         except (serial.SerialException, OSError) as exc:
             raise ConnectionFailed(f"read failed: {exc}", instrument=self.resource,
                                    expected="a reply") from exc
