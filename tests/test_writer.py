@@ -89,15 +89,15 @@ class RecordingWriter(SampleWriter):
         self.inserts.append((time.monotonic(), len(rows)))
 
 
-def _writer_engine(url: str) -> AsyncEngine:
-    """An engine whose SQLite connections give up on a lock after 50 ms, not 10 s."""
+def _writer_engine(url: str, busy_ms: int = 50) -> AsyncEngine:
+    """An engine whose SQLite connections give up on a lock after ``busy_ms``, not 10 s."""
     engine = create_engine(url)
     if make_url(url).get_backend_name() == "sqlite":
 
         def short_busy_timeout(dbapi_conn: Any, _record: Any) -> None:
             # Runs after labdaq's own connect hook (registered first), overriding 10 s.
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA busy_timeout=50")
+            cur.execute(f"PRAGMA busy_timeout={busy_ms}")
             cur.close()
 
         event.listen(engine.sync_engine, "connect", short_busy_timeout)
@@ -333,6 +333,62 @@ async def test_repeated_interruptions_lose_and_duplicate_nothing(
     finally:
         await engine.dispose()
         await check.dispose()
+
+
+async def test_journal_left_at_close_is_replayed_by_next_writer(
+    db_url: str, tmp_path: Path
+) -> None:
+    engine = _writer_engine(db_url)
+    try:
+        run_id = await _seed_run(engine)
+        jdir = tmp_path / "journal"
+        async with _outage(db_url):
+            writer = SampleWriter(engine, batch_rows=100, journal_dir=jdir, retry_max_s=0.1)
+            await writer.put(_rows(run_id, 1, 750))
+            await writer.close()  # the database is still down: rows stay journaled
+            assert writer.rows_journaled == 750 and writer.journal_pending_rows == 750
+        assert list(jdir.iterdir())
+        await engine.dispose()  # a new process: fresh connections
+        writer = SampleWriter(engine, journal_dir=jdir)
+        writer.start()
+        await writer.flush()
+        assert writer.rows_replayed == 750 and not list(jdir.iterdir())
+        await writer.close()
+        assert await _seqs(engine, run_id) == list(range(1, 751))
+    finally:
+        await engine.dispose()
+
+
+async def test_write_slower_than_timeout_goes_to_journal(sqlite_url: str, tmp_path: Path) -> None:
+    # busy_timeout (3 s) longer than the writer's patience (0.2 s): the blocked write keeps
+    # waiting in the background and commits once the lock is gone, while its rows are also
+    # journaled and later replayed; the idempotent insert keeps that at exactly once.
+    engine = _writer_engine(sqlite_url, busy_ms=3000)
+    try:
+        run_id = await _seed_run(engine)
+        writer = SampleWriter(
+            engine,
+            batch_rows=100,
+            batch_age_s=0.02,
+            journal_dir=tmp_path / "journal",
+            write_timeout_s=0.2,
+            retry_max_s=0.1,
+        )
+        writer.start()
+        slowest_put = 0.0
+        async with _outage(sqlite_url):
+            for start in range(1, 2001, 20):
+                t0 = time.perf_counter()
+                await writer.put(_rows(run_id, start, 20))
+                slowest_put = max(slowest_put, time.perf_counter() - t0)
+                await asyncio.sleep(0.008)
+            assert not writer.db_available and writer.rows_journaled > 0
+        assert slowest_put < 0.5, slowest_put
+        await writer.close()
+        assert writer.journal_pending_rows == 0
+        assert await _seqs(engine, run_id) == list(range(1, 2001))
+    finally:
+        await engine.dispose()
 
 
 async def test_no_journal_waits_in_memory_bounded(sqlite_url: str) -> None:

@@ -524,9 +524,12 @@ class SampleWriter:
         A timed-out operation is not cancelled (cancelling mid-COPY or mid-commit can wedge
         a pooled connection); it finishes in the background as a "straggler" while its
         rows go to the journal — harmless, because inserts are idempotent. No new attempt
-        starts while a straggler is outstanding.
+        starts while a straggler is outstanding; the next attempt first gives it another
+        ``write_timeout_s`` to finish (it usually does once the database is back).
         """
         if self._straggler is not None:
+            if not self._straggler.done():
+                await asyncio.wait({self._straggler}, timeout=self.write_timeout_s)
             if not self._straggler.done():
                 if time.monotonic() - self._straggler_since > 12 * self.write_timeout_s:
                     self._straggler.cancel()  # a black-holed connection never returns
