@@ -470,7 +470,10 @@ class FaultScheduler:
         target = self._resolve(spec, where)
         now = self.lab.clock.now()
         at = now if spec.at_s is None else spec.at_s + offset_s
-        clear = None if spec.duration_s is None else max(at, now) + spec.duration_s
+        # Times are absolute on the lab clock, so a scenario means the same whatever the
+        # moment it was loaded; a fault already overdue fires at once and still clears at
+        # at_s + duration_s.
+        clear = None if spec.duration_s is None else at + spec.duration_s
         return ScheduledFault(id=next(self._ids), spec=spec, target=target.label, at_s=at,
                               clear_at_s=clear, source=source, _where=target)
 
@@ -480,6 +483,7 @@ class FaultScheduler:
                 self.faults.append(fault)
                 heapq.heappush(self._heap, (fault.at_s, next(self._seq), "apply", fault))
         self.poll()  # immediate faults (and ones already overdue) fire now
+        self._ensure_thread()
         self._wake.set()
 
     def clear(self, fault: ScheduledFault) -> None:
@@ -579,6 +583,11 @@ class FaultScheduler:
                 heapq.heappush(self._heap, item)
             self._waiting.clear()
         self.poll()
+        self._ensure_thread()
+
+    def _ensure_thread(self) -> None:
+        # A ManualClock only moves in advance(), which fires faults itself: no thread, so
+        # nothing can fire at a wall-clock-dependent moment.
         if isinstance(self.lab.clock, ManualClock) or self._thread is not None:
             return
         self._stop.clear()
