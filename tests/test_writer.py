@@ -504,6 +504,33 @@ async def test_rejected_rows_are_isolated(db_engine: AsyncEngine) -> None:
     assert await _seqs(db_engine, run_id) == [s for s in range(1, 301) if s not in (11, 201)]
 
 
+class PoisonWriter(SampleWriter):
+    """A driver failure that no classifier knows, caused by one particular row."""
+
+    async def _insert(self, rows: Sequence[Sequence[Any]]) -> None:
+        if any(r[1] == 13 for r in rows):
+            raise RuntimeError("driver cannot encode this row")
+        await super()._insert(rows)
+
+
+async def test_unrecognised_error_on_one_row_does_not_block_the_rest(
+    db_engine: AsyncEngine, tmp_path: Path
+) -> None:
+    # Treated as an outage first (rows journaled), but once it persists while the database
+    # answers, the row is isolated and dropped instead of holding everything back.
+    run_id = await _seed_run(db_engine)
+    writer = PoisonWriter(
+        db_engine, batch_rows=100, journal_dir=tmp_path / "journal", retry_max_s=0.1
+    )
+    await writer.put(_rows(run_id, 1, 500))
+    await writer.flush()
+    await _until(lambda: writer.journal_pending_rows == 0)
+    await writer.put(_rows(run_id, 501, 10))
+    await writer.close()
+    assert writer.rows_rejected == 1 and writer.db_available
+    assert await _seqs(db_engine, run_id) == [s for s in range(1, 511) if s != 13]
+
+
 # -- journal format ------------------------------------------------------------------------
 
 

@@ -117,11 +117,7 @@ def _sqlstate(exc: BaseException) -> str | None:
 
 
 def is_data_error(exc: BaseException) -> bool:
-    """True when the error is about the rows (retrying cannot help), not the database.
-
-    Anything else counts as "database unavailable": the rows are kept (journal) and the
-    write retried, which is the safe side when an error is not recognised.
-    """
+    """True when the error is about the rows (retrying cannot help), not the database."""
     if isinstance(exc, (sa_exc.IntegrityError, sa_exc.DataError, sa_exc.ArgumentError)):
         return True
     state = _sqlstate(exc)
@@ -137,10 +133,54 @@ def is_data_error(exc: BaseException) -> bool:
     return isinstance(exc, (ValueError, TypeError)) and not isinstance(exc, OSError)
 
 
+# SQLSTATE classes that say "the database, not these rows": connection exception,
+# transaction rollback (serialization, deadlock), insufficient resources (disk full, too
+# many connections), object not in prerequisite state (not accepting connections),
+# operator intervention (shutdown, terminated backend), system error, and syntax/access
+# rule violations (missing table, privileges) — a deployment problem, never a reason to
+# drop samples.
+_UNAVAILABLE_STATES = ("08", "40", "42", "53", "55", "57", "58")
+
+
+def is_unavailable_error(exc: BaseException) -> bool:
+    """True when the error says the database cannot take writes right now."""
+    import asyncpg
+    from asyncpg.exceptions._base import InternalClientError
+
+    if isinstance(
+        exc,
+        (
+            OSError,
+            TimeoutError,
+            sa_exc.OperationalError,  # SQLite: database is locked, disk I/O error, ...
+            sa_exc.InterfaceError,
+            sa_exc.DisconnectionError,
+            sa_exc.TimeoutError,  # connection pool exhausted
+            asyncpg.InterfaceError,  # connection closed, operation in progress
+            InternalClientError,  # protocol state left behind by a dropped connection
+        ),
+    ):
+        return True
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    state = _sqlstate(exc)
+    return state is not None and state[:2] in _UNAVAILABLE_STATES
+
+
 class _Outcome(enum.Enum):
     OK = 1
     DOWN = 2  # database unavailable or too slow: keep the rows, retry later
     DATA = 3  # the database refused these rows
+    UNKNOWN = 4  # unrecognised error: treated as DOWN unless it persists (see _write_batch)
+
+
+def classify(exc: BaseException) -> _Outcome:
+    """DATA for errors about the rows, DOWN for an unavailable database, else UNKNOWN."""
+    if is_data_error(exc):
+        return _Outcome.DATA
+    if is_unavailable_error(exc):
+        return _Outcome.DOWN
+    return _Outcome.UNKNOWN
 
 
 class SampleWriter:
@@ -216,6 +256,7 @@ class SampleWriter:
         self._retry_delay = retry_min_s
         self._straggler: asyncio.Task[Any] | None = None
         self._straggler_since = 0.0
+        self._unknown_streak = 0  # consecutive unrecognised write errors
 
         self.rows_written = 0
         self.batches_written = 0
@@ -476,6 +517,18 @@ class SampleWriter:
     async def _write_batch(self, rows: Rows) -> _Outcome:
         """Commit rows; isolate and drop rows the database refuses. OK or DOWN."""
         outcome = await self._attempt(lambda: self._insert(rows))
+        if outcome is _Outcome.OK:
+            self._unknown_streak = 0
+        elif outcome is _Outcome.UNKNOWN:
+            # An unrecognised error keeps the rows (journal) like an outage would. But if
+            # it keeps coming while the database answers a trivial query, it is these rows
+            # that fail, and retrying them forever would hold every later sample back in
+            # the journal: isolate them like rows the database refuses.
+            self._unknown_streak += 1
+            if self._unknown_streak < 3 or not await self._db_alive():
+                return _Outcome.DOWN
+            log.error("a batch keeps failing (%s) while the database answers", self.last_error)
+            outcome = _Outcome.DATA
         if outcome is not _Outcome.DATA:
             return outcome
         # Most likely the run was deleted (foreign key): drop its rows in one query.
@@ -492,8 +545,10 @@ class SampleWriter:
         while stack:
             part = stack.pop()
             outcome = await self._attempt(functools.partial(self._insert, part))
-            if outcome is _Outcome.DOWN:
-                return outcome
+            if outcome is _Outcome.UNKNOWN and await self._db_alive():
+                outcome = _Outcome.DATA
+            if outcome is not _Outcome.OK and outcome is not _Outcome.DATA:
+                return _Outcome.DOWN
             if outcome is _Outcome.DATA:
                 if len(part) == 1:
                     self._reject(1, f"{part[0]!r}: {self.last_error}")
@@ -517,6 +572,13 @@ class SampleWriter:
 
         # Errors (unhashable ids, the database gone) fall back to bisecting or retrying.
         return found if await self._attempt(query) is _Outcome.OK else None
+
+    async def _db_alive(self) -> bool:
+        async def ping() -> None:
+            async with self.engine.connect() as conn:
+                await conn.exec_driver_sql("SELECT 1")
+
+        return await self._attempt(ping) is _Outcome.OK
 
     async def _attempt(self, op: Callable[[], Awaitable[None]]) -> _Outcome:
         """Run one database operation, giving up on it after ``write_timeout_s``.
@@ -547,11 +609,12 @@ class SampleWriter:
         if exc is None:
             self._mark_up()
             return _Outcome.OK
-        if is_data_error(exc):
+        outcome = classify(exc)
+        if outcome is _Outcome.DATA:
             self.last_error = f"{type(exc).__name__}: {exc}"
-            return _Outcome.DATA
-        self._mark_down(f"{type(exc).__name__}: {exc}")
-        return _Outcome.DOWN
+        else:
+            self._mark_down(f"{type(exc).__name__}: {exc}")
+        return outcome
 
     def _straggler_done(self, task: asyncio.Task[Any]) -> None:
         if not task.cancelled() and task.exception() is not None:
