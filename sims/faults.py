@@ -535,6 +535,8 @@ class FaultScheduler:
                     self._do_apply(fault, now)
                 elif fault.state == "active":
                     self._do_clear(fault)
+                else:
+                    continue  # already ended by clear()
                 fired.append(fault)
         return fired
 

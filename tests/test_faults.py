@@ -198,6 +198,25 @@ def test_targets_are_checked_against_the_lab() -> None:
         "frozen_readings"}
 
 
+def test_clear_cancels_pending_and_ends_active_faults() -> None:
+    lab = _lab()
+    bank = lab.by_name("cabinet1").sim.bank
+    later = lab.faults.inject("internal_short", "cabinet1/1", at_s=50, resistance_ohm=1.0)
+    now = lab.faults.inject("external_short", "cabinet1/2", resistance_ohm=0.5)
+    runaway = lab.faults.inject("thermal_runaway", "smu1", at_s=100)
+    assert [f.state for f in lab.faults.faults] == ["pending", "active", "pending"]
+    assert lab.faults.active == [now] and lab.faults.pending == [later, runaway]
+    lab.faults.clear(later)  # cancelled before it fired
+    lab.faults.advance(100)
+    assert later.state == "cleared" and later.fired_at_s is None
+    assert runaway.state == "done" and runaway.fired_at_s == 100.0
+    lab.faults.clear_all()
+    assert now.state == "cleared" and now.cleared_at_s == 100.0
+    lab.faults.advance(10)
+    assert bank.cell_current_a.tolist() == [0.0, 0.0]  # outputs off and no shorts left
+    assert lab.faults.next_time_s() is None
+
+
 # -- instrument faults through real drivers over TCP --------------------------------------
 
 
