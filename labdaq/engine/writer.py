@@ -18,9 +18,10 @@ Data path::
   DO NOTHING`` in the same transaction.
   So a batch whose commit outcome is unknown (timeout, dropped connection) can be written
   again — from the journal — without ever duplicating a sample.
-* Database unavailable (any error that is not about the rows themselves: SQLite "database
-  is locked" past its busy timeout, PostgreSQL refused/terminated connections, or a write
-  that has not finished within ``write_timeout_s``): the batch goes to the journal,
+* Database unavailable (SQLite "database is locked" past its busy timeout or other
+  OperationalError, PostgreSQL refused/terminated connections and SQLSTATE classes 08, 40,
+  42, 53, 55, 57, 58, or a write that has not finished within ``write_timeout_s``; an
+  unrecognised error counts as unavailable too, see below): the batch goes to the journal,
   ``db_available`` turns False, and from then on the writer drains the queue straight into
   the journal (one fsync per drain, not per row) so acquisition keeps running. It retries
   the database with exponential backoff (``retry_min_s`` … ``retry_max_s``) by replaying the
@@ -29,12 +30,16 @@ Data path::
 * Rows the database rejects (constraint or data errors: unknown run, NULL in a NOT NULL
   column, a value of the wrong type) would fail forever, so they are isolated — rows of
   runs that no longer exist in one query, the rest by bisecting the batch — logged and
-  counted in ``rows_rejected``; the rest of the batch is stored.
+  counted in ``rows_rejected``; the rest of the batch is stored. An unrecognised error that
+  repeats three times while the database answers ``SELECT 1`` is handled the same way, so
+  one poisonous row cannot hold every later sample back in the journal.
 * A journal left by a crashed process is replayed before anything else on start-up.
 * Disk bound: ``max_journal_bytes`` (default 1 GiB ≈ 11 M rows). A batch that does not fit
-  is dropped (``rows_dropped``) and ``journal_overflowed`` becomes True, so the engine can
-  record an interruption; blocking instead would stop the sampling loop and its safety
-  checks, which is worse than losing samples of a run that is by then hours into an outage.
+  (or cannot be written: disk error) is dropped (``rows_dropped``) and
+  ``journal_overflowed`` becomes True, so the engine can record an interruption (rows
+  found unreadable at replay are counted the same way). Blocking instead would stop the
+  sampling loop and its safety checks, which is worse than losing samples of a run that is
+  by then hours into an outage.
 * Without ``journal_dir`` there is nowhere durable to put rows: the writer retries with
   backoff holding them in memory and ``put`` waits once ``max_pending_rows`` are pending.
 
@@ -257,6 +262,7 @@ class SampleWriter:
         self._straggler: asyncio.Task[Any] | None = None
         self._straggler_since = 0.0
         self._unknown_streak = 0  # consecutive unrecognised write errors
+        self._journal_lost = 0  # journal.lost_rows already counted in rows_dropped
 
         self.rows_written = 0
         self.batches_written = 0
@@ -506,10 +512,15 @@ class SampleWriter:
                 # newer batches join the journal behind the records being replayed.
                 if self._pending - len(self._buf) > self.max_pending_rows // 2:
                     await self._spill([])
-            if journal.lost_rows:
-                log.error("sample journal: %d rows were unreadable", journal.lost_rows)
             log.info("sample journal replayed; writing directly again")
         finally:
+            lost = journal.lost_rows - self._journal_lost
+            if lost:
+                # A journal file damaged after it was written: these samples are gone.
+                self._journal_lost = journal.lost_rows
+                self.rows_dropped += lost
+                self.journal_overflowed = True
+                log.error("sample journal: %d rows unreadable, lost", lost)
             self._replay_attempts += 1
             self._pulse()
 
