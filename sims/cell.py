@@ -497,7 +497,12 @@ class CellBank:
         if self._soc_max > 1.0:
             # Charge pushed beyond full goes into side reactions (electrolyte oxidation,
             # plating): the steep OCV excess is dissipated rather than stored.
-            heat = heat + np.maximum(i_cell, 0.0) * (self._k_over * np.maximum(soc - 1.0, 0.0))
+            over = np.maximum(i_cell, 0.0) * (self._k_over * np.maximum(soc - 1.0, 0.0))
+            if self._any_runaway:
+                # A cell whose voltage has collapsed no longer turns the charger's energy
+                # into side reactions; without this a runaway cell kept heating past its peak.
+                over = over * (1.0 - self._collapse)
+            heat = heat + over
 
         temp_old = self._temp_c
         amb = self._ambient
