@@ -30,6 +30,13 @@ from labdaq.protocol import (
 
 NAN = math.nan
 
+#: How far past a voltage end condition the instrument's own voltage clamp sits. The
+#: engine ends the step at the first tick at or past the end voltage; between ticks the
+#: instrument holds the cell there (CV at the clamp) instead of letting it run on into the
+#: steep end of the OCV curve and through the safety window. Small against the default
+#: 0.1 V safety margin, large against reading noise so the end condition always fires.
+CLAMP_OVERSHOOT_V = 0.01
+
 
 @dataclass
 class Phase:
@@ -38,6 +45,9 @@ class Phase:
     mode: str  # "off" | "cc" | "cv"
     current_a: float = 0.0  # cc: signed set point; cv: current limit (magnitude)
     voltage_v: float = NAN  # cv: set point; cc: compliance voltage
+    # cc: lower compliance voltage for a discharge that ends on voltage (instruments that
+    # have one, e.g. a cycler cabinet's VLIM:LOW); NaN = none (0 V).
+    voltage_low_v: float = NAN
     voltage_above_v: float = NAN
     voltage_below_v: float = NAN
     current_below_a: float = NAN
@@ -259,6 +269,31 @@ class ChannelRun:
                 f"step {st.index} ({st.step}) needs an instrument this channel does not have"
             )
         self.phase_name = p.name
+        return self._clamp(p)
+
+    def _clamp(self, p: Phase) -> Phase:
+        """Put the instrument's voltage compliance just past a CC phase's end voltage.
+
+        Layer one of the step's end condition: a charge clamps to CV slightly above its
+        end voltage (never above the safety maximum), a discharge slightly below it (never
+        below the safety minimum, and only on instruments with a lower clamp). The step
+        still ends in software at the first tick at or past the end voltage.
+        """
+        if p.mode != "cc":
+            return p
+        lim = self.limits
+        if p.current_a > 0 and not math.isnan(p.voltage_above_v):
+            clamp = p.voltage_above_v + CLAMP_OVERSHOOT_V
+            gap = lim.max_voltage_v - p.voltage_above_v
+            if gap > 0:
+                clamp = min(clamp, p.voltage_above_v + gap / 2)
+            p.voltage_v = min(p.voltage_v, clamp) if not math.isnan(p.voltage_v) else clamp
+        elif p.current_a < 0 and not math.isnan(p.voltage_below_v):
+            clamp = p.voltage_below_v - CLAMP_OVERSHOOT_V
+            gap = p.voltage_below_v - lim.min_voltage_v
+            if gap > 0:
+                clamp = max(clamp, p.voltage_below_v - gap / 2)
+            p.voltage_low_v = max(clamp, 0.0)
         return p
 
     def _pulse_phase(self, st: ResolvedPulse, t_s: float, on: bool) -> Phase:
@@ -267,7 +302,7 @@ class ChannelRun:
             p = Phase(
                 "cc", current_a=st.current_a, voltage_v=self.limits.max_voltage_v, name="pulse.on"
             )
-            p = self._until(p, st.until, t_s)
+            p = self._clamp(self._until(p, st.until, t_s))
             p.deadline_t_s = min(p.deadline_t_s, t_s + st.pulse_duration_s)
         else:
             p = Phase("off", name="pulse.rest")

@@ -1,10 +1,23 @@
 """InstrumentGroup: one acquisition loop per instrument, vectorised over its channels.
 
 Each tick reads every active channel of the instrument in one call (one query on a
-cabinet), then checks safety limits, integrates capacity and energy and evaluates end
-conditions for all channels with a handful of numpy operations, so the per-sample Python
-work stays small (docs/architecture.md, "Processes"). Only step and phase boundaries run
-per-channel Python (:mod:`labdaq.engine.channel`).
+cabinet), then checks safety limits, integrates capacity and energy, evaluates end
+conditions and builds the sample rows for all channels with a handful of numpy
+operations, so the per-sample Python work stays small (docs/architecture.md,
+"Processes"). Only step and phase boundaries run per-channel Python
+(:mod:`labdaq.engine.channel`).
+
+Per-run state that changes every tick (integration anchor, accumulators, sequence
+numbers, next storage time, breach debounce) lives in arrays here, one element per run,
+and is copied to and from the :class:`ChannelRun` only at phase boundaries and when the
+node publishes progress (:meth:`InstrumentGroup.sync_all`). Runs joining or leaving keep
+every other run's state untouched.
+
+Order of work in a tick: measure → safety (outputs off first) → integrate → end
+conditions → store → transitions (instrument commands first, then records). A phase
+change is followed by one more measurement of the channels that changed ("edge" sample):
+it is stored, so the stored samples show the current step and integrate exactly like the
+engine did, and it gives the DC internal resistance of pulse steps.
 """
 
 from __future__ import annotations
@@ -13,11 +26,13 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from labdaq.engine.channel import ChannelRun, Phase, StepRecord, Transition
 from labdaq.engine.clock import EngineClock
@@ -25,19 +40,60 @@ from labdaq.engine.writer import SampleWriter
 
 log = logging.getLogger(__name__)
 
+FloatArray = NDArray[np.float64]
+IntArray = NDArray[np.int64]
+BoolArray = NDArray[np.bool_]
+
 #: Sample flags.
 FLAG_BREACH = 1
 FLAG_PAUSED = 2
 FLAG_RESUMED = 4
+#: The sample right after a phase change (set points just applied), see module docstring.
+FLAG_EDGE = 8
 
 #: A current more than this fraction above the tightest limit trips the interlock; the
 #: band covers set-point accuracy and noise of typical cyclers (0.05 % – 1 % of range).
 CURRENT_TOLERANCE = 1.05
 
+#: Lateness/breach statistics kept for benchmarks (bounded; oldest half dropped).
+_STATS_MAX = 100_000
+
+# Per-run state arrays: name -> (dtype, value for a run that joins, from ChannelRun or
+# a constant). Kept in this order; see _push/_pull for the ChannelRun side.
+_FLOAT_STATE = (
+    "a_t0",  # clock time at the run's t_s = 0
+    "a_period",  # storage period (s)
+    "a_next_due",  # next storage time (run time)
+    "a_last_t",  # integration anchor: time, voltage, current of the previous reading
+    "a_last_v",
+    "a_last_i",
+    "a_first_breach",  # run time a limit was first exceeded (debounce), NaN = not
+    "a_dvdt_ref_t",  # dV/dt end condition: reference point
+    "a_dvdt_ref_v",
+    "a_t_s",  # run time of the last stored sample
+    "a_step_cap",  # |charge| moved in the step (Ah), |energy| (Wh), charge discharged (Ah)
+    "a_step_en",
+    "a_step_dis",
+    "c_chg_ah",  # open cycle's totals (CycleTotals)
+    "c_dis_ah",
+    "c_chg_wh",
+    "c_dis_wh",
+    "c_chg_vs",
+    "c_chg_s",
+    "c_dis_vs",
+    "c_dis_s",
+    "c_end_t",
+)
+_INT_STATE = ("a_run_id", "a_seq", "a_step_idx", "a_cyc_idx")
+
 
 @dataclass
 class Callbacks:
-    """How the group reports to the node (which owns the database)."""
+    """How the group reports to the node (which owns the database).
+
+    ``on_step``, ``on_cycle`` and ``on_event`` must return promptly (the node queues the
+    records): they are awaited inside the acquisition loop.
+    """
 
     on_step: Callable[[int, StepRecord], Awaitable[None]]
     on_cycle: Callable[[int, dict[str, Any]], Awaitable[None]]
@@ -47,6 +103,33 @@ class Callbacks:
 
 
 class InstrumentGroup:
+    a_t0: FloatArray
+    a_period: FloatArray
+    a_next_due: FloatArray
+    a_last_t: FloatArray
+    a_last_v: FloatArray
+    a_last_i: FloatArray
+    a_first_breach: FloatArray
+    a_dvdt_ref_t: FloatArray
+    a_dvdt_ref_v: FloatArray
+    a_t_s: FloatArray
+    a_step_cap: FloatArray
+    a_step_en: FloatArray
+    a_step_dis: FloatArray
+    c_chg_ah: FloatArray
+    c_dis_ah: FloatArray
+    c_chg_wh: FloatArray
+    c_dis_wh: FloatArray
+    c_chg_vs: FloatArray
+    c_chg_s: FloatArray
+    c_dis_vs: FloatArray
+    c_dis_s: FloatArray
+    c_end_t: FloatArray
+    a_run_id: IntArray
+    a_seq: IntArray
+    a_step_idx: IntArray
+    a_cyc_idx: IntArray
+
     def __init__(
         self,
         name: str,
@@ -69,54 +152,75 @@ class InstrumentGroup:
         self.cb = callbacks
         self.runs: list[ChannelRun] = []
         self._phases: list[Phase] = []
-        self._t0: list[float] = []  # clock time at each run's t_s = 0
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closing = False
+        self.ticks = 0
         self.lateness_s: list[float] = []  # wall seconds late per tick (for benchmarks)
-        self.breach_to_off_s: list[float] = []
-        self._rebuild()
+        self.breach_to_off_s: list[float] = []  # measurement in → output-off acknowledged
+        # A multi-channel instrument switches a list of channels in one command.
+        self._lists = hasattr(driver, "channel_total")
+        # Instruments with a lower compliance voltage (cycler cabinets: VLIM:LOW).
+        self._low_clamp = hasattr(driver, "voltage_limit_low_v")
+        for nm in _FLOAT_STATE:
+            setattr(self, nm, np.zeros(0))
+        for nm in _INT_STATE:
+            setattr(self, nm, np.zeros(0, np.int64))
+        self.chans: list[int] = []
+        self._limits_changed()
+        self._load_phases()
 
     # -- membership --------------------------------------------------------------------
     async def add(self, run: ChannelRun, phase: Phase, t0_clock_s: float) -> None:
         await self._apply(run, phase)
         self.runs.append(run)
         self._phases.append(phase)
-        self._t0.append(t0_clock_s)
-        self._rebuild()
+        for nm in _FLOAT_STATE:
+            setattr(self, nm, np.append(getattr(self, nm), 0.0))
+        for nm in _INT_STATE:
+            setattr(self, nm, np.append(getattr(self, nm), 0))
+        k = len(self.runs) - 1
+        self.a_t0[k] = t0_clock_s
+        self.a_period[k] = run.period_s
+        self.a_next_due[k] = run.t_s + run.period_s
+        self.a_last_t[k] = run.t_s
+        self.a_last_v[k] = np.nan  # no anchor yet: the first reading integrates from t_s
+        self.a_first_breach[k] = np.nan
+        self.a_dvdt_ref_t[k] = run.t_s
+        self.a_dvdt_ref_v[k] = np.nan
+        self.a_run_id[k] = run.run_id
+        self._push(k)
+        self.chans = [r.channel for r in self.runs]
+        self._limits_changed()
+        self._load_phases()
         self._wake.set()
         if self._task is None:
             self._task = asyncio.create_task(self._loop(), name=f"group-{self.name}")
 
     def _remove(self, k: int) -> None:
-        del self.runs[k], self._phases[k], self._t0[k]
-        self._rebuild()
+        self._pull(k)
+        del self.runs[k], self._phases[k]
+        for nm in _FLOAT_STATE + _INT_STATE:
+            setattr(self, nm, np.delete(getattr(self, nm), k))
+        self.chans = [r.channel for r in self.runs]
+        self._limits_changed()
+        self._load_phases()
 
-    def _rebuild(self) -> None:
-        """Per-channel state as arrays; rebuilt only when a run joins or leaves."""
-        runs = self.runs
-        n = len(runs)
-        self.chans = [r.channel for r in runs]
-        self.a_t0 = np.array(self._t0, float)
-        self.a_run = [r.run_id for r in runs]
-        self.a_period = np.array([r.period_s for r in runs], float)
-        self.a_next_due = np.array([r.t_s + r.period_s for r in runs], float) if n else np.zeros(0)
-        self.a_last_t = np.array([r.t_s for r in runs], float)
-        self.a_last_v = np.full(n, np.nan)
-        self.a_last_i = np.zeros(n)
-        lim = [r.limits for r in runs]
+    def _limits_changed(self) -> None:
+        """Limit arrays; rebuilt only when a run joins or leaves."""
+        lim = [r.limits for r in self.runs]
         self.a_vmin = np.array([x.min_voltage_v for x in lim], float)
         self.a_vmax = np.array([x.max_voltage_v for x in lim], float)
         self.a_ichg = np.array([x.max_charge_current_a * CURRENT_TOLERANCE for x in lim], float)
-        self.a_idis = np.array([x.max_discharge_current_a * CURRENT_TOLERANCE for x in lim])
-        self.a_tmin = np.array([_nan(x.min_temperature_c) for x in lim], float)
-        self.a_tmax = np.array([_nan(x.max_temperature_c) for x in lim], float)
-        self.a_capmax = np.array([_nan(x.max_capacity_ah) for x in lim], float)
+        self.a_idis = np.array(
+            [x.max_discharge_current_a * CURRENT_TOLERANCE for x in lim], float
+        )
+        tmin = np.array([_nan(x.min_temperature_c) for x in lim], float)
+        tmax = np.array([_nan(x.max_temperature_c) for x in lim], float)
+        # An unset temperature limit never trips (comparisons with ±inf are False).
+        self.a_tmin = np.where(np.isnan(tmin), -np.inf, tmin)
+        self.a_tmax = np.where(np.isnan(tmax), np.inf, tmax)
         self.a_debounce = np.array([x.breach_duration_s for x in lim], float)
-        self.a_first_breach = np.full(n, np.nan)
-        self.a_dvdt_ref_t = np.array([r.t_s for r in runs], float)
-        self.a_dvdt_ref_v = np.full(n, np.nan)
-        self._load_phases()
 
     def _load_phases(self) -> None:
         ph = self._phases
@@ -128,7 +232,53 @@ class InstrumentGroup:
         self.e_dvdt = np.array([p.dvdt_below_v_per_s for p in ph], float)
         self.e_tabove = np.array([p.temperature_above_c for p in ph], float)
         self.e_phase_t0 = np.array([r.phase_t0_s for r in self.runs], float)
-        self.e_cv = np.array([p.mode == "cv" for p in ph], bool)
+        self.e_aux = np.array([p.aux is not None for p in ph], bool)
+
+    # -- arrays <-> ChannelRun ------------------------------------------------------------
+    def _push(self, k: int) -> None:
+        """ChannelRun → arrays (after the run's position changed in Python)."""
+        r = self.runs[k]
+        c = r.cycle
+        self.a_seq[k] = r.seq
+        self.a_t_s[k] = r.t_s
+        self.a_step_cap[k] = r.step_cap_ah
+        self.a_step_en[k] = r.step_en_wh
+        self.a_step_dis[k] = r.step_dis_ah
+        self.a_step_idx[k] = r.step.index if r.step is not None else -1
+        self.a_cyc_idx[k] = c.cycle_index
+        self.c_chg_ah[k] = c.charge_ah
+        self.c_dis_ah[k] = c.discharge_ah
+        self.c_chg_wh[k] = c.charge_wh
+        self.c_dis_wh[k] = c.discharge_wh
+        self.c_chg_vs[k] = c.charge_v_s
+        self.c_chg_s[k] = c.charge_s
+        self.c_dis_vs[k] = c.discharge_v_s
+        self.c_dis_s[k] = c.discharge_s
+        self.c_end_t[k] = c.end_t_s
+
+    def _pull(self, k: int) -> None:
+        """Arrays → ChannelRun (before Python reads or changes the run's position)."""
+        r = self.runs[k]
+        c = r.cycle
+        r.seq = int(self.a_seq[k])
+        r.t_s = float(self.a_t_s[k])
+        r.step_cap_ah = float(self.a_step_cap[k])
+        r.step_en_wh = float(self.a_step_en[k])
+        r.step_dis_ah = float(self.a_step_dis[k])
+        c.charge_ah = float(self.c_chg_ah[k])
+        c.discharge_ah = float(self.c_dis_ah[k])
+        c.charge_wh = float(self.c_chg_wh[k])
+        c.discharge_wh = float(self.c_dis_wh[k])
+        c.charge_v_s = float(self.c_chg_vs[k])
+        c.charge_s = float(self.c_chg_s[k])
+        c.discharge_v_s = float(self.c_dis_vs[k])
+        c.discharge_s = float(self.c_dis_s[k])
+        c.end_t_s = float(self.c_end_t[k])
+
+    def sync_all(self) -> None:
+        """Bring every ChannelRun up to date (the node does this before saving positions)."""
+        for k in range(len(self.runs)):
+            self._pull(k)
 
     # -- instrument commands -----------------------------------------------------------
     async def _apply(self, run: ChannelRun, phase: Phase) -> None:
@@ -140,25 +290,49 @@ class InstrumentGroup:
                 await self.cb.on_aux(run, phase)
             return
         if phase.mode == "cc":
+            if self._low_clamp:
+                # Always set it: a clamp left over from an earlier discharge would stop a
+                # later one short. 0 V = no lower clamp.
+                low = 0.0 if math.isnan(phase.voltage_low_v) else phase.voltage_low_v
+                await self.call(self.driver.voltage_limit_low_v.set, low, ch)
             await self.call(self.driver.set_current, ch, phase.current_a, phase.voltage_v)
         elif phase.mode == "cv":
             await self.call(self.driver.set_voltage, ch, phase.voltage_v, phase.current_a)
         await self.call(self.driver.output, ch, True)
 
+    async def _outputs_off(self, chans: Sequence[int]) -> None:
+        """Switch channels off: one command on a multi-channel instrument, else one each.
+
+        Never raises: a channel that cannot be switched off is logged and the others are
+        still tried (the instrument's own protection is the layer below).
+        """
+        if self._lists and len(chans) > 1:
+            try:
+                await self.call(self.driver.output, list(chans), False)
+                return
+            except Exception as exc:  # noqa: BLE001 - fall back to one command per channel
+                log.error("could not turn %s ch %s off at once: %s", self.name, chans, exc)
+        for ch in chans:
+            try:
+                await self.call(self.driver.output, ch, False)
+            except Exception as exc:  # noqa: BLE001
+                log.error("could not turn %s ch %s off: %s", self.name, ch, exc)
+
     # -- the loop ----------------------------------------------------------------------
     async def _loop(self) -> None:
-        next_t = self.clock.now()
+        deadline = self.clock.now()
         while self.runs and not self._closing:
             period = min(float(self.a_period.min()), self.control_period_s)
-            next_t += period
-            now = self.clock.now()
-            if next_t < now - period:
+            deadline += period
+            await self.clock.sleep_until(deadline)
+            # Lateness against the tick's own deadline, also when ticks were missed.
+            late = self.clock.wall_lateness_s(deadline)
+            self.lateness_s.append(late)
+            if len(self.lateness_s) > _STATS_MAX:
+                del self.lateness_s[: _STATS_MAX // 2]
+            if late * self.clock.speed > period:
                 # Fell behind by more than a tick: re-anchor instead of bursting.
-                next_t = now
-            await self.clock.sleep_until(next_t)
-            self.lateness_s.append(self.clock.wall_lateness_s(next_t))
-            if len(self.lateness_s) > 100_000:
-                del self.lateness_s[:50_000]
+                deadline = self.clock.now()
             try:
                 await self._tick()
             except Exception as exc:  # noqa: BLE001 - make every channel safe, then report
@@ -168,139 +342,88 @@ class InstrumentGroup:
 
     async def _tick(self) -> None:
         await self._handle_requests()
-        if not self.runs:
+        runs = self.runs
+        n = len(runs)
+        if not n:
             return
         meas = await self.call(self.driver.measure, self.chans)
+        t_meas = time.perf_counter()
         now_clock = self.clock.now()
         ts_utc = time.time()
-        meas = np.asarray(meas, float).reshape(len(self.chans), 3)
-        v, i, temp = meas[:, 0], meas[:, 1], meas[:, 2]
+        self.ticks += 1
+        meas = np.asarray(meas, float).reshape(n, 3)
+        v, i, temp = meas[:, 0].copy(), meas[:, 1].copy(), meas[:, 2].copy()
         t = now_clock - self.a_t0
 
-        # 1. Safety first, on every measurement of every channel.
-        tnan = np.isnan(temp)
+        # 1. Safety first, on every measurement of every channel; outputs off at once.
+        # NaN compares False everywhere: a missing temperature never trips.
         over = (
             (v > self.a_vmax)
             | (v < self.a_vmin)
             | (i > self.a_ichg)
             | (-i > self.a_idis)
-            | (~tnan & ~np.isnan(self.a_tmax) & (temp > self.a_tmax))
-            | (~tnan & ~np.isnan(self.a_tmin) & (temp < self.a_tmin))
+            | (temp > self.a_tmax)
+            | (temp < self.a_tmin)
         )
         first = np.where(
             over, np.where(np.isnan(self.a_first_breach), t, self.a_first_breach), np.nan
         )
         self.a_first_breach = first
         breach = over & (t - first >= self.a_debounce)
-        breached = np.flatnonzero(breach)
-        if breached.size:
-            t_breach = time.perf_counter()
-            for k in breached:
-                # Output off before anything else, one command per channel.
-                try:
-                    await self.call(self.driver.output, self.chans[k], False)
-                except Exception as exc:  # noqa: BLE001
-                    log.error("could not turn %s ch %s off: %s", self.name, self.chans[k], exc)
-            self.breach_to_off_s.append(time.perf_counter() - t_breach)
+        breached = np.flatnonzero(breach).tolist()
+        breach_to_off = math.nan
+        if breached:
+            await self._outputs_off([self.chans[k] for k in breached])
+            breach_to_off = time.perf_counter() - t_meas
+            self.breach_to_off_s.append(breach_to_off)
+            if len(self.breach_to_off_s) > _STATS_MAX:
+                del self.breach_to_off_s[: _STATS_MAX // 2]
 
-        # 2. Integrate (trapezoids) since the previous sample.
-        dt = np.maximum(t - self.a_last_t, 0.0)
-        has_prev = ~np.isnan(self.a_last_v)
-        i_mid = np.where(has_prev, 0.5 * (i + self.a_last_i), i)
-        p_mid = np.where(has_prev, 0.5 * (i * v + self.a_last_i * self.a_last_v), i * v)
-        v_mid = np.where(has_prev, 0.5 * (v + self.a_last_v), v)
-        paused = np.array([r.paused for r in self.runs], bool)
-        dq = np.where(paused, 0.0, i_mid * dt / 3600.0)
-        de = np.where(paused, 0.0, p_mid * dt / 3600.0)
-        for k, r in enumerate(self.runs):
-            q, e = float(dq[k]), float(de[k])
-            if q == 0.0:
-                continue
-            r.step_cap_ah += abs(q)
-            r.step_en_wh += abs(e)
-            c = r.cycle
-            if q > 0:
-                c.charge_ah += q
-                c.charge_wh += abs(e)
-                c.charge_v_s += float(v_mid[k] * dt[k])
-                c.charge_s += float(dt[k])
-            else:
-                r.step_dis_ah -= q
-                c.discharge_ah -= q
-                c.discharge_wh += abs(e)
-                c.discharge_v_s += float(v_mid[k] * dt[k])
-                c.discharge_s += float(dt[k])
-            c.end_t_s = float(t[k])
-        step_cap = np.array([r.step_cap_ah for r in self.runs], float)
+        # 2. Integrate (trapezoids) since the previous reading.
+        paused = np.fromiter((r.paused for r in runs), bool, n)
+        self._integrate(slice(None), t, v, i, ~paused)
 
         # 3. End conditions, all channels at once; NaN thresholds never fire.
         step_t = t - self.e_phase_t0
-        window = np.maximum(10 * np.minimum(self.a_period, self.control_period_s), 30.0)
+        fast = np.minimum(self.a_period, self.control_period_s)
+        window = np.maximum(10 * fast, 30.0)
+        no_ref = np.isnan(self.a_dvdt_ref_v)
         slope_due = (t - self.a_dvdt_ref_t) >= window
         with np.errstate(invalid="ignore", divide="ignore"):
             slope = np.abs(v - self.a_dvdt_ref_v) / (t - self.a_dvdt_ref_t)
-        dvdt_hit = slope_due & ~np.isnan(self.a_dvdt_ref_v) & (slope < self.e_dvdt)
-        self.a_dvdt_ref_t = np.where(slope_due | np.isnan(self.a_dvdt_ref_v), t, self.a_dvdt_ref_t)
-        self.a_dvdt_ref_v = np.where(slope_due | np.isnan(self.a_dvdt_ref_v), v, self.a_dvdt_ref_v)
+        dvdt_hit = slope_due & ~no_ref & (slope < self.e_dvdt)
+        reset_ref = slope_due | no_ref
+        self.a_dvdt_ref_t = np.where(reset_ref, t, self.a_dvdt_ref_t)
+        self.a_dvdt_ref_v = np.where(reset_ref, v, self.a_dvdt_ref_v)
         hit_vabove = v >= self.e_vabove
         hit_vbelow = v <= self.e_vbelow
         # The first sample of a CV phase may still carry the CC current: skip it.
-        hit_ibelow = (np.abs(i) <= self.e_ibelow) & (
-            step_t > np.minimum(self.a_period, self.control_period_s) * 1.5
-        )
+        hit_ibelow = (np.abs(i) <= self.e_ibelow) & (step_t > fast * 1.5)
         hit_time = t >= self.e_deadline - 1e-9
-        hit_cap = step_cap >= self.e_cap
-        hit_temp = ~tnan & (temp >= self.e_tabove)
-        aux_done = np.array(
-            [
-                r.aux_done and p.aux is not None
-                for r, p in zip(self.runs, self._phases, strict=True)
-            ],
-            bool,
-        )
+        hit_cap = self.a_step_cap >= self.e_cap
+        hit_temp = temp >= self.e_tabove
+        aux_done = self.e_aux & np.fromiter((r.aux_done for r in runs), bool, n)
         ended = (
-            (hit_vabove | hit_vbelow | hit_ibelow | hit_time | hit_cap | dvdt_hit | hit_temp)
-            | aux_done
-        ) & (~paused & ~breach)
+            hit_vabove | hit_vbelow | hit_ibelow | hit_time | hit_cap | dvdt_hit | hit_temp
+        ) | aux_done
+        ended &= ~paused & ~breach
 
         # 4. Store due samples (every breach and every phase end is stored too).
         due = (t >= self.a_next_due - 1e-9) | breach | ended
-        self.a_next_due = np.where(due, self.a_next_due + self.a_period, self.a_next_due)
-        behind = self.a_next_due <= t
-        self.a_next_due = np.where(behind, t + self.a_period, self.a_next_due)
+        next_due = np.where(due, self.a_next_due + self.a_period, self.a_next_due)
+        self.a_next_due = np.where(next_due <= t, t + self.a_period, next_due)
         idx = np.flatnonzero(due)
         if idx.size:
-            rows = []
-            for k in idx.tolist():
-                r = self.runs[k]
-                r.seq += 1
-                r.t_s = float(t[k])
-                tk = float(temp[k])
-                flags = (FLAG_BREACH if breach[k] else 0) | (FLAG_PAUSED if paused[k] else 0)
-                st = r.step
-                rows.append(
-                    (
-                        r.run_id,
-                        r.seq,
-                        r.t_s,
-                        ts_utc,
-                        st.index if st is not None else -1,
-                        r.cycle.cycle_index,
-                        float(v[k]),
-                        float(i[k]),
-                        None if math.isnan(tk) else tk,
-                        r.step_cap_ah,
-                        r.step_en_wh,
-                        flags,
-                    )
-                )
-            await self.writer.put(rows)
+            flags = np.where(breach[idx], FLAG_BREACH, 0) | np.where(paused[idx], FLAG_PAUSED, 0)
+            await self.writer.put(self._rows(idx, t[idx], v[idx], i[idx], temp[idx], ts_utc, flags))
+        prev_t, prev_v = self.a_last_t, self.a_last_v
         self.a_last_t, self.a_last_v, self.a_last_i = t, v, i
 
         # 5. Per-channel Python only where something happened.
         done: list[int] = []
-        for k in breached.tolist():
-            r = self.runs[k]
+        for k in breached:
+            r = runs[k]
+            self._pull(k)
             lim, val, bound = _which_limit(self, k, float(v[k]), float(i[k]), float(temp[k]))
             msg = (
                 f"safety limit crossed, output turned off: {lim}: measured {val:.6g}, "
@@ -318,102 +441,172 @@ class InstrumentGroup:
                     "seq": r.seq,
                     "t_s": float(t[k]),
                     "step_index": r.step.index if r.step is not None else None,
-                    "breach_to_off_s": self.breach_to_off_s[-1],
+                    "breach_to_off_s": breach_to_off,
                     "source": r.limits.sources.get(lim, ""),
                 },
             )
             r.outcome = ("aborted_safety", f"{lim}: measured {val:.6g}, limit {bound:.6g}")
             done.append(k)
-        for k, r in enumerate(self.runs):
+        for k, r in enumerate(runs):
             if r.aux_error is not None and k not in done:
                 r.outcome = ("failed", r.aux_error)
                 done.append(k)
+        changed: list[int] = []
+        before: dict[int, tuple[float, float]] = {}
+        finished: list[tuple[int, Transition]] = []
         for k in np.flatnonzero(ended).tolist():
             if k in done:
                 continue
-            r = self.runs[k]
+            r = runs[k]
             if aux_done[k]:
                 reason, t_end = "done", float(t[k])
             else:
                 reason, t_end = _reason(
-                    self,
-                    k,
-                    hit_vabove,
-                    hit_vbelow,
-                    hit_ibelow,
-                    hit_time,
-                    hit_cap,
-                    dvdt_hit,
-                    hit_temp,
-                    v,
-                    t,
+                    self, k, hit_vabove, hit_vbelow, hit_ibelow, hit_time, hit_cap,
+                    dvdt_hit, hit_temp, v, t, float(prev_t[k]), float(prev_v[k]),
                 )
-            prev_i, prev_v = float(i[k]), float(v[k])
+            self._pull(k)
             tr = r.phase_ended(reason, t_end, float(v[k]), float(i[k]))
-            if await self._transition(k, r, tr):
+            # Instrument first: the next set point (or output off) before any record.
+            if tr.done or tr.next_phase is None:
+                await self._outputs_off([r.channel])
+                r.outcome = r.outcome or ("completed", "all steps done")
                 done.append(k)
-                continue
-            if r.phase_name == "pulse.on" or r.phase_name == "pulse.rest":
-                # DCIR: the voltage just before the current step and right after it.
-                m2 = await self.call(self.driver.measure, [r.channel])
-                r.pulse_edge(prev_v, prev_i, float(m2[0][0]), float(m2[0][1]))
+            else:
+                await self._apply(r, tr.next_phase)
+                self._phases[k] = tr.next_phase
+                self.a_dvdt_ref_v[k] = np.nan
+                changed.append(k)
+                before[k] = (float(v[k]), float(i[k]))
+            self._push(k)
+            finished.append((k, tr))
+        if changed:
+            self._load_phases()
+            await self._edge(changed, before)
+        for k, tr in finished:
+            r = runs[k]
+            if tr.step is not None:
+                await self.cb.on_step(r.run_id, tr.step)
+            for c in tr.cycles:
+                await self.cb.on_cycle(r.run_id, c)
         for k in sorted(set(done), reverse=True):
-            r = self.runs[k]
+            r = runs[k]
             self._remove(k)
             await self.cb.on_finish(r)
 
-    async def _transition(self, k: int, r: ChannelRun, tr: Transition) -> bool:
-        """Apply a phase/step transition; True when the run is finished."""
-        if tr.step is not None:
-            await self.cb.on_step(r.run_id, tr.step)
-        for c in tr.cycles:
-            await self.cb.on_cycle(r.run_id, c)
-        if tr.done or tr.next_phase is None:
-            await self.call(self.driver.output, r.channel, False)
-            r.outcome = r.outcome or ("completed", "all steps done")
-            return True
-        await self._apply(r, tr.next_phase)
-        self._phases[k] = tr.next_phase
-        self._load_phases()
-        self.a_dvdt_ref_v[k] = np.nan
-        # The current steps at a phase change: a trapezoid across the change would smear
-        # the old current into the new step, so the next interval uses the new current.
-        self.a_last_v[k] = np.nan
-        return False
+    def _integrate(
+        self, sel: slice | IntArray, t: FloatArray, v: FloatArray, i: FloatArray,
+        active: BoolArray,
+    ) -> None:
+        """Add the trapezoid from each run's anchor to (t, v, i) to its accumulators.
+
+        ``sel`` picks the runs (all, or the ones an edge measurement covers); ``t, v, i``
+        and ``active`` are aligned with it. Positive charge moved counts as charge,
+        negative as discharge, as in the cycle summary.
+        """
+        last_t, last_v, last_i = self.a_last_t[sel], self.a_last_v[sel], self.a_last_i[sel]
+        dt = np.maximum(t - last_t, 0.0)
+        has_prev = ~np.isnan(last_v)
+        i_mid = np.where(has_prev, 0.5 * (i + last_i), i)
+        p_mid = np.where(has_prev, 0.5 * (i * v + last_i * last_v), i * v)
+        v_dt = np.where(has_prev, 0.5 * (v + last_v), v) * dt
+        dq = np.where(active, i_mid * dt / 3600.0, 0.0)
+        de = np.abs(np.where(active, p_mid * dt / 3600.0, 0.0))
+        chg = dq > 0.0
+        dis = dq < 0.0
+        self.a_step_cap[sel] += np.abs(dq)
+        self.a_step_en[sel] += de
+        self.a_step_dis[sel] -= np.where(dis, dq, 0.0)
+        self.c_chg_ah[sel] += np.where(chg, dq, 0.0)
+        self.c_dis_ah[sel] -= np.where(dis, dq, 0.0)
+        self.c_chg_wh[sel] += np.where(chg, de, 0.0)
+        self.c_dis_wh[sel] += np.where(dis, de, 0.0)
+        self.c_chg_vs[sel] += np.where(chg, v_dt, 0.0)
+        self.c_chg_s[sel] += np.where(chg, dt, 0.0)
+        self.c_dis_vs[sel] += np.where(dis, v_dt, 0.0)
+        self.c_dis_s[sel] += np.where(dis, dt, 0.0)
+        self.c_end_t[sel] = np.where(dq != 0.0, t, self.c_end_t[sel])
+
+    def _rows(
+        self, idx: IntArray, t: FloatArray, v: FloatArray, i: FloatArray, temp: FloatArray,
+        ts_utc: float, flags: IntArray,
+    ) -> list[tuple[Any, ...]]:
+        """Sample rows (SAMPLE_COLUMNS order) for runs ``idx``; advances their seq."""
+        seq = self.a_seq[idx] + 1
+        self.a_seq[idx] = seq
+        self.a_t_s[idx] = t
+        nan_t = np.isnan(temp)
+        temps = repeat(None) if nan_t.all() else np.where(nan_t, None, temp).tolist()
+        return list(
+            zip(
+                self.a_run_id[idx].tolist(),
+                seq.tolist(),
+                t.tolist(),
+                repeat(ts_utc),
+                self.a_step_idx[idx].tolist(),
+                self.a_cyc_idx[idx].tolist(),
+                v.tolist(),
+                i.tolist(),
+                temps,
+                self.a_step_cap[idx].tolist(),
+                self.a_step_en[idx].tolist(),
+                np.asarray(flags, np.int64).tolist(),
+            )
+        )
+
+    async def _edge(self, changed: list[int], before: dict[int, tuple[float, float]]) -> None:
+        """Measure the channels whose set points just changed; store and integrate it."""
+        idx = np.asarray(changed, np.int64)
+        m2 = await self.call(self.driver.measure, [self.chans[k] for k in changed])
+        t2 = self.clock.now() - self.a_t0[idx]
+        ts_utc = time.time()
+        m2 = np.asarray(m2, float).reshape(len(changed), 3)
+        v2, i2, temp2 = m2[:, 0].copy(), m2[:, 1].copy(), m2[:, 2].copy()
+        self._integrate(idx, t2, v2, i2, np.ones(len(changed), bool))
+        self.a_last_t[idx], self.a_last_v[idx], self.a_last_i[idx] = t2, v2, i2
+        await self.writer.put(
+            self._rows(idx, t2, v2, i2, temp2, ts_utc, np.full(len(changed), FLAG_EDGE))
+        )
+        for j, k in enumerate(changed):
+            r = self.runs[k]
+            if r.phase_name in ("pulse.on", "pulse.rest"):
+                # DCIR: the voltage just before the current step and right after it.
+                v_before, i_before = before[k]
+                r.pulse_edge(v_before, i_before, float(v2[j]), float(i2[j]))
 
     async def _handle_requests(self) -> None:
         done = []
+        changed = False
         for k, r in enumerate(self.runs):
             if r.stop_requested:
-                await self.call(self.driver.output, r.channel, False)
+                await self._outputs_off([r.channel])
                 r.outcome = ("stopped", "stop requested")
                 done.append(k)
             elif r.pause_requested and not r.paused:
-                await self.call(self.driver.output, r.channel, False)
+                await self._outputs_off([r.channel])
                 r.paused = True
-                r.pause_t_s = self.clock.now() - self._t0[k]
+                r.pause_t_s = self.clock.now() - float(self.a_t0[k])
             elif r.paused and not r.pause_requested:
                 # Resume: the paused time does not count toward the phase's deadline.
-                paused_for = self.clock.now() - self._t0[k] - r.pause_t_s
+                paused_for = self.clock.now() - float(self.a_t0[k]) - r.pause_t_s
                 p = self._phases[k]
                 p.deadline_t_s += paused_for
                 r.step_t0_s += paused_for
                 r.phase_t0_s += paused_for
                 await self._apply(r, p)
                 r.paused = False
-                self._load_phases()
+                changed = True
+        if changed:
+            self._load_phases()
         for k in reversed(done):
             r = self.runs[k]
             self._remove(k)
             await self.cb.on_finish(r)
 
     async def _fail_all(self, reason: str) -> None:
+        await self._outputs_off(list(self.chans))
         for k in reversed(range(len(self.runs))):
             r = self.runs[k]
-            try:
-                await self.call(self.driver.output, r.channel, False)
-            except Exception as exc:  # noqa: BLE001
-                log.error("%s ch %s: output off failed: %s", self.name, r.channel, exc)
             r.outcome = ("failed", reason)
             self._remove(k)
             await self.cb.on_finish(r)
@@ -463,11 +656,12 @@ def _reason(
     tp: Any,
     v: Any,
     t: Any,
+    t_prev: float,
+    v_prev: float,
 ) -> tuple[str, float]:
     """Which condition ended the phase, and when (voltage crossings located by
-    interpolation between the previous and this sample, not at the sample)."""
+    interpolation between the previous reading ``(t_prev, v_prev)`` and this one)."""
     t_k = float(t[k])
-    t_prev, v_prev = float(g.a_last_t[k]), float(g.a_last_v[k])
     for hit, name, thr in ((va, "voltage_above", g.e_vabove), (vb, "voltage_below", g.e_vbelow)):
         if hit[k]:
             thr_k = float(thr[k])

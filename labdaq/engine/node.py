@@ -9,13 +9,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from labdaq.engine.channel import ChannelRun, StepRecord
 from labdaq.engine.clock import EngineClock
@@ -37,6 +43,137 @@ def load_driver_class(name: str) -> type:
     return cls
 
 
+def default_journal_dir(engine: AsyncEngine) -> Path | None:
+    """Where samples are journaled while the database is unavailable, when not configured:
+    next to an SQLite file (``<dir>/journal``); None for other databases (say where)."""
+    url = make_url(str(engine.url))
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        return Path(url.database).resolve().parent / "journal"
+    return None
+
+
+RecordOp = Callable[[AsyncSession], Awaitable[None]]
+
+
+class RecordWriter:
+    """Writes step, cycle, event, spectrum and run-state records in order, off the
+    acquisition loop.
+
+    The acquisition loop must never wait for the database (a locked SQLite file waits up
+    to its busy timeout; a PostgreSQL outage fails every statement): the group's callbacks
+    only append an operation here. A background task applies queued operations in order,
+    several per transaction; when the database fails it keeps them and retries with
+    backoff. Records are few (steps, cycles, events), so they are held in memory; a row
+    the database refuses (a duplicate after a commit whose outcome was lost) is dropped
+    with a log line rather than blocking the ones behind it.
+    """
+
+    def __init__(
+        self,
+        maker: async_sessionmaker[AsyncSession],
+        retry_min_s: float = 0.05,
+        retry_max_s: float = 2.0,
+        max_batch: int = 200,
+    ) -> None:
+        self.maker = maker
+        self.retry_min_s = retry_min_s
+        self.retry_max_s = retry_max_s
+        self.max_batch = max_batch
+        self._ops: deque[tuple[str, RecordOp]] = deque()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+        self.written = 0
+        self.dropped = 0
+        self.failures = 0
+        self.last_error: str | None = None
+
+    @property
+    def pending(self) -> int:
+        return len(self._ops)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="record-writer")
+
+    def put(self, what: str, op: RecordOp) -> None:
+        self._ops.append((what, op))
+        self._idle.clear()
+        self._wake.set()
+        if self._task is None:
+            self.start()
+
+    async def drain(self, timeout_s: float | None = None) -> bool:
+        """Wait until every queued record is written; False on timeout."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        if not await self.drain(timeout_s) and self._ops:
+            log.error(
+                "database unavailable at shutdown: %d records not written (%s)",
+                len(self._ops),
+                ", ".join(sorted({w for w, _ in self._ops})),
+            )
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        delay = self.retry_min_s
+        while True:
+            if not self._ops:
+                self._idle.set()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = [self._ops[j] for j in range(min(self.max_batch, len(self._ops)))]
+            try:
+                async with session_scope(self.maker) as s:
+                    for _, op in batch:
+                        await op(s)
+            except sa_exc.IntegrityError:
+                # One of them was written before (or is refused): apply them one by one.
+                await self._one_by_one(batch)
+            except Exception as exc:  # noqa: BLE001 - database unavailable: keep, retry
+                self.failures += 1
+                if self.last_error is None:
+                    log.warning("records not written, will retry: %s", exc)
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_max_s)
+                continue
+            else:
+                self.written += len(batch)
+            if self.last_error is not None:
+                log.warning("records written again after a database outage")
+            self.last_error = None
+            delay = self.retry_min_s
+            for _ in batch:
+                self._ops.popleft()
+
+    async def _one_by_one(self, batch: list[tuple[str, RecordOp]]) -> None:
+        for what, op in batch:
+            while True:
+                try:
+                    async with session_scope(self.maker) as s:
+                        await op(s)
+                except sa_exc.IntegrityError as exc:
+                    self.dropped += 1
+                    log.error("%s record refused by the database, dropped: %s", what, exc)
+                except Exception:  # noqa: BLE001 - unavailable again: retry this one
+                    await asyncio.sleep(self.retry_max_s)
+                    continue
+                else:
+                    self.written += 1
+                break
+
+
 @dataclass
 class OpenInstrument:
     row_id: int
@@ -56,13 +193,21 @@ class AcquisitionNode:
         node_name: str | None = None,
         max_resume_gap_s: float = 600.0,
         control_period_s: float = 1.0,
+        journal_dir: Path | None = None,
     ) -> None:
         self.control_period_s = control_period_s
         self.engine = engine
         self.maker = sessionmaker(engine)
         self.clock = clock
         self.poll_s = poll_s
-        self.writer = SampleWriter(engine, batch_rows=batch_rows, batch_age_s=batch_age_s)
+        # Samples survive a database outage in a local journal (writer.py); without a
+        # configured directory, an SQLite database journals next to its file.
+        self.journal_dir = journal_dir if journal_dir is not None else default_journal_dir(engine)
+        self.writer = SampleWriter(
+            engine, batch_rows=batch_rows, batch_age_s=batch_age_s, journal_dir=self.journal_dir
+        )
+        self.records = RecordWriter(self.maker)
+        self._finishing: set[asyncio.Task[None]] = set()
         self.node_name = node_name or socket.gethostname()
         self.max_resume_gap_s = max_resume_gap_s
         self.instruments: dict[int, OpenInstrument] = {}
@@ -136,9 +281,10 @@ class AcquisitionNode:
     # -- lifecycle ---------------------------------------------------------------------
     async def run_forever(self) -> None:
         self.writer.start()
+        self.records.start()
         try:
             await self.open_all()
-            await self.recover()
+            await self._recover_when_ready()
             while not self._stopping.is_set():
                 await self.tick()
                 try:
@@ -147,6 +293,29 @@ class AcquisitionNode:
                     pass
         finally:
             await self.shutdown()
+
+    async def _recover_when_ready(self) -> None:
+        """Recover once the database answers and a previous process's journal is replayed.
+
+        Resuming numbers new samples after the last *committed* one, so journaled rows of
+        the previous process must be in the database first, or they would collide.
+        """
+        delay = self.poll_s
+        while not self._stopping.is_set():
+            try:
+                await self.writer.flush()
+                if self.writer.journal_pending_rows == 0:
+                    await self.recover()
+                    return
+                why = f"{self.writer.journal_pending_rows} journaled samples not replayed yet"
+            except Exception as exc:  # noqa: BLE001 - database not there yet: wait, retry
+                why = f"{type(exc).__name__}: {exc}"
+            log.warning("recovery waits for the database: %s", why)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+            delay = min(delay * 2, 5.0)
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -161,13 +330,21 @@ class AcquisitionNode:
         for group in self.groups.values():
             if group._task is not None:
                 await asyncio.wait([group._task], timeout=10)
-        await self._publish_progress()
         for inst in self.instruments.values():
+            if not hasattr(inst.driver, "all_off"):
+                continue  # impedance meters, chambers: nothing to switch off
             try:
                 await inst.worker.call(inst.driver.all_off)
             except Exception as exc:  # noqa: BLE001
                 log.error("could not make %s safe: %s", inst.name, exc)
+        if self._finishing:
+            await asyncio.wait(self._finishing, timeout=10)
+        try:
+            await self._publish_progress()
+        except Exception as exc:  # noqa: BLE001 - positions are saved again on the next start
+            log.error("could not save run positions at shutdown: %s", exc)
         await self.writer.close()
+        await self.records.close()
         for inst in self.instruments.values():
             inst.worker.shutdown(wait=False)
 
@@ -212,9 +389,7 @@ class AcquisitionNode:
             n_samples = await s.scalar(
                 select(func.count()).select_from(m.Sample).where(m.Sample.run_id == run.id)
             )
-        import time as _time
-
-        gap_s = (_time.time() - last.ts_utc) * self.clock.speed if last else 0.0
+        gap_s = (time.time() - last.ts_utc) * self.clock.speed if last else 0.0
         pos = run.position
         reason = None
         if pos is None or last is None:
@@ -284,9 +459,14 @@ class AcquisitionNode:
 
     # -- scheduling --------------------------------------------------------------------
     async def tick(self) -> None:
-        await self._apply_requests()
-        await self._claim_queued()
-        await self._publish_progress()
+        """One scheduler round. A database error is logged, never fatal: acquisition goes
+        on in the groups, samples and records wait for the database."""
+        try:
+            await self._apply_requests()
+            await self._claim_queued()
+            await self._publish_progress()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("scheduler: database not available (%s: %s)", type(exc).__name__, exc)
 
     async def _apply_requests(self) -> None:
         if not self.active:
@@ -416,18 +596,18 @@ class AcquisitionNode:
         z = await inst.worker.call(inst.driver.sweep, freqs)
         v_dc = await inst.worker.call(inst.driver.dc_voltage_v)
         z = np.asarray(z, complex)
-        await self._record(
-            m.EisSpectrum(
-                run_id=cr.run_id,
-                step_index=st.index,
-                cycle_index=cr.cycle.cycle_index,
-                t_s=cr.t_s,
-                instrument=inst.name,
-                dc_voltage_v=float(v_dc),
-                frequency_hz=[float(f) for f in freqs],
-                z_real_ohm=[float(x) for x in z.real],
-                z_imag_ohm=[float(x) for x in z.imag],
-            )
+        self._record(
+            "eis spectrum",
+            m.EisSpectrum,
+            run_id=cr.run_id,
+            step_index=st.index,
+            cycle_index=cr.cycle.cycle_index,
+            t_s=cr.t_s,
+            instrument=inst.name,
+            dc_voltage_v=float(v_dc),
+            frequency_hz=[float(f) for f in freqs],
+            z_real_ohm=[float(x) for x in z.real],
+            z_imag_ohm=[float(x) for x in z.imag],
         )
 
     async def _set_temperature(self, cr: ChannelRun, st: Any) -> None:
@@ -453,24 +633,26 @@ class AcquisitionNode:
             await self.clock.sleep_until(now + max(1.0, min(30.0, st.stable_for_s / 10)))
 
     # -- callbacks from groups -----------------------------------------------------------
+    # The group awaits these inside its acquisition loop: they only queue the records.
     async def _on_step(self, run_id: int, rec: StepRecord) -> None:
-        await self._record(m.Step(run_id=run_id, **rec.__dict__))
+        values = dict(rec.__dict__)
+        self._record("step", m.Step, run_id=run_id, **values)
 
     async def _on_cycle(self, run_id: int, summary: dict[str, Any]) -> None:
-        await self._record(m.Cycle(run_id=run_id, **summary))
+        self._record("cycle", m.Cycle, run_id=run_id, **summary)
 
     async def _on_event(
         self, run_id: int, kind: str, severity: str, message: str, data: dict[str, Any]
     ) -> None:
-        await self._record(
-            m.Event(
-                run_id=run_id,
-                kind=kind,
-                severity=severity,
-                message=message,
-                data=data,
-                actor=self.node_name,
-            )
+        self._record(
+            "event",
+            m.Event,
+            run_id=run_id,
+            kind=kind,
+            severity=severity,
+            message=message,
+            data=data,
+            actor=self.node_name,
         )
 
     async def _on_finish(self, cr: ChannelRun) -> None:
@@ -479,24 +661,46 @@ class AcquisitionNode:
         task = self.aux_tasks.pop(cr.run_id, None)
         if task is not None:
             task.cancel()
-        # Samples first: a finished run's samples are all committed before it says so.
-        await self.writer.flush()
-        await self._finish(cr.run_id, cr.outcome or ("failed", "ended without outcome"), cr)
+        # The run's state is written once its samples are committed (or journaled), in a
+        # task of its own: waiting for the writer here would stall the other channels'
+        # acquisition and safety checks.
+        outcome = cr.outcome or ("failed", "ended without outcome")
+        fin = asyncio.create_task(self._finish_after_flush(cr, outcome), name=f"finish-{cr.run_id}")
+        self._finishing.add(fin)
+        fin.add_done_callback(self._finishing.discard)
+
+    async def _finish_after_flush(self, cr: ChannelRun, outcome: tuple[str, str]) -> None:
+        try:
+            await self.writer.flush()
+        except Exception as exc:  # noqa: BLE001 - the state must still be recorded
+            log.error("run %s: samples not flushed before finishing: %s", cr.run_id, exc)
+        await self._finish(cr.run_id, outcome, cr)
 
     async def _finish(self, run_id: int, outcome: tuple[str, str], cr: ChannelRun | None) -> None:
         state, reason = outcome
-        async with session_scope(self.maker) as s:
+        ended_at = datetime.now(UTC)
+        progress = (
+            {
+                "last_seq": cr.seq,
+                "elapsed_s": cr.t_s,
+                "cycle_index": cr.cycle.cycle_index,
+                "position": cr.position(),
+            }
+            if cr is not None
+            else {}
+        )
+        node = self.node_name
+
+        async def op(s: AsyncSession) -> None:
             run = await s.get(m.Run, run_id)
-            assert run is not None
+            if run is None:
+                return  # deleted meanwhile
             run.state = state
             run.end_reason = reason
-            run.ended_at = datetime.now(UTC)
+            run.ended_at = ended_at
             run.requested_action = None
-            if cr is not None:
-                run.last_seq = cr.seq
-                run.elapsed_s = cr.t_s
-                run.cycle_index = cr.cycle.cycle_index
-                run.position = cr.position()
+            for key, value in progress.items():
+                setattr(run, key, value)
             s.add(
                 m.Event(
                     run_id=run_id,
@@ -504,17 +708,25 @@ class AcquisitionNode:
                     severity="info" if state == "completed" else "warning",
                     message=f"run {state}: {reason}",
                     data={"state": state},
-                    actor=self.node_name,
+                    actor=node,
                 )
             )
 
-    async def _record(self, row: Any) -> None:
-        async with session_scope(self.maker) as s:
-            s.add(row)
+        self.records.put("run state", op)
+
+    def _record(self, what: str, model: type[Any], **values: Any) -> None:
+        """Queue one row; it is built afresh for every attempt to write it."""
+
+        async def op(s: AsyncSession) -> None:
+            s.add(model(**values))
+
+        self.records.put(what, op)
 
     async def _publish_progress(self) -> None:
         if not self.active:
             return
+        for group in self.groups.values():
+            group.sync_all()
         async with session_scope(self.maker) as s:
             for run_id, cr in list(self.active.items()):
                 st = cr.step
