@@ -280,7 +280,9 @@ async def _cell(session: AsyncSession, req: RunCreate) -> m.Cell:
     return cell
 
 
-async def create_run(session: AsyncSession, req: RunCreate, actor: str) -> m.Run:
+async def create_run(
+    session: AsyncSession, req: RunCreate, actor: str, voltage_margin_v: float = 0.1
+) -> m.Run:
     channel = await _channel(session, req.channel)
     cell = await _cell(session, req)
     busy = await session.scalar(
@@ -291,7 +293,7 @@ async def create_run(session: AsyncSession, req: RunCreate, actor: str) -> m.Run
     )
     if busy is not None:
         raise Conflict(f"channel {channel.name} is busy with run {busy}")
-    protocol, resolved, _ = resolve_request(req, cell, channel)
+    protocol, resolved, _ = resolve_request(req, cell, channel, voltage_margin_v)
     digest = protocol.content_hash()
     proto = await session.scalar(select(m.Protocol).where(m.Protocol.content_hash == digest))
     if proto is None:

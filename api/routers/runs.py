@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Query, Request, status
 
 from labdaq import runs as service
 from labdaq.api.deps import Operator, Reader, Session
@@ -14,8 +14,11 @@ router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
 
 
 @router.post("", response_model=RunOut, status_code=status.HTTP_201_CREATED)
-async def create_run(body: RunCreate, session: Session, token: Operator) -> RunOut:
-    run = await service.create_run(session, body, actor=token.name)
+async def create_run(
+    body: RunCreate, request: Request, session: Session, token: Operator
+) -> RunOut:
+    margin = request.app.state.settings.safety_voltage_margin_v
+    run = await service.create_run(session, body, actor=token.name, voltage_margin_v=margin)
     await session.commit()
     return RunOut.model_validate(run)
 
