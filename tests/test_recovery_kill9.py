@@ -265,15 +265,25 @@ def _run_and_kill(lab: Lab, run_id: int, min_samples: int) -> list[tuple[Any, ..
     committed by then).
     """
     engine = _start_engine(lab, "engine1", max_resume_gap_s=600)
-    try:
-        _wait(
-            lambda: _query(lab, "SELECT count(*) FROM samples WHERE run_id = ?", run_id)[0][0]
-            >= min_samples,
-            30,
-            f"{min_samples} committed samples",
-            engine,
-            lab.proc,
+
+    def ready() -> bool:
+        # Also wait for a moment when the saved position and the last committed sample are
+        # from different ticks (they are most of the time): that is what happens in a real
+        # crash, and the only case in which resuming has to choose between the two.
+        ((n, last_seq, position),) = _query(
+            lab,
+            "SELECT (SELECT count(*) FROM samples WHERE run_id = ?), "
+            "(SELECT max(seq) FROM samples WHERE run_id = ?), position FROM runs WHERE id = ?",
+            run_id,
+            run_id,
+            run_id,
         )
+        return n >= min_samples and position is not None and (
+            json.loads(position)["seq"] != last_seq
+        )
+
+    try:
+        _wait(ready, 30, f"{min_samples} committed samples", engine, lab.proc)
         os.kill(engine.pid, signal.SIGKILL)
         engine.wait(10)
         assert engine.returncode == -signal.SIGKILL
@@ -384,8 +394,9 @@ def test_kill9_mid_step_resumes_with_contiguous_samples(resumed: Resumed) -> Non
     assert first[0] == n0 + 1
     assert int(first[10]) & FLAG_RESUMED
     assert first[1] >= data["to_t_s"] - 1e-6
-    # Within half a wall second of the decision (programming the SMU takes a few commands).
-    assert first[1] - data["to_t_s"] < 0.5 * SPEED
+    # Soon after the decision (programming the SMU takes a few commands; 2 wall seconds
+    # leaves room for a loaded machine).
+    assert first[1] - data["to_t_s"] < 2.0 * SPEED
     assert first[3] == 0, "resumed in another step"
     # The step's capacity continues from the last committed value, not from zero...
     assert first[8] == pytest.approx(last0[8], abs=1e-9)
@@ -401,11 +412,14 @@ def test_kill9_mid_step_resumes_with_contiguous_samples(resumed: Resumed) -> Non
     assert set(np.unique(a["step_index"])) == {0, 1}
     assert set(np.unique(a["cycle_index"])) == {1}
     # The step's duration leaves the gap out (the channel was not measured then), so the
-    # constant current times that duration is what the engine should have counted.
+    # constant current times that duration is what the engine should have counted. A few
+    # per cent: the SMU is being programmed for the first simulated seconds after the start
+    # and after the resume (no current yet); counting the gap would be ~15 % off, restarting
+    # the capacity from zero ~20 %.
     plan = json.loads(run["plan"]) if isinstance(run["plan"], str) else run["plan"]
     i_a = abs(float(plan["program"][0]["current_a"]))
     expected_ah = i_a * (end_s - start_s) / 3600
-    assert abs(cap_ah) == pytest.approx(expected_ah, rel=0.03), (cap_ah, expected_ah, gap_s)
+    assert abs(cap_ah) == pytest.approx(expected_ah, rel=0.05), (cap_ah, expected_ah, gap_s)
     # And the stored samples integrate to the same, the gap left out.
     dis = a["step_index"] == 0
     t, i = a["t_s"][dis], a["current_a"][dis]
