@@ -407,18 +407,19 @@ def test_kill9_mid_step_resumes_with_contiguous_samples(resumed: Resumed) -> Non
     # Steps and cycle: the discharge ended on its voltage, then the rest ran; one cycle.
     steps = resumed.steps
     assert [(s[0], s[1], s[2], s[3]) for s in steps] == [(1, 0, 1, "cc"), (2, 1, 1, "rest")]
-    _, _, _, _, start_s, end_s, reason, cap_ah = steps[0]
+    _, _, _, _, _, end_s, reason, cap_ah = steps[0]
     assert reason.startswith("voltage"), reason
     assert set(np.unique(a["step_index"])) == {0, 1}
     assert set(np.unique(a["cycle_index"])) == {1}
-    # The step's duration leaves the gap out (the channel was not measured then), so the
-    # constant current times that duration is what the engine should have counted. A few
-    # per cent: the SMU is being programmed for the first simulated seconds after the start
-    # and after the resume (no current yet); counting the gap would be ~15 % off, restarting
-    # the capacity from zero ~20 %.
+    # The constant current times the time the step was under an engine (from the run's
+    # start to the last committed sample, then from the resume to the step's end; the gap
+    # left out) is what the engine should have counted. A few per cent: the SMU is being
+    # programmed for the first simulated seconds after the start and after the resume (no
+    # current yet); counting the gap would be ~15 % off, restarting from zero ~20 %.
     plan = json.loads(run["plan"]) if isinstance(run["plan"], str) else run["plan"]
     i_a = abs(float(plan["program"][0]["current_a"]))
-    expected_ah = i_a * (end_s - start_s) / 3600
+    measured_s = last0[1] + (end_s - data["to_t_s"])
+    expected_ah = i_a * measured_s / 3600
     assert abs(cap_ah) == pytest.approx(expected_ah, rel=0.05), (cap_ah, expected_ah, gap_s)
     # And the stored samples integrate to the same, the gap left out.
     dis = a["step_index"] == 0
@@ -442,6 +443,28 @@ def test_kill9_mid_step_resumes_with_contiguous_samples(resumed: Resumed) -> Non
     assert pos["step_cap_ah"] == pytest.approx(pos["cycle"]["discharge_ah"], rel=1e-9)
     # Loose on purpose: see the strict test below for the exact relation and why it fails.
     assert dis_ah == pytest.approx(sum(abs(s[7]) for s in steps), rel=0.1)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine bug: ChannelRun.restore (labdaq/engine/channel.py) shifts step_t0_s by "
+    "the gap so that duration limits leave it out, and the step record's start_t_s is that "
+    "shifted value: after a resume the steps row says the step began gap_s later than its "
+    "first sample",
+)
+def test_kill9_step_row_brackets_its_samples(resumed: Resumed) -> None:
+    """A steps row lies on the run's timeline: the samples of the step fall between its
+    start_t_s and end_t_s, also for the step a kill -9 interrupted.
+
+    Fails: the discharge step's samples start at t ~= 0 but its row says it started at
+    t = gap_s (observed 500 s), so a query of the step's samples by its time bounds misses
+    everything measured before the kill.
+    """
+    rows = resumed.rows
+    t = np.array([r[1] for r in rows if r[3] == 0], float)
+    _, _, _, _, start_s, end_s, _, _ = resumed.steps[0]
+    assert start_s <= t.min() + 1e-6, (start_s, t.min())
+    assert end_s >= t.max() - 1e-6, (end_s, t.max())
 
 
 @pytest.mark.xfail(
