@@ -64,6 +64,8 @@ PG_DOWN_S = 4.0
 
 @dataclass
 class Rig:
+    """The simulated lab, the node running in this event loop, and its database."""
+
     lab: SimLab
     desc: dict[str, Any]
     url: str
@@ -76,6 +78,8 @@ class Rig:
 
 @pytest.fixture
 async def rig(db_url: str, tmp_path: Path) -> AsyncIterator[Rig]:
+    """Lab served over TCP, registered like ``serve --sim`` does, node started; stopped
+    (outputs off) afterwards."""
     lab = SimLab(speed=SPEED, soc=0.5, watchdog_s=None)
     desc = lab.start()
     engine: AsyncEngine | None = None
@@ -104,6 +108,7 @@ async def rig(db_url: str, tmp_path: Path) -> AsyncIterator[Rig]:
 
 
 async def _start_run(rig: Rig) -> int:
+    """Queue the discharge on the SMU's channel; the node claims it."""
     ch = rig.desc["instruments"][0]["channels"][0]
     async with session_scope(rig.maker) as s:
         run = await create_run(
@@ -123,6 +128,7 @@ async def _start_run(rig: Rig) -> int:
 async def _has_samples(
     maker: async_sessionmaker[AsyncSession], run_id: int, at_least: int
 ) -> bool:
+    """At least ``at_least`` samples of the run are committed."""
     async with session_scope(maker) as s:
         n = await s.scalar(
             select(func.count()).select_from(m.Sample).where(m.Sample.run_id == run_id)
@@ -133,6 +139,7 @@ async def _has_samples(
 async def _wait_for(
     pred: Callable[[], Awaitable[bool]], timeout_s: float, what: str
 ) -> None:
+    """Poll an async predicate without blocking the node sharing this loop."""
     deadline = time.monotonic() + timeout_s
     while not await pred():
         assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
@@ -140,6 +147,7 @@ async def _wait_for(
 
 
 async def _pg_admin() -> Any:
+    """A connection to the server's own database (not the test's, which goes away)."""
     import asyncpg
 
     assert PG_URL

@@ -96,6 +96,7 @@ def _stop(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
 
 
 def _env(**extra: str) -> dict[str, str]:
+    """The child processes' environment: ours plus ``extra``."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
     # The engine must use the data dir's SQLite file, whatever the developer's shell says.
     env.pop("LABDAQ_DATABASE_URL", None)
@@ -119,6 +120,7 @@ def _db(lab: Lab) -> sqlite3.Connection:
 
 
 def _query(lab: Lab, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    """One query on a fresh connection."""
     con = _db(lab)
     try:
         return con.execute(sql, args).fetchall()
@@ -178,11 +180,13 @@ def _lab(tmp_path: Path) -> Iterator[Lab]:
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
+    """A simulated lab process for one test, stopped afterwards."""
     with _lab(tmp_path) as lab:
         yield lab
 
 
 def _start_engine(lab: Lab, name: str, max_resume_gap_s: float) -> subprocess.Popen[bytes]:
+    """``labdaq engine`` on the lab's data dir; its output goes to ``logs/<name>.log``."""
     with open(lab.logs / f"{name}.log", "wb") as out:
         return subprocess.Popen(
             [
@@ -202,6 +206,7 @@ def _start_engine(lab: Lab, name: str, max_resume_gap_s: float) -> subprocess.Po
 
 
 def _create_run(lab: Lab) -> int:
+    """Queue the discharge on the SMU channel, as the API would (labdaq.runs.create_run)."""
     cell = lab.desc["instruments"][0]["channels"][0]["cell"]["serial"]
 
     async def create() -> int:
@@ -227,6 +232,7 @@ def _create_run(lab: Lab) -> int:
 
 
 def _samples(lab: Lab, run_id: int) -> list[tuple[Any, ...]]:
+    """Every stored sample of the run (SAMPLE_COLS), by seq."""
     return _query(
         lab,
         f"SELECT {', '.join(SAMPLE_COLS)} FROM samples WHERE run_id = ? ORDER BY seq",
@@ -235,6 +241,7 @@ def _samples(lab: Lab, run_id: int) -> list[tuple[Any, ...]]:
 
 
 def _run_row(lab: Lab, run_id: int) -> dict[str, Any]:
+    """The runs row as a dict (JSON columns still as text)."""
     con = _db(lab)
     con.row_factory = sqlite3.Row
     try:
@@ -245,10 +252,12 @@ def _run_row(lab: Lab, run_id: int) -> dict[str, Any]:
 
 
 def _state(lab: Lab, run_id: int) -> str:
+    """The run's state as the database has it now."""
     return str(_query(lab, "SELECT state FROM runs WHERE id = ?", run_id)[0][0])
 
 
 def _interruptions(lab: Lab, run_id: int) -> list[tuple[str, dict[str, Any]]]:
+    """(message, data) of the run's interruption events, oldest first."""
     rows = _query(
         lab,
         "SELECT message, data FROM events WHERE run_id = ? AND kind = 'interruption' "
@@ -303,6 +312,7 @@ def _run_and_kill(lab: Lab, run_id: int, min_samples: int) -> list[tuple[Any, ..
 
 
 def _assert_contiguous(seq: np.ndarray) -> None:
+    """seq is exactly 1..N: nothing lost, nothing duplicated."""
     assert seq.size > 0 and seq[0] == 1, f"first seq {seq[:1]}"
     bad = np.flatnonzero(np.diff(seq) != 1)
     assert bad.size == 0, f"seq not contiguous at {[(seq[b], seq[b + 1]) for b in bad[:5]]}"
