@@ -95,6 +95,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
 
 
+def machine_busy_s() -> float:
+    """CPU-seconds all cores spent busy since boot (/proc/stat; idle and iowait excluded)."""
+    vals = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    return (sum(vals) - vals[3] - vals[4]) / CLOCK_TICKS_PER_S
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -147,10 +153,11 @@ async def _hammer(port: int, token: str, ids: list[int], max_requests: int,
         finally:
             writer.close()
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker(w) for w in range(conns)))
     wall = time.perf_counter() - t0
     return {
+        "cpu_pct": round(100 * (time.process_time() - cpu0) / wall, 1) if wall > 0 else 0.0,
         "requests": len(lat), "errors": errors, "wall_s": round(wall, 3),
         "req_per_s": round(len(lat) / wall, 1) if wall > 0 else 0.0,
         "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "statuses": statuses,
@@ -362,6 +369,7 @@ class Step:
     api: dict[str, Any] = field(default_factory=dict)
     cpu_pct: dict[str, float] = field(default_factory=dict)
     writer: dict[str, int] = field(default_factory=dict)
+    loss_causes: dict[str, int] = field(default_factory=dict)
     new_runs: int = 0
     claim_s: float = 0.0
     steady_ok: bool = False  # no sample lost inside the window
@@ -374,6 +382,7 @@ class Step:
             "ok": self.strict_ok, "steady_ok": self.steady_ok,
             "stored_per_s": round(self.stored_per_s, 1),
             "window_rows": self.window_rows, "window_lost": self.window_lost,
+            "loss_causes": self.loss_causes,
             "lateness_p50_ms": pct(self.lateness_s, 50),
             "lateness_p99_ms": pct(self.lateness_s, 99),
             "breaches": len(self.breach_to_off_s),
@@ -394,7 +403,7 @@ class Step:
             f"  {self.hz:g} Hz x {self.channels:5d} ch ({self.cabinets} cab): "
             f"{'OK' if self.strict_ok else 'steady-only' if self.steady_ok else 'FAIL'} "
             f"stored {self.stored_per_s:8.0f}/s window rows {self.window_rows} lost "
-            f"{self.window_lost}; lateness p50 {pct(self.lateness_s, 50)} p99 "
+            f"{self.window_lost} {self.loss_causes}; lateness p50 {pct(self.lateness_s, 50)} p99 "
             f"{pct(self.lateness_s, 99)} max {pct(self.lateness_s, 100)} ms "
             f"({self.ticks_over_period} ticks later than a period); breach->off "
             f"n={len(self.breach_to_off_s)} p50 {pct(self.breach_to_off_s, 50)} p99 "
@@ -437,16 +446,63 @@ def _lost(rows: list[tuple[int, int, float, float]], period: float) -> int:
     return sum(max(0, round((t1 - t0) / period) - (n - 1)) for _, n, t0, t1 in rows)
 
 
+_GAPS_SQL = """
+WITH g AS (
+  SELECT run_id, ts_utc, t_s - LAG(t_s) OVER (PARTITION BY run_id ORDER BY seq) AS gap
+  FROM samples WHERE run_id BETWEEN :lo AND :hi AND (flags & 8) = 0
+)
+SELECT c.instrument_id, g.ts_utc FROM g JOIN runs r ON r.id = g.run_id
+JOIN channels c ON c.id = r.channel_id
+WHERE g.gap >= 1.5 * :p AND g.ts_utc BETWEEN :w0 AND :w1
+"""
+# Phase changes (edge samples after the first of a run) and active runs, per cabinet.
+_EDGES_SQL = """
+SELECT c.instrument_id, s.ts_utc FROM samples s JOIN runs r ON r.id = s.run_id
+JOIN channels c ON c.id = r.channel_id
+WHERE s.run_id BETWEEN :lo AND :hi AND (s.flags & 8) != 0 AND s.seq > 1
+  AND s.ts_utc BETWEEN :w0 - 3 * :p AND :w1
+"""
+_ACTIVE_SQL = """
+SELECT c.instrument_id, COUNT(DISTINCT s.run_id) FROM samples s JOIN runs r ON r.id = s.run_id
+JOIN channels c ON c.id = r.channel_id
+WHERE s.run_id BETWEEN :lo AND :hi AND s.ts_utc BETWEEN :w0 AND :w1 GROUP BY c.instrument_id
+"""
+
+
 def window_losses(db_path: Path, lo: int, hi: int, period: float, w0: float, w1: float
-                  ) -> tuple[int, int]:
-    """(due rows measured in [w0, w1], sample periods lost in it); the scan runs inside
-    SQLite, which releases the GIL the engine in this process needs."""
+                  ) -> dict[str, int]:
+    """Due rows measured in [w0, w1] and sample periods lost in it, plus where the losses
+    come from: a *stall* is a tick that at least half of a cabinet's runs missed together
+    (``at_phase_change`` when a set point changed on that cabinet just before); other
+    missed periods are *isolated*. The scans run inside SQLite, which releases the GIL the
+    engine in this process needs."""
+    args = {"lo": lo, "hi": hi, "p": period, "w0": w0, "w1": w1}
     con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     try:
-        rows = con.execute(_COUNT_SQL, {"lo": lo, "hi": hi, "w0": w0, "w1": w1}).fetchall()
+        rows = con.execute(_COUNT_SQL, args).fetchall()
+        gaps = con.execute(_GAPS_SQL, args).fetchall()
+        edges = con.execute(_EDGES_SQL, args).fetchall()
+        active = dict(con.execute(_ACTIVE_SQL, args).fetchall())
     finally:
         con.close()
-    return sum(r[1] for r in rows), _lost(rows, period)
+    stalls = at_change = isolated = 0
+    for inst in {i for i, _ in gaps}:
+        ts = sorted(t for i, t in gaps if i == inst)
+        changes = [t for i, t in edges if i == inst]
+        clusters: list[list[float]] = []
+        for t in ts:
+            if clusters and t - clusters[-1][-1] <= period / 2:
+                clusters[-1].append(t)
+            else:
+                clusters.append([t])
+        for c in clusters:
+            if len(c) >= 0.5 * active.get(inst, 1):
+                stalls += 1
+                at_change += any(c[0] - 3 * period <= e <= c[-1] for e in changes)
+            else:
+                isolated += len(c)
+    return {"rows": sum(r[1] for r in rows), "lost": _lost(rows, period), "stalls": stalls,
+            "stalls_at_phase_change": at_change, "isolated_gaps": isolated}
 
 
 def final_check(db_path: Path, lo: int, hi: int, period: float, breach_ids: set[int],
@@ -625,6 +681,7 @@ class Session:
             pids = {"engine": os.getpid(), "sim": self.lab.children.procs[0][1].pid,
                     "api": self.lab.children.procs[1][1].pid}
             cpu0 = {n: cpu_seconds(p) for n, p in pids.items()}
+            m0 = machine_busy_s()
             wr = node.writer
             rows0, t0, w0 = wr.rows_written, time.perf_counter(), time.time()
             j0 = wr.rows_journaled
@@ -638,9 +695,13 @@ class Session:
                            "journaled": wr.rows_journaled - j0,
                            "records_pending": node.records.pending}
             cpu1 = {n: cpu_seconds(p) for n, p in pids.items()}
+            m1 = machine_busy_s()
             step.window = (w0, w1)
             step.stored_per_s = (rows1 - rows0) / (t1 - t0)
             step.cpu_pct = {n: round(100 * (cpu1[n] - cpu0[n]) / (t1 - t0), 1) for n in pids}
+            # 200 % = both cores busy; "others" = processes that are not part of this run
+            # (the load client is subtracted below once it has reported).
+            step.cpu_pct["machine"] = round(100 * (m1 - m0) / (t1 - t0), 1)
             for g, i0 in zip(groups, l0, strict=True):
                 lat = g.lateness_s[i0:] if len(g.lateness_s) >= i0 else g.lateness_s
                 step.lateness_s.extend(lat)
@@ -653,14 +714,18 @@ class Session:
                 lines = [x for x in (out or "").splitlines() if x.startswith("{")]
                 step.api = (json.loads(lines[-1]) if lines
                             else {"error": self.lab.children.tail("hammer")})
+                step.cpu_pct["load_client"] = float(step.api.get("cpu_pct", 0.0))
+            ours = sum(v for n, v in step.cpu_pct.items() if n != "machine")
+            step.cpu_pct["others"] = round(max(0.0, step.cpu_pct["machine"] - ours), 1)
         finally:
             if hammer is not None:
                 self.lab.children.stop(hammer)
         # Rows measured in the window are committed by now (flush), then counted in SQL.
         await node.writer.flush()
-        step.window_rows, step.window_lost = await asyncio.to_thread(
-            window_losses, self.lab.db_path, min(self.ids), max(self.ids), self.period,
-            w0, w1)
+        wl = await asyncio.to_thread(window_losses, self.lab.db_path, min(self.ids),
+                                     max(self.ids), self.period, w0, w1)
+        step.window_rows, step.window_lost = wl.pop("rows"), wl.pop("lost")
+        step.loss_causes = wl
         step.steady_ok = step.window_lost == 0
         if not step.steady_ok:
             step.why += f" {step.window_lost} sample periods lost in the window;"
@@ -735,7 +800,7 @@ async def stop_runs(lab: Lab, ids: list[int]) -> None:
 @dataclass
 class Plan:
     cpc: int  # channels used per 64-channel cabinet
-    bare_cabinets: int
+    bare_cabinets: list[int]  # the ceiling is the best of these
     bare_s: float
     push_steps: list[int]
     push_period_s: float
@@ -750,11 +815,11 @@ class Plan:
     settle_s: float = 1.0  # after the last run joined, before the window opens
 
 
-FULL = Plan(cpc=64, bare_cabinets=4, bare_s=5.0, push_steps=[2, 4], push_period_s=0.01,
-            push_window_s=6.0, steps_10hz=[1, 2, 4, 8], window_10hz_s=8.0,
+FULL = Plan(cpc=64, bare_cabinets=[2, 4], bare_s=3.0, push_steps=[2, 4],
+            push_period_s=0.01, push_window_s=5.0, steps_10hz=[1, 2, 4, 8], window_10hz_s=8.0,
             steps_1hz=[2, 4, 8], window_1hz_s=12.0, breach_per_cab=2, hammer_conns=16,
             budget_s=230.0)
-QUICK = Plan(cpc=8, bare_cabinets=2, bare_s=1.5, push_steps=[2], push_period_s=0.01,
+QUICK = Plan(cpc=8, bare_cabinets=[2], bare_s=1.5, push_steps=[2], push_period_s=0.01,
              push_window_s=2.5, steps_10hz=[1, 2], window_10hz_s=2.5, steps_1hz=[2],
              window_1hz_s=3.0, breach_per_cab=1, hammer_conns=8, budget_s=27.0,
              settle_s=0.5)
@@ -813,20 +878,29 @@ async def _search(lab: Lab, plan: Plan, period: float, ks: list[int], window_s: 
 
 async def _phases(args: argparse.Namespace, plan: Plan, lab: Lab, t_start: float) -> None:
     # 1. Bare ceiling (its own process, as an engine process of its own would be).
-    bare = await asyncio.to_thread(
-        run_child_json, lab.children, "bare",
-        ["--bare", json.dumps({"ports": lab.ports[:plan.bare_cabinets],
-                               "duration_s": plan.bare_s, "warmup_s": 0.5,
-                               "db": str(lab.db_path.parent / "bare.db")})],
-        plan.bare_s + 60)
-    log(f"bare ceiling, {plan.bare_cabinets} cabinets x 64 ch: stored "
-        f"{bare['stored_per_s']:.0f} channel-samples/s (acquired "
-        f"{bare['acquired_per_s']:.0f}/s, cpu {bare['cpu_pct']:.0f} %)")
+    bares: list[dict[str, Any]] = []
+    sim_pid = lab.children.procs[0][1].pid
+    for k in plan.bare_cabinets:
+        c0, t0 = cpu_seconds(sim_pid), time.perf_counter()
+        b = await asyncio.to_thread(
+            run_child_json, lab.children, "bare",
+            ["--bare", json.dumps({"ports": lab.ports[:k], "duration_s": plan.bare_s,
+                                   "warmup_s": 0.5, "db": str(lab.db_path.parent / "bare.db")})],
+            plan.bare_s + 60)
+        # Over the child's whole life (start-up included): a lower bound of the sim's share.
+        b["sim_cpu_pct"] = 100 * (cpu_seconds(sim_pid) - c0) / (time.perf_counter() - t0)
+        b["cabinets"] = k
+        bares.append(b)
+        log(f"bare ceiling, {k} cabinets x 64 ch: stored {b['stored_per_s']:.0f} "
+            f"channel-samples/s (acquired {b['acquired_per_s']:.0f}/s, loop process cpu "
+            f"{b['cpu_pct']:.0f} %, simulator >= {b['sim_cpu_pct']:.0f} %)")
+    bare = max(bares, key=lambda b: b["stored_per_s"])
 
     # 2. labdaq pushed as fast as it goes (no API load, like the bare loop).
     push = await _search(lab, plan, plan.push_period_s, plan.push_steps, plan.push_window_s,
                          False, 0, t_start, "push")
-    best_push = max(push.steps, key=lambda s: s.stored_per_s)
+    best_push = max(push.steps, key=lambda s: s.stored_per_s, default=None) or Step(
+        hz=0.0, period_s=plan.push_period_s, cabinets=0, channels=0, load=False)
 
     # 3. Sustained search under API load.
     s10 = await _search(lab, plan, 0.1, plan.steps_10hz, plan.window_10hz_s, True,
@@ -856,7 +930,8 @@ async def _phases(args: argparse.Namespace, plan: Plan, lab: Lab, t_start: float
         f"engine in-process (AcquisitionNode in this benchmark process); sim, API and load "
         f"client in separate processes; speed 1; SQLite; 2 cores shared by all. "
         f"bare = asyncio streams + np parse + 8-col sqlite3 executemany(10k) in a writer "
-        f"thread over {plan.bare_cabinets} of the same simulated cabinets. labdaq max = "
+        f"thread over {bare['cabinets']} of the same simulated cabinets (best of "
+        f"{plan.bare_cabinets}). labdaq max = "
         f"{best_push.channels} ch at {plan.push_period_s:g} s period, no API load. "
         f"max_channels_* = whole-life check (every run, from its start to the window end: "
         f"seq contiguous to the engine's last_seq, no missed period); *_steady = no loss "
@@ -894,6 +969,7 @@ async def _phases(args: argparse.Namespace, plan: Plan, lab: Lab, t_start: float
         push_period_s=plan.push_period_s,
         push_window_lost=best_push.window_lost,
         bare_acquired_per_s=round(bare["acquired_per_s"], 1),
+        bare_runs=[{k: round(v, 1) for k, v in b.items()} for b in bares],
         claim_ms_per_run=round(1e3 * float(np.median(claim)), 1) if claim else None,
         search=[st.summary() for st in push.steps + loaded],
         quick=args.quick,
@@ -978,7 +1054,7 @@ def main() -> None:
     if args.tcp_nodelay:
         force_tcp_nodelay()
     plan = apply_overrides(QUICK if args.quick else FULL, args.set)
-    cabinets = max([plan.bare_cabinets, *plan.push_steps, *plan.steps_10hz, *plan.steps_1hz])
+    cabinets = max([*plan.bare_cabinets, *plan.push_steps, *plan.steps_10hz, *plan.steps_1hz])
     tmp = Path(tempfile.mkdtemp(prefix="labdaq-acqscale-"))
     children = Children(tmp)
     try:
