@@ -45,8 +45,8 @@ class Phase:
     mode: str  # "off" | "cc" | "cv"
     current_a: float = 0.0  # cc: signed set point; cv: current limit (magnitude)
     voltage_v: float = NAN  # cv: set point; cc: compliance voltage
-    # cc: lower compliance voltage for a discharge that ends on voltage (instruments that
-    # have one, e.g. a cycler cabinet's VLIM:LOW); NaN = none (0 V).
+    # cc: where the instrument holds a discharge that ends on voltage (see group._apply);
+    # NaN = no clamp.
     voltage_low_v: float = NAN
     voltage_above_v: float = NAN
     voltage_below_v: float = NAN
@@ -177,6 +177,12 @@ class ChannelRun:
         while self.pc < len(self.program):
             st = self.program[self.pc]
             if isinstance(st, ResolvedLoopStart):
+                if self.cycle.charge_ah or self.cycle.discharge_ah:
+                    # What ran before the loop (a formation charge, a capacity check) is
+                    # a cycle of its own, not part of the loop's first iteration.
+                    self.cycle.end_t_s = t_s
+                    tr.cycles.append(self.cycle.summary())
+                    self.cycle = CycleTotals(self.cycle.cycle_index + 1, t_s)
                 self.loop_iters[self.pc] = 0
                 self.loop_dis_ah[self.pc] = 0.0
                 self.loop_first_dis_ah.pop(self.pc, None)
@@ -276,8 +282,8 @@ class ChannelRun:
 
         Layer one of the step's end condition: a charge clamps to CV slightly above its
         end voltage (never above the safety maximum), a discharge slightly below it (never
-        below the safety minimum, and only on instruments with a lower clamp). The step
-        still ends in software at the first tick at or past the end voltage.
+        below the safety minimum). The step still ends in software at the first tick at
+        or past the end voltage.
         """
         if p.mode != "cc":
             return p

@@ -154,14 +154,13 @@ class InstrumentGroup:
         self._phases: list[Phase] = []
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._busy = asyncio.Lock()  # a tick, or a run joining
         self._closing = False
         self.ticks = 0
         self.lateness_s: list[float] = []  # wall seconds late per tick (for benchmarks)
         self.breach_to_off_s: list[float] = []  # measurement in → output-off acknowledged
         # A multi-channel instrument switches a list of channels in one command.
         self._lists = hasattr(driver, "channel_total")
-        # Instruments with a lower compliance voltage (cycler cabinets: VLIM:LOW).
-        self._low_clamp = hasattr(driver, "voltage_limit_low_v")
         for nm in _FLOAT_STATE:
             setattr(self, nm, np.zeros(0))
         for nm in _INT_STATE:
@@ -172,6 +171,14 @@ class InstrumentGroup:
 
     # -- membership --------------------------------------------------------------------
     async def add(self, run: ChannelRun, phase: Phase, t0_clock_s: float) -> None:
+        # Not in the middle of a tick: it holds arrays sized for the runs it measured.
+        async with self._busy:
+            await self._add(run, phase, t0_clock_s)
+        self._wake.set()
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name=f"group-{self.name}")
+
+    async def _add(self, run: ChannelRun, phase: Phase, t0_clock_s: float) -> None:
         await self._apply(run, phase)
         self.runs.append(run)
         self._phases.append(phase)
@@ -193,9 +200,15 @@ class InstrumentGroup:
         self.chans = [r.channel for r in self.runs]
         self._limits_changed()
         self._load_phases()
-        self._wake.set()
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name=f"group-{self.name}")
+        # The first stored sample is taken right after the set point is applied, so the
+        # stored samples start where the engine's integration starts; a resumed run's
+        # first sample after the gap says so in its flags.
+        await self._edge([k], {}, FLAG_EDGE | (FLAG_RESUMED if run.seq else 0), integrate=False)
+
+    @property
+    def phases(self) -> list[Phase]:
+        """The phase each run (same order as ``runs``) is in (read-only use)."""
+        return self._phases
 
     def _remove(self, k: int) -> None:
         self._pull(k)
@@ -281,7 +294,9 @@ class InstrumentGroup:
             self._pull(k)
 
     # -- instrument commands -----------------------------------------------------------
-    async def _apply(self, run: ChannelRun, phase: Phase) -> None:
+    async def _apply(self, run: ChannelRun, phase: Phase, v_now: float = math.nan) -> None:
+        """Program the instrument for ``phase``; ``v_now`` is the channel's latest voltage
+        (NaN = unknown: it is measured when the choice of command depends on it)."""
         ch = run.channel
         if phase.mode == "off":
             await self.call(self.driver.output, ch, False)
@@ -290,12 +305,18 @@ class InstrumentGroup:
                 await self.cb.on_aux(run, phase)
             return
         if phase.mode == "cc":
-            if self._low_clamp:
-                # Always set it: a clamp left over from an earlier discharge would stop a
-                # later one short. 0 V = no lower clamp.
-                low = 0.0 if math.isnan(phase.voltage_low_v) else phase.voltage_low_v
-                await self.call(self.driver.voltage_limit_low_v.set, low, ch)
-            await self.call(self.driver.set_current, ch, phase.current_a, phase.voltage_v)
+            low = phase.voltage_low_v
+            if not math.isnan(low) and math.isnan(v_now):
+                v_now = float(np.asarray(await self.call(self.driver.measure, [ch]))[0][0])
+            if not math.isnan(low) and v_now > low:
+                # A discharge that ends on voltage: a voltage source at the clamp, limited
+                # to the step's current, is a constant-current discharge until the cell
+                # reaches the clamp and holds it there afterwards, on any source-measure
+                # instrument (SMUs have no lower voltage compliance in current mode).
+                # Only while the cell is above the clamp: below it the source would charge.
+                await self.call(self.driver.set_voltage, ch, low, abs(phase.current_a))
+            else:
+                await self.call(self.driver.set_current, ch, phase.current_a, phase.voltage_v)
         elif phase.mode == "cv":
             await self.call(self.driver.set_voltage, ch, phase.voltage_v, phase.current_a)
         await self.call(self.driver.output, ch, True)
@@ -334,7 +355,8 @@ class InstrumentGroup:
                 # Fell behind by more than a tick: re-anchor instead of bursting.
                 deadline = self.clock.now()
             try:
-                await self._tick()
+                async with self._busy:
+                    await self._tick()
             except Exception as exc:  # noqa: BLE001 - make every channel safe, then report
                 log.exception("instrument %s: acquisition failed", self.name)
                 await self._fail_all(f"{type(exc).__name__}: {exc}")
@@ -467,22 +489,24 @@ class InstrumentGroup:
                 )
             self._pull(k)
             tr = r.phase_ended(reason, t_end, float(v[k]), float(i[k]))
+            # Back into the arrays before anything awaits: the node copies arrays → runs
+            # (sync_all) whenever it publishes progress.
+            self._push(k)
             # Instrument first: the next set point (or output off) before any record.
             if tr.done or tr.next_phase is None:
                 await self._outputs_off([r.channel])
                 r.outcome = r.outcome or ("completed", "all steps done")
                 done.append(k)
             else:
-                await self._apply(r, tr.next_phase)
+                await self._apply(r, tr.next_phase, float(v[k]))
                 self._phases[k] = tr.next_phase
                 self.a_dvdt_ref_v[k] = np.nan
                 changed.append(k)
                 before[k] = (float(v[k]), float(i[k]))
-            self._push(k)
             finished.append((k, tr))
         if changed:
             self._load_phases()
-            await self._edge(changed, before)
+            await self._edge(changed, before, FLAG_EDGE)
         for k, tr in finished:
             r = runs[k]
             if tr.step is not None:
@@ -554,18 +578,26 @@ class InstrumentGroup:
             )
         )
 
-    async def _edge(self, changed: list[int], before: dict[int, tuple[float, float]]) -> None:
-        """Measure the channels whose set points just changed; store and integrate it."""
+    async def _edge(
+        self,
+        changed: list[int],
+        before: dict[int, tuple[float, float]],
+        flags: int,
+        integrate: bool = True,
+    ) -> None:
+        """Measure the channels whose set points just changed; store it and make it the
+        integration anchor (integrating up to it unless the run has just joined)."""
         idx = np.asarray(changed, np.int64)
         m2 = await self.call(self.driver.measure, [self.chans[k] for k in changed])
         t2 = self.clock.now() - self.a_t0[idx]
         ts_utc = time.time()
         m2 = np.asarray(m2, float).reshape(len(changed), 3)
         v2, i2, temp2 = m2[:, 0].copy(), m2[:, 1].copy(), m2[:, 2].copy()
-        self._integrate(idx, t2, v2, i2, np.ones(len(changed), bool))
+        if integrate:
+            self._integrate(idx, t2, v2, i2, np.ones(len(changed), bool))
         self.a_last_t[idx], self.a_last_v[idx], self.a_last_i[idx] = t2, v2, i2
         await self.writer.put(
-            self._rows(idx, t2, v2, i2, temp2, ts_utc, np.full(len(changed), FLAG_EDGE))
+            self._rows(idx, t2, v2, i2, temp2, ts_utc, np.full(len(changed), flags))
         )
         for j, k in enumerate(changed):
             r = self.runs[k]
