@@ -1,100 +1,105 @@
-"""Engine against the simulated lab in-process: real TCP to the simulated SMU, real DB."""
+"""Engine against the simulated lab in-process: real TCP to the simulated instruments, a
+real database, the engine on the lab's clock (tests/engine_rig.py)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 from sqlalchemy import select
 
-from labdaq.channels import upsert_instrument
-from labdaq.engine.clock import EngineClock
-from labdaq.engine.node import AcquisitionNode
-from labdaq.runs import RunCreate, create_run
+from labdaq.engine.channel import CLAMP_OVERSHOOT_V
 from labdaq.sims.lab import SimLab
 from labdaq.storage import models as m
-from labdaq.storage.db import create_engine, session_scope, sessionmaker
+from labdaq.storage.db import session_scope
+from tests.engine_rig import Rig, assert_contiguous, rows_of, samples, start_rig, wait_for
 
 SPEED = 500.0
 
 
 @pytest.fixture
-async def rig(sqlite_url: str, request: pytest.FixtureRequest) -> AsyncIterator[tuple]:
+async def rig(
+    sqlite_url: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Rig]:
     soc, control_period_s = getattr(request, "param", (0.5, 1.0))
-    lab = SimLab(speed=SPEED, soc=soc)
-    desc = lab.start()
-    engine = create_engine(sqlite_url)
-    maker = sessionmaker(engine)
-    async with session_scope(maker) as s:
-        inst = desc["instruments"][0]
-        ch = inst["channels"][0]
-        await upsert_instrument(
-            s,
-            inst["name"],
-            inst["driver"],
-            inst["resource"],
-            [{k: ch[k] for k in ("index", "name", "max_current_a", "max_voltage_v")}],
-        )
-        s.add(m.Cell(**ch["cell"]))
-    node = AcquisitionNode(
-        engine,
-        EngineClock(SPEED),
-        poll_s=0.05,
-        batch_age_s=0.1,
-        control_period_s=control_period_s,
+    lab = SimLab(speed=SPEED, soc=soc, cabinets=1, cabinet_channels=2)
+    r = await start_rig(sqlite_url, lab, control_period_s=control_period_s)
+    yield r
+    await r.stop()
+
+
+def discharge(until: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "schema_version": 1,
+        "name": "discharge",
+        "steps": [{"step": "cc", "current_a": -7.0, "until": until}],
+    }
+
+
+# A nearly empty cell and an engine that looks only once a minute (a misconfiguration).
+SLOW_LOOKS = [(0.03, 60.0)]
+
+
+@pytest.mark.parametrize("rig", SLOW_LOOKS, indirect=True)
+async def test_undervoltage_breach_turns_output_off_and_aborts(rig: Rig) -> None:
+    # The step ends on time only, so nothing holds the voltage: it falls through the
+    # safety floor between two looks, and the interlock turns the output off.
+    run_id = await rig.start_run(
+        "smu1/1", protocol_document=discharge({"duration_s": 3600}), sample_period_s=60
     )
-    task = asyncio.create_task(node.run_forever())
-    yield lab, maker, node, ch
-    node.request_stop()
-    await asyncio.wait_for(task, 10)
-    await engine.dispose()
-    lab.stop()
-
-
-async def _wait_end(maker, run_id: int, timeout_s: float = 60) -> m.Run:
-    for _ in range(int(timeout_s / 0.1)):
-        async with session_scope(maker) as s:
-            run = await s.get(m.Run, run_id)
-            assert run is not None
-            if run.state not in ("queued", "running", "paused"):
-                return run
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"run {run_id} did not end")
-
-
-# A nearly empty cell and an engine that looks only once a minute (a misconfiguration):
-# the voltage falls through the safety floor between two looks.
-@pytest.mark.parametrize("rig", [(0.03, 60.0)], indirect=True)
-async def test_undervoltage_breach_turns_output_off_and_aborts(rig) -> None:
-    lab, maker, node, ch = rig
-    async with session_scope(maker) as s:
-        # A discharge to the cell's cut-off, but the cell is nearly empty and the engine
-        # samples slowly, so the voltage falls through the safety floor between samples.
-        doc = {
-            "schema_version": 1,
-            "name": "discharge",
-            "steps": [
-                {"step": "cc", "current_a": -7.0, "until": {"voltage_v": "discharge_cutoff"}}
-            ],
-        }
-        run = await create_run(
-            s,
-            RunCreate(
-                channel=ch["name"],
-                cell_serial=ch["cell"]["serial"],
-                protocol_document=doc,
-                sample_period_s=60,
-            ),
-            actor="test",
-        )
-    ended = await _wait_end(maker, run.id)
+    ended = await rig.wait_end(run_id)
     assert ended.state == "aborted_safety", (ended.state, ended.end_reason)
     assert "min_voltage_v" in (ended.end_reason or "")
-    async with session_scope(maker) as s:
+    async with session_scope(rig.maker) as s:
         events = (await s.scalars(select(m.Event).where(m.Event.kind == "safety"))).all()
     assert len(events) == 1
     assert events[0].data["limit"] == "min_voltage_v"
     assert events[0].data["breach_to_off_s"] < 0.5
-    sim = lab.sims[0]
-    assert not sim.output_on
+    assert not rig.lab.by_name("smu1").sim.output_on
+
+
+@pytest.mark.parametrize("rig", SLOW_LOOKS, indirect=True)
+async def test_voltage_end_is_held_by_the_instrument_between_looks(rig: Rig) -> None:
+    # The same discharge ending on the cell's cut-off: the engine sets the SMU to hold the
+    # voltage just below the cut-off (a voltage source limited to the step's current), so
+    # the cell never leaves the safety window, and the step ends at the next look.
+    run_id = await rig.start_run(
+        "smu1/1",
+        protocol_document=discharge({"voltage_v": "discharge_cutoff"}),
+        sample_period_s=60,
+    )
+    ended = await rig.wait_end(run_id)
+    assert ended.state == "completed", (ended.state, ended.end_reason)
+    steps = await rows_of(rig.maker, m.Step, run_id, m.Step.step_number)
+    assert [st.end_reason for st in steps] == ["voltage_below"]
+    cutoff = ended.plan["program"][0]["until"]["voltage_below_v"]
+    assert cutoff - CLAMP_OVERSHOOT_V - 1e-6 <= steps[0].end_voltage_v <= cutoff
+    s = await samples(rig.maker, run_id)
+    assert s["voltage_v"].min() >= cutoff - CLAMP_OVERSHOOT_V - 1e-6
+
+
+async def test_a_run_joining_leaves_the_others_integration_alone(rig: Rig) -> None:
+    # Regression: the group used to rebuild every run's integration anchor when a run
+    # joined or left, so the next reading integrated again from the last *stored* sample.
+    charge = {
+        "schema_version": 1,
+        "name": "charge",
+        "steps": [{"step": "cc", "current_a": 1.0, "until": {"duration_s": 900}}],
+    }
+    first = await rig.start_run("cabinet1/1", protocol_document=charge, sample_period_s=60)
+    await wait_for(lambda: bool(rig.node.groups), what="the cabinet group")
+    group = next(iter(rig.node.groups.values()))
+    await wait_for(lambda: group.ticks > 20, what="some ticks")
+    await rig.start_run("cabinet1/2", protocol_document=charge, sample_period_s=60)
+    for run_id in (first, first + 1):
+        assert (await rig.wait_end(run_id)).state == "completed"
+    s = await samples(rig.maker, first)
+    assert_contiguous(s["seq"])
+    steps = await rows_of(rig.maker, m.Step, first, m.Step.step_number)
+    # Constant current: whatever the sampling, the charge is I × t of the stored span.
+    span_s = s["t_s"][-1] - s["t_s"][0]
+    assert steps[0].capacity_ah == pytest.approx(1.0 * span_s / 3600, rel=1e-3)
+    assert steps[0].capacity_ah == pytest.approx(np.trapezoid(s["current_a"], s["t_s"]) / 3600)

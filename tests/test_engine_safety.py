@@ -1,0 +1,181 @@
+"""Safety: a breach on any measurement turns that channel's output off first, ends the run
+as aborted_safety and records a safety event with the breach-to-off time.
+
+Through the simulated lab over real TCP (Keithley 2460 SMUs and a cycler cabinet in
+this process, engine on the lab's clock). Faults are injected in the simulators:
+
+* thermal runaway (``CellBank.trigger_thermal_runaway``): the simulated cell's separator
+  fails within ~1 s of the onset, so on either instrument the voltage collapses before the
+  temperature has risen by 5 °C; the run ends on min_voltage_v (the 2460 measures no
+  temperature at all);
+* an internal short (``CellBank.set_internal_short``, 1 Ω: ~14 W inside a 46 g cell) heats
+  the cell at ~0.3 °C/s while its voltage holds up for minutes: on the cabinet, which
+  measures cell temperature, the run ends on max_temperature_c;
+* over-current: the SMU's current regulation fails and it delivers 1.5× the set current
+  (the simulator object's ``actual_current`` is wrapped, so the cell really gets it and
+  the SMU really reports it — the engine only sees readings);
+* over-voltage: the SMU's voltage compliance fails (its ``_compliance_voltage`` is
+  wrapped to 99 V), so a constant-current charge runs the cell past full.
+
+The steps used end on time only, so the engine's own voltage clamps at end voltages
+(labdaq.engine.channel._clamp) are not in play: the interlock is what must stop them.
+Timings are recorded, not asserted (benchmarks/engine_channels.py reports them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from labdaq.engine.group import FLAG_BREACH
+from labdaq.sims.lab import SimLab
+from labdaq.storage import models as m
+from labdaq.storage.db import session_scope
+from tests.engine_rig import Rig, assert_contiguous, nmc_18650_spec, samples, start_rig
+
+SPEED = 500.0
+
+
+def document(step: dict[str, Any], max_temperature_c: float | None = None) -> dict[str, Any]:
+    doc: dict[str, Any] = {"schema_version": 1, "name": "safety test", "steps": [step]}
+    if max_temperature_c is not None:
+        doc["safety"] = {"max_temperature_c": max_temperature_c}
+    return doc
+
+
+CHARGE_1A = {"step": "cc", "current_a": 1.0, "until": {"duration_s": 36000}}
+
+
+@pytest.fixture
+async def rig(sqlite_url: str, tmp_path: Path) -> AsyncIterator[Rig]:
+    lab = SimLab(
+        speed=SPEED,
+        smus=1,
+        cabinets=1,
+        cabinet_channels=2,
+        cell_spec=nmc_18650_spec(tmp_path),
+        soc=0.5,
+        seed=11,
+    )
+    rig = await start_rig(sqlite_url, lab)
+    yield rig
+    await rig.stop()
+
+
+async def safety_event(rig: Rig, run_id: int) -> m.Event:
+    async with session_scope(rig.maker) as s:
+        events = (
+            await s.scalars(
+                select(m.Event).where(m.Event.run_id == run_id, m.Event.kind == "safety")
+            )
+        ).all()
+    assert len(events) == 1, [e.message for e in events]
+    return events[0]
+
+
+async def check_aborted(rig: Rig, run_id: int, limit: str) -> tuple[m.Event, dict[str, Any]]:
+    """aborted_safety with ``limit``; the event names the breaching sample, which is stored
+    and flagged, and carries the breach-to-off time; no sample was lost."""
+    run = await rig.wait_end(run_id, timeout_s=30)
+    assert run.state == "aborted_safety", (run.state, run.end_reason)
+    assert limit in (run.end_reason or "")
+    ev = await safety_event(rig, run_id)
+    assert ev.severity == "critical"
+    assert ev.data["limit"] == limit
+    breach_to_off = ev.data["breach_to_off_s"]
+    assert isinstance(breach_to_off, float) and math.isfinite(breach_to_off) and breach_to_off >= 0
+    s = await samples(rig.maker, run_id)
+    assert_contiguous(s["seq"])
+    k = int(np.flatnonzero(s["seq"] == ev.data["seq"])[0])
+    assert s["flags"][k] & FLAG_BREACH
+    assert k == len(s["seq"]) - 1, "the breaching sample is the run's last"
+    assert not (s["flags"][:k] & FLAG_BREACH).any()
+    return ev, s
+
+
+async def test_internal_short_on_cabinet_trips_on_temperature(rig: Rig) -> None:
+    cab = rig.lab.by_name("cabinet1").sim
+    hot = await rig.start_run("cabinet1/1", protocol_document=document(CHARGE_1A, 50.0))
+    calm = await rig.start_run("cabinet1/2", protocol_document=document(CHARGE_1A, 50.0))
+    await _running(rig, hot, calm)
+    cab.bank.set_internal_short(0, 1.0)
+    ev, s = await check_aborted(rig, hot, "max_temperature_c")
+    assert ev.data["value"] > 50.0 and ev.data["bound"] == 50.0
+    assert s["temperature_c"][-1] > 50.0 and np.nanmax(s["temperature_c"][:-1]) <= 50.0
+    assert s["voltage_v"][-1] > 3.0  # the voltage had not collapsed
+    assert not cab.output_on[0], "channel 1 output still on"
+    # The other channel of the same cabinet goes on.
+    assert cab.output_on[1]
+    async with session_scope(rig.maker) as ss:
+        other = await ss.get(m.Run, calm)
+        assert other is not None and other.state == "running"
+
+
+async def test_thermal_runaway_on_cabinet(rig: Rig) -> None:
+    cab = rig.lab.by_name("cabinet1").sim
+    run_id = await rig.start_run("cabinet1/2", protocol_document=document(CHARGE_1A, 50.0))
+    await _running(rig, run_id)
+    cab.bank.trigger_thermal_runaway(1)
+    ev, s = await check_aborted(rig, run_id, "min_voltage_v")
+    assert ev.data["value"] < ev.data["bound"]
+    assert s["temperature_c"][-1] > s["temperature_c"][-2]  # and it is heating up
+    assert not cab.output_on[1]
+
+
+async def test_thermal_runaway_on_smu_shows_as_voltage_collapse(rig: Rig) -> None:
+    smu = rig.lab.by_name("smu1").sim
+    run_id = await rig.start_run("smu1/1", protocol_document=document(CHARGE_1A))
+    await _running(rig, run_id)
+    smu.cell.trigger_thermal_runaway(0)
+    ev, s = await check_aborted(rig, run_id, "min_voltage_v")
+    assert ev.data["value"] < ev.data["bound"]
+    assert np.isnan(s["temperature_c"]).all()  # a 2460 measures no temperature
+    assert not smu.output_on
+
+
+async def test_over_current_when_the_smu_regulation_fails(rig: Rig) -> None:
+    smu = rig.lab.by_name("smu1").sim
+    run_id = await rig.start_run(
+        "smu1/1",
+        protocol_document=document({"step": "cc", "current_a": 2.0, "until": {"duration_s": 3600}}),
+    )
+    await _running(rig, run_id)
+    regulated = smu.actual_current
+    smu.actual_current = lambda: 1.5 * regulated()  # 3.0 A for a 2.0 A set point
+    ev, s = await check_aborted(rig, run_id, "max_charge_current_a")
+    assert ev.data["value"] == pytest.approx(3.0, rel=1e-6)
+    assert ev.data["bound"] == pytest.approx(2.4)  # the cell's 1C
+    assert s["current_a"][-1] == pytest.approx(3.0, rel=1e-6)
+    assert not smu.output_on
+
+
+async def test_over_voltage_when_the_smu_compliance_fails(rig: Rig) -> None:
+    smu = rig.lab.by_name("smu1").sim
+    smu._compliance_voltage = lambda: 99.0
+    run_id = await rig.start_run(
+        "smu1/1",
+        protocol_document=document({"step": "cc", "current_a": 2.4, "until": {"duration_s": 7200}}),
+    )
+    ev, s = await check_aborted(rig, run_id, "max_voltage_v")
+    assert ev.data["bound"] == pytest.approx(4.3)  # charge cut-off + 0.1 V margin
+    assert s["voltage_v"][-1] > 4.3 and s["voltage_v"][:-1].max() <= 4.3
+    assert not smu.output_on
+
+
+async def _running(rig: Rig, *run_ids: int) -> None:
+    """Until every run has stored a few samples (acquisition is under way)."""
+    for run_id in run_ids:
+        for _ in range(200):
+            s = await samples(rig.maker, run_id)
+            if len(s["seq"]) >= 3:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"run {run_id} did not start")
