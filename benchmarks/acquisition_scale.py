@@ -373,13 +373,14 @@ class Step:
     new_runs: int = 0
     claim_s: float = 0.0
     steady_ok: bool = False  # no sample lost inside the window
+    capacity_ok: bool = False  # no cabinet-wide stall, writer backlog below half its bound
     strict_ok: bool = False  # no sample lost in any run from its start to the window end
     why: str = ""
 
     def summary(self) -> dict[str, Any]:
         return {
             "hz": self.hz, "channels": self.channels, "api_load": self.load,
-            "ok": self.strict_ok, "steady_ok": self.steady_ok,
+            "ok": self.strict_ok, "steady_ok": self.steady_ok, "capacity_ok": self.capacity_ok,
             "stored_per_s": round(self.stored_per_s, 1),
             "window_rows": self.window_rows, "window_lost": self.window_lost,
             "loss_causes": self.loss_causes,
@@ -399,12 +400,14 @@ class Step:
         api = self.api
         api_txt = (f"; api {api.get('req_per_s')} req/s p99 {api.get('p99_ms')} ms "
                    f"{api.get('errors')} err" if api else "")
+        verdict = ("OK" if self.strict_ok else "steady-only" if self.steady_ok
+                   else "capacity-only" if self.capacity_ok else "FAIL")
         return (
-            f"  {self.hz:g} Hz x {self.channels:5d} ch ({self.cabinets} cab): "
-            f"{'OK' if self.strict_ok else 'steady-only' if self.steady_ok else 'FAIL'} "
+            f"  {self.hz:g} Hz x {self.channels:5d} ch ({self.cabinets} cab): {verdict} "
             f"stored {self.stored_per_s:8.0f}/s window rows {self.window_rows} lost "
-            f"{self.window_lost} {self.loss_causes}; lateness p50 {pct(self.lateness_s, 50)} p99 "
-            f"{pct(self.lateness_s, 99)} max {pct(self.lateness_s, 100)} ms "
+            f"{self.window_lost} {self.loss_causes}; lateness p50 "
+            f"{pct(self.lateness_s, 50)} p99 {pct(self.lateness_s, 99)} max "
+            f"{pct(self.lateness_s, 100)} ms "
             f"({self.ticks_over_period} ticks later than a period); breach->off "
             f"n={len(self.breach_to_off_s)} p50 {pct(self.breach_to_off_s, 50)} p99 "
             f"{pct(self.breach_to_off_s, 99)} ms; claim {self.claim_s:.1f} s for "
@@ -699,8 +702,9 @@ class Session:
             step.window = (w0, w1)
             step.stored_per_s = (rows1 - rows0) / (t1 - t0)
             step.cpu_pct = {n: round(100 * (cpu1[n] - cpu0[n]) / (t1 - t0), 1) for n in pids}
-            # 200 % = both cores busy; "others" = processes that are not part of this run
-            # (the load client is subtracted below once it has reported).
+            # 200 % = both cores busy; "others" = CPU not charged to this run's processes:
+            # other processes on the machine and kernel work not charged to a process
+            # (loopback softirq). The load client is subtracted once it has reported.
             step.cpu_pct["machine"] = round(100 * (m1 - m0) / (t1 - t0), 1)
             for g, i0 in zip(groups, l0, strict=True):
                 lat = g.lateness_s[i0:] if len(g.lateness_s) >= i0 else g.lateness_s
@@ -727,6 +731,8 @@ class Session:
         step.window_rows, step.window_lost = wl.pop("rows"), wl.pop("lost")
         step.loss_causes = wl
         step.steady_ok = step.window_lost == 0
+        step.capacity_ok = (wl["stalls"] == 0
+                            and step.writer["pending_max"] < node.writer.max_pending_rows // 2)
         if not step.steady_ok:
             step.why += f" {step.window_lost} sample periods lost in the window;"
         self.steps.append(step)
@@ -819,8 +825,8 @@ FULL = Plan(cpc=64, bare_cabinets=[2, 4], bare_s=3.0, push_steps=[2, 4],
             push_period_s=0.01, push_window_s=5.0, steps_10hz=[1, 2, 4, 8], window_10hz_s=8.0,
             steps_1hz=[2, 4, 8], window_1hz_s=12.0, breach_per_cab=2, hammer_conns=16,
             budget_s=230.0)
-QUICK = Plan(cpc=8, bare_cabinets=[2], bare_s=1.5, push_steps=[2], push_period_s=0.01,
-             push_window_s=2.5, steps_10hz=[1, 2], window_10hz_s=2.5, steps_1hz=[2],
+QUICK = Plan(cpc=8, bare_cabinets=[2], bare_s=1.0, push_steps=[2], push_period_s=0.01,
+             push_window_s=2.0, steps_10hz=[1, 2], window_10hz_s=2.0, steps_1hz=[2],
              window_1hz_s=3.0, breach_per_cab=1, hammer_conns=8, budget_s=27.0,
              settle_s=0.5)
 
@@ -866,8 +872,10 @@ async def _search(lab: Lab, plan: Plan, period: float, ks: list[int], window_s: 
                 break
             st = await sess.grow(k, window_s, load, plan.settle_s)
             log(f"{label}" + st.line()[1:])
-            if load and not st.steady_ok:
-                break  # the sustain search ends at the first window that loses samples
+            if load and not st.capacity_ok:
+                # The search ends when capacity runs out (a whole cabinet missed a tick or
+                # the writer fell behind); isolated misses are reported but do not end it.
+                break
     finally:
         await sess.close()
     for st in sess.steps:
@@ -909,14 +917,23 @@ async def _phases(args: argparse.Namespace, plan: Plan, lab: Lab, t_start: float
                        plan.breach_per_cab, t_start, "1 Hz")
     loaded = s10.steps + s1.steps
 
-    def largest(sess: Session, strict: bool) -> Step | None:
-        ok = [s for s in sess.steps if (s.strict_ok if strict else s.steady_ok)]
+    def largest(sess: Session, crit: str) -> Step | None:
+        ok = [s for s in sess.steps if getattr(s, f"{crit}_ok")]
         return max(ok, key=lambda s: s.channels, default=None)
 
+    def chans(st: Step | None) -> int:
+        return st.channels if st is not None else 0
+
     b2o = [x for st in loaded for x in st.breach_to_off_s]
-    ref = largest(s10, False) or (s10.steps[0] if s10.steps else None)
-    big = [s for s in (largest(s10, False), largest(s1, False)) if s is not None]
-    top = max(big, key=lambda s: s.stored_per_s, default=None)
+    # Lateness "during the load": the largest 10 Hz window within capacity, else the
+    # smallest 10 Hz window measured.
+    ref = largest(s10, "capacity") or (s10.steps[0] if s10.steps else None)
+    best = {(hz, crit): largest(sess, crit) for hz, sess in ((10, s10), (1, s1))
+            for crit in ("strict", "steady", "capacity")}
+    top = max((st for (_, c), st in best.items() if c == "strict" and st is not None),
+              key=lambda st: st.stored_per_s, default=None)
+    top_cap = max((st for (_, c), st in best.items() if c == "capacity" and st is not None),
+                  key=lambda st: st.stored_per_s, default=None)
     req = [st.api["req_per_s"] for st in loaded if st.api.get("req_per_s")]
     ratio = best_push.stored_per_s / bare["stored_per_s"] if bare["stored_per_s"] else 0.0
     lat99 = pct(ref.lateness_s, 99) if ref else None
@@ -927,40 +944,45 @@ async def _phases(args: argparse.Namespace, plan: Plan, lab: Lab, t_start: float
 
     claim = [st.claim_s / st.new_runs for st in push.steps + loaded if st.new_runs]
     note = (
-        f"engine in-process (AcquisitionNode in this benchmark process); sim, API and load "
-        f"client in separate processes; speed 1; SQLite; 2 cores shared by all. "
-        f"bare = asyncio streams + np parse + 8-col sqlite3 executemany(10k) in a writer "
+        f"Engine in-process (AcquisitionNode in this benchmark process); sim, API and load "
+        f"client in separate processes; speed 1; SQLite; 2 cores shared by all (other "
+        f"processes on the machine show as cpu_pct.others). "
+        f"Bare = asyncio streams + np parse + 8-col sqlite3 executemany(10k) in a writer "
         f"thread over {bare['cabinets']} of the same simulated cabinets (best of "
-        f"{plan.bare_cabinets}). labdaq max = "
-        f"{best_push.channels} ch at {plan.push_period_s:g} s period, no API load. "
-        f"max_channels_* = whole-life check (every run, from its start to the window end: "
-        f"seq contiguous to the engine's last_seq, no missed period); *_steady = no loss "
-        f"inside the measured window only. {plan.cpc} of 64 channels per cabinet used. "
-        f"API load: GET /api/v1/runs/{{id}}, {plan.hammer_conns} keep-alive conns. "
-        f"{plan.breach_per_cab} breach runs per cabinet (rest, then 1C discharge below a "
-        f"protocol min_voltage_v). Lateness from the {ref.channels if ref else 0}-channel "
-        f"10 Hz window; breach-to-off over all {len(b2o)} breaches under load. Starting a "
-        f"run took median {1e3 * float(np.median(claim)) if claim else 0:.0f} ms. "
+        f"{plan.bare_cabinets}). labdaq max = best window of {plan.push_steps} cabinets x "
+        f"{plan.cpc} ch at {plan.push_period_s:g} s period (control period equal), no API "
+        f"load. max_channels_* = no sample lost in any run from its start to the window end "
+        f"(seq contiguous up to the engine's last_seq, no missed period, counted in the DB); "
+        f"*_steady = none lost inside the window; *_capacity = no cabinet-wide missed tick "
+        f"and writer backlog < half its bound (isolated misses allowed); the search stops at "
+        f"the first window over capacity. {plan.cpc} of 64 channels per cabinet used. "
+        f"API load: GET /api/v1/runs/{{id}} over {plan.hammer_conns} keep-alive conns. "
+        f"{plan.breach_per_cab} breach run(s) per cabinet (rest, then 1C discharge below a "
+        f"protocol min_voltage_v). Lateness from the {chans(ref)}-channel 10 Hz window; "
+        f"breach-to-off over all {len(b2o)} breaches under load. Starting a run took median "
+        f"{1e3 * float(np.median(claim)) if claim else 0:.0f} ms. "
         f"{'TCP_NODELAY forced on the instrument sockets (what-if, not labdaq as built). ' if args.tcp_nodelay else ''}"  # noqa: E501
         f"Targets: >=100k stored/s {met(best_push.stored_per_s >= 1e5)}; ratio >=0.3 "
         f"{met(ratio >= 0.3)}; lateness p99 <=20 ms {met(lat99 is not None and lat99 <= 20)}; "
         f"breach-to-off p99 <=5 ms {met(b2o99 is not None and b2o99 <= 5)}. "
         f"Total {time.perf_counter() - t_start:.0f} s."
     )
-    strict10, strict1 = largest(s10, True), largest(s1, True)
-    steady10, steady1 = largest(s10, False), largest(s1, False)
     result(
         "engine_stored_channel_samples",
         best_push.stored_per_s,
         "channel-samples/s",
         bare["stored_per_s"],
-        max_channels_1hz=strict1.channels if strict1 else 0,
-        max_channels_10hz=strict10.channels if strict10 else 0,
-        max_channels_1hz_steady=steady1.channels if steady1 else 0,
-        max_channels_10hz_steady=steady10.channels if steady10 else 0,
+        max_channels_1hz=chans(best[(1, "strict")]),
+        max_channels_10hz=chans(best[(10, "strict")]),
+        max_channels_1hz_steady=chans(best[(1, "steady")]),
+        max_channels_10hz_steady=chans(best[(10, "steady")]),
+        max_channels_1hz_capacity=chans(best[(1, "capacity")]),
+        max_channels_10hz_capacity=chans(best[(10, "capacity")]),
         stored_per_s_at_largest_sustained=round(top.stored_per_s, 1) if top else None,
+        stored_per_s_at_largest_capacity=round(top_cap.stored_per_s, 1) if top_cap else None,
         lateness_p50_ms=pct(ref.lateness_s, 50) if ref else None,
         lateness_p99_ms=lat99,
+        lateness_max_ms=pct(ref.lateness_s, 100) if ref else None,
         breach_to_off_p50_ms=pct(b2o, 50),
         breach_to_off_p99_ms=b2o99,
         breaches=len(b2o),
@@ -968,7 +990,7 @@ async def _phases(args: argparse.Namespace, plan: Plan, lab: Lab, t_start: float
         push_channels=best_push.channels,
         push_period_s=plan.push_period_s,
         push_window_lost=best_push.window_lost,
-        bare_acquired_per_s=round(bare["acquired_per_s"], 1),
+        push_writer=best_push.writer,
         bare_runs=[{k: round(v, 1) for k, v in b.items()} for b in bares],
         claim_ms_per_run=round(1e3 * float(np.median(claim)), 1) if claim else None,
         search=[st.summary() for st in push.steps + loaded],
