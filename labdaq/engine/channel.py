@@ -142,7 +142,10 @@ class ChannelRun:
         self.loop_first_dis_ah: dict[int, float] = {}
         self.cycle = CycleTotals(1, 0.0)
         self.step_number = 0
+        # step_t0_s is what the step's duration counts from: shifted by pauses and by
+        # the gap of a restart, which do not count. step_started_t_s is when it began.
         self.step_t0_s = 0.0
+        self.step_started_t_s = 0.0
         self.phase_t0_s = 0.0
         self.phase_name = ""
         self.pulse_i = 0
@@ -205,6 +208,7 @@ class ChannelRun:
                 continue
             self.step_number += 1
             self.step_t0_s = t_s
+            self.step_started_t_s = t_s
             self.step_cap_ah = self.step_en_wh = self.step_dis_ah = 0.0
             self.pulse_i = 0
             self.dcir = []
@@ -357,7 +361,7 @@ class ChannelRun:
             step_index=st.index,
             cycle_index=self.cycle.cycle_index,
             kind=st.step,
-            start_t_s=self.step_t0_s,
+            start_t_s=self.step_started_t_s,
             end_t_s=t_end_s,
             end_reason=reason,
             capacity_ah=self.step_cap_ah,
@@ -385,6 +389,7 @@ class ChannelRun:
             "cycle": c.__dict__.copy(),
             "step_number": self.step_number,
             "step_t0_s": self.step_t0_s,
+            "step_started_t_s": self.step_started_t_s,
             "phase_t0_s": self.phase_t0_s,
             "phase_name": self.phase_name,
             "pulse_i": self.pulse_i,
@@ -404,6 +409,7 @@ class ChannelRun:
         self.cycle = CycleTotals(**pos["cycle"])
         self.step_number = int(pos["step_number"])
         self.step_t0_s = float(pos["step_t0_s"])
+        self.step_started_t_s = float(pos.get("step_started_t_s", self.step_t0_s))
         self.seq = int(pos["seq"])
         self.t_s = float(pos["t_s"])
         self.step_cap_ah = float(pos["step_cap_ah"])
