@@ -208,6 +208,7 @@ class AcquisitionNode:
         )
         self.records = RecordWriter(self.maker)
         self._finishing: set[asyncio.Task[None]] = set()
+        self._scheduler_error = False
         self.node_name = node_name or socket.gethostname()
         self.max_resume_gap_s = max_resume_gap_s
         self.instruments: dict[int, OpenInstrument] = {}
@@ -466,7 +467,14 @@ class AcquisitionNode:
             await self._claim_queued()
             await self._publish_progress()
         except Exception as exc:  # noqa: BLE001
-            log.warning("scheduler: database not available (%s: %s)", type(exc).__name__, exc)
+            # Once per outage at warning level; every poll would flood the log.
+            level = logging.DEBUG if self._scheduler_error else logging.WARNING
+            log.log(level, "scheduler: database not available (%s: %s)", type(exc).__name__, exc)
+            self._scheduler_error = True
+        else:
+            if self._scheduler_error:
+                log.warning("scheduler: database available again")
+            self._scheduler_error = False
 
     async def _apply_requests(self) -> None:
         if not self.active:
