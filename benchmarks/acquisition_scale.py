@@ -863,8 +863,8 @@ FULL = Plan(cpc=64, bare_cabinets=[2, 4], bare_s=3.0, push_steps=[2, 4],
             steps_1hz=[2, 4, 8], window_1hz_s=12.0, breach_per_cab=2, hammer_conns=16,
             budget_s=230.0)
 QUICK = Plan(cpc=8, bare_cabinets=[2], bare_s=1.0, push_steps=[2], push_period_s=0.01,
-             push_window_s=2.0, steps_10hz=[1, 2], window_10hz_s=2.0, steps_1hz=[2],
-             window_1hz_s=2.5, breach_per_cab=1, hammer_conns=8, budget_s=27.0,
+             push_window_s=1.5, steps_10hz=[1, 2], window_10hz_s=2.0, steps_1hz=[2],
+             window_1hz_s=2.5, breach_per_cab=1, hammer_conns=8, budget_s=25.0,
              settle_s=0.5)
 
 
@@ -908,7 +908,7 @@ async def _search(lab: Lab, plan: Plan, period: float, ks: list[int], window_s: 
                 log(f"{label}: {k} cabinets skipped (time budget)")
                 break
             st = await sess.grow(k, window_s, load, plan.settle_s)
-            log(f"{label}" + st.line()[1:])
+            log(f"[{time.perf_counter() - t_start:5.1f} s] {label}" + st.line()[1:])
             if load and not st.capacity_ok:
                 # The search ends when capacity runs out (a whole cabinet missed a tick or
                 # the writer fell behind); partial misses are reported but do not end it.
