@@ -467,14 +467,18 @@ def _lost(rows: list[tuple[int, int, float, float]], period: float) -> int:
     return sum(max(0, round((t1 - t0) / period) - (n - 1)) for _, n, t0, t1 in rows)
 
 
+# Gaps that lost a period: at least 1.5 periods, and not a late sample that the next one
+# makes up for (the two gaps together span at least 2.5 periods).
 _GAPS_SQL = """
 WITH g AS (
-  SELECT run_id, ts_utc, t_s - LAG(t_s) OVER (PARTITION BY run_id ORDER BY seq) AS gap
+  SELECT run_id, ts_utc, t_s - LAG(t_s) OVER w AS gap, LEAD(t_s) OVER w - t_s AS next_gap
   FROM samples WHERE run_id BETWEEN :lo AND :hi AND (flags & 8) = 0
+  WINDOW w AS (PARTITION BY run_id ORDER BY seq)
 )
 SELECT c.instrument_id, g.ts_utc FROM g JOIN runs r ON r.id = g.run_id
 JOIN channels c ON c.id = r.channel_id
-WHERE g.gap >= 1.5 * :p AND g.ts_utc BETWEEN :w0 AND :w1
+WHERE g.gap >= 1.5 * :p AND (g.next_gap IS NULL OR g.gap + g.next_gap >= 2.5 * :p)
+  AND g.ts_utc BETWEEN :w0 AND :w1
 """
 # Phase changes (edge samples after the first of a run) and active runs, per cabinet.
 _EDGES_SQL = """
