@@ -929,6 +929,13 @@ async def _search(lab: Lab, plan: Plan, period: float, ks: list[int], window_s: 
 
 
 async def _phases(args: argparse.Namespace, plan: Plan, lab: Lab, t_start: float) -> None:
+    # CPU the machine spends on other work before we start (our idle children included):
+    # the 2 cores are shared, so a busy machine makes every number below worse.
+    m0, t0 = machine_busy_s(), time.perf_counter()
+    await asyncio.sleep(1.0)
+    background = 100 * (machine_busy_s() - m0) / (time.perf_counter() - t0)
+    log(f"background CPU before the run: {background:.0f} % of 200 %"
+        + (" -- the machine is busy, expect worse numbers" if background > 20 else ""))
     # 1. Bare ceiling (its own process, as an engine process of its own would be).
     bares: list[dict[str, Any]] = []
     sim_pid = lab.children.procs[0][1].pid
@@ -1040,6 +1047,7 @@ async def _phases(args: argparse.Namespace, plan: Plan, lab: Lab, t_start: float
         bare_runs=[{k: round(v, 1) for k, v in b.items()} for b in bares],
         claim_ms_per_run=round(1e3 * float(np.median(claim)), 1) if claim else None,
         search=[st.summary() for st in push.steps + loaded],
+        background_cpu_pct=round(background, 1),
         quick=args.quick,
         tcp_nodelay_what_if=args.tcp_nodelay,
         note=note,
