@@ -1048,6 +1048,9 @@ async def _phases(args: argparse.Namespace, plan: Plan, lab: Lab, t_start: float
         claim_ms_per_run=round(1e3 * float(np.median(claim)), 1) if claim else None,
         search=[st.summary() for st in push.steps + loaded],
         background_cpu_pct=round(background, 1),
+        # CPU taken by other work during the windows (200 % = the whole machine).
+        others_cpu_pct_max=max((st.cpu_pct.get("others", 0.0)
+                                for st in push.steps + loaded), default=None),
         quick=args.quick,
         tcp_nodelay_what_if=args.tcp_nodelay,
         note=note,
