@@ -1129,7 +1129,11 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # SIGTERM ends us through the finally blocks below, which stop every child.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    def _terminated(signum: int, _frame: Any) -> None:
+        log(f"terminated by signal {signum}: stopping the children, no result")
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _terminated)
     if args.tcp_nodelay:
         force_tcp_nodelay()
     plan = apply_overrides(QUICK if args.quick else FULL, args.set)
