@@ -45,8 +45,8 @@ class Phase:
     mode: str  # "off" | "cc" | "cv"
     current_a: float = 0.0  # cc: signed set point; cv: current limit (magnitude)
     voltage_v: float = NAN  # cv: set point; cc: compliance voltage
-    # cc: where an instrument with a lower compliance holds a discharge that ends on
-    # voltage (see group._apply); NaN = no clamp.
+    # cc: where the instrument holds a discharge that ends on voltage (see group._apply);
+    # NaN = no clamp.
     voltage_low_v: float = NAN
     voltage_above_v: float = NAN
     voltage_below_v: float = NAN
@@ -286,8 +286,8 @@ class ChannelRun:
 
         Layer one of the step's end condition: a charge clamps to CV slightly above its
         end voltage (never above the safety maximum), a discharge slightly below it (never
-        below the safety minimum; on instruments with a lower compliance). The step still
-        ends in software at the first tick at or past the end voltage.
+        below the safety minimum). The step still ends in software at the first tick at
+        or past the end voltage.
         """
         if p.mode != "cc":
             return p

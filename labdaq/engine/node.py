@@ -416,11 +416,9 @@ class AcquisitionNode:
                 phase = cr.restore(pos, shift_s=gap_s)
                 cr.t_s = float(last.t_s) + gap_s
                 group = await self._group_for(channel.instrument_id)
-                # Active before it joins: a breach on its first reading finishes it at once.
-                self.active[run.id] = cr
                 await group.add(cr, phase, self.clock.now() - cr.t_s)
+                self.active[run.id] = cr
             except Exception as exc:  # noqa: BLE001
-                self.active.pop(run.id, None)
                 reason = f"could not resume: {type(exc).__name__}: {exc}"
         async with session_scope(self.maker) as s:
             row = await s.get(m.Run, run.id)
@@ -432,8 +430,7 @@ class AcquisitionNode:
                 "gap_s": gap_s,
             }
             if reason is None:
-                if run.id in self.active:  # not already ended by a breach as it rejoined
-                    row.state = m.RunState.running.value
+                row.state = m.RunState.running.value
                 row.node = self.node_name
                 s.add(
                     m.Event(
