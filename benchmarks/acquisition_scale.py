@@ -772,8 +772,9 @@ class Session:
         # A cabinet-wide miss right after a set-point change is the cost of that change
         # (its commands hold the instrument), whatever the channel count: reported, but
         # not held against capacity.
-        step.capacity_ok = (wl["cabinet_wide"] == wl["cabinet_wide_at_phase_change"]
-                            and step.writer["pending_max"] < node.writer.max_pending_rows // 2)
+        step.capacity_ok = step.steady_ok or (
+            wl["cabinet_wide"] == wl["cabinet_wide_at_phase_change"]
+            and step.writer["pending_max"] < node.writer.max_pending_rows // 2)
         if not step.steady_ok:
             step.why += f" {step.window_lost} sample periods lost in the window;"
         self.steps.append(step)

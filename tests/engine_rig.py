@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ ACTIVE = ("queued", "running", "paused")
 class WarpClock(EngineClock):
     """The engine's clock, reading the simulated lab's clock (whose speed may change)."""
 
-    def __init__(self, sim_clock: SimClock) -> None:  # noqa: D107 - no EngineClock.__init__
+    def __init__(self, sim_clock: SimClock | LockstepClock) -> None:
         self.sim = sim_clock
 
     @property  # type: ignore[override]
@@ -57,124 +58,168 @@ class WarpClock(EngineClock):
             await asyncio.sleep(min(delay, 0.02))
 
 
+class LockstepClock:
+    """Simulated time for a lab and for the engine reading it (pass it to ``SimLab(clock=)``,
+    then wrap it in :class:`WarpClock` for the node).
+
+    It runs at ``speed`` like :class:`labdaq.sims.clock.SimClock`, but never past the
+    lowest *hold* (``hold(key, t)``; :class:`SpeedGovernor` sets one per instrument loop
+    after each of its ticks): simulated time waits for the engine. Time the engine does not
+    use while it is held is dropped, not caught up later. At 10,000× a stall of 50 ms —
+    a garbage collection, another process on the CPU — would otherwise be eight simulated
+    minutes between two readings, enough to carry a cell through its cut-off.
+    """
+
+    def __init__(self, speed: float = 1.0) -> None:
+        self._lock = threading.Lock()
+        self._t0 = time.monotonic()
+        self._offset = 0.0
+        self._speed = float(speed)
+        self._holds: dict[str, float] = {}
+
+    @property
+    def speed(self) -> float:
+        return self._speed
+
+    @speed.setter
+    def speed(self, value: float) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._offset += (now - self._t0) * self._speed
+            self._t0 = now
+            self._speed = float(value)
+
+    def hold(self, key: str, t_s: float) -> None:
+        with self._lock:
+            self._holds[key] = t_s
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            self._holds.pop(key, None)
+
+    def now(self) -> float:
+        with self._lock:
+            t = self._offset + (time.monotonic() - self._t0) * self._speed
+            limit = min(self._holds.values(), default=math.inf)
+            if t > limit:
+                self._offset -= t - limit  # drop what the engine did not use
+                t = limit
+            return t
+
+
 class SpeedGovernor:
-    """Steers the lab's speed, every ``period_s`` wall seconds, from what the runs do and
-    how fast the engine keeps up. A test-harness device: it paces the simulation, the
-    engine only ever sees its readings.
+    """Paces a lab on a :class:`LockstepClock` from what its runs do (a test-harness
+    device: the engine only ever sees its readings).
 
-    Why not one fixed speed: at 50,000× every millisecond of command latency is close to
-    a simulated minute. The simulators step their cells by the time between two commands
-    (a cell near a limit at 1 s, so their CPU grows with speed), a phase change takes a
-    few round trips during which the engine cannot know when the current switched, and
-    the last half per cent of a discharge holds a volt of OCV. So the governor aims at:
+    After each tick of an instrument loop it lets simulated time run at most a *gap* past
+    that reading; the gap is what the loop's runs need from the next reading:
 
-    * about ``tick_s`` simulated seconds per control tick (slowest instrument loop),
-      less near an event: a tenth of the time left until it;
-    * at an event where the current changes by ΔI (a rest or pulse ending, a CC step
-      reaching its end voltage or capacity, the cell getting empty), a speed at which
-      ``latency_s`` of command latency moves at most ``budget`` of the cell's capacity
-      uncounted, reached by slowing down over the ``lead_s`` wall seconds before it;
-    * at most ``slow`` in a pulse, ``eis`` during an impedance sweep (one exchange per
-      point with the meter, about a second of wall time, which must not become half a
-      day of rest), ``base`` while current flows, ``fast`` while every run rests;
-    * half the speed at once when an instrument loop has not ticked for ``stall_s``:
-      the simulators are falling behind.
+    * ``tick_s`` normally (a CV taper, a chamber settling, the middle of a CC step);
+    * a tenth of the time left until the next event (a phase's deadline, a CC step
+      reaching its end voltage — from the voltage's rate of change — or its capacity),
+      so that the step ends close to it and the current step of the next phase is
+      measured within a fraction of a second of simulated time;
+    * a fiftieth of the time until the cell is empty while it discharges (read from the
+      simulated cell): the last half per cent of a discharge holds a volt of OCV, and the
+      simulators step their cells by the time between two commands;
+    * 1 s in a pulse (an HPPC pulse lasts 10 s) and during an impedance sweep;
+    * in a rest, a tenth of what is left of it, at most ``max_gap_s``: the simulators
+      catch up on simulated time when asked (an idle SMU in 30 s steps, the chamber's air
+      in 2 s steps), and one reply must stay well within the driver's 2 s timeout.
 
-    Events are anticipated from the phase (deadline, end voltage, end capacity) and the
-    readings (rate of change of the voltage); the time to an empty cell is read from the
-    simulated cell itself.
+    Never less than the loop's own period (it would wait for a deadline the clock never
+    reaches). Between holds the clock runs at ``fast`` — except ``eis`` during an impedance
+    sweep, which takes wall time (one exchange per point with the meter, about a second
+    here) that must not become half a day of rest — and at ``idle`` while no run measures.
     """
 
     def __init__(
         self,
         lab: SimLab,
         node: AcquisitionNode,
-        base: float,
-        slow: float | None = None,
-        fast: float | None = None,
-        tick_s: float = 60.0,
-        floor: float = 50.0,
-        period_s: float = 0.01,
+        fast: float = 1e6,
+        tick_s: float = 120.0,
         eis: float = 100.0,
-        lead_s: float = 0.05,
-        latency_s: float = 0.01,
-        budget: float = 0.001,
-        stall_s: float = 0.05,
+        idle: float = 1000.0,
+        period_s: float = 0.01,
+        max_gap_s: float = 20_000.0,
     ) -> None:
+        assert isinstance(lab.clock, LockstepClock), "the lab needs a LockstepClock"
         self.lab, self.node = lab, node
-        self.base = base
-        self.slow = slow if slow is not None else base
-        self.fast = fast if fast is not None else base
+        self.clock: LockstepClock = lab.clock
+        self.fast = fast
         self.tick_s = tick_s
-        self.floor = floor
-        self.period_s = period_s
         self.eis = eis
-        self.lead_s = lead_s
-        self.latency_s = latency_s
-        self.budget = budget
-        self.stall_s = stall_s
+        self.idle = idle
+        self.period_s = period_s
+        self.max_gap_s = max_gap_s
         self.history: list[float] = []
-        self._ticks: dict[str, int] = {}
-        self._last_tick: dict[str, float] = {}
+        self._caps: dict[str, float] = {}
         self._seen: dict[int, tuple[float, float, float]] = {}  # run -> t, v, |dV/dt|
-        # Start slow and let the feedback raise the speed (×2 per period at most).
-        lab.clock.speed = min(base, 1000.0)
-        self._t_sim = lab.clock.now()
+        original = node._group_for
 
-    # -- what the runs need -------------------------------------------------------------
-    def _wants(self) -> tuple[float, dict[str, float]]:
-        """(speed cap, simulated seconds per tick wanted by each group)."""
-        now = self.lab.clock.now()
-        cap = self.fast
-        wants: dict[str, float] = {}
-        for g in list(self.node.groups.values()):
-            want = math.inf
-            for k, (r, p) in enumerate(zip(list(g.runs), list(g.phases), strict=False)):
-                if k >= len(g.a_t0):
-                    break
-                run_cap, tick = self._run(g, k, r, p, now - float(g.a_t0[k]))
-                cap = min(cap, run_cap)
-                want = min(want, tick)
-            wants[g.name] = want
-        return cap, wants
+        async def group_for(instrument_id: int) -> Any:
+            g = await original(instrument_id)
+            if not getattr(g, "_paced", False):
+                self._pace(g)
+            return g
+
+        node._group_for = group_for  # type: ignore[method-assign]
+
+    def _pace(self, g: Any) -> None:
+        tick = g._tick
+
+        async def paced() -> None:
+            try:
+                await tick()
+            finally:
+                self._after_tick(g)
+
+        g._tick = paced
+        g._paced = True
+
+    def _after_tick(self, g: Any) -> None:
+        if not g.runs:
+            self.clock.release(g.name)
+            self._caps.pop(g.name, None)
+            return
+        now = self.clock.now()
+        cap, gap = math.inf, math.inf
+        for k, (r, p) in enumerate(zip(list(g.runs), list(g.phases), strict=False)):
+            if k >= len(g.a_t0):
+                break
+            run_cap, run_gap = self._run(g, k, r, p, now - float(g.a_t0[k]))
+            cap, gap = min(cap, run_cap), min(gap, run_gap)
+        self._caps[g.name] = cap
+        # Never less than the loop's own period: it sleeps until then for its next tick.
+        period = min(float(g.a_period.min()), g.control_period_s)
+        self.clock.hold(g.name, now + max(gap, period))
 
     def _run(self, g: Any, k: int, r: Any, p: Any, t: float) -> tuple[float, float]:
-        """(speed cap, simulated seconds per tick) for run ``r`` in phase ``p`` at ``t``."""
-        i_now = float(g.a_last_i[k]) if math.isfinite(float(g.a_last_v[k])) else 0.0
+        """(speed cap, simulated seconds to the next reading) for run ``r`` in phase ``p``."""
+        cap, gap = self.fast, self.tick_s
         if p.name.startswith("pulse"):
-            cap = self.slow
+            gap = 1.0
         elif p.aux is not None and p.aux.step == "eis":
-            cap = self.eis
+            cap, gap = self.eis, 1.0
         elif p.mode == "off" and p.aux is None:
-            cap = self.fast
-        else:
-            cap = self.base
-        tick = self.tick_s
-        events: list[tuple[float, float]] = []  # (simulated s until, |ΔI| then)
-        i_next = _next_current(r, p)
+            gap = math.inf  # a rest: only its end matters
+        events: list[float] = []
         if math.isfinite(p.deadline_t_s):
-            events.append((p.deadline_t_s - t, abs(i_next - i_now)))
+            events.append(p.deadline_t_s - t)
         if p.mode == "cc" and p.name != "cccv.cc":  # cccv.cc → CV: no current step
             end = p.voltage_above_v if math.isfinite(p.voltage_above_v) else p.voltage_below_v
             if math.isfinite(end):
-                left_v = self._approach(r.run_id, g, k, end)
-                events.append((left_v, abs(i_next - i_now)))
-                tick = min(tick, max(0.5, 0.01 / max(self._seen[r.run_id][2], 1e-12)))
+                events.append(self._approach(r.run_id, g, k, end))
+            i_now = float(g.a_last_i[k])
             if math.isfinite(p.capacity_ah) and i_now:
-                left_q = (p.capacity_ah - float(g.a_step_cap[k])) * 3600 / abs(i_now)
-                events.append((left_q, abs(i_next - i_now)))
+                events.append((p.capacity_ah - float(g.a_step_cap[k])) * 3600 / abs(i_now))
+        for left in events:
+            gap = min(gap, max(0.5, left / 10))
         to_empty = self._to_empty(g.name, r.channel)
         if math.isfinite(to_empty):
-            events.append((to_empty, abs(i_now)))
-            tick = min(tick, max(0.25, to_empty / 50))
-        capacity = self._capacity(g.name, r.channel)
-        for left, di in events:
-            left = max(left, 0.0)
-            tick = min(tick, max(0.5, left / 10))
-            if di > 1e-9:
-                at_event = 2 * self.budget * capacity * 3600 / (di * self.latency_s)
-                cap = min(cap, max(at_event, left / self.lead_s))
-        return max(cap, self.floor), tick
+            gap = min(gap, max(0.25, to_empty / 50))
+        return cap, (min(gap, self.max_gap_s) if math.isfinite(gap) else self.tick_s)
 
     def _approach(self, run_id: int, g: Any, k: int, end: float) -> float:
         """Simulated seconds until the voltage reaches ``end`` at its present rate."""
@@ -189,58 +234,25 @@ class SpeedGovernor:
             return math.inf
         return abs(v - end) / rate
 
-    def _bank(self, instrument: str, channel: int) -> tuple[Any, int] | None:
-        sim = self.lab.by_name(instrument).sim
-        bank = getattr(sim, "cell", None) or getattr(sim, "bank", None)
-        if bank is None or not hasattr(bank, "soc"):
-            return None
-        return bank, (0 if bank.n == 1 else channel - 1)
-
-    def _capacity(self, instrument: str, channel: int) -> float:
-        found = self._bank(instrument, channel)
-        return float(found[0].capacity_ah[found[1]]) if found else 1.0
-
     def _to_empty(self, instrument: str, channel: int) -> float:
         """Simulated seconds until the channel's cell is empty at its present current
         (inf unless it discharges)."""
-        found = self._bank(instrument, channel)
-        if found is None:
+        sim = self.lab.by_name(instrument).sim
+        bank = getattr(sim, "cell", None) or getattr(sim, "bank", None)
+        if bank is None or not hasattr(bank, "soc"):
             return math.inf
-        bank, j = found
+        j = 0 if bank.n == 1 else channel - 1
         soc, i = float(bank.soc[j]), float(bank.current_a[j])
         if i >= 0:
             return math.inf
         return max(soc, 0.0) * float(bank.capacity_ah[j]) * 3600 / -i
 
-    # -- control ------------------------------------------------------------------------
-    def step(self) -> float:
-        clock = self.lab.clock
-        now, wall = clock.now(), time.monotonic()
-        elapsed, self._t_sim = now - self._t_sim, now
-        cap, wants = self._wants()
-        ratio = math.inf
-        for g in list(self.node.groups.values()):
-            if not g.runs or g.name not in wants:
-                continue
-            done = g.ticks - self._ticks.get(g.name, g.ticks)
-            self._ticks[g.name] = g.ticks
-            if done or g.name not in self._last_tick:
-                self._last_tick[g.name] = wall
-            elif wall - self._last_tick[g.name] > self.stall_s:
-                ratio = min(ratio, 0.5)
-            observed = elapsed / max(done, 1)
-            if observed > 0:
-                ratio = min(ratio, wants[g.name] / observed)
-        speed = clock.speed
-        if math.isfinite(ratio):
-            speed *= min(2.0, max(0.25, ratio))
-        return min(cap, max(self.floor, speed))
-
     async def run(self) -> None:
         while True:
-            speed = self.step()
-            if speed != self.lab.clock.speed:
-                self.lab.clock.speed = speed
+            # No run measuring: nothing holds the clock, keep the idle lab affordable.
+            speed = min(self._caps.values(), default=self.idle)
+            if speed != self.clock.speed:
+                self.clock.speed = speed
             self.history.append(speed)
             await asyncio.sleep(self.period_s)
 
@@ -368,15 +380,17 @@ class Rig:
 
 
 async def start_rig(
-    url: str, lab: SimLab, control_period_s: float = 1.0, **node_kw: Any
+    url: str, lab: SimLab, speed: float, control_period_s: float = 1.0, **node_kw: Any
 ) -> Rig:
     """Serve ``lab``, register it, start a node; returns once the node has made every
-    instrument safe. Until then the lab runs at 1×: a simulated SMU starts as a real one
-    does after power-on (output off in NORMAL mode, which holds 0 V and so drains the
-    cell at 10 % of range) and at 20,000× the cells would be empty before the node has
-    switched it to high impedance."""
-    speed = lab.clock.speed
-    lab.clock.speed = 1.0
+    instrument safe, with the lab then at ``speed``.
+
+    Build the lab at 1× (SimLab's default) and say the speed here: a simulated SMU starts
+    as a real one does after power-on (output off in NORMAL mode, which holds 0 V and so
+    drains the cell at 10 % of range), and at 50,000× the cells would be empty before
+    the node has switched it to high impedance — even the time spent building the lab
+    would be hours of drain."""
+    assert lab.clock.speed == 1.0, "build the SimLab at 1x and pass the speed to start_rig"
     desc = lab.start()
     engine = create_engine(url)
     maker = sessionmaker(engine)

@@ -25,8 +25,8 @@ async def rig(
     sqlite_url: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> AsyncIterator[Rig]:
     soc, control_period_s = getattr(request, "param", (0.5, 1.0))
-    lab = SimLab(speed=SPEED, soc=soc, cabinets=1, cabinet_channels=2)
-    r = await start_rig(sqlite_url, lab, control_period_s=control_period_s)
+    lab = SimLab(soc=soc, cabinets=1, cabinet_channels=2)
+    r = await start_rig(sqlite_url, lab, SPEED, control_period_s=control_period_s)
     yield r
     await r.stop()
 
@@ -62,12 +62,12 @@ async def test_undervoltage_breach_turns_output_off_and_aborts(rig: Rig) -> None
 
 
 @pytest.mark.parametrize("rig", SLOW_LOOKS, indirect=True)
-async def test_voltage_end_is_held_by_the_instrument_between_looks(rig: Rig) -> None:
-    # The same discharge ending on the cell's cut-off: the engine sets the SMU to hold the
-    # voltage just below the cut-off (a voltage source limited to the step's current), so
-    # the cell never leaves the safety window, and the step ends at the next look.
+async def test_voltage_end_is_held_by_the_cabinet_between_looks(rig: Rig) -> None:
+    # The same discharge ending on the cell's cut-off, on a cycler channel: the engine sets
+    # its lower compliance (VLIM:LOW) just below the cut-off, so the cabinet holds the cell
+    # there and it never leaves the safety window; the step ends at the next look.
     run_id = await rig.start_run(
-        "smu1/1",
+        "cabinet1/1",
         protocol_document=discharge({"voltage_v": "discharge_cutoff"}),
         sample_period_s=60,
     )
@@ -79,6 +79,10 @@ async def test_voltage_end_is_held_by_the_instrument_between_looks(rig: Rig) -> 
     assert cutoff - CLAMP_OVERSHOOT_V - 1e-6 <= steps[0].end_voltage_v <= cutoff
     s = await samples(rig.maker, run_id)
     assert s["voltage_v"].min() >= cutoff - CLAMP_OVERSHOOT_V - 1e-6
+    assert (s["current_a"] <= 0).all()  # held, never reversed
+    assert rig.lab.by_name("cabinet1").sim.voltage_limit_low_v[0] == pytest.approx(
+        cutoff - CLAMP_OVERSHOOT_V
+    )
 
 
 async def test_a_run_joining_leaves_the_others_integration_alone(rig: Rig) -> None:
@@ -103,3 +107,35 @@ async def test_a_run_joining_leaves_the_others_integration_alone(rig: Rig) -> No
     span_s = s["t_s"][-1] - s["t_s"][0]
     assert steps[0].capacity_ah == pytest.approx(1.0 * span_s / 3600, rel=1e-3)
     assert steps[0].capacity_ah == pytest.approx(np.trapezoid(s["current_a"], s["t_s"]) / 3600)
+
+
+async def test_pause_and_resume(rig: Rig) -> None:
+    from labdaq.engine.group import FLAG_PAUSED
+    from labdaq.runs import request_pause, request_resume
+
+    charge = {
+        "schema_version": 1,
+        "name": "charge",
+        "steps": [{"step": "cc", "current_a": 1.0, "until": {"duration_s": 900}}],
+    }
+    cab = rig.lab.by_name("cabinet1").sim
+    run_id = await rig.start_run("cabinet1/1", protocol_document=charge, sample_period_s=10)
+    await wait_for(lambda: bool(cab.output_on[0]), what="the output on")
+    async with session_scope(rig.maker) as s:
+        await request_pause(s, run_id, actor="test")
+    await wait_for(lambda: not cab.output_on[0], what="the output off while paused")
+    t_paused = rig.clock.now()
+    await wait_for(lambda: rig.clock.now() - t_paused > 300, what="300 s of pause")
+    async with session_scope(rig.maker) as s:
+        assert (await s.get(m.Run, run_id)).state == "paused"  # type: ignore[union-attr]
+        await request_resume(s, run_id, actor="test")
+    ended = await rig.wait_end(run_id)
+    assert ended.state == "completed", (ended.state, ended.end_reason)
+    s = await samples(rig.maker, run_id)
+    assert_contiguous(s["seq"])
+    paused = (s["flags"] & FLAG_PAUSED) != 0
+    assert paused.sum() >= 20 and np.all(s["current_a"][paused] == 0)
+    step = (await rows_of(rig.maker, m.Step, run_id, m.Step.step_number))[0]
+    # The pause does not count towards the step's 900 s, nor to its charge.
+    assert step.end_t_s - step.start_t_s > 900 + 300
+    assert step.capacity_ah == pytest.approx(1.0 * 900 / 3600, rel=0.02)

@@ -88,8 +88,8 @@ async def _postgres_outage(url: str) -> None:
 
 
 async def test_database_outage_loses_no_sample(db_url: str, tmp_path: Path) -> None:
-    lab = SimLab(speed=SPEED, smus=1, seed=21)
-    rig: Rig = await start_rig(db_url, lab, journal_dir=tmp_path / "journal")
+    lab = SimLab(smus=1, seed=21)
+    rig: Rig = await start_rig(db_url, lab, SPEED, journal_dir=tmp_path / "journal")
     # Give up on a stuck write after 1 s (default 5 s) so that the journal takes over
     # well within the outage.
     rig.node.writer.write_timeout_s = 1.0

@@ -56,7 +56,6 @@ CHARGE_1A = {"step": "cc", "current_a": 1.0, "until": {"duration_s": 36000}}
 @pytest.fixture
 async def rig(sqlite_url: str, tmp_path: Path) -> AsyncIterator[Rig]:
     lab = SimLab(
-        speed=SPEED,
         smus=1,
         cabinets=1,
         cabinet_channels=2,
@@ -64,7 +63,7 @@ async def rig(sqlite_url: str, tmp_path: Path) -> AsyncIterator[Rig]:
         soc=0.5,
         seed=11,
     )
-    rig = await start_rig(sqlite_url, lab)
+    rig = await start_rig(sqlite_url, lab, SPEED)
     yield rig
     await rig.stop()
 
@@ -179,3 +178,13 @@ async def _running(rig: Rig, *run_ids: int) -> None:
             await asyncio.sleep(0.05)
         else:
             raise AssertionError(f"run {run_id} did not start")
+
+
+async def test_breach_on_the_first_reading(rig: Rig) -> None:
+    # The reading taken right after the set point is applied is checked like any other:
+    # a limit below the cell's temperature trips there, before the first control tick.
+    cab = rig.lab.by_name("cabinet1").sim
+    run_id = await rig.start_run("cabinet1/1", protocol_document=document(CHARGE_1A, 20.0))
+    ev, s = await check_aborted(rig, run_id, "max_temperature_c")
+    assert len(s["seq"]) == 1 and ev.data["seq"] == 1
+    assert not cab.output_on[0]

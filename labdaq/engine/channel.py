@@ -10,6 +10,7 @@ engine can resume the run where it was.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,8 +46,8 @@ class Phase:
     mode: str  # "off" | "cc" | "cv"
     current_a: float = 0.0  # cc: signed set point; cv: current limit (magnitude)
     voltage_v: float = NAN  # cv: set point; cc: compliance voltage
-    # cc: where the instrument holds a discharge that ends on voltage (see group._apply);
-    # NaN = no clamp.
+    # cc: where an instrument with a lower compliance holds a discharge that ends on
+    # voltage (see group._apply); NaN = no clamp.
     voltage_low_v: float = NAN
     voltage_above_v: float = NAN
     voltage_below_v: float = NAN
@@ -157,13 +158,37 @@ class ChannelRun:
         self.step_cap_ah = 0.0
         self.step_en_wh = 0.0
         self.step_dis_ah = 0.0
-        self.stop_requested = False
-        self.pause_requested = False
+        # Set by whoever acts on this run (its instrument group), so that a stop or pause
+        # request is noticed at the next tick without polling every run on every tick.
+        self.on_request: Callable[[], None] | None = None
+        self._stop_requested = False
+        self._pause_requested = False
         self.paused = False
         self.outcome: tuple[str, str] | None = None
         self.pause_t_s = 0.0
         self.aux_done = False
         self.aux_error: str | None = None
+
+    # -- requests ------------------------------------------------------------------------
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested
+
+    @stop_requested.setter
+    def stop_requested(self, value: bool) -> None:
+        self._stop_requested = value
+        if self.on_request is not None:
+            self.on_request()
+
+    @property
+    def pause_requested(self) -> bool:
+        return self._pause_requested
+
+    @pause_requested.setter
+    def pause_requested(self, value: bool) -> None:
+        self._pause_requested = value
+        if self.on_request is not None:
+            self.on_request()
 
     # -- program -----------------------------------------------------------------------
     @property
@@ -286,8 +311,8 @@ class ChannelRun:
 
         Layer one of the step's end condition: a charge clamps to CV slightly above its
         end voltage (never above the safety maximum), a discharge slightly below it (never
-        below the safety minimum). The step still ends in software at the first tick at
-        or past the end voltage.
+        below the safety minimum; on instruments with a lower compliance). The step still
+        ends in software at the first tick at or past the end voltage.
         """
         if p.mode != "cc":
             return p

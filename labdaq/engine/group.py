@@ -159,12 +159,17 @@ class InstrumentGroup:
         self.ticks = 0
         self.lateness_s: list[float] = []  # wall seconds late per tick (for benchmarks)
         self.breach_to_off_s: list[float] = []  # measurement in → output-off acknowledged
+        self._breach_to_off: dict[int, float] = {}  # run id → its breach's time to off
         # A multi-channel instrument switches a list of channels in one command.
         self._lists = hasattr(driver, "channel_total")
+        # Instruments with a lower compliance voltage in current mode (cycler cabinets).
+        self._low_clamp = hasattr(driver, "voltage_limit_low_v")
         for nm in _FLOAT_STATE:
             setattr(self, nm, np.zeros(0))
         for nm in _INT_STATE:
             setattr(self, nm, np.zeros(0, np.int64))
+        self.a_paused = np.zeros(0, bool)
+        self._requests = False  # a run's stop or pause request is waiting
         self.chans: list[int] = []
         self._limits_changed()
         self._load_phases()
@@ -179,9 +184,17 @@ class InstrumentGroup:
             self._task = asyncio.create_task(self._loop(), name=f"group-{self.name}")
 
     async def _add(self, run: ChannelRun, phase: Phase, t0_clock_s: float) -> None:
+        before = self.clock.now()
         await self._apply(run, phase)
+        # The run's clock starts when its set point is in place, not when it was asked
+        # for: programming an instrument takes round trips (tens of ms each on a link
+        # with delayed ACKs), which the first step's duration must not lose.
+        t0_clock_s += self.clock.now() - before
         self.runs.append(run)
         self._phases.append(phase)
+        run.on_request = self._poke
+        self._requests = True  # it may have been asked to pause before it joined
+        self.a_paused = np.append(self.a_paused, run.paused)
         for nm in _FLOAT_STATE:
             setattr(self, nm, np.append(getattr(self, nm), 0.0))
         for nm in _INT_STATE:
@@ -203,7 +216,13 @@ class InstrumentGroup:
         # The first stored sample is taken right after the set point is applied, so the
         # stored samples start where the engine's integration starts; a resumed run's
         # first sample after the gap says so in its flags.
-        await self._edge([k], {}, FLAG_EDGE | (FLAG_RESUMED if run.seq else 0), integrate=False)
+        flags = FLAG_EDGE | (FLAG_RESUMED if run.seq else 0)
+        if await self._edge([k], {}, flags, integrate=False):
+            self._remove(k)
+            await self.cb.on_finish(run)
+
+    def _poke(self) -> None:
+        self._requests = True
 
     @property
     def phases(self) -> list[Phase]:
@@ -212,7 +231,9 @@ class InstrumentGroup:
 
     def _remove(self, k: int) -> None:
         self._pull(k)
+        self.runs[k].on_request = None
         del self.runs[k], self._phases[k]
+        self.a_paused = np.delete(self.a_paused, k)
         for nm in _FLOAT_STATE + _INT_STATE:
             setattr(self, nm, np.delete(getattr(self, nm), k))
         self.chans = [r.channel for r in self.runs]
@@ -294,9 +315,7 @@ class InstrumentGroup:
             self._pull(k)
 
     # -- instrument commands -----------------------------------------------------------
-    async def _apply(self, run: ChannelRun, phase: Phase, v_now: float = math.nan) -> None:
-        """Program the instrument for ``phase``; ``v_now`` is the channel's latest voltage
-        (NaN = unknown: it is measured when the choice of command depends on it)."""
+    async def _apply(self, run: ChannelRun, phase: Phase) -> None:
         ch = run.channel
         if phase.mode == "off":
             await self.call(self.driver.output, ch, False)
@@ -305,18 +324,17 @@ class InstrumentGroup:
                 await self.cb.on_aux(run, phase)
             return
         if phase.mode == "cc":
-            low = phase.voltage_low_v
-            if not math.isnan(low) and math.isnan(v_now):
-                v_now = float(np.asarray(await self.call(self.driver.measure, [ch]))[0][0])
-            if not math.isnan(low) and v_now > low:
-                # A discharge that ends on voltage: a voltage source at the clamp, limited
-                # to the step's current, is a constant-current discharge until the cell
-                # reaches the clamp and holds it there afterwards, on any source-measure
-                # instrument (SMUs have no lower voltage compliance in current mode).
-                # Only while the cell is above the clamp: below it the source would charge.
-                await self.call(self.driver.set_voltage, ch, low, abs(phase.current_a))
-            else:
-                await self.call(self.driver.set_current, ch, phase.current_a, phase.voltage_v)
+            if self._low_clamp:
+                # A discharge that ends on voltage is held just below its end voltage by
+                # the instrument's lower compliance (a cycler's VLIM:LOW clamps to CV and
+                # never reverses the current). Always set: a clamp left from an earlier
+                # step would stop a later one short; 0 V = none. SMUs have no lower
+                # compliance in current mode (a voltage source limited to the current
+                # would be one, but it charges a cell that falls below its set point, a
+                # shorted one included), so there only the interlock guards the window.
+                low = 0.0 if math.isnan(phase.voltage_low_v) else phase.voltage_low_v
+                await self.call(self.driver.voltage_limit_low_v.set, low, ch)
+            await self.call(self.driver.set_current, ch, phase.current_a, phase.voltage_v)
         elif phase.mode == "cv":
             await self.call(self.driver.set_voltage, ch, phase.voltage_v, phase.current_a)
         await self.call(self.driver.output, ch, True)
@@ -378,31 +396,11 @@ class InstrumentGroup:
         t = now_clock - self.a_t0
 
         # 1. Safety first, on every measurement of every channel; outputs off at once.
-        # NaN compares False everywhere: a missing temperature never trips.
-        over = (
-            (v > self.a_vmax)
-            | (v < self.a_vmin)
-            | (i > self.a_ichg)
-            | (-i > self.a_idis)
-            | (temp > self.a_tmax)
-            | (temp < self.a_tmin)
-        )
-        first = np.where(
-            over, np.where(np.isnan(self.a_first_breach), t, self.a_first_breach), np.nan
-        )
-        self.a_first_breach = first
-        breach = over & (t - first >= self.a_debounce)
+        breach = await self._check(slice(None), t, v, i, temp, t_meas)
         breached = np.flatnonzero(breach).tolist()
-        breach_to_off = math.nan
-        if breached:
-            await self._outputs_off([self.chans[k] for k in breached])
-            breach_to_off = time.perf_counter() - t_meas
-            self.breach_to_off_s.append(breach_to_off)
-            if len(self.breach_to_off_s) > _STATS_MAX:
-                del self.breach_to_off_s[: _STATS_MAX // 2]
 
         # 2. Integrate (trapezoids) since the previous reading.
-        paused = np.fromiter((r.paused for r in runs), bool, n)
+        paused = self.a_paused
         self._integrate(slice(None), t, v, i, ~paused)
 
         # 3. End conditions, all channels at once; NaN thresholds never fire.
@@ -424,7 +422,9 @@ class InstrumentGroup:
         hit_time = t >= self.e_deadline - 1e-9
         hit_cap = self.a_step_cap >= self.e_cap
         hit_temp = temp >= self.e_tabove
-        aux_done = self.e_aux & np.fromiter((r.aux_done for r in runs), bool, n)
+        aux_done = self.e_aux
+        if aux_done.any():
+            aux_done = aux_done & np.fromiter((r.aux_done for r in runs), bool, n)
         ended = (
             hit_vabove | hit_vbelow | hit_ibelow | hit_time | hit_cap | dvdt_hit | hit_temp
         ) | aux_done
@@ -444,30 +444,7 @@ class InstrumentGroup:
         # 5. Per-channel Python only where something happened.
         done: list[int] = []
         for k in breached:
-            r = runs[k]
-            self._pull(k)
-            lim, val, bound = _which_limit(self, k, float(v[k]), float(i[k]), float(temp[k]))
-            msg = (
-                f"safety limit crossed, output turned off: {lim}: measured {val:.6g}, "
-                f"limit {bound:.6g}"
-            )
-            await self.cb.on_event(
-                r.run_id,
-                "safety",
-                "critical",
-                msg,
-                {
-                    "limit": lim,
-                    "value": val,
-                    "bound": bound,
-                    "seq": r.seq,
-                    "t_s": float(t[k]),
-                    "step_index": r.step.index if r.step is not None else None,
-                    "breach_to_off_s": breach_to_off,
-                    "source": r.limits.sources.get(lim, ""),
-                },
-            )
-            r.outcome = ("aborted_safety", f"{lim}: measured {val:.6g}, limit {bound:.6g}")
+            await self._report_breach(k, float(v[k]), float(i[k]), float(temp[k]), float(t[k]))
             done.append(k)
         for k, r in enumerate(runs):
             if r.aux_error is not None and k not in done:
@@ -498,7 +475,7 @@ class InstrumentGroup:
                 r.outcome = r.outcome or ("completed", "all steps done")
                 done.append(k)
             else:
-                await self._apply(r, tr.next_phase, float(v[k]))
+                await self._apply(r, tr.next_phase)
                 self._phases[k] = tr.next_phase
                 self.a_dvdt_ref_v[k] = np.nan
                 changed.append(k)
@@ -506,7 +483,7 @@ class InstrumentGroup:
             finished.append((k, tr))
         if changed:
             self._load_phases()
-            await self._edge(changed, before, FLAG_EDGE)
+            done += await self._edge(changed, before, FLAG_EDGE)
         for k, tr in finished:
             r = runs[k]
             if tr.step is not None:
@@ -517,6 +494,71 @@ class InstrumentGroup:
             r = runs[k]
             self._remove(k)
             await self.cb.on_finish(r)
+
+    async def _check(
+        self,
+        sel: slice | IntArray,
+        t: FloatArray,
+        v: FloatArray,
+        i: FloatArray,
+        temp: FloatArray,
+        t_meas: float,
+    ) -> BoolArray:
+        """Limits of runs ``sel`` against one reading each (aligned arrays); outputs off
+        for every run whose breach has lasted its debounce time, before anything else.
+        Returns the breach mask; ``t_meas`` (perf_counter when the reading arrived) is
+        where the breach-to-off time starts."""
+        # NaN compares False everywhere: a missing temperature never trips.
+        over = (
+            (v > self.a_vmax[sel])
+            | (v < self.a_vmin[sel])
+            | (i > self.a_ichg[sel])
+            | (-i > self.a_idis[sel])
+            | (temp > self.a_tmax[sel])
+            | (temp < self.a_tmin[sel])
+        )
+        prev = self.a_first_breach[sel]
+        first = np.where(over, np.where(np.isnan(prev), t, prev), np.nan)
+        self.a_first_breach[sel] = first
+        breach = over & (t - first >= self.a_debounce[sel])
+        if breach.any():
+            ks = np.arange(len(self.runs))[sel][breach].tolist()
+            await self._outputs_off([self.chans[k] for k in ks])
+            off_s = time.perf_counter() - t_meas
+            self.breach_to_off_s.append(off_s)
+            if len(self.breach_to_off_s) > _STATS_MAX:
+                del self.breach_to_off_s[: _STATS_MAX // 2]
+            for k in ks:
+                self._breach_to_off[self.runs[k].run_id] = off_s
+        return np.asarray(breach, bool)
+
+    async def _report_breach(self, k: int, v: float, i: float, temp: float, t: float) -> None:
+        """The event and outcome of run ``k``'s breach (its output is already off and the
+        breaching reading stored)."""
+        r = self.runs[k]
+        self._pull(k)
+        lim, val, bound = _which_limit(self, k, v, i, temp)
+        msg = (
+            f"safety limit crossed, output turned off: {lim}: measured {val:.6g}, "
+            f"limit {bound:.6g}"
+        )
+        await self.cb.on_event(
+            r.run_id,
+            "safety",
+            "critical",
+            msg,
+            {
+                "limit": lim,
+                "value": val,
+                "bound": bound,
+                "seq": r.seq,
+                "t_s": t,
+                "step_index": r.step.index if r.step is not None else None,
+                "breach_to_off_s": self._breach_to_off.pop(r.run_id, math.nan),
+                "source": r.limits.sources.get(lim, ""),
+            },
+        )
+        r.outcome = ("aborted_safety", f"{lim}: measured {val:.6g}, limit {bound:.6g}")
 
     def _integrate(
         self, sel: slice | IntArray, t: FloatArray, v: FloatArray, i: FloatArray,
@@ -584,29 +626,42 @@ class InstrumentGroup:
         before: dict[int, tuple[float, float]],
         flags: int,
         integrate: bool = True,
-    ) -> None:
-        """Measure the channels whose set points just changed; store it and make it the
-        integration anchor (integrating up to it unless the run has just joined)."""
+    ) -> list[int]:
+        """Measure the channels whose set points just changed; check it against the
+        limits like any reading, store it and make it the integration anchor (integrating
+        up to it unless the run has just joined). Returns the runs that breached."""
         idx = np.asarray(changed, np.int64)
         m2 = await self.call(self.driver.measure, [self.chans[k] for k in changed])
+        t_meas = time.perf_counter()
         t2 = self.clock.now() - self.a_t0[idx]
         ts_utc = time.time()
         m2 = np.asarray(m2, float).reshape(len(changed), 3)
         v2, i2, temp2 = m2[:, 0].copy(), m2[:, 1].copy(), m2[:, 2].copy()
+        breach = await self._check(idx, t2, v2, i2, temp2, t_meas)
         if integrate:
             self._integrate(idx, t2, v2, i2, np.ones(len(changed), bool))
         self.a_last_t[idx], self.a_last_v[idx], self.a_last_i[idx] = t2, v2, i2
-        await self.writer.put(
-            self._rows(idx, t2, v2, i2, temp2, ts_utc, np.full(len(changed), flags))
-        )
+        row_flags = np.full(len(changed), flags) | np.where(breach, FLAG_BREACH, 0)
+        await self.writer.put(self._rows(idx, t2, v2, i2, temp2, ts_utc, row_flags))
+        breached: list[int] = []
         for j, k in enumerate(changed):
+            if breach[j]:
+                await self._report_breach(
+                    k, float(v2[j]), float(i2[j]), float(temp2[j]), float(t2[j])
+                )
+                breached.append(k)
+                continue
             r = self.runs[k]
             if r.phase_name in ("pulse.on", "pulse.rest"):
                 # DCIR: the voltage just before the current step and right after it.
                 v_before, i_before = before[k]
                 r.pulse_edge(v_before, i_before, float(v2[j]), float(i2[j]))
+        return breached
 
     async def _handle_requests(self) -> None:
+        if not self._requests:
+            return
+        self._requests = False
         done = []
         changed = False
         for k, r in enumerate(self.runs):
@@ -617,16 +672,19 @@ class InstrumentGroup:
             elif r.pause_requested and not r.paused:
                 await self._outputs_off([r.channel])
                 r.paused = True
+                self.a_paused[k] = True
                 r.pause_t_s = self.clock.now() - float(self.a_t0[k])
             elif r.paused and not r.pause_requested:
-                # Resume: the paused time does not count toward the phase's deadline.
-                paused_for = self.clock.now() - float(self.a_t0[k]) - r.pause_t_s
+                # Resume: the paused time, up to the set point being back in place, does
+                # not count toward the phase's deadline.
                 p = self._phases[k]
+                await self._apply(r, p)
+                paused_for = self.clock.now() - float(self.a_t0[k]) - r.pause_t_s
                 p.deadline_t_s += paused_for
                 r.step_t0_s += paused_for
                 r.phase_t0_s += paused_for
-                await self._apply(r, p)
                 r.paused = False
+                self.a_paused[k] = False
                 changed = True
         if changed:
             self._load_phases()
@@ -646,7 +704,7 @@ class InstrumentGroup:
     async def close(self) -> None:
         self._closing = True
         for r in self.runs:
-            r.stop_requested = True
+            r.stop_requested = True  # pokes the group
         if self._task is not None:
             await asyncio.wait([self._task], timeout=10)
 

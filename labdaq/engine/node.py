@@ -416,9 +416,11 @@ class AcquisitionNode:
                 phase = cr.restore(pos, shift_s=gap_s)
                 cr.t_s = float(last.t_s) + gap_s
                 group = await self._group_for(channel.instrument_id)
-                await group.add(cr, phase, self.clock.now() - cr.t_s)
+                # Active before it joins: a breach on its first reading finishes it at once.
                 self.active[run.id] = cr
+                await group.add(cr, phase, self.clock.now() - cr.t_s)
             except Exception as exc:  # noqa: BLE001
+                self.active.pop(run.id, None)
                 reason = f"could not resume: {type(exc).__name__}: {exc}"
         async with session_scope(self.maker) as s:
             row = await s.get(m.Run, run.id)
@@ -430,7 +432,8 @@ class AcquisitionNode:
                 "gap_s": gap_s,
             }
             if reason is None:
-                row.state = m.RunState.running.value
+                if run.id in self.active:  # not already ended by a breach as it rejoined
+                    row.state = m.RunState.running.value
                 row.node = self.node_name
                 s.add(
                     m.Event(
@@ -735,18 +738,21 @@ class AcquisitionNode:
             return
         for group in self.groups.values():
             group.sync_all()
+        rows = []
+        for run_id, cr in list(self.active.items()):
+            st = cr.step
+            rows.append(
+                {
+                    "id": run_id,
+                    "step_index": st.index if st is not None else cr.pc,
+                    "step_count": len(cr.program),
+                    "cycle_index": cr.cycle.cycle_index,
+                    "elapsed_s": cr.t_s,
+                    "last_seq": cr.seq,
+                    "position": cr.position(),
+                }
+            )
         async with session_scope(self.maker) as s:
-            for run_id, cr in list(self.active.items()):
-                st = cr.step
-                await s.execute(
-                    update(m.Run)
-                    .where(m.Run.id == run_id)
-                    .values(
-                        step_index=st.index if st is not None else cr.pc,
-                        step_count=len(cr.program),
-                        cycle_index=cr.cycle.cycle_index,
-                        elapsed_s=cr.t_s,
-                        last_seq=cr.seq,
-                        position=cr.position(),
-                    )
-                )
+            # One executemany UPDATE by primary key for every run (hundreds of channels),
+            # not one statement each.
+            await s.execute(update(m.Run), rows)
