@@ -267,6 +267,17 @@ class InstrumentGroup:
         self.e_tabove = np.array([p.temperature_above_c for p in ph], float)
         self.e_phase_t0 = np.array([r.phase_t0_s for r in self.runs], float)
         self.e_aux = np.array([p.aux is not None for p in ph], bool)
+        # Which end conditions any run has at all: the others are not evaluated per tick.
+        self.has_end = {
+            name: bool((~np.isnan(arr)).any()) if name != "deadline" else bool(
+                np.isfinite(arr).any())
+            for name, arr in (
+                ("vabove", self.e_vabove), ("vbelow", self.e_vbelow),
+                ("ibelow", self.e_ibelow), ("deadline", self.e_deadline),
+                ("cap", self.e_cap), ("dvdt", self.e_dvdt), ("tabove", self.e_tabove),
+            )
+        }
+        self.any_aux = bool(self.e_aux.any())
 
     # -- arrays <-> ChannelRun ------------------------------------------------------------
     def _push(self, k: int) -> None:
@@ -403,31 +414,38 @@ class InstrumentGroup:
         paused = self.a_paused
         self._integrate(slice(None), t, v, i, ~paused)
 
-        # 3. End conditions, all channels at once; NaN thresholds never fire.
-        step_t = t - self.e_phase_t0
+        # 3. End conditions, all channels at once; NaN thresholds never fire, and a
+        # condition no run has is not evaluated at all.
+        has = self.has_end
+        none = np.zeros(n, bool)
         fast = np.minimum(self.a_period, self.control_period_s)
-        window = np.maximum(10 * fast, 30.0)
-        no_ref = np.isnan(self.a_dvdt_ref_v)
-        slope_due = (t - self.a_dvdt_ref_t) >= window
-        with np.errstate(invalid="ignore", divide="ignore"):
-            slope = np.abs(v - self.a_dvdt_ref_v) / (t - self.a_dvdt_ref_t)
-        dvdt_hit = slope_due & ~no_ref & (slope < self.e_dvdt)
-        reset_ref = slope_due | no_ref
-        self.a_dvdt_ref_t = np.where(reset_ref, t, self.a_dvdt_ref_t)
-        self.a_dvdt_ref_v = np.where(reset_ref, v, self.a_dvdt_ref_v)
-        hit_vabove = v >= self.e_vabove
-        hit_vbelow = v <= self.e_vbelow
+        dvdt_hit = none
+        if has["dvdt"]:
+            window = np.maximum(10 * fast, 30.0)
+            no_ref = np.isnan(self.a_dvdt_ref_v)
+            slope_due = (t - self.a_dvdt_ref_t) >= window
+            with np.errstate(invalid="ignore", divide="ignore"):
+                slope = np.abs(v - self.a_dvdt_ref_v) / (t - self.a_dvdt_ref_t)
+            dvdt_hit = slope_due & ~no_ref & (slope < self.e_dvdt)
+            reset_ref = slope_due | no_ref
+            self.a_dvdt_ref_t = np.where(reset_ref, t, self.a_dvdt_ref_t)
+            self.a_dvdt_ref_v = np.where(reset_ref, v, self.a_dvdt_ref_v)
+        hit_vabove = v >= self.e_vabove if has["vabove"] else none
+        hit_vbelow = v <= self.e_vbelow if has["vbelow"] else none
         # The first sample of a CV phase may still carry the CC current: skip it.
-        hit_ibelow = (np.abs(i) <= self.e_ibelow) & (step_t > fast * 1.5)
-        hit_time = t >= self.e_deadline - 1e-9
-        hit_cap = self.a_step_cap >= self.e_cap
-        hit_temp = temp >= self.e_tabove
-        aux_done = self.e_aux
-        if aux_done.any():
-            aux_done = aux_done & np.fromiter((r.aux_done for r in runs), bool, n)
-        ended = (
-            hit_vabove | hit_vbelow | hit_ibelow | hit_time | hit_cap | dvdt_hit | hit_temp
-        ) | aux_done
+        hit_ibelow = (
+            (np.abs(i) <= self.e_ibelow) & (t - self.e_phase_t0 > fast * 1.5)
+            if has["ibelow"]
+            else none
+        )
+        hit_time = t >= self.e_deadline - 1e-9 if has["deadline"] else none
+        hit_cap = self.a_step_cap >= self.e_cap if has["cap"] else none
+        hit_temp = temp >= self.e_tabove if has["tabove"] else none
+        aux_done = none
+        if self.any_aux:
+            aux_done = self.e_aux & np.fromiter((r.aux_done for r in runs), bool, n)
+        ended = hit_vabove | hit_vbelow | hit_ibelow | hit_time | hit_cap | dvdt_hit
+        ended |= hit_temp | aux_done
         ended &= ~paused & ~breach
 
         # 4. Store due samples (every breach and every phase end is stored too).
@@ -572,12 +590,20 @@ class InstrumentGroup:
         """
         last_t, last_v, last_i = self.a_last_t[sel], self.a_last_v[sel], self.a_last_i[sel]
         dt = np.maximum(t - last_t, 0.0)
-        has_prev = ~np.isnan(last_v)
-        i_mid = np.where(has_prev, 0.5 * (i + last_i), i)
-        p_mid = np.where(has_prev, 0.5 * (i * v + last_i * last_v), i * v)
-        v_dt = np.where(has_prev, 0.5 * (v + last_v), v) * dt
-        dq = np.where(active, i_mid * dt / 3600.0, 0.0)
-        de = np.abs(np.where(active, p_mid * dt / 3600.0, 0.0))
+        if np.isnan(last_v).any():  # no reading yet to integrate from: a rectangle
+            has_prev = ~np.isnan(last_v)
+            i_mid = np.where(has_prev, 0.5 * (i + last_i), i)
+            p_mid = np.where(has_prev, 0.5 * (i * v + last_i * last_v), i * v)
+            v_dt = np.where(has_prev, 0.5 * (v + last_v), v) * dt
+        else:
+            i_mid = 0.5 * (i + last_i)
+            p_mid = 0.5 * (i * v + last_i * last_v)
+            v_dt = 0.5 * (v + last_v) * dt
+        if not active.all():
+            i_mid = i_mid * active
+            p_mid = p_mid * active
+        dq = i_mid * dt / 3600.0
+        de = np.abs(p_mid * dt / 3600.0)
         chg = dq > 0.0
         dis = dq < 0.0
         self.a_step_cap[sel] += np.abs(dq)
