@@ -448,8 +448,11 @@ class InstrumentGroup:
         ended |= hit_temp | aux_done
         ended &= ~paused & ~breach
 
-        # 4. Store due samples (every breach and every phase end is stored too).
-        due = (t >= self.a_next_due - 1e-9) | breach | ended
+        # 4. Store due samples (every breach and every phase end is stored too). Half a
+        # tick of tolerance: a tick a little early for a run's storage time (timer
+        # jitter, the run joined between two ticks) stores it rather than the next
+        # tick, which would slip that run's samples by a period.
+        due = (t >= self.a_next_due - 0.5 * fast) | breach | ended
         next_due = np.where(due, self.a_next_due + self.a_period, self.a_next_due)
         self.a_next_due = np.where(next_due <= t, t + self.a_period, next_due)
         idx = np.flatnonzero(due)
