@@ -624,14 +624,18 @@ class InstrumentGroup:
 
     def _rows(
         self, idx: IntArray, t: FloatArray, v: FloatArray, i: FloatArray, temp: FloatArray,
-        ts_utc: float, flags: IntArray,
+        ts_utc: float, flags: NDArray[Any],
     ) -> list[tuple[Any, ...]]:
         """Sample rows (SAMPLE_COLUMNS order) for runs ``idx``; advances their seq."""
         seq = self.a_seq[idx] + 1
         self.a_seq[idx] = seq
         self.a_t_s[idx] = t
         nan_t = np.isnan(temp)
-        temps = repeat(None) if nan_t.all() else np.where(nan_t, None, temp).tolist()
+        temps: Any = (
+            repeat(None)
+            if nan_t.all()
+            else [None if x != x else x for x in temp.tolist()]  # NaN -> NULL
+        )
         return list(
             zip(
                 self.a_run_id[idx].tolist(),
