@@ -187,7 +187,8 @@ async def test_kill_9_mid_step_then_restart_resumes_without_gaps(
     assert [st.step_index for st in steps] == [0, 1, 2]
     cc = steps[1]
     assert cc.end_reason == "duration"
-    assert cc.end_t_s - cc.start_t_s == pytest.approx(1200 + gap["gap_s"], abs=1.0)
+    # (It ends at the first reading at or past its deadline: within a control period.)
+    assert 0 <= cc.end_t_s - cc.start_t_s - (1200 + gap["gap_s"]) <= 2.0
     measured = after["t_s"][after["step_index"] == 1]
     assert cc.capacity_ah == pytest.approx(
         2.0 * (measured[-1] - measured[0] - gap["gap_s"]) / 3600, rel=0.02

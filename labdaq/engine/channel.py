@@ -397,6 +397,36 @@ class ChannelRun:
         self.pc += 1
         return self._enter(t_end_s, tr)
 
+    def catch_up(
+        self, t: list[float], v: list[float], i: list[float], paused: list[bool]
+    ) -> None:
+        """Add the trapezoids between consecutive readings to the step, cycle and loop
+        accumulators, as the instrument group does tick by tick (a resumed run's position
+        was saved before these readings were)."""
+        c = self.cycle
+        for j in range(1, len(t)):
+            dt = max(t[j] - t[j - 1], 0.0)
+            if paused[j] or dt == 0.0:
+                continue
+            dq = 0.5 * (i[j] + i[j - 1]) * dt / 3600.0
+            de = abs(0.5 * (i[j] * v[j] + i[j - 1] * v[j - 1]) * dt / 3600.0)
+            v_dt = 0.5 * (v[j] + v[j - 1]) * dt
+            self.step_cap_ah += abs(dq)
+            self.step_en_wh += de
+            if dq > 0:
+                c.charge_ah += dq
+                c.charge_wh += de
+                c.charge_v_s += v_dt
+                c.charge_s += dt
+            elif dq < 0:
+                self.step_dis_ah -= dq
+                c.discharge_ah -= dq
+                c.discharge_wh += de
+                c.discharge_v_s += v_dt
+                c.discharge_s += dt
+            if dq != 0:
+                c.end_t_s = t[j]
+
     def pulse_edge(self, v_before: float, i_before: float, v_after: float, i_after: float) -> None:
         """DC internal resistance from the voltage step at a current step (HPPC style)."""
         di = i_after - i_before

@@ -459,7 +459,6 @@ class InstrumentGroup:
         if idx.size:
             flags = np.where(breach[idx], FLAG_BREACH, 0) | np.where(paused[idx], FLAG_PAUSED, 0)
             await self.writer.put(self._rows(idx, t[idx], v[idx], i[idx], temp[idx], ts_utc, flags))
-        prev_t, prev_v = self.a_last_t, self.a_last_v
         self.a_last_t, self.a_last_v, self.a_last_i = t, v, i
 
         # 5. Per-channel Python only where something happened.
@@ -478,12 +477,12 @@ class InstrumentGroup:
             if k in done:
                 continue
             r = runs[k]
+            t_end = float(t[k])
             if aux_done[k]:
-                reason, t_end = "done", float(t[k])
+                reason = "done"
             else:
-                reason, t_end = _reason(
-                    self, k, hit_vabove, hit_vbelow, hit_ibelow, hit_time, hit_cap,
-                    dvdt_hit, hit_temp, v, t, float(prev_t[k]), float(prev_v[k]),
+                reason = _reason(
+                    k, hit_vabove, hit_vbelow, hit_ibelow, hit_time, hit_cap, dvdt_hit, hit_temp
                 )
             self._pull(k)
             tr = r.phase_ended(reason, t_end, float(v[k]), float(i[k]))
@@ -768,7 +767,6 @@ def _which_limit(
 
 
 def _reason(
-    g: InstrumentGroup,
     k: int,
     va: Any,
     vb: Any,
@@ -777,31 +775,22 @@ def _reason(
     cap: Any,
     dv: Any,
     tp: Any,
-    v: Any,
-    t: Any,
-    t_prev: float,
-    v_prev: float,
-) -> tuple[str, float]:
-    """Which condition ended the phase, and when (voltage crossings located by
-    interpolation between the previous reading ``(t_prev, v_prev)`` and this one)."""
-    t_k = float(t[k])
-    for hit, name, thr in ((va, "voltage_above", g.e_vabove), (vb, "voltage_below", g.e_vbelow)):
-        if hit[k]:
-            thr_k = float(thr[k])
-            if not math.isnan(v_prev) and v[k] != v_prev:
-                frac = (thr_k - v_prev) / (float(v[k]) - v_prev)
-                if 0.0 <= frac <= 1.0:
-                    return name, t_prev + frac * (t_k - t_prev)
-            return name, t_k
+) -> str:
+    """Which condition ended run ``k``'s phase (the first in this order that holds).
+
+    The phase ends at the reading that showed it — not at an interpolated crossing or at
+    the deadline between two readings: that reading is when the engine acts, so the next
+    step's time (and duration) starts there, and a steps row brackets its samples.
+    """
     for hit, name in (
+        (va, "voltage_above"),
+        (vb, "voltage_below"),
         (ib, "current_below"),
         (cap, "capacity"),
         (dv, "dvdt_below"),
         (tp, "temperature_above"),
+        (tm, "duration"),
     ):
         if hit[k]:
-            return name, t_k
-    if tm[k]:
-        # A deadline falls between samples: the phase ended at the deadline.
-        return "duration", min(t_k, float(g.e_deadline[k]))
-    return "unknown", t_k
+            return name
+    return "unknown"

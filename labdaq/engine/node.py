@@ -407,13 +407,16 @@ class AcquisitionNode:
                 cr = ChannelRun(run.id, channel.index, resolved, run.sample_period_s)
                 self.channel_aux[run.id] = dict(channel.aux or {})
                 pos = dict(pos)
+                pos_seq = int(pos["seq"])
                 # The committed samples are the truth: continue after the last one.
                 pos["seq"] = int(last.seq)
                 pos["t_s"] = float(last.t_s)
-                if int(last.step_index) == resolved.program[int(pos["pc"])].index:
-                    pos["step_cap_ah"] = float(last.step_capacity_ah)
-                    pos["step_en_wh"] = float(last.step_energy_wh)
                 phase = cr.restore(pos, shift_s=gap_s)
+                # The accumulators (step, cycle, loops) all come from the position, saved
+                # at one moment; samples committed after it are integrated on top, so that
+                # they stay consistent with each other and with the committed samples.
+                if pos_seq < int(last.seq):
+                    await self._catch_up(cr, pos_seq, int(last.seq))
                 cr.t_s = float(last.t_s) + gap_s
                 group = await self._group_for(channel.instrument_id)
                 # Active before it joins: a breach on its first reading finishes it at once.
@@ -460,6 +463,38 @@ class AcquisitionNode:
                         actor=self.node_name,
                     )
                 )
+
+    async def _catch_up(self, cr: ChannelRun, from_seq: int, to_seq: int) -> None:
+        """Integrate committed samples ``from_seq``..``to_seq`` into a restored run, if
+        they all belong to the step and cycle its position is in (otherwise the position
+        is older than a step boundary and is kept as it is)."""
+        async with session_scope(self.maker) as s:
+            rows = (
+                await s.execute(
+                    select(
+                        m.Sample.t_s,
+                        m.Sample.voltage_v,
+                        m.Sample.current_a,
+                        m.Sample.step_index,
+                        m.Sample.cycle_index,
+                        m.Sample.flags,
+                    )
+                    .where(m.Sample.run_id == cr.run_id, m.Sample.seq.between(from_seq, to_seq))
+                    .order_by(m.Sample.seq)
+                )
+            ).all()
+        st = cr.step
+        if st is None or len(rows) != to_seq - from_seq + 1:
+            return
+        if any(r.step_index != st.index or r.cycle_index != cr.cycle.cycle_index for r in rows):
+            log.warning("run %s: resumed from a position older than a step boundary", cr.run_id)
+            return
+        cr.catch_up(
+            [r.t_s for r in rows],
+            [r.voltage_v for r in rows],
+            [r.current_a for r in rows],
+            [bool(r.flags & 2) for r in rows],  # FLAG_PAUSED: nothing moved
+        )
 
     # -- scheduling --------------------------------------------------------------------
     async def tick(self) -> None:
