@@ -49,8 +49,7 @@ taken right after a set point changes, are extra and not counted):
   over capacity, or when the next step would end past the time budget.
 
 Options: ``--quick`` (< 30 s, 8 channels per cabinet), ``--set FIELD=VALUE`` to explore
-another plan (see :class:`Plan`), ``--keep`` keeps the database, ``--tcp-nodelay`` is a
-what-if that forces TCP_NODELAY on the engine's instrument sockets (not labdaq as built).
+another plan (see :class:`Plan`), ``--keep`` keeps the database.
 
 The last stdout line is one JSON object (benchmarks/_common.py); human-readable lines go to
 stderr. Everything uses 127.0.0.1, every loop is bounded and every child is stopped in a
@@ -1014,7 +1013,6 @@ async def _phases(args: argparse.Namespace, plan: Plan, lab: Lab, t_start: float
         f"protocol min_voltage_v). Lateness from the {chans(ref)}-channel 10 Hz window; "
         f"breach-to-off over all {len(b2o)} breaches under load. Starting a run took median "
         f"{1e3 * float(np.median(claim)) if claim else 0:.0f} ms. "
-        f"{'TCP_NODELAY forced on the instrument sockets (what-if, not labdaq as built). ' if args.tcp_nodelay else ''}"  # noqa: E501
         f"Targets: >=100k stored/s {met(best_push.stored_per_s >= 1e5)}; ratio >=0.3 "
         f"{met(ratio >= 0.3)}; lateness p99 <=20 ms {met(lat99 is not None and lat99 <= 20)}; "
         f"breach-to-off p99 <=5 ms {met(b2o99 is not None and b2o99 <= 5)}. "
@@ -1053,7 +1051,6 @@ async def _phases(args: argparse.Namespace, plan: Plan, lab: Lab, t_start: float
         others_cpu_pct_max=max((st.cpu_pct.get("others", 0.0)
                                 for st in push.steps + loaded), default=None),
         quick=args.quick,
-        tcp_nodelay_what_if=args.tcp_nodelay,
         note=note,
     )
 
@@ -1089,30 +1086,9 @@ def start_lab(children: Children, tmp: Path, cabinets: int) -> Lab:
                api_port=api_port, token=token, children=children, settings=settings)
 
 
-def force_tcp_nodelay() -> None:
-    """What-if only (--tcp-nodelay): TCP_NODELAY on every pyvisa-py SOCKET the engine opens.
-
-    Without it a command followed by the error-queue query waits for the peer's delayed
-    ACK (Nagle), ~40 ms per set command on Linux loopback.
-    """
-    from labdaq.drivers import transport
-
-    original = transport.VisaTransport._open
-
-    def _open(self: Any) -> None:
-        original(self)
-        sock = self._socket()
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    transport.VisaTransport._open = _open  # type: ignore[method-assign]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short run (< 30 s)")
-    ap.add_argument("--tcp-nodelay", action="store_true",
-                    help="what-if: force TCP_NODELAY on the engine's instrument sockets")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a plan field (see Plan), e.g. --set push_period_s=0.001")
     ap.add_argument("--keep", action="store_true",
@@ -1135,8 +1111,6 @@ def main() -> None:
         sys.exit(128 + signum)
 
     signal.signal(signal.SIGTERM, _terminated)
-    if args.tcp_nodelay:
-        force_tcp_nodelay()
     plan = apply_overrides(QUICK if args.quick else FULL, args.set)
     cabinets = max([*plan.bare_cabinets, *plan.push_steps, *plan.steps_10hz, *plan.steps_1hz])
     tmp = Path(tempfile.mkdtemp(prefix="labdaq-acqscale-"))

@@ -358,6 +358,11 @@ class VisaTransport(Transport):
                 if err:
                     raise ConnectionRefusedError(err, os.strerror(err))
                 sock.getpeername()
+                # A command is a few bytes followed at once by a query (e.g. SYST:ERR?):
+                # with Nagle on, the second write waits for the peer's delayed ACK,
+                # ~40 ms on Linux loopback, which would put that delay between a safety
+                # breach and the output-off reaching the instrument.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError as exc:
                 self._close()
                 raise ConnectionFailed(f"connect failed: {exc}", instrument=self.resource,

@@ -451,24 +451,16 @@ def test_kill9_mid_step_resumes_with_contiguous_samples(resumed: Resumed) -> Non
     # step): the position it saved says so.
     pos = resumed.position_at_kill
     assert pos["step_cap_ah"] == pytest.approx(pos["cycle"]["discharge_ah"], rel=1e-9)
-    # Loose on purpose: see the strict test below for the exact relation and why it fails.
+    # Loose here; the exact relation is test_kill9_cycle_totals_agree_with_steps_after_resume.
     assert dis_ah == pytest.approx(sum(abs(s[7]) for s in steps), rel=0.1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: ChannelRun.restore (labdaq/engine/channel.py) shifts step_t0_s by "
-    "the gap so that duration limits leave it out, and the step record's start_t_s is that "
-    "shifted value: after a resume the steps row says the step began gap_s later than its "
-    "first sample",
-)
 def test_kill9_step_row_brackets_its_samples(resumed: Resumed) -> None:
     """A steps row lies on the run's timeline: the samples of the step fall between its
     start_t_s and end_t_s, also for the step a kill -9 interrupted.
 
-    Fails: the discharge step's samples start at t ~= 0 but its row says it started at
-    t = gap_s (observed 500 s), so a query of the step's samples by its time bounds misses
-    everything measured before the kill.
+    (Before the fix the row said the step began gap_s later than its first sample, so a
+    query of the step's samples by its time bounds missed everything before the kill.)
     """
     rows = resumed.rows
     t = np.array([r[1] for r in rows if r[3] == 0], float)
@@ -477,27 +469,15 @@ def test_kill9_step_row_brackets_its_samples(resumed: Resumed) -> None:
     assert end_s >= t.max() - 1e-6, (end_s, t.max())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: AcquisitionNode._resume (labdaq/engine/node.py) takes the step's "
-    "capacity/energy from the last committed sample but the cycle totals (and step_dis_ah, "
-    "loop_dis_ah) from runs.position, saved at another moment, so after a kill -9 the "
-    "cycle's discharge no longer equals the capacity of the steps in it",
-)
 def test_kill9_cycle_totals_agree_with_steps_after_resume(resumed: Resumed) -> None:
     """The cycle's discharge capacity is the sum of its steps' capacities (one discharge
     step and a rest here), to float precision, also across a kill -9 and resume.
 
     Without a restart the engine integrates both from the same trapezoids (the position
-    the dead engine saved shows them equal). On resume, node.py replaces the position's
-    step_cap_ah with the last committed sample's step_capacity_ah but keeps the position's
-    cycle totals; the two were captured at different moments (progress every
-    engine_poll_s, samples committed every writer_batch_age_s), so the cycle ends up off
-    by the charge moved between those moments: observed 0.022 Ah of 1.76 Ah (1.3 %).
+    the dead engine saved shows them equal). The position and the last committed sample
+    are captured at different moments, so resume starts from the position and integrates
+    the samples committed after it (before that fix the cycle was off by 1.3 %).
     """
-    pos, last = resumed.position_at_kill, resumed.committed[-1]
-    if int(pos["seq"]) == int(last[0]):
-        pytest.skip("position saved exactly at the last committed sample: bug not observable")
     ((_, dis_ah, _),) = resumed.cycles
     steps_ah = sum(abs(s[7]) for s in resumed.steps)
     assert dis_ah == pytest.approx(steps_ah, rel=1e-6), (dis_ah, steps_ah)
