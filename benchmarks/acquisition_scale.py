@@ -596,6 +596,7 @@ class Session:
             lab.engine, EngineClock(1.0), poll_s=s.engine_poll_s,
             batch_rows=s.writer_batch_rows, batch_age_s=s.writer_batch_age_s,
             control_period_s=period, max_resume_gap_s=s.max_resume_gap_s,
+            writer_process=s.writer_process,
         )
         self.task: asyncio.Task[None] | None = None
         self.cabs = 0
@@ -995,8 +996,9 @@ async def _phases(args: argparse.Namespace, plan: Plan, lab: Lab, t_start: float
 
     claim = [st.claim_s / st.new_runs for st in push.steps + loaded if st.new_runs]
     note = (
-        f"Engine in-process (AcquisitionNode in this benchmark process); sim, API and load "
-        f"client in separate processes; speed 1; SQLite; 2 cores shared by all (other "
+        f"Engine in this benchmark process (AcquisitionNode; its sample writer in a child "
+        f"process, as `labdaq engine` runs it); sim, API and load client in separate "
+        f"processes; speed 1; SQLite; 2 cores shared by all (other "
         f"processes on the machine show as cpu_pct.others). "
         f"Bare = asyncio streams + np parse + 8-col sqlite3 executemany(10k) in a writer "
         f"thread over {bare['cabinets']} of the same simulated cabinets (best of "

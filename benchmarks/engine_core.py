@@ -95,7 +95,8 @@ async def _call(fn: Any, *args: Any) -> Any:
     return fn(*args)
 
 
-async def engine_run(cabinets: int, duration_s: float, db: Path | None) -> dict[str, float]:
+async def engine_run(cabinets: int, duration_s: float, db: Path | None,
+                     writer_process: bool = False) -> dict[str, float]:
     from labdaq.engine.channel import ChannelRun
     from labdaq.engine.clock import EngineClock
     from labdaq.engine.group import Callbacks, InstrumentGroup
@@ -139,8 +140,15 @@ async def engine_run(cabinets: int, duration_s: float, db: Path | None) -> dict[
             for c in range(cabinets * CHANNELS):
                 s.add(m.Run(id=c + 1, channel_id=c + 1, cell_id=1, protocol_id=proto.id,
                             state="running", plan={}, sample_period_s=1.0))
-        writer = SampleWriter(engine, batch_rows=10_000, batch_age_s=0.2)
-        writer.start()
+        if writer_process:
+            from labdaq.engine.writer_process import WriterProcess
+
+            writer = WriterProcess(url, batch_rows=10_000, batch_age_s=0.2)
+            writer.start()
+            await writer.flush()  # the child is up before the clock starts
+        else:
+            writer = SampleWriter(engine, batch_rows=10_000, batch_age_s=0.2)
+            writer.start()
     cb = Callbacks(_noop, _noop, _noop, _noop, _noop)
     groups = []
     run_id = 0
@@ -227,22 +235,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="labdaq-engine-core-") as tmp:
         core = asyncio.run(engine_run(args.cabinets, duration, None))
         stored = asyncio.run(engine_run(args.cabinets, duration, Path(tmp) / "engine.db"))
+        stored_wp = asyncio.run(engine_run(args.cabinets, duration, Path(tmp) / "engine_wp.db",
+                                           writer_process=True))
         bare = bare_run(args.cabinets, duration, Path(tmp) / "bare.db")
         one = asyncio.run(engine_run(1, duration / 2, None))
     print(
         f"engine core, {args.cabinets} x {CHANNELS} ch: {core['rows_per_s']:,.0f} "
         f"channel-samples/s, {core['tick_us']:.0f} us per 64-channel tick; "
-        f"with SampleWriter into SQLite {stored['rows_per_s']:,.0f}/s; "
+        f"with SampleWriter into SQLite {stored['rows_per_s']:,.0f}/s in-process, "
+        f"{stored_wp['rows_per_s']:,.0f}/s in its own process (as built); "
         f"bare parse+rows+executemany {bare['rows_per_s']:,.0f}/s; "
         f"one cabinet {one['tick_us']:.0f} us per tick",
         file=sys.stderr,
     )
     result(
         "engine_core_channel_samples",
-        stored["rows_per_s"],
+        stored_wp["rows_per_s"],
         "channel-samples/s",
         bare["rows_per_s"],
         core_only_per_s=round(core["rows_per_s"], 1),
+        stored_writer_in_process_per_s=round(stored["rows_per_s"], 1),
         tick_us_64ch=round(core["tick_us"], 1),
         tick_us_64ch_one_cabinet=round(one["tick_us"], 1),
         cabinets=args.cabinets,
@@ -250,7 +262,8 @@ def main() -> None:
         note=(
             "InstrumentGroup ticks with an in-memory 64-channel cabinet (real MEAS:ALL? "
             "parse, no sockets), every tick a stored sample; value = rows stored in SQLite "
-            "through SampleWriter per second; baseline = the same parse + rows + "
+            "per second through the writer process (labdaq as built); baseline = the same "
+            "parse + rows + "
             "executemany(10k) without the engine. End to end through sockets: "
             "benchmarks/acquisition_scale.py."
         ),

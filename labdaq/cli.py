@@ -115,6 +115,7 @@ def engine(
             batch_age_s=s.writer_batch_age_s,
             control_period_s=s.engine_control_period_s,
             max_resume_gap_s=s.max_resume_gap_s,
+            writer_process=s.writer_process,
         )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     # Writer batching: a batch is flushed when it reaches this many rows or this age.
     writer_batch_rows: int = 2000
     writer_batch_age_s: float = 0.5
+    # The sample writer runs in its own process (no GIL shared with acquisition).
+    writer_process: bool = True
     # How often the engine polls the database for new work when no nudge arrives.
     engine_poll_s: float = 0.5
     # Safety and end conditions are evaluated at least this often (s, on the engine clock).

@@ -37,6 +37,7 @@ from numpy.typing import NDArray
 from labdaq.engine.channel import ChannelRun, Phase, StepRecord, Transition
 from labdaq.engine.clock import EngineClock
 from labdaq.engine.writer import SampleWriter
+from labdaq.engine.writer_process import WriterProcess
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ class InstrumentGroup:
         driver: Any,
         call: Callable[..., Awaitable[Any]],
         clock: EngineClock,
-        writer: SampleWriter,
+        writer: SampleWriter | WriterProcess,
         callbacks: Callbacks,
         control_period_s: float = 1.0,
     ) -> None:

@@ -27,6 +27,7 @@ from labdaq.engine.channel import ChannelRun, StepRecord
 from labdaq.engine.clock import EngineClock
 from labdaq.engine.group import Callbacks, InstrumentGroup
 from labdaq.engine.writer import SampleWriter
+from labdaq.engine.writer_process import WriterProcess
 from labdaq.protocol import ResolvedProtocol
 from labdaq.storage import models as m
 from labdaq.storage.db import session_scope, sessionmaker
@@ -194,6 +195,7 @@ class AcquisitionNode:
         max_resume_gap_s: float = 600.0,
         control_period_s: float = 1.0,
         journal_dir: Path | None = None,
+        writer_process: bool = False,
     ) -> None:
         self.control_period_s = control_period_s
         self.engine = engine
@@ -203,8 +205,18 @@ class AcquisitionNode:
         # Samples survive a database outage in a local journal (writer.py); without a
         # configured directory, an SQLite database journals next to its file.
         self.journal_dir = journal_dir if journal_dir is not None else default_journal_dir(engine)
-        self.writer = SampleWriter(
-            engine, batch_rows=batch_rows, batch_age_s=batch_age_s, journal_dir=self.journal_dir
+        # writer_process: the writer runs in a child process (writer_process.py explains
+        # why); in-process is kept for tests that drive a node directly.
+        self.writer: SampleWriter | WriterProcess = (
+            WriterProcess(
+                engine.url.render_as_string(hide_password=False),
+                batch_rows=batch_rows, batch_age_s=batch_age_s, journal_dir=self.journal_dir,
+            )
+            if writer_process
+            else SampleWriter(
+                engine, batch_rows=batch_rows, batch_age_s=batch_age_s,
+                journal_dir=self.journal_dir,
+            )
         )
         self.records = RecordWriter(self.maker)
         self._finishing: set[asyncio.Task[None]] = set()
