@@ -169,9 +169,9 @@ class SpeedGovernor:
     def _pace(self, g: Any) -> None:
         tick = g._tick
 
-        async def paced() -> None:
+        async def paced(*args: Any) -> None:
             try:
-                await tick()
+                await tick(*args)
             finally:
                 self._after_tick(g)
 

@@ -139,3 +139,34 @@ async def test_pause_and_resume(rig: Rig) -> None:
     # The pause does not count towards the step's 900 s, nor to its charge.
     assert step.end_t_s - step.start_t_s > 900 + 300
     assert step.capacity_ah == pytest.approx(1.0 * 900 / 3600, rel=0.02)
+
+
+async def test_wall_clock_jump_is_recorded_and_timing_is_unaffected(rig: Rig) -> None:
+    import time
+
+    charge = {
+        "schema_version": 1,
+        "name": "charge",
+        "steps": [{"step": "cc", "current_a": 1.0, "until": {"duration_s": 600}}],
+    }
+    run_id = await rig.start_run("cabinet1/1", protocol_document=charge, sample_period_s=10)
+    await wait_for(lambda: run_id in rig.node.active, what="the run to start")
+    # The wall clock is stepped back an hour (NTP correction, someone setting the time).
+    rig.node.wall_clock = lambda: time.time() - 3600.0
+    ended = await rig.wait_end(run_id)
+    assert ended.state == "completed", ended.end_reason
+    async with session_scope(rig.maker) as s:
+        events = (
+            await s.scalars(
+                select(m.Event).where(m.Event.run_id == run_id, m.Event.kind == "clock_jump")
+            )
+        ).all()
+    assert len(events) == 1, [e.message for e in events]
+    assert events[0].data["jump_s"] == pytest.approx(-3600.0, abs=1.0)
+    assert events[0].severity == "warning"
+    # Run timing is monotonic: the step still lasted its 600 s and samples are contiguous.
+    steps = await rows_of(rig.maker, m.Step, run_id, m.Step.step_number)
+    assert steps[0].end_t_s - steps[0].start_t_s == pytest.approx(600.0, abs=10.0)
+    s_ = await samples(rig.maker, run_id)
+    assert_contiguous(s_["seq"])
+    assert (np.diff(s_["t_s"]) > 0).all()

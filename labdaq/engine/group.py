@@ -386,13 +386,15 @@ class InstrumentGroup:
                 deadline = self.clock.now()
             try:
                 async with self._busy:
-                    await self._tick()
+                    await self._tick(deadline, period)
             except Exception as exc:  # noqa: BLE001 - make every channel safe, then report
                 log.exception("instrument %s: acquisition failed", self.name)
                 await self._fail_all(f"{type(exc).__name__}: {exc}")
         self._task = None
 
-    async def _tick(self) -> None:
+    async def _tick(self, deadline: float | None = None, tick_s: float | None = None) -> None:
+        """One look at every channel. ``deadline`` is the tick's scheduled time on the
+        engine clock and ``tick_s`` the loop's period (None: now, and each run's own)."""
         await self._handle_requests()
         runs = self.runs
         n = len(runs)
@@ -449,13 +451,16 @@ class InstrumentGroup:
         ended |= hit_temp | aux_done
         ended &= ~paused & ~breach
 
-        # 4. Store due samples (every breach and every phase end is stored too). Half a
-        # tick of tolerance: a tick a little early for a run's storage time (timer
-        # jitter, the run joined between two ticks) stores it rather than the next
-        # tick, which would slip that run's samples by a period.
-        due = (t >= self.a_next_due - 0.5 * fast) | breach | ended
+        # 4. Store due samples (every breach and every phase end is stored too). A run's
+        # storage time goes to the tick *scheduled* nearest to it: judged on the measured
+        # time, a storage time half a tick from the tick grid (a run joins at any moment)
+        # would fall before or after a tick by timer jitter alone, one sample early and
+        # the next one a tick late, losing a sample period.
+        half = 0.5 * (fast if tick_s is None else tick_s)
+        t_sched = t if deadline is None else deadline - self.a_t0
+        due = (t_sched + half > self.a_next_due) | breach | ended
         next_due = np.where(due, self.a_next_due + self.a_period, self.a_next_due)
-        self.a_next_due = np.where(next_due <= t, t + self.a_period, next_due)
+        self.a_next_due = np.where(next_due <= t_sched, t_sched + self.a_period, next_due)
         idx = np.flatnonzero(due)
         if idx.size:
             flags = np.where(breach[idx], FLAG_BREACH, 0) | np.where(paused[idx], FLAG_PAUSED, 0)

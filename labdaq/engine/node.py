@@ -229,6 +229,11 @@ class AcquisitionNode:
         self.aux_tasks: dict[int, asyncio.Task[None]] = {}
         self.channel_aux: dict[int, dict[str, Any]] = {}  # run id -> channel.aux
         self._stopping = asyncio.Event()
+        # Wall-clock jump detection (_watch_wall_clock): a jump is a difference of at least
+        # clock_jump_threshold_s between wall and monotonic time elapsed since the last tick.
+        self.wall_clock: Callable[[], float] = time.time
+        self.clock_jump_threshold_s = 1.0
+        self._clock_ref: tuple[float, float] | None = None
 
     # -- instruments -------------------------------------------------------------------
     async def _open_instrument(self, row: m.Instrument) -> OpenInstrument:
@@ -512,6 +517,7 @@ class AcquisitionNode:
     async def tick(self) -> None:
         """One scheduler round. A database error is logged, never fatal: acquisition goes
         on in the groups, samples and records wait for the database."""
+        self._watch_wall_clock()
         try:
             await self._apply_requests()
             await self._claim_queued()
@@ -525,6 +531,29 @@ class AcquisitionNode:
             if self._scheduler_error:
                 log.warning("scheduler: database available again")
             self._scheduler_error = False
+
+    def _watch_wall_clock(self) -> None:
+        """Record a wall-clock jump (NTP step, a technician setting the time) on every
+        active run. Step and run timing use the monotonic clock and are unaffected; the
+        samples' ts_utc follow the wall clock, so a jump shows there and the event says
+        by how much."""
+        wall, mono = self.wall_clock(), time.monotonic()
+        ref, self._clock_ref = self._clock_ref, (wall, mono)
+        if ref is None:
+            return
+        jump_s = (wall - ref[0]) - (mono - ref[1])
+        if abs(jump_s) < self.clock_jump_threshold_s:
+            return
+        log.warning("wall clock jumped %+.3f s against the monotonic clock", jump_s)
+        data = {"jump_s": jump_s, "wall_before": ref[0], "wall_after": wall,
+                "monotonic_elapsed_s": mono - ref[1]}
+        for run_id in list(self.active):
+            self._record(
+                "event", m.Event, run_id=run_id, kind="clock_jump", severity="warning",
+                message=f"wall clock jumped {jump_s:+.3f} s; run timing follows the monotonic "
+                "clock, sample ts_utc the wall clock",
+                data=data, actor=self.node_name,
+            )
 
     async def _apply_requests(self) -> None:
         if not self.active:
