@@ -170,3 +170,38 @@ async def test_wall_clock_jump_is_recorded_and_timing_is_unaffected(rig: Rig) ->
     s_ = await samples(rig.maker, run_id)
     assert_contiguous(s_["seq"])
     assert (np.diff(s_["t_s"]) > 0).all()
+
+
+async def test_lost_instrument_interrupts_its_runs_with_an_event(rig: Rig) -> None:
+    """The SMU's link goes and stays gone: the transport reconnects with backoff and gives
+    up; the run ends ``interrupted`` with an open-ended interruption event from its last
+    stored sample, and every sample stored before is kept."""
+    charge = {
+        "schema_version": 1,
+        "name": "charge",
+        "steps": [{"step": "cc", "current_a": 1.0, "until": {"duration_s": 3000}}],
+    }
+    run_id = await rig.start_run("smu1/1", protocol_document=charge, sample_period_s=10)
+    await wait_for(lambda: run_id in rig.node.active, what="the run to start")
+    group = next(g for g in rig.node.groups.values() if g.name == "smu1")
+    await wait_for(lambda: group.ticks > 10, what="some ticks")
+    fault = rig.lab.faults.inject("drop_connection", "smu1", duration_s=1e6)
+    try:
+        ended = await rig.wait_end(run_id, timeout_s=60)
+    finally:
+        rig.lab.faults.clear(fault)
+    assert ended.state == "interrupted", (ended.state, ended.end_reason)
+    assert "smu1 lost" in (ended.end_reason or "")
+    async with session_scope(rig.maker) as s:
+        events = (
+            await s.scalars(
+                select(m.Event).where(m.Event.run_id == run_id, m.Event.kind == "interruption")
+            )
+        ).all()
+    assert len(events) == 1
+    data = events[0].data
+    s_ = await samples(rig.maker, run_id)
+    assert_contiguous(s_["seq"])
+    assert data["cause"] == "instrument_lost" and data["to_t_s"] is None
+    assert data["last_seq"] == int(s_["seq"][-1])
+    assert data["from_t_s"] == pytest.approx(float(s_["t_s"][-1]))

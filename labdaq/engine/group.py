@@ -34,12 +34,16 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from labdaq.drivers.errors import ConnectionFailed, GarbledReply, InstrumentTimeout
 from labdaq.engine.channel import ChannelRun, Phase, StepRecord, Transition
 from labdaq.engine.clock import EngineClock
 from labdaq.engine.writer import SampleWriter
 from labdaq.engine.writer_process import WriterProcess
 
 log = logging.getLogger(__name__)
+
+# Errors that mean the instrument is gone, not that a run did something wrong.
+LOST_INSTRUMENT = (ConnectionFailed, InstrumentTimeout, GarbledReply)
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
@@ -366,6 +370,10 @@ class InstrumentGroup:
         for ch in chans:
             try:
                 await self.call(self.driver.output, ch, False)
+            except LOST_INSTRUMENT as exc:
+                # Each further try would wait out the transport's reconnect backoff again.
+                log.error("could not turn %s off, instrument not answering: %s", self.name, exc)
+                return
             except Exception as exc:  # noqa: BLE001
                 log.error("could not turn %s ch %s off: %s", self.name, ch, exc)
 
@@ -387,6 +395,10 @@ class InstrumentGroup:
             try:
                 async with self._busy:
                     await self._tick(deadline, period)
+            except LOST_INSTRUMENT as exc:
+                # The transport has already reconnected with backoff and given up.
+                log.error("instrument %s lost: %s", self.name, exc)
+                await self._interrupt_all(exc)
             except Exception as exc:  # noqa: BLE001 - make every channel safe, then report
                 log.exception("instrument %s: acquisition failed", self.name)
                 await self._fail_all(f"{type(exc).__name__}: {exc}")
@@ -728,6 +740,25 @@ class InstrumentGroup:
             self._load_phases()
         for k in reversed(done):
             r = self.runs[k]
+            self._remove(k)
+            await self.cb.on_finish(r)
+
+    async def _interrupt_all(self, exc: Exception) -> None:
+        """The instrument stopped answering: try to turn its outputs off (its own watchdog
+        does if the link is gone for good), then end every run on it as ``interrupted``
+        with an interruption event from its last stored sample (open-ended)."""
+        await self._outputs_off(list(self.chans))
+        reason = f"instrument {self.name} lost: {type(exc).__name__}: {exc}"
+        for k in reversed(range(len(self.runs))):
+            r = self.runs[k]
+            self._pull(k)
+            await self.cb.on_event(
+                r.run_id, "interruption", "warning", reason,
+                {"cause": "instrument_lost", "instrument": self.name, "channel": r.channel,
+                 "from_t_s": float(self.a_t_s[k]), "last_seq": int(self.a_seq[k]),
+                 "to_t_s": None, "error": str(exc)},
+            )
+            r.outcome = ("interrupted", reason)
             self._remove(k)
             await self.cb.on_finish(r)
 

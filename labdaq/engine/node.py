@@ -234,6 +234,7 @@ class AcquisitionNode:
         self.wall_clock: Callable[[], float] = time.time
         self.clock_jump_threshold_s = 1.0
         self._clock_ref: tuple[float, float] | None = None
+        self._dropped_reported: dict[int, int] = {}  # run id -> samples lost, recorded
 
     # -- instruments -------------------------------------------------------------------
     async def _open_instrument(self, row: m.Instrument) -> OpenInstrument:
@@ -362,6 +363,7 @@ class AcquisitionNode:
         except Exception as exc:  # noqa: BLE001 - positions are saved again on the next start
             log.error("could not save run positions at shutdown: %s", exc)
         await self.writer.close()
+        self._report_dropped()  # what the last flush could not keep
         await self.records.close()
         for inst in self.instruments.values():
             inst.worker.shutdown(wait=False)
@@ -518,6 +520,7 @@ class AcquisitionNode:
         """One scheduler round. A database error is logged, never fatal: acquisition goes
         on in the groups, samples and records wait for the database."""
         self._watch_wall_clock()
+        self._report_dropped()
         try:
             await self._apply_requests()
             await self._claim_queued()
@@ -553,6 +556,25 @@ class AcquisitionNode:
                 message=f"wall clock jumped {jump_s:+.3f} s; run timing follows the monotonic "
                 "clock, sample ts_utc the wall clock",
                 data=data, actor=self.node_name,
+            )
+
+    def _report_dropped(self) -> None:
+        """An interruption event for samples the writer had to drop (journal full or
+        failing during a database outage), with the bounds of what is missing; repeated
+        with the new bounds if more of the same run are dropped later."""
+        for run_id, (seq0, seq1, t0, t1, n) in list(self.writer.dropped_by_run.items()):
+            if self._dropped_reported.get(run_id) == n:
+                continue
+            self._dropped_reported[run_id] = n
+            self._record(
+                "event", m.Event, run_id=run_id, kind="interruption", severity="error",
+                message=f"up to {n} samples lost: the database was unavailable and the "
+                "local journal was full or failing",
+                # "At most": a batch whose write timed out counts as dropped, yet may have
+                # committed after all; the samples table says which are really missing.
+                data={"cause": "journal_overflow", "from_seq": seq0, "to_seq": seq1,
+                      "from_t_s": t0, "to_t_s": t1, "samples_lost_at_most": n},
+                actor=self.node_name,
             )
 
     async def _apply_requests(self) -> None:

@@ -274,6 +274,7 @@ class SampleWriter:
         self.rows_rejected = 0
         self.rows_dropped = 0
         self.journal_overflowed = False
+        self.dropped_by_run: dict[int, list[Any]] = {}
         self.db_available = True
         self.last_error: str | None = None
 
@@ -492,6 +493,7 @@ class SampleWriter:
                 self.rows_journaled += len(b)
             else:
                 self.rows_dropped += len(b)
+                self._note_dropped(b)
                 if not self.journal_overflowed:
                     log.error(
                         "sample journal full (%d of %d bytes) or failing: dropping samples",
@@ -500,6 +502,19 @@ class SampleWriter:
                     )
                 self.journal_overflowed = True
             self._settle(len(b))
+
+    def _note_dropped(self, rows: Rows) -> None:
+        """Keep, per run, the bounds of the samples lost so the engine can record them
+        (dropped_by_run: run_id -> [first_seq, last_seq, first_t_s, last_t_s, rows])."""
+        for r in rows:
+            run_id, seq, t_s = int(r[0]), int(r[1]), float(r[2])
+            b = self.dropped_by_run.get(run_id)
+            if b is None:
+                self.dropped_by_run[run_id] = [seq, seq, t_s, t_s, 1]
+            else:
+                b[0], b[1] = min(b[0], seq), max(b[1], seq)
+                b[2], b[3] = min(b[2], t_s), max(b[3], t_s)
+                b[4] += 1
 
     async def _replay(self) -> None:
         """Write journaled records oldest first until done or the database fails again."""

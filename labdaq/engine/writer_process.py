@@ -51,7 +51,7 @@ Rows = Sequence[Sequence[Any]]
 _STATS = (
     "rows_written", "batches_written", "rows_journaled", "rows_replayed", "rows_rejected",
     "rows_dropped", "journal_overflowed", "db_available", "journal_pending_rows",
-    "last_error", "settled",
+    "last_error", "settled", "dropped_by_run",
 )
 _REPORT_S = 0.02
 
@@ -104,6 +104,7 @@ class WriterProcess:
         self.journal_pending_rows = 0
         self.last_error: str | None = None
         self.settled = 0
+        self.dropped_by_run: dict[int, list[Any]] = {}
 
     # -- state ------------------------------------------------------------------------
     @property
@@ -289,6 +290,7 @@ async def _child(conn: Connection, database_url: str, kwargs: dict[str, Any]) ->
             "journal_pending_rows": writer.journal_pending_rows,
             "last_error": writer.last_error,
             "settled": writer.rows_settled,
+            "dropped_by_run": {k: list(v) for k, v in writer.dropped_by_run.items()},
         }
 
     def reply(*msg: Any) -> None:
