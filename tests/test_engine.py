@@ -39,6 +39,15 @@ def discharge(until: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def charge_doc(duration_s: float) -> dict[str, Any]:
+    """A 1 A charge for ``duration_s``."""
+    return {
+        "schema_version": 1,
+        "name": "charge",
+        "steps": [{"step": "cc", "current_a": 1.0, "until": {"duration_s": duration_s}}],
+    }
+
+
 # A nearly empty cell and an engine that looks only once a minute (a misconfiguration).
 SLOW_LOOKS = [(0.03, 60.0)]
 
@@ -88,11 +97,7 @@ async def test_voltage_end_is_held_by_the_cabinet_between_looks(rig: Rig) -> Non
 async def test_a_run_joining_leaves_the_others_integration_alone(rig: Rig) -> None:
     # Regression: the group used to rebuild every run's integration anchor when a run
     # joined or left, so the next reading integrated again from the last *stored* sample.
-    charge = {
-        "schema_version": 1,
-        "name": "charge",
-        "steps": [{"step": "cc", "current_a": 1.0, "until": {"duration_s": 900}}],
-    }
+    charge = charge_doc(900)
     first = await rig.start_run("cabinet1/1", protocol_document=charge, sample_period_s=60)
     await wait_for(lambda: bool(rig.node.groups), what="the cabinet group")
     group = next(iter(rig.node.groups.values()))
@@ -113,11 +118,7 @@ async def test_pause_and_resume(rig: Rig) -> None:
     from labdaq.engine.group import FLAG_PAUSED
     from labdaq.runs import request_pause, request_resume
 
-    charge = {
-        "schema_version": 1,
-        "name": "charge",
-        "steps": [{"step": "cc", "current_a": 1.0, "until": {"duration_s": 900}}],
-    }
+    charge = charge_doc(900)
     cab = rig.lab.by_name("cabinet1").sim
     run_id = await rig.start_run("cabinet1/1", protocol_document=charge, sample_period_s=10)
     await wait_for(lambda: bool(cab.output_on[0]), what="the output on")
@@ -144,11 +145,7 @@ async def test_pause_and_resume(rig: Rig) -> None:
 async def test_wall_clock_jump_is_recorded_and_timing_is_unaffected(rig: Rig) -> None:
     import time
 
-    charge = {
-        "schema_version": 1,
-        "name": "charge",
-        "steps": [{"step": "cc", "current_a": 1.0, "until": {"duration_s": 600}}],
-    }
+    charge = charge_doc(600)
     run_id = await rig.start_run("cabinet1/1", protocol_document=charge, sample_period_s=10)
     await wait_for(lambda: run_id in rig.node.active, what="the run to start")
     # The wall clock is stepped back an hour (NTP correction, someone setting the time).
@@ -176,11 +173,7 @@ async def test_lost_instrument_interrupts_its_runs_with_an_event(rig: Rig) -> No
     """The SMU's link goes and stays gone: the transport reconnects with backoff and gives
     up; the run ends ``interrupted`` with an open-ended interruption event from its last
     stored sample, and every sample stored before is kept."""
-    charge = {
-        "schema_version": 1,
-        "name": "charge",
-        "steps": [{"step": "cc", "current_a": 1.0, "until": {"duration_s": 3000}}],
-    }
+    charge = charge_doc(3000)
     run_id = await rig.start_run("smu1/1", protocol_document=charge, sample_period_s=10)
     await wait_for(lambda: run_id in rig.node.active, what="the run to start")
     group = next(g for g in rig.node.groups.values() if g.name == "smu1")
