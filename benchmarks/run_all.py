@@ -50,6 +50,9 @@ def table(results: list[dict]) -> str:
             f"| {r['name']} | {r['value']} | {r['unit']} | {r.get('baseline')} | "
             f"{r.get('ratio')} | {r.get('note', '')} |"
         )
+    heads = [f"- **{r['name']}**: {r['headline']}" for r in results if r.get("headline")]
+    if heads:
+        lines += ["", *heads]
     return "\n".join(lines)
 
 
