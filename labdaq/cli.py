@@ -142,6 +142,10 @@ def api_cmd(
     from labdaq.api.app import create_app
 
     s = _settings(data_dir, database_url)
+    if s.api_nice > 0:
+        # On a shared computer acquisition and its safety checks come first: under load
+        # the API answers later rather than the engine sampling late.
+        os.nice(s.api_nice)
     uvicorn.run(create_app(s), host=host, port=port, log_level=log_level)
 
 

@@ -144,8 +144,13 @@ class InstrumentGroup:
         writer: SampleWriter | WriterProcess,
         callbacks: Callbacks,
         control_period_s: float = 1.0,
+        phase: float = 0.0,
     ) -> None:
         self.name = name
+        # Where in its period this loop ticks (0..1): groups of one node are spread over
+        # the period so their ticks do not all fall due at the same moment and wait for
+        # each other on the one event loop.
+        self.phase = phase % 1.0
         # Limits and end conditions are checked at least this often (simulated seconds),
         # however long the storage period: a 10 s sample period must not let the voltage
         # run 250 mV past a cut-off at the knee of a discharge curve.
@@ -379,7 +384,8 @@ class InstrumentGroup:
 
     # -- the loop ----------------------------------------------------------------------
     async def _loop(self) -> None:
-        deadline = self.clock.now()
+        period = min(float(self.a_period.min()), self.control_period_s)
+        deadline = self.clock.now() + self.phase * period - period
         while self.runs and not self._closing:
             period = min(float(self.a_period.min()), self.control_period_s)
             deadline += period

@@ -294,6 +294,8 @@ class AcquisitionNode:
                 on_aux=self._on_aux,
             ),
             control_period_s=self.control_period_s,
+            # Golden-ratio steps spread any number of groups evenly over a period.
+            phase=len(self.groups) * 0.6180339887,
         )
         self.groups[instrument_id] = group
         return group
