@@ -796,13 +796,6 @@ class Session:
                     await asyncio.wait_for(self.task, 60)
                 except Exception as exc:  # noqa: BLE001 - report, carry on with the checks
                     log(f"  node did not stop cleanly: {exc!r}")
-            # AcquisitionNode.shutdown leaves the transports open; close them so the next
-            # node's connections are the simulator's only ones.
-            for inst in node.instruments.values():
-                try:
-                    inst.driver.close()
-                except Exception as exc:  # noqa: BLE001 - best effort cleanup
-                    log(f"  could not close {inst.name}: {exc!r}")
         if not self.ids:
             return
         w = node.writer

@@ -3,6 +3,7 @@ real database, the engine on the lab's clock (tests/engine_rig.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -198,3 +199,27 @@ async def test_lost_instrument_interrupts_its_runs_with_an_event(rig: Rig) -> No
     assert data["cause"] == "instrument_lost" and data["to_t_s"] is None
     assert data["last_seq"] == int(s_["seq"][-1])
     assert data["from_t_s"] == pytest.approx(float(s_["t_s"][-1]))
+
+
+async def test_shutdown_makes_safe_and_closes_every_link(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    lab = SimLab(soc=0.5, cabinets=1, cabinet_channels=2)
+    r = await start_rig(sqlite_url, lab, SPEED)
+    try:
+        run_id = await r.start_run("cabinet1/1", protocol_document=charge_doc(3600))
+        cab = lab.by_name("cabinet1")
+        await wait_for(lambda: bool(cab.sim.output_on[0]), what="the output on")
+        assert all(inst.server._connections for inst in lab.instruments
+                   if inst.transport == "tcp")
+        r.node.request_stop()
+        await asyncio.wait_for(r.task, 30)
+        # Outputs off, the run left running for the next engine to resume, links closed.
+        assert not cab.sim.output_on.any()
+        async with session_scope(r.maker) as s:
+            assert (await s.get(m.Run, run_id)).state == "running"  # type: ignore[union-attr]
+        await wait_for(lambda: not any(inst.server._connections for inst in lab.instruments),
+                       timeout_s=5, what="every simulator to see its client go")
+    finally:
+        await r.engine.dispose()
+        lab.stop()

@@ -387,6 +387,11 @@ class AcquisitionNode:
         self._report_dropped()  # what the last flush could not keep
         await self.records.close()
         for inst in self.instruments.values():
+            # Close the link (the instrument sees a clean disconnect, not a dead peer).
+            try:
+                await asyncio.wait_for(inst.worker.call(inst.driver.close), 5)
+            except Exception as exc:  # noqa: BLE001 - shutting down regardless
+                log.warning("could not close %s: %s", inst.name, exc)
             inst.worker.shutdown(wait=False)
 
     # -- recovery ----------------------------------------------------------------------
