@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     # Niceness added to the API process (labdaq api / serve): acquisition gets the CPU first.
-    api_nice: int = Field(default=5, ge=0, le=19)
+    api_nice: int = Field(default=10, ge=0, le=19)
     # Writer batching: a batch is flushed when it reaches this many rows or this age.
     writer_batch_rows: int = 2000
     writer_batch_age_s: float = 0.5
