@@ -170,35 +170,76 @@ async def test_wall_clock_jump_is_recorded_and_timing_is_unaffected(rig: Rig) ->
     assert (np.diff(s_["t_s"]) > 0).all()
 
 
-async def test_lost_instrument_interrupts_its_runs_with_an_event(rig: Rig) -> None:
-    """The SMU's link goes and stays gone: the transport reconnects with backoff and gives
-    up; the run ends ``interrupted`` with an open-ended interruption event from its last
-    stored sample, and every sample stored before is kept."""
-    charge = charge_doc(3000)
-    run_id = await rig.start_run("smu1/1", protocol_document=charge, sample_period_s=10)
+async def _interruptions(rig: Rig, run_id: int) -> list[m.Event]:
+    async with session_scope(rig.maker) as s:
+        return list(
+            (
+                await s.scalars(
+                    select(m.Event)
+                    .where(m.Event.run_id == run_id, m.Event.kind == "interruption")
+                    .order_by(m.Event.id)
+                )
+            ).all()
+        )
+
+
+async def test_lost_instrument_that_stays_gone_interrupts_its_runs(rig: Rig) -> None:
+    """The SMU's link goes and stays gone past max_resume_gap_s: the run ends
+    ``interrupted``; the first event is open-ended from its last stored sample, and every
+    sample stored before is kept."""
+    run_id = await rig.start_run("smu1/1", protocol_document=charge_doc(3000),
+                                 sample_period_s=10)
     await wait_for(lambda: run_id in rig.node.active, what="the run to start")
     group = next(g for g in rig.node.groups.values() if g.name == "smu1")
     await wait_for(lambda: group.ticks > 10, what="some ticks")
-    fault = rig.lab.faults.inject("drop_connection", "smu1", duration_s=1e6)
+    fault = rig.lab.faults.inject("drop_connection", "smu1", duration_s=1e7)
     try:
         ended = await rig.wait_end(run_id, timeout_s=60)
     finally:
         rig.lab.faults.clear(fault)
     assert ended.state == "interrupted", (ended.state, ended.end_reason)
-    assert "smu1 lost" in (ended.end_reason or "")
-    async with session_scope(rig.maker) as s:
-        events = (
-            await s.scalars(
-                select(m.Event).where(m.Event.run_id == run_id, m.Event.kind == "interruption")
-            )
-        ).all()
-    assert len(events) == 1
-    data = events[0].data
+    assert f"more than the {rig.node.max_resume_gap_s:.0f} s" in (ended.end_reason or "")
+    lost, final = await _interruptions(rig, run_id)
     s_ = await samples(rig.maker, run_id)
     assert_contiguous(s_["seq"])
-    assert data["cause"] == "instrument_lost" and data["to_t_s"] is None
-    assert data["last_seq"] == int(s_["seq"][-1])
-    assert data["from_t_s"] == pytest.approx(float(s_["t_s"][-1]))
+    assert "smu1 lost" in lost.message
+    assert lost.data["cause"] == "instrument_lost" and lost.data["to_t_s"] is None
+    assert lost.data["last_seq"] == int(s_["seq"][-1]) == final.data["last_seq"]
+    assert lost.data["from_t_s"] == pytest.approx(float(s_["t_s"][-1]))
+    assert final.message == ended.end_reason
+
+
+async def test_lost_instrument_that_returns_resumes_its_runs(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """The cabinet refuses connections for ~2 s of wall time: the transport gives up, the
+    runs wait for it, and when it answers again they resume at their step (interruption
+    event with the gap) and complete with contiguous samples."""
+    lab = SimLab(soc=0.5, cabinets=1, cabinet_channels=2)
+    r = await start_rig(sqlite_url, lab, SPEED, max_resume_gap_s=1e6)
+    try:
+        ids = [await r.start_run(f"cabinet1/{ch}", protocol_document=charge_doc(1800),
+                                 sample_period_s=10) for ch in (1, 2)]
+        await wait_for(lambda: all(i in r.node.active for i in ids), what="both runs")
+        group = next(g for g in r.node.groups.values() if g.name == "cabinet1")
+        await wait_for(lambda: group.ticks > 10, what="some ticks")
+        r.lab.faults.inject("drop_connection", "cabinet1", duration_s=2.0 * SPEED)
+        await wait_for(lambda: not any(i in r.node.active for i in ids), timeout_s=30,
+                       what="the runs to leave the lost cabinet")
+        ended = [await r.wait_end(i, timeout_s=90) for i in ids]
+        for run_id, run in zip(ids, ended, strict=True):
+            assert run.state == "completed", (run.state, run.end_reason)
+            lost, resumed = await _interruptions(r, run_id)
+            assert lost.data["cause"] == "instrument_lost"
+            assert "answered again" in resumed.message and resumed.data["gap_s"] > 0
+            s_ = await samples(r.maker, run_id)
+            assert_contiguous(s_["seq"])
+            assert (np.diff(s_["t_s"]) > 0).all()
+            steps = await rows_of(r.maker, m.Step, run_id, m.Step.step_number)
+            # The step's 1800 s of charge are counted without the gap.
+            assert steps[0].capacity_ah == pytest.approx(1800 / 3600, rel=0.02)
+    finally:
+        await r.stop()
 
 
 async def test_shutdown_makes_safe_and_closes_every_link(

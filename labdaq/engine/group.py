@@ -105,6 +105,9 @@ class Callbacks:
     on_event: Callable[[int, str, str, str, dict[str, Any]], Awaitable[None]]
     on_finish: Callable[[ChannelRun], Awaitable[None]]
     on_aux: Callable[[ChannelRun, Phase], Awaitable[None]]
+    # The instrument stopped answering: these runs left the group (positions synced) and
+    # wait for it to return. None: they end ``interrupted`` instead.
+    on_lost: Callable[[list[ChannelRun], str], Awaitable[None]] | None = None
 
 
 class InstrumentGroup:
@@ -751,10 +754,12 @@ class InstrumentGroup:
 
     async def _interrupt_all(self, exc: Exception) -> None:
         """The instrument stopped answering: try to turn its outputs off (its own watchdog
-        does if the link is gone for good), then end every run on it as ``interrupted``
-        with an interruption event from its last stored sample (open-ended)."""
+        does if the link is gone for good), record an open-ended interruption event from
+        each run's last stored sample, and hand the runs to the node, which resumes them
+        when the instrument answers again (or ends them ``interrupted``)."""
         await self._outputs_off(list(self.chans))
         reason = f"instrument {self.name} lost: {type(exc).__name__}: {exc}"
+        lost: list[ChannelRun] = []
         for k in reversed(range(len(self.runs))):
             r = self.runs[k]
             self._pull(k)
@@ -764,9 +769,14 @@ class InstrumentGroup:
                  "from_t_s": float(self.a_t_s[k]), "last_seq": int(self.a_seq[k]),
                  "to_t_s": None, "error": str(exc)},
             )
-            r.outcome = ("interrupted", reason)
             self._remove(k)
-            await self.cb.on_finish(r)
+            if self.cb.on_lost is None:
+                r.outcome = ("interrupted", reason)
+                await self.cb.on_finish(r)
+            else:
+                lost.append(r)
+        if lost and self.cb.on_lost is not None:
+            await self.cb.on_lost(lost, reason)
 
     async def _fail_all(self, reason: str) -> None:
         await self._outputs_off(list(self.chans))

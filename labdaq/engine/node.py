@@ -7,6 +7,7 @@ Runs in its own OS process (``labdaq engine``), never in the API's: see docs/arc
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import socket
@@ -248,6 +249,7 @@ class AcquisitionNode:
         self.clock_jump_threshold_s = 1.0
         self._clock_ref: tuple[float, float] | None = None
         self._dropped_reported: dict[int, int] = {}  # run id -> samples lost, recorded
+        self._waiting: set[asyncio.Task[None]] = set()  # runs waiting for an instrument
 
     # -- instruments -------------------------------------------------------------------
     async def _open_instrument(self, row: m.Instrument) -> OpenInstrument:
@@ -292,6 +294,7 @@ class AcquisitionNode:
                 on_event=self._on_event,
                 on_finish=self._on_finish,
                 on_aux=self._on_aux,
+                on_lost=functools.partial(self._on_lost, instrument_id),
             ),
             control_period_s=self.control_period_s,
             # Golden-ratio steps spread any number of groups evenly over a period.
@@ -365,6 +368,8 @@ class AcquisitionNode:
         # outputs are turned off and the position is saved, which is what resuming needs.
         for task in self.aux_tasks.values():
             task.cancel()
+        if self._waiting:
+            await asyncio.wait(self._waiting, timeout=10)
         for group in self.groups.values():
             group._closing = True
         for group in self.groups.values():
@@ -413,7 +418,8 @@ class AcquisitionNode:
         for run, channel in rows:
             await self._resume(run, channel)
 
-    async def _resume(self, run: m.Run, channel: m.Channel) -> None:
+    async def _resume(self, run: m.Run, channel: m.Channel,
+                      why: str = "acquisition node restarted") -> None:
         from sqlalchemy import func
 
         async with session_scope(self.maker) as s:
@@ -427,7 +433,7 @@ class AcquisitionNode:
                         m.Sample.step_capacity_ah,
                         m.Sample.step_energy_wh,
                     )
-                    .where(m.Run.id == run.id, m.Sample.run_id == run.id)
+                    .where(m.Sample.run_id == run.id)
                     .order_by(m.Sample.seq.desc())
                     .limit(1)
                 )
@@ -488,8 +494,7 @@ class AcquisitionNode:
                         run_id=run.id,
                         kind="interruption",
                         severity="warning",
-                        message=f"acquisition node restarted; run resumed after a "
-                        f"{gap_s:.1f} s gap",
+                        message=f"{why}; run resumed after a {gap_s:.1f} s gap",
                         data={**data, "to_t_s": (last.t_s + gap_s) if last else None},
                         actor=self.node_name,
                     )
@@ -789,6 +794,69 @@ class AcquisitionNode:
             data=data,
             actor=self.node_name,
         )
+
+    async def _on_lost(self, instrument_id: int, runs: list[ChannelRun], reason: str) -> None:
+        """An instrument stopped answering and its group let its runs go: save where
+        each run is, then wait for the instrument in a task of its own and resume them."""
+        for cr in runs:
+            self.active.pop(cr.run_id, None)
+            task = self.aux_tasks.pop(cr.run_id, None)
+            if task is not None:
+                task.cancel()
+        rows = [{"id": cr.run_id, "elapsed_s": cr.t_s, "last_seq": cr.seq,
+                 "position": cr.position()} for cr in runs]
+        run_ids = [cr.run_id for cr in runs]
+        waiter = asyncio.create_task(self._await_instrument(instrument_id, run_ids, rows,
+                                                            reason),
+                                     name=f"await-instrument-{instrument_id}")
+        self._waiting.add(waiter)
+        waiter.add_done_callback(self._waiting.discard)
+
+    async def _await_instrument(self, instrument_id: int, run_ids: list[int],
+                                rows: list[dict[str, Any]], reason: str) -> None:
+        try:
+            await self._await_and_resume(instrument_id, run_ids, rows, reason)
+        except Exception:  # noqa: BLE001 - the runs stay running for the next engine start
+            log.exception("runs %s: could not resume after the instrument returned", run_ids)
+
+    async def _await_and_resume(self, instrument_id: int, run_ids: list[int],
+                                rows: list[dict[str, Any]], reason: str) -> None:
+        inst = self.instruments[instrument_id]
+        # Resuming reads the saved position and continues after the last committed sample.
+        await self.writer.flush()
+        async with session_scope(self.maker) as s:
+            await s.execute(update(m.Run), rows)
+        give_up = time.monotonic() + self.max_resume_gap_s / self.clock.speed
+        delay = 0.5
+        while not self._stopping.is_set():
+            try:
+                await inst.worker.call(inst.driver.transport.reconnect)
+                break
+            except Exception as exc:  # noqa: BLE001 - still gone: wait and try again
+                if time.monotonic() > give_up:
+                    log.error("instrument %s did not come back: %s", inst.name, exc)
+                    break
+            try:
+                await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+            delay = min(delay * 2, 5.0)
+        if self._stopping.is_set():
+            return  # still running in the database: the next engine start resumes them
+        log.warning("instrument %s: resuming %d runs after: %s", inst.name, len(run_ids),
+                    reason)
+        async with session_scope(self.maker) as s:
+            pairs = (
+                await s.execute(
+                    select(m.Run, m.Channel)
+                    .join(m.Channel, m.Channel.id == m.Run.channel_id)
+                    .where(m.Run.id.in_(run_ids),
+                           m.Run.state.in_([m.RunState.running, m.RunState.paused]))
+                )
+            ).all()
+        for run, channel in pairs:
+            # Past max_resume_gap_s this marks the run interrupted, with the reason.
+            await self._resume(run, channel, why=f"{reason}; it answered again")
 
     async def _on_finish(self, cr: ChannelRun) -> None:
         self.active.pop(cr.run_id, None)
