@@ -186,6 +186,20 @@ class OpenInstrument:
     worker: Any  # labdaq.drivers.transport.InstrumentWorker
 
 
+def _progress_row(cr: ChannelRun) -> dict[str, Any]:
+    """A run's progress and resumable position, as an UPDATE-by-primary-key parameter."""
+    st = cr.step
+    return {
+        "id": cr.run_id,
+        "step_index": st.index if st is not None else cr.pc,
+        "step_count": len(cr.program),
+        "cycle_index": cr.cycle.cycle_index,
+        "elapsed_s": cr.t_s,
+        "last_seq": cr.seq,
+        "position": cr.position(),
+    }
+
+
 def tune_interpreter() -> None:
     """Interpreter settings for the engine process, where latency is safety.
 
@@ -799,12 +813,8 @@ class AcquisitionNode:
         """An instrument stopped answering and its group let its runs go: save where
         each run is, then wait for the instrument in a task of its own and resume them."""
         for cr in runs:
-            self.active.pop(cr.run_id, None)
-            task = self.aux_tasks.pop(cr.run_id, None)
-            if task is not None:
-                task.cancel()
-        rows = [{"id": cr.run_id, "elapsed_s": cr.t_s, "last_seq": cr.seq,
-                 "position": cr.position()} for cr in runs]
+            self._release(cr.run_id)
+        rows = [_progress_row(cr) for cr in runs]
         run_ids = [cr.run_id for cr in runs]
         waiter = asyncio.create_task(self._await_instrument(instrument_id, run_ids, rows,
                                                             reason),
@@ -858,12 +868,16 @@ class AcquisitionNode:
             # Past max_resume_gap_s this marks the run interrupted, with the reason.
             await self._resume(run, channel, why=f"{reason}; it answered again")
 
-    async def _on_finish(self, cr: ChannelRun) -> None:
-        self.active.pop(cr.run_id, None)
-        self.channel_aux.pop(cr.run_id, None)
-        task = self.aux_tasks.pop(cr.run_id, None)
+    def _release(self, run_id: int) -> None:
+        """The run no longer acquires on this node: forget it, stop its aux task."""
+        self.active.pop(run_id, None)
+        self.channel_aux.pop(run_id, None)
+        task = self.aux_tasks.pop(run_id, None)
         if task is not None:
             task.cancel()
+
+    async def _on_finish(self, cr: ChannelRun) -> None:
+        self._release(cr.run_id)
         # The run's state is written once its samples are committed (or journaled), in a
         # task of its own: waiting for the writer here would stall the other channels'
         # acquisition and safety checks.
@@ -930,20 +944,7 @@ class AcquisitionNode:
             return
         for group in self.groups.values():
             group.sync_all()
-        rows = []
-        for run_id, cr in list(self.active.items()):
-            st = cr.step
-            rows.append(
-                {
-                    "id": run_id,
-                    "step_index": st.index if st is not None else cr.pc,
-                    "step_count": len(cr.program),
-                    "cycle_index": cr.cycle.cycle_index,
-                    "elapsed_s": cr.t_s,
-                    "last_seq": cr.seq,
-                    "position": cr.position(),
-                }
-            )
+        rows = [_progress_row(cr) for cr in list(self.active.values())]
         async with session_scope(self.maker) as s:
             # One executemany UPDATE by primary key for every run (hundreds of channels),
             # not one statement each.

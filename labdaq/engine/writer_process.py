@@ -51,7 +51,7 @@ Rows = Sequence[Sequence[Any]]
 _STATS = (
     "rows_written", "batches_written", "rows_journaled", "rows_replayed", "rows_rejected",
     "rows_dropped", "journal_overflowed", "db_available", "journal_pending_rows",
-    "last_error", "settled", "dropped_by_run",
+    "last_error", "rows_settled", "dropped_by_run",
 )
 _REPORT_S = 0.02
 
@@ -103,14 +103,14 @@ class WriterProcess:
         self.db_available = True
         self.journal_pending_rows = 0
         self.last_error: str | None = None
-        self.settled = 0
+        self.rows_settled = 0
         self.dropped_by_run: dict[int, list[Any]] = {}
 
     # -- state ------------------------------------------------------------------------
     @property
     def pending_rows(self) -> int:
         """Rows handed over and not yet settled in the child."""
-        return self._sent - self.settled
+        return self._sent - self.rows_settled
 
     @property
     def pid(self) -> int | None:
@@ -261,7 +261,6 @@ async def _child(conn: Connection, database_url: str, kwargs: dict[str, Any]) ->
 
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
-    send_lock = threading.Lock()
 
     def receive() -> None:
         # A thread, so the pipe is drained while the writer awaits the database.
@@ -278,24 +277,13 @@ async def _child(conn: Connection, database_url: str, kwargs: dict[str, Any]) ->
     writer = SampleWriter(engine, journal_dir=Path(jd) if jd else None, **kwargs)
 
     def stats() -> dict[str, Any]:
-        return {
-            "rows_written": writer.rows_written,
-            "batches_written": writer.batches_written,
-            "rows_journaled": writer.rows_journaled,
-            "rows_replayed": writer.rows_replayed,
-            "rows_rejected": writer.rows_rejected,
-            "rows_dropped": writer.rows_dropped,
-            "journal_overflowed": writer.journal_overflowed,
-            "db_available": writer.db_available,
-            "journal_pending_rows": writer.journal_pending_rows,
-            "last_error": writer.last_error,
-            "settled": writer.rows_settled,
-            "dropped_by_run": {k: list(v) for k, v in writer.dropped_by_run.items()},
-        }
+        now = {name: getattr(writer, name) for name in _STATS}
+        # A copy: the writer updates these bounds in place, and report() compares.
+        now["dropped_by_run"] = {k: list(v) for k, v in writer.dropped_by_run.items()}
+        return now
 
     def reply(*msg: Any) -> None:
-        with send_lock:
-            conn.send(msg)
+        conn.send(msg)  # only from this event loop's thread; receive() only reads
 
     async def report() -> None:
         last: dict[str, Any] = {}
