@@ -401,6 +401,22 @@ def test_over_transport(chamber: tuple[EspecChamber, EspecChamberSim, SimServer]
     assert ch.mode == "RUN"
 
 
+def test_settled_chamber_answers_after_a_month_of_storage(
+        chamber: tuple[EspecChamber, EspecChamberSim, SimServer], clock: ManualClock) -> None:
+    """A 30-day storage at a constant set point, then a command: the simulator answers
+    within the host's timeout (it used to integrate the month in 2 s steps first) and the
+    air is still at the set point."""
+    ch, sim, _ = chamber
+    ch.set_point_c(25.0)
+    clock.advance(3600.0)
+    assert ch.actual_c() == pytest.approx(25.0, abs=1e-3)
+    clock.advance(30 * 86400.0)
+    ch.set_point_c(45.0)  # raises InstrumentTimeout if the reply comes too late
+    assert sim.air_c == pytest.approx(25.0, abs=1e-3)
+    clock.advance(1800.0)
+    assert ch.actual_c() == pytest.approx(45.0, abs=0.1)  # and it still moves
+
+
 def test_timeout_over_transport(chamber: tuple[EspecChamber, EspecChamberSim, SimServer],
                                 ) -> None:
     ch, _, server = chamber
