@@ -26,6 +26,7 @@ from sqlalchemy import select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from labdaq.drivers.errors import InstrumentReportedError
 from labdaq.engine.channel import ChannelRun, StepRecord
 from labdaq.engine.clock import EngineClock
 from labdaq.engine.group import Callbacks, InstrumentGroup
@@ -184,6 +185,17 @@ class OpenInstrument:
     name: str
     driver: Any
     worker: Any  # labdaq.drivers.transport.InstrumentWorker
+
+
+def _answers(driver: Any) -> None:
+    """Reconnect and get a reply. An accepted connection alone does not show that the
+    instrument is back: a peer may accept and close at once (so may a port server in
+    front of a dead instrument)."""
+    driver.transport.reconnect()
+    try:
+        driver.check_errors()
+    except InstrumentReportedError:
+        pass  # an error entry is a reply: it answers
 
 
 def _progress_row(cr: ChannelRun) -> dict[str, Any]:
@@ -840,7 +852,7 @@ class AcquisitionNode:
         delay = 0.5
         while not self._stopping.is_set():
             try:
-                await inst.worker.call(inst.driver.transport.reconnect)
+                await inst.worker.call(_answers, inst.driver)
                 break
             except Exception as exc:  # noqa: BLE001 - still gone: wait and try again
                 if time.monotonic() > give_up:
