@@ -114,6 +114,7 @@ class StepOut(BaseModel):
     energy_wh: float
     end_voltage_v: float | None
     dcir_ohm: float | None
+    end_crossing_t_s: float | None = None
 
 
 class EventOut(BaseModel):

@@ -9,6 +9,8 @@ What each run is checked for (``check_run``):
   overshoot, see labdaq.engine.channel.CLAMP_OVERSHOOT_V), a capacity end within
   |I|·Δt of the target, a duration end at the first reading at or past the deadline (at
   most one interval after it), a current end below its threshold;
+* the step's recorded end crossing (steps.end_crossing_t_s) lies between the two
+  readings around the end, where the line between them meets the threshold;
 * the cycles table agrees within 0.1 % with a numpy integration of the stored samples.
   Why it can: the engine integrates between its readings; it stores the reading that
   ends a phase and one right after the new set point (flag EDGE), and here every control
@@ -146,6 +148,41 @@ def check_steps(run: m.Run, steps: list[m.Step], s: dict[str, np.ndarray]) -> No
             assert st.kind in ("eis", "set_temperature"), what
         else:
             raise AssertionError(f"{what}: unexpected end reason")
+        check_crossing(st, until, t, v, i, cap, k, what)
+
+
+def check_crossing(
+    st: m.Step, until: Any, t: np.ndarray, v: np.ndarray, i: np.ndarray, cap: np.ndarray,
+    k: int, what: str,
+) -> None:
+    """The recorded crossing lies between the two readings around the end, where the
+    straight line between them meets the threshold (a deadline: exactly there).
+
+    Here every reading is stored, so samples k-1 and k are the readings the engine
+    interpolated between."""
+    tc = st.end_crossing_t_s
+    assert tc is not None, what
+    assert t[k - 1] - 1e-6 <= tc <= t[k] + 1e-6, (what, t[k - 1], tc, t[k])
+    reason = st.end_reason
+    series = {
+        "voltage_below": (v, getattr(until, "voltage_below_v", None)),
+        "voltage_above": (v, getattr(until, "voltage_above_v", None)),
+        "current_below": (np.abs(i), getattr(until, "current_below_a", None)),
+        "capacity": (cap, getattr(until, "capacity_ah", None)),
+    }
+    if reason in series:
+        y, thr = series[reason]
+        if thr is None or st.kind == "cccv" and reason != "current_below":
+            return
+        y0, y1 = float(y[k - 1]), float(y[k])
+        if (y0 - thr) * (y1 - thr) < 0:  # the previous reading was on the other side
+            at = float(np.interp(tc, [t[k - 1], t[k]], [y0, y1]))
+            assert at == pytest.approx(thr, abs=1e-9 + 1e-9 * abs(thr)), (what, tc, at, thr)
+            assert tc < t[k], what
+    elif reason == "duration" and st.kind != "pulse":
+        assert tc == pytest.approx(st.start_t_s + until.duration_s, abs=1e-6), (what, tc)
+    else:
+        assert tc == st.end_t_s, what
 
 
 async def check_run(rig: Any, run_id: int) -> dict[str, Any]:

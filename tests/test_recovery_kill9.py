@@ -450,7 +450,7 @@ def test_kill9_mid_step_resumes_with_contiguous_samples(resumed: Resumed) -> Non
     # Before the kill the engine kept the step and cycle totals equal (one discharging
     # step): the position it saved says so.
     pos = resumed.position_at_kill
-    assert pos["step_cap_ah"] == pytest.approx(pos["cycle"]["discharge_ah"], rel=1e-9)
+    assert pos["step_cap_ah"] == pytest.approx(pos["cycle"]["discharge_ah"], rel=1e-9), pos
     # Loose here; the exact relation is test_kill9_cycle_totals_agree_with_steps_after_resume.
     assert dis_ah == pytest.approx(sum(abs(s[7]) for s in steps), rel=0.1)
 

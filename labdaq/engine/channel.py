@@ -111,6 +111,9 @@ class StepRecord:
     energy_wh: float
     end_voltage_v: float | None
     dcir_ohm: float | None = None
+    # Where the end condition was crossed, interpolated between the two readings around
+    # it (end_t_s is the reading that showed it, where the engine acted).
+    end_crossing_t_s: float | None = None
 
 
 @dataclass
@@ -345,8 +348,12 @@ class ChannelRun:
             p.deadline_t_s = min(p.deadline_t_s, t_s + st.rest_duration_s)
         return p
 
-    def phase_ended(self, reason: str, t_end_s: float, v: float, i: float) -> Transition:
-        """A phase's end condition fired at ``t_end_s``: next phase, next step, or done."""
+    def phase_ended(
+        self, reason: str, t_end_s: float, v: float, i: float,
+        crossing_t_s: float | None = None,
+    ) -> Transition:
+        """A phase's end condition fired at ``t_end_s`` (crossed at ``crossing_t_s``,
+        between the last two readings): next phase, next step, or done."""
         st = self.step
         tr = Transition()
         if (
@@ -393,6 +400,7 @@ class ChannelRun:
             energy_wh=self.step_en_wh,
             end_voltage_v=v,
             dcir_ohm=sum(self.dcir) / len(self.dcir) if self.dcir else None,
+            end_crossing_t_s=crossing_t_s,
         )
         self.pc += 1
         return self._enter(t_end_s, tr)

@@ -72,6 +72,7 @@ _FLOAT_STATE = (
     "a_last_t",  # integration anchor: time, voltage, current of the previous reading
     "a_last_v",
     "a_last_i",
+    "a_last_temp",  # temperature of the previous reading (NaN: none), for crossings
     "a_first_breach",  # run time a limit was first exceeded (debounce), NaN = not
     "a_dvdt_ref_t",  # dV/dt end condition: reference point
     "a_dvdt_ref_v",
@@ -117,6 +118,7 @@ class InstrumentGroup:
     a_last_t: FloatArray
     a_last_v: FloatArray
     a_last_i: FloatArray
+    a_last_temp: FloatArray
     a_first_breach: FloatArray
     a_dvdt_ref_t: FloatArray
     a_dvdt_ref_v: FloatArray
@@ -218,6 +220,7 @@ class InstrumentGroup:
         self.a_next_due[k] = run.t_s + run.period_s
         self.a_last_t[k] = run.t_s
         self.a_last_v[k] = np.nan  # no anchor yet: the first reading integrates from t_s
+        self.a_last_temp[k] = np.nan
         self.a_first_breach[k] = np.nan
         self.a_dvdt_ref_t[k] = run.t_s
         self.a_dvdt_ref_v[k] = np.nan
@@ -434,8 +437,11 @@ class InstrumentGroup:
         breach = await self._check(slice(None), t, v, i, temp, t_meas)
         breached = np.flatnonzero(breach).tolist()
 
-        # 2. Integrate (trapezoids) since the previous reading.
+        # 2. Integrate (trapezoids) since the previous reading. The previous reading and
+        # step capacity stay at hand: an end condition's crossing lies between the two.
         paused = self.a_paused
+        prev = (self.a_last_t, self.a_last_v, self.a_last_i, self.a_last_temp,
+                self.a_step_cap.copy() if self.has_end["cap"] else self.a_step_cap)
         self._integrate(slice(None), t, v, i, ~paused)
 
         # 3. End conditions, all channels at once; NaN thresholds never fire, and a
@@ -486,7 +492,7 @@ class InstrumentGroup:
         if idx.size:
             flags = np.where(breach[idx], FLAG_BREACH, 0) | np.where(paused[idx], FLAG_PAUSED, 0)
             await self.writer.put(self._rows(idx, t[idx], v[idx], i[idx], temp[idx], ts_utc, flags))
-        self.a_last_t, self.a_last_v, self.a_last_i = t, v, i
+        self.a_last_t, self.a_last_v, self.a_last_i, self.a_last_temp = t, v, i, temp
 
         # 5. Per-channel Python only where something happened.
         done: list[int] = []
@@ -512,7 +518,8 @@ class InstrumentGroup:
                     k, hit_vabove, hit_vbelow, hit_ibelow, hit_time, hit_cap, dvdt_hit, hit_temp
                 )
             self._pull(k)
-            tr = r.phase_ended(reason, t_end, float(v[k]), float(i[k]))
+            crossing = self._crossing(k, reason, prev, t, v, i, temp)
+            tr = r.phase_ended(reason, t_end, float(v[k]), float(i[k]), crossing)
             # Back into the arrays before anything awaits: the node copies arrays → runs
             # (sync_all) whenever it publishes progress.
             self._push(k)
@@ -541,6 +548,43 @@ class InstrumentGroup:
             r = runs[k]
             self._remove(k)
             await self.cb.on_finish(r)
+
+    def _crossing(
+        self, k: int, reason: str,
+        prev: tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray],
+        t: FloatArray, v: FloatArray, i: FloatArray, temp: FloatArray,
+    ) -> float:
+        """Run time at which run ``k``'s end condition was crossed, located between the
+        previous reading and this one by linear interpolation (a deadline is exact).
+
+        The engine acts at the reading that showed the end, so the step boundary stays
+        there; this is the *recorded* crossing (steps.end_crossing_t_s). Without a
+        previous reading in the phase (a run that just joined), or for dV/dt and
+        auxiliary steps, which have no single threshold crossing, it is the reading's
+        time.
+        """
+        t1 = float(t[k])
+        t0 = float(prev[0][k])
+        if reason == "duration":
+            return min(max(float(self.e_deadline[k]), t0), t1)
+        pairs = {
+            "voltage_above": (prev[1], v, self.e_vabove),
+            "voltage_below": (prev[1], v, self.e_vbelow),
+            "current_below": (np.abs(prev[2]), np.abs(i), self.e_ibelow),
+            "capacity": (prev[4], self.a_step_cap, self.e_cap),
+            "temperature_above": (prev[3], temp, self.e_tabove),
+        }
+        if reason not in pairs:
+            return t1
+        before, after, bound = pairs[reason]
+        y0, y1, thr = float(before[k]), float(after[k]), float(bound[k])
+        if not (math.isfinite(y0) and math.isfinite(t0)) or t0 >= t1 or y0 == y1:
+            return t1
+        frac = (thr - y0) / (y1 - y0)
+        if not 0.0 <= frac <= 1.0:
+            # Already past at the previous reading (e.g. the phase began beyond it).
+            return t1 if frac > 1.0 else t0
+        return t0 + frac * (t1 - t0)
 
     async def _check(
         self,
@@ -700,6 +744,7 @@ class InstrumentGroup:
         if integrate:
             self._integrate(idx, t2, v2, i2, np.ones(len(changed), bool))
         self.a_last_t[idx], self.a_last_v[idx], self.a_last_i[idx] = t2, v2, i2
+        self.a_last_temp[idx] = temp2
         row_flags = np.full(len(changed), flags) | np.where(breach, FLAG_BREACH, 0)
         await self.writer.put(self._rows(idx, t2, v2, i2, temp2, ts_utc, row_flags))
         breached: list[int] = []

@@ -185,6 +185,9 @@ class Step(Base):
     energy_wh: Mapped[float] = mapped_column(Float)
     end_voltage_v: Mapped[float | None] = mapped_column(Float)
     dcir_ohm: Mapped[float | None] = mapped_column(Float)  # mean of the step's pulses
+    # The end condition's crossing, interpolated between the readings around it; end_t_s
+    # is the reading that showed it (where the next step starts).
+    end_crossing_t_s: Mapped[float | None] = mapped_column(Float)
 
 
 class Cycle(Base):
