@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import os
 import re
 import socket
@@ -84,6 +85,11 @@ class Transport(ABC):
         self._lock = threading.RLock()
         self._stale = False  # a reply may still be in flight after a timeout
         self.reconnects = 0
+        # When the next command went out (perf_counter), once mark_next_send() asked for it:
+        # how a safety interlock times its output-off command apart from the error-queue
+        # check that follows it.
+        self._mark_next = False
+        self.marked_send_s = math.nan
 
     # -- to implement -------------------------------------------------------------------
     @abstractmethod
@@ -237,11 +243,19 @@ class Transport(ABC):
             # one; a fresh connection (or reopened port) discards it.
             self.reconnect()
 
+    def mark_next_send(self) -> None:
+        """Record in ``marked_send_s`` the moment the next command has been sent."""
+        self._mark_next = True
+        self.marked_send_s = math.nan
+
     def _write_once(self, command: str) -> None:
         self._ensure_open()
         self._preflight()
         try:
             self._send((command + self.write_termination).encode(self.encoding))
+            if self._mark_next:
+                self.marked_send_s = time.perf_counter()
+                self._mark_next = False
         except InstrumentError as exc:
             exc.command = exc.command or command
             raise
@@ -644,6 +658,9 @@ class ScriptedTransport(Transport):
 
     def write(self, command: str) -> None:
         self.sent.append(command)
+        if self._mark_next:
+            self.marked_send_s = time.perf_counter()
+            self._mark_next = False
         if not self.script:
             raise AssertionError(f"unexpected write {command!r}: script exhausted")
         expected, reply = self.script.popleft()

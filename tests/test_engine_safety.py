@@ -88,8 +88,12 @@ async def check_aborted(rig: Rig, run_id: int, limit: str) -> tuple[m.Event, dic
     ev = await safety_event(rig, run_id)
     assert ev.severity == "critical"
     assert ev.data["limit"] == limit
+    # From the breaching reading to the off command on the wire, and to the instrument's
+    # acknowledgement (its error queue read back after the command): the second is later.
     breach_to_off = ev.data["breach_to_off_s"]
+    breach_to_ack = ev.data["breach_to_off_ack_s"]
     assert isinstance(breach_to_off, float) and math.isfinite(breach_to_off) and breach_to_off >= 0
+    assert isinstance(breach_to_ack, float) and breach_to_off < breach_to_ack
     s = await samples(rig.maker, run_id)
     assert_contiguous(s["seq"])
     k = int(np.flatnonzero(s["seq"] == ev.data["seq"])[0])

@@ -577,3 +577,26 @@ def test_register_driver_and_entry_points() -> None:
         match_driver("TOYCO,T1,0,1")
     drivers = load_entry_point_drivers(force=True)
     assert drivers["keithley2450"] is Keithley2450
+
+
+def test_marked_send_times_the_command_not_its_error_check(
+    smu: tuple[Keithley2450, Keithley2450Sim, SimServer, ManualClock],
+) -> None:
+    """The interlock times its output-off command on the wire apart from the error-queue
+    check that follows it: with every reply 0.15 s late, the mark is taken before the
+    first reply could have arrived, and output() returns only after one."""
+    k, sim, server, _ = smu
+    k.output(1, True)
+    server.set_reply_delay(0.15)
+    t0 = time.perf_counter()
+    k.transport.mark_next_send()
+    k.output(1, False)
+    t_done = time.perf_counter()
+    sent = k.transport.marked_send_s
+    assert t0 <= sent < t0 + 0.1, sent - t0
+    assert t_done - t0 >= 0.15
+    server.set_reply_delay(0.0)
+    assert k.output_enabled is False
+    # One mark per request: later commands leave it as it was.
+    k.output(1, True)
+    assert k.transport.marked_send_s == sent

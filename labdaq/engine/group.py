@@ -173,8 +173,10 @@ class InstrumentGroup:
         self._closing = False
         self.ticks = 0
         self.lateness_s: list[float] = []  # wall seconds late per tick (for benchmarks)
-        self.breach_to_off_s: list[float] = []  # measurement in → output-off acknowledged
-        self._breach_to_off: dict[int, float] = {}  # run id → its breach's time to off
+        self.breach_to_off_s: list[float] = []  # measurement in → output-off command sent
+        self.breach_to_ack_s: list[float] = []  # measurement in → output-off acknowledged
+        # run id → its breach's (to command sent, to acknowledged) times
+        self._breach_to_off: dict[int, tuple[float, float]] = {}
         # A multi-channel instrument switches a list of channels in one command.
         self._lists = hasattr(driver, "channel_total")
         # Instruments with a lower compliance voltage in current mode (cycler cabinets).
@@ -366,27 +368,31 @@ class InstrumentGroup:
             await self.call(self.driver.set_voltage, ch, phase.voltage_v, phase.current_a)
         await self.call(self.driver.output, ch, True)
 
-    async def _outputs_off(self, chans: Sequence[int]) -> None:
+    async def _outputs_off(self, chans: Sequence[int]) -> float:
         """Switch channels off: one command on a multi-channel instrument, else one each.
 
-        Never raises: a channel that cannot be switched off is logged and the others are
-        still tried (the instrument's own protection is the layer below).
+        Returns when (perf_counter) the first off command went out to the instrument, NaN
+        if none did. Never raises: a channel that cannot be switched off is logged and the
+        others are still tried (the instrument's own protection is the layer below).
         """
+        sent_s = math.nan
         if self._lists and len(chans) > 1:
             try:
-                await self.call(self.driver.output, list(chans), False)
-                return
+                return await self.call(_switch_off, self.driver, list(chans))
             except Exception as exc:  # noqa: BLE001 - fall back to one command per channel
                 log.error("could not turn %s ch %s off at once: %s", self.name, chans, exc)
         for ch in chans:
             try:
-                await self.call(self.driver.output, ch, False)
+                at = await self.call(_switch_off, self.driver, ch)
+                if math.isnan(sent_s):
+                    sent_s = at
             except LOST_INSTRUMENT as exc:
                 # Each further try would wait out the transport's reconnect backoff again.
                 log.error("could not turn %s off, instrument not answering: %s", self.name, exc)
-                return
+                break
             except Exception as exc:  # noqa: BLE001
                 log.error("could not turn %s ch %s off: %s", self.name, ch, exc)
+        return sent_s
 
     # -- the loop ----------------------------------------------------------------------
     async def _loop(self) -> None:
@@ -614,13 +620,17 @@ class InstrumentGroup:
         breach = over & (t - first >= self.a_debounce[sel])
         if breach.any():
             ks = np.arange(len(self.runs))[sel][breach].tolist()
-            await self._outputs_off([self.chans[k] for k in ks])
-            off_s = time.perf_counter() - t_meas
-            self.breach_to_off_s.append(off_s)
-            if len(self.breach_to_off_s) > _STATS_MAX:
-                del self.breach_to_off_s[: _STATS_MAX // 2]
+            sent_s = await self._outputs_off([self.chans[k] for k in ks])
+            # From the breaching reading to the off command on the wire, and to the
+            # instrument having acknowledged it (its error queue read back empty).
+            ack_s = time.perf_counter() - t_meas
+            off_s = sent_s - t_meas
+            for stats, x in ((self.breach_to_off_s, off_s), (self.breach_to_ack_s, ack_s)):
+                stats.append(x)
+                if len(stats) > _STATS_MAX:
+                    del stats[: _STATS_MAX // 2]
             for k in ks:
-                self._breach_to_off[self.runs[k].run_id] = off_s
+                self._breach_to_off[self.runs[k].run_id] = (off_s, ack_s)
         return np.asarray(breach, bool)
 
     async def _report_breach(self, k: int, v: float, i: float, temp: float, t: float) -> None:
@@ -629,6 +639,7 @@ class InstrumentGroup:
         r = self.runs[k]
         self._pull(k)
         lim, val, bound = _which_limit(self, k, v, i, temp)
+        off_s, ack_s = self._breach_to_off.pop(r.run_id, (math.nan, math.nan))
         msg = (
             f"safety limit crossed, output turned off: {lim}: measured {val:.6g}, "
             f"limit {bound:.6g}"
@@ -645,7 +656,8 @@ class InstrumentGroup:
                 "seq": r.seq,
                 "t_s": t,
                 "step_index": r.step.index if r.step is not None else None,
-                "breach_to_off_s": self._breach_to_off.pop(r.run_id, math.nan),
+                "breach_to_off_s": off_s,
+                "breach_to_off_ack_s": ack_s,
                 "source": r.limits.sources.get(lim, ""),
             },
         )
@@ -862,6 +874,18 @@ def _which_limit(
     if lim.max_temperature_c is not None and temp > lim.max_temperature_c:
         return "max_temperature_c", temp, lim.max_temperature_c
     return "min_temperature_c", temp, float(lim.min_temperature_c or math.nan)
+
+
+def _switch_off(driver: Any, channels: int | list[int]) -> float:
+    """``driver.output(channels, False)``, run in the instrument's worker thread; returns
+    when the off command itself went out (perf_counter), which the error-queue check the
+    driver does next would otherwise hide. Without a transport to ask: when it returned."""
+    transport = getattr(driver, "transport", None)
+    if transport is not None and hasattr(transport, "mark_next_send"):
+        transport.mark_next_send()
+    driver.output(channels, False)
+    sent_s = getattr(transport, "marked_send_s", math.nan)
+    return sent_s if isinstance(sent_s, float) and math.isfinite(sent_s) else time.perf_counter()
 
 
 def _reason(
