@@ -219,6 +219,7 @@ class CyclerCabinet(Instrument, Cycler):
         # Run limits per channel (voltage_max_v, current_max_a) for the software check.
         self.protection: dict[int, tuple[float, float]] = {}
         self._all_list = channel_list(self.channels)
+        self._last_sel: tuple[list[Any], list[int], str] = ([], [], "")
 
     def set(self, name: str, value: Any, *, check_errors: bool | None = None) -> None:
         """Plain properties only: a per-channel one without a list would be refused by
@@ -253,8 +254,14 @@ class CyclerCabinet(Instrument, Cycler):
         return [int(ch) for ch in chans]
 
     def _list(self, channels: int | Sequence[int] | None) -> tuple[list[int], str]:
+        # An engine asks for the same channels every tick (hundreds of times a second):
+        # the last selection's validation and list text are kept.
+        if isinstance(channels, list) and channels and channels == self._last_sel[0]:
+            return self._last_sel[1], self._last_sel[2]
         chans = self._channels(channels)
         text = self._all_list if chans is self.channels else channel_list(chans)
+        if isinstance(channels, list):
+            self._last_sel = (list(channels), chans, text)
         return chans, text
 
     def channel_command(self, name: str, value: Any,

@@ -152,6 +152,11 @@ def test_measure_is_one_query_parsed_with_numpy() -> None:
     assert full.mode.tolist() == [MODE_CC, MODE_OFF]
     assert full.status.tolist() == [STAT_OUTPUT | STAT_CC, STAT_TEMP_FAULT]
     assert full.channels.tolist() == [1, 2]
+    # The last selection is kept between ticks; any other is still validated.
+    with pytest.raises(InstrumentValueError):
+        cab.measure([1, 9])
+    with pytest.raises(InstrumentValueError):
+        cab.measure([])
     t.assert_all_used()
 
 
