@@ -278,6 +278,20 @@ class Instrument:
         with self._lock:
             return self.transport.query(command)
 
+    async def aquery(self, command: str) -> str | None:
+        """:meth:`query` without leaving the event loop's thread, where the transport can
+        (``Transport.aquery``: a socket session, an idempotent query); None when not —
+        the instrument is busy in another thread, or the exchange failed — and the
+        caller asks through :meth:`query` in the instrument's worker thread instead."""
+        fast = getattr(self.transport, "aquery", None)
+        if fast is None or not self._lock.acquire(blocking=False):
+            return None
+        try:
+            reply: str | None = await fast(command)
+            return reply
+        finally:
+            self._lock.release()
+
     def query_float(self, command: str) -> float:
         return self._to_float(self.query(command), command)
 

@@ -296,11 +296,24 @@ class CyclerCabinet(Instrument, Cycler):
         self.write_checked(line)
 
     # -- measurement: one round trip ------------------------------------------------------
+    async def ameasure(self, channels: Sequence[int] | None = None) -> np.ndarray | None:
+        """:meth:`measure` on the event loop's thread (``Instrument.aquery``); None when
+        it has to go through the worker thread instead."""
+        chans, text = self._list(channels)
+        command = f"MEAS:ALL? {text}"
+        reply = await self.aquery(command)
+        if reply is None:
+            return None
+        return self._parse_meas_all(reply, chans, command)[:, :3].copy()
+
     def _meas_all(self, channels: int | Sequence[int] | None) -> tuple[list[int],
                                                                       NDArray[np.float64]]:
         chans, text = self._list(channels)
         command = f"MEAS:ALL? {text}"
-        reply = self.query(command)
+        return chans, self._parse_meas_all(self.query(command), chans, command)
+
+    def _parse_meas_all(self, reply: str, chans: list[int], command: str
+                        ) -> NDArray[np.float64]:
         try:
             data = np.array(reply.split(","), dtype=float)
         except ValueError:
@@ -315,7 +328,7 @@ class CyclerCabinet(Instrument, Cycler):
         # SCPI over-range/NaN sentinels become NaN so limits never compare against 9.9e37.
         reals = table[:, :3]
         reals[np.abs(reals) >= OVERRANGE_THRESHOLD] = np.nan
-        return chans, table
+        return table
 
     def measure(self, channels: Sequence[int] | None = None) -> np.ndarray:
         """``(n, 3)`` float array ``[voltage_v, current_a, temperature_c]``, one query."""

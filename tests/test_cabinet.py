@@ -4,7 +4,9 @@ driver against the simulator over TCP (pyvisa-py SOCKET) and a pty (pyvisa ASRL,
 
 from __future__ import annotations
 
+import asyncio
 import math
+import threading
 import time
 from collections.abc import Iterator
 
@@ -361,6 +363,73 @@ def cab(tcp_sim: tuple[CabinetSim, TcpSimServer]) -> Iterator[CyclerCabinet]:
     assert isinstance(inst, CyclerCabinet)
     yield inst
     inst.close()
+
+
+async def test_ameasure_on_the_loop_thread_reads_what_measure_reads(
+    cab: CyclerCabinet, tcp_sim: tuple[CabinetSim, TcpSimServer]
+) -> None:
+    """The engine's per-tick read without a worker thread: same command on the wire,
+    same parse; the simulated time does not move, so the values are the same."""
+    sim, _ = tcp_sim
+    cab.set_current(2, -3.0, 4.2)
+    cab.output(2, True)
+    want = cab.measure([1, 2, 3])
+    got = await cab.ameasure([1, 2, 3])
+    assert got is not None and got.shape == (3, 3)
+    np.testing.assert_array_equal(got, want)
+    assert got[1, 1] == pytest.approx(-3.0, rel=1e-3)
+    # Twice more through the fast path, then the worker path: the link stays in step.
+    for _ in range(2):
+        np.testing.assert_array_equal(await cab.ameasure([1, 2, 3]), want)
+    np.testing.assert_array_equal(cab.measure([1, 2, 3]), want)
+    # Only queries that may be repeated go this way (the caller may ask again).
+    assert await cab.aquery("SYST:ERR?") is None
+    assert await cab.aquery("OUTP OFF,(@2)") is None
+
+
+async def test_ameasure_steps_aside_when_the_instrument_is_busy(cab: CyclerCabinet) -> None:
+    """Another thread in the middle of an exchange: None, nothing sent (the caller
+    queues behind it in the worker thread)."""
+    held, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with cab._lock:
+            held.set()
+            done.wait(5)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert held.wait(5)
+        assert await cab.ameasure([1]) is None
+    finally:
+        done.set()
+        t.join()
+    assert await cab.ameasure([1]) is not None
+
+
+async def test_ameasure_timeout_and_lost_link_fall_back_to_the_worker_path(
+    cab: CyclerCabinet, tcp_sim: tuple[CabinetSim, TcpSimServer]
+) -> None:
+    """A late reply: None within the timeout and the link marked stale, so the worker
+    path reconnects before its own query and does not take the late reply for its
+    answer. A closed connection: None, and the worker path reconnects."""
+    _, server = tcp_sim
+    want = cab.measure([1, 2])
+    server.set_reply_delay(TIMEOUT_S * 1.5)
+    t0 = time.perf_counter()
+    assert await cab.ameasure([1, 2]) is None
+    assert time.perf_counter() - t0 < TIMEOUT_S * 1.4
+    server.set_reply_delay(0.0)
+    reconnects = cab.transport.reconnects
+    np.testing.assert_array_equal(await asyncio.to_thread(cab.measure, [1, 2]), want)
+    assert cab.transport.reconnects == reconnects + 1
+    np.testing.assert_array_equal(await cab.ameasure([1, 2]), want)
+    server.drop_connections()
+    await asyncio.sleep(0.05)
+    assert await cab.ameasure([1, 2]) is None
+    np.testing.assert_array_equal(await asyncio.to_thread(cab.measure, [1, 2]), want)
+    np.testing.assert_array_equal(await cab.ameasure([1, 2]), want)
 
 
 def test_open_instrument_picks_cabinet_driver(cab: CyclerCabinet) -> None:

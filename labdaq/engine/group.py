@@ -162,6 +162,7 @@ class InstrumentGroup:
         self.control_period_s = control_period_s
         self.driver = driver
         self.call = call
+        self._ameasure = getattr(driver, "ameasure", None)
         self.clock = clock
         self.writer = writer
         self.cb = callbacks
@@ -238,6 +239,15 @@ class InstrumentGroup:
         if await self._edge([k], {}, flags, integrate=False):
             self._remove(k)
             await self.cb.on_finish(run)
+
+    async def _measure(self, chans: list[int]) -> Any:
+        """Every channel in one query: on the loop's thread where the driver can
+        (``ameasure``: no worker-thread hand-off each tick), else in the worker thread."""
+        if self._ameasure is not None:
+            meas = await self._ameasure(chans)
+            if meas is not None:
+                return meas
+        return await self.call(self.driver.measure, chans)
 
     def _poke(self) -> None:
         self._requests = True
@@ -430,7 +440,7 @@ class InstrumentGroup:
         n = len(runs)
         if not n:
             return
-        meas = await self.call(self.driver.measure, self.chans)
+        meas = await self._measure(self.chans)
         t_meas = time.perf_counter()
         now_clock = self.clock.now()
         ts_utc = time.time()
