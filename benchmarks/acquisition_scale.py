@@ -860,9 +860,9 @@ class Plan:
     settle_s: float = 1.0  # after the last run joined, before the window opens
 
 
-# The push goes to 8 cabinets at 100 Hz (51.2k channel-samples/s asked): at 4 (25.6k/s)
+# The push goes to 12 cabinets at 100 Hz (76.8k channel-samples/s asked): at 4 (25.6k/s)
 # the machine still had room, so the figure would have been the plan's, not labdaq's.
-FULL = Plan(cpc=64, bare_cabinets=[2, 4], bare_s=3.0, push_steps=[4, 8],
+FULL = Plan(cpc=64, bare_cabinets=[2, 4], bare_s=3.0, push_steps=[4, 8, 12],
             push_period_s=0.01, push_window_s=5.0, steps_10hz=[1, 2, 4, 8], window_10hz_s=8.0,
             steps_1hz=[2, 4, 8], window_1hz_s=12.0, breach_per_cab=2, hammer_conns=16,
             budget_s=230.0)
@@ -1031,7 +1031,9 @@ async def _phases(args: argparse.Namespace, plan: Plan, lab: Lab, t_start: float
         f"10 Hz (none lost inside the window: {chans(best[(1, 'steady')])} / "
         f"{chans(best[(10, 'steady')])}); max stored rate {best_push.stored_per_s:,.0f} "
         f"channel-samples/s ({best_push.channels} ch at 100 Hz, no API load, missed periods "
-        f"allowed: {best_push.window_lost}) = {ratio:.2f}x the bare ceiling "
+        f"allowed: {best_push.window_lost}; writer backlog {best_push.writer.get('pending_max')} "
+        f"rows at most, {best_push.writer.get('pending_end')} at the end) = {ratio:.2f}x the "
+        f"bare ceiling "
         f"{bare['stored_per_s']:,.0f}/s; "
         f"loop lateness p50 {ms(pct(ref.lateness_s, 50) if ref else None)} / p99 {ms(lat99)}; "
         f"breach-to-output-off p50 {ms(pct(b2o, 50))} / p99 {ms(b2o99)} over {len(b2o)} "

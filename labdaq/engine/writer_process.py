@@ -262,15 +262,23 @@ async def _child(conn: Connection, database_url: str, kwargs: dict[str, Any]) ->
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
 
+    def deliver(msgs: list[tuple[Any, ...]]) -> None:
+        for msg in msgs:
+            inbox.put_nowait(msg)
+
     def receive() -> None:
-        # A thread, so the pipe is drained while the writer awaits the database.
+        # A thread, so the pipe is drained while the writer awaits the database. What is
+        # already waiting in the pipe goes over in one hand-off: waking the loop for each
+        # tick's rows cost as much as reading them.
         while True:
             try:
-                msg = conn.recv()
+                msgs = [conn.recv()]
+                while len(msgs) < 256 and conn.poll():
+                    msgs.append(conn.recv())
             except (EOFError, OSError):
                 # The engine is gone without closing us: stop now (module docstring).
                 os._exit(0)
-            loop.call_soon_threadsafe(inbox.put_nowait, msg)
+            loop.call_soon_threadsafe(deliver, msgs)
 
     engine = create_engine(database_url)
     jd = kwargs.pop("journal_dir")
