@@ -735,6 +735,7 @@ class Session:
                 await asyncio.sleep(min(0.2, max(0.0, window_s - (time.perf_counter() - t0))))
             rows1, t1, w1 = wr.rows_written, time.perf_counter(), time.time()
             step.writer = {"pending_max": pending_max, "pending_end": wr.pending_rows,
+                           "bound": wr.max_pending_rows,
                            "journaled": wr.rows_journaled - j0,
                            "records_pending": node.records.pending}
             cpu1 = {n: cpu_seconds(p) for n, p in pids.items()}
@@ -1025,6 +1026,12 @@ async def _phases(args: argparse.Namespace, plan: Plan, lab: Lab, t_start: float
     def ms(x: float | None) -> str:
         return "n/a" if x is None else f"{x:.1f} ms"
 
+    pushes = ", ".join(
+        f"{st.channels} ch {st.stored_per_s:,.0f}/s {st.window_lost} missed"
+        + (" (writer backlog at its bound)"
+           if st.writer.get("pending_max", 0) >= st.writer.get("bound", 1 << 62) else "")
+        for st in push.steps)
+
     headline = (
         f"largest sustained with no sample lost (stored, whole life of every run): "
         f"{chans(best[(1, 'strict')])} channels at 1 Hz, {chans(best[(10, 'strict')])} at "
@@ -1034,7 +1041,8 @@ async def _phases(args: argparse.Namespace, plan: Plan, lab: Lab, t_start: float
         f"allowed: {best_push.window_lost}; writer backlog {best_push.writer.get('pending_max')} "
         f"rows at most, {best_push.writer.get('pending_end')} at the end) = {ratio:.2f}x the "
         f"bare ceiling "
-        f"{bare['stored_per_s']:,.0f}/s; "
+        f"{bare['stored_per_s']:,.0f}/s (100 Hz push, stored/s and missed periods per "
+        f"window: {pushes}); "
         f"loop lateness p50 {ms(pct(ref.lateness_s, 50) if ref else None)} / p99 {ms(lat99)}; "
         f"breach-to-output-off p50 {ms(pct(b2o, 50))} / p99 {ms(b2o99)} over {len(b2o)} "
         f"breaches (to the off command sent; to the instrument's acknowledgement, its "
