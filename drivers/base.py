@@ -268,6 +268,7 @@ class Instrument:
         self._idn = idn
         self._validators: dict[str, Validator | None] = {}
         self._lock = threading.RLock()  # a set and its error check stay together
+        self._async_lock = threading.Lock()  # one aquery at a time on the loop's thread
 
     # -- raw I/O ---------------------------------------------------------------------
     def write(self, command: str) -> None:
@@ -284,13 +285,20 @@ class Instrument:
         the instrument is busy in another thread, or the exchange failed — and the
         caller asks through :meth:`query` in the instrument's worker thread instead."""
         fast = getattr(self.transport, "aquery", None)
-        if fast is None or not self._lock.acquire(blocking=False):
+        # The RLock alone would let a second coroutine of the loop's own thread in while
+        # the first awaits its reply: the plain lock keeps the loop thread to one exchange.
+        if fast is None or not self._async_lock.acquire(blocking=False):
             return None
         try:
-            reply: str | None = await fast(command)
-            return reply
+            if not self._lock.acquire(blocking=False):
+                return None
+            try:
+                reply: str | None = await fast(command)
+                return reply
+            finally:
+                self._lock.release()
         finally:
-            self._lock.release()
+            self._async_lock.release()
 
     def query_float(self, command: str) -> float:
         return self._to_float(self.query(command), command)

@@ -256,8 +256,9 @@ class CyclerCabinet(Instrument, Cycler):
     def _list(self, channels: int | Sequence[int] | None) -> tuple[list[int], str]:
         # An engine asks for the same channels every tick (hundreds of times a second):
         # the last selection's validation and list text are kept.
-        if isinstance(channels, list) and channels and channels == self._last_sel[0]:
-            return self._last_sel[1], self._last_sel[2]
+        last = self._last_sel  # one read: another thread may replace it
+        if isinstance(channels, list) and channels and channels == last[0]:
+            return last[1], last[2]
         chans = self._channels(channels)
         text = self._all_list if chans is self.channels else channel_list(chans)
         if isinstance(channels, list):

@@ -90,6 +90,9 @@ class Transport(ABC):
         # check that follows it.
         self._mark_next = False
         self.marked_send_s = math.nan
+        # An asynchronous query (VisaTransport.aquery) timed out: the next query's first
+        # timeout is its second, and is not retried.
+        self._async_timed_out = False
 
     # -- to implement -------------------------------------------------------------------
     @abstractmethod
@@ -210,6 +213,7 @@ class Transport(ABC):
         once only for idempotent queries (never for read-and-clear ones like SYST:ERR?).
         """
         with self._lock:
+            retried, self._async_timed_out = self._async_timed_out, False
             try:
                 return self._query_once(command)
             except ConnectionFailed as exc:
@@ -217,7 +221,7 @@ class Transport(ABC):
                 self.reconnect()
                 return self._query_once(command)
             except InstrumentTimeout:
-                if not (self.retry_timeouts and is_idempotent(command)):
+                if retried or not (self.retry_timeouts and is_idempotent(command)):
                     raise
                 log.warning("%s: timeout on %r; reconnecting and retrying once",
                             self.resource, command)
@@ -463,24 +467,30 @@ class VisaTransport(Transport):
         cost more than the query).
 
         Returns None when it cannot be done that way — not a socket session, not open,
-        a stale reply pending, the link busy in another thread — or when the exchange
-        failed (timeout, connection closed): the caller then asks through :meth:`query`
-        in the worker thread, which resynchronises (the link is marked stale),
-        reconnects and retries as usual. Only for idempotent queries, since the command
-        may then be sent twice. Errors of the reply itself (undecodable) are raised.
+        a stale reply pending (in the kernel or in pyvisa-py's buffer), the link busy in
+        another thread — or when the exchange failed (timeout, connection closed, more
+        than one line came back): the caller then asks through :meth:`query` in the
+        worker thread, which resynchronises (the link is marked stale), reconnects and
+        retries as usual — except after a timeout here, which counts as the first try,
+        so a dead instrument is given up on after as many timeouts as before. Only for
+        idempotent queries, since the command may then be sent twice. Errors of the reply
+        itself (undecodable) are raised.
         """
-        if not (self._is_open and not self._stale and is_idempotent(command)):
-            return None
-        sock = self._socket()
-        if sock is None or not self._lock.acquire(blocking=False):
+        if not is_idempotent(command) or not self._lock.acquire(blocking=False):
             return None
         try:
-            term_last = self.read_termination.encode(self.encoding)[-1:]
+            # Checked under the lock: a reconnect in another thread holds it.
+            if not self._is_open or self._stale:
+                return None
+            sock = self._socket()
+            if sock is None or self._visa_pending():
+                return None
+            term = self.read_termination.encode(self.encoding)
             data = (command + self.write_termination).encode(self.encoding)
             loop = asyncio.get_running_loop()
             buf = bytearray()
-            sock.setblocking(False)
             try:
+                sock.setblocking(False)
                 try:
                     # Bytes or EOF already waiting: the worker path sorts them out.
                     sock.recv(1, socket.MSG_PEEK)
@@ -492,12 +502,16 @@ class VisaTransport(Transport):
                     if self._mark_next:
                         self.marked_send_s = time.perf_counter()
                         self._mark_next = False
-                    while not buf.endswith(term_last):
+                    while term[-1:] not in buf:
                         chunk = await loop.sock_recv(sock, 65536)
                         if not chunk:
                             raise ConnectionResetError("closed by the instrument")
                         buf += chunk
-            except (TimeoutError, OSError):
+            except TimeoutError:
+                self._stale = True
+                self._async_timed_out = True
+                return None
+            except OSError:
                 self._stale = True
                 return None
             except BaseException:  # cancelled mid-exchange: the reply may still come
@@ -506,9 +520,22 @@ class VisaTransport(Transport):
             finally:
                 with contextlib.suppress(OSError):
                     sock.setblocking(True)
+            end = buf.index(term[-1:]) + 1
+            if end != len(buf):
+                # A second line: the link is out of step; resynchronise in the worker.
+                self._stale = True
+                return None
             return self._decode(bytes(buf), command=command)
         finally:
             self._lock.release()
+
+    def _visa_pending(self) -> bool:
+        """Bytes pyvisa-py has read from the socket but not handed out yet."""
+        try:
+            session = self._inst.visalib.sessions[self._inst.session]
+        except Exception:
+            return True  # cannot tell: take the worker path
+        return bool(getattr(session, "_pending_buffer", b""))
 
     def _check_eof(self) -> None:
         sock = self._socket()

@@ -432,6 +432,37 @@ async def test_ameasure_timeout_and_lost_link_fall_back_to_the_worker_path(
     np.testing.assert_array_equal(await cab.ameasure([1, 2]), want)
 
 
+async def test_ameasure_one_exchange_at_a_time_on_the_loop_thread(
+    cab: CyclerCabinet, tcp_sim: tuple[CabinetSim, TcpSimServer]
+) -> None:
+    """A second coroutine on the loop's thread while the first awaits its reply: None
+    (the instrument's re-entrant lock alone would have let it onto the same link)."""
+    _, server = tcp_sim
+    server.set_reply_delay(0.2)
+    first = asyncio.create_task(cab.ameasure([1]))
+    await asyncio.sleep(0.05)
+    assert await cab.ameasure([1]) is None
+    assert await first is not None
+    server.set_reply_delay(0.0)
+    assert await cab.ameasure([1]) is not None
+
+
+async def test_ameasure_timeout_counts_as_the_first_try(
+    cab: CyclerCabinet, tcp_sim: tuple[CabinetSim, TcpSimServer]
+) -> None:
+    """An instrument that stopped answering is given up on after as many timeouts as
+    without the loop-thread path: its timeout, then one reconnect and one query in the
+    worker path (not a second retry)."""
+    _, server = tcp_sim
+    server.set_reply_delay(30.0)
+    assert await cab.ameasure([1]) is None
+    reconnects = cab.transport.reconnects
+    with pytest.raises(InstrumentTimeout):
+        await asyncio.to_thread(cab.measure, [1])
+    assert cab.transport.reconnects == reconnects + 1
+    server.set_reply_delay(0.0)
+
+
 def test_open_instrument_picks_cabinet_driver(cab: CyclerCabinet) -> None:
     assert cab.driver_name == "cabinet"
     assert cab.idn.startswith("LABDAQ,CYC-8,")

@@ -176,3 +176,43 @@ async def test_journal_overflow_becomes_an_interruption_with_bounds(
     # Outside the bounds nothing is missing.
     assert stored >= set(range(1, last["from_seq"]))
     assert stored >= set(range(last["to_seq"] + 1, int(run.last_seq) + 1))
+
+
+async def test_progress_follows_the_run_and_stops_at_its_end(db_url: str) -> None:
+    """The node's progress UPDATE (one executemany per instrument group) on both
+    databases: while the run goes, runs.last_seq and the resumable position follow it;
+    once it has ended, a progress row built before the end does not overwrite the final
+    record."""
+    from labdaq.engine.node import _write_progress
+    from labdaq.storage.db import session_scope
+
+    lab = SimLab(smus=1, seed=22)
+    rig: Rig = await start_rig(db_url, lab, SPEED)
+    try:
+        run_id = await rig.start_run("smu1/1", protocol_document=PROTOCOL)
+        seen: list[int] = []
+        for _ in range(400):
+            async with session_scope(rig.maker) as s:
+                run = await s.get(m.Run, run_id)
+                assert run is not None
+                if run.position is not None and run.last_seq > 0:
+                    assert run.position["seq"] == run.last_seq
+                    assert run.position["step_cap_ah"] >= 0.0
+                    if not seen or run.last_seq > seen[-1]:
+                        seen.append(run.last_seq)
+            if len(seen) >= 3:
+                break
+            await asyncio.sleep(0.05)
+        assert len(seen) >= 3, f"progress did not follow the run: {seen}"
+        stale = {"run_id": run_id, "step_index": 0, "step_count": 5, "cycle_index": 1,
+                 "elapsed_s": 1.0, "last_seq": 1, "position": {"seq": 1}}
+        run = await rig.wait_end(run_id, timeout_s=60)
+        async with session_scope(rig.maker) as s:
+            await _write_progress(s, [stale])
+        async with session_scope(rig.maker) as s:
+            after = await s.get(m.Run, run_id)
+            assert after is not None
+            assert (after.state, after.last_seq) == (run.state, run.last_seq)
+            assert after.last_seq > 1 and after.position != {"seq": 1}
+    finally:
+        await rig.stop()

@@ -293,9 +293,14 @@ def _run_and_kill(lab: Lab, run_id: int, min_samples: int) -> list[tuple[Any, ..
 
     try:
         _wait(ready, 30, f"{min_samples} committed samples", engine, lab.proc)
+        children = _children(engine.pid)  # its sample writer
+        assert children, "the engine should run its sample writer in a child process"
         os.kill(engine.pid, signal.SIGKILL)
         engine.wait(10)
         assert engine.returncode == -signal.SIGKILL
+        # The writer child exits when its pipe breaks; a commit it had in flight may
+        # still land, so "committed at the moment of death" is read once it is gone.
+        _wait(lambda: not any(_alive(c) for c in children), 10, "the writer child to exit")
     finally:
         if engine.poll() is None:
             engine.kill()
@@ -309,6 +314,23 @@ def _run_and_kill(lab: Lab, run_id: int, min_samples: int) -> list[tuple[Any, ..
     # The SMU is still discharging the cell: nobody is there to turn it off.
     assert _scpi(lab.smu_port, ":OUTP?") == "1"
     return committed
+
+
+def _children(pid: int) -> list[int]:
+    """Child process ids of ``pid`` (Linux /proc)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(x) for x in (task / "children").read_text().split()]
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie (one nobody has reaped yet has exited)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _assert_contiguous(seq: np.ndarray) -> None:

@@ -391,18 +391,26 @@ class InstrumentGroup:
                 return await self.call(_switch_off, self.driver, list(chans))
             except Exception as exc:  # noqa: BLE001 - fall back to one command per channel
                 log.error("could not turn %s ch %s off at once: %s", self.name, chans, exc)
+                sent_s = self._marked_send()
         for ch in chans:
             try:
                 at = await self.call(_switch_off, self.driver, ch)
-                if math.isnan(sent_s):
-                    sent_s = at
             except LOST_INSTRUMENT as exc:
                 # Each further try would wait out the transport's reconnect backoff again.
                 log.error("could not turn %s off, instrument not answering: %s", self.name, exc)
                 break
             except Exception as exc:  # noqa: BLE001
                 log.error("could not turn %s ch %s off: %s", self.name, ch, exc)
+                at = self._marked_send()
+            if math.isnan(sent_s):
+                sent_s = at
         return sent_s
+
+    def _marked_send(self) -> float:
+        """When the last off command went out, if it did: a command can fail only in the
+        error-queue check after it (then it was sent, and counts)."""
+        sent_s = getattr(getattr(self.driver, "transport", None), "marked_send_s", math.nan)
+        return sent_s if isinstance(sent_s, float) else math.nan
 
     # -- the loop ----------------------------------------------------------------------
     async def _loop(self) -> None:
@@ -634,9 +642,10 @@ class InstrumentGroup:
             # From the breaching reading to the off command on the wire, and to the
             # instrument having acknowledged it (its error queue read back empty).
             ack_s = time.perf_counter() - t_meas
-            off_s = sent_s - t_meas
+            off_s = sent_s - t_meas  # NaN when no off command could be sent
             for stats, x in ((self.breach_to_off_s, off_s), (self.breach_to_ack_s, ack_s)):
-                stats.append(x)
+                if math.isfinite(x):
+                    stats.append(x)
                 if len(stats) > _STATS_MAX:
                     del stats[: _STATS_MAX // 2]
             for k in ks:

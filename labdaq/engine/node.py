@@ -21,7 +21,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import Table, bindparam, literal_column, select, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -203,7 +203,11 @@ _RUNS = cast(Table, m.Run.__table__)
 # runs for every active run on every progress update.
 _PROGRESS_UPDATE = (
     update(_RUNS)
-    .where(_RUNS.c.id == bindparam("run_id"))
+    # A row built just before its run ended must not overwrite the final record.
+    .where(_RUNS.c.id == bindparam("run_id"),
+           # Literal values: an IN list of parameters cannot go in an executemany.
+           _RUNS.c.state.in_([literal_column(f"'{v.value}'")
+                              for v in (m.RunState.running, m.RunState.paused)]))
     .values({c: bindparam(c) for c in (
         "step_index", "step_count", "cycle_index", "elapsed_s", "last_seq", "position")})
 )
@@ -293,6 +297,9 @@ class AcquisitionNode:
         self._clock_ref: tuple[float, float] | None = None
         self._dropped_reported: dict[int, int] = {}  # run id -> samples lost, recorded
         self._waiting: set[asyncio.Task[None]] = set()  # runs waiting for an instrument
+        # Progress writes in order: a periodic update built before an instrument was lost
+        # must not land after the positions saved for its runs.
+        self._progress_lock = asyncio.Lock()
 
     # -- instruments -------------------------------------------------------------------
     async def _open_instrument(self, row: m.Instrument) -> OpenInstrument:
@@ -863,7 +870,7 @@ class AcquisitionNode:
         inst = self.instruments[instrument_id]
         # Resuming reads the saved position and continues after the last committed sample.
         await self.writer.flush()
-        async with session_scope(self.maker) as s:
+        async with self._progress_lock, session_scope(self.maker) as s:
             await _write_progress(s, rows)
         give_up = time.monotonic() + self.max_resume_gap_s / self.clock.speed
         delay = 0.5
@@ -977,6 +984,10 @@ class AcquisitionNode:
         built from one moment, so its position stays consistent."""
         if not self.active:
             return
+        async with self._progress_lock:
+            await self._publish_progress_locked()
+
+    async def _publish_progress_locked(self) -> None:
         done: set[int] = set()
         for group in list(self.groups.values()):
             if not group.runs:
