@@ -32,8 +32,11 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy labdaq drivers sims api
 
+# The lab's PostgreSQL (every machine here runs one); override to measure another server.
+BENCH_PG_URL ?= postgresql://postgres@127.0.0.1:5432/test
+
 bench: $(VENV)/.installed-dev
-	$(BIN)/python benchmarks/run_all.py
+	LABDAQ_BENCH_PG_URL="$${LABDAQ_BENCH_PG_URL:-$(BENCH_PG_URL)}" $(BIN)/python benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
