@@ -252,14 +252,18 @@ class Transport(ABC):
         self._mark_next = True
         self.marked_send_s = math.nan
 
+    def _sent(self) -> None:
+        """A command has just gone out: stamp it if mark_next_send() asked for it."""
+        if self._mark_next:
+            self.marked_send_s = time.perf_counter()
+            self._mark_next = False
+
     def _write_once(self, command: str) -> None:
         self._ensure_open()
         self._preflight()
         try:
             self._send((command + self.write_termination).encode(self.encoding))
-            if self._mark_next:
-                self.marked_send_s = time.perf_counter()
-                self._mark_next = False
+            self._sent()
         except InstrumentError as exc:
             exc.command = exc.command or command
             raise
@@ -467,8 +471,8 @@ class VisaTransport(Transport):
         cost more than the query).
 
         Returns None when it cannot be done that way — not a socket session, not open,
-        a stale reply pending (in the kernel or in pyvisa-py's buffer), the link busy in
-        another thread — or when the exchange failed (timeout, connection closed, more
+        bytes pending in pyvisa-py's buffer, the peer gone, the link busy in another
+        thread — or when the exchange failed (timeout, connection closed, more
         than one line came back): the caller then asks through :meth:`query` in the
         worker thread, which resynchronises (the link is marked stale), reconnects and
         retries as usual — except after a timeout here, which counts as the first try,
@@ -490,18 +494,16 @@ class VisaTransport(Transport):
             loop = asyncio.get_running_loop()
             buf = bytearray()
             try:
+                # The same look before sending as the worker path: stale bytes dropped;
+                # a closed peer -> None, and the worker path reconnects.
+                self._preflight()
+            except ConnectionFailed:
+                return None
+            try:
                 sock.setblocking(False)
-                try:
-                    # Bytes or EOF already waiting: the worker path sorts them out.
-                    sock.recv(1, socket.MSG_PEEK)
-                    return None
-                except BlockingIOError:
-                    pass
                 async with asyncio.timeout(self.timeout_s):
                     await loop.sock_sendall(sock, data)
-                    if self._mark_next:
-                        self.marked_send_s = time.perf_counter()
-                        self._mark_next = False
+                    self._sent()
                     while term[-1:] not in buf:
                         chunk = await loop.sock_recv(sock, 65536)
                         if not chunk:
@@ -739,9 +741,7 @@ class ScriptedTransport(Transport):
 
     def write(self, command: str) -> None:
         self.sent.append(command)
-        if self._mark_next:
-            self.marked_send_s = time.perf_counter()
-            self._mark_next = False
+        self._sent()
         if not self.script:
             raise AssertionError(f"unexpected write {command!r}: script exhausted")
         expected, reply = self.script.popleft()

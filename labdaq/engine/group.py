@@ -409,8 +409,7 @@ class InstrumentGroup:
     def _marked_send(self) -> float:
         """When the last off command went out, if it did: a command can fail only in the
         error-queue check after it (then it was sent, and counts)."""
-        sent_s = getattr(getattr(self.driver, "transport", None), "marked_send_s", math.nan)
-        return sent_s if isinstance(sent_s, float) else math.nan
+        return _marked_send_s(self.driver)
 
     # -- the loop ----------------------------------------------------------------------
     async def _loop(self) -> None:
@@ -594,7 +593,7 @@ class InstrumentGroup:
         pairs = {
             "voltage_above": (prev[1], v, self.e_vabove),
             "voltage_below": (prev[1], v, self.e_vbelow),
-            "current_below": (np.abs(prev[2]), np.abs(i), self.e_ibelow),
+            "current_below": (prev[2], i, self.e_ibelow),
             "capacity": (prev[4], self.a_step_cap, self.e_cap),
             "temperature_above": (prev[3], temp, self.e_tabove),
         }
@@ -602,6 +601,8 @@ class InstrumentGroup:
             return t1
         before, after, bound = pairs[reason]
         y0, y1, thr = float(before[k]), float(after[k]), float(bound[k])
+        if reason == "current_below":  # the condition is on |I|
+            y0, y1 = abs(y0), abs(y1)
         if not (math.isfinite(y0) and math.isfinite(t0)) or t0 >= t1 or y0 == y1:
             return t1
         frac = (thr - y0) / (y1 - y0)
@@ -895,6 +896,12 @@ def _which_limit(
     return "min_temperature_c", temp, float(lim.min_temperature_c or math.nan)
 
 
+def _marked_send_s(driver: Any) -> float:
+    """The driver's transport's ``marked_send_s`` (NaN: not stamped, or no transport)."""
+    sent_s = getattr(getattr(driver, "transport", None), "marked_send_s", math.nan)
+    return sent_s if isinstance(sent_s, float) else math.nan
+
+
 def _switch_off(driver: Any, channels: int | list[int]) -> float:
     """``driver.output(channels, False)``, run in the instrument's worker thread; returns
     when the off command itself went out (perf_counter), which the error-queue check the
@@ -903,8 +910,8 @@ def _switch_off(driver: Any, channels: int | list[int]) -> float:
     if transport is not None and hasattr(transport, "mark_next_send"):
         transport.mark_next_send()
     driver.output(channels, False)
-    sent_s = getattr(transport, "marked_send_s", math.nan)
-    return sent_s if isinstance(sent_s, float) and math.isfinite(sent_s) else time.perf_counter()
+    sent_s = _marked_send_s(driver)
+    return sent_s if math.isfinite(sent_s) else time.perf_counter()
 
 
 def _reason(
