@@ -113,6 +113,7 @@ def engine(
             poll_s=s.engine_poll_s,
             batch_rows=s.writer_batch_rows,
             batch_age_s=s.writer_batch_age_s,
+            max_batch_rows=s.writer_max_batch_rows,
             control_period_s=s.engine_control_period_s,
             max_resume_gap_s=s.max_resume_gap_s,
             writer_process=s.writer_process,

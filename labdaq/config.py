@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     # Writer batching: a batch is flushed when it reaches this many rows or this age.
     writer_batch_rows: int = 2000
     writer_batch_age_s: float = 0.5
+    # Batches that queued up behind a slow write go out together, up to this many rows.
+    writer_max_batch_rows: int = Field(default=32_000, ge=1)
     # The sample writer runs in its own process (no GIL shared with acquisition).
     writer_process: bool = True
     # How often the engine polls the database for new work when no nudge arrives.

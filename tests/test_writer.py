@@ -144,7 +144,8 @@ async def _outage(url: str) -> AsyncIterator[None]:
 
 async def test_rows_stored_once_in_batches_by_size_and_by_age(db_engine: AsyncEngine) -> None:
     run_id = await _seed_run(db_engine)
-    writer = RecordingWriter(db_engine, batch_rows=1000, batch_age_s=0.3)
+    # max_batch_rows = batch_rows: no merging of queued batches in this test.
+    writer = RecordingWriter(db_engine, batch_rows=1000, batch_age_s=0.3, max_batch_rows=1000)
     writer.start()
     t_put = time.monotonic()
     for start in range(1, 2501, 100):
@@ -159,14 +160,34 @@ async def test_rows_stored_once_in_batches_by_size_and_by_age(db_engine: AsyncEn
     assert writer.rows_journaled == 0 and writer.db_available
 
 
+async def test_batches_queued_behind_a_slow_write_merge_up_to_the_cap(
+    db_engine: AsyncEngine,
+) -> None:
+    run_id = await _seed_run(db_engine)
+    writer = RecordingWriter(db_engine, batch_rows=100, batch_age_s=10, max_batch_rows=350)
+    writer.delay_s = 0.2
+    writer.start()
+    await writer.put(_rows(run_id, 1, 100))
+    await _until(lambda: writer.pending_rows == 100 and not writer._batches)  # being written
+    for start in range(101, 1001, 100):
+        await writer.put(_rows(run_id, start, 100))
+    await writer.flush()
+    # The first batch went out alone; the nine queued behind its slow write went out as
+    # few transactions as the cap allows (3 + 3 + 3 batches of 100, never 400).
+    assert [n for _, n in writer.inserts] == [100, 300, 300, 300]
+    await writer.close()
+    assert await _seqs(db_engine, run_id) == list(range(1, 1001))
+    assert writer.rows_written == 1000 and writer.rows_journaled == 0
+
+
 async def test_lists_and_large_puts(db_engine: AsyncEngine) -> None:
     run_id = await _seed_run(db_engine)
-    writer = RecordingWriter(db_engine, batch_rows=300, max_pending_rows=1000)
+    writer = RecordingWriter(db_engine, batch_rows=300, max_pending_rows=1000, max_batch_rows=600)
     rows = [list(r) for r in _rows(run_id, 1, 2500)]  # rows may be lists; one put > bound
     rows[7][8] = None  # temperature is optional
     await writer.put(rows)
     await writer.close()
-    assert max(n for _, n in writer.inserts) <= 300
+    assert max(n for _, n in writer.inserts) <= 600
     assert await _seqs(db_engine, run_id) == list(range(1, 2501))
     async with session_scope(sessionmaker(db_engine)) as s:
         row = await s.get(m.Sample, (run_id, 8))
@@ -472,8 +493,10 @@ async def test_crash_recovery_ignores_torn_last_record(
 
 async def test_fast_producer_bounded_by_max_pending_rows(db_engine: AsyncEngine) -> None:
     run_id = await _seed_run(db_engine)
-    writer = RecordingWriter(db_engine, batch_rows=100, batch_age_s=0.05, max_pending_rows=500)
-    writer.delay_s = 0.02  # a database slower than the producer
+    writer = RecordingWriter(
+        db_engine, batch_rows=100, batch_age_s=0.05, max_pending_rows=500, max_batch_rows=100
+    )
+    writer.delay_s = 0.02  # a database slower than the producer; one batch per insert
     writer.start()
     most = 0
     t0 = time.perf_counter()

@@ -252,6 +252,7 @@ class AcquisitionNode:
         poll_s: float = 0.2,
         batch_rows: int = 2000,
         batch_age_s: float = 0.5,
+        max_batch_rows: int = 32_000,
         node_name: str | None = None,
         max_resume_gap_s: float = 600.0,
         control_period_s: float = 1.0,
@@ -272,11 +273,12 @@ class AcquisitionNode:
             WriterProcess(
                 engine.url.render_as_string(hide_password=False),
                 batch_rows=batch_rows, batch_age_s=batch_age_s, journal_dir=self.journal_dir,
+                max_batch_rows=max_batch_rows,
             )
             if writer_process
             else SampleWriter(
                 engine, batch_rows=batch_rows, batch_age_s=batch_age_s,
-                journal_dir=self.journal_dir,
+                journal_dir=self.journal_dir, max_batch_rows=max_batch_rows,
             )
         )
         self.records = RecordWriter(self.maker)

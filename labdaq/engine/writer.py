@@ -214,6 +214,7 @@ class SampleWriter:
         max_pending_rows: int = 200_000,
         journal_dir: Path | None = None,
         *,
+        max_batch_rows: int = 32_000,
         max_journal_bytes: int = 1 << 30,
         journal_segment_bytes: int = 16 << 20,
         journal_fsync: bool = True,
@@ -226,6 +227,8 @@ class SampleWriter:
         # A batch must fit in the bound, or put() could wait for space that never comes.
         self.batch_rows = max(1, min(batch_rows, self.max_pending_rows))
         self.batch_age_s = batch_age_s
+        # Batches queued behind a write are merged up to this many rows (see _take).
+        self.max_batch_rows = max(self.batch_rows, max_batch_rows)
         self.write_timeout_s = write_timeout_s
         self.retry_min_s = retry_min_s
         self.retry_max_s = retry_max_s
@@ -429,7 +432,17 @@ class SampleWriter:
 
     def _take(self, now: float) -> list[Sequence[Any]] | None:
         if self._batches:
-            return self._batches.popleft()
+            batch = self._batches.popleft()
+            # Behind? Write what has queued up in one transaction. With hundreds of runs
+            # interleaved, each commit dirties about one primary-key page per run whatever
+            # its size, so rows per commit is what sets the rate: 768 runs, raw sqlite3 on
+            # this machine, 123k rows/s at 2,000-row commits, 215k at 8,000, 334k at 32,000.
+            # Capped so that one write stays far inside write_timeout_s even on a loaded
+            # machine: merging a whole backlog once made single writes time out, and the
+            # writer then fell into its journal and could not climb out.
+            while self._batches and len(batch) + len(self._batches[0]) <= self.max_batch_rows:
+                batch.extend(self._batches.popleft())
+            return batch
         if self._buf and now - self._buf_since >= self.batch_age_s:
             # Age-based flush so a slow channel's samples reach the database promptly.
             batch, self._buf = self._buf, []
