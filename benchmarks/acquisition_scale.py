@@ -864,9 +864,9 @@ class Plan:
 # The push goes to 20 cabinets at 100 Hz (128k channel-samples/s asked): below that the
 # machine still had room, so the figure would have been the plan's, not labdaq's.
 FULL = Plan(cpc=64, bare_cabinets=[2, 4], bare_s=3.0, push_steps=[8, 12, 16, 20],
-            push_period_s=0.01, push_window_s=5.0, steps_10hz=[1, 2, 4, 8], window_10hz_s=8.0,
-            steps_1hz=[2, 4, 8], window_1hz_s=12.0, breach_per_cab=2, hammer_conns=16,
-            budget_s=330.0)
+            push_period_s=0.01, push_window_s=5.0, steps_10hz=[1, 4, 8, 12, 16, 20],
+            window_10hz_s=8.0, steps_1hz=[4, 8, 12, 16, 20], window_1hz_s=12.0, breach_per_cab=2,
+            hammer_conns=16, budget_s=600.0)
 QUICK = Plan(cpc=8, bare_cabinets=[2], bare_s=1.0, push_steps=[2], push_period_s=0.01,
              push_window_s=1.5, steps_10hz=[1, 2], window_10hz_s=2.0, steps_1hz=[2],
              window_1hz_s=2.5, breach_per_cab=1, hammer_conns=8, budget_s=25.0,

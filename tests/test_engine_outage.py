@@ -16,6 +16,7 @@ import asyncio
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.engine import make_url
 
@@ -214,5 +215,84 @@ async def test_progress_follows_the_run_and_stops_at_its_end(db_url: str) -> Non
             assert after is not None
             assert (after.state, after.last_seq) == (run.state, run.last_seq)
             assert after.last_seq > 1 and after.position != {"seq": 1}
+    finally:
+        await rig.stop()
+
+
+async def test_saved_position_never_counts_samples_not_yet_stored(db_url: str) -> None:
+    """Resuming trusts the saved position's accumulators, so a position is saved only once
+    the writer has settled every sample it counts. With samples held in the writer for 2 s
+    (wall), the saved position never passes the last committed sample, yet it follows the
+    run as they are committed."""
+    from sqlalchemy import func, select
+
+    from labdaq.storage.db import session_scope
+
+    lab = SimLab(smus=1, seed=23)
+    rig: Rig = await start_rig(db_url, lab, SPEED, batch_age_s=2.0, batch_rows=100_000)
+    try:
+        run_id = await rig.start_run("smu1/1", protocol_document=PROTOCOL)
+        saved: list[tuple[int, int]] = []  # (position seq, last committed seq)
+        for _ in range(100):
+            async with session_scope(rig.maker) as s:
+                # Position first: committed samples only grow, so reading them second
+                # can only favour the position on either database's isolation.
+                run = await s.get(m.Run, run_id)
+                assert run is not None
+                pos_seq = int(run.position["seq"]) if run.position else 0
+                committed = await s.scalar(
+                    select(func.max(m.Sample.seq)).where(m.Sample.run_id == run_id)
+                )
+            if pos_seq:
+                saved.append((pos_seq, int(committed or 0)))
+            if len({p for p, _ in saved}) >= 2:
+                break
+            await asyncio.sleep(0.05)
+        ahead = [(p, c) for p, c in saved if p > c]
+        assert not ahead, f"saved positions ahead of the committed samples: {ahead}"
+        assert len({p for p, _ in saved}) >= 2, f"the saved position did not follow: {saved}"
+    finally:
+        await rig.stop()
+
+
+async def test_position_older_than_a_step_boundary_is_not_resumed(db_url: str) -> None:
+    """A kill in the short time a saved position trails the samples, just after a step
+    ended, leaves a position in the previous step. Resuming from it would run part of a
+    finished step again, so the run is marked interrupted with the reason instead."""
+    from labdaq.storage.db import session_scope
+
+    lab = SimLab(smus=1, seed=24)
+    rig: Rig = await start_rig(db_url, lab, SPEED, max_resume_gap_s=1e9)
+    try:
+        run_id = await rig.start_run("smu1/1", protocol_document=PROTOCOL)
+        old: dict[str, Any] | None = None
+        for _ in range(200):
+            async with session_scope(rig.maker) as s:
+                run = await s.get(m.Run, run_id)
+                assert run is not None
+                if run.position and run.step_index == 1 and run.position["seq"] > 0:
+                    old = dict(run.position)  # saved while in the discharge step
+                    break
+            await asyncio.sleep(0.02)
+        assert old is not None, "no position saved in step 1"
+        await rig.wait_end(run_id, timeout_s=60)
+        # As a kill would have left it: still running, the position from step 1, the
+        # committed samples up to the last step.
+        async with session_scope(rig.maker) as s:
+            run = await s.get(m.Run, run_id)
+            assert run is not None
+            run.state, run.position, run.ended_at = m.RunState.running.value, old, None
+        async with session_scope(rig.maker) as s:
+            run = await s.get(m.Run, run_id)
+            channel = await s.get(m.Channel, run.channel_id) if run else None
+        assert run is not None and channel is not None
+        await rig.node._resume(run, channel)
+        assert run_id not in rig.node.active
+        async with session_scope(rig.maker) as s:
+            after = await s.get(m.Run, run_id)
+            assert after is not None
+            assert after.state == "interrupted"
+            assert "older than the committed samples" in (after.end_reason or "")
+            assert f"sample {old['seq']}" in (after.end_reason or "")
     finally:
         await rig.stop()

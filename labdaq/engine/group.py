@@ -165,6 +165,9 @@ class InstrumentGroup:
         self._ameasure = getattr(driver, "ameasure", None)
         self.clock = clock
         self.writer = writer
+        # Puts under way: their rows are numbered (the runs' seq moved on) but not yet
+        # handed to the writer, so a position taken now could not be matched to them.
+        self.putting = 0
         self.cb = callbacks
         self.runs: list[ChannelRun] = []
         self._phases: list[Phase] = []
@@ -514,7 +517,7 @@ class InstrumentGroup:
         idx = np.flatnonzero(due)
         if idx.size:
             flags = np.where(breach[idx], FLAG_BREACH, 0) | np.where(paused[idx], FLAG_PAUSED, 0)
-            await self.writer.put(self._rows(idx, t[idx], v[idx], i[idx], temp[idx], ts_utc, flags))
+            await self._put(self._rows(idx, t[idx], v[idx], i[idx], temp[idx], ts_utc, flags))
         self.a_last_t, self.a_last_v, self.a_last_i, self.a_last_temp = t, v, i, temp
 
         # 5. Per-channel Python only where something happened.
@@ -755,6 +758,13 @@ class InstrumentGroup:
             )
         )
 
+    async def _put(self, rows: list[tuple[Any, ...]]) -> None:
+        self.putting += 1
+        try:
+            await self.writer.put(rows)
+        finally:
+            self.putting -= 1
+
     async def _edge(
         self,
         changed: list[int],
@@ -778,7 +788,7 @@ class InstrumentGroup:
         self.a_last_t[idx], self.a_last_v[idx], self.a_last_i[idx] = t2, v2, i2
         self.a_last_temp[idx] = temp2
         row_flags = np.full(len(changed), flags) | np.where(breach, FLAG_BREACH, 0)
-        await self.writer.put(self._rows(idx, t2, v2, i2, temp2, ts_utc, row_flags))
+        await self._put(self._rows(idx, t2, v2, i2, temp2, ts_utc, row_flags))
         breached: list[int] = []
         for j, k in enumerate(changed):
             if breach[j]:

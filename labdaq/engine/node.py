@@ -219,6 +219,15 @@ async def _write_progress(s: AsyncSession, rows: list[dict[str, Any]]) -> None:
         await s.execute(_PROGRESS_UPDATE, rows)
 
 
+class _NotResumable(Exception):
+    """Resuming this run would be unsafe; the message is the reason recorded on it."""
+
+
+# Positions held at most (see AcquisitionNode._publish_progress_locked): a writer that
+# cannot settle rows (database down, no journal) must not make them pile up.
+_MAX_HELD = 256
+
+
 def _progress_row(cr: ChannelRun) -> dict[str, Any]:
     """A run's progress and resumable position, as an UPDATE-by-primary-key parameter."""
     st = cr.step
@@ -302,6 +311,10 @@ class AcquisitionNode:
         # Progress writes in order: a periodic update built before an instrument was lost
         # must not land after the positions saved for its runs.
         self._progress_lock = asyncio.Lock()
+        # Positions taken but not saved yet, oldest first: each waits until the writer has
+        # settled every row handed to it before the position was taken (see
+        # _publish_progress_locked). Entries: (writer.rows_in then, [(run, progress row)]).
+        self._held: deque[tuple[int, list[tuple[ChannelRun, dict[str, Any]]]]] = deque()
 
     # -- instruments -------------------------------------------------------------------
     async def _open_instrument(self, row: m.Instrument) -> OpenInstrument:
@@ -437,6 +450,8 @@ class AcquisitionNode:
         if self._finishing:
             await asyncio.wait(self._finishing, timeout=10)
         try:
+            # Settles every sample taken, so the positions taken next are saved at once.
+            await self.writer.flush()
             await self._publish_progress()
         except Exception as exc:  # noqa: BLE001 - positions are saved again on the next start
             log.error("could not save run positions at shutdown: %s", exc)
@@ -519,12 +534,16 @@ class AcquisitionNode:
                 # at one moment; samples committed after it are integrated on top, so that
                 # they stay consistent with each other and with the committed samples.
                 if pos_seq < int(last.seq):
-                    await self._catch_up(cr, pos_seq, int(last.seq))
+                    unsafe = await self._catch_up(cr, pos_seq, int(last.seq))
+                    if unsafe is not None:
+                        raise _NotResumable(unsafe)
                 cr.t_s = float(last.t_s) + gap_s
                 group = await self._group_for(channel.instrument_id)
                 # Active before it joins: a breach on its first reading finishes it at once.
                 self.active[run.id] = cr
                 await group.add(cr, phase, self.clock.now() - cr.t_s)
+            except _NotResumable as exc:
+                reason = str(exc)
             except Exception as exc:  # noqa: BLE001
                 self.active.pop(run.id, None)
                 reason = f"could not resume: {type(exc).__name__}: {exc}"
@@ -566,10 +585,13 @@ class AcquisitionNode:
                     )
                 )
 
-    async def _catch_up(self, cr: ChannelRun, from_seq: int, to_seq: int) -> None:
-        """Integrate committed samples ``from_seq``..``to_seq`` into a restored run, if
-        they all belong to the step and cycle its position is in (otherwise the position
-        is older than a step boundary and is kept as it is)."""
+    async def _catch_up(self, cr: ChannelRun, from_seq: int, to_seq: int) -> str | None:
+        """Integrate committed samples ``from_seq``..``to_seq`` into a restored run.
+
+        Returns why the run cannot be resumed when they belong to a later step or cycle
+        than its position: the position is older than a step boundary (a kill in the short
+        time a saved position trails the samples), and resuming from it would run part of
+        a finished step again — more charge into a cell that already had it."""
         async with session_scope(self.maker) as s:
             rows = (
                 await s.execute(
@@ -587,16 +609,23 @@ class AcquisitionNode:
             ).all()
         st = cr.step
         if st is None or len(rows) != to_seq - from_seq + 1:
-            return
-        if any(r.step_index != st.index or r.cycle_index != cr.cycle.cycle_index for r in rows):
-            log.warning("run %s: resumed from a position older than a step boundary", cr.run_id)
-            return
+            return None
+        later = [r for r in rows
+                 if r.step_index != st.index or r.cycle_index != cr.cycle.cycle_index]
+        if later:
+            return (
+                f"the saved position (step {st.index}, cycle {cr.cycle.cycle_index}, sample "
+                f"{from_seq}) is older than the committed samples (step {later[-1].step_index}, "
+                f"cycle {later[-1].cycle_index} at sample {to_seq}): resuming would repeat "
+                "part of a finished step"
+            )
         cr.catch_up(
             [r.t_s for r in rows],
             [r.voltage_v for r in rows],
             [r.current_a for r in rows],
             [bool(r.flags & 2) for r in rows],  # FLAG_PAUSED: nothing moved
         )
+        return None
 
     # -- scheduling --------------------------------------------------------------------
     async def tick(self) -> None:
@@ -985,22 +1014,49 @@ class AcquisitionNode:
         s at 8 cabinets x 100 Hz; ~64 with progress every 5 s instead). Each run's row is
         built from one moment, so its position stays consistent."""
         if not self.active:
+            self._held.clear()
             return
         async with self._progress_lock:
             await self._publish_progress_locked()
 
     async def _publish_progress_locked(self) -> None:
-        done: set[int] = set()
-        for group in list(self.groups.values()):
-            if not group.runs:
-                continue
-            group.sync_all()
-            rows = [_progress_row(cr) for cr in group.runs if cr.run_id in self.active]
-            done.update(r["run_id"] for r in rows)
-            async with session_scope(self.maker) as s:
-                await _write_progress(s, rows)
-        # Runs not in a group yet (still joining one).
-        rest = [_progress_row(cr) for rid, cr in list(self.active.items()) if rid not in done]
-        if rest:
-            async with session_scope(self.maker) as s:
-                await _write_progress(s, rest)
+        """Save the positions whose samples are settled, then take new ones.
+
+        A position counts every reading up to the moment it is taken, and resuming trusts
+        it for the step's and cycle's accumulators. Saved while its last samples still
+        waited in the writer, a kill would resume it with charge counted from samples that
+        were never stored. So a position is held until the writer has settled (committed
+        or journaled — recovery replays the journal first) every row handed to it before
+        the position was taken. Saved positions trail the samples by about a batch age;
+        resuming integrates the committed samples after them (``_catch_up``).
+        """
+        await self._save_settled()
+        if len(self._held) < _MAX_HELD:
+            done: set[int] = set()
+            for group in list(self.groups.values()):
+                runs = [cr for cr in group.runs if cr.run_id in self.active]
+                done.update(cr.run_id for cr in runs)
+                if not runs or group.putting:
+                    # Rows numbered but not yet handed over: this position could not be
+                    # matched to them. The next round takes it.
+                    continue
+                group.sync_all()
+                self._held.append((self.writer.rows_in, [(cr, _progress_row(cr)) for cr in runs]))
+            # Runs not in a group yet (still joining one).
+            rest = [(cr, _progress_row(cr)) for rid, cr in list(self.active.items())
+                    if rid not in done]
+            if rest:
+                self._held.append((self.writer.rows_in, rest))
+        # A writer that has caught up (slow sampling, or flushed) settles them at once.
+        await self._save_settled()
+
+    async def _save_settled(self) -> None:
+        """Save held positions whose rows are settled, oldest first, one group per UPDATE;
+        a run that has since left or rejoined (lost instrument, end) is skipped: its
+        position was saved on the way out."""
+        while self._held and self._held[0][0] <= self.writer.rows_settled:
+            _, snap = self._held.popleft()
+            rows = [row for cr, row in snap if self.active.get(cr.run_id) is cr]
+            if rows:
+                async with session_scope(self.maker) as s:
+                    await _write_progress(s, rows)

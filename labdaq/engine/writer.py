@@ -298,6 +298,11 @@ class SampleWriter:
         return self._rows_settled
 
     @property
+    def rows_in(self) -> int:
+        """Rows ever handed over; they settle in this order (``rows_settled``)."""
+        return self._rows_in
+
+    @property
     def journal(self) -> Journal | None:
         return self._journal
 

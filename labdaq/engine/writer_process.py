@@ -113,6 +113,11 @@ class WriterProcess:
         return self._sent - self.rows_settled
 
     @property
+    def rows_in(self) -> int:
+        """Rows ever handed over; the child settles them in this order."""
+        return self._sent
+
+    @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
