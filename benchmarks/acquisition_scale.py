@@ -857,7 +857,7 @@ class Plan:
     window_1hz_s: float
     breach_per_cab: int
     hammer_conns: int
-    budget_s: float  # no new step starts if its estimated end is past this
+    budget_s: float  # per search: no new step starts if its estimated end is past this
     settle_s: float = 1.0  # after the last run joined, before the window opens
 
 
@@ -866,7 +866,7 @@ class Plan:
 FULL = Plan(cpc=64, bare_cabinets=[2, 4], bare_s=3.0, push_steps=[8, 12, 16, 20],
             push_period_s=0.01, push_window_s=5.0, steps_10hz=[1, 4, 8, 12, 16, 20],
             window_10hz_s=8.0, steps_1hz=[4, 8, 12, 16, 20], window_1hz_s=12.0, breach_per_cab=2,
-            hammer_conns=16, budget_s=600.0)
+            hammer_conns=16, budget_s=200.0)
 QUICK = Plan(cpc=8, bare_cabinets=[2], bare_s=1.0, push_steps=[2], push_period_s=0.01,
              push_window_s=1.5, steps_10hz=[1, 2], window_10hz_s=2.0, steps_1hz=[2],
              window_1hz_s=2.5, breach_per_cab=1, hammer_conns=8, budget_s=25.0,
@@ -902,6 +902,7 @@ async def _search(lab: Lab, plan: Plan, period: float, ks: list[int], window_s: 
     """Grow one session through ``ks`` cabinets; stop at the first window that loses
     samples, or when the next step would end past the time budget."""
     sess = Session(lab, period, plan.cpc, breach_per_cab, plan.hammer_conns)
+    t_phase = time.perf_counter()
     await sess.start()
     try:
         for k in ks:
@@ -909,7 +910,7 @@ async def _search(lab: Lab, plan: Plan, period: float, ks: list[int], window_s: 
                 break
             est = ((k - sess.cabs) * plan.cpc * sess.claim_per_run_s + window_s + plan.settle_s
                    + 2)
-            if sess.steps and time.perf_counter() - t_start + est > plan.budget_s:
+            if sess.steps and time.perf_counter() - t_phase + est > plan.budget_s:
                 log(f"{label}: {k} cabinets skipped (time budget)")
                 break
             st = await sess.grow(k, window_s, load, plan.settle_s)

@@ -116,7 +116,7 @@ async def test_a_run_joining_leaves_the_others_integration_alone(rig: Rig) -> No
 
 
 async def test_pause_and_resume(rig: Rig) -> None:
-    from labdaq.engine.group import FLAG_PAUSED
+    from labdaq.engine.group import FLAG_EDGE, FLAG_PAUSED
     from labdaq.runs import request_pause, request_resume
 
     charge = charge_doc(900)
@@ -137,6 +137,12 @@ async def test_pause_and_resume(rig: Rig) -> None:
     assert_contiguous(s["seq"])
     paused = (s["flags"] & FLAG_PAUSED) != 0
     assert paused.sum() >= 20 and np.all(s["current_a"][paused] == 0)
+    # Resuming stores a reading taken right after the set point is back, and integration
+    # restarts from it: nothing is added for the time the output was still off.
+    back = int(np.flatnonzero(paused)[-1]) + 1
+    assert s["flags"][back] & FLAG_EDGE and not s["flags"][back] & FLAG_PAUSED
+    assert s["current_a"][back] == pytest.approx(1.0, rel=0.02)
+    assert s["step_capacity_ah"][back] == s["step_capacity_ah"][back - 1]
     step = (await rows_of(rig.maker, m.Step, run_id, m.Step.step_number))[0]
     # The pause does not count towards the step's 900 s, nor to its charge.
     assert step.end_t_s - step.start_t_s > 900 + 300

@@ -798,7 +798,7 @@ class InstrumentGroup:
                 breached.append(k)
                 continue
             r = self.runs[k]
-            if r.phase_name in ("pulse.on", "pulse.rest"):
+            if r.phase_name in ("pulse.on", "pulse.rest") and k in before:
                 # DCIR: the voltage just before the current step and right after it.
                 v_before, i_before = before[k]
                 r.pulse_edge(v_before, i_before, float(v2[j]), float(i2[j]))
@@ -808,8 +808,8 @@ class InstrumentGroup:
         if not self._requests:
             return
         self._requests = False
-        done = []
-        changed = False
+        done: list[int] = []
+        resumed: list[int] = []
         for k, r in enumerate(self.runs):
             if r.stop_requested:
                 await self._outputs_off([r.channel])
@@ -831,10 +831,14 @@ class InstrumentGroup:
                 r.phase_t0_s += paused_for
                 r.paused = False
                 self.a_paused[k] = False
-                changed = True
-        if changed:
+                resumed.append(k)
+        if resumed:
             self._load_phases()
-        for k in reversed(done):
+            # A reading right after the set point is back, stored and made the integration
+            # anchor: integrating from the last paused reading instead would count the
+            # output as on for up to a tick before it was.
+            done += await self._edge(resumed, {}, FLAG_EDGE, integrate=False)
+        for k in sorted(set(done), reverse=True):
             r = self.runs[k]
             self._remove(k)
             await self.cb.on_finish(r)

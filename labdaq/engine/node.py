@@ -543,9 +543,11 @@ class AcquisitionNode:
                 self.active[run.id] = cr
                 await group.add(cr, phase, self.clock.now() - cr.t_s)
             except _NotResumable as exc:
+                self.channel_aux.pop(run.id, None)
                 reason = str(exc)
             except Exception as exc:  # noqa: BLE001
                 self.active.pop(run.id, None)
+                self.channel_aux.pop(run.id, None)
                 reason = f"could not resume: {type(exc).__name__}: {exc}"
         async with session_scope(self.maker) as s:
             row = await s.get(m.Run, run.id)
