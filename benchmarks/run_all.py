@@ -11,6 +11,7 @@ import json
 import platform
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -18,9 +19,12 @@ README = HERE.parent / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
-def run(script: Path, quick: bool) -> list[dict]:
+def run(script: Path, quick: bool, log_dir: Path) -> list[dict]:
     cmd = [sys.executable, str(script)] + (["--quick"] if quick else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    # Each benchmark's own account (every window, every step) is kept: the table holds
+    # only the figures, and a surprising figure needs the lines behind it.
+    (log_dir / f"{script.stem}.log").write_text(proc.stderr)
     results = []
     for line in proc.stdout.splitlines():
         line = line.strip()
@@ -63,9 +67,12 @@ def main() -> None:
     args = ap.parse_args()
     scripts = sorted(p for p in HERE.glob("*.py") if not p.name.startswith(("_", "run_all")))
     results: list[dict] = []
+    log_dir = Path(tempfile.gettempdir()) / "labdaq-bench-logs"
+    log_dir.mkdir(exist_ok=True)
+    print(f"logs in {log_dir}", file=sys.stderr, flush=True)
     for s in scripts:
         print(f"running {s.name} ...", file=sys.stderr, flush=True)
-        results += run(s, args.quick)
+        results += run(s, args.quick, log_dir)
     text = table(results)
     print(text)
     if not args.no_readme and README.exists():

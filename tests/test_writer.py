@@ -380,6 +380,33 @@ async def test_journal_left_at_close_is_replayed_by_next_writer(
         await engine.dispose()
 
 
+async def test_replay_writes_several_journal_records_per_transaction(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A journal filled with small records while the database was slow is replayed a few
+    records per transaction (up to max_batch_rows): one record at a time it drained more
+    slowly than samples kept arriving, and filled its bound."""
+    engine = _writer_engine(db_url)
+    try:
+        run_id = await _seed_run(engine)
+        jdir = tmp_path / "journal"
+        journal = Journal(jdir, segment_bytes=25_000)  # ~2 records of 100 rows per file
+        journal.open()
+        assert journal.append_many([_rows(run_id, s, 100) for s in range(1, 1001, 100)]) == 10
+        journal.close()
+        writer = RecordingWriter(engine, journal_dir=jdir, max_batch_rows=350)
+        writer.start()
+        await writer.flush()
+        sizes = [n for _, n in writer.inserts]
+        # Never more than the cap, never across a file (2 records each), all of it once.
+        assert sizes == [200] * 5, sizes
+        assert writer.rows_replayed == 1000 and not list(jdir.iterdir())
+        await writer.close()
+        assert await _seqs(engine, run_id) == list(range(1, 1001))
+    finally:
+        await engine.dispose()
+
+
 async def test_write_slower_than_timeout_goes_to_journal(sqlite_url: str, tmp_path: Path) -> None:
     # busy_timeout (3 s) longer than the writer's patience (0.2 s): the blocked write keeps
     # waiting in the background and commits once the lock is gone, while its rows are also
@@ -593,6 +620,21 @@ def test_journal_detects_corruption_rotates_and_deletes(tmp_path: Path) -> None:
     assert j.append_many([_rows(1, 1, 10)]) == 1
     (f,) = list(tmp_path.iterdir())
     assert f.read_bytes().startswith(FILE_HEADER)
+
+
+def test_journal_peek_many_reads_ahead_without_consuming(tmp_path: Path) -> None:
+    j = Journal(tmp_path)
+    batches = [_rows(1, i * 100 + 1, 100) for i in range(5)]
+    assert j.append_many(batches) == 5
+    recs = j.peek_many(350)
+    assert [len(r.rows) for r in recs] == [100, 100, 100]
+    assert [r.rows for r in recs] == batches[:3]
+    assert j.pending_rows == 500  # nothing consumed yet
+    assert [r.rows for r in j.peek_many(10)] == [batches[0]]  # one even if over the cap
+    for r in recs:
+        j.consume(r)
+    assert [r.rows for r in j.peek_many(10_000)] == batches[3:]
+    assert j.pending_rows == 200
 
 
 def test_journal_disk_bound(tmp_path: Path) -> None:

@@ -335,6 +335,42 @@ class Journal:
         self.pending_rows = 0
         return None
 
+    def peek_many(self, max_rows: int) -> list[Record]:
+        """The oldest records not yet consumed, in order, as many as fit in ``max_rows``
+        rows (always at least one while any is left), without crossing into a later file.
+
+        Replaying them in one transaction is what lets a journal drain faster than new
+        rows arrive: replayed one small record at a time, it had fallen ever further
+        behind and filled its bound.
+        """
+        first = self.peek()
+        if first is None:
+            return []
+        out, n = [first], len(first.rows)
+        seg, off = first.segment, first.end
+        try:
+            with open(self._path(seg), "rb") as fh:
+                fh.seek(off)
+                data = fh.read(self._ends[seg] - off)
+        except OSError:
+            return out  # the next peek() reports and skips what cannot be read
+        pos = 0
+        while off + pos < self._ends[seg]:
+            rec = _read_record(data, pos)
+            if rec is None:
+                break  # peek() deals with it when the cursor gets there
+            payload, end = rec
+            try:
+                rows = decode_rows(payload)
+            except (ValueError, struct.error):
+                break
+            if n + len(rows) > max_rows:
+                break
+            out.append(Record(seg, off + pos, off + end, rows))
+            n += len(rows)
+            pos = end
+        return out
+
     def consume(self, rec: Record) -> None:
         """Mark ``rec`` committed to the database; delete its file once fully replayed."""
         assert self._cursor == (rec.segment, rec.offset), "records are consumed in order"

@@ -175,6 +175,11 @@ def is_unavailable_error(exc: BaseException) -> bool:
     return state is not None and state[:2] in _UNAVAILABLE_STATES
 
 
+def _consume_all(journal: Journal, recs: list[Record]) -> None:
+    for rec in recs:
+        journal.consume(rec)
+
+
 class _Outcome(enum.Enum):
     OK = 1
     DOWN = 2  # database unavailable or too slow: keep the rows, retry later
@@ -541,13 +546,19 @@ class SampleWriter:
         self._replay_now = False
         try:
             while journal.pending_rows:
-                rec: Record | None = await asyncio.to_thread(journal.peek)
-                if rec is None:
+                # Records are as small as the batches that spilled; several go in one
+                # transaction (up to max_batch_rows), or a journal filled while the
+                # database was slow drains more slowly than samples keep arriving.
+                recs: list[Record] = await asyncio.to_thread(
+                    journal.peek_many, self.max_batch_rows
+                )
+                if not recs:
                     break
-                if await self._write_batch(rec.rows) is not _Outcome.OK:
+                rows = recs[0].rows if len(recs) == 1 else [r for rec in recs for r in rec.rows]
+                if await self._write_batch(rows) is not _Outcome.OK:
                     return
-                await asyncio.to_thread(journal.consume, rec)
-                self.rows_replayed += len(rec.rows)
+                await asyncio.to_thread(_consume_all, journal, recs)
+                self.rows_replayed += len(rows)
                 self._pulse()
                 # A long replay must not stall acquisition: past half the memory bound,
                 # newer batches join the journal behind the records being replayed.
