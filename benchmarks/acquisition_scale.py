@@ -675,30 +675,33 @@ class Session:
                 volts[cab] = await asyncio.to_thread(read_voltages, self.lab.ports[cab - 1])
         new: list[int] = []
         j = 0
-        async with session_scope(self.lab.maker) as s:
-            for name, b in todo:
-                ch = self.chan[name]
-                if b:
-                    # The breach runs' clocks start about when the last run joins, i.e.
-                    # settle_s before the window: spread their breaches over the window.
-                    # The rest ends at the first tick past its duration and the breach is
-                    # seen one tick after the discharge starts: keep two periods spare.
-                    cab = int(name.split("/")[0].removeprefix("cabinet"))
-                    floor_v = float(volts[cab][ch["index"] - 1]) - BREACH_MARGIN_V
-                    span = max(0.0, window_s - 2 * self.period)
-                    doc = breach_doc(settle_s + span * (j + 0.5) / nb, floor_v)
-                    j += 1
-                else:
-                    doc = rest_doc(24 * 3600.0)
+        for name, b in todo:
+            ch = self.chan[name]
+            if b:
+                # The breach runs' clocks start about when the last run joins, i.e.
+                # settle_s before the window: spread their breaches over the window.
+                # The rest ends at the first tick past its duration and the breach is
+                # seen one tick after the discharge starts: keep two periods spare.
+                cab = int(name.split("/")[0].removeprefix("cabinet"))
+                floor_v = float(volts[cab][ch["index"] - 1]) - BREACH_MARGIN_V
+                span = max(0.0, window_s - 2 * self.period)
+                doc = breach_doc(settle_s + span * (j + 0.5) / nb, floor_v)
+                j += 1
+            else:
+                doc = rest_doc(24 * 3600.0)
+            # One transaction per run, as POST /runs does: hundreds in one would hold
+            # SQLite's write lock for seconds, and the sample writer's commits with it.
+            async with session_scope(self.lab.maker) as s:
                 run = await create_run(
                     s, RunCreate(channel=name, cell_serial=ch["cell"]["serial"],
                                  protocol_document=doc, sample_period_s=self.period),
                     actor="acquisition_scale",
                     voltage_margin_v=self.lab.settings.safety_voltage_margin_v)
-                new.append(run.id)
-                self.run_of[name] = run.id
-                if b:
-                    self.breach_ids.add(run.id)
+                rid = run.id
+            new.append(rid)
+            self.run_of[name] = rid
+            if b:
+                self.breach_ids.add(rid)
         self.ids.extend(new)
         step.new_runs = len(new)
         t_claim = time.perf_counter()
