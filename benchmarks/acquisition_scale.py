@@ -93,6 +93,7 @@ HERE = Path(__file__).resolve()
 # the rest voltage, so the rest never trips it and the first discharge tick does.
 BREACH_CURRENT_A = -4.9
 BREACH_MARGIN_V = 0.03
+_CREATE_CHUNK = 32  # runs created per transaction (Session.grow)
 
 
 def log(msg: str) -> None:
@@ -675,33 +676,36 @@ class Session:
                 volts[cab] = await asyncio.to_thread(read_voltages, self.lab.ports[cab - 1])
         new: list[int] = []
         j = 0
-        for name, b in todo:
-            ch = self.chan[name]
-            if b:
-                # The breach runs' clocks start about when the last run joins, i.e.
-                # settle_s before the window: spread their breaches over the window.
-                # The rest ends at the first tick past its duration and the breach is
-                # seen one tick after the discharge starts: keep two periods spare.
-                cab = int(name.split("/")[0].removeprefix("cabinet"))
-                floor_v = float(volts[cab][ch["index"] - 1]) - BREACH_MARGIN_V
-                span = max(0.0, window_s - 2 * self.period)
-                doc = breach_doc(settle_s + span * (j + 0.5) / nb, floor_v)
-                j += 1
-            else:
-                doc = rest_doc(24 * 3600.0)
-            # One transaction per run, as POST /runs does: hundreds in one would hold
-            # SQLite's write lock for seconds, and the sample writer's commits with it.
+        # A few dozen runs per transaction: all of them in one held SQLite's write lock
+        # (and the sample writer's commits with it) past the writer's 5 s timeout; one per
+        # transaction queued each behind a 32,000-row sample commit, which took minutes.
+        for c0 in range(0, len(todo), _CREATE_CHUNK):
             async with session_scope(self.lab.maker) as s:
-                run = await create_run(
-                    s, RunCreate(channel=name, cell_serial=ch["cell"]["serial"],
-                                 protocol_document=doc, sample_period_s=self.period),
-                    actor="acquisition_scale",
-                    voltage_margin_v=self.lab.settings.safety_voltage_margin_v)
-                rid = run.id
-            new.append(rid)
-            self.run_of[name] = rid
-            if b:
-                self.breach_ids.add(rid)
+                for name, b in todo[c0 : c0 + _CREATE_CHUNK]:
+                    ch = self.chan[name]
+                    if b:
+                        # The breach runs' clocks start about when the last run joins,
+                        # i.e. settle_s before the window: spread their breaches over the
+                        # window. The rest ends at the first tick past its duration and
+                        # the breach is seen one tick after the discharge starts: keep two
+                        # periods spare.
+                        cab = int(name.split("/")[0].removeprefix("cabinet"))
+                        floor_v = float(volts[cab][ch["index"] - 1]) - BREACH_MARGIN_V
+                        span = max(0.0, window_s - 2 * self.period)
+                        doc = breach_doc(settle_s + span * (j + 0.5) / nb, floor_v)
+                        j += 1
+                    else:
+                        doc = rest_doc(24 * 3600.0)
+                    run = await create_run(
+                        s, RunCreate(channel=name, cell_serial=ch["cell"]["serial"],
+                                     protocol_document=doc, sample_period_s=self.period),
+                        actor="acquisition_scale",
+                        voltage_margin_v=self.lab.settings.safety_voltage_margin_v)
+                    rid = run.id
+                    new.append(rid)
+                    self.run_of[name] = rid
+                    if b:
+                        self.breach_ids.add(rid)
         self.ids.extend(new)
         step.new_runs = len(new)
         t_claim = time.perf_counter()
