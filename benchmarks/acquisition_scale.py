@@ -873,7 +873,7 @@ class Plan:
 FULL = Plan(cpc=64, bare_cabinets=[2, 4], bare_s=3.0, push_steps=[8, 12, 16, 20],
             push_period_s=0.01, push_window_s=5.0, steps_10hz=[1, 4, 8, 12, 16, 20],
             window_10hz_s=8.0, steps_1hz=[4, 8, 12, 16, 20], window_1hz_s=12.0, breach_per_cab=2,
-            hammer_conns=16, budget_s=200.0)
+            hammer_conns=16, budget_s=300.0)
 QUICK = Plan(cpc=8, bare_cabinets=[2], bare_s=1.0, push_steps=[2], push_period_s=0.01,
              push_window_s=1.5, steps_10hz=[1, 2], window_10hz_s=2.0, steps_1hz=[2],
              window_1hz_s=2.5, breach_per_cab=1, hammer_conns=8, budget_s=25.0,
