@@ -394,7 +394,9 @@ class InstrumentGroup:
                 return await self.call(_switch_off, self.driver, list(chans))
             except Exception as exc:  # noqa: BLE001 - fall back to one command per channel
                 log.error("could not turn %s ch %s off at once: %s", self.name, chans, exc)
-                sent_s = self._marked_send()
+                # A command can fail only in the error-queue check after it: then it was
+                # sent, and counts.
+                sent_s = _marked_send_s(self.driver)
         for ch in chans:
             try:
                 at = await self.call(_switch_off, self.driver, ch)
@@ -404,15 +406,10 @@ class InstrumentGroup:
                 break
             except Exception as exc:  # noqa: BLE001
                 log.error("could not turn %s ch %s off: %s", self.name, ch, exc)
-                at = self._marked_send()
+                at = _marked_send_s(self.driver)
             if math.isnan(sent_s):
                 sent_s = at
         return sent_s
-
-    def _marked_send(self) -> float:
-        """When the last off command went out, if it did: a command can fail only in the
-        error-queue check after it (then it was sent, and counts)."""
-        return _marked_send_s(self.driver)
 
     # -- the loop ----------------------------------------------------------------------
     async def _loop(self) -> None:

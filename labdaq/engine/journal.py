@@ -305,11 +305,22 @@ class Journal:
 
     # -- replay -----------------------------------------------------------------------
     def peek(self) -> Record | None:
-        """The oldest record not yet consumed, or None when everything is replayed.
+        """The oldest record not yet consumed, or None when everything is replayed."""
+        recs = self.peek_many(0)
+        return recs[0] if recs else None
 
-        A record that cannot be read back (file removed or damaged after it was scanned)
-        is skipped and its rows counted in ``lost_rows``, so one bad file cannot stop
-        the replay of everything behind it.
+    def peek_many(self, max_rows: int) -> list[Record]:
+        """The oldest records not yet consumed, in order, as many as fit in ``max_rows``
+        rows (always at least one while any is left), without crossing into a later file.
+
+        Replaying them in one transaction is what lets a journal drain faster than new
+        rows arrive: replayed one small record at a time, it had fallen ever further
+        behind and filled its bound.
+
+        A first record that cannot be read back (file removed or damaged after it was
+        scanned) is skipped with the rest of its file, its rows counted in ``lost_rows``,
+        so one bad file cannot stop the replay of everything behind it. A bad record
+        after the first only ends the list; the next call reaches it as a first record.
         """
         while self._cursor is not None:
             seg, off = self._cursor
@@ -325,51 +336,29 @@ class Journal:
                 if rec is None:
                     raise ValueError(f"record at offset {off} no longer valid")
                 payload, end = rec
-                return Record(seg, off, off + end, decode_rows(payload))
+                out = [Record(seg, off, off + end, decode_rows(payload))]
             except (OSError, ValueError, struct.error) as exc:
                 log.error("journal %s unreadable, rest of file lost: %s", self._path(seg), exc)
                 self.lost_rows += self._rows.get(seg, 0)
                 self._finish_segment(seg)
+                continue
+            n = len(out[0].rows)
+            while (rec := _read_record(data, end)) is not None:
+                payload, nxt = rec
+                try:
+                    rows = decode_rows(payload)
+                except (ValueError, struct.error):
+                    break
+                if n + len(rows) > max_rows:
+                    break
+                out.append(Record(seg, off + end, off + nxt, rows))
+                n += len(rows)
+                end = nxt
+            return out
         # Nothing left to read, so nothing can be pending (keeps a caller's
         # "while pending_rows: peek()" loop from spinning on a miscount).
         self.pending_rows = 0
-        return None
-
-    def peek_many(self, max_rows: int) -> list[Record]:
-        """The oldest records not yet consumed, in order, as many as fit in ``max_rows``
-        rows (always at least one while any is left), without crossing into a later file.
-
-        Replaying them in one transaction is what lets a journal drain faster than new
-        rows arrive: replayed one small record at a time, it had fallen ever further
-        behind and filled its bound.
-        """
-        first = self.peek()
-        if first is None:
-            return []
-        out, n = [first], len(first.rows)
-        seg, off = first.segment, first.end
-        try:
-            with open(self._path(seg), "rb") as fh:
-                fh.seek(off)
-                data = fh.read(self._ends[seg] - off)
-        except OSError:
-            return out  # the next peek() reports and skips what cannot be read
-        pos = 0
-        while off + pos < self._ends[seg]:
-            rec = _read_record(data, pos)
-            if rec is None:
-                break  # peek() deals with it when the cursor gets there
-            payload, end = rec
-            try:
-                rows = decode_rows(payload)
-            except (ValueError, struct.error):
-                break
-            if n + len(rows) > max_rows:
-                break
-            out.append(Record(seg, off + pos, off + end, rows))
-            n += len(rows)
-            pos = end
-        return out
+        return []
 
     def consume(self, rec: Record) -> None:
         """Mark ``rec`` committed to the database; delete its file once fully replayed."""

@@ -1056,9 +1056,15 @@ class AcquisitionNode:
         """Save held positions whose rows are settled, oldest first, one group per UPDATE;
         a run that has since left or rejoined (lost instrument, end) is skipped: its
         position was saved on the way out."""
+        settled = []
         while self._held and self._held[0][0] <= self.writer.rows_settled:
-            _, snap = self._held.popleft()
-            rows = [row for cr, row in snap if self.active.get(cr.run_id) is cr]
+            settled.append(self._held.popleft()[1])
+        # Several settled at once (the writer caught up): only each run's newest counts.
+        seen: set[int] = set()
+        for snap in reversed(settled):
+            rows = [row for cr, row in snap
+                    if cr.run_id not in seen and self.active.get(cr.run_id) is cr]
+            seen.update(cr.run_id for cr, _ in snap)
             if rows:
                 async with session_scope(self.maker) as s:
                     await _write_progress(s, rows)
