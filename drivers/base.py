@@ -4,7 +4,8 @@ One job: let a driver declare an instrument in one line per property, the way Py
 and QCoDeS do (``control`` / ``measurement`` / ``setting`` with validators), and give every
 driver the same behaviour: values validated before anything is sent, replies parsed
 robustly, the instrument's error queue checked after set commands, typed errors; plus a
-registry (decorator + ``labdaq.drivers`` entry points) that maps ``*IDN?`` to a driver.
+registry (decorator + ``labdaq.drivers`` entry points) that maps ``*IDN?`` to a driver
+(opening and identifying an instrument is drivers/opener.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .errors import (
     InstrumentValueError,
     UnknownInstrument,
 )
-from .transport import Transport, open_transport
+from .transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -300,9 +301,6 @@ class Instrument:
         finally:
             self._async_lock.release()
 
-    def query_float(self, command: str) -> float:
-        return self._to_float(self.query(command), command)
-
     def query_floats(self, command: str) -> list[float]:
         """Several numbers in one reply, separated by ``,`` or ``;``."""
         reply = self.query(command)
@@ -529,16 +527,3 @@ def match_driver(idn: str) -> str:
                 return name
     raise UnknownInstrument(f"no driver matches *IDN? {idn!r}; known: {sorted(drivers)}",
                             command="*IDN?", expected="a registered driver's idn_patterns")
-
-
-def open_instrument(resource: str, name: str | None = None, *, driver: str | None = None,
-                    **transport_opts: Any) -> Instrument:
-    """Open ``resource``, identify it (``*IDN?``) and return the matching driver."""
-    transport = open_transport(resource, **transport_opts)
-    try:
-        idn = transport.query("*IDN?")
-        cls = get_driver(driver) if driver else get_driver(match_driver(idn))
-        return cls(transport, name or resource, idn=idn)
-    except Exception:
-        transport.close()
-        raise

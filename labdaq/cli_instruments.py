@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -64,27 +63,21 @@ def _short(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _looks_like_idn(reply: str) -> bool:
-    """IEEE 488.2 ``*IDN?`` reply: four comma-separated fields, a maker first."""
-    fields = [f.strip() for f in reply.split(",")]
-    return len(fields) == 4 and bool(fields[0]) and ":" not in fields[0]
-
-
 def probe_resource(resource: str, timeout_s: float = 2.0, *, termination: str = "\n",
                    ) -> ProbeResult:
     """Open ``resource``, ask ``*IDN?`` and find the driver; ProbeError says what failed.
 
-    Instruments without ``*IDN?`` (ESPEC chambers answer ``NA:CMD ERR``) are identified by
-    the queries their drivers declare in ``identify_queries``.
+    Identification is the opener's (drivers/opener.py ``identify``): instruments without
+    ``*IDN?`` (ESPEC chambers answer ``NA:CMD ERR``) are identified by the queries their
+    drivers declare in ``identify_queries``.
     """
-    from labdaq.drivers.base import load_entry_point_drivers, match_driver
     from labdaq.drivers.errors import (
         ConnectionFailed,
         GarbledReply,
         InstrumentError,
         InstrumentTimeout,
-        UnknownInstrument,
     )
+    from labdaq.drivers.opener import available_drivers, identify
     from labdaq.drivers.transport import open_transport
     from labdaq.instruments_config import ResourceError, parse_resource
 
@@ -107,7 +100,7 @@ def probe_resource(resource: str, timeout_s: float = 2.0, *, termination: str = 
         raise ProbeError(f"resource {resource!r}: cannot open it ({exc})") from None
     try:
         try:
-            idn = transport.query("*IDN?")
+            found = identify(transport)
         except InstrumentTimeout:
             raise ProbeError(
                 f"resource {resource!r}: command '*IDN?' got no reply within {timeout_s:g} s; "
@@ -123,28 +116,11 @@ def probe_resource(resource: str, timeout_s: float = 2.0, *, termination: str = 
                 f"({exc.detail}); expected an identification line") from None
         except InstrumentError as exc:
             raise ProbeError(f"resource {resource!r}: command '*IDN?' failed: {exc}") from None
-        replies = {"*IDN?": idn}
-        if idn.strip():
-            try:
-                return ProbeResult(resource, idn, match_driver(idn), replies=replies)
-            except UnknownInstrument:
-                pass
-        drivers = load_entry_point_drivers()
-        # Instruments outside IEEE 488.2 (no *IDN?, e.g. ESPEC's "NA:CMD ERR"): ask what
-        # their drivers say identifies them, each query once, in a stable order. A proper
-        # identification (maker,model,serial,firmware) is not asked further.
-        candidates = [] if _looks_like_idn(idn) else sorted(drivers)
-        for name in candidates:
-            for query, pattern in getattr(drivers[name], "identify_queries", []) or []:
-                if query not in replies:
-                    try:
-                        replies[query] = transport.query(query)
-                    except InstrumentError:
-                        replies[query] = ""
-                        continue
-                if replies[query] and re.search(pattern, replies[query], re.IGNORECASE):
-                    return ProbeResult(resource, replies[query], name,
-                                       identified_by=query, replies=replies)
+        if found.driver is not None:
+            return ProbeResult(resource, found.idn, found.driver,
+                               identified_by=found.identified_by, replies=found.replies)
+        idn = found.idn
+        drivers = available_drivers()
         known = ", ".join(
             f"{n} ({' | '.join(c.idn_patterns) or '-'})" for n, c in sorted(drivers.items()))
         raise ProbeError(
@@ -270,15 +246,12 @@ def check(
 
 
 def _write_termination(inst: Any) -> str:
-    """The line ending to probe a configured instrument with: the file's, else its
-    driver's declared framing (CR+LF for ESPEC / Hioki), else LF."""
-    if "write_termination" in inst.transport_options:
-        return str(inst.transport_options["write_termination"])
-    from labdaq.drivers.base import load_entry_point_drivers
+    """The line ending to probe a configured instrument with: what the opener would use
+    (the driver's declared framing, then the file's ``options.transport``), else LF."""
+    from labdaq.drivers.opener import resolve_driver, transport_options_for
 
-    cls = load_entry_point_drivers().get(inst.driver)
-    declared = getattr(cls, "transport_options", None) or {}
-    value = declared.get("write_termination", getattr(cls, "write_termination", None))
+    opts = transport_options_for(resolve_driver(inst.driver), inst.transport_options)
+    value = opts.get("write_termination")
     return value if isinstance(value, str) and value else "\n"
 
 

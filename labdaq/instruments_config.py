@@ -1,9 +1,11 @@
 """Instrument configuration: which instruments a lab has, on which resource, with which driver.
 
-One job: read a TOML or YAML file of ``[[instruments]]`` tables, validate it (pydantic)
-with errors that name the instrument and the field, check resource strings and driver
-names before anything is opened, and open a configured instrument with the framing its
-driver needs. Also writes such a file (``labdaq sim --write-config``).
+One job: read a TOML or YAML file of ``[[instruments]]`` (and ``[[cells]]``) tables,
+validate it (pydantic) with errors that name the file, the entry, the field and, where
+the text allows, the line; check resource strings, driver names and each channel's
+wiring before anything is opened. Also writes such a file (``labdaq sim --write-config``).
+Opening a configured instrument is drivers/opener.py; loading a file into the database
+is labdaq/instruments_apply.py.
 
 File format (TOML; YAML is the same structure under an ``instruments:`` list)::
 
@@ -18,10 +20,25 @@ File format (TOML; YAML is the same structure under an ``instruments:`` list)::
     name = "smu1"
     driver = "keithley2450"
     resource = "TCPIP::10.0.0.5::5025::SOCKET"
-    channels = [{ index = 1, name = "smu1/1", max_current_a = 1.05, max_voltage_v = 21.0 }]
+    channels = [
+      { index = 1, name = "smu1/1", max_current_a = 1.05, max_voltage_v = 21.0,
+        cell = "A-001", impedance = "eis1", chamber = "chamber1",
+        thermocouple = { logger = "logger1", channel = 101, type = "K",
+                         placement = "can side, mid-height" } },
+    ]
 
-``options.transport`` goes to :func:`labdaq.drivers.transport.open_transport` (timeouts,
-terminations, baud rate); every other option is a keyword argument of the driver class.
+    [[cells]]
+    serial = "A-001"
+    chemistry = "nmc811"
+    capacity_ah = 4.9
+    charge_cutoff_v = 4.2
+    discharge_cutoff_v = 2.5
+
+``options.transport`` goes to the transport (timeouts, terminations, baud rate) on top of
+the framing the driver declares; every other option is a keyword argument of the driver
+class. A channel's ``impedance``, ``chamber`` and ``thermocouple`` name the instruments
+wired to its cell; ``cell`` is the serial of the cell on it (a ``[[cells]]`` entry or a
+cell already in the database).
 """
 
 from __future__ import annotations
@@ -45,6 +62,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from labdaq.runs import CellIn
 
 # ---------------------------------------------------------------------------------------
 # Resource strings
@@ -163,14 +182,48 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
 
+class ThermocoupleWiring(_Strict):
+    """The temperature sensor on a channel's cell: a logger input, its type and place."""
+
+    logger: str = Field(pattern=_NAME_RE, max_length=64,
+                        description="name of the temperature logger instrument")
+    channel: int = Field(ge=1, description="the logger's input, e.g. 101 on a DAQ970A")
+    type: str | None = Field(default=None, pattern=r"^[BEJKNRST]$",
+                             description="thermocouple type (IEC 60584), e.g. K")
+    placement: str | None = Field(default=None, max_length=200,
+                                  description="where on the cell, e.g. 'can side, mid-height'")
+
+
 class ChannelConfig(_Strict):
-    """One channel of an instrument (cycler output, logger input)."""
+    """One channel of an instrument (cycler output, logger input) and its cell's wiring."""
 
     index: int = Field(ge=0, description="channel number as the instrument counts it")
     name: str | None = Field(default=None, max_length=64)
     max_current_a: float | None = Field(default=None, gt=0)
     max_voltage_v: float | None = Field(default=None, gt=0)
     cell: str | None = Field(default=None, description="serial of the cell on the channel")
+    thermocouple: ThermocoupleWiring | None = None
+    impedance: str | None = Field(default=None, pattern=_NAME_RE, max_length=64,
+                                  description="impedance analyser clipped to the cell")
+    chamber: str | None = Field(default=None, pattern=_NAME_RE, max_length=64,
+                                description="climate chamber the cell sits in")
+
+    def wiring(self) -> dict[str, Any] | None:
+        """The channel's auxiliary wiring as stored in ``channels.aux`` (None: none)."""
+        aux: dict[str, Any] = {}
+        if self.impedance:
+            aux["impedance"] = self.impedance
+        if self.chamber:
+            aux["chamber"] = self.chamber
+        if self.thermocouple is not None:
+            aux["thermocouple"] = self.thermocouple.model_dump(exclude_none=True)
+        return aux or None
+
+
+class CellConfig(CellIn):
+    """One ``[[cells]]`` table: a cell a channel can name as its default."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
 
 class InstrumentConfig(_Strict):
@@ -238,12 +291,26 @@ class InstrumentConfig(_Strict):
 
 
 class InstrumentsConfig(_Strict):
-    """A whole file: the list of instruments."""
+    """A whole file: the instruments, and the cells their channels name."""
 
     instruments: list[InstrumentConfig] = Field(default_factory=list)
+    cells: list[CellConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _unique(self) -> InstrumentsConfig:
+        serials: set[str] = set()
+        for cell in self.cells:
+            if cell.serial in serials:
+                raise ValueError(f"cell serial {cell.serial!r} is used twice")
+            serials.add(cell.serial)
+        channel_names: dict[str, str] = {}
+        for inst in self.instruments:
+            for ch in inst.channels:
+                ch_name = ch.name or f"{inst.name}/{ch.index}"
+                if ch_name in channel_names:
+                    raise ValueError(f"channel name {ch_name!r} is used by instruments "
+                                     f"{channel_names[ch_name]!r} and {inst.name!r}")
+                channel_names[ch_name] = inst.name
         names: dict[str, int] = {}
         resources: dict[str, str] = {}
         for inst in self.instruments:
@@ -272,7 +339,7 @@ class InstrumentsConfig(_Strict):
 
 class InstrumentConfigError(ValueError):
     """The configuration is not usable; ``problems`` lists every finding, each naming the
-    instrument and field."""
+    entry and field (and the line, where the text gives it)."""
 
     def __init__(self, source: str, problems: Sequence[str]) -> None:
         self.source = source
@@ -285,17 +352,90 @@ class InstrumentConfigError(ValueError):
         super().__init__(text)
 
 
-def _where(data: Any, loc: Sequence[int | str]) -> str:
-    """``instrument 'smu1' (instruments[0]), field 'resource'`` from an error location."""
-    if len(loc) >= 2 and loc[0] == "instruments" and isinstance(loc[1], int):
-        idx = loc[1]
-        name = None
+Loc = Sequence[int | str]
+_ENTRY_KINDS = {"instruments": "instrument", "cells": "cell"}
+
+
+@dataclass(frozen=True)
+class SourceText:
+    """The text a configuration was read from, to find the line of an entry or field."""
+
+    text: str
+    suffix: str  # ".toml", ".yaml", ".yml" or ".json"
+
+    def line_of(self, loc: Loc) -> int | None:
         try:
-            entry = data["instruments"][idx]
-            name = entry.get("name") if isinstance(entry, Mapping) else None
+            if self.suffix in (".yaml", ".yml"):
+                return _yaml_line(self.text, loc)
+            if self.suffix == ".toml":
+                return _toml_line(self.text, loc)
+        except Exception:  # noqa: BLE001 - a line number is a courtesy, never an error
+            return None
+        return None
+
+
+def _yaml_line(text: str, loc: Loc) -> int | None:
+    node: Any = yaml.compose(text)
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            found = [v for k, v in node.value if getattr(k, "value", None) == part]
+            if not found:
+                break
+            node = found[0]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if part >= len(node.value):
+                break
+            node = node.value[part]
+        else:
+            break
+        line = node.start_mark.line + 1
+    return line
+
+
+def _toml_line(text: str, loc: Loc) -> int | None:
+    """Line of ``[[instruments]]`` number i, then of its key, then of channel j (written
+    one per line, as ``--write-config`` does). tomllib keeps no positions, so this reads
+    the text the way a person would; None when it cannot tell."""
+    if len(loc) < 2 or not isinstance(loc[1], int) or loc[0] not in _ENTRY_KINDS:
+        return None
+    lines = text.splitlines()
+    header = re.compile(rf"^\s*\[\[\s*{loc[0]}\s*\]\]")
+    starts = [n for n, line in enumerate(lines) if header.match(line)]
+    if loc[1] >= len(starts):
+        return None
+    start = starts[loc[1]]
+    end = next((n for n in range(start + 1, len(lines))
+                if re.match(r"^\s*\[", lines[n])), len(lines))
+    found = start
+    if len(loc) >= 3 and isinstance(loc[2], str):
+        key = re.compile(rf"^\s*{re.escape(loc[2])}\s*=")
+        hit = next((n for n in range(start + 1, end) if key.match(lines[n])), None)
+        if hit is None:
+            return start + 1
+        found = hit
+        if loc[2] == "channels" and len(loc) >= 4 and isinstance(loc[3], int):
+            rows = [n for n in range(hit + 1, end) if lines[n].lstrip().startswith("{")]
+            if loc[3] < len(rows):
+                found = rows[loc[3]]
+    return found + 1
+
+
+def describe_location(data: Any, loc: Loc, source_text: SourceText | None = None) -> str:
+    """``line 7: instrument 'smu1' (instruments[0]), field 'resource'`` from a location."""
+    line = source_text.line_of(loc) if source_text is not None else None
+    prefix = f"line {line}: " if line else ""
+    if len(loc) >= 2 and loc[0] in _ENTRY_KINDS and isinstance(loc[1], int):
+        idx = loc[1]
+        label = None
+        try:
+            entry = data[loc[0]][idx]
+            key = "name" if loc[0] == "instruments" else "serial"
+            label = entry.get(key) if isinstance(entry, Mapping) else None
         except (KeyError, IndexError, TypeError):
             pass
-        who = f"instrument {name!r} (instruments[{idx}])" if name else f"instruments[{idx}]"
+        kind = _ENTRY_KINDS[str(loc[0])]
+        who = f"{kind} {label!r} ({loc[0]}[{idx}])" if label else f"{loc[0]}[{idx}]"
         rest = [str(p) for p in loc[2:]]
         field = ""
         if rest:
@@ -307,19 +447,20 @@ def _where(data: Any, loc: Sequence[int | str]) -> str:
                 else:
                     parts.append(p)
             field = ", field '" + ".".join(parts) + "'"
-        return who + field
+        return prefix + who + field
     if loc:
-        return "field '" + ".".join(str(p) for p in loc) + "'"
-    return "file"
+        return prefix + "field '" + ".".join(str(p) for p in loc) + "'"
+    return prefix + "file"
 
 
-def _format_errors(data: Any, exc: ValidationError) -> list[str]:
+def _format_errors(data: Any, exc: ValidationError,
+                   source_text: SourceText | None) -> list[str]:
     problems = []
     for err in exc.errors(include_url=False):
         loc = list(err.get("loc", ()))
         msg = str(err.get("msg", "invalid"))
         msg = re.sub(r"^(Value error|Assertion failed), ", "", msg)
-        where = _where(data, loc)
+        where = describe_location(data, loc, source_text)
         if err.get("type") == "extra_forbidden":
             msg = "unknown key (not part of the instrument schema)"
         elif err.get("type") == "missing":
@@ -332,7 +473,7 @@ def _format_errors(data: Any, exc: ValidationError) -> list[str]:
     return problems
 
 
-def _read_file(path: Path) -> Any:
+def _read_file(path: Path) -> tuple[Any, SourceText | None]:
     text_source = str(path)
     try:
         raw = path.read_bytes()
@@ -340,25 +481,30 @@ def _read_file(path: Path) -> Any:
         raise InstrumentConfigError(text_source, [f"cannot read the file ({exc.strerror})"]
                                     ) from None
     suffix = path.suffix.lower()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InstrumentConfigError(text_source, [f"not UTF-8 text: {exc}"]) from None
     if suffix in (".yaml", ".yml"):
         try:
-            return yaml.safe_load(raw.decode("utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            return yaml.safe_load(text) or {}, SourceText(text, suffix)
+        except yaml.YAMLError as exc:
             reason = str(exc).replace("\n", " ")
             raise InstrumentConfigError(text_source, [f"not valid YAML: {reason}"]) from None
     if suffix == ".json":
         try:
-            return json.loads(raw.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
+            return json.loads(text), None
+        except ValueError as exc:
             raise InstrumentConfigError(text_source, [f"not valid JSON: {exc}"]) from None
     try:
-        return tomllib.loads(raw.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        return tomllib.loads(text), SourceText(text, ".toml")
+    except tomllib.TOMLDecodeError as exc:
         raise InstrumentConfigError(text_source, [f"not valid TOML: {exc}"]) from None
 
 
 def parse_instruments_config(data: Any, source: str = "<config>", *,
-                             check_drivers: bool = True) -> InstrumentsConfig:
+                             check_drivers: bool = True,
+                             source_text: SourceText | None = None) -> InstrumentsConfig:
     """Validate already-parsed data; InstrumentConfigError lists every problem."""
     if isinstance(data, list):
         data = {"instruments": data}
@@ -370,45 +516,71 @@ def parse_instruments_config(data: Any, source: str = "<config>", *,
     try:
         config = InstrumentsConfig.model_validate(data)
     except ValidationError as exc:
-        problems.extend(_format_errors(data, exc))
+        problems.extend(_format_errors(data, exc, source_text))
     if check_drivers:
         # Driver names and options are checked on the raw entries too, so one run of
         # `check` reports every problem, not the schema's first and the drivers' later.
-        problems.extend(_driver_problems(data.get("instruments")))
+        problems.extend(describe_location(data, loc, source_text) + ": " + msg
+                        for loc, msg in _driver_problems(data.get("instruments")))
+        if config is not None and not problems:
+            problems.extend(describe_location(data, loc, source_text) + ": " + msg
+                            for loc, msg in wiring_problems(config))
     if problems or config is None:
         raise InstrumentConfigError(source, problems or ["invalid configuration"])
     return config
 
 
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A validated file with what is needed to name places in it."""
+
+    config: InstrumentsConfig
+    source: str
+    data: Any
+    source_text: SourceText | None
+
+    def where(self, loc: Loc) -> str:
+        return describe_location(self.data, loc, self.source_text)
+
+
+def read_instruments_file(path: str | Path, *, check_drivers: bool = True) -> LoadedConfig:
+    """Read and validate a TOML (default), YAML (.yaml/.yml) or JSON instruments file,
+    keeping its text so later checks (against the database) can name lines too."""
+    p = Path(path)
+    data, source_text = _read_file(p)
+    config = parse_instruments_config(data, str(p), check_drivers=check_drivers,
+                                      source_text=source_text)
+    return LoadedConfig(config, str(p), data, source_text)
+
+
 def load_instruments_config(path: str | Path, *, check_drivers: bool = True,
                             ) -> InstrumentsConfig:
     """Read and validate a TOML (default), YAML (.yaml/.yml) or JSON instruments file."""
-    p = Path(path)
-    return parse_instruments_config(_read_file(p), str(p), check_drivers=check_drivers)
+    return read_instruments_file(path, check_drivers=check_drivers).config
 
 
 def check_driver_names(config: InstrumentsConfig) -> list[str]:
     """Unknown drivers and options a driver does not accept, one message per finding."""
-    return _driver_problems([inst.model_dump() for inst in config.instruments])
+    data = {"instruments": [inst.model_dump() for inst in config.instruments]}
+    return [describe_location(data, loc) + ": " + msg
+            for loc, msg in _driver_problems(data["instruments"])]
 
 
-def _driver_problems(entries: Any) -> list[str]:
-    from labdaq.drivers.base import load_entry_point_drivers
+def _driver_problems(entries: Any) -> list[tuple[Loc, str]]:
+    from labdaq.drivers.opener import available_drivers
 
     if not isinstance(entries, list):
         return []
-    drivers = load_entry_point_drivers()
-    problems: list[str] = []
+    drivers = available_drivers()
+    problems: list[tuple[Loc, str]] = []
     for idx, entry in enumerate(entries):
         if not isinstance(entry, Mapping) or not isinstance(entry.get("driver"), str):
             continue  # the schema reports it
-        name = entry.get("name")
-        who = f"instrument {name!r} (instruments[{idx}])" if name else f"instruments[{idx}]"
         driver = entry["driver"].strip()
         cls = drivers.get(driver)
         if cls is None:
-            problems.append(f"{who}, field 'driver': unknown driver {driver!r}; "
-                            f"expected one of {sorted(drivers)}")
+            problems.append((("instruments", idx, "driver"),
+                             f"unknown driver {driver!r}; expected one of {sorted(drivers)}"))
             continue
         options = entry.get("options")
         accepted = _driver_keywords(cls)
@@ -416,9 +588,9 @@ def _driver_problems(entries: Any) -> list[str]:
             continue
         for key in options:
             if key != "transport" and key not in accepted:
-                problems.append(
-                    f"{who}, field 'options.{key}': driver {driver!r} has no option "
-                    f"{key!r}; expected one of {sorted(accepted) + ['transport']}")
+                problems.append((("instruments", idx, "options", key),
+                                 f"driver {driver!r} has no option {key!r}; expected one of "
+                                 f"{sorted(accepted) + ['transport']}"))
     return problems
 
 
@@ -437,29 +609,77 @@ def _driver_keywords(cls: type) -> set[str] | None:
                            inspect.Parameter.POSITIONAL_OR_KEYWORD)}
 
 
-def open_configured(inst: InstrumentConfig, **transport_overrides: Any) -> Any:
-    """Open a configured instrument: the driver's own framing (class attributes), then
-    the file's ``options.transport``, then ``transport_overrides``."""
-    from labdaq.drivers.base import get_driver
-    from labdaq.drivers.transport import open_transport
+# What each wiring field must name: (role interface name in labdaq.drivers.roles, words).
+_WIRING_ROLES = {
+    "impedance": ("ImpedanceAnalyser", "an impedance analyser"),
+    "chamber": ("Chamber", "a climate chamber"),
+    "thermocouple": ("TemperatureLogger", "a temperature logger"),
+}
 
-    cls = get_driver(inst.driver)
-    opts: dict[str, Any] = {}
-    # Drivers declare their framing either way: read_/write_termination class attributes
-    # or a transport_options dict.
-    for key in ("read_termination", "write_termination"):
-        value = getattr(cls, key, None)
-        if isinstance(value, str):
-            opts[key] = value
-    opts.update(getattr(cls, "transport_options", {}) or {})
-    opts.update(inst.transport_options)
-    opts.update(transport_overrides)
-    transport = open_transport(inst.resource, **opts)
-    try:
-        return cls(transport, inst.name, **inst.driver_options)
-    except Exception:
-        transport.close()
-        raise
+
+def wiring_problems(config: InstrumentsConfig,
+                    others: Mapping[str, tuple[str, Mapping[str, Any]]] | None = None,
+                    ) -> list[tuple[Loc, str]]:
+    """Channels wired to instruments that do not exist or cannot play that role.
+
+    ``others`` adds instruments outside ``config`` (name -> (driver, options)), e.g. those
+    already in the database when one instrument is configured through the API.
+    """
+    from labdaq.drivers import roles
+    from labdaq.drivers.opener import available_drivers
+
+    drivers = available_drivers()
+    known: dict[str, tuple[str, Mapping[str, Any]]] = dict(others or {})
+    known.update({i.name: (i.driver, i.options) for i in config.instruments})
+    problems: list[tuple[Loc, str]] = []
+    for i, inst in enumerate(config.instruments):
+        for j, ch in enumerate(inst.channels):
+            refs: list[tuple[str, str, Loc]] = []
+            if ch.impedance:
+                refs.append(("impedance", ch.impedance, ("channels", j, "impedance")))
+            if ch.chamber:
+                refs.append(("chamber", ch.chamber, ("channels", j, "chamber")))
+            if ch.thermocouple is not None:
+                refs.append(("thermocouple", ch.thermocouple.logger,
+                             ("channels", j, "thermocouple", "logger")))
+            for field, target, where in refs:
+                loc: Loc = ("instruments", i, *where)
+                role_name, words = _WIRING_ROLES[field]
+                if target not in known:
+                    problems.append((loc, f"no instrument {target!r} to wire as {words}; "
+                                          f"expected one of {sorted(known)}"))
+                    continue
+                driver, options = known[target]
+                cls = drivers.get(driver)
+                if cls is None:
+                    continue  # reported on that instrument's own 'driver' field
+                if not issubclass(cls, getattr(roles, role_name)):
+                    problems.append((loc, f"instrument {target!r} (driver {driver!r}) is not "
+                                          f"{words}"))
+                    continue
+                if field == "thermocouple" and ch.thermocouple is not None:
+                    inputs = _logger_inputs(cls, options)
+                    if inputs is not None and ch.thermocouple.channel not in inputs:
+                        problems.append((
+                            ("instruments", i, "channels", j, "thermocouple", "channel"),
+                            f"logger {target!r} scans channels {sorted(inputs)}, not "
+                            f"{ch.thermocouple.channel}; add it to that logger's "
+                            "options.channels"))
+    return problems
+
+
+def _logger_inputs(cls: type, options: Mapping[str, Any]) -> set[int] | None:
+    """The inputs a logger is configured to scan (its ``channels`` option or default)."""
+    channels = dict(options or {}).get("channels")
+    if channels is None:
+        try:
+            param = inspect.signature(cls).parameters.get("channels")
+        except (TypeError, ValueError):
+            return None
+        channels = None if param is None else param.default
+    if isinstance(channels, list | tuple) and all(isinstance(c, int) for c in channels):
+        return set(channels)
+    return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -490,8 +710,10 @@ def _toml_key(key: str) -> str:
     return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
 
 
-def dump_instruments_toml(instruments: Sequence[Mapping[str, Any]], header: str = "") -> str:
-    """TOML text for ``[[instruments]]`` tables (round-trips through the loader)."""
+def dump_instruments_toml(instruments: Sequence[Mapping[str, Any]], header: str = "",
+                          cells: Sequence[Mapping[str, Any]] = ()) -> str:
+    """TOML text for ``[[instruments]]`` and ``[[cells]]`` tables (round-trips through
+    the loader)."""
     lines = [f"# {line}" if line else "#" for line in header.splitlines()]
     for inst in instruments:
         if lines:
@@ -506,4 +728,9 @@ def dump_instruments_toml(instruments: Sequence[Mapping[str, Any]], header: str 
                     lines.append(f"channels = [\n{items},\n]")
                 else:
                     lines.append(f"{key} = {_toml_value(value)}")
+    for cell in cells:
+        lines.append("")
+        lines.append("[[cells]]")
+        lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in cell.items()
+                     if v is not None)
     return "\n".join(lines) + "\n"

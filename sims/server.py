@@ -324,11 +324,6 @@ class TcpSimServer(SimServer):
         """Accept-then-close every new connection (a hung network stack)."""
         self._refuse = refuse
 
-    @property
-    def client_count(self) -> int:
-        with self._conn_lock:
-            return len(self._connections)
-
 
 class PtySimServer(SimServer):
     """Serial-line simulator on a pseudo-terminal; clients open ``.path`` (``/dev/pts/N``).

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from labdaq.drivers.base import open_instrument
 from labdaq.drivers.cabinet import (
     MODE_CC,
     MODE_CV,
@@ -37,6 +36,7 @@ from labdaq.drivers.errors import (
     InstrumentTimeout,
     InstrumentValueError,
 )
+from labdaq.drivers.opener import open_instrument
 from labdaq.drivers.transport import ScriptedTransport, open_transport
 from labdaq.sims.cabinet import (
     CabinetSim,

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from labdaq.drivers.base import get_driver, match_driver, open_instrument
+from labdaq.drivers.base import get_driver, match_driver
 from labdaq.drivers.errors import (
     GarbledReply,
     InstrumentError,
@@ -27,6 +27,7 @@ from labdaq.drivers.keysight_daq970a import (
     channel_list,
     is_open_reading,
 )
+from labdaq.drivers.opener import open_instrument
 from labdaq.drivers.roles import TemperatureLogger
 from labdaq.drivers.transport import ScriptedTransport
 from labdaq.sims.cell import CellBank

@@ -31,7 +31,8 @@ from labdaq.drivers.errors import (
     InstrumentReportedError,
     InstrumentTimeout,
 )
-from labdaq.instruments_config import open_configured, parse_instruments_config
+from labdaq.drivers.opener import open_configured
+from labdaq.instruments_config import parse_instruments_config
 from labdaq.sims.cell import CellBank
 from labdaq.sims.clock import ManualClock
 from labdaq.sims.faults import (

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from labdaq.drivers.base import get_driver, match_driver, open_instrument
+from labdaq.drivers.base import get_driver, match_driver
 from labdaq.drivers.errors import (
     GarbledReply,
     InstrumentReportedError,
@@ -25,6 +25,7 @@ from labdaq.drivers.hioki_bt4560 import (
     ImpedanceOverRange,
     LeadContactError,
 )
+from labdaq.drivers.opener import open_instrument
 from labdaq.drivers.roles import ImpedanceAnalyser
 from labdaq.drivers.transport import ScriptedTransport, Transport
 from labdaq.sims.cell import CellBank

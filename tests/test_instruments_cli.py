@@ -24,12 +24,12 @@ import pytest
 from typer.testing import CliRunner
 
 from labdaq.cli import app
+from labdaq.drivers.opener import open_configured
 from labdaq.instruments_config import (
     InstrumentConfigError,
     ResourceError,
     dump_instruments_toml,
     load_instruments_config,
-    open_configured,
     parse_instruments_config,
     parse_resource,
 )

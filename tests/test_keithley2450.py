@@ -17,7 +17,6 @@ from labdaq.drivers.base import (
     load_entry_point_drivers,
     match_driver,
     measurement,
-    open_instrument,
     parse_error_reply,
     register_driver,
     setting,
@@ -35,6 +34,7 @@ from labdaq.drivers.errors import (
     UnknownInstrument,
 )
 from labdaq.drivers.keithley2450 import Keithley2450
+from labdaq.drivers.opener import open_instrument
 from labdaq.drivers.roles import Cycler
 from labdaq.drivers.transport import ScriptedTransport, open_transport
 from labdaq.sims.clock import ManualClock

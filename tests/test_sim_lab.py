@@ -9,7 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from labdaq.instruments_config import open_configured, parse_instruments_config
+from labdaq.drivers.opener import open_configured
+from labdaq.instruments_config import parse_instruments_config
 from labdaq.sims.lab import SimLab, make_cell_bank
 
 CELL_KEYS = {"serial", "chemistry", "spec_name", "capacity_ah", "nominal_voltage_v",

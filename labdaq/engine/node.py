@@ -17,7 +17,6 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, cast
 
@@ -37,15 +36,6 @@ from labdaq.storage import models as m
 from labdaq.storage.db import session_scope, sessionmaker
 
 log = logging.getLogger(__name__)
-
-
-def load_driver_class(name: str) -> type:
-    """Find a driver by its entry-point name in the ``labdaq.drivers`` group."""
-    found = {ep.name: ep for ep in entry_points(group="labdaq.drivers")}
-    if name not in found:
-        raise LookupError(f"no driver named {name!r}; installed: {sorted(found)}")
-    cls: type = found[name].load()
-    return cls
 
 
 def default_journal_dir(engine: AsyncEngine) -> Path | None:
@@ -318,21 +308,17 @@ class AcquisitionNode:
 
     # -- instruments -------------------------------------------------------------------
     async def _open_instrument(self, row: m.Instrument) -> OpenInstrument:
-        from labdaq.drivers.transport import InstrumentWorker, open_transport
+        from labdaq.drivers.opener import open_configured, resolve_driver
+        from labdaq.drivers.transport import InstrumentWorker
 
-        cls = load_driver_class(row.driver)
+        resolve_driver(row.driver)  # an unknown driver fails here, before a thread starts
         worker = InstrumentWorker(name=row.name)
-
-        options = dict(row.options or {})
-        transport_opts = options.pop("transport", {})
-
-        def _open() -> Any:
-            # options.transport configures the link; every other option is a keyword of
-            # the driver's constructor (labdaq.instruments_config validates both).
-            transport = open_transport(row.resource, **transport_opts)
-            return cls(transport, name=row.name, **options)
-
-        driver = await worker.call(_open)
+        # The driver's declared framing, then the row's options (drivers/opener.py).
+        try:
+            driver = await worker.call(open_configured, row)
+        except BaseException:
+            worker.shutdown(wait=False)  # no thread left behind per failed attempt
+            raise
         inst = OpenInstrument(row.id, row.name, driver, worker)
         self.instruments[row.id] = inst
         return inst

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     text,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -60,6 +61,9 @@ class Instrument(Base):
     options: Mapped[dict[str, Any]] = mapped_column(default=dict)
     idn: Mapped[str | None] = mapped_column(String(300))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # False: configured off, or removed from the instruments file while past runs still
+    # reference its channels (rows are kept for their history); the engine skips it.
+    enabled: Mapped[bool] = mapped_column(default=True, server_default=true())
 
 
 class Channel(Base):
@@ -75,9 +79,14 @@ class Channel(Base):
     # Hardware limits of the channel, used to reject protocols before anything runs.
     max_current_a: Mapped[float | None] = mapped_column(Float)
     max_voltage_v: Mapped[float | None] = mapped_column(Float)
-    # Instruments wired to this channel's cell, by instrument name:
-    # {"impedance": "eis1", "chamber": "chamber1", "thermocouple": ["logger1", 101]}.
+    # Instruments wired to this channel's cell, by instrument name: {"impedance": "eis1",
+    # "chamber": "chamber1", "thermocouple": {"logger": "logger1", "channel": 101,
+    # "type": "K", "placement": "can side"}} (labdaq.instruments_config.ChannelConfig).
     aux: Mapped[dict[str, Any] | None] = mapped_column()
+    # The cell normally on this channel (the instruments file's `cell`).
+    default_cell_id: Mapped[int | None] = mapped_column(ForeignKey("cells.id"))
+    # False: removed from the instruments file but kept for the runs that reference it.
+    enabled: Mapped[bool] = mapped_column(default=True, server_default=true())
 
 
 class Cell(Base):
@@ -145,6 +154,9 @@ class Run(Base):
     # The run's place in its program (pc, loop counters, accumulators): what a restarted
     # engine resumes from. Written with every progress update and at step boundaries.
     position: Mapped[dict[str, Any] | None] = mapped_column()
+    # The channel's wiring (channels.aux) when the run was created: which sensor,
+    # thermocouple type and placement, impedance meter and chamber its data came from.
+    wiring: Mapped[dict[str, Any] | None] = mapped_column()
 
 
 class Sample(Base):
