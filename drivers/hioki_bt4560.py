@@ -31,7 +31,7 @@ from .base import (
 )
 from .errors import GarbledReply, InstrumentError, InstrumentReportedError
 from .roles import ImpedanceAnalyser
-from .transport import Transport, open_transport
+from .transport import Transport
 
 RANGES_OHM: tuple[float, ...] = (3e-3, 30e-3, 300e-3, 3.0)
 # :RANGe arguments written the way Hioki's manual and public sweep scripts write them.
@@ -117,7 +117,8 @@ _ON_OFF_ARGS: dict[str, Any] = {"doc": "Continuous measurement (needed for *TRG)
 @register_driver("hioki_bt4560")
 class HiokiBT4560(Instrument, ImpedanceAnalyser):
     """Hioki BT4560. Call :meth:`configure` once (bus-triggered R-X-V measurement), then
-    :meth:`sweep` / :meth:`dc_voltage_v`. Open with :meth:`open` for CR+LF terminations.
+    :meth:`sweep` / :meth:`dc_voltage_v`. Open it through drivers/opener.py, which applies
+    the CR+LF framing declared here.
     """
 
     idn_patterns: ClassVar[list[str]] = [r"^HIOKI,BT4560"]
@@ -145,13 +146,6 @@ class HiokiBT4560(Instrument, ImpedanceAnalyser):
         self._speed_z = "MED"
         self._delay_waves = 0.5
         self.last_sweep: list[ImpedanceReading] = []  # per-point detail of the last sweep
-
-    @classmethod
-    def open(cls, resource: str, name: str | None = None, **transport_opts: Any) -> HiokiBT4560:
-        """Open ``resource`` with CR+LF terminations (unless overridden) and wrap it."""
-        transport_opts.setdefault("read_termination", cls.read_termination)
-        transport_opts.setdefault("write_termination", cls.write_termination)
-        return cls(open_transport(resource, **transport_opts), name)
 
     # -- errors: ESR, not an error queue ---------------------------------------------
     def check_errors(self, command: str = "") -> None:

@@ -26,7 +26,7 @@ import numpy as np
 from .base import Instrument, control, measurement, register_driver, strict_discrete_set
 from .errors import GarbledReply, InstrumentError, InstrumentValueError
 from .roles import TemperatureLogger
-from .transport import Transport, open_transport
+from .transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -122,16 +122,6 @@ class KeysightDAQ970A(Instrument, TemperatureLogger):
         self._scan_channels: tuple[int, ...] | None = None  # set by configure_scan
         self._celsius_channels: set[int] = set()  # UNIT:TEMP C already sent for these
         self._scan_ready = False  # MEAS? redefines the scan list and turns FORM fields off
-
-    @classmethod
-    def open(cls, resource: str, name: str | None = None, *,
-             channels: Sequence[int] = (101,), tc_type: str = "K", strict: bool = False,
-             **transport_opts: Any) -> KeysightDAQ970A:
-        """Open ``resource`` with LF terminations (unless overridden) and wrap it."""
-        transport_opts.setdefault("read_termination", cls.read_termination)
-        transport_opts.setdefault("write_termination", cls.write_termination)
-        return cls(open_transport(resource, **transport_opts), name, channels=channels,
-                   tc_type=tc_type, strict=strict)
 
     # -- channels ---------------------------------------------------------------------
     def _check_channels(self, channels: Iterable[int]) -> list[int]:

@@ -25,6 +25,7 @@ async def list_channels(session: AsyncSession) -> list[dict[str, Any]]:
         await session.execute(
             select(m.Channel, m.Instrument)
             .join(m.Instrument, m.Instrument.id == m.Channel.instrument_id)
+            .where(m.Channel.enabled)
             .order_by(m.Channel.id)
         )
     ).all()

@@ -211,8 +211,24 @@ def sim_lab_aux(desc: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 if driver == "hioki_bt4560":
                     aux.setdefault(serial, {})["impedance"] = inst["name"]
                 elif driver == "keysight_daq970a":
-                    aux.setdefault(serial, {})["thermocouple"] = [inst["name"], int(key)]
+                    aux.setdefault(serial, {})["thermocouple"] = {
+                        "logger": inst["name"], "channel": int(key), "type": "K"}
     return aux
+
+
+def _apply_instruments_file(s: Any) -> None:
+    """Load the configured instruments file before the engine opens anything; a file
+    that does not apply stops the start (the lab would run on a stale configuration)."""
+    from labdaq.cli_instruments import apply_file
+    from labdaq.errors import LabdaqError
+    from labdaq.instruments_config import InstrumentConfigError
+
+    try:
+        result = apply_file(s, s.instruments_file, actor="labdaq serve")
+    except (InstrumentConfigError, LabdaqError) as exc:
+        typer.echo(f"error: instruments file: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    typer.echo(f"instruments file {s.instruments_file} applied: {result.summary()}")
 
 
 def _spawn(args: list[str]) -> subprocess.Popen[bytes]:
@@ -240,6 +256,8 @@ def serve(
     s.data_dir.mkdir(parents=True, exist_ok=True)
     url = s.resolved_database_url
     upgrade(url)
+    if s.instruments_file is not None:
+        _apply_instruments_file(s)
     common = ["--data-dir", str(s.data_dir)] + (
         ["--database-url", s.database_url] if s.database_url else []
     )

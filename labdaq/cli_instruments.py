@@ -266,3 +266,63 @@ def drivers() -> None:
         if extra:
             patterns += "  (or " + ", ".join(f"{q} ~ {p}" for q, p in extra) + ")"
         typer.echo(f"{name:<18} {cls.__module__}.{cls.__qualname__}  idn: {patterns}")
+
+
+@instruments_app.command("apply")
+def apply(
+    config: Annotated[Path, typer.Argument(help="instruments file (.toml, .yaml, .json)")],
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="show what would change; change nothing")] = False,
+    data_dir: Annotated[Path | None, typer.Option(
+        help="data directory (SQLite file, journals)")] = None,
+    database_url: Annotated[str | None, typer.Option(help="SQLAlchemy database URL")] = None,
+) -> None:
+    """Load an instruments file into the database: instruments, channels, wiring, cells.
+
+    The database is made to match the file in one transaction (see docs/lab-setup.md);
+    the acquisition engine opens the instruments as configured when it next starts.
+    """
+    from labdaq.config import load_settings
+    from labdaq.errors import LabdaqError
+    from labdaq.instruments_config import InstrumentConfigError
+
+    _quiet_logging()
+    settings = load_settings(data_dir=data_dir, database_url=database_url)
+    try:
+        result = apply_file(settings, config, dry_run=dry_run, actor="labdaq instruments apply")
+    except InstrumentConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=EXIT_BAD_INPUT) from None
+    except LabdaqError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=EXIT_BAD_INPUT) from None
+    for change in result.changes:
+        typer.echo(change.line())
+    verb = "would change" if dry_run else "applied"
+    typer.echo(f"{config}: {verb}: {result.summary()}")
+
+
+def apply_file(settings: Any, path: Path, *, dry_run: bool = False,
+               actor: str = "labdaq") -> Any:
+    """Validate ``path`` and apply it to the configured database (migrated first)."""
+    import asyncio
+
+    from labdaq.instruments_apply import apply_instruments
+    from labdaq.instruments_config import read_instruments_file
+    from labdaq.storage.db import create_engine, session_scope, sessionmaker, upgrade
+
+    loaded = read_instruments_file(path)
+    url = settings.resolved_database_url
+    if url.startswith("sqlite"):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(url)
+
+    async def run() -> Any:
+        engine = create_engine(url)
+        try:
+            async with session_scope(sessionmaker(engine)) as session:
+                return await apply_instruments(session, loaded, actor=actor, dry_run=dry_run)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())

@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     max_resume_gap_s: float = 600.0
     # The cell's safety window is its cut-offs widened by this margin (V).
     safety_voltage_margin_v: float = 0.1
+    # The lab's instruments file (docs/lab-setup.md). When set, `labdaq serve` applies it
+    # at start and it is the source of truth: the API refuses instrument changes.
+    instruments_file: Path | None = Field(
+        default=None, description="instruments file applied at start; the API cannot edit"
+    )
 
     @property
     def resolved_database_url(self) -> str:

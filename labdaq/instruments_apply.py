@@ -36,6 +36,7 @@ from labdaq.instruments_config import (
     InstrumentsConfig,
     LoadedConfig,
     Loc,
+    driver_problems,
     wiring_problems,
 )
 from labdaq.storage import models as m
@@ -94,7 +95,7 @@ def _channel_values(inst: InstrumentConfig, index: int, cell_ids: Mapping[str, i
         "max_voltage_v": ch.max_voltage_v,
         "aux": ch.wiring(),
         "default_cell_id": cell_ids.get(ch.cell) if ch.cell else None,
-        "enabled": True,
+        "enabled": inst.enabled,
     }
 
 
@@ -149,7 +150,8 @@ async def apply_instruments(session: AsyncSession, loaded: LoadedConfig, *, acto
     others = {} if not partial else {
         name: (r.driver, r.options or {}) for name, r in instruments.items()
         if r.enabled and name not in {i.name for i in cfg.instruments}}
-    for loc, msg in wiring_problems(cfg, others):
+    entries = [inst.model_dump() for inst in cfg.instruments]
+    for loc, msg in [*driver_problems(entries), *wiring_problems(cfg, others)]:
         plan.problems.append((plan.where(loc), msg))
     file_cells = {c.serial for c in cfg.cells}
     for i, inst in enumerate(cfg.instruments):
@@ -247,7 +249,8 @@ def _plan_instrument(plan: _Plan, i: int, inst: InstrumentConfig, row: m.Instrum
                "max_voltage_v": ch_row.max_voltage_v, "wiring": ch_row.aux,
                "enabled": ch_row.enabled}
         new = {"name": ch_name, "max_current_a": ch.max_current_a,
-               "max_voltage_v": ch.max_voltage_v, "wiring": ch.wiring(), "enabled": True}
+               "max_voltage_v": ch.max_voltage_v, "wiring": ch.wiring(),
+               "enabled": inst.enabled}
         ch_diff = _differences(old, new)
         old_cell = plan.cell_serials.get(ch_row.default_cell_id or -1)
         if old_cell != ch.cell:

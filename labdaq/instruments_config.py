@@ -521,7 +521,7 @@ def parse_instruments_config(data: Any, source: str = "<config>", *,
         # Driver names and options are checked on the raw entries too, so one run of
         # `check` reports every problem, not the schema's first and the drivers' later.
         problems.extend(describe_location(data, loc, source_text) + ": " + msg
-                        for loc, msg in _driver_problems(data.get("instruments")))
+                        for loc, msg in driver_problems(data.get("instruments")))
         if config is not None and not problems:
             problems.extend(describe_location(data, loc, source_text) + ": " + msg
                             for loc, msg in wiring_problems(config))
@@ -563,10 +563,10 @@ def check_driver_names(config: InstrumentsConfig) -> list[str]:
     """Unknown drivers and options a driver does not accept, one message per finding."""
     data = {"instruments": [inst.model_dump() for inst in config.instruments]}
     return [describe_location(data, loc) + ": " + msg
-            for loc, msg in _driver_problems(data["instruments"])]
+            for loc, msg in driver_problems(data["instruments"])]
 
 
-def _driver_problems(entries: Any) -> list[tuple[Loc, str]]:
+def driver_problems(entries: Any) -> list[tuple[Loc, str]]:
     from labdaq.drivers.opener import available_drivers
 
     if not isinstance(entries, list):

@@ -248,11 +248,13 @@ async def _channel(session: AsyncSession, ref: str | int) -> m.Channel:
         ch = await session.get(m.Channel, int(ref))
     else:
         ch = await session.scalar(select(m.Channel).where(m.Channel.name == ref))
-    if ch is None:
-        names = (await session.scalars(select(m.Channel.name))).all()
+    if ch is None or not ch.enabled:
+        names = (await session.scalars(select(m.Channel.name).where(m.Channel.enabled))).all()
+        msg = (f"channel {ref!r} is disabled or removed in the instruments configuration"
+               if ch is not None else f"no channel {ref!r}")
         raise Invalid(
             f"unknown channel {ref!r}",
-            [{"loc": "channel", "msg": f"no channel {ref!r}; known: {sorted(names)}"}],
+            [{"loc": "channel", "msg": f"{msg}; known: {sorted(names)}"}],
         )
     return ch
 
@@ -310,6 +312,9 @@ async def create_run(
         plan=resolved.model_dump(mode="json"),
         sample_period_s=req.sample_period_s,
         step_count=len(resolved.program),
+        # The wiring as it is now: later changes to the channel do not rewrite history
+        # (and labdaq.instruments_apply refuses them while this run is active).
+        wiring=channel.aux,
     )
     session.add(run)
     try:

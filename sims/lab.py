@@ -337,32 +337,54 @@ class SimLab:
             instruments.append(entry)
         return {"speed": self.clock.speed, "instruments": instruments}
 
+    def channel_wiring(self, serial: str) -> dict[str, Any]:
+        """What is wired to cell ``serial``, as an instruments file's channel says it."""
+        wiring: dict[str, Any] = {}
+        for inst in self.instruments:
+            if inst.kind == "impedance" and inst.wiring.get("leads") == f"cell {serial}":
+                wiring.setdefault("impedance", inst.name)
+            elif inst.kind == "chamber" and serial in inst.wiring.get("contains", "").split(", "):
+                wiring.setdefault("chamber", inst.name)
+            elif inst.kind == "logger":
+                for number, target in inst.wiring.items():
+                    if target == f"cell {serial}":
+                        wiring.setdefault("thermocouple", {
+                            "logger": inst.name, "channel": int(number),
+                            "type": inst.driver_options.get("tc_type", "K"),
+                            "placement": "cell surface (simulated)"})
+        return wiring
+
     def instruments_config(self) -> list[dict[str, Any]]:
         """The lab as ``[[instruments]]`` tables (see labdaq.instruments_config)."""
         tables = []
         for inst in self.instruments:
+            # No transport options: the opener frames each link as its driver declares
+            # (CR+LF for the Hioki and the ESPEC controller), as a technician's file would.
             options: dict[str, Any] = dict(inst.driver_options)
-            if inst.termination != "\n":
-                options["transport"] = {"read_termination": inst.termination,
-                                        "write_termination": inst.termination}
             tables.append({
                 "name": inst.name, "driver": inst.driver, "resource": inst.resource,
                 "description": inst.model, "options": options,
                 "channels": [
                     {"index": ch["index"], "name": ch["name"],
                      "max_current_a": ch["max_current_a"], "max_voltage_v": ch["max_voltage_v"],
-                     "cell": ch["cell"]["serial"]}
+                     "cell": ch["cell"]["serial"],
+                     **self.channel_wiring(ch["cell"]["serial"])}
                     for ch in inst.channels
                 ],
             })
         return tables
+
+    def cells_config(self) -> list[dict[str, Any]]:
+        """The lab's cells as ``[[cells]]`` tables (each channel's ``cell`` names one)."""
+        return [dict(cell.info) for cell in self.cells]
 
     def instruments_toml(self) -> str:
         from labdaq.instruments_config import dump_instruments_toml
 
         header = (f"Simulated lab (labdaq sim, speed {self.clock.speed:g}, seed {self.seed}).\n"
                   "Resources are valid while that `labdaq sim` process runs.")
-        return dump_instruments_toml(self.instruments_config(), header=header)
+        return dump_instruments_toml(self.instruments_config(), header=header,
+                                     cells=self.cells_config())
 
     def by_name(self, name: str) -> SimInstrument:
         for inst in self.instruments:

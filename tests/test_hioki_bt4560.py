@@ -25,7 +25,7 @@ from labdaq.drivers.hioki_bt4560 import (
     ImpedanceOverRange,
     LeadContactError,
 )
-from labdaq.drivers.opener import open_instrument
+from labdaq.drivers.opener import open_driver, open_instrument
 from labdaq.drivers.roles import ImpedanceAnalyser
 from labdaq.drivers.transport import ScriptedTransport, Transport
 from labdaq.sims.cell import CellBank
@@ -160,7 +160,7 @@ def test_crlf_framing_on_the_wire() -> None:
 def test_open_uses_crlf_terminations() -> None:
     sim = HiokiBT4560Sim(CellBank("nmc811", soc=0.5, seed=1), seed=1)
     with make_server(sim, "tcp") as server:
-        h = HiokiBT4560.open(server.resource, timeout_s=TIMEOUT_S)
+        h = open_driver("hioki_bt4560", server.resource, timeout_s=TIMEOUT_S)
         try:
             assert (h.transport.read_termination, h.transport.write_termination) == (
                 "\r\n", "\r\n")
@@ -384,7 +384,7 @@ def rig(request: pytest.FixtureRequest) -> Iterator[Rig]:
     kind = request.param
     with make_server(sim, "tcp" if kind.startswith("tcp") else "pty") as server:
         resource = server.path if kind == "pty-pyserial" else server.resource  # type: ignore[attr-defined]
-        h = HiokiBT4560.open(resource, "eis", timeout_s=TIMEOUT_S)
+        h = open_driver("hioki_bt4560", resource, name="eis", timeout_s=TIMEOUT_S)
         try:
             h.reset()
             h.configure(range_ohm=0.03)

@@ -357,7 +357,7 @@ class AcquisitionNode:
     async def open_all(self) -> None:
         """Connect every configured instrument and make it safe before any run starts."""
         async with session_scope(self.maker) as s:
-            rows = (await s.scalars(select(m.Instrument))).all()
+            rows = (await s.scalars(select(m.Instrument).where(m.Instrument.enabled))).all()
         for row in rows:
             try:
                 inst = await self._open_instrument(row)
