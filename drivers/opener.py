@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .base import Instrument, get_driver, load_entry_point_drivers
+from .base import Instrument, get_driver, load_entry_point_drivers, match_driver
 from .errors import InstrumentError, UnknownInstrument
 from .transport import Transport, open_transport
 
@@ -145,9 +145,10 @@ def identify(transport: Transport) -> Identification:
     replies = {"*IDN?": idn}
     drivers = available_drivers()
     if idn.strip():
-        for name, cls in drivers.items():
-            if any(re.search(p, idn, re.IGNORECASE) for p in cls.idn_patterns):
-                return Identification(idn, name, replies=replies)
+        try:
+            return Identification(idn, match_driver(idn), replies=replies)
+        except UnknownInstrument:
+            pass
     candidates = [] if looks_like_idn(idn) else sorted(drivers)
     for name in candidates:
         for query, pattern in getattr(drivers[name], "identify_queries", None) or []:

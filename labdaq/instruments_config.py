@@ -559,13 +559,6 @@ def load_instruments_config(path: str | Path, *, check_drivers: bool = True,
     return read_instruments_file(path, check_drivers=check_drivers).config
 
 
-def check_driver_names(config: InstrumentsConfig) -> list[str]:
-    """Unknown drivers and options a driver does not accept, one message per finding."""
-    data = {"instruments": [inst.model_dump() for inst in config.instruments]}
-    return [describe_location(data, loc) + ": " + msg
-            for loc, msg in driver_problems(data["instruments"])]
-
-
 def driver_problems(entries: Any) -> list[tuple[Loc, str]]:
     from labdaq.drivers.opener import available_drivers
 

@@ -136,7 +136,6 @@ class EspecChamberSim:
         self.door_open = False
         self._alarms: list[int] = []
         self._t_last = self.clock.now()
-        self.commands_handled = 0
         self._push_ambient()
 
     # -- fault injection and inspection ----------------------------------------------------
@@ -167,11 +166,6 @@ class EspecChamberSim:
             if self.door_open and ALARM_DOOR_OPEN not in codes:
                 codes.append(ALARM_DOOR_OPEN)
             return codes
-
-    def add_cell_bank(self, bank: Any) -> None:
-        with self._lock:
-            self.cell_banks.append(bank)
-            self._push_ambient()
 
     # -- model ----------------------------------------------------------------------------
     def _controlling(self) -> bool:
@@ -275,7 +269,6 @@ class EspecChamberSim:
             text = m.group(2).strip()
         with self._lock:
             self.advance()
-            self.commands_handled += 1
             try:
                 return self._dispatch(text)
             except EspecError as exc:

@@ -131,7 +131,6 @@ class HiokiBT4560Sim:
         self.armed = False
         self.beeper = True
         self.last_reading: tuple[float, float, float] | None = None
-        self.last_measured_at_s: float | None = None
 
     # -- SCPI wiring -------------------------------------------------------------------
     def _register(self) -> None:
@@ -250,7 +249,6 @@ class HiokiBT4560Sim:
 
     def _measure(self) -> None:
         self.measurements += 1
-        self.last_measured_at_s = self.clock.now()
         if not self.contact or self.cell is None:
             self.last_reading = (CONTACT_FAULT, CONTACT_FAULT, CONTACT_FAULT)
             return

@@ -110,7 +110,6 @@ class DAQ970ASim:
             idn=f"Keysight Technologies,DAQ970A,{serial},{firmware}",
             on_reset=self._reset,
         )
-        self.scans = 0
         self._reset()
         self._register()
 
@@ -257,7 +256,6 @@ class DAQ970ASim:
         now = self.clock.now()
         if self._scan_t0_s is None:
             self._scan_t0_s = now
-        self.scans += 1
         self.readings = [(ch, self._reading(ch), now - self._scan_t0_s)
                          for ch in self.scan_list]
 

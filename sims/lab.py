@@ -392,13 +392,6 @@ class SimLab:
                 return inst
         raise KeyError(name)
 
-    @property
-    def servers(self) -> list[Any]:
-        return [inst.server for inst in self.instruments if inst.server is not None]
-
-    @property
-    def sims(self) -> list[Any]:
-        return [inst.sim for inst in self.instruments]
 
     @property
     def faults(self) -> FaultScheduler:

@@ -70,7 +70,6 @@ class SimServer:
         self._last_command = time.monotonic()
         self._watchdog_armed = False
         self.watchdog_trips = 0
-        self.commands_received = 0
         # fault injection state (guarded by _fault_lock)
         self._fault_lock = threading.Lock()
         self.reply_delay_s = 0.0
@@ -166,7 +165,6 @@ class SimServer:
         with self.lock:
             self._last_command = time.monotonic()
             self._watchdog_armed = self.watchdog_s is not None
-            self.commands_received += 1
             try:
                 reply = self.sim.handle_line(line)
             except Exception:  # a simulator bug must not kill the server thread
