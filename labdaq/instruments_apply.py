@@ -82,8 +82,23 @@ class ApplyResult:
         return ", ".join(f"{counts[a]} to {a}" for a in order if a in counts)
 
 
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"wiring": {"thermocouple": {"channel": 101}}}`` -> ``{"wiring.thermocouple.channel":
+    101}``, so a diff names the one setting that changed."""
+    if isinstance(value, Mapping) and value:
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: None if isinstance(value, Mapping) else value}
+
+
 def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in new if old.get(k) != new.get(k)]
+    """One ``key old -> new`` per changed (possibly nested) setting."""
+    before, after = _flat(old), _flat(new)
+    keys = list(after) + [k for k in before if k not in after]
+    return [f"{k} {before.get(k)!r} -> {after.get(k)!r}" for k in keys
+            if before.get(k) != after.get(k)]
 
 
 def _channel_values(inst: InstrumentConfig, index: int, cell_ids: Mapping[str, int],
@@ -229,10 +244,11 @@ def _plan_instrument(plan: _Plan, i: int, inst: InstrumentConfig, row: m.Instrum
                          "options": row.options or {}, "enabled": row.enabled}, values)
     if diff:
         if busy:
+            fields = dict.fromkeys(d.split(" ", 1)[0].split(".")[0] for d in diff)
             plan.refuse(plan.where(("instruments", i)),
                         f"{_runs_text(busy)} active on its channels; its "
-                        f"{', '.join(d.split(' ', 1)[0] for d in diff)} cannot change "
-                        "under a run (stop the run or wait until it ends)")
+                        f"{', '.join(fields)} cannot change under a run (stop the run or "
+                        "wait until it ends)")
         plan.changes.append(Change("update", "instrument", inst.name, "; ".join(diff)))
         plan.ops.append(_set(row, values))
     for j, ch in enumerate(inst.channels):

@@ -20,12 +20,16 @@ File format (TOML; YAML is the same structure under an ``instruments:`` list)::
     name = "smu1"
     driver = "keithley2450"
     resource = "TCPIP::10.0.0.5::5025::SOCKET"
-    channels = [
-      { index = 1, name = "smu1/1", max_current_a = 1.05, max_voltage_v = 21.0,
-        cell = "A-001", impedance = "eis1", chamber = "chamber1",
-        thermocouple = { logger = "logger1", channel = 101, type = "K",
-                         placement = "can side, mid-height" } },
-    ]
+
+    [[instruments.channels]]
+    index = 1
+    name = "smu1/1"
+    max_current_a = 1.05
+    max_voltage_v = 21.0
+    cell = "A-001"
+    impedance = "eis1"
+    chamber = "chamber1"
+    thermocouple = { logger = "logger1", channel = 101, type = "K", placement = "can side" }
 
     [[cells]]
     serial = "A-001"
@@ -394,31 +398,47 @@ def _yaml_line(text: str, loc: Loc) -> int | None:
 
 
 def _toml_line(text: str, loc: Loc) -> int | None:
-    """Line of ``[[instruments]]`` number i, then of its key, then of channel j (written
-    one per line, as ``--write-config`` does). tomllib keeps no positions, so this reads
-    the text the way a person would; None when it cannot tell."""
+    """Line of ``[[instruments]]`` number i, then of its key, then of channel j (a
+    ``[[instruments.channels]]`` table, or one inline table per line as ``--write-config``
+    writes them). tomllib keeps no positions, so this reads the text the way a person
+    would; None when it cannot tell."""
     if len(loc) < 2 or not isinstance(loc[1], int) or loc[0] not in _ENTRY_KINDS:
         return None
+    kind = str(loc[0])
     lines = text.splitlines()
-    header = re.compile(rf"^\s*\[\[\s*{loc[0]}\s*\]\]")
+    header = re.compile(rf"^\s*\[\[\s*{kind}\s*\]\]")
     starts = [n for n, line in enumerate(lines) if header.match(line)]
     if loc[1] >= len(starts):
         return None
     start = starts[loc[1]]
+    # The entry ends at the next table header that is not one of its own sub-tables.
+    own = re.compile(rf"^\s*\[\[?\s*{kind}\.")
     end = next((n for n in range(start + 1, len(lines))
-                if re.match(r"^\s*\[", lines[n])), len(lines))
-    found = start
-    if len(loc) >= 3 and isinstance(loc[2], str):
-        key = re.compile(rf"^\s*{re.escape(loc[2])}\s*=")
-        hit = next((n for n in range(start + 1, end) if key.match(lines[n])), None)
-        if hit is None:
-            return start + 1
-        found = hit
-        if loc[2] == "channels" and len(loc) >= 4 and isinstance(loc[3], int):
-            rows = [n for n in range(hit + 1, end) if lines[n].lstrip().startswith("{")]
-            if loc[3] < len(rows):
-                found = rows[loc[3]]
-    return found + 1
+                if re.match(r"^\s*\[", lines[n]) and not own.match(lines[n])), len(lines))
+    if len(loc) < 3 or not isinstance(loc[2], str):
+        return start + 1
+    sub_tables = [n for n in range(start + 1, end)
+                  if re.match(rf"^\s*\[\[\s*{kind}\.{re.escape(loc[2])}\s*\]\]", lines[n])]
+    if sub_tables and len(loc) >= 4 and isinstance(loc[3], int) and loc[3] < len(sub_tables):
+        # [[instruments.channels]] tables: the key inside the j-th one, else its header.
+        first = sub_tables[loc[3]]
+        last = next((n for n in range(first + 1, end) if re.match(r"^\s*\[", lines[n])), end)
+        if len(loc) >= 5 and isinstance(loc[4], str):
+            key = re.compile(rf"^\s*{re.escape(loc[4])}\s*=")
+            hit = next((n for n in range(first + 1, last) if key.match(lines[n])), None)
+            if hit is not None:
+                return hit + 1
+        return first + 1
+    key = re.compile(rf"^\s*{re.escape(loc[2])}\s*=")
+    own_end = next((n for n in range(start + 1, end) if own.match(lines[n])), end)
+    hit = next((n for n in range(start + 1, own_end) if key.match(lines[n])), None)
+    if hit is None:
+        return start + 1
+    if loc[2] == "channels" and len(loc) >= 4 and isinstance(loc[3], int):
+        rows = [n for n in range(hit + 1, own_end) if lines[n].lstrip().startswith("{")]
+        if loc[3] < len(rows):
+            return rows[loc[3]] + 1
+    return hit + 1
 
 
 def describe_location(data: Any, loc: Loc, source_text: SourceText | None = None) -> str:

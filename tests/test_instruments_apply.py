@@ -475,3 +475,21 @@ def test_serve_applies_the_instruments_file_at_start(served: Any, tmp_path: Path
                   json={"name": "smu9", "driver": "keithley2450",
                         "resource": "TCPIP::127.0.0.1::5025::SOCKET"})
     assert r.status_code == 409 and str(lab) in r.json()["detail"]
+
+
+def test_errors_in_channel_tables_name_their_line(tmp_path: Path, url: str) -> None:
+    """`[[instruments.channels]]` tables, as docs/lab-setup.md writes them."""
+    path = tmp_path / "lab.toml"
+    path.write_text(
+        '[[instruments]]\nname = "smu1"\ndriver = "keithley2450"\n'
+        'resource = "TCPIP::10.0.0.5::5025::SOCKET"\n\n'
+        '[[instruments.channels]]\nindex = 1\n\n'
+        '[[instruments.channels]]\nindex = 2\nimpedance = "eis1"\n'
+        'thermocouple = { logger = "smu1", channel = 101 }\n')
+    code, _, err = _apply(url, path)
+    assert code == 2
+    assert "line 11: instrument 'smu1' (instruments[0]), field 'channels[1].impedance': " \
+           "no instrument 'eis1'" in err, err
+    assert "line 12: instrument 'smu1' (instruments[0]), field " \
+           "'channels[1].thermocouple.logger': instrument 'smu1' (driver 'keithley2450') " \
+           "is not a temperature logger" in err, err
