@@ -83,8 +83,9 @@ class RunCreate(BaseModel):
     @model_validator(mode="after")
     def _one_of_each(self) -> RunCreate:
         given = [x is not None for x in (self.cell_id, self.cell_serial, self.cell)]
-        if sum(given) != 1:
-            raise ValueError("give exactly one of cell_id, cell_serial or cell")
+        if sum(given) > 1:
+            # None: the channel's default cell (its `cell` in the instruments file).
+            raise ValueError("give at most one of cell_id, cell_serial or cell")
         sources = [x is not None for x in (self.protocol, self.protocol_document, self.template)]
         if sum(sources) != 1:
             raise ValueError("give exactly one of protocol, protocol_document or template")
@@ -259,7 +260,17 @@ async def _channel(session: AsyncSession, ref: str | int) -> m.Channel:
     return ch
 
 
-async def _cell(session: AsyncSession, req: RunCreate) -> m.Cell:
+async def _cell(session: AsyncSession, req: RunCreate, channel: m.Channel) -> m.Cell:
+    if req.cell_id is None and req.cell_serial is None and req.cell is None:
+        default = (await session.get(m.Cell, channel.default_cell_id)
+                   if channel.default_cell_id is not None else None)
+        if default is None:
+            raise Invalid(
+                "no cell given",
+                [{"loc": "cell", "msg": f"channel {channel.name} has no default cell; give "
+                  "cell_id, cell_serial or cell"}],
+            )
+        return default
     if req.cell_id is not None:
         cell = await session.get(m.Cell, req.cell_id)
         if cell is None:
@@ -286,7 +297,7 @@ async def create_run(
     session: AsyncSession, req: RunCreate, actor: str, voltage_margin_v: float = 0.1
 ) -> m.Run:
     channel = await _channel(session, req.channel)
-    cell = await _cell(session, req)
+    cell = await _cell(session, req, channel)
     busy = await session.scalar(
         select(m.Run.id).where(
             m.Run.channel_id == channel.id,

@@ -493,3 +493,20 @@ def test_errors_in_channel_tables_name_their_line(tmp_path: Path, url: str) -> N
     assert "line 12: instrument 'smu1' (instruments[0]), field " \
            "'channels[1].thermocouple.logger': instrument 'smu1' (driver 'keithley2450') " \
            "is not a temperature logger" in err, err
+
+
+def test_a_run_without_a_cell_uses_the_channels_default_cell(tmp_path: Path, url: str) -> None:
+    lab = _lab()
+    lab.append({"name": "smu2", "driver": "keithley2450",
+                "resource": "TCPIP::127.0.0.1::5027::SOCKET", "channels": [1]})
+    assert _apply(url, _write(tmp_path / "lab.toml", lab))[0] == 0
+
+    async def start(s: Any, channel: str) -> tuple[str, Any]:
+        run = await create_run(s, RunCreate(channel=channel, protocol=PROTOCOL), actor="test")
+        cell = await s.get(m.Cell, run.cell_id)
+        return cell.serial, run.wiring
+
+    serial, wiring = _query(url, lambda s: start(s, "smu1/1"))
+    assert serial == "A-001" and wiring["impedance"] == "eis1"
+    with pytest.raises(Exception, match="channel smu2/1 has no default cell"):
+        _query(url, lambda s: start(s, "smu2/1"))
