@@ -107,10 +107,9 @@ async def _state(s: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-def url(tmp_path: Path) -> str:
-    u = f"sqlite:///{tmp_path / 'labdaq.db'}"
-    upgrade(u)
-    return u
+def url(db_url: str) -> str:
+    """A migrated database: SQLite, and PostgreSQL where LABDAQ_TEST_PG_URL is set."""
+    return db_url
 
 
 # -- labdaq sim --write-config, applied unchanged ------------------------------------------
@@ -153,7 +152,8 @@ def _write_config_of_a_sim_lab(path: Path) -> str:
             proc.wait()
 
 
-def test_sim_write_config_applies_unchanged(tmp_path: Path, url: str) -> None:
+def test_sim_write_config_applies_unchanged(tmp_path: Path, sqlite_url: str) -> None:
+    url = sqlite_url
     config = tmp_path / "lab.toml"
     _write_config_of_a_sim_lab(config)
     code, out, err = _apply(url, config)
