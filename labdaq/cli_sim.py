@@ -2,7 +2,8 @@
 
 The printed table is the contract tests and users rely on: one line per instrument,
 ``<name> <driver> <resource>``, then a ``ready`` line; ``--write-config`` writes the same
-lab as an instruments file (``labdaq instruments check`` accepts it) and ``--describe``
+lab as an instruments file (``labdaq instruments check`` accepts it and
+``labdaq instruments apply`` loads it unchanged) and ``--describe``
 the JSON description the supervisor registers. ``--fault`` and ``--scenario`` schedule
 faults (labdaq.sims.faults); each scheduled fault adds a ``fault <id> ...`` line before
 ``ready``, and each one firing prints a ``t=<sim s> fault <id> applied|cleared`` line.

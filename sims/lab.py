@@ -9,7 +9,8 @@ served over TCP or a pseudo-terminal, chosen per instrument.
 ``start()`` returns a description (name, driver, resource string, channels and the
 simulated cell on each) that the supervisor registers in the database and a technician
 can paste into configuration; :meth:`SimLab.instruments_toml` renders the same lab as an
-instruments file for ``labdaq instruments check``. Cycler channels carry their cell;
+instruments file (with each cycler channel's cell and wiring, and ``[[cells]]``) for
+``labdaq instruments check`` and ``labdaq instruments apply``. Cycler channels carry their cell;
 other instruments have ``"channels": []`` (the supervisor registers channels with cells
 only) and say in ``"wiring"`` what they are connected to.
 """
