@@ -67,8 +67,6 @@ from pydantic import (
     model_validator,
 )
 
-from labdaq.runs import CellIn
-
 # ---------------------------------------------------------------------------------------
 # Resource strings
 # ---------------------------------------------------------------------------------------
@@ -224,10 +222,29 @@ class ChannelConfig(_Strict):
         return aux or None
 
 
-class CellConfig(CellIn):
-    """One ``[[cells]]`` table: a cell a channel can name as its default."""
+class CellConfig(_Strict):
+    """One ``[[cells]]`` table: a cell a channel can name as its default.
 
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    The fields of a run request's inline cell (``labdaq.runs.CellIn``), declared here so
+    that checking or probing does not import the database layer (seconds on a busy
+    machine); tests/test_instruments_apply.py keeps the two alike.
+    """
+
+    serial: str = Field(min_length=1, max_length=100)
+    chemistry: str = Field(min_length=1, max_length=50)
+    capacity_ah: float = Field(gt=0)
+    nominal_voltage_v: float | None = Field(default=None, gt=0)
+    charge_cutoff_v: float = Field(gt=0)
+    discharge_cutoff_v: float = Field(gt=0)
+    max_charge_current_a: float | None = Field(default=None, gt=0)
+    max_discharge_current_a: float | None = Field(default=None, gt=0)
+    spec_name: str | None = None
+
+    @model_validator(mode="after")
+    def _window(self) -> CellConfig:
+        if self.discharge_cutoff_v >= self.charge_cutoff_v:
+            raise ValueError("discharge_cutoff_v must be below charge_cutoff_v")
+        return self
 
 
 class InstrumentConfig(_Strict):

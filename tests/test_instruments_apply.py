@@ -510,3 +510,15 @@ def test_a_run_without_a_cell_uses_the_channels_default_cell(tmp_path: Path, url
     assert serial == "A-001" and wiring["impedance"] == "eis1"
     with pytest.raises(Exception, match="channel smu2/1 has no default cell"):
         _query(url, lambda s: start(s, "smu2/1"))
+
+
+def test_cells_table_matches_the_run_requests_cell() -> None:
+    from labdaq.instruments_config import CellConfig
+    from labdaq.runs import CellIn
+
+    assert set(CellConfig.model_fields) == set(CellIn.model_fields)
+    for name, field in CellIn.model_fields.items():
+        assert CellConfig.model_fields[name].metadata == field.metadata, name
+        assert CellConfig.model_fields[name].default == field.default, name
+    with pytest.raises(ValueError, match="discharge_cutoff_v must be below"):
+        CellConfig(**{**CELL, "discharge_cutoff_v": 4.3})
