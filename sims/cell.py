@@ -7,15 +7,19 @@ Model (per cell, vectorised over a bank with numpy; current positive = charge):
   pairs (Plett, *Battery Management Systems* Vol. I, ch. 2), updated with the exact
   exponential solution for constant current over ``dt`` so any step size is stable;
 * one-state hysteresis ``h`` in [-1, 1] blending the discharge and charge OCV branches (LFP);
-* lumped thermal model ``m*cp*dT/dt = Q - h_tr*(T - T_amb)`` with Bernardi heat
-  ``Q = I^2*R0 + I*(v1 + v2) - I*T*dU/dT`` (+ short-circuit and abuse heat), also updated
+* lumped thermal model ``m*cp*dT/dt = Q - h_tr*(T - T_amb)`` with Bernardi's heat written
+  for current positive on charge, ``Q = I^2*R0 + I*(v1 + v2) + I*T*dU/dT`` (Bernardi's own
+  ``I_d*(U - V) - I_d*T*dU/dT`` with ``I_d = -I``; derivation in docs/cells.md), dU/dT a
+  constant or a SOC table, plus short-circuit, abuse and decomposition heat; updated
   exactly for constant heat over ``dt``;
 * R0/R1/R2 scale with Arrhenius temperature factors, a SOC table and ageing growth;
 * ageing: capacity fade and resistance growth per equivalent full cycle and per day, both
   accelerated by an Arrhenius factor of cell temperature; self-discharge always acts;
-* abuse: OCV rises steeply above SOC 1, the excess is dissipated as heat; above the spec's
-  runaway onset temperature the cell self-heats at its runaway rate until its reaction
-  energy is spent, and an internal short collapses the voltage to ~0 V.
+* abuse: OCV rises steeply above SOC 1, the excess is dissipated as heat; above the ARC
+  self-heating onset T1 a one-step Arrhenius decomposition (Townsend & Tou's ARC kinetics,
+  fitted to the onset T1, the trigger T2 where self-heating reaches 1 degC/s and the
+  maximum T3, with a peak rate in degC/s) heats the cell; past T2 the separator fails and
+  an internal short collapses the voltage to ~0 V.
 
 Parameters come from YAML files in ``labdaq.seeds/cells`` (see docs/cells.md).
 """
@@ -51,8 +55,14 @@ _SOC_MAX = 5.0
 # After runaway starts the separator fails: an internal short of this resistance grows in
 # as the reaction proceeds, which is what drives the terminal voltage to ~0 V.
 _RUNAWAY_SHORT_OHM = 0.005
-# Fraction of the runaway reaction energy after which the voltage has fully collapsed.
-_RUNAWAY_COLLAPSE_FRACTION = 0.1
+# Temperature climb after the runaway starts (T2, or a forced trigger) over which the
+# separator fails and the voltage collapses completely.
+_RUNAWAY_COLLAPSE_SPAN_C = 30.0
+# While the decomposition runs, sub-steps are short enough that no cell's adiabatic rise
+# in one exceeds this: the Arrhenius rate grows ~e-fold every ~10 K near T2.
+_MAX_RISE_PER_SUBSTEP_C = 2.0
+# ... but never shorter than this fraction of the step, so a step's cost stays bounded.
+_MIN_SUBSTEP_FRACTION = 1e-4
 
 
 def _const(value: float) -> FloatArray:
@@ -81,7 +91,10 @@ class OcvTable(_Frozen):
     discharge_v: list[float] | None = None
     hysteresis_soc: float = Field(default=0.05, gt=0)
     overcharge_v_per_soc: float = Field(default=4.0, ge=0)
-    entropic_coefficient_v_per_k: float = 0.0
+    # dU/dT of the full cell: one number, or a table against ``entropic_soc`` (entropic
+    # coefficients change size and sign with SOC).
+    entropic_coefficient_v_per_k: float | list[float] = 0.0
+    entropic_soc: list[float] | None = None
 
     @model_validator(mode="after")
     def _tables(self) -> OcvTable:
@@ -91,7 +104,25 @@ class OcvTable(_Frozen):
         _check_table(self.soc, ys, "ocv")
         if abs(self.soc[0]) > 1e-12 or abs(self.soc[-1] - 1.0) > 1e-12:
             raise ValueError("ocv: soc table must run from 0 to 1")
+        dudt = self.entropic_coefficient_v_per_k
+        if isinstance(dudt, list):
+            if self.entropic_soc is None:
+                raise ValueError("ocv: a table entropic_coefficient_v_per_k needs entropic_soc")
+            _check_table(self.entropic_soc, {"entropic_coefficient_v_per_k": dudt},
+                         "ocv.entropic_soc")
+        elif self.entropic_soc is not None:
+            raise ValueError("ocv: entropic_soc given but entropic_coefficient_v_per_k is "
+                             "one number")
         return self
+
+    def entropic_v_per_k(self, soc: ArrayLike) -> FloatArray:
+        """dU/dT at this SOC (clamped to the table), V/K."""
+        x = np.clip(np.asarray(soc, dtype=float), 0.0, 1.0)
+        dudt = self.entropic_coefficient_v_per_k
+        if isinstance(dudt, list):
+            assert self.entropic_soc is not None
+            return np.interp(x, self.entropic_soc, dudt)
+        return np.full_like(x, dudt)
 
 
 class ResistanceModel(_Frozen):
@@ -128,17 +159,65 @@ class CapacityTemperature(_Frozen):
         return self
 
 
+# ARC conventions (Feng et al. 2018): T1 is where self-heating is first detected, at
+# 0.02 degC/min; T2, the trigger, is where it reaches 1 degC/s.
+ARC_ONSET_RATE_C_PER_S = 0.02 / 60.0
+ARC_TRIGGER_RATE_C_PER_S = 1.0
+
+
 class ThermalModel(_Frozen):
+    """Lumped heat balance and the cell's ARC runaway characteristics.
+
+    The decomposition is one Arrhenius reaction with first-order depletion (Townsend & Tou's
+    ARC kinetics): ``d(alpha)/dt = A*exp(-Ea/(R*T))*(1 - alpha)`` above T1, releasing
+    ``m*cp*(T3 - T1)`` in all. ``A`` and ``Ea`` follow from the two ARC points: the onset
+    rate at T1 and the trigger rate at T2 on the adiabatic path. A one-step reaction climbs
+    far faster at its end than a cell can (heat spreads through the jelly roll, the cell
+    vents), so the rate is capped at the measured peak ``runaway_max_rate_c_per_s``.
+    """
+
     mass_kg: float = Field(gt=0)
     cp_j_per_kg_k: float = Field(gt=0)
     h_w_per_k: float = Field(gt=0)
+    self_heating_onset_c: float
     runaway_onset_c: float
     runaway_peak_c: float
-    runaway_heating_rate_c_per_min: float = Field(gt=0)
+    runaway_max_rate_c_per_s: float = Field(gt=ARC_TRIGGER_RATE_C_PER_S)
+
+    @model_validator(mode="after")
+    def _order(self) -> ThermalModel:
+        if not self.self_heating_onset_c < self.runaway_onset_c < self.runaway_peak_c:
+            raise ValueError("thermal: need self_heating_onset_c < runaway_onset_c "
+                             "< runaway_peak_c")
+        return self
 
     @property
     def heat_capacity_j_per_k(self) -> float:
         return self.mass_kg * self.cp_j_per_kg_k
+
+    @property
+    def adiabatic_rise_c(self) -> float:
+        """Temperature rise the whole decomposition gives without cooling (T3 - T1)."""
+        return self.runaway_peak_c - self.self_heating_onset_c
+
+    def arrhenius_constants(self) -> tuple[float, float]:
+        """(ln A in 1/s, Ea/R in K) from the onset and trigger points."""
+        t1_k = self.self_heating_onset_c + KELVIN_OFFSET
+        t2_k = self.runaway_onset_c + KELVIN_OFFSET
+        k1 = ARC_ONSET_RATE_C_PER_S / self.adiabatic_rise_c
+        k2 = ARC_TRIGGER_RATE_C_PER_S / (self.runaway_peak_c - self.runaway_onset_c)
+        ea_r = math.log(k2 / k1) / (1.0 / t1_k - 1.0 / t2_k)
+        return math.log(k1) + ea_r / t1_k, ea_r
+
+    def self_heating_rate_c_per_s(self, temperature_c: ArrayLike,
+                                  conversion: ArrayLike = 0.0) -> FloatArray:
+        """Adiabatic self-heating rate at a temperature and reacted fraction (0 below T1)."""
+        t = np.asarray(temperature_c, dtype=float)
+        ln_a, ea_r = self.arrhenius_constants()
+        k = np.exp(ln_a - ea_r / (t + KELVIN_OFFSET))
+        rate = self.adiabatic_rise_c * k * (1.0 - np.asarray(conversion, dtype=float))
+        rate = np.minimum(rate, self.runaway_max_rate_c_per_s)
+        return np.where(t >= self.self_heating_onset_c, rate, 0.0)
 
 
 class AgeingModel(_Frozen):
@@ -192,8 +271,6 @@ class CellSpec(_Frozen):
     def _limits(self) -> CellSpec:
         if not self.discharge_cutoff_v < self.nominal_voltage_v < self.charge_cutoff_v:
             raise ValueError("need discharge_cutoff_v < nominal_voltage_v < charge_cutoff_v")
-        if self.thermal.runaway_peak_c <= self.thermal.runaway_onset_c:
-            raise ValueError("thermal: runaway_peak_c must exceed runaway_onset_c")
         return self
 
     @property
@@ -287,7 +364,13 @@ class CellBank:
         self._hysteresis = spec.has_hysteresis
         self._hyst_ah = spec.ocv.hysteresis_soc
         self._k_over = spec.ocv.overcharge_v_per_soc
-        self._dudt = spec.ocv.entropic_coefficient_v_per_k
+        dudt = spec.ocv.entropic_coefficient_v_per_k
+        self._dudt_soc: FloatArray | None = None
+        self._dudt_table: FloatArray | None = None
+        if isinstance(dudt, list):
+            self._dudt_soc = np.asarray(spec.ocv.entropic_soc, dtype=float)
+            self._dudt_table = np.asarray(dudt, dtype=float)
+            dudt = 0.0
         self._r_soc = np.asarray(spec.resistance.soc, dtype=float)
         self._r_factor = np.asarray(spec.resistance.factor, dtype=float)
         self._cap_t = np.asarray(spec.available_capacity.temperature_c, dtype=float)
@@ -311,9 +394,12 @@ class CellBank:
         th = spec.thermal
         self._mcp = th.heat_capacity_j_per_k
         self._h = th.h_w_per_k
+        self._t1_c = th.self_heating_onset_c
         self._onset_c = th.runaway_onset_c
         self._peak_c = th.runaway_peak_c
-        self._runaway_rate_w = self._mcp * th.runaway_heating_rate_c_per_min / 60.0
+        self._ln_a, self._ea_r = th.arrhenius_constants()
+        self._rise_ad_c = th.adiabatic_rise_c
+        self._max_conv_per_s = th.runaway_max_rate_c_per_s / th.adiabatic_rise_c
         self._self_discharge_per_s = spec.self_discharge_pct_per_month / 100.0 / SECONDS_PER_MONTH
         self._inv_2q_as = 1.0 / (2.0 * spec.capacity_ah * SECONDS_PER_HOUR)
 
@@ -355,14 +441,19 @@ class CellBank:
         self._c_earc = _const(self._earc_r)
         self._c_neg_eaage = _const(-self._eaage_r)
         self._c_age_shift = _const(self._eaage_r * (self._inv_tref_age - self._inv_tref_r))
-        self._c_dudt = _const(self._dudt)
+        self._c_dudt = _const(dudt)
         self._c_inv_h = _const(1.0 / self._h)
         self._since_refresh_s = 0.0
         self._current_a: FloatArray = np.zeros(shape)
         self._cell_current_a: FloatArray = np.zeros(shape)
         self._heat_w: FloatArray = np.zeros(shape)
         self._runaway = np.zeros(shape, dtype=bool)
-        self._runaway_done = np.zeros(shape, dtype=bool)
+        # Decomposition: reacted fraction, and cells whose reaction a fault forces.
+        self._conversion = np.zeros(shape)
+        self._forced = np.zeros(shape, dtype=bool)
+        self._any_forced = False
+        self._hot = bool(float(self._temp_c.max()) >= self._t1_c)
+        self._rev_parts: tuple[FloatArray, FloatArray, FloatArray] | None = None
         self._runaway_start_c = np.zeros(shape)
         self._collapse = np.zeros(shape)
         self._g_int = np.zeros(shape)
@@ -379,8 +470,8 @@ class CellBank:
 
     # ------------------------------------------------------------------ evaluation
     def _eval(self) -> tuple[FloatArray, ...]:
-        """(ocv_v, r0, r1, r2, T_kelvin, ageing acceleration) for the present state; cached
-        until the next step."""
+        """(ocv_v, r0, r1, r2, T_kelvin, ageing acceleration, dU/dT) for the present state;
+        cached until the next step."""
         if self._cache is not None:
             return self._cache
         temp_c = self._temp_c
@@ -394,6 +485,11 @@ class CellBank:
         r1 = self._r1_age * rc
         r2 = self._r2_age * rc
         accel = np.exp(self._c_neg_eaage * d_inv_t + self._c_age_shift)
+        if self._dudt_table is not None:
+            assert self._dudt_soc is not None
+            dudt = np.interp(socc, self._dudt_soc, self._dudt_table)
+        else:
+            dudt = self._c_dudt
 
         # Cold cells cannot deliver their full charge: map SOC onto the table so that the
         # empty end of the curve is reached after only factor*capacity has been drawn.
@@ -415,7 +511,7 @@ class CellBank:
             ocv = ocv * np.clip(1.0 + x / _OVERDISCHARGE_SOC_SPAN, 0.0, 1.0)
         if self._any_runaway:
             ocv = ocv * (1.0 - self._collapse)
-        self._cache = (ocv, r0, r1, r2, t_k, accel)
+        self._cache = (ocv, r0, r1, r2, t_k, accel, dudt)
         return self._cache
 
     def _dt_coeffs(self, dt_s: float) -> tuple[FloatArray, ...]:
@@ -461,7 +557,7 @@ class CellBank:
         if dt == 0.0:
             self._current_a = i_ext
             return
-        ocv, r0, r1, r2, t_k, accel = self._eval()
+        ocv, r0, r1, r2, t_k, accel, dudt = self._eval()
         a1, a2, b1, b2, a_th, c_dt, c_sd, c_days, c_efc = self._dt_coeffs(dt)
         v1 = self._v1
         v2 = self._v2
@@ -485,11 +581,13 @@ class CellBank:
         self._v1 = s1 + d1 * a1
         self._v2 = s2 + d2 * a2
         # Joule + polarisation heat uses the exact mean of v_rc over the step (s + d*b), so
-        # the thermal result does not depend on dt; Bernardi's reversible term is
-        # -I*T*dU/dT with I positive on charge.
+        # the thermal result does not depend on dt. Bernardi's reversible term is
+        # -I_d*T*dU/dT with I_d positive on discharge, i.e. +I*T*dU/dT here (I + = charge):
+        # a discharge heats a cell whose dU/dT is negative.
         drop = i_cell * r0 + (s1 + d1 * b1) + (s2 + d2 * b2)
         if self.reversible_heat:
-            drop = drop - self._c_dudt * t_k
+            drop = drop + dudt * t_k
+            self._rev_parts = (i_cell, t_k, dudt)
         heat = i_cell * drop
         if heat_short is not None:
             heat = heat + heat_short
@@ -506,14 +604,15 @@ class CellBank:
 
         temp_old = self._temp_c
         amb = self._ambient
-        if self._any_runaway:
-            heat = self._runaway_heat(heat, temp_old, amb, a_th)
-
-        # Exact solution of m*cp*dT/dt = Q - h*(T - T_amb) for constant Q over dt.
-        t_ss = amb + heat * self._c_inv_h
-        temp = t_ss + (temp_old - t_ss) * a_th
+        if self._hot or self._any_forced:
+            temp, heat = self._decompose(heat, temp_old, amb, dt)
+        else:
+            # Exact solution of m*cp*dT/dt = Q - h*(T - T_amb) for constant Q over dt.
+            t_ss = amb + heat * self._c_inv_h
+            temp = t_ss + (temp_old - t_ss) * a_th
         self._temp_c = temp
-        if float(temp.max()) >= self._onset_c:
+        self._hot = bool(float(temp.max()) >= self._t1_c)
+        if self._hot:
             new = (temp >= self._onset_c) & ~self._runaway
             if new.any():
                 self._runaway_start_c = np.where(new, temp, self._runaway_start_c)
@@ -552,26 +651,51 @@ class CellBank:
         self.time_s += dt
         self._cache = None
 
-    def _runaway_heat(self, heat: FloatArray, temp_c: FloatArray, ambient_c: FloatArray,
-                      a_th: FloatArray) -> FloatArray:
-        """Add the runaway reaction heat: the configured net self-heating rate (so the cell
-        climbs at that rate despite cooling), never overshooting the peak temperature."""
-        active = self._runaway & ~self._runaway_done
-        h = self._h
-        p_rate = self._runaway_rate_w + h * (temp_c - ambient_c)
-        # Heat that would land exactly on the peak at the end of this step.
-        t_ss_peak = (self._peak_c - temp_c * a_th) / (1.0 - a_th)
-        p_peak = h * (t_ss_peak - ambient_c) - heat
-        p = np.where(active, np.maximum(np.minimum(p_rate, p_peak), 0.0), 0.0)
-        return heat + p
+    def _decompose(self, heat: FloatArray, temp_c: FloatArray, ambient_c: FloatArray,
+                   dt_s: float) -> tuple[FloatArray, FloatArray]:
+        """Advance temperature and the decomposition together over ``dt_s``; returns the
+        new temperature and the step's mean heat including the reaction's.
+
+        The reaction rate depends steeply on temperature, so this sub-steps (each exact
+        for constant heat) until no cell rises more than ``_MAX_RISE_PER_SUBSTEP_C`` per
+        sub-step. Only runs while some cell is above T1 or forced.
+        """
+        mcp, h = self._mcp, self._h
+        conv = self._conversion
+        q_rx_j = np.zeros(self._shape)
+        t = 0.0
+        temp = temp_c
+        while t < dt_s:
+            # A forced cell (fault injection: a local hot spot) reacts at least at T2's rate.
+            t_eff = (np.where(self._forced, np.maximum(temp, self._onset_c), temp)
+                     if self._any_forced else temp)
+            k = np.where(t_eff >= self._t1_c,
+                         np.exp(self._ln_a - self._ea_r / (t_eff + KELVIN_OFFSET)), 0.0)
+            rate = np.minimum(k * (1.0 - conv), self._max_conv_per_s)  # 1/s
+            left = dt_s - t
+            max_rise = float(rate.max()) * self._rise_ad_c * left
+            sub = left
+            if max_rise > _MAX_RISE_PER_SUBSTEP_C:
+                sub = max(left * _MAX_RISE_PER_SUBSTEP_C / max_rise,
+                          dt_s * _MIN_SUBSTEP_FRACTION)
+                sub = min(sub, left)
+            # Exact first-order depletion for constant k over the sub-step, then the cap.
+            d_conv = np.minimum((1.0 - conv) * -np.expm1(-k * sub),
+                                self._max_conv_per_s * sub)
+            conv = conv + d_conv
+            q = heat + d_conv * (mcp * self._rise_ad_c / sub)
+            q_rx_j = q_rx_j + d_conv * (mcp * self._rise_ad_c)
+            # expm1 keeps a nearly adiabatic cell (tiny h) exact: t_ss*(1 - a) -> Q*dt/(m*cp).
+            temp = temp + (ambient_c + q / h - temp) * -math.expm1(-sub * h / mcp)
+            t += sub
+        self._conversion = np.minimum(conv, 1.0)
+        return temp, heat + q_rx_j / dt_s
 
     def _update_runaway(self, temp_c: FloatArray) -> None:
-        self._runaway_done |= self._runaway & (temp_c >= self._peak_c - 1e-6)
-        span = np.maximum(self._peak_c - self._runaway_start_c, 1.0)
-        progress = np.where(self._runaway, (temp_c - self._runaway_start_c) / span, 0.0)
+        progress = np.where(self._runaway,
+                            (temp_c - self._runaway_start_c) / _RUNAWAY_COLLAPSE_SPAN_C, 0.0)
         # Separator failure is irreversible: the collapse only ever grows.
-        self._collapse = np.maximum(
-            self._collapse, np.clip(progress / _RUNAWAY_COLLAPSE_FRACTION, 0.0, 1.0))
+        self._collapse = np.maximum(self._collapse, np.clip(progress, 0.0, 1.0))
         self._update_conductance()
 
     def _update_conductance(self) -> None:
@@ -640,9 +764,12 @@ class CellBank:
                     self._g_ext, self._runaway_start_c):
             arr[index] = 0.0
         self._runaway[index] = False
-        self._runaway_done[index] = False
+        self._forced[index] = False
+        self._conversion[index] = 0.0
         self.sensor_dropout[index] = False
         self._any_runaway = bool(self._runaway.any())
+        self._any_forced = bool(self._forced.any())
+        self._hot = bool(float(self._temp_c.max()) >= self._t1_c)
         self._soc_min = float(self._soc.min())
         self._soc_max = float(self._soc.max())
         self._update_conductance()
@@ -664,11 +791,15 @@ class CellBank:
         self._cache = None
 
     def trigger_thermal_runaway(self, index: CellIndex) -> None:
-        """Start a runaway now regardless of temperature (fault injection)."""
+        """Start a runaway now regardless of temperature (fault injection): the
+        decomposition proceeds at least at its T2 (trigger) rate, as if a hot spot inside the
+        cell had reached T2, and the separator is taken to have failed."""
         start = np.where(self._runaway, self._runaway_start_c, self._temp_c)
         self._runaway[index] = True
+        self._forced[index] = True
         self._runaway_start_c = np.where(self._runaway, start, 0.0)
         self._any_runaway = True
+        self._any_forced = True
         self._cache = None
 
     # ------------------------------------------------------------------ read-outs
@@ -779,6 +910,25 @@ class CellBank:
     def heat_w(self) -> FloatArray:
         """Heat generated inside each cell during the last step (mean over the step)."""
         return np.array(self._heat_w)
+
+    @property
+    def reversible_heat_w(self) -> FloatArray:
+        """Reversible (entropic) part of ``heat_w`` in the last step, ``I*T*dU/dT`` with I
+        positive on charge: positive (heating) on discharge where dU/dT < 0."""
+        if self._rev_parts is None:
+            return np.zeros(self._shape)
+        i_cell, t_k, dudt = self._rev_parts
+        return np.asarray(i_cell * t_k * dudt, dtype=float)
+
+    @property
+    def entropic_coefficient_v_per_k(self) -> FloatArray:
+        """dU/dT at each cell's present SOC, V/K."""
+        return np.broadcast_to(self._eval()[6], self._shape).astype(float)
+
+    @property
+    def decomposed_fraction(self) -> FloatArray:
+        """Fraction of the runaway decomposition already reacted (0 = none)."""
+        return self._conversion.copy()
 
     @property
     def equivalent_full_cycles(self) -> FloatArray:
