@@ -93,16 +93,14 @@ def test_2c_discharge_heats_as_the_lumped_bernardi_solution(name: str) -> None:
     # The reference does not model the decomposition: the cell must stay below T1.
     assert float(bank.cell_temperature_c[0]) < spec["thermal"]["self_heating_onset_c"]
     assert rise_c == pytest.approx(reference_rise_c, rel=0.01)
-    # The reversible term matters here: the reference without it differs by more than
-    # the tolerance wherever dU/dT does not average out over the discharge.
+    # The reversible term matters here: without it (or with its sign flipped, which moves
+    # the rise twice as far) the rise is off by far more than the tolerance.
     irreversible_rise_c = reference_discharge(spec, current_a, duration_s, ambient_c,
                                               reversible=False) - ambient_c
+    assert abs(rise_c - irreversible_rise_c) > 0.05 * reference_rise_c
+    # Bernardi: a discharge over SOCs where dU/dT is negative on average heats the cell more.
     mean_dudt = np.mean([entropic(spec["ocv"], z) for z in np.linspace(0.06, 1.0, 200)])
-    if abs(mean_dudt) * 298.0 * abs(current_a) > 0.05 * abs(current_a) ** 2 * spec[
-            "resistance"]["r0_ohm"]:
-        assert abs(rise_c - irreversible_rise_c) > 0.02 * reference_rise_c
-        # Bernardi: discharging a cell whose dU/dT is negative on average heats it more.
-        assert (rise_c > irreversible_rise_c) == (mean_dudt < 0)
+    assert mean_dudt < 0 and rise_c > irreversible_rise_c
 
 
 @pytest.mark.parametrize("name", CHEMISTRIES)

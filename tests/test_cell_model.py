@@ -81,15 +81,47 @@ def test_c3_discharge_delivers_nominal_capacity_at_25c(name: str) -> None:
     assert delivered == pytest.approx(spec.capacity_ah, rel=0.01)
 
 
+def mean_discharge_voltage(spec: CellSpec, c_rate: float) -> float:
+    """Energy over charge of a CC discharge from full to the cut-off at 25 degC."""
+    bank = CellBank(spec, n=1, soc=1.0, ambient_c=25.0)
+    current_a = -spec.capacity_ah * c_rate
+    energy_wh = charge_ah = 0.0
+    dt_s = 10.0
+    while True:
+        bank.step(current_a, dt_s)
+        v = float(bank.voltage_v[0])
+        if v <= spec.discharge_cutoff_v:
+            return energy_wh / charge_ah
+        energy_wh += v * -current_a * dt_s / 3600.0
+        charge_ah += -current_a * dt_s / 3600.0
+
+
+@pytest.mark.parametrize("name", CHEMISTRIES)
+def test_mean_discharge_voltage_matches_the_datasheet_nominal(name: str) -> None:
+    """The OCV curve agrees with the datasheet's nominal voltage and hence its energy.
+
+    Datasheets rate nominal voltage and energy at ~0.2C: there the mean discharge voltage
+    must be within +-1 % of nominal. At C/20 the IR drop is smaller, so the mean may sit
+    up to 2 % above nominal (and at most 1 % below). Before the OCV fix the NMC811, NCA
+    and Na-ion curves were 2.4-2.9 % high at 0.2C and 3.2-3.7 % high at C/20.
+    """
+    spec = load_cell_spec(name)
+    nominal_v = spec.nominal_voltage_v
+    assert mean_discharge_voltage(spec, 0.2) == pytest.approx(nominal_v, rel=0.01)
+    assert 0.99 * nominal_v <= mean_discharge_voltage(spec, 1 / 20) <= 1.02 * nominal_v
+
+
 @pytest.mark.parametrize("name", CHEMISTRIES)
 def test_c3_discharge_at_0c_delivers_what_the_parameters_imply(name: str) -> None:
     spec = load_cell_spec(name)
     bank = CellBank(spec, n=1, soc=1.0, ambient_c=0.0)
     delivered = discharge_to_cutoff(bank, -spec.capacity_ah / 3, dt_s=5.0)
-    # The deliverable fraction at the cell's own temperature (it self-heats a little).
+    # The deliverable fraction at the cell's own temperature (it self-heats a little). Where
+    # the OCV table reaches the cut-off only at SOC 0 (nmc811, from Chen et al. 2020), the
+    # larger IR drop of a cold cell ends the discharge up to ~1.5 % before that.
     expected = spec.capacity_ah * float(spec.capacity_factor(bank.cell_temperature_c[0]))
     assert delivered < 0.99 * spec.capacity_ah
-    assert delivered == pytest.approx(expected, rel=0.01)
+    assert expected * 0.98 < delivered <= expected * 1.01
 
 
 @pytest.mark.parametrize("name", CHEMISTRIES)
@@ -106,9 +138,10 @@ def test_step_size_independence(name: str) -> None:
 def test_huge_step_is_stable() -> None:
     # Exact exponential updates: a one-hour step neither oscillates nor blows up.
     bank = CellBank("nmc811", n=1, soc=0.9)
+    r2_start = float(bank.r2_ohm[0])  # the step holds R at its start-of-step value
     bank.step(-1.0, 3600.0)
     assert np.all(np.isfinite(bank.voltage_v))
-    assert bank.v_rc2_v[0] == pytest.approx(-1.0 * bank.r2_ohm[0], rel=0.05)
+    assert bank.v_rc2_v[0] == pytest.approx(-1.0 * r2_start, rel=1e-4)
     assert 25.0 < bank.cell_temperature_c[0] < 30.0
 
 
@@ -312,10 +345,11 @@ def test_overcharge_without_limits_runs_away(name: str) -> None:
     # Overcharge drove the voltage well above the charge cut-off before the runaway.
     onset_idx = int(np.argmax(temps_a >= th.runaway_onset_c))
     assert max(volts[:onset_idx]) > spec.charge_cutoff_v + 0.3
-    # Self-heating of tens of degC per minute, to several hundred degC.
-    rate_c_per_min = np.diff(temps_a[onset_idx:]) * 60.0 / dt_s
-    assert rate_c_per_min.max() >= 0.8 * th.runaway_heating_rate_c_per_min
-    assert rate_c_per_min.max() >= 10.0
+    # Self-heating in degC per second (sampled every 2 s, so below the instantaneous peak),
+    # to near the ARC maximum T3.
+    rate_c_per_s = np.diff(temps_a[onset_idx - 1:]) / dt_s
+    assert rate_c_per_s.max() >= min(0.2 * th.runaway_max_rate_c_per_s, 5.0)
+    assert rate_c_per_s.max() > 1.0
     assert temps_a.max() >= th.runaway_onset_c + 0.8 * (th.runaway_peak_c - th.runaway_onset_c)
     assert temps_a.max() > 300.0
     assert volts[-1] < 0.2  # voltage collapse
@@ -333,10 +367,12 @@ def test_external_heating_past_onset_triggers_runaway() -> None:
 def test_internal_short_drains_and_heats() -> None:
     bank = CellBank("nmc811", n=2, soc=1.0)
     bank.set_internal_short(0, 1.0)
-    for _ in range(600):
+    # Two minutes: ~16 W heats the cell by ~25 degC, well below the self-heating onset.
+    for _ in range(120):
         bank.step(0.0, 1.0)
     assert bank.soc[0] < bank.soc[1] - 0.02
     assert bank.cell_temperature_c[0] > bank.cell_temperature_c[1] + 1.0
+    # The short's V^2/R dominates; the cell's own Joule and reversible heat are ~3 % of it.
     assert bank.heat_w[0] == pytest.approx(bank.voltage_v[0] ** 2 / 1.0, rel=0.05)
     bank.set_internal_short(0, None)
     bank.step(0.0, 1.0)

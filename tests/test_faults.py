@@ -346,12 +346,15 @@ def test_thermal_runaway_climbs_fast_and_collapses_the_voltage(
     first = cab.measure()
     lab.faults.advance(60)
     second = cab.measure()
+    # A forced runaway reacts at least at its trigger rate (1 degC/s adiabatic): tens of
+    # degC in the first minute, then past T2 it climbs to hundreds of degC.
     rise_c_per_min = second[1, 2] - first[1, 2]
-    configured = bank.spec.thermal.runaway_heating_rate_c_per_min
-    assert 20.0 < rise_c_per_min == pytest.approx(configured, rel=0.1)
+    assert rise_c_per_min > 30.0
     assert second[1, 0] < 0.1 and second[0, 0] > 3.0  # only the runaway cell collapses
     lab.faults.advance(600)
-    assert float(bank.cell_temperature_c[1]) > bank.spec.thermal.runaway_onset_c
+    thermal = bank.spec.thermal
+    assert float(bank.cell_temperature_c[1]) > thermal.runaway_onset_c
+    assert float(bank.decomposed_fraction[1]) > 0.9
     assert bank.runaway.tolist() == [False, True]
 
 
@@ -379,7 +382,8 @@ def test_sensor_dropout_reads_as_missing_temperature(lab: SimLab,
 
 def test_overcharge_with_safety_limits_disabled_runs_away_as_configured() -> None:
     """A 1C charge past full with VLIM at 21 V and OVP off: the overcharge heat takes the
-    cell to its runaway onset, then it climbs at the spec's runaway rate to the peak."""
+    cell past its self-heating onset T1 to the trigger T2, then it runs away in seconds to
+    near its ARC maximum T3."""
 
     def overcharge(vlim_v: float) -> tuple[CellBank, list[tuple[float, float, float]]]:
         clock = ManualClock()
@@ -400,20 +404,12 @@ def test_overcharge_with_safety_limits_disabled_runs_away_as_configured() -> Non
     assert bank.runaway[0]
     onset = next(k for k, r in enumerate(rows) if r[2] >= thermal.runaway_onset_c)
     assert rows[onset - 1][1] > 6.0  # overcharged far above 4.2 V before the onset
-    # Climb between 10 % and 90 % of onset -> peak, in degC per minute.
-    lo = thermal.runaway_onset_c + 0.1 * (thermal.runaway_peak_c - thermal.runaway_onset_c)
-    hi = thermal.runaway_onset_c + 0.9 * (thermal.runaway_peak_c - thermal.runaway_onset_c)
-    # Only the climb: after the peak the burnt-out cell cools back through the same band.
-    top = max(range(len(rows)), key=lambda k: rows[k][2])
-    climb = [r for r in rows[: top + 1] if lo <= r[2] <= hi]
-    rate = (climb[-1][2] - climb[0][2]) / (climb[-1][0] - climb[0][0]) * 60.0
-    assert rate == pytest.approx(thermal.runaway_heating_rate_c_per_min, rel=0.15)
-    # The reaction ends at the configured peak, after (peak - onset) / rate minutes.
-    peak = next(k for k, r in enumerate(rows) if r[2] >= thermal.runaway_peak_c - 1.0)
-    minutes = (rows[peak][0] - rows[onset][0]) / 60.0
-    expected = ((thermal.runaway_peak_c - thermal.runaway_onset_c)
-                / thermal.runaway_heating_rate_c_per_min)
-    assert minutes == pytest.approx(expected, rel=0.15, abs=10 / 60)
+    # From T2 the climb takes seconds: within two 10 s samples the cell is within 20 % of
+    # the T2 -> T3 span of its peak.
+    span = thermal.runaway_peak_c - thermal.runaway_onset_c
+    top_c = max(r[2] for r in rows)
+    assert top_c > thermal.runaway_onset_c + 0.8 * span
+    assert rows[onset + 1][2] > thermal.runaway_onset_c + 0.8 * span
     assert all(r[1] < 0.1 for r in rows[onset + 2:])  # the voltage has collapsed
     # Same hour with the charger's 4.2 V compliance in force: no runaway.
     safe_bank, safe_rows = overcharge(4.2)
