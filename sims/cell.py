@@ -615,7 +615,10 @@ class CellBank:
         if self._hot:
             new = (temp >= self._onset_c) & ~self._runaway
             if new.any():
-                self._runaway_start_c = np.where(new, temp, self._runaway_start_c)
+                # The climb is measured from the step's start: a step can take a cell from
+                # below T2 to near T3 at once.
+                self._runaway_start_c = np.where(new, np.minimum(temp_old, temp),
+                                                 self._runaway_start_c)
                 self._runaway |= new
                 self._any_runaway = True
         if self._any_runaway:
