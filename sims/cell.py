@@ -173,7 +173,7 @@ class ThermalModel(_Frozen):
     ``m*cp*(T3 - T1)`` in all. ``A`` and ``Ea`` follow from the two ARC points: the onset
     rate at T1 and the trigger rate at T2 on the adiabatic path. A one-step reaction climbs
     far faster at its end than a cell can (heat spreads through the jelly roll, the cell
-    vents), so the rate is capped at the measured peak ``runaway_max_rate_c_per_s``.
+    vents), so the rate is capped at the peak rate ARC shows, ``runaway_max_rate_c_per_s``.
     """
 
     mass_kg: float = Field(gt=0)
@@ -452,7 +452,8 @@ class CellBank:
         self._conversion = np.zeros(shape)
         self._forced = np.zeros(shape, dtype=bool)
         self._any_forced = False
-        self._hot = bool(float(self._temp_c.max()) >= self._t1_c)
+        self._reacting = False
+        self._update_reacting()
         self._rev_parts: tuple[FloatArray, FloatArray, FloatArray] | None = None
         self._runaway_start_c = np.zeros(shape)
         self._collapse = np.zeros(shape)
@@ -604,15 +605,15 @@ class CellBank:
 
         temp_old = self._temp_c
         amb = self._ambient
-        if self._hot or self._any_forced:
+        if self._reacting:
             temp, heat = self._decompose(heat, temp_old, amb, dt)
         else:
             # Exact solution of m*cp*dT/dt = Q - h*(T - T_amb) for constant Q over dt.
             t_ss = amb + heat * self._c_inv_h
             temp = t_ss + (temp_old - t_ss) * a_th
         self._temp_c = temp
-        self._hot = bool(float(temp.max()) >= self._t1_c)
-        if self._hot:
+        if float(temp.max()) >= self._t1_c or self._any_forced:
+            self._update_reacting()
             new = (temp >= self._onset_c) & ~self._runaway
             if new.any():
                 # The climb is measured from the step's start: a step can take a cell from
@@ -621,6 +622,8 @@ class CellBank:
                                                  self._runaway_start_c)
                 self._runaway |= new
                 self._any_runaway = True
+        else:
+            self._reacting = False
         if self._any_runaway:
             self._update_runaway(temp)
 
@@ -668,7 +671,8 @@ class CellBank:
         q_rx_j = np.zeros(self._shape)
         t = 0.0
         temp = temp_c
-        while t < dt_s:
+        # The tolerance stops a last sub-step of rounding size (left ~1e-16 s).
+        while dt_s - t > 1e-9 * dt_s:
             # A forced cell (fault injection: a local hot spot) reacts at least at T2's rate.
             t_eff = (np.where(self._forced, np.maximum(temp, self._onset_c), temp)
                      if self._any_forced else temp)
@@ -693,6 +697,12 @@ class CellBank:
             t += sub
         self._conversion = np.minimum(conv, 1.0)
         return temp, heat + q_rx_j / dt_s
+
+    def _update_reacting(self) -> None:
+        """Whether any cell still has something to decompose and is above T1 (or forced):
+        only then does a step take the sub-stepped path."""
+        live = (self._temp_c >= self._t1_c) | self._forced
+        self._reacting = bool(np.any(live & (self._conversion < 1.0 - 1e-9)))
 
     def _update_runaway(self, temp_c: FloatArray) -> None:
         progress = np.where(self._runaway,
@@ -772,7 +782,7 @@ class CellBank:
         self.sensor_dropout[index] = False
         self._any_runaway = bool(self._runaway.any())
         self._any_forced = bool(self._forced.any())
-        self._hot = bool(float(self._temp_c.max()) >= self._t1_c)
+        self._update_reacting()
         self._soc_min = float(self._soc.min())
         self._soc_max = float(self._soc.max())
         self._update_conductance()
@@ -803,6 +813,7 @@ class CellBank:
         self._runaway_start_c = np.where(self._runaway, start, 0.0)
         self._any_runaway = True
         self._any_forced = True
+        self._update_reacting()
         self._cache = None
 
     # ------------------------------------------------------------------ read-outs
