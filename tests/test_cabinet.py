@@ -52,7 +52,8 @@ from labdaq.sims.server import PtySimServer, SimServer, TcpSimServer
 
 TIMEOUT_S = 0.5
 NO_ERROR = '0,"No error"'
-CTOR = [("SYST:CHAN:COUN?", "8"), ("SYST:CHAN:LIM?", "+1.00000000E+01,+5.00000000E+00")]
+CTOR = [("SYST:CHAN:COUN?", "8"), ("SYST:CHAN:LIM?", "+1.00000000E+01,+5.00000000E+00"),
+        ("FORM:DATA REAL,32;:FORM:BORD NORM", None), (":SYST:ERR?", NO_ERROR)]
 
 
 def scripted(script: list[tuple[str | None, str | None]]) -> tuple[CyclerCabinet,
@@ -82,7 +83,7 @@ def test_constructor_discovers_channels_and_limits() -> None:
     t.assert_all_used()
     # Given explicitly, nothing is asked.
     quiet = CyclerCabinet(ScriptedTransport([]), channels=16, current_max_a=5.0,
-                          voltage_max_v=5.0)
+                          voltage_max_v=5.0, data_format="ascii")
     assert quiet.channels[-1] == 16
     assert quiet.validator("source_current_a").max == 5.0  # type: ignore[union-attr]
 
