@@ -214,8 +214,8 @@ def test_tcp_query_and_framing(stream: bool) -> None:
 def test_crlf_terminations(stream: bool) -> None:
     sim = Echo()
     with SimServer.tcp(sim, read_termination="\r\n", write_termination="\r\n") as srv:
-        t = open_transport(srv.resource, stream=stream, timeout_s=TIMEOUT_S, read_termination="\r\n",
-                           write_termination="\r\n")
+        t = open_transport(srv.resource, stream=stream, timeout_s=TIMEOUT_S,
+                           read_termination="\r\n", write_termination="\r\n")
         try:
             assert t.query("X?") == "X"
         finally:
@@ -335,7 +335,8 @@ def test_timeout_change_applies_to_open_link(stream: bool) -> None:
 def test_many_clients_and_threads_share_one_simulator(stream: bool) -> None:
     sim = Echo()
     with SimServer.tcp(sim) as srv:
-        transports = [open_transport(srv.resource, stream=stream, timeout_s=TIMEOUT_S) for _ in range(4)]
+        transports = [open_transport(srv.resource, stream=stream, timeout_s=TIMEOUT_S)
+                      for _ in range(4)]
         errors: list[BaseException] = []
 
         def hammer(k: int) -> None:
