@@ -343,7 +343,15 @@ class CyclerCabinet(Instrument, Cycler):
                         ) -> NDArray[np.float64]:
         """``(n, 5)`` table of a ``MEAS:ALL?`` reply, binary block or ASCII — told apart
         by the reply itself, so an instrument reset to ASCII behind the driver's back is
-        still read right."""
+        still read right. A reply that is neither leaves the link to be resynchronised."""
+        try:
+            return self._parse_meas_all_table(reply, chans, command)
+        except GarbledReply:
+            self.transport.mark_out_of_step()
+            raise
+
+    def _parse_meas_all_table(self, reply: bytes, chans: list[int], command: str
+                              ) -> NDArray[np.float64]:
         count = len(chans) * MEAS_ALL_FIELDS
         if starts_block(reply):
             try:

@@ -342,3 +342,23 @@ def test_big_endian_float32_block_parses_with_frombuffer() -> None:
     block = format_block(values.tobytes())
     parsed = np.frombuffer(block_payload(block), dtype=">f4").astype(float)
     assert parsed.tolist() == [3.5, -2.25, 25.0, 1.0, 3.0]
+
+
+@KINDS
+def test_unparseable_reading_resynchronises_the_link(peer: BytePeer, stream: bool) -> None:
+    """A garbled reply may hold a termination byte in its middle: the driver's parse
+    fails on the first piece, and the rest must never be read as the next reply."""
+    from labdaq.drivers.cabinet import CyclerCabinet
+
+    table = np.array([[3.7, 1.0, 25.0, 1, 3], [3.6, 0.0, 25.0, 0, 0]], dtype=">f4")
+    peer.plan(b"\xa3\x0a\x99\xfe\n")  # line noise with an LF inside
+    peer.plan(format_block(table.tobytes()) + b"\n")
+    cab = CyclerCabinet(connect(peer, stream), "cab", channels=2, current_max_a=10.0,
+                        voltage_max_v=5.0, data_format="ascii")
+    try:
+        with pytest.raises(GarbledReply):
+            cab.measure()
+        np.testing.assert_array_equal(cab.measure(), table[:, :3].astype(float))
+        assert peer.connections == 2
+    finally:
+        cab.close()

@@ -235,6 +235,12 @@ class Transport(ABC):
             # one; a fresh connection (or reopened port) discards it.
             self.reconnect()
 
+    def mark_out_of_step(self) -> None:
+        """A reply could not be understood, so it may have been cut at a wrong place (a
+        garbled block can hold termination bytes): reconnect before the next exchange so
+        the rest of it is never read as the next reply."""
+        self._stale = True
+
     def mark_next_send(self) -> None:
         """Record in ``marked_send_s`` the moment the next command has been sent."""
         self._mark_next = True
