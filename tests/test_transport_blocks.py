@@ -362,3 +362,28 @@ def test_unparseable_reading_resynchronises_the_link(peer: BytePeer, stream: boo
         assert peer.connections == 2
     finally:
         cab.close()
+
+
+class BlockSim:
+    """A simulator whose ``DATA?`` answers the block (latin-1: one character a byte)."""
+
+    def handle_line(self, line: str) -> str | None:
+        return BLOCK.decode("latin-1") if line == "DATA?" else line[:-1] or None
+
+
+@pytest.mark.parametrize("kind", ["pyvisa-tcp", "stream-tcp", "pyvisa-asrl", "pyserial"])
+def test_block_through_every_link_to_a_simulator(kind: str) -> None:
+    """The simulator servers send a block byte for byte; every client stack frames it."""
+    from labdaq.sims.server import SimServer
+
+    server = SimServer.pty(BlockSim()) if kind in ("pyvisa-asrl", "pyserial") else (
+        SimServer.tcp(BlockSim()))
+    with server as srv:
+        resource = srv.path if kind == "pyserial" else srv.resource  # type: ignore[attr-defined]
+        t = open_transport(resource, timeout_s=TIMEOUT_S, stream=kind == "stream-tcp")
+        try:
+            for _ in range(3):
+                assert t.query_raw("DATA?") == BLOCK
+                assert t.query("OK?") == "OK"
+        finally:
+            t.close()
