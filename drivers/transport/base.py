@@ -252,23 +252,36 @@ class Transport(ABC):
             self.marked_send_s = time.perf_counter()
             self._mark_next = False
 
-    def _write_once(self, command: str) -> None:
+    def _prepare(self, command: str) -> bytes:
+        """Open (or resynchronise) the link, look before sending, and encode ``command``."""
         self._ensure_open()
         self._preflight()
         try:
-            self._send((command + self.write_termination).encode(self.encoding))
-            self._sent()
-        except InstrumentError as exc:
-            exc.command = exc.command or command
-            raise
+            return (command + self.write_termination).encode(self.encoding)
         except UnicodeEncodeError as exc:
             raise InstrumentError(f"cannot encode command: {exc}", instrument=self.resource,
                                   command=command) from exc
 
-    def _query_once(self, command: str) -> bytes:
-        self._write_once(command)
+    def _write_once(self, command: str) -> None:
+        data = self._prepare(command)
         try:
-            raw = self._receive()
+            self._send(data)
+            self._sent()
+        except InstrumentError as exc:
+            exc.command = exc.command or command
+            raise
+
+    def _exchange(self, data: bytes) -> bytes:
+        """Send one query and receive its whole reply. A link whose I/O runs on another
+        thread (StreamTransport) does both in one hand-off."""
+        self._send(data)
+        self._sent()
+        return self._receive()
+
+    def _query_once(self, command: str) -> bytes:
+        data = self._prepare(command)
+        try:
+            raw = self._exchange(data)
         except InstrumentTimeout as exc:
             self._stale = True
             exc.command = command

@@ -246,6 +246,15 @@ class StreamTransport(Transport):
     def _receive(self) -> bytes:
         return self._run(self._areceive)
 
+    def _exchange(self, data: bytes) -> bytes:
+        async def exchange() -> bytes:
+            await self._asend(data)
+            return await self._areceive()
+
+        # One hand-off to the connection's loop and back for the whole query, not one
+        # for the send and one for the reply.
+        return self._run(exchange)
+
     # -- the hot path -----------------------------------------------------------------------
     async def aquery(self, command: str) -> str | None:
         """:meth:`query` on the running loop with no thread hand-off (the engine's
