@@ -403,3 +403,30 @@ def test_pty_drop_loses_the_command_then_recovers() -> None:
             assert t.query("BACK?") == "BACK"
         finally:
             t.close()
+
+
+def test_stream_connection_follows_the_loop_that_queries_it() -> None:
+    """A stream connection moves to the loop of its asynchronous queries; blocking calls
+    from other threads then run on that loop, a blocking call on the loop itself is
+    refused (it would deadlock), and once the loop is gone the connection comes back to
+    the background loop."""
+    sim = Echo()
+    with SimServer.tcp(sim) as srv:
+        t = open_transport(srv.resource, stream=True, timeout_s=TIMEOUT_S)
+        assert isinstance(t, StreamTransport)
+        try:
+            assert t.query("A?") == "A"  # opened on the background loop
+
+            async def on_a_loop() -> None:
+                assert await t.aquery("B?") == "B"  # moved here
+                with pytest.raises(RuntimeError, match="deadlock"):
+                    t.query("NEVER?")
+                assert await asyncio.to_thread(t.query, "C?") == "C"
+                assert await t.aquery("D?") == "D"
+
+            asyncio.run(on_a_loop())
+            assert t.query("E?") == "E"  # that loop has closed: reconnected
+            assert t.reconnects == 1
+            assert sim.lines == ["A?", "B?", "C?", "D?", "E?"]
+        finally:
+            t.close()
