@@ -101,6 +101,7 @@ class BytePeer:
 
     def __init__(self) -> None:
         self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)  # accept wakes up to notice close()
         self.port = self._listener.getsockname()[1]
         self.plans: queue.Queue[list[Action]] = queue.Queue()
         self.lines: list[bytes] = []
@@ -118,7 +119,6 @@ class BytePeer:
         self.plans.put(list(actions))
 
     def _accept(self) -> None:
-        self._listener.settimeout(0.1)
         while not self._stop.is_set():
             try:
                 conn, _ = self._listener.accept()
