@@ -1,6 +1,7 @@
 """A stored sample's time says when its reading was taken, checked against the simulated
 cabinet's own clock: the engine runs on the lab's clock (tests/engine_rig.py), and the
-cabinet keeps the clock time of every reading it takes (CabinetSim.readings)."""
+cabinet keeps the clock time of every reading it takes (CabinetSim.readings). Over both
+SOCKET links; the stream transport also through a dropped connection mid-run."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from labdaq.drivers.transport import StreamTransport, VisaTransport
 from labdaq.sims.lab import SimLab
-from tests.engine_rig import samples, start_rig, wait_for
+from tests.engine_rig import assert_contiguous, samples, start_rig, wait_for
 
 SPEED = 50.0
 
@@ -62,3 +63,32 @@ async def test_stored_time_is_between_query_and_next_reading(sqlite_url: str, tm
         # ... and before the next sample's query.
         if j + 1 < len(stored_at):
             assert np.any((taken >= t_stored) & (taken <= stored_at[j + 1])), (j, taken)
+
+
+async def test_engine_over_the_stream_transport_survives_a_dropped_connection(
+        sqlite_url: str, tmp_path: Path) -> None:
+    """The cabinet drops every connection in the middle of a run read over the stream
+    transport: the link reconnects (hot path gives way, the worker path reconnects),
+    and the run completes with every sample numbered in order."""
+    lab = SimLab(soc=0.3, cabinets=1, cabinet_channels=2)
+    cab = lab.by_name("cabinet1")
+    cab.driver_options["transport"] = {"stream": True}
+    rig = await start_rig(sqlite_url, lab, SPEED, control_period_s=1.0)
+    try:
+        doc = {"schema_version": 1, "name": "charge",
+               "steps": [{"step": "cc", "current_a": 3.0, "until": {"duration_s": 120}}]}
+        run_id = await rig.start_run("cabinet1/1", protocol_document=doc, sample_period_s=1)
+        await wait_for(lambda: bool(rig.node.groups), what="the cabinet group")
+        group = next(iter(rig.node.groups.values()))
+        transport = group.driver.transport
+        assert isinstance(transport, StreamTransport)
+        await wait_for(lambda: group.ticks > 10, what="some ticks")
+        cab.server.drop_connections()
+        await wait_for(lambda: transport.reconnects >= 1, what="a reconnect")
+        ended = await rig.wait_end(run_id)
+        assert ended.state == "completed", (ended.state, ended.end_reason)
+    finally:
+        await rig.stop()
+    s = await samples(rig.maker, run_id)
+    assert_contiguous(s["seq"])
+    assert np.all(np.diff(s["t_s"]) > 0)

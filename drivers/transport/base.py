@@ -1,4 +1,5 @@
-"""The transport interface: line-oriented write/read/query with timeouts and reconnection.
+"""The transport interface: write/read/query (text lines or binary blocks) with timeouts
+and reconnection.
 
 One job: the behaviour every link to an instrument shares — encoding and termination,
 typed errors, resynchronisation after a timeout (a late reply is never taken for the
