@@ -387,3 +387,40 @@ def test_block_through_every_link_to_a_simulator(kind: str) -> None:
                 assert t.query("OK?") == "OK"
         finally:
             t.close()
+
+
+class WrongBlockSim:
+    """``SHORT?`` answers a block whose header promises more bytes than follow (the
+    server's LF is taken for payload), ``LONG?`` one with more bytes than its header
+    says; anything else ending in ``?`` is echoed."""
+
+    def handle_line(self, line: str) -> str | None:
+        if line == "SHORT?":
+            return "#210abcdef"
+        if line == "LONG?":
+            return "#13abcdef"
+        return line[:-1] if line.endswith("?") else None
+
+
+@pytest.mark.parametrize("kind", ["pyvisa-tcp", "stream-tcp", "pyvisa-asrl", "pyserial"])
+def test_wrong_block_lengths_through_every_link(kind: str) -> None:
+    """Short: a timeout mid-block; long: a garbled reply; either way the next query gets
+    its own answer — on serial lines too, where 'reconnect' means reopening the port."""
+    from labdaq.sims.server import SimServer
+
+    pty = kind in ("pyvisa-asrl", "pyserial")
+    server = SimServer.pty(WrongBlockSim()) if pty else SimServer.tcp(WrongBlockSim())
+    with server as srv:
+        resource = srv.path if kind == "pyserial" else srv.resource  # type: ignore[attr-defined]
+        t = open_transport(resource, timeout_s=SHORT_TIMEOUT_S, retry_timeouts=False,
+                           stream=kind == "stream-tcp")
+        try:
+            with pytest.raises(InstrumentTimeout):
+                t.query_raw("SHORT?")
+            assert t.query("A?") == "A"
+            with pytest.raises(GarbledReply):
+                t.query_raw("LONG?")
+            assert t.query("B?") == "B"
+            assert t.query("C?") == "C"
+        finally:
+            t.close()
