@@ -18,7 +18,8 @@ Process layout (what the engine gets of the 2 cores is what is measured)::
 Phases, all in one run:
 
 1. Bare ceiling: asyncio streams send ``MEAS:ALL? (@1:64)`` to the same simulated cabinets
-   back to back, ``np.array(reply.split(','), float).reshape(64, 5)``, long rows into
+   back to back in the engine's wire format (``FORM:DATA REAL,32``: one block of float32,
+   ``np.frombuffer(payload, '>f4').reshape(64, 5)``), long rows into
    ``sqlite3.executemany`` in 10k batches in a writer thread (research/perf-anchors.md
    §2). Stored/s = rows committed during a steady window / its length; best of a few
    cabinet counts.
@@ -86,6 +87,20 @@ from _common import result  # noqa: E402
 
 CHANNELS = 64
 MEAS_CMD = f"MEAS:ALL? (@1:{CHANNELS})\n".encode()
+# The engine's cabinet driver asks for binary replies (a block of big-endian float32); the
+# raw clients ask for the same, so the bare loop reads the engine's wire format and every
+# client of a simulator agrees on it (the format is the instrument's, not a connection's).
+FORM_CMD = b"FORM:DATA REAL,32;:FORM:BORD NORM\n"
+MEAS_BYTES = CHANNELS * 5 * 4
+MEAS_HEADER = f"#{len(str(MEAS_BYTES))}{MEAS_BYTES}".encode()
+
+
+def parse_meas_block(message: bytes) -> np.ndarray:
+    """``(64, 5)`` table of one binary MEAS:ALL? reply (header, payload, LF)."""
+    if not message.startswith(MEAS_HEADER) or len(message) != len(MEAS_HEADER) + MEAS_BYTES + 1:
+        raise ValueError(f"not a {CHANNELS}-channel REAL,32 block: {message[:16]!r}")
+    payload = message[len(MEAS_HEADER): -1]
+    return np.frombuffer(payload, ">f4").astype(float).reshape(CHANNELS, 5)
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 HERE = Path(__file__).resolve()
 # The breach discharge: 1C of the simulated NMC811 cell (4.9 Ah, R0 20 mOhm) pulls the
@@ -230,11 +245,12 @@ def bare_main(spec: str) -> None:
     async def poll(j: int, port: int, end: float) -> None:
         reader, w = await asyncio.open_connection("127.0.0.1", port)
         w.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        w.write(FORM_CMD)
+        size = len(MEAS_HEADER) + MEAS_BYTES + 1
         try:
             while time.perf_counter() < end:
                 w.write(MEAS_CMD)
-                line = await reader.readline()
-                arr = np.array(line.split(b","), float).reshape(CHANNELS, 5)
+                arr = parse_meas_block(await reader.readexactly(size))
                 t = time.time()
                 # A blocking put is the back-pressure: acquisition slows to the writer.
                 q.put([(j, ch, t, *r) for ch, r in enumerate(arr.tolist())])
@@ -338,15 +354,16 @@ def wait_for_http(port: int, path: str, deadline_s: float, proc: subprocess.Pope
 
 def read_voltages(port: int) -> np.ndarray:
     """Present terminal voltage of the cabinet's 64 channels (one raw MEAS:ALL?)."""
+    size = len(MEAS_HEADER) + MEAS_BYTES + 1
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(MEAS_CMD)
+        sock.sendall(FORM_CMD + MEAS_CMD)
         buf = b""
-        while not buf.endswith(b"\n"):
+        while len(buf) < size:
             chunk = sock.recv(65536)
             if not chunk:
                 raise ConnectionError("simulator closed the connection")
             buf += chunk
-    return np.array(buf.split(b","), float).reshape(CHANNELS, 5)[:, 0]
+    return parse_meas_block(buf)[:, 0]
 
 
 # ---------------------------------------------------------------------------------------

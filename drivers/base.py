@@ -280,12 +280,18 @@ class Instrument:
         with self._lock:
             return self.transport.query(command)
 
-    async def aquery(self, command: str) -> str | None:
+    def query_raw(self, command: str) -> bytes:
+        """:meth:`query` returning undecoded bytes (binary block replies)."""
+        with self._lock:
+            return self.transport.query_raw(command)
+
+    async def aquery(self, command: str, *, raw: bool = False) -> Any:
         """:meth:`query` without leaving the event loop's thread, where the transport can
         (``Transport.aquery``: a socket session, an idempotent query); None when not —
         the instrument is busy in another thread, or the exchange failed — and the
-        caller asks through :meth:`query` in the instrument's worker thread instead."""
-        fast = getattr(self.transport, "aquery", None)
+        caller asks through :meth:`query` in the instrument's worker thread instead.
+        ``raw=True``: the reply's bytes, as :meth:`query_raw`."""
+        fast = getattr(self.transport, "aquery_raw" if raw else "aquery", None)
         # The RLock alone would let a second coroutine of the loop's own thread in while
         # the first awaits its reply: the plain lock keeps the loop thread to one exchange.
         if fast is None or not self._async_lock.acquire(blocking=False):
@@ -294,8 +300,7 @@ class Instrument:
             if not self._lock.acquire(blocking=False):
                 return None
             try:
-                reply: str | None = await fast(command)
-                return reply
+                return await fast(command)
             finally:
                 self._lock.release()
         finally:

@@ -2,8 +2,10 @@
 
 One job: drive a cabinet of 8-64 source/measure channels through channel-list SCPI
 (``SOUR:CURR 1.5,(@1:8)``), reading every channel's V, I, T, mode and status with ONE
-``MEAS:ALL?`` round trip parsed by numpy, with values validated before anything is sent
-and the error queue checked after every set command. Dialect: docs/instruments/cabinet.md.
+``MEAS:ALL?`` round trip parsed by numpy — a binary IEEE 488.2 block of float32
+(``FORM:DATA REAL,32``) where the instrument has it, comma-separated ASCII otherwise —
+with values validated before anything is sent and the error queue checked after every
+set command. Dialect: docs/instruments/cabinet.md.
 """
 
 from __future__ import annotations
@@ -23,15 +25,20 @@ from .base import (
     strict_discrete_set,
     strict_range,
 )
-from .errors import GarbledReply, InstrumentError, InstrumentValueError
+from .errors import GarbledReply, InstrumentError, InstrumentReportedError, InstrumentValueError
 from .roles import Cycler
 from .transport import Transport
+from .transport.blocks import FramingError, block_payload, starts_block
 
 DEFAULT_CURRENT_MAX_A = 10.0
 DEFAULT_VOLTAGE_MAX_V = 5.0
 PROTECTION_HEADROOM = 1.1  # protection may be programmed up to 110 % of the source range
 MEAS_ALL_FIELDS = 5  # V, I, T, mode, status per channel
 OVERRANGE_THRESHOLD = 9.0e37  # 9.9E+37 over range, 9.91E+37 NaN (open sensor)
+# MEAS:ALL? reply formats (FORM:DATA): "real32" is a block of big-endian float32
+# (FORM:BORD NORM, the IEEE 488.2 default); "ascii" comma-separated NR3/NR1.
+DATA_FORMATS = ("ascii", "real32")
+_REAL32_BIG_ENDIAN = np.dtype(">f4")
 
 # Mode codes (MEAS:ALL? field 4).
 MODE_OFF = 0
@@ -189,8 +196,12 @@ class CyclerCabinet(Instrument, Cycler):
         channels: int | None = None,
         current_max_a: float | None = None,
         voltage_max_v: float | None = None,
+        data_format: str | None = None,
     ) -> None:
         super().__init__(transport, name, idn=idn)
+        if data_format is not None and data_format not in DATA_FORMATS:
+            raise ValueError(f"data_format must be one of {DATA_FORMATS} or None (ask the "
+                             f"instrument), got {data_format!r}")
         # Discover what this model has; a controller may also pass them (no traffic).
         if channels is None:
             channels = int(self.channel_count)
@@ -220,6 +231,21 @@ class CyclerCabinet(Instrument, Cycler):
         self.protection: dict[int, tuple[float, float]] = {}
         self._all_list = channel_list(self.channels)
         self._last_sel: tuple[list[Any], list[int], str] = ([], [], "")
+        self.data_format = self._select_format(data_format)
+
+    def _select_format(self, wanted: str | None) -> str:
+        """Binary ``MEAS:ALL?`` replies where the instrument has them: None asks for
+        ``FORM:DATA REAL,32`` big-endian and keeps ASCII if the instrument refuses it.
+        "ascii" sends nothing (an instrument answers ASCII after ``*RST``)."""
+        if wanted == "ascii":
+            return "ascii"
+        try:
+            self.write_checked("FORM:DATA REAL,32;:FORM:BORD NORM")
+        except InstrumentReportedError:
+            if wanted == "real32":
+                raise
+            return "ascii"
+        return "real32"
 
     def set(self, name: str, value: Any, *, check_errors: bool | None = None) -> None:
         """Plain properties only: a per-channel one without a list would be refused by
@@ -302,7 +328,7 @@ class CyclerCabinet(Instrument, Cycler):
         it has to go through the worker thread instead."""
         chans, text = self._list(channels)
         command = f"MEAS:ALL? {text}"
-        reply = await self.aquery(command)
+        reply = await self.aquery(command, raw=True)
         if reply is None:
             return None
         return self._parse_meas_all(reply, chans, command)[:, :3].copy()
@@ -311,20 +337,46 @@ class CyclerCabinet(Instrument, Cycler):
                                                                       NDArray[np.float64]]:
         chans, text = self._list(channels)
         command = f"MEAS:ALL? {text}"
-        return chans, self._parse_meas_all(self.query(command), chans, command)
+        return chans, self._parse_meas_all(self.query_raw(command), chans, command)
 
-    def _parse_meas_all(self, reply: str, chans: list[int], command: str
+    def _parse_meas_all(self, reply: bytes, chans: list[int], command: str
                         ) -> NDArray[np.float64]:
+        """``(n, 5)`` table of a ``MEAS:ALL?`` reply, binary block or ASCII — told apart
+        by the reply itself, so an instrument reset to ASCII behind the driver's back is
+        still read right. A reply that is neither leaves the link to be resynchronised."""
         try:
-            data = np.array(reply.split(","), dtype=float)
-        except ValueError:
-            raise GarbledReply(reply=reply, instrument=self.name, command=command,
-                               expected=f"{len(chans) * MEAS_ALL_FIELDS} numbers") from None
-        if data.size != len(chans) * MEAS_ALL_FIELDS:
-            raise GarbledReply(
-                f"got {data.size} numbers for {len(chans)} channels", reply=reply,
-                instrument=self.name, command=command,
-                expected=f"{len(chans) * MEAS_ALL_FIELDS} numbers (V,I,T,mode,status each)")
+            return self._parse_meas_all_table(reply, chans, command)
+        except GarbledReply:
+            self.transport.mark_out_of_step()
+            raise
+
+    def _parse_meas_all_table(self, reply: bytes, chans: list[int], command: str
+                              ) -> NDArray[np.float64]:
+        count = len(chans) * MEAS_ALL_FIELDS
+        if starts_block(reply):
+            try:
+                payload = block_payload(reply)
+            except FramingError as exc:
+                raise GarbledReply(str(exc), reply=reply, instrument=self.name,
+                                   command=command,
+                                   expected=f"a block of {count} float32") from None
+            if len(payload) != count * _REAL32_BIG_ENDIAN.itemsize:
+                raise GarbledReply(
+                    f"block of {len(payload)} bytes for {len(chans)} channels",
+                    reply=reply, instrument=self.name, command=command,
+                    expected=f"{count} float32 (V,I,T,mode,status each)")
+            data = np.frombuffer(payload, dtype=_REAL32_BIG_ENDIAN).astype(np.float64)
+        else:
+            try:
+                data = np.array(reply.decode("ascii").split(","), dtype=float)
+            except (UnicodeDecodeError, ValueError):
+                raise GarbledReply(reply=reply, instrument=self.name, command=command,
+                                   expected=f"{count} numbers") from None
+            if data.size != count:
+                raise GarbledReply(
+                    f"got {data.size} numbers for {len(chans)} channels", reply=reply,
+                    instrument=self.name, command=command,
+                    expected=f"{count} numbers (V,I,T,mode,status each)")
         table = data.reshape(len(chans), MEAS_ALL_FIELDS)
         # SCPI over-range/NaN sentinels become NaN so limits never compare against 9.9e37.
         reals = table[:, :3]

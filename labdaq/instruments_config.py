@@ -174,7 +174,7 @@ TRANSPORT_OPTIONS: dict[str, type | tuple[type, ...]] = {
     "encoding": str, "reconnect_attempts": int, "backoff_initial_s": (int, float),
     "backoff_max_s": (int, float), "retry_timeouts": bool, "baudrate": int,
     "baud_rate": int, "bytesize": int, "parity": str, "stopbits": (int, float),
-    "xonxoff": bool, "rtscts": bool, "dsrdtr": bool, "backend": str,
+    "xonxoff": bool, "rtscts": bool, "dsrdtr": bool, "backend": str, "stream": bool,
 }
 
 _NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"

@@ -21,6 +21,7 @@ Physics per channel (numpy over all channels at once; positive current = charge)
 from __future__ import annotations
 
 import re
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,7 @@ from .scpi import (
     ScpiError,
     ScpiParser,
     expect_args,
+    format_block,
     format_nr1,
     format_nr3,
     parse_bool,
@@ -76,6 +78,10 @@ MAX_STEP_IDLE_S = 30.0
 # Relative tolerance deciding "set point reached" for the compliance flag.
 _COMPLIANCE_RTOL = 1e-9
 _COMPLIANCE_ATOL_A = 1e-12
+# Readings kept for tests that compare stored sample times with the simulator's clock.
+READINGS_KEPT = 10_000
+# FORM:DATA REAL,32 byte orders: FORM:BORD NORM is big-endian (IEEE 488.2), SWAP little.
+_REAL32 = {"NORM": ">f4", "SWAP": "<f4"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -208,6 +214,17 @@ def format_meas_all(voltage_v: FloatArray, current_a: FloatArray, temperature_c:
     return row.tobytes()[:-1].replace(b"\0", b"").decode("ascii")
 
 
+def format_meas_all_real32(voltage_v: FloatArray, current_a: FloatArray,
+                           temperature_c: FloatArray, mode: IntArray, status: IntArray,
+                           byte_order: str = "NORM") -> str:
+    """``MEAS:ALL?`` under ``FORM:DATA REAL,32``: one definite-length block of float32
+    ``V,I,T,mode,status`` per channel in list order (mode and status are small integers,
+    exact in float32), big-endian for ``FORM:BORD NORM``, little-endian for ``SWAP``."""
+    reals = _scpi_reals(np.column_stack((voltage_v, current_a, temperature_c)))
+    table = np.column_stack((reals, mode, status)).astype(_REAL32[byte_order])
+    return format_block(table.tobytes())
+
+
 # ---------------------------------------------------------------------------------------
 # Simulator
 # ---------------------------------------------------------------------------------------
@@ -264,6 +281,12 @@ class CabinetSim:
         self._snapshot: tuple[FloatArray, FloatArray, FloatArray, IntArray, IntArray] | None
         self._snapshot = None
         self._reply_cache: dict[str, str] = {}
+        # FORM:DATA / FORM:BORD (MEAS:ALL? only; other queries always answer in ASCII).
+        self.data_format = "ASC"
+        self.byte_order = "NORM"
+        # (clock time of the reading, voltages) of every distinct reading taken, oldest
+        # first: when each reading a client was sent was measured, by this cabinet's clock.
+        self.readings: deque[tuple[float, FloatArray]] = deque(maxlen=READINGS_KEPT)
         # Fault injection (labdaq.sims.faults): a frozen cabinet keeps answering the last
         # snapshot it measured while the cells move on (a hung measurement loop).
         self.frozen = False
@@ -290,6 +313,8 @@ class CabinetSim:
         self.ovp_v = np.full(n, self.voltage_max_v * PROTECTION_HEADROOM)
         self.ocp_a = np.full(n, self.current_max_a * PROTECTION_HEADROOM)
         self.latched = np.zeros(n, dtype=np.int64)  # STAT_OVP | STAT_OCP | STAT_WATCHDOG
+        self.data_format = "ASC"  # *RST restores ASCII replies, as SCPI requires
+        self.byte_order = "NORM"
         self._changed()
 
     def _changed(self) -> None:
@@ -324,6 +349,8 @@ class CabinetSim:
         self._register_array("[:SOURce]:VOLTage:ILIMit[:LEVel]", "current_limit_a", 0.0, i_max)
         self._register_array("[:SOURce]:VOLTage:PROTection[:LEVel]", "ovp_v", 0.0,
                              v_max * PROTECTION_HEADROOM)
+        p.register(":FORMat[:DATA]", on_set=self._set_format, on_query=self._q_format)
+        p.register(":FORMat:BORDer", on_set=self._set_border, on_query=self._q_border)
         p.register(":SYSTem:CHANnel:COUNt?", on_query=self._q_channel_count)
         p.register(":SYSTem:CHANnel:LIMits?", on_query=self._q_limits)
 
@@ -405,6 +432,31 @@ class CabinetSim:
         idx = self._query_channels(args)
         return format_nr1_list(((self.latched[idx] & (STAT_OVP | STAT_OCP)) != 0)
                                .astype(np.int64))
+
+    def _set_format(self, args: list[str]) -> None:
+        """``FORM:DATA ASC`` or ``FORM:DATA REAL[,32]`` (the only length this model has)."""
+        if not 1 <= len(args) <= 2:
+            raise ScpiError(-109 if not args else -108)
+        kind = parse_choice(args[0], ["ASCii", "REAL"])
+        if kind == "REAL" and len(args) == 2 and parse_number(args[1]) != 32:
+            raise ScpiError(-222, "Data out of range; REAL length must be 32")
+        if kind == "ASC" and len(args) == 2:
+            raise ScpiError(-108)
+        self.data_format = kind
+        self._reply_cache.clear()
+
+    def _q_format(self, args: list[str]) -> str:
+        expect_args(args, 0)
+        return "REAL,32" if self.data_format == "REAL" else "ASC,0"
+
+    def _set_border(self, args: list[str]) -> None:
+        expect_args(args, 1)
+        self.byte_order = parse_choice(args[0], ["NORMal", "SWAPped"])
+        self._reply_cache.clear()
+
+    def _q_border(self, args: list[str]) -> str:
+        expect_args(args, 0)
+        return self.byte_order
 
     def _q_channel_count(self, args: list[str]) -> str:
         expect_args(args, 0)
@@ -508,6 +560,7 @@ class CabinetSim:
                   | np.isnan(temperature) * STAT_TEMP_FAULT)
         self._snapshot = (voltage, current, temperature, mode.astype(np.int64), status)
         self._last_snapshot = self._snapshot
+        self.readings.append((self._t_last, voltage))
         return self._snapshot
 
     # -- queries ----------------------------------------------------------------------
@@ -518,7 +571,11 @@ class CabinetSim:
         if reply is not None:
             return reply
         v, i, t, mode, status = self.snapshot()
-        reply = format_meas_all(v[idx], i[idx], t[idx], mode[idx], status[idx])
+        if self.data_format == "REAL":
+            reply = format_meas_all_real32(v[idx], i[idx], t[idx], mode[idx], status[idx],
+                                           self.byte_order)
+        else:
+            reply = format_meas_all(v[idx], i[idx], t[idx], mode[idx], status[idx])
         if len(self._reply_cache) < 64:
             self._reply_cache[key] = reply
         return reply

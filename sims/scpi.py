@@ -107,6 +107,14 @@ def format_nr3(value: float) -> str:
     return f"{value:+.8E}"
 
 
+def format_block(payload: bytes) -> str:
+    """IEEE 488.2 definite-length block ``#<n><length><payload>`` as a latin-1 string
+    (one character per byte), so a binary reply travels the text reply path unchanged:
+    the servers encode replies as latin-1."""
+    length = str(len(payload))
+    return f"#{len(length)}{length}" + payload.decode("latin-1")
+
+
 def format_nr1(value: int) -> str:
     return str(int(value))
 

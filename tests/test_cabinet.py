@@ -37,7 +37,7 @@ from labdaq.drivers.errors import (
     InstrumentValueError,
 )
 from labdaq.drivers.opener import open_instrument
-from labdaq.drivers.transport import ScriptedTransport, open_transport
+from labdaq.drivers.transport import ScriptedTransport, format_block, open_transport
 from labdaq.sims.cabinet import (
     CabinetSim,
     format_meas_all,
@@ -52,7 +52,8 @@ from labdaq.sims.server import PtySimServer, SimServer, TcpSimServer
 
 TIMEOUT_S = 0.5
 NO_ERROR = '0,"No error"'
-CTOR = [("SYST:CHAN:COUN?", "8"), ("SYST:CHAN:LIM?", "+1.00000000E+01,+5.00000000E+00")]
+CTOR = [("SYST:CHAN:COUN?", "8"), ("SYST:CHAN:LIM?", "+1.00000000E+01,+5.00000000E+00"),
+        ("FORM:DATA REAL,32;:FORM:BORD NORM", None), (":SYST:ERR?", NO_ERROR)]
 
 
 def scripted(script: list[tuple[str | None, str | None]]) -> tuple[CyclerCabinet,
@@ -82,7 +83,7 @@ def test_constructor_discovers_channels_and_limits() -> None:
     t.assert_all_used()
     # Given explicitly, nothing is asked.
     quiet = CyclerCabinet(ScriptedTransport([]), channels=16, current_max_a=5.0,
-                          voltage_max_v=5.0)
+                          voltage_max_v=5.0, data_format="ascii")
     assert quiet.channels[-1] == 16
     assert quiet.validator("source_current_a").max == 5.0  # type: ignore[union-attr]
 
@@ -647,3 +648,123 @@ def test_over_pty(pty_server: PtySimServer, clock: ManualClock, kind: str) -> No
         cab.safe_shutdown()
     finally:
         cab.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Binary MEAS:ALL? (FORM:DATA REAL,32)
+# ---------------------------------------------------------------------------------------
+
+
+def _block_values(reply: str, dtype: str) -> np.ndarray:
+    raw = reply.encode("latin-1")  # the servers send replies as latin-1: one byte a char
+    assert raw.startswith(b"#")
+    digits = raw[1] - 0x30
+    length = int(raw[2 : 2 + digits])
+    payload = raw[2 + digits :]
+    assert len(payload) == length
+    return np.frombuffer(payload, dtype=dtype).astype(float)
+
+
+def test_sim_real32_block_holds_what_ascii_says(sim: CabinetSim, clock: ManualClock) -> None:
+    sim.handle_line("SOUR:CURR 2.5,(@1:4);:OUTP ON,(@1:4)")
+    clock.advance(30.0)
+    text = sim.handle_line("MEAS:ALL? (@1:8)")
+    assert text is not None
+    ascii_values = np.array(text.split(","), dtype=float)
+    assert sim.handle_line("FORM:DATA?") == "ASC,0"
+    sim.handle_line("FORM:DATA REAL,32")
+    assert sim.handle_line("FORM:DATA?;:FORM:BORD?") == "REAL,32;NORM"
+    big = sim.handle_line("MEAS:ALL? (@1:8)")
+    assert big is not None and big.startswith("#3160")  # 8 channels x 5 x 4 bytes
+    np.testing.assert_array_equal(_block_values(big, ">f4"),
+                                  ascii_values.astype(np.float32).astype(float))
+    sim.handle_line("FORM:BORD SWAP")
+    little = sim.handle_line("MEAS:ALL? (@2,1)")
+    assert little is not None
+    np.testing.assert_array_equal(_block_values(little, "<f4").reshape(2, 5)[[1, 0]],
+                                  _block_values(big, ">f4").reshape(8, 5)[:2])
+    # Other queries stay ASCII; *RST restores ASCII replies and normal byte order.
+    assert sim.handle_line("OUTP? (@1,5)") == "1,0"
+    sim.handle_line("*RST")
+    assert sim.handle_line("FORM:DATA?;:FORM:BORD?") == "ASC,0;NORM"
+    assert sim.parser.errors == []
+
+
+def test_sim_real32_refuses_other_lengths(sim: CabinetSim) -> None:
+    for bad, code in [("FORM:DATA REAL,64", -222), ("FORM:DATA ASC,8", -108),
+                      ("FORM:DATA INT", -224), ("FORM:BORD BIG", -224)]:
+        sim.handle_line(bad)
+        assert sim.parser.pop_error()[0] == code, bad
+    assert sim.handle_line("FORM:DATA?") == "ASC,0"
+
+
+def test_driver_keeps_ascii_where_the_instrument_has_no_binary_form() -> None:
+    transport = ScriptedTransport([
+        ("SYST:CHAN:COUN?", "2"), ("SYST:CHAN:LIM?", "+1.00000000E+01,+5.00000000E+00"),
+        ("FORM:DATA REAL,32;:FORM:BORD NORM", None),
+        (":SYST:ERR?", '-113,"Undefined header"'), (":SYST:ERR?", '-113,"Undefined header"'),
+        (":SYST:ERR?", NO_ERROR),
+        ("MEAS:ALL? (@1,2)", "+3.7E+00,+1.0E+00,+2.5E+01,1,3,+3.6E+00,+0.0E+00,+2.5E+01,0,0"),
+    ])
+    cab = CyclerCabinet(transport, "old-cab")
+    assert cab.data_format == "ascii"
+    assert cab.measure().tolist() == [[3.7, 1.0, 25.0], [3.6, 0.0, 25.0]]
+    transport.assert_all_used()
+
+
+def test_driver_parses_binary_blocks_and_checks_their_length() -> None:
+    table = np.array([[3.7, 1.0, 25.0, 1, 3], [3.6, 0.0, 9.91e37, 0, 128]], dtype=">f4")
+    block = format_block(table.tobytes())
+    transport = ScriptedTransport([
+        ("FORM:DATA REAL,32;:FORM:BORD NORM", None), (":SYST:ERR?", NO_ERROR),
+        ("MEAS:ALL? (@1,2)", block),
+        ("MEAS:ALL? (@1,2)", block[:-4]),  # one float short: the header says so too
+        ("MEAS:ALL? (@1)", block),  # a block for two channels when one was asked
+        ("MEAS:ALL? (@1,2)", "+3.7E+00,+1.0E+00,+2.5E+01,1,3,+3.6E+00,+0,+2.5E+01,0,0"),
+    ])
+    cab = CyclerCabinet(transport, "cab", channels=2, current_max_a=10.0, voltage_max_v=5.0,
+                        data_format="real32")
+    full = cab.measure_full()
+    np.testing.assert_array_equal(full.voltage_v, np.float32([3.7, 3.6]).astype(float))
+    assert math.isnan(full.temperature_c[1]) and full.status.tolist() == [3, 128]
+    with pytest.raises(GarbledReply):
+        cab.measure()
+    with pytest.raises(GarbledReply, match="160 bytes|40 bytes"):
+        cab.measure([1])
+    # An instrument reset to ASCII behind the driver's back is still read right.
+    assert cab.measure()[:, 0].tolist() == [3.7, 3.6]
+    transport.assert_all_used()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["pyvisa", "stream"])
+async def test_binary_measure_over_tcp_matches_ascii(
+    tcp_sim: tuple[CabinetSim, TcpSimServer], stream: bool
+) -> None:
+    """The same reading through both formats and both SOCKET links, blocking and on
+    the loop thread: equal to float32 precision (the block's own precision)."""
+    sim, server = tcp_sim
+
+    def open_cab(data_format: str | None) -> CyclerCabinet:
+        return CyclerCabinet(open_transport(server.resource, timeout_s=TIMEOUT_S,
+                                            stream=stream), "cab", data_format=data_format)
+
+    text_cab = await asyncio.to_thread(open_cab, "ascii")
+    bin_cab = await asyncio.to_thread(open_cab, None)
+    try:
+        assert bin_cab.data_format == "real32" and sim.data_format == "REAL"
+        await asyncio.to_thread(bin_cab.set_current, [1, 2], 3.0, 4.2)
+        await asyncio.to_thread(bin_cab.output, [1, 2], True)
+        with server.lock:  # the format *RST would restore, without touching the settings
+            sim.handle_line("FORM:DATA ASC")
+        want = await asyncio.to_thread(text_cab.measure)
+        with server.lock:
+            sim.handle_line("FORM:DATA REAL,32")
+        blocking = await asyncio.to_thread(bin_cab.measure)
+        on_loop = await bin_cab.ameasure()
+        assert on_loop is not None
+        for got in (blocking, on_loop):
+            np.testing.assert_array_equal(got, want.astype(np.float32).astype(float))
+        assert got[0, 1] == pytest.approx(3.0)
+    finally:
+        text_cab.close()
+        bin_cab.close()

@@ -15,6 +15,7 @@ from labdaq.drivers.transport import (
     InstrumentWorker,
     ScriptedTransport,
     SerialTransport,
+    StreamTransport,
     VisaTransport,
     is_idempotent,
     open_transport,
@@ -22,6 +23,9 @@ from labdaq.drivers.transport import (
 from labdaq.sims.server import SimServer
 
 TIMEOUT_S = 0.5
+# Every TCP test runs on both links a SOCKET resource can have: pyvisa-py, and the
+# asyncio stream transport of the engine's hot path.
+TCP_KINDS = pytest.mark.parametrize("stream", [False, True], ids=["pyvisa", "stream"])
 
 
 class Echo:
@@ -133,6 +137,16 @@ def test_open_transport_dispatch(resource: str, kind: type) -> None:
     assert not t.is_open
 
 
+def test_stream_is_chosen_for_socket_resources_only() -> None:
+    t = open_transport("TCPIP::10.0.0.1::5025::SOCKET", connect=False, stream=True)
+    assert isinstance(t, StreamTransport) and (t.host, t.port) == ("10.0.0.1", 5025)
+    # pyvisa-py stays for every other resource, asked or not.
+    assert isinstance(open_transport("TCPIP::10.0.0.2::INSTR", connect=False, stream=True),
+                      VisaTransport)
+    assert isinstance(open_transport("/dev/ttyUSB0", connect=False, stream=True),
+                      SerialTransport)
+
+
 def test_serial_url_options() -> None:
     t = open_transport("serial:///dev/ttyS1?baudrate=115200", connect=False,
                        read_termination="\r\n")
@@ -182,10 +196,11 @@ def test_scripted_transport() -> None:
 # -- against a live TCP server ---------------------------------------------------------------
 
 
-def test_tcp_query_and_framing() -> None:
+@TCP_KINDS
+def test_tcp_query_and_framing(stream: bool) -> None:
     sim = Echo()
     with SimServer.tcp(sim) as srv:
-        t = open_transport(srv.resource, timeout_s=TIMEOUT_S)
+        t = open_transport(srv.resource, stream=stream, timeout_s=TIMEOUT_S)
         try:
             assert t.query("HELLO?") == "HELLO"
             t.write("SET 1")
@@ -195,23 +210,26 @@ def test_tcp_query_and_framing() -> None:
             t.close()
 
 
-def test_crlf_terminations() -> None:
+@TCP_KINDS
+def test_crlf_terminations(stream: bool) -> None:
     sim = Echo()
     with SimServer.tcp(sim, read_termination="\r\n", write_termination="\r\n") as srv:
-        t = open_transport(srv.resource, timeout_s=TIMEOUT_S, read_termination="\r\n",
-                           write_termination="\r\n")
+        t = open_transport(srv.resource, stream=stream, timeout_s=TIMEOUT_S,
+                           read_termination="\r\n", write_termination="\r\n")
         try:
             assert t.query("X?") == "X"
         finally:
             t.close()
 
 
-def test_connect_to_closed_port_fails_fast() -> None:
+@pytest.mark.parametrize("kind", [VisaTransport, StreamTransport], ids=["pyvisa", "stream"])
+def test_connect_to_closed_port_fails_fast(kind: type[VisaTransport | StreamTransport]
+                                           ) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    t = VisaTransport(f"TCPIP::127.0.0.1::{port}::SOCKET", timeout_s=0.3,
-                      reconnect_attempts=3, backoff_initial_s=0.01)
+    t = kind(f"TCPIP::127.0.0.1::{port}::SOCKET", timeout_s=0.3,
+             reconnect_attempts=3, backoff_initial_s=0.01)
     t0 = time.monotonic()
     with pytest.raises(ConnectionFailed) as exc:
         t.reconnect()
@@ -219,10 +237,11 @@ def test_connect_to_closed_port_fails_fast() -> None:
     assert str(port) in str(exc.value)
 
 
-def test_reconnect_after_server_restart() -> None:
+@TCP_KINDS
+def test_reconnect_after_server_restart(stream: bool) -> None:
     sim = Echo()
     srv = SimServer.tcp(sim).start()
-    t = open_transport(srv.resource, timeout_s=TIMEOUT_S, backoff_initial_s=0.05,
+    t = open_transport(srv.resource, stream=stream, timeout_s=TIMEOUT_S, backoff_initial_s=0.05,
                        reconnect_attempts=8)
     try:
         assert t.query("A?") == "A"
@@ -237,10 +256,11 @@ def test_reconnect_after_server_restart() -> None:
         srv.stop()
 
 
-def test_late_reply_is_not_taken_for_the_next_answer() -> None:
+@TCP_KINDS
+def test_late_reply_is_not_taken_for_the_next_answer(stream: bool) -> None:
     sim = Echo()
     with SimServer.tcp(sim) as srv:
-        t = open_transport(srv.resource, timeout_s=0.2, retry_timeouts=False)
+        t = open_transport(srv.resource, stream=stream, timeout_s=0.2, retry_timeouts=False)
         try:
             srv.set_reply_delay(0.4)
             with pytest.raises(InstrumentTimeout):
@@ -253,9 +273,10 @@ def test_late_reply_is_not_taken_for_the_next_answer() -> None:
             t.close()
 
 
-def test_garbled_reply_raises() -> None:
+@TCP_KINDS
+def test_garbled_reply_raises(stream: bool) -> None:
     with SimServer.tcp(Echo()) as srv:
-        t = open_transport(srv.resource, timeout_s=TIMEOUT_S)
+        t = open_transport(srv.resource, stream=stream, timeout_s=TIMEOUT_S)
         try:
             srv.garble_next_reply()
             with pytest.raises(GarbledReply) as exc:
@@ -295,9 +316,10 @@ def test_serial_timeout_is_bounded() -> None:
             t.close()
 
 
-def test_timeout_change_applies_to_open_link() -> None:
+@TCP_KINDS
+def test_timeout_change_applies_to_open_link(stream: bool) -> None:
     with SimServer.tcp(Echo()) as srv:
-        t = open_transport(srv.resource, timeout_s=2.0, retry_timeouts=False)
+        t = open_transport(srv.resource, stream=stream, timeout_s=2.0, retry_timeouts=False)
         try:
             t.timeout_s = 0.15
             srv.swallow_next_reply()
@@ -309,10 +331,12 @@ def test_timeout_change_applies_to_open_link() -> None:
             t.close()
 
 
-def test_many_clients_and_threads_share_one_simulator() -> None:
+@TCP_KINDS
+def test_many_clients_and_threads_share_one_simulator(stream: bool) -> None:
     sim = Echo()
     with SimServer.tcp(sim) as srv:
-        transports = [open_transport(srv.resource, timeout_s=TIMEOUT_S) for _ in range(4)]
+        transports = [open_transport(srv.resource, stream=stream, timeout_s=TIMEOUT_S)
+                      for _ in range(4)]
         errors: list[BaseException] = []
 
         def hammer(k: int) -> None:
@@ -334,9 +358,10 @@ def test_many_clients_and_threads_share_one_simulator() -> None:
         assert len(sim.lines) == 400
 
 
-def test_server_stops_with_clients_connected() -> None:
+@TCP_KINDS
+def test_server_stops_with_clients_connected(stream: bool) -> None:
     srv = SimServer.tcp(Echo()).start()
-    t = open_transport(srv.resource, timeout_s=TIMEOUT_S)
+    t = open_transport(srv.resource, stream=stream, timeout_s=TIMEOUT_S)
     assert t.query("A?") == "A"
     t0 = time.monotonic()
     srv.stop()
@@ -347,9 +372,10 @@ def test_server_stops_with_clients_connected() -> None:
     t.close()
 
 
-def test_refused_connections_end_in_connection_failed() -> None:
+@TCP_KINDS
+def test_refused_connections_end_in_connection_failed(stream: bool) -> None:
     with SimServer.tcp(Echo()) as srv:
-        t = open_transport(srv.resource, timeout_s=0.3, reconnect_attempts=2,
+        t = open_transport(srv.resource, stream=stream, timeout_s=0.3, reconnect_attempts=2,
                            backoff_initial_s=0.01)
         try:
             assert t.query("A?") == "A"
@@ -375,5 +401,32 @@ def test_pty_drop_loses_the_command_then_recovers() -> None:
                 t.query("LOST?")
             time.sleep(0.1)
             assert t.query("BACK?") == "BACK"
+        finally:
+            t.close()
+
+
+def test_stream_connection_follows_the_loop_that_queries_it() -> None:
+    """A stream connection moves to the loop of its asynchronous queries; blocking calls
+    from other threads then run on that loop, a blocking call on the loop itself is
+    refused (it would deadlock), and once the loop is gone the connection comes back to
+    the background loop."""
+    sim = Echo()
+    with SimServer.tcp(sim) as srv:
+        t = open_transport(srv.resource, stream=True, timeout_s=TIMEOUT_S)
+        assert isinstance(t, StreamTransport)
+        try:
+            assert t.query("A?") == "A"  # opened on the background loop
+
+            async def on_a_loop() -> None:
+                assert await t.aquery("B?") == "B"  # moved here
+                with pytest.raises(RuntimeError, match="deadlock"):
+                    t.query("NEVER?")
+                assert await asyncio.to_thread(t.query, "C?") == "C"
+                assert await t.aquery("D?") == "D"
+
+            asyncio.run(on_a_loop())
+            assert t.query("E?") == "E"  # that loop has closed: reconnected
+            assert t.reconnects == 1
+            assert sim.lines == ["A?", "B?", "C?", "D?", "E?"]
         finally:
             t.close()

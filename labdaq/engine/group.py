@@ -447,10 +447,14 @@ class InstrumentGroup:
         n = len(runs)
         if not n:
             return
-        meas = await self._measure(self.chans)
-        t_meas = time.perf_counter()
+        # A sample's time is when its query went out: the instrument takes the reading
+        # after that and before it replies, so the time never follows the reading, and
+        # no reply transfer, parse or loop wake-up is added to it (pulse/DCIR analysis
+        # relies on it). The tick's lateness is in lateness_s.
         now_clock = self.clock.now()
         ts_utc = time.time()
+        meas = await self._measure(self.chans)
+        t_meas = time.perf_counter()
         self.ticks += 1
         meas = np.asarray(meas, float).reshape(n, 3)
         v, i, temp = meas[:, 0].copy(), meas[:, 1].copy(), meas[:, 2].copy()
@@ -773,10 +777,10 @@ class InstrumentGroup:
         limits like any reading, store it and make it the integration anchor (integrating
         up to it unless the run has just joined). Returns the runs that breached."""
         idx = np.asarray(changed, np.int64)
+        t2 = self.clock.now() - self.a_t0[idx]  # before the query, as in _tick
+        ts_utc = time.time()
         m2 = await self.call(self.driver.measure, [self.chans[k] for k in changed])
         t_meas = time.perf_counter()
-        t2 = self.clock.now() - self.a_t0[idx]
-        ts_utc = time.time()
         m2 = np.asarray(m2, float).reshape(len(changed), 3)
         v2, i2, temp2 = m2[:, 0].copy(), m2[:, 1].copy(), m2[:, 2].copy()
         breach = await self._check(idx, t2, v2, i2, temp2, t_meas)
