@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import http.client
 import json
 import logging
 import os
@@ -84,6 +83,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 from _common import result  # noqa: E402
+
+from labdaq import processes  # noqa: E402
+from labdaq.processes import Children  # noqa: E402
 
 CHANNELS = 64
 MEAS_CMD = f"MEAS:ALL? (@1:{CHANNELS})\n".encode()
@@ -284,45 +286,11 @@ def bare_main(spec: str) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-class Children:
-    """Every child process we start; all stopped in ``stop_all`` (SIGTERM, then kill)."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.procs: list[tuple[str, subprocess.Popen[str]]] = []
-        self.log_dir = log_dir
-
-    def spawn(self, name: str, args: list[str], stdout: Any = subprocess.DEVNULL
-              ) -> subprocess.Popen[str]:
-        err = (self.log_dir / f"{name}.stderr").open("w")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        proc = subprocess.Popen([sys.executable, *args], stdout=stdout, stderr=err,
-                                stdin=subprocess.DEVNULL, text=True, env=env)
-        err.close()
-        self.procs.append((name, proc))
-        return proc
-
-    def tail(self, name: str) -> str:
-        path = self.log_dir / f"{name}.stderr"
-        return path.read_text()[-2000:] if path.exists() else ""
-
-    def stop(self, proc: subprocess.Popen[str]) -> None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-
-    def stop_all(self) -> None:
-        for _name, proc in reversed(self.procs):
-            self.stop(proc)
-
-
 def run_child_json(children: Children, name: str, args: list[str], timeout_s: float
                    ) -> dict[str, Any]:
     """Run a child of this file to completion (bounded) and return its JSON line."""
-    proc = children.spawn(name, [str(HERE), *args], stdout=subprocess.PIPE)
+    proc = children.spawn(name, [sys.executable, str(HERE), *args], stdout=subprocess.PIPE,
+                          text=True)
     try:
         out, _ = proc.communicate(timeout=timeout_s)
     finally:
@@ -332,24 +300,6 @@ def run_child_json(children: Children, name: str, args: list[str], timeout_s: fl
         raise RuntimeError(f"{name} failed ({proc.returncode}): {children.tail(name)}")
     data: dict[str, Any] = json.loads(lines[-1])
     return data
-
-
-def wait_for_http(port: int, path: str, deadline_s: float, proc: subprocess.Popen[str]) -> None:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"API exited with {proc.returncode}")
-        try:
-            con = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-            con.request("GET", path)
-            if con.getresponse().status == 200:
-                con.close()
-                return
-            con.close()
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"API did not answer {path} within {deadline_s} s")
 
 
 def read_voltages(port: int) -> np.ndarray:
@@ -740,7 +690,8 @@ class Session:
                         "ids": list(node.active), "max_requests": int(5000 * (window_s + 2)),
                         "duration_s": settle_s + window_s + 0.5, "conns": self.hammer_conns}
                 hammer = self.lab.children.spawn(
-                    "hammer", [str(HERE), "--hammer", json.dumps(spec)], stdout=subprocess.PIPE)
+                    "hammer", [sys.executable, str(HERE), "--hammer", json.dumps(spec)],
+                    stdout=subprocess.PIPE, text=True)
             b0 = {g.name: len(g.breach_to_off_s) for g in node.groups.values()}
             await asyncio.sleep(settle_s)
             groups = list(node.groups.values())
@@ -1127,22 +1078,21 @@ def start_lab(children: Children, tmp: Path, cabinets: int) -> Lab:
     settings = load_settings(data_dir=tmp)
     url = settings.resolved_database_url
     desc_path = tmp / "simlab.json"
-    sim = children.spawn("sim", ["-m", "labdaq.cli", "sim", "--smus", "0", "--cabinets",
-                                 str(cabinets), "--cabinet-channels", str(CHANNELS),
-                                 "--speed", "1", "--describe", str(desc_path)])
+    # stdout is this program's result line: the children's goes nowhere.
+    sim = children.spawn("sim", processes.sim_argv(
+        desc_path, "--smus", "0", "--cabinets", str(cabinets), "--cabinet-channels",
+        str(CHANNELS), "--speed", "1"), stdout=subprocess.DEVNULL)
     upgrade(url)
     api_port = free_port()
-    api = children.spawn("api", ["-m", "labdaq.cli", "api", "--port", str(api_port),
-                                 "--data-dir", str(tmp)])
-    end = time.monotonic() + 60
-    while not desc_path.exists():
-        if sim.poll() is not None or time.monotonic() > end:
-            raise RuntimeError(f"simulator did not start: {children.tail('sim')}")
-        time.sleep(0.05)
-    desc = json.loads(desc_path.read_text())
+    api = children.spawn("api", processes.labdaq_argv(
+        "api", "--port", str(api_port), "--data-dir", str(tmp)), stdout=subprocess.DEVNULL)
+    try:
+        desc = processes.read_sim_description(desc_path, sim, timeout_s=60)
+    except processes.ChildFailed as exc:
+        raise RuntimeError(f"simulator did not start ({exc}): {children.tail('sim')}") from None
     asyncio.run(_register_sim_lab(url, desc))
     token = asyncio.run(_make_token(url))
-    wait_for_http(api_port, "/health", 60, api)
+    processes.wait_for_http("127.0.0.1", api_port, "/health", 60, api)
     ports = [int(inst["resource"].split("::")[2]) for inst in desc["instruments"]]
     return Lab(url=url, db_path=Path(url.split("sqlite:///", 1)[1]), desc=desc, ports=ports,
                api_port=api_port, token=token, children=children, settings=settings)

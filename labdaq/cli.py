@@ -7,8 +7,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,7 +14,6 @@ from typing import Annotated, Any
 import typer
 
 from labdaq.config import load_settings
-from labdaq.signals import stop_event
 
 app = typer.Typer(help="labdaq: data acquisition for a battery testing laboratory.")
 db_app = typer.Typer(help="Database schema management.")
@@ -105,7 +102,7 @@ def engine(
 
     s = _settings(data_dir, database_url)
 
-    async def main() -> None:
+    async def main() -> str | None:
         eng = create_engine(s.resolved_database_url)
         node = AcquisitionNode(
             eng,
@@ -125,8 +122,14 @@ def engine(
             await node.run_forever()
         finally:
             await eng.dispose()
+        return node.failure
 
-    asyncio.run(main())
+    failure = asyncio.run(main())
+    if failure is not None:
+        from labdaq.processes import EXIT_RESTART
+
+        typer.echo(f"engine stopped: {failure}", err=True)
+        raise typer.Exit(EXIT_RESTART)
 
 
 @app.command("api")
@@ -231,12 +234,6 @@ def _apply_instruments_file(s: Any) -> None:
     typer.echo(f"instruments file {s.instruments_file} applied: {result.summary()}")
 
 
-def _spawn(args: list[str]) -> subprocess.Popen[bytes]:
-    # Own session: Ctrl-C reaches only the supervisor, which then stops children in order
-    # (API first, then the engine so it can turn outputs off, then the simulated lab).
-    return subprocess.Popen([sys.executable, "-m", "labdaq.cli", *args], start_new_session=True)
-
-
 @app.command()
 def serve(
     sim_lab: Annotated[bool, typer.Option("--sim", help="also start a simulated lab")] = False,
@@ -244,14 +241,20 @@ def serve(
     sim_cabinets: Annotated[int, typer.Option(help="--sim: 8-channel cabinets")] = 1,
     sim_impedance: Annotated[int, typer.Option(help="--sim: impedance meters")] = 1,
     sim_chamber: Annotated[bool, typer.Option(help="--sim: a climate chamber")] = True,
+    max_restarts: Annotated[int | None, typer.Option(
+        help="restarts of a child that keeps dying before giving up on it "
+             "(default: the restart_max setting)")] = None,
     host: str = "127.0.0.1",
     port: int = 8000,
     data_dir: DataDir = None,
     database_url: DbUrl = None,
 ) -> None:
     """Supervise the API, the acquisition engine and (with --sim) a simulated lab."""
+    from labdaq import processes
     from labdaq.storage.db import upgrade
+    from labdaq.supervisor import Child, RestartPolicy, Supervisor
 
+    _logging()
     s = _settings(data_dir, database_url)
     s.data_dir.mkdir(parents=True, exist_ok=True)
     url = s.resolved_database_url
@@ -261,56 +264,106 @@ def serve(
     common = ["--data-dir", str(s.data_dir)] + (
         ["--database-url", s.database_url] if s.database_url else []
     )
-    children: list[tuple[str, subprocess.Popen[bytes]]] = []
-    token = None
+    policy = RestartPolicy(
+        backoff_s=s.restart_backoff_s, backoff_max_s=s.restart_backoff_max_s,
+        max_restarts=s.restart_max if max_restarts is None else max_restarts,
+        stable_s=s.restart_stable_s,
+    )
+    sup = Supervisor([], policy)
+    token = desc = None
     if sim_lab:
         desc_path = s.data_dir / "simlab.json"
         desc_path.unlink(missing_ok=True)
-        children.append(
-            (
-                "sim",
-                _spawn(
-                    [
-                        "sim",
-                        "--speed",
-                        str(speed),
-                        "--describe",
-                        str(desc_path),
-                        "--cabinets",
-                        str(sim_cabinets),
-                        "--impedance",
-                        str(sim_impedance),
-                        "--chamber" if sim_chamber else "--no-chamber",
-                    ]
-                ),
-            )
-        )
-        deadline = time.monotonic() + 30
-        while not desc_path.exists():
-            if children[0][1].poll() is not None or time.monotonic() > deadline:
-                _stop_children(children)
-                typer.echo(f"simulated lab did not start (exit {children[0][1].poll()})", err=True)
-                raise typer.Exit(1)
-            time.sleep(0.05)
-        desc = json.loads(desc_path.read_text())
+        sim_args = ["--speed", str(speed), "--cabinets", str(sim_cabinets),
+                    "--impedance", str(sim_impedance),
+                    "--chamber" if sim_chamber else "--no-chamber"]
+        sim = Child("sim", processes.sim_argv(desc_path, *sim_args),
+                    # Restarted on the same TCP ports: the engine reconnects by itself.
+                    restart_argv=processes.sim_argv(desc_path, *sim_args, ports_from=desc_path))
+        sup.children.append(sim)
+        sup.start(sim)
+        assert sim.proc is not None
+        try:
+            desc = processes.read_sim_description(desc_path, sim.proc, timeout_s=30)
+        except processes.ChildFailed as exc:
+            asyncio.run(sup.stop_all(["sim"]))
+            typer.echo(f"simulated lab did not start: {exc}", err=True)
+            raise typer.Exit(1) from None
         token = asyncio.run(_register_sim_lab(url, desc))
     engine_speed = speed if sim_lab else 1.0
-    children.append(("engine", _spawn(["engine", "--speed", str(engine_speed), *common])))
-    children.append(("api", _spawn(["api", "--host", host, "--port", str(port), *common])))
+    sup.children.append(Child(
+        "engine", processes.labdaq_argv("engine", "--speed", str(engine_speed), *common),
+        depends_on=("sim",) if sim_lab else ()))
+    sup.children.append(Child(
+        "api", processes.labdaq_argv("api", "--host", host, "--port", str(port), *common)))
+    for child in sup.children[1 if sim_lab else 0:]:
+        sup.start(child)
     base = f"http://{host}:{port}"
-    typer.echo(f"labdaq is starting: API {base}  (docs {base}/docs, health {base}/health)")
-    if token:
+    typer.echo(f"labdaq is starting: API {base}  (docs {base}/docs, health {base}/health, "
+               f"ready {base}/ready)")
+    if token and desc:
         typer.echo(_demo_text(base, token, desc))
-    stop = stop_event()
+    asyncio.run(_supervise(sup, url))
+
+
+async def _supervise(sup: Any, url: str) -> None:
+    """Watch the children until SIGINT/SIGTERM, then stop them in order (labdaq.supervisor)."""
+    from labdaq import supervisor
+
+    log = logging.getLogger("labdaq.serve")
+
+    async def on_event(ev: supervisor.ChildEvent) -> None:
+        what = {"sim": "simulated lab", "engine": "engine", "api": "API"}.get(ev.child, ev.child)
+        data = {"child": ev.child, "returncode": ev.returncode, "deaths_in_a_row": ev.streak,
+                "pid": ev.pid}
+        if ev.kind == "exited":
+            await supervisor.record_event(
+                url, f"{what} process exited with {ev.returncode}; restarting it in "
+                f"{ev.restart_in_s:.1f} s", data={**data, "restart_in_s": ev.restart_in_s})
+        elif ev.kind == "restarted":
+            await supervisor.record_event(url, f"{what} process restarted", "info", data)
+        elif ev.kind == "gave_up":
+            done: dict[str, str] = {}
+            if ev.child in ("engine", "sim"):
+                # No engine is there to keep the cells safe: switch off what answers.
+                done = await supervisor.all_outputs_off(url)
+                log.critical("outputs turned off directly: %s", done)
+            await supervisor.record_event(
+                url, f"{what} process died {ev.streak} times in a row (last exit "
+                f"{ev.returncode}); not restarted. Outputs turned off through the "
+                f"instruments directly: " + (", ".join(f"{k}: {v}" for k, v in done.items())
+                                             or "none configured"),
+                "error", {**data, "outputs_off": done})
+
+    sup.handler = on_event
+    stop = asyncio.Event()
+    received: list[str] = []
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig.name)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
-        while not stop.is_set():
-            for name, proc in children:
-                if proc.poll() is not None:
-                    typer.echo(f"{name} process exited with {proc.returncode}; stopping", err=True)
-                    stop.set()
-            time.sleep(0.2)
+        await sup.watch(stop)
     finally:
-        _stop_children(children)
+        why = received[0] if received else "supervisor ending"
+        try:
+            await asyncio.wait_for(supervisor.record_event(
+                url, f"service stopping ({why}): the engine turns outputs off and saves each "
+                "run's position; runs keep their state and resume on the next start",
+                "info", {"signal": why}), 15)
+        except Exception as exc:  # noqa: BLE001 - stopping safely matters more
+            log.error("could not record the stop: %s", exc)
+        # API first (no new work), then the engine (outputs off, positions saved), then
+        # the simulated lab it was talking to.
+        clean = await sup.stop_all(["api", "engine", "sim"])
+        if clean.get("engine") is False:
+            log.error("the engine did not stop in time and was killed: outputs off directly")
+            log.error("outputs: %s", await supervisor.all_outputs_off(url))
+        await sup.drain()
 
 
 def _demo_text(base: str, token: str, desc: dict[str, Any]) -> str:
@@ -340,18 +393,6 @@ def _demo_text(base: str, token: str, desc: dict[str, Any]) -> str:
         f"{base}/api/v1/runs/1/cycles\n"
         "Press Ctrl-C to stop everything (outputs are turned off first).\n"
     )
-
-
-def _stop_children(children: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
-    order = {"api": 0, "engine": 1, "sim": 2}
-    for _name, proc in sorted(children, key=lambda c: order.get(c[0], 9)):
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def main() -> None:

@@ -4,7 +4,8 @@ The printed table is the contract tests and users rely on: one line per instrume
 ``<name> <driver> <resource>``, then a ``ready`` line; ``--write-config`` writes the same
 lab as an instruments file (``labdaq instruments check`` accepts it and
 ``labdaq instruments apply`` loads it unchanged) and ``--describe``
-the JSON description the supervisor registers. ``--fault`` and ``--scenario`` schedule
+the JSON description the supervisor registers; ``--ports-from`` restarts a lab on the TCP
+ports of such a description. ``--fault`` and ``--scenario`` schedule
 faults (labdaq.sims.faults); each scheduled fault adds a ``fault <id> ...`` line before
 ``ready``, and each one firing prints a ``t=<sim s> fault <id> applied|cleared`` line.
 """
@@ -40,6 +41,16 @@ def _parse_transports(values: list[str]) -> dict[str, str]:
     return choice
 
 
+def _ports_from(path: Path) -> dict[str, int]:
+    """Instrument name -> TCP port, from a description written by ``--describe``."""
+    try:
+        desc = json.loads(path.read_text())
+        return {inst["name"]: int(inst["resource"].split("::")[2])
+                for inst in desc["instruments"] if inst["resource"].startswith("TCPIP::")}
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        raise ValueError(f"--ports-from {path}: not a lab description ({exc})") from exc
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -71,6 +82,9 @@ def sim(
     describe: Annotated[
         Path | None, typer.Option(help="write the lab description (JSON) to this file")
     ] = None,
+    ports_from: Annotated[Path | None, typer.Option(
+        help="serve each TCP instrument on the port it has in this --describe file (a "
+             "restarted lab keeps its resource strings)")] = None,
     write_config: Annotated[
         Path | None, typer.Option(help="write an instruments TOML for this lab to this file")
     ] = None,
@@ -103,7 +117,8 @@ def sim(
         lab = SimLab(
             speed=speed, cell_spec=cell, soc=soc, seed=seed,
             watchdog_s=watchdog if watchdog > 0 else None, room_c=room,
-            transport=_parse_transports(transport or []), **counts,
+            transport=_parse_transports(transport or []),
+            ports=_ports_from(ports_from) if ports_from is not None else None, **counts,
         )
         scheduled = lab.faults.load(plan) if plan is not None else []
         scheduled += [lab.faults.schedule(spec, source="--fault", where=f"--fault {text!r}")
@@ -111,7 +126,11 @@ def sim(
     except (ValueError, FileNotFoundError) as exc:
         typer.echo(f"error: labdaq sim: {exc}", err=True)
         raise typer.Exit(code=2) from None
-    desc = lab.start()
+    try:
+        desc = lab.start()
+    except OSError as exc:  # --ports-from: a port taken meanwhile
+        typer.echo(f"error: labdaq sim: {exc}", err=True)
+        raise typer.Exit(code=1) from None
     try:
         for inst in desc["instruments"]:
             typer.echo(f"{inst['name']:<12} {inst['driver']:<18} {inst['resource']}")

@@ -51,8 +51,18 @@ class Settings(BaseSettings):
     engine_poll_s: float = 0.5
     # Safety and end conditions are evaluated at least this often (s, on the engine clock).
     engine_control_period_s: float = 1.0
-    # The longest interruption (s, simulated) after which a run is resumed, not ended.
+    # The longest interruption (wall seconds, whatever the clock speed) after which a run
+    # is resumed, not ended.
     max_resume_gap_s: float = 600.0
+    # `labdaq serve` restarts a child that dies after restart_backoff_s, doubling up to
+    # restart_backoff_max_s; after restart_max restarts that each died within
+    # restart_stable_s it gives up on the child (the engine: every output off first).
+    restart_backoff_s: float = Field(default=1.0, gt=0)
+    restart_backoff_max_s: float = Field(default=30.0, gt=0)
+    restart_max: int = Field(default=5, ge=0)
+    restart_stable_s: float = Field(default=30.0, gt=0)
+    # GET /ready: an engine heartbeat older than this (wall seconds) is not ready.
+    ready_heartbeat_max_age_s: float = Field(default=10.0, gt=0)
     # The cell's safety window is its cut-offs widened by this margin (V).
     safety_voltage_margin_v: float = 0.1
     # The lab's instruments file (docs/lab-setup.md). When set, `labdaq serve` applies it

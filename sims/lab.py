@@ -108,6 +108,7 @@ class SimLab:
         room_c: float = 25.0,
         transport: str | Mapping[str, str] = "tcp",
         clock: Clock | None = None,
+        ports: Mapping[str, int] | None = None,
     ) -> None:
         from labdaq.sims.cell import load_cell_spec
 
@@ -124,6 +125,9 @@ class SimLab:
         if smu_model not in MODEL_LIMITS:
             raise ValueError(f"smu_model must be one of {sorted(MODEL_LIMITS)}")
         self._transport = self._check_transport(transport)
+        # Instrument name -> TCP port (0 or absent: any free one). A lab restarted on the
+        # ports it had keeps its resource strings, so its clients simply reconnect.
+        self._ports = dict(ports or {})
         # A ManualClock makes a lab deterministic (tests, benchmarks); `speed` is then unused.
         self.clock: Any = clock if clock is not None else SimClock(speed)
         self._faults: FaultScheduler | None = None
@@ -303,7 +307,7 @@ class SimLab:
             kwargs["watchdog_s"] = inst.watchdog_s
         if inst.transport == "pty":
             return SimServer.pty(inst.sim, **kwargs)
-        return SimServer.tcp(inst.sim, **kwargs)
+        return SimServer.tcp(inst.sim, port=self._ports.get(inst.name, 0), **kwargs)
 
     def start(self) -> dict[str, Any]:
         if not self._started:

@@ -1,18 +1,85 @@
-"""Liveness and database reachability."""
+"""Liveness (/health: the API and its database answer) and readiness (/ready: the whole
+service can acquire — database, engine heartbeat, instruments)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from sqlalchemy import text
 
 import labdaq
 from labdaq.api.deps import Session
 from labdaq.api.schemas import Health
+from labdaq.heartbeat import as_utc, latest, not_ready_reasons
+from labdaq.storage.db import session_scope
 
 router = APIRouter(tags=["health"])
+
+# A database that does not answer a SELECT within this is not ready (wall seconds).
+_DB_TIMEOUT_S = 3.0
 
 
 @router.get("/health", response_model=Health)
 async def health(session: Session) -> Health:
     await session.execute(text("SELECT 1"))
     return Health(status="ok", version=labdaq.__version__, database=session.bind.dialect.name)
+
+
+class EngineStatus(BaseModel):
+    node: str
+    pid: int
+    state: str
+    heartbeat_age_s: float = Field(description="wall seconds since the node's last beat")
+    active_runs: int
+
+
+class Ready(BaseModel):
+    """Readiness: ``ready`` is true only when ``reasons`` is empty."""
+
+    ready: bool
+    reasons: list[str] = Field(description="why the service is not ready; empty when it is")
+    database: str = Field(description='"ok" or why the database did not answer')
+    engine: EngineStatus | None = Field(description="the acquisition node's last heartbeat")
+    instruments: dict[str, str] = Field(
+        description='instrument name -> "ok" | "lost: <reason>" | "not connected: <reason>"')
+
+
+@router.get("/ready", response_model=Ready,
+            responses={503: {"model": Ready, "description": "not ready; `reasons` says why"}})
+async def ready(request: Request) -> Any:
+    """200 when the database answers, an acquisition node beat recently and every
+    instrument it opened answers; 503 with the reasons otherwise."""
+    settings = request.app.state.settings
+    database = "ok"
+    beats: list[Any] = []
+
+    async def probe() -> None:
+        async with session_scope(request.app.state.sessionmaker) as s:
+            await s.execute(text("SELECT 1"))
+            beats.extend(await latest(s))
+
+    try:
+        await asyncio.wait_for(probe(), _DB_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - any failure to read is "not ready", said why
+        database = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    now = datetime.now(UTC)
+    beat = beats[0] if beats else None
+    reasons = [f"database: {database}"] if database != "ok" else not_ready_reasons(
+        beat, now, settings.ready_heartbeat_max_age_s)
+    body = Ready(
+        ready=not reasons,
+        reasons=reasons,
+        database=database,
+        engine=EngineStatus(
+            node=beat.node, pid=beat.pid, state=beat.state,
+            heartbeat_age_s=round((now - as_utc(beat.beat_at)).total_seconds(), 3),
+            active_runs=beat.active_runs,
+        ) if beat is not None else None,
+        instruments=dict(beat.instruments or {}) if beat is not None else {},
+    )
+    return JSONResponse(body.model_dump(mode="json"), status_code=200 if body.ready else 503)

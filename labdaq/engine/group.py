@@ -38,7 +38,7 @@ from labdaq.drivers.errors import ConnectionFailed, GarbledReply, InstrumentTime
 from labdaq.engine.channel import ChannelRun, Phase, StepRecord, Transition
 from labdaq.engine.clock import EngineClock
 from labdaq.engine.writer import SampleWriter
-from labdaq.engine.writer_process import WriterProcess
+from labdaq.engine.writer_process import WriterProcess, WriterProcessDied
 
 log = logging.getLogger(__name__)
 
@@ -434,6 +434,12 @@ class InstrumentGroup:
                 # The transport has already reconnected with backoff and given up.
                 log.error("instrument %s lost: %s", self.name, exc)
                 await self._interrupt_all(exc)
+            except WriterProcessDied as exc:
+                # Neither the instrument's fault nor the runs': outputs off, runs kept. The
+                # node stops and is restarted, and resumes them from their committed samples.
+                log.error("instrument %s: outputs off, sample writer gone: %s", self.name, exc)
+                await self._outputs_off(list(self.chans))
+                self._closing = True
             except Exception as exc:  # noqa: BLE001 - make every channel safe, then report
                 log.exception("instrument %s: acquisition failed", self.name)
                 await self._fail_all(f"{type(exc).__name__}: {exc}")

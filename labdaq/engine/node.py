@@ -31,6 +31,7 @@ from labdaq.engine.clock import EngineClock
 from labdaq.engine.group import Callbacks, InstrumentGroup
 from labdaq.engine.writer import SampleWriter
 from labdaq.engine.writer_process import WriterProcess
+from labdaq.heartbeat import HEARTBEAT_PERIOD_S, INSTRUMENT_OK, Heartbeat
 from labdaq.protocol import ResolvedProtocol
 from labdaq.storage import models as m
 from labdaq.storage.db import session_scope, sessionmaker
@@ -280,10 +281,17 @@ class AcquisitionNode:
                 journal_dir=self.journal_dir, max_batch_rows=max_batch_rows,
             )
         )
+        if isinstance(self.writer, WriterProcess):
+            self.writer.on_death = self._writer_died
+        # Why the node stopped on its own (None: asked to); `labdaq engine` exits non-zero
+        # then, and `labdaq serve` restarts it.
+        self.failure: str | None = None
         self.records = RecordWriter(self.maker)
         self._finishing: set[asyncio.Task[None]] = set()
         self._scheduler_error = False
         self.node_name = node_name or socket.gethostname()
+        self.heartbeat = Heartbeat(self.node_name)
+        self._next_beat_s = 0.0
         self.max_resume_gap_s = max_resume_gap_s
         self.instruments: dict[int, OpenInstrument] = {}
         self.groups: dict[int, InstrumentGroup] = {}
@@ -321,6 +329,7 @@ class AcquisitionNode:
             raise
         inst = OpenInstrument(row.id, row.name, driver, worker)
         self.instruments[row.id] = inst
+        self.heartbeat.instruments[row.name] = INSTRUMENT_OK
         return inst
 
     async def _group_for(self, instrument_id: int) -> InstrumentGroup:
@@ -365,6 +374,7 @@ class AcquisitionNode:
                     await inst.worker.call(inst.driver.safe_shutdown)
             except Exception as exc:  # noqa: BLE001 - one broken instrument must not stop the rest
                 log.error("instrument %s (%s) not ready: %s", row.name, row.resource, exc)
+                self.heartbeat.instruments[row.name] = f"not connected: {exc}"
 
     # -- lifecycle ---------------------------------------------------------------------
     async def run_forever(self) -> None:
@@ -414,6 +424,23 @@ class AcquisitionNode:
     def request_stop(self) -> None:
         self._stopping.set()
 
+    def _writer_died(self, why: str) -> None:
+        """The sample writer process is gone. Its runs are not failed: the node stops
+        (outputs off, runs left active) and `labdaq serve` restarts the engine, whose
+        recovery resumes them after their last committed sample, the gap on record."""
+        log.error("sample writer died (%s): stopping the node so that it is restarted", why)
+        self.failure = "writer process died"
+        self.request_stop()
+
+    async def _beat(self, state: str = "running") -> None:
+        """Write the heartbeat (labdaq.heartbeat) about once a second."""
+        now = time.monotonic()
+        if state == "running" and now < self._next_beat_s:
+            return
+        self._next_beat_s = now + HEARTBEAT_PERIOD_S
+        async with session_scope(self.maker) as s:
+            await self.heartbeat.write(s, len(self.active), state)
+
     async def shutdown(self) -> None:
         # Runs are not stopped here: an engine restart resumes them (see recover()). The
         # outputs are turned off and the position is saved, which is what resuming needs.
@@ -444,6 +471,10 @@ class AcquisitionNode:
         await self.writer.close()
         self._report_dropped()  # what the last flush could not keep
         await self.records.close()
+        try:
+            await asyncio.wait_for(self._beat(self.failure or "stopped"), 5)
+        except Exception as exc:  # noqa: BLE001 - readiness then goes by the beat's age
+            log.warning("could not write the last heartbeat: %s", exc)
         for inst in self.instruments.values():
             # Close the link (the instrument sees a clean disconnect, not a dead peer).
             try:
@@ -494,14 +525,17 @@ class AcquisitionNode:
             n_samples = await s.scalar(
                 select(func.count()).select_from(m.Sample).where(m.Sample.run_id == run.id)
             )
-        gap_s = (time.time() - last.ts_utc) * self.clock.speed if last else 0.0
+        # The limit is in wall seconds (what a cell resting with its output off lives
+        # through); the run's own timeline, on the engine clock, moves on by gap_s.
+        wall_gap_s = time.time() - last.ts_utc if last else 0.0
+        gap_s = wall_gap_s * self.clock.speed
         pos = run.position
         reason = None
         if pos is None or last is None:
             reason = "no saved position to resume from"
-        elif gap_s > self.max_resume_gap_s:
+        elif wall_gap_s > self.max_resume_gap_s:
             reason = (
-                f"interrupted for {gap_s:.0f} s (simulated), more than the "
+                f"interrupted for {wall_gap_s:.0f} s, more than the "
                 f"{self.max_resume_gap_s:.0f} s a run may be resumed after"
             )
         if reason is None:
@@ -543,6 +577,7 @@ class AcquisitionNode:
                 "samples_committed": n_samples,
                 "from_t_s": last.t_s if last else None,
                 "gap_s": gap_s,
+                "gap_wall_s": wall_gap_s,
             }
             if reason is None:
                 if run.id in self.active:  # not already ended by a breach as it rejoined
@@ -625,6 +660,7 @@ class AcquisitionNode:
             await self._apply_requests()
             await self._claim_queued()
             await self._publish_progress()
+            await self._beat()
         except Exception as exc:  # noqa: BLE001
             # Once per outage at warning level; every poll would flood the log.
             level = logging.DEBUG if self._scheduler_error else logging.WARNING
@@ -869,6 +905,7 @@ class AcquisitionNode:
         each run is, then wait for the instrument in a task of its own and resume them."""
         for cr in runs:
             self._release(cr.run_id)
+        self.heartbeat.instruments[self.instruments[instrument_id].name] = f"lost: {reason}"
         rows = [_progress_row(cr) for cr in runs]
         run_ids = [cr.run_id for cr in runs]
         waiter = asyncio.create_task(self._await_instrument(instrument_id, run_ids, rows,
@@ -891,15 +928,17 @@ class AcquisitionNode:
         await self.writer.flush()
         async with self._progress_lock, session_scope(self.maker) as s:
             await _write_progress(s, rows)
-        give_up = time.monotonic() + self.max_resume_gap_s / self.clock.speed
+        give_up = time.monotonic() + self.max_resume_gap_s  # wall seconds
         delay = 0.5
         while not self._stopping.is_set():
             try:
                 await inst.worker.call(_answers, inst.driver)
+                self.heartbeat.instruments[inst.name] = INSTRUMENT_OK
                 break
             except Exception as exc:  # noqa: BLE001 - still gone: wait and try again
                 if time.monotonic() > give_up:
                     log.error("instrument %s did not come back: %s", inst.name, exc)
+                    self.heartbeat.instruments[inst.name] = f"lost: {exc}"
                     break
             try:
                 await asyncio.wait_for(self._stopping.wait(), timeout=delay)

@@ -23,7 +23,9 @@ Data path::
   killed single process, and a restarted engine never races a leftover writer for the
   same ``(run_id, seq)``. Journal files it wrote are replayed by the next writer.
 * A dead child (crash, OOM kill) raises :class:`WriterProcessDied` from ``put`` and
-  ``flush``; the engine's groups treat that like any acquisition failure (outputs off).
+  ``flush`` and calls ``on_death``: the groups turn their outputs off and keep their runs,
+  the node stops, and ``labdaq serve`` restarts the engine (and so the writer), which
+  resumes the runs after their last committed sample.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -93,6 +95,9 @@ class WriterProcess:
         self._tokens = itertools.count(1)
         self._dead: str | None = None
         self._closing = False
+        # Called once with the reason when the child dies (not on close): the node stops
+        # so that its supervisor restarts the engine, writer included.
+        self.on_death: Callable[[str], None] | None = None
         self.rows_written = 0
         self.batches_written = 0
         self.rows_journaled = 0
@@ -235,6 +240,8 @@ class WriterProcess:
         if self._dead is None:
             self._dead = why
             log.error("sample writer process: %s", why)
+            if self.on_death is not None:
+                self.on_death(why)
         self._space.set()
         for fut in self._waiters.values():
             if not fut.done():

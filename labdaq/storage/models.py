@@ -288,3 +288,21 @@ class ApiToken(Base):
     token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column()
+
+
+class NodeHeartbeat(Base):
+    """The latest sign of life of an acquisition node (labdaq.heartbeat): one row per node,
+    overwritten every beat, read by ``GET /ready``."""
+
+    __tablename__ = "node_heartbeats"
+
+    node: Mapped[str] = mapped_column(String(100), primary_key=True)
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column()
+    beat_at: Mapped[datetime] = mapped_column()
+    # "running" while it acquires; "stopped" after an orderly shutdown; any other value
+    # says why it is going down (e.g. "writer died").
+    state: Mapped[str] = mapped_column(String(40))
+    active_runs: Mapped[int] = mapped_column(Integer, default=0)
+    # Instrument name -> "ok" | "lost: <reason>" | "not connected: <reason>".
+    instruments: Mapped[dict[str, Any]] = mapped_column(default=dict)
