@@ -193,6 +193,7 @@ async def test_lost_instrument_that_stays_gone_interrupts_its_runs(rig: Rig) -> 
     """The SMU's link goes and stays gone past max_resume_gap_s: the run ends
     ``interrupted``; the first event is open-ended from its last stored sample, and every
     sample stored before is kept."""
+    rig.node.max_resume_gap_s = 2.0  # wall seconds, whatever the clock's speed
     run_id = await rig.start_run("smu1/1", protocol_document=charge_doc(3000),
                                  sample_period_s=10)
     await wait_for(lambda: run_id in rig.node.active, what="the run to start")
