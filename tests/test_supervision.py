@@ -34,7 +34,8 @@ SPEED = 100.0
 PERIOD_S = 10.0  # simulated: 10 samples per wall second at SPEED
 TIMEOUT_S = 120.0  # for each recovery, on a loaded 2-core machine
 CHANNEL = "cabinet1/1"
-FLAG_RESUMED = 4  # labdaq.engine.group.FLAG_RESUMED (kept to the public rows)
+FLAG_PAUSED = 2  # labdaq.engine.group flags (not imported: keep to the public rows)
+FLAG_RESUMED = 4
 # C/20 charge from 50 %: hours of simulated time, minutes of wall time: the run is still
 # in its step when the test ends, whatever the machine's load.
 CHARGE_DOC: dict[str, Any] = {
@@ -323,3 +324,29 @@ def test_engine_that_keeps_dying_is_given_up_with_every_output_off(tmp_path: Pat
         # Nothing restarts it; the run keeps its state for the next start.
         assert _child_running(svc.proc.pid, ["labdaq.cli", "engine"]) is None
         assert svc.get(f"/api/v1/runs/{run_id}")["state"] == "running"
+
+
+def test_paused_run_stays_paused_across_an_engine_restart(tmp_path: Path) -> None:
+    """A technician's pause survives the engine's death: the restarted engine resumes the
+    run paused, output off, until someone resumes it."""
+    with _serve(tmp_path, restart_backoff_s="0.5") as svc:
+        run_id = _start_run(svc)
+        r = httpx.post(f"{svc.base}/api/v1/runs/{run_id}/pause", headers=svc.headers,
+                       timeout=30)
+        assert r.status_code == 200, r.text
+        _wait(lambda: svc.get(f"/api/v1/runs/{run_id}")["state"] == "paused"
+              and _cabinet_output(svc) == "0", "the pause to take effect", svc.proc)
+        pid = svc.ready()["engine"]["pid"]  # type: ignore[index]
+        _kill_and_recover(svc, run_id, pid, "engine", lambda: (
+            (b := svc.ready()) is not None and b["engine"]["pid"] != pid))
+        assert svc.get(f"/api/v1/runs/{run_id}")["state"] == "paused"
+        assert _cabinet_output(svc) == "0"
+        (seq0,) = svc.db("SELECT seq FROM samples WHERE run_id = ? AND flags & ? != 0 "
+                         "ORDER BY seq DESC LIMIT 1", run_id, FLAG_RESUMED)[0]
+        after = svc.db("SELECT flags FROM samples WHERE run_id = ? AND seq >= ?", run_id, seq0)
+        assert after and all(f & FLAG_PAUSED for (f,) in after), after
+        r = httpx.post(f"{svc.base}/api/v1/runs/{run_id}/resume", headers=svc.headers,
+                       timeout=30)
+        assert r.status_code == 200, r.text
+        _wait(lambda: svc.get(f"/api/v1/runs/{run_id}")["state"] == "running"
+              and _cabinet_output(svc) == "1", "the resume to take effect", svc.proc)

@@ -206,7 +206,14 @@ class InstrumentGroup:
 
     async def _add(self, run: ChannelRun, phase: Phase, t0_clock_s: float) -> None:
         before = self.clock.now()
-        await self._apply(run, phase)
+        # A run resumed while paused (its engine restarted) keeps its output off until a
+        # resume request, which applies the set point as after any pause.
+        rejoin_paused = run.pause_requested and not run.paused
+        if rejoin_paused:
+            await self._outputs_off([run.channel])
+            run.paused = True
+        else:
+            await self._apply(run, phase)
         # The run's clock starts when its set point is in place, not when it was asked
         # for: programming an instrument takes round trips (tens of ms each on a link
         # with delayed ACKs), which the first step's duration must not lose.
@@ -222,6 +229,8 @@ class InstrumentGroup:
             setattr(self, nm, np.append(getattr(self, nm), 0))
         k = len(self.runs) - 1
         self.a_t0[k] = t0_clock_s
+        if rejoin_paused:
+            run.pause_t_s = self.clock.now() - t0_clock_s
         self.a_period[k] = run.period_s
         self.a_next_due[k] = run.t_s + run.period_s
         self.a_last_t[k] = run.t_s
@@ -238,7 +247,8 @@ class InstrumentGroup:
         # The first stored sample is taken right after the set point is applied, so the
         # stored samples start where the engine's integration starts; a resumed run's
         # first sample after the gap says so in its flags.
-        flags = FLAG_EDGE | (FLAG_RESUMED if run.seq else 0)
+        flags = (FLAG_EDGE | (FLAG_RESUMED if run.seq else 0)
+                 | (FLAG_PAUSED if run.paused else 0))
         if await self._edge([k], {}, flags, integrate=False):
             self._remove(k)
             await self.cb.on_finish(run)

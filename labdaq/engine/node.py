@@ -558,6 +558,8 @@ class AcquisitionNode:
                     if unsafe is not None:
                         raise _NotResumable(unsafe)
                 cr.t_s = float(last.t_s) + gap_s
+                # Paused stays paused (output off) until someone resumes it.
+                cr.pause_requested = run.state == m.RunState.paused.value
                 group = await self._group_for(channel.instrument_id)
                 # Active before it joins: a breach on its first reading finishes it at once.
                 self.active[run.id] = cr
@@ -580,7 +582,8 @@ class AcquisitionNode:
                 "gap_wall_s": wall_gap_s,
             }
             if reason is None:
-                if run.id in self.active:  # not already ended by a breach as it rejoined
+                if run.id in self.active and row.state != m.RunState.paused.value:
+                    # (Not one already ended by a breach as it rejoined.)
                     row.state = m.RunState.running.value
                 row.node = self.node_name
                 s.add(
