@@ -350,3 +350,30 @@ def test_paused_run_stays_paused_across_an_engine_restart(tmp_path: Path) -> Non
         assert r.status_code == 200, r.text
         _wait(lambda: svc.get(f"/api/v1/runs/{run_id}")["state"] == "running"
               and _cabinet_output(svc) == "1", "the resume to take effect", svc.proc)
+
+
+def test_sigterm_stops_in_order_and_the_next_start_resumes_the_run(tmp_path: Path) -> None:
+    """SIGTERM to `labdaq serve`: it records why on the run, stops its children (the
+    engine turns outputs off and saves the position) and exits 0; the run keeps its state,
+    and the next `labdaq serve` on the same data directory resumes it."""
+    with _serve(tmp_path) as svc:
+        run_id = _start_run(svc)
+        sim_pid = _child_running(svc.proc.pid, ["labdaq.cli", "sim"])
+        svc.proc.send_signal(signal.SIGTERM)
+        assert svc.proc.wait(timeout=90) == 0
+        assert sim_pid is not None and not Path(f"/proc/{sim_pid}").exists()
+        seq_stopped = svc.last_seq(run_id)
+        (state,) = svc.db("SELECT state FROM runs WHERE id = ?", run_id)[0]
+        assert state == "running"
+        stops = [msg for _, kind, msg in svc.events(run_id) if kind == "supervision"]
+        assert stops and stops[-1].startswith("service stopping (SIGTERM)")
+    with _serve(tmp_path) as svc:
+        _wait(lambda: svc.last_seq(run_id) > seq_stopped + 20,
+              "the run to go on after the restart", svc.proc)
+        seqs = [s for (s,) in svc.db("SELECT seq FROM samples WHERE run_id = ? ORDER BY seq",
+                                     run_id)]
+        assert seqs == list(range(1, len(seqs) + 1))
+        resumed = [msg for _, kind, msg in svc.events(run_id)
+                   if kind == "interruption" and "run resumed after" in msg]
+        assert resumed, svc.events(run_id)
+        assert svc.get(f"/api/v1/runs/{run_id}")["state"] == "running"
