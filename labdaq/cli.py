@@ -255,6 +255,11 @@ def serve(
     from labdaq.supervisor import Child, RestartPolicy, Supervisor
 
     _logging()
+    # A stop asked for while the children start is kept, and honoured once they run
+    # (they are in sessions of their own: dying here would orphan them).
+    early: list[str] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda n, _f: early.append(signal.Signals(n).name))
     s = _settings(data_dir, database_url)
     s.data_dir.mkdir(parents=True, exist_ok=True)
     url = s.resolved_database_url
@@ -303,10 +308,10 @@ def serve(
                f"ready {base}/ready)")
     if token and desc:
         typer.echo(_demo_text(base, token, desc))
-    asyncio.run(_supervise(sup, url))
+    asyncio.run(_supervise(sup, url, early))
 
 
-async def _supervise(sup: Any, url: str) -> None:
+async def _supervise(sup: Any, url: str, received: list[str]) -> None:
     """Watch the children until SIGINT/SIGTERM, then stop them in order (labdaq.supervisor)."""
     from labdaq import supervisor
 
@@ -337,7 +342,8 @@ async def _supervise(sup: Any, url: str) -> None:
 
     sup.handler = on_event
     stop = asyncio.Event()
-    received: list[str] = []
+    if received:
+        stop.set()
     loop = asyncio.get_running_loop()
 
     def on_signal(sig: signal.Signals) -> None:
