@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from labdaq.supervisor import Child, ChildEvent, RestartPolicy, Supervisor
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
@@ -150,3 +152,27 @@ def test_stop_all_goes_in_order_and_stops_restarts(tmp_path: Path) -> None:
     assert clean == {"api": True, "engine": True, "sim": True}
     assert log.read_text().split() == ["api", "engine", "sim"]
     assert sup.step() == []  # stopped children are not restarted
+
+
+def test_a_restarted_lab_serves_on_the_ports_of_its_description(tmp_path: Path) -> None:
+    """What `labdaq sim --ports-from` does for `serve`: the same resource strings again."""
+    import json
+
+    from labdaq.cli_sim import _ports_from
+    from labdaq.sims.lab import SimLab
+
+    first = SimLab(smus=1, cabinets=1)
+    desc = first.start()
+    first.stop()
+    path = tmp_path / "simlab.json"
+    path.write_text(json.dumps(desc))
+    again = SimLab(smus=1, cabinets=1, ports=_ports_from(path))
+    try:
+        desc2 = again.start()
+    finally:
+        again.stop()
+    assert [i["resource"] for i in desc2["instruments"]] == [
+        i["resource"] for i in desc["instruments"]]
+    path.write_text("{}")
+    with pytest.raises(ValueError, match="not a lab description"):
+        _ports_from(path)
