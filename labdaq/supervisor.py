@@ -231,21 +231,19 @@ async def instrument_rows(url: str) -> list[dict[str, Any]]:
 
 
 def _off(row: dict[str, Any]) -> str:
-    """Open one instrument as the engine does, turn every output off, close it."""
-    from labdaq.drivers.transport import open_transport
-    from labdaq.engine.node import load_driver_class
+    """Open one instrument through the one opener (as the engine does), turn every output
+    off, close it."""
+    from labdaq.drivers.opener import open_driver
 
-    cls = load_driver_class(row["driver"])
-    options = dict(row["options"])
-    transport = open_transport(row["resource"], **options.pop("transport", {}))
+    driver: Any = open_driver(row["driver"], row["resource"], name=row["name"],
+                              options=row["options"])
     try:
-        driver = cls(transport, name=row["name"], **options)
         if not hasattr(driver, "all_off"):
             return "no outputs"
         driver.all_off()
         return "outputs off"
     finally:
-        transport.close()
+        driver.transport.close()
 
 
 async def all_outputs_off(url: str, timeout_s: float = 30.0) -> dict[str, str]:

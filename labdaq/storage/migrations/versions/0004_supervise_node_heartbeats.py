@@ -1,7 +1,7 @@
 """node heartbeats (engine liveness for GET /ready)
 
 Revision ID: 0004_supervise
-Revises: 0003
+Revises: 0004_opener
 Create Date: 2026-12-06 06:40:00
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0004_supervise"
-down_revision: str | None = "0003"
+down_revision: str | None = "0004_opener"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
