@@ -189,9 +189,26 @@ class Supervisor:
 
 
 async def record_event(url: str, message: str, severity: str = "warning",
-                       data: dict[str, Any] | None = None, on_runs: bool = True) -> list[int]:
+                       data: dict[str, Any] | None = None, on_runs: bool = True,
+                       give_up_s: float = 120.0) -> list[int]:
     """One ``supervision`` event on every affected run (one without a run if there is
-    none, so that the record exists); returns the runs it went on."""
+    none, so that the record exists); returns the runs it went on. A database that is
+    locked or away is retried with backoff for ``give_up_s``: the record matters."""
+    delay_s, deadline = 0.5, time.monotonic() + give_up_s
+    while True:
+        try:
+            return await _record_event(url, message, severity, data, on_runs)
+        except Exception as exc:  # noqa: BLE001 - retried, then raised to the handler's log
+            if time.monotonic() + delay_s > deadline:
+                raise
+            log.warning("supervision event not recorded yet (%s: %s); retrying in %.1f s",
+                        type(exc).__name__, exc, delay_s)
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 10.0)
+
+
+async def _record_event(url: str, message: str, severity: str,
+                        data: dict[str, Any] | None, on_runs: bool) -> list[int]:
     from sqlalchemy import select
 
     from labdaq.storage import models as m
