@@ -1,5 +1,6 @@
-"""Per-cycle summaries from stored samples alone, numpy-vectorised (one ``reduceat`` per
-quantity over the whole run, no Python loop over samples or cycles).
+"""Per-cycle summaries from stored samples alone, numpy-vectorised: one ``reduceat`` per
+quantity over the whole run, no Python loop over samples (the states are read off the
+samples next to each cycle's edges).
 
 Conventions (the engine's, so a summary recomputed here agrees with the ``cycles``
 table): the interval between samples ``j-1`` and ``j`` is integrated with the trapezoid
@@ -85,20 +86,29 @@ class CycleSummary:
         return out
 
 
-def _states_at(
-    query: IntArray, active_idx: IntArray, v: FloatArray, i: FloatArray,
-    charge_cutoff_v: float, discharge_cutoff_v: float, tol_v: float,
-) -> IntArray:
-    """State of the cell at each sample index in ``query``: from the last sample at or
-    before it that carried current (``active_idx`` sorted)."""
-    pos = np.searchsorted(active_idx, query, side="right") - 1
-    out = np.full(query.size, _UNKNOWN, np.int64)
-    has = pos >= 0
-    a = active_idx[pos[has]]
-    full = (i[a] > 0) & (v[a] >= charge_cutoff_v - tol_v)
-    empty = (i[a] < 0) & (v[a] <= discharge_cutoff_v + tol_v)
-    out[has] = np.where(full, _FULL, np.where(empty, _EMPTY, _PARTIAL))
-    return out
+def _first(pred: Any, lo: int, hi: int) -> int:
+    """First index in [lo, hi) where ``pred(a, b)`` (a bool array for a..b-1) is true, or
+    -1; windows grow 8× so a hit near ``lo`` costs a few dozen elements."""
+    w, a = 64, lo
+    while a < hi:
+        b = min(hi, a + w)
+        nz = np.flatnonzero(pred(a, b))
+        if nz.size:
+            return a + int(nz[0])
+        a, w = b, w * 8
+    return -1
+
+
+def _last(pred: Any, lo: int, hi: int) -> int:
+    """Last index in [lo, hi) where ``pred`` is true, or -1 (searching backwards)."""
+    w, b = 64, hi
+    while b > lo:
+        a = max(lo, b - w)
+        nz = np.flatnonzero(pred(a, b))
+        if nz.size:
+            return a + int(nz[-1])
+        b, w = a, w * 8
+    return -1
 
 
 def summarise_cycles(
@@ -137,16 +147,24 @@ def summarise_cycles(
         return _empty_summary()
 
     # -- per interval (j-1, j), labelled with the cycle of sample j ---------------------
-    dt = t[1:] - t[:-1]
+    # In place into a few buffers: at 10 M samples every fresh temporary is 80 MB of new
+    # pages, and faulting them in costs more than the arithmetic.
+    dt = np.subtract(t[1:], t[:-1])
     if flags is not None:
         paused = (np.asarray(flags, dtype=np.int64)[1:] & FLAG_PAUSED) != 0
-        dt = np.where(paused | (dt < 0), 0.0, dt)
-    else:
-        dt = np.maximum(dt, 0.0)
-    dq = (i[1:] + i[:-1]) * dt * (0.5 / 3600.0)
-    p = i * v
-    de = np.abs((p[1:] + p[:-1]) * dt) * (0.5 / 3600.0)
-    vdt = (v[1:] + v[:-1]) * dt * 0.5
+        dt[paused] = 0.0
+    np.maximum(dt, 0.0, out=dt)
+    dq = np.add(i[1:], i[:-1])
+    dq *= dt
+    dq *= 0.5 / 3600.0
+    de = np.multiply(i, v)
+    de = np.add(de[1:], de[:-1])
+    de *= dt
+    np.abs(de, out=de)
+    de *= 0.5 / 3600.0
+    vdt = np.add(v[1:], v[:-1])
+    vdt *= dt
+    vdt *= 0.5
     chg = dq > 0
     dis = dq < 0
 
@@ -158,18 +176,20 @@ def summarise_cycles(
         raise ValueError("cycle_index must be non-decreasing in sample order")
     ends = np.concatenate((bounds, [n - 1]))  # exclusive, in interval indices
 
-    def seg_sum(x: FloatArray) -> FloatArray:
-        return np.add.reduceat(x, starts)
+    buf = np.empty_like(dq)
 
-    zero = np.zeros_like(dq)
-    q_chg = seg_sum(np.where(chg, dq, zero))
-    q_dis = -seg_sum(np.where(dis, dq, zero))
-    e_chg = seg_sum(np.where(chg, de, zero))
-    e_dis = seg_sum(np.where(dis, de, zero))
-    vs_chg = seg_sum(np.where(chg, vdt, zero))
-    vs_dis = seg_sum(np.where(dis, vdt, zero))
-    s_chg = seg_sum(np.where(chg, dt, zero))
-    s_dis = seg_sum(np.where(dis, dt, zero))
+    def seg_sum(x: FloatArray, mask: BoolArray) -> FloatArray:
+        np.multiply(x, mask, out=buf)
+        return np.add.reduceat(buf, starts)
+
+    q_chg = seg_sum(dq, chg)
+    q_dis = -seg_sum(dq, dis)
+    e_chg = seg_sum(de, chg)
+    e_dis = seg_sum(de, dis)
+    vs_chg = seg_sum(vdt, chg)
+    vs_dis = seg_sum(vdt, dis)
+    s_chg = seg_sum(dt, chg)
+    s_dis = seg_sum(dt, dis)
     v_end = v[1:]
     v_max = np.maximum.reduceat(v_end, starts)
     v_min = np.minimum.reduceat(v_end, starts)
@@ -180,39 +200,48 @@ def summarise_cycles(
         mv_chg = np.where(s_chg > 0, vs_chg / s_chg, np.nan)
         mv_dis = np.where(s_dis > 0, vs_dis / s_dis, np.nan)
 
-    # -- states: from the last current-carrying sample before a point -------------------
-    active = np.flatnonzero(np.abs(i) > rest_current_a)
-    # Sample indices: interval j runs from sample j to j+1.
-    first_sample = starts  # the previous cycle's last sample (the cycle starts there)
-    last_sample = ends  # the cycle's own last sample
+    # -- states -------------------------------------------------------------------------
+    # Each is read off the samples near a cycle's edges, searched outwards from the edge
+    # in growing windows, so this part costs per cycle, not per sample.
+    def active(lo: int, hi: int) -> BoolArray:
+        return np.abs(i[lo:hi]) > rest_current_a
 
-    def state(query: IntArray) -> IntArray:
-        return _states_at(query, active, v, i, charge_cutoff_v, discharge_cutoff_v,
-                          cutoff_tolerance_v)
+    def state_at(k: int) -> int:
+        """The state at sample k: from the last current-carrying sample at or before it."""
+        a = _last(active, 0, k + 1)
+        if a < 0:
+            return _UNKNOWN
+        if i[a] > 0 and v[a] >= charge_cutoff_v - cutoff_tolerance_v:
+            return _FULL
+        if i[a] < 0 and v[a] <= discharge_cutoff_v + cutoff_tolerance_v:
+            return _EMPTY
+        return _PARTIAL
 
-    start_code = state(first_sample)
-    end_code = state(last_sample)
+    m = starts.size
+    start_code = np.empty(m, np.int64)
+    end_code = np.empty(m, np.int64)
+    rested = np.zeros(m, bool)
+    full_dis = np.zeros(m, bool)
+    full_chg = np.zeros(m, bool)
+    for c in range(m):
+        # Intervals starts[c] .. ends[c]-1; interval j runs from sample j to sample j+1,
+        # so the cycle starts at sample starts[c] (the previous cycle's last) and ends at
+        # sample ends[c].
+        s0, e0 = int(starts[c]), int(ends[c])
+        start_code[c] = state_at(s0)
+        end_code[c] = state_at(e0)
+        first_active = _first(active, s0 + 1, e0 + 1)
+        if first_active >= 0:
+            before = _last(active, 0, s0 + 1)
+            t_before = t[before] if before >= 0 else t[0]
+            rested[c] = t[first_active] - t_before >= min_rest_s
+        full_dis[c] = _half_cycle(dis, i, -1.0, rest_current_a, s0, e0, state_at,
+                                  _FULL, _EMPTY)
+        full_chg[c] = _half_cycle(chg, i, 1.0, rest_current_a, s0, e0, state_at,
+                                  _EMPTY, _FULL)
     # The first cycle starts at the run's first reading, which says nothing about what
     # came before: only a state known from elsewhere counts.
     start_code[0] = STATES.index(initial_state)
-
-    # Rested: the cycle's first current-carrying sample came at least min_rest_s after
-    # the last one before the cycle (or after the run's first reading).
-    if active.size:
-        k_first = np.searchsorted(active, first_sample + 1, side="left")
-        first_active = active[np.minimum(k_first, active.size - 1)]
-        has_current = (k_first < active.size) & (first_active <= last_sample)
-        prev_t = np.where(k_first > 0, t[active[np.maximum(k_first - 1, 0)]], t[0])
-        rested = has_current & (t[first_active] - prev_t >= min_rest_s)
-    else:
-        rested = np.zeros(starts.size, bool)
-
-    # Half-cycles: the state before the first discharging (charging) interval and after
-    # the last one.
-    full_dis = _half_cycle(np.flatnonzero(dis), starts, ends, state, _FULL, _EMPTY,
-                           i, -1.0, rest_current_a)
-    full_chg = _half_cycle(np.flatnonzero(chg), starts, ends, state, _EMPTY, _FULL,
-                           i, 1.0, rest_current_a)
 
     both = (q_chg > 0) & (q_dis > 0)
     defined_end = (end_code == _FULL) | (end_code == _EMPTY)
@@ -232,8 +261,8 @@ def summarise_cycles(
                                    "efficiencies not comparable"))))
     return CycleSummary(
         cycle_index=labels,
-        start_t_s=t[first_sample],
-        end_t_s=t[last_sample],
+        start_t_s=t[starts],
+        end_t_s=t[ends],
         n_samples=(ends - starts).astype(np.int64),
         charge_capacity_ah=q_chg,
         discharge_capacity_ah=q_dis,
@@ -257,25 +286,25 @@ def summarise_cycles(
 
 
 def _half_cycle(
-    idx: IntArray, starts: IntArray, ends: IntArray, state: Any, from_code: int, to_code: int,
-    current: FloatArray, sign: float, rest_current_a: float,
-) -> BoolArray:
-    """Per cycle: did its intervals in ``idx`` (sorted) start at ``from_code`` and end at
-    ``to_code``? (The state before the first one, and after the last one.)"""
-    lo = np.searchsorted(idx, starts, side="left")
-    hi = np.searchsorted(idx, ends, side="left")
-    has = hi > lo
-    if not idx.size:
-        return has
-    first = idx[np.minimum(lo, idx.size - 1)]
-    last = idx[np.maximum(hi - 1, 0)]
-    # Interval j goes from sample j to sample j+1. The half-cycle's current starts at
-    # sample j, or at j+1 if sample j still had the previous current (a step edge):
-    # the state before it comes from the samples before that.
-    began = np.where(sign * current[first] > rest_current_a, first, first + 1)
-    before = state(began - 1)
-    after = state(last + 1)
-    return has & (before == from_code) & (after == to_code)
+    mask: BoolArray, current: FloatArray, sign: float, rest_current_a: float,
+    s0: int, e0: int, state_at: Any, from_code: int, to_code: int,
+) -> bool:
+    """Did the cycle's charging (discharging) intervals — ``mask`` over intervals
+    [s0, e0) — start at ``from_code`` and end at ``to_code``?"""
+
+    def hit(a: int, b: int) -> BoolArray:
+        return mask[a:b]
+
+    first = _first(hit, s0, e0)
+    if first < 0:
+        return False
+    last = _last(hit, s0, e0)
+    # Interval j runs from sample j to j+1. The half-cycle's current starts at sample j,
+    # or at j+1 if sample j still had the previous current (a step edge): the state
+    # before it comes from the samples before that.
+    began = first if sign * current[first] > rest_current_a else first + 1
+    before = state_at(began - 1) if began > 0 else _UNKNOWN
+    return before == from_code and state_at(last + 1) == to_code
 
 
 def _empty_summary() -> CycleSummary:
