@@ -21,8 +21,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from sqlalchemy import create_engine
 
 from labdaq.analysis import capacity_retention, pulse_resistances, summarise_cycles
+from labdaq.analysis.load import read_samples
 from labdaq.sims.cell import load_cell_spec
 from labdaq.sims.lab import SimLab
 from labdaq.storage import models as m
@@ -102,13 +104,20 @@ async def simulated_run(url: str, tmp: Path) -> dict[str, Any]:
         steps = await rows_of(rig.maker, m.Step, run_id, m.Step.step_number)
     finally:
         await rig.stop()
-    return {"s": s, "cycles": cycles, "steps": steps}
+    return {"s": s, "cycles": cycles, "steps": steps, "run_id": run_id}
 
 
 async def test_cycle_metrics_of_a_simulated_run(sqlite_url: str, tmp_path: Path) -> None:
     r = await simulated_run(sqlite_url, tmp_path)
-    s = r["s"]
-    assert_contiguous(s["seq"])
+    assert_contiguous(r["s"]["seq"])
+    # The analysis input, read by labdaq.analysis.load: the rig's own reading, exactly.
+    engine = create_engine(sqlite_url)
+    with engine.connect() as conn:
+        s = read_samples(conn, r["run_id"])
+    engine.dispose()
+    assert set(s) == set(r["s"])
+    for key, col in r["s"].items():
+        np.testing.assert_array_equal(s[key], col, err_msg=key)
     spec = load_cell_spec(str(nmc_18650_spec(tmp_path)))
     summary = summarise_cycles(
         s["t_s"], s["voltage_v"], s["current_a"], s["cycle_index"], flags=s["flags"],

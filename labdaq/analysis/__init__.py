@@ -10,6 +10,7 @@ from labdaq.analysis.cycles import (
     CycleSummary,
     Retention,
     capacity_retention,
+    cell_state_at,
     summarise_cycles,
 )
 from labdaq.analysis.dcir import PulseResistance, pulse_resistances
@@ -21,6 +22,7 @@ __all__ = [
     "CycleSummary",
     "Retention",
     "capacity_retention",
+    "cell_state_at",
     "summarise_cycles",
     "PulseResistance",
     "pulse_resistances",

@@ -27,7 +27,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["STATES", "CycleSummary", "summarise_cycles", "Retention", "capacity_retention"]
+__all__ = [
+    "STATES", "CycleSummary", "summarise_cycles", "Retention", "capacity_retention",
+    "cell_state_at",
+]
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
@@ -84,6 +87,37 @@ class CycleSummary:
                 row[name] = None if isinstance(value, float) and value != value else value
             out.append(row)
         return out
+
+
+def _state_code(v: FloatArray, i: FloatArray, k: int, charge_cutoff_v: float,
+                discharge_cutoff_v: float, rest_current_a: float, tol_v: float) -> int:
+    """The state at sample k: from the last current-carrying sample at or before it."""
+
+    def active(lo: int, hi: int) -> BoolArray:
+        return np.abs(i[lo:hi]) > rest_current_a
+
+    a = _last(active, 0, k + 1)
+    if a < 0:
+        return _UNKNOWN
+    if i[a] > 0 and v[a] >= charge_cutoff_v - tol_v:
+        return _FULL
+    if i[a] < 0 and v[a] <= discharge_cutoff_v + tol_v:
+        return _EMPTY
+    return _PARTIAL
+
+
+def cell_state_at(
+    voltage_v: ArrayLike, current_a: ArrayLike, k: int, *, charge_cutoff_v: float,
+    discharge_cutoff_v: float, rest_current_a: float = 1e-4, cutoff_tolerance_v: float = 0.02,
+) -> str:
+    """The cell's state (one of :data:`STATES`) at sample ``k``, by the rule the cycle
+    summary uses: from the last sample at or before ``k`` that carried current."""
+    v = np.asarray(voltage_v, dtype=np.float64)
+    i = np.asarray(current_a, dtype=np.float64)
+    if k < 0:
+        return "unknown"
+    return STATES[_state_code(v, i, k, charge_cutoff_v, discharge_cutoff_v, rest_current_a,
+                              cutoff_tolerance_v)]
 
 
 def _first(pred: Any, lo: int, hi: int) -> int:
@@ -207,15 +241,8 @@ def summarise_cycles(
         return np.abs(i[lo:hi]) > rest_current_a
 
     def state_at(k: int) -> int:
-        """The state at sample k: from the last current-carrying sample at or before it."""
-        a = _last(active, 0, k + 1)
-        if a < 0:
-            return _UNKNOWN
-        if i[a] > 0 and v[a] >= charge_cutoff_v - cutoff_tolerance_v:
-            return _FULL
-        if i[a] < 0 and v[a] <= discharge_cutoff_v + cutoff_tolerance_v:
-            return _EMPTY
-        return _PARTIAL
+        return _state_code(v, i, k, charge_cutoff_v, discharge_cutoff_v, rest_current_a,
+                           cutoff_tolerance_v)
 
     m = starts.size
     start_code = np.empty(m, np.int64)

@@ -1,0 +1,46 @@
+"""Read what an evaluation needs about one run from the database into a
+:class:`~labdaq.benchmarks.evaluate.RunData`: the resolved plan (protocol name, cell
+limits, step tags), the samples, the step records and the impedance spectra. Sync; an
+async caller uses ``await session.run_sync(lambda s: load_run_data(s, run_id))``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from labdaq.analysis.load import read_samples
+from labdaq.benchmarks.evaluate import RunData, StepData
+from labdaq.protocol import ResolvedProtocol
+from labdaq.storage import models as m
+
+__all__ = ["load_run_data"]
+
+
+def load_run_data(session: Session, run_id: int, **options: Any) -> RunData:
+    """``options`` are RunData's evaluation inputs (observations, rated, accuracy,
+    calibrated, spec_cycles)."""
+    run = session.get(m.Run, run_id)
+    if run is None:
+        raise KeyError(f"no run {run_id}")
+    plan = ResolvedProtocol.model_validate(run.plan)
+    tags = {p.index: p.tag for p in plan.program}
+    steps = [
+        StepData(step_index=st.step_index, kind=st.kind, start_t_s=st.start_t_s,
+                 end_t_s=st.end_t_s, end_reason=st.end_reason, capacity_ah=st.capacity_ah,
+                 tag=tags.get(st.step_index))
+        for st in session.scalars(
+            select(m.Step).where(m.Step.run_id == run_id).order_by(m.Step.step_number))
+    ]
+    spectra = [
+        {"frequency_hz": sp.frequency_hz, "z_real_ohm": sp.z_real_ohm,
+         "z_imag_ohm": sp.z_imag_ohm, "t_s": sp.t_s, "step_index": sp.step_index,
+         "tag": tags.get(sp.step_index)}
+        for sp in session.scalars(
+            select(m.EisSpectrum).where(m.EisSpectrum.run_id == run_id)
+            .order_by(m.EisSpectrum.id))
+    ]
+    samples = read_samples(session, run_id)
+    return RunData(run_id=run_id, plan=plan, samples=samples, steps=steps, spectra=spectra,
+                   **options)
