@@ -11,6 +11,8 @@ and "not evaluable" (with the reason) while that observation is missing.
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +113,21 @@ async def test_capacity_check_healthy_and_aged(sqlite_url: str, tmp_path: Path) 
         rule="guarded"))
     c = criterion(clear["lab-rated-capacity"], "capacity_over_rated")
     assert (c.outcome, c.decision_rule) == ("pass", GUARDED)
+
+    # The same evaluation from the command line.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "labdaq.cli", "evaluate", str(run_id), "--database-url",
+        sqlite_url, "--json", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()
+    cli = {r["entry_id"]: r for r in json.loads(out)}
+    assert cli["ais156-cell-precycle"]["verdict"] == "pass"
+    assert cli["iec62660-1-capacity"]["criteria"][0]["value"] == pytest.approx(q, rel=1e-12)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "labdaq.cli", "evaluate", "999", "--database-url", sqlite_url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 2 and b"no run 999" in err
 
 
 async def test_efficiency_flags_the_half_charged_first_cycle(

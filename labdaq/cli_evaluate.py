@@ -1,0 +1,95 @@
+"""`labdaq evaluate RUN`: judge a stored run against the benchmark catalogue entries its
+protocol serves and print the verdicts (``--json`` for the full result with values,
+uncertainties, evidence and decision rules). Observations a technician made (no fire,
+no leakage, mass loss ...) are given as ``--observe metric=value``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+EXIT_BAD_INPUT = 2
+
+
+def _value(text: str) -> float | bool:
+    low = text.strip().lower()
+    if low in ("true", "yes", "1"):
+        return True
+    if low in ("false", "no", "0"):
+        return False
+    return float(text)
+
+
+def _parse_observations(items: list[str]) -> dict[str, float | bool]:
+    from labdaq.benchmarks.catalogue import METRICS
+
+    out: dict[str, float | bool] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in METRICS:
+            raise typer.BadParameter(f"{item!r}: expected metric=value with a catalogue "
+                                     "metric (labdaq.benchmarks.catalogue.METRICS)")
+        try:
+            out[name] = _value(value)
+        except ValueError as exc:
+            raise typer.BadParameter(f"{item!r}: value must be a number or true/false") from exc
+    return out
+
+
+async def _evaluate(url: str, run_id: int, options: dict[str, Any], rule: str) -> list[Any]:
+    from labdaq.benchmarks.evaluate import evaluate_run
+    from labdaq.benchmarks.rundata import load_run_data
+    from labdaq.storage.db import create_engine, sessionmaker
+
+    engine = create_engine(url)
+    try:
+        async with sessionmaker(engine)() as session:
+            data = await session.run_sync(lambda s: load_run_data(s, run_id, **options))
+    finally:
+        await engine.dispose()
+    return evaluate_run(data, rule=rule)  # type: ignore[arg-type]
+
+
+def evaluate(
+    run_id: Annotated[int, typer.Argument(help="run id")],
+    observe: Annotated[list[str] | None, typer.Option(
+        help="a technician's observation or external measurement, metric=value "
+             "(repeatable), e.g. no_disassembly_fire=true")] = None,
+    spec_cycles: Annotated[int | None, typer.Option(
+        help="datasheet cycle count to judge capacity retention at")] = None,
+    rule: Annotated[str, typer.Option(help="decision rule: simple or guarded")] = "simple",
+    as_json: Annotated[bool, typer.Option("--json", help="print the full result as JSON")] = False,
+    data_dir: Annotated[Path | None, typer.Option(help="data directory")] = None,
+    database_url: Annotated[str | None, typer.Option(help="SQLAlchemy database URL")] = None,
+) -> None:
+    """Judge RUN against the benchmark catalogue."""
+    from labdaq.config import load_settings
+
+    if rule not in ("simple", "guarded"):
+        raise typer.BadParameter("rule must be simple or guarded")
+    options: dict[str, Any] = {"observations": _parse_observations(observe or [])}
+    if spec_cycles is not None:
+        options["spec_cycles"] = spec_cycles
+    url = load_settings(data_dir=data_dir, database_url=database_url).resolved_database_url
+    try:
+        results = asyncio.run(_evaluate(url, run_id, options, rule))
+    except KeyError as exc:
+        typer.echo(f"labdaq evaluate: {exc.args[0]}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+    if as_json:
+        typer.echo(json.dumps([r.as_dict() for r in results], indent=2, default=str))
+        return
+    if not results:
+        typer.echo(f"run {run_id}: no catalogue entry names its protocol")
+        return
+    for r in results:
+        typer.echo(f"{r.entry_id:32s} {r.verdict:14s} {r.clause} — {r.title}")
+        for c in r.criteria:
+            value = c.value if not isinstance(c.value, float) else f"{c.value:.6g}"
+            why = f"  ({c.reason})" if c.reason else ""
+            typer.echo(f"    {c.metric} {c.comparison} {c.limit} {c.unit}: {value} "
+                       f"-> {c.verdict}{why}")
