@@ -1,4 +1,4 @@
-"""`labdaq evaluate RUN`: judge a stored run against the benchmark catalogue entries its
+"""`labdaq evaluate RUN [--store]`: judge a stored run against the benchmark catalogue entries its
 protocol serves and print the verdicts (``--json`` for the full result with values,
 uncertainties, evidence and decision rules). Observations a technician made (no fire,
 no leakage, mass loss ...) are given as ``--observe metric=value``."""
@@ -40,18 +40,23 @@ def _parse_observations(items: list[str]) -> dict[str, float | bool]:
     return out
 
 
-async def _evaluate(url: str, run_id: int, options: dict[str, Any], rule: str) -> list[Any]:
+async def _evaluate(url: str, run_id: int, options: dict[str, Any], rule: str,
+                    store: bool) -> list[Any]:
     from labdaq.benchmarks.evaluate import evaluate_run
     from labdaq.benchmarks.rundata import load_run_data
-    from labdaq.storage.db import create_engine, sessionmaker
+    from labdaq.benchmarks.store import store_evaluation
+    from labdaq.storage.db import create_engine, session_scope, sessionmaker
 
     engine = create_engine(url)
     try:
-        async with sessionmaker(engine)() as session:
+        async with session_scope(sessionmaker(engine)) as session:
             data = await session.run_sync(lambda s: load_run_data(s, run_id, **options))
+            results = evaluate_run(data, rule=rule)  # type: ignore[arg-type]
+            if store:
+                await session.run_sync(lambda s: store_evaluation(s, data, results))
     finally:
         await engine.dispose()
-    return evaluate_run(data, rule=rule)  # type: ignore[arg-type]
+    return results
 
 
 def evaluate(
@@ -63,6 +68,8 @@ def evaluate(
         help="datasheet cycle count to judge capacity retention at")] = None,
     rule: Annotated[str, typer.Option(help="decision rule: simple or guarded")] = "simple",
     as_json: Annotated[bool, typer.Option("--json", help="print the full result as JSON")] = False,
+    store: Annotated[bool, typer.Option(
+        help="store the results in the evaluations table")] = False,
     data_dir: Annotated[Path | None, typer.Option(help="data directory")] = None,
     database_url: Annotated[str | None, typer.Option(help="SQLAlchemy database URL")] = None,
 ) -> None:
@@ -76,7 +83,7 @@ def evaluate(
         options["spec_cycles"] = spec_cycles
     url = load_settings(data_dir=data_dir, database_url=database_url).resolved_database_url
     try:
-        results = asyncio.run(_evaluate(url, run_id, options, rule))
+        results = asyncio.run(_evaluate(url, run_id, options, rule, store))
     except KeyError as exc:
         typer.echo(f"labdaq evaluate: {exc.args[0]}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from exc

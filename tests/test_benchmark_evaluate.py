@@ -30,6 +30,7 @@ from labdaq.benchmarks.evaluate import (
     evaluate_run,
 )
 from labdaq.benchmarks.rundata import load_run_data
+from labdaq.benchmarks.store import catalogue_sha256, data_sha256, latest_evaluation
 from labdaq.protocol import CellLimits, load_template, resolve
 from labdaq.sims.lab import SimLab
 from tests.engine_rig import LockstepClock, SpeedGovernor, nmc_18650_spec, start_rig
@@ -117,12 +118,22 @@ async def test_capacity_check_healthy_and_aged(sqlite_url: str, tmp_path: Path) 
     # The same evaluation from the command line.
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "labdaq.cli", "evaluate", str(run_id), "--database-url",
-        sqlite_url, "--json", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sqlite_url, "--json", "--store", stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 0, err.decode()
     cli = {r["entry_id"]: r for r in json.loads(out)}
     assert cli["ais156-cell-precycle"]["verdict"] == "pass"
     assert cli["iec62660-1-capacity"]["criteria"][0]["value"] == pytest.approx(q, rel=1e-12)
+    # --store kept them, traced to the samples and the catalogue they came from.
+    engine = create_engine(sqlite_url)
+    with Session(engine) as s:
+        stored = {e.entry_id: e for e in latest_evaluation(s, run_id)}
+    engine.dispose()
+    assert {k: e.verdict for k, e in stored.items()} == {k: r["verdict"] for k, r in cli.items()}
+    assert {e.data_sha256 for e in stored.values()} == {data_sha256(data.samples)}
+    assert {e.catalogue_sha256 for e in stored.values()} == {catalogue_sha256()}
+    assert stored["iec62660-1-capacity"].result["criteria"][0]["value"] == pytest.approx(q)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "labdaq.cli", "evaluate", "999", "--database-url", sqlite_url,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)

@@ -1,0 +1,41 @@
+"""evaluations: benchmark verdicts per run and catalogue entry
+
+Revision ID: 0004_analysis
+Revises: 0003
+Create Date: 2026-12-06 07:00:00
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0004_analysis"
+down_revision: str | None = "0003"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "evaluations",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("run_id", sa.Integer(), nullable=False),
+        sa.Column("entry_id", sa.String(length=100), nullable=False),
+        sa.Column("verdict", sa.String(length=20), nullable=False),
+        sa.Column("result", sa.JSON(), nullable=False),
+        sa.Column("data_sha256", sa.String(length=64), nullable=False),
+        sa.Column("catalogue_sha256", sa.String(length=64), nullable=False),
+        sa.Column("software_version", sa.String(length=40), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(["run_id"], ["runs.id"], ondelete="CASCADE"),
+        sa.PrimaryKeyConstraint("id"),
+    )
+    with op.batch_alter_table("evaluations", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_evaluations_run_id"), ["run_id"], unique=False)
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("evaluations", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_evaluations_run_id"))
+    op.drop_table("evaluations")
