@@ -107,6 +107,8 @@ class RunData:
     calibrated: bool = False
     # Datasheet cycle count at which capacity retention is judged.
     spec_cycles: int | None = None
+    # Identity for reports: cell, channel, instrument, run state and times.
+    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def protocol(self) -> str:

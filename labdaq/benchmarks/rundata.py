@@ -42,5 +42,23 @@ def load_run_data(session: Session, run_id: int, **options: Any) -> RunData:
             .order_by(m.EisSpectrum.id))
     ]
     samples = read_samples(session, run_id)
+    cell = session.get(m.Cell, run.cell_id)
+    channel = session.get(m.Channel, run.channel_id)
+    instrument = session.get(m.Instrument, channel.instrument_id) if channel else None
+    meta = {
+        "run": {"id": run.id, "state": run.state, "end_reason": run.end_reason,
+                "started_at": run.started_at, "ended_at": run.ended_at,
+                "sample_period_s": run.sample_period_s},
+        "protocol": {"name": plan.name, "hash": plan.protocol_hash},
+        "cell": None if cell is None else {
+            "serial": cell.serial, "chemistry": cell.chemistry, "spec": cell.spec_name,
+            "capacity_ah": cell.capacity_ah, "charge_cutoff_v": cell.charge_cutoff_v,
+            "discharge_cutoff_v": cell.discharge_cutoff_v},
+        "channel": None if channel is None else channel.name,
+        "instrument": None if instrument is None else {
+            "name": instrument.name, "driver": instrument.driver,
+            "resource": instrument.resource, "idn": instrument.idn},
+    }
+    options.setdefault("meta", meta)
     return RunData(run_id=run_id, plan=plan, samples=samples, steps=steps, spectra=spectra,
                    **options)
