@@ -1,6 +1,7 @@
-"""`labdaq evaluate RUN [--store]`: judge a stored run against the benchmark catalogue entries its
+"""`labdaq evaluate RUN`: judge a stored run against the benchmark catalogue entries its
 protocol serves and print the verdicts (``--json`` for the full result with values,
-uncertainties, evidence and decision rules). Observations a technician made (no fire,
+uncertainties, evidence and decision rules; ``--store`` keeps them in the database;
+``--report FILE`` writes the HTML test report). Observations a technician made (no fire,
 no leakage, mass loss ...) are given as ``--observe metric=value``."""
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def _parse_observations(items: list[str]) -> dict[str, float | bool]:
 
 
 async def _evaluate(url: str, run_id: int, options: dict[str, Any], rule: str,
-                    store: bool) -> list[Any]:
+                    store: bool, report: Path | None) -> list[Any]:
     from labdaq.benchmarks.evaluate import evaluate_run
     from labdaq.benchmarks.rundata import load_run_data
     from labdaq.benchmarks.store import store_evaluation
@@ -56,6 +57,10 @@ async def _evaluate(url: str, run_id: int, options: dict[str, Any], rule: str,
                 await session.run_sync(lambda s: store_evaluation(s, data, results))
     finally:
         await engine.dispose()
+    if report is not None:
+        from labdaq.benchmarks.report import render_report
+
+        report.write_text(render_report(data, results), encoding="utf-8")
     return results
 
 
@@ -70,6 +75,8 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="print the full result as JSON")] = False,
     store: Annotated[bool, typer.Option(
         help="store the results in the evaluations table")] = False,
+    report: Annotated[Path | None, typer.Option(
+        help="write the HTML test report to this file")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="data directory")] = None,
     database_url: Annotated[str | None, typer.Option(help="SQLAlchemy database URL")] = None,
 ) -> None:
@@ -83,7 +90,7 @@ def evaluate(
         options["spec_cycles"] = spec_cycles
     url = load_settings(data_dir=data_dir, database_url=database_url).resolved_database_url
     try:
-        results = asyncio.run(_evaluate(url, run_id, options, rule, store))
+        results = asyncio.run(_evaluate(url, run_id, options, rule, store, report))
     except KeyError as exc:
         typer.echo(f"labdaq evaluate: {exc.args[0]}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from exc

@@ -11,8 +11,10 @@ and "not evaluable" (with the reason) while that observation is missing.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from labdaq.benchmarks.evaluate import (
     StepData,
     evaluate_run,
 )
+from labdaq.benchmarks.report import render_report
 from labdaq.benchmarks.rundata import load_run_data
 from labdaq.benchmarks.store import catalogue_sha256, data_sha256, latest_evaluation
 from labdaq.protocol import CellLimits, load_template, resolve
@@ -58,6 +61,53 @@ def load(url: str, run_id: int, **options: Any) -> RunData:
             return load_run_data(s, run_id, **options)
     finally:
         engine.dispose()
+
+
+class _Page(HTMLParser):
+    """Collects the verdict table's rows and the images of a report."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[list[str]] = []
+        self.images: list[str] = []
+        self._table: str | None = None
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "table":
+            self._table = a.get("id")
+        elif tag == "tr" and self._table == "verdicts":
+            self.rows.append([])
+        elif tag == "td" and self._table == "verdicts":
+            self._cell = []
+        elif tag == "img":
+            self.images.append(a.get("src") or "")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td" and self._cell is not None:
+            self.rows[-1].append("".join(self._cell))
+            self._cell = None
+        elif tag == "table":
+            self._table = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def check_report(page: str, results: list[Any]) -> None:
+    p = _Page()
+    p.feed(page)
+    rows = [r for r in p.rows if r]
+    assert [r[0] for r in rows] == [r.entry_id for r in results]
+    for row, res in zip(rows, results, strict=True):
+        assert row[4] == res.verdict
+        for designation in res.designations:
+            assert designation in row[2]
+    for src in p.images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def by_id(results: list[Any]) -> dict[str, Any]:
@@ -154,6 +204,16 @@ async def test_efficiency_flags_the_half_charged_first_cycle(
     assert "undefined state" in ce.evidence["excluded"][1]
     assert 0.95 < ce.value <= 1.0 + 1e-9 and 0.8 < ee.value < ce.value
 
+    # The HTML report of the run: identity, verdict table with every designation, plots,
+    # software version and the hash of the samples it was computed from.
+    data = load(sqlite_url, run_id)
+    results = evaluate_run(data)
+    page = render_report(data, results)
+    check_report(page, results)
+    assert data_sha256(data.samples) in page
+    assert "basic_cycle" in page and data.meta["cell"]["serial"] in page
+    assert page.count("<img") == 3  # V/I/T, capacity and efficiency, dQ/dV
+
 
 async def test_cycle_life_retention(sqlite_url: str, tmp_path: Path) -> None:
     # 100x faster ageing (as tests/test_engine_templates.py): below 80 % within ~8 cycles.
@@ -203,8 +263,9 @@ def constructed(template: str, segments: list[tuple[str | None, str, float, floa
             temp.append(tc)
         steps.append(StepData(idx, kind, start, t[-1], "duration", 0.0, tag))
     n = len(t)
-    samples = {"t_s": np.array(t), "voltage_v": np.array(v), "current_a": np.array(i),
-               "step_index": np.array(si), "cycle_index": np.ones(n, np.int64),
+    samples = {"seq": np.arange(1, n + 1), "t_s": np.array(t), "voltage_v": np.array(v),
+               "current_a": np.array(i), "step_index": np.array(si),
+               "cycle_index": np.ones(n, np.int64),
                "temperature_c": np.array(temp), "flags": np.zeros(n, np.int64)}
     return RunData(run_id=None, plan=plan, samples=samples, steps=steps, **options)
 
@@ -263,3 +324,25 @@ def test_entries_needing_other_equipment_say_why() -> None:
                                          RATED, observations={"mass_loss_pct": 0.05})))
     mass = criterion(res["un383-t1-altitude"], "mass_loss_pct")
     assert mass.verdict == "not_evaluable" and "cell_mass_g" in mass.reason
+
+
+def test_report_with_an_impedance_spectrum() -> None:
+    # A spectrum of the simulated cell with the meter's noise, stored as the engine stores
+    # one: the report draws its Nyquist plot with the circuit fit, and the 1 kHz AC
+    # resistance entry reports its real part there.
+    from labdaq.sims.cell import CellBank
+    from labdaq.sims.impedance import impedance
+
+    f = np.geomspace(1e4, 1e-5, 91)
+    f = np.concatenate([f[f > 1e3], [1e3], f[f < 1e3]])
+    z = impedance(CellBank("nmc811", n=1, soc=0.5), f, noise_rel=2e-4, rng=1)[0]
+    data = constructed("eis_soc", [(None, "rest", 0.0, 3600, 25.0)], RATED)
+    data.spectra = [{"frequency_hz": f.tolist(), "z_real_ohm": z.real.tolist(),
+                     "z_imag_ohm": z.imag.tolist(), "tag": "eis_soc100"}]
+    results = evaluate_run(data)
+    acir = criterion(by_id(results)["lab-acir-1khz"], "acir_1khz_ohm")
+    assert acir.verdict == "reported"
+    assert acir.value == {"eis_soc100": pytest.approx(float(z.real[f == 1e3][0]))}
+    page = render_report(data, results)
+    check_report(page, results)
+    assert "Nyquist, spectrum 1 (eis_soc100), R0 = 20 ± " in page

@@ -24,9 +24,9 @@ _HASHED = ("seq", "t_s", "step_index", "cycle_index", "voltage_v", "current_a",
 
 
 def data_sha256(samples: dict[str, np.ndarray]) -> str:
-    """SHA-256 over the sample columns (name, dtype and little-endian bytes)."""
+    """SHA-256 over the sample columns present (name, dtype and little-endian bytes)."""
     h = hashlib.sha256()
-    for name in _HASHED:
+    for name in (c for c in _HASHED if c in samples):
         col = np.ascontiguousarray(samples[name])
         col = col.astype(col.dtype.newbyteorder("<"), copy=False)
         h.update(f"{name}:{col.dtype.str}:{col.size};".encode())
