@@ -26,14 +26,17 @@ def _value(text: str) -> float | bool:
 
 
 def _parse_observations(items: list[str]) -> dict[str, float | bool]:
-    from labdaq.benchmarks.catalogue import METRICS
+    from labdaq.benchmarks.catalogue import METRICS, load_catalogue
 
+    # Metrics, and the quantities banded limits depend on (e.g. cell_mass_g).
+    known = set(METRICS) | {c.band_quantity for e in load_catalogue().entries
+                            for c in e.criteria if c.band_quantity}
     out: dict[str, float | bool] = {}
     for item in items:
         name, sep, value = item.partition("=")
-        if not sep or name not in METRICS:
-            raise typer.BadParameter(f"{item!r}: expected metric=value with a catalogue "
-                                     "metric (labdaq.benchmarks.catalogue.METRICS)")
+        if not sep or name not in known:
+            raise typer.BadParameter(f"{item!r}: expected name=value with a catalogue "
+                                     f"metric or band quantity: {', '.join(sorted(known))}")
         try:
             out[name] = _value(value)
         except ValueError as exc:
@@ -43,7 +46,7 @@ def _parse_observations(items: list[str]) -> dict[str, float | bool]:
 
 async def _evaluate(url: str, run_id: int, options: dict[str, Any], rule: str,
                     store: bool, report: Path | None) -> list[Any]:
-    from labdaq.benchmarks.evaluate import evaluate_run
+    from labdaq.benchmarks.evaluate import evaluate_run, ocv_of
     from labdaq.benchmarks.rundata import load_run_data
     from labdaq.benchmarks.store import store_evaluation
     from labdaq.storage.db import create_engine, session_scope, sessionmaker
@@ -51,6 +54,10 @@ async def _evaluate(url: str, run_id: int, options: dict[str, Any], rule: str,
     engine = create_engine(url)
     try:
         async with session_scope(sessionmaker(engine)) as session:
+            before = options.pop("ocv_before_run", None)
+            if before is not None:
+                ref = await session.run_sync(lambda s: load_run_data(s, before))
+                options["ocv_before_v"] = ocv_of(ref)
             data = await session.run_sync(lambda s: load_run_data(s, run_id, **options))
             results = evaluate_run(data, rule=rule)  # type: ignore[arg-type]
             if store:
@@ -77,10 +84,14 @@ def evaluate(
         help="store the results in the evaluations table")] = False,
     report: Annotated[Path | None, typer.Option(
         help="write the HTML test report to this file")] = None,
+    ocv_before_run: Annotated[int | None, typer.Option(
+        help="UN 38.3 T.1-T.4: the OCV check run made before the stress (RUN is the one "
+             "after)")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="data directory")] = None,
     database_url: Annotated[str | None, typer.Option(help="SQLAlchemy database URL")] = None,
 ) -> None:
     """Judge RUN against the benchmark catalogue."""
+    from labdaq.benchmarks.evaluate import NotEvaluable
     from labdaq.config import load_settings
 
     if rule not in ("simple", "guarded"):
@@ -88,11 +99,16 @@ def evaluate(
     options: dict[str, Any] = {"observations": _parse_observations(observe or [])}
     if spec_cycles is not None:
         options["spec_cycles"] = spec_cycles
+    if ocv_before_run is not None:
+        options["ocv_before_run"] = ocv_before_run
     url = load_settings(data_dir=data_dir, database_url=database_url).resolved_database_url
     try:
         results = asyncio.run(_evaluate(url, run_id, options, rule, store, report))
     except KeyError as exc:
         typer.echo(f"labdaq evaluate: {exc.args[0]}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+    except NotEvaluable as exc:
+        typer.echo(f"labdaq evaluate: --ocv-before-run: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from exc
     if as_json:
         typer.echo(json.dumps([r.as_dict() for r in results], indent=2, default=str))

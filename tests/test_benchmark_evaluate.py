@@ -30,6 +30,7 @@ from labdaq.benchmarks.evaluate import (
     RunData,
     StepData,
     evaluate_run,
+    ocv_of,
 )
 from labdaq.benchmarks.report import render_report
 from labdaq.benchmarks.rundata import load_run_data
@@ -324,6 +325,12 @@ def test_entries_needing_other_equipment_say_why() -> None:
                                          RATED, observations={"mass_loss_pct": 0.05})))
     mass = criterion(res["un383-t1-altitude"], "mass_loss_pct")
     assert mass.verdict == "not_evaluable" and "cell_mass_g" in mass.reason
+    # With the mass (45 g: the 1-75 g band, 0.2 %), judged; the table is unconfirmed.
+    res = by_id(evaluate_run(constructed(
+        "un383_ocv_check", [("ocv", "rest", 0.0, 600, 25.0)], RATED,
+        observations={"mass_loss_pct": 0.05, "cell_mass_g": 45.0})))
+    mass = criterion(res["un383-t1-altitude"], "mass_loss_pct")
+    assert (mass.limit, mass.outcome, mass.verdict) == (0.2, "pass", "provisional")
 
 
 def test_report_with_an_impedance_spectrum() -> None:
@@ -346,3 +353,26 @@ def test_report_with_an_impedance_spectrum() -> None:
     page = render_report(data, results)
     check_report(page, results)
     assert "Nyquist, spectrum 1 (eis_soc100), R0 = 20 ± " in page
+
+
+def test_un383_ocv_ratio_from_the_runs_before_and_after() -> None:
+    # OCV check runs before and after a stress: rest readings at 4.10 V, then at 4.05 V
+    # (98.8 %, passes >= 90 %) or 3.60 V (87.8 %, fails).
+    def check(volts: float, **options: Any) -> RunData:
+        d = constructed("un383_ocv_check", [("ocv", "rest", 0.0, 600, 25.0)], RATED,
+                        **options)
+        d.samples["voltage_v"][:] = volts
+        return d
+
+    before = ocv_of(check(4.10))
+    assert before == pytest.approx(4.10)
+    ok = by_id(evaluate_run(check(4.05, ocv_before_v=before,
+                                  observations={"no_leak_vent_disassembly_rupture_fire": True,
+                                                "mass_loss_pct": 0.01})))
+    ocv = criterion(ok["un383-t1-altitude"], "ocv_ratio_after_before")
+    assert ocv.verdict == "pass" and ocv.value == pytest.approx(4.05 / 4.10)
+    assert ocv.evidence["ocv_before_v"] == pytest.approx(4.10)
+    low = by_id(evaluate_run(check(3.60, ocv_before_v=before)))
+    ocv = criterion(low["un383-t4-shock"], "ocv_ratio_after_before")
+    assert ocv.verdict == "fail"
+    assert low["un383-t4-shock"].verdict == "fail"

@@ -51,6 +51,7 @@ __all__ = [
     "EntryResult",
     "NotEvaluable",
     "evaluate_run",
+    "ocv_of",
     "SIMPLE",
     "GUARDED",
 ]
@@ -109,6 +110,9 @@ class RunData:
     spec_cycles: int | None = None
     # Identity for reports: cell, channel, instrument, run state and times.
     meta: dict[str, Any] = field(default_factory=dict)
+    # UN 38.3 T.1-T.4: the OCV of the check run immediately before the stress, when this
+    # run is the check after it (see ocv_of).
+    ocv_before_v: float | None = None
 
     @property
     def protocol(self) -> str:
@@ -423,9 +427,27 @@ def _c3_cycles(c: _Context) -> Measured:
     return Measured(float(count), None, {"cycles": used})
 
 
+def ocv_of(run: RunData) -> float:
+    """The OCV a check run measured: its last reading in the step tagged ``ocv``."""
+    c = _Context(run)
+    sel = np.flatnonzero(c.in_step(c.one_tagged("ocv")))
+    if sel.size == 0 or np.any(np.abs(c.i[sel]) > 1e-4):
+        raise NotEvaluable("the OCV step has no readings at open circuit")
+    return float(c.v[sel[-1]])
+
+
 def _ocv_ratio(c: _Context) -> Measured:
-    raise NotEvaluable("needs the OCV runs immediately before and after the stress: "
-                       "evaluate the pair of un383_ocv_check runs")
+    before = c.run.ocv_before_v
+    if before is None:
+        raise NotEvaluable("needs the OCV runs immediately before and after the stress: "
+                           "evaluate the after-run with the before-run's OCV")
+    after = ocv_of(c.run)
+    acc = c.run.accuracy
+    # Both readings carry the relative voltage accuracy; they add for a ratio.
+    unc = None if acc is None else 2 * acc.voltage_rel * after / before
+    st = c.one_tagged("ocv")
+    return Measured(after / before, unc, {**_ev(st), "ocv_before_v": before,
+                                          "ocv_after_v": after})
 
 
 METRIC_FUNCS: dict[str, Callable[[_Context], Measured]] = {
@@ -502,7 +524,16 @@ def _judge(cr: Criterion, c: _Context, rule: Rule) -> CriterionResult:
         out.reason = "a value per point: no single verdict"
         return out
     limit = cr.value
-    if limit is None:  # banded limits need the band quantity (not logged by labdaq)
+    if limit is None and cr.bands and cr.band_quantity in c.run.observations:
+        # A banded limit (UN 38.3 mass loss by cell mass): the band the quantity is in.
+        q = float(c.run.observations[cr.band_quantity])
+        for band in cr.bands:
+            if (band.lower is None or q >= band.lower) and (band.upper is None
+                                                            or q < band.upper):
+                limit = band.value
+        out.limit = limit
+        out.evidence = {**out.evidence, cr.band_quantity: q}
+    if limit is None:
         out.reason = f"the limit depends on {cr.band_quantity}, which is not on record"
         return out
     if out.decision_rule is None:
