@@ -76,6 +76,8 @@ def test_every_required_entry_has_a_protocol_template() -> None:
                                          if e.protocol}))
 def test_each_named_template_validates_and_resolves(name: str) -> None:
     protocol = load_template(name)  # schema and structure
+    # Evaluation finds a run's entries by the protocol's name: it must be the file's.
+    assert protocol.name == name
     if name in ABUSE_TEMPLATES:
         plan = resolve(protocol, ABUSE_ENVELOPE)
     else:

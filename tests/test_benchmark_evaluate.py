@@ -376,3 +376,16 @@ def test_un383_ocv_ratio_from_the_runs_before_and_after() -> None:
     ocv = criterion(low["un383-t4-shock"], "ocv_ratio_after_before")
     assert ocv.verdict == "fail"
     assert low["un383-t4-shock"].verdict == "fail"
+
+
+def test_dcir_and_pulse_power_reported_per_pulse_tag() -> None:
+    # Constructed readings: V = 3.7 V + 10 mΩ × I, so every current step shows 10 mΩ.
+    segs = [(None, "rest", 0.0, 600, 25.0), ("dcir_soc90", "pulse", -2.4, 600, 25.0),
+            (None, "rest", 0.0, 600, 25.0), ("dcir_soc70", "pulse", 1.8, 600, 25.0),
+            (None, "rest", 0.0, 600, 25.0)]
+    res = by_id(evaluate_run(constructed("hppc_dcir", segs, RATED)))
+    dcir = criterion(res["lab-dcir"], "dcir_ohm")
+    assert dcir.verdict == "reported"
+    assert dcir.value == {"dcir_soc90": pytest.approx(0.01), "dcir_soc70": pytest.approx(0.01)}
+    power = criterion(res["iec62660-1-power"], "pulse_power_w")
+    assert power.value == {"dcir_soc90": pytest.approx((3.7 - 0.024) * 2.4)}

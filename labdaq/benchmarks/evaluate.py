@@ -339,14 +339,15 @@ def _dcir(c: _Context) -> Measured:
     if not pulses:
         raise NotEvaluable("the run has no pulse steps")
     res = pulse_resistances(c.t, c.v, c.i, c.si, steps=[st.step_index for st in pulses])
-    out: dict[str, float] = {}
+    # Mean edge resistance per pulse tag (e.g. dcir_soc90: its discharge and charge pulse).
+    edges: dict[str, list[float]] = {}
     for st in pulses:
         sel = (res.t_s >= st.start_t_s) & (res.t_s <= st.end_t_s)
-        if sel.any():
-            key = st.tag or f"step{st.step_index}"
-            out[key] = float(np.mean(np.concatenate(
-                [[out[key]], res.resistance_ohm[sel]]))) if key in out else float(
-                res.resistance_ohm[sel].mean())
+        edges.setdefault(st.tag or f"step{st.step_index}", []).extend(
+            res.resistance_ohm[sel].tolist())
+    out = {k: float(np.mean(v)) for k, v in edges.items() if v}
+    if not out:
+        raise NotEvaluable("no current steps found in the pulse steps")
     return Measured(out, None, {"steps": sorted({st.step_index for st in pulses})})
 
 
