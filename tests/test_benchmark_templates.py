@@ -48,9 +48,10 @@ SHARES = [
     ["un383_abuse_log", "lab_charge_retention_28d"],
     ["iec62133_2_external_short"],
 ]
-# Not run here: the simulated cell, discharged at -20 °C, reads 1.8 V at rest a minute
-# later and trips the interlock (a cell-model limitation, not the template's); the
-# template is validated and resolved in tests/test_benchmark_catalogue.py.
+# Not run here: after its -20 °C discharge ends at the cut-off, the simulated channel
+# reads 1.8 V with the output off 51 s later and the interlock trips, although the cell
+# model alone relaxes to 3.1 V in that time (cause not yet found, see docs/benchmarks.md);
+# the template is validated and resolved in tests/test_benchmark_catalogue.py.
 NOT_SIMULATED = {"iec62660_1_capacity_temperatures"}
 ABUSE = {"un383_t7_overcharge", "un383_t8_forced_discharge", "iec62133_2_overcharge",
          "iec62133_2_forced_discharge", "iec62133_2_thermal_abuse"}
