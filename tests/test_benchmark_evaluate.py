@@ -389,3 +389,25 @@ def test_dcir_and_pulse_power_reported_per_pulse_tag() -> None:
     assert dcir.value == {"dcir_soc90": pytest.approx(0.01), "dcir_soc70": pytest.approx(0.01)}
     power = criterion(res["iec62660-1-power"], "pulse_power_w")
     assert power.value == {"dcir_soc90": pytest.approx((3.7 - 0.024) * 2.4)}
+
+
+def test_every_computed_metric_has_a_function() -> None:
+    from labdaq.benchmarks.catalogue import METRICS
+    from labdaq.benchmarks.evaluate import METRIC_FUNCS
+
+    computed = {k for k, v in METRICS.items() if v["source"] == "analysis"}
+    assert computed <= set(METRIC_FUNCS)
+
+
+def test_capacity_at_temperature_relative_to_25c() -> None:
+    segs = [("capacity_25c", "cc", -0.8, 10800, 25.0), (None, "rest", 0.0, 600, 25.0),
+            ("capacity_0c", "cc", -0.8, 9720, 0.0), (None, "rest", 0.0, 600, 25.0)]
+    data = constructed("iec62660_1_capacity_temperatures", segs, RATED)
+    for st in data.steps:
+        if st.kind == "cc":
+            st.end_reason = "voltage_below"
+    res = by_id(evaluate_run(data))
+    c = criterion(res["iec62660-1-capacity-temperature"], "capacity_over_reference")
+    assert c.verdict == "reported"
+    assert c.value == {"capacity_25c": pytest.approx(1.0),
+                       "capacity_0c": pytest.approx(9720 / 10800, rel=0.01)}

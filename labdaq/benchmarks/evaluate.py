@@ -319,6 +319,18 @@ def _capacity_over_rated(c: _Context) -> Measured:
     return Measured(q / rated, None if unc is None else unc / rated, _ev(st))
 
 
+def _capacity_over_reference(c: _Context) -> Measured:
+    """Discharge capacity of each step tagged ``capacity_<T>c`` over the 25 °C one."""
+    caps = {st.tag: c.step_charge_ah(st) for st in c.run.steps
+            if st.tag and st.tag.startswith("capacity_") and st.tag.endswith("c")
+            and st.end_reason in ("voltage_below", "voltage_above")}
+    ref = caps.get("capacity_25c")
+    if not ref:
+        raise NotEvaluable("no complete capacity check at 25 °C (tag capacity_25c)")
+    return Measured({k: v / ref for k, v in caps.items()}, None,
+                    {"capacity_ah": caps})
+
+
 def _efficiency(which: str) -> Callable[[_Context], Measured]:
     def f(c: _Context) -> Measured:
         cy = c.cycles
@@ -465,6 +477,7 @@ METRIC_FUNCS: dict[str, Callable[[_Context], Measured]] = {
     "start_state_empty": _start_state("empty"),
     "discharge_capacity_ah": _discharge_capacity,
     "capacity_over_rated": _capacity_over_rated,
+    "capacity_over_reference": _capacity_over_reference,
     "energy_efficiency": _efficiency("energy_efficiency"),
     "coulombic_efficiency": _efficiency("coulombic_efficiency"),
     "dcir_ohm": _dcir,
