@@ -50,6 +50,7 @@ __all__ = [
     "CriterionResult",
     "EntryResult",
     "NotEvaluable",
+    "RunView",
     "evaluate_run",
     "ocv_of",
     "SIMPLE",
@@ -173,8 +174,9 @@ class EntryResult:
 # --------------------------------------------------------------------------- context
 
 
-class _Context:
-    """Lazily computed views of one run's data shared by the metric functions."""
+class RunView:
+    """Lazily computed views of one run's data, shared by the metric functions and the
+    report (the cycle summary is computed once)."""
 
     def __init__(self, run: RunData) -> None:
         self.run = run
@@ -245,7 +247,7 @@ def _ev(st: StepData) -> dict[str, Any]:
 # --------------------------------------------------------------------------- metrics
 
 
-def _case_temperature_max(c: _Context) -> Measured:
+def _case_temperature_max(c: RunView) -> Measured:
     temp = c.run.samples.get("temperature_c")
     if temp is None or not np.isfinite(temp).any():
         raise NotEvaluable("no temperature was logged")
@@ -255,7 +257,7 @@ def _case_temperature_max(c: _Context) -> Measured:
                     {"t_s": [float(c.t[0]), float(c.t[-1])], "max_at_t_s": float(c.t[k])})
 
 
-def _soak_temperature(c: _Context) -> Measured:
+def _soak_temperature(c: RunView) -> Measured:
     st = c.one_tagged("soak")
     temp = c.run.samples["temperature_c"][c.in_step(st)]
     if temp.size == 0 or not np.isfinite(temp).any():
@@ -265,15 +267,15 @@ def _soak_temperature(c: _Context) -> Measured:
                     acc.temperature_c if acc else None, _ev(st))
 
 
-def _duration_h(*tags: str) -> Callable[[_Context], Measured]:
-    def f(c: _Context) -> Measured:
+def _duration_h(*tags: str) -> Callable[[RunView], Measured]:
+    def f(c: RunView) -> Measured:
         st = c.one_tagged(*tags)
         return Measured((st.end_t_s - st.start_t_s) / 3600.0, None, _ev(st))
     return f
 
 
-def _current_ratio(tag: str, of: str) -> Callable[[_Context], Measured]:
-    def f(c: _Context) -> Measured:
+def _current_ratio(tag: str, of: str) -> Callable[[RunView], Measured]:
+    def f(c: RunView) -> Measured:
         st = c.one_tagged(tag)
         cur = abs(c.step_current(st))
         cell = c.run.cell
@@ -287,8 +289,8 @@ def _current_ratio(tag: str, of: str) -> Callable[[_Context], Measured]:
     return f
 
 
-def _start_state(want: str) -> Callable[[_Context], Measured]:
-    def f(c: _Context) -> Measured:
+def _start_state(want: str) -> Callable[[RunView], Measured]:
+    def f(c: RunView) -> Measured:
         tagged = c.tagged(*STRESS_TAGS)
         if not tagged:
             raise NotEvaluable("the run has no stress step to check the start state of")
@@ -298,19 +300,19 @@ def _start_state(want: str) -> Callable[[_Context], Measured]:
     return f
 
 
-def _capacity_step(c: _Context) -> tuple[float, StepData]:
+def _capacity_step(c: RunView) -> tuple[float, StepData]:
     st = c.one_tagged("capacity_check")
     if st.end_reason not in ("voltage_below", "voltage_above"):
         raise NotEvaluable(f"the capacity check ended on {st.end_reason}, not the cut-off")
     return c.step_charge_ah(st), st
 
 
-def _discharge_capacity(c: _Context) -> Measured:
+def _discharge_capacity(c: RunView) -> Measured:
     q, st = _capacity_step(c)
     return Measured(q, c.rel(q, "current"), _ev(st))
 
 
-def _capacity_over_rated(c: _Context) -> Measured:
+def _capacity_over_rated(c: RunView) -> Measured:
     q, st = _capacity_step(c)
     rated = c.run.cell.capacity_ah
     if not rated:
@@ -319,7 +321,7 @@ def _capacity_over_rated(c: _Context) -> Measured:
     return Measured(q / rated, None if unc is None else unc / rated, _ev(st))
 
 
-def _capacity_over_reference(c: _Context) -> Measured:
+def _capacity_over_reference(c: RunView) -> Measured:
     """Discharge capacity of each step tagged ``capacity_<T>c`` over the 25 °C one."""
     caps = {st.tag: c.step_charge_ah(st) for st in c.run.steps
             if st.tag and st.tag.startswith("capacity_") and st.tag.endswith("c")
@@ -331,8 +333,8 @@ def _capacity_over_reference(c: _Context) -> Measured:
                     {"capacity_ah": caps})
 
 
-def _efficiency(which: str) -> Callable[[_Context], Measured]:
-    def f(c: _Context) -> Measured:
+def _efficiency(which: str) -> Callable[[RunView], Measured]:
+    def f(c: RunView) -> Measured:
         cy = c.cycles
         ok = cy.efficiency_valid
         if not ok.any():
@@ -346,7 +348,7 @@ def _efficiency(which: str) -> Callable[[_Context], Measured]:
     return f
 
 
-def _dcir(c: _Context) -> Measured:
+def _dcir(c: RunView) -> Measured:
     pulses = [st for st in c.run.steps if st.kind == "pulse"]
     if not pulses:
         raise NotEvaluable("the run has no pulse steps")
@@ -363,7 +365,7 @@ def _dcir(c: _Context) -> Measured:
     return Measured(out, None, {"steps": sorted({st.step_index for st in pulses})})
 
 
-def _pulse_power(c: _Context) -> Measured:
+def _pulse_power(c: RunView) -> Measured:
     pulses = [st for st in c.run.steps if st.kind == "pulse"]
     if not pulses:
         raise NotEvaluable("the run has no pulse steps")
@@ -378,7 +380,7 @@ def _pulse_power(c: _Context) -> Measured:
     return Measured(out, None, {"steps": sorted({st.step_index for st in pulses})})
 
 
-def _acir(c: _Context) -> Measured:
+def _acir(c: RunView) -> Measured:
     out: dict[str, float] = {}
     for k, sp in enumerate(c.run.spectra):
         f = np.asarray(sp["frequency_hz"], float)
@@ -390,7 +392,7 @@ def _acir(c: _Context) -> Measured:
     return Measured(out, None, {"spectra": len(c.run.spectra)})
 
 
-def _retention(c: _Context) -> Measured:
+def _retention(c: RunView) -> Measured:
     n = c.run.spec_cycles
     if n is None:
         raise NotEvaluable("needs the datasheet's cycle count (spec_cycles) to judge at")
@@ -404,7 +406,7 @@ def _retention(c: _Context) -> Measured:
                      "reference_ah": ret.reference_ah})
 
 
-def _cycles_to_80(c: _Context) -> Measured:
+def _cycles_to_80(c: RunView) -> Measured:
     ret = capacity_retention(c.cycles)
     if ret.cycles_to_80pct is None:
         raise NotEvaluable("the capacity never fell below 80 % of the first full discharge")
@@ -413,8 +415,8 @@ def _cycles_to_80(c: _Context) -> Measured:
                      "fade_pct_per_cycle": ret.fade_pct_per_cycle})
 
 
-def _ratio_of_tags(num: str, den: str) -> Callable[[_Context], Measured]:
-    def f(c: _Context) -> Measured:
+def _ratio_of_tags(num: str, den: str) -> Callable[[RunView], Measured]:
+    def f(c: RunView) -> Measured:
         a, b = c.one_tagged(num), c.one_tagged(den)
         qa, qb = c.step_charge_ah(a), c.step_charge_ah(b)
         if qb <= 0:
@@ -423,7 +425,7 @@ def _ratio_of_tags(num: str, den: str) -> Callable[[_Context], Measured]:
     return f
 
 
-def _c3_cycles(c: _Context) -> Measured:
+def _c3_cycles(c: RunView) -> Measured:
     cy = c.cycles
     rated = c.run.cell.capacity_ah
     if not rated:
@@ -442,14 +444,14 @@ def _c3_cycles(c: _Context) -> Measured:
 
 def ocv_of(run: RunData) -> float:
     """The OCV a check run measured: its last reading in the step tagged ``ocv``."""
-    c = _Context(run)
+    c = RunView(run)
     sel = np.flatnonzero(c.in_step(c.one_tagged("ocv")))
     if sel.size == 0 or np.any(np.abs(c.i[sel]) > 1e-4):
         raise NotEvaluable("the OCV step has no readings at open circuit")
     return float(c.v[sel[-1]])
 
 
-def _ocv_ratio(c: _Context) -> Measured:
+def _ocv_ratio(c: RunView) -> Measured:
     before = c.run.ocv_before_v
     if before is None:
         raise NotEvaluable("needs the OCV runs immediately before and after the stress: "
@@ -463,7 +465,7 @@ def _ocv_ratio(c: _Context) -> Measured:
                                           "ocv_after_v": after})
 
 
-METRIC_FUNCS: dict[str, Callable[[_Context], Measured]] = {
+METRIC_FUNCS: dict[str, Callable[[RunView], Measured]] = {
     "case_temperature_max_c": _case_temperature_max,
     "soak_temperature_c": _soak_temperature,
     "soak_duration_h": _duration_h("soak"),
@@ -511,7 +513,7 @@ def _compare(value: float | bool, comparison: str, limit: float | bool, margin: 
     raise ValueError(comparison)
 
 
-def _judge(cr: Criterion, c: _Context, rule: Rule) -> CriterionResult:
+def _judge(cr: Criterion, c: RunView, rule: Rule) -> CriterionResult:
     out = CriterionResult(metric=cr.metric, comparison=cr.comparison,
                           limit=cr.value, unit=cr.unit, kind=cr.kind,
                           confidence=cr.confidence, verdict="not_evaluable")
@@ -595,7 +597,7 @@ def evaluate_run(run: RunData, catalogue: Catalogue | None = None,
     cat = catalogue or load_catalogue()
     chosen = ([cat.get(e) for e in entries] if entries is not None
               else applicable_entries(cat, run.protocol))
-    ctx = _Context(run)
+    ctx = RunView(run)
     out = []
     for e in chosen:
         results = [_judge(cr, ctx, rule) for cr in e.criteria]

@@ -22,7 +22,7 @@ import numpy as np
 
 from labdaq.analysis import fit_spectrum, incremental_capacity
 from labdaq.analysis.eis import circuit_impedance
-from labdaq.benchmarks.evaluate import EntryResult, RunData, _Context
+from labdaq.benchmarks.evaluate import EntryResult, RunData, RunView
 from labdaq.benchmarks.store import _version, catalogue_sha256, data_sha256
 
 __all__ = ["render_report", "MAX_POINTS"]
@@ -39,7 +39,7 @@ def _png(fig: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _plots(run: RunData, ctx: _Context) -> list[tuple[str, str]]:
+def _plots(run: RunData, ctx: RunView) -> list[tuple[str, str]]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,7 +133,7 @@ def _e(x: Any) -> str:
 
 def render_report(run: RunData, results: list[EntryResult]) -> str:
     """The report as one HTML document."""
-    ctx = _Context(run)
+    ctx = RunView(run)
     meta = run.meta
     cell = meta.get("cell") or {}
     inst = meta.get("instrument") or {}
