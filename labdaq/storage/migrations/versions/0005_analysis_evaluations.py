@@ -1,7 +1,7 @@
 """evaluations: benchmark verdicts per run and catalogue entry
 
-Revision ID: 0004_analysis
-Revises: 0003
+Revision ID: 0005_analysis
+Revises: 0004_opener
 Create Date: 2026-12-06 07:00:00
 """
 
@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0004_analysis"
-down_revision: str | None = "0003"
+revision: str = "0005_analysis"
+down_revision: str | None = "0004_opener"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
