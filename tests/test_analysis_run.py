@@ -137,7 +137,7 @@ async def test_cycle_metrics_of_a_simulated_run(sqlite_url: str, tmp_path: Path)
         assert summary.n_samples[k] > 0
 
     # Cycle 1 starts half charged: CE far above 1, flagged; 2 and 3 start empty and are
-    # valid, with a CE at or just below 1.
+    # valid, with a CE near 1.
     first = summary.rows()[0]
     assert first["start_state"] == "unknown" and not first["efficiency_valid"]
     assert first["coulombic_efficiency"] > 1.3
@@ -147,7 +147,9 @@ async def test_cycle_metrics_of_a_simulated_run(sqlite_url: str, tmp_path: Path)
         assert row["start_state"] == "empty" and row["end_state"] == "empty", row
         assert row["efficiency_valid"] and row["complete"] and row["rested_before"], row
         assert row["full_charge"] and row["full_discharge"], row
-        assert 0.95 < row["coulombic_efficiency"] <= 1.0 + 1e-6, row
+        # "Empty" is the discharge cut-off under load, which moves with the cell's
+        # temperature and polarisation: a valid cycle's CE is near 1, not bounded by it.
+        assert 0.97 < row["coulombic_efficiency"] < 1.01, row
         assert 0.8 < row["energy_efficiency"] < row["coulombic_efficiency"], row
         assert row["mean_discharge_voltage_v"] < row["mean_charge_voltage_v"], row
 
