@@ -2,7 +2,8 @@
 protocol serves and print the verdicts (``--json`` for the full result with values,
 uncertainties, evidence and decision rules; ``--store`` keeps them in the database;
 ``--report FILE`` writes the HTML test report). Observations a technician made (no fire,
-no leakage, mass loss ...) are given as ``--observe metric=value``."""
+no leakage, mass loss ...) are given as ``--observe metric=value`` for one evaluation, or
+recorded with the run by `labdaq observe RUN metric=value --by NAME`."""
 
 from __future__ import annotations
 
@@ -123,3 +124,42 @@ def evaluate(
             why = f"  ({c.reason})" if c.reason else ""
             typer.echo(f"    {c.metric} {c.comparison} {c.limit} {c.unit}: {value} "
                        f"-> {c.verdict}{why}")
+
+
+async def _record(url: str, run_id: int, values: dict[str, float | bool], by: str,
+                  note: str | None) -> None:
+    from labdaq.benchmarks.store import record_observation
+    from labdaq.storage.db import create_engine, session_scope, sessionmaker
+
+    def add_all(s: Any) -> None:
+        for metric, value in values.items():
+            record_observation(s, run_id, metric, value, by, note)
+
+    engine = create_engine(url)
+    try:
+        async with session_scope(sessionmaker(engine)) as session:
+            await session.run_sync(add_all)
+    finally:
+        await engine.dispose()
+
+
+def observe(
+    run_id: Annotated[int, typer.Argument(help="run id")],
+    values: Annotated[list[str], typer.Argument(
+        help="metric=value, e.g. no_disassembly_fire=true mass_loss_pct=0.05")],
+    by: Annotated[str, typer.Option(help="who observed it")],
+    note: Annotated[str | None, typer.Option(help="free text kept with it")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="data directory")] = None,
+    database_url: Annotated[str | None, typer.Option(help="SQLAlchemy database URL")] = None,
+) -> None:
+    """Record a technician's observations for RUN (used by every later evaluation)."""
+    from labdaq.config import load_settings
+
+    parsed = _parse_observations(values)
+    url = load_settings(data_dir=data_dir, database_url=database_url).resolved_database_url
+    try:
+        asyncio.run(_record(url, run_id, parsed, by, note))
+    except KeyError as exc:
+        typer.echo(f"labdaq observe: {exc.args[0]}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+    typer.echo(f"run {run_id}: recorded {', '.join(f'{k}={v}' for k, v in parsed.items())}")

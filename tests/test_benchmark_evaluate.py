@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from labdaq.benchmarks.evaluate import (
     GUARDED,
+    OBSERVED,
     SIMPLE,
     ChannelAccuracy,
     RunData,
@@ -185,6 +186,24 @@ async def test_capacity_check_healthy_and_aged(sqlite_url: str, tmp_path: Path) 
     assert {e.data_sha256 for e in stored.values()} == {data_sha256(data.samples)}
     assert {e.catalogue_sha256 for e in stored.values()} == {catalogue_sha256()}
     assert stored["iec62660-1-capacity"].result["criteria"][0]["value"] == pytest.approx(q)
+    # An observation recorded with the run is used by every later evaluation.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "labdaq.cli", "observe", str(run_id),
+        "no_fire_explosion_leakage=true", "--by", "technician A", "--database-url",
+        sqlite_url, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()
+    observed = load(sqlite_url, run_id)
+    assert observed.observations == {"no_fire_explosion_leakage": True}
+    (cv,) = evaluate_run(observed, entries=["iec62133-2-7.2.1"])
+    assert criterion(cv, "no_fire_explosion_leakage").verdict == "pass"
+    assert criterion(cv, "no_fire_explosion_leakage").decision_rule == OBSERVED
+    # Given for one evaluation, an observation overrides the recorded one.
+    (cv,) = evaluate_run(load(sqlite_url, run_id,
+                              observations={"no_fire_explosion_leakage": False}),
+                         entries=["iec62133-2-7.2.1"])
+    assert cv.verdict == "fail"
+
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "labdaq.cli", "evaluate", "999", "--database-url", sqlite_url,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from labdaq.analysis.load import read_samples
 from labdaq.benchmarks.evaluate import RunData, StepData
+from labdaq.benchmarks.store import observations_of
 from labdaq.protocol import ResolvedProtocol
 from labdaq.storage import models as m
 
@@ -20,7 +21,8 @@ __all__ = ["load_run_data"]
 
 def load_run_data(session: Session, run_id: int, **options: Any) -> RunData:
     """``options`` are RunData's evaluation inputs (observations, rated, accuracy,
-    calibrated, spec_cycles)."""
+    calibrated, spec_cycles); the observations stored for the run (``observations``
+    table) are used, and ``observations=`` given here override them per metric."""
     run = session.get(m.Run, run_id)
     if run is None:
         raise KeyError(f"no run {run_id}")
@@ -60,5 +62,7 @@ def load_run_data(session: Session, run_id: int, **options: Any) -> RunData:
             "resource": instrument.resource, "idn": instrument.idn},
     }
     options.setdefault("meta", meta)
+    options["observations"] = {**observations_of(session, run_id),
+                               **(options.get("observations") or {})}
     return RunData(run_id=run_id, plan=plan, samples=samples, steps=steps, spectra=spectra,
                    **options)

@@ -16,7 +16,10 @@ from sqlalchemy.orm import Session
 from labdaq.benchmarks.evaluate import EntryResult, RunData
 from labdaq.storage import models as m
 
-__all__ = ["data_sha256", "catalogue_sha256", "store_evaluation", "latest_evaluation"]
+__all__ = [
+    "data_sha256", "catalogue_sha256", "store_evaluation", "latest_evaluation",
+    "record_observation", "observations_of",
+]
 
 # The sample columns an evaluation reads, in a fixed order for the hash.
 _HASHED = ("seq", "t_s", "step_index", "cycle_index", "voltage_v", "current_a",
@@ -76,6 +79,35 @@ def latest_evaluation(session: Session, run_id: int) -> list[m.Evaluation]:
     return list(session.scalars(
         select(m.Evaluation).join(newest, m.Evaluation.id == newest.c.id)
         .order_by(m.Evaluation.entry_id)))
+
+
+def record_observation(session: Session, run_id: int, metric: str, value: float | bool,
+                       observed_by: str, note: str | None = None) -> m.Observation:
+    """Add a technician's observation (the caller commits)."""
+    from labdaq.benchmarks.catalogue import METRICS, load_catalogue
+
+    known = set(METRICS) | {c.band_quantity for e in load_catalogue().entries
+                            for c in e.criteria if c.band_quantity}
+    if metric not in known:
+        raise ValueError(f"unknown metric {metric!r}")
+    if session.get(m.Run, run_id) is None:
+        raise KeyError(f"no run {run_id}")
+    row = m.Observation(run_id=run_id, metric=metric, observed_by=observed_by, note=note,
+                        value_flag=value if isinstance(value, bool) else None,
+                        value_number=None if isinstance(value, bool) else float(value))
+    session.add(row)
+    return row
+
+
+def observations_of(session: Session, run_id: int) -> dict[str, float | bool]:
+    """The newest observation per metric of ``run_id``, as evaluation input."""
+    out: dict[str, float | bool] = {}
+    for row in session.scalars(select(m.Observation).where(m.Observation.run_id == run_id)
+                               .order_by(m.Observation.id)):
+        value = row.value_flag if row.value_flag is not None else row.value_number
+        if value is not None:
+            out[row.metric] = value
+    return out
 
 
 def _jsonable(x: Any) -> Any:

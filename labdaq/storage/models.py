@@ -275,6 +275,24 @@ class Evaluation(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class Observation(Base):
+    """What a technician saw or measured with other equipment during a run — no fire, no
+    leakage, a mass loss, an insulation resistance — by catalogue metric name, for the
+    evaluation to combine with the measured criteria. A number or a yes/no (one of the
+    two); history is kept, the newest per metric counts."""
+
+    __tablename__ = "observations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    metric: Mapped[str] = mapped_column(String(100))
+    value_number: Mapped[float | None] = mapped_column(Float)
+    value_flag: Mapped[bool | None] = mapped_column()
+    observed_by: Mapped[str] = mapped_column(String(100))
+    note: Mapped[str | None] = mapped_column(Text)
+    observed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 SAMPLE_COLUMNS = (
     "run_id",
     "seq",

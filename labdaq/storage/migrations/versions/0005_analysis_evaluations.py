@@ -1,4 +1,5 @@
-"""evaluations: benchmark verdicts per run and catalogue entry
+"""evaluations and observations: benchmark verdicts per run and catalogue entry, and the
+technician's observations they combine with the measured criteria
 
 Revision ID: 0005_analysis
 Revises: 0004_opener
@@ -33,9 +34,27 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("evaluations", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_evaluations_run_id"), ["run_id"], unique=False)
+    op.create_table(
+        "observations",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("run_id", sa.Integer(), nullable=False),
+        sa.Column("metric", sa.String(length=100), nullable=False),
+        sa.Column("value_number", sa.Float(), nullable=True),
+        sa.Column("value_flag", sa.Boolean(), nullable=True),
+        sa.Column("observed_by", sa.String(length=100), nullable=False),
+        sa.Column("note", sa.Text(), nullable=True),
+        sa.Column("observed_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(["run_id"], ["runs.id"], ondelete="CASCADE"),
+        sa.PrimaryKeyConstraint("id"),
+    )
+    with op.batch_alter_table("observations", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_observations_run_id"), ["run_id"], unique=False)
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("observations", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_observations_run_id"))
+    op.drop_table("observations")
     with op.batch_alter_table("evaluations", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_evaluations_run_id"))
     op.drop_table("evaluations")
