@@ -293,7 +293,11 @@ SHARES = [
 
 
 async def test_every_template_completes(sqlite_url: str, tmp_path: Path) -> None:
-    assert sorted(n for share in SHARES for n in share) == list_templates()
+    # Templates named for a standard's clause (seeds/benchmarks catalogue) are checked in
+    # tests/test_benchmark_catalogue.py; several are abuse tests no healthy cell runs.
+    clause = ("un383_", "iec62133_", "iec62660_", "iso12405_", "lab_")
+    general = [n for n in list_templates() if not n.startswith(clause)]
+    assert sorted(n for share in SHARES for n in share) == general
     db = Path(sqlite_url.removeprefix("sqlite:///"))
     procs = []
     for j, names in enumerate(SHARES):

@@ -255,6 +255,44 @@ class Event(Base):
     actor: Mapped[str | None] = mapped_column(String(100))
 
 
+class Evaluation(Base):
+    """One benchmark catalogue entry judged on one run (labdaq.benchmarks.evaluate):
+    the verdict, and in ``result`` every criterion with its value, uncertainty, evidence
+    and decision rule. Kept as history: a re-evaluation adds a row, the newest counts.
+    ``data_sha256`` hashes the samples it was computed from, ``catalogue_sha256`` the
+    catalogue files, so a result can be traced to exactly what produced it."""
+
+    __tablename__ = "evaluations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    entry_id: Mapped[str] = mapped_column(String(100))
+    verdict: Mapped[str] = mapped_column(String(20))
+    result: Mapped[dict[str, Any]] = mapped_column()
+    data_sha256: Mapped[str] = mapped_column(String(64))
+    catalogue_sha256: Mapped[str] = mapped_column(String(64))
+    software_version: Mapped[str] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Observation(Base):
+    """What a technician saw or measured with other equipment during a run — no fire, no
+    leakage, a mass loss, an insulation resistance — by catalogue metric name, for the
+    evaluation to combine with the measured criteria. A number or a yes/no (one of the
+    two); history is kept, the newest per metric counts."""
+
+    __tablename__ = "observations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    metric: Mapped[str] = mapped_column(String(100))
+    value_number: Mapped[float | None] = mapped_column(Float)
+    value_flag: Mapped[bool | None] = mapped_column()
+    observed_by: Mapped[str] = mapped_column(String(100))
+    note: Mapped[str | None] = mapped_column(Text)
+    observed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 SAMPLE_COLUMNS = (
     "run_id",
     "seq",
