@@ -2,7 +2,7 @@
 technician's observations they combine with the measured criteria
 
 Revision ID: 0005_analysis
-Revises: 0004_opener
+Revises: 0004_supervise
 Create Date: 2026-12-06 07:00:00
 """
 
@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0005_analysis"
-down_revision: str | None = "0004_opener"
+down_revision: str | None = "0004_supervise"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
