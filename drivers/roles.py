@@ -1,5 +1,5 @@
 """Role interfaces the engine programs against: Cycler, ImpedanceAnalyser, TemperatureLogger,
-Chamber.
+Chamber, ProgramRunner.
 
 One job: say what a kind of instrument can do, independent of model, so the engine drives
 a Keithley SMU and a multi-channel cycler the same way. Sign convention everywhere:
@@ -96,3 +96,31 @@ class Chamber(ABC):
     @abstractmethod
     def status(self) -> str:
         """Free-text state, e.g. ``"stable"``, ``"ramping"``, ``"alarm: ..."``."""
+
+
+class ProgramRunner(ABC):
+    """A cycler that runs its own step program (delegated mode, e.g. Neware BTS): labdaq
+    translates the protocol once, starts it, follows it and harvests its records."""
+
+    owned_test_ids: set[int]
+
+    @abstractmethod
+    def start(self, name: str, step_file_name: str, barcode: str) -> int:
+        """Start a program on channel ``name``; the instrument's test id, pinned."""
+
+    @abstractmethod
+    def stop(self, names: Sequence[str]) -> None:
+        """Stop the programs (only tests in ``owned_test_ids``)."""
+
+    @abstractmethod
+    def pause(self, names: Sequence[str]) -> None:
+        """Pause the programs."""
+
+    @abstractmethod
+    def resume(self, names: Sequence[str]) -> None:
+        """Continue paused programs."""
+
+    @abstractmethod
+    def download(self, name: str, test_id: int, start_seq: int,
+                 count: int = 1000) -> list[dict[str, float]]:
+        """Records of test ``test_id`` from ``start_seq`` (1-based), at most ``count``."""

@@ -67,6 +67,8 @@ def sim(
     loggers: Annotated[int, typer.Option(
         help="number of Keysight DAQ970A thermocouple loggers")] = 0,
     logger_channels: Annotated[int, typer.Option(help="thermocouples per logger (1-20)")] = 4,
+    neware: Annotated[int, typer.Option(
+        help="channels of a simulated Neware BTS 8.0 API server (0 = none)")] = 0,
     chamber: Annotated[bool, typer.Option(
         "--chamber/--no-chamber", help="an ESPEC chamber holding every cell")] = False,
     transport: Annotated[list[str] | None, typer.Option(
@@ -131,9 +133,17 @@ def sim(
     except OSError as exc:  # --ports-from: a port taken meanwhile
         typer.echo(f"error: labdaq sim: {exc}", err=True)
         raise typer.Exit(code=1) from None
+    bts = None
     try:
         for inst in desc["instruments"]:
             typer.echo(f"{inst['name']:<12} {inst['driver']:<18} {inst['resource']}")
+        if neware > 0:
+            from labdaq.sims.neware_bts import serve
+
+            # Its own server beside the lab (its cells run the BTS's own step programs).
+            bts = serve(neware, speed=speed, cell=cell, soc=soc, seed=seed)
+            host, port = bts.address
+            typer.echo(f"{'neware1':<12} {'neware_bts':<18} TCPIP::{host}::{port}::SOCKET")
         if write_config is not None:
             _write_atomic(write_config, lab.instruments_toml())
             typer.echo(f"instruments configuration written to {write_config}")
@@ -154,4 +164,6 @@ def sim(
         while not stop.is_set():
             time.sleep(0.2)
     finally:
+        if bts is not None:
+            bts.stop()
         lab.stop()
