@@ -23,7 +23,16 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET  # noqa: S405 - builds XML, parses nothing
 from typing import Any
 
-from labdaq.protocol import ResolvedProtocol
+from labdaq.protocol import (
+    ResolvedCC,
+    ResolvedCCCV,
+    ResolvedCV,
+    ResolvedLoopEnd,
+    ResolvedLoopStart,
+    ResolvedProtocol,
+    ResolvedPulse,
+    ResolvedRest,
+)
 
 MIN_CURRENT_A = 1e-6
 
@@ -84,16 +93,16 @@ def to_neware_xml(resolved: ResolvedProtocol, *, sample_name: str,
     for s in resolved.program:
         w.first_of[s.index] = w.n + 1
         path, kind = s.path, s.step
-        if kind == "rest":
+        if isinstance(s, ResolvedRest):
             _only(s.until, {"duration_s"}, path, "rest")
             if s.until.duration_s is None:
                 raise UntranslatableStep(path, "a rest needs a duration on Neware")
             ET.SubElement(w.main(w.step(4)), "Time", Value=_ms(s.until.duration_s))
-        elif kind in ("cc", "cccv"):
+        elif isinstance(s, ResolvedCC | ResolvedCCCV):
             charge = s.current_a > 0
             if abs(s.current_a) < MIN_CURRENT_A:
                 raise UntranslatableStep(path, "zero current")
-            if kind == "cc":
+            if isinstance(s, ResolvedCC):
                 _only(s.until, {"voltage_above_v" if charge else "voltage_below_v",
                                 "duration_s", "capacity_ah"}, path, "charge CC" if charge
                       else "discharge CC")
@@ -113,12 +122,12 @@ def to_neware_xml(resolved: ResolvedProtocol, *, sample_name: str,
                 ET.SubElement(main, "Time", Value=_ms(s.until.duration_s))
             if s.until.capacity_ah is not None:
                 ET.SubElement(main, "Cap", Value=_mas(s.until.capacity_ah))
-        elif kind == "cv":
+        elif isinstance(s, ResolvedCV):
             _only(s.until, {"current_below_a", "duration_s", "capacity_ah"}, path, "CV")
             # Neware has no direction-free CV: a CC-CV whose CC phase is the current
             # limit. Discharge when the previous step discharged to this voltage.
             prev = resolved.program[s.index - 1] if s.index > 0 else None
-            discharge = (prev is not None and prev.step == "cc" and prev.current_a < 0
+            discharge = (isinstance(prev, ResolvedCC) and prev.current_a < 0
                          and prev.until.voltage_below_v == s.voltage_v)
             main = w.main(w.step(19 if discharge else 3))
             ET.SubElement(main, "Volt", Value=_v(s.voltage_v))
@@ -129,7 +138,7 @@ def to_neware_xml(resolved: ResolvedProtocol, *, sample_name: str,
                 ET.SubElement(main, "Time", Value=_ms(s.until.duration_s))
             if s.until.capacity_ah is not None:
                 ET.SubElement(main, "Cap", Value=_mas(s.until.capacity_ah))
-        elif kind == "pulse":
+        elif isinstance(s, ResolvedPulse):
             if any(v is not None for v in s.until.model_dump().values()):
                 raise UntranslatableStep(path, "an end condition on a whole pulse train has "
                                          "no Neware equivalent")
@@ -139,9 +148,9 @@ def to_neware_xml(resolved: ResolvedProtocol, *, sample_name: str,
                 ET.SubElement(main, "Time", Value=_ms(s.pulse_duration_s))
                 if s.rest_duration_s > 0:
                     ET.SubElement(w.main(w.step(4)), "Time", Value=_ms(s.rest_duration_s))
-        elif kind == "loop_start":
+        elif isinstance(s, ResolvedLoopStart):
             pass
-        elif kind == "loop_end":
+        elif isinstance(s, ResolvedLoopEnd):
             if s.until is not None and any(v is not None for v in s.until.model_dump().values()):
                 raise UntranslatableStep(path, "a loop ending on discharge capacity has no "
                                          "Neware equivalent")

@@ -131,7 +131,7 @@ def parse_step_xml(text: str) -> StepProgram:
 class Test:
     test_id: int
     barcode: str
-    records: list[dict[str, float | int]] = field(default_factory=list)
+    records: list[dict[str, float | int | str]] = field(default_factory=list)
     log: list[dict[str, str | float]] = field(default_factory=list)
 
 
@@ -455,7 +455,6 @@ class BtsApi:
                 rows += f"<{cmd} {_addr(c, ip)}{extra}>{result}</{cmd}>"
             return f'<list count="{len(items)}">{rows}</list>'
         if cmd in ("download", "downloadlog", "inquiredf"):
-            el = root.find("download") if cmd != "inquiredf" else None
             if cmd == "inquiredf":
                 rows = ""
                 for item in self._items(root, "chl"):
@@ -466,17 +465,19 @@ class BtsApi:
                              f'testid="{t.test_id if t else 0}" '
                              f'count="{len(t.records) if t else 0}"/>')
                 return f'<list count="{len(self._items(root, "chl"))}">{rows}</list>'
-            assert el is not None
-            c = self._chan(el)
-            tid = int(el.attrib.get("testid", "0"))
+            req = root.find("download")
+            if req is None:
+                raise ValueError(f"{cmd} without a <download> element")
+            c = self._chan(req)
+            tid = int(req.attrib.get("testid", "0"))
             test = c.test if tid == 0 else sim.tests[c.name].get(tid)
             if test is None:
                 return f'<list count="0" testid="{tid}"></list>'
             if cmd == "downloadlog":
                 rows = "".join(f"<log {_attrs(r)}/>" for r in test.log)
                 return f'<list count="{len(test.log)}" testid="{test.test_id}">{rows}</list>'
-            start = max(int(el.attrib.get("startpos", "1")), 1)
-            count = max(int(el.attrib.get("count", "0")), 0)
+            start = max(int(req.attrib.get("startpos", "1")), 1)
+            count = max(int(req.attrib.get("count", "0")), 0)
             recs = test.records[start - 1: start - 1 + count]
             rows = "".join(f"<record {_attrs(r)}/>" for r in recs)
             return f'<list count="{len(recs)}" testid="{test.test_id}">{rows}</list>'
