@@ -17,11 +17,15 @@ labdaq's simulator: not confirmed against a real server.
 
 from __future__ import annotations
 
+import re
 import socket
 import xml.etree.ElementTree as ET  # noqa: S405 - replies from the lab's own BTS server
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+from .base import Instrument
 from .errors import ConnectionFailed, GarbledReply, InstrumentError, InstrumentTimeout
 from .roles import ProgramRunner
 from .transport import Transport
@@ -32,6 +36,7 @@ FOOTER = "</bts>"
 IDLE_STATES = frozenset({"stop", "finish", "protect"})
 # aurora-neware downloads in chunks of 1000 records (NewareAPI.download).
 DOWNLOAD_CHUNK = 1000
+_SOCKET = re.compile(r"^TCPIP\d*::([^:]+|\[[^\]]+\])::(\d+)::SOCKET$", re.IGNORECASE)
 
 
 class ForeignTest(InstrumentError):
@@ -182,8 +187,12 @@ def _items(root: ET.Element, list_name: str = "list") -> list[dict[str, str]]:
     return out
 
 
-class NewareBTS(ProgramRunner):
-    """A Neware BTS 8.0 server and its channels.
+class NewareBTS(Instrument, ProgramRunner):
+    """A Neware BTS 8.0 server and its channels (resource ``TCPIP::<host>::<port>::SOCKET``).
+
+    Built by the opener like any driver: a transport it is handed that is not a
+    :class:`BtsLink` (the opener's line-framed link) is closed and replaced by one to the
+    same host and port. ``NewareBTS.tcp(host, port)`` builds one directly.
 
     ``owned_test_ids``: the test ids labdaq started (from the runs table); a channel
     running any other test is never stopped, paused, continued or started over.
@@ -192,18 +201,44 @@ class NewareBTS(ProgramRunner):
     runs on the BTS computer and the two are the same).
     """
 
-    def __init__(self, host: str, port: int = 502, *, owned_test_ids: Iterable[int] = (),
+    def __init__(self, transport: Transport, name: str | None = None, *,
+                 owned_test_ids: Iterable[int] = (),
                  step_dir_remote: str = "C:\\labdaq\\steps",
                  step_dir_local: str | None = None,
-                 backup_dir: str = "C:\\Neware data", timeout_s: float = 5.0,
-                 username: str = "admin", password: str = "neware") -> None:
-        self.link = BtsLink(host, port, timeout_s=timeout_s)
+                 backup_dir: str = "C:\\Neware data",
+                 username: str = "admin", password: str = "neware",
+                 idn: str | None = None) -> None:
+        if isinstance(transport, BtsLink):
+            link = transport
+        else:
+            m = _SOCKET.match(transport.resource.strip())
+            if m is None:
+                raise InstrumentError(f"{transport.resource!r}: a Neware BTS server is "
+                                      "reached as TCPIP::<host>::<port>::SOCKET")
+            timeout_s = transport.timeout_s
+            transport.close()
+            link = BtsLink(m.group(1).strip("[]"), int(m.group(2)), timeout_s=timeout_s)
+        super().__init__(link, name, idn=idn)
+        self.link = link
         self.owned_test_ids: set[int] = set(owned_test_ids)
         self.step_dir_remote = step_dir_remote
         self.step_dir_local = step_dir_local
         self.backup_dir = backup_dir
         self.username, self.password = username, password
         self.channel_map: dict[str, BtsChannel] = {}
+
+    @classmethod
+    def tcp(cls, host: str, port: int = 502, *, timeout_s: float = 5.0,
+            **options: Any) -> NewareBTS:
+        """A driver for the BTS server at ``host:port``."""
+        return cls(BtsLink(host, port, timeout_s=timeout_s), **options)
+
+    @property
+    def idn(self) -> str:
+        """No ``*IDN?`` on the BTS API: the server and its channel count (getdevinfo)."""
+        if not self.channel_map:
+            self.connect()
+        return f"Neware,BTS 8.0 API,{self.link.host},{len(self.channel_map)} channels"
 
     # -- connection ---------------------------------------------------------------------
     def connect(self) -> dict[str, BtsChannel]:
@@ -291,6 +326,18 @@ class NewareBTS(ProgramRunner):
                                      instrument=self.link.resource)
 
     # -- running ------------------------------------------------------------------------
+    def put_step_file(self, file_name: str, xml_text: str) -> str:
+        """Write a step file where the BTS server reads it (``step_dir_local``, or
+        ``step_dir_remote`` when labdaq runs on the BTS computer); its name for start()."""
+        if Path(file_name).name != file_name:
+            raise ValueError(f"{file_name!r}: a file name, not a path")
+        folder = Path(self.step_dir_local or self.step_dir_remote)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / (file_name + ".tmp")
+        tmp.write_text(xml_text, encoding="utf-8")
+        tmp.replace(folder / file_name)  # the server never reads half a file
+        return file_name
+
     def remote_step_path(self, file_name: str) -> str:
         sep = "\\" if "\\" in self.step_dir_remote else "/"
         return self.step_dir_remote.rstrip("\\/") + sep + file_name

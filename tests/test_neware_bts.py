@@ -10,6 +10,9 @@ confirmed against a real server. Simulated time is advanced by the test
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -19,6 +22,7 @@ import pytest
 from labdaq.drivers.errors import ConnectionFailed, InstrumentTimeout
 from labdaq.drivers.neware_bts import CommandRefused, ForeignTest, NewareBTS
 from labdaq.drivers.neware_steps import UntranslatableStep, to_neware_xml
+from labdaq.drivers.opener import open_driver
 from labdaq.protocol import CellLimits, Safety, parse_protocol, resolve
 from labdaq.sims.cell import load_cell_spec
 from labdaq.sims.neware_bts import BtsServer, NewareBtsSim, apply_fault
@@ -49,7 +53,7 @@ def bts(tmp_path: Path) -> Iterator[tuple[NewareBtsSim, BtsServer, NewareBTS]]:
     sim = NewareBtsSim(channels=2, soc=0.3, seed=3)
     server = BtsServer(sim).start()
     host, port = server.address
-    driver = NewareBTS(host, port, step_dir_remote=str(tmp_path), timeout_s=10.0)
+    driver = NewareBTS.tcp(host, port, step_dir_remote=str(tmp_path), timeout_s=10.0)
     driver.link.backoff_initial_s = 0.01
     driver.connect()
     yield sim, server, driver
@@ -63,6 +67,13 @@ def _write(tmp_path: Path, doc: dict, name: str = "prog.xml", *, record_s: float
     (tmp_path / name).write_text(to_neware_xml(resolved, sample_name="cell-1",
                                                record_period_s=record_s), encoding="utf-8")
     return name
+
+
+def _put(driver: NewareBTS, doc: dict, name: str = "prog.xml", *,
+         record_s: float = 1.0) -> str:
+    resolved = resolve(parse_protocol(doc), CELL)
+    return driver.put_step_file(name, to_neware_xml(resolved, sample_name="cell-1",
+                                                    record_period_s=record_s))
 
 
 def _run_until(sim: NewareBtsSim, driver: NewareBTS, name: str, states: set[str],
@@ -349,6 +360,46 @@ def test_protection_limits_written_from_effective_limits() -> None:
     assert 'Step_Type="6"' in xml  # the end step
 
 
-def test_entry_point_registered() -> None:
+def test_entry_point_and_opener(bts: tuple, tmp_path: Path) -> None:
     (ep,) = [e for e in entry_points(group="labdaq.drivers") if e.name == "neware_bts"]
     assert ep.load() is NewareBTS
+    sim, server, _ = bts
+    host, port = server.address
+    # the opener builds it from a resource string like any driver (its line link replaced)
+    drv = open_driver("neware_bts", f"TCPIP::{host}::{port}::SOCKET",
+                      options={"step_dir_remote": str(tmp_path / "steps")})
+    try:
+        assert isinstance(drv, NewareBTS)
+        assert drv.idn == f"Neware,BTS 8.0 API,{host},2 channels"
+        # the step folder is configuration: the file lands there and start names its path
+        test_id = drv.start("1-1-2", _put(drv, CHARGE_REST_DISCHARGE), "cell-2")
+        assert (tmp_path / "steps" / "prog.xml").exists()
+        assert str(tmp_path / "steps" / "prog.xml").encode() in [
+            r for r in server.requests if b"<cmd>start</cmd>" in r][0]
+        assert drv.inquire(["1-1-2"])["1-1-2"].test_id == test_id
+    finally:
+        drv.close()
+
+
+def test_labdaq_sim_neware_prints_address() -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "labdaq.cli", "sim", "--smus", "0",
+                             "--neware", "3", "--speed", "100"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        resource = ""
+        for line in proc.stdout:
+            if line.startswith("neware1"):
+                resource = line.split()[2]
+            if line.startswith("ready"):
+                break
+        m = re.match(r"TCPIP::([\d.]+)::(\d+)::SOCKET$", resource)
+        assert m, resource
+        drv = NewareBTS.tcp(m.group(1), int(m.group(2)), timeout_s=10.0)
+        try:
+            assert sorted(drv.connect()) == ["1-1-1", "1-1-2", "1-1-3"]
+        finally:
+            drv.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
