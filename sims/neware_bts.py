@@ -17,7 +17,8 @@ aurora-unicycler writes (``aurora_unicycler/_formats/neware.py``) — with units
 (``Volt``, ``Stop_Volt``), mA (``Curr``, ``Stop_Curr``), ms (``Time``), mAs (``Cap``), and
 whole-program protection from ``Whole_Prt/Protect``. Simulated time advances by
 :meth:`NewareBtsSim.advance` (tests, deterministic) or a background thread at ``speed``.
-Faults: dropped connections, slow replies, a ``protect`` trip with a reason.
+Faults (:func:`apply_fault`, now or at a simulated time): dropped connections, the
+server unreachable for a while, slow replies, a ``protect`` trip with a reason.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import socketserver
 import threading
 import time
 import xml.etree.ElementTree as ET  # noqa: S405 - parses our own step files and requests
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
@@ -182,6 +184,13 @@ class NewareBtsSim:
         self.t_s = 0.0
         self._next_test_id = 1
         self.tests: dict[str, dict[int, Test]] = {name: {} for name in self.channels}
+        self._due: list[tuple[float, Callable[[], None]]] = []  # faults on simulated time
+
+    def at(self, t_s: float, action: Callable[[], None]) -> None:
+        """Run ``action`` once simulated time reaches ``t_s`` (scheduled faults)."""
+        with self.lock:
+            self._due.append((t_s, action))
+            self._due.sort(key=lambda d: d[0])
 
     # -- time -------------------------------------------------------------------------
     def advance(self, dt_s: float) -> None:
@@ -192,6 +201,8 @@ class NewareBtsSim:
                 dt = min(TICK_S, remaining)
                 self._tick(dt)
                 remaining -= dt
+                while self._due and self._due[0][0] <= self.t_s + 1e-9:
+                    self._due.pop(0)[1]()
 
     def _tick(self, dt: float) -> None:
         chans = list(self.channels.values())
@@ -490,6 +501,9 @@ class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         srv = self.server
         sock: socket.socket = self.request
+        if srv.down:
+            sock.close()  # fault: the server is unreachable (accepted, then dropped)
+            return
         with srv.conn_lock:
             srv.connections.add(sock)
         buf = b""
@@ -544,6 +558,7 @@ class BtsServer(socketserver.ThreadingTCPServer):
         self.drop_requests = 0  # fault: drop the connection instead of this many replies
         self.drop_only: str | None = None  # ... only for this command (None = any)
         self.closing = False
+        self.down = False  # fault: every connection is dropped at once while set
         self.speed = speed
         self._bg_threads: list[threading.Thread] = []
 
@@ -595,17 +610,30 @@ def serve(channels: int, *, devices: int = 1, port: int = 0, speed: float = 1.0,
 
 
 def apply_fault(server: BtsServer, text: str) -> None:
-    """``drop`` | ``slow:<s>`` | ``protect:<dev-sub-chl>[:<reason>]``."""
+    """``drop`` | ``down:<s>`` | ``slow:<s>`` | ``protect:<dev-sub-chl>[:<reason>]``, now
+    or, with ``@<t_s>`` appended, at that simulated time. ``down:<s>``: unreachable for
+    ``s`` simulated seconds (the channels keep running)."""
+    text, sep, when = text.partition("@")
+    if sep:
+        at_s = float(when)
+        if at_s > server.sim.t_s:
+            server.sim.at(at_s, lambda: apply_fault(server, text))
+            return
     kind, _, rest = text.partition(":")
     if kind == "drop":
         server.drop_connections()
+    elif kind == "down":
+        server.down = True
+        server.drop_connections()
+        server.sim.at(server.sim.t_s + float(rest or "60"), lambda: setattr(server, "down", False))
     elif kind == "slow":
         server.slow_reply_s = float(rest or "1")
     elif kind == "protect":
         name, _, reason = rest.partition(":")
         server.sim.trip_protect(name, reason or "simulated protection trip")
     else:
-        raise ValueError(f"{text!r}: expected drop, slow:<s> or protect:<channel>[:<reason>]")
+        raise ValueError(f"{text!r}: expected drop, down:<s>, slow:<s> or "
+                         "protect:<channel>[:<reason>], optionally @<t_s>")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -615,7 +643,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--speed", type=float, default=1.0)
     p.add_argument("--fault", action="append", default=[],
-                   help="drop | slow:<s> | protect:<dev-sub-chl>[:<reason>]")
+                   help="drop | down:<s> | slow:<s> | protect:<dev-sub-chl>[:<reason>], "
+                        "each optionally @<simulated t_s>")
     args = p.parse_args(argv)
     srv = serve(args.channels, devices=args.devices, port=args.port, speed=args.speed)
     for f in args.fault:
