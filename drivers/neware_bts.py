@@ -272,6 +272,21 @@ class NewareBTS(Instrument, ProgramRunner):
         self.channel_map = {c.name: c for c in chans}
         return self.channel_map
 
+    def channel_entries(self) -> list[dict[str, Any]]:
+        """The channels as ``[[instruments.channels]]`` entries for the instruments file:
+        ``index`` is the position in getdevinfo's list (1-based), ``name`` the BTS
+        channel ``devid-subdevid-chlid`` that every command addresses."""
+        if not self.channel_map:
+            self.getdevinfo()
+        return [{"index": i, "name": name} for i, name in enumerate(self.channel_map, 1)]
+
+    def channel_name(self, index: int) -> str:
+        """The BTS channel behind a channel index of the instruments file."""
+        names = list(self.channel_map) or list(self.getdevinfo())
+        if not 1 <= index <= len(names):
+            raise InstrumentError(f"channel index {index} not in 1..{len(names)}")
+        return names[index - 1]
+
     def _list(self, cmd: str, tag: str, names: Sequence[str], inner: str = "true",
               *, ip: bool = True, tail: str = "") -> str:
         rows = ""

@@ -23,6 +23,7 @@ from labdaq.drivers.errors import ConnectionFailed, InstrumentTimeout
 from labdaq.drivers.neware_bts import CommandRefused, ForeignTest, NewareBTS
 from labdaq.drivers.neware_steps import UntranslatableStep, to_neware_xml
 from labdaq.drivers.opener import open_driver
+from labdaq.instruments_config import ChannelConfig
 from labdaq.protocol import CellLimits, Safety, load_template, parse_protocol, resolve
 from labdaq.sims.cell import load_cell_spec
 from labdaq.sims.neware_bts import BtsServer, NewareBtsSim, apply_fault
@@ -100,6 +101,11 @@ def test_connect_and_getdevinfo_bytes(bts: tuple) -> None:
         b"<type>bfgs</type>") + TAIL
     assert server.requests[1] == HEAD + b"<cmd>getdevinfo</cmd>" + TAIL
     assert sorted(driver.channel_map) == ["1-1-1", "1-1-2"]
+    # discovery into the instruments file: entries its schema accepts
+    entries = driver.channel_entries()
+    assert entries == [{"index": 1, "name": "1-1-1"}, {"index": 2, "name": "1-1-2"}]
+    assert [ChannelConfig(**e).index for e in entries] == [1, 2]
+    assert driver.channel_name(2) == "1-1-2"
 
 
 def test_status_inquire_inquiredf_bytes(bts: tuple) -> None:
