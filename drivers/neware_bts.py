@@ -187,6 +187,17 @@ def _items(root: ET.Element, list_name: str = "list") -> list[dict[str, str]]:
     return out
 
 
+def _numbers(record: dict[str, str]) -> dict[str, float]:
+    """A download record's numeric fields (text a real server may add is left out)."""
+    out = {}
+    for key, value in record.items():
+        try:
+            out[key] = float(value)
+        except ValueError:
+            continue
+    return out
+
+
 class NewareBTS(Instrument, ProgramRunner):
     """A Neware BTS 8.0 server and its channels (resource ``TCPIP::<host>::<port>::SOCKET``).
 
@@ -401,14 +412,16 @@ class NewareBTS(Instrument, ProgramRunner):
     def pause(self, names: Sequence[str]) -> None:
         """Pause: NOT confirmed against a real server (aurora-neware has no pause)."""
         self._require_owned(names)
-        self._results(self._command(self._list("pause", "pause", names)), "pause", names)
+        # not repeated after a lost reply: a second pause would be refused as "false"
+        self._results(self._command(self._list("pause", "pause", names), idempotent=False),
+                      "pause", names)
 
     def resume(self, names: Sequence[str]) -> None:
         """``continue``: NOT confirmed against a real server (named in aurora-neware's list
         of remaining commands, not implemented there)."""
         self._require_owned(names)
-        self._results(self._command(self._list("continue", "continue", names)),
-                      "continue", names)
+        self._results(self._command(self._list("continue", "continue", names),
+                                    idempotent=False), "continue", names)
 
     def download(self, name: str, test_id: int, start_seq: int,
                  count: int = DOWNLOAD_CHUNK) -> list[dict[str, float]]:
@@ -425,7 +438,7 @@ class NewareBTS(Instrument, ProgramRunner):
         if lst is not None and int(lst.attrib.get("testid", test_id)) != test_id:
             raise GarbledReply(f"download answered for test {lst.attrib['testid']}, "
                                f"asked {test_id}", command=body)
-        return [{k: float(v) for k, v in r.items() if k != "record"} for r in _items(root)]
+        return [_numbers(r) for r in _items(root)]
 
     def download_all(self, name: str, test_id: int, after_seq: int = 0) -> list[dict[str, float]]:
         """Every record after ``after_seq``, fetched in chunks."""

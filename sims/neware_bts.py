@@ -29,6 +29,7 @@ import socketserver
 import threading
 import time
 import xml.etree.ElementTree as ET  # noqa: S405 - parses our own step files and requests
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -553,7 +554,8 @@ class BtsServer(socketserver.ThreadingTCPServer):
         self.api = BtsApi(sim)
         self.connections: set[socket.socket] = set()
         self.conn_lock = threading.Lock()
-        self.requests: list[bytes] = []  # every request received, for byte-level tests
+        # the latest requests received, for byte-level tests (bounded: a lab runs for days)
+        self.requests: deque[bytes] = deque(maxlen=100_000)
         self.slow_reply_s = 0.0
         self.drop_requests = 0  # fault: drop the connection instead of this many replies
         self.drop_only: str | None = None  # ... only for this command (None = any)
