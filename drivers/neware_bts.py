@@ -298,6 +298,15 @@ class NewareBTS(Instrument, ProgramRunner):
             raise InstrumentError(f"channel index {index} not in 1..{len(names)}")
         return names[index - 1]
 
+    def _rows(self, root: ET.Element, names: Sequence[str]) -> list[dict[str, str]]:
+        """One reply row per requested channel, or GarbledReply (e.g. a ``false`` reply)."""
+        rows = _items(root)
+        if len(rows) != len(names):
+            raise GarbledReply(f"{len(rows)} rows for {len(names)} channels: "
+                               f"{ET.tostring(root, encoding='unicode')[:200]}",
+                               instrument=self.link.resource)
+        return rows
+
     def _list(self, cmd: str, tag: str, names: Sequence[str], inner: str = "true",
               *, ip: bool = True, tail: str = "") -> str:
         rows = ""
@@ -312,7 +321,7 @@ class NewareBTS(Instrument, ProgramRunner):
         """Work status per channel (confirmed: NewareAPI.getchlstatus)."""
         root = self._command(self._list("getchlstatus", "status", names))
         return {n: r.get("workstatus", r.get("status", ""))
-                for n, r in zip(names, _items(root), strict=True)}
+                for n, r in zip(names, self._rows(root, names), strict=True)}
 
     def inquire(self, names: Sequence[str]) -> dict[str, ChannelReading]:
         """Live V, I, T, step, cycle and work status of many channels in one request
@@ -320,7 +329,7 @@ class NewareBTS(Instrument, ProgramRunner):
         body = self._list("inquire", "inquire", names, tail=' aux="0" barcode="1"')
         root = self._command(body)
         out = {}
-        for n, r in zip(names, _items(root), strict=True):
+        for n, r in zip(names, self._rows(root, names), strict=True):
             out[n] = ChannelReading(
                 channel=n, workstatus=r.get("workstatus", ""),
                 test_id=int(r.get("testid", "0") or 0),
@@ -335,7 +344,7 @@ class NewareBTS(Instrument, ProgramRunner):
         body = self._list("inquiredf", "chl", names, inner="", ip=False, tail=' testid="0"')
         root = self._command(body)
         return {n: {"testid": int(r.get("testid", "0")), "count": int(r.get("count", "0"))}
-                for n, r in zip(names, _items(root), strict=True)}
+                for n, r in zip(names, self._rows(root, names), strict=True)}
 
     # -- guarding -----------------------------------------------------------------------
     def _require_owned(self, names: Sequence[str]) -> None:
@@ -346,7 +355,7 @@ class NewareBTS(Instrument, ProgramRunner):
                                   "start; refusing to touch it", instrument=self.link.resource)
 
     def _results(self, root: ET.Element, tag: str, names: Sequence[str]) -> None:
-        for n, r in zip(names, _items(root), strict=True):
+        for n, r in zip(names, self._rows(root, names), strict=True):
             if r.get(tag) != "ok":
                 raise CommandRefused(f"{tag} refused on {n}: {r.get('error', r.get(tag))}",
                                      instrument=self.link.resource)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from labdaq.drivers.errors import ConnectionFailed, InstrumentTimeout
-from labdaq.drivers.neware_bts import CommandRefused, ForeignTest, NewareBTS
+from labdaq.drivers.errors import ConnectionFailed, GarbledReply, InstrumentTimeout
+from labdaq.drivers.neware_bts import BtsChannel, CommandRefused, ForeignTest, NewareBTS
 from labdaq.drivers.neware_steps import UntranslatableStep, to_neware_xml
 from labdaq.drivers.opener import open_driver
 from labdaq.instruments_config import ChannelConfig
@@ -464,3 +464,12 @@ def test_link_down_30_min_then_harvest_catches_up(bts: tuple, tmp_path: Path) ->
     # 1 s records straight through the outage: no hole in the data
     gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
     assert max(gaps) <= 1.0 + 1e-9 and times[-1] == pytest.approx(2460)
+
+
+def test_error_reply_is_a_typed_error(bts: tuple) -> None:
+    sim, server, driver = bts
+    # a channel the server does not have (the map is stale): it answers with an error
+    driver.channel_map["9-9-9"] = BtsChannel("127.0.0.1", "24", "9", "9", "9")
+    with pytest.raises(GarbledReply, match="0 rows for 1 channels"):
+        driver.inquire(["9-9-9"])
+    assert driver.inquire(["1-1-1"])["1-1-1"].workstatus == "stop"
