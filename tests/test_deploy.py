@@ -24,6 +24,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import sysconfig
 import time
 import tomllib
 import zipfile
@@ -185,12 +186,11 @@ def _healthcheck_command() -> list[str]:
     return json.loads(health[health.index("CMD") + len("CMD") :].strip())
 
 
-def test_wheel_built_from_the_dockerfile_context_holds_every_package_file(
-    tmp_path: Path,
-) -> None:
-    """The builder stage copies some files and runs `pip wheel .`; do exactly that and check
-    the wheel holds every file of the package folders (a module or data file missing from
-    pyproject.toml's packages/package-data would be missing from the image)."""
+@pytest.fixture(scope="module")
+def image_wheel(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The builder stage copies some files and runs `pip wheel .`: do exactly that.
+    Returns (the labdaq wheel, the copied build context)."""
+    tmp_path = tmp_path_factory.mktemp("image_wheel")
     builder = _dockerfile_stages()[0]
     src = tmp_path / "src"
     src.mkdir()
@@ -219,6 +219,15 @@ def test_wheel_built_from_the_dockerfile_context_holds_every_package_file(
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (wheel,) = out.glob("labdaq-*.whl")
+    return wheel, src
+
+
+def test_wheel_built_from_the_dockerfile_context_holds_every_package_file(
+    image_wheel: tuple[Path, Path],
+) -> None:
+    """Every file of the package folders is in the wheel (a module or data file missing
+    from pyproject.toml's packages/package-data would be missing from the image)."""
+    wheel, src = image_wheel
     names = set(zipfile.ZipFile(wheel).namelist())
 
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -235,6 +244,51 @@ def test_wheel_built_from_the_dockerfile_context_holds_every_package_file(
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     console = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert re.search(r"^labdaq = labdaq\.cli:app$", console, re.M)
+
+
+def test_wheel_installed_alone_imports_every_module_and_migrates(
+    image_wheel: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The wheel as the runtime stage installs it (here into a target folder that shadows
+    this checkout's editable install; dependencies from this venv): every module imports
+    and `labdaq db upgrade` finds its migrations inside the installed package."""
+    wheel, _ = image_wheel
+    target = tmp_path / "site"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+         str(wheel)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # -S: no site processing, so the .pth of this checkout's editable install (a meta-path
+    # finder that would quietly supply any module the wheel lacks) is never loaded; the
+    # venv's site-packages is on PYTHONPATH for the dependencies only.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LABDAQ_")}
+    paths = dict.fromkeys([str(target), sysconfig.get_paths()["purelib"],
+                           sysconfig.get_paths()["platlib"]])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env["LABDAQ_DATA_DIR"] = str(tmp_path / "data")
+    script = (
+        "import importlib, pathlib, pkgutil, sys\n"
+        "import labdaq\n"
+        f"assert pathlib.Path(labdaq.__file__).is_relative_to({str(target)!r}), labdaq.__file__\n"
+        "names = [m.name for m in pkgutil.walk_packages(labdaq.__path__, 'labdaq.')]\n"
+        "for name in names:\n"
+        "    importlib.import_module(name)\n"
+        "print(len(names))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert int(proc.stdout.strip()) > 40  # modules across core, drivers, sims, api
+    proc = subprocess.run(
+        [sys.executable, "-S", "-m", "labdaq.cli", "db", "upgrade"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "data" / "labdaq.db").is_file()
 
 
 def _free_port() -> int:
