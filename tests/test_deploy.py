@@ -310,24 +310,26 @@ def test_image_healthcheck_command_passes_on_a_live_api_and_fails_without_one(
     env["LABDAQ_DATA_DIR"] = str(tmp_path)
     labdaq = [sys.executable, "-m", "labdaq.cli"]
     subprocess.run([*labdaq, "db", "upgrade"], env=env, check=True, capture_output=True)
-    api = subprocess.Popen(
-        [*labdaq, "api", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            check = subprocess.run(command, capture_output=True, timeout=60)
-            if check.returncode == 0:
-                break
-            assert api.poll() is None, api.stderr.read().decode() if api.stderr else ""
-            assert time.monotonic() < deadline, "API never became healthy"
-            time.sleep(0.2)
-    finally:
-        api.terminate()
-        api.wait(timeout=60)
+    log = tmp_path / "api.log"
+    with log.open("wb") as log_fh:
+        api = subprocess.Popen(
+            [*labdaq, "api", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=log_fh,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                check = subprocess.run(command, capture_output=True, timeout=60)
+                if check.returncode == 0:
+                    break
+                assert api.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, "API never became healthy"
+                time.sleep(0.2)
+        finally:
+            api.terminate()
+            api.wait(timeout=60)
     after = subprocess.run(command, capture_output=True, timeout=60)
     assert after.returncode != 0
 
@@ -407,18 +409,26 @@ def test_compose_config_resolves_postgres_migration_and_lab() -> None:
     db, migrate, lab = services["db"], services["migrate"], services["lab"]
     assert db["image"].startswith("postgres:15")
     assert "pg_isready" in db["healthcheck"]["test"]
-    assert any(v.startswith("pgdata:") for v in db["volumes"])
+    # docker-compose 1.x prints short syntax, the compose v2 plugin long syntax.
+    assert any(
+        (v["source"] if isinstance(v, dict) else v.split(":")[0]) == "pgdata"
+        for v in db["volumes"]
+    )
     assert migrate["depends_on"]["db"]["condition"] == "service_healthy"
     assert migrate["command"] == ["db", "upgrade"]
     assert migrate["build"]["dockerfile"] == "deploy/Dockerfile"
     assert Path(migrate["build"]["context"]).resolve() == ROOT
     assert lab["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert lab["command"][:2] == ["serve", "--sim"]
+    assert lab["init"] is True
     url = "postgresql://labdaq:s3cret-test@db:5432/labdaq"
     assert migrate["environment"]["LABDAQ_DATABASE_URL"] == url
     assert lab["environment"]["LABDAQ_DATABASE_URL"] == url
     # Published on the host's loopback only (TLS goes through a reverse proxy).
-    assert all(str(p).startswith("127.0.0.1:") for p in lab["ports"])
+    assert lab["ports"] and all(
+        (p.get("host_ip") if isinstance(p, dict) else p.split(":")[0]) == "127.0.0.1"
+        for p in lab["ports"]
+    )
 
 
 def test_compose_refuses_to_start_without_a_database_password() -> None:
