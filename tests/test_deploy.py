@@ -463,9 +463,8 @@ def _verify_units(units: list[Path], tmp_path: Path) -> subprocess.CompletedProc
     for unit in units:
         shutil.copy2(unit, etc / unit.name)
         copies.append(str(etc / unit.name))
-    # --man=no: Documentation= names a file, not a man page to look up.
     return subprocess.run(
-        [analyze, "verify", "--man=no", f"--root={root}", *copies],
+        [analyze, "verify", f"--root={root}", *copies],
         capture_output=True,
         text=True,
         timeout=300,
