@@ -249,7 +249,15 @@ class InstrumentGroup:
         # first sample after the gap says so in its flags.
         flags = (FLAG_EDGE | (FLAG_RESUMED if run.seq else 0)
                  | (FLAG_PAUSED if run.paused else 0))
-        if await self._edge([k], {}, flags, integrate=False):
+        try:
+            breached = await self._edge([k], {}, flags, integrate=False)
+        except BaseException:
+            # A join that did not complete leaves no trace here: the caller still owns
+            # the run (it may wait for a lost instrument and join again), and this loop
+            # must not also hand it on. The failing measurement came before any row.
+            self._remove(k)
+            raise
+        if breached:
             self._remove(k)
             await self.cb.on_finish(run)
 

@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from labdaq.drivers.errors import InstrumentReportedError
 from labdaq.engine.channel import ChannelRun, StepRecord
 from labdaq.engine.clock import EngineClock
-from labdaq.engine.group import Callbacks, InstrumentGroup
+from labdaq.engine.group import LOST_INSTRUMENT, Callbacks, InstrumentGroup
 from labdaq.engine.writer import SampleWriter
 from labdaq.engine.writer_process import WriterProcess
 from labdaq.heartbeat import HEARTBEAT_PERIOD_S, INSTRUMENT_OK, Heartbeat
@@ -567,6 +567,21 @@ class AcquisitionNode:
             except _NotResumable as exc:
                 self.channel_aux.pop(run.id, None)
                 reason = str(exc)
+            except LOST_INSTRUMENT as exc:
+                self.active.pop(run.id, None)
+                self.channel_aux.pop(run.id, None)
+                if channel.instrument_id not in self.instruments:
+                    reason = f"could not resume: {type(exc).__name__}: {exc}"
+                else:
+                    # Lost again as the run rejoined (a flapping link): wait for it once
+                    # more. The run stays running, its gap (from the last committed
+                    # sample) keeps counting toward max_resume_gap_s.
+                    log.warning("run %s: instrument lost again while resuming: %s",
+                                run.id, exc)
+                    self._wait_for(channel.instrument_id, [run.id], [],
+                                   f"{why}; lost again while resuming: "
+                                   f"{type(exc).__name__}: {exc}")
+                    return
             except Exception as exc:  # noqa: BLE001
                 self.active.pop(run.id, None)
                 self.channel_aux.pop(run.id, None)
@@ -797,6 +812,26 @@ class AcquisitionNode:
                 return
             self.active[run.id] = cr
             await group.add(cr, tr.next_phase, self.clock.now())
+        except LOST_INSTRUMENT as exc:
+            self.active.pop(run.id, None)
+            self.channel_aux.pop(run.id, None)
+            if channel.instrument_id not in self.instruments:
+                log.error("run %s could not start: %s", run.id, exc)
+                await self._finish(run.id, ("failed", f"{type(exc).__name__}: {exc}"), None)
+                return
+            # The instrument stopped answering while the run was joining (its other runs
+            # are being handed over by their group just now): no sample of this run is
+            # stored, so it starts afresh once the instrument answers, like they resume.
+            reason = (f"instrument lost while the run was starting: "
+                      f"{type(exc).__name__}: {exc}")
+            log.warning("run %s: %s", run.id, reason)
+            await self._on_event(
+                run.id, "interruption", "warning", reason,
+                {"cause": "instrument_lost",
+                 "instrument": self.instruments[channel.instrument_id].name,
+                 "channel": channel.index, "from_t_s": None, "last_seq": 0, "to_t_s": None,
+                 "error": str(exc)})
+            self._wait_for(channel.instrument_id, [run.id], [], reason, fresh=True)
         except Exception as exc:  # noqa: BLE001 - the run fails with its reason; others go on
             log.exception("run %s could not start", run.id)
             self.active.pop(run.id, None)
@@ -908,35 +943,45 @@ class AcquisitionNode:
         each run is, then wait for the instrument in a task of its own and resume them."""
         for cr in runs:
             self._release(cr.run_id)
-        self.heartbeat.instruments[self.instruments[instrument_id].name] = f"lost: {reason}"
         rows = [_progress_row(cr) for cr in runs]
-        run_ids = [cr.run_id for cr in runs]
+        self._wait_for(instrument_id, [cr.run_id for cr in runs], rows, reason)
+
+    def _wait_for(self, instrument_id: int, run_ids: list[int], rows: list[dict[str, Any]],
+                  reason: str, fresh: bool = False) -> None:
+        """Wait for the instrument in a task of its own, then resume the runs (``fresh``:
+        start them, they had stored nothing when it was lost)."""
+        self.heartbeat.instruments[self.instruments[instrument_id].name] = f"lost: {reason}"
         waiter = asyncio.create_task(self._await_instrument(instrument_id, run_ids, rows,
-                                                            reason),
+                                                            reason, fresh),
                                      name=f"await-instrument-{instrument_id}")
         self._waiting.add(waiter)
         waiter.add_done_callback(self._waiting.discard)
 
     async def _await_instrument(self, instrument_id: int, run_ids: list[int],
-                                rows: list[dict[str, Any]], reason: str) -> None:
+                                rows: list[dict[str, Any]], reason: str,
+                                fresh: bool = False) -> None:
         try:
-            await self._await_and_resume(instrument_id, run_ids, rows, reason)
+            await self._await_and_resume(instrument_id, run_ids, rows, reason, fresh)
         except Exception:  # noqa: BLE001 - the runs stay running for the next engine start
             log.exception("runs %s: could not resume after the instrument returned", run_ids)
 
     async def _await_and_resume(self, instrument_id: int, run_ids: list[int],
-                                rows: list[dict[str, Any]], reason: str) -> None:
+                                rows: list[dict[str, Any]], reason: str,
+                                fresh: bool = False) -> None:
         inst = self.instruments[instrument_id]
+        lost_at = time.monotonic()
         # Resuming reads the saved position and continues after the last committed sample.
         await self.writer.flush()
         async with self._progress_lock, session_scope(self.maker) as s:
             await _write_progress(s, rows)
         give_up = time.monotonic() + self.max_resume_gap_s  # wall seconds
         delay = 0.5
+        answered = False
         while not self._stopping.is_set():
             try:
                 await inst.worker.call(_answers, inst.driver)
                 self.heartbeat.instruments[inst.name] = INSTRUMENT_OK
+                answered = True
                 break
             except Exception as exc:  # noqa: BLE001 - still gone: wait and try again
                 if time.monotonic() > give_up:
@@ -962,8 +1007,22 @@ class AcquisitionNode:
                 )
             ).all()
         for run, channel in pairs:
-            # Past max_resume_gap_s this marks the run interrupted, with the reason.
-            await self._resume(run, channel, why=f"{reason}; it answered again")
+            if not fresh:
+                # Past max_resume_gap_s this marks the run interrupted, with the reason.
+                await self._resume(run, channel, why=f"{reason}; it answered again")
+            elif not answered:
+                await self._finish(run.id, ("interrupted", f"{reason}; the instrument did "
+                                            f"not answer within {self.max_resume_gap_s:.0f} s"),
+                                   None)
+            else:
+                wall_s = time.monotonic() - lost_at
+                wait_s = wall_s * self.clock.speed
+                await self._on_event(
+                    run.id, "interruption", "warning",
+                    f"{reason}; it answered again; run started after a {wait_s:.1f} s wait",
+                    {"cause": "instrument_lost", "last_seq": 0, "samples_committed": 0,
+                     "from_t_s": None, "to_t_s": 0.0, "gap_s": wait_s, "gap_wall_s": wall_s})
+                await self._start(run, channel)
 
     def _release(self, run_id: int) -> None:
         """The run no longer acquires on this node: forget it, stop its aux task."""
