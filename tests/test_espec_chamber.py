@@ -421,10 +421,12 @@ def test_timeout_over_transport(chamber: tuple[EspecChamber, EspecChamberSim, Si
                                 ) -> None:
     ch, _, server = chamber
     server.swallow_next_reply(1)
+    sent = server.commands_received
     t0 = time.monotonic()
     with pytest.raises(InstrumentTimeout) as err:
         ch.write("MODE, CONSTANT")  # a setting is not idempotent: no blind retry
-    assert time.monotonic() - t0 < 4 * TIMEOUT_S
+    assert time.monotonic() - t0 >= TIMEOUT_S * 0.95  # it waited out its timeout
+    assert server.commands_received - sent == 1  # ... once
     assert "MODE, CONSTANT" in str(err.value)
     # Reconnects and carries on.
     assert ch.mode == "CONSTANT"

@@ -255,16 +255,15 @@ def test_garbled_and_lost_replies(lab: SimLab, drivers: dict[str, Any]) -> None:
 def test_slow_replies_time_out_until_cleared(lab: SimLab, drivers: dict[str, Any]) -> None:
     smu = drivers["smu1"]
     smu.transport.retry_timeouts = False
-    # Generous against a loaded CI machine: the delay is 4x the timeout.
+    # The delay is 60x the timeout: a timeout (not a late reply) on however busy a
+    # machine. The server's stop() cuts the delayed reply short.
     smu.transport.timeout_s = 0.5
-    lab.faults.inject("slow_replies", "smu1", at_s=5, duration_s=5, delay_s=2.0)
+    lab.faults.inject("slow_replies", "smu1", at_s=5, duration_s=5, delay_s=30.0)
     lab.faults.advance(4)
     assert np.isfinite(smu.measure()[0, 0])  # not yet
     lab.faults.advance(1)
-    t0 = time.monotonic()
     with pytest.raises(InstrumentTimeout):
         smu.measure()
-    assert time.monotonic() - t0 < 1.9
     lab.faults.advance(5)
     assert lab.by_name("smu1").server.reply_delay_s == 0.0
     assert np.isfinite(smu.measure()[0, 0])
@@ -421,19 +420,22 @@ def test_overcharge_with_safety_limits_disabled_runs_away_as_configured() -> Non
 
 def test_faults_fire_by_themselves_on_a_sim_clock() -> None:
     lab = SimLab(speed=1000.0, smus=1, watchdog_s=None)
+    sim = lab.by_name("smu1").sim
+    # What the scheduler thread did, in its order, with the simulator's state right after:
+    # the test's own polling could miss a 0.3 s (wall) active window on a busy machine.
+    seen: list[tuple[str, str, bool]] = []
+    lab.faults.on_event = lambda f, what: seen.append((what, f.state, bool(sim.frozen)))
     with lab:
         start = lab.clock.now()
         fault = lab.faults.inject("frozen_readings", "smu1", at_s=start + 200, duration_s=300)
-        sim = lab.by_name("smu1").sim
-        deadline = time.monotonic() + 5.0
-        while fault.state != "active" and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert fault.state == "active" and sim.frozen
-        # At 1000x a millisecond of wall time is a simulated second.
-        assert fault.fired_at_s is not None and 0.0 <= fault.fired_at_s - fault.at_s < 5.0
+        deadline = time.monotonic() + 60.0
         while fault.state != "cleared" and time.monotonic() < deadline:
             time.sleep(0.005)
-        assert fault.state == "cleared" and not sim.frozen
+        assert seen == [("applied", "active", True), ("cleared", "cleared", False)]
+        assert not sim.frozen
+        # Fired by itself on the sim clock, never before its time (late by as much as
+        # the scheduler thread was kept waiting: at 1000x a wall millisecond is 1 s).
+        assert fault.fired_at_s is not None and fault.fired_at_s >= fault.at_s
         assert fault.cleared_at_s is not None and fault.cleared_at_s >= fault.at_s + 300
         with pytest.raises(TypeError, match="ManualClock"):
             lab.faults.advance(1.0)
@@ -467,7 +469,7 @@ def test_cli_scenario_and_fault_fire() -> None:
     threading.Thread(target=read, daemon=True).start()
     seen: list[str] = []
     try:
-        deadline = time.monotonic() + 20.0
+        deadline = time.monotonic() + 90.0  # a Python start-up on a busy machine
         while not any("fault 3 cleared" in s for s in seen):
             line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
             if line is None:
@@ -487,10 +489,12 @@ def test_cli_scenario_and_fault_fire() -> None:
     assert names == ["smu1", "cabinet1", "logger1"], text
     assert "fault 3      internal_short on cabinet1/1 at 100 s until 120 s" in text
     assert text.index("fault 1 ") < text.index("ready:") < text.index("fault 3 applied")
-    # Fired by the scheduler thread within a few wall milliseconds (at speed 200, ~1 s).
+    # Fired by the scheduler thread, not before its time (how late depends on how long
+    # the thread waited for a CPU: at speed 200 a wall millisecond is 0.2 s), then cleared.
     fired = re.search(r"t=([\d.]+) s fault 3 applied", text)
-    assert fired is not None and 100.0 <= float(fired.group(1)) < 105.0, text
+    assert fired is not None and float(fired.group(1)) >= 100.0, text
     assert "fault 3 cleared" in text, text
+    assert text.index("fault 3 applied") < text.index("fault 3 cleared"), text
 
 
 def _run_scenario(seed: int) -> list[np.ndarray]:
