@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 DATA_DIR ?= ./data
 
-.PHONY: run test bench lint typecheck clean
+.PHONY: run test test-fast test-slow bench lint typecheck clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,9 +24,25 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed
 	$(BIN)/labdaq serve --sim --speed $(SPEED) --host $(HOST) --port $(PORT) --data-dir $(DATA_DIR)
 
+# Unit and protocol tests: protocol documents, the SCPI parser, the cell and impedance
+# models, and every driver's command set against its simulator over TCP and a pty. No
+# database, no engine, no subprocess.
+FAST_TESTS := tests/test_protocol.py tests/test_scpi_parser.py tests/test_cell_model.py \
+	tests/test_impedance_model.py tests/test_transport.py tests/test_cabinet.py \
+	tests/test_keithley2450.py tests/test_daq970a.py tests/test_hioki_bt4560.py \
+	tests/test_espec_chamber.py
+
+# Everything not marked slow (.ci/run runs this first; budget: 10 min on 2 cores).
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-fast: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q -m "not slow" $(FAST_TESTS)
+
+# The long suites (@pytest.mark.slow); .ci/run runs them after `make test`.
+test-slow: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q -m slow
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
