@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -296,19 +295,14 @@ def test_terminal_voltage_and_current_for_voltage_are_inverse() -> None:
     assert bank.terminal_voltage(current_a) == pytest.approx(target_v)
 
 
-def test_bank_of_64_mixed_state_and_speed() -> None:
+def test_bank_of_64_mixed_state() -> None:
+    # Its speed is measured by benchmarks/cell_model.py (make bench), not asserted here.
     bank = CellBank("lfp", n=64, soc=np.linspace(0.1, 0.9, 64), seed=3)
     current_a = np.linspace(-5.0, 5.0, 64)
-    for _ in range(50):
+    for _ in range(2050):
         bank.step(current_a, 1.0)
-    n = 2000
-    t0 = time.perf_counter()
-    for _ in range(n):
-        bank.step(current_a, 1.0)
-    per_step_us = (time.perf_counter() - t0) / n * 1e6
     assert bank.voltage_v.shape == (64,)
-    # Loose bound: the target is ~50 us on an idle machine; CI machines are shared.
-    assert per_step_us < 500.0
+    assert np.isfinite(bank.voltage_v).all()
 
 
 def test_seeded_banks_are_deterministic() -> None:

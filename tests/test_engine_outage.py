@@ -233,7 +233,7 @@ async def test_saved_position_never_counts_samples_not_yet_stored(db_url: str) -
     try:
         run_id = await rig.start_run("smu1/1", protocol_document=PROTOCOL)
         saved: list[tuple[int, int]] = []  # (position seq, last committed seq)
-        for _ in range(100):
+        for _ in range(600):  # a condition poll of up to a minute or more
             async with session_scope(rig.maker) as s:
                 # Position first: committed samples only grow, so reading them second
                 # can only favour the position on either database's isolation.

@@ -64,7 +64,7 @@ def lab_process(tmp_path: Path) -> Iterator[tuple[dict[str, Any], dict[str, str]
         env=env, log=tmp_path / "sim.log",
     )
     try:
-        for _ in range(300):
+        for _ in range(1200):  # up to a minute: a Python start-up on a busy machine
             if desc_path.exists() or sim.poll() is not None:
                 break
             time.sleep(0.05)

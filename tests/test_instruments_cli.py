@@ -38,8 +38,10 @@ from labdaq.sims.server import SimServer
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 CLI = [sys.executable, "-m", "labdaq.cli"]
-# Wall-clock budget for one failing probe (interpreter start-up included).
-BAD_INPUT_BUDGET_S = 8.0
+# Only a hang guard for one failing probe (interpreter start-up included, which a loaded
+# machine stretches): which timeout applied is checked in the messages ("no reply within
+# 1 s"), not by the clock.
+BAD_INPUT_BUDGET_S = 30.0
 
 LAB_ARGS = [
     "sim", "--speed", "10", "--smus", "1", "--cabinets", "1", "--cabinet-channels", "2",

@@ -93,7 +93,7 @@ async def test_writer_flushes_small_batches_by_age(db_engine: AsyncEngine) -> No
     await writer.put(_rows(run_id, 1, 3))
     import asyncio
 
-    for _ in range(100):
+    for _ in range(1500):  # up to 30 s: a condition poll, only a hang reaches the end
         await asyncio.sleep(0.02)
         if writer.rows_written == 3:
             break

@@ -20,7 +20,7 @@ from labdaq.engine.writer_process import WriterProcess, WriterProcessDied
 from tests.test_writer import _rows, _seed_run, _seqs
 
 
-async def _until(pred: object, timeout_s: float = 15.0) -> None:
+async def _until(pred: object, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not pred():  # type: ignore[operator]
         assert time.monotonic() < deadline, "condition not reached"
