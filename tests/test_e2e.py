@@ -103,6 +103,7 @@ def reference_discharge_ah(
     return q_ah
 
 
+@pytest.mark.timeout(300)  # ~50 s with its service start-up under heavy load
 def test_demo_run_through_http_to_simulated_smu(lab) -> None:
     base, token, proc = lab
     h = {"Authorization": f"Bearer {token}"}

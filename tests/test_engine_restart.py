@@ -99,6 +99,7 @@ async def _until(pred: Any, timeout_s: float, what: str) -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.timeout(300)  # two engine processes and a lab: ~35 s under heavy load
 async def test_kill_9_mid_step_then_restart_resumes_without_gaps(
     lab_process: tuple[dict[str, Any], dict[str, str]], db: tuple[str, Any], tmp_path: Path
 ) -> None:
