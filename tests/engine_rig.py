@@ -403,7 +403,7 @@ async def start_rig(
     await wait_for(
         lambda: len(node.instruments) == len(desc["instruments"])
         and all(sim.off_mode["CURR"] == "HIMP" for sim in smus),
-        timeout_s=20,
+        timeout_s=60,  # a condition poll: only a hang reaches it
         what="the node to open and make safe every instrument",
     )
     lab.clock.speed = speed

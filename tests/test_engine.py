@@ -314,6 +314,56 @@ async def test_instrument_lost_while_a_run_joins_starts_it_when_it_answers(
         await r.stop()
 
 
+async def test_instrument_lost_again_while_a_run_rejoins_waits_again(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """The cabinet answers again, but the link fails once more while the run is being
+    rejoined (its set point programmed): the run waits for the cabinet again instead of
+    ending, then resumes and completes. The second failure is made to happen exactly
+    there by failing the group's first set-point command after the fault is cleared (a
+    real flapping link could not be timed to hit it)."""
+    from labdaq.drivers.errors import ConnectionFailed
+
+    lab = SimLab(soc=0.5, cabinets=1, cabinet_channels=2)
+    r = await start_rig(sqlite_url, lab, SPEED, max_resume_gap_s=1e6)
+    try:
+        run_id = await r.start_run("cabinet1/1", protocol_document=charge_doc(1800),
+                                   sample_period_s=10)
+        await wait_for(lambda: run_id in r.node.active, what="the run to start")
+        group = next(g for g in r.node.groups.values() if g.name == "cabinet1")
+        await wait_for(lambda: [cr.run_id for cr in group.runs] == [run_id],
+                       what="the run to join")
+        ticks = group.ticks
+        await wait_for(lambda: group.ticks > ticks + 10, what="some ticks")
+        fault = r.lab.faults.inject("drop_connection", "cabinet1", duration_s=1e7)
+        try:
+            await wait_for(lambda: run_id not in r.node.active, timeout_s=60,
+                           what="the run to leave the lost cabinet")
+            await _wait_interruptions(r, run_id, 1)
+            apply = group._apply
+            failed: list[int] = []
+
+            async def flapping_apply(run: Any, phase: Any) -> None:
+                if not failed:
+                    failed.append(run.run_id)
+                    raise ConnectionFailed("link lost again", instrument="cabinet1")
+                await apply(run, phase)
+
+            group._apply = flapping_apply  # type: ignore[method-assign]
+        finally:
+            r.lab.faults.clear(fault)
+        ended = await r.wait_end(run_id, timeout_s=90)
+        assert failed == [run_id]  # the rejoin did fail once
+        assert ended.state == "completed", (ended.state, ended.end_reason)
+        lost, resumed = await _interruptions(r, run_id)
+        assert lost.data["cause"] == "instrument_lost"
+        assert "lost again while resuming" in resumed.message
+        assert "answered again" in resumed.message and resumed.data["gap_s"] > 0
+        assert_contiguous((await samples(r.maker, run_id))["seq"])
+    finally:
+        await r.stop()
+
+
 async def test_shutdown_makes_safe_and_closes_every_link(
     sqlite_url: str, tmp_path: Path
 ) -> None:
