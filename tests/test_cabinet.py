@@ -49,6 +49,7 @@ from labdaq.sims.cell import CellBank
 from labdaq.sims.clock import ManualClock
 from labdaq.sims.scpi import ScpiError, format_nr3
 from labdaq.sims.server import PtySimServer, SimServer, TcpSimServer
+from tests.sim_probes import ServerProbe
 
 TIMEOUT_S = 0.5
 NO_ERROR = '0,"No error"'
@@ -442,11 +443,11 @@ async def test_ameasure_one_exchange_at_a_time_on_the_loop_thread(
     # second call comes once the server has the first query, so well within that.
     cab.transport.timeout_s = 30.0
     server.set_reply_delay(2.0)
-    sent = server.commands_received
+    probe = ServerProbe(server)
     first = asyncio.create_task(cab.ameasure([1]))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 30.0
-    while server.commands_received == sent:
+    while not probe.received:
         assert loop.time() < deadline, "the first query never reached the server"
         await asyncio.sleep(0.005)
     assert await cab.ameasure([1]) is None

@@ -34,6 +34,7 @@ from labdaq.sims.cell import CellBank
 from labdaq.sims.clock import ManualClock
 from labdaq.sims.keysight_daq970a import DAQ970ASim, parse_channel_list
 from labdaq.sims.server import SimServer
+from tests.sim_probes import ServerProbe
 
 IDN = "Keysight Technologies,DAQ970A,MY58012345,A.03.02-01.00-03.02-00.02-03.02"
 OK = '+0,"No error"'
@@ -357,13 +358,13 @@ def test_timeout_then_recovery(rig: Rig) -> None:
     d.read_temperatures_c([101])
     server.swallow_next_reply()
     d.transport.retry_timeouts = False
-    sent = server.commands_received
+    probe = ServerProbe(server)
     t0 = time.monotonic()
     with pytest.raises(InstrumentTimeout) as exc:
         d.read_temperatures_c([101])
     # One try that waited out its timeout (the wait's length itself is up to the load).
     assert time.monotonic() - t0 >= TIMEOUT_S * 0.95
-    assert server.commands_received - sent == 1
+    assert probe.received == ["MEAS:TEMP? TC,K,(@101)"]
     assert exc.value.command == "MEAS:TEMP? TC,K,(@101)"
     assert d.read_temperatures_c([101]).shape == (1,)
 

@@ -20,6 +20,7 @@ from labdaq.sims.cell import CellBank
 from labdaq.sims.clock import ManualClock
 from labdaq.sims.espec_chamber import ALARM_DOOR_OPEN, ALARM_REFRIGERATOR, EspecChamberSim
 from labdaq.sims.server import SimServer
+from tests.sim_probes import ServerProbe
 
 TIMEOUT_S = 0.5
 CRLF = {"read_termination": "\r\n", "write_termination": "\r\n"}
@@ -421,12 +422,12 @@ def test_timeout_over_transport(chamber: tuple[EspecChamber, EspecChamberSim, Si
                                 ) -> None:
     ch, _, server = chamber
     server.swallow_next_reply(1)
-    sent = server.commands_received
+    probe = ServerProbe(server)
     t0 = time.monotonic()
     with pytest.raises(InstrumentTimeout) as err:
         ch.write("MODE, CONSTANT")  # a setting is not idempotent: no blind retry
     assert time.monotonic() - t0 >= TIMEOUT_S * 0.95  # it waited out its timeout
-    assert server.commands_received - sent == 1  # ... once
+    assert probe.received == ["MODE, CONSTANT"]  # ... once
     assert "MODE, CONSTANT" in str(err.value)
     # Reconnects and carries on.
     assert ch.mode == "CONSTANT"

@@ -3,12 +3,9 @@ and a pty (pyvisa-py ASRL and plain pyserial), physics, faults and the watchdog.
 
 from __future__ import annotations
 
-import fcntl
 import math
-import struct
-import termios
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -43,6 +40,7 @@ from labdaq.drivers.transport import ScriptedTransport, open_transport
 from labdaq.sims.clock import ManualClock
 from labdaq.sims.keithley2450 import Keithley2450Sim
 from labdaq.sims.server import PtySimServer, SimServer
+from tests.sim_probes import ServerProbe, pty_unread_by_client, until
 
 OK = '0,"No error"'
 IDN = "KEITHLEY INSTRUMENTS INC.,MODEL 2450,04412345,1.7.12b"
@@ -427,7 +425,7 @@ def test_unknown_command_reports_error(smu: tuple[Keithley2450, Keithley2450Sim,
 def test_timeout_within_budget(smu: tuple[Keithley2450, Keithley2450Sim, SimServer,
                                           ManualClock]) -> None:
     k, _, server, _ = smu
-    replies = _spy_replies(server)
+    probe = ServerProbe(server)
     # 4x the timeout: a timeout, not the late reply, even with the client kept off the
     # CPU for a while (the timing itself is not asserted).
     server.set_reply_delay(TIMEOUT_S * 4)
@@ -440,39 +438,10 @@ def test_timeout_within_budget(smu: tuple[Keithley2450, Keithley2450Sim, SimServ
     server.set_reply_delay(0)
     # A serial instrument is busy until it has answered; let the late reply arrive so the
     # transport must discard it rather than take it for the next answer.
-    _until(lambda: len(replies) >= 1, "the late reply to be sent")
+    until(lambda: len(probe.replies) >= 1, "the late reply to be sent")
     if isinstance(server, PtySimServer):
-        _until(lambda: _pty_unread_by_client(server) > 0, "the late reply to arrive")
+        until(lambda: pty_unread_by_client(server) > 0, "the late reply to arrive")
     assert k.measure().shape == (1, 3)  # link resynchronised afterwards
-
-
-def _spy_replies(server: SimServer) -> list[bytes | None]:
-    """Every reply the server has finished preparing (after any injected delay), in
-    order; the server writes each right after."""
-    replies: list[bytes | None] = []
-    process = server._process
-
-    def spy(line: str) -> bytes | None:
-        reply = process(line)
-        replies.append(reply)
-        return reply
-
-    server._process = spy  # type: ignore[method-assign]
-    return replies
-
-
-def _pty_unread_by_client(server: PtySimServer) -> int:
-    """Bytes the server wrote that the client has not read yet."""
-    assert server._slave is not None
-    raw = fcntl.ioctl(server._slave, termios.FIONREAD, b"\0\0\0\0")
-    return int(struct.unpack("i", raw)[0])
-
-
-def _until(pred: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def test_garbled_reply_over_transport(smu: tuple[Keithley2450, Keithley2450Sim, SimServer,

@@ -4,14 +4,10 @@ transport, reconnect/backoff, stale-reply handling, serial framing."""
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import math
 import socket
-import struct
-import termios
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
 
@@ -25,27 +21,18 @@ from labdaq.drivers.transport import (
     is_idempotent,
     open_transport,
 )
-from labdaq.sims.server import PtySimServer, SimServer
+from labdaq.sims.server import SimServer
+from tests.sim_probes import (
+    ServerProbe,
+    open_connections,
+    pty_unread_by_server,
+    until,
+)
 
 TIMEOUT_S = 0.5
 # Every TCP test runs on both links a SOCKET resource can have: pyvisa-py, and the
 # asyncio stream transport of the engine's hot path.
 TCP_KINDS = pytest.mark.parametrize("stream", [False, True], ids=["pyvisa", "stream"])
-
-
-def _pty_unread(srv: PtySimServer) -> int:
-    """Bytes the client wrote that the pty server has not read yet."""
-    assert srv._master is not None
-    raw = fcntl.ioctl(srv._master, termios.FIONREAD, b"\0\0\0\0")
-    return int(struct.unpack("i", raw)[0])
-
-
-def _until(pred: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    """Poll ``pred`` until true; the timeout is generous, only a hang reaches it."""
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 class Echo:
@@ -294,7 +281,7 @@ def test_late_reply_is_not_taken_for_the_next_answer(stream: bool) -> None:
             assert t.query("NEW?") == "NEW"
             # The late "OLD" goes out on the abandoned connection: its handler sends it
             # once the delay is over, then sees the client gone and ends.
-            _until(lambda: srv.client_count == 1, "the abandoned connection's late reply")
+            until(lambda: open_connections(srv) == 1, "the abandoned connection's late reply")
             assert t.query("NEXT?") == "NEXT"
         finally:
             t.close()
@@ -393,9 +380,9 @@ def test_many_clients_and_threads_share_one_simulator(stream: bool) -> None:
 def test_server_stops_with_clients_connected(stream: bool) -> None:
     srv = SimServer.tcp(Echo()).start()
     t = open_transport(srv.resource, stream=stream, timeout_s=TIMEOUT_S)
-    assert t.query("A?") == "A" and srv.client_count == 1
+    assert t.query("A?") == "A" and open_connections(srv) == 1
     srv.stop()  # returns (a hang would hit the test's timeout) with the client cut off
-    assert srv.client_count == 0
+    assert open_connections(srv) == 0
     t.reconnect_attempts = 1
     with pytest.raises(ConnectionFailed):
         t.query("B?")
@@ -423,6 +410,7 @@ def test_refused_connections_end_in_connection_failed(stream: bool) -> None:
 def test_pty_drop_loses_the_command_then_recovers() -> None:
     with SimServer.pty(Echo()) as srv:
         t = open_transport(srv.path, timeout_s=0.15, retry_timeouts=False)
+        probe = ServerProbe(srv)
         try:
             srv.drop_connections()  # a serial line cannot be cut: it goes deaf briefly
             # ... for 0.2 s of wall time, which a busy machine can let pass before the
@@ -430,10 +418,10 @@ def test_pty_drop_loses_the_command_then_recovers() -> None:
             srv._silent_until = math.inf
             with pytest.raises(InstrumentTimeout):
                 t.query("LOST?")
-            _until(lambda: _pty_unread(srv) == 0, "the server to read the lost command")
+            until(lambda: pty_unread_by_server(srv) == 0, "the server to read the lost command")
             srv._silent_until = 0.0
             assert t.query("BACK?") == "BACK"
-            assert srv.commands_received == 1  # LOST? never reached the simulator
+            assert probe.received == ["BACK?"]  # LOST? never reached the simulator
         finally:
             t.close()
 
