@@ -145,9 +145,13 @@ async def test_pause_and_resume(rig: Rig) -> None:
     assert s["current_a"][back] == pytest.approx(1.0, rel=0.02)
     assert s["step_capacity_ah"][back] == s["step_capacity_ah"][back - 1]
     step = (await rows_of(rig.maker, m.Step, run_id, m.Step.step_number))[0]
-    # The pause does not count towards the step's 900 s, nor to its charge.
+    # The pause does not count towards the step's 900 s, nor to its charge: counted
+    # towards the 900 s the charge would be 600 s worth, counted as charge 1200 s worth
+    # (each 33 % off). The margin is wide because at 500x every wall millisecond between
+    # the output going off and the engine noting the pause is half a simulated second
+    # of step time without current (2 % of the charge at a load average of 13).
     assert step.end_t_s - step.start_t_s > 900 + 300
-    assert step.capacity_ah == pytest.approx(1.0 * 900 / 3600, rel=0.02)
+    assert step.capacity_ah == pytest.approx(1.0 * 900 / 3600, rel=0.15)
 
 
 async def test_wall_clock_jump_is_recorded_and_timing_is_unaffected(rig: Rig) -> None:
@@ -247,8 +251,11 @@ async def test_lost_instrument_that_returns_resumes_its_runs(
         # programmed. Both must be acquiring in the group when the link goes.
         await wait_for(lambda: {cr.run_id for cr in group.runs} == set(ids),
                        what="both runs to join the cabinet's group")
-        ticks = group.ticks
-        await wait_for(lambda: group.ticks > ticks + 10, what="some ticks with both")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60.0
+        while min([(await samples(r.maker, i))["seq"].size for i in ids]) < 2:
+            assert loop.time() < deadline, "the runs did not store samples"
+            await asyncio.sleep(0.05)
         fault = r.lab.faults.inject("drop_connection", "cabinet1", duration_s=1e7)
         try:
             await wait_for(lambda: not any(i in r.node.active for i in ids), timeout_s=60,
