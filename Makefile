@@ -28,9 +28,9 @@ run: $(VENV)/.installed
 # models, and every driver's command set against its simulator over TCP and a pty. No
 # database, no engine, no subprocess.
 FAST_TESTS := tests/test_protocol.py tests/test_scpi_parser.py tests/test_cell_model.py \
-	tests/test_impedance_model.py tests/test_transport.py tests/test_cabinet.py \
-	tests/test_keithley2450.py tests/test_daq970a.py tests/test_hioki_bt4560.py \
-	tests/test_espec_chamber.py
+	tests/test_cell_heat.py tests/test_impedance_model.py tests/test_transport.py \
+	tests/test_transport_blocks.py tests/test_cabinet.py tests/test_keithley2450.py \
+	tests/test_daq970a.py tests/test_hioki_bt4560.py tests/test_espec_chamber.py
 
 # Everything not marked slow (.ci/run runs this first; budget: 10 min on 2 cores).
 test: $(VENV)/.installed-dev
