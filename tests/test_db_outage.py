@@ -199,7 +199,7 @@ async def test_database_outage_mid_run_loses_no_sample(rig: Rig) -> None:
     check_maker = sessionmaker(check)
     try:
         await _wait_for(
-            lambda: _has_samples(check_maker, run_id, 200), 20, "samples to flow"
+            lambda: _has_samples(check_maker, run_id, 200), 60, "samples to flow"
         )
         group = next(iter(rig.node.groups.values()))
         ticks0 = group.ticks
