@@ -221,6 +221,14 @@ async def test_lost_instrument_that_stays_gone_interrupts_its_runs(rig: Rig) -> 
     assert final.message == ended.end_reason
 
 
+# The lost-instrument tests charge at 1 A from 20 % of 4.9 Ah: the cabinet keeps its
+# output on while it is unreachable (its watchdog is 30 s), and a long outage on a busy
+# machine (seconds of wall time at 500x, plus any reply that times out under the load and
+# makes one more, each handled the same way) must not overcharge the cell into a
+# safety stop. For the same reason the tests allow further interruption pairs in between.
+LOST_SOC = 0.2
+
+
 async def _wait_interruptions(rig: Rig, run_id: int, n: int) -> list[m.Event]:
     """The run's interruption events once there are at least ``n`` (they are written by
     the engine's record queue, after the run has left its group)."""
@@ -238,7 +246,7 @@ async def test_lost_instrument_that_returns_resumes_its_runs(
     """The cabinet refuses connections until both runs have left it: the transport gives
     up, the runs wait for it, and when it answers again they resume at their step
     (interruption event with the gap) and complete with contiguous samples."""
-    lab = SimLab(soc=0.5, cabinets=1, cabinet_channels=2)
+    lab = SimLab(soc=LOST_SOC, cabinets=1, cabinet_channels=2)
     r = await start_rig(sqlite_url, lab, SPEED, max_resume_gap_s=1e6)
     try:
         # 3600 s of charge: the outage is cleared by event, not by time, so it falls
@@ -269,7 +277,7 @@ async def test_lost_instrument_that_returns_resumes_its_runs(
         ended = [await r.wait_end(i, timeout_s=90) for i in ids]
         for run_id, run in zip(ids, ended, strict=True):
             assert run.state == "completed", (run.state, run.end_reason)
-            lost, resumed = await _interruptions(r, run_id)
+            lost, *later, resumed = await _interruptions(r, run_id)
             assert lost.data["cause"] == "instrument_lost"
             assert "answered again" in resumed.message and resumed.data["gap_s"] > 0
             s_ = await samples(r.maker, run_id)
@@ -293,7 +301,7 @@ async def test_instrument_lost_while_a_run_joins_starts_it_when_it_answers(
     """The cabinet stops answering while a run is being started on it (programming its
     protection and set point): the run does not fail. It waits with an interruption
     event and starts from its first step once the cabinet answers again."""
-    lab = SimLab(soc=0.5, cabinets=1, cabinet_channels=2)
+    lab = SimLab(soc=LOST_SOC, cabinets=1, cabinet_channels=2)
     r = await start_rig(sqlite_url, lab, SPEED, max_resume_gap_s=1e6)
     try:
         fault = r.lab.faults.inject("drop_connection", "cabinet1", duration_s=1e7)
@@ -311,7 +319,7 @@ async def test_instrument_lost_while_a_run_joins_starts_it_when_it_answers(
             r.lab.faults.clear(fault)
         ended = await r.wait_end(run_id, timeout_s=90)
         assert ended.state == "completed", (ended.state, ended.end_reason)
-        lost, started = await _interruptions(r, run_id)
+        lost, started, *_ = await _interruptions(r, run_id)
         assert "answered again" in started.message and started.data["gap_s"] > 0
         s_ = await samples(r.maker, run_id)
         assert_contiguous(s_["seq"])
@@ -331,7 +339,7 @@ async def test_instrument_lost_again_while_a_run_rejoins_waits_again(
     real flapping link could not be timed to hit it)."""
     from labdaq.drivers.errors import ConnectionFailed
 
-    lab = SimLab(soc=0.5, cabinets=1, cabinet_channels=2)
+    lab = SimLab(soc=LOST_SOC, cabinets=1, cabinet_channels=2)
     r = await start_rig(sqlite_url, lab, SPEED, max_resume_gap_s=1e6)
     try:
         run_id = await r.start_run("cabinet1/1", protocol_document=charge_doc(1800),
@@ -362,9 +370,10 @@ async def test_instrument_lost_again_while_a_run_rejoins_waits_again(
         ended = await r.wait_end(run_id, timeout_s=90)
         assert failed == [run_id]  # the rejoin did fail once
         assert ended.state == "completed", (ended.state, ended.end_reason)
-        lost, resumed = await _interruptions(r, run_id)
+        lost, *later, resumed = await _interruptions(r, run_id)
         assert lost.data["cause"] == "instrument_lost"
-        assert "lost again while resuming" in resumed.message
+        assert any("lost again while resuming" in e.message and "answered again" in e.message
+                   for e in [*later, resumed])
         assert "answered again" in resumed.message and resumed.data["gap_s"] > 0
         assert_contiguous((await samples(r.maker, run_id))["seq"])
     finally:
