@@ -1,0 +1,122 @@
+"""Runs with synthetic samples written straight into the database, for the data-out tests.
+
+The samples are stored rows like the writer's (same table, same columns), with values
+chosen to be awkward for text formats: non-terminating binary fractions, tiny and huge
+magnitudes, negative zero, and missing temperatures at the start of the run.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import numpy as np
+from sqlalchemy.engine import make_url
+
+from labdaq.auth import create_token
+from labdaq.channels import upsert_instrument
+from labdaq.storage import models as m
+from labdaq.storage.db import create_engine, session_scope, sessionmaker
+
+CELL = {
+    "serial": "EXP-001",
+    "chemistry": "nmc811",
+    "capacity_ah": 4.9,
+    "charge_cutoff_v": 4.2,
+    "discharge_cutoff_v": 2.5,
+}
+
+
+def synthetic_columns(n: int, seed: int = 1, start_seq: int = 1) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    seq = np.arange(start_seq, start_seq + n, dtype=np.int64)
+    t = seq * 0.1 + rng.random(n) * 1e-3
+    cycle = (seq // 5000).astype(np.int64)
+    step = ((seq // 1250) % 4).astype(np.int64)
+    v = 3.0 + rng.random(n) * 1.2
+    i = np.where(step % 2 == 0, 2.45, -2.45) + rng.normal(0, 1e-3, n)
+    temp = 25.0 + rng.random(n) / 3.0
+    cap = rng.random(n) * 5.0
+    energy = rng.random(n) * 1e-300 + rng.random(n) * 20.0
+    if n > 4:
+        v[1] = 0.1
+        i[2] = -0.0
+        energy[3] = 2.5e22
+        cap[4] = 1 / 3
+    return {
+        "seq": seq,
+        "t_s": t,
+        "ts_utc": 1.7e9 + t,
+        "step_index": step,
+        "cycle_index": cycle,
+        "voltage_v": v,
+        "current_a": i,
+        "temperature_c": temp,
+        "step_capacity_ah": cap,
+        "step_energy_wh": energy,
+        "flags": (seq % 7 == 0).astype(np.int64),
+    }
+
+
+def insert_samples(url: str, run_id: int, n: int, batch: int = 200_000, seed: int = 1,
+                   missing_temperature: int = 10) -> None:
+    """Insert ``n`` samples for ``run_id`` with plain sqlite3 (fast enough for millions)."""
+    path = make_url(url).database
+    assert path
+    con = sqlite3.connect(path)
+    try:
+        for start in range(0, n, batch):
+            k = min(batch, n - start)
+            c = synthetic_columns(k, seed=seed + start, start_seq=start + 1)
+            temps: list[Any] = c["temperature_c"].tolist()
+            for j in range(k):
+                if start + j < missing_temperature:
+                    temps[j] = None
+            rows = zip(
+                [run_id] * k, c["seq"].tolist(), c["t_s"].tolist(), c["ts_utc"].tolist(),
+                c["step_index"].tolist(), c["cycle_index"].tolist(), c["voltage_v"].tolist(),
+                c["current_a"].tolist(), temps, c["step_capacity_ah"].tolist(),
+                c["step_energy_wh"].tolist(), c["flags"].tolist(), strict=True,
+            )
+            con.executemany(
+                f"INSERT INTO samples ({', '.join(m.SAMPLE_COLUMNS)}) "
+                f"VALUES ({', '.join('?' * len(m.SAMPLE_COLUMNS))})",
+                rows,
+            )
+            con.commit()
+    finally:
+        con.close()
+
+
+async def make_lab(url: str, runs: int = 1) -> dict[str, Any]:
+    """An instrument, a channel, a cell, a protocol and ``runs`` completed runs; tokens."""
+    engine = create_engine(url)
+    try:
+        async with session_scope(sessionmaker(engine)) as s:
+            inst = await upsert_instrument(
+                s, "smu1", "keithley2450", "TCPIP::127.0.0.1::1::SOCKET",
+                [{"index": 1, "name": "smu1/1", "max_current_a": 7.35, "max_voltage_v": 105.0}],
+            )
+            inst.idn = "KEITHLEY INSTRUMENTS,MODEL 2450,04321987,1.7.12b"
+            cell = m.Cell(**CELL, maker="Samsung SDI", model="INR21700-50E", lot="L7")
+            proto = m.Protocol(name="basic_cycle", content_hash="sha256:" + "ab" * 32,
+                               document={"steps": []})
+            s.add_all([cell, proto])
+            await s.flush()
+            channel_id = (await s.get(m.Instrument, inst.id)) and inst.id
+            ch = (await s.execute(m.Channel.__table__.select())).first()
+            assert ch is not None and channel_id
+            run_ids = []
+            for _ in range(runs):
+                run = m.Run(channel_id=ch.id, cell_id=cell.id, protocol_id=proto.id,
+                            state="completed", sample_period_s=0.1)
+                s.add(run)
+                await s.flush()
+                run_ids.append(run.id)
+            tokens = {
+                role: await create_token(s, f"t-{role}", role)
+                for role in ("technician", "engineer", "admin")
+            }
+            return {"run_ids": run_ids, "cell_id": cell.id, "tokens": tokens}
+    finally:
+        await engine.dispose()
