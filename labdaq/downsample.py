@@ -60,9 +60,12 @@ def downsample(
             continue
         x = batch.column("t_s").to_numpy()
         share = math.ceil(batch.num_rows * points * MINMAX_RATIO / n)
-        keep = np.unique(
-            np.concatenate([_minmax(x, batch.column(s).to_numpy(), share) for s in SIGNALS])
-        )
+        # A chunk's first and last rows too, so the run's ends are always kept (as
+        # MinMaxLTTB keeps them).
+        ends = np.array([0, batch.num_rows - 1], dtype=np.int64)
+        keep = np.unique(np.concatenate(
+            [ends, *(_minmax(x, batch.column(s).to_numpy(), share) for s in SIGNALS)]
+        ))
         batches.append(batch.take(pa.array(keep)))
     table = pa.Table.from_batches(batches, schema=SCHEMA).combine_chunks()
     if table.num_rows <= points:
