@@ -7,9 +7,17 @@ magnitudes, negative zero, and missing temperatures at the start of the run.
 
 from __future__ import annotations
 
+import os
+import socket
 import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import httpx
 import numpy as np
 from sqlalchemy.engine import make_url
 
@@ -120,3 +128,50 @@ async def make_lab(url: str, runs: int = 1) -> dict[str, Any]:
             return {"run_ids": run_ids, "cell_id": cell.id, "tokens": tokens}
     finally:
         await engine.dispose()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def api_server(url: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``labdaq api`` in its own process on a free port; yields its base URL."""
+    port = free_port()
+    env = {**os.environ, "LABDAQ_API_NICE": "0"}
+    env.pop("LABDAQ_DATABASE_URL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "labdaq.cli", "api", "--port", str(port), "--database-url", url],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120  # generous: a loaded machine imports slowly
+        while True:
+            assert proc.poll() is None, (proc.stderr.read() if proc.stderr else b"").decode()
+            try:
+                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "labdaq api did not come up"
+            time.sleep(0.2)
+        yield base, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The process's peak resident set (VmHWM), from /proc."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc status")
