@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -24,6 +24,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorOut, "description": "no such run or cell"},
     422: {"model": ErrorOut, "description": "unknown format"},
 }
+RunFormat = Literal["csv", "parquet", "bdf"]
 FORMAT = Query("csv", description="csv | parquet | bdf (Battery Data Format column labels)")
 
 
@@ -43,7 +44,7 @@ def _stream(request: Request, plan: export.ExportPlan, fmt: str, name: str) -> S
     responses={200: _FILE, **_ERRORS},
 )
 async def export_run(
-    run_id: int, request: Request, session: Session, _: Reader, format: str = FORMAT
+    run_id: int, request: Request, session: Session, _: Reader, format: RunFormat = FORMAT
 ) -> StreamingResponse:
     plan = await export.plan_run_export(session, run_id, format)
     return _stream(request, plan, format, f"run-{run_id}")
@@ -51,7 +52,7 @@ async def export_run(
 
 @router.get("/runs/{run_id}/export/metadata", responses=_ERRORS)
 async def export_run_metadata(
-    run_id: int, request: Request, session: Session, _: Reader, format: str = FORMAT
+    run_id: int, request: Request, session: Session, _: Reader, format: RunFormat = FORMAT
 ) -> dict[str, Any]:
     """The export's description with its ``data_sha256``: the parallel metadata document
     of a BDF file (whose text has no room for it), or a check of a downloaded export."""
@@ -66,7 +67,9 @@ async def export_run_metadata(
 )
 async def export_cell(
     cell_id: int, request: Request, session: Session, _: Reader,
-    format: str = Query("csv", description="csv | parquet (all the cell's runs, run_id column)"),
+    format: Literal["csv", "parquet"] = Query(
+        "csv", description="csv | parquet (all the cell's runs, run_id column)"
+    ),
 ) -> StreamingResponse:
     plan = await export.plan_cell_export(session, cell_id, format)
     return _stream(request, plan, format, f"cell-{cell_id}")
