@@ -19,6 +19,7 @@ from labdaq.api.routers import (
     protocols,
     runs,
     samples,
+    stream,
 )
 from labdaq.config import Settings, load_settings
 from labdaq.errors import LabdaqError
@@ -71,4 +72,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(cells.router)
     app.include_router(samples.router)
     app.include_router(exports.router)
+    app.include_router(stream.router)
     return app

@@ -67,7 +67,7 @@ def synthetic_columns(n: int, seed: int = 1, start_seq: int = 1) -> dict[str, np
 
 
 def insert_samples(url: str, run_id: int, n: int, batch: int = 200_000, seed: int = 1,
-                   missing_temperature: int = 10) -> None:
+                   missing_temperature: int = 10, first_seq: int = 1) -> None:
     """Insert ``n`` samples for ``run_id`` with plain sqlite3 (fast enough for millions)."""
     path = make_url(url).database
     assert path
@@ -75,7 +75,7 @@ def insert_samples(url: str, run_id: int, n: int, batch: int = 200_000, seed: in
     try:
         for start in range(0, n, batch):
             k = min(batch, n - start)
-            c = synthetic_columns(k, seed=seed + start, start_seq=start + 1)
+            c = synthetic_columns(k, seed=seed + start, start_seq=first_seq + start)
             temps: list[Any] = c["temperature_c"].tolist()
             for j in range(k):
                 if start + j < missing_temperature:

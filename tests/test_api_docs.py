@@ -48,4 +48,7 @@ def test_every_api_doc_example_runs(sqlite_url: str, tmp_path: Path) -> None:
     assert "12000 samples" in text
     assert "EXP-001 12000 rows, sha256" in text
     assert "Test Time / s" in text
+    assert "state completed cycle 0" in text, text
+    at_1hz = re.search(r"(\d+) samples at 1 Hz", text)
+    assert at_1hz and 1_000 <= int(at_1hz.group(1)) <= 1_200, text  # 1,200 s of run time
     assert (tmp_path / "run-from-cli.parquet").stat().st_size > 0

@@ -47,6 +47,9 @@ async def export_run(
     run_id: int, request: Request, session: Session, _: Reader, format: RunFormat = FORMAT
 ) -> StreamingResponse:
     plan = await export.plan_run_export(session, run_id, format)
+    # End the read transaction now: the stream reads through its own connection, and an
+    # open snapshot held for the whole download would keep SQLite's WAL from shrinking.
+    await session.commit()
     return _stream(request, plan, format, f"run-{run_id}")
 
 
@@ -72,4 +75,5 @@ async def export_cell(
     ),
 ) -> StreamingResponse:
     plan = await export.plan_cell_export(session, cell_id, format)
+    await session.commit()
     return _stream(request, plan, format, f"cell-{cell_id}")
