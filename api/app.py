@@ -73,4 +73,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(samples.router)
     app.include_router(exports.router)
     app.include_router(stream.router)
+    app.include_router(stream.lab_router)
     return app

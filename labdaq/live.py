@@ -129,3 +129,66 @@ async def poll(
         cursor = replace(cursor, state=run.state)
         out.append(Message("state", _row(run, _RUN_FIELDS), cursor))
     return out
+
+
+@dataclass(frozen=True)
+class LabCursor:
+    """Last step, cycle and event id sent on the lab-wide stream."""
+
+    step_id: int = 0
+    cycle_id: int = 0
+    event_id: int = 0
+
+    def encode(self) -> str:
+        return f"{self.step_id}.{self.cycle_id}.{self.event_id}"
+
+    @classmethod
+    def parse(cls, text: str) -> LabCursor:
+        try:
+            step, cycle, event = (int(x) for x in text.split("."))
+            return cls(step, cycle, event)
+        except ValueError as exc:
+            raise Invalid(
+                "bad Last-Event-ID",
+                [{"loc": "Last-Event-ID", "msg": "give an id this stream sent, or none"}],
+            ) from exc
+
+
+async def lab_start(session: AsyncSession) -> LabCursor:
+    """A new lab stream starts at what exists now (it follows; it does not replay)."""
+    from sqlalchemy import func
+
+    return LabCursor(
+        int(await session.scalar(select(func.max(m.Step.id))) or 0),
+        int(await session.scalar(select(func.max(m.Cycle.id))) or 0),
+        int(await session.scalar(select(func.max(m.Event.id))) or 0),
+    )
+
+
+@dataclass
+class LabMessage:
+    event: str
+    data: dict[str, Any]
+    cursor: LabCursor
+
+
+async def poll_lab(session: AsyncSession, cursor: LabCursor, limit: int = 1000) -> list[LabMessage]:
+    """Steps and cycle summaries completed, and events (state changes, safety, audit ...)
+    recorded anywhere in the lab after ``cursor``."""
+    out: list[LabMessage] = []
+    for st in (await session.scalars(
+        select(m.Step).where(m.Step.id > cursor.step_id).order_by(m.Step.id).limit(limit)
+    )).all():
+        cursor = replace(cursor, step_id=st.id)
+        out.append(LabMessage("step", {"run_id": st.run_id, **_row(st, _STEP_FIELDS)}, cursor))
+    for cy in (await session.scalars(
+        select(m.Cycle).where(m.Cycle.id > cursor.cycle_id).order_by(m.Cycle.id).limit(limit)
+    )).all():
+        cursor = replace(cursor, cycle_id=cy.id)
+        out.append(LabMessage("cycle", {"run_id": cy.run_id, **_row(cy, _CYCLE_FIELDS)}, cursor))
+    for ev in (await session.scalars(
+        select(m.Event).where(m.Event.id > cursor.event_id).order_by(m.Event.id).limit(limit)
+    )).all():
+        cursor = replace(cursor, event_id=ev.id)
+        out.append(LabMessage("event", {"run_id": ev.run_id, **_row(ev, _EVENT_FIELDS)}, cursor))
+    return out

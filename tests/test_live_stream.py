@@ -17,12 +17,15 @@ from sqlalchemy.engine import make_url
 from tests.dataout_fixtures import api_server, insert_samples, make_lab
 
 
-def read_stream(base: str, run_id: int, token: str, out: list[dict[str, Any]],
-                last_id: str | None = None, params: dict[str, Any] | None = None) -> None:
+def read_stream(base: str, run_id: int | None, token: str, out: list[dict[str, Any]],
+                last_id: str | None = None, params: dict[str, Any] | None = None,
+                until: Any = None) -> None:
+    """Collect a stream's messages until it ends (or ``until(out)`` holds)."""
     headers = {"Authorization": f"Bearer {token}"}
     if last_id:
         headers["Last-Event-ID"] = last_id
-    with httpx.stream("GET", f"{base}/api/v1/runs/{run_id}/stream", headers=headers,
+    path = "/api/v1/stream" if run_id is None else f"/api/v1/runs/{run_id}/stream"
+    with httpx.stream("GET", f"{base}{path}", headers=headers,
                       params={"poll_s": 0.1, **(params or {})}, timeout=120) as r:
         assert r.status_code == 200
         msg: dict[str, Any] = {}
@@ -30,6 +33,8 @@ def read_stream(base: str, run_id: int, token: str, out: list[dict[str, Any]],
             if not line:
                 if "event" in msg:
                     out.append(msg)
+                    if until is not None and until(out):
+                        return
                 msg = {}
             elif line.startswith("id: "):
                 msg["id"] = line[4:]
@@ -99,4 +104,49 @@ def test_stream_follows_a_run_and_resumes_without_gap(sqlite_url: str) -> None:
         bad = httpx.get(f"{base}/api/v1/runs/{run_id}/stream",
                         headers={"Authorization": f"Bearer {token}", "Last-Event-ID": "x"})
         assert bad.status_code == 422
+    db.close()
+
+
+def test_lab_stream_follows_every_run_from_now_and_resumes(sqlite_url: str) -> None:
+    lab = asyncio.run(make_lab(sqlite_url, runs=2))
+    a, b = lab["run_ids"]
+    token = lab["tokens"]["engineer"]
+    db = sqlite3.connect(make_url(sqlite_url).database or "")
+    db.execute("INSERT INTO events (run_id, ts, kind, severity, message, data) VALUES"
+               " (?, '2026-12-01 00:00:00', 'state', 'info', 'old news', '{}')", (a,))
+    db.commit()
+
+    def news(run_id: int, what: str) -> None:
+        db.execute("INSERT INTO events (run_id, ts, kind, severity, message, data) VALUES"
+                   " (?, '2026-12-06 00:00:00', 'safety', 'error', ?, '{}')", (run_id, what))
+        db.commit()
+
+    with api_server(sqlite_url) as (base, _):
+        got: list[dict[str, Any]] = []
+        reader = threading.Thread(target=read_stream, args=(base, None, token, got), kwargs={
+            "until": lambda out: sum(m["event"] == "event" for m in out) >= 2})
+        reader.start()
+        wait_for(lambda: bool(got))  # the hello: the stream starts from now
+        news(a, "limit breached on run a")
+        db.execute(
+            "INSERT INTO cycles (run_id, cycle_index, start_t_s, end_t_s, charge_capacity_ah,"
+            " discharge_capacity_ah, charge_energy_wh, discharge_energy_wh) VALUES"
+            " (?, 0, 0, 500, 1.2, 1.1, 4.4, 4.0)", (b,))
+        db.commit()
+        news(b, "limit breached on run b")
+        reader.join(timeout=120)
+        assert not reader.is_alive()
+        events = [m for m in got if m["event"] == "event"]
+        assert [e["data"]["message"] for e in events] == [
+            "limit breached on run a", "limit breached on run b"]
+        assert [e["data"]["run_id"] for e in events] == [a, b]
+        assert [m["data"]["run_id"] for m in got if m["event"] == "cycle"] == [b]
+        # Resume after the first event: exactly what the stream sent after it.
+        again: list[dict[str, Any]] = []
+        read_stream(base, None, token, again, last_id=events[0]["id"],
+                    until=lambda out: any(m["event"] == "event" for m in out))
+        after = got[got.index(events[0]) + 1:]
+        assert [(m["event"], m["data"]) for m in again[1:]] == [
+            (m["event"], m["data"]) for m in after]
+        assert again[-1]["data"]["message"] == "limit breached on run b"
     db.close()

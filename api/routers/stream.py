@@ -1,4 +1,5 @@
-"""Live stream of a run as Server-Sent Events (samples, steps, cycles, events, state)."""
+"""Live streams as Server-Sent Events: one run (samples, steps, cycles, events, state) and
+the whole lab (steps, cycles, events of every run)."""
 
 from __future__ import annotations
 
@@ -70,6 +71,55 @@ async def stream_run(
             drained = not any(x.event == "samples" for x in msgs)
             if run.state in live.TERMINAL and drained:
                 return
+            if msgs:
+                idle = 0.0
+                continue
+            idle += poll_s
+            if idle >= KEEPALIVE_S:
+                idle = 0.0
+                yield b": keep-alive\n\n"
+            await asyncio.sleep(poll_s)
+
+    return StreamingResponse(
+        events(), media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+lab_router = APIRouter(prefix="/api/v1", tags=["stream"])
+
+
+@lab_router.get(
+    "/stream", response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}},
+                     "description": "events `step`, `cycle`, `event` (state changes, safety, "
+                     "audit) of every run; each `id` resumes the stream after it"},
+               **{k: v for k, v in _ERRORS.items() if k != 404}},
+)
+async def stream_lab(
+    request: Request,
+    session: Session,
+    _: Reader,
+    poll_s: float = Query(0.5, ge=0.05, le=10, description="how often to look for news"),
+    last_event_id: str | None = Header(None, alias="Last-Event-ID"),
+) -> StreamingResponse:
+    """What happens anywhere in the lab from now on (or after ``Last-Event-ID``)."""
+    cursor = (live.LabCursor.parse(last_event_id) if last_event_id
+              else await live.lab_start(session))
+    await session.commit()
+    maker = request.app.state.sessionmaker
+
+    async def events() -> AsyncIterator[bytes]:
+        nonlocal cursor
+        idle = 0.0
+        yield f"id: {cursor.encode()}\nevent: hello\ndata: {{}}\n\n".encode()
+        while not await request.is_disconnected():
+            async with session_scope(maker) as s:
+                msgs = await live.poll_lab(s, cursor)
+            for msg in msgs:
+                data = json.dumps(msg.data, separators=(",", ":"), default=str)
+                yield f"id: {msg.cursor.encode()}\nevent: {msg.event}\ndata: {data}\n\n".encode()
+                cursor = msg.cursor
             if msgs:
                 idle = 0.0
                 continue
