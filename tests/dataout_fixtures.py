@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -19,10 +18,11 @@ from typing import Any
 
 import httpx
 import numpy as np
-from sqlalchemy.engine import make_url
+import pyarrow as pa
 
 from labdaq.auth import create_token
 from labdaq.channels import upsert_instrument
+from labdaq.export import adbc_connect
 from labdaq.storage import models as m
 from labdaq.storage.db import create_engine, session_scope, sessionmaker
 
@@ -66,34 +66,35 @@ def synthetic_columns(n: int, seed: int = 1, start_seq: int = 1) -> dict[str, np
     }
 
 
+#: Arrow types matching the samples table's columns on SQLite and PostgreSQL.
+_INGEST_TYPES = {
+    "run_id": pa.int32(), "seq": pa.int64(), "step_index": pa.int32(),
+    "cycle_index": pa.int32(), "flags": pa.int32(),
+}
+
+
 def insert_samples(url: str, run_id: int, n: int, batch: int = 200_000, seed: int = 1,
                    missing_temperature: int = 10, first_seq: int = 1) -> None:
-    """Insert ``n`` samples for ``run_id`` with plain sqlite3 (fast enough for millions)."""
-    path = make_url(url).database
-    assert path
-    con = sqlite3.connect(path)
+    """Insert ``n`` samples for ``run_id`` through ADBC bulk ingest (SQLite or PostgreSQL;
+    fast enough for millions of rows)."""
+    conn, _ = adbc_connect(url)
     try:
+        cur = conn.cursor()
         for start in range(0, n, batch):
             k = min(batch, n - start)
             c = synthetic_columns(k, seed=seed + start, start_seq=first_seq + start)
-            temps: list[Any] = c["temperature_c"].tolist()
-            for j in range(k):
-                if start + j < missing_temperature:
-                    temps[j] = None
-            rows = zip(
-                [run_id] * k, c["seq"].tolist(), c["t_s"].tolist(), c["ts_utc"].tolist(),
-                c["step_index"].tolist(), c["cycle_index"].tolist(), c["voltage_v"].tolist(),
-                c["current_a"].tolist(), temps, c["step_capacity_ah"].tolist(),
-                c["step_energy_wh"].tolist(), c["flags"].tolist(), strict=True,
-            )
-            con.executemany(
-                f"INSERT INTO samples ({', '.join(m.SAMPLE_COLUMNS)}) "
-                f"VALUES ({', '.join('?' * len(m.SAMPLE_COLUMNS))})",
-                rows,
-            )
-            con.commit()
+            missing = np.arange(start, start + k) < missing_temperature
+            arrays = {"run_id": np.full(k, run_id), **c}
+            table = pa.table({
+                name: pa.array(arrays[name], type=_INGEST_TYPES.get(name, pa.float64()),
+                               mask=missing if name == "temperature_c" else None)
+                for name in m.SAMPLE_COLUMNS
+            })
+            cur.adbc_ingest("samples", table, mode="append")
+            conn.commit()
+        cur.close()
     finally:
-        con.close()
+        conn.close()
 
 
 async def make_lab(url: str, runs: int = 1) -> dict[str, Any]:

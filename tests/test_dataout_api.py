@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sqlite3
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,11 +14,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from sqlalchemy.engine import make_url
+from sqlalchemy import text
 
 from labdaq import export
 from labdaq.api.app import create_app
 from labdaq.config import Settings
+from labdaq.storage.db import create_engine
 from tests.dataout_fixtures import insert_samples, make_lab
 
 N = 30_000  # several export chunks (65,536 rows each would be one: the tests use smaller)
@@ -33,30 +33,32 @@ def _small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-async def lab(sqlite_url: str) -> AsyncIterator[tuple[httpx.AsyncClient, dict[str, Any], str]]:
-    info = await make_lab(sqlite_url, runs=2)
-    insert_samples(sqlite_url, info["run_ids"][0], N)
-    insert_samples(sqlite_url, info["run_ids"][1], 1_000, seed=99)
-    app = create_app(Settings(database_url=sqlite_url))
+async def lab(db_url: str) -> AsyncIterator[tuple[httpx.AsyncClient, dict[str, Any], str]]:
+    info = await make_lab(db_url, runs=2)
+    insert_samples(db_url, info["run_ids"][0], N)
+    insert_samples(db_url, info["run_ids"][1], 1_000, seed=99)
+    app = create_app(Settings(database_url=db_url))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-            yield c, info, sqlite_url
+            yield c, info, db_url
 
 
 def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def stored(url: str, run_id: int) -> dict[str, list[Any]]:
-    con = sqlite3.connect(make_url(url).database or "")
+async def stored(url: str, run_id: int) -> dict[str, list[Any]]:
+    """The stored samples, read through SQLAlchemy (not the ADBC path under test)."""
+    engine = create_engine(url)
     try:
-        rows = con.execute(
-            f"SELECT {', '.join(export.COLUMNS)} FROM samples WHERE run_id = ? ORDER BY seq",
-            (run_id,),
-        ).fetchall()
+        async with engine.connect() as con:
+            rows = (await con.execute(
+                text(f"SELECT {', '.join(export.COLUMNS)} FROM samples WHERE run_id = :r "
+                     "ORDER BY seq"), {"r": run_id},
+            )).all()
     finally:
-        con.close()
+        await engine.dispose()
     return {c: [r[i] for r in rows] for i, c in enumerate(export.COLUMNS)}
 
 
@@ -81,7 +83,7 @@ async def test_parquet_export_reads_back_bit_exact(lab) -> None:
     f = pq.ParquetFile(io.BytesIO(r.content))
     assert f.metadata.num_row_groups > 1  # streamed in chunks
     table = f.read()
-    want = stored(url, run_id)
+    want = await stored(url, run_id)
     assert table.num_rows == N
     for col in export.COLUMNS:
         got = table.column(col).to_pylist()
@@ -121,7 +123,7 @@ async def test_csv_floats_round_trip_exactly(lab) -> None:
     assert block["rows"] == str(N)
     rows = list(csv.reader(body))
     assert tuple(rows[0]) == export.COLUMNS
-    want = stored(url, run_id)
+    want = await stored(url, run_id)
     assert len(rows) - 1 == N
     for j, col in enumerate(export.COLUMNS):
         for i, row in enumerate(rows[1:]):
@@ -169,7 +171,7 @@ async def test_bdf_column_names_match_the_specification(lab) -> None:
     assert {"Test Time / s", "Voltage / V", "Current / A"} <= set(header)
     assert all(len(row) == len(header) for row in rows[1:])
     assert len(rows) - 1 == N
-    want = stored(url, run_id)
+    want = await stored(url, run_id)
     col = {name: [row[k] for row in rows[1:]] for k, name in enumerate(header)}
     assert [float(v) for v in col["Voltage / V"]] == want["voltage_v"]
     assert [float(v) for v in col["Test Time / s"]] == want["t_s"]
@@ -238,14 +240,14 @@ async def test_samples_cursor_walks_every_row_once(lab) -> None:
         if not page["more"]:
             break
     assert pages == 5
-    assert seqs == stored(url, run_id)["seq"]
+    assert seqs == (await stored(url, run_id))["seq"]
 
 
 async def test_samples_filters_by_time_and_cycle(lab) -> None:
     c, info, url = lab
     run_id = info["run_ids"][0]
     eng = auth(info["tokens"]["engineer"])
-    want = stored(url, run_id)
+    want = await stored(url, run_id)
     r = await c.get(f"/api/v1/runs/{run_id}/samples",
                     params={"t_from": 100.0, "t_to": 200.0, "limit": 100_000}, headers=eng)
     got = r.json()
@@ -264,7 +266,7 @@ async def test_samples_downsampled_keep_shape(lab) -> None:
     r = await c.get(f"/api/v1/runs/{run_id}/samples", params={"points": 500}, headers=eng)
     assert r.status_code == 200
     got = r.json()
-    want = stored(url, run_id)
+    want = await stored(url, run_id)
     assert got["downsampled"] is True and got["source_count"] == N
     assert 250 <= got["count"] <= 500
     assert got["seq"] == sorted(set(got["seq"]))
