@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 from tsdownsample import LTTBDownsampler, MinMaxDownsampler
 
-from labdaq.export import SCHEMA, SampleFilter, adbc_connect, iter_sample_batches
+from labdaq.export import SCHEMA, SampleFilter, connect, iter_sample_batches
 
 #: Min-max preselection ratio (tsdownsample's MinMaxLTTB default).
 MINMAX_RATIO = 4
@@ -24,7 +24,7 @@ SIGNALS = ("voltage_v", "current_a")
 
 
 def count_samples(url: str, run_id: int, max_seq: int, where: SampleFilter) -> int:
-    conn, style = adbc_connect(url)
+    conn, style = connect(url)
     try:
         conds = ["run_id = {}", "seq <= {}", *(c for c, _ in where.conditions())]
         marks = ["?" if style == "qmark" else f"${i + 1}" for i in range(len(conds))]

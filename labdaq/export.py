@@ -1,7 +1,7 @@
 """Run exports: a run's samples streamed out as CSV, Parquet or Battery Data Format.
 
-Samples are read in chunks by keyset on ``seq`` straight into Arrow with ADBC
-(``adbc-driver-sqlite`` / ``adbc-driver-postgresql``), so memory stays bounded by one chunk
+Samples are read in chunks by keyset on ``seq`` into Arrow (ADBC on PostgreSQL, the
+standard ``sqlite3`` module on SQLite: see :func:`connect`), so memory stays bounded by one chunk
 whatever the run's length, and written chunk by chunk: a Parquet row group or a block of
 CSV lines per chunk. An export is a snapshot: it ends at the last sample committed when it
 started, so a run that is still acquiring exports consistently.
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -88,22 +89,44 @@ DEFAULT_CHUNK_ROWS = 65_536
 # --- reading ---------------------------------------------------------------------------
 
 
-def adbc_connect(url: str) -> tuple[Any, str]:
-    """An ADBC DB-API connection for a labdaq database URL, and its parameter style."""
+def connect(url: str) -> tuple[Any, str]:
+    """A DB-API connection for reading samples, and its parameter style.
+
+    PostgreSQL: ADBC, straight into Arrow. SQLite: the standard ``sqlite3`` module, read
+    only. Not ADBC there: its driver carries its own copy of the SQLite library, and two
+    copies in one process (the API's aiosqlite is the other) break each other's POSIX
+    locks; closing the ADBC connection then dropped the other connections' locks and
+    checkpointed away a WAL they were still using (writes lost; seen in
+    tests/test_live_stream.py). sqlite.org/howtocorrupt.html, section 2.2.1.
+    """
     u = make_url(url)
     backend = u.get_backend_name()
     if backend == "sqlite":
-        import adbc_driver_sqlite.dbapi as adbc_sqlite
-
         if not u.database or u.database == ":memory:":
             raise Invalid("export needs a database file, not an in-memory SQLite database")
-        return adbc_sqlite.connect(u.database), "qmark"
+        # check_same_thread off: a streamed response pulls each chunk from whichever
+        # worker thread is free; the connection is still used by one at a time.
+        conn = sqlite3.connect(
+            f"file:{u.database}?mode=ro", uri=True, check_same_thread=False, timeout=10.0
+        )
+        return conn, "qmark"
     if backend == "postgresql":
         import adbc_driver_postgresql.dbapi as adbc_pg
 
         uri = u.set(drivername="postgresql").render_as_string(hide_password=False)
         return adbc_pg.connect(uri), "numeric"
     raise Invalid(f"export does not support {backend} databases")
+
+
+def _fetch_table(cur: Any, style: str) -> pa.Table:
+    if style != "qmark":
+        return cur.fetch_arrow_table()
+    rows = cur.fetchall()
+    types = [*SCHEMA.types, pa.int64()]
+    if not rows:
+        return pa.table({str(i): pa.array([], type=t) for i, t in enumerate(types)})
+    cols = list(zip(*rows, strict=True))
+    return pa.table({str(i): pa.array(cols[i], type=t) for i, t in enumerate(types)})
 
 
 @dataclass(frozen=True)
@@ -168,7 +191,7 @@ def iter_sample_batches(
     """The run's samples with ``after_seq < seq <= max_seq`` as record batches of at most
     ``chunk_rows`` rows, in seq order (keyset pagination: each chunk is one indexed range
     read on the (run_id, seq) primary key, however far into the run it is)."""
-    conn, style = adbc_connect(url)
+    conn, style = connect(url)
     try:
         cur = conn.cursor()
         where = where or SampleFilter()
@@ -177,7 +200,7 @@ def iter_sample_batches(
         last = after_seq
         while last < max_seq:
             cur.execute(sql, (run_id, last, max_seq, *extra, chunk_rows))
-            table = cur.fetch_arrow_table()
+            table = _fetch_table(cur, style)
             if table.num_rows == 0:
                 break
             batch = _to_batch(table)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -19,10 +20,10 @@ from typing import Any
 import httpx
 import numpy as np
 import pyarrow as pa
+from sqlalchemy.engine import make_url
 
 from labdaq.auth import create_token
 from labdaq.channels import upsert_instrument
-from labdaq.export import adbc_connect
 from labdaq.storage import models as m
 from labdaq.storage.db import create_engine, session_scope, sessionmaker
 
@@ -75,9 +76,19 @@ _INGEST_TYPES = {
 
 def insert_samples(url: str, run_id: int, n: int, batch: int = 200_000, seed: int = 1,
                    missing_temperature: int = 10, first_seq: int = 1) -> None:
-    """Insert ``n`` samples for ``run_id`` through ADBC bulk ingest (SQLite or PostgreSQL;
-    fast enough for millions of rows)."""
-    conn, _ = adbc_connect(url)
+    """Insert ``n`` samples for ``run_id``: sqlite3 ``executemany`` on SQLite, ADBC bulk
+    ingest on PostgreSQL (fast enough for millions of rows). Not ADBC on SQLite: its own
+    copy of the SQLite library breaks the locks of this process's other connections
+    (labdaq.export.connect)."""
+    u = make_url(url)
+    sqlite = u.get_backend_name() == "sqlite"
+    if sqlite:
+        conn: Any = sqlite3.connect(u.database or "")
+    else:
+        import adbc_driver_postgresql.dbapi as adbc_pg
+
+        conn = adbc_pg.connect(u.set(drivername="postgresql").render_as_string(
+            hide_password=False))
     try:
         cur = conn.cursor()
         for start in range(0, n, batch):
@@ -90,7 +101,14 @@ def insert_samples(url: str, run_id: int, n: int, batch: int = 200_000, seed: in
                                mask=missing if name == "temperature_c" else None)
                 for name in m.SAMPLE_COLUMNS
             })
-            cur.adbc_ingest("samples", table, mode="append")
+            if sqlite:
+                cur.executemany(
+                    f"INSERT INTO samples ({', '.join(m.SAMPLE_COLUMNS)}) "
+                    f"VALUES ({', '.join('?' * len(m.SAMPLE_COLUMNS))})",
+                    zip(*(table.column(x).to_pylist() for x in m.SAMPLE_COLUMNS), strict=True),
+                )
+            else:
+                cur.adbc_ingest("samples", table, mode="append")
             conn.commit()
         cur.close()
     finally:
@@ -139,19 +157,23 @@ def free_port() -> int:
 
 @contextmanager
 def api_server(url: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """``labdaq api`` in its own process on a free port; yields its base URL."""
+    """``labdaq api`` in its own process on a free port; yields its base URL. Its output
+    goes to a file next to the database (a pipe nobody reads would fill and block it)."""
     port = free_port()
+    log_path = f"{make_url(url).database or '/tmp/labdaq'}-api.log" if url.startswith(
+        "sqlite") else os.devnull
+    log = open(log_path, "wb")  # noqa: SIM115 - closed in the finally below
     env = {**os.environ, "LABDAQ_API_NICE": "0"}
     env.pop("LABDAQ_DATABASE_URL", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "labdaq.cli", "api", "--port", str(port), "--database-url", url],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120  # generous: a loaded machine imports slowly
         while True:
-            assert proc.poll() is None, (proc.stderr.read() if proc.stderr else b"").decode()
+            assert proc.poll() is None, open(log_path, "rb").read().decode(errors="replace")
             try:
                 if httpx.get(f"{base}/health", timeout=5).status_code == 200:
                     break
@@ -167,6 +189,7 @@ def api_server(url: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.close()
 
 
 def peak_rss_bytes(pid: int) -> int:
