@@ -21,9 +21,12 @@ no ``#`` lines; its description is served as a parallel metadata document.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -38,6 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 import labdaq
 from labdaq.errors import Invalid, NotFound
+from labdaq.sample_arrow import COLUMNS, SCHEMA, SampleFilter, chunk_sql, to_batch
 from labdaq.storage import models as m
 
 ExportFormat = Literal["csv", "parquet", "bdf"]
@@ -48,24 +52,6 @@ MEDIA_TYPES = {
     "parquet": "application/vnd.apache.parquet",
 }
 SUFFIXES = {"csv": ".csv", "bdf": ".bdf.csv", "parquet": ".parquet"}
-
-#: The stored sample columns, in export order, with their Arrow types.
-SCHEMA = pa.schema(
-    [
-        ("seq", pa.int64()),
-        ("t_s", pa.float64()),
-        ("ts_utc", pa.float64()),
-        ("step_index", pa.int32()),
-        ("cycle_index", pa.int32()),
-        ("voltage_v", pa.float64()),
-        ("current_a", pa.float64()),
-        ("temperature_c", pa.float64()),
-        ("step_capacity_ah", pa.float64()),
-        ("step_energy_wh", pa.float64()),
-        ("flags", pa.int32()),
-    ]
-)
-COLUMNS = tuple(SCHEMA.names)
 
 #: Battery Data Format preferred labels for labdaq's columns (BDF README, tables of
 #: required, recommended and optional quantities). ``Step Count / 1`` is derived: BDF
@@ -129,57 +115,6 @@ def _fetch_table(cur: Any, style: str) -> pa.Table:
     return pa.table({str(i): pa.array(cols[i], type=t) for i, t in enumerate(types)})
 
 
-@dataclass(frozen=True)
-class SampleFilter:
-    """Which samples of a run: a time window (``t_s``, inclusive) and/or one cycle or step."""
-
-    t_from: float | None = None
-    t_to: float | None = None
-    cycle: int | None = None
-    step: int | None = None
-
-    def conditions(self) -> list[tuple[str, float | int]]:
-        out: list[tuple[str, float | int]] = []
-        if self.t_from is not None:
-            out.append(("t_s >= {}", self.t_from))
-        if self.t_to is not None:
-            out.append(("t_s <= {}", self.t_to))
-        if self.cycle is not None:
-            out.append(("cycle_index = {}", self.cycle))
-        if self.step is not None:
-            out.append(("step_index = {}", self.step))
-        return out
-
-
-def _chunk_sql(style: str, where: SampleFilter, columns: tuple[str, ...] = COLUMNS) -> str:
-    # COALESCE + IS NULL: the SQLite driver infers a column's Arrow type from its first
-    # rows, so a temperature column that starts with NULLs would be typed INT64 and fail
-    # on the first real value; reading value and null flag apart keeps the type fixed.
-    cols = [c if c != "temperature_c" else "COALESCE(temperature_c, 0.0)" for c in columns]
-    cols.append("CASE WHEN temperature_c IS NULL THEN 1 ELSE 0 END")
-    conds = ["run_id = {}", "seq > {}", "seq <= {}", *(c for c, _ in where.conditions())]
-    marks = ["?" if style == "qmark" else f"${i + 1}" for i in range(len(conds) + 1)]
-    sql_where = " AND ".join(c.format(mark) for c, mark in zip(conds, marks, strict=False))
-    return (
-        f"SELECT {', '.join(cols)} FROM samples WHERE {sql_where} "
-        f"ORDER BY seq LIMIT {marks[-1]}"
-    )
-
-
-def _to_batch(table: pa.Table) -> pa.RecordBatch:
-    arrays: list[pa.Array] = []
-    null_flag = table.column(len(COLUMNS)).to_numpy().astype(bool)
-    for i, f in enumerate(SCHEMA):
-        col = table.column(i)
-        arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-        if f.name == "temperature_c":
-            values = arr.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
-            arrays.append(pa.array(values, type=pa.float64(), mask=null_flag))
-        else:
-            arrays.append(arr.cast(f.type))
-    return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
-
-
 def iter_sample_batches(
     url: str,
     run_id: int,
@@ -187,15 +122,24 @@ def iter_sample_batches(
     after_seq: int = -1,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     where: SampleFilter | None = None,
+    reader_process: bool = False,
 ) -> Iterator[pa.RecordBatch]:
     """The run's samples with ``after_seq < seq <= max_seq`` as record batches of at most
     ``chunk_rows`` rows, in seq order (keyset pagination: each chunk is one indexed range
-    read on the (run_id, seq) primary key, however far into the run it is)."""
+    read on the (run_id, seq) primary key, however far into the run it is).
+
+    ``reader_process``: on SQLite, read with ADBC in a child process (labdaq.export_reader)
+    and receive Arrow batches over a pipe; worth its start-up for whole-run exports."""
+    u = make_url(url)
+    if reader_process and u.get_backend_name() == "sqlite" and u.database:
+        yield from _batches_from_child(u.database, run_id, max_seq, after_seq, chunk_rows,
+                                       where or SampleFilter())
+        return
     conn, style = connect(url)
     try:
         cur = conn.cursor()
         where = where or SampleFilter()
-        sql = _chunk_sql(style, where)
+        sql = chunk_sql(style, where)
         extra = [v for _, v in where.conditions()]
         last = after_seq
         while last < max_seq:
@@ -203,7 +147,7 @@ def iter_sample_batches(
             table = _fetch_table(cur, style)
             if table.num_rows == 0:
                 break
-            batch = _to_batch(table)
+            batch = to_batch(table)
             yield batch
             last = int(batch.column(0)[-1].as_py())
             if table.num_rows < chunk_rows:
@@ -211,6 +155,34 @@ def iter_sample_batches(
         cur.close()
     finally:
         conn.close()
+
+
+def _batches_from_child(path: str, run_id: int, max_seq: int, after_seq: int,
+                        chunk_rows: int, where: SampleFilter) -> Iterator[pa.RecordBatch]:
+    args = json.dumps({
+        "path": path, "run_id": run_id, "max_seq": max_seq, "after_seq": after_seq,
+        "chunk_rows": chunk_rows, "where": dataclasses.asdict(where),
+    })
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "labdaq.export_reader", args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        try:
+            reader = pa.ipc.open_stream(proc.stdout)
+        except pa.ArrowInvalid as exc:  # the child failed before writing anything
+            raise RuntimeError(proc.stderr.read().decode(errors="replace")) from exc
+        yield from reader
+        if proc.wait() != 0:
+            raise RuntimeError(proc.stderr.read().decode(errors="replace"))
+    finally:
+        # A client that hung up closes this generator early: stop the child with it.
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
 
 
 # --- the digest -------------------------------------------------------------------------
@@ -497,7 +469,8 @@ def stream_export(
         return pacsv.CSVWriter(sink, schema)
 
     for run_id in plan.run_ids:
-        for batch in iter_sample_batches(url, run_id, plan.max_seq[run_id], chunk_rows=chunk_rows):
+        for batch in iter_sample_batches(url, run_id, plan.max_seq[run_id],
+                                         chunk_rows=chunk_rows, reader_process=True):
             digest.update(batch)
             out = shaped(batch, run_id)
             if writer is None:
