@@ -10,7 +10,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 import labdaq
-from labdaq.api.routers import channels, health, instruments, protocols, runs
+from labdaq.api.routers import (
+    cells,
+    channels,
+    exports,
+    health,
+    instruments,
+    protocols,
+    runs,
+    samples,
+    stream,
+)
 from labdaq.config import Settings, load_settings
 from labdaq.errors import LabdaqError
 from labdaq.storage.db import create_engine, sessionmaker
@@ -59,4 +69,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(runs.router)
     app.include_router(protocols.router)
     app.include_router(instruments.router)
+    app.include_router(cells.router)
+    app.include_router(samples.router)
+    app.include_router(exports.router)
+    app.include_router(stream.router)
+    app.include_router(stream.lab_router)
     return app

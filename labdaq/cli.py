@@ -1,4 +1,4 @@
-"""Command line: serve (supervisor), engine, api, sim, db, token, evaluate, observe."""
+"""Command line: serve (supervisor), engine, api, sim, db, token, evaluate, observe, export."""
 
 from __future__ import annotations
 
@@ -23,12 +23,14 @@ app.add_typer(token_app, name="token")
 
 # `labdaq sim` and `labdaq instruments` live in their own modules.
 from labdaq.cli_evaluate import evaluate, observe  # noqa: E402
+from labdaq.cli_export import export_cmd  # noqa: E402
 from labdaq.cli_instruments import instruments_app  # noqa: E402
 from labdaq.cli_sim import sim  # noqa: E402
 
 app.command()(sim)
 app.command()(evaluate)
 app.command()(observe)
+app.command("export")(export_cmd)
 app.add_typer(instruments_app, name="instruments")
 
 DataDir = Annotated[Path | None, typer.Option(help="data directory (SQLite file, journals)")]

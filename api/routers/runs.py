@@ -6,9 +6,8 @@ from fastapi import APIRouter, Query, Request, status
 
 from labdaq import runs as service
 from labdaq.api.deps import Operator, Reader, Session
-from labdaq.api.schemas import CycleOut, EisOut, EventOut, RunOut, SamplesOut, StepOut
+from labdaq.api.schemas import CycleOut, EisOut, EventOut, RunOut, StepOut
 from labdaq.runs import RunCreate
-from labdaq.storage.models import SAMPLE_COLUMNS
 
 router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
 
@@ -60,24 +59,6 @@ async def resume_run(run_id: int, session: Session, token: Operator) -> RunOut:
     run = await service.request_resume(session, run_id, actor=token.name)
     await session.commit()
     return RunOut.model_validate(run)
-
-
-@router.get("/{run_id}/samples", response_model=SamplesOut)
-async def get_samples(
-    run_id: int,
-    session: Session,
-    _: Reader,
-    after_seq: int = Query(0, ge=0, description="return samples with seq greater than this"),
-    limit: int = Query(10_000, ge=1, le=100_000),
-) -> SamplesOut:
-    rows = await service.list_samples(session, run_id, after_seq, limit)
-    cols = {c: [getattr(r, c) for r in rows] for c in SAMPLE_COLUMNS if c != "run_id"}
-    return SamplesOut(
-        run_id=run_id,
-        count=len(rows),
-        next_after_seq=rows[-1].seq if rows else after_seq,
-        **cols,
-    )
 
 
 @router.get("/{run_id}/cycles", response_model=list[CycleOut])

@@ -1,0 +1,87 @@
+"""A run's samples: pages at full resolution with a cursor, or downsampled for plots."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import select
+
+from labdaq import runs as run_service
+from labdaq.api.dataout_schemas import SamplesPage
+from labdaq.api.deps import Reader, Session
+from labdaq.api.schemas import ErrorOut
+from labdaq.downsample import downsample
+from labdaq.export import COLUMNS, SampleFilter
+from labdaq.storage import models as m
+
+router = APIRouter(prefix="/api/v1/runs", tags=["samples"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut, "description": "missing, unknown or revoked token"},
+    404: {"model": ErrorOut, "description": "no such run"},
+    422: {"model": ErrorOut, "description": "invalid query parameters"},
+}
+
+
+@router.get("/{run_id}/samples", response_model=SamplesPage, responses=_ERRORS)
+async def get_samples(
+    run_id: int,
+    request: Request,
+    session: Session,
+    _: Reader,
+    after_seq: int = Query(0, ge=0, description="only samples with seq greater than this"),
+    limit: int = Query(10_000, ge=1, le=100_000, description="page size (full resolution)"),
+    t_from: float | None = Query(None, description="only samples with t_s >= this (s)"),
+    t_to: float | None = Query(None, description="only samples with t_s <= this (s)"),
+    cycle: int | None = Query(None, ge=0, description="only samples of this cycle"),
+    step: int | None = Query(None, ge=0, description="only samples of this plan step"),
+    points: int | None = Query(
+        None, ge=10, le=100_000,
+        description="downsample to at most this many points (MinMaxLTTB on voltage and "
+        "current); the cursor parameters are then ignored",
+    ),
+) -> SamplesPage:
+    await run_service.get_run(session, run_id)
+    where = SampleFilter(t_from=t_from, t_to=t_to, cycle=cycle, step=step)
+    if points is not None:
+        top = await session.scalar(
+            select(m.Sample.seq).where(m.Sample.run_id == run_id)
+            .order_by(m.Sample.seq.desc()).limit(1)
+        )
+        url = request.app.state.settings.resolved_database_url
+        table, source = await run_in_threadpool(
+            downsample, url, run_id, int(top if top is not None else -1), points, where
+        )
+        cols = table.to_pydict()
+        seqs = cols["seq"]
+        return SamplesPage(
+            run_id=run_id, count=len(seqs), next_after_seq=seqs[-1] if seqs else after_seq,
+            more=False, downsampled=True, source_count=source, **cols,
+        )
+    s = m.Sample
+    q = (
+        select(*(getattr(s, c) for c in COLUMNS))
+        .where(s.run_id == run_id, s.seq > after_seq)
+        .order_by(s.seq)
+        .limit(limit + 1)
+    )
+    if t_from is not None:
+        q = q.where(s.t_s >= t_from)
+    if t_to is not None:
+        q = q.where(s.t_s <= t_to)
+    if cycle is not None:
+        q = q.where(s.cycle_index == cycle)
+    if step is not None:
+        q = q.where(s.step_index == step)
+    rows = (await session.execute(q)).all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    # Core rows, not ORM objects: building ORM instances dominated this endpoint's cost.
+    columns = list(zip(*rows, strict=True)) if rows else [() for _ in COLUMNS]
+    data = {c: list(v) for c, v in zip(COLUMNS, columns, strict=True)}
+    return SamplesPage(
+        run_id=run_id, count=len(rows),
+        next_after_seq=data["seq"][-1] if rows else after_seq, more=more, **data,
+    )

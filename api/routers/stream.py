@@ -1,0 +1,135 @@
+"""Live streams as Server-Sent Events: one run (samples, steps, cycles, events, state) and
+the whole lab (steps, cycles, events of every run)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import StreamingResponse
+
+from labdaq import live
+from labdaq import runs as run_service
+from labdaq.api.deps import Reader, Session
+from labdaq.api.schemas import ErrorOut
+from labdaq.storage import models as m
+from labdaq.storage.db import session_scope
+
+router = APIRouter(prefix="/api/v1/runs", tags=["stream"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut, "description": "missing, unknown or revoked token"},
+    404: {"model": ErrorOut, "description": "no such run"},
+    422: {"model": ErrorOut, "description": "bad Last-Event-ID or parameters"},
+}
+KEEPALIVE_S = 15.0
+
+
+def _sse(msg: live.Message) -> bytes:
+    data = json.dumps(msg.data, separators=(",", ":"), default=str)
+    return f"id: {msg.cursor.encode()}\nevent: {msg.event}\ndata: {data}\n\n".encode()
+
+
+@router.get(
+    "/{run_id}/stream", response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}},
+                     "description": "events `samples`, `step`, `cycle`, `event`, `state`; "
+                     "each `id` resumes the stream after it (Last-Event-ID)"}, **_ERRORS},
+)
+async def stream_run(
+    run_id: int,
+    request: Request,
+    session: Session,
+    _: Reader,
+    rate_hz: float | None = Query(
+        None, gt=0, le=1000, description="at most this many samples per second of run time"
+    ),
+    poll_s: float = Query(0.5, ge=0.05, le=10, description="how often to look for news"),
+    last_event_id: str | None = Header(None, alias="Last-Event-ID"),
+) -> StreamingResponse:
+    await run_service.get_run(session, run_id)
+    cursor = live.Cursor.parse(last_event_id)
+    await session.commit()  # no read transaction held open for the stream's lifetime
+    maker = request.app.state.sessionmaker
+
+    async def events() -> AsyncIterator[bytes]:
+        nonlocal cursor
+        idle = 0.0
+        while not await request.is_disconnected():
+            async with session_scope(maker) as s:
+                # The state first: rows committed before a final state are then read below,
+                # so the stream never ends before the run's last samples.
+                run = await s.get(m.Run, run_id)
+                assert run is not None
+                msgs = await live.poll(s, run, cursor, rate_hz)
+            for msg in msgs:
+                yield _sse(msg)
+                cursor = msg.cursor
+            drained = not any(x.event == "samples" for x in msgs)
+            if run.state in live.TERMINAL and drained:
+                return
+            if msgs:
+                idle = 0.0
+                continue
+            idle += poll_s
+            if idle >= KEEPALIVE_S:
+                idle = 0.0
+                yield b": keep-alive\n\n"
+            await asyncio.sleep(poll_s)
+
+    return StreamingResponse(
+        events(), media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+lab_router = APIRouter(prefix="/api/v1", tags=["stream"])
+
+
+@lab_router.get(
+    "/stream", response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}},
+                     "description": "events `step`, `cycle`, `event` (state changes, safety, "
+                     "audit) of every run; each `id` resumes the stream after it"},
+               **{k: v for k, v in _ERRORS.items() if k != 404}},
+)
+async def stream_lab(
+    request: Request,
+    session: Session,
+    _: Reader,
+    poll_s: float = Query(0.5, ge=0.05, le=10, description="how often to look for news"),
+    last_event_id: str | None = Header(None, alias="Last-Event-ID"),
+) -> StreamingResponse:
+    """What happens anywhere in the lab from now on (or after ``Last-Event-ID``)."""
+    cursor = (live.LabCursor.parse(last_event_id) if last_event_id
+              else await live.lab_start(session))
+    await session.commit()
+    maker = request.app.state.sessionmaker
+
+    async def events() -> AsyncIterator[bytes]:
+        nonlocal cursor
+        idle = 0.0
+        yield f"id: {cursor.encode()}\nevent: hello\ndata: {{}}\n\n".encode()
+        while not await request.is_disconnected():
+            async with session_scope(maker) as s:
+                msgs = await live.poll_lab(s, cursor)
+            for msg in msgs:
+                data = json.dumps(msg.data, separators=(",", ":"), default=str)
+                yield f"id: {msg.cursor.encode()}\nevent: {msg.event}\ndata: {data}\n\n".encode()
+                cursor = msg.cursor
+            if msgs:
+                idle = 0.0
+                continue
+            idle += poll_s
+            if idle >= KEEPALIVE_S:
+                idle = 0.0
+                yield b": keep-alive\n\n"
+            await asyncio.sleep(poll_s)
+
+    return StreamingResponse(
+        events(), media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

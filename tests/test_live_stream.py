@@ -1,0 +1,152 @@
+"""The live stream (SSE) of a run over real HTTP: samples, a step, a cycle summary and
+state changes as they are committed; a reconnect with Last-Event-ID resumes with no gap
+and nothing twice; decimation to a requested rate."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import threading
+import time
+from typing import Any
+
+import httpx
+from sqlalchemy.engine import make_url
+
+from tests.dataout_fixtures import api_server, insert_samples, make_lab
+
+
+def read_stream(base: str, run_id: int | None, token: str, out: list[dict[str, Any]],
+                last_id: str | None = None, params: dict[str, Any] | None = None,
+                until: Any = None) -> None:
+    """Collect a stream's messages until it ends (or ``until(out)`` holds)."""
+    headers = {"Authorization": f"Bearer {token}"}
+    if last_id:
+        headers["Last-Event-ID"] = last_id
+    path = "/api/v1/stream" if run_id is None else f"/api/v1/runs/{run_id}/stream"
+    with httpx.stream("GET", f"{base}{path}", headers=headers,
+                      params={"poll_s": 0.1, **(params or {})}, timeout=120) as r:
+        assert r.status_code == 200
+        msg: dict[str, Any] = {}
+        for line in r.iter_lines():
+            if not line:
+                if "event" in msg:
+                    out.append(msg)
+                    if until is not None and until(out):
+                        return
+                msg = {}
+            elif line.startswith("id: "):
+                msg["id"] = line[4:]
+            elif line.startswith("event: "):
+                msg["event"] = line[7:]
+            elif line.startswith("data: "):
+                msg["data"] = json.loads(line[6:])
+
+
+def wait_for(cond, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
+def seqs(msgs: list[dict[str, Any]]) -> list[int]:
+    return [s for m in msgs if m["event"] == "samples" for s in m["data"]["seq"]]
+
+
+def test_stream_follows_a_run_and_resumes_without_gap(sqlite_url: str) -> None:
+    lab = asyncio.run(make_lab(sqlite_url))
+    run_id, token = lab["run_ids"][0], lab["tokens"]["engineer"]
+    db = sqlite3.connect(make_url(sqlite_url).database or "")
+    db.execute("UPDATE runs SET state = 'running' WHERE id = ?", (run_id,))
+    db.commit()
+    insert_samples(sqlite_url, run_id, 3_000)
+    with api_server(sqlite_url) as (base, _):
+        got: list[dict[str, Any]] = []
+        reader = threading.Thread(target=read_stream, args=(base, run_id, token, got))
+        reader.start()
+        wait_for(lambda: 3_000 in seqs(got))
+        # The run goes on: more samples, a step and a cycle summary, then it completes.
+        insert_samples(sqlite_url, run_id, 2_000, first_seq=3_001, missing_temperature=0)
+        db.execute(
+            "INSERT INTO steps (run_id, step_number, step_index, cycle_index, kind, start_t_s,"
+            " end_t_s, end_reason, capacity_ah, energy_wh) VALUES (?, 1, 0, 0, 'cc', 0, 300,"
+            " 'voltage', 1.2, 4.4)", (run_id,))
+        db.execute(
+            "INSERT INTO cycles (run_id, cycle_index, start_t_s, end_t_s, charge_capacity_ah,"
+            " discharge_capacity_ah, charge_energy_wh, discharge_energy_wh) VALUES"
+            " (?, 0, 0, 500, 1.2, 1.1, 4.4, 4.0)", (run_id,))
+        db.execute("UPDATE runs SET state = 'completed' WHERE id = ?", (run_id,))
+        db.commit()
+        reader.join(timeout=120)
+        assert not reader.is_alive(), "the stream did not end with the run"
+        assert seqs(got) == list(range(1, 5_001))
+        kinds = [m["event"] for m in got]
+        assert kinds.index("step") < kinds.index("cycle")
+        assert [m["data"]["state"] for m in got if m["event"] == "state"] == [
+            "running", "completed"]
+        assert got[-1]["event"] == "state"
+        assert next(m for m in got if m["event"] == "cycle")["data"]["discharge_capacity_ah"] \
+            == 1.1
+        # Reconnect after the first samples message: everything after it, once.
+        first = next(m for m in got if m["event"] == "samples")
+        again: list[dict[str, Any]] = []
+        read_stream(base, run_id, token, again, last_id=first["id"])
+        assert seqs(again) == list(range(first["data"]["seq"][-1] + 1, 5_001))
+        assert [m["event"] for m in again].count("cycle") == 1
+        # Decimated: at most one sample per second of run time (samples are 0.1 s apart).
+        slow: list[dict[str, Any]] = []
+        read_stream(base, run_id, token, slow, params={"rate_hz": 1.0})
+        t = [x for m in slow if m["event"] == "samples" for x in m["data"]["t_s"]]
+        assert 450 <= len(t) <= 501
+        assert all(b - a >= 1.0 for a, b in zip(t, t[1:], strict=False))
+        bad = httpx.get(f"{base}/api/v1/runs/{run_id}/stream",
+                        headers={"Authorization": f"Bearer {token}", "Last-Event-ID": "x"})
+        assert bad.status_code == 422
+    db.close()
+
+
+def test_lab_stream_follows_every_run_from_now_and_resumes(sqlite_url: str) -> None:
+    lab = asyncio.run(make_lab(sqlite_url, runs=2))
+    a, b = lab["run_ids"]
+    token = lab["tokens"]["engineer"]
+    db = sqlite3.connect(make_url(sqlite_url).database or "")
+    db.execute("INSERT INTO events (run_id, ts, kind, severity, message, data) VALUES"
+               " (?, '2026-12-01 00:00:00', 'state', 'info', 'old news', '{}')", (a,))
+    db.commit()
+
+    def news(run_id: int, what: str) -> None:
+        db.execute("INSERT INTO events (run_id, ts, kind, severity, message, data) VALUES"
+                   " (?, '2026-12-06 00:00:00', 'safety', 'error', ?, '{}')", (run_id, what))
+        db.commit()
+
+    with api_server(sqlite_url) as (base, _):
+        got: list[dict[str, Any]] = []
+        reader = threading.Thread(target=read_stream, args=(base, None, token, got), kwargs={
+            "until": lambda out: sum(m["event"] == "event" for m in out) >= 2})
+        reader.start()
+        wait_for(lambda: bool(got))  # the hello: the stream starts from now
+        news(a, "limit breached on run a")
+        db.execute(
+            "INSERT INTO cycles (run_id, cycle_index, start_t_s, end_t_s, charge_capacity_ah,"
+            " discharge_capacity_ah, charge_energy_wh, discharge_energy_wh) VALUES"
+            " (?, 0, 0, 500, 1.2, 1.1, 4.4, 4.0)", (b,))
+        db.commit()
+        news(b, "limit breached on run b")
+        reader.join(timeout=120)
+        assert not reader.is_alive()
+        events = [m for m in got if m["event"] == "event"]
+        assert [e["data"]["message"] for e in events] == [
+            "limit breached on run a", "limit breached on run b"]
+        assert [e["data"]["run_id"] for e in events] == [a, b]
+        assert [m["data"]["run_id"] for m in got if m["event"] == "cycle"] == [b]
+        # Resume after the first event: exactly what the stream sent after it.
+        again: list[dict[str, Any]] = []
+        read_stream(base, None, token, again, last_id=events[0]["id"],
+                    until=lambda out: any(m["event"] == "event" for m in out))
+        after = got[got.index(events[0]) + 1:]
+        assert [(m["event"], m["data"]) for m in again[1:]] == [
+            (m["event"], m["data"]) for m in after]
+        assert again[-1]["data"]["message"] == "limit breached on run b"
+    db.close()
