@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from labdaq.bounds import MAX_LOOP_DEPTH, MAX_PROTOCOL_STEPS
 from labdaq.protocol.document import (
     SCHEMA_VERSION,
     STEP_TYPES,
@@ -24,6 +25,53 @@ from labdaq.protocol.document import (
     Step,
 )
 from labdaq.protocol.errors import ProtocolError, _join, _Problems
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing aliases (``*name``, and so ``<<: *name`` merges).
+
+    Aliases let a 1.7 KB document expand to 10^5 steps (a "billion laughs"); refusing
+    the first alias as it is met stops that before anything is expanded. A protocol
+    repeats steps with a ``loop`` instead.
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not accepted; repeat steps with a loop", mark
+            )
+        return super().compose_node(parent, index)
+
+
+def _check_size(data: dict[str, Any]) -> None:
+    """Refuse documents nested too deep or with too many steps before pydantic sees them.
+
+    Walks the raw data with an explicit stack, so a document of 10,000 nested loops costs
+    no recursion and no validation time.
+    """
+    stack: list[tuple[Any, str, int]] = [(data.get("steps"), "steps", 0)]
+    total = 0
+    while stack:
+        steps, path, depth = stack.pop()
+        if not isinstance(steps, list):
+            continue  # pydantic reports the wrong type
+        total += len(steps)
+        if total > MAX_PROTOCOL_STEPS:
+            raise ProtocolError([{
+                "loc": "steps",
+                "msg": f"a protocol has at most {MAX_PROTOCOL_STEPS} steps in all "
+                "(loop bodies counted once)",
+            }])
+        for i, step in enumerate(steps):
+            if isinstance(step, dict) and step.get("step") == "loop":
+                here = f"{path}[{i}]"
+                if depth + 1 > MAX_LOOP_DEPTH:
+                    raise ProtocolError([{
+                        "loc": here,
+                        "msg": f"loops nest at most {MAX_LOOP_DEPTH} deep",
+                    }])
+                stack.append((step.get("body"), f"{here}.body", depth + 1))
 
 
 def _loc_to_path(loc: tuple[int | str, ...]) -> str:
@@ -80,11 +128,12 @@ def parse_protocol(data: dict[str, Any] | str | bytes) -> Protocol:
     if isinstance(data, bytes | str):
         try:
             # YAML 1.2 is a superset of JSON, so one loader reads both.
-            data = yaml.safe_load(data)
+            data = yaml.load(data, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as exc:
             raise ProtocolError([{"loc": "", "msg": f"not valid YAML/JSON: {exc}"}]) from exc
     if not isinstance(data, dict):
         raise ProtocolError([{"loc": "", "msg": "a protocol must be a mapping of fields"}])
+    _check_size(data)
     if data.get("schema_version") not in (None, SCHEMA_VERSION):
         # Checked first so a document from a newer labdaq is not reported as 40 field errors.
         raise ProtocolError([{

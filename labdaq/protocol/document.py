@@ -8,9 +8,32 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator
+
+from labdaq.bounds import (
+    MAX_ABS_VOLTAGE_V,
+    MAX_PROTOCOL_STEPS,
+    AmpHours,
+    Amps,
+    Celsius,
+    CRate,
+    Hertz,
+    LoopCount,
+    Name,
+    NonNegativeSeconds,
+    Percent,
+    PositiveAmps,
+    PositiveCRate,
+    PositiveKelvinSpan,
+    PositiveVolts,
+    Seconds,
+    Text,
+    Volts,
+    VoltsPerSecond,
+)
 
 SCHEMA_VERSION = 1
 
@@ -30,15 +53,15 @@ def _voltage_value(value: object) -> float | str:
     A plain validator rather than ``float | Literal[...]`` so that a bad value gives one
     error at the field, not one per union member at ``...voltage_v.float``.
     """
-    if isinstance(value, str):
-        if value in VOLTAGE_REFS:
-            return value
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+    if isinstance(value, str) and value in VOLTAGE_REFS:
+        return value
+    # Booleans are ints to Python but not voltages; Infinity/NaN and absurd values are
+    # refused here because this validator replaces pydantic's own float checks.
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        v = float(value)
+        if math.isfinite(v) and abs(v) <= MAX_ABS_VOLTAGE_V:
+            return v
+        raise ValueError(f"a voltage must be finite and within ±{MAX_ABS_VOLTAGE_V:g} V")
     raise ValueError(f"expected a voltage in V or one of {', '.join(VOLTAGE_REFS)}")
 
 
@@ -46,7 +69,7 @@ VoltageV = Annotated[
     float | str,
     PlainValidator(
         _voltage_value,
-        json_schema_input_type=float | Literal["charge_cutoff", "discharge_cutoff"],
+        json_schema_input_type=Volts | Literal["charge_cutoff", "discharge_cutoff"],
     ),
 ]
 
@@ -66,13 +89,13 @@ class EndConditions(_Strict):
     voltage_v: VoltageV | None = None
     voltage_above_v: VoltageV | None = None
     voltage_below_v: VoltageV | None = None
-    current_below_a: float | None = Field(default=None, gt=0)
-    current_below_c: float | None = Field(default=None, gt=0)
-    duration_s: float | None = Field(default=None, gt=0)
-    capacity_ah: float | None = Field(default=None, gt=0)
-    capacity_c: float | None = Field(default=None, gt=0)
-    dvdt_below_v_per_s: float | None = Field(default=None, gt=0)
-    temperature_above_c: float | None = None
+    current_below_a: PositiveAmps | None = None
+    current_below_c: PositiveCRate | None = None
+    duration_s: Seconds | None = None
+    capacity_ah: AmpHours | None = None
+    capacity_c: PositiveCRate | None = None
+    dvdt_below_v_per_s: VoltsPerSecond | None = None
+    temperature_above_c: Celsius | None = None
 
     def set_fields(self) -> list[str]:
         """Names of the conditions that are set, in declaration order."""
@@ -86,8 +109,8 @@ class LoopUntil(_Strict):
     of the body, nested loops included); "first" is the loop's first iteration.
     """
 
-    discharge_capacity_below_pct_of_first: float | None = Field(default=None, gt=0, le=100)
-    discharge_capacity_below_ah: float | None = Field(default=None, gt=0)
+    discharge_capacity_below_pct_of_first: Percent | None = None
+    discharge_capacity_below_ah: AmpHours | None = None
 
 
 class Safety(_Strict):
@@ -98,19 +121,19 @@ class Safety(_Strict):
     ``max_capacity_ah`` bounds the charge moved within any single step.
     """
 
-    min_voltage_v: float | None = None
-    max_voltage_v: float | None = None
-    max_abs_current_a: float | None = Field(default=None, gt=0)
-    min_temperature_c: float | None = None
-    max_temperature_c: float | None = None
-    max_capacity_ah: float | None = Field(default=None, gt=0)
-    breach_duration_s: float = Field(default=0.0, ge=0)
+    min_voltage_v: Volts | None = None
+    max_voltage_v: Volts | None = None
+    max_abs_current_a: PositiveAmps | None = None
+    min_temperature_c: Celsius | None = None
+    max_temperature_c: Celsius | None = None
+    max_capacity_ah: AmpHours | None = None
+    breach_duration_s: NonNegativeSeconds = 0.0
 
 
 class _StepBase(_Strict):
     # tag is for machines (analysis picks "capacity_check" steps); label is for people.
-    tag: str | None = None
-    label: str | None = None
+    tag: Name | None = None
+    label: Text | None = None
 
 
 class RestStep(_StepBase):
@@ -124,8 +147,8 @@ class CCStep(_StepBase):
     """Constant current; exactly one of ``current_a`` / ``rate_c``; positive = charge."""
 
     step: Literal["cc"]
-    current_a: float | None = None
-    rate_c: float | None = None
+    current_a: Amps | None = None
+    rate_c: CRate | None = None
     until: EndConditions = Field(default_factory=EndConditions)
 
 
@@ -134,8 +157,8 @@ class CVStep(_StepBase):
 
     step: Literal["cv"]
     voltage_v: VoltageV
-    current_limit_a: float | None = Field(default=None, gt=0)
-    rate_c: float | None = Field(default=None, gt=0)
+    current_limit_a: PositiveAmps | None = None
+    rate_c: PositiveCRate | None = None
     until: EndConditions = Field(default_factory=EndConditions)
 
 
@@ -144,8 +167,8 @@ class CCCVStep(_StepBase):
     the current falls below ``until.current_below_a``/``current_below_c``."""
 
     step: Literal["cccv"]
-    current_a: float | None = None
-    rate_c: float | None = None
+    current_a: Amps | None = None
+    rate_c: CRate | None = None
     voltage_v: VoltageV
     until: EndConditions = Field(default_factory=EndConditions)
 
@@ -157,11 +180,11 @@ class PulseStep(_StepBase):
     """
 
     step: Literal["pulse"]
-    current_a: float | None = None
-    rate_c: float | None = None
-    pulse_duration_s: float = Field(gt=0)
-    rest_duration_s: float = Field(ge=0)
-    count: int = Field(default=1, ge=1)
+    current_a: Amps | None = None
+    rate_c: CRate | None = None
+    pulse_duration_s: Seconds
+    rest_duration_s: NonNegativeSeconds
+    count: LoopCount = 1
     until: EndConditions = Field(default_factory=EndConditions)
 
 
@@ -170,11 +193,11 @@ class EISStep(_StepBase):
     galvanostatic (``amplitude_a``), exactly one."""
 
     step: Literal["eis"]
-    start_frequency_hz: float = Field(gt=0)
-    stop_frequency_hz: float = Field(gt=0)
-    points_per_decade: int = Field(default=10, ge=1)
-    amplitude_v: float | None = Field(default=None, gt=0)
-    amplitude_a: float | None = Field(default=None, gt=0)
+    start_frequency_hz: Hertz
+    stop_frequency_hz: Hertz
+    points_per_decade: int = Field(default=10, strict=True, ge=1, le=1000)
+    amplitude_v: PositiveVolts | None = None
+    amplitude_a: PositiveAmps | None = None
 
 
 class SetTemperatureStep(_StepBase):
@@ -182,20 +205,20 @@ class SetTemperatureStep(_StepBase):
     ``stable_for_s``; ``timeout_s`` bounds the wait (the engine pauses the run if hit)."""
 
     step: Literal["set_temperature"]
-    temperature_c: float
-    tolerance_c: float = Field(default=1.0, gt=0)
-    stable_for_s: float = Field(default=300.0, ge=0)
-    timeout_s: float = Field(default=4 * 3600.0, gt=0)
+    temperature_c: Celsius
+    tolerance_c: PositiveKelvinSpan = 1.0
+    stable_for_s: NonNegativeSeconds = 300.0
+    timeout_s: Seconds = 4 * 3600.0
 
 
 class LoopStep(_StepBase):
     """Repeat ``body``: ``count`` times, or until ``until`` holds (bounded by ``max_count``)."""
 
     step: Literal["loop"]
-    count: int | None = Field(default=None, ge=1)
+    count: LoopCount | None = None
     until: LoopUntil | None = None
-    max_count: int | None = Field(default=None, ge=1)
-    body: list[Step] = Field(min_length=1)
+    max_count: LoopCount | None = None
+    body: list[Step] = Field(min_length=1, max_length=MAX_PROTOCOL_STEPS)
 
 
 Step = Annotated[
@@ -208,10 +231,10 @@ class Protocol(_Strict):
     """A test protocol document (``schema_version`` 1)."""
 
     schema_version: Literal[1]
-    name: str = Field(min_length=1)
-    description: str = ""
+    name: Name
+    description: Text = ""
     safety: Safety = Field(default_factory=Safety)
-    steps: list[Step] = Field(min_length=1)
+    steps: list[Step] = Field(min_length=1, max_length=MAX_PROTOCOL_STEPS)
 
     def canonical_json(self) -> str:
         """Canonical JSON: sorted keys, no whitespace, fields left at their default omitted.
