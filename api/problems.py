@@ -11,6 +11,7 @@ is what a client gets.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -91,9 +92,19 @@ def problem(
     )
 
 
+# pydantic names the member of a union that failed ("constrained-str", "dict[str,any]",
+# "function-plain[...]"); the client's field is the part before it.
+_UNION_MEMBER = re.compile(r"(constrained-)?(str|int|float|bool)|[a-z-]+\[.*\]")
+
+
 def _loc(loc: tuple[object, ...]) -> str:
     """pydantic's ``("body", "protocol", "rest_s")`` as ``protocol.rest_s``."""
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    parts = [
+        str(p)
+        for p in loc
+        if p not in ("body", "query", "path", "header")
+        and not (isinstance(p, str) and _UNION_MEMBER.fullmatch(p))
+    ]
     out = ""
     for p in parts:
         out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)

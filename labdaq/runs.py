@@ -347,7 +347,7 @@ def resolve_request(
     except ProtocolError as exc:
         raise Invalid(
             "protocol is not valid for this cell and channel",
-            [{"loc": f"{prefix}.{e['loc']}", "msg": e["msg"]} for e in exc.errors],
+            [{"loc": f"{prefix}.{e['loc']}".rstrip("."), "msg": e["msg"]} for e in exc.errors],
         ) from exc
     too_long = [(path, v) for path, v in _durations(resolved) if v > max_duration_s]
     if too_long:
