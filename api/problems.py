@@ -144,12 +144,15 @@ def install_problem_handlers(app: FastAPI, retry_after_s: int) -> None:
 
     async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
         log.warning("database unavailable for %s %s: %s", request.method, request.url.path, exc)
-        return problem(
-            request,
-            503,
-            "the database is locked or unreachable; nothing was changed, retry later",
-            headers={"Retry-After": str(retry_after_s)},
-        )
+        text = str(exc).lower()
+        if "no such table" in text or "does not exist" in text:
+            detail = (
+                "the database has no labdaq schema (not migrated); "
+                "run `labdaq db upgrade` and retry"
+            )
+        else:
+            detail = "the database is locked or unreachable; nothing was changed, retry later"
+        return problem(request, 503, detail, headers={"Retry-After": str(retry_after_s)})
 
     for cls in _UNAVAILABLE:
         app.add_exception_handler(cls, _unavailable)
