@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from labdaq.errors import LabdaqError
 
@@ -139,8 +140,12 @@ def install_problem_handlers(app: FastAPI, retry_after_s: int) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        headers = dict(exc.headers) if exc.headers else None
-        return problem(request, exc.status_code, str(exc.detail), headers=headers)
+        headers = dict(exc.headers) if exc.headers else {}
+        if exc.status_code == 405:
+            # Starlette's Allow names only the first route matching the path; a path with a
+            # GET and a POST route supports both.
+            headers["Allow"] = ", ".join(_allowed_methods(request))
+        return problem(request, exc.status_code, str(exc.detail), headers=headers or None)
 
     async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
         log.warning("database unavailable for %s %s: %s", request.method, request.url.path, exc)
@@ -168,6 +173,15 @@ def install_problem_handlers(app: FastAPI, retry_after_s: int) -> None:
     async def _integrity(request: Request, exc: sa_exc.IntegrityError) -> JSONResponse:
         log.warning("integrity error for %s: %s", request.url.path, exc)
         return problem(request, 409, "the request conflicts with the stored data")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
 
 
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

@@ -103,7 +103,16 @@ class RunCreate(BaseModel):
             "allOf": [
                 _one_of("cell_id", "cell_serial", "cell"),
                 _one_of("protocol", "protocol_document", "template"),
-            ]
+            ],
+            # The simulated lab's first channel and cell (`labdaq serve --sim`).
+            "examples": [
+                {
+                    "channel": "smu1/1",
+                    "cell_serial": "SIM-NMC811-001",
+                    "template": "basic_cycle",
+                    "sample_period_s": 1.0,
+                }
+            ],
         },
     )
 
