@@ -344,3 +344,48 @@ async def test_openapi_declares_problem_json_and_the_one_of_rules(client) -> Non
     ]
     period = create["properties"]["sample_period_s"]
     assert period["minimum"] == 0.001 and period["maximum"] == 3600
+
+
+@pytest.fixture
+async def strict_lab(
+    seeded: tuple[str, dict[str, str]],
+) -> AsyncIterator[tuple[httpx.AsyncClient, dict[str, str]]]:
+    """The same database behind an app whose lab allows at most 1 h per duration and
+    samples no faster than every 0.5 s."""
+    url, tokens = seeded
+    app = create_app(Settings(database_url=url, max_duration_s=3600, min_sample_period_s=0.5))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            yield c, tokens
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"sample_period_s": 0.1}, "sample_period_s"),
+        ({"protocol": {**PROTOCOL, "max_step_s": 7200}}, "protocol.max_step_s"),
+        ({"protocol": None, "template": "capacity_check_c3"},
+         "template.steps[1].until.duration_s"),
+    ],
+)
+async def test_configured_bounds_name_the_field(
+    strict_lab, change: dict[str, Any], field: str
+) -> None:
+    c, tokens = strict_lab
+    r = await c.post("/api/v1/runs", json=_run(**change), headers=auth(tokens["technician"]))
+    problem = _assert_problem(r, 422)
+    assert field in [e["loc"] for e in problem["errors"]], problem
+
+
+async def test_driver_fastest_period_is_a_floor(client, monkeypatch) -> None:
+    c, tokens = client
+    monkeypatch.setattr(
+        run_service, "driver_min_sample_period_s",
+        lambda driver: 0.25 if driver == "keithley2450" else None,
+    )
+    r = await c.post("/api/v1/runs", json=_run(sample_period_s=0.1),
+                     headers=auth(tokens["technician"]))
+    problem = _assert_problem(r, 422)
+    assert [e["loc"] for e in problem["errors"]] == ["sample_period_s"]
+    assert "keithley2450" in problem["detail"]
