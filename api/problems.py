@@ -174,6 +174,17 @@ def install_problem_handlers(app: FastAPI, retry_after_s: int) -> None:
         log.warning("integrity error for %s: %s", request.url.path, exc)
         return problem(request, 409, "the request conflicts with the stored data")
 
+    install_server_error_handler(app)
+
+
+def install_server_error_handler(app: FastAPI) -> None:
+    """A bug still answers problem+json (500), logged with its traceback."""
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error for %s %s", request.method, request.url.path, exc_info=exc)
+        return problem(request, 500, "internal error; it has been logged")
+
 
 def _allowed_methods(request: Request) -> list[str]:
     methods: set[str] = set()

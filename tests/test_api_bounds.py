@@ -389,3 +389,20 @@ async def test_driver_fastest_period_is_a_floor(client, monkeypatch) -> None:
     problem = _assert_problem(r, 422)
     assert [e["loc"] for e in problem["errors"]] == ["sample_period_s"]
     assert "keithley2450" in problem["detail"]
+
+
+async def test_a_bug_is_500_problem_json(seeded, monkeypatch) -> None:
+    url, tokens = seeded
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(run_service, "list_runs", broken)
+    app = create_app(Settings(database_url=url))
+    async with app.router.lifespan_context(app):
+        # As a server would: the error is answered, not raised into the client.
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            r = await c.get("/api/v1/runs", headers=auth(tokens["engineer"]))
+    problem = _assert_problem(r, 500)
+    assert "a bug" not in problem["detail"]  # internals stay in the log
