@@ -150,7 +150,7 @@ def install_problem_handlers(app: FastAPI, retry_after_s: int) -> None:
     async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
         log.warning("database unavailable for %s %s: %s", request.method, request.url.path, exc)
         text = str(exc).lower()
-        if "no such table" in text or "does not exist" in text:
+        if "no such table" in text or ("relation" in text and "does not exist" in text):
             detail = (
                 "the database has no labdaq schema (not migrated); "
                 "run `labdaq db upgrade` and retry"
