@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -113,6 +114,7 @@ def service(
 
 
 def _schemathesis(base: str, token: str, *args: str) -> None:
+    # schemathesis keeps a cache of crashes in its working directory: not in the checkout.
     cmd = [
         sys.executable, "-m", "schemathesis.cli", "--config-file", str(CONFIG), "--no-color",
         "run", f"{base}/openapi.json",
@@ -122,7 +124,8 @@ def _schemathesis(base: str, token: str, *args: str) -> None:
         "--request-timeout", "60",
         *args,
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    with tempfile.TemporaryDirectory() as cwd:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, cwd=cwd)
     assert done.returncode == 0, done.stdout[-20000:] + done.stderr[-5000:]
 
 
