@@ -31,8 +31,12 @@ def _invoke(args: list[str]) -> tuple[int, str]:
          "cannot reach the database"),
         (["db", "upgrade", "--database-url", UNREACHABLE_PG], "cannot reach the database"),
         (["engine", "--database-url", UNREACHABLE_PG], "cannot reach the database"),
+        (["engine"], "labdaq db upgrade"),
     ],
-    ids=["token-unmigrated", "token-unreachable", "upgrade-unreachable", "engine-unreachable"],
+    ids=[
+        "token-unmigrated", "token-unreachable", "upgrade-unreachable", "engine-unreachable",
+        "engine-unmigrated",
+    ],
 )
 def test_cli_database_problems_are_a_message(
     tmp_path: Path, args: list[str], says: str
