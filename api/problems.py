@@ -197,17 +197,19 @@ def _allowed_methods(request: Request) -> list[str]:
 
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for these error statuses (bodies are :class:`Problem`)."""
-    descriptions = {
-        400: "The body could not be read (not JSON, nested too deep)",
-        401: "No bearer token, or an unknown or revoked one",
-        403: "The token's role may not do this",
-        404: "No such resource",
-        409: "The resource's state does not allow this",
-        413: "The request body is larger than the configured limit",
-        422: "Invalid input; `errors` names each bad field",
-        503: "The database is locked or unreachable; retry after `Retry-After` seconds",
-    }
-    return {s: {"model": Problem, "description": descriptions[s]} for s in statuses}
+    return {s: {"model": Problem, "description": _DESCRIPTIONS[s]} for s in statuses}
+
+
+_DESCRIPTIONS = {
+    400: "The body could not be read (not JSON, nested too deep)",
+    401: "No bearer token, or an unknown or revoked one",
+    403: "The token's role may not do this",
+    404: "No such resource",
+    409: "The resource's state does not allow this",
+    413: "The request body is larger than the configured limit",
+    422: "Invalid input; `errors` names each bad field",
+    503: "The database is locked or unreachable; retry after `Retry-After` seconds",
+}
 
 
 # What every route can return: bad input, an oversized body, an unavailable database.
@@ -227,6 +229,14 @@ def problem_openapi(app: FastAPI) -> dict[str, Any]:
     headers = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
     for path_item in schema.get("paths", {}).values():
         for op in path_item.values():
+            # What middleware and handlers can answer on any route (an oversized body, an
+            # unavailable database; 401 wherever a token is needed) is declared on every
+            # route, so a route added without `responses=` is still documented truthfully.
+            generic = [*COMMON, *(AUTH if op.get("security") else ())]
+            for code in generic:
+                op.setdefault("responses", {}).setdefault(
+                    str(code), {"description": _DESCRIPTIONS[code]}
+                )
             for code, resp in op.get("responses", {}).items():
                 if code.isdigit() and int(code) >= 400:
                     resp["content"] = {PROBLEM_MEDIA_TYPE: {"schema": ref}}
