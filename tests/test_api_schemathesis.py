@@ -129,6 +129,8 @@ def _schemathesis(base: str, token: str, *args: str) -> None:
     assert done.returncode == 0, done.stdout[-20000:] + done.stderr[-5000:]
 
 
+# Limits only stop a hang: starting the service and the run take ~1 min on a busy machine.
+@pytest.mark.timeout(900)
 def test_schemathesis_quick(service: tuple[str, dict[str, str]]) -> None:
     base, tokens = service
     _schemathesis(
@@ -140,6 +142,7 @@ def test_schemathesis_quick(service: tuple[str, dict[str, str]]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 @pytest.mark.parametrize("role", ROLES)
 def test_schemathesis_deep(service: tuple[str, dict[str, str]], role: str) -> None:
     base, tokens = service
