@@ -122,7 +122,31 @@ _UNAVAILABLE = (
     sa_exc.TimeoutError,
     sa_exc.DisconnectionError,
     OSError,
+    OverflowError,  # classified as the client's by _client_fault
 )
+
+
+def _client_fault(exc: BaseException) -> int | None:
+    """422/409 for a database error caused by the request's values, else None.
+
+    asyncpg refuses a parameter that does not fit its column type before sending it
+    ("invalid input for query argument"), and SQLAlchemy reports that as an
+    InterfaceError; PostgreSQL's data exceptions (SQLSTATE class 22: a NUL in text, a
+    string too long) and integrity violations (class 23) arrive as generic DBAPIErrors.
+    """
+    if isinstance(exc, OverflowError):  # sqlite3: an int beyond int64
+        return 422
+    orig = getattr(exc, "orig", None)
+    code = getattr(orig, "sqlstate", None) or getattr(
+        getattr(orig, "__cause__", None), "sqlstate", None
+    )
+    if isinstance(code, str) and code.startswith("22"):
+        return 422
+    if isinstance(code, str) and code.startswith("23"):
+        return 409
+    if "invalid input for query argument" in str(exc):
+        return 422
+    return None
 
 
 def install_problem_handlers(app: FastAPI, retry_after_s: int) -> None:
@@ -148,6 +172,13 @@ def install_problem_handlers(app: FastAPI, retry_after_s: int) -> None:
         return problem(request, exc.status_code, str(exc.detail), headers=headers or None)
 
     async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+        kind = _client_fault(exc)
+        if kind == 422:
+            log.warning("database refused a value for %s: %s", request.url.path, exc)
+            return problem(request, 422, "a value is out of range or cannot be stored")
+        if kind == 409:
+            log.warning("integrity error for %s: %s", request.url.path, exc)
+            return problem(request, 409, "the request conflicts with the stored data")
         log.warning("database unavailable for %s %s: %s", request.method, request.url.path, exc)
         text = str(exc).lower()
         if "no such table" in text or ("relation" in text and "does not exist" in text):

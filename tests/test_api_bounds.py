@@ -406,3 +406,46 @@ async def test_a_bug_is_500_problem_json(seeded, monkeypatch) -> None:
             r = await c.get("/api/v1/runs", headers=auth(tokens["engineer"]))
     problem = _assert_problem(r, 500)
     assert "a bug" not in problem["detail"]  # internals stay in the log
+
+
+INSTRUMENT = {"name": "smu9", "driver": "keithley2450", "resource": "TCPIP::127.0.0.1::1::SOCKET"}
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        # Found by schemathesis on PostgreSQL: an index beyond int4 gave 503 (was 500).
+        ({**INSTRUMENT, "channels": [{"index": 2134045704097}]}, "channels[0].index"),
+        ({**INSTRUMENT, "channels": [{"index": 1, "name": "a\u0000b"}]}, "channels[0].name"),
+        ({**INSTRUMENT, "channels": [{"index": 1, "max_voltage_v": 1e308}]},
+         "channels[0].max_voltage_v"),
+        ({**INSTRUMENT, "driver": "keithley2450\u0000"}, "driver"),
+    ],
+    ids=["index int4+1", "NUL in channel name", "max_voltage_v 1e308", "NUL in driver"],
+)
+async def test_instrument_config_is_bounded(client, body: dict[str, Any], field: str) -> None:
+    c, tokens = client
+    r = await c.put("/api/v1/instruments", json=body, headers=auth(tokens["admin"]))
+    problem = _assert_problem(r, 422)
+    assert field in [e["loc"] for e in problem["errors"]], problem
+
+
+async def test_a_value_the_database_refuses_is_422_not_5xx(seeded, monkeypatch) -> None:
+    """The backstop behind the schema: should a value out of a column's range ever get past
+    validation, the database's refusal is the client's error (422), not 500 or 503."""
+    url, tokens = seeded
+
+    async def unbounded(session: Any, *args: Any) -> Any:
+        from sqlalchemy import select
+
+        from labdaq.storage import models as m
+
+        return (await session.scalars(select(m.Run).where(m.Run.id == 2**70))).all()
+
+    monkeypatch.setattr(run_service, "list_runs", unbounded)
+    app = create_app(Settings(database_url=url))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            r = await c.get("/api/v1/runs", headers=auth(tokens["engineer"]))
+    _assert_problem(r, 422)
