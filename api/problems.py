@@ -249,6 +249,16 @@ AUTH = (401,)
 OPERATE = (401, 403)
 
 
+def _is_problem(resp: dict[str, Any]) -> bool:
+    """An error response answered by the handlers here (Problem, FastAPI's own 422, or
+    none given) rather than one a route answers with its own model (/ready's 503)."""
+    content = resp.get("content") or {}
+    refs = [str((c.get("schema") or {}).get("$ref", "")) for c in content.values()]
+    return not content or any(
+        r.endswith(("/Problem", "/HTTPValidationError")) for r in refs
+    )
+
+
 def problem_openapi(app: FastAPI) -> dict[str, Any]:
     """The OpenAPI document with every error response as ``application/problem+json``."""
     if app.openapi_schema:
@@ -269,7 +279,7 @@ def problem_openapi(app: FastAPI) -> dict[str, Any]:
                     str(code), {"description": _DESCRIPTIONS[code]}
                 )
             for code, resp in op.get("responses", {}).items():
-                if code.isdigit() and int(code) >= 400:
+                if code.isdigit() and int(code) >= 400 and _is_problem(resp):
                     resp["content"] = {PROBLEM_MEDIA_TYPE: {"schema": ref}}
                     if code == "503":
                         resp["headers"] = headers
