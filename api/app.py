@@ -1,15 +1,17 @@
-"""The FastAPI application: wiring of routers, database and error mapping."""
+"""The FastAPI application: wiring of routers, database, input limits and error mapping."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
+from sqlalchemy import event
 
 import labdaq
+from labdaq.api.body_limit import BodyLimitMiddleware
+from labdaq.api.problems import install_problem_handlers, problem_openapi
 from labdaq.api.routers import (
     cells,
     channels,
@@ -22,16 +24,19 @@ from labdaq.api.routers import (
     stream,
 )
 from labdaq.config import Settings, load_settings
-from labdaq.errors import LabdaqError
 from labdaq.storage.db import create_engine, sessionmaker
 
 
-def _loc(loc: tuple[object, ...]) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
-    out = ""
-    for p in parts:
-        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
-    return out or ".".join(str(p) for p in loc)
+def _api_busy_timeout(timeout_s: float) -> Any:
+    def _set(dbapi_conn: Any, _record: Any) -> None:
+        # Runs after the storage layer's pragmas: an API request waits this long for a
+        # locked SQLite file and then answers 503 with Retry-After, instead of holding the
+        # client (and a worker) for the engine's longer wait.
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
+        cur.close()
+
+    return _set
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -40,6 +45,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_engine(settings.resolved_database_url)
+        if engine.dialect.name == "sqlite":
+            event.listen(
+                engine.sync_engine, "connect", _api_busy_timeout(settings.api_db_busy_timeout_s)
+            )
         app.state.engine = engine
         app.state.sessionmaker = sessionmaker(engine)
         try:
@@ -49,20 +58,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="labdaq", version=labdaq.__version__, lifespan=lifespan)
     app.state.settings = settings
-
-    @app.exception_handler(LabdaqError)
-    async def _domain_error(_: Request, exc: LabdaqError) -> JSONResponse:
-        return JSONResponse(
-            status_code=exc.status_code, content={"detail": exc.message, "errors": exc.details}
-        )
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"loc": _loc(tuple(e["loc"])), "msg": e["msg"]} for e in exc.errors()]
-        summary = "; ".join(f"{e['loc']}: {e['msg']}" for e in errors)
-        return JSONResponse(
-            status_code=422, content={"detail": f"invalid request: {summary}", "errors": errors}
-        )
+    install_problem_handlers(app, settings.api_retry_after_s)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.api_max_body_bytes)
 
     app.include_router(health.router)
     app.include_router(channels.router)
@@ -74,4 +71,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(exports.router)
     app.include_router(stream.router)
     app.include_router(stream.lab_router)
+
+    def _openapi() -> dict[str, Any]:
+        return problem_openapi(app)
+
+    app.openapi = _openapi  # type: ignore[method-assign]
     return app

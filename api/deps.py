@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Path, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from labdaq.auth import ROLE_GRANTS, lookup_token
+from labdaq.bounds import INT32_MAX
 from labdaq.storage import models as m
 from labdaq.storage.db import session_scope
 
@@ -23,6 +24,11 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 
 
 Session = Annotated[AsyncSession, Depends(get_session)]
+
+# Ids are INTEGER columns (int4 on PostgreSQL): a larger one names no row, and must not
+# reach the database, which would refuse the parameter itself.
+RunId = Annotated[int, Path(ge=1, le=INT32_MAX, description="run id")]
+CellId = Annotated[int, Path(ge=1, le=INT32_MAX, description="cell id")]
 
 
 def require(grant: str) -> Callable[..., Coroutine[Any, Any, m.ApiToken]]:

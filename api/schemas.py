@@ -95,11 +95,6 @@ class CycleOut(BaseModel):
     mean_discharge_voltage_v: float | None
 
 
-class ErrorOut(BaseModel):
-    detail: str
-    errors: list[dict[str, object]] = []
-
-
 class StepOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 

@@ -40,3 +40,25 @@ async def lookup_token(session: AsyncSession, token: str) -> m.ApiToken | None:
     if row is None or row.revoked_at is not None:
         return None
     return row
+
+
+# `labdaq serve --sim` names its technician tokens demo-<unix time>.
+DEMO_TOKEN_PREFIX = "demo-"
+
+
+async def revoke_demo_tokens(session: AsyncSession) -> int:
+    """Revoke every live demo token (one per earlier `serve --sim` start); how many."""
+    rows = (
+        await session.scalars(
+            select(m.ApiToken).where(
+                m.ApiToken.name.startswith(DEMO_TOKEN_PREFIX, autoescape=True),
+                m.ApiToken.revoked_at.is_(None),
+            )
+        )
+    ).all()
+    now = m.utcnow()
+    for row in rows:
+        row.revoked_at = now
+    if rows:
+        session.add(m.Event(kind="audit", message=f"revoked {len(rows)} earlier demo token(s)"))
+    return len(rows)

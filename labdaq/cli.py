@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
+from labdaq.cli_errors import wrap_commands
 from labdaq.config import load_settings
 
 app = typer.Typer(help="labdaq: data acquisition for a battery testing laboratory.")
@@ -158,11 +159,11 @@ def api_cmd(
     uvicorn.run(create_app(s), host=host, port=port, log_level=log_level)
 
 
-async def _register_sim_lab(url: str, desc: dict[str, Any]) -> str:
+async def _register_sim_lab(url: str, desc: dict[str, Any]) -> tuple[str, int]:
     """Put the simulated lab's instruments, channels and cells in the database."""
     from sqlalchemy import select
 
-    from labdaq.auth import create_token
+    from labdaq.auth import DEMO_TOKEN_PREFIX, create_token, revoke_demo_tokens
     from labdaq.channels import upsert_instrument
     from labdaq.storage import models as m
     from labdaq.storage.db import create_engine, session_scope, sessionmaker
@@ -195,9 +196,11 @@ async def _register_sim_lab(url: str, desc: dict[str, Any]) -> str:
                         select(m.Cell.id).where(m.Cell.serial == cell["serial"])
                     ):
                         s.add(m.Cell(**cell))
-            token = await create_token(s, f"demo-{int(time.time())}", "technician")
+            # One demo token at a time: each start revokes the ones earlier starts minted.
+            revoked = await revoke_demo_tokens(s)
+            token = await create_token(s, f"{DEMO_TOKEN_PREFIX}{int(time.time())}", "technician")
             s.add(m.Event(kind="audit", message="demo technician token created by serve --sim"))
-        return token
+        return token, revoked
     finally:
         await engine.dispose()
 
@@ -299,7 +302,9 @@ def serve(
             asyncio.run(sup.stop_all(["sim"]))
             typer.echo(f"simulated lab did not start: {exc}", err=True)
             raise typer.Exit(1) from None
-        token = asyncio.run(_register_sim_lab(url, desc))
+        token, revoked = asyncio.run(_register_sim_lab(url, desc))
+        if revoked:
+            typer.echo(f"revoked {revoked} demo token(s) from earlier `serve --sim` starts")
     engine_speed = speed if sim_lab else 1.0
     sup.children.append(Child(
         "engine", processes.labdaq_argv("engine", "--speed", str(engine_speed), *common),
@@ -404,6 +409,10 @@ def _demo_text(base: str, token: str, desc: dict[str, Any]) -> str:
         f"{base}/api/v1/runs/1/cycles\n"
         "Press Ctrl-C to stop everything (outputs are turned off first).\n"
     )
+
+
+# Last, so that every command registered above (and in the sub-apps) is covered.
+wrap_commands(app)
 
 
 def main() -> None:

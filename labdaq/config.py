@@ -10,6 +10,8 @@ from typing import Any
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from labdaq.bounds import MAX_DURATION_S, MIN_SAMPLE_PERIOD_S
+
 
 def _toml_values() -> dict[str, Any]:
     """Values from the TOML file named by LABDAQ_CONFIG (or ./labdaq.toml if present)."""
@@ -70,6 +72,15 @@ class Settings(BaseSettings):
     instruments_file: Path | None = Field(
         default=None, description="instruments file applied at start; the API cannot edit"
     )
+    # Input bounds the API enforces beyond its schema (which shows the widest values).
+    min_sample_period_s: float = Field(default=MIN_SAMPLE_PERIOD_S, ge=MIN_SAMPLE_PERIOD_S)
+    max_duration_s: float = Field(default=MAX_DURATION_S, gt=0, le=MAX_DURATION_S)
+    # Request bodies larger than this get 413 before they are parsed.
+    api_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # How long an API request waits for a locked SQLite database before answering 503
+    # (the engine keeps its own, longer wait); and the Retry-After it then suggests.
+    api_db_busy_timeout_s: float = Field(default=2.0, ge=0)
+    api_retry_after_s: int = Field(default=2, ge=1)
 
     @property
     def resolved_database_url(self) -> str:

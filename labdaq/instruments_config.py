@@ -67,6 +67,8 @@ from pydantic import (
     model_validator,
 )
 
+from labdaq.bounds import INT32_MAX, AmpHours, Name, PositiveAmps, PositiveVolts, Text
+
 # ---------------------------------------------------------------------------------------
 # Resource strings
 # ---------------------------------------------------------------------------------------
@@ -199,11 +201,14 @@ class ThermocoupleWiring(_Strict):
 class ChannelConfig(_Strict):
     """One channel of an instrument (cycler output, logger input) and its cell's wiring."""
 
-    index: int = Field(ge=0, description="channel number as the instrument counts it")
-    name: str | None = Field(default=None, max_length=64)
-    max_current_a: float | None = Field(default=None, gt=0)
-    max_voltage_v: float | None = Field(default=None, gt=0)
-    cell: str | None = Field(default=None, description="serial of the cell on the channel")
+    # Bounds (labdaq.bounds): the index fits its INTEGER column, limits are finite.
+    index: int = Field(ge=0, le=INT32_MAX, description="channel number as the instrument counts it")
+    name: Name | None = Field(default=None, max_length=64)
+    max_current_a: PositiveAmps | None = None
+    max_voltage_v: PositiveVolts | None = None
+    cell: Name | None = Field(
+        default=None, max_length=100, description="serial of the cell on the channel"
+    )
     thermocouple: ThermocoupleWiring | None = None
     impedance: str | None = Field(default=None, pattern=_NAME_RE, max_length=64,
                                   description="impedance analyser clipped to the cell")
@@ -230,15 +235,15 @@ class CellConfig(_Strict):
     machine); tests/test_instruments_apply.py keeps the two alike.
     """
 
-    serial: str = Field(min_length=1, max_length=100)
-    chemistry: str = Field(min_length=1, max_length=50)
-    capacity_ah: float = Field(gt=0)
-    nominal_voltage_v: float | None = Field(default=None, gt=0)
-    charge_cutoff_v: float = Field(gt=0)
-    discharge_cutoff_v: float = Field(gt=0)
-    max_charge_current_a: float | None = Field(default=None, gt=0)
-    max_discharge_current_a: float | None = Field(default=None, gt=0)
-    spec_name: str | None = None
+    serial: Name = Field(max_length=100)
+    chemistry: Name = Field(max_length=50)
+    capacity_ah: AmpHours
+    nominal_voltage_v: PositiveVolts | None = None
+    charge_cutoff_v: PositiveVolts
+    discharge_cutoff_v: PositiveVolts
+    max_charge_current_a: PositiveAmps | None = None
+    max_discharge_current_a: PositiveAmps | None = None
+    spec_name: Name | None = Field(default=None, max_length=100)
 
     @model_validator(mode="after")
     def _window(self) -> CellConfig:
@@ -251,12 +256,12 @@ class InstrumentConfig(_Strict):
     """One ``[[instruments]]`` table."""
 
     name: str = Field(pattern=_NAME_RE, max_length=64)
-    driver: str = Field(min_length=1)
-    resource: str
+    driver: Name = Field(max_length=100)
+    resource: str = Field(max_length=300, pattern=r"^[^\x00-\x1f\x7f]*$")
     options: dict[str, Any] = Field(default_factory=dict)
     channels: list[ChannelConfig] = Field(default_factory=list)
     enabled: bool = True
-    description: str | None = None
+    description: Text | None = None
 
     @field_validator("resource")
     @classmethod

@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import functools
+from collections.abc import Iterator
+from importlib.metadata import entry_points
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from labdaq.bounds import (
+    INT32_MAX,
+    MAX_DURATION_S,
+    MAX_TEXT_LENGTH,
+    MIN_SAMPLE_PERIOD_S,
+    AmpHours,
+    Name,
+    NonNegativeSeconds,
+    PositiveAmps,
+    PositiveVolts,
+    RowId,
+    SamplePeriodS,
+    Seconds,
+)
 from labdaq.errors import Conflict, Invalid, NotFound
 from labdaq.protocol import (
     CellLimits,
@@ -27,15 +45,16 @@ from labdaq.storage import models as m
 class CellIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    serial: str = Field(min_length=1, max_length=100)
-    chemistry: str = Field(min_length=1, max_length=50)
-    capacity_ah: float = Field(gt=0)
-    nominal_voltage_v: float | None = Field(default=None, gt=0)
-    charge_cutoff_v: float = Field(gt=0)
-    discharge_cutoff_v: float = Field(gt=0)
-    max_charge_current_a: float | None = Field(default=None, gt=0)
-    max_discharge_current_a: float | None = Field(default=None, gt=0)
-    spec_name: str | None = None
+    # Lengths are the columns' (VARCHAR on PostgreSQL refuses longer text).
+    serial: Name = Field(max_length=100)
+    chemistry: Name = Field(max_length=50)
+    capacity_ah: AmpHours
+    nominal_voltage_v: PositiveVolts | None = None
+    charge_cutoff_v: PositiveVolts
+    discharge_cutoff_v: PositiveVolts
+    max_charge_current_a: PositiveAmps | None = None
+    max_discharge_current_a: PositiveAmps | None = None
+    spec_name: Name | None = Field(default=None, max_length=100)
 
     @model_validator(mode="after")
     def _window(self) -> CellIn:
@@ -49,36 +68,70 @@ class CycleProtocolIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: str = Field(default="basic_cycle", pattern="^basic_cycle$")
-    charge_current_a: float = Field(gt=0, description="CC charge current, A")
-    charge_voltage_v: float = Field(gt=0, description="CC end / CV hold voltage, V")
-    taper_current_a: float | None = Field(
-        default=None, gt=0, description="CV ends when |I| falls below; default C/20"
+    kind: Literal["basic_cycle"] = "basic_cycle"
+    charge_current_a: PositiveAmps = Field(description="CC charge current, A")
+    charge_voltage_v: PositiveVolts = Field(description="CC end / CV hold voltage, V")
+    taper_current_a: PositiveAmps | None = Field(
+        default=None, description="CV ends when |I| falls below; default C/20"
     )
-    rest_s: float = Field(default=600.0, ge=0)
-    discharge_current_a: float = Field(gt=0, description="CC discharge current magnitude, A")
-    discharge_cutoff_v: float = Field(gt=0)
-    cycles: int = Field(default=1, ge=1, le=100_000)
-    max_step_s: float = Field(default=48 * 3600.0, gt=0, description="time bound on every step")
+    rest_s: NonNegativeSeconds = 600.0
+    discharge_current_a: PositiveAmps = Field(description="CC discharge current magnitude, A")
+    discharge_cutoff_v: PositiveVolts
+    cycles: int = Field(default=1, strict=True, ge=1, le=100_000)
+    max_step_s: Seconds = Field(default=48 * 3600.0, description="time bound on every step")
+
+
+def _one_of(*names: str) -> dict[str, Any]:
+    """JSON Schema for "exactly one of these fields is given and not null"."""
+    return {
+        "oneOf": [{"required": [n], "properties": {n: {"not": {"type": "null"}}}} for n in names]
+    }
+
+
+# A protocol document sent as YAML/JSON text; the request body limit bounds it too.
+DocumentText = Annotated[str, Field(min_length=1, max_length=100 * MAX_TEXT_LENGTH)]
 
 
 class RunCreate(BaseModel):
     """A run request: where, which cell, and what to run (exactly one protocol source)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # The one-of rules are in the schema too, so a client generator (and schemathesis)
+    # knows a body with two cells or no protocol is invalid.
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "allOf": [
+                _one_of("cell_id", "cell_serial", "cell"),
+                _one_of("protocol", "protocol_document", "template"),
+            ],
+            # The simulated lab's first channel and cell (`labdaq serve --sim`).
+            "examples": [
+                {
+                    "channel": "smu1/1",
+                    "cell_serial": "SIM-NMC811-001",
+                    "template": "basic_cycle",
+                    "sample_period_s": 1.0,
+                }
+            ],
+        },
+    )
 
-    channel: str | int = Field(description="channel name (e.g. 'smu1/1') or id")
-    cell_id: int | None = None
-    cell_serial: str | None = None
+    channel: Name | RowId = Field(description="channel name (e.g. 'smu1/1') or id")
+    cell_id: RowId | None = None
+    cell_serial: Name | None = Field(default=None, max_length=100)
     cell: CellIn | None = None
     protocol: CycleProtocolIn | None = Field(
         default=None, description="the simple charge/rest/discharge cycle, by its parameters"
     )
-    protocol_document: dict[str, Any] | str | None = Field(
+    protocol_document: dict[str, Any] | DocumentText | None = Field(
         default=None, description="a protocol document (JSON object or YAML/JSON text)"
     )
-    template: str | None = Field(default=None, description="a shipped protocol template")
-    sample_period_s: float = Field(default=1.0, gt=0, le=3600)
+    template: Name | None = Field(default=None, description="a shipped protocol template")
+    sample_period_s: SamplePeriodS = Field(
+        default=1.0,
+        description="seconds between stored samples; at least the configured minimum "
+        "(min_sample_period_s) and the instrument's fastest period where it is known",
+    )
 
     @model_validator(mode="after")
     def _one_of_each(self) -> RunCreate:
@@ -174,10 +227,92 @@ def _check_cycle(p: CycleProtocolIn, cell: m.Cell, channel: m.Channel) -> None:
         raise Invalid("protocol does not fit the cell or channel", problems)
 
 
+@functools.lru_cache(maxsize=64)
+def driver_min_sample_period_s(driver: str) -> float | None:
+    """The fastest sample period a driver declares (class attribute), if it declares one."""
+    for ep in entry_points(group="labdaq.drivers", name=driver):
+        try:
+            value = getattr(ep.load(), "min_sample_period_s", None)
+        except Exception:  # noqa: BLE001 - a driver that cannot load here declares nothing
+            return None
+        return float(value) if isinstance(value, int | float) else None
+    return None
+
+
+def _durations(resolved: ResolvedProtocol) -> Iterator[tuple[str, float]]:
+    """(field path, seconds) of every duration in a resolved program."""
+    for st in resolved.program:
+        until = getattr(st, "until", None)
+        if until is not None and getattr(until, "duration_s", None) is not None:
+            yield f"{st.path}.until.duration_s", until.duration_s
+        for name in ("pulse_duration_s", "rest_duration_s", "stable_for_s", "timeout_s"):
+            value = getattr(st, name, None)
+            if value is not None:
+                yield f"{st.path}.{name}", value
+
+
+def _check_periods(
+    req: RunCreate,
+    channel: m.Channel,
+    driver: str | None,
+    min_sample_period_s: float,
+    max_duration_s: float,
+) -> None:
+    """The configured bounds, which the schema cannot show: they depend on the lab."""
+    problems: list[dict[str, Any]] = []
+    fastest = driver_min_sample_period_s(driver) if driver else None
+    floor = max(min_sample_period_s, fastest or 0.0)
+    if req.sample_period_s < floor:
+        why = (
+            f"{driver}'s fastest period"
+            if fastest and fastest >= min_sample_period_s
+            else "the configured minimum"
+        )
+        problems.append(
+            {
+                "loc": "sample_period_s",
+                "msg": f"{req.sample_period_s:g} s is below {why}, {floor:g} s",
+            }
+        )
+    p = req.protocol
+    if p is not None:
+        for name in ("max_step_s", "rest_s"):
+            value = getattr(p, name)
+            if value > max_duration_s:
+                problems.append(
+                    {
+                        "loc": f"protocol.{name}",
+                        "msg": f"{value:g} s exceeds the longest duration allowed, "
+                        f"{max_duration_s:g} s",
+                    }
+                )
+        if p.max_step_s < req.sample_period_s:
+            problems.append(
+                {
+                    "loc": "protocol.max_step_s",
+                    "msg": f"{p.max_step_s:g} s is shorter than the sample period "
+                    f"{req.sample_period_s:g} s",
+                }
+            )
+    if problems:
+        raise Invalid(f"run request does not fit channel {channel.name}", problems)
+
+
 def resolve_request(
-    req: RunCreate, cell: m.Cell, channel: m.Channel, voltage_margin_v: float = 0.1
+    req: RunCreate,
+    cell: m.Cell,
+    channel: m.Channel,
+    voltage_margin_v: float = 0.1,
+    *,
+    driver: str | None = None,
+    min_sample_period_s: float = MIN_SAMPLE_PERIOD_S,
+    max_duration_s: float = MAX_DURATION_S,
 ) -> tuple[Protocol, ResolvedProtocol, str]:
-    """Turn the request into a validated, resolved program, or raise Invalid (422)."""
+    """Turn the request into a validated, resolved program, or raise Invalid (422).
+
+    CPU-bound (YAML, validation, compilation): the API calls it in a worker thread.
+    """
+    _check_periods(req, channel, driver, min_sample_period_s, max_duration_s)
     if req.protocol is not None:
         _check_cycle(req.protocol, cell, channel)
         doc: Any = _cycle_document(
@@ -221,8 +356,20 @@ def resolve_request(
     except ProtocolError as exc:
         raise Invalid(
             "protocol is not valid for this cell and channel",
-            [{"loc": f"{prefix}.{e['loc']}", "msg": e["msg"]} for e in exc.errors],
+            [{"loc": f"{prefix}.{e['loc']}".rstrip("."), "msg": e["msg"]} for e in exc.errors],
         ) from exc
+    too_long = [(path, v) for path, v in _durations(resolved) if v > max_duration_s]
+    if too_long:
+        raise Invalid(
+            "protocol has durations beyond the longest allowed",
+            [
+                {
+                    "loc": f"{prefix}.{path}",
+                    "msg": f"{v:g} s exceeds the longest duration allowed, {max_duration_s:g} s",
+                }
+                for path, v in too_long
+            ],
+        )
     wired = channel.aux or {}
     needs = {"eis": "impedance", "set_temperature": "chamber"}
     unsupported = [
@@ -245,8 +392,10 @@ def resolve_request(
 
 
 async def _channel(session: AsyncSession, ref: str | int) -> m.Channel:
-    if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
-        ch = await session.get(m.Channel, int(ref))
+    # A name made of digits is an id only when it fits the id column.
+    as_id = int(ref) if isinstance(ref, int) or (ref.isascii() and ref.isdigit()) else None
+    if as_id is not None and 1 <= as_id <= INT32_MAX:
+        ch = await session.get(m.Channel, as_id)
     else:
         ch = await session.scalar(select(m.Channel).where(m.Channel.name == ref))
     if ch is None or not ch.enabled:
@@ -294,7 +443,13 @@ async def _cell(session: AsyncSession, req: RunCreate, channel: m.Channel) -> m.
 
 
 async def create_run(
-    session: AsyncSession, req: RunCreate, actor: str, voltage_margin_v: float = 0.1
+    session: AsyncSession,
+    req: RunCreate,
+    actor: str,
+    voltage_margin_v: float = 0.1,
+    *,
+    min_sample_period_s: float = MIN_SAMPLE_PERIOD_S,
+    max_duration_s: float = MAX_DURATION_S,
 ) -> m.Run:
     channel = await _channel(session, req.channel)
     cell = await _cell(session, req, channel)
@@ -306,7 +461,23 @@ async def create_run(
     )
     if busy is not None:
         raise Conflict(f"channel {channel.name} is busy with run {busy}")
-    protocol, resolved, _ = resolve_request(req, cell, channel, voltage_margin_v)
+    driver = await session.scalar(
+        select(m.Instrument.driver).where(m.Instrument.id == channel.instrument_id)
+    )
+    # Off the event loop: a large document takes a while to parse, and /health and every
+    # other request must keep answering meanwhile.
+    protocol, resolved, _ = await asyncio.to_thread(
+        functools.partial(
+            resolve_request,
+            req,
+            cell,
+            channel,
+            voltage_margin_v,
+            driver=driver,
+            min_sample_period_s=min_sample_period_s,
+            max_duration_s=max_duration_s,
+        )
+    )
     digest = protocol.content_hash()
     proto = await session.scalar(select(m.Protocol).where(m.Protocol.content_hash == digest))
     if proto is None:

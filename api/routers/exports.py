@@ -9,8 +9,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from labdaq import export
-from labdaq.api.deps import Reader, Session
-from labdaq.api.schemas import ErrorOut
+from labdaq.api.deps import CellId, Reader, RunId, Session
+from labdaq.api.problems import Problem
 
 router = APIRouter(prefix="/api/v1", tags=["exports"])
 
@@ -20,9 +20,9 @@ _FILE = {
     "content": {"text/csv": {}, "application/vnd.apache.parquet": {}},
 }
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorOut, "description": "missing, unknown or revoked token"},
-    404: {"model": ErrorOut, "description": "no such run or cell"},
-    422: {"model": ErrorOut, "description": "unknown format"},
+    401: {"model": Problem, "description": "missing, unknown or revoked token"},
+    404: {"model": Problem, "description": "no such run or cell"},
+    422: {"model": Problem, "description": "unknown format"},
 }
 RunFormat = Literal["csv", "parquet", "bdf"]
 FORMAT = Query("csv", description="csv | parquet | bdf (Battery Data Format column labels)")
@@ -44,7 +44,7 @@ def _stream(request: Request, plan: export.ExportPlan, fmt: str, name: str) -> S
     responses={200: _FILE, **_ERRORS},
 )
 async def export_run(
-    run_id: int, request: Request, session: Session, _: Reader, format: RunFormat = FORMAT
+    run_id: RunId, request: Request, session: Session, _: Reader, format: RunFormat = FORMAT
 ) -> StreamingResponse:
     plan = await export.plan_run_export(session, run_id, format)
     # End the read transaction now: the stream reads through its own connection, and an
@@ -55,7 +55,7 @@ async def export_run(
 
 @router.get("/runs/{run_id}/export/metadata", responses=_ERRORS)
 async def export_run_metadata(
-    run_id: int, request: Request, session: Session, _: Reader, format: RunFormat = FORMAT
+    run_id: RunId, request: Request, session: Session, _: Reader, format: RunFormat = FORMAT
 ) -> dict[str, Any]:
     """The export's description with its ``data_sha256``: the parallel metadata document
     of a BDF file (whose text has no room for it), or a check of a downloaded export."""
@@ -69,7 +69,7 @@ async def export_run_metadata(
     responses={200: _FILE, **_ERRORS},
 )
 async def export_cell(
-    cell_id: int, request: Request, session: Session, _: Reader,
+    cell_id: CellId, request: Request, session: Session, _: Reader,
     format: Literal["csv", "parquet"] = Query(
         "csv", description="csv | parquet (all the cell's runs, run_id column)"
     ),

@@ -14,6 +14,7 @@ from sqlalchemy import text
 
 import labdaq
 from labdaq.api.deps import Session
+from labdaq.api.problems import responses
 from labdaq.api.schemas import Health
 from labdaq.heartbeat import as_utc, latest, not_ready_reasons
 from labdaq.storage.db import session_scope
@@ -24,7 +25,7 @@ router = APIRouter(tags=["health"])
 _DB_TIMEOUT_S = 3.0
 
 
-@router.get("/health", response_model=Health)
+@router.get("/health", response_model=Health, responses=responses(503))
 async def health(session: Session) -> Health:
     await session.execute(text("SELECT 1"))
     return Health(status="ok", version=labdaq.__version__, database=session.bind.dialect.name)

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Request, status
 from pydantic import BaseModel
 
 from labdaq.api.deps import Admin, Reader, Session
+from labdaq.api.problems import AUTH, COMMON, OPERATE, responses
 from labdaq.api.schemas import InstrumentOut
 from labdaq.instruments_config import InstrumentConfig, InstrumentsConfig
 from labdaq.instruments_service import (
@@ -35,13 +36,13 @@ class InstrumentsApplied(BaseModel):
     instruments: list[InstrumentOut]
 
 
-@router.get("", response_model=list[InstrumentOut])
+@router.get("", response_model=list[InstrumentOut], responses=responses(*COMMON, *AUTH))
 async def get_instruments(session: Session, _: Reader) -> list[InstrumentOut]:
     return [InstrumentOut(**x) for x in await list_instruments(session)]
 
 
 @router.put("", response_model=InstrumentsApplied | InstrumentOut,
-            status_code=status.HTTP_200_OK)
+            status_code=status.HTTP_200_OK, responses=responses(*COMMON, *OPERATE, 409))
 async def put_instruments(body: InstrumentsConfig | InstrumentConfig, request: Request,
                           session: Session, token: Admin,
                           dry_run: bool = False) -> InstrumentsApplied | InstrumentOut:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Path
 
 from labdaq.api.deps import Reader
+from labdaq.api.problems import AUTH, COMMON, responses
 from labdaq.api.schemas import TemplateOut
 from labdaq.errors import NotFound
 from labdaq.protocol import list_templates, load_template
@@ -12,13 +15,17 @@ from labdaq.protocol import list_templates, load_template
 router = APIRouter(prefix="/api/v1/protocols", tags=["protocols"])
 
 
-@router.get("/templates", response_model=list[TemplateOut])
+@router.get("/templates", response_model=list[TemplateOut], responses=responses(*COMMON, *AUTH))
 async def get_templates(_: Reader) -> list[TemplateOut]:
     return [_out(name) for name in list_templates()]
 
 
-@router.get("/templates/{name}", response_model=TemplateOut)
-async def get_template(name: str, _: Reader) -> TemplateOut:
+@router.get(
+    "/templates/{name}", response_model=TemplateOut, responses=responses(*COMMON, *AUTH, 404)
+)
+async def get_template(
+    name: Annotated[str, Path(max_length=200, description="template name")], _: Reader
+) -> TemplateOut:
     if name not in list_templates():
         raise NotFound(f"no template {name!r}; available: {', '.join(list_templates())}")
     return _out(name)

@@ -5,77 +5,94 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Request, status
 
 from labdaq import runs as service
-from labdaq.api.deps import Operator, Reader, Session
+from labdaq.api.deps import Operator, Reader, RunId, Session
+from labdaq.api.problems import AUTH, COMMON, OPERATE, responses
 from labdaq.api.schemas import CycleOut, EisOut, EventOut, RunOut, StepOut
+from labdaq.bounds import INT32_MAX
 from labdaq.runs import RunCreate
+from labdaq.storage.models import RunState
 
 router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
 
+READ = responses(*COMMON, *AUTH, 404)
+COMMAND = responses(*COMMON, *OPERATE, 404, 409)
 
-@router.post("", response_model=RunOut, status_code=status.HTTP_201_CREATED)
+
+@router.post(
+    "",
+    response_model=RunOut,
+    status_code=status.HTTP_201_CREATED,
+    responses=responses(*COMMON, *OPERATE, 409),
+)
 async def create_run(
     body: RunCreate, request: Request, session: Session, token: Operator
 ) -> RunOut:
-    margin = request.app.state.settings.safety_voltage_margin_v
-    run = await service.create_run(session, body, actor=token.name, voltage_margin_v=margin)
+    s = request.app.state.settings
+    run = await service.create_run(
+        session,
+        body,
+        actor=token.name,
+        voltage_margin_v=s.safety_voltage_margin_v,
+        min_sample_period_s=s.min_sample_period_s,
+        max_duration_s=s.max_duration_s,
+    )
     await session.commit()
     return RunOut.model_validate(run)
 
 
-@router.get("", response_model=list[RunOut])
+@router.get("", response_model=list[RunOut], responses=responses(*COMMON, *AUTH))
 async def list_runs(
     session: Session,
     _: Reader,
-    state: str | None = Query(None, description="only runs in this state"),
+    state: RunState | None = Query(None, description="only runs in this state"),
     limit: int = Query(100, ge=1, le=1000),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=INT32_MAX),
 ) -> list[RunOut]:
-    return [
-        RunOut.model_validate(r) for r in await service.list_runs(session, state, limit, offset)
-    ]
+    rows = await service.list_runs(session, state.value if state else None, limit, offset)
+    return [RunOut.model_validate(r) for r in rows]
 
 
-@router.get("/{run_id}", response_model=RunOut)
-async def get_run(run_id: int, session: Session, _: Reader) -> RunOut:
+@router.get("/{run_id}", response_model=RunOut, responses=READ)
+async def get_run(run_id: RunId, session: Session, _: Reader) -> RunOut:
     return RunOut.model_validate(await service.get_run(session, run_id))
 
 
-@router.post("/{run_id}/stop", response_model=RunOut)
-async def stop_run(run_id: int, session: Session, token: Operator) -> RunOut:
+@router.post("/{run_id}/stop", response_model=RunOut, responses=COMMAND)
+async def stop_run(run_id: RunId, session: Session, token: Operator) -> RunOut:
     run = await service.request_stop(session, run_id, actor=token.name)
     await session.commit()
     return RunOut.model_validate(run)
 
 
-@router.post("/{run_id}/pause", response_model=RunOut)
-async def pause_run(run_id: int, session: Session, token: Operator) -> RunOut:
+@router.post("/{run_id}/pause", response_model=RunOut, responses=COMMAND)
+async def pause_run(run_id: RunId, session: Session, token: Operator) -> RunOut:
     run = await service.request_pause(session, run_id, actor=token.name)
     await session.commit()
     return RunOut.model_validate(run)
 
 
-@router.post("/{run_id}/resume", response_model=RunOut)
-async def resume_run(run_id: int, session: Session, token: Operator) -> RunOut:
+@router.post("/{run_id}/resume", response_model=RunOut, responses=COMMAND)
+async def resume_run(run_id: RunId, session: Session, token: Operator) -> RunOut:
     run = await service.request_resume(session, run_id, actor=token.name)
     await session.commit()
     return RunOut.model_validate(run)
 
 
-@router.get("/{run_id}/cycles", response_model=list[CycleOut])
-async def get_cycles(run_id: int, session: Session, _: Reader) -> list[CycleOut]:
+@router.get("/{run_id}/cycles", response_model=list[CycleOut], responses=READ)
+async def get_cycles(run_id: RunId, session: Session, _: Reader) -> list[CycleOut]:
     return [CycleOut.model_validate(c) for c in await service.list_cycles(session, run_id)]
 
 
-@router.get("/{run_id}/steps", response_model=list[StepOut])
-async def get_steps(run_id: int, session: Session, _: Reader) -> list[StepOut]:
+@router.get("/{run_id}/steps", response_model=list[StepOut], responses=READ)
+async def get_steps(run_id: RunId, session: Session, _: Reader) -> list[StepOut]:
     return [StepOut.model_validate(x) for x in await service.list_steps(session, run_id)]
 
 
-@router.get("/{run_id}/events", response_model=list[EventOut])
-async def get_events(run_id: int, session: Session, _: Reader) -> list[EventOut]:
+@router.get("/{run_id}/events", response_model=list[EventOut], responses=READ)
+async def get_events(run_id: RunId, session: Session, _: Reader) -> list[EventOut]:
     return [EventOut.model_validate(x) for x in await service.list_events(session, run_id)]
 
 
-@router.get("/{run_id}/eis", response_model=list[EisOut])
-async def get_eis(run_id: int, session: Session, _: Reader) -> list[EisOut]:
+@router.get("/{run_id}/eis", response_model=list[EisOut], responses=READ)
+async def get_eis(run_id: RunId, session: Session, _: Reader) -> list[EisOut]:
     return [EisOut.model_validate(x) for x in await service.list_spectra(session, run_id)]

@@ -10,8 +10,9 @@ from sqlalchemy import select
 
 from labdaq import runs as run_service
 from labdaq.api.dataout_schemas import SamplesPage
-from labdaq.api.deps import Reader, Session
-from labdaq.api.schemas import ErrorOut
+from labdaq.api.deps import Reader, RunId, Session
+from labdaq.api.problems import Problem
+from labdaq.bounds import INT32_MAX, INT64_MAX
 from labdaq.downsample import downsample
 from labdaq.export import COLUMNS, SampleFilter
 from labdaq.storage import models as m
@@ -19,24 +20,24 @@ from labdaq.storage import models as m
 router = APIRouter(prefix="/api/v1/runs", tags=["samples"])
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorOut, "description": "missing, unknown or revoked token"},
-    404: {"model": ErrorOut, "description": "no such run"},
-    422: {"model": ErrorOut, "description": "invalid query parameters"},
+    401: {"model": Problem, "description": "missing, unknown or revoked token"},
+    404: {"model": Problem, "description": "no such run"},
+    422: {"model": Problem, "description": "invalid query parameters"},
 }
 
 
 @router.get("/{run_id}/samples", response_model=SamplesPage, responses=_ERRORS)
 async def get_samples(
-    run_id: int,
+    run_id: RunId,
     request: Request,
     session: Session,
     _: Reader,
-    after_seq: int = Query(0, ge=0, description="only samples with seq greater than this"),
+    after_seq: int = Query(0, ge=0, le=INT64_MAX, description="seq greater than this"),
     limit: int = Query(10_000, ge=1, le=100_000, description="page size (full resolution)"),
-    t_from: float | None = Query(None, description="only samples with t_s >= this (s)"),
-    t_to: float | None = Query(None, description="only samples with t_s <= this (s)"),
-    cycle: int | None = Query(None, ge=0, description="only samples of this cycle"),
-    step: int | None = Query(None, ge=0, description="only samples of this plan step"),
+    t_from: float | None = Query(None, allow_inf_nan=False, description="t_s >= this (s)"),
+    t_to: float | None = Query(None, allow_inf_nan=False, description="t_s <= this (s)"),
+    cycle: int | None = Query(None, ge=0, le=INT32_MAX, description="only samples of this cycle"),
+    step: int | None = Query(None, ge=0, le=INT32_MAX, description="this plan step"),
     points: int | None = Query(
         None, ge=10, le=100_000,
         description="downsample to at most this many points (MinMaxLTTB on voltage and "

@@ -13,17 +13,23 @@ from fastapi.responses import StreamingResponse
 
 from labdaq import live
 from labdaq import runs as run_service
-from labdaq.api.deps import Reader, Session
-from labdaq.api.schemas import ErrorOut
+from labdaq.api.deps import Reader, RunId, Session
+from labdaq.api.problems import Problem
 from labdaq.storage import models as m
 from labdaq.storage.db import session_scope
 
 router = APIRouter(prefix="/api/v1/runs", tags=["stream"])
 
+# The ids the streams send (labdaq.live.Cursor / LabCursor), so the schema says what
+# Last-Event-ID may be.
+RUN_EVENT_ID = (
+    r"^\d{1,18}\.\d{1,18}\.\d{1,18}\.\d{1,18}\.[a-z_]{0,20}\.(\d{1,18}(\.\d{1,18})?(e-?\d{1,3})?)?$"
+)
+LAB_EVENT_ID = r"^\d{1,18}\.\d{1,18}\.\d{1,18}$"
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorOut, "description": "missing, unknown or revoked token"},
-    404: {"model": ErrorOut, "description": "no such run"},
-    422: {"model": ErrorOut, "description": "bad Last-Event-ID or parameters"},
+    401: {"model": Problem, "description": "missing, unknown or revoked token"},
+    404: {"model": Problem, "description": "no such run"},
+    422: {"model": Problem, "description": "bad Last-Event-ID or parameters"},
 }
 KEEPALIVE_S = 15.0
 
@@ -40,7 +46,7 @@ def _sse(msg: live.Message) -> bytes:
                      "each `id` resumes the stream after it (Last-Event-ID)"}, **_ERRORS},
 )
 async def stream_run(
-    run_id: int,
+    run_id: RunId,
     request: Request,
     session: Session,
     _: Reader,
@@ -48,7 +54,9 @@ async def stream_run(
         None, gt=0, le=1000, description="at most this many samples per second of run time"
     ),
     poll_s: float = Query(0.5, ge=0.05, le=10, description="how often to look for news"),
-    last_event_id: str | None = Header(None, alias="Last-Event-ID"),
+    last_event_id: str | None = Header(
+        None, alias="Last-Event-ID", pattern=RUN_EVENT_ID, description="an id this stream sent"
+    ),
 ) -> StreamingResponse:
     await run_service.get_run(session, run_id)
     cursor = live.Cursor.parse(last_event_id)
@@ -101,7 +109,9 @@ async def stream_lab(
     session: Session,
     _: Reader,
     poll_s: float = Query(0.5, ge=0.05, le=10, description="how often to look for news"),
-    last_event_id: str | None = Header(None, alias="Last-Event-ID"),
+    last_event_id: str | None = Header(
+        None, alias="Last-Event-ID", pattern=LAB_EVENT_ID, description="an id this stream sent"
+    ),
 ) -> StreamingResponse:
     """What happens anywhere in the lab from now on (or after ``Last-Event-ID``)."""
     cursor = (live.LabCursor.parse(last_event_id) if last_event_id
