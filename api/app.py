@@ -13,6 +13,7 @@ import labdaq
 from labdaq.api.routers import (
     cells,
     channels,
+    evaluations,
     exports,
     health,
     instruments,
@@ -74,4 +75,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(exports.router)
     app.include_router(stream.router)
     app.include_router(stream.lab_router)
+    app.include_router(evaluations.router)
     return app
