@@ -29,7 +29,8 @@ Evaluator = Annotated[m.ApiToken, Depends(require("evaluate"))]
 _AUTH: dict[int | str, dict[str, Any]] = {401: {"description": "missing or unknown token"},
          403: {"description": "the token's role may not do this"}}
 _RUN: dict[int | str, dict[str, Any]] = {404: {"description": "no such run"}}
-_INVALID: dict[int | str, dict[str, Any]] = {422: {"description": "invalid parameters (names each bad field)"}}
+_INVALID: dict[int | str, dict[str, Any]] = {
+    422: {"description": "invalid parameters (names each bad field)"}}
 
 RuleQ = Annotated[Literal["simple", "guarded"], Query(
     description="decision rule (ILAC-G8): simple acceptance, or guarded by the "
