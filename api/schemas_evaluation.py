@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 from labdaq.api.schemas import UtcDatetime
 
@@ -71,6 +71,12 @@ class EvaluationOut(BaseModel):
     catalogue_sha256: str
     software_version: str | None
     entries: list[EntryOut]
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def report_url(self) -> str:
+        """Where the run's test report is served (HTML; add ``?format=pdf``)."""
+        return f"/api/v1/runs/{self.run_id}/report"
 
 
 class ObservationsIn(BaseModel):

@@ -81,6 +81,7 @@ async def test_evaluation_of_a_simulated_run(sqlite_url: str, evaluated_run) -> 
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["stored"] is False and body["rule"] == "simple"
+    assert body["report_url"] == f"/api/v1/runs/{run_id}/report"
     data = load(sqlite_url, run_id)
     assert body["data_sha256"] == data_sha256(data.samples)
     assert body["catalogue_sha256"] == catalogue_sha256()
