@@ -24,6 +24,8 @@ class EvaluationRequest(BaseModel):
     entries: list[str] | None = Field(
         None, max_length=200,
         description="catalogue entry ids to judge; default: those the run's protocol serves")
+    ocv_before_run: int | None = Field(
+        None, ge=1, description="UN 38.3 T.1-T.4: the OCV check run made before the stress")
     # The channel's expanded (k = 2) accuracy: all three or none. Without it no
     # uncertainty is known and the guarded rule judges as simple acceptance.
     voltage_accuracy_rel: float | None = Field(None, gt=0, le=0.5)

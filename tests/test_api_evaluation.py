@@ -19,7 +19,14 @@ from pypdf import PdfReader
 
 from labdaq.api.app import create_app
 from labdaq.auth import create_token
-from labdaq.benchmarks.evaluate import GUARDED, OBSERVED, SIMPLE, ChannelAccuracy, evaluate_run
+from labdaq.benchmarks.evaluate import (
+    GUARDED,
+    OBSERVED,
+    SIMPLE,
+    ChannelAccuracy,
+    evaluate_run,
+    ocv_of,
+)
 from labdaq.benchmarks.store import _jsonable, catalogue_sha256, data_sha256
 from labdaq.config import Settings
 from labdaq.storage.db import create_engine, session_scope, sessionmaker
@@ -234,6 +241,32 @@ async def test_report_html_and_pdf(sqlite_url: str, evaluated_run) -> None:
     r = await c.get(url, params={"format": "docx"}, headers=eng)
     assert r.status_code == 422
 
+
+async def test_un383_ocv_pair_named_by_query(sqlite_url: str, tmp_path: Path) -> None:
+    """UN 38.3 T.1-T.4: two simulated OCV check runs; the one after is judged with the one
+    before named by ``ocv_before_run``, as ``labdaq evaluate --ocv-before-run`` does."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    before = await run_template(sqlite_url, tmp_path / "a", "un383_ocv_check")
+    after = await run_template(sqlite_url, tmp_path / "b", "un383_ocv_check")
+    tokens = await make_tokens(sqlite_url)
+    eng = auth(tokens["engineer"])
+    url = f"/api/v1/runs/{after}/evaluation"
+    async for c in serve(sqlite_url):
+        alone = (await c.get(url, headers=eng)).json()["entries"]
+        paired = (await c.get(url, params={"ocv_before_run": before}, headers=eng)).json()
+        r = await c.get(url, params={"ocv_before_run": after + 100}, headers=eng)
+        assert r.status_code == 422 and "ocv_before_run" in r.json()["detail"]
+    ratio_alone = [cr for e in alone for cr in e["criteria"]
+                   if cr["metric"] == "ocv_ratio_after_before"]
+    assert ratio_alone and all(cr["verdict"] == "not_evaluable" for cr in ratio_alone)
+    ref = load(sqlite_url, after, ocv_before_v=ocv_of(load(sqlite_url, before)))
+    assert paired["entries"] == _jsonable([x.as_dict() for x in evaluate_run(ref)])
+    ratios = [cr for e in paired["entries"] for cr in e["criteria"]
+              if cr["metric"] == "ocv_ratio_after_before"]
+    assert ratios and all(cr["verdict"] in ("pass", "provisional") for cr in ratios)
+    # A fresh simulated cell at rest twice: the same OCV within a few mV.
+    assert all(0.99 < cr["value"] < 1.01 for cr in ratios)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",

@@ -53,6 +53,9 @@ def _accuracy(
 
 
 AccuracyQ = Annotated[ChannelAccuracy | None, Depends(_accuracy)]
+OcvBeforeQ = Annotated[int | None, Query(
+    ge=1, description="UN 38.3 T.1-T.4: the OCV check run made before the stress (this "
+                      "run is the one after it)")]
 SpecCyclesQ = Annotated[int | None, Query(
     ge=1, le=1_000_000, description="datasheet cycle count to judge capacity retention at")]
 
@@ -67,6 +70,7 @@ async def get_evaluation(
     accuracy: AccuracyQ,
     rule: RuleQ = "simple",
     spec_cycles: SpecCyclesQ = None,
+    ocv_before_run: OcvBeforeQ = None,
     entries: Annotated[list[str] | None, Query(
         max_length=200, description="catalogue entry ids to judge (repeatable); default: "
                                     "those the run's protocol serves")] = None,
@@ -76,7 +80,8 @@ async def get_evaluation(
     if stored:
         return EvaluationOut.model_validate(await service.stored(session, run_id))
     return EvaluationOut.model_validate(
-        await service.evaluate_out(session, run_id, rule, spec_cycles, entries, accuracy))
+        await service.evaluate_out(session, run_id, rule, spec_cycles, entries, accuracy,
+                                   ocv_before_run))
 
 
 @router.post("/{run_id}/evaluation", response_model=EvaluationOut,
@@ -90,7 +95,7 @@ async def store_evaluation(
                                    req.temperature_accuracy_c)
     out = await service.store(session, run_id, actor=token.name, rule=req.rule,
                               spec_cycles=req.spec_cycles, entries=req.entries,
-                              accuracy=accuracy)
+                              accuracy=accuracy, ocv_before_run=req.ocv_before_run)
     await session.commit()
     return EvaluationOut.model_validate(out)
 
@@ -127,9 +132,11 @@ async def get_report(
     accuracy: AccuracyQ,
     rule: RuleQ = "simple",
     spec_cycles: SpecCyclesQ = None,
+    ocv_before_run: OcvBeforeQ = None,
     format: Annotated[Literal["html", "pdf"], Query(description="html or pdf")] = "html",
 ) -> Response:
-    page = await service.report_html(session, run_id, rule, spec_cycles, accuracy)
+    page = await service.report_html(session, run_id, rule, spec_cycles, accuracy,
+                                     ocv_before_run)
     if format == "html":
         return HTMLResponse(page)
     pdf = await run_in_threadpool(service.html_to_pdf, page)

@@ -12,7 +12,14 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from labdaq.benchmarks.evaluate import ChannelAccuracy, EntryResult, RunData, evaluate_run
+from labdaq.benchmarks.evaluate import (
+    ChannelAccuracy,
+    EntryResult,
+    NotEvaluable,
+    RunData,
+    evaluate_run,
+    ocv_of,
+)
 from labdaq.benchmarks.rundata import load_run_data
 from labdaq.benchmarks.store import (
     _jsonable,
@@ -61,13 +68,30 @@ class Evaluated:
     entries: list[dict[str, Any]]
 
 
+async def _ocv_before(session: AsyncSession, before_run: int) -> float:
+    """UN 38.3 T.1-T.4: the OCV of the check run made before the stress."""
+    try:
+        ref = await session.run_sync(lambda s: load_run_data(s, before_run))
+        return ocv_of(ref)
+    except (KeyError, NotEvaluable) as exc:
+        why = f"no run {before_run}" if isinstance(exc, KeyError) else str(exc)
+        raise Invalid("no OCV before the stress", [
+            {"loc": "ocv_before_run", "msg": why}]) from exc
+
+
 async def _load(session: AsyncSession, run_id: int, spec_cycles: int | None,
-                accuracy: ChannelAccuracy | None = None) -> RunData:
+                accuracy: ChannelAccuracy | None = None,
+                ocv_before_run: int | None = None) -> RunData:
     options: dict[str, Any] = {}
     if spec_cycles is not None:
         options["spec_cycles"] = spec_cycles
     if accuracy is not None:
         options["accuracy"] = accuracy
+    # An unknown run is a 404 before a bad ocv_before_run is a 422.
+    if await session.get(m.Run, run_id) is None:
+        raise NotFound(f"no run {run_id}")
+    if ocv_before_run is not None:
+        options["ocv_before_v"] = await _ocv_before(session, ocv_before_run)
     try:
         return await session.run_sync(lambda s: load_run_data(s, run_id, **options))
     except KeyError as exc:
@@ -100,11 +124,13 @@ def _judge(data: RunData, rule: Rule, entries: list[str] | None) -> list[EntryRe
 async def evaluate(session: AsyncSession, run_id: int, rule: Rule = "simple",
                    spec_cycles: int | None = None, entries: list[str] | None = None,
                    accuracy: ChannelAccuracy | None = None,
+                   ocv_before_run: int | None = None,
                    ) -> tuple[RunData, list[EntryResult]]:
     """Judge the run now (with its recorded observations); nothing is written. Without
     ``accuracy`` no uncertainty is known, so the guarded rule falls back to simple
-    acceptance (each criterion names the rule it was judged by)."""
-    data = await _load(session, run_id, spec_cycles, accuracy)
+    acceptance (each criterion names the rule it was judged by). ``ocv_before_run``: for
+    a UN 38.3 OCV check after the stress, the check run made before it."""
+    data = await _load(session, run_id, spec_cycles, accuracy, ocv_before_run)
     return data, _judge(data, rule, entries)
 
 
@@ -119,23 +145,28 @@ def _fresh(data: RunData, results: list[EntryResult], rule: Rule) -> Evaluated:
 
 async def evaluate_out(session: AsyncSession, run_id: int, rule: Rule = "simple",
                        spec_cycles: int | None = None, entries: list[str] | None = None,
-                       accuracy: ChannelAccuracy | None = None) -> Evaluated:
-    data, results = await evaluate(session, run_id, rule, spec_cycles, entries, accuracy)
+                       accuracy: ChannelAccuracy | None = None,
+                       ocv_before_run: int | None = None) -> Evaluated:
+    data, results = await evaluate(session, run_id, rule, spec_cycles, entries, accuracy,
+                                   ocv_before_run)
     return _fresh(data, results, rule)
 
 
 async def store(session: AsyncSession, run_id: int, actor: str, rule: Rule = "simple",
                 spec_cycles: int | None = None, entries: list[str] | None = None,
-                accuracy: ChannelAccuracy | None = None) -> Evaluated:
+                accuracy: ChannelAccuracy | None = None,
+                ocv_before_run: int | None = None) -> Evaluated:
     """Judge the run and keep the result (one ``evaluations`` row per entry) with an audit
     event naming who stored it under which rule (the caller commits)."""
-    data, results = await evaluate(session, run_id, rule, spec_cycles, entries, accuracy)
+    data, results = await evaluate(session, run_id, rule, spec_cycles, entries, accuracy,
+                                   ocv_before_run)
     await session.run_sync(lambda s: store_evaluation(s, data, results))
     session.add(m.Event(
         run_id=run_id, kind="audit", actor=actor,
         message=f"evaluation stored ({len(results)} entries, rule {rule})",
         data={"rule": rule, "spec_cycles": spec_cycles, "entries": entries,
               "accuracy": None if accuracy is None else accuracy.__dict__,
+              "ocv_before_run": ocv_before_run,
               "verdicts": {r.entry_id: r.verdict for r in results}}))
     out = _fresh(data, results, rule)
     out.stored = True
@@ -196,11 +227,13 @@ async def list_observations(session: AsyncSession, run_id: int) -> list[m.Observ
 
 async def report_html(session: AsyncSession, run_id: int, rule: Rule = "simple",
                       spec_cycles: int | None = None,
-                      accuracy: ChannelAccuracy | None = None) -> str:
+                      accuracy: ChannelAccuracy | None = None,
+                      ocv_before_run: int | None = None) -> str:
     """The HTML test report of the run, judged now under ``rule``."""
     from labdaq.benchmarks.report import render_report
 
-    data, results = await evaluate(session, run_id, rule, spec_cycles, accuracy=accuracy)
+    data, results = await evaluate(session, run_id, rule, spec_cycles, accuracy=accuracy,
+                                   ocv_before_run=ocv_before_run)
     return render_report(data, results)
 
 
