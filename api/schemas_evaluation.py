@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    computed_field,
+    model_validator,
+)
 
 from labdaq.api.schemas import UtcDatetime
 
@@ -87,7 +95,8 @@ class ObservationsIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    values: dict[str, bool | float] = Field(min_length=1, max_length=50)
+    # Strict: "yes" or "1" is not silently taken for true; JSON true/false or a number.
+    values: dict[str, StrictBool | StrictFloat] = Field(min_length=1, max_length=50)
     observed_by: str | None = Field(
         None, min_length=1, max_length=100,
         description="who observed it; default: the token's name")

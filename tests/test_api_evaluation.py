@@ -175,6 +175,10 @@ async def test_observations_combine_with_measured_criteria(evaluated_run) -> Non
     assert r.status_code == 422 and "no_smoke" in r.json()["detail"]
     r = await c.post(obs_url, json={"values": {}}, headers=tech)
     assert r.status_code == 422
+    # A yes/no is JSON true/false, not a string that looks like one.
+    r = await c.post(obs_url, json={"values": {"no_fire_explosion_leakage": "yes"}},
+                     headers=tech)
+    assert r.status_code == 422 and "no_fire_explosion_leakage" in r.json()["detail"]
     r = await c.post(obs_url, json=body, headers=tech)
     assert r.status_code == 201, r.text
     (row,) = r.json()
