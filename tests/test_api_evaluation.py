@@ -277,6 +277,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
                  "--disable-background-networking", "--disable-component-update"]
 
 
+@pytest.mark.slow  # a browser: `make test-slow`
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install "
                                                    "chromium)")
 async def test_report_renders_in_headless_chromium(sqlite_url: str, tmp_path: Path) -> None:
