@@ -76,4 +76,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(stream.router)
     app.include_router(stream.lab_router)
     app.include_router(evaluations.router)
+    app.include_router(evaluations.cell_router)
     return app

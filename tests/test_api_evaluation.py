@@ -147,6 +147,16 @@ async def test_evaluation_of_a_simulated_run(sqlite_url: str, evaluated_run) -> 
     (audit,) = [e for e in events if e["message"].startswith("evaluation stored")]
     assert audit["kind"] == "audit" and audit["actor"] == "t-engineer"
 
+    # Per cell: each of its runs judged, the same result as the run's own.
+    cell_id = (await c.get(f"/api/v1/runs/{run_id}", headers=eng)).json()["cell_id"]
+    r = await c.get(f"/api/v1/cells/{cell_id}/evaluation", headers=eng)
+    assert r.status_code == 200, r.text
+    (per_run,) = r.json()
+    assert per_run["run_id"] == run_id and per_run["entries"] == body["entries"]
+    assert (await c.get(f"/api/v1/cells/{cell_id}/evaluation", headers=tech)).status_code == 403
+    assert (await c.get(f"/api/v1/cells/{cell_id + 100}/evaluation",
+                        headers=eng)).status_code == 404
+
     for path in ("evaluation", "report", "observations"):
         r = await c.get(f"/api/v1/runs/{run_id + 100}/{path}", headers=eng)
         assert r.status_code == 404, path

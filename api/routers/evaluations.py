@@ -22,6 +22,7 @@ from labdaq.benchmarks.evaluate import ChannelAccuracy
 from labdaq.storage import models as m
 
 router = APIRouter(prefix="/api/v1/runs", tags=["evaluation"])
+cell_router = APIRouter(prefix="/api/v1/cells", tags=["evaluation"])
 
 # Judging a run and issuing its report is an engineer's job (and an admin's).
 Evaluator = Annotated[m.ApiToken, Depends(require("evaluate"))]
@@ -142,3 +143,17 @@ async def get_report(
     pdf = await run_in_threadpool(service.html_to_pdf, page)
     return Response(pdf, media_type="application/pdf", headers={
         "Content-Disposition": f'inline; filename="labdaq-run-{run_id}-report.pdf"'})
+
+
+@cell_router.get("/{cell_id}/evaluation", response_model=list[EvaluationOut],
+                 responses={**_AUTH, 404: {"description": "no such cell"}, **_INVALID})
+async def get_cell_evaluation(
+    cell_id: int,
+    session: Session,
+    _: Evaluator,
+    accuracy: AccuracyQ,
+    rule: RuleQ = "simple",
+    spec_cycles: SpecCyclesQ = None,
+) -> list[EvaluationOut]:
+    return [EvaluationOut.model_validate(e) for e in
+            await service.evaluate_cell(session, cell_id, rule, spec_cycles, accuracy)]

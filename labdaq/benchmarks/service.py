@@ -37,6 +37,7 @@ __all__ = [
     "accuracy_of",
     "evaluate",
     "evaluate_out",
+    "evaluate_cell",
     "store",
     "stored",
     "add_observations",
@@ -150,6 +151,19 @@ async def evaluate_out(session: AsyncSession, run_id: int, rule: Rule = "simple"
     data, results = await evaluate(session, run_id, rule, spec_cycles, entries, accuracy,
                                    ocv_before_run)
     return _fresh(data, results, rule)
+
+
+async def evaluate_cell(session: AsyncSession, cell_id: int, rule: Rule = "simple",
+                        spec_cycles: int | None = None,
+                        accuracy: ChannelAccuracy | None = None) -> list[Evaluated]:
+    """Every run of the cell judged now, oldest run first (each against the entries its
+    protocol serves); NotFound for an unknown cell."""
+    if await session.get(m.Cell, cell_id) is None:
+        raise NotFound(f"no cell {cell_id}")
+    run_ids = list(await session.scalars(
+        select(m.Run.id).where(m.Run.cell_id == cell_id).order_by(m.Run.id)))
+    return [await evaluate_out(session, rid, rule, spec_cycles, accuracy=accuracy)
+            for rid in run_ids]
 
 
 async def store(session: AsyncSession, run_id: int, actor: str, rule: Rule = "simple",
