@@ -15,6 +15,7 @@ from labdaq.api.problems import install_problem_handlers, problem_openapi
 from labdaq.api.routers import (
     cells,
     channels,
+    evaluations,
     exports,
     health,
     instruments,
@@ -76,4 +77,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return problem_openapi(app)
 
     app.openapi = _openapi  # type: ignore[method-assign]
+    app.include_router(evaluations.router)
+    app.include_router(evaluations.cell_router)
     return app

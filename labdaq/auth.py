@@ -15,6 +15,8 @@ ROLE_GRANTS: dict[str, set[str]] = {
     "read": {m.Role.technician, m.Role.engineer, m.Role.admin},
     "operate": {m.Role.technician, m.Role.admin},
     "admin": {m.Role.admin},
+    # Judging runs against the benchmark catalogue and issuing reports.
+    "evaluate": {m.Role.engineer, m.Role.admin},
 }
 
 
