@@ -56,7 +56,8 @@ def _accuracy(
 
 AccuracyQ = Annotated[ChannelAccuracy | None, Depends(_accuracy)]
 OcvBeforeQ = Annotated[int | None, Query(
-    ge=1, le=INT32_MAX, description="UN 38.3 T.1-T.4: the OCV check run made before the stress (this "
+    ge=1, le=INT32_MAX,
+    description="UN 38.3 T.1-T.4: the OCV check run made before the stress (this "
                       "run is the one after it)")]
 SpecCyclesQ = Annotated[int | None, Query(
     ge=1, le=1_000_000, description="datasheet cycle count to judge capacity retention at")]
