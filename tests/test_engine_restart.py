@@ -27,7 +27,7 @@ from labdaq.engine.group import FLAG_EDGE, FLAG_RESUMED
 from labdaq.storage import models as m
 from labdaq.storage.db import create_engine, session_scope, sessionmaker, upgrade
 from tests.engine_rig import assert_contiguous, channel_cell, register_lab, rows_of, samples
-from tests.test_recovery_kill9 import _alive, _children
+from tests.test_recovery_kill9 import _alive, _children, _scpi
 
 SPEED = 200.0  # a 1200 s step lasts 6 s; a restart gap of ~2 s is ~400 simulated s
 REPO = Path(__file__).resolve().parents[1]
@@ -145,6 +145,11 @@ async def test_kill_9_mid_step_then_restart_resumes_without_gaps(
     finally:
         if first.poll() is None:
             first.kill()
+    # The SMU's output off, as its watchdog would turn it after a while: how long the
+    # restart takes on a loaded machine must not decide whether the cell is empty (0 V,
+    # a safety abort) when the run resumes.
+    smu = next(i for i in desc["instruments"] if i["name"] == "smu1")
+    assert _scpi(int(smu["resource"].split("::")[2]), ":OUTP 0;:OUTP?") == "0"
     before = await samples(maker, run_id)
     assert_contiguous(before["seq"])
     async with session_scope(maker) as s:

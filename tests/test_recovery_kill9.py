@@ -359,6 +359,10 @@ def resumed(tmp_path_factory: pytest.TempPathFactory) -> Resumed:
     with _lab(tmp_path_factory.mktemp("kill9_resume")) as lab:
         run_id = _create_run(lab)
         committed = _run_and_kill(lab, run_id, min_samples=600)
+        # Then off, as a cycler's watchdog would turn it after a while: how long the
+        # restart takes on a loaded machine must not decide whether the cell is empty
+        # (0 V, a safety abort) when the run resumes.
+        assert _scpi(lab.smu_port, ":OUTP 0;:OUTP?") == "0"
         position = _run_row(lab, run_id)["position"]
         # A gap rule generous enough for the engine's start-up (a few wall seconds are
         # several hundred simulated ones at this speed): this scenario is about resuming.
