@@ -30,6 +30,7 @@ import sqlite3
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 from _common import result  # noqa: E402
+
+from labdaq.drivers.roles import Cycler  # noqa: E402
 
 CHANNELS = 64
 
@@ -50,10 +53,21 @@ def _reply(rng: np.random.Generator) -> str:
     return ",".join(rows)
 
 
-class MemoryCabinet:
+class MemoryCabinet(Cycler):
     """Stands in for labdaq.drivers.cabinet.CyclerCabinet: same measure() parse, no I/O."""
 
     channel_total = CHANNELS
+    switches_channel_lists = True
+
+    def configure_protection(self, channel: int, voltage_max_v: float,
+                             current_max_a: float) -> None:
+        pass
+
+    def all_off(self) -> None:
+        pass
+
+    def safe_shutdown(self) -> None:
+        pass
 
     def __init__(self, seed: int) -> None:
         rng = np.random.default_rng(seed)
@@ -61,7 +75,8 @@ class MemoryCabinet:
         self._k = 0
         self.channels = list(range(1, CHANNELS + 1))
 
-    def measure(self, channels: list[int]) -> np.ndarray:
+    def measure(self, channels: Sequence[int] | None = None) -> np.ndarray:
+        channels = self.channels if channels is None else channels
         self._k = (self._k + 1) % len(self._replies)
         table = np.array(self._replies[self._k].split(","), dtype=float).reshape(CHANNELS, 5)
         return table[[c - 1 for c in channels], :3]
@@ -80,7 +95,7 @@ class CountingSink:
     def __init__(self) -> None:
         self.rows = 0
 
-    async def put(self, rows: list[Any]) -> None:
+    async def put(self, rows: list[Any], ledger: Any = None) -> None:
         self.rows += len(rows)
 
     async def flush(self) -> None:
@@ -99,7 +114,7 @@ async def engine_run(cabinets: int, duration_s: float, db: Path | None,
                      writer_process: bool = False) -> dict[str, float]:
     from labdaq.engine.channel import ChannelRun
     from labdaq.engine.clock import EngineClock
-    from labdaq.engine.group import Callbacks, InstrumentGroup
+    from labdaq.engine.group import InstrumentGroup
     from labdaq.engine.writer import SampleWriter
     from labdaq.protocol import CellLimits, InstrumentLimits, parse_protocol, resolve
     from labdaq.storage import models as m
@@ -149,7 +164,7 @@ async def engine_run(cabinets: int, duration_s: float, db: Path | None,
         else:
             writer = SampleWriter(engine, batch_rows=10_000, batch_age_s=0.2)
             writer.start()
-    cb = Callbacks(_noop, _noop, _noop, _noop, _noop)
+    cb = _noop
     groups = []
     run_id = 0
     for k in range(cabinets):

@@ -272,6 +272,18 @@ class Instrument:
         self._async_lock = threading.Lock()  # one aquery at a time on the loop's thread
 
     # -- raw I/O ---------------------------------------------------------------------
+    def reconnect(self) -> None:
+        """Drop the link and open it again (a lost instrument being tried again)."""
+        self.transport.reconnect()
+
+    def mark_next_send(self) -> None:
+        """Ask the transport to stamp when the next command goes out (role interfaces)."""
+        self.transport.mark_next_send()
+
+    def marked_send_s(self) -> float:
+        """perf_counter of the command after :meth:`mark_next_send` (NaN: none yet)."""
+        return float(self.transport.marked_send_s)
+
     def write(self, command: str) -> None:
         with self._lock:
             self.transport.write(command)

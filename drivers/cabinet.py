@@ -164,6 +164,9 @@ class CyclerCabinet(Instrument, Cycler):
         "SOUR:CURR:VLIM?", "SOUR:CURR:VLIM %g",
         "Compliance voltage of the current source: charge clamps to CV here.",
         validator=strict_range(0.0, DEFAULT_VOLTAGE_MAX_V))
+    switches_channel_lists = True
+    has_low_voltage_clamp = True
+
     voltage_limit_low_v = channel_control(
         "SOUR:CURR:VLIM:LOW?", "SOUR:CURR:VLIM:LOW %g",
         "Lower compliance voltage: discharge clamps to CV here.",
@@ -323,6 +326,9 @@ class CyclerCabinet(Instrument, Cycler):
         self.write_checked(line)
 
     # -- measurement: one round trip ------------------------------------------------------
+    def set_low_voltage_clamp(self, channel: int, voltage_v: float) -> None:
+        self.voltage_limit_low_v.set(voltage_v, channel)
+
     async def ameasure(self, channels: Sequence[int] | None = None) -> np.ndarray | None:
         """:meth:`measure` on the event loop's thread (``Instrument.aquery``); None when
         it has to go through the worker thread instead."""

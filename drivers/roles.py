@@ -8,6 +8,8 @@ positive current flows into the cell (charge).
 
 from __future__ import annotations
 
+import math
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -23,6 +25,11 @@ class Cycler(ABC):
     """
 
     channels: list[int]
+    #: ``output`` takes a list of channels and switches them in one command.
+    switches_channel_lists: bool = False
+    #: The instrument has a lower compliance voltage in current mode
+    #: (:meth:`set_low_voltage_clamp`), as cycler cabinets do; SMUs do not.
+    has_low_voltage_clamp: bool = False
 
     @abstractmethod
     def configure_protection(self, channel: int, voltage_max_v: float,
@@ -53,6 +60,35 @@ class Cycler(ABC):
     def safe_shutdown(self) -> None:
         """Best-effort: outputs off and into a state that cannot drain or push the cell;
         raises if the output could not be confirmed off."""
+
+    async def ameasure(self, channels: Sequence[int] | None = None) -> np.ndarray | None:
+        """:meth:`measure` without leaving the event loop's thread, where the link allows
+        it; None: call :meth:`measure` (in the instrument's worker thread) instead."""
+        return None
+
+    def set_low_voltage_clamp(self, channel: int, voltage_v: float) -> None:
+        """Lower compliance voltage in current mode (0 = none); see
+        ``has_low_voltage_clamp``."""
+        raise NotImplementedError(f"{type(self).__name__} has no lower voltage clamp")
+
+    def mark_next_send(self) -> None:
+        """Note when the next command goes out on the wire (:meth:`marked_send_s`);
+        by default nothing is noted."""
+        return None
+
+    def marked_send_s(self) -> float:
+        """perf_counter when the command after :meth:`mark_next_send` went out; NaN if
+        not known."""
+        return math.nan
+
+    def switch_off(self, channels: int | list[int]) -> float:
+        """``output(channels, False)``; returns when (perf_counter) the off command went
+        out, which the error-queue check a driver does after it would otherwise hide (the
+        breach-to-off time). Without a stamp: when it returned."""
+        self.mark_next_send()
+        self.output(channels, False)  # type: ignore[arg-type]  # a list where supported
+        sent_s = self.marked_send_s()
+        return sent_s if math.isfinite(sent_s) else time.perf_counter()
 
 
 class ImpedanceAnalyser(ABC):

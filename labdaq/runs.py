@@ -39,6 +39,7 @@ from labdaq.protocol import (
     parse_protocol,
     resolve,
 )
+from labdaq.run_states import command_refusal, ending
 from labdaq.storage import models as m
 
 
@@ -525,12 +526,12 @@ async def get_run(session: AsyncSession, run_id: int) -> m.Run:
 
 async def request_stop(session: AsyncSession, run_id: int, actor: str) -> m.Run:
     run = await get_run(session, run_id)
-    if run.state not in {s.value for s in m.ACTIVE_STATES}:
-        raise Conflict(f"run {run_id} is {run.state}; only an active run can be stopped")
+    if (why := command_refusal(run.state, "stop")) is not None:
+        raise Conflict(f"run {run_id} {why}")
     if run.state == m.RunState.queued.value:
         # Nothing touched an instrument yet: end it here.
-        run.state = m.RunState.stopped.value
-        run.end_reason = "stopped before it started"
+        for key, value in ending(m.RunState.stopped, "stopped before it started").items():
+            setattr(run, key, value)
     else:
         run.requested_action = "stop"
     session.add(m.Event(run_id=run_id, kind="audit", message="stop requested", actor=actor))
@@ -539,8 +540,8 @@ async def request_stop(session: AsyncSession, run_id: int, actor: str) -> m.Run:
 
 async def request_pause(session: AsyncSession, run_id: int, actor: str) -> m.Run:
     run = await get_run(session, run_id)
-    if run.state != m.RunState.running.value:
-        raise Conflict(f"run {run_id} is {run.state}; only a running run can be paused")
+    if (why := command_refusal(run.state, "pause")) is not None:
+        raise Conflict(f"run {run_id} {why}")
     run.requested_action = "pause"
     session.add(m.Event(run_id=run_id, kind="audit", message="pause requested", actor=actor))
     return run
@@ -548,8 +549,8 @@ async def request_pause(session: AsyncSession, run_id: int, actor: str) -> m.Run
 
 async def request_resume(session: AsyncSession, run_id: int, actor: str) -> m.Run:
     run = await get_run(session, run_id)
-    if run.state != m.RunState.paused.value:
-        raise Conflict(f"run {run_id} is {run.state}; only a paused run can be resumed")
+    if (why := command_refusal(run.state, "resume")) is not None:
+        raise Conflict(f"run {run_id} {why}")
     run.requested_action = "resume"
     session.add(m.Event(run_id=run_id, kind="audit", message="resume requested", actor=actor))
     return run

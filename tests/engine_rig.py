@@ -186,13 +186,13 @@ class SpeedGovernor:
         now = self.clock.now()
         cap, gap = math.inf, math.inf
         for k, (r, p) in enumerate(zip(list(g.runs), list(g.phases), strict=False)):
-            if k >= len(g.a_t0):
+            if k >= len(g.state.t0_clock_s):
                 break
-            run_cap, run_gap = self._run(g, k, r, p, now - float(g.a_t0[k]))
+            run_cap, run_gap = self._run(g, k, r, p, now - float(g.state.t0_clock_s[k]))
             cap, gap = min(cap, run_cap), min(gap, run_gap)
         self._caps[g.name] = cap
         # Never less than the loop's own period: it sleeps until then for its next tick.
-        period = min(float(g.a_period.min()), g.control_period_s)
+        period = min(float(g.state.period_s.min()), g.control_period_s)
         self.clock.hold(g.name, now + max(gap, period))
 
     def _run(self, g: Any, k: int, r: Any, p: Any, t: float) -> tuple[float, float]:
@@ -211,9 +211,10 @@ class SpeedGovernor:
             end = p.voltage_above_v if math.isfinite(p.voltage_above_v) else p.voltage_below_v
             if math.isfinite(end):
                 events.append(self._approach(r.run_id, g, k, end))
-            i_now = float(g.a_last_i[k])
+            i_now = float(g.state.last_current_a[k])
             if math.isfinite(p.capacity_ah) and i_now:
-                events.append((p.capacity_ah - float(g.a_step_cap[k])) * 3600 / abs(i_now))
+                left_ah = p.capacity_ah - float(g.state.step_capacity_ah[k])
+                events.append(left_ah * 3600 / abs(i_now))
         for left in events:
             gap = min(gap, max(0.5, left / 10))
         to_empty = self._to_empty(g.name, r.channel)
@@ -223,7 +224,7 @@ class SpeedGovernor:
 
     def _approach(self, run_id: int, g: Any, k: int, end: float) -> float:
         """Simulated seconds until the voltage reaches ``end`` at its present rate."""
-        t, v = float(g.a_last_t[k]), float(g.a_last_v[k])
+        t, v = float(g.state.last_t_s[k]), float(g.state.last_voltage_v[k])
         prev = self._seen.get(run_id)
         rate = prev[2] if prev else 0.0
         if prev and t > prev[0] and math.isfinite(v) and math.isfinite(prev[1]):

@@ -180,11 +180,11 @@ async def test_journal_overflow_becomes_an_interruption_with_bounds(
 
 
 async def test_progress_follows_the_run_and_stops_at_its_end(db_url: str) -> None:
-    """The node's progress UPDATE (one executemany per instrument group) on both
-    databases: while the run goes, runs.last_seq and the resumable position follow it;
-    once it has ended, a progress row built before the end does not overwrite the final
-    record."""
-    from labdaq.engine.node import _write_progress
+    """The progress UPDATE the writer commits with the samples (labdaq.engine.ledger) on
+    both databases: while the run goes, runs.last_seq and the resumable position follow
+    it; once it has ended, a progress row built before the end does not overwrite the
+    final record."""
+    from labdaq.engine.ledger import Records, RecordSql
     from labdaq.storage.db import session_scope
 
     lab = SimLab(smus=1, seed=22)
@@ -208,8 +208,11 @@ async def test_progress_follows_the_run_and_stops_at_its_end(db_url: str) -> Non
         stale = {"run_id": run_id, "step_index": 0, "step_count": 5, "cycle_index": 1,
                  "elapsed_s": 1.0, "last_seq": 1, "position": {"seq": 1}}
         run = await rig.wait_end(run_id, timeout_s=60)
-        async with session_scope(rig.maker) as s:
-            await _write_progress(s, [stale])
+        paramstyle = "numeric_dollar" if "postgresql" in db_url else "qmark"
+        sql = RecordSql.for_paramstyle(paramstyle)
+        async with rig.engine.begin() as conn:
+            for stmt, params in sql.params(Records(progress={run_id: stale})):
+                await conn.exec_driver_sql(stmt, params)  # type: ignore[arg-type]
         async with session_scope(rig.maker) as s:
             after = await s.get(m.Run, run_id)
             assert after is not None
@@ -256,9 +259,10 @@ async def test_saved_position_never_counts_samples_not_yet_stored(db_url: str) -
 
 
 async def test_position_older_than_a_step_boundary_is_not_resumed(db_url: str) -> None:
-    """A kill in the short time a saved position trails the samples, just after a step
-    ended, leaves a position in the previous step. Resuming from it would run part of a
-    finished step again, so the run is marked interrupted with the reason instead."""
+    """A position is committed with the samples it counts, so it always matches the last
+    committed sample. One that does not (a database edited or restored by hand) is not
+    trusted: resuming from a position in an earlier step would run part of a finished
+    step again, so the run is marked interrupted with the reason instead."""
     from labdaq.storage.db import session_scope
 
     lab = SimLab(smus=1, seed=24)
@@ -292,7 +296,7 @@ async def test_position_older_than_a_step_boundary_is_not_resumed(db_url: str) -
             after = await s.get(m.Run, run_id)
             assert after is not None
             assert after.state == "interrupted"
-            assert "older than the committed samples" in (after.end_reason or "")
+            assert "does not match the last committed sample" in (after.end_reason or "")
             assert f"sample {old['seq']}" in (after.end_reason or "")
     finally:
         await rig.stop()

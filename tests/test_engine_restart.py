@@ -27,6 +27,7 @@ from labdaq.engine.group import FLAG_EDGE, FLAG_RESUMED
 from labdaq.storage import models as m
 from labdaq.storage.db import create_engine, session_scope, sessionmaker, upgrade
 from tests.engine_rig import assert_contiguous, channel_cell, register_lab, rows_of, samples
+from tests.test_recovery_kill9 import _alive, _children, _scpi
 
 SPEED = 200.0  # a 1200 s step lasts 6 s; a restart gap of ~2 s is ~400 simulated s
 REPO = Path(__file__).resolve().parents[1]
@@ -133,11 +134,23 @@ async def test_kill_9_mid_step_then_restart_resumes_without_gaps(
             return cc.size > 0 and cc[-1] - cc[0] > 300
 
         await _until(in_cc_step, 30, "the run to be 300 s into its CC step")
+        writer = _children(first.pid)
         first.send_signal(signal.SIGKILL)
         first.wait(10)
+        # Its writer child exits when the pipe breaks; a commit it had in flight may still
+        # land, so what was committed at the kill is read once it is gone.
+        deadline = time.monotonic() + 10
+        while any(_alive(c) for c in writer):
+            assert time.monotonic() < deadline, "the writer child did not exit"
+            await asyncio.sleep(0.05)
     finally:
         if first.poll() is None:
             first.kill()
+    # The SMU's output off, as its watchdog would turn it after a while: how long the
+    # restart takes on a loaded machine must not decide whether the cell is empty (0 V,
+    # a safety abort) when the run resumes.
+    smu = next(i for i in desc["instruments"] if i["name"] == "smu1")
+    assert _scpi(int(smu["resource"].split("::")[2]), ":OUTP 0;:OUTP?") == "0"
     before = await samples(maker, run_id)
     assert_contiguous(before["seq"])
     async with session_scope(maker) as s:

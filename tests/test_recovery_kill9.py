@@ -144,8 +144,10 @@ def _scpi(port: int, command: str) -> str:
 
 
 @contextmanager
-def _lab(tmp_path: Path) -> Iterator[Lab]:
-    """Start ``labdaq sim`` and register its lab in a fresh SQLite database."""
+def _lab(tmp_path: Path, speed: float = SPEED,
+         sim_args: tuple[str, ...] = ("--soc", str(SOC0), "--watchdog", "0")) -> Iterator[Lab]:
+    """Start ``labdaq sim`` and register its lab in a fresh SQLite database. By default
+    no watchdog: whatever turns the SMU's output off is the engine's doing."""
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     db_path = data_dir / "labdaq.db"
@@ -158,10 +160,8 @@ def _lab(tmp_path: Path) -> Iterator[Lab]:
         proc = subprocess.Popen(
             [
                 sys.executable, "-m", "labdaq.cli", "sim",
-                "--speed", str(SPEED),
-                "--soc", str(SOC0),
-                # No watchdog: whatever turns the SMU's output off is the engine's doing.
-                "--watchdog", "0",
+                "--speed", str(speed),
+                *sim_args,
                 "--describe", str(desc_path),
             ],
             stdout=out,
@@ -279,20 +279,14 @@ def _run_and_kill(lab: Lab, run_id: int, min_samples: int) -> list[tuple[Any, ..
     engine = _start_engine(lab, "engine1", max_resume_gap_s=600)
 
     def ready() -> bool:
-        # Also wait for a moment when the saved position and the last committed sample are
-        # from different ticks (they are most of the time): that is what happens in a real
-        # crash, and the only case in which resuming has to choose between the two.
-        ((n, last_seq, position),) = _query(
+        ((n, position),) = _query(
             lab,
-            "SELECT (SELECT count(*) FROM samples WHERE run_id = ?), "
-            "(SELECT max(seq) FROM samples WHERE run_id = ?), position FROM runs WHERE id = ?",
-            run_id,
+            "SELECT (SELECT count(*) FROM samples WHERE run_id = ?), position FROM runs "
+            "WHERE id = ?",
             run_id,
             run_id,
         )
-        return n >= min_samples and position is not None and (
-            json.loads(position)["seq"] != last_seq
-        )
+        return n >= min_samples and position is not None
 
     try:
         _wait(ready, 30, f"{min_samples} committed samples", engine, lab.proc)
@@ -309,6 +303,11 @@ def _run_and_kill(lab: Lab, run_id: int, min_samples: int) -> list[tuple[Any, ..
             engine.kill()
             engine.wait()
     committed = _samples(lab, run_id)
+    # The position is committed with the samples it counts: it is the last one's.
+    position = json.loads(_run_row(lab, run_id)["position"])
+    assert position["seq"] == committed[-1][0]
+    assert position["t_s"] == committed[-1][1]
+    assert position["step_cap_ah"] == pytest.approx(abs(committed[-1][8]), abs=1e-12)
     # Killed mid-step: the run is still 'running' in the database, in its first step, and
     # no step has been recorded as finished.
     assert _state(lab, run_id) == "running"
@@ -363,6 +362,10 @@ def resumed(tmp_path_factory: pytest.TempPathFactory) -> Resumed:
     with _lab(tmp_path_factory.mktemp("kill9_resume")) as lab:
         run_id = _create_run(lab)
         committed = _run_and_kill(lab, run_id, min_samples=600)
+        # Then off, as a cycler's watchdog would turn it after a while: how long the
+        # restart takes on a loaded machine must not decide whether the cell is empty
+        # (0 V, a safety abort) when the run resumes.
+        assert _scpi(lab.smu_port, ":OUTP 0;:OUTP?") == "0"
         position = _run_row(lab, run_id)["position"]
         # A gap rule generous enough for the engine's start-up (a few wall seconds are
         # several hundred simulated ones at this speed): this scenario is about resuming.

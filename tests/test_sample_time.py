@@ -39,7 +39,7 @@ async def test_stored_time_is_between_query_and_next_reading(sqlite_url: str, tm
         assert isinstance(group.driver.transport, StreamTransport if stream else VisaTransport)
         assert group.driver.data_format == "real32"  # readings arrive as float32 blocks
         k = next(j for j, r in enumerate(group.runs) if r.run_id == run_id)
-        run_t0 = float(group.a_t0[k])  # lab-clock time of the run's t_s = 0
+        run_t0 = float(group.state.t0_clock_s[k])  # lab-clock time of the run's t_s = 0
         ended = await rig.wait_end(run_id)
         assert ended.state == "completed", (ended.state, ended.end_reason)
     finally:

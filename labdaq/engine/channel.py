@@ -10,7 +10,6 @@ engine can resume the run where it was.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +74,7 @@ class CycleTotals:
     charge_s: float = 0.0
     discharge_v_s: float = 0.0
     discharge_s: float = 0.0
+    gaps: int = 0  # outages the cycle was resumed across
 
     def summary(self) -> dict[str, Any]:
         ce = self.discharge_ah / self.charge_ah if self.charge_ah > 0 else None
@@ -93,6 +93,7 @@ class CycleTotals:
             "mean_discharge_voltage_v": (
                 self.discharge_v_s / self.discharge_s if self.discharge_s else None
             ),
+            "spans_gap": self.gaps > 0,
         }
 
 
@@ -161,37 +162,18 @@ class ChannelRun:
         self.step_cap_ah = 0.0
         self.step_en_wh = 0.0
         self.step_dis_ah = 0.0
-        # Set by whoever acts on this run (its instrument group), so that a stop or pause
-        # request is noticed at the next tick without polling every run on every tick.
-        self.on_request: Callable[[], None] | None = None
-        self._stop_requested = False
-        self._pause_requested = False
+        # Commands, as the run's instrument group took them from its inbox.
+        self.stop_requested = False
+        self.pause_requested = False
         self.paused = False
         self.outcome: tuple[str, str] | None = None
         self.pause_t_s = 0.0
+        # The auxiliary step of the current phase (EIS, chamber) is done, or failed.
         self.aux_done = False
         self.aux_error: str | None = None
-
-    # -- requests ------------------------------------------------------------------------
-    @property
-    def stop_requested(self) -> bool:
-        return self._stop_requested
-
-    @stop_requested.setter
-    def stop_requested(self, value: bool) -> None:
-        self._stop_requested = value
-        if self.on_request is not None:
-            self.on_request()
-
-    @property
-    def pause_requested(self) -> bool:
-        return self._pause_requested
-
-    @pause_requested.setter
-    def pause_requested(self, value: bool) -> None:
-        self._pause_requested = value
-        if self.on_request is not None:
-            self.on_request()
+        # Transitions of the run's last tick whose records wait for its samples to be
+        # committed (the node writes them with its final state).
+        self.closing: list[Transition] = []
 
     # -- program -----------------------------------------------------------------------
     @property
@@ -405,36 +387,6 @@ class ChannelRun:
         self.pc += 1
         return self._enter(t_end_s, tr)
 
-    def catch_up(
-        self, t: list[float], v: list[float], i: list[float], paused: list[bool]
-    ) -> None:
-        """Add the trapezoids between consecutive readings to the step, cycle and loop
-        accumulators, as the instrument group does tick by tick (a resumed run's position
-        was saved before these readings were)."""
-        c = self.cycle
-        for j in range(1, len(t)):
-            dt = max(t[j] - t[j - 1], 0.0)
-            if paused[j] or dt == 0.0:
-                continue
-            dq = 0.5 * (i[j] + i[j - 1]) * dt / 3600.0
-            de = abs(0.5 * (i[j] * v[j] + i[j - 1] * v[j - 1]) * dt / 3600.0)
-            v_dt = 0.5 * (v[j] + v[j - 1]) * dt
-            self.step_cap_ah += abs(dq)
-            self.step_en_wh += de
-            if dq > 0:
-                c.charge_ah += dq
-                c.charge_wh += de
-                c.charge_v_s += v_dt
-                c.charge_s += dt
-            elif dq < 0:
-                self.step_dis_ah -= dq
-                c.discharge_ah -= dq
-                c.discharge_wh += de
-                c.discharge_v_s += v_dt
-                c.discharge_s += dt
-            if dq != 0:
-                c.end_t_s = t[j]
-
     def pulse_edge(self, v_before: float, i_before: float, v_after: float, i_after: float) -> None:
         """DC internal resistance from the voltage step at a current step (HPPC style)."""
         di = i_after - i_before
@@ -480,8 +432,10 @@ class ChannelRun:
         self.step_dis_ah = float(pos["step_dis_ah"])
         self.pulse_i = int(pos.get("pulse_i", 0))
         st = self.step
-        # The time the channel was down does not count towards the step's duration.
+        # The time the channel was down does not count towards the step's duration, and
+        # the open cycle now spans a gap.
         self.step_t0_s += shift_s
+        self.cycle.gaps += 1
         phase_name = pos.get("phase_name", "")
         t_now = self.t_s + shift_s
         if isinstance(st, ResolvedCCCV) and phase_name == "cccv.cv":

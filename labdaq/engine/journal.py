@@ -20,6 +20,9 @@ On-disk format (all integers little-endian)::
              temperature_c (0.0 when absent → None), step_capacity_ah, step_energy_wh, flags
       kind 2 "json": UTF-8 JSON array of rows (lists), used when a batch does not fit the
              packed layout (an unexpected None, a big integer, ...); keeps every value.
+      kind | 0x80: the batch's records (positions, steps, cycles; labdaq.engine.ledger)
+             come first, as length:u32 + UTF-8 JSON, then the body of kind & 0x7f. They
+             are replayed in the same transaction as the rows.
 
 Why length + CRC per record: each append is one ``write`` followed by ``fsync``, so a crash
 (power cut, kill -9) can only leave the *last* record of the newest file incomplete. On
@@ -61,6 +64,8 @@ _PAYLOAD_HEAD = struct.Struct("<BI")  # kind, nrows
 _ROW = struct.Struct("<qqddqqdd?dddq")
 KIND_PACKED = 1
 KIND_JSON = 2
+KIND_HAS_RECORDS = 0x80
+_LEN = struct.Struct("<I")
 # A record larger than this can only be a corrupt length field (batches are far smaller).
 MAX_RECORD_BYTES = 256 << 20
 _NAME = re.compile(r"^samples-(\d{10})\.journal$")
@@ -74,21 +79,38 @@ class Record:
     offset: int
     end: int  # offset just past this record
     rows: list[Sequence[Any]]
+    records: bytes | None = None  # the batch's ledger records (JSON), if any
 
 
-def encode_rows(rows: Sequence[Sequence[Any]]) -> bytes:
-    """Payload for one batch: the packed layout when every row fits it, else JSON."""
+def encode_rows(rows: Sequence[Sequence[Any]], records: bytes | None = None) -> bytes:
+    """Payload for one batch: the packed layout when every row fits it, else JSON;
+    ``records`` (JSON bytes), when given, travel in front of the rows."""
     try:
-        return _pack(rows)
+        payload = _pack(rows)
     except (struct.error, TypeError, IndexError, ValueError):
         # Not representable in the fixed layout; JSON keeps the values as given.
         body = json.dumps([list(r) for r in rows], default=_json_default).encode()
-        return _PAYLOAD_HEAD.pack(KIND_JSON, len(rows)) + body
+        payload = _PAYLOAD_HEAD.pack(KIND_JSON, len(rows)) + body
+    if records is None:
+        return payload
+    head = _PAYLOAD_HEAD.pack(payload[0] | KIND_HAS_RECORDS, len(rows))
+    return head + _LEN.pack(len(records)) + records + payload[_PAYLOAD_HEAD.size :]
 
 
 def decode_rows(payload: bytes) -> list[Sequence[Any]]:
+    return decode_payload(payload)[0]
+
+
+def decode_payload(payload: bytes) -> tuple[list[Sequence[Any]], bytes | None]:
+    """(rows, records JSON or None) of one record's payload."""
     kind, nrows = _PAYLOAD_HEAD.unpack_from(payload)
     body = memoryview(payload)[_PAYLOAD_HEAD.size :]
+    records = None
+    if kind & KIND_HAS_RECORDS:
+        kind &= ~KIND_HAS_RECORDS
+        (n,) = _LEN.unpack_from(body)
+        records = bytes(body[_LEN.size : _LEN.size + n])
+        body = body[_LEN.size + n :]
     if kind == KIND_PACKED:
         out: list[Sequence[Any]] = [
             (a, b, c, d, e, f, g, h, t if has_t else None, i, j, k)
@@ -100,7 +122,7 @@ def decode_rows(payload: bytes) -> list[Sequence[Any]]:
         raise ValueError(f"unknown journal record kind {kind}")
     if len(out) != nrows:
         raise ValueError(f"journal record says {nrows} rows, holds {len(out)}")
-    return out
+    return out, records
 
 
 def _pack(rows: Sequence[Sequence[Any]]) -> bytes:
@@ -223,8 +245,14 @@ class Journal:
         self.pending_rows += rows
 
     # -- append -----------------------------------------------------------------------
-    def append_many(self, batches: Sequence[Sequence[Sequence[Any]]]) -> int:
+    def append_many(
+        self,
+        batches: Sequence[Sequence[Sequence[Any]]],
+        records: Sequence[bytes | None] | None = None,
+    ) -> int:
         """Append one record per batch, then fsync once; returns how many batches fit.
+
+        ``records[i]``, when given, is batch i's ledger records (JSON), kept with its rows.
 
         Batches beyond the disk bound are not written (the caller counts them as lost).
         Raises OSError only when not even the first batch could be written.
@@ -233,8 +261,8 @@ class Journal:
             self.open()
         blobs: list[bytes] = []
         total = self.size_bytes
-        for rows in batches:
-            payload = encode_rows(rows)
+        for j, rows in enumerate(batches):
+            payload = encode_rows(rows, records[j] if records is not None else None)
             head = struct.pack("<I", len(payload))
             crc = zlib.crc32(payload, zlib.crc32(head))
             blob = head + struct.pack("<I", crc) + payload
@@ -336,7 +364,7 @@ class Journal:
                 if rec is None:
                     raise ValueError(f"record at offset {off} no longer valid")
                 payload, end = rec
-                out = [Record(seg, off, off + end, decode_rows(payload))]
+                out = [Record(seg, off, off + end, *decode_payload(payload))]
             except (OSError, ValueError, struct.error) as exc:
                 log.error("journal %s unreadable, rest of file lost: %s", self._path(seg), exc)
                 self.lost_rows += self._rows.get(seg, 0)
@@ -346,12 +374,12 @@ class Journal:
             while (rec := _read_record(data, end)) is not None:
                 payload, nxt = rec
                 try:
-                    rows = decode_rows(payload)
+                    rows, records = decode_payload(payload)
                 except (ValueError, struct.error):
                     break
                 if n + len(rows) > max_rows:
                     break
-                out.append(Record(seg, off + end, off + nxt, rows))
+                out.append(Record(seg, off + end, off + nxt, rows, records))
                 n += len(rows)
                 end = nxt
             return out

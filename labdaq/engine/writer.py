@@ -43,9 +43,15 @@ Data path::
 * Without ``journal_dir`` there is nowhere durable to put rows: the writer retries with
   backoff holding them in memory and ``put`` waits once ``max_pending_rows`` are pending.
 
-Why driver-level SQL: SQLAlchemy Core ``insert()`` with dicts runs at ~0.22× of raw
-``sqlite3.executemany`` on this machine, ``exec_driver_sql`` with tuples at ~1.0×; on
-PostgreSQL COPY runs at 1.6 M rows/s against 276 k for executemany (deps.md §5).
+Why driver-level SQL (SQLite ``exec_driver_sql`` with tuples, PostgreSQL COPY): the ORM
+and Core ``insert()`` with dicts are several times slower on the hot table
+(docs/performance.md).
+
+Positions, and the steps and cycles a batch's rows complete, come with the rows
+(:mod:`labdaq.engine.ledger`) and are committed in the same transaction; the journal keeps
+them with their rows. Why one class of ~800 lines: the queue, the journal fallback and
+the database path share the accounting (pending, settled, retry timing) that must change
+together; the SQL and the journal format have modules of their own.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from labdaq.engine.journal import Journal, Record
+from labdaq.engine.ledger import Ledger, Records, RecordSql, Resolver
 from labdaq.storage.models import SAMPLE_COLUMNS, Run
 
 log = logging.getLogger(__name__)
@@ -239,6 +246,11 @@ class SampleWriter:
         self.retry_max_s = retry_max_s
         self._dialect = engine.dialect.name
         self._sql = insert_sql(self._dialect, engine.dialect.paramstyle)
+        # Positions, steps and cycles committed with the rows they count (ledger.py).
+        self._rec_sql = RecordSql.for_paramstyle(
+            "numeric_dollar" if self._dialect == "postgresql" else engine.dialect.paramstyle
+        )
+        self._resolver = Resolver()
         self._merge_sql = pg_merge_sql()
         self._staged: weakref.WeakSet[Any] = weakref.WeakSet()  # connections with the table
         self._journal = (
@@ -254,8 +266,10 @@ class SampleWriter:
 
         # Memory: the open batch, then full batches waiting for the writer task.
         self._buf: list[Sequence[Any]] = []
+        self._buf_ledger: Ledger | None = None
         self._buf_since = 0.0
-        self._batches: deque[list[Sequence[Any]]] = deque()
+        # Full batches in stream order, each with the ledger that came with its rows.
+        self._batches: deque[tuple[list[Sequence[Any]], Ledger | None]] = deque()
         self._pending = 0  # rows in memory: open batch + queued + being written
         self._rows_in = 0  # rows ever handed over
         self._rows_settled = 0  # rows committed, journaled, rejected or dropped (FIFO)
@@ -303,11 +317,6 @@ class SampleWriter:
         return self._rows_settled
 
     @property
-    def rows_in(self) -> int:
-        """Rows ever handed over; they settle in this order (``rows_settled``)."""
-        return self._rows_in
-
-    @property
     def journal(self) -> Journal | None:
         return self._journal
 
@@ -317,8 +326,13 @@ class SampleWriter:
             self._closing = False
             self._task = asyncio.create_task(self._run(), name="sample-writer")
 
-    async def put(self, rows: Rows) -> None:
-        """Hand rows over; waits only when ``max_pending_rows`` are already in memory."""
+    async def put(self, rows: Rows, ledger: Ledger | None = None) -> None:
+        """Hand rows over; waits only when ``max_pending_rows`` are already in memory.
+
+        ``ledger`` (positions, steps, cycles that these rows complete) is committed in the
+        same transaction as these rows, or a later one that holds no other rows of its
+        runs; it needs at least one row to travel with.
+        """
         n = len(rows)
         if n == 0:
             return
@@ -326,7 +340,8 @@ class SampleWriter:
             self.start()
         if n > self.batch_rows:
             for i in range(0, n, self.batch_rows):
-                await self.put(rows[i : i + self.batch_rows])
+                last = i + self.batch_rows >= n
+                await self.put(rows[i : i + self.batch_rows], ledger if last else None)
             return
         while self._pending + n > self.max_pending_rows:
             self._check_alive()
@@ -339,6 +354,10 @@ class SampleWriter:
             self._buf_since = time.monotonic()
             self._wake.set()  # the writer task arms the age timer
         self._buf.extend(rows)
+        if ledger is not None:
+            if self._buf_ledger is None:
+                self._buf_ledger = Ledger()
+            self._buf_ledger.extend(ledger)
         self._pending += n
         self._rows_in += n
         if len(self._buf) >= self.batch_rows:
@@ -346,8 +365,8 @@ class SampleWriter:
 
     def _hand_over(self) -> None:
         if self._buf:
-            self._batches.append(self._buf)
-            self._buf = []
+            self._batches.append((self._buf, self._buf_ledger))
+            self._buf, self._buf_ledger = [], None
             self._wake.set()
 
     async def flush(self) -> None:
@@ -440,23 +459,25 @@ class SampleWriter:
             return False
         return self._replay_now or now >= self._retry_at
 
-    def _take(self, now: float) -> list[Sequence[Any]] | None:
+    def _take(self, now: float) -> tuple[list[Sequence[Any]], Records] | None:
         if self._batches:
-            batch = self._batches.popleft()
-            # Behind? Write what has queued up in one transaction. With hundreds of runs
-            # interleaved, each commit dirties about one primary-key page per run whatever
-            # its size, so rows per commit is what sets the rate: 768 runs, raw sqlite3 on
-            # this machine, 123k rows/s at 2,000-row commits, 215k at 8,000, 334k at 32,000.
+            batch, ledger = self._batches.popleft()
+            records = self._resolver.resolve(ledger)
+            # Behind? Write what has queued up in one transaction: with hundreds of runs
+            # interleaved, rows per commit is what sets the rate (docs/performance.md).
             # Capped so that one write stays far inside write_timeout_s even on a loaded
             # machine: merging a whole backlog once made single writes time out, and the
             # writer then fell into its journal and could not climb out.
-            while self._batches and len(batch) + len(self._batches[0]) <= self.max_batch_rows:
-                batch.extend(self._batches.popleft())
-            return batch
+            while self._batches and len(batch) + len(self._batches[0][0]) <= self.max_batch_rows:
+                more, ledger = self._batches.popleft()
+                batch.extend(more)
+                records.extend(self._resolver.resolve(ledger))
+            return batch, records
         if self._buf and now - self._buf_since >= self.batch_age_s:
             # Age-based flush so a slow channel's samples reach the database promptly.
-            batch, self._buf = self._buf, []
-            return batch
+            batch, ledger = self._buf, self._buf_ledger
+            self._buf, self._buf_ledger = [], None
+            return batch, self._resolver.resolve(ledger)
         return None
 
     async def _sleep(self, now: float) -> None:
@@ -480,38 +501,44 @@ class SampleWriter:
         self._space.set()
         self._pulse()
 
-    async def _store(self, batch: list[Sequence[Any]]) -> None:
+    async def _store(self, taken: tuple[list[Sequence[Any]], Records]) -> None:
         """Write one batch, or journal it (with everything queued behind it) if the DB is down."""
+        batch, records = taken
         if self._journal is not None:
             down = not self.db_available and time.monotonic() < self._retry_at
             if self._journal.pending_rows or down:
                 # Keep the order: while older rows wait in the journal, new ones join them.
-                await self._spill([batch])
+                await self._spill([taken])
                 return
-            if await self._write_batch(batch) is _Outcome.OK:
+            if await self._write_batch(batch, records) is _Outcome.OK:
                 self._settle(len(batch))
             else:
-                await self._spill([batch])
+                await self._spill([taken])
             return
         # No journal: the rows can only wait in memory; put() feels the back-pressure.
-        while await self._write_batch(batch) is not _Outcome.OK:
+        while await self._write_batch(batch, records) is not _Outcome.OK:
             await asyncio.sleep(max(0.0, self._retry_at - time.monotonic()))
         self._settle(len(batch))
 
-    async def _spill(self, batches: list[list[Sequence[Any]]]) -> None:
+    async def _spill(self, batches: list[tuple[list[Sequence[Any]], Records]]) -> None:
         """Append batches, plus every batch queued behind them, to the journal (one fsync)."""
         assert self._journal is not None
         while self._batches:
-            batches.append(self._batches.popleft())
+            rows, ledger = self._batches.popleft()
+            batches.append((rows, self._resolver.resolve(ledger)))
         if not batches:
             return
         try:
-            written = await asyncio.to_thread(self._journal.append_many, batches)
+            written = await asyncio.to_thread(
+                self._journal.append_many,
+                [b for b, _ in batches],
+                [r.to_json() if r else None for _, r in batches],
+            )
         except OSError as exc:
             log.error("sample journal %s not writable: %s", self._journal.directory, exc)
             self.last_error = f"journal: {exc}"
             written = 0
-        for i, b in enumerate(batches):
+        for i, (b, _) in enumerate(batches):
             if i < written:
                 self.rows_journaled += len(b)
             else:
@@ -555,7 +582,11 @@ class SampleWriter:
                 if not recs:
                     break
                 rows = recs[0].rows if len(recs) == 1 else [r for rec in recs for r in rec.rows]
-                if await self._write_batch(rows) is not _Outcome.OK:
+                records = Records()
+                for rec in recs:
+                    if rec.records is not None:
+                        records.extend(Records.from_json(rec.records))
+                if await self._write_batch(rows, records) is not _Outcome.OK:
                     return
                 await asyncio.to_thread(_consume_all, journal, recs)
                 self.rows_replayed += len(rows)
@@ -577,9 +608,13 @@ class SampleWriter:
             self._pulse()
 
     # -- database ---------------------------------------------------------------------
-    async def _write_batch(self, rows: Rows) -> _Outcome:
-        """Commit rows; isolate and drop rows the database refuses. OK or DOWN."""
-        outcome = await self._attempt(lambda: self._insert(rows))
+    async def _write_batch(self, rows: Rows, records: Records | None = None) -> _Outcome:
+        """Commit rows with their records; isolate and drop rows the database refuses.
+        OK or DOWN."""
+        records = records or None
+        outcome = await self._attempt(
+            (lambda: self._insert(rows, records)) if records else (lambda: self._insert(rows))
+        )
         if outcome is _Outcome.OK:
             self._unknown_streak = 0
         elif outcome is _Outcome.UNKNOWN:
@@ -603,6 +638,8 @@ class SampleWriter:
                 kept = list(rows)
             self._reject(len(rows) - len(kept), "run does not exist")
             rows = kept
+            if records:
+                records = records.only_runs(known)
         # Then bisect what is left: a bad row costs about 2·log2(batch) transactions.
         stack: list[Rows] = [rows] if rows else []
         while stack:
@@ -618,6 +655,14 @@ class SampleWriter:
                 else:
                     mid = len(part) // 2
                     stack += [part[mid:], part[:mid]]
+        if records:
+            # The rows are in; their records on their own (exact unless refused).
+            outcome = await self._attempt(functools.partial(self._insert, [], records))
+            if outcome is _Outcome.DATA:
+                log.error("positions/steps/cycles refused by the database, dropped: %s",
+                          self.last_error)
+            elif outcome is not _Outcome.OK:
+                return _Outcome.DOWN
         return _Outcome.OK
 
     def _reject(self, n: int, why: str) -> None:
@@ -702,27 +747,30 @@ class SampleWriter:
         self.db_available = True
         self._retry_delay = self.retry_min_s
 
-    async def _insert(self, rows: Rows) -> None:
+    async def _insert(self, rows: Rows, records: Records | None = None) -> None:
         if self._dialect == "postgresql":
-            await self._insert_pg(rows)
+            await self._insert_pg(rows, records)
         else:
-            await self._insert_sql(rows)
+            await self._insert_sql(rows, records)
         self.rows_written += len(rows)
         self.batches_written += 1
 
-    async def _insert_sql(self, rows: Rows) -> None:
+    async def _insert_sql(self, rows: Rows, records: Records | None = None) -> None:
         # In (run_id, seq) order: a batch interleaves every running channel, and walking
-        # the primary-key B-tree in order inserts ~1.5x faster with 1,024 runs than
-        # hopping between their pages row by row (measured on this machine).
+        # the primary-key B-tree in order is faster than hopping between their pages row
+        # by row (docs/performance.md).
         params = sorted(rows, key=_PK)
         # exec_driver_sql wants a list whose first element is a tuple; the driver itself
         # takes any sequences, so only a leading list row needs converting.
-        if not isinstance(params[0], tuple):
+        if params and not isinstance(params[0], tuple):
             params = [tuple(r) for r in params]
         async with self.engine.begin() as conn:
-            await conn.exec_driver_sql(self._sql, params)
+            if params:
+                await conn.exec_driver_sql(self._sql, params)
+            for sql, rec_params in self._rec_sql.params(records) if records else ():
+                await conn.exec_driver_sql(sql, rec_params)  # type: ignore[arg-type]
 
-    async def _insert_pg(self, rows: Rows) -> None:
+    async def _insert_pg(self, rows: Rows, records: Records | None = None) -> None:
         import asyncpg
 
         # A pooled connection killed while idle (server restart, pg_terminate_backend) is
@@ -735,7 +783,7 @@ class SampleWriter:
                     await conn.invalidate()
                     continue
                 try:
-                    await self._copy_merge(apg, rows)
+                    await self._copy_merge(apg, rows, records)
                 except asyncpg.UndefinedTableError:
                     if apg not in self._staged:
                         raise
@@ -753,13 +801,16 @@ class SampleWriter:
                 return
         raise ConnectionError("no usable database connection in the pool")
 
-    async def _copy_merge(self, apg: Any, rows: Rows) -> None:
+    async def _copy_merge(self, apg: Any, rows: Rows, records: Records | None = None) -> None:
         new = apg not in self._staged
         async with apg.transaction():
             if new:
                 await apg.execute(_PG_STAGE_DDL)
-            await apg.copy_records_to_table(PG_STAGE, records=rows, columns=SAMPLE_COLUMNS)
-            await apg.execute(self._merge_sql)
+            if rows:
+                await apg.copy_records_to_table(PG_STAGE, records=rows, columns=SAMPLE_COLUMNS)
+                await apg.execute(self._merge_sql)
+            for sql, rec_params in self._rec_sql.params(records) if records else ():
+                await apg.executemany(sql, rec_params)
         if new:  # only once the CREATE is committed
             self._staged.add(apg)
 

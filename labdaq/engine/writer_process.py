@@ -2,9 +2,8 @@
 
 Why: inside the engine process the writer's ``executemany`` runs in a thread that releases
 the GIL on every row's ``sqlite3_step`` and then waits for the acquisition loop to give it
-back (the interpreter's switch interval is 5 ms), so a 2,000-row batch took 97–220 ms next
-to a busy loop against ~17 ms alone (docs/architecture.md, "Writer, as built"). The design
-map puts the writer in its own process for that reason.
+back, so a batch took several times longer next to a busy loop than alone
+(docs/performance.md). The design map puts the writer in its own process for that reason.
 
 Data path::
 
@@ -25,7 +24,7 @@ Data path::
 * A dead child (crash, OOM kill) raises :class:`WriterProcessDied` from ``put`` and
   ``flush`` and calls ``on_death``: the groups turn their outputs off and keep their runs,
   the node stops, and ``labdaq serve`` restarts the engine (and so the writer), which
-  resumes the runs after their last committed sample.
+  resumes the runs after their last committed sample and the position committed with it.
 """
 
 from __future__ import annotations
@@ -45,6 +44,9 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from labdaq.engine.ledger import Ledger
+from labdaq.engine.sink import SinkLost
+
 log = logging.getLogger(__name__)
 
 Rows = Sequence[Sequence[Any]]
@@ -58,7 +60,7 @@ _STATS = (
 _REPORT_S = 0.02
 
 
-class WriterProcessDied(RuntimeError):
+class WriterProcessDied(SinkLost):
     """The writer process is gone; samples handed to it after its last report are lost."""
 
 
@@ -89,15 +91,18 @@ class WriterProcess:
         self._proc: Any = None
         self._conn: Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Called once with the reason when the child dies (not on close): the node stops
+        # so that its supervisor restarts the engine, writer included.
+        self.on_death: Callable[[str], None] | None = None
+        self._reset()
+
+    def _reset(self) -> None:
         self._sent = 0
         self._space = asyncio.Event()
         self._waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._tokens = itertools.count(1)
         self._dead: str | None = None
         self._closing = False
-        # Called once with the reason when the child dies (not on close): the node stops
-        # so that its supervisor restarts the engine, writer included.
-        self.on_death: Callable[[str], None] | None = None
         self.rows_written = 0
         self.batches_written = 0
         self.rows_journaled = 0
@@ -116,11 +121,6 @@ class WriterProcess:
     def pending_rows(self) -> int:
         """Rows handed over and not yet settled in the child."""
         return self._sent - self.rows_settled
-
-    @property
-    def rows_in(self) -> int:
-        """Rows ever handed over; the child settles them in this order."""
-        return self._sent
 
     @property
     def pid(self) -> int | None:
@@ -145,8 +145,9 @@ class WriterProcess:
         self._conn = parent
         self._loop.add_reader(parent.fileno(), self._on_readable)
 
-    async def put(self, rows: Rows) -> None:
-        """Hand rows over; waits only while ``max_pending_rows`` are unsettled."""
+    async def put(self, rows: Rows, ledger: Ledger | None = None) -> None:
+        """Hand rows over (with their ledger, see SampleWriter.put); waits only while
+        ``max_pending_rows`` are unsettled."""
         n = len(rows)
         if not n:
             return
@@ -155,7 +156,7 @@ class WriterProcess:
             self._space.clear()
             await self._space.wait()
             self._check_alive()
-        self._send(("put", rows if isinstance(rows, list) else list(rows)))
+        self._send(("put", rows if isinstance(rows, list) else list(rows), ledger))
         self._sent += n
 
     async def flush(self) -> None:
@@ -331,7 +332,7 @@ async def _child(conn: Connection, database_url: str, kwargs: dict[str, Any]) ->
             msg = await inbox.get()
             kind = msg[0]
             if kind == "put":
-                await writer.put(msg[1])
+                await writer.put(msg[1], msg[2])
             elif kind == "flush":
                 task = asyncio.create_task(flush(msg[1]))
                 flushes.add(task)

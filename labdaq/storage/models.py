@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     text,
     true,
 )
@@ -167,6 +168,15 @@ class Run(Base):
     wiring: Mapped[dict[str, Any] | None] = mapped_column()
 
 
+class SampleFlag(enum.IntFlag):
+    """Bits of ``samples.flags``."""
+
+    BREACH = 1  # a safety limit was exceeded at this reading (output turned off)
+    PAUSED = 2  # the run was paused: the output was off, nothing counted
+    RESUMED = 4  # first reading after a gap (engine restart, lost instrument or writer)
+    EDGE = 8  # taken right after a set point changed (a phase began or came back)
+
+
 class Sample(Base):
     """One measurement of one channel. Narrow on purpose: this is the hot table."""
 
@@ -227,6 +237,9 @@ class Cycle(Base):
     energy_efficiency: Mapped[float | None] = mapped_column(Float)
     mean_charge_voltage_v: Mapped[float | None] = mapped_column(Float)
     mean_discharge_voltage_v: Mapped[float | None] = mapped_column(Float)
+    # The cycle spans a gap (engine, writer or instrument outage it was resumed after):
+    # its totals count the samples on either side, not the time in between.
+    spans_gap: Mapped[bool] = mapped_column(default=False, server_default=false())
 
 
 class EisSpectrum(Base):

@@ -1,0 +1,145 @@
+"""Scheduling: the node's periodic round (every ``poll_s``).
+
+Part of :class:`labdaq.engine.node.AcquisitionNode` (a mixin, so the node's lifecycle
+reads on its own in node.py). Each round: record a wall-clock jump and samples the writer
+had to drop, hand the API's commands (``runs.requested_action``) to the runs' groups'
+inboxes, and claim queued runs of channels this node owns and start them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from labdaq.engine.channel import ChannelRun
+from labdaq.engine.events import Command, RunEnded, RunEvent
+from labdaq.engine.node_parts import NodeParts
+from labdaq.engine.setpoints import LOST_INSTRUMENT
+from labdaq.protocol import ResolvedProtocol
+from labdaq.storage import models as m
+
+log = logging.getLogger(__name__)
+
+
+class Scheduling(NodeParts):
+
+    async def tick(self) -> None:
+        """One scheduler round. A database error is logged, never fatal: acquisition goes
+        on in the groups, samples and records wait for the database."""
+        self._watch_wall_clock()
+        self._report_dropped()
+        try:
+            await self._apply_requests()
+            await self._claim_queued()
+            await self._beat()
+        except Exception as exc:  # noqa: BLE001
+            # Once per outage at warning level; every poll would flood the log.
+            level = logging.DEBUG if self._scheduler_error else logging.WARNING
+            log.log(level, "scheduler: database not available (%s: %s)", type(exc).__name__, exc)
+            self._scheduler_error = True
+        else:
+            if self._scheduler_error:
+                log.warning("scheduler: database available again")
+            self._scheduler_error = False
+
+    def _watch_wall_clock(self) -> None:
+        """Record a wall-clock jump (NTP step, a technician setting the time) on every
+        active run. Step and run timing use the monotonic clock and are unaffected; the
+        samples' ts_utc follow the wall clock, so a jump shows there and the event says
+        by how much."""
+        wall, mono = self.wall_clock(), time.monotonic()
+        ref, self._clock_ref = self._clock_ref, (wall, mono)
+        if ref is None:
+            return
+        jump_s = (wall - ref[0]) - (mono - ref[1])
+        if abs(jump_s) < self.clock_jump_threshold_s:
+            return
+        log.warning("wall clock jumped %+.3f s against the monotonic clock", jump_s)
+        data = {"jump_s": jump_s, "wall_before": ref[0], "wall_after": wall,
+                "monotonic_elapsed_s": mono - ref[1]}
+        for run_id in list(self.active):
+            self.recorder.event(RunEvent(
+                run_id, "clock_jump", "warning",
+                f"wall clock jumped {jump_s:+.3f} s; run timing follows the monotonic "
+                "clock, sample ts_utc the wall clock", data))
+
+    def _report_dropped(self) -> None:
+        """An interruption event for samples the writer had to drop (journal full or
+        failing during a database outage), with the bounds of what is missing; repeated
+        with the new bounds if more of the same run are dropped later."""
+        for run_id, (seq0, seq1, t0, t1, n) in list(self.writer.dropped_by_run.items()):
+            if self._dropped_reported.get(run_id) == n:
+                continue
+            self._dropped_reported[run_id] = n
+            self.recorder.event(RunEvent(
+                run_id, "interruption", "error",
+                f"up to {n} samples lost: the database was unavailable and the local "
+                "journal was full or failing",
+                # "At most": a batch whose write timed out counts as dropped, yet may have
+                # committed after all; the samples table says which are really missing.
+                {"cause": "journal_overflow", "from_seq": seq0, "to_seq": seq1,
+                 "from_t_s": t0, "to_t_s": t1, "samples_lost_at_most": n}))
+
+    async def _apply_requests(self) -> None:
+        """The API's commands for active runs → their groups' inboxes; a pause or resume
+        is recorded as the state it leads to once handed over."""
+        if not self.active:
+            return
+        for run_id, action in await self.recorder.requested(list(self.active)):
+            group = self.run_groups.get(run_id)
+            if group is None or action not in ("stop", "pause", "resume"):
+                continue
+            group.command(run_id, Command(action))
+            if action != "stop":  # a stop is recorded when the run has ended
+                await self.recorder.command_taken(run_id, action)
+
+    async def _claim_queued(self) -> None:
+        for run, channel in await self.recorder.queued():
+            if run.id in self.active:
+                continue
+            if await self.recorder.claim(run.id):
+                await self._start(run, channel)
+
+    async def _start(self, run: m.Run, channel: m.Channel) -> None:
+        try:
+            resolved = ResolvedProtocol.model_validate(run.plan)
+            cr = ChannelRun(run.id, channel.index, resolved, run.sample_period_s)
+            self.aux.wiring[run.id] = dict(channel.aux or {})
+            group = await self._group_for(channel.instrument_id)
+            lim = resolved.limits
+            # Layer one of safety: the instrument's own protection trips even if we stall.
+            await group.call(
+                group.driver.configure_protection,
+                channel.index,
+                lim.max_voltage_v,
+                lim.max_abs_current_a,
+            )
+            tr = cr.start(0.0)
+            if tr.done or tr.next_phase is None:
+                cr.outcome = ("completed", "the program has no measuring step")
+                await self._on_event(RunEnded(cr))
+                return
+            self.active[run.id] = cr
+            self.run_groups[run.id] = group
+            await group.add(cr, tr.next_phase, self.clock.now())
+        except LOST_INSTRUMENT as exc:
+            self._release(run.id)
+            if channel.instrument_id not in self.instruments:
+                log.error("run %s could not start: %s", run.id, exc)
+                self.recorder.finished(run.id, ("failed", f"{type(exc).__name__}: {exc}"), None)
+                return
+            # The instrument stopped answering while the run was joining (its group hands
+            # its other runs over just now): nothing of this run is committed, so it
+            # starts afresh once the instrument answers, as they resume.
+            reason = f"instrument lost while the run was starting: {type(exc).__name__}: {exc}"
+            log.warning("run %s: %s", run.id, reason)
+            self.recorder.event(RunEvent(
+                run.id, "interruption", "warning", reason,
+                {"cause": "instrument_lost", "instrument": self.instruments[
+                    channel.instrument_id].name, "channel": channel.index, "from_t_s": None,
+                 "last_seq": 0, "to_t_s": None, "error": str(exc)}))
+            self._wait_for(channel.instrument_id, [run.id], reason)
+        except Exception as exc:  # noqa: BLE001 - the run fails with its reason; others go on
+            log.exception("run %s could not start", run.id)
+            self._release(run.id)
+            self.recorder.finished(run.id, ("failed", f"{type(exc).__name__}: {exc}"), None)

@@ -1,0 +1,85 @@
+"""Set points and outputs of an instrument's channels, as a phase asks for them.
+
+One job: turn a :class:`~labdaq.engine.channel.Phase` into role-interface commands
+(labdaq.drivers.roles.Cycler), and switch outputs off fast and reliably, with the moment
+the off command went out (the breach-to-off time).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from labdaq.drivers.errors import ConnectionFailed, GarbledReply, InstrumentTimeout
+from labdaq.drivers.roles import Cycler
+from labdaq.engine.channel import Phase
+
+log = logging.getLogger(__name__)
+
+# Errors that mean the instrument is gone, not that a run did something wrong.
+LOST_INSTRUMENT = (ConnectionFailed, InstrumentTimeout, GarbledReply)
+
+
+class Outputs:
+    def __init__(self, name: str, driver: Cycler,
+                 call: Callable[..., Awaitable[Any]]) -> None:
+        self.name = name
+        self.driver = driver
+        self.call = call  # runs a driver method in the instrument's worker thread
+        # A multi-channel instrument switches a list of channels in one command.
+        self._lists = driver.switches_channel_lists
+        # Instruments with a lower compliance voltage in current mode (cycler cabinets).
+        self._low_clamp = driver.has_low_voltage_clamp
+
+    async def apply(self, ch: int, phase: Phase) -> None:
+        """Program channel ``ch`` for ``phase`` (output off for rests and aux steps)."""
+        if phase.mode == "off":
+            await self.call(self.driver.output, ch, False)
+            return
+        if phase.mode == "cc":
+            if self._low_clamp:
+                # A discharge that ends on voltage is held just below its end voltage by
+                # the instrument's lower compliance (a cycler's VLIM:LOW clamps to CV and
+                # never reverses the current). Always set: a clamp left from an earlier
+                # step would stop a later one short; 0 V = none. SMUs have no lower
+                # compliance in current mode (a voltage source limited to the current
+                # would be one, but it charges a cell that falls below its set point, a
+                # shorted one included), so there only the interlock guards the window.
+                low = 0.0 if math.isnan(phase.voltage_low_v) else phase.voltage_low_v
+                await self.call(self.driver.set_low_voltage_clamp, ch, low)
+            await self.call(self.driver.set_current, ch, phase.current_a, phase.voltage_v)
+        elif phase.mode == "cv":
+            await self.call(self.driver.set_voltage, ch, phase.voltage_v, phase.current_a)
+        await self.call(self.driver.output, ch, True)
+
+    async def off(self, chans: Sequence[int]) -> float:
+        """Switch channels off: one command on a multi-channel instrument, else one each.
+
+        Returns when (perf_counter) the first off command went out to the instrument, NaN
+        if none did. Never raises: a channel that cannot be switched off is logged and the
+        others are still tried (the instrument's own protection is the layer below).
+        """
+        sent_s = math.nan
+        if self._lists and len(chans) > 1:
+            try:
+                return float(await self.call(self.driver.switch_off, list(chans)))
+            except Exception as exc:  # noqa: BLE001 - fall back to one command per channel
+                log.error("could not turn %s ch %s off at once: %s", self.name, chans, exc)
+                # A command can fail only in the error-queue check after it: then it was
+                # sent, and counts.
+                sent_s = self.driver.marked_send_s()
+        for ch in chans:
+            try:
+                at = float(await self.call(self.driver.switch_off, ch))
+            except LOST_INSTRUMENT as exc:
+                # Each further try would wait out the transport's reconnect backoff again.
+                log.error("could not turn %s off, instrument not answering: %s", self.name, exc)
+                break
+            except Exception as exc:  # noqa: BLE001
+                log.error("could not turn %s ch %s off: %s", self.name, ch, exc)
+                at = self.driver.marked_send_s()
+            if math.isnan(sent_s):
+                sent_s = at
+        return sent_s

@@ -1,0 +1,367 @@
+"""kill -9 campaign: seeded SIGKILLs of the engine and, separately, of its writer child,
+many of them right after a step boundary; every run must resume every time.
+
+Real processes throughout, as in production and as tests/test_recovery_kill9.py: a
+simulated lab (``labdaq sim``, one SMU and a 3-channel cabinet, so two instrument groups),
+``labdaq engine`` processes on a migrated SQLite file, read here with plain ``sqlite3``.
+Four runs loop short charge/rest/discharge/rest steps, so a step boundary comes every few
+tenths of a second (wall). Kills are either at a random moment or aimed at a boundary:
+the test watches the committed samples for a new step's first reading and kills within
+100 ms of the boundary. A killed writer makes its engine stop (outputs off, runs kept,
+non-zero exit) for its supervisor to restart; the test restarts it as ``labdaq serve``
+would. Which kills really fell within 100 ms after a boundary is judged
+afterwards from the steps table (the boundary is the wall time of the reading that ended
+the step).
+
+After every kill the rows committed at that moment are read (after the writer child is
+gone: nothing more can be committed), and each run's saved position must count exactly
+those rows. At the end, for every run:
+
+* it resumed after every kill (never ``interrupted``) and was stopped by the test;
+* seq is 1..N: nothing duplicated, nothing renumbered (every snapshot is a prefix of the
+  final rows, column by column);
+* every outage is exactly one interruption event, whose bounds are the last sample before
+  the gap and the first after it (flagged RESUMED), and there are no other RESUMED rows;
+* steps and cycles are numbered without holes or repeats, steps tile the run's time;
+* each cycle's charge and discharge totals equal a trapezoid integration of its stored
+  samples written here (nothing imported from labdaq for it), and a cycle that spans a
+  gap says so.
+
+The short form (a few kills) runs in the normal suite; the long form (>= 50 kills of
+each kind, >= 10 of each within 100 ms after a boundary) is marked ``slow``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from labdaq.runs import RunCreate, create_run
+from labdaq.storage.db import create_engine, session_scope, sessionmaker
+from tests.test_recovery_kill9 import Lab, _alive, _children, _env, _lab, _query, _stop, _wait
+
+SPEED = 10.0  # simulated seconds per wall second, lab and engines alike
+BREACH, PAUSED, RESUMED, EDGE = 1, 2, 4, 8  # samples.flags bits (docs/architecture.md)
+COLS = ("seq", "t_s", "ts_utc", "step_index", "cycle_index", "voltage_v", "current_a",
+        "temperature_c", "step_capacity_ah", "step_energy_wh", "flags")
+BOUNDARY_WINDOW_S = 0.1
+
+# Short steps by duration only (no voltage end: where the cell is after each gap does not
+# change the program), C/5 each way so the cell stays mid-range however the kills fall.
+LOOP_DOC: dict[str, Any] = {
+    "schema_version": 1,
+    "name": "kill9_campaign",
+    "steps": [
+        {"step": "loop", "count": 100_000, "body": [
+            {"step": "cc", "rate_c": 0.2, "until": {"duration_s": 6}},
+            {"step": "rest", "until": {"duration_s": 2}},
+            {"step": "cc", "rate_c": -0.2, "until": {"duration_s": 6}},
+            {"step": "rest", "until": {"duration_s": 2}},
+        ]},
+    ],
+}
+
+
+@dataclass
+class Kill:
+    target: str  # "engine" | "writer"
+    aimed: bool  # aimed at a step boundary
+    wall_s: float  # time.time() just before the signal
+
+
+@dataclass
+class Campaign:
+    run_ids: list[int]
+    kills: list[Kill] = field(default_factory=list)
+    snapshots: list[dict[int, list[tuple[Any, ...]]]] = field(default_factory=list)
+
+
+def _start_engine(lab: Lab, n: int) -> subprocess.Popen[bytes]:
+    with open(lab.logs / f"engine{n}.log", "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "labdaq.cli", "engine", "--speed", str(SPEED),
+             "--data-dir", str(lab.data_dir)],
+            stdout=out, stderr=subprocess.STDOUT, cwd=lab.data_dir.parent,
+            env=_env(
+                LABDAQ_MAX_RESUME_GAP_S="1e9",
+                LABDAQ_ENGINE_POLL_S="0.1",
+                # Commits every few ticks: a boundary is on record within tens of ms, so
+                # kills land both before and after it is committed.
+                LABDAQ_WRITER_BATCH_AGE_S="0.02",
+            ),
+            start_new_session=True,
+        )
+
+
+def _create_runs(lab: Lab) -> list[int]:
+    channels = [(ch["name"], ch["cell"]["serial"])
+                for inst in lab.desc["instruments"] for ch in inst.get("channels", [])
+                if ch.get("cell")]
+
+    async def create() -> list[int]:
+        engine = create_engine(lab.url)
+        try:
+            ids = []
+            async with session_scope(sessionmaker(engine)) as s:
+                for name, serial in channels:
+                    run = await create_run(s, RunCreate(
+                        channel=name, cell_serial=serial, protocol_document=LOOP_DOC,
+                        sample_period_s=1.0), actor="test")
+                    await s.flush()
+                    ids.append(int(run.id))
+            return ids
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(create())
+
+
+def _resumed_counts(lab: Lab, run_ids: list[int]) -> dict[int, int]:
+    rows = _query(lab, f"SELECT run_id, count(*) FROM samples WHERE flags & {RESUMED} "
+                  "GROUP BY run_id")
+    got = dict(rows)
+    return {r: int(got.get(r, 0)) for r in run_ids}
+
+
+def _snapshot(lab: Lab, camp: Campaign) -> None:
+    """Committed rows of every run, and the positions, read in one transaction: each
+    position must count exactly the committed rows."""
+    con = sqlite3.connect(lab.db_path, isolation_level=None, timeout=10)
+    try:
+        con.execute("BEGIN")
+        snap = {}
+        for rid in camp.run_ids:
+            rows = con.execute(f"SELECT {', '.join(COLS)} FROM samples WHERE run_id = ? "
+                               "ORDER BY seq", (rid,)).fetchall()
+            (pos_text, state), = con.execute(
+                "SELECT position, state FROM runs WHERE id = ?", (rid,)).fetchall()
+            assert state == "running", (rid, state)
+            assert rows, f"run {rid}: nothing committed"
+            pos = json.loads(pos_text)
+            last = rows[-1]
+            assert pos["seq"] == last[0], (rid, pos["seq"], last[0])
+            assert pos["t_s"] == last[1]
+            assert pos["step_cap_ah"] == last[8] and pos["step_en_wh"] == last[9]
+            snap[rid] = rows
+        con.execute("COMMIT")
+    finally:
+        con.close()
+    camp.snapshots.append(snap)
+
+
+def _newest_edge(lab: Lab, after_rowid: int) -> tuple[int, float | None]:
+    """(rowid, wall time of the step end) of the newest committed first reading of a
+    step (EDGE, not RESUMED) after ``after_rowid``; the step end is the reading before it."""
+    rows = _query(
+        lab,
+        "SELECT s.rowid, p.ts_utc FROM samples s JOIN samples p "
+        "ON p.run_id = s.run_id AND p.seq = s.seq - 1 "
+        f"WHERE s.rowid > ? AND (s.flags & {EDGE}) AND NOT (s.flags & {RESUMED}) "
+        "ORDER BY s.rowid DESC LIMIT 1",
+        after_rowid,
+    )
+    if not rows:
+        return after_rowid, None
+    return int(rows[0][0]), float(rows[0][1])
+
+
+def _max_rowid(lab: Lab) -> int:
+    return int(_query(lab, "SELECT coalesce(max(rowid), 0) FROM samples")[0][0])
+
+
+def _kill_moment(lab: Lab, rng: random.Random, aimed: bool, *procs: Any) -> None:
+    """Return at the moment to kill: a random one, or just after a step boundary."""
+    if not aimed:
+        time.sleep(rng.uniform(0.2, 1.2))
+        return
+    deadline = time.monotonic() + 20
+    seen = _max_rowid(lab)
+    while time.monotonic() < deadline:
+        seen, end_wall = _newest_edge(lab, seen)
+        if end_wall is not None:
+            left = BOUNDARY_WINDOW_S - (time.time() - end_wall)
+            if left > 0.01:
+                time.sleep(rng.uniform(0.0, left - 0.01))
+                return
+        for p in procs:
+            assert p.poll() is None
+        time.sleep(0.003)
+    raise AssertionError("no step boundary seen in 20 s")
+
+
+def _campaign(tmp_path: Path, engine_kills: int, writer_kills: int, seed: int,
+              aimed_fraction: float = 0.5) -> tuple[Lab, Campaign]:
+    rng = random.Random(seed)
+    plan = ([("engine", i < engine_kills * aimed_fraction) for i in range(engine_kills)]
+            + [("writer", i < writer_kills * aimed_fraction) for i in range(writer_kills)])
+    rng.shuffle(plan)
+    # One SMU and a 3-channel cabinet; outputs off a second after the engine is gone, as
+    # a cycler's watchdog does.
+    sim_args = ("--smus", "1", "--cabinets", "1", "--cabinet-channels", "3", "--soc", "0.5",
+                "--watchdog", "1")
+    with _lab(tmp_path, SPEED, sim_args) as lab:
+        camp = Campaign(_create_runs(lab))
+        n_engine = 0
+        engine = _start_engine(lab, n_engine)
+        gaps = 0
+        try:
+            def started() -> bool:
+                counts = dict(_query(lab, "SELECT run_id, count(*) FROM samples "
+                                     "GROUP BY run_id"))
+                return len(counts) == len(camp.run_ids) and min(counts.values()) > 20
+
+            _wait(started, 60, "every run to start", engine, lab.proc)
+            for target, aimed in plan:
+                if target == "engine":
+                    _kill_moment(lab, rng, aimed, engine, lab.proc)
+                    children = _children(engine.pid)
+                    camp.kills.append(Kill("engine", aimed, time.time()))
+                    os.kill(engine.pid, signal.SIGKILL)
+                    engine.wait(10)
+                    _wait(lambda c=children: not any(_alive(x) for x in c), 10,
+                          "the writer child to exit")
+                    _snapshot(lab, camp)
+                    n_engine += 1
+                    engine = _start_engine(lab, n_engine)
+                else:
+                    _kill_moment(lab, rng, aimed, engine, lab.proc)
+                    children = _children(engine.pid)
+                    assert len(children) == 1, children
+                    camp.kills.append(Kill("writer", aimed, time.time()))
+                    os.kill(children[0], signal.SIGKILL)
+                    _wait(lambda c=children[0]: not _alive(c), 10, "the writer child to die")
+                    # The engine stops by itself (outputs off, runs kept) and exits non-zero
+                    # so that its supervisor restarts it; here the test is the supervisor.
+                    engine.wait(30)
+                    assert engine.returncode not in (0, None), engine.returncode
+                    _snapshot(lab, camp)
+                    n_engine += 1
+                    engine = _start_engine(lab, n_engine)
+                gaps += 1
+                # Every run resumed: one more first-reading-after-a-gap each.
+                _wait(lambda g=gaps: all(n == g for n in
+                                         _resumed_counts(lab, camp.run_ids).values()),
+                      60, f"every run to resume after kill {len(camp.kills)}",
+                      engine, lab.proc)
+                assert all(n == gaps for n in _resumed_counts(lab, camp.run_ids).values())
+                # Then a little more acquisition before the next kill.
+                mark = _max_rowid(lab)
+                _wait(lambda m=mark: _max_rowid(lab) > m + 4 * len(camp.run_ids), 30,
+                      "acquisition after the resume", engine, lab.proc)
+            # End the runs the way a technician does.
+            _query(lab, "UPDATE runs SET requested_action = 'stop'")
+            _wait(lambda: {s for (s,) in _query(lab, "SELECT state FROM runs")} == {"stopped"},
+                  60, "the runs to stop", engine, lab.proc)
+        finally:
+            _stop(engine)
+        return lab, camp
+
+
+# -- the checks, with nothing from labdaq ------------------------------------------------
+def _trapezoid_cycles(rows: list[tuple[Any, ...]]) -> dict[int, tuple[float, float]]:
+    """(charge Ah, discharge Ah) per cycle from the stored samples: trapezoids between
+    consecutive readings, none across a gap (a RESUMED reading starts afresh) or over a
+    paused reading; a trapezoid counts for the cycle of the reading that closes it."""
+    out: dict[int, list[float]] = {}
+    for prev, cur in zip(rows, rows[1:], strict=False):
+        if cur[10] & (RESUMED | PAUSED):
+            continue
+        dt = max(cur[1] - prev[1], 0.0)
+        dq = 0.5 * (cur[6] + prev[6]) * dt / 3600.0
+        tot = out.setdefault(int(cur[4]), [0.0, 0.0])
+        if dq > 0:
+            tot[0] += dq
+        elif dq < 0:
+            tot[1] -= dq
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def _check(lab: Lab, camp: Campaign) -> None:
+    n_kills = len(camp.kills)
+    for rid in camp.run_ids:
+        (state, reason), = _query(lab, "SELECT state, end_reason FROM runs WHERE id = ?", rid)
+        assert state == "stopped", (rid, state, reason)
+        rows = _query(lab, f"SELECT {', '.join(COLS)} FROM samples WHERE run_id = ? "
+                      "ORDER BY seq", rid)
+        seqs = [r[0] for r in rows]
+        assert seqs == list(range(1, len(rows) + 1)), f"run {rid}: seq not 1..N"
+        # Never renumbered: what was committed at each kill is still there, unchanged.
+        for snap in camp.snapshots:
+            old = snap[rid]
+            assert rows[: len(old)] == old, f"run {rid}: committed rows changed"
+        # Gaps: one interruption event per kill, with exact bounds.
+        events = [(msg, json.loads(d)) for msg, d in _query(
+            lab, "SELECT message, data FROM events WHERE run_id = ? AND kind = 'interruption' "
+            "ORDER BY id", rid)]
+        assert len(events) == n_kills, (rid, len(events), n_kills)
+        resumed_at = {r[0] for r in rows if r[10] & RESUMED}
+        assert resumed_at == {d["last_seq"] + 1 for _, d in events}, rid
+        for msg, d in events:
+            assert "resumed" in msg, msg
+            before, after = rows[d["last_seq"] - 1], rows[d["last_seq"]]
+            assert before[1] == d["from_t_s"]
+            assert after[10] & RESUMED and after[1] >= d["to_t_s"] - 1e-6
+            assert d["to_t_s"] == pytest.approx(d["from_t_s"] + d["gap_s"])
+        # Steps: numbered 1..S, tiling the run's time, each ending at one of its readings.
+        steps = _query(lab, "SELECT step_number, step_index, start_t_s, end_t_s FROM steps "
+                       "WHERE run_id = ? ORDER BY step_number", rid)
+        assert [s[0] for s in steps] == list(range(1, len(steps) + 1)), rid
+        assert len(steps) > 4
+        for a, b in zip(steps, steps[1:], strict=False):
+            assert b[2] == a[3], (rid, a, b)
+        by_t = {r[1]: r for r in rows}
+        for s in steps:
+            assert s[3] in by_t and by_t[s[3]][3] == s[1], (rid, s)
+        # Cycles: numbered 1..C; totals = trapezoids; a cycle across a gap says so.
+        cycles = _query(lab, "SELECT cycle_index, charge_capacity_ah, discharge_capacity_ah, "
+                        "spans_gap FROM cycles WHERE run_id = ? ORDER BY cycle_index", rid)
+        assert [c[0] for c in cycles] == list(range(1, len(cycles) + 1)), rid
+        assert cycles, f"run {rid}: no cycle completed"
+        trap = _trapezoid_cycles(rows)
+        gap_cycles = {r[4] for r in rows if r[10] & RESUMED}
+        for k, chg, dis, spans in cycles:
+            t_chg, t_dis = trap[k]
+            assert chg == pytest.approx(t_chg, rel=1e-9, abs=1e-12), (rid, k, chg, t_chg)
+            assert dis == pytest.approx(t_dis, rel=1e-9, abs=1e-12), (rid, k, dis, t_dis)
+            assert bool(spans) == (k in gap_cycles), (rid, k, spans)
+
+
+def _kills_after_boundary(lab: Lab, camp: Campaign, target: str) -> int:
+    """Kills of ``target`` that fell within 100 ms after a step boundary, as the steps
+    table shows (the boundary: the wall time of the reading that ended a step)."""
+    ends = sorted(ts for (ts,) in _query(
+        lab, "SELECT s.ts_utc FROM steps st JOIN samples s ON s.run_id = st.run_id "
+        "AND s.t_s = st.end_t_s"))
+    n = 0
+    for k in camp.kills:
+        if k.target == target and any(0 <= k.wall_s - e <= BOUNDARY_WINDOW_S for e in ends):
+            n += 1
+    return n
+
+
+def test_kill9_campaign_short(tmp_path: Path) -> None:
+    """Two kills of the engine and two of its writer, one of each aimed at a boundary."""
+    lab, camp = _campaign(tmp_path, engine_kills=2, writer_kills=2, seed=11)
+    _check(lab, camp)
+
+
+@pytest.mark.slow
+def test_kill9_campaign_long(tmp_path: Path) -> None:
+    """50 kills of the engine and 50 of its writer child, half aimed at step boundaries;
+    at least 10 of each fell within 100 ms after one, as the steps table shows."""
+    lab, camp = _campaign(tmp_path, engine_kills=50, writer_kills=50, seed=2026)
+    _check(lab, camp)
+    assert _kills_after_boundary(lab, camp, "engine") >= 10
+    assert _kills_after_boundary(lab, camp, "writer") >= 10
