@@ -23,11 +23,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select
 
 from labdaq.engine.channel import ChannelRun
+from labdaq.engine.events import RunEvent
 from labdaq.engine.instruments import answers
 from labdaq.engine.node_parts import NodeParts
 from labdaq.engine.setpoints import LOST_INSTRUMENT
@@ -86,6 +88,18 @@ class Recovery(NodeParts):
             # Claimed, but killed before its first sample was committed: nothing of it
             # is on record, so it starts from the beginning.
             log.warning("run %s: no sample committed yet, starting it afresh", run.id)
+            started = run.started_at
+            if started is not None and started.tzinfo is None:
+                started = started.replace(tzinfo=UTC)
+            wall_s = (datetime.now(UTC) - started).total_seconds() if started else 0.0
+            wait_s = max(wall_s, 0.0) * self.clock.speed
+            self.recorder.event(RunEvent(
+                run.id, "interruption", "warning",
+                f"{why}; run started afresh after a {wait_s:.1f} s wait (nothing of it "
+                "was committed)",
+                {"cause": "restart_before_first_sample", "last_seq": 0,
+                 "samples_committed": 0, "from_t_s": None, "to_t_s": 0.0,
+                 "gap_s": wait_s, "gap_wall_s": wall_s}))
             await self._start(run, channel)
             return
         # The limit is in wall seconds (what a cell resting with its output off lives
