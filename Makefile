@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 DATA_DIR ?= ./data
 
-.PHONY: run test test-fast test-slow bench lint typecheck clean
+.PHONY: run test test-fast test-slow test-deep bench lint typecheck clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,14 +35,18 @@ FAST_TESTS := tests/test_protocol.py tests/test_scpi_parser.py tests/test_cell_m
 # Everything not marked slow (.ci/run runs this first; budget: 10 min on 2 cores).
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not deep"
 
 test-fast: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q -m "not slow" $(FAST_TESTS)
+	$(BIN)/python -m pytest -q -m "not slow and not deep" $(FAST_TESTS)
 
 # The long suites (@pytest.mark.slow); .ci/run runs them after `make test`.
 test-slow: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m "slow and not deep"
+
+# schemathesis in depth: 100 examples per operation, every phase, each role, both backends.
+test-deep: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q -m deep
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

@@ -142,6 +142,7 @@ def test_schemathesis_quick(service: tuple[str, dict[str, str]]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.deep  # `make test-deep`: ~20-45 min for both backends and three roles
 @pytest.mark.timeout(3600)
 @pytest.mark.parametrize("role", ROLES)
 def test_schemathesis_deep(service: tuple[str, dict[str, str]], role: str) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session
 
@@ -40,14 +41,22 @@ from tests.engine_rig import (
 )
 from tests.test_engine_templates import check_cycles, check_steps
 
+# Minutes of simulated lab each: `make test-slow` (run by .ci/run after `make test`).
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 
 SHARES = [
     ["un383_ocv_check", "iec62133_2_cv_hold_7d"],
     ["un383_t5_external_short", "iso12405_4_pulse_ir"],
     ["un383_abuse_log", "lab_charge_retention_28d"],
-    ["iec62133_2_external_short", "iec62660_1_capacity_temperatures"],
+    ["iec62133_2_external_short"],
 ]
+# Run in a process of its own, with no other rig beside it: its -20 °C discharge reaches
+# the cut-off with a steep knee, and with other rigs competing for the CPU the lockstep
+# pacing let a reading come after the knee (a safety stop at ~2.2 V, seen in CI). Why
+# the pacing lets that happen under load is not yet found.
+ALONE = ["iec62660_1_capacity_temperatures"]
 ABUSE = {"un383_t7_overcharge", "un383_t8_forced_discharge", "iec62133_2_overcharge",
          "iec62133_2_forced_discharge", "iec62133_2_thermal_abuse"}
 
@@ -109,15 +118,10 @@ async def run_and_evaluate(names: list[str], tmp: Path, db: Path) -> dict[str, A
     return out
 
 
-async def test_clause_templates_run_and_evaluate(sqlite_url: str, tmp_path: Path) -> None:
-    cat = load_catalogue()
-    runnable = sorted({e.protocol for e in cat.entries if e.protocol} - ABUSE
-                      - {"basic_cycle", "calendar_retention", "capacity_check_c3",
-                         "cycle_life_1c", "eis_soc", "hppc_dcir"})
-    assert sorted(n for share in SHARES for n in share) == runnable
-    db = Path(sqlite_url.removeprefix("sqlite:///"))
+async def run_shares(shares: list[list[str]], tmp_path: Path, db: Path) -> dict[str, Any]:
+    """Each share of templates in a worker process of its own; their results by name."""
     procs = []
-    for j, names in enumerate(SHARES):
+    for j, names in enumerate(shares):
         work = tmp_path / f"worker{j}"
         work.mkdir()
         procs.append(await asyncio.create_subprocess_exec(
@@ -134,6 +138,18 @@ async def test_clause_templates_run_and_evaluate(sqlite_url: str, tmp_path: Path
     assert not errors, "\n".join(errors)
     failed = {k: v for k, v in r.items() if isinstance(v, str)}
     assert not failed, "\n".join(f"{k}: {v}" for k, v in failed.items())
+
+    return r
+
+
+async def test_clause_templates_run_and_evaluate(sqlite_url: str, tmp_path: Path) -> None:
+    cat = load_catalogue()
+    runnable = sorted({e.protocol for e in cat.entries if e.protocol} - ABUSE
+                      - {"basic_cycle", "calendar_retention", "capacity_check_c3",
+                         "cycle_life_1c", "eis_soc", "hppc_dcir"})
+    assert sorted(n for share in [*SHARES, ALONE] for n in share) == runnable
+    db = Path(sqlite_url.removeprefix("sqlite:///"))
+    r = await run_shares(SHARES, tmp_path, db)
 
     def ev(template: str, entry: str) -> dict[str, Any]:
         return r[template]["evaluation"][entry]  # type: ignore[no-any-return]
@@ -165,16 +181,25 @@ async def test_clause_templates_run_and_evaluate(sqlite_url: str, tmp_path: Path
     # 28-day charge retention: most of the charge is still there; more after a recharge.
     ret = ev("lab_charge_retention_28d", "lab-charge-retention-28d")["criteria"]
     assert 0.9 < ret["charge_retention"][1] < 1.0 < ret["charge_recovery"][1] + 0.02
-    # IEC 62660-1 capacity at temperature, relative to 25 °C: less when cold.
-    rel = ev("iec62660_1_capacity_temperatures",
-             "iec62660-1-capacity-temperature")["criteria"]["capacity_over_reference"]
-    assert rel[0] == "reported"
-    assert rel[1]["capacity_m20c"] < rel[1]["capacity_0c"] < rel[1]["capacity_25c"] == 1.0
-    assert rel[1]["capacity_45c"] > 0.98
     # The OCV check alone cannot give the before/after ratio.
     ocv = ev("un383_ocv_check", "un383-t1-altitude")["criteria"]["ocv_ratio_after_before"]
     assert ocv[0] == "not_evaluable" and "before and after" in ocv[2]
 
+
+
+async def test_capacity_at_temperature_template_runs_and_is_reported(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    db = Path(sqlite_url.removeprefix("sqlite:///"))
+    r = await run_shares([ALONE], tmp_path, db)
+    failed = {k: v for k, v in r.items() if isinstance(v, str)}
+    assert not failed, failed
+    # IEC 62660-1 capacity at temperature, relative to 25 °C: less when cold.
+    rel = r["iec62660_1_capacity_temperatures"]["evaluation"][
+        "iec62660-1-capacity-temperature"]["criteria"]["capacity_over_reference"]
+    assert rel[0] == "reported"
+    assert rel[1]["capacity_m20c"] < rel[1]["capacity_0c"] < rel[1]["capacity_25c"] == 1.0
+    assert rel[1]["capacity_45c"] > 0.98
 
 if __name__ == "__main__":
     work_dir, migrated, *template_names = sys.argv[1:]

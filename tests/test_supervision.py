@@ -30,6 +30,9 @@ from typing import Any
 import httpx
 import pytest
 
+# Minutes of simulated lab each: `make test-slow` (run by .ci/run after `make test`).
+pytestmark = pytest.mark.slow
+
 SPEED = 100.0
 PERIOD_S = 10.0  # simulated: 10 samples per wall second at SPEED
 TIMEOUT_S = 120.0  # for each recovery, on a loaded 2-core machine

@@ -20,12 +20,13 @@ from labdaq.storage.db import session_scope
 
 router = APIRouter(prefix="/api/v1/runs", tags=["stream"])
 
-# The ids the streams send (labdaq.live.Cursor / LabCursor), so the schema says what
-# Last-Event-ID may be.
+# The ids the streams send (labdaq.live.Cursor / LabCursor), or nothing, so the schema
+# says what Last-Event-ID may be. The header is a plain string (empty when absent): an
+# optional one is documented as string-or-null, which clients send as the text "null".
 RUN_EVENT_ID = (
-    r"^\d{1,18}\.\d{1,18}\.\d{1,18}\.\d{1,18}\.[a-z_]{0,20}\.(\d{1,18}(\.\d{1,18})?(e-?\d{1,3})?)?$"
+    r"^(\d{1,18}\.\d{1,18}\.\d{1,18}\.\d{1,18}\.[a-z_]{0,20}\.(\d{1,18}(\.\d{1,18})?(e-?\d{1,3})?)?)?$"
 )
-LAB_EVENT_ID = r"^\d{1,18}\.\d{1,18}\.\d{1,18}$"
+LAB_EVENT_ID = r"^(\d{1,18}\.\d{1,18}\.\d{1,18})?$"
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem, "description": "missing, unknown or revoked token"},
     404: {"model": Problem, "description": "no such run"},
@@ -54,8 +55,8 @@ async def stream_run(
         None, gt=0, le=1000, description="at most this many samples per second of run time"
     ),
     poll_s: float = Query(0.5, ge=0.05, le=10, description="how often to look for news"),
-    last_event_id: str | None = Header(
-        None, alias="Last-Event-ID", pattern=RUN_EVENT_ID, description="an id this stream sent"
+    last_event_id: str = Header(
+        "", alias="Last-Event-ID", pattern=RUN_EVENT_ID, description="an id this stream sent"
     ),
 ) -> StreamingResponse:
     await run_service.get_run(session, run_id)
@@ -109,8 +110,8 @@ async def stream_lab(
     session: Session,
     _: Reader,
     poll_s: float = Query(0.5, ge=0.05, le=10, description="how often to look for news"),
-    last_event_id: str | None = Header(
-        None, alias="Last-Event-ID", pattern=LAB_EVENT_ID, description="an id this stream sent"
+    last_event_id: str = Header(
+        "", alias="Last-Event-ID", pattern=LAB_EVENT_ID, description="an id this stream sent"
     ),
 ) -> StreamingResponse:
     """What happens anywhere in the lab from now on (or after ``Last-Event-ID``)."""
