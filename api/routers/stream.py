@@ -21,12 +21,13 @@ from labdaq.storage.db import session_scope
 router = APIRouter(prefix="/api/v1/runs", tags=["stream"])
 
 # The ids the streams send (labdaq.live.Cursor / LabCursor), or nothing, so the schema
-# says what Last-Event-ID may be. The header is a plain string (empty when absent): an
+# says what Last-Event-ID may be. Step, cycle and event ids are INTEGER columns (int4 on
+# PostgreSQL): nine digits at most, so a forged id never reaches the database. The header is a plain string (empty when absent): an
 # optional one is documented as string-or-null, which clients send as the text "null".
 RUN_EVENT_ID = (
-    r"^(\d{1,18}\.\d{1,18}\.\d{1,18}\.\d{1,18}\.[a-z_]{0,20}\.(\d{1,18}(\.\d{1,18})?(e-?\d{1,3})?)?)?$"
+    r"^(\d{1,18}\.\d{1,9}\.\d{1,9}\.\d{1,9}\.[a-z_]{0,20}\.(\d{1,18}(\.\d{1,18})?(e-?\d{1,3})?)?)?$"
 )
-LAB_EVENT_ID = r"^(\d{1,18}\.\d{1,18}\.\d{1,18})?$"
+LAB_EVENT_ID = r"^(\d{1,9}\.\d{1,9}\.\d{1,9})?$"
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem, "description": "missing, unknown or revoked token"},
     404: {"model": Problem, "description": "no such run"},
