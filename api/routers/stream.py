@@ -22,7 +22,8 @@ router = APIRouter(prefix="/api/v1/runs", tags=["stream"])
 
 # The ids the streams send (labdaq.live.Cursor / LabCursor), or nothing, so the schema
 # says what Last-Event-ID may be. Step, cycle and event ids are INTEGER columns (int4 on
-# PostgreSQL): nine digits at most, so a forged id never reaches the database. The header is a plain string (empty when absent): an
+# PostgreSQL): nine digits at most, so a forged id never reaches the database. The
+# header is a plain string (empty when absent): an
 # optional one is documented as string-or-null, which clients send as the text "null".
 RUN_EVENT_ID = (
     r"^(\d{1,18}\.\d{1,9}\.\d{1,9}\.\d{1,9}\.[a-z_]{0,20}\.(\d{1,18}(\.\d{1,18})?(e-?\d{1,3})?)?)?$"
