@@ -321,8 +321,11 @@ def _run_and_kill(lab: Lab, run_id: int, min_samples: int) -> list[tuple[Any, ..
 def _children(pid: int) -> list[int]:
     """Child process ids of ``pid`` (Linux /proc)."""
     out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        out += [int(x) for x in (task / "children").read_text().split()]
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            out += [int(x) for x in (task / "children").read_text().split()]
+    except (FileNotFoundError, ProcessLookupError):
+        pass  # the process (or one of its threads) exited while being read
     return out
 
 
@@ -330,7 +333,8 @@ def _alive(pid: int) -> bool:
     """The process exists and is not a zombie (one nobody has reaped yet has exited)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
+        # The process can exit between open() and read(); the kernel then answers ESRCH.
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
