@@ -351,6 +351,7 @@ def _kills_after_boundary(lab: Lab, camp: Campaign, target: str) -> int:
     return n
 
 
+@pytest.mark.slow  # make test-slow: keeps make test within its budget
 def test_kill9_campaign_short(tmp_path: Path) -> None:
     """Two kills of the engine and two of its writer, one of each aimed at a boundary."""
     lab, camp = _campaign(tmp_path, engine_kills=2, writer_kills=2, seed=11)
