@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from labdaq.drivers.roles import Cycler
 from labdaq.engine.channel import ChannelRun, Phase, Transition
@@ -49,6 +50,7 @@ from labdaq.engine.events import (
     RunEnded,
     RunEvent,
 )
+from labdaq.engine.gaps import FLAG_GAP, gap_record, missed, outage_missed
 from labdaq.engine.ledger import Ledger
 from labdaq.engine.run_arrays import BoolArray, FloatArray, IntArray, RunArrays
 from labdaq.engine.safety import Limits, breach_event
@@ -153,15 +155,25 @@ class InstrumentGroup:
         # first sample after the gap says so in its flags.
         flags = (FLAG_EDGE | (FLAG_RESUMED if run.seq else 0)
                  | (FLAG_PAUSED if run.paused else 0))
+        ledger = Ledger(positions=[self._full_position(k)])
+        # The storage times a resumed run was away for are missed periods (gaps.py).
+        n_missed = 0
+        if run.seq and run.resumed_from_t_s is not None:
+            n_missed = outage_missed(run.resumed_from_t_s, run.t_s, run.period_s)
+            if n_missed:
+                flags |= FLAG_GAP
+                ledger.gaps.append(gap_record(
+                    run.run_id, run.seq + 1, n_missed, run.resumed_from_t_s + run.period_s,
+                    run.period_s, time.time(), run.missed_periods + n_missed, "interruption"))
         try:
-            breached = await self._edge([k], {}, flags, integrate=False,
-                                        ledger=Ledger(positions=[self._full_position(k)]))
+            breached = await self._edge([k], {}, flags, integrate=False, ledger=ledger)
         except BaseException:
             # A join that did not complete leaves no trace here: the caller still owns
             # the run (it may wait for a lost instrument and join again), and this loop
             # must not also hand it on. The failing measurement came before any row.
             self._remove(k)
             raise
+        run.missed_periods += n_missed
         if breached:
             self._remove(k)
             await self.emit(RunEnded(run))
@@ -310,12 +322,18 @@ class InstrumentGroup:
         half = 0.5 * (fast if tick_s is None else tick_s)
         t_sched = t if deadline is None else deadline - self.state.t0_clock_s
         due = (t_sched + half > self.state.next_due_t_s) | breach | ended
+        # Storage times before the one this tick serves went by unsampled (gaps.py).
+        due_t_s = st.next_due_t_s
+        miss = missed(t_sched + half, due_t_s, st.period_s)
         next_due = np.where(due, st.next_due_t_s + st.period_s, st.next_due_t_s)
-        st.next_due_t_s = np.where(next_due <= t_sched, t_sched + st.period_s, next_due)
+        skipped = next_due <= t_sched if miss is None else (next_due <= t_sched) | (miss > 0)
+        st.next_due_t_s = np.where(skipped, t_sched + st.period_s, next_due)
         idx = np.flatnonzero(due)
         if idx.size:
             flags = np.where(breach[idx], FLAG_BREACH, 0) | np.where(paused[idx], FLAG_PAUSED, 0)
-            await self._put(idx, st.rows(idx, t[idx], v[idx], i[idx], temp[idx], ts_utc, flags))
+            ledger = None if miss is None else self._gaps(idx, miss, due_t_s, flags, ts_utc)
+            await self._put(idx, st.rows(idx, t[idx], v[idx], i[idx], temp[idx], ts_utc, flags),
+                            ledger)
         st.last_t_s, st.last_voltage_v, st.last_current_a, st.last_temperature_c = t, v, i, temp
 
         # 5. Per-channel Python only where something happened.
@@ -410,6 +428,25 @@ class InstrumentGroup:
         r = self.runs[k]
         off_s, ack_s = self._breach_to_off.pop(r.run_id, (math.nan, math.nan))
         await self.emit(breach_event(self.limits, r, k, v, i, temp, t, off_s, ack_s))
+
+    def _gaps(self, idx: IntArray, miss: IntArray, due_t_s: FloatArray, flags: NDArray[Any],
+              ts_utc: float) -> Ledger:
+        """The gaps of runs ``idx`` that missed storage times (``miss``, by run; the first
+        missed one is ``due_t_s``) for the ledger of their next rows; flags those rows
+        GAP (``flags``, aligned with ``idx``, in place)."""
+        ledger = Ledger()
+        st = self.state
+        for j, k in enumerate(idx.tolist()):
+            n = int(miss[k])
+            if n <= 0:
+                continue
+            r = self.runs[k]
+            r.missed_periods += n
+            flags[j] |= FLAG_GAP
+            ledger.gaps.append(gap_record(
+                r.run_id, int(st.seq[k]) + 1, n, float(due_t_s[k]), float(st.period_s[k]),
+                ts_utc, r.missed_periods, "late"))
+        return ledger
 
     async def _put(self, idx: IntArray, rows: list[tuple[Any, ...]],
                    ledger: Ledger | None = None) -> None:

@@ -136,6 +136,8 @@ class Recovery(NodeParts):
                 self.aux.wiring[run.id] = dict(channel.aux or {})
                 phase = cr.restore(dict(pos), shift_s=gap_s)
                 cr.t_s = float(last.t_s) + gap_s
+                cr.resumed_from_t_s = float(last.t_s)  # the gap's periods are missed ones
+                cr.missed_periods = int(run.missed_periods or 0)
                 # Paused stays paused (output off) until someone resumes it.
                 cr.pause_requested = run.state == m.RunState.paused.value
                 group = await self._group_for(channel.instrument_id)
