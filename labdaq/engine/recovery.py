@@ -177,6 +177,7 @@ class Recovery(NodeParts):
         a task of its own and resume them."""
         for cr in runs:
             self._release(cr.run_id)
+        self.stats.instrument_error(self.instruments[instrument_id].name)
         self._wait_for(instrument_id, [cr.run_id for cr in runs], reason)
 
     def _wait_for(self, instrument_id: int, run_ids: list[int], reason: str) -> None:
