@@ -155,25 +155,18 @@ class InstrumentGroup:
         # first sample after the gap says so in its flags.
         flags = (FLAG_EDGE | (FLAG_RESUMED if run.seq else 0)
                  | (FLAG_PAUSED if run.paused else 0))
-        ledger = Ledger(positions=[self._full_position(k)])
-        # The storage times a resumed run was away for are missed periods (gaps.py).
-        n_missed = 0
-        if run.seq and run.resumed_from_t_s is not None:
-            n_missed = outage_missed(run.resumed_from_t_s, run.t_s, run.period_s)
-            if n_missed:
-                flags |= FLAG_GAP
-                ledger.gaps.append(gap_record(
-                    run.run_id, run.seq + 1, n_missed, run.resumed_from_t_s + run.period_s,
-                    run.period_s, time.time(), run.missed_periods + n_missed, "interruption"))
         try:
-            breached = await self._edge([k], {}, flags, integrate=False, ledger=ledger)
+            breached = await self._edge(
+                [k], {}, flags, integrate=False,
+                ledger=Ledger(positions=[self._full_position(k)]),
+                # The storage times a resumed run was away for are missed (gaps.py).
+                resumed_from_t_s=run.resumed_from_t_s if run.seq else None)
         except BaseException:
             # A join that did not complete leaves no trace here: the caller still owns
             # the run (it may wait for a lost instrument and join again), and this loop
             # must not also hand it on. The failing measurement came before any row.
             self._remove(k)
             raise
-        run.missed_periods += n_missed
         if breached:
             self._remove(k)
             await self.emit(RunEnded(run))
@@ -464,12 +457,14 @@ class InstrumentGroup:
         flags: int,
         integrate: bool = True,
         ledger: Ledger | None = None,
+        resumed_from_t_s: float | None = None,
     ) -> list[int]:
         """Measure the channels whose set points just changed; check it against the
         limits like any reading, store it and make it the integration anchor (integrating
         up to it unless the run has just joined). ``ledger`` (the runs' new positions,
         steps and cycles their last phase completed) goes with the rows. Returns the runs
-        that breached."""
+        that breached. ``resumed_from_t_s`` (one run, resumed after an outage): the time
+        of its last stored sample; the storage times since then are a gap."""
         idx = np.asarray(changed, np.int64)
         t2 = self.clock.now() - self.state.t0_clock_s[idx]  # before the query, as in _tick
         ts_utc = time.time()
@@ -484,7 +479,20 @@ class InstrumentGroup:
         st.last_t_s[idx], st.last_voltage_v[idx], st.last_current_a[idx] = t2, v2, i2
         st.last_temperature_c[idx] = temp2
         row_flags = np.full(len(changed), flags) | np.where(breach, FLAG_BREACH, 0)
+        n_missed = 0
+        if resumed_from_t_s is not None:
+            r0 = self.runs[changed[0]]
+            n_missed = outage_missed(resumed_from_t_s, float(t2[0]), r0.period_s)
+            if n_missed:
+                row_flags[0] |= FLAG_GAP
+                ledger = ledger or Ledger()
+                ledger.gaps.append(gap_record(
+                    r0.run_id, int(self.state.seq[changed[0]]) + 1, n_missed,
+                    resumed_from_t_s + r0.period_s, r0.period_s, ts_utc,
+                    r0.missed_periods + n_missed, "interruption"))
         await self._put(idx, self.state.rows(idx, t2, v2, i2, temp2, ts_utc, row_flags), ledger)
+        if n_missed:
+            self.runs[changed[0]].missed_periods += n_missed
         breached: list[int] = []
         for j, k in enumerate(changed):
             if breach[j]:
