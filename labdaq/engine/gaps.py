@@ -5,8 +5,9 @@ serves the storage time nearest to it (group.py). When the instrument answered l
 loop fell behind or the run was away (instrument lost, engine restarted), the tick that
 finally comes is nearest to a later storage time, and every one before it went by
 without a sample: those are *missed periods*, and by the design map each is a lost
-sample. They are found here with one numpy comparison per tick (the rare late runs then
-pay a few more operations), and each gap — the missed periods between two stored samples,
+sample. The group finds them with one numpy comparison per tick (in place of the one
+that re-anchored a late run's storage times; the rare late ticks then pay a few more
+operations here), and each gap — the missed periods between two stored samples,
 so contiguous misses are one gap — becomes one record that travels with the first sample
 after it through the sample sink (ledger.py): an event of kind ``missed_periods`` (count,
 ``t_from_s``/``t_to_s`` the first and last missed storage times) and the run's new
@@ -27,20 +28,15 @@ FLAG_GAP = int(SampleFlag.GAP)
 EVENT_KIND = "missed_periods"
 
 
-def missed(reach_t_s: Any, next_due_t_s: NDArray[np.float64],
-           period_s: NDArray[np.float64]) -> NDArray[np.int64] | None:
+def missed(reach_t_s: Any, due_t_s: NDArray[np.float64], period_s: NDArray[np.float64],
+           skipped: NDArray[np.bool_]) -> NDArray[np.int64]:
     """Storage times each run missed at a tick that reaches ``reach_t_s`` (its scheduled
-    time plus half a tick: it serves the storage times before that), or None when no
-    run missed any (the common case, one comparison).
-
-    The due storage times are ``next_due + k·period`` below ``reach_t_s``; the tick
-    serves the last of them, and the ones before it were missed."""
-    lag = reach_t_s - next_due_t_s
-    late = lag > period_s
-    if not late.any():
-        return None
-    n = np.ceil(lag / period_s).astype(np.int64) - 1
-    return np.where(late, np.maximum(n, 0), 0)
+    time plus half a tick: it serves the storage times before that). ``due_t_s`` is each
+    run's first storage time due; ``skipped`` marks the runs with a later one due too
+    (``due + period < reach``: the group's one comparison per tick, only those runs missed
+    any). The tick serves the last storage time due, the ones before it were missed."""
+    n = np.ceil((reach_t_s - due_t_s) / period_s).astype(np.int64) - 1
+    return np.where(skipped, np.maximum(n, 1), 0)
 
 
 def outage_missed(from_t_s: float, to_t_s: float, period_s: float) -> int:

@@ -314,12 +314,15 @@ class InstrumentGroup:
         # the next one a tick late, losing a sample period.
         half = 0.5 * (fast if tick_s is None else tick_s)
         t_sched = t if deadline is None else deadline - self.state.t0_clock_s
-        due = (t_sched + half > self.state.next_due_t_s) | breach | ended
-        # Storage times before the one this tick serves went by unsampled (gaps.py).
+        reach = t_sched + half  # the tick serves the storage times before this
         due_t_s = st.next_due_t_s
-        miss = missed(t_sched + half, due_t_s, st.period_s)
-        next_due = np.where(due, st.next_due_t_s + st.period_s, st.next_due_t_s)
-        skipped = next_due <= t_sched if miss is None else (next_due <= t_sched) | (miss > 0)
+        due = (reach > due_t_s) | breach | ended
+        next_due = np.where(due, due_t_s + st.period_s, due_t_s)
+        # A later storage time is due as well: the tick serves the last one, the ones
+        # before it went by unsampled (missed periods, gaps.py), and the run's storage
+        # times start again from this tick.
+        skipped = next_due < reach
+        miss = missed(reach, due_t_s, st.period_s, skipped) if skipped.any() else None
         st.next_due_t_s = np.where(skipped, t_sched + st.period_s, next_due)
         idx = np.flatnonzero(due)
         if idx.size:
