@@ -318,12 +318,15 @@ class InstrumentGroup:
         due_t_s = st.next_due_t_s
         due = (reach > due_t_s) | breach | ended
         next_due = np.where(due, due_t_s + st.period_s, due_t_s)
-        # A later storage time is due as well: the tick serves the last one, the ones
-        # before it went by unsampled (missed periods, gaps.py), and the run's storage
-        # times start again from this tick.
+        # A later storage time is due as well (a late tick): the tick serves the last
+        # one, the ones before it went by unsampled (missed periods, gaps.py), and the
+        # run goes on with the storage time after it — on its grid, no catch-up burst.
         skipped = next_due < reach
-        miss = missed(reach, due_t_s, st.period_s, skipped) if skipped.any() else None
-        st.next_due_t_s = np.where(skipped, t_sched + st.period_s, next_due)
+        miss = None
+        if skipped.any():
+            miss = missed(reach, due_t_s, st.period_s, skipped)
+            next_due = np.where(skipped, due_t_s + (miss + 1) * st.period_s, next_due)
+        st.next_due_t_s = next_due
         idx = np.flatnonzero(due)
         if idx.size:
             flags = np.where(breach[idx], FLAG_BREACH, 0) | np.where(paused[idx], FLAG_PAUSED, 0)
