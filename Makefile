@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 DATA_DIR ?= ./data
 
-.PHONY: run test test-fast test-slow test-deep bench lint typecheck clean
+.PHONY: run test test-fast test-slow test-deep faults bench lint typecheck clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -47,6 +47,16 @@ test-slow: $(VENV)/.installed-dev
 # schemathesis in depth: 100 examples per operation, every phase, each role, both backends.
 test-deep: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -m deep
+
+# The fault campaign: every test marked `faults` (kill -9 campaigns long and short, kills
+# under serve, database outages on SQLite and PostgreSQL), then its table into the README.
+FAULT_REPORT := .faults.jsonl
+faults: $(VENV)/.installed-dev
+	rm -f $(FAULT_REPORT)
+	LABDAQ_FAULT_REPORT=$(abspath $(FAULT_REPORT)) \
+		LABDAQ_TEST_PG_URL="$${LABDAQ_TEST_PG_URL:-$(BENCH_PG_URL)}" \
+		$(BIN)/python -m pytest -q -m faults
+	$(BIN)/python -m tests.fault_table $(FAULT_REPORT) --readme
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

@@ -52,7 +52,9 @@ def _tokens(url: str) -> dict[str, str]:
     return asyncio.run(make())
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+# PostgreSQL runs in make test-slow (CI runs both): the quick form on both took ~6 min.
+@pytest.fixture(scope="module",
+                params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
 def service(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, dict[str, str]]]:

@@ -43,6 +43,7 @@ from labdaq.sims.lab import SimLab
 from labdaq.storage import models as m
 from labdaq.storage.db import create_engine, session_scope, sessionmaker
 from tests.db_fixtures import PG_URL
+from tests.fault_report import lost_and_duplicates, record_fault
 
 SPEED = 100.0
 # C/5 for 20 simulated minutes: ~12 s of wall time, long enough for an outage in the middle.
@@ -190,6 +191,7 @@ async def _outage(url: str) -> AsyncIterator[None]:
         await admin.close()
 
 
+@pytest.mark.faults
 async def test_database_outage_mid_run_loses_no_sample(rig: Rig) -> None:
     """SQLite locked for 7 s / PostgreSQL refusing connections for 4 s in the middle of a
     discharge: the run goes on and completes, every sample reaches the database once."""
@@ -249,6 +251,12 @@ async def test_database_outage_mid_run_loses_no_sample(rig: Rig) -> None:
             ).all()
         seq = np.array([r[0] for r in rows], np.int64)
         ts = np.array([r[1] for r in rows], float)
+        lost, dups = lost_and_duplicates(seq.tolist(), list(range(1, (run.last_seq or 0) + 1)))
+        sqlite = make_url(rig.url).get_backend_name() == "sqlite"
+        record_fault(f"SQLite locked {SQLITE_HOLD_S:g} s mid-run" if sqlite else
+                     f"PostgreSQL connections cut and refused {PG_DOWN_S:g} s mid-run",
+                     faults=1, lost=lost, duplicates=dups,
+                     runs_resumed=int(run.state == "completed"), runs=1)
         # Nothing lost, nothing duplicated: 1..N, and N is what the engine measured.
         assert seq.size and seq[0] == 1, seq[:3]
         bad = np.flatnonzero(np.diff(seq) != 1)

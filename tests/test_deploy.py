@@ -222,6 +222,7 @@ def image_wheel(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return wheel, src
 
 
+@pytest.mark.slow  # make test-slow: keeps make test within its budget
 def test_wheel_built_from_the_dockerfile_context_holds_every_package_file(
     image_wheel: tuple[Path, Path],
 ) -> None:
@@ -246,6 +247,7 @@ def test_wheel_built_from_the_dockerfile_context_holds_every_package_file(
     assert re.search(r"^labdaq = labdaq\.cli:app$", console, re.M)
 
 
+@pytest.mark.slow  # make test-slow: keeps make test within its budget
 def test_wheel_installed_alone_imports_every_module_and_migrates(
     image_wheel: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -297,6 +299,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.slow  # make test-slow: keeps make test within its budget
 def test_image_healthcheck_command_passes_on_a_live_api_and_fails_without_one(
     tmp_path: Path,
 ) -> None:
@@ -635,6 +638,7 @@ def _pg_scalar(url: str, sql: str) -> Any:
     return asyncio.run(run())
 
 
+@pytest.mark.slow  # make test-slow: keeps make test within its budget
 def test_postgresql_pg_dump_and_pg_restore_as_documented(tmp_path: Path) -> None:
     """docs/deploy.md's PostgreSQL backup and restore on a labdaq database: pg_dump
     --format=custom of a labdaq database, pg_restore --no-owner into an empty one, then

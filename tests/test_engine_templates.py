@@ -294,6 +294,7 @@ SHARES = [
 
 # Every template at once: 66 s under a load average of 20 here, so more than the
 # default per-test hang guard.
+@pytest.mark.slow  # make test-slow: keeps make test within its budget
 @pytest.mark.timeout(600)
 async def test_every_template_completes(sqlite_url: str, tmp_path: Path) -> None:
     # Templates named for a standard's clause (seeds/benchmarks catalogue) are checked in

@@ -7,6 +7,7 @@ import asyncio
 
 import httpx
 import pyarrow.parquet as pq
+import pytest
 
 from tests.dataout_fixtures import api_server, insert_samples, make_lab, peak_rss_bytes
 
@@ -16,6 +17,7 @@ ROWS = 1_500_000
 MAX_GROWTH = 100 * 1024 * 1024
 
 
+@pytest.mark.slow  # make test-slow: keeps make test within its budget
 def test_large_export_streams_with_bounded_memory(sqlite_url: str, tmp_path) -> None:
     lab = asyncio.run(make_lab(sqlite_url, runs=2))
     big, small = lab["run_ids"]

@@ -50,6 +50,7 @@ import pytest
 
 from labdaq.runs import RunCreate, create_run
 from labdaq.storage.db import create_engine, session_scope, sessionmaker
+from tests.fault_report import lost_and_duplicates, record_fault
 from tests.test_recovery_kill9 import Lab, _alive, _children, _env, _lab, _query, _stop, _wait
 
 SPEED = 10.0  # simulated seconds per wall second, lab and engines alike
@@ -86,6 +87,7 @@ class Campaign:
     run_ids: list[int]
     kills: list[Kill] = field(default_factory=list)
     snapshots: list[dict[int, list[tuple[Any, ...]]]] = field(default_factory=list)
+    recover_s: list[float] = field(default_factory=list)  # kill → every run resumed
 
 
 def _start_engine(lab: Lab, n: int) -> subprocess.Popen[bytes]:
@@ -255,6 +257,7 @@ def _campaign(tmp_path: Path, engine_kills: int, writer_kills: int, seed: int,
                                          _resumed_counts(lab, camp.run_ids).values()),
                       60, f"every run to resume after kill {len(camp.kills)}",
                       engine, lab.proc)
+                camp.recover_s.append(time.time() - camp.kills[-1].wall_s)
                 assert all(n == gaps for n in _resumed_counts(lab, camp.run_ids).values())
                 # Then a little more acquisition before the next kill.
                 mark = _max_rowid(lab)
@@ -361,17 +364,39 @@ def _kills_after_boundary(lab: Lab, camp: Campaign, target: str) -> int:
     return n
 
 
+def _record(lab: Lab, camp: Campaign, scenario: str) -> None:
+    """The campaign's figures for `make faults`, counted before the checks assert."""
+    lost = dups = resumed = 0
+    n_kills = len(camp.kills)
+    counts = _resumed_counts(lab, camp.run_ids)
+    for rid in camp.run_ids:
+        seqs = [s for (s,) in _query(lab, "SELECT seq FROM samples WHERE run_id = ? "
+                                     "ORDER BY seq", rid)]
+        committed = sorted({r[0] for snap in camp.snapshots for r in snap[rid]})
+        n_lost, n_dup = lost_and_duplicates(seqs, committed)
+        lost += n_lost
+        dups += n_dup
+        resumed += counts.get(rid) == n_kills
+    record_fault(scenario, faults=n_kills, lost=lost, duplicates=dups,
+                 runs_resumed=resumed, runs=len(camp.run_ids), recover_s=camp.recover_s)
+
+
+@pytest.mark.slow  # make test-slow: keeps make test within its budget
+@pytest.mark.faults
 def test_kill9_campaign_short(tmp_path: Path) -> None:
     """Two kills of the engine and two of its writer, one of each aimed at a boundary."""
     lab, camp = _campaign(tmp_path, engine_kills=2, writer_kills=2, seed=11)
+    _record(lab, camp, "kill -9 of the engine and of its writer (2 + 2, short form)")
     _check(lab, camp)
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_kill9_campaign_long(tmp_path: Path) -> None:
     """50 kills of the engine and 50 of its writer child, half aimed at step boundaries;
     at least 10 of each fell within 100 ms after one, as the steps table shows."""
     lab, camp = _campaign(tmp_path, engine_kills=50, writer_kills=50, seed=2026)
+    _record(lab, camp, "kill -9 of the engine and of its writer (50 + 50, half at step ends)")
     _check(lab, camp)
     assert _kills_after_boundary(lab, camp, "engine") >= 10
     assert _kills_after_boundary(lab, camp, "writer") >= 10

@@ -411,6 +411,7 @@ def test_labdaq_sim_neware_prints_address() -> None:
         proc.wait(timeout=30)
 
 
+@pytest.mark.slow  # make test-slow: keeps make test within its budget
 def test_hppc_template_runs_on_the_simulated_bts(bts: tuple, tmp_path: Path) -> None:
     """The shipped hppc_dcir template, translated and run by the BTS itself. Its chamber
     step is not a Neware step (the translator refuses it; holding the chamber is left to

@@ -30,6 +30,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.fault_report import lost_and_duplicates, record_fault
+
 # Minutes of simulated lab each: `make test-slow` (run by .ci/run after `make test`).
 pytestmark = pytest.mark.slow
 
@@ -228,15 +230,19 @@ def _cabinet_output(svc: Service) -> str:
 
 
 def _kill_and_recover(svc: Service, run_id: int, pid: int, what: str,
-                      recovered: Callable[[], bool]) -> None:
-    """kill -9 ``pid``; wait until ``recovered`` and the run has new samples."""
+                      recovered: Callable[[], bool]) -> tuple[int, float]:
+    """kill -9 ``pid``; wait until ``recovered`` and the run has new samples. Returns the
+    last seq committed before the kill and the seconds until the run took samples again."""
     seq_before = svc.last_seq(run_id)
+    t_kill = time.monotonic()
     os.kill(pid, signal.SIGKILL)
     _wait(recovered, f"{what} to be restarted", svc.proc)
     _wait(lambda: svc.last_seq(run_id) > seq_before + 20,
           f"the run to take new samples after the {what} was killed", svc.proc)
+    return seq_before, time.monotonic() - t_kill
 
 
+@pytest.mark.faults
 def test_killed_children_are_restarted_and_the_run_goes_on(service: Service) -> None:
     svc = service
     run_id = _start_run(svc)
@@ -245,20 +251,21 @@ def test_killed_children_are_restarted_and_the_run_goes_on(service: Service) -> 
     try:
         # 1. The engine.
         engine_pid = svc.ready()["engine"]["pid"]  # type: ignore[index]
-        _kill_and_recover(svc, run_id, engine_pid, "engine", lambda: (
-            (b := svc.ready()) is not None and b["engine"]["pid"] != engine_pid))
+        kills = [_kill_and_recover(svc, run_id, engine_pid, "engine", lambda: (
+            (b := svc.ready()) is not None and b["engine"]["pid"] != engine_pid))]
         # 2. The engine's sample writer: the engine stops for a restart, runs kept.
         engine_pid = svc.ready()["engine"]["pid"]  # type: ignore[index]
         writer_pid = _wait(lambda: _child_running(engine_pid, ["labdaq.engine.writer_process"]),
                            "the writer process", svc.proc)
-        _kill_and_recover(svc, run_id, writer_pid, "engine (its writer died)", lambda: (
-            (b := svc.ready()) is not None and b["engine"]["pid"] != engine_pid))
+        kills.append(_kill_and_recover(svc, run_id, writer_pid, "engine (its writer died)",
+                                       lambda: ((b := svc.ready()) is not None
+                                                and b["engine"]["pid"] != engine_pid)))
         # 3. The simulated lab: restarted on the same ports, the engine reconnects.
         sim_pid = _child_running(svc.proc.pid, ["labdaq.cli", "sim"])
         assert sim_pid is not None
-        _kill_and_recover(svc, run_id, sim_pid, "simulated lab", lambda: (
+        kills.append(_kill_and_recover(svc, run_id, sim_pid, "simulated lab", lambda: (
             (p := _child_running(svc.proc.pid, ["labdaq.cli", "sim"])) is not None
-            and p != sim_pid and svc.ready() is not None))
+            and p != sim_pid and svc.ready() is not None)))
         t_last_kill = time.monotonic()
         _wait(lambda: poller.answered_since(t_last_kill) > 5, "a few more /health polls",
               svc.proc)
@@ -274,6 +281,11 @@ def test_killed_children_are_restarted_and_the_run_goes_on(service: Service) -> 
     # Committed samples are contiguous: nothing renumbered, nothing duplicated.
     seqs = [s for (s,) in svc.db("SELECT seq FROM samples WHERE run_id = ? ORDER BY seq",
                                  run_id)]
+    lost, dups = lost_and_duplicates(seqs, list(range(1, max(k[0] for k in kills) + 1)))
+    record_fault("kill -9 under labdaq serve: engine, its writer, the simulated lab",
+                 faults=len(kills), lost=lost, duplicates=dups,
+                 runs_resumed=int(run["state"] == "running"), runs=1,
+                 recover_s=[k[1] for k in kills])
     assert seqs == list(range(1, len(seqs) + 1))
     # Every death is on the run's record, in order, with the engine's own account of the
     # gap (resumed from the last committed sample, its bounds in the event's data).
