@@ -377,8 +377,10 @@ def _record(lab: Lab, camp: Campaign, scenario: str) -> None:
         lost += n_lost
         dups += n_dup
         resumed += counts.get(rid) == n_kills
+    (missed,), = _query(lab, "SELECT COALESCE(SUM(missed_periods), 0) FROM runs")
     record_fault(scenario, faults=n_kills, lost=lost, duplicates=dups,
-                 runs_resumed=resumed, runs=len(camp.run_ids), recover_s=camp.recover_s)
+                 runs_resumed=resumed, runs=len(camp.run_ids), missed_periods=int(missed),
+                 recover_s=camp.recover_s)
 
 
 @pytest.mark.slow  # make test-slow: keeps make test within its budget
