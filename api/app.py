@@ -12,6 +12,7 @@ from sqlalchemy import event
 import labdaq
 from labdaq.api.body_limit import BodyLimitMiddleware
 from labdaq.api.problems import install_problem_handlers, problem_openapi
+from labdaq.api.request_metrics import RequestMetricsMiddleware
 from labdaq.api.routers import (
     cells,
     channels,
@@ -19,6 +20,7 @@ from labdaq.api.routers import (
     exports,
     health,
     instruments,
+    metrics,
     protocols,
     runs,
     samples,
@@ -61,8 +63,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_problem_handlers(app, settings.api_retry_after_s)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.api_max_body_bytes)
+    # Outermost: a request refused by the body limit is timed too.
+    app.add_middleware(RequestMetricsMiddleware)
 
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(channels.router)
     app.include_router(runs.router)
     app.include_router(protocols.router)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -58,6 +58,9 @@ class RunOut(BaseModel):
     cycle_index: int
     elapsed_s: float
     last_seq: int
+    missed_periods: int = Field(
+        description="sample periods the engine could not sample (lost samples); each gap "
+        "is also an event of kind missed_periods")
 
 
 class SamplesOut(BaseModel):

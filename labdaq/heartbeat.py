@@ -42,11 +42,13 @@ class Heartbeat:
     instruments: dict[str, str] = field(default_factory=dict)
 
     async def write(self, session: AsyncSession, active_runs: int,
-                    state: str = "running") -> None:
+                    state: str = "running", metrics: dict[str, Any] | None = None) -> None:
         values: dict[str, Any] = {
             "pid": self.pid, "started_at": self.started_at, "beat_at": datetime.now(UTC),
             "state": state[:40], "active_runs": active_runs,
             "instruments": dict(self.instruments),
+            # The engine's counters for /metrics (labdaq.engine.stats).
+            "metrics": dict(metrics or {}),
         }
         res = await session.execute(
             update(m.NodeHeartbeat).where(m.NodeHeartbeat.node == self.node).values(values)

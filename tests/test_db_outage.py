@@ -256,7 +256,8 @@ async def test_database_outage_mid_run_loses_no_sample(rig: Rig) -> None:
         record_fault(f"SQLite locked {SQLITE_HOLD_S:g} s mid-run" if sqlite else
                      f"PostgreSQL connections cut and refused {PG_DOWN_S:g} s mid-run",
                      faults=1, lost=lost, duplicates=dups,
-                     runs_resumed=int(run.state == "completed"), runs=1)
+                     runs_resumed=int(run.state == "completed"), runs=1,
+                     missed_periods=run.missed_periods)
         # Nothing lost, nothing duplicated: 1..N, and N is what the engine measured.
         assert seq.size and seq[0] == 1, seq[:3]
         bad = np.flatnonzero(np.diff(seq) != 1)

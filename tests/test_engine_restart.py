@@ -195,6 +195,17 @@ async def test_kill_9_mid_step_then_restart_resumes_without_gaps(
     gap = events[0].data
     assert gap["last_seq"] == n and gap["samples_committed"] == n
     assert gap["gap_s"] > 0 and after["t_s"][n] - after["t_s"][n - 1] >= gap["gap_s"]
+    # The outage's storage times are missed periods, one gap recorded with the first
+    # sample after it (engine/gaps.py); the run's total counts them.
+    async with session_scope(maker) as s:
+        missed = (await s.scalars(select(m.Event).where(
+            m.Event.run_id == run_id, m.Event.kind == "missed_periods",
+            m.Event.seq == n + 1))).all()
+    assert [e.data["cause"] for e in missed] == ["interruption"]
+    hole_s = after["t_s"][n] - after["t_s"][n - 1]
+    assert missed[0].data["count"] == round(hole_s / run.sample_period_s) - 1
+    assert missed[0].data["t_from_s"] == pytest.approx(after["t_s"][n - 1] + run.sample_period_s)
+    assert run.missed_periods >= missed[0].data["count"]
     # The interrupted step finished its 1200 s, not counting the gap, and its capacity
     # is the one it had plus what came after (the charge moved in the gap is not known).
     steps = await rows_of(maker, m.Step, run_id, m.Step.step_number)

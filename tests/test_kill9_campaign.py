@@ -54,7 +54,7 @@ from tests.fault_report import lost_and_duplicates, record_fault
 from tests.test_recovery_kill9 import Lab, _alive, _children, _env, _lab, _query, _stop, _wait
 
 SPEED = 10.0  # simulated seconds per wall second, lab and engines alike
-BREACH, PAUSED, RESUMED, EDGE = 1, 2, 4, 8  # samples.flags bits (docs/architecture.md)
+BREACH, PAUSED, RESUMED, EDGE, GAP = 1, 2, 4, 8, 16  # samples.flags (docs/architecture.md)
 COLS = ("seq", "t_s", "ts_utc", "step_index", "cycle_index", "voltage_v", "current_a",
         "temperature_c", "step_capacity_ah", "step_energy_wh", "flags")
 BOUNDARY_WINDOW_S = 0.1
@@ -317,6 +317,16 @@ def _check(lab: Lab, camp: Campaign) -> None:
             assert before[1] == d["from_t_s"]
             assert after[10] & RESUMED and after[1] >= d["to_t_s"] - 1e-6
             assert d["to_t_s"] == pytest.approx(d["from_t_s"] + d["gap_s"])
+        # Missed periods: one gap event per sample flagged GAP (a kill neither lost nor
+        # doubled one), every outage among them, and the run's total is their sum.
+        gaps = [json.loads(d) for (d,) in _query(
+            lab, "SELECT data FROM events WHERE run_id = ? AND kind = 'missed_periods'", rid)]
+        gap_seqs = [g["seq"] for g in gaps]
+        assert len(gap_seqs) == len(set(gap_seqs)), (rid, gap_seqs)
+        assert set(gap_seqs) == {r[0] for r in rows if r[10] & GAP}, rid
+        assert resumed_at <= set(gap_seqs), (rid, resumed_at, gap_seqs)
+        (total,), = _query(lab, "SELECT missed_periods FROM runs WHERE id = ?", rid)
+        assert total == sum(g["count"] for g in gaps), rid
         # Steps: numbered 1..S, tiling the run's time, each ending at one of its readings.
         steps = _query(lab, "SELECT step_number, step_index, start_t_s, end_t_s FROM steps "
                        "WHERE run_id = ? ORDER BY step_number", rid)
@@ -367,8 +377,10 @@ def _record(lab: Lab, camp: Campaign, scenario: str) -> None:
         lost += n_lost
         dups += n_dup
         resumed += counts.get(rid) == n_kills
+    (missed,), = _query(lab, "SELECT COALESCE(SUM(missed_periods), 0) FROM runs")
     record_fault(scenario, faults=n_kills, lost=lost, duplicates=dups,
-                 runs_resumed=resumed, runs=len(camp.run_ids), recover_s=camp.recover_s)
+                 runs_resumed=resumed, runs=len(camp.run_ids), missed_periods=int(missed),
+                 recover_s=camp.recover_s)
 
 
 @pytest.mark.slow  # make test-slow: keeps make test within its budget

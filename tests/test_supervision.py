@@ -285,7 +285,7 @@ def test_killed_children_are_restarted_and_the_run_goes_on(service: Service) -> 
     record_fault("kill -9 under labdaq serve: engine, its writer, the simulated lab",
                  faults=len(kills), lost=lost, duplicates=dups,
                  runs_resumed=int(run["state"] == "running"), runs=1,
-                 recover_s=[k[1] for k in kills])
+                 missed_periods=run["missed_periods"], recover_s=[k[1] for k in kills])
     assert seqs == list(range(1, len(seqs) + 1))
     # Every death is on the run's record, in order, with the engine's own account of the
     # gap (resumed from the last committed sample, its bounds in the event's data).

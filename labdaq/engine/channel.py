@@ -167,6 +167,10 @@ class ChannelRun:
         self.pause_requested = False
         self.paused = False
         self.outcome: tuple[str, str] | None = None
+        # Sample periods missed so far (runs.missed_periods; engine/gaps.py), and, for a
+        # run resumed after an outage, the time of its last stored sample before it.
+        self.missed_periods = 0
+        self.resumed_from_t_s: float | None = None
         self.pause_t_s = 0.0
         # The auxiliary step of the current phase (EIS, chamber) is done, or failed.
         self.aux_done = False

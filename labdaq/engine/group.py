@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from labdaq.drivers.roles import Cycler
 from labdaq.engine.channel import ChannelRun, Phase, Transition
@@ -49,6 +50,7 @@ from labdaq.engine.events import (
     RunEnded,
     RunEvent,
 )
+from labdaq.engine.gaps import FLAG_GAP, gap_record, missed, outage_missed
 from labdaq.engine.ledger import Ledger
 from labdaq.engine.run_arrays import BoolArray, FloatArray, IntArray, RunArrays
 from labdaq.engine.safety import Limits, breach_event
@@ -154,8 +156,11 @@ class InstrumentGroup:
         flags = (FLAG_EDGE | (FLAG_RESUMED if run.seq else 0)
                  | (FLAG_PAUSED if run.paused else 0))
         try:
-            breached = await self._edge([k], {}, flags, integrate=False,
-                                        ledger=Ledger(positions=[self._full_position(k)]))
+            breached = await self._edge(
+                [k], {}, flags, integrate=False,
+                ledger=Ledger(positions=[self._full_position(k)]),
+                # The storage times a resumed run was away for are missed (gaps.py).
+                resumed_from_t_s=run.resumed_from_t_s if run.seq else None)
         except BaseException:
             # A join that did not complete leaves no trace here: the caller still owns
             # the run (it may wait for a lost instrument and join again), and this loop
@@ -309,13 +314,25 @@ class InstrumentGroup:
         # the next one a tick late, losing a sample period.
         half = 0.5 * (fast if tick_s is None else tick_s)
         t_sched = t if deadline is None else deadline - self.state.t0_clock_s
-        due = (t_sched + half > self.state.next_due_t_s) | breach | ended
-        next_due = np.where(due, st.next_due_t_s + st.period_s, st.next_due_t_s)
-        st.next_due_t_s = np.where(next_due <= t_sched, t_sched + st.period_s, next_due)
+        reach = t_sched + half  # the tick serves the storage times before this
+        due_t_s = st.next_due_t_s
+        due = (reach > due_t_s) | breach | ended
+        next_due = np.where(due, due_t_s + st.period_s, due_t_s)
+        # A later storage time is due as well (a late tick): the tick serves the last
+        # one, the ones before it went by unsampled (missed periods, gaps.py), and the
+        # run goes on with the storage time after it — on its grid, no catch-up burst.
+        skipped = next_due < reach
+        miss = None
+        if skipped.any():
+            miss = missed(reach, due_t_s, st.period_s, skipped)
+            next_due = np.where(skipped, due_t_s + (miss + 1) * st.period_s, next_due)
+        st.next_due_t_s = next_due
         idx = np.flatnonzero(due)
         if idx.size:
             flags = np.where(breach[idx], FLAG_BREACH, 0) | np.where(paused[idx], FLAG_PAUSED, 0)
-            await self._put(idx, st.rows(idx, t[idx], v[idx], i[idx], temp[idx], ts_utc, flags))
+            ledger = None if miss is None else self._gaps(idx, miss, due_t_s, flags, ts_utc)
+            await self._put(idx, st.rows(idx, t[idx], v[idx], i[idx], temp[idx], ts_utc, flags),
+                            ledger)
         st.last_t_s, st.last_voltage_v, st.last_current_a, st.last_temperature_c = t, v, i, temp
 
         # 5. Per-channel Python only where something happened.
@@ -411,6 +428,25 @@ class InstrumentGroup:
         off_s, ack_s = self._breach_to_off.pop(r.run_id, (math.nan, math.nan))
         await self.emit(breach_event(self.limits, r, k, v, i, temp, t, off_s, ack_s))
 
+    def _gaps(self, idx: IntArray, miss: IntArray, due_t_s: FloatArray, flags: NDArray[Any],
+              ts_utc: float) -> Ledger:
+        """The gaps of runs ``idx`` that missed storage times (``miss``, by run; the first
+        missed one is ``due_t_s``) for the ledger of their next rows; flags those rows
+        GAP (``flags``, aligned with ``idx``, in place)."""
+        ledger = Ledger()
+        st = self.state
+        for j, k in enumerate(idx.tolist()):
+            n = int(miss[k])
+            if n <= 0:
+                continue
+            r = self.runs[k]
+            r.missed_periods += n
+            flags[j] |= FLAG_GAP
+            ledger.gaps.append(gap_record(
+                r.run_id, int(st.seq[k]) + 1, n, float(due_t_s[k]), float(st.period_s[k]),
+                ts_utc, r.missed_periods, "late"))
+        return ledger
+
     async def _put(self, idx: IntArray, rows: list[tuple[Any, ...]],
                    ledger: Ledger | None = None) -> None:
         """Hand runs ``idx``'s new rows to the sink with their fast state (and ``ledger``):
@@ -427,12 +463,14 @@ class InstrumentGroup:
         flags: int,
         integrate: bool = True,
         ledger: Ledger | None = None,
+        resumed_from_t_s: float | None = None,
     ) -> list[int]:
         """Measure the channels whose set points just changed; check it against the
         limits like any reading, store it and make it the integration anchor (integrating
         up to it unless the run has just joined). ``ledger`` (the runs' new positions,
         steps and cycles their last phase completed) goes with the rows. Returns the runs
-        that breached."""
+        that breached. ``resumed_from_t_s`` (one run, resumed after an outage): the time
+        of its last stored sample; the storage times since then are a gap."""
         idx = np.asarray(changed, np.int64)
         t2 = self.clock.now() - self.state.t0_clock_s[idx]  # before the query, as in _tick
         ts_utc = time.time()
@@ -447,7 +485,20 @@ class InstrumentGroup:
         st.last_t_s[idx], st.last_voltage_v[idx], st.last_current_a[idx] = t2, v2, i2
         st.last_temperature_c[idx] = temp2
         row_flags = np.full(len(changed), flags) | np.where(breach, FLAG_BREACH, 0)
+        n_missed = 0
+        if resumed_from_t_s is not None:
+            r0 = self.runs[changed[0]]
+            n_missed = outage_missed(resumed_from_t_s, float(t2[0]), r0.period_s)
+            if n_missed:
+                row_flags[0] |= FLAG_GAP
+                ledger = ledger or Ledger()
+                ledger.gaps.append(gap_record(
+                    r0.run_id, int(self.state.seq[changed[0]]) + 1, n_missed,
+                    resumed_from_t_s + r0.period_s, r0.period_s, ts_utc,
+                    r0.missed_periods + n_missed, "interruption"))
         await self._put(idx, self.state.rows(idx, t2, v2, i2, temp2, ts_utc, row_flags), ledger)
+        if n_missed:
+            self.runs[changed[0]].missed_periods += n_missed
         breached: list[int] = []
         for j, k in enumerate(changed):
             if breach[j]:

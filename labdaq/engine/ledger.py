@@ -13,6 +13,10 @@ a phase ends, a pause ends). The writer resolves them when a batch leaves its qu
 stream order (:class:`Resolver`): the newest full position of each run, overlaid with
 the fast values of its newest row when that row is newer. The result (:class:`Records`)
 is JSON, so it can be journaled with its rows and replayed with them.
+
+Gaps (sample periods the engine missed, :mod:`.gaps`) travel the same way: each is an
+event row keyed by the run and the seq of the sample after it (written once however often
+its batch is replayed) and the run's new ``missed_periods`` total.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -49,6 +54,7 @@ CYCLE_COLUMNS = (
 PROGRESS_COLUMNS = (
     "step_index", "step_count", "cycle_index", "elapsed_s", "last_seq", "position", "run_id",
 )
+GAP_EVENT_COLUMNS = ("run_id", "ts", "kind", "severity", "message", "data", "seq")
 
 
 @dataclass
@@ -57,54 +63,62 @@ class Ledger:
 
     ``fast``: fast-state arrays (``FAST_COLUMNS``); ``positions``: full positions, each
     ``{"run_id", "step_index", "step_count", "cycle_index", "position"}``; ``steps`` and
-    ``cycles``: rows for those tables (``STEP_COLUMNS``/``CYCLE_COLUMNS`` keys).
+    ``cycles``: rows for those tables (``STEP_COLUMNS``/``CYCLE_COLUMNS`` keys);
+    ``gaps``: missed sample periods (:func:`labdaq.engine.gaps.gap_record` dicts).
     """
 
     fast: list[NDArray[np.float64]] = field(default_factory=list)
     positions: list[dict[str, Any]] = field(default_factory=list)
     steps: list[dict[str, Any]] = field(default_factory=list)
     cycles: list[dict[str, Any]] = field(default_factory=list)
+    gaps: list[dict[str, Any]] = field(default_factory=list)
 
     def extend(self, other: Ledger) -> None:
         self.fast += other.fast
         self.positions += other.positions
         self.steps += other.steps
         self.cycles += other.cycles
+        self.gaps += other.gaps
 
 
 @dataclass
 class Records:
-    """A batch's resolved ledger: progress rows by run (newest only), steps, cycles."""
+    """A batch's resolved ledger: progress rows by run (newest only), steps, cycles,
+    gaps."""
 
     progress: dict[int, dict[str, Any]] = field(default_factory=dict)
     steps: list[dict[str, Any]] = field(default_factory=list)
     cycles: list[dict[str, Any]] = field(default_factory=list)
+    gaps: list[dict[str, Any]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.progress or self.steps or self.cycles)
+        return bool(self.progress or self.steps or self.cycles or self.gaps)
 
     def extend(self, later: Records) -> None:
         self.progress.update(later.progress)
         self.steps += later.steps
         self.cycles += later.cycles
+        self.gaps += later.gaps
 
     def only_runs(self, runs: set[Any]) -> Records:
         return Records(
             {k: v for k, v in self.progress.items() if k in runs},
             [s for s in self.steps if s["run_id"] in runs],
             [c for c in self.cycles if c["run_id"] in runs],
+            [g for g in self.gaps if g["run_id"] in runs],
         )
 
     def to_json(self) -> bytes:
         return json.dumps(
             {"progress": list(self.progress.values()), "steps": self.steps,
-             "cycles": self.cycles}, default=_plain,
+             "cycles": self.cycles, "gaps": self.gaps}, default=_plain,
         ).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> Records:
         d = json.loads(data)
-        return cls({int(p["run_id"]): p for p in d["progress"]}, d["steps"], d["cycles"])
+        return cls({int(p["run_id"]): p for p in d["progress"]}, d["steps"], d["cycles"],
+                   d.get("gaps", []))
 
 
 def _plain(obj: Any) -> Any:
@@ -167,6 +181,7 @@ class Resolver:
             }
         out.steps = list(ledger.steps)
         out.cycles = list(ledger.cycles)
+        out.gaps = list(ledger.gaps)
         return out
 
     def forget(self, run_ids: Sequence[int]) -> None:
@@ -197,14 +212,26 @@ class RecordSql:
     steps: str
     cycles: str
     progress: str
+    gap_events: str
+    missed_totals: str
+    # asyncpg takes a datetime for a timestamp; SQLite stores SQLAlchemy's text form.
+    native_datetime: bool = False
 
     @classmethod
     def for_paramstyle(cls, paramstyle: str) -> RecordSql:
         ph = _ph(paramstyle, len(PROGRESS_COLUMNS))
         sets = ", ".join(f"{c} = {p}" for c, p in zip(PROGRESS_COLUMNS[:-1], ph, strict=False))
+        ph2 = _ph(paramstyle, 2)
         return cls(
             steps=_insert("steps", STEP_COLUMNS, "run_id, step_number", paramstyle),
             cycles=_insert("cycles", CYCLE_COLUMNS, "run_id, cycle_index", paramstyle),
+            # Unique per (run, kind, seq) where seq is set (models.Event): a replayed
+            # batch does not record its gap twice.
+            gap_events=_insert("events", GAP_EVENT_COLUMNS, "run_id, kind, seq", paramstyle)
+            .replace(" DO NOTHING", " WHERE seq IS NOT NULL DO NOTHING"),
+            # The run's total after the gap (absolute: a replay writes the same value).
+            missed_totals=f"UPDATE runs SET missed_periods = {ph2[0]} WHERE id = {ph2[1]}",
+            native_datetime=paramstyle == "numeric_dollar",
             # A position built just before its run ended must not overwrite the final record.
             progress=f"UPDATE runs SET {sets} WHERE id = {ph[-1]} "
             "AND state IN ('running', 'paused')",
@@ -226,4 +253,23 @@ class RecordSql:
                       for c in PROGRESS_COLUMNS)
                 for p in rec.progress.values()
             ]))
+        if rec.gaps:
+            out.append((self.gap_events, [self._gap_event(g) for g in rec.gaps]))
+            out.append((self.missed_totals,
+                        [(int(g["total"]), int(g["run_id"])) for g in rec.gaps]))
         return out
+
+    def _gap_event(self, g: dict[str, Any]) -> tuple[Any, ...]:
+        ts = datetime.fromtimestamp(float(g["ts_utc"]), UTC)
+        data = {k: g[k] for k in ("count", "t_from_s", "t_to_s", "period_s", "seq", "cause")}
+        return (
+            int(g["run_id"]),
+            # SQLAlchemy's SQLite DateTime text form (UTC, as models.utcnow writes it).
+            ts if self.native_datetime else ts.strftime("%Y-%m-%d %H:%M:%S.%f"),
+            "missed_periods",
+            "warning",
+            f"{g['count']} sample period(s) missed, t {g['t_from_s']:.3f}–{g['t_to_s']:.3f} s "
+            f"(before sample {g['seq']})",
+            json.dumps(data, default=_plain),
+            int(g["seq"]),
+        )

@@ -41,6 +41,7 @@ from labdaq.engine.recorder import RunRecorder
 from labdaq.engine.recovery import Recovery
 from labdaq.engine.scheduling import Scheduling
 from labdaq.engine.sink import SampleSink
+from labdaq.engine.stats import EngineStats
 from labdaq.engine.writer import SampleWriter
 from labdaq.engine.writer_process import WriterProcess
 from labdaq.heartbeat import HEARTBEAT_PERIOD_S, INSTRUMENT_OK, Heartbeat
@@ -130,6 +131,7 @@ class AcquisitionNode(Scheduling, Recovery):
         # then, and `labdaq serve` restarts it.
         self.failure: str | None = None
         self.heartbeat = Heartbeat(self.node_name)
+        self.stats = EngineStats()  # for /metrics, through the heartbeat (stats.py)
         self._next_beat_s = 0.0
 
     @property
@@ -191,6 +193,7 @@ class AcquisitionNode(Scheduling, Recovery):
             except Exception as exc:  # noqa: BLE001 - one broken instrument must not stop the rest
                 log.error("instrument %s (%s) not ready: %s", row.name, row.resource, exc)
                 self.heartbeat.instruments[row.name] = f"not connected: {exc}"
+                self.stats.instrument_error(row.name)
 
     # -- lifecycle ---------------------------------------------------------------------
     async def run_forever(self) -> None:
@@ -232,7 +235,8 @@ class AcquisitionNode(Scheduling, Recovery):
             return
         self._next_beat_s = now + HEARTBEAT_PERIOD_S
         async with session_scope(self.maker) as s:
-            await self.heartbeat.write(s, len(self.active), state)
+            await self.heartbeat.write(s, len(self.active), state,
+                                       self.stats.snapshot(self.writer, self.groups.values()))
 
     async def shutdown(self) -> None:
         # Runs are not stopped here: an engine restart resumes them (recovery.py). The

@@ -18,6 +18,7 @@ from labdaq.engine.group import InstrumentGroup
 from labdaq.engine.instruments import OpenInstrument
 from labdaq.engine.recorder import RunRecorder
 from labdaq.engine.sink import SampleSink
+from labdaq.engine.stats import EngineStats
 from labdaq.heartbeat import Heartbeat
 from labdaq.storage import models as m
 
@@ -42,6 +43,7 @@ class NodeParts:
     _stopping: asyncio.Event
     _waiting: set[asyncio.Task[None]]
     heartbeat: Heartbeat
+    stats: EngineStats
 
     if TYPE_CHECKING:
         async def _group_for(self, instrument_id: int) -> InstrumentGroup: ...

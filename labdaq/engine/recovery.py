@@ -136,6 +136,8 @@ class Recovery(NodeParts):
                 self.aux.wiring[run.id] = dict(channel.aux or {})
                 phase = cr.restore(dict(pos), shift_s=gap_s)
                 cr.t_s = float(last.t_s) + gap_s
+                cr.resumed_from_t_s = float(last.t_s)  # the gap's periods are missed ones
+                cr.missed_periods = int(run.missed_periods or 0)
                 # Paused stays paused (output off) until someone resumes it.
                 cr.pause_requested = run.state == m.RunState.paused.value
                 group = await self._group_for(channel.instrument_id)
@@ -175,6 +177,7 @@ class Recovery(NodeParts):
         a task of its own and resume them."""
         for cr in runs:
             self._release(cr.run_id)
+        self.stats.instrument_error(self.instruments[instrument_id].name)
         self._wait_for(instrument_id, [cr.run_id for cr in runs], reason)
 
     def _wait_for(self, instrument_id: int, run_ids: list[int], reason: str) -> None:

@@ -166,6 +166,9 @@ class Run(Base):
     # The channel's wiring (channels.aux) when the run was created: which sensor,
     # thermocouple type and placement, impedance meter and chamber its data came from.
     wiring: Mapped[dict[str, Any] | None] = mapped_column()
+    # Sample periods the engine could not sample (lost samples), each gap also an event
+    # of kind ``missed_periods``; written with the samples and that event (engine/gaps.py).
+    missed_periods: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class SampleFlag(enum.IntFlag):
@@ -175,6 +178,7 @@ class SampleFlag(enum.IntFlag):
     PAUSED = 2  # the run was paused: the output was off, nothing counted
     RESUMED = 4  # first reading after a gap (engine restart, lost instrument or writer)
     EDGE = 8  # taken right after a set point changed (a phase began or came back)
+    GAP = 16  # first reading after sample periods the engine missed (a missed_periods event)
 
 
 class Sample(Base):
@@ -259,10 +263,26 @@ class EisSpectrum(Base):
     z_imag_ohm: Mapped[list[float]] = mapped_column(JSON)
 
 
+#: events whose ``seq`` is set are unique per run, kind and seq (a replayed batch
+#: never records its gap twice).
+_EVENT_SEQ_SQL = "seq IS NOT NULL"
+
+
 class Event(Base):
     """Safety, state-change, interruption and audit events."""
 
     __tablename__ = "events"
+    __table_args__ = (
+        Index(
+            "uq_events_run_kind_seq",
+            "run_id",
+            "kind",
+            "seq",
+            unique=True,
+            sqlite_where=text(_EVENT_SEQ_SQL),
+            postgresql_where=text(_EVENT_SEQ_SQL),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     run_id: Mapped[int | None] = mapped_column(
@@ -274,6 +294,9 @@ class Event(Base):
     message: Mapped[str] = mapped_column(Text)
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)
     actor: Mapped[str | None] = mapped_column(String(100))
+    # The sample an engine event written with the samples belongs to (a missed_periods
+    # gap: the first sample after it); NULL for every other event.
+    seq: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class Evaluation(Base):
@@ -365,3 +388,5 @@ class NodeHeartbeat(Base):
     active_runs: Mapped[int] = mapped_column(Integer, default=0)
     # Instrument name -> "ok" | "lost: <reason>" | "not connected: <reason>".
     instruments: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # The engine's own counters for /metrics (labdaq.metrics.ENGINE_METRICS names).
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
