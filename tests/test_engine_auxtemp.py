@@ -1,0 +1,233 @@
+"""Wired temperature sensors in every sample, and the limits that trip on them.
+
+Through the simulated lab over real TCP: a Keithley 2460 (which measures no temperature),
+a two-channel cabinet and a Keysight DAQ970A whose thermocouples 101..103 sit on the
+three cells (104 is open), wired as ``labdaq serve --sim`` wires them. The engine runs in
+this process on the lab's clock (tests/engine_rig.py). Faults are injected through the
+lab's fault scheduler (``labdaq.sims.faults``), as ``labdaq sim --fault`` would:
+
+* an internal short (2 Ω) heats the SMU's cell; past its ARC self-heating onset (T1,
+  40 °C in this cell's spec) the decomposition adds its own heat and the cell runs away
+  towards T2 (90 °C, where the separator fails and the voltage collapses). The logger's
+  thermocouple sees the climb and the tightest temperature limit stops the run while
+  the voltage is still normal;
+* a thermocouple that opens reads +9.9E+37 on the logger: a lost sensor;
+* ``max_capacity_ah`` (the charge moved in a step) trips on the sample that passes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from sqlalchemy import select, update
+
+from labdaq.engine.group import FLAG_BREACH
+from labdaq.protocol import Safety
+from labdaq.runs import RunCreate, create_run
+from labdaq.sims.lab import SimLab
+from labdaq.storage import models as m
+from labdaq.storage.db import session_scope
+from tests.engine_rig import (
+    Rig,
+    assert_contiguous,
+    channel_cell,
+    nmc_18650_spec,
+    samples,
+    start_rig,
+)
+
+TEMP_STALE = int(m.SampleFlag.TEMP_STALE)
+TEMP_LOST = int(m.SampleFlag.TEMP_LOST)
+SPEED = 200.0
+CHARGE_1A = {"step": "cc", "current_a": 1.0, "until": {"duration_s": 36000}}
+
+
+def document(step: dict[str, Any], **safety: float) -> dict[str, Any]:
+    doc: dict[str, Any] = {"schema_version": 1, "name": "auxtemp test", "steps": [step]}
+    if safety:
+        doc["safety"] = safety
+    return doc
+
+
+@pytest.fixture
+async def rig(sqlite_url: str, tmp_path: Path) -> AsyncIterator[Rig]:
+    spec = nmc_18650_spec(tmp_path, **{"thermal.self_heating_onset_c": 40.0,
+                                       "thermal.runaway_onset_c": 90.0})
+    lab = SimLab(smus=1, cabinets=1, cabinet_channels=2, loggers=1, logger_channels=4,
+                 cell_spec=spec, soc=0.5, seed=7)
+    # A reading is stale past 20 simulated seconds (100 ms of wall time at 200x): the
+    # engine's default of 3 s would be 15 ms here, which a busy machine can exceed.
+    rig = await start_rig(sqlite_url, lab, SPEED, temperature_stale_s=20.0)
+    yield rig
+    await rig.stop()
+
+
+async def start(rig: Rig, channel: str, doc: dict[str, Any],
+                lab_limits: Safety | None = None) -> int:
+    async with session_scope(rig.maker) as s:
+        run = await create_run(s, RunCreate(channel=channel,
+                                            cell_serial=channel_cell(rig.desc, channel),
+                                            sample_period_s=1.0, protocol_document=doc),
+                               actor="test", lab_limits=lab_limits)
+        await s.flush()
+        return int(run.id)
+
+
+async def events(rig: Rig, run_id: int, kind: str) -> list[m.Event]:
+    async with session_scope(rig.maker) as s:
+        return list((await s.scalars(select(m.Event).where(
+            m.Event.run_id == run_id, m.Event.kind == kind).order_by(m.Event.id))).all())
+
+
+async def until_samples(rig: Rig, run_id: int, n: int) -> None:
+    """Until the run has stored ``n`` samples with a temperature from the logger."""
+    async def count() -> int:
+        s = await samples(rig.maker, run_id)
+        return int(np.isfinite(s["temperature_c"]).sum())
+
+    got = 0
+    for _ in range(400):
+        got = await count()
+        if got >= n:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"run {run_id}: {got} samples with a temperature, wanted {n}")
+
+
+async def aborted(rig: Rig, run_id: int, limit: str) -> tuple[m.Run, m.Event, Any]:
+    run = await rig.wait_end(run_id, timeout_s=60)
+    assert run.state == "aborted_safety", (run.state, run.end_reason)
+    trips = await events(rig, run_id, "safety")
+    assert len(trips) == 1, [e.message for e in trips]
+    ev = trips[0]
+    assert ev.data["limit"] == limit, ev.message
+    s = await samples(rig.maker, run_id)
+    assert_contiguous(s["seq"])
+    assert s["flags"][-1] & FLAG_BREACH and int(s["seq"][-1]) == ev.data["seq"]
+    return run, ev, s
+
+
+async def test_samples_carry_the_loggers_temperatures_one_scan_for_all(rig: Rig) -> None:
+    logger = rig.lab.by_name("logger1").sim
+    queries: list[list[int]] = []  # the channels of each scan the logger made
+    scan = logger._scan
+
+    def counting() -> None:
+        queries.append(list(logger.scan_list))
+        scan()
+
+    logger._scan = counting
+    smu_run = await start(rig, "smu1/1", document(CHARGE_1A))
+    cab_run = await start(rig, "cabinet1/1", document(CHARGE_1A))
+    await until_samples(rig, smu_run, 20)
+    await until_samples(rig, cab_run, 20)
+    n_before = len(queries)
+    await until_samples(rig, smu_run, 40)
+    # Every scan while both runs measure is ONE query for both wired channels.
+    both = queries[n_before:]
+    assert both and all(q == [101, 102] for q in both), both
+    for run_id, cell in ((smu_run, rig.lab.by_name("smu1").sim.cell),
+                         (cab_run, rig.lab.by_name("cabinet1").sim.bank)):
+        s = await samples(rig.maker, run_id)
+        fresh = (s["flags"] & (TEMP_STALE | TEMP_LOST)) == 0
+        assert fresh.sum() >= 0.9 * len(fresh)  # the join sample has no reading yet
+        temps = s["temperature_c"][fresh]
+        assert np.isfinite(temps).all()
+        # The cell's temperature (about room temperature at 1 A), plus 0.02 °C noise.
+        true_c = float(cell.cell_temperature_c[0])
+        assert abs(temps[-1] - true_c) < 1.0 and np.ptp(temps) > 0
+    smu = rig.lab.by_name("smu1").sim
+    assert smu.output_on
+
+
+async def test_thermal_runaway_on_smu_stops_on_the_temperature_limit(rig: Rig) -> None:
+    """Done-when: a runaway on an SMU channel with a wired thermocouple stops the run on
+    the temperature limit, output off, the event naming the limit and its source."""
+    smu = rig.lab.by_name("smu1").sim
+    serial = channel_cell(rig.desc, "smu1/1")
+    async with session_scope(rig.maker) as s:  # the cell's datasheet window
+        await s.execute(update(m.Cell).where(m.Cell.serial == serial)
+                        .values(min_temperature_c=-20.0, max_temperature_c=60.0))
+    run_id = await start(rig, "smu1/1", document(CHARGE_1A, max_temperature_c=70.0),
+                         lab_limits=Safety(max_temperature_c=55.0, max_voltage_v=4.5))
+    created = (await events(rig, run_id, "audit"))[0]
+    # Each active limit with its source, the tightest of cell, channel, protocol and lab.
+    assert created.data["limits"]["max_temperature_c"] == {"value": 55.0, "source": "lab"}
+    assert created.data["limits"]["min_temperature_c"] == {"value": -20.0, "source": "cell"}
+    assert created.data["limits"]["max_voltage_v"]["source"] == "cell"
+    await until_samples(rig, run_id, 3)
+    rig.lab.faults.inject("internal_short", "smu1", resistance_ohm=2.0)
+    run, ev, s = await aborted(rig, run_id, "max_temperature_c")
+    assert ev.data["source"] == "lab" and ev.data["bound"] == 55.0
+    assert ev.data["value"] > 55.0 and "limit from lab" in ev.message
+    assert "max_temperature_c" in (run.end_reason or "")
+    assert not smu.output_on
+    # Tripped on the climb, before the runaway took the voltage: at the trip the cell
+    # was still below T2 and its voltage normal.
+    assert s["temperature_c"][-1] > 55.0
+    assert np.nanmax(s["temperature_c"][:-1]) <= 55.0
+    assert s["voltage_v"][-1] > 3.3
+    # The climb went through the self-heating onset with the thermocouple on it.
+    assert np.nanmin(s["temperature_c"]) < 30.0
+    assert ((s["temperature_c"] > 40.0) & ((s["flags"] & TEMP_STALE) == 0)).any()
+
+
+async def test_open_thermocouple_is_a_lost_sensor_and_stops_a_run_with_a_limit(
+        rig: Rig) -> None:
+    smu = rig.lab.by_name("smu1").sim
+    cab = rig.lab.by_name("cabinet1").sim
+    guarded = await start(rig, "smu1/1", document(CHARGE_1A, max_temperature_c=60.0))
+    # No temperature limit on this one: it records the lost sensor and goes on.
+    unguarded = await start(rig, "cabinet1/1", document(CHARGE_1A))
+    await until_samples(rig, guarded, 5)
+    await until_samples(rig, unguarded, 5)
+    rig.lab.faults.inject("sensor_dropout", "logger1/101")
+    rig.lab.faults.inject("sensor_dropout", "logger1/102")
+    run, ev, s = await aborted(rig, guarded, "temperature_sensor_lost")
+    assert not smu.output_on
+    assert ev.data["source"] == "protocol" and ev.data["bound"] == 60.0
+    assert ev.data["sensor"]["logger"] == "logger1" and ev.data["sensor"]["channel"] == 101
+    assert ev.data["sensor"]["cause"] == "open"
+    assert "temperature sensor lost" in (run.end_reason or "")
+    assert s["flags"][-1] & TEMP_LOST and np.isnan(s["temperature_c"][-1])
+    assert np.isfinite(s["temperature_c"][:-1][(s["flags"][:-1] & TEMP_STALE) == 0]).all()
+    lost = await events(rig, guarded, "sensor")
+    assert [e.severity for e in lost] == ["error"] and "logger1 channel 101" in lost[0].message
+
+    # The run without a temperature limit keeps running, its samples say the sensor is
+    # lost; once the thermocouple is repaired they carry temperatures again.
+    seq_lost = int((await samples(rig.maker, unguarded))["seq"][-1])
+    for _ in range(200):
+        u = await samples(rig.maker, unguarded)
+        if (u["flags"][u["seq"] > seq_lost] & TEMP_LOST).sum() >= 3:
+            break
+        await asyncio.sleep(0.05)
+    assert (await events(rig, unguarded, "sensor"))[0].severity == "error"
+    rig.lab.faults.clear_all()
+    for _ in range(200):
+        sensor = await events(rig, unguarded, "sensor")
+        if len(sensor) >= 2:
+            break
+        await asyncio.sleep(0.05)
+    assert [e.severity for e in sensor] == ["error", "info"]
+    async with session_scope(rig.maker) as ss:
+        other = await ss.get(m.Run, unguarded)
+        assert other is not None and other.state == "running"
+    assert cab.output_on[0]
+
+
+async def test_max_capacity_ah_trips_on_every_sample(rig: Rig) -> None:
+    smu = rig.lab.by_name("smu1").sim
+    # The step would run 10 h on time alone: the lab's 0.05 Ah per step stops it.
+    run_id = await start(rig, "smu1/1", document(CHARGE_1A),
+                         lab_limits=Safety(max_capacity_ah=0.05))
+    run, ev, s = await aborted(rig, run_id, "max_capacity_ah")
+    assert ev.data["source"] == "lab" and ev.data["bound"] == 0.05
+    assert ev.data["value"] > 0.05
+    assert s["step_capacity_ah"][-1] > 0.05 and s["step_capacity_ah"][:-1].max() <= 0.05
+    assert not smu.output_on
