@@ -18,6 +18,7 @@ lab's fault scheduler (``labdaq.sims.faults``), as ``labdaq sim --fault`` would:
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -231,3 +232,83 @@ async def test_max_capacity_ah_trips_on_every_sample(rig: Rig) -> None:
     assert ev.data["value"] > 0.05
     assert s["step_capacity_ah"][-1] > 0.05 and s["step_capacity_ah"][:-1].max() <= 0.05
     assert not smu.output_on
+
+
+async def test_a_logger_that_stops_answering_loses_the_sensor(rig: Rig) -> None:
+    smu = rig.lab.by_name("smu1").sim
+    run_id = await start(rig, "smu1/1", document(CHARGE_1A, max_temperature_c=60.0))
+    await until_samples(rig, run_id, 5)
+    # The logger drops off the network: connections broken and refused. Its transport
+    # reconnects with backoff and gives up; the sensor is then lost.
+    rig.lab.faults.inject("drop_connection", "logger1", duration_s=1e7)
+    run, ev, s = await aborted(rig, run_id, "temperature_sensor_lost")
+    assert ev.data["sensor"]["cause"] == "no_answer", ev.data
+    assert ev.data["source"] == "protocol"
+    assert not smu.output_on
+    assert s["flags"][-1] & TEMP_LOST
+    # While the transport was still trying, the readings aged: stale, not lost.
+    assert not (s["flags"][:-1] & TEMP_LOST).any()
+
+
+def test_lab_limits_from_the_configuration(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from labdaq.config import load_settings
+
+    for key in [k for k in os.environ if k.startswith("LABDAQ_")]:
+        monkeypatch.delenv(key)
+    toml = tmp_path / "labdaq.toml"
+    toml.write_text("[labdaq]\nlab_limits = { max_temperature_c = 60.0, "
+                    "max_capacity_ah = 10.0 }\n")
+    monkeypatch.setenv("LABDAQ_CONFIG", str(toml))
+    lab = load_settings().lab_limits
+    assert lab is not None and lab.max_temperature_c == 60.0 and lab.max_capacity_ah == 10.0
+    monkeypatch.setenv("LABDAQ_LAB_LIMITS", '{"max_temperature_c": 45}')
+    lab = load_settings().lab_limits
+    assert lab is not None and lab.max_temperature_c == 45.0 and lab.max_capacity_ah is None
+    monkeypatch.setenv("LABDAQ_LAB_LIMITS", '{"max_temperature_c": 4500}')
+    with pytest.raises(ValueError, match="max_temperature_c"):
+        load_settings()
+
+
+async def test_cell_window_from_the_instruments_file_combines_with_lab_and_protocol(
+        db_url: str, tmp_path: Path) -> None:
+    """A ``[[cells]]`` table's temperature window is a limit of every run on the cell;
+    with the lab's and the protocol's, the tightest wins and its source is recorded."""
+    from labdaq.cli_instruments import apply_file
+    from labdaq.config import Settings
+    from labdaq.instruments_config import dump_instruments_toml
+    from labdaq.storage.db import create_engine, sessionmaker
+
+    cell = {"serial": "W-001", "chemistry": "nmc811", "capacity_ah": 4.9,
+            "charge_cutoff_v": 4.2, "discharge_cutoff_v": 2.5, "max_charge_current_a": 4.9,
+            "min_temperature_c": 0.0, "max_temperature_c": 45.0}
+    instruments = [
+        {"name": "smu1", "driver": "keithley2450", "resource": "TCPIP::127.0.0.1::5025::SOCKET",
+         "channels": [{"index": 1, "name": "smu1/1", "max_current_a": 7.35, "cell": "W-001",
+                       "thermocouple": {"logger": "logger1", "channel": 101, "type": "K"}}]},
+        {"name": "logger1", "driver": "keysight_daq970a",
+         "resource": "TCPIP::127.0.0.1::5026::SOCKET", "options": {"channels": [101]},
+         "channels": []}]
+    path = tmp_path / "lab.toml"
+    path.write_text(dump_instruments_toml(instruments, cells=[cell]))
+    settings = Settings(database_url=db_url, data_dir=tmp_path)
+    await asyncio.to_thread(apply_file, settings, path, actor="test")
+    engine = create_engine(db_url)
+    try:
+        maker = sessionmaker(engine)
+        for safety, lab, expect in (
+                ({}, Safety(max_temperature_c=60.0), (45.0, "cell", 0.0, "cell")),
+                ({"max_temperature_c": 40.0}, Safety(min_temperature_c=5.0),
+                 (40.0, "protocol", 5.0, "lab"))):
+            async with session_scope(maker) as s:
+                run = await create_run(
+                    s, RunCreate(channel="smu1/1", protocol_document=document(
+                        CHARGE_1A, **safety)), actor="test", lab_limits=lab)
+                await s.flush()
+                lim = run.plan["limits"]
+                got = (lim["max_temperature_c"], lim["sources"]["max_temperature_c"],
+                       lim["min_temperature_c"], lim["sources"]["min_temperature_c"])
+                assert got == expect
+                run.state = "stopped"  # frees the channel for the next one
+    finally:
+        await engine.dispose()
