@@ -1,7 +1,8 @@
 """InstrumentGroup: one acquisition loop per instrument, vectorised over its channels.
 
 Each tick reads every active channel of the instrument in one call (one query on a
-cabinet), then checks safety limits, integrates capacity and energy, evaluates end
+cabinet), lays the wired thermocouples' last readings over its temperatures
+(:mod:`.aux_temps`), then integrates capacity and energy, checks safety limits, evaluates end
 conditions and builds the sample rows for all channels with a handful of numpy
 operations, so the per-sample Python work stays small (docs/architecture.md,
 "Processes"). Only step and phase boundaries run per-channel Python
@@ -15,8 +16,9 @@ boundary completed (:mod:`.ledger`), so positions are committed with the rows th
 What the group has to tell the node it emits as typed events (:mod:`.events`); commands
 reach it through its inbox (:meth:`InstrumentGroup.command`).
 
-Order of work in a tick: measure → safety (outputs off first) → integrate → end
-conditions → store → transitions (instrument commands first, then records). A phase
+Order of work in a tick: measure → integrate (numpy only, nothing awaited; the step's
+charge is a limit) → safety (outputs off first) → end conditions → store → transitions
+(instrument commands first, then records). A phase
 change is followed by one more measurement of the channels that changed ("edge" sample):
 it is stored, so the stored samples show the current step and integrate exactly like the
 engine did, and it gives the DC internal resistance of pulse steps.
