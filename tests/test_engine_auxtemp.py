@@ -6,11 +6,12 @@ three cells (104 is open), wired as ``labdaq serve --sim`` wires them. The engin
 this process on the lab's clock (tests/engine_rig.py). Faults are injected through the
 lab's fault scheduler (``labdaq.sims.faults``), as ``labdaq sim --fault`` would:
 
-* an internal short (2 Ω) heats the SMU's cell; past its ARC self-heating onset (T1,
-  40 °C in this cell's spec) the decomposition adds its own heat and the cell runs away
-  towards T2 (90 °C, where the separator fails and the voltage collapses). The logger's
-  thermocouple sees the climb and the tightest temperature limit stops the run while
-  the voltage is still normal;
+* an internal short (1 Ω, ~13 W) heats the SMU's cell at ~0.28 °C/s; past its ARC
+  self-heating onset (T1, 40 °C in this cell's spec) the decomposition adds heat of its
+  own, faster and faster, and the cell runs away: at 75 °C it climbs at ~0.35 °C/s, at
+  85 °C at ~0.6 °C/s, and at T2 (90 °C, about 25 simulated seconds after 75 °C) the
+  separator fails and the voltage collapses. The logger's thermocouple sees the climb and
+  the tightest temperature limit (75 °C) stops the run while the voltage is normal;
 * a thermocouple that opens reads +9.9E+37 on the logger: a lost sensor;
 * ``max_capacity_ah`` (the charge moved in a step) trips on the sample that passes it.
 """
@@ -44,7 +45,7 @@ from tests.engine_rig import (
 
 TEMP_STALE = int(m.SampleFlag.TEMP_STALE)
 TEMP_LOST = int(m.SampleFlag.TEMP_LOST)
-SPEED = 200.0
+SPEED = 100.0
 CHARGE_1A = {"step": "cc", "current_a": 1.0, "until": {"duration_s": 36000}}
 
 
@@ -61,8 +62,8 @@ async def rig(sqlite_url: str, tmp_path: Path) -> AsyncIterator[Rig]:
                                        "thermal.runaway_onset_c": 90.0})
     lab = SimLab(smus=1, cabinets=1, cabinet_channels=2, loggers=1, logger_channels=4,
                  cell_spec=spec, soc=0.5, seed=7)
-    # A reading is stale past 20 simulated seconds (100 ms of wall time at 200x): the
-    # engine's default of 3 s would be 15 ms here, which a busy machine can exceed.
+    # A reading is stale past 20 simulated seconds (200 ms of wall time at 100x): the
+    # engine's default of 3 s would be 30 ms here, which a busy machine can exceed.
     rig = await start_rig(sqlite_url, lab, SPEED, temperature_stale_s=20.0)
     yield rig
     await rig.stop()
@@ -153,29 +154,30 @@ async def test_thermal_runaway_on_smu_stops_on_the_temperature_limit(rig: Rig) -
     serial = channel_cell(rig.desc, "smu1/1")
     async with session_scope(rig.maker) as s:  # the cell's datasheet window
         await s.execute(update(m.Cell).where(m.Cell.serial == serial)
-                        .values(min_temperature_c=-20.0, max_temperature_c=60.0))
-    run_id = await start(rig, "smu1/1", document(CHARGE_1A, max_temperature_c=70.0),
-                         lab_limits=Safety(max_temperature_c=55.0, max_voltage_v=4.5))
+                        .values(min_temperature_c=-20.0, max_temperature_c=80.0))
+    run_id = await start(rig, "smu1/1", document(CHARGE_1A, max_temperature_c=85.0),
+                         lab_limits=Safety(max_temperature_c=75.0, max_voltage_v=4.5))
     created = (await events(rig, run_id, "audit"))[0]
     # Each active limit with its source, the tightest of cell, channel, protocol and lab.
-    assert created.data["limits"]["max_temperature_c"] == {"value": 55.0, "source": "lab"}
+    assert created.data["limits"]["max_temperature_c"] == {"value": 75.0, "source": "lab"}
     assert created.data["limits"]["min_temperature_c"] == {"value": -20.0, "source": "cell"}
     assert created.data["limits"]["max_voltage_v"]["source"] == "cell"
     await until_samples(rig, run_id, 3)
-    rig.lab.faults.inject("internal_short", "smu1", resistance_ohm=2.0)
+    rig.lab.faults.inject("internal_short", "smu1", resistance_ohm=1.0)
     run, ev, s = await aborted(rig, run_id, "max_temperature_c")
-    assert ev.data["source"] == "lab" and ev.data["bound"] == 55.0
-    assert ev.data["value"] > 55.0 and "limit from lab" in ev.message
+    assert ev.data["source"] == "lab" and ev.data["bound"] == 75.0
+    assert ev.data["value"] > 75.0 and "limit from lab" in ev.message
     assert "max_temperature_c" in (run.end_reason or "")
     assert not smu.output_on
-    # Tripped on the climb, before the runaway took the voltage: at the trip the cell
-    # was still below T2 and its voltage normal.
-    assert s["temperature_c"][-1] > 55.0
-    assert np.nanmax(s["temperature_c"][:-1]) <= 55.0
+    # Tripped in the self-heating climb (above T1), before the runaway took the voltage:
+    # below T2 and at a normal voltage.
+    assert 75.0 < s["temperature_c"][-1] < 90.0
+    assert np.nanmax(s["temperature_c"][:-1]) <= 75.0
     assert s["voltage_v"][-1] > 3.3
-    # The climb went through the self-heating onset with the thermocouple on it.
+    # The thermocouple followed the whole climb from room temperature.
     assert np.nanmin(s["temperature_c"]) < 30.0
-    assert ((s["temperature_c"] > 40.0) & ((s["flags"] & TEMP_STALE) == 0)).any()
+    climb = s["temperature_c"][(s["flags"] & TEMP_STALE) == 0]
+    assert ((climb > 40.0) & (climb < 75.0)).sum() >= 20
 
 
 async def test_open_thermocouple_is_a_lost_sensor_and_stops_a_run_with_a_limit(
