@@ -41,6 +41,7 @@ from tests.engine_rig import (
     nmc_18650_spec,
     samples,
     start_rig,
+    wait_for,
 )
 
 TEMP_STALE = int(m.SampleFlag.TEMP_STALE)
@@ -314,3 +315,21 @@ async def test_cell_window_from_the_instruments_file_combines_with_lab_and_proto
                 run.state = "stopped"  # frees the channel for the next one
     finally:
         await engine.dispose()
+
+
+async def test_one_garbled_logger_reply_does_not_lose_the_sensor(rig: Rig) -> None:
+    run_id = await start(rig, "smu1/1", document(CHARGE_1A, max_temperature_c=60.0))
+    await until_samples(rig, run_id, 5)
+    temps = rig.node.temperatures
+    fault = rig.lab.faults.inject("garbled_replies", "logger1", count=1)
+    await until_samples(rig, run_id, 10)
+    scans = temps.scans
+    await wait_for(lambda: temps.scans >= scans + 5 or run_id not in rig.node.active,
+                   30, "five more scans")  # well after the garbled reply
+    assert fault.state == "done"
+    assert await events(rig, run_id, "sensor") == []
+    async with session_scope(rig.maker) as s:
+        run = await s.get(m.Run, run_id)
+        assert run is not None and run.state == "running", run.end_reason
+    s_ = await samples(rig.maker, run_id)
+    assert not (s_["flags"] & TEMP_LOST).any()

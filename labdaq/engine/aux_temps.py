@@ -182,7 +182,7 @@ class WiredTemperatures:
             self.error[k] = error
 
     async def _scan(self, logger: str) -> None:
-        retry_s = RETRY_S
+        retry_s, failures = RETRY_S, 0
         deadline = self.clock.now()
         try:
             while True:
@@ -203,14 +203,19 @@ class WiredTemperatures:
                 try:
                     temps, open_mask = await inst.worker.call(_read, inst.driver, channels)
                 except Exception as exc:  # noqa: BLE001 - a lost sensor, not a lost node
+                    failures += 1
+                    log.warning("logger %s: no reading of %s: %s", logger, channels, exc)
+                    if failures == 1:
+                        # One more try at once: a reply the driver could not decode (a
+                        # garbled line) is not yet a sensor that stopped answering.
+                        continue
                     # The transport has already retried and reconnected: the logger does
                     # not answer. Its channels are lost until a scan succeeds again.
-                    log.warning("logger %s: no reading of %s: %s", logger, channels, exc)
                     self._mark(slots, _NO_ANSWER, f"{type(exc).__name__}: {exc}")
                     await self._sleep(logger, self.clock.now() + retry_s)
                     retry_s = min(2 * retry_s, RETRY_MAX_S)
                     continue
-                retry_s = RETRY_S
+                retry_s, failures = RETRY_S, 0
                 self.scans += 1
                 for k, value, is_open in zip(slots, temps, open_mask, strict=True):
                     if is_open:
