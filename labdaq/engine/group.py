@@ -2,8 +2,8 @@
 
 Each tick reads every active channel of the instrument in one call (one query on a
 cabinet), lays the wired thermocouples' last readings over its temperatures
-(:mod:`.aux_temps`), then integrates capacity and energy, checks safety limits, evaluates end
-conditions and builds the sample rows for all channels with a handful of numpy
+(:mod:`.aux_temps`), then integrates capacity and energy, checks safety limits, evaluates
+end conditions and builds the sample rows for all channels with a handful of numpy
 operations, so the per-sample Python work stays small (docs/architecture.md,
 "Processes"). Only step and phase boundaries run per-channel Python
 (:mod:`labdaq.engine.channel`).
@@ -18,10 +18,10 @@ reach it through its inbox (:meth:`InstrumentGroup.command`).
 
 Order of work in a tick: measure → integrate (numpy only, nothing awaited; the step's
 charge is a limit) → safety (outputs off first) → end conditions → store → transitions
-(instrument commands first, then records). A phase
-change is followed by one more measurement of the channels that changed ("edge" sample):
-it is stored, so the stored samples show the current step and integrate exactly like the
-engine did, and it gives the DC internal resistance of pulse steps.
+(instrument commands first, then records). A phase change is followed by one more
+measurement of the channels that changed ("edge" sample): it is stored, so the stored
+samples show the current step and integrate exactly like the engine did, and it gives the
+DC internal resistance of pulse steps.
 
 Why ~550 lines, over the engine's ~450: the loop, runs joining and leaving, and the
 commands it takes all change the same per-run arrays under one lock (``_busy``); split
