@@ -23,9 +23,10 @@ measurement of the channels that changed ("edge" sample): it is stored, so the s
 samples show the current step and integrate exactly like the engine did, and it gives the
 DC internal resistance of pulse steps.
 
-Why ~550 lines, over the engine's ~450: the loop, runs joining and leaving, and the
-commands it takes all change the same per-run arrays under one lock (``_busy``); split
-further, each part would reach into the others' state.
+Why ~650 lines, over the engine's ~450: the loop, runs joining and leaving, the commands
+it takes and the wired temperatures laid over its readings all change the same per-run
+arrays under one lock (``_busy``); split further, each part would reach into the others'
+state.
 """
 
 from __future__ import annotations
