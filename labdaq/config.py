@@ -54,8 +54,9 @@ class Settings(BaseSettings):
     engine_poll_s: float = 0.5
     # Safety and end conditions are evaluated at least this often (s, on the engine clock).
     engine_control_period_s: float = 1.0
-    # A wired temperature sensor's reading older than this (s, on the engine clock) is
-    # stale: stored with the sample, flagged, and checked against no limit.
+    # A wired temperature sensor's reading older than this (s, on the engine clock; or two
+    # of its scan periods, if longer) is stale: stored with the sample, flagged, and
+    # checked against no limit.
     engine_temperature_stale_s: float = Field(default=3.0, gt=0)
     # Lab-wide safety limits (the protocol safety block's fields), combined with the
     # cell's, the channel's and the protocol's to the tightest when a run is created.

@@ -333,3 +333,25 @@ async def test_one_garbled_logger_reply_does_not_lose_the_sensor(rig: Rig) -> No
         assert run is not None and run.state == "running", run.end_reason
     s_ = await samples(rig.maker, run_id)
     assert not (s_["flags"] & TEMP_LOST).any()
+
+
+def test_overlay_fresh_stale_lost_and_unwired() -> None:
+    """What a sample gets from its wired sensor's state (no instruments involved)."""
+    from labdaq.engine.aux_temps import WiredTemperatures
+    from labdaq.engine.clock import EngineClock
+
+    w = WiredTemperatures({}, {}, EngineClock(1.0), stale_s=3.0)
+    fresh, old, open_tc, gone, never, slow = (w.slot(("logger1", ch)) for ch in range(101, 107))
+    w.state[[fresh, old, slow]] = 1  # read
+    w.value_c[[fresh, old, slow]] = [30.0, 31.0, 32.0]
+    w.t_clock_s[[fresh, old, slow]] = [98.0, 96.5, 92.0]
+    w.state[open_tc], w.state[gone] = 2, 3  # open thermocouple, logger not answering
+    w.stale_after_s[slow] = 10.0  # scanned every 5 s: two periods
+    slots = np.array([fresh, old, open_tc, gone, never, slow, -1], np.int64)
+    cycler_c = np.array([np.nan] * 6 + [24.0])
+    o = w.overlay(slots, 100.0, cycler_c)
+    np.testing.assert_array_equal(o.check_c, [30.0, np.nan, np.nan, np.nan, np.nan, 32.0, 24.0])
+    np.testing.assert_array_equal(o.stored_c, [30.0, 31.0, np.nan, np.nan, np.nan, 32.0, 24.0])
+    np.testing.assert_array_equal(
+        o.flags, [0, TEMP_STALE, TEMP_LOST, TEMP_LOST, TEMP_STALE, 0, 0])
+    np.testing.assert_array_equal(o.lost, [False, False, True, True, False, False, False])

@@ -10,8 +10,8 @@ few numpy operations per tick (:meth:`WiredTemperatures.overlay`).
 
 What a run's sample gets from its wired sensor:
 
-* a current reading (younger than ``stale_s``): its temperature, checked against the
-  run's limits like any reading;
+* a current reading (younger than ``stale_s``, or than two scan periods when those are
+  longer): its temperature, checked against the run's limits like any reading;
 * a stale one (older, or none yet): the last value with ``SampleFlag.TEMP_STALE``,
   checked against no limit and no end condition (a stale reading satisfies no limit);
 * a lost sensor — an open thermocouple (the logger's overload value, +9.9E+37, which the
@@ -85,6 +85,9 @@ class WiredTemperatures:
         self._slots: dict[tuple[str, int], int] = {}
         self.value_c: FloatArray = np.zeros(0)
         self.t_clock_s: FloatArray = np.zeros(0)
+        # Per slot: the age past which its reading is stale (two scan periods, at least
+        # stale_s: the group and the scan tick at their own phases of the same period).
+        self.stale_after_s: FloatArray = np.zeros(0)
         self.state: IntArray = np.zeros(0, np.int64)
         self.error: dict[int, str] = {}  # slot -> why it is lost
         # group name -> {run id: (slot, scan period)}: who needs which sensor how often
@@ -100,6 +103,7 @@ class WiredTemperatures:
             k = self._slots[key] = len(self._slots)
             self.value_c = np.append(self.value_c, np.nan)
             self.t_clock_s = np.append(self.t_clock_s, -np.inf)
+            self.stale_after_s = np.append(self.stale_after_s, self.stale_s)
             self.state = np.append(self.state, _NONE)
         return k
 
@@ -129,13 +133,14 @@ class WiredTemperatures:
         s = np.where(wired, slots, 0)
         if not len(self.state):
             s_state = np.zeros(len(slots), np.int64)
-            s_value = s_age = np.full(len(slots), np.nan)
+            s_value = s_age = s_stale = np.full(len(slots), np.nan)
         else:
             s_state = self.state[s]
             s_value = self.value_c[s]
             s_age = now_clock_s - self.t_clock_s[s]
+            s_stale = self.stale_after_s[s]
         lost = wired & ((s_state == _OPEN) | (s_state == _NO_ANSWER))
-        fresh = wired & (s_state == _OK) & (s_age <= self.stale_s)
+        fresh = wired & (s_state == _OK) & (s_age <= s_stale)
         stale = wired & ~lost & ~fresh
         stored = np.where(wired, np.where(lost, np.nan, s_value), temp_c)
         check = np.where(wired, np.where(fresh, s_value, np.nan), temp_c)
@@ -194,6 +199,7 @@ class WiredTemperatures:
                 channels = sorted(wanted)
                 slots = [self._slots[(logger, ch)] for ch in channels]
                 period_s = min(wanted.values())
+                self.stale_after_s[slots] = max(self.stale_s, 2.0 * period_s)
                 inst = self._instrument(logger)
                 if inst is None:
                     self._mark(slots, _NO_ANSWER, f"logger {logger} is not connected")
