@@ -227,13 +227,13 @@ async def test_open_thermocouple_is_a_lost_sensor_and_stops_a_run_with_a_limit(
 
 async def test_max_capacity_ah_trips_on_every_sample(rig: Rig) -> None:
     smu = rig.lab.by_name("smu1").sim
-    # The step would run 10 h on time alone: the lab's 0.05 Ah per step stops it.
+    # The step would run 10 h on time alone: the lab's 0.02 Ah per step stops it (72 s).
     run_id = await start(rig, "smu1/1", document(CHARGE_1A),
-                         lab_limits=Safety(max_capacity_ah=0.05))
+                         lab_limits=Safety(max_capacity_ah=0.02))
     run, ev, s = await aborted(rig, run_id, "max_capacity_ah")
-    assert ev.data["source"] == "lab" and ev.data["bound"] == 0.05
-    assert ev.data["value"] > 0.05
-    assert s["step_capacity_ah"][-1] > 0.05 and s["step_capacity_ah"][:-1].max() <= 0.05
+    assert ev.data["source"] == "lab" and ev.data["bound"] == 0.02
+    assert ev.data["value"] > 0.02
+    assert s["step_capacity_ah"][-1] > 0.02 and s["step_capacity_ah"][:-1].max() <= 0.02
     assert not smu.output_on
 
 
