@@ -8,10 +8,10 @@ lab's fault scheduler (``labdaq.sims.faults``), as ``labdaq sim --fault`` would:
 
 * an internal short (1 Ω, ~13 W) heats the SMU's cell at ~0.28 °C/s; past its ARC
   self-heating onset (T1, 40 °C in this cell's spec) the decomposition adds heat of its
-  own, faster and faster, and the cell runs away: at 75 °C it climbs at ~0.35 °C/s, at
-  85 °C at ~0.6 °C/s, and at T2 (90 °C, about 25 simulated seconds after 75 °C) the
+  own, faster and faster, and the cell runs away: at 70 °C it climbs at ~0.3 °C/s, at
+  85 °C at ~0.6 °C/s, and at T2 (90 °C, about 35 simulated seconds after 70 °C) the
   separator fails and the voltage collapses. The logger's thermocouple sees the climb and
-  the tightest temperature limit (75 °C) stops the run while the voltage is normal;
+  the tightest temperature limit (70 °C) stops the run while the voltage is normal;
 * a thermocouple that opens reads +9.9E+37 on the logger: a lost sensor;
 * ``max_capacity_ah`` (the charge moved in a step) trips on the sample that passes it.
 """
@@ -130,17 +130,20 @@ async def test_samples_carry_the_loggers_temperatures_one_scan_for_all(rig: Rig)
     await until_samples(rig, smu_run, 20)
     await until_samples(rig, cab_run, 20)
     n_before = len(queries)
-    await until_samples(rig, smu_run, 40)
+    await wait_for(lambda: len(queries) >= n_before + 10, 30, "ten more scans")
     # Every scan while both runs measure is ONE query for both wired channels.
     both = queries[n_before:]
     assert both and all(q == [101, 102] for q in both), both
     for run_id, cell in ((smu_run, rig.lab.by_name("smu1").sim.cell),
                          (cab_run, rig.lab.by_name("cabinet1").sim.bank)):
         s = await samples(rig.maker, run_id)
+        # A temperature in every sample but the first (taken as the run joined, before
+        # the first scan); most of them current (stale ones hold the last reading: a
+        # busy machine can delay a scan past the staleness bound).
+        assert np.isfinite(s["temperature_c"][1:]).all()
         fresh = (s["flags"] & (TEMP_STALE | TEMP_LOST)) == 0
-        assert fresh.sum() >= 0.9 * len(fresh)  # the join sample has no reading yet
+        assert not (s["flags"] & TEMP_LOST).any() and fresh.sum() >= 0.5 * len(fresh)
         temps = s["temperature_c"][fresh]
-        assert np.isfinite(temps).all()
         # The cell's temperature (about room temperature at 1 A), plus 0.02 °C noise.
         true_c = float(cell.cell_temperature_c[0])
         assert abs(temps[-1] - true_c) < 1.0 and np.ptp(temps) > 0
@@ -157,28 +160,28 @@ async def test_thermal_runaway_on_smu_stops_on_the_temperature_limit(rig: Rig) -
         await s.execute(update(m.Cell).where(m.Cell.serial == serial)
                         .values(min_temperature_c=-20.0, max_temperature_c=80.0))
     run_id = await start(rig, "smu1/1", document(CHARGE_1A, max_temperature_c=85.0),
-                         lab_limits=Safety(max_temperature_c=75.0, max_voltage_v=4.5))
+                         lab_limits=Safety(max_temperature_c=70.0, max_voltage_v=4.5))
     created = (await events(rig, run_id, "audit"))[0]
     # Each active limit with its source, the tightest of cell, channel, protocol and lab.
-    assert created.data["limits"]["max_temperature_c"] == {"value": 75.0, "source": "lab"}
+    assert created.data["limits"]["max_temperature_c"] == {"value": 70.0, "source": "lab"}
     assert created.data["limits"]["min_temperature_c"] == {"value": -20.0, "source": "cell"}
     assert created.data["limits"]["max_voltage_v"]["source"] == "cell"
     await until_samples(rig, run_id, 3)
     rig.lab.faults.inject("internal_short", "smu1", resistance_ohm=1.0)
     run, ev, s = await aborted(rig, run_id, "max_temperature_c")
-    assert ev.data["source"] == "lab" and ev.data["bound"] == 75.0
-    assert ev.data["value"] > 75.0 and "limit from lab" in ev.message
+    assert ev.data["source"] == "lab" and ev.data["bound"] == 70.0
+    assert ev.data["value"] > 70.0 and "limit from lab" in ev.message
     assert "max_temperature_c" in (run.end_reason or "")
     assert not smu.output_on
     # Tripped in the self-heating climb (above T1), before the runaway took the voltage:
     # below T2 and at a normal voltage.
-    assert 75.0 < s["temperature_c"][-1] < 90.0
-    assert np.nanmax(s["temperature_c"][:-1]) <= 75.0
+    assert 70.0 < s["temperature_c"][-1] < 90.0
+    assert np.nanmax(s["temperature_c"][:-1]) <= 70.0
     assert s["voltage_v"][-1] > 3.3
     # The thermocouple followed the whole climb from room temperature.
     assert np.nanmin(s["temperature_c"]) < 30.0
     climb = s["temperature_c"][(s["flags"] & TEMP_STALE) == 0]
-    assert ((climb > 40.0) & (climb < 75.0)).sum() >= 20
+    assert ((climb > 40.0) & (climb < 70.0)).sum() >= 20
 
 
 async def test_open_thermocouple_is_a_lost_sensor_and_stops_a_run_with_a_limit(
