@@ -358,3 +358,28 @@ def test_overlay_fresh_stale_lost_and_unwired() -> None:
     np.testing.assert_array_equal(
         o.flags, [0, TEMP_STALE, TEMP_LOST, TEMP_LOST, TEMP_STALE, 0, 0])
     np.testing.assert_array_equal(o.lost, [False, False, True, True, False, False, False])
+
+
+async def test_cells_service_keeps_a_temperature_window(db_url: str) -> None:
+    from labdaq.cells import CellCreate, CellPatch, create_cell, update_cell
+    from labdaq.errors import Invalid
+    from labdaq.storage.db import create_engine, sessionmaker
+
+    engine = create_engine(db_url)
+    try:
+        async with session_scope(sessionmaker(engine)) as s:
+            cell = await create_cell(s, CellCreate(serial="TW-1", spec="lfp",
+                                                   min_temperature_c=-10.0,
+                                                   max_temperature_c=55.0), actor="test")
+            assert (cell.min_temperature_c, cell.max_temperature_c) == (-10.0, 55.0)
+            with pytest.raises(Invalid, match="cell is not valid"):
+                await update_cell(s, cell.id, CellPatch(min_temperature_c=60.0), actor="test")
+            await update_cell(s, cell.id, CellPatch(max_temperature_c=50.0), actor="test")
+            assert cell.max_temperature_c == 50.0
+            audit = (await s.scalars(select(m.Event).where(
+                m.Event.kind == "audit").order_by(m.Event.id.desc()))).first()
+            assert audit is not None
+            assert audit.data["before"]["max_temperature_c"] == 55.0
+            assert audit.data["after"]["max_temperature_c"] == 50.0
+    finally:
+        await engine.dispose()
