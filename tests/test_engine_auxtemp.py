@@ -383,3 +383,15 @@ async def test_cells_service_keeps_a_temperature_window(db_url: str) -> None:
             assert audit.data["after"]["max_temperature_c"] == 50.0
     finally:
         await engine.dispose()
+
+
+async def test_a_logger_not_open_at_start_is_opened_when_a_run_needs_it(rig: Rig) -> None:
+    # As if the logger had been off when the engine started: the node does not have it.
+    (row_id, inst), = [(k, v) for k, v in rig.node.instruments.items() if v.name == "logger1"]
+    del rig.node.instruments[row_id]
+    await inst.worker.call(inst.driver.close)
+    inst.worker.shutdown()
+    run_id = await start(rig, "smu1/1", document(CHARGE_1A, max_temperature_c=60.0))
+    await until_samples(rig, run_id, 5)
+    assert any(i.name == "logger1" for i in rig.node.instruments.values())
+    assert await events(rig, run_id, "sensor") == []

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,8 +77,12 @@ class WiredTemperatures:
 
     def __init__(self, instruments: dict[int, OpenInstrument],
                  wiring: dict[int, dict[str, Any]], clock: EngineClock,
-                 stale_s: float = 3.0) -> None:
+                 stale_s: float = 3.0,
+                 open_logger: Callable[[str], Awaitable[OpenInstrument]] | None = None,
+                 ) -> None:
         self.instruments = instruments
+        # Opens a logger the node could not open at start (it was off, or unplugged).
+        self.open_logger = open_logger
         self.wiring = wiring
         self.clock = clock
         self.stale_s = stale_s
@@ -201,9 +205,15 @@ class WiredTemperatures:
                 period_s = min(wanted.values())
                 self.stale_after_s[slots] = max(self.stale_s, 2.0 * period_s)
                 inst = self._instrument(logger)
+                if inst is None and self.open_logger is not None:
+                    try:
+                        inst = await self.open_logger(logger)
+                    except Exception as exc:  # noqa: BLE001 - tried again after a while
+                        log.warning("logger %s: cannot open: %s", logger, exc)
                 if inst is None:
                     self._mark(slots, _NO_ANSWER, f"logger {logger} is not connected")
                     await self._sleep(logger, self.clock.now() + retry_s)
+                    retry_s = min(2 * retry_s, RETRY_MAX_S)
                     continue
                 t_query = self.clock.now()
                 try:

@@ -117,7 +117,8 @@ class AcquisitionNode(Scheduling, Recovery):
         self.run_groups: dict[int, InstrumentGroup] = {}  # active run id -> its group
         self.aux = AuxSteps(self.instruments, self.recorder, clock)
         self.temperatures = WiredTemperatures(self.instruments, self.aux.wiring, clock,
-                                              stale_s=temperature_stale_s)
+                                              stale_s=temperature_stale_s,
+                                              open_logger=self._open_by_name)
         self._finishing: set[asyncio.Task[None]] = set()
         self._scheduler_error = False
         self._stopping = asyncio.Event()
@@ -158,6 +159,16 @@ class AcquisitionNode(Scheduling, Recovery):
         self.instruments[row.id] = inst
         self.heartbeat.instruments[row.name] = INSTRUMENT_OK
         return inst
+
+    async def _open_by_name(self, name: str) -> OpenInstrument:
+        """Open an enabled instrument the node does not have open (a temperature logger
+        that was off when the engine started)."""
+        async with session_scope(self.maker) as s:
+            row = await s.scalar(select(m.Instrument).where(m.Instrument.name == name,
+                                                            m.Instrument.enabled))
+        if row is None:
+            raise LookupError(f"no enabled instrument {name!r}")
+        return await self._open_instrument(row)
 
     async def _group_for(self, instrument_id: int) -> InstrumentGroup:
         group = self.groups.get(instrument_id)
