@@ -16,7 +16,7 @@ What a run's sample gets from its wired sensor:
   checked against no limit and no end condition (a stale reading satisfies no limit);
 * a lost sensor — an open thermocouple (the logger's overload value, +9.9E+37, which the
   driver turns into NaN) or a logger that stopped answering (its transport gave up) or
-  was never connected: no temperature, ``SampleFlag.TEMP_LOST``; a run with a
+  cannot be opened: no temperature, ``SampleFlag.TEMP_LOST``; a run with a
   temperature limit is stopped safely on it (:mod:`.safety`).
 """
 
