@@ -1,8 +1,10 @@
 """Wired temperature sensors in every sample, and the limits that trip on them.
 
 Through the simulated lab over real TCP: a Keithley 2460 (which measures no temperature),
-a two-channel cabinet and a Keysight DAQ970A whose thermocouples 101..103 sit on the
-three cells (104 is open), wired as ``labdaq serve --sim`` wires them. The engine runs in
+a two-channel cabinet (a temperature sensor on each channel) and a Keysight DAQ970A
+whose thermocouples 101 and 102 sit on the SMU's cell and on the cabinet's first one,
+wired as ``labdaq serve --sim`` wires them; the cabinet's second channel has only the
+cabinet's own sensor. The engine runs in
 this process on the lab's clock (tests/engine_rig.py). Faults are injected through the
 lab's fault scheduler (``labdaq.sims.faults``), as ``labdaq sim --fault`` would:
 
@@ -12,7 +14,8 @@ lab's fault scheduler (``labdaq.sims.faults``), as ``labdaq sim --fault`` would:
   85 °C at ~0.6 °C/s, and at T2 (90 °C, about 35 simulated seconds after 70 °C) the
   separator fails and the voltage collapses. The logger's thermocouple sees the climb and
   the tightest temperature limit (70 °C) stops the run while the voltage is normal;
-* a thermocouple that opens reads +9.9E+37 on the logger: a lost sensor;
+* a thermocouple that opens reads +9.9E+37 on the logger, a cabinet's own sensor that
+  drops out reads NaN: a lost sensor;
 * ``max_capacity_ah`` (the charge moved in a step) trips on the sample that passes it.
 """
 
@@ -61,7 +64,7 @@ def document(step: dict[str, Any], **safety: float) -> dict[str, Any]:
 async def rig(sqlite_url: str, tmp_path: Path) -> AsyncIterator[Rig]:
     spec = nmc_18650_spec(tmp_path, **{"thermal.self_heating_onset_c": 40.0,
                                        "thermal.runaway_onset_c": 90.0})
-    lab = SimLab(smus=1, cabinets=1, cabinet_channels=2, loggers=1, logger_channels=4,
+    lab = SimLab(smus=1, cabinets=1, cabinet_channels=2, loggers=1, logger_channels=2,
                  cell_spec=spec, soc=0.5, seed=7)
     # A reading is stale past 20 simulated seconds (200 ms of wall time at 100x): the
     # engine's default of 3 s would be 30 ms here, which a busy machine can exceed.
@@ -395,3 +398,16 @@ async def test_a_logger_not_open_at_start_is_opened_when_a_run_needs_it(rig: Rig
     await until_samples(rig, run_id, 5)
     assert any(i.name == "logger1" for i in rig.node.instruments.values())
     assert await events(rig, run_id, "sensor") == []
+
+
+async def test_a_cabinets_own_sensor_dropping_out_is_a_lost_sensor(rig: Rig) -> None:
+    cab = rig.lab.by_name("cabinet1").sim
+    guarded = await start(rig, "cabinet1/2", document(CHARGE_1A, max_temperature_c=60.0))
+    await until_samples(rig, guarded, 5)
+    rig.lab.faults.inject("sensor_dropout", "cabinet1/2")
+    run, ev, s = await aborted(rig, guarded, "temperature_sensor_lost")
+    assert not cab.output_on[1]
+    assert ev.data["sensor"]["instrument"] == "cabinet1" and ev.data["sensor"]["channel"] == 2
+    assert "cycler's own sensor" in ev.message
+    assert s["flags"][-1] & TEMP_LOST and not (s["flags"][:-1] & TEMP_LOST).any()
+    assert np.isfinite(s["temperature_c"][:-1]).all()  # the cabinet's readings until then

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from labdaq.drivers.roles import Cycler
-from labdaq.engine.aux_temps import Overlay, WiredTemperatures
+from labdaq.engine.aux_temps import FLAG_TEMP_LOST, Overlay, WiredTemperatures
 from labdaq.engine.channel import ChannelRun, Phase, Transition
 from labdaq.engine.clock import EngineClock
 from labdaq.engine.end_conditions import EndConditions, Previous
@@ -93,6 +93,9 @@ class InstrumentGroup:
         self._tc_any = False
         self._sensor_lost = np.zeros(0, bool)  # per run: its wired sensor is lost
         self._lost_at_breach: set[int] = set()  # runs whose breach came with a lost sensor
+        # A cycler with a sensor per channel (a cabinet): its NaN temperature is a lost
+        # sensor too, for the runs without a wired thermocouple.
+        self._own_sensor = bool(getattr(driver, "has_temperature_sensor", False))
         # Where in its period this loop ticks (0..1): groups of one node are spread over
         # the period so their ticks do not all fall due at the same moment and wait for
         # each other on the one event loop.
@@ -222,23 +225,45 @@ class InstrumentGroup:
 
     def _temperatures(self, sel: slice | IntArray, now_clock: float,
                       temp: FloatArray) -> Overlay | None:
-        """The wired sensors' readings for runs ``sel`` (None: no run has one)."""
-        if not self._tc_any or self.temperatures is None:
-            return None
-        return self.temperatures.overlay(self._tc_slot[sel], now_clock, temp)
+        """The wired sensors' readings for runs ``sel``, and which runs' sensors are lost
+        (None: no run has a wired sensor and none is or was lost)."""
+        wired = None
+        if self._tc_any and self.temperatures is not None:
+            wired = self.temperatures.overlay(self._tc_slot[sel], now_clock, temp)
+        if not self._own_sensor:
+            return wired
+        own = np.isnan(temp)
+        if wired is not None:
+            own &= self._tc_slot[sel] < 0
+        if not own.any() and not self._sensor_lost[sel].any():
+            return wired
+        if wired is None:
+            wired = Overlay(temp, temp, np.zeros(len(temp), np.int64), np.zeros(len(temp), bool))
+        return Overlay(wired.check_c, wired.stored_c,
+                       wired.flags | np.where(own, FLAG_TEMP_LOST, 0), wired.lost | own)
+
+    def _sensor_info(self, k: int) -> dict[str, Any]:
+        """Run ``k``'s temperature sensor, for events: ``where`` names it."""
+        slot = int(self._tc_slot[k]) if k < len(self._tc_slot) else -1
+        if slot >= 0 and self.temperatures is not None:
+            info = self.temperatures.describe(slot)
+            return {**info, "where": f"{info['logger']} channel {info['channel']}"}
+        ch = self.runs[k].channel
+        return {"instrument": self.name, "channel": ch, "cause": "open",
+                "error": "no reading (open or dropped out)",
+                "where": f"{self.name} channel {ch} (the cycler's own sensor)"}
 
     async def _sensor_changes(self, sel: IntArray, lost: BoolArray) -> None:
         """An event for each run whose wired sensor was lost or came back (``lost`` for
         runs ``sel``, after their rows were stored)."""
-        assert self.temperatures is not None
         for j, k in enumerate(sel.tolist()):
             if bool(lost[j]) == bool(self._sensor_lost[k]):
                 continue
             self._sensor_lost[k] = bool(lost[j])
             r = self.runs[k]
-            info = self.temperatures.describe(int(self._tc_slot[k]))
+            info = self._sensor_info(k)
             data = {**info, "t_s": float(self.state.t_s[k]), "seq": int(self.state.seq[k])}
-            where = f"{info['logger']} channel {info['channel']}"
+            where = info["where"]
             if lost[j]:
                 await self.emit(RunEvent(
                     r.run_id, "sensor", "error",
@@ -478,9 +503,7 @@ class InstrumentGroup:
         self._pull(k)
         r = self.runs[k]
         off_s, ack_s = self._breach_to_off.pop(r.run_id, (math.nan, math.nan))
-        sensor = (self.temperatures.describe(int(self._tc_slot[k]))
-                  if self.temperatures is not None and r.run_id in self._lost_at_breach
-                  else None)
+        sensor = self._sensor_info(k) if r.run_id in self._lost_at_breach else None
         self._lost_at_breach.discard(r.run_id)
         await self.emit(breach_event(self.limits, r, k, v, i, temp, t, off_s, ack_s,
                                      float(self.state.step_capacity_ah[k]), sensor))

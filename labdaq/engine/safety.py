@@ -118,7 +118,7 @@ def breach_event(limits: Limits, r: ChannelRun, k: int, v: float, i: float, temp
         assert sensor is not None
         temp_lim = "max_temperature_c" if r.limits.max_temperature_c is not None \
             else "min_temperature_c"
-        why = (f"temperature sensor lost ({sensor['logger']} channel {sensor['channel']}: "
+        why = (f"temperature sensor lost ({sensor['where']}: "
                f"{sensor['error'] or sensor['cause']}); {temp_lim} {bound:.6g} can no "
                "longer be checked")
         source = r.limits.sources.get(temp_lim, "")
