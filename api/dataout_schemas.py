@@ -28,6 +28,8 @@ class CellOut(BaseModel):
     discharge_cutoff_v: float
     max_charge_current_a: float | None
     max_discharge_current_a: float | None
+    min_temperature_c: float | None = None
+    max_temperature_c: float | None = None
     created_at: UtcDatetime
     updated_at: UtcDatetime | None
     run_ids: list[int] = []

@@ -166,6 +166,7 @@ class CyclerCabinet(Instrument, Cycler):
         validator=strict_range(0.0, DEFAULT_VOLTAGE_MAX_V))
     switches_channel_lists = True
     has_low_voltage_clamp = True
+    has_temperature_sensor = True
 
     voltage_limit_low_v = channel_control(
         "SOUR:CURR:VLIM:LOW?", "SOUR:CURR:VLIM:LOW %g",

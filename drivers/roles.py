@@ -30,6 +30,9 @@ class Cycler(ABC):
     #: The instrument has a lower compliance voltage in current mode
     #: (:meth:`set_low_voltage_clamp`), as cycler cabinets do; SMUs do not.
     has_low_voltage_clamp: bool = False
+    #: Each channel has a temperature sensor on its cell (cabinets): a NaN temperature
+    #: is then a sensor that is open or dropped out, not "no sensor" (an SMU).
+    has_temperature_sensor: bool = False
 
     @abstractmethod
     def configure_protection(self, channel: int, voltage_max_v: float,

@@ -19,6 +19,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from labdaq.bounds import MAX_TEMPERATURE_C as T_MAX
+from labdaq.bounds import MIN_TEMPERATURE_C as T_MIN
 from labdaq.errors import Conflict, Invalid, NotFound
 from labdaq.storage import models as m
 
@@ -40,6 +42,8 @@ EDITABLE = (
     "received_on",
     "notes",
     *SPEC_FIELDS,
+    "min_temperature_c",
+    "max_temperature_c",
 )
 
 
@@ -64,6 +68,8 @@ class CellCreate(BaseModel):
     discharge_cutoff_v: float | None = Field(default=None, gt=0, le=1e4)
     max_charge_current_a: float | None = Field(default=None, gt=0, le=1e5)
     max_discharge_current_a: float | None = Field(default=None, gt=0, le=1e5)
+    min_temperature_c: float | None = Field(default=None, ge=T_MIN, le=T_MAX)
+    max_temperature_c: float | None = Field(default=None, ge=T_MIN, le=T_MAX)
 
 
 class CellPatch(BaseModel):
@@ -83,6 +89,8 @@ class CellPatch(BaseModel):
     discharge_cutoff_v: float | None = Field(default=None, gt=0, le=1e4)
     max_charge_current_a: float | None = Field(default=None, gt=0, le=1e5)
     max_discharge_current_a: float | None = Field(default=None, gt=0, le=1e5)
+    min_temperature_c: float | None = Field(default=None, ge=T_MIN, le=T_MAX)
+    max_temperature_c: float | None = Field(default=None, ge=T_MIN, le=T_MAX)
 
 
 def _specs_dir() -> Any:
@@ -126,6 +134,12 @@ def _check_window(values: dict[str, Any]) -> None:
     if lo is not None and hi is not None and lo >= hi:
         problems.append(
             {"loc": "discharge_cutoff_v", "msg": f"{lo} V must be below charge_cutoff_v {hi} V"}
+        )
+    t_lo, t_hi = values.get("min_temperature_c"), values.get("max_temperature_c")
+    if t_lo is not None and t_hi is not None and t_lo >= t_hi:
+        problems.append(
+            {"loc": "min_temperature_c",
+             "msg": f"{t_lo} °C must be below max_temperature_c {t_hi} °C"}
         )
     if problems:
         raise Invalid("cell is not valid", problems)

@@ -120,6 +120,7 @@ def engine(
             control_period_s=s.engine_control_period_s,
             max_resume_gap_s=s.max_resume_gap_s,
             writer_process=s.writer_process,
+            temperature_stale_s=s.engine_temperature_stale_s,
         )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

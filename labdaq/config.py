@@ -11,6 +11,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from labdaq.bounds import MAX_DURATION_S, MIN_SAMPLE_PERIOD_S
+from labdaq.protocol.document import Safety
 
 
 def _toml_values() -> dict[str, Any]:
@@ -53,6 +54,15 @@ class Settings(BaseSettings):
     engine_poll_s: float = 0.5
     # Safety and end conditions are evaluated at least this often (s, on the engine clock).
     engine_control_period_s: float = 1.0
+    # A wired temperature sensor's reading older than this (s, on the engine clock; or two
+    # of its scan periods, if longer) is stale: stored with the sample, flagged, and
+    # checked against no limit.
+    engine_temperature_stale_s: float = Field(default=3.0, gt=0)
+    # Lab-wide safety limits (the protocol safety block's fields), combined with the
+    # cell's, the channel's and the protocol's to the tightest when a run is created.
+    lab_limits: Safety | None = Field(
+        default=None, description="lab-wide limits, e.g. {max_temperature_c = 60}"
+    )
     # The longest interruption (wall seconds, whatever the clock speed) after which a run
     # is resumed, not ended.
     max_resume_gap_s: float = 600.0

@@ -42,7 +42,8 @@ from labdaq.instruments_config import (
 from labdaq.storage import models as m
 
 _CELL_FIELDS = ("chemistry", "spec_name", "capacity_ah", "nominal_voltage_v", "charge_cutoff_v",
-                "discharge_cutoff_v", "max_charge_current_a", "max_discharge_current_a")
+                "discharge_cutoff_v", "max_charge_current_a", "max_discharge_current_a",
+                "min_temperature_c", "max_temperature_c")
 
 
 @dataclass(frozen=True)

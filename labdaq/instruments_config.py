@@ -67,7 +67,15 @@ from pydantic import (
     model_validator,
 )
 
-from labdaq.bounds import INT32_MAX, AmpHours, Name, PositiveAmps, PositiveVolts, Text
+from labdaq.bounds import (
+    INT32_MAX,
+    AmpHours,
+    Celsius,
+    Name,
+    PositiveAmps,
+    PositiveVolts,
+    Text,
+)
 
 # ---------------------------------------------------------------------------------------
 # Resource strings
@@ -243,12 +251,18 @@ class CellConfig(_Strict):
     discharge_cutoff_v: PositiveVolts
     max_charge_current_a: PositiveAmps | None = None
     max_discharge_current_a: PositiveAmps | None = None
+    # The cell's temperature window (datasheet), a limit of every run on the cell.
+    min_temperature_c: Celsius | None = None
+    max_temperature_c: Celsius | None = None
     spec_name: Name | None = Field(default=None, max_length=100)
 
     @model_validator(mode="after")
     def _window(self) -> CellConfig:
         if self.discharge_cutoff_v >= self.charge_cutoff_v:
             raise ValueError("discharge_cutoff_v must be below charge_cutoff_v")
+        if (self.min_temperature_c is not None and self.max_temperature_c is not None
+                and self.min_temperature_c >= self.max_temperature_c):
+            raise ValueError("min_temperature_c must be below max_temperature_c")
         return self
 
 

@@ -19,6 +19,7 @@ from labdaq.bounds import (
     MAX_TEXT_LENGTH,
     MIN_SAMPLE_PERIOD_S,
     AmpHours,
+    Celsius,
     Name,
     NonNegativeSeconds,
     PositiveAmps,
@@ -34,6 +35,7 @@ from labdaq.protocol import (
     Protocol,
     ProtocolError,
     ResolvedProtocol,
+    Safety,
     list_templates,
     load_template,
     parse_protocol,
@@ -55,12 +57,18 @@ class CellIn(BaseModel):
     discharge_cutoff_v: PositiveVolts
     max_charge_current_a: PositiveAmps | None = None
     max_discharge_current_a: PositiveAmps | None = None
+    # The cell's temperature window (datasheet), a limit of every run on the cell.
+    min_temperature_c: Celsius | None = None
+    max_temperature_c: Celsius | None = None
     spec_name: Name | None = Field(default=None, max_length=100)
 
     @model_validator(mode="after")
     def _window(self) -> CellIn:
         if self.discharge_cutoff_v >= self.charge_cutoff_v:
             raise ValueError("discharge_cutoff_v must be below charge_cutoff_v")
+        if (self.min_temperature_c is not None and self.max_temperature_c is not None
+                and self.min_temperature_c >= self.max_temperature_c):
+            raise ValueError("min_temperature_c must be below max_temperature_c")
         return self
 
 
@@ -308,6 +316,7 @@ def resolve_request(
     driver: str | None = None,
     min_sample_period_s: float = MIN_SAMPLE_PERIOD_S,
     max_duration_s: float = MAX_DURATION_S,
+    lab_limits: Safety | None = None,
 ) -> tuple[Protocol, ResolvedProtocol, str]:
     """Turn the request into a validated, resolved program, or raise Invalid (422).
 
@@ -348,11 +357,14 @@ def resolve_request(
                 max_charge_current_a=cell.max_charge_current_a or max_i or cell.capacity_ah,
                 max_discharge_current_a=cell.max_discharge_current_a or max_i or cell.capacity_ah,
                 voltage_margin_v=voltage_margin_v,
+                min_temperature_c=cell.min_temperature_c,
+                max_temperature_c=cell.max_temperature_c,
             ),
             InstrumentLimits(
                 max_current_a=max_i or 1e9,
                 max_voltage_v=channel.max_voltage_v,
             ),
+            lab=lab_limits,
         )
     except ProtocolError as exc:
         raise Invalid(
@@ -390,6 +402,14 @@ def resolve_request(
             ],
         )
     return protocol, resolved, prefix
+
+
+def active_limits(resolved: ResolvedProtocol) -> dict[str, dict[str, Any]]:
+    """``{limit: {"value": v, "source": "cell"|"instrument"|"protocol"|"lab"}}`` of every
+    limit set for the run."""
+    lim = resolved.limits
+    return {name: {"value": getattr(lim, name), "source": source}
+            for name, source in lim.sources.items() if getattr(lim, name) is not None}
 
 
 async def _channel(session: AsyncSession, ref: str | int) -> m.Channel:
@@ -451,6 +471,7 @@ async def create_run(
     *,
     min_sample_period_s: float = MIN_SAMPLE_PERIOD_S,
     max_duration_s: float = MAX_DURATION_S,
+    lab_limits: Safety | None = None,
 ) -> m.Run:
     channel = await _channel(session, req.channel)
     cell = await _cell(session, req, channel)
@@ -477,6 +498,7 @@ async def create_run(
             driver=driver,
             min_sample_period_s=min_sample_period_s,
             max_duration_s=max_duration_s,
+            lab_limits=lab_limits,
         )
     )
     digest = protocol.content_hash()
@@ -510,7 +532,9 @@ async def create_run(
             run_id=run.id,
             kind="audit",
             message=f"run created on channel {channel.name}",
-            data={"request": req.model_dump(mode="json")},
+            # Each active limit with the source that set it (cell, instrument, protocol,
+            # lab): the tightest of them all (labdaq.protocol.limits).
+            data={"request": req.model_dump(mode="json"), "limits": active_limits(resolved)},
             actor=actor,
         )
     )

@@ -35,6 +35,7 @@ async def create_run(
         voltage_margin_v=s.safety_voltage_margin_v,
         min_sample_period_s=s.min_sample_period_s,
         max_duration_s=s.max_duration_s,
+        lab_limits=s.lab_limits,
     )
     await session.commit()
     return RunOut.model_validate(run)

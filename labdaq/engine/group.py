@@ -1,8 +1,9 @@
 """InstrumentGroup: one acquisition loop per instrument, vectorised over its channels.
 
 Each tick reads every active channel of the instrument in one call (one query on a
-cabinet), then checks safety limits, integrates capacity and energy, evaluates end
-conditions and builds the sample rows for all channels with a handful of numpy
+cabinet), lays the wired thermocouples' last readings over its temperatures
+(:mod:`.aux_temps`), then integrates capacity and energy, checks safety limits, evaluates
+end conditions and builds the sample rows for all channels with a handful of numpy
 operations, so the per-sample Python work stays small (docs/architecture.md,
 "Processes"). Only step and phase boundaries run per-channel Python
 (:mod:`labdaq.engine.channel`).
@@ -15,15 +16,17 @@ boundary completed (:mod:`.ledger`), so positions are committed with the rows th
 What the group has to tell the node it emits as typed events (:mod:`.events`); commands
 reach it through its inbox (:meth:`InstrumentGroup.command`).
 
-Order of work in a tick: measure → safety (outputs off first) → integrate → end
-conditions → store → transitions (instrument commands first, then records). A phase
-change is followed by one more measurement of the channels that changed ("edge" sample):
-it is stored, so the stored samples show the current step and integrate exactly like the
-engine did, and it gives the DC internal resistance of pulse steps.
+Order of work in a tick: measure → integrate (numpy only, nothing awaited; the step's
+charge is a limit) → safety (outputs off first) → end conditions → store → transitions
+(instrument commands first, then records). A phase change is followed by one more
+measurement of the channels that changed ("edge" sample): it is stored, so the stored
+samples show the current step and integrate exactly like the engine did, and it gives the
+DC internal resistance of pulse steps.
 
-Why ~550 lines, over the engine's ~450: the loop, runs joining and leaving, and the
-commands it takes all change the same per-run arrays under one lock (``_busy``); split
-further, each part would reach into the others' state.
+Why ~650 lines, over the engine's ~450: the loop, runs joining and leaving, the commands
+it takes and the wired temperatures laid over its readings all change the same per-run
+arrays under one lock (``_busy``); split further, each part would reach into the others'
+state.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from labdaq.drivers.roles import Cycler
+from labdaq.engine.aux_temps import FLAG_TEMP_LOST, Overlay, WiredTemperatures
 from labdaq.engine.channel import ChannelRun, Phase, Transition
 from labdaq.engine.clock import EngineClock
 from labdaq.engine.end_conditions import EndConditions, Previous
@@ -81,8 +85,19 @@ class InstrumentGroup:
         emit: Emit,
         control_period_s: float = 1.0,
         phase: float = 0.0,
+        temperatures: WiredTemperatures | None = None,
     ) -> None:
         self.name = name
+        # The channels' wired temperature sensors (aux_temps.py); their readings replace
+        # the cycler's own temperature (an SMU has none) in every sample.
+        self.temperatures = temperatures
+        self._tc_slot = np.zeros(0, np.int64)  # per run: its sensor's slot, -1 none
+        self._tc_any = False
+        self._sensor_lost = np.zeros(0, bool)  # per run: its wired sensor is lost
+        self._lost_at_breach: set[int] = set()  # runs whose breach came with a lost sensor
+        # A cycler with a sensor per channel (a cabinet): its NaN temperature is a lost
+        # sensor too, for the runs without a wired thermocouple.
+        self._own_sensor = bool(getattr(driver, "has_temperature_sensor", False))
         # Where in its period this loop ticks (0..1): groups of one node are spread over
         # the period so their ticks do not all fall due at the same moment and wait for
         # each other on the one event loop.
@@ -113,6 +128,7 @@ class InstrumentGroup:
         self._breach_to_off: dict[int, tuple[float, float]] = {}
         self.outputs = Outputs(name, driver, call)
         self.state = RunArrays()
+        self._prev_runs: list[ChannelRun] = []
         self._requests = False  # a command is waiting in the inbox
         self.chans: list[int] = []
         self._limits_changed()
@@ -202,6 +218,65 @@ class InstrumentGroup:
 
     def _limits_changed(self) -> None:
         self.limits = Limits(self.runs)
+        if self.temperatures is not None:
+            periods = np.minimum(self.state.period_s, self.control_period_s).tolist()
+            self._tc_slot = self.temperatures.update_group(
+                self.name, [(r.run_id, p) for r, p in zip(self.runs, periods, strict=True)])
+            self._tc_any = bool((self._tc_slot >= 0).any())
+        lost = {r.run_id for r, was in zip(self._prev_runs, self._sensor_lost, strict=True)
+                if was}
+        self._sensor_lost = np.array([r.run_id in lost for r in self.runs], bool)
+        self._prev_runs = list(self.runs)
+
+    def _temperatures(self, sel: slice | IntArray, now_clock: float,
+                      temp: FloatArray) -> Overlay | None:
+        """The wired sensors' readings for runs ``sel``, and which runs' sensors are lost
+        (None: no run has a wired sensor and none is or was lost)."""
+        wired = None
+        if self._tc_any and self.temperatures is not None:
+            wired = self.temperatures.overlay(self._tc_slot[sel], now_clock, temp)
+        if not self._own_sensor:
+            return wired
+        own = np.isnan(temp)
+        if wired is not None:
+            own &= self._tc_slot[sel] < 0
+        if not own.any() and not self._sensor_lost[sel].any():
+            return wired
+        if wired is None:
+            wired = Overlay(temp, temp, np.zeros(len(temp), np.int64), np.zeros(len(temp), bool))
+        return Overlay(wired.check_c, wired.stored_c,
+                       wired.flags | np.where(own, FLAG_TEMP_LOST, 0), wired.lost | own)
+
+    def _sensor_info(self, k: int) -> dict[str, Any]:
+        """Run ``k``'s temperature sensor, for events: ``where`` names it."""
+        slot = int(self._tc_slot[k]) if k < len(self._tc_slot) else -1
+        if slot >= 0 and self.temperatures is not None:
+            info = self.temperatures.describe(slot)
+            return {**info, "where": f"{info['logger']} channel {info['channel']}"}
+        ch = self.runs[k].channel
+        return {"instrument": self.name, "channel": ch, "cause": "open",
+                "error": "no reading (open or dropped out)",
+                "where": f"{self.name} channel {ch} (the cycler's own sensor)"}
+
+    async def _sensor_changes(self, sel: IntArray, lost: BoolArray) -> None:
+        """An event for each run whose wired sensor was lost or came back (``lost`` for
+        runs ``sel``, after their rows were stored)."""
+        for j, k in enumerate(sel.tolist()):
+            if bool(lost[j]) == bool(self._sensor_lost[k]):
+                continue
+            self._sensor_lost[k] = bool(lost[j])
+            r = self.runs[k]
+            info = self._sensor_info(k)
+            data = {**info, "t_s": float(self.state.t_s[k]), "seq": int(self.state.seq[k])}
+            where = info["where"]
+            if lost[j]:
+                await self.emit(RunEvent(
+                    r.run_id, "sensor", "error",
+                    f"temperature sensor lost: {where}: {info['error'] or info['cause']}",
+                    data))
+            else:
+                await self.emit(RunEvent(r.run_id, "sensor", "info",
+                                         f"temperature sensor reads again: {where}", data))
 
     def _load_phases(self) -> None:
         self.ends = EndConditions(self._phases, self.runs)
@@ -287,13 +362,16 @@ class InstrumentGroup:
         meas = np.asarray(meas, float).reshape(n, 3)
         v, i, temp = meas[:, 0].copy(), meas[:, 1].copy(), meas[:, 2].copy()
         t = now_clock - self.state.t0_clock_s
+        # Wired sensors: their last scan (aux_temps.py); a stale one is checked by nothing.
+        wired = self._temperatures(slice(None), now_clock, temp)
+        temp_rows, temp_flags = temp, None
+        if wired is not None:
+            temp, temp_rows, temp_flags = wired.check_c, wired.stored_c, wired.flags
 
-        # 1. Safety first, on every measurement of every channel; outputs off at once.
-        breach = await self._check(slice(None), t, v, i, temp, t_meas)
-        breached = np.flatnonzero(breach).tolist()
-
-        # 2. Integrate (trapezoids) since the previous reading. The previous reading and
-        # step capacity stay at hand: an end condition's crossing lies between the two.
+        # 1. Integrate (trapezoids) since the previous reading: numpy only, nothing
+        # awaited, so it does not delay the safety check, which needs the charge moved.
+        # The previous reading and step capacity stay at hand: an end condition's crossing
+        # lies between the two.
         st = self.state
         paused = st.paused
         prev = Previous(st.last_t_s, st.last_voltage_v, st.last_current_a,
@@ -301,6 +379,11 @@ class InstrumentGroup:
                         st.step_capacity_ah.copy() if self.ends.present["capacity"]
                         else st.step_capacity_ah)
         st.integrate(slice(None), t, v, i, ~paused)
+
+        # 2. Safety, on every measurement of every channel; outputs off at once.
+        breach = await self._check(slice(None), t, v, i, temp, t_meas,
+                                   None if wired is None else wired.lost)
+        breached = np.flatnonzero(breach).tolist()
 
         # 3. End conditions, all runs at once.
         fast = np.minimum(st.period_s, self.control_period_s)
@@ -329,13 +412,18 @@ class InstrumentGroup:
         st.next_due_t_s = next_due
         idx = np.flatnonzero(due)
         if idx.size:
-            flags = np.where(breach[idx], FLAG_BREACH, 0) | np.where(paused[idx], FLAG_PAUSED, 0)
+            flags: Any = np.where(breach[idx], FLAG_BREACH, 0) | np.where(paused[idx],
+                                                                          FLAG_PAUSED, 0)
+            if temp_flags is not None:
+                flags = flags | temp_flags[idx]
             ledger = None if miss is None else self._gaps(idx, miss, due_t_s, flags, ts_utc)
-            await self._put(idx, st.rows(idx, t[idx], v[idx], i[idx], temp[idx], ts_utc, flags),
-                            ledger)
+            await self._put(idx, st.rows(idx, t[idx], v[idx], i[idx], temp_rows[idx], ts_utc,
+                                         flags), ledger)
         st.last_t_s, st.last_voltage_v, st.last_current_a, st.last_temperature_c = t, v, i, temp
 
         # 5. Per-channel Python only where something happened.
+        if wired is not None and (wired.lost != self._sensor_lost).any():
+            await self._sensor_changes(np.arange(n), wired.lost)
         done: list[int] = []
         for k in breached:
             await self._report_breach(k, float(v[k]), float(i[k]), float(temp[k]), float(t[k]))
@@ -396,13 +484,15 @@ class InstrumentGroup:
         i: FloatArray,
         temp: FloatArray,
         t_meas: float,
+        sensor_lost: BoolArray | None = None,
     ) -> BoolArray:
-        """Limits of runs ``sel`` against one reading each (aligned arrays); outputs off
-        for every run whose breach has lasted its debounce time, before anything else.
-        Returns the breach mask; ``t_meas`` (perf_counter when the reading arrived) is
-        where the breach-to-off time starts."""
+        """Limits of runs ``sel`` against one reading each (aligned arrays) and the charge
+        each moved in its step; outputs off for every run whose breach has lasted its
+        debounce time, before anything else. Returns the breach mask; ``t_meas``
+        (perf_counter when the reading arrived) is where the breach-to-off time starts."""
         breach, since = self.limits.breaching(sel, t, v, i, temp,
-                                              self.state.breach_since_t_s[sel])
+                                              self.state.breach_since_t_s[sel],
+                                              self.state.step_capacity_ah[sel], sensor_lost)
         self.state.breach_since_t_s[sel] = since
         if breach.any():
             ks = np.arange(len(self.runs))[sel][breach].tolist()
@@ -418,6 +508,9 @@ class InstrumentGroup:
                     del stats[: _STATS_MAX // 2]
             for k in ks:
                 self._breach_to_off[self.runs[k].run_id] = (off_s, ack_s)
+            if sensor_lost is not None:
+                lost_ids = np.asarray(self.state.run_id[sel])[breach & sensor_lost]
+                self._lost_at_breach.update(lost_ids.tolist())
         return np.asarray(breach, bool)
 
     async def _report_breach(self, k: int, v: float, i: float, temp: float, t: float) -> None:
@@ -426,7 +519,10 @@ class InstrumentGroup:
         self._pull(k)
         r = self.runs[k]
         off_s, ack_s = self._breach_to_off.pop(r.run_id, (math.nan, math.nan))
-        await self.emit(breach_event(self.limits, r, k, v, i, temp, t, off_s, ack_s))
+        sensor = self._sensor_info(k) if r.run_id in self._lost_at_breach else None
+        self._lost_at_breach.discard(r.run_id)
+        await self.emit(breach_event(self.limits, r, k, v, i, temp, t, off_s, ack_s,
+                                     float(self.state.step_capacity_ah[k]), sensor))
 
     def _gaps(self, idx: IntArray, miss: IntArray, due_t_s: FloatArray, flags: NDArray[Any],
               ts_utc: float) -> Ledger:
@@ -472,19 +568,27 @@ class InstrumentGroup:
         that breached. ``resumed_from_t_s`` (one run, resumed after an outage): the time
         of its last stored sample; the storage times since then are a gap."""
         idx = np.asarray(changed, np.int64)
-        t2 = self.clock.now() - self.state.t0_clock_s[idx]  # before the query, as in _tick
+        now_clock = self.clock.now()
+        t2 = now_clock - self.state.t0_clock_s[idx]  # before the query, as in _tick
         ts_utc = time.time()
         m2 = await self.call(self.driver.measure, [self.chans[k] for k in changed])
         t_meas = time.perf_counter()
         m2 = np.asarray(m2, float).reshape(len(changed), 3)
         v2, i2, temp2 = m2[:, 0].copy(), m2[:, 1].copy(), m2[:, 2].copy()
-        breach = await self._check(idx, t2, v2, i2, temp2, t_meas)
+        wired = self._temperatures(idx, now_clock, temp2)
+        temp_rows = temp2
+        if wired is not None:
+            temp2, temp_rows = wired.check_c, wired.stored_c
         if integrate:
             self.state.integrate(idx, t2, v2, i2, np.ones(len(changed), bool))
+        breach = await self._check(idx, t2, v2, i2, temp2, t_meas,
+                                   None if wired is None else wired.lost)
         st = self.state
         st.last_t_s[idx], st.last_voltage_v[idx], st.last_current_a[idx] = t2, v2, i2
         st.last_temperature_c[idx] = temp2
-        row_flags = np.full(len(changed), flags) | np.where(breach, FLAG_BREACH, 0)
+        row_flags: Any = np.full(len(changed), flags) | np.where(breach, FLAG_BREACH, 0)
+        if wired is not None:
+            row_flags = row_flags | wired.flags
         n_missed = 0
         if resumed_from_t_s is not None:
             r0 = self.runs[changed[0]]
@@ -496,9 +600,12 @@ class InstrumentGroup:
                     r0.run_id, int(self.state.seq[changed[0]]) + 1, n_missed,
                     resumed_from_t_s + r0.period_s, r0.period_s, ts_utc,
                     r0.missed_periods + n_missed, "interruption"))
-        await self._put(idx, self.state.rows(idx, t2, v2, i2, temp2, ts_utc, row_flags), ledger)
+        await self._put(idx, self.state.rows(idx, t2, v2, i2, temp_rows, ts_utc, row_flags),
+                        ledger)
         if n_missed:
             self.runs[changed[0]].missed_periods += n_missed
+        if wired is not None and (wired.lost != self._sensor_lost[idx]).any():
+            await self._sensor_changes(idx, wired.lost)
         breached: list[int] = []
         for j, k in enumerate(changed):
             if breach[j]:

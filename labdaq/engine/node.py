@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from labdaq.drivers.roles import Cycler
 from labdaq.engine.aux_steps import AuxSteps
+from labdaq.engine.aux_temps import WiredTemperatures
 from labdaq.engine.channel import ChannelRun
 from labdaq.engine.clock import EngineClock
 from labdaq.engine.events import (
@@ -84,6 +85,7 @@ class AcquisitionNode(Scheduling, Recovery):
         control_period_s: float = 1.0,
         journal_dir: Path | None = None,
         writer_process: bool = False,
+        temperature_stale_s: float = 3.0,
     ) -> None:
         self.control_period_s = control_period_s
         self.engine = engine
@@ -115,6 +117,9 @@ class AcquisitionNode(Scheduling, Recovery):
         self.active: dict[int, ChannelRun] = {}
         self.run_groups: dict[int, InstrumentGroup] = {}  # active run id -> its group
         self.aux = AuxSteps(self.instruments, self.recorder, clock)
+        self.temperatures = WiredTemperatures(self.instruments, self.aux.wiring, clock,
+                                              stale_s=temperature_stale_s,
+                                              open_logger=self._open_by_name)
         self._finishing: set[asyncio.Task[None]] = set()
         self._scheduler_error = False
         self._stopping = asyncio.Event()
@@ -157,6 +162,16 @@ class AcquisitionNode(Scheduling, Recovery):
         self.heartbeat.instruments[row.name] = INSTRUMENT_OK
         return inst
 
+    async def _open_by_name(self, name: str) -> OpenInstrument:
+        """Open an enabled instrument the node does not have open (a temperature logger
+        that was off when the engine started)."""
+        async with session_scope(self.maker) as s:
+            row = await s.scalar(select(m.Instrument).where(m.Instrument.name == name,
+                                                            m.Instrument.enabled))
+        if row is None:
+            raise LookupError(f"no enabled instrument {name!r}")
+        return await self._open_instrument(row)
+
     async def _group_for(self, instrument_id: int) -> InstrumentGroup:
         group = self.groups.get(instrument_id)
         if group is not None:
@@ -177,6 +192,7 @@ class AcquisitionNode(Scheduling, Recovery):
             control_period_s=self.control_period_s,
             # Golden-ratio steps spread any number of groups evenly over a period.
             phase=len(self.groups) * 0.6180339887,
+            temperatures=self.temperatures,
         )
         self.groups[instrument_id] = group
         return group
@@ -247,6 +263,7 @@ class AcquisitionNode(Scheduling, Recovery):
             await asyncio.wait(self._waiting, timeout=10)
         for group in self.groups.values():
             await group.halt()
+        await self.temperatures.close()
         for inst in self.instruments.values():
             if not isinstance(inst.driver, Cycler):
                 continue  # impedance meters, chambers: nothing to switch off

@@ -104,6 +104,9 @@ class Cell(Base):
     discharge_cutoff_v: Mapped[float] = mapped_column(Float)
     max_charge_current_a: Mapped[float | None] = mapped_column(Float)
     max_discharge_current_a: Mapped[float | None] = mapped_column(Float)
+    # The cell's temperature window (°C, datasheet): a limit of every run on it.
+    min_temperature_c: Mapped[float | None] = mapped_column(Float)
+    max_temperature_c: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # Identity of the physical cell, edited by technicians through the cells API.
     maker: Mapped[str | None] = mapped_column(String(100))
@@ -179,6 +182,13 @@ class SampleFlag(enum.IntFlag):
     RESUMED = 4  # first reading after a gap (engine restart, lost instrument or writer)
     EDGE = 8  # taken right after a set point changed (a phase began or came back)
     GAP = 16  # first reading after sample periods the engine missed (a missed_periods event)
+    # The channel's wired temperature sensor (channels.aux thermocouple) had no current
+    # reading: temperature_c is its last one (or NULL), older than the engine's staleness
+    # bound; it was checked against no limit.
+    TEMP_STALE = 32
+    # The wired sensor is lost (open thermocouple, or its logger stopped answering):
+    # temperature_c is NULL.
+    TEMP_LOST = 64
 
 
 class Sample(Base):
