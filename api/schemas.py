@@ -58,6 +58,11 @@ class RunOut(BaseModel):
     cycle_index: int
     elapsed_s: float
     last_seq: int
+    # The run queue (labdaq/run_queue.py): its place while it waits (1 = next), when it
+    # may start at the earliest, and why an awaiting_cell run waits for a technician.
+    queue_position: int | None = None
+    not_before: UtcDatetime | None = None
+    waiting_reason: str | None = None
 
 
 class SamplesOut(BaseModel):
