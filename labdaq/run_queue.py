@@ -260,9 +260,13 @@ async def why_wait(session: AsyncSession, run: m.Run, channel: m.Channel) -> str
 async def decide(session: AsyncSession, now: datetime) -> list[Decision]:
     """For every channel nothing holds: its queue's head, and whether it starts now or
     waits for a technician. Heads waiting for their ``not_before``, or already
-    awaiting_cell, are left out."""
+    awaiting_cell, are left out.
+
+    Runs every scheduler round: the waiting runs are read as a few narrow columns (a lab
+    may queue weeks of runs, each with its plan), the heads that may start in full.
+    """
     waiting = (await session.execute(
-        select(m.Run, m.Channel).join(m.Channel, m.Channel.id == m.Run.channel_id)
+        select(m.Run.id, m.Run.channel_id, m.Run.state, m.Run.not_before)
         .where(m.Run.state.in_(WAITING))
         .order_by(m.Run.channel_id, m.Run.queue_order, m.Run.id)
     )).all()
@@ -270,19 +274,25 @@ async def decide(session: AsyncSession, now: datetime) -> list[Decision]:
         return []
     held = set((await session.scalars(
         select(m.Run.channel_id).where(m.Run.state.in_(HOLDING)))).all())
-    out: list[Decision] = []
+    heads: list[int] = []
     seen: set[int] = set()
-    for run, channel in waiting:
-        if channel.id in seen:
+    for run_id, channel_id, state, not_before in waiting:
+        if channel_id in seen:
             continue
-        seen.add(channel.id)  # only the head counts: the queue is strict
-        if channel.id in held or not channel.enabled:
+        seen.add(channel_id)  # only the head counts: the queue is strict
+        if channel_id in held or state != m.RunState.queued.value:
+            continue  # busy, or awaiting_cell: a technician's turn
+        nb = utc(not_before)
+        if nb is not None and nb > now:
             continue
-        if run.state != m.RunState.queued.value:
-            continue  # awaiting_cell: a technician's turn
-        not_before = utc(run.not_before)
-        if not_before is not None and not_before > now:
-            continue
+        heads.append(int(run_id))
+    if not heads:
+        return []
+    out: list[Decision] = []
+    for run, channel in (await session.execute(
+        select(m.Run, m.Channel).join(m.Channel, m.Channel.id == m.Run.channel_id)
+        .where(m.Run.id.in_(heads), m.Channel.enabled).order_by(m.Run.channel_id)
+    )).all():
         reason = await why_wait(session, run, channel)
         out.append(Decision(run, channel, reason is None, reason))
     return out
