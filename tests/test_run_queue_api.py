@@ -182,3 +182,85 @@ async def test_concurrent_requests_each_get_their_own_place(client: Client) -> N
     assert [r.status_code for r in five] == [201] * 5, [r.text for r in five]
     assert sorted(r.json()["queue_position"] for r in five) == [2, 3, 4, 5, 6]
     assert [p for _, p in await queue_of(c, tech)] == [1, 2, 3, 4, 5, 6]
+
+
+async def test_when_the_next_run_may_start(db_url: str) -> None:
+    """The engine's decision for the head of a free channel (run_queue.decide), and a claim
+    ending the confirmations given for the cell before it (RunRecorder.claim)."""
+    from datetime import UTC, datetime, timedelta
+
+    from labdaq import run_queue
+    from labdaq.engine.recorder import RunRecorder
+
+    engine = create_engine(db_url)
+    maker = sessionmaker(engine)
+    now = datetime.now(UTC)
+    async with session_scope(maker) as s:
+        inst = await upsert_instrument(
+            s, "cab1", "cabinet", "TCPIP::127.0.0.1::2::SOCKET",
+            [{"index": i, "name": f"cab1/{i}"} for i in (1, 2)])
+        a, b = m.Cell(**CELL), m.Cell(**{**CELL, "serial": "T-002"})
+        proto = m.Protocol(name="p", content_hash="sha256:" + "cd" * 32, document={})
+        s.add_all([a, b, proto])
+        await s.flush()
+        ch1, ch2 = (await s.scalars(select(m.Channel).where(
+            m.Channel.instrument_id == inst.id).order_by(m.Channel.index))).all()
+        ch2.default_cell_id = b.id
+        ids = {"ch1": ch1.id, "a": a.id, "proto": proto.id}
+
+        def run(ch: int, cell: int, state: str, order: int | None = None,
+                **kw: Any) -> m.Run:
+            r = m.Run(channel_id=ch, cell_id=cell, protocol_id=proto.id, state=state,
+                      sample_period_s=1, queue_order=order, **kw)
+            s.add(r)
+            return r
+
+        # Channel 1: a run on cell A ended by a safety abort; the next, on A too, waits.
+        run(ch1.id, a.id, "aborted_safety", started_at=now - timedelta(hours=2))
+        after_abort = run(ch1.id, a.id, "queued", 1)
+        # Channel 2: no run before; its default cell is B, the head is for A.
+        other_cell = run(ch2.id, a.id, "queued", 1)
+        behind = run(ch2.id, b.id, "queued", 2, cell_confirmed_at=now)
+        await s.flush()
+        first, second = after_abort.id, other_cell.id
+        assert behind.id not in (first, second)
+
+    async def decisions() -> dict[int, str | None]:
+        async with session_scope(maker) as s:
+            return {d.run.id: d.reason for d in await run_queue.decide(s, now)}
+
+    got = await decisions()
+    assert set(got) == {first, second}  # only heads; the one behind waits its turn
+    assert "ended aborted_safety" in (got[first] or "")
+    assert "cell is T-002" in (got[second] or "") and CELL["serial"] in (got[second] or "")
+    # A technician confirms both: they may start; one not before tomorrow is left out.
+    async with session_scope(maker) as s:
+        for run_id in (first, second):
+            await s.execute(update(m.Run).where(m.Run.id == run_id).values(
+                cell_confirmed_at=now))
+        await s.execute(update(m.Run).where(m.Run.id == second).values(
+            not_before=now + timedelta(days=1)))
+    assert await decisions() == {first: None}
+    # Claiming it holds channel 1 (a second claim there is refused by the database) and
+    # ends what was confirmed for the cell before it.
+    recorder = RunRecorder(maker, "node1")
+    async with session_scope(maker) as s:
+        extra = m.Run(channel_id=ids["ch1"], cell_id=ids["a"], protocol_id=ids["proto"],
+                      state="queued", sample_period_s=1, queue_order=2, cell_confirmed_at=now)
+        s.add(extra)
+        await s.flush()
+        extra_id = extra.id
+    assert await recorder.claim(first, ids["ch1"])
+    async with session_scope(maker) as s:
+        assert (await s.get(m.Run, extra_id)).cell_confirmed_at is None  # type: ignore[union-attr]
+        await s.execute(update(m.Run).where(m.Run.id == extra_id).values(
+            cell_confirmed_at=now))
+    assert not await recorder.claim(extra_id, ids["ch1"])
+    assert await decisions() == {}  # channel 1 is held; channel 2's head waits for tomorrow
+    # Previous run completed on the same cell: the next goes on by itself.
+    async with session_scope(maker) as s:
+        await s.execute(update(m.Run).where(m.Run.id == first).values(state="completed"))
+        await s.execute(update(m.Run).where(m.Run.id == extra_id).values(
+            cell_confirmed_at=None))
+    assert await decisions() == {extra_id: None}
+    await engine.dispose()
