@@ -70,7 +70,8 @@ def command_refusal(current: str, command: str) -> str | None:
     if RunState(current) in allowed:
         return None
     names = " or ".join(sorted(s.value for s in allowed))
-    return f"is {current}; only a {names} run can be {_past[command]}"
+    article = "an" if names[0] in "aeiou" else "a"
+    return f"is {current}; only {article} {names} run can be {_past[command]}"
 
 
 _past = {"stop": "stopped", "pause": "paused", "resume": "resumed",
