@@ -262,26 +262,32 @@ async def decide(session: AsyncSession, now: datetime) -> list[Decision]:
     waits for a technician. Heads waiting for their ``not_before``, or already
     awaiting_cell, are left out.
 
-    Runs every scheduler round: the waiting runs are read as a few narrow columns (a lab
-    may queue weeks of runs, each with its plan), the heads that may start in full.
+    Runs every scheduler round in the engine: one narrow query for the heads of the free
+    channels' queues (a lab may queue weeks of runs on channels that are all busy), the
+    heads that may start read in full.
     """
-    waiting = (await session.execute(
+    holding = select(m.Run.channel_id).where(m.Run.state.in_(HOLDING))
+    # Runs without a place (inserted by hand, not through a request) sort first.
+    order = func.coalesce(m.Run.queue_order, 0)
+    first = (
+        select(m.Run.channel_id.label("channel_id"), func.min(order).label("first"))
+        .where(m.Run.state.in_(WAITING), m.Run.channel_id.not_in(holding))
+        .group_by(m.Run.channel_id).subquery()
+    )
+    rows = (await session.execute(
         select(m.Run.id, m.Run.channel_id, m.Run.state, m.Run.not_before)
+        .join(first, (first.c.channel_id == m.Run.channel_id) & (first.c.first == order))
         .where(m.Run.state.in_(WAITING))
-        .order_by(m.Run.channel_id, m.Run.queue_order, m.Run.id)
+        .order_by(m.Run.channel_id, m.Run.id)
     )).all()
-    if not waiting:
-        return []
-    held = set((await session.scalars(
-        select(m.Run.channel_id).where(m.Run.state.in_(HOLDING)))).all())
     heads: list[int] = []
     seen: set[int] = set()
-    for run_id, channel_id, state, not_before in waiting:
+    for run_id, channel_id, state, not_before in rows:
         if channel_id in seen:
             continue
         seen.add(channel_id)  # only the head counts: the queue is strict
-        if channel_id in held or state != m.RunState.queued.value:
-            continue  # busy, or awaiting_cell: a technician's turn
+        if state != m.RunState.queued.value:
+            continue  # awaiting_cell: a technician's turn
         nb = utc(not_before)
         if nb is not None and nb > now:
             continue
