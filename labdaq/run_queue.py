@@ -33,6 +33,9 @@ HOLDING = [s.value for s in m.HOLDING_STATES]
 ACTIVE = [s.value for s in m.ACTIVE_STATES]
 #: How the previous run on a channel may have ended for its queue to go on by itself.
 GOES_ON_AFTER = frozenset({m.RunState.completed.value, m.RunState.stopped.value})
+#: The queue's order. A run without a place (inserted by hand, not through a request)
+#: sorts first, on SQLite and PostgreSQL alike (they put NULL at opposite ends).
+QUEUE_ORDER = func.coalesce(m.Run.queue_order, 0)
 
 
 class RunPatch(BaseModel):
@@ -76,7 +79,7 @@ async def waiting_runs(session: AsyncSession, channel_id: int) -> list[m.Run]:
     """The channel's waiting runs, next first."""
     return list((await session.scalars(
         select(m.Run).where(m.Run.channel_id == channel_id, m.Run.state.in_(WAITING))
-        .order_by(m.Run.queue_order, m.Run.id)
+        .order_by(QUEUE_ORDER, m.Run.id)
     )).all())
 
 
@@ -104,14 +107,15 @@ async def enqueue(session: AsyncSession, run: m.Run, channel: m.Channel, queue: 
 
 async def positions(session: AsyncSession, runs: Iterable[m.Run]) -> dict[int, int]:
     """The 1-based queue position of each waiting run in ``runs`` (run id -> position)."""
-    wanted = {r.id for r in runs if r.state in WAITING}
-    if not wanted:
+    waiting = [r for r in runs if r.state in WAITING]
+    if not waiting:
         return {}
-    channels = {r.channel_id for r in runs if r.id in wanted}
+    wanted = {r.id for r in waiting}
+    channels = {r.channel_id for r in waiting}
     rows = (await session.execute(
         select(m.Run.id, m.Run.channel_id).where(
             m.Run.channel_id.in_(channels), m.Run.state.in_(WAITING))
-        .order_by(m.Run.channel_id, m.Run.queue_order, m.Run.id)
+        .order_by(m.Run.channel_id, QUEUE_ORDER, m.Run.id)
     )).all()
     out: dict[int, int] = {}
     rank: dict[int, int] = {}
@@ -267,8 +271,7 @@ async def decide(session: AsyncSession, now: datetime) -> list[Decision]:
     heads that may start read in full.
     """
     holding = select(m.Run.channel_id).where(m.Run.state.in_(HOLDING))
-    # Runs without a place (inserted by hand, not through a request) sort first.
-    order = func.coalesce(m.Run.queue_order, 0)
+    order = QUEUE_ORDER
     first = (
         select(m.Run.channel_id.label("channel_id"), func.min(order).label("first"))
         .where(m.Run.state.in_(WAITING), m.Run.channel_id.not_in(holding))
