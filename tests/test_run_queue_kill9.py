@@ -43,7 +43,7 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
 
 
 def _charge(duration_s: float) -> dict[str, Any]:
-    """A C/5 charge for ``duration_s`` simulated seconds (200x: 600 s is 3 wall s)."""
+    """A C/5 charge for ``duration_s`` simulated seconds (200x: 1,800 s is 9 wall s)."""
     return {"schema_version": 1, "name": f"charge {duration_s:g} s",
             "steps": [{"step": "cc", "rate_c": 0.2, "until": {"duration_s": duration_s}}]}
 
@@ -86,7 +86,7 @@ def _times(lab: Lab, run_id: int) -> tuple[datetime, datetime]:
 
 
 def test_kill9_keeps_the_queue_and_its_order(lab: Lab) -> None:
-    holder = _queue(lab, _charge(600))
+    holder = _queue(lab, _charge(1800))
     second, third = _queue(lab, _charge(60)), _queue(lab, _charge(60))
     # No engine yet: all three wait. The queue is now holder, third, second (not the
     # order of creation).
