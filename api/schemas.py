@@ -61,6 +61,11 @@ class RunOut(BaseModel):
     missed_periods: int = Field(
         description="sample periods the engine could not sample (lost samples); each gap "
         "is also an event of kind missed_periods")
+    # The run queue (labdaq/run_queue.py): its place while it waits (1 = next), when it
+    # may start at the earliest, and why an awaiting_cell run waits for a technician.
+    queue_position: int | None = None
+    not_before: UtcDatetime | None = None
+    waiting_reason: str | None = None
 
 
 class SamplesOut(BaseModel):

@@ -9,9 +9,10 @@ period, the longest duration a lab allows) are checked again when a run is creat
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated
 
-from pydantic import Field, StringConstraints
+from pydantic import AfterValidator, AwareDatetime, Field, StringConstraints
 
 # Column types: ids are INTEGER (int4 on PostgreSQL), seq is BIGINT (int8; SQLite int64).
 INT32_MAX = 2**31 - 1
@@ -74,3 +75,18 @@ Text = Annotated[
     str,
     StringConstraints(max_length=MAX_TEXT_LENGTH, pattern=r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"),
 ]
+
+
+# A point in time a client names (a run's not_before): with its UTC offset, in the years
+# a lab plans for, and stored as UTC. The year is checked before the conversion, which
+# would overflow at the ends of Python's range (9999-12-31 at -14:00).
+MIN_YEAR, MAX_YEAR = 2000, 2999
+
+
+def _to_utc(value: datetime) -> datetime:
+    if not MIN_YEAR <= value.year <= MAX_YEAR:
+        raise ValueError(f"the year must be between {MIN_YEAR} and {MAX_YEAR}")
+    return value.astimezone(UTC)
+
+
+UtcTime = Annotated[AwareDatetime, AfterValidator(_to_utc)]

@@ -11,16 +11,18 @@ from labdaq.storage import models as m
 
 
 async def list_channels(session: AsyncSession) -> list[dict[str, Any]]:
-    active = {
-        ch_id: run_id
-        for run_id, ch_id in (
-            await session.execute(
-                select(m.Run.id, m.Run.channel_id).where(
-                    m.Run.state.in_([s.value for s in m.ACTIVE_STATES])
-                )
-            )
-        ).all()
-    }
+    # The run holding a channel, else the first of its queue (labdaq/run_queue.py).
+    holding = {s.value for s in m.HOLDING_STATES}
+    active: dict[int, int] = {}
+    for run_id, ch_id, state in (
+        await session.execute(
+            select(m.Run.id, m.Run.channel_id, m.Run.state)
+            .where(m.Run.state.in_([s.value for s in m.ACTIVE_STATES]))
+            .order_by(m.Run.queue_order, m.Run.id)
+        )
+    ).all():
+        if ch_id not in active or state in holding:
+            active[ch_id] = run_id
     rows = (
         await session.execute(
             select(m.Channel, m.Instrument)

@@ -3,14 +3,19 @@ a state accepts. The API side (labdaq/runs.py) and the engine's RunRecorder both
 
 ::
 
-    queued ──claim──▶ running ◀──resume── paused
-      │                 │  └────pause────▶  │
-      │ stop            ▼                   ▼
-      └──▶ stopped   completed | stopped | aborted_safety | failed | interrupted
+    awaiting_cell ◀──cell differs / previous run ended abnormally── queued
+      │   └──────────────────confirm-cell (technician)────────────────▲ │
+      │                                                                 │ claim
+      │ stop              running ◀──resume── paused  ◀────────────────┘ (as running)
+      │                     │  └────pause────▶  │
+      ▼                     ▼                   ▼
+    stopped    completed | stopped | aborted_safety | failed | interrupted
 
-A command (stop, pause, resume) is written by the API as ``requested_action``; the engine
-acts on it at the run's next tick and records the state it leads to. A queued run that is
-stopped never touched an instrument, so the API ends it itself.
+A run waits in its channel's queue (queued, awaiting_cell: labdaq/run_queue.py) until the
+engine claims it. A command (stop, pause, resume) is written by the API as
+``requested_action``; the engine acts on it at the run's next tick and records the state
+it leads to. A waiting run that is stopped (cancelled) never touched an instrument, so
+the API ends it itself.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from labdaq.storage.models import RunState
 
 #: Every state a state may move to.
 TRANSITIONS: dict[RunState, frozenset[RunState]] = {
-    RunState.queued: frozenset({RunState.running, RunState.stopped}),
+    RunState.queued: frozenset({RunState.running, RunState.stopped, RunState.awaiting_cell}),
+    RunState.awaiting_cell: frozenset({RunState.queued, RunState.stopped}),
     RunState.running: frozenset({
         RunState.paused, RunState.completed, RunState.stopped, RunState.aborted_safety,
         RunState.failed, RunState.interrupted,
@@ -40,9 +46,12 @@ ACQUIRING: tuple[RunState, ...] = (RunState.running, RunState.paused)
 
 #: The states each command is accepted in.
 COMMANDS: dict[str, frozenset[RunState]] = {
-    "stop": frozenset({RunState.queued, RunState.running, RunState.paused}),
+    "stop": frozenset({RunState.queued, RunState.awaiting_cell, RunState.running,
+                       RunState.paused}),
     "pause": frozenset({RunState.running}),
     "resume": frozenset({RunState.paused}),
+    "confirm-cell": frozenset({RunState.awaiting_cell}),
+    "move": frozenset({RunState.queued, RunState.awaiting_cell}),
 }
 
 
@@ -61,10 +70,12 @@ def command_refusal(current: str, command: str) -> str | None:
     if RunState(current) in allowed:
         return None
     names = " or ".join(sorted(s.value for s in allowed))
-    return f"is {current}; only a {names} run can be {_past[command]}"
+    article = "an" if names[0] in "aeiou" else "a"
+    return f"is {current}; only {article} {names} run can be {_past[command]}"
 
 
-_past = {"stop": "stopped", "pause": "paused", "resume": "resumed"}
+_past = {"stop": "stopped", "pause": "paused", "resume": "resumed",
+         "confirm-cell": "confirmed", "move": "moved in its queue"}
 
 
 def ending(to: RunState, reason: str) -> dict[str, Any]:

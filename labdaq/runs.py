@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from labdaq import run_queue
 from labdaq.bounds import (
     INT32_MAX,
     MAX_DURATION_S,
@@ -27,6 +28,7 @@ from labdaq.bounds import (
     RowId,
     SamplePeriodS,
     Seconds,
+    UtcTime,
 )
 from labdaq.errors import Conflict, Invalid, NotFound
 from labdaq.protocol import (
@@ -41,7 +43,7 @@ from labdaq.protocol import (
     parse_protocol,
     resolve,
 )
-from labdaq.run_states import command_refusal, ending
+from labdaq.run_states import command_refusal
 from labdaq.storage import models as m
 
 
@@ -140,6 +142,16 @@ class RunCreate(BaseModel):
         default=1.0,
         description="seconds between stored samples; at least the configured minimum "
         "(min_sample_period_s) and the instrument's fastest period where it is known",
+    )
+    queue: bool = Field(
+        default=True, strict=True,
+        description="on a busy channel, wait in its queue behind the runs there (the "
+        "response gives the queue_position); false: refuse with 409 instead",
+    )
+    not_before: UtcTime | None = Field(
+        default=None,
+        description="do not start before this time (ISO 8601 with its UTC offset); the "
+        "run waits at its place in the queue meanwhile, holding up those behind it",
     )
 
     @model_validator(mode="after")
@@ -475,13 +487,8 @@ async def create_run(
 ) -> m.Run:
     channel = await _channel(session, req.channel)
     cell = await _cell(session, req, channel)
-    busy = await session.scalar(
-        select(m.Run.id).where(
-            m.Run.channel_id == channel.id,
-            m.Run.state.in_([s.value for s in m.ACTIVE_STATES]),
-        )
-    )
-    if busy is not None:
+    if not req.queue and (busy := await run_queue.busy_with(session, channel.id)) is not None:
+        # Early, before the protocol is resolved; checked again with the channel locked.
         raise Conflict(f"channel {channel.name} is busy with run {busy}")
     driver = await session.scalar(
         select(m.Instrument.driver).where(m.Instrument.id == channel.instrument_id)
@@ -520,21 +527,27 @@ async def create_run(
         # The wiring as it is now: later changes to the channel do not rewrite history
         # (and labdaq.instruments_apply refuses them while this run is active).
         wiring=channel.aux,
+        not_before=req.not_before,
     )
+    # Its place in the channel's queue, taken with the channel locked (run_queue.py).
+    await run_queue.enqueue(session, run, channel, req.queue)
     session.add(run)
     try:
         await session.flush()
     except IntegrityError as exc:
-        # The partial unique index caught a concurrent request for the same channel.
+        # The partial unique index caught a concurrent request for the same place.
         raise Conflict(f"channel {channel.name} is busy") from exc
+    position = (await run_queue.positions(session, [run])).get(run.id)
     session.add(
         m.Event(
             run_id=run.id,
             kind="audit",
-            message=f"run created on channel {channel.name}",
+            message=f"run created on channel {channel.name}"
+            + (f", queue position {position}" if position and position > 1 else ""),
             # Each active limit with the source that set it (cell, instrument, protocol,
             # lab): the tightest of them all (labdaq.protocol.limits).
-            data={"request": req.model_dump(mode="json"), "limits": active_limits(resolved)},
+            data={"request": req.model_dump(mode="json"), "queue_position": position,
+                  "limits": active_limits(resolved)},
             actor=actor,
         )
     )
@@ -552,12 +565,13 @@ async def request_stop(session: AsyncSession, run_id: int, actor: str) -> m.Run:
     run = await get_run(session, run_id)
     if (why := command_refusal(run.state, "stop")) is not None:
         raise Conflict(f"run {run_id} {why}")
-    if run.state == m.RunState.queued.value:
-        # Nothing touched an instrument yet: end it here.
-        for key, value in ending(m.RunState.stopped, "stopped before it started").items():
-            setattr(run, key, value)
-    else:
-        run.requested_action = "stop"
+    # A waiting run touched no instrument yet: it is cancelled here (unless the engine
+    # claimed it meanwhile; then the engine stops it like any running run).
+    if run.state in run_queue.WAITING and await run_queue.cancel(session, run, actor):
+        return run
+    if (why := command_refusal(run.state, "stop")) is not None:
+        raise Conflict(f"run {run_id} {why}")
+    run.requested_action = "stop"
     session.add(m.Event(run_id=run_id, kind="audit", message="stop requested", actor=actor))
     return run
 

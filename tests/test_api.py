@@ -87,7 +87,8 @@ async def test_create_run_then_busy_channel_is_409(client) -> None:
     run = r.json()
     # loop_start, cccv, rest, cc, rest, loop_end
     assert run["state"] == "queued" and run["step_count"] == 6
-    r2 = await c.post("/api/v1/runs", json=body, headers=h)
+    # "queue": false refuses a busy channel (without it the run would wait in its queue).
+    r2 = await c.post("/api/v1/runs", json={**body, "queue": False}, headers=h)
     assert r2.status_code == 409
     assert "busy" in r2.json()["detail"]
     got = await c.get(f"/api/v1/runs/{run['id']}", headers=h)

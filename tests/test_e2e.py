@@ -128,7 +128,8 @@ def test_demo_run_through_http_to_simulated_smu(lab) -> None:
     r = httpx.post(f"{base}/api/v1/runs", json=body, headers=h)
     assert r.status_code == 201, r.text
     run_id = r.json()["id"]
-    busy = httpx.post(f"{base}/api/v1/runs", json=body, headers=h)
+    # "queue": false: a busy channel is refused (by default the run would be queued).
+    busy = httpx.post(f"{base}/api/v1/runs", json={**body, "queue": False}, headers=h)
     assert busy.status_code == 409
     state = None
     deadline = time.monotonic() + 120

@@ -37,18 +37,32 @@ async def _seed(engine: AsyncEngine) -> tuple[int, int, int]:
         return ch.id, cell.id, proto.id
 
 
-async def test_one_active_run_per_channel_enforced_by_database(db_engine: AsyncEngine) -> None:
+async def test_one_holding_run_and_one_place_per_queue_enforced_by_database(
+    db_engine: AsyncEngine,
+) -> None:
     ch, cell, proto = await _seed(db_engine)
     maker = sessionmaker(db_engine)
+
+    def run(state: str, order: int | None = None) -> m.Run:
+        return m.Run(channel_id=ch, cell_id=cell, protocol_id=proto, sample_period_s=1,
+                     state=state, queue_order=order)
+
     async with session_scope(maker) as s:
-        s.add(m.Run(channel_id=ch, cell_id=cell, protocol_id=proto, sample_period_s=1))
-    with pytest.raises(IntegrityError):
-        async with session_scope(maker) as s:
-            s.add(m.Run(channel_id=ch, cell_id=cell, protocol_id=proto, sample_period_s=1))
-    # A finished run does not hold the channel.
+        s.add_all([run("running"), run("queued", 1), run("awaiting_cell", 2)])
+    # One run holds the channel's instrument (running or paused), never two.
+    for state in ("running", "paused"):
+        with pytest.raises(IntegrityError):
+            async with session_scope(maker) as s:
+                s.add(run(state))
+    # Each waiting run has its own place in the channel's queue.
+    for state in ("queued", "awaiting_cell"):
+        with pytest.raises(IntegrityError):
+            async with session_scope(maker) as s:
+                s.add(run(state, 2))
+    # A finished run holds nothing and keeps no place.
     async with session_scope(maker) as s:
         await s.execute(text("UPDATE runs SET state = 'completed'"))
-        s.add(m.Run(channel_id=ch, cell_id=cell, protocol_id=proto, sample_period_s=1))
+        s.add_all([run("running"), run("queued", 1)])
 
 
 def _rows(run_id: int, start: int, n: int) -> list[tuple]:

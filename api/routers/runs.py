@@ -1,21 +1,32 @@
-"""Runs: start, inspect, stop; their samples and cycle summaries."""
+"""Runs: start (or queue), inspect, move in the queue, stop; their samples and cycle
+summaries."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Query, Request, status
 
+from labdaq import run_queue
 from labdaq import runs as service
 from labdaq.api.deps import Operator, Reader, RunId, Session
 from labdaq.api.problems import AUTH, COMMON, OPERATE, responses
 from labdaq.api.schemas import CycleOut, EisOut, EventOut, RunOut, StepOut
 from labdaq.bounds import INT32_MAX
+from labdaq.run_queue import RunPatch
 from labdaq.runs import RunCreate
+from labdaq.storage import models as m
 from labdaq.storage.models import RunState
 
 router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
 
 READ = responses(*COMMON, *AUTH, 404)
 COMMAND = responses(*COMMON, *OPERATE, 404, 409)
+
+
+async def run_out(session: Session, runs: list[m.Run]) -> list[RunOut]:
+    """Runs as the API shows them, a waiting run with its queue position."""
+    pos = await run_queue.positions(session, runs)
+    return [RunOut.model_validate(r).model_copy(update={"queue_position": pos.get(r.id)})
+            for r in runs]
 
 
 @router.post(
@@ -27,6 +38,8 @@ COMMAND = responses(*COMMON, *OPERATE, 404, 409)
 async def create_run(
     body: RunCreate, request: Request, session: Session, token: Operator
 ) -> RunOut:
+    """Create a run. On a busy channel it waits in the channel's queue (queue_position in
+    the response) unless the body says "queue": false, which answers 409."""
     s = request.app.state.settings
     run = await service.create_run(
         session,
@@ -38,7 +51,7 @@ async def create_run(
         lab_limits=s.lab_limits,
     )
     await session.commit()
-    return RunOut.model_validate(run)
+    return (await run_out(session, [run]))[0]
 
 
 @router.get("", response_model=list[RunOut], responses=responses(*COMMON, *AUTH))
@@ -50,12 +63,29 @@ async def list_runs(
     offset: int = Query(0, ge=0, le=INT32_MAX),
 ) -> list[RunOut]:
     rows = await service.list_runs(session, state.value if state else None, limit, offset)
-    return [RunOut.model_validate(r) for r in rows]
+    return await run_out(session, rows)
 
 
 @router.get("/{run_id}", response_model=RunOut, responses=READ)
 async def get_run(run_id: RunId, session: Session, _: Reader) -> RunOut:
-    return RunOut.model_validate(await service.get_run(session, run_id))
+    return (await run_out(session, [await service.get_run(session, run_id)]))[0]
+
+
+@router.patch("/{run_id}", response_model=RunOut, responses=COMMAND)
+async def move_run(run_id: RunId, body: RunPatch, session: Session, token: Operator) -> RunOut:
+    """Move a waiting run to another place in its channel's queue (audited)."""
+    run = await run_queue.move(session, run_id, body.queue_position, actor=token.name)
+    await session.commit()
+    return (await run_out(session, [run]))[0]
+
+
+@router.post("/{run_id}/confirm-cell", response_model=RunOut, responses=COMMAND)
+async def confirm_cell(run_id: RunId, session: Session, token: Operator) -> RunOut:
+    """The run's cell is on its channel: an awaiting_cell run goes back to the head of the
+    queue and starts when the channel is free (audited)."""
+    run = await run_queue.confirm_cell(session, run_id, actor=token.name)
+    await session.commit()
+    return (await run_out(session, [run]))[0]
 
 
 @router.post("/{run_id}/stop", response_model=RunOut, responses=COMMAND)

@@ -127,6 +127,8 @@ class AcquisitionNode(Scheduling, Recovery):
         # clock_jump_threshold_s between wall and monotonic time elapsed since the last tick.
         self.wall_clock: Callable[[], float] = time.time
         self.clock_jump_threshold_s = 1.0
+        # Scheduler rounds done (what "the engine has looked at its queues" means).
+        self.rounds = 0
         self._clock_ref: tuple[float, float] | None = None
         self._dropped_reported: dict[int, int] = {}  # run id -> samples lost, recorded
         self._waiting: set[asyncio.Task[None]] = set()  # runs waiting for an instrument

@@ -36,6 +36,7 @@ class NodeParts:
     active: dict[int, ChannelRun]  # run id -> the run, while it acquires here
     run_groups: dict[int, InstrumentGroup]  # run id -> its group
     wall_clock: Callable[[], float]
+    rounds: int
     clock_jump_threshold_s: float
     _clock_ref: tuple[float, float] | None
     _dropped_reported: dict[int, int]

@@ -25,7 +25,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from labdaq import run_states
+from labdaq import run_queue, run_states
 from labdaq.engine.channel import ChannelRun
 from labdaq.engine.events import RunEvent
 from labdaq.storage import models as m
@@ -232,17 +232,53 @@ class RunRecorder:
         self.queue.put("run state", op)
 
     # -- direct: the scheduler needs the outcome ---------------------------------------
-    async def claim(self, run_id: int) -> bool:
-        """queued → running, atomically: only one node moves a run out of 'queued'."""
+    async def claim(self, run_id: int, channel_id: int) -> bool:
+        """queued → running, atomically: only one node moves a run out of 'queued', and
+        the database lets only one run hold a channel (False: another one does)."""
+        waiting = [s.value for s in m.WAITING_STATES]
+        try:
+            async with session_scope(self.maker) as s:
+                res = await s.execute(
+                    update(m.Run)
+                    .where(m.Run.id == run_id,
+                           m.Run.state.in_([m.RunState.queued.value]))
+                    .values(state=m.RunState.running.value, started_at=datetime.now(UTC),
+                            node=self.node_name, waiting_reason=None)
+                )
+                if getattr(res, "rowcount", 0) != 1:
+                    return False
+                # What a technician confirmed for the runs behind it was the cell on the
+                # channel before this run: they are judged against this run's cell now.
+                await s.execute(
+                    update(m.Run)
+                    .where(m.Run.channel_id == channel_id, m.Run.id != run_id,
+                           m.Run.state.in_(waiting))
+                    .values(cell_confirmed_at=None)
+                )
+                return True
+        except sa_exc.IntegrityError:
+            return False
+
+    async def queue_heads(self, now: datetime) -> list[run_queue.Decision]:
+        """The head of every free channel's queue and whether it may start now."""
+        async with session_scope(self.maker) as s:
+            return await run_queue.decide(s, now)
+
+    async def hold(self, run_id: int, reason: str) -> None:
+        """queued → awaiting_cell: the next run of a free channel waits for a technician
+        to confirm its cell (POST /api/v1/runs/{id}/confirm-cell); an event says why."""
         async with session_scope(self.maker) as s:
             res = await s.execute(
                 update(m.Run)
-                .where(m.Run.id == run_id,
-                       m.Run.state.in_([m.RunState.queued.value]))
-                .values(state=m.RunState.running.value, started_at=datetime.now(UTC),
-                        node=self.node_name)
+                .where(m.Run.id == run_id, m.Run.state == m.RunState.queued.value)
+                .values(state=m.RunState.awaiting_cell.value, waiting_reason=reason)
             )
-            return getattr(res, "rowcount", 0) == 1
+            if getattr(res, "rowcount", 0) == 1:
+                s.add(m.Event(run_id=run_id, kind="queue", severity="warning",
+                              message=f"waiting for a technician to confirm the cell: {reason}",
+                              data={"state": m.RunState.awaiting_cell.value,
+                                    "reason": reason},
+                              actor=self.node_name))
 
     async def requested(self, run_ids: list[int]) -> list[tuple[int, str]]:
         """(run id, command) for the active runs the API has sent a command."""
@@ -294,10 +330,3 @@ class RunRecorder:
             q = q.where(m.Run.id.in_(run_ids))
         async with session_scope(self.maker) as s:
             return [(r, c) for r, c in (await s.execute(q)).all()]
-
-    async def queued(self) -> list[tuple[m.Run, m.Channel]]:
-        async with session_scope(self.maker) as s:
-            return [(r, c) for r, c in (await s.execute(
-                select(m.Run, m.Channel).join(m.Channel, m.Channel.id == m.Run.channel_id)
-                .where(m.Run.state == m.RunState.queued.value).order_by(m.Run.id)
-            )).all()]

@@ -3,13 +3,15 @@
 Part of :class:`labdaq.engine.node.AcquisitionNode` (a mixin, so the node's lifecycle
 reads on its own in node.py). Each round: record a wall-clock jump and samples the writer
 had to drop, hand the API's commands (``runs.requested_action``) to the runs' groups'
-inboxes, and claim queued runs of channels this node owns and start them.
+inboxes, and take the next run of each free channel's queue (labdaq/run_queue.py): claim
+and start it, or hold it in awaiting_cell for a technician.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from datetime import UTC, datetime
 
 from labdaq.engine.channel import ChannelRun
 from labdaq.engine.events import Command, RunEnded, RunEvent
@@ -41,6 +43,8 @@ class Scheduling(NodeParts):
             if self._scheduler_error:
                 log.warning("scheduler: database available again")
             self._scheduler_error = False
+        finally:
+            self.rounds += 1
 
     def _watch_wall_clock(self) -> None:
         """Record a wall-clock jump (NTP step, a technician setting the time) on every
@@ -94,11 +98,16 @@ class Scheduling(NodeParts):
                 await self.recorder.command_taken(run_id, action)
 
     async def _claim_queued(self) -> None:
-        for run, channel in await self.recorder.queued():
-            if run.id in self.active:
+        """The head of every free channel's queue: start it, or hold it for a technician
+        (its ``not_before`` and the strict order are the queue's: labdaq/run_queue.py)."""
+        now = datetime.fromtimestamp(self.wall_clock(), UTC)
+        for d in await self.recorder.queue_heads(now):
+            if d.run.id in self.active:
                 continue
-            if await self.recorder.claim(run.id):
-                await self._start(run, channel)
+            if not d.start:
+                await self.recorder.hold(d.run.id, d.reason or "")
+            elif await self.recorder.claim(d.run.id, d.channel.id):
+                await self._start(d.run, d.channel)
 
     async def _start(self, run: m.Run, channel: m.Channel) -> None:
         try:

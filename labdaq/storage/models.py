@@ -39,6 +39,9 @@ class Base(DeclarativeBase):
 
 class RunState(enum.StrEnum):
     queued = "queued"
+    # Next on its channel, held until a technician confirms the cell on the channel
+    # (another cell than the previous run's, or the previous run ended abnormally).
+    awaiting_cell = "awaiting_cell"
     running = "running"
     paused = "paused"
     completed = "completed"
@@ -48,9 +51,14 @@ class RunState(enum.StrEnum):
     interrupted = "interrupted"
 
 
-#: States in which a run holds its channel.
-ACTIVE_STATES = (RunState.queued, RunState.running, RunState.paused)
-_ACTIVE_SQL = "state IN ('queued', 'running', 'paused')"
+#: States in which a run waits in its channel's queue (labdaq/run_queue.py).
+WAITING_STATES = (RunState.queued, RunState.awaiting_cell)
+#: States in which a run holds its channel's instrument (at most one run per channel).
+HOLDING_STATES = (RunState.running, RunState.paused)
+#: Every state that is not final: a channel with such a run is busy.
+ACTIVE_STATES = (*WAITING_STATES, *HOLDING_STATES)
+_HOLDING_SQL = "state IN ('running', 'paused')"
+_WAITING_SQL = "state IN ('queued', 'awaiting_cell')"
 
 
 class Instrument(Base):
@@ -131,14 +139,24 @@ class Protocol(Base):
 class Run(Base):
     __tablename__ = "runs"
     __table_args__ = (
-        # At most one active run per channel, enforced by the database itself so two
-        # concurrent requests cannot both win.
+        # At most one run per channel holds the instrument, enforced by the database
+        # itself so two nodes (or a claim racing a resume) cannot both win.
         Index(
-            "uq_runs_active_channel",
+            "uq_runs_holding_channel",
             "channel_id",
             unique=True,
-            sqlite_where=text(_ACTIVE_SQL),
-            postgresql_where=text(_ACTIVE_SQL),
+            sqlite_where=text(_HOLDING_SQL),
+            postgresql_where=text(_HOLDING_SQL),
+        ),
+        # One place per run in its channel's queue: two requests queueing at once cannot
+        # take the same place (the loser retries behind; with "queue": false it is a 409).
+        Index(
+            "uq_runs_queue_order",
+            "channel_id",
+            "queue_order",
+            unique=True,
+            sqlite_where=text(_WAITING_SQL),
+            postgresql_where=text(_WAITING_SQL),
         ),
         Index("ix_runs_state", "state"),
     )
@@ -172,6 +190,16 @@ class Run(Base):
     # Sample periods the engine could not sample (lost samples), each gap also an event
     # of kind ``missed_periods``; written with the samples and that event (engine/gaps.py).
     missed_periods: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # The run queue (labdaq/run_queue.py): the run's sort key among its channel's waiting
+    # runs (smallest starts first; not a position, which counts from 1 without gaps), the
+    # earliest time it may start, and when a technician last said its cell is on the
+    # channel (creating it on an idle channel, or confirming a change); cleared on the
+    # other waiting runs of the channel whenever a run starts there.
+    queue_order: Mapped[int | None] = mapped_column(Integer)
+    not_before: Mapped[datetime | None] = mapped_column()
+    cell_confirmed_at: Mapped[datetime | None] = mapped_column()
+    # Why an awaiting_cell run waits (the cell loaded, or how the previous run ended).
+    waiting_reason: Mapped[str | None] = mapped_column(Text)
 
 
 class SampleFlag(enum.IntFlag):

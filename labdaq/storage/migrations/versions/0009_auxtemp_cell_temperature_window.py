@@ -1,7 +1,7 @@
 """cell temperature window
 
-Revision ID: 0008_auxtemp
-Revises: 0007_engine
+Revision ID: 0009_auxtemp
+Revises: 0008_gaps
 Create Date: 2026-12-06 10:00:00
 """
 
