@@ -36,16 +36,16 @@ PERIOD_S = 10.0
 WARM_T_S = 2 * 3600.0
 END_T_S = WARM_T_S + 24 * 3600.0
 MAX_GROWTH_MB = 20.0
-# Two hours a cycle: half a C up and down with rests, within the cell's voltage window
-# from half charge, so every channel keeps cycling all day.
+# About four and a half hours a cycle: half a C up to the charge cut-off and down to the
+# discharge cut-off with rests, so every channel keeps cycling all day.
 SOAK_DOC: dict[str, Any] = {
     "schema_version": 1,
     "name": "memory_soak",
     "steps": [
         {"step": "loop", "count": 1000, "body": [
-            {"step": "cc", "rate_c": 0.5, "until": {"duration_s": 3000}},
+            {"step": "cc", "rate_c": 0.5, "until": {"voltage_v": "charge_cutoff"}},
             {"step": "rest", "until": {"duration_s": 600}},
-            {"step": "cc", "rate_c": -0.5, "until": {"duration_s": 3000}},
+            {"step": "cc", "rate_c": -0.5, "until": {"voltage_v": "discharge_cutoff"}},
             {"step": "rest", "until": {"duration_s": 600}},
         ]},
     ],
@@ -84,7 +84,11 @@ def _create_runs(lab: Lab) -> list[int]:
 
 
 def _min_t_s(lab: Lab) -> float:
-    """How far the slowest run has got, in simulated seconds."""
+    """How far the slowest run has got, in simulated seconds; every run must be running
+    (one that stopped, for a safety limit say, would stall the soak)."""
+    states = dict(_query(lab, "SELECT id, state FROM runs"))
+    ended = {k: v for k, v in states.items() if v not in ("queued", "running")}
+    assert not ended, f"runs ended during the soak: {ended}"
     rows = _query(lab, "SELECT min(t) FROM (SELECT max(t_s) AS t FROM samples "
                   "GROUP BY run_id)")
     return float(rows[0][0] or 0.0)
@@ -139,6 +143,6 @@ def test_a_simulated_day_on_64_channels_keeps_memory_flat(tmp_path: Path) -> Non
         assert all(len(r) >= 10 for r in readings.values()), {k: len(r) for k, r in
                                                                 readings.items()}
         assert max(growth.values()) <= MAX_GROWTH_MB, growth
-        # Every channel cycled all day: a dozen cycles each.
+        # Every channel cycled all day: at least four full cycles each.
         n_cycles = dict(_query(lab, "SELECT run_id, count(*) FROM cycles GROUP BY run_id"))
-        assert min(n_cycles.get(r, 0) for r in run_ids) >= 12, n_cycles
+        assert min(n_cycles.get(r, 0) for r in run_ids) >= 4, n_cycles
