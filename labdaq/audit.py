@@ -23,9 +23,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Connection, event, insert, select, update
+from sqlalchemy import Connection, Table, event, insert, select, update
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import Mapper, Session, object_session
@@ -41,6 +41,9 @@ PRINCIPAL_KEY = "labdaq_principal"
 HEAD_FILE_KEY = "labdaq_audit_head_file"
 ORIGIN_KEY = "labdaq_origin"
 _PENDING_KEY = "labdaq_audit_pending"
+
+_HEAD = cast(Table, m.AuditHead.__table__)
+_LOG = cast(Table, m.AuditRecord.__table__)
 
 #: Fields a record's hash covers, in the canonical JSON (keys sorted).
 HASHED = (
@@ -82,7 +85,7 @@ def utc_text(ts: datetime | None = None) -> str:
 
 def _lock_head(conn: Connection) -> tuple[int, str]:
     """Lock the chain head for the rest of the transaction and return it."""
-    t = m.AuditHead.__table__
+    t = _HEAD
     if conn.dialect.name == "postgresql":
         row = conn.execute(
             select(t.c.seq, t.c.sha256).where(t.c.id == 1).with_for_update()
@@ -126,11 +129,9 @@ def append(
         "prev_sha256": prev,
     }
     row["sha256"] = record_hash(row)
-    conn.execute(insert(m.AuditRecord.__table__).values(**row))
+    conn.execute(insert(_LOG).values(**row))
     conn.execute(
-        update(m.AuditHead.__table__)
-        .where(m.AuditHead.__table__.c.id == 1)
-        .values(seq=row["seq"], sha256=row["sha256"])
+        update(_HEAD).where(_HEAD.c.id == 1).values(seq=row["seq"], sha256=row["sha256"])
     )
     return row["seq"], row["sha256"]
 
@@ -317,7 +318,7 @@ def check_chain(rows: Iterable[dict[str, Any]], anchors: Iterable[Anchor] = ()) 
 
 
 async def read_head(conn: AsyncConnection) -> tuple[int, str]:
-    t = m.AuditHead.__table__
+    t = _HEAD
     row = (await conn.execute(select(t.c.seq, t.c.sha256).where(t.c.id == 1))).first()
     return (0, GENESIS) if row is None else (int(row[0]), str(row[1]))
 
@@ -344,8 +345,7 @@ async def verify(
             )
     if head is not None:
         anchors.append(Anchor("head given", head[0], head[1], current=False))
-    cols = m.AuditRecord.__table__.c
-    result = await conn.stream(select(m.AuditRecord.__table__).order_by(cols.seq))
+    result = await conn.stream(select(_LOG).order_by(_LOG.c.seq))
     rows: list[dict[str, Any]] = []
     async for part in result.mappings().partitions(5000):
         rows.extend(dict(r) for r in part)

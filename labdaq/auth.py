@@ -241,7 +241,7 @@ async def list_tokens(
         .outerjoin(m.User, m.User.id == m.ApiToken.user_id)
         .order_by(m.ApiToken.id)
     )
-    out = [(t, u) for t, u in rows.all()]
+    out: list[tuple[m.ApiToken, m.User | None]] = [(t, u) for t, u in rows.all()]
     if not include_inactive:
         out = [(t, u) for t, u in out if token_state(t) == "active"]
     return out
