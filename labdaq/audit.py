@@ -202,7 +202,9 @@ def _database_id(url: str | URL) -> str:
     """The database a head belongs to, without driver or password."""
     u = make_url(url)
     if u.get_backend_name() == "sqlite":
-        return f"sqlite:{Path(u.database or '').resolve()}"
+        # The head file lives next to the file: its name is enough, and a database moved or
+        # restored with its directory keeps its anchor.
+        return f"sqlite:{Path(u.database or '').name}"
     return f"{u.get_backend_name()}://{u.host or ''}:{u.port or ''}/{u.database or ''}"
 
 

@@ -11,7 +11,7 @@ In-process (httpx over ASGI), no engine.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -73,7 +73,8 @@ CALLS: dict[tuple[str, str], Callable[[Lab], Call]] = {
     ("post", "/api/v1/runs/{run_id}/evaluation"): lambda lab: (
         f"/api/v1/runs/{lab.runs['queued']}/evaluation", {"rule": "simple"}),
     ("post", "/api/v1/runs/{run_id}/observations"): lambda lab: (
-        f"/api/v1/runs/{lab.runs['queued']}/observations", {"values": {"no_fire_explosion_leakage": True}}),
+        f"/api/v1/runs/{lab.runs['queued']}/observations",
+        {"values": {"no_fire_explosion_leakage": True}}),
     ("post", "/api/v1/users"): lambda lab: ("/api/v1/users", {"name": "bob", "role": "engineer"}),
     ("patch", "/api/v1/users/{user_id}"): lambda lab: (
         f"/api/v1/users/{lab.user_id}", {"role": "engineer", "reason": "moved team"}),
