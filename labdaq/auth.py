@@ -185,6 +185,17 @@ async def update_user(
     """Change a user's role (their tokens follow) or disable/enable them."""
     user = await get_user(session, user_id)
     before = _plain(user_view(user))
+    demoted = role is not None and role != m.Role.admin.value
+    if user.role == m.Role.admin.value and user.disabled_at is None and (demoted or disabled):
+        others = await session.scalar(
+            select(m.User.id).where(
+                m.User.role == m.Role.admin.value, m.User.disabled_at.is_(None),
+                m.User.id != user.id,
+            ).limit(1)
+        )
+        if others is None:
+            # Nobody could then manage users or instruments through the API.
+            raise Conflict(f"{user.name!r} is the last active admin: not disabled or demoted")
     if role is not None and role != user.role:
         try:
             _check_role(role)

@@ -31,8 +31,9 @@ async def create_user(body: UserCreate, session: Session, token: Admin) -> UserO
 
 
 @router.patch("/{user_id}", response_model=UserOut,
-              responses=responses(*COMMON, *OPERATE, 404))
+              responses=responses(*COMMON, *OPERATE, 404, 409))
 async def update_user(user_id: UserId, body: UserPatch, session: Session, token: Admin) -> UserOut:
+    """Change a role (the user's tokens follow) or disable/enable; 409 for the last admin."""
     user = await service.update_user(session, user_id, actor=token.name, role=body.role,
                                      disabled=body.disabled, reason=body.reason)
     await session.commit()
