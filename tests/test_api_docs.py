@@ -30,6 +30,7 @@ def test_every_api_doc_example_runs(sqlite_url: str, tmp_path: Path) -> None:
             **os.environ,
             "LABDAQ_URL": base,
             "LABDAQ_TOKEN": lab["tokens"]["technician"],
+            "LABDAQ_ADMIN_TOKEN": lab["tokens"]["admin"],
             "RUN_ID": str(run_id),
             "LABDAQ_DATABASE_URL": sqlite_url,  # for `labdaq export`
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -52,3 +53,7 @@ def test_every_api_doc_example_runs(sqlite_url: str, tmp_path: Path) -> None:
     at_1hz = re.search(r"(\d+) samples at 1 Hz", text)
     assert at_1hz and 1_000 <= int(at_1hz.group(1)) <= 1_200, text  # 1,200 s of run time
     assert (tmp_path / "run-from-cli.parquet").stat().st_size > 0
+    # Users, tokens and the audit log: issued, used, revoked, refused; verified.
+    assert "dana reads: 200" in text and "revoked token" in text and "\n401\n" in text
+    assert re.search(r"\d+ \S+ t-admin admin user 'dana' created with role engineer", text)
+    assert re.search(r"ok: \d+ records, head \d+:[0-9a-f]{64}", text), text
