@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import getpass
 import hashlib
 import json
@@ -83,21 +84,18 @@ def utc_text(ts: datetime | None = None) -> str:
     return (ts or datetime.now(UTC)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _lock_head(conn: Connection) -> tuple[int, str]:
-    """Lock the chain head for the rest of the transaction and return it."""
+def _claim_next(conn: Connection) -> tuple[int, str]:
+    """Lock the chain head for the rest of the transaction; the next seq and the hash of
+    the record before it. One statement: an UPDATE of the head row takes PostgreSQL's row
+    lock (a concurrent appender waits, then sees this one's head) and SQLite's write lock
+    (the effect of BEGIN IMMEDIATE) before the head is read."""
     t = _HEAD
-    if conn.dialect.name == "postgresql":
-        row = conn.execute(
-            select(t.c.seq, t.c.sha256).where(t.c.id == 1).with_for_update()
-        ).first()
-    else:
-        # SQLite: writing first takes the database's write lock (what BEGIN IMMEDIATE does)
-        # before the head is read, so no other process can append in between.
-        conn.execute(update(t).where(t.c.id == 1).values(seq=t.c.seq))
-        row = conn.execute(select(t.c.seq, t.c.sha256).where(t.c.id == 1)).first()
+    row = conn.execute(
+        update(t).where(t.c.id == 1).values(seq=t.c.seq + 1).returning(t.c.seq, t.c.sha256)
+    ).first()
     if row is None:  # the migration seeds it; a database that lost it starts the chain
-        conn.execute(insert(t).values(id=1, seq=0, sha256=GENESIS))
-        return 0, GENESIS
+        conn.execute(insert(t).values(id=1, seq=1, sha256=GENESIS))
+        return 1, GENESIS
     return int(row[0]), str(row[1])
 
 
@@ -114,9 +112,9 @@ def append(
     reason: str | None = None,
 ) -> tuple[int, str]:
     """Append one record under the head lock (in the caller's transaction); its seq and hash."""
-    seq, prev = _lock_head(conn)
+    seq, prev = _claim_next(conn)
     row: dict[str, Any] = {
-        "seq": seq + 1,
+        "seq": seq,
         "ts_utc": utc_text(),
         "actor": actor[:200],
         "role": role[:20],
@@ -130,9 +128,7 @@ def append(
     }
     row["sha256"] = record_hash(row)
     conn.execute(insert(_LOG).values(**row))
-    conn.execute(
-        update(_HEAD).where(_HEAD.c.id == 1).values(seq=row["seq"], sha256=row["sha256"])
-    )
+    conn.execute(update(_HEAD).where(_HEAD.c.id == 1).values(sha256=row["sha256"]))
     return row["seq"], row["sha256"]
 
 
@@ -185,9 +181,15 @@ def _anchor_after_commit(session: Session) -> None:
 
 def default_head_file(url: str | URL) -> Path:
     """Where the head file of this database lives (Settings.audit_head_file)."""
+    return _default_head_file(make_url(url).render_as_string(False))
+
+
+@functools.cache
+def _default_head_file(url: str) -> Path:
+    # Reading the settings costs more than the append itself: once per database.
     from labdaq.config import load_settings
 
-    return load_settings(database_url=make_url(url).render_as_string(False)).audit_head_file
+    return load_settings(database_url=url).audit_head_file
 
 
 @event.listens_for(Session, "after_rollback")

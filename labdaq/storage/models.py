@@ -392,9 +392,9 @@ class AuditRecord(Base):
 
 
 class AuditHead(Base):
-    """The chain's newest record (one row, id 1). Appenders lock it first — SELECT ... FOR
-    UPDATE on PostgreSQL, an UPDATE that takes SQLite's write lock — so concurrent
-    processes append one after another and never fork the chain."""
+    """The chain's newest record (one row, id 1). Appenders update it first (a row lock on
+    PostgreSQL, the write lock on SQLite, both held to commit), so concurrent processes
+    append one after another and never fork the chain."""
 
     __tablename__ = "audit_head"
 
