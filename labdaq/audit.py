@@ -179,9 +179,20 @@ def _anchor_after_commit(session: Session) -> None:
         write_head_file(Path(path), _database_id(url), seq, sha)
 
 
+_HEAD_FILES: dict[str, Path] = {}
+
+
+def remember_head_file(url: str | URL, path: Path) -> None:
+    """The head file of this database for this process (load_settings calls it, so the
+    CLI's sessions advance the file its settings name, --data-dir included)."""
+    _HEAD_FILES[_database_id(url)] = path
+
+
 def default_head_file(url: str | URL) -> Path:
     """Where the head file of this database lives (Settings.audit_head_file)."""
-    return _default_head_file(make_url(url).render_as_string(False))
+    known = _HEAD_FILES.get(_database_id(url))
+    return known if known is not None else _default_head_file(
+        make_url(url).render_as_string(False))
 
 
 @functools.cache

@@ -110,4 +110,8 @@ def load_settings(**overrides: Any) -> Settings:
         for k, v in values.items()
         if k in overrides and overrides[k] is not None or k not in env_keys
     }
-    return Settings(**init)
+    settings = Settings(**init)
+    from labdaq.audit import remember_head_file
+
+    remember_head_file(settings.resolved_database_url, settings.audit_head_file)
+    return settings
