@@ -185,12 +185,12 @@ _HEAD_FILES: dict[str, Path] = {}
 def remember_head_file(url: str | URL, path: Path) -> None:
     """The head file of this database for this process (load_settings calls it, so the
     CLI's sessions advance the file its settings name, --data-dir included)."""
-    _HEAD_FILES[_database_id(url)] = path
+    _HEAD_FILES[_database_key(url)] = path
 
 
 def default_head_file(url: str | URL) -> Path:
     """Where the head file of this database lives (Settings.audit_head_file)."""
-    known = _HEAD_FILES.get(_database_id(url))
+    known = _HEAD_FILES.get(_database_key(url))
     return known if known is not None else _default_head_file(
         make_url(url).render_as_string(False))
 
@@ -209,6 +209,14 @@ def _forget_after_rollback(session: Session) -> None:
 
 
 # --- the anchor outside the database -------------------------------------------------
+
+
+def _database_key(url: str | URL) -> str:
+    """The database itself, within this machine (a SQLite file by its full path)."""
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite":
+        return f"sqlite:{Path(u.database or '').resolve()}"
+    return _database_id(u)
 
 
 def _database_id(url: str | URL) -> str:
