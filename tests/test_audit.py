@@ -247,3 +247,18 @@ def test_sqlite_head_file_follows_commits(tmp_path: Path) -> None:
     seq, sha = asyncio.run(go())
     doc = json.loads((tmp_path / "audit-head").read_text())
     assert (doc["seq"], doc["sha256"]) == (seq, sha) == (3, sha)
+
+
+def test_token_lifetimes_parse() -> None:
+    from datetime import timedelta
+
+    import typer
+
+    from labdaq.cli_auth import parse_expiry
+
+    assert parse_expiry("90d") == timedelta(days=90)
+    assert parse_expiry("12h") == timedelta(hours=12)
+    assert parse_expiry("never") is None
+    for bad in ("0d", "3y", "-1d", "99999d", ""):
+        with pytest.raises(typer.BadParameter):
+            parse_expiry(bad)

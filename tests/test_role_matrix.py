@@ -239,6 +239,11 @@ async def test_token_lifecycle_through_the_api(api) -> None:
     assert r.status_code == 401 and "disabled" in r.json()["detail"]
     await c.patch(f"/api/v1/users/{eng_user['id']}", json={"disabled": False}, headers=admin)
     assert (await c.get("/api/v1/channels", headers=_h(lab.tokens["engineer"]))).status_code == 200
+    # The last active admin cannot lock everyone out of user management.
+    (adm,) = [u for u in eng.json() if u["name"] == "admin-user"]
+    for change in ({"disabled": True}, {"role": "engineer"}):
+        r = await c.patch(f"/api/v1/users/{adm['id']}", json=change, headers=admin)
+        assert r.status_code == 409 and "last active admin" in r.json()["detail"], r.text
     # Everything above is in the audit trail, readable by engineers, chained.
     trail = (await c.get("/api/v1/audit?limit=1000", headers=_h(lab.tokens["engineer"]))).json()
     actions = [t["action"] for t in trail]
