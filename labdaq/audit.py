@@ -19,6 +19,7 @@ import functools
 import getpass
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ PRINCIPAL_KEY = "labdaq_principal"
 HEAD_FILE_KEY = "labdaq_audit_head_file"
 ORIGIN_KEY = "labdaq_origin"
 _PENDING_KEY = "labdaq_audit_pending"
+
+log = logging.getLogger(__name__)
 
 _HEAD = cast(Table, m.AuditHead.__table__)
 _LOG = cast(Table, m.AuditRecord.__table__)
@@ -176,7 +179,12 @@ def _anchor_after_commit(session: Session) -> None:
     if pending is not None:
         (seq, sha), url = pending
         path = session.info.get(HEAD_FILE_KEY) or default_head_file(url)
-        write_head_file(Path(path), _database_id(url), seq, sha)
+        try:
+            write_head_file(Path(path), _database_id(url), seq, sha)
+        except OSError:
+            # The change is committed; failing the request now would say it was not.
+            # `labdaq audit verify` will name the records the file does not anchor.
+            log.exception("could not write the audit head file %s", path)
 
 
 _HEAD_FILES: dict[str, Path] = {}
