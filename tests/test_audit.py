@@ -262,3 +262,51 @@ def test_token_lifetimes_parse() -> None:
     for bad in ("0d", "3y", "-1d", "99999d", ""):
         with pytest.raises(typer.BadParameter):
             parse_expiry(bad)
+
+
+APPENDER = """
+import asyncio, sys
+from labdaq.storage import models as m
+from labdaq.storage.db import create_engine, session_scope, sessionmaker
+
+async def main(url, who, n):
+    engine = create_engine(url)
+    try:
+        async with engine.connect():
+            pass  # connected: now wait for the others
+        print("ready", flush=True)
+        sys.stdin.readline()
+        for i in range(n):
+            async with session_scope(sessionmaker(engine)) as s:
+                s.add(m.Event(kind="audit", message=f"{who} {i}", actor=who))
+    finally:
+        await engine.dispose()
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+def test_appenders_in_separate_processes_never_fork(db_url: str) -> None:
+    """Three OS processes append at once (as API processes do); one linear chain."""
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-c", APPENDER, db_url, f"p{i}", "15"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(3)]
+    for p in procs:  # all connected before any appends: their appends overlap
+        assert p.stdout is not None and p.stdout.readline() == "ready\n"
+    for p in procs:
+        _, err = p.communicate("go\n", timeout=120)
+        assert p.returncode == 0, err
+
+    async def check() -> Any:
+        engine = create_engine(db_url)
+        try:
+            async with engine.connect() as conn:
+                return await verify(conn)
+        finally:
+            await engine.dispose()
+
+    result = asyncio.run(check())
+    assert result.ok and result.records == 45, result.problems
