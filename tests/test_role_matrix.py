@@ -82,6 +82,11 @@ CALLS: dict[tuple[str, str], Callable[[Lab], Call]] = {
         "/api/v1/tokens", {"user": "technician-user", "name": "laptop", "expires_in_days": 30}),
     ("post", "/api/v1/tokens/{token_id}/revoke"): lambda lab: (
         f"/api/v1/tokens/{lab.spare_token_id}/revoke", {"reason": "lost laptop"}),
+    # The run queue's routes (when merged): move a waiting run, confirm a run's cell.
+    ("patch", "/api/v1/runs/{run_id}"): lambda lab: (
+        f"/api/v1/runs/{lab.runs['waiting']}", {"queue_position": 1}),
+    ("post", "/api/v1/runs/{run_id}/confirm-cell"): lambda lab: (
+        f"/api/v1/runs/{lab.runs['awaiting_cell']}/confirm-cell", None),
     # The dashboard's alarm acknowledgement (when merged).
     ("post", "/api/v1/alarms/{event_id}/ack"): lambda lab: (
         f"/api/v1/alarms/{lab.safety_event_id}/ack", None),
@@ -89,9 +94,6 @@ CALLS: dict[tuple[str, str], Callable[[Lab], Call]] = {
 
 
 async def _seed(url: str) -> Lab:
-    from labdaq import runs as run_service
-    from labdaq.runs import RunCreate
-
     lab = Lab()
     engine = create_engine(url)
     try:
@@ -99,7 +101,7 @@ async def _seed(url: str) -> Lab:
             await upsert_instrument(
                 s, "smu1", "keithley2450", "TCPIP::127.0.0.1::1::SOCKET",
                 [{"index": i, "name": f"smu1/{i}", "max_current_a": 7.35,
-                  "max_voltage_v": 105.0} for i in range(1, 5)],
+                  "max_voltage_v": 105.0} for i in range(1, 8)],
             )
             for role in ROLES:
                 user = await auth.create_user(s, f"{role}-user", role, actor="seed")
@@ -113,24 +115,36 @@ async def _seed(url: str) -> Lab:
             spare, _ = await auth.issue_token(s, admin, "spare", "seed", None)
             lab.spare_token_id = spare.id
             lab.user_id = (await auth.create_user(s, "carol", "technician", actor="seed")).id
-            for i, state in enumerate(("queued", "running", "paused"), start=2):
-                body = RunCreate.model_validate({
-                    "channel": f"smu1/{i}", "protocol": PROTOCOL,
-                    "cell": {**CELL, "serial": f"RM-{i}"}})
-                run = await run_service.create_run(
-                    s, body, actor="seed", voltage_margin_v=0.1, min_sample_period_s=0.001,
-                    max_duration_s=1e7)
-                run.state = state
-                lab.runs[state] = run.id
-                lab.cell_id = run.cell_id
-            alarm = m.Event(run_id=lab.runs["running"], kind="safety", severity="error",
-                            message="voltage above limit")
-            s.add(alarm)
-            await s.flush()
-            lab.safety_event_id = alarm.id
     finally:
         await engine.dispose()
     return lab
+
+
+# Runs the calls act on, each on its own channel, and the state each is put in. Made
+# through the API (whatever the run service's signature becomes); "awaiting_cell" only
+# where the run queue exists.
+RUN_STATES = ("queued", "running", "paused", "waiting", "awaiting_cell")
+
+
+async def _runs(c: httpx.AsyncClient, lab: Lab, engine: AsyncEngine) -> None:
+    states = [s for s in RUN_STATES if s != "awaiting_cell" or s in m.RunState.__members__]
+    for i, state in enumerate(states, start=2):
+        r = await c.post("/api/v1/runs", headers=_h(lab.tokens["technician"]), json={
+            "channel": f"smu1/{i}", "protocol": PROTOCOL,
+            "cell": {**CELL, "serial": f"RM-{i}"}})
+        assert r.status_code == 201, r.text
+        lab.runs[state] = r.json()["id"]
+        lab.cell_id = r.json()["cell_id"]
+    async with session_scope(sessionmaker(engine)) as s:
+        for state, run_id in lab.runs.items():
+            run = await s.get(m.Run, run_id)
+            assert run is not None
+            run.state = "queued" if state == "waiting" else state
+        alarm = m.Event(run_id=lab.runs["running"], kind="safety", severity="error",
+                        message="voltage above limit")
+        s.add(alarm)
+        await s.flush()
+        lab.safety_event_id = alarm.id
 
 
 @pytest.fixture
@@ -141,6 +155,7 @@ async def api(db_url: str) -> AsyncIterator[tuple[httpx.AsyncClient, Lab, AsyncE
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            await _runs(c, lab, engine)
             yield c, lab, engine
     await engine.dispose()
 
