@@ -286,8 +286,10 @@ asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
 """
 
 
+@pytest.mark.slow  # three interpreters starting: seconds on a busy machine
 def test_appenders_in_separate_processes_never_fork(db_url: str) -> None:
-    """Three OS processes append at once (as API processes do); one linear chain."""
+    """Three OS processes append at once (as API processes do); one linear chain. (The
+    same on three connections of one process is the fast test above.)"""
     import subprocess
     import sys
 
