@@ -27,10 +27,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import Connection, Table, event, insert, select, update
+from sqlalchemy import Connection, Table, event, insert, inspect, select, update
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import Mapper, Session, object_session
+from sqlalchemy.orm.util import identity_key
 
 from labdaq.storage import models as m
 
@@ -164,6 +165,8 @@ def _chain_audit_event(_mapper: Mapper[Any], conn: Connection, target: m.Event) 
         data["os_user"] = _local_user()
     if target.actor and target.actor != actor:
         data["as"] = target.actor
+    if before is None and after is None and target.run_id is not None and session is not None:
+        before, after = _run_change(session, target.run_id)
     head = append(
         conn, actor=actor, role=role, action=target.message, run_id=target.run_id,
         data=data, before=before, after=after,
@@ -171,6 +174,28 @@ def _chain_audit_event(_mapper: Mapper[Any], conn: Connection, target: m.Event) 
     )
     if session is not None:
         info[_PENDING_KEY] = (head, conn.engine.url)
+
+
+#: Columns of a run whose change an audit event on the run records as before/after when
+#: its writer gave none (stop, pause, resume requests).
+RUN_AUDITED = ("state", "requested_action", "end_reason", "ended_at")
+
+
+def _run_change(session: Session, run_id: int) -> tuple[Any, Any]:
+    """The run's audited columns changed in this flush: (before, after), or (None, None).
+    Runs are flushed before their events (foreign key), and history lasts the flush."""
+    run = session.identity_map.get(identity_key(m.Run, run_id))
+    if run is None:
+        return None, None
+    state = inspect(run)
+    before: dict[str, Any] = {}
+    after: dict[str, Any] = {}
+    for key in RUN_AUDITED:
+        hist = state.attrs[key].history
+        if hist.added or hist.deleted:
+            before[key] = hist.deleted[0] if hist.deleted else None
+            after[key] = hist.added[0] if hist.added else None
+    return (before, after) if after else (None, None)
 
 
 @event.listens_for(Session, "after_commit")
