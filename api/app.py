@@ -14,6 +14,7 @@ from labdaq.api.body_limit import BodyLimitMiddleware
 from labdaq.api.problems import install_problem_handlers, problem_openapi
 from labdaq.api.request_metrics import RequestMetricsMiddleware
 from labdaq.api.routers import (
+    audit,
     cells,
     channels,
     evaluations,
@@ -25,6 +26,8 @@ from labdaq.api.routers import (
     runs,
     samples,
     stream,
+    tokens,
+    users,
 )
 from labdaq.config import Settings, load_settings
 from labdaq.storage.db import create_engine, sessionmaker
@@ -53,7 +56,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 engine.sync_engine, "connect", _api_busy_timeout(settings.api_db_busy_timeout_s)
             )
         app.state.engine = engine
-        app.state.sessionmaker = sessionmaker(engine)
+        app.state.sessionmaker = sessionmaker(
+            engine, audit_head_file=settings.audit_head_file, origin="api"
+        )
         try:
             yield
         finally:
@@ -84,4 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.openapi = _openapi  # type: ignore[method-assign]
     app.include_router(evaluations.router)
     app.include_router(evaluations.cell_router)
+    app.include_router(users.router)
+    app.include_router(tokens.router)
+    app.include_router(audit.router)
     return app

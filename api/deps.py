@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Path, Request, status
+from fastapi import Depends, HTTPException, Path, Request, Security, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from labdaq.auth import ROLE_GRANTS, lookup_token
+from labdaq.audit import Principal, set_principal
+from labdaq.auth import ROLE_GRANTS, Authenticated, authenticate
 from labdaq.bounds import INT32_MAX
 from labdaq.storage import models as m
 from labdaq.storage.db import session_scope
@@ -34,7 +35,7 @@ CellId = Annotated[int, Path(ge=1, le=INT32_MAX, description="cell id")]
 def require(grant: str) -> Callable[..., Coroutine[Any, Any, m.ApiToken]]:
     async def _check(
         session: Session,
-        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+        creds: HTTPAuthorizationCredentials | None,
     ) -> m.ApiToken:
         if creds is None:
             raise HTTPException(
@@ -42,17 +43,27 @@ def require(grant: str) -> Callable[..., Coroutine[Any, Any, m.ApiToken]]:
                 "missing bearer token",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        token = await lookup_token(session, creds.credentials)
-        if token is None:
+        found = await authenticate(session, creds.credentials)
+        if not isinstance(found, Authenticated):
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED,
-                "unknown or revoked token",
-                headers={"WWW-Authenticate": "Bearer"},
+                found,  # unknown, revoked or expired token, or a disabled user
+                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
             )
+        token = found.token
         if token.role not in ROLE_GRANTS[grant]:
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"role {token.role!r} may not {grant}")
+        # The audit log names whoever this request's changes are made by.
+        set_principal(session.info, Principal(found.actor, token.role, token.id))
         return token
 
+    # The roles admitted, as the OpenAPI security requirement's role list (OpenAPI 3.1:
+    # non-OAuth2 schemes may list role names), so clients and the role-matrix test read
+    # them from the document. Set as an object: a string annotation could not see `grant`.
+    roles = sorted(str(r) for r in ROLE_GRANTS[grant])
+    _check.__annotations__["creds"] = Annotated[
+        HTTPAuthorizationCredentials | None, Security(_bearer, scopes=roles)
+    ]
     return _check
 
 

@@ -1,4 +1,5 @@
-"""Command line: serve (supervisor), engine, api, sim, db, token, evaluate, observe, export."""
+"""Command line: serve (supervisor), engine, api, sim, db, token, users, audit, evaluate,
+observe, export."""
 
 from __future__ import annotations
 
@@ -18,11 +19,10 @@ from labdaq.config import load_settings
 
 app = typer.Typer(help="labdaq: data acquisition for a battery testing laboratory.")
 db_app = typer.Typer(help="Database schema management.")
-token_app = typer.Typer(help="API tokens.")
 app.add_typer(db_app, name="db")
-app.add_typer(token_app, name="token")
 
 # `labdaq sim` and `labdaq instruments` live in their own modules.
+from labdaq.cli_auth import audit_app, token_app, users_app  # noqa: E402
 from labdaq.cli_evaluate import evaluate, observe  # noqa: E402
 from labdaq.cli_export import export_cmd  # noqa: E402
 from labdaq.cli_instruments import instruments_app  # noqa: E402
@@ -33,6 +33,9 @@ app.command()(evaluate)
 app.command()(observe)
 app.command("export")(export_cmd)
 app.add_typer(instruments_app, name="instruments")
+app.add_typer(token_app, name="token")
+app.add_typer(users_app, name="users")
+app.add_typer(audit_app, name="audit")
 
 DataDir = Annotated[Path | None, typer.Option(help="data directory (SQLite file, journals)")]
 DbUrl = Annotated[str | None, typer.Option(help="SQLAlchemy database URL")]
@@ -58,37 +61,6 @@ def db_upgrade(data_dir: DataDir = None, database_url: DbUrl = None) -> None:
     s.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(s.resolved_database_url)
     typer.echo(f"database at head: {s.resolved_database_url}")
-
-
-@token_app.command("create")
-def token_create(
-    name: Annotated[str, typer.Option(help="who or what uses the token")],
-    role: Annotated[str, typer.Option(help="technician | engineer | admin")] = "technician",
-    data_dir: DataDir = None,
-    database_url: DbUrl = None,
-) -> None:
-    """Create a bearer token; the secret is printed once and only its hash is stored."""
-    s = _settings(data_dir, database_url)
-    try:
-        token = asyncio.run(_create_token(s.resolved_database_url, name, role))
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
-    typer.echo(token)
-
-
-async def _create_token(url: str, name: str, role: str) -> str:
-    from labdaq.auth import create_token
-    from labdaq.storage import models as m
-    from labdaq.storage.db import create_engine, session_scope, sessionmaker
-
-    engine = create_engine(url)
-    try:
-        async with session_scope(sessionmaker(engine)) as session:
-            token = await create_token(session, name, role)
-            session.add(m.Event(kind="audit", message=f"token {name!r} created with role {role}"))
-        return token
-    finally:
-        await engine.dispose()
 
 
 @app.command()

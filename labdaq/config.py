@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
 
 from labdaq.bounds import MAX_DURATION_S, MIN_SAMPLE_PERIOD_S
 from labdaq.protocol.document import Safety
@@ -98,6 +99,15 @@ class Settings(BaseSettings):
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'labdaq.db').resolve()}"
 
+    @property
+    def audit_head_file(self) -> Path:
+        """The audit chain's head outside the database (labdaq.audit): in the directory of
+        the SQLite file, else in the data directory."""
+        url = make_url(self.resolved_database_url)
+        if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+            return Path(url.database).resolve().parent / "audit-head"
+        return self.data_dir / "audit-head"
+
 
 def load_settings(**overrides: Any) -> Settings:
     values = _toml_values()
@@ -110,4 +120,8 @@ def load_settings(**overrides: Any) -> Settings:
         for k, v in values.items()
         if k in overrides and overrides[k] is not None or k not in env_keys
     }
-    return Settings(**init)
+    settings = Settings(**init)
+    from labdaq.audit import remember_head_file
+
+    remember_head_file(settings.resolved_database_url, settings.audit_head_file)
+    return settings

@@ -30,6 +30,7 @@ def test_every_api_doc_example_runs(sqlite_url: str, tmp_path: Path) -> None:
             **os.environ,
             "LABDAQ_URL": base,
             "LABDAQ_TOKEN": lab["tokens"]["technician"],
+            "LABDAQ_ADMIN_TOKEN": lab["tokens"]["admin"],
             "RUN_ID": str(run_id),
             "LABDAQ_DATABASE_URL": sqlite_url,  # for `labdaq export`
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -55,3 +56,7 @@ def test_every_api_doc_example_runs(sqlite_url: str, tmp_path: Path) -> None:
     # The queue example (no engine here: the first run stays queued too).
     assert "queued at 2 and 3" in text
     assert "2030-01-06T02:30:00Z" in text, text
+    # Users, tokens and the audit log: issued, used, revoked, refused; verified.
+    assert "dana reads: 200" in text and "revoked token" in text and "\n401\n" in text
+    assert re.search(r"\d+ \S+ t-admin admin user 'dana' created with role engineer", text)
+    assert re.search(r"ok: \d+ records, head \d+:[0-9a-f]{64}", text), text

@@ -61,8 +61,18 @@ def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
     return engine
 
 
-def sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return async_sessionmaker(engine, expire_on_commit=False)
+def sessionmaker(
+    engine: AsyncEngine, audit_head_file: Path | None = None, origin: str = "cli"
+) -> async_sessionmaker[AsyncSession]:
+    """Sessions whose audit events are chained (labdaq.audit); with ``audit_head_file``
+    each commit that appended to the chain also advances that anchor file. ``origin``
+    "api": changes without an authenticated principal are not attributed to the CLI."""
+    from labdaq import audit  # registers the audit chain's flush hooks
+
+    info: dict[str, Any] = {audit.ORIGIN_KEY: origin}
+    if audit_head_file is not None:
+        info[audit.HEAD_FILE_KEY] = str(audit_head_file)
+    return async_sessionmaker(engine, expire_on_commit=False, info=info)
 
 
 @asynccontextmanager

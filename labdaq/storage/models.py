@@ -408,6 +408,60 @@ class ApiToken(Base):
     token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column()
+    # The person the token acts for (tokens made before users existed have none); the
+    # audit log names the user. A token past expires_at is refused like a revoked one.
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), index=True)
+    expires_at: Mapped[datetime | None] = mapped_column()
+
+
+class User(Base):
+    """A person (or service) who holds tokens; their role is given to the tokens they get.
+    Never deleted (the audit log names them): disabled instead, which refuses their tokens."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    role: Mapped[str] = mapped_column(String(20))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    disabled_at: Mapped[datetime | None] = mapped_column()
+
+
+class AuditRecord(Base):
+    """One change, append-only (the database refuses UPDATE and DELETE: triggers of
+    migration 0008). ``sha256`` hashes the record with ``prev_sha256``, the previous
+    record's hash, so a changed, removed or inserted row breaks the chain (labdaq.audit).
+    No foreign keys: the record outlives whatever it names."""
+
+    __tablename__ = "audit_log"
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    # ISO 8601 UTC text, exactly as hashed (a datetime column would round-trip differently
+    # on SQLite and PostgreSQL).
+    ts_utc: Mapped[str] = mapped_column(String(32))
+    actor: Mapped[str] = mapped_column(String(200))
+    role: Mapped[str] = mapped_column(String(20))
+    action: Mapped[str] = mapped_column(Text)
+    run_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    before: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    after: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    reason: Mapped[str | None] = mapped_column(Text)
+    # Unique: two records claiming the same predecessor would be a fork of the chain.
+    prev_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class AuditHead(Base):
+    """The chain's newest record (one row, id 1). Appenders update it first (a row lock on
+    PostgreSQL, the write lock on SQLite, both held to commit), so concurrent processes
+    append one after another and never fork the chain."""
+
+    __tablename__ = "audit_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
 
 
 class NodeHeartbeat(Base):
