@@ -19,10 +19,12 @@ from labdaq.api.routers import (
     exports,
     health,
     instruments,
+    lab,
     protocols,
     runs,
     samples,
     stream,
+    web,
 )
 from labdaq.config import Settings, load_settings
 from labdaq.storage.db import create_engine, sessionmaker
@@ -79,4 +81,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.openapi = _openapi  # type: ignore[method-assign]
     app.include_router(evaluations.router)
     app.include_router(evaluations.cell_router)
+    app.include_router(lab.router)
+    app.include_router(web.router)
     return app
