@@ -264,9 +264,9 @@ async function initStart() {
   const free = lab.filter((c) => !["queued", "running", "paused"].includes(c.state));
   for (const c of free) chSel.append(el("option", { value: c.channel, selected: c.channel === want },
                                        `${c.channel} (${c.instrument})`));
-  cellSel.append(el("option", { value: "" }, "the channel's own cell"));
   for (const c of cells) cellSel.append(el("option", { value: c.id },
                                            `${c.serial} — ${c.chemistry}, ${c.capacity_ah} Ah`));
+  cellSel.append(el("option", { value: "" }, "the channel's default cell"));
   for (const t of templates) srcSel.append(el("option", { value: `template:${t.name}` },
                                               `Template: ${t.name}`));
   srcSel.addEventListener("change", () => { params.hidden = srcSel.value !== "protocol"; });
@@ -277,6 +277,7 @@ async function initStart() {
     if (srcSel.value === "protocol") {
       const p = {};
       for (const input of params.querySelectorAll("input")) {
+        if (input.value === "") continue;  // optional field left empty: the default
         p[input.name] = input.name === "cycles" ? parseInt(input.value, 10) : Number(input.value);
       }
       b.protocol = p;
