@@ -185,6 +185,12 @@ function initSignin() {
   });
 }
 
+async function channelNamesById() {
+  const names = {};
+  for (const c of await api("/api/v1/channels")) names[c.id] = c.name;
+  return names;
+}
+
 // --- lab overview --------------------------------------------------------------------
 function progressBar(p) {
   const outer = el("div", { class: "progress", title: p === null ? "" : `${(p * 100).toFixed(0)} %` });
@@ -240,11 +246,11 @@ async function initOverview() {
   await refresh();
   // Queued runs are claimed without an event: look again now and then.
   setInterval(refresh, 3000);
-  const runs = await api("/api/v1/runs?limit=20");
+  const [runs, channelNames] = await Promise.all([api("/api/v1/runs?limit=20"), channelNamesById()]);
   const rb = document.querySelector("#runs tbody");
   for (const r of runs) {
     rb.append(el("tr", {}, el("td", {}, el("a", { href: `/runs/${r.id}` }, `#${r.id}`)),
-      el("td", {}, r.state), el("td", {}, r.channel_id),
+      el("td", {}, r.state), el("td", {}, channelNames[r.channel_id] || r.channel_id),
       el("td", {}, el("a", { href: `/cells/${r.cell_id}` }, `cell ${r.cell_id}`)),
       el("td", {}, fmtTime(r.created_at)), el("td", {}, fmtTime(r.ended_at))));
   }
@@ -321,8 +327,11 @@ async function initStart() {
       `(${preview.cell.capacity_ah} Ah), a sample every ${preview.sample_period_s} s.`;
     const lt = document.querySelector("#confirm-limits tbody");
     lt.replaceChildren();
+    const sources = preview.limits.sources || {};
     for (const [k, v] of Object.entries(preview.limits)) {
-      lt.append(el("tr", {}, el("th", {}, k), el("td", {}, typeof v === "object" ? JSON.stringify(v) : v)));
+      if (k === "sources") continue;
+      lt.append(el("tr", {}, el("th", {}, k), el("td", {}, v === null ? "none" : v),
+                   el("td", { class: "muted" }, sources[k] ? `from the ${sources[k]}` : "")));
     }
     const st = document.querySelector("#confirm-steps tbody");
     st.replaceChildren();
@@ -348,8 +357,8 @@ async function initStart() {
 // --- plots ---------------------------------------------------------------------------
 const PLOT_CONFIG = { responsive: true, displaylogo: false };
 function baseLayout(extra) {
-  return { margin: { l: 60, r: 60, t: 10, b: 45 }, autosize: true,
-           legend: { orientation: "h", y: -0.25 }, ...extra };
+  return { margin: { l: 60, r: 60, t: 30, b: 45 }, autosize: true,
+           legend: { orientation: "h", x: 0, y: 1.02, yanchor: "bottom" }, ...extra };
 }
 function setCount(div, n) { div.dataset.points = String(n); }
 
@@ -371,6 +380,7 @@ async function initRun() {
   const cyc = document.getElementById("plot-cycles");
   const stepsBody = document.querySelector("#steps tbody");
   let run = await api(`/api/v1/runs/${runId}`);
+  const channelNames = await channelNamesById();
   const cycles = [];
   let points = 0;
 
@@ -380,7 +390,8 @@ async function initRun() {
     stateEl.className = `state s-${run.state}`;
     document.body.dataset.runState = run.state;
     document.getElementById("run-summary").replaceChildren(
-      `Channel ${run.channel_id} · `, el("a", { href: `/cells/${run.cell_id}` }, `cell ${run.cell_id}`),
+      `Channel ${channelNames[run.channel_id] || run.channel_id} · `,
+      el("a", { href: `/cells/${run.cell_id}` }, `cell ${run.cell_id}`),
       ` · step ${run.step_index + 1} of ${run.step_count} · cycle ${run.cycle_index}` +
       ` · ${fmt(hours(run.elapsed_s), 2)} h` + (run.end_reason ? ` · ${run.end_reason}` : ""));
     const active = !TERMINAL.has(run.state);
