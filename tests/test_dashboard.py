@@ -11,6 +11,7 @@ stop it, the cell page, the safety alarm, every page at two sizes) in `make test
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -27,6 +28,10 @@ from urllib.parse import urlsplit
 import httpx
 import pyarrow.parquet as pq
 import pytest
+
+from labdaq.auth import create_token
+from labdaq.config import Settings
+from labdaq.storage.db import create_engine, session_scope, sessionmaker
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -86,6 +91,16 @@ class Lab:
             return int(c.get("/api/v1/cells", params={"serial": serial}).json()[0]["id"])
 
 
+async def _tokens(url: str, roles: tuple[str, ...]) -> dict[str, str]:
+    """Tokens created as `labdaq token create` does, in this process (no CLI start-up)."""
+    engine = create_engine(url)
+    try:
+        async with session_scope(sessionmaker(engine)) as s:
+            return {role: await create_token(s, f"dash-{role}", role) for role in roles}
+    finally:
+        await engine.dispose()
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     data = tmp_path_factory.mktemp("dashboard") / "data"
@@ -110,14 +125,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         assert token, "serve did not print a token:\n" + "".join(lines)
         # Keep reading its output so a full pipe never blocks the service.
         drain = subprocess.Popen(["cat"], stdin=proc.stdout, stdout=subprocess.DEVNULL)
-        tokens = {"technician": token}
-        for role in ("engineer", "admin"):
-            out = subprocess.run(
-                [sys.executable, "-m", "labdaq.cli", "token", "create", "--name",
-                 f"dash-{role}", "--role", role, "--data-dir", str(data)],
-                check=True, capture_output=True, text=True, env=env,
-            )
-            tokens[role] = out.stdout.strip().splitlines()[-1]
+        tokens = {"technician": token, **asyncio.run(_tokens(Settings(
+            data_dir=data).resolved_database_url, ("engineer", "admin")))}
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

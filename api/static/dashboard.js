@@ -112,6 +112,20 @@ function fmtTime(iso) { return iso ? new Date(iso).toLocaleString() : "–"; }
 function hours(s) { return s / 3600; }
 const TERMINAL = new Set(["completed", "stopped", "aborted_safety", "failed", "interrupted"]);
 
+// Calls f at most once at a time and once more after it if asked meanwhile: a burst of
+// stream messages (a stream's replay of a long run's steps) makes one request, not one each.
+function coalesce(f) {
+  let running = false, again = false;
+  return async function run() {
+    if (running) { again = true; return; }
+    running = true;
+    try { await f(); } finally {
+      running = false;
+      if (again) { again = false; run(); }
+    }
+  };
+}
+
 function can(grant) { return !!whoami && whoami.grants.includes(grant); }
 
 function applyRole() {
@@ -203,7 +217,7 @@ function progressBar(p) {
 async function initOverview() {
   const tbody = document.querySelector("#channels tbody");
   const live = document.getElementById("lab-live");
-  async function refresh() {
+  const refresh = coalesce(async () => {
     let rows;
     try { rows = await api("/api/v1/lab"); } catch (e) { return; }
     tbody.replaceChildren();
@@ -228,7 +242,7 @@ async function initOverview() {
         el("td", { class: "t" }, fmt(c.temperature_c, 1))));
     }
     tbody.dataset.loaded = "true";
-  }
+  });
   labListeners.push((msg) => {
     if (msg.event === "open") live.dataset.connected = "true";
     else if (msg.event === "error") live.dataset.connected = "false";
@@ -400,7 +414,7 @@ async function initRun() {
     document.getElementById("stop").disabled = !active;
     markCurrentStep();
   }
-  async function refreshProgress() {
+  const refreshProgress = coalesce(async () => {
     const bar = document.getElementById("run-progress");
     if (TERMINAL.has(run.state)) {
       bar.style.width = run.state === "completed" ? "100%" : bar.style.width;
@@ -417,7 +431,7 @@ async function initRun() {
                     elapsed_s: mine.run.elapsed_s, state: mine.run.state });
       }
     } catch (e) { /* the next refresh tries again */ }
-  }
+  });
 
   // Downsampled history first, then the stream from just after its last sample.
   const hist = await api(`/api/v1/runs/${runId}/samples?points=2000`);
@@ -450,6 +464,7 @@ async function initRun() {
     setCount(cyc, cycles.length);
   }
   drawCycles();
+  let cyclesPending = false;
 
   function markCurrentStep() {
     let cur = stepsBody.querySelector("tr.current");
@@ -478,7 +493,11 @@ async function initRun() {
       refreshProgress();
     } else if (msg.event === "cycle") {
       cycles.push(d);
-      drawCycles();
+      // One redraw per frame: the stream replays every cycle of a long run at once.
+      if (!cyclesPending) {
+        cyclesPending = true;
+        requestAnimationFrame(() => { cyclesPending = false; drawCycles(); });
+      }
     } else if (msg.event === "event") {
       events.prepend(el("li", { class: `sev-${d.severity} kind-${d.kind}` },
         el("span", { class: "muted" }, fmtTime(d.ts)), " ", el("strong", {}, d.kind), " ", d.message,
