@@ -214,6 +214,13 @@ function progressBar(p) {
   return outer;
 }
 
+// Run time left if the rest goes at the pace so far (run seconds, not wall seconds).
+function timeLeft(r) {
+  const p = r.progress;
+  if (p === null || p <= 0 || p >= 1 || TERMINAL.has(r.state)) return "";
+  return `≈ ${fmt(hours(r.elapsed_s * (1 - p) / p), 1)} h left`;
+}
+
 async function initOverview() {
   const tbody = document.querySelector("#channels tbody");
   const live = document.getElementById("lab-live");
@@ -236,7 +243,8 @@ async function initOverview() {
         el("td", {}, r ? el("a", { href: `/cells/${r.cell_id}` }, r.cell_serial || r.cell_id) : "–"),
         el("td", {}, r ? `${r.step_index + 1}/${r.step_count}` : "–"),
         el("td", {}, r ? r.cycle_index : "–"),
-        el("td", {}, r ? progressBar(r.progress) : "–"),
+        el("td", {}, r ? progressBar(r.progress) : "–",
+           r ? el("span", { class: "muted small" }, timeLeft(r)) : ""),
         el("td", { class: "v" }, fmt(c.voltage_v)),
         el("td", { class: "i" }, fmt(c.current_a)),
         el("td", { class: "t" }, fmt(c.temperature_c, 1))));
@@ -427,6 +435,7 @@ async function initRun() {
       if (mine && mine.run.progress !== null) {
         bar.style.width = `${(mine.run.progress * 100).toFixed(1)}%`;
         bar.parentElement.dataset.progress = mine.run.progress.toFixed(4);
+        document.getElementById("run-left").textContent = timeLeft(mine.run);
         showState({ step_index: mine.run.step_index, cycle_index: mine.run.cycle_index,
                     elapsed_s: mine.run.elapsed_s, state: mine.run.state });
       }
