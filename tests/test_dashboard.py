@@ -378,8 +378,13 @@ def test_cell_page_lists_runs_and_fade_trend(session, lab: Lab, background_run: 
 
 def test_technician_gets_403_from_admin_page_and_api(session, lab: Lab) -> None:
     s = session("technician")
+    statuses: dict[str, int] = {}
+    s.page.on("response", lambda r: statuses.__setitem__(urlsplit(r.url).path, r.status))
     page = s.open("/admin")
     assert page.is_visible("#admin-denied") and page.is_hidden("#admin-body")
+    # The page's content is an admin-only request, refused to this token.
+    assert statuses["/ui/admin/instruments"] == 403
+    assert page.locator("#instruments").count() == 0
     status = page.evaluate("""async () => (await fetch('/api/v1/instruments?dry_run=true', {
         method: 'PUT', headers: {'Content-Type': 'application/json',
         Authorization: 'Bearer ' + sessionStorage.getItem('labdaq.token')},

@@ -242,6 +242,13 @@ async def test_pages_and_assets_are_served_locally(api: Api) -> None:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
         # Every script and stylesheet is ours: nothing is fetched from elsewhere.
         assert "http://" not in r.text and "https://" not in r.text, path
+    # The admin page's content is rendered for admins only.
+    r = await api.c.get("/ui/admin/instruments", headers=api.h("admin"))
+    assert r.status_code == 200 and "cab1/3" in r.text
+    for role in ("technician", "engineer"):
+        r = await api.c.get("/ui/admin/instruments", headers=api.h(role))
+        assert r.status_code == 403
+    assert (await api.c.get("/ui/admin/instruments")).status_code == 401
     js = await api.c.get("/ui/static/plotly.min.js")
     assert js.status_code == 200 and len(js.content) > 1_000_000
     assert (await api.c.get("/ui/static/dashboard.js")).status_code == 200

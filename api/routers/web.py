@@ -13,7 +13,8 @@ from fastapi.responses import HTMLResponse, Response
 from fastapi.templating import Jinja2Templates
 
 import labdaq
-from labdaq.api.deps import CellId, RunId
+from labdaq.api.deps import Admin, CellId, RunId, Session
+from labdaq.instruments_service import list_instruments
 
 _HERE = Path(__file__).resolve().parent.parent
 templates = Jinja2Templates(directory=str(_HERE / "templates"))
@@ -63,6 +64,15 @@ async def cell_page(request: Request, cell_id: CellId) -> HTMLResponse:
 @router.get("/admin", response_class=HTMLResponse)
 async def admin_page(request: Request) -> HTMLResponse:
     return _page(request, "admin.html", "admin", title="Instruments (admin)")
+
+
+@router.get("/ui/admin/instruments", response_class=HTMLResponse)
+async def admin_instruments(request: Request, session: Session, _: Admin) -> HTMLResponse:
+    """The admin page's content, rendered here and only for an admin token: opening
+    /admin with another role gets this request refused (403), not just a hidden link."""
+    return templates.TemplateResponse(
+        request, "admin_instruments.html", {"instruments": await list_instruments(session)}
+    )
 
 
 @router.get("/ui/static/plotly.min.js")

@@ -637,20 +637,21 @@ async function initCell() {
 
 // --- admin: instruments --------------------------------------------------------------
 async function initAdmin() {
-  if (!can("admin")) {
-    // The page is only a shell; what an admin does here goes through admin-only API
-    // calls, which answer 403 to anyone else whatever this page shows.
+  // The content comes from an admin-only request: another role's token is refused there
+  // (403) whatever this page shows.
+  const resp = await fetch("/ui/admin/instruments", {
+    headers: { Authorization: `Bearer ${token()}` } });
+  if (resp.status === 403) {
+    let detail = "";
+    try { detail = (await resp.json()).detail; } catch (e) { /* not JSON */ }
     document.getElementById("admin-denied").hidden = false;
     document.getElementById("admin-denied-detail").textContent =
-      `Your role (${whoami.role}) may not configure instruments.`;
+      `Your role (${whoami.role}) may not configure instruments: ${detail}`;
     return;
   }
+  if (!resp.ok) throw new ApiError(resp.status, null);
+  document.getElementById("admin-instruments").innerHTML = await resp.text();
   document.getElementById("admin-body").hidden = false;
-  const tb = document.querySelector("#instruments tbody");
-  for (const i of await api("/api/v1/instruments")) {
-    tb.append(el("tr", {}, el("td", {}, i.name), el("td", {}, i.driver), el("td", {}, i.resource),
-      el("td", {}, i.channels.join(", "))));
-  }
   document.getElementById("apply-form").addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const out = document.getElementById("apply-result");
