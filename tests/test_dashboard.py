@@ -286,7 +286,7 @@ def test_overview_lists_every_channel_with_live_values(session, lab: Lab,
 
 
 @pytest.mark.slow  # the module took > 60 s; `make test-slow`
-def test_start_run_from_form_watch_live_plot_and_stop(session, lab: Lab) -> None:
+def test_start_run_from_form_watch_live_plot_pause_resume_stop(session, lab: Lab) -> None:
     s = session("technician")
     page = s.open("/runs/new?channel=cabinet1/1")
     assert page.input_value("#f-channel") == "cabinet1/1"
@@ -332,6 +332,11 @@ def test_start_run_from_form_watch_live_plot_and_stop(session, lab: Lab) -> None
     assert titles and all(" / " in t for t in titles), titles
     assert page.locator("#steps tbody tr").count() >= 2  # a finished step and the current
     s.shot("run-page-live")
+    page.click("#pause")
+    page.wait_for_selector("body[data-run-state='paused']")
+    assert page.is_enabled("#resume") and page.is_disabled("#pause")
+    page.click("#resume")
+    page.wait_for_selector("body[data-run-state='running']")
     page.click("#stop")
     page.click("#stop")  # a second click confirms
     page.wait_for_selector("body[data-run-state='stopped']")
