@@ -466,11 +466,14 @@ async function initRun() {
       { x, y: cycles.map((c) => c.charge_capacity_ah), name: "Charge / Ah", mode: "lines+markers" },
       { x, y: cycles.map((c) => c.coulombic_efficiency === null ? null : 100 * c.coulombic_efficiency),
         name: "Coulombic efficiency / %", mode: "lines+markers", yaxis: "y2" },
-    ], baseLayout({ xaxis: { title: { text: "Cycle / 1" }, dtick: 1 },
+    ], baseLayout({ margin: { l: 60, r: 80, t: 30, b: 45 },
+                    xaxis: { title: { text: "Cycle / 1" }, dtick: 1 },
                     yaxis: { title: { text: "Capacity / Ah" } },
-                    yaxis2: { title: { text: "Efficiency / %" }, overlaying: "y", side: "right" } }),
+                    yaxis2: { title: { text: "Efficiency / %", standoff: 10 }, overlaying: "y",
+                              side: "right", automargin: true } }),
     PLOT_CONFIG);
     setCount(cyc, cycles.length);
+    document.getElementById("cycles-none").hidden = cycles.length > 0;
   }
   drawCycles();
   let cyclesPending = false;
@@ -590,6 +593,10 @@ async function initRun() {
     }
   }
   if (TERMINAL.has(run.state)) loadVerdicts();
+  else {
+    document.querySelector("#verdicts tbody").replaceChildren(
+      el("tr", {}, el("td", { colspan: 3, class: "muted" }, "Judged when the run has ended.")));
+  }
 }
 
 // --- cell page -----------------------------------------------------------------------
