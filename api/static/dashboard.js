@@ -172,6 +172,9 @@ async function refreshAlarms() {
 const labListeners = [];
 function followLab(latest) {
   sse(`/api/v1/stream${latest ? "?latest=true" : ""}`, (msg) => {
+    // Once connected, look again: an alarm raised between the first look and the
+    // stream's start would otherwise show only after a reload.
+    if (msg.event === "open") refreshAlarms();
     if (msg.event === "event" && msg.data.kind === "safety") refreshAlarms();
     if (msg.event === "event" && msg.data.kind === "audit"
         && msg.data.data && msg.data.data.acknowledges) refreshAlarms();
@@ -677,7 +680,6 @@ async function main() {
   document.getElementById("signout").addEventListener("click", signOut);
   try { whoami = await api("/api/v1/whoami"); } catch (e) { return; }
   applyRole();
-  refreshAlarms();
   followLab(page === "overview");
   const init = { overview: initOverview, start: initStart, run: initRun, cell: initCell,
                  admin: initAdmin }[page];
