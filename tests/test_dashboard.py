@@ -303,6 +303,16 @@ def test_start_run_from_form_watch_live_plot_pause_resume_stop(session, lab: Lab
     err.wait_for(state="visible")
     assert "4.2" in err.inner_text()
     assert page.is_hidden("#confirm")
+    # An uploaded document that is not a valid protocol: the error sits by the upload.
+    page.select_option("#f-source", "upload")
+    page.set_input_files("#f-document", files=[{
+        "name": "bad.yaml", "mimeType": "text/yaml",
+        "buffer": b"schema_version: 1\nname: bad\nsteps:\n  - step: cc\n    rate_c: 0.5\n"}])
+    page.click("#check")
+    doc_err = page.locator(".error[data-for='protocol_document']")
+    doc_err.wait_for(state="visible")
+    assert page.is_hidden("#confirm")
+    page.select_option("#f-source", "protocol")
     # Short steps (a high taper current ends the CV phase early) so progress moves soon.
     for field, value in {"charge_current_a": "4.9", "charge_voltage_v": "4.0",
                          "taper_current_a": "3", "rest_s": "10",

@@ -300,9 +300,13 @@ async function initStart() {
   cellSel.append(el("option", { value: "" }, "the channel's default cell"));
   for (const t of templates) srcSel.append(el("option", { value: `template:${t.name}` },
                                               `Template: ${t.name}`));
-  srcSel.addEventListener("change", () => { params.hidden = srcSel.value !== "protocol"; });
+  const upload = document.getElementById("upload-field");
+  srcSel.addEventListener("change", () => {
+    params.hidden = srcSel.value !== "protocol";
+    upload.hidden = srcSel.value !== "upload";
+  });
 
-  function body() {
+  async function body() {
     const b = { channel: chSel.value, sample_period_s: Number(document.getElementById("f-period").value) };
     if (cellSel.value) b.cell_id = Number(cellSel.value);
     if (srcSel.value === "protocol") {
@@ -312,6 +316,10 @@ async function initStart() {
         p[input.name] = input.name === "cycles" ? parseInt(input.value, 10) : Number(input.value);
       }
       b.protocol = p;
+    } else if (srcSel.value === "upload") {
+      const file = document.getElementById("f-document").files[0];
+      // The API parses and validates the text; an empty one is refused there (422).
+      b.protocol_document = file ? await file.text() : "";
     } else {
       b.template = srcSel.value.slice("template:".length);
     }
@@ -342,7 +350,7 @@ async function initStart() {
     ev.preventDefault();
     clearErrors();
     confirmBox.hidden = true;
-    pending = body();
+    pending = await body();
     let preview;
     try {
       preview = await api("/api/v1/runs?dry_run=true", { method: "POST", json: pending });
