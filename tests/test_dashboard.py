@@ -293,6 +293,18 @@ def test_start_run_from_form_watch_live_plot_pause_resume_stop(session, lab: Lab
     s = session("technician")
     page = s.open("/runs/new?channel=cabinet1/1")
     assert page.input_value("#f-channel") == "cabinet1/1"
+    # Register a cell from the form: an unknown specification is named beside its field.
+    page.click("#new-cell summary")
+    page.fill("#c-serial", "DASH-NEW-001")
+    page.fill("#c-spec", "no-such-spec")
+    page.click("#register-cell")
+    page.wait_for_selector("[data-cell-for='spec']:has-text('nmc811')")
+    page.fill("#c-spec", "nmc811")
+    page.click("#register-cell")
+    page.wait_for_function("document.querySelector('#f-cell').selectedOptions[0]"
+                           ".textContent.startsWith('DASH-NEW-001')")
+    with lab.api("technician") as c:
+        assert c.get("/api/v1/cells", params={"serial": "DASH-NEW-001"}).json()
     page.select_option("#f-cell", value=str(lab.cell_id("SIM-NMC811-C1-001")))
     with lab.api("technician") as c:
         runs_before = len(c.get("/api/v1/runs").json())

@@ -300,6 +300,30 @@ async function initStart() {
   cellSel.append(el("option", { value: "" }, "the channel's default cell"));
   for (const t of templates) srcSel.append(el("option", { value: `template:${t.name}` },
                                               `Template: ${t.name}`));
+  // Register a cell here (POST /api/v1/cells, audited) and pick it at once.
+  document.getElementById("register-cell").addEventListener("click", async () => {
+    const box = document.getElementById("new-cell");
+    box.querySelectorAll(".error").forEach((e) => { e.textContent = ""; });
+    const cellBody = { serial: document.getElementById("c-serial").value.trim(),
+                       spec: document.getElementById("c-spec").value.trim() || null };
+    const lot = document.getElementById("c-lot").value.trim();
+    if (lot) cellBody.lot = lot;
+    try {
+      const c = await api("/api/v1/cells", { method: "POST", json: cellBody });
+      cellSel.prepend(el("option", { value: c.id },
+                         `${c.serial} — ${c.chemistry}, ${c.capacity_ah} Ah`));
+      cellSel.value = String(c.id);
+      box.open = false;
+    } catch (e) {
+      const errors = (e.problem && e.problem.errors) || [];
+      let placed = 0;
+      for (const fe of errors) {
+        const slot = box.querySelector(`[data-cell-for="${String(fe.loc).replace(/^body\./, "")}"]`);
+        if (slot) { slot.textContent = fe.msg; placed += 1; }
+      }
+      if (!placed) showProblem(document.getElementById("cell-error"), e);
+    }
+  });
   const upload = document.getElementById("upload-field");
   srcSel.addEventListener("change", () => {
     params.hidden = srcSel.value !== "protocol";
