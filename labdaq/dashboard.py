@@ -69,13 +69,19 @@ async def overview(session: AsyncSession) -> list[dict[str, Any]]:
         .where(m.Channel.enabled).order_by(m.Channel.id)
     )).all()
     ids = [ch.id for ch, _ in channels]
-    # The newest run of each channel: active, or the one whose end the channel still shows.
+    # Each channel's run to show: the one running or paused on it; else the first one
+    # waiting; else its newest (whose end, a safety stop, the channel still shows).
     newest: dict[int, m.Run] = {}
+    rank = {m.RunState.running.value: 0, m.RunState.paused.value: 0,
+            m.RunState.queued.value: 1}
     if ids:
         for row in (await session.scalars(
             select(m.Run).where(m.Run.channel_id.in_(ids)).order_by(m.Run.id)
         )).all():
-            newest[row.channel_id] = row
+            held = newest.get(row.channel_id)
+            if held is None or rank.get(row.state, 2) < rank.get(held.state, 2) or (
+                    rank.get(row.state, 2) == 2 and rank.get(held.state, 2) == 2):
+                newest[row.channel_id] = row
     active = [r for r in newest.values() if r.state in {s.value for s in m.ACTIVE_STATES}]
     latest = await latest_samples(session, active)
     cells = {}

@@ -410,9 +410,7 @@ async def _channel(session: AsyncSession, ref: str | int) -> m.Channel:
     return ch
 
 
-async def _cell(
-    session: AsyncSession, req: RunCreate, channel: m.Channel, *, add: bool = True
-) -> m.Cell:
+async def _cell(session: AsyncSession, req: RunCreate, channel: m.Channel) -> m.Cell:
     if req.cell_id is None and req.cell_serial is None and req.cell is None:
         default = (await session.get(m.Cell, channel.default_cell_id)
                    if channel.default_cell_id is not None else None)
@@ -440,25 +438,22 @@ async def _cell(
     cell = await session.scalar(select(m.Cell).where(m.Cell.serial == req.cell.serial))
     if cell is None:
         cell = m.Cell(**req.cell.model_dump())
-        if add:
-            session.add(cell)
-            await session.flush()
+        session.add(cell)
+        await session.flush()
     return cell
 
 
-async def _prepare(
+async def create_run(
     session: AsyncSession,
     req: RunCreate,
-    voltage_margin_v: float,
-    min_sample_period_s: float,
-    max_duration_s: float,
+    actor: str,
+    voltage_margin_v: float = 0.1,
     *,
-    dry_run: bool,
-) -> tuple[m.Channel, m.Cell, Protocol, ResolvedProtocol]:
-    """Every check a run request goes through, and its resolved program; with
-    ``dry_run`` a new cell in the request is built but not added to the session."""
+    min_sample_period_s: float = MIN_SAMPLE_PERIOD_S,
+    max_duration_s: float = MAX_DURATION_S,
+) -> m.Run:
     channel = await _channel(session, req.channel)
-    cell = await _cell(session, req, channel, add=not dry_run)
+    cell = await _cell(session, req, channel)
     busy = await session.scalar(
         select(m.Run.id).where(
             m.Run.channel_id == channel.id,
@@ -483,50 +478,6 @@ async def _prepare(
             min_sample_period_s=min_sample_period_s,
             max_duration_s=max_duration_s,
         )
-    )
-    return channel, cell, protocol, resolved
-
-
-async def preview_run(
-    session: AsyncSession,
-    req: RunCreate,
-    voltage_margin_v: float = 0.1,
-    *,
-    min_sample_period_s: float = MIN_SAMPLE_PERIOD_S,
-    max_duration_s: float = MAX_DURATION_S,
-) -> dict[str, Any]:
-    """What ``create_run`` would start, without storing anything: the same checks
-    (422, 409 for a busy channel), then the channel, the cell, and the resolved program
-    with its currents and the effective limits (``POST /api/v1/runs?dry_run=true``)."""
-    channel, cell, protocol, resolved = await _prepare(
-        session, req, voltage_margin_v, min_sample_period_s, max_duration_s, dry_run=True
-    )
-    plan = resolved.model_dump(mode="json")
-    return {
-        "dry_run": True,
-        "channel": channel.name,
-        "cell": {"id": cell.id, "serial": cell.serial, "chemistry": cell.chemistry,
-                 "capacity_ah": cell.capacity_ah, "charge_cutoff_v": cell.charge_cutoff_v,
-                 "discharge_cutoff_v": cell.discharge_cutoff_v},
-        "protocol_name": protocol.name,
-        "content_hash": protocol.content_hash(),
-        "sample_period_s": req.sample_period_s,
-        "limits": plan["limits"],
-        "program": plan["program"],
-    }
-
-
-async def create_run(
-    session: AsyncSession,
-    req: RunCreate,
-    actor: str,
-    voltage_margin_v: float = 0.1,
-    *,
-    min_sample_period_s: float = MIN_SAMPLE_PERIOD_S,
-    max_duration_s: float = MAX_DURATION_S,
-) -> m.Run:
-    channel, cell, protocol, resolved = await _prepare(
-        session, req, voltage_margin_v, min_sample_period_s, max_duration_s, dry_run=False
     )
     digest = protocol.content_hash()
     proto = await session.scalar(select(m.Protocol).where(m.Protocol.content_hash == digest))
@@ -657,3 +608,35 @@ async def list_spectra(session: AsyncSession, run_id: int) -> list[m.EisSpectrum
         select(m.EisSpectrum).where(m.EisSpectrum.run_id == run_id).order_by(m.EisSpectrum.id)
     )
     return list(rows.all())
+
+
+async def preview_run(session: AsyncSession, req: RunCreate, **create: Any) -> dict[str, Any]:
+    """What ``create_run`` would start, storing nothing (``POST /api/v1/runs?dry_run=true``).
+
+    ``create_run`` itself runs — every check (422, 409), the resolution against the cell
+    and channel — and the session is then rolled back, so a dry run can never disagree
+    with the real request. The caller's session must hold nothing else to commit. On
+    PostgreSQL the ids it drew from the sequences are not reused (gaps in run ids).
+    """
+    new_cell = req.cell is not None and await session.scalar(
+        select(m.Cell.id).where(m.Cell.serial == req.cell.serial)) is None
+    run = await create_run(session, req, actor="dry run", **create)
+    channel = await session.get(m.Channel, run.channel_id)
+    cell = await session.get(m.Cell, run.cell_id)
+    proto = await session.get(m.Protocol, run.protocol_id)
+    assert channel is not None and cell is not None and proto is not None
+    out = {
+        "dry_run": True,
+        "channel": channel.name,
+        "cell": {"id": None if new_cell else cell.id, "serial": cell.serial,
+                 "chemistry": cell.chemistry, "capacity_ah": cell.capacity_ah,
+                 "charge_cutoff_v": cell.charge_cutoff_v,
+                 "discharge_cutoff_v": cell.discharge_cutoff_v},
+        "protocol_name": proto.name,
+        "content_hash": proto.content_hash,
+        "sample_period_s": run.sample_period_s,
+        "limits": dict(run.plan["limits"]),
+        "program": list(run.plan["program"]),
+    }
+    await session.rollback()
+    return out

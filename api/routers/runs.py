@@ -39,7 +39,6 @@ async def create_run(
             session, body, voltage_margin_v=s.safety_voltage_margin_v,
             min_sample_period_s=s.min_sample_period_s, max_duration_s=s.max_duration_s,
         )
-        await session.rollback()
         return JSONResponse(RunPreview.model_validate(preview).model_dump(mode="json"))
     run = await service.create_run(
         session,
