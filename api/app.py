@@ -22,12 +22,14 @@ from labdaq.api.routers import (
     health,
     instruments,
     metrics,
+    lab,
     protocols,
     runs,
     samples,
     stream,
     tokens,
     users,
+    web,
 )
 from labdaq.config import Settings, load_settings
 from labdaq.storage.db import create_engine, sessionmaker
@@ -92,4 +94,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(users.router)
     app.include_router(tokens.router)
     app.include_router(audit.router)
+    app.include_router(lab.router)
+    app.include_router(web.router)
     return app

@@ -222,6 +222,9 @@ def serve(
     sim_cabinets: Annotated[int, typer.Option(help="--sim: 8-channel cabinets")] = 1,
     sim_impedance: Annotated[int, typer.Option(help="--sim: impedance meters")] = 1,
     sim_chamber: Annotated[bool, typer.Option(help="--sim: a climate chamber")] = True,
+    sim_fault: Annotated[list[str] | None, typer.Option(
+        help="--sim: a fault for the simulated lab, as `labdaq sim --fault` takes it "
+             "(repeatable)")] = None,
     max_restarts: Annotated[int | None, typer.Option(
         help="restarts of a child that keeps dying before giving up on it "
              "(default: the restart_max setting)")] = None,
@@ -263,6 +266,8 @@ def serve(
         sim_args = ["--speed", str(speed), "--cabinets", str(sim_cabinets),
                     "--impedance", str(sim_impedance),
                     "--chamber" if sim_chamber else "--no-chamber"]
+        for text in sim_fault or []:
+            sim_args += ["--fault", text]
         sim = Child("sim", processes.sim_argv(desc_path, *sim_args),
                     # Restarted on the same TCP ports: the engine reconnects by itself.
                     restart_argv=processes.sim_argv(desc_path, *sim_args, ports_from=desc_path))

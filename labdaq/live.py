@@ -192,3 +192,27 @@ async def poll_lab(session: AsyncSession, cursor: LabCursor, limit: int = 1000) 
         cursor = replace(cursor, event_id=ev.id)
         out.append(LabMessage("event", {"run_id": ev.run_id, **_row(ev, _EVENT_FIELDS)}, cursor))
     return out
+
+
+async def poll_latest(session: AsyncSession, seen: dict[int, int]) -> list[dict[str, Any]]:
+    """The newest committed sample of every running or paused run whose ``last_seq``
+    moved since ``seen`` (run id -> seq, updated here): a snapshot for live V/I/T on the
+    lab stream, not history, so it takes no part in the stream's cursor."""
+    runs = (await session.scalars(
+        select(m.Run).where(m.Run.state.in_([m.RunState.running.value,
+                                             m.RunState.paused.value]))
+    )).all()
+    keys = [(r.id, r.last_seq) for r in runs if r.last_seq > 0 and seen.get(r.id) != r.last_seq]
+    if not keys:
+        return []
+    from sqlalchemy import tuple_
+
+    s = m.Sample
+    rows = (await session.execute(
+        select(s.run_id, s.seq, s.t_s, s.voltage_v, s.current_a, s.temperature_c,
+               s.step_index, s.cycle_index)
+        .where(tuple_(s.run_id, s.seq).in_(keys)).order_by(s.run_id)
+    )).all()
+    for r in rows:
+        seen[r.run_id] = r.seq
+    return [r._asdict() for r in rows]

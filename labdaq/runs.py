@@ -646,3 +646,35 @@ async def list_spectra(session: AsyncSession, run_id: int) -> list[m.EisSpectrum
         select(m.EisSpectrum).where(m.EisSpectrum.run_id == run_id).order_by(m.EisSpectrum.id)
     )
     return list(rows.all())
+
+
+async def preview_run(session: AsyncSession, req: RunCreate, **create: Any) -> dict[str, Any]:
+    """What ``create_run`` would start, storing nothing (``POST /api/v1/runs?dry_run=true``).
+
+    ``create_run`` itself runs — every check (422, 409), the resolution against the cell
+    and channel — and the session is then rolled back, so a dry run can never disagree
+    with the real request. The caller's session must hold nothing else to commit. On
+    PostgreSQL the ids it drew from the sequences are not reused (gaps in run ids).
+    """
+    new_cell = req.cell is not None and await session.scalar(
+        select(m.Cell.id).where(m.Cell.serial == req.cell.serial)) is None
+    run = await create_run(session, req, actor="dry run", **create)
+    channel = await session.get(m.Channel, run.channel_id)
+    cell = await session.get(m.Cell, run.cell_id)
+    proto = await session.get(m.Protocol, run.protocol_id)
+    assert channel is not None and cell is not None and proto is not None
+    out = {
+        "dry_run": True,
+        "channel": channel.name,
+        "cell": {"id": None if new_cell else cell.id, "serial": cell.serial,
+                 "chemistry": cell.chemistry, "capacity_ah": cell.capacity_ah,
+                 "charge_cutoff_v": cell.charge_cutoff_v,
+                 "discharge_cutoff_v": cell.discharge_cutoff_v},
+        "protocol_name": proto.name,
+        "content_hash": proto.content_hash,
+        "sample_period_s": run.sample_period_s,
+        "limits": dict(run.plan["limits"]),
+        "program": list(run.plan["program"]),
+    }
+    await session.rollback()
+    return out

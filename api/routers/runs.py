@@ -4,12 +4,14 @@ summaries."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Query, Request, status
+from fastapi.responses import JSONResponse
 
 from labdaq import run_queue
 from labdaq import runs as service
 from labdaq.api.deps import Operator, Reader, RunId, Session
 from labdaq.api.problems import AUTH, COMMON, OPERATE, responses
 from labdaq.api.schemas import CycleOut, EisOut, EventOut, RunOut, StepOut
+from labdaq.api.schemas_dashboard import RunPreview
 from labdaq.bounds import INT32_MAX
 from labdaq.run_queue import RunPatch
 from labdaq.runs import RunCreate
@@ -33,14 +35,26 @@ async def run_out(session: Session, runs: list[m.Run]) -> list[RunOut]:
     "",
     response_model=RunOut,
     status_code=status.HTTP_201_CREATED,
-    responses=responses(*COMMON, *OPERATE, 409),
+    responses={
+        200: {"model": RunPreview, "description": "dry_run: what would start; nothing stored"},
+        **responses(*COMMON, *OPERATE, 409),
+    },
 )
 async def create_run(
-    body: RunCreate, request: Request, session: Session, token: Operator
-) -> RunOut:
+    body: RunCreate, request: Request, session: Session, token: Operator,
+    dry_run: bool = Query(False, description="check and resolve only; store nothing"),
+) -> RunOut | JSONResponse:
     """Create a run. On a busy channel it waits in the channel's queue (queue_position in
-    the response) unless the body says "queue": false, which answers 409."""
+    the response) unless the body says "queue": false, which answers 409. With dry_run,
+    what would start (resolved currents and limits), nothing stored."""
     s = request.app.state.settings
+    if dry_run:
+        preview = await service.preview_run(
+            session, body, voltage_margin_v=s.safety_voltage_margin_v,
+            min_sample_period_s=s.min_sample_period_s, max_duration_s=s.max_duration_s,
+            lab_limits=s.lab_limits,
+        )
+        return JSONResponse(RunPreview.model_validate(preview).model_dump(mode="json"))
     run = await service.create_run(
         session,
         body,

@@ -104,7 +104,8 @@ lab_router = APIRouter(prefix="/api/v1", tags=["stream"])
     "/stream", response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}},
                      "description": "events `step`, `cycle`, `event` (state changes, safety, "
-                     "audit) of every run; each `id` resumes the stream after it"},
+                     "audit) of every run; each `id` resumes the stream after it; with "
+                     "`latest=true` also `latest` (no id)"},
                **{k: v for k, v in _ERRORS.items() if k != 404}},
 )
 async def stream_lab(
@@ -115,6 +116,8 @@ async def stream_lab(
     last_event_id: str = Header(
         "", alias="Last-Event-ID", pattern=LAB_EVENT_ID, description="an id this stream sent"
     ),
+    latest: bool = Query(False, description="also send `latest`: the newest sample (V, I, "
+                         "T) of each running or paused run when it changes"),
 ) -> StreamingResponse:
     """What happens anywhere in the lab from now on (or after ``Last-Event-ID``)."""
     cursor = (live.LabCursor.parse(last_event_id) if last_event_id
@@ -126,9 +129,14 @@ async def stream_lab(
         nonlocal cursor
         idle = 0.0
         yield f"id: {cursor.encode()}\nevent: hello\ndata: {{}}\n\n".encode()
+        seen: dict[int, int] = {}
         while not await request.is_disconnected():
             async with session_scope(maker) as s:
                 msgs = await live.poll_lab(s, cursor)
+                snapshots = await live.poll_latest(s, seen) if latest else []
+            for snap in snapshots:
+                # No id: a snapshot is not history, a reconnect need not resume it.
+                yield f"event: latest\ndata: {json.dumps(snap, separators=(',', ':'))}\n\n".encode()
             for msg in msgs:
                 data = json.dumps(msg.data, separators=(",", ":"), default=str)
                 yield f"id: {msg.cursor.encode()}\nevent: {msg.event}\ndata: {data}\n\n".encode()

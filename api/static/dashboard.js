@@ -1,0 +1,726 @@
+// labdaq dashboard: every page's behaviour. Data comes from the JSON API with the token
+// this tab keeps in sessionStorage; the API enforces roles, the page only hides what the
+// role cannot do. Live data arrives over Server-Sent Events read with fetch(), because
+// EventSource cannot send an Authorization header.
+"use strict";
+
+const TOKEN_KEY = "labdaq.token";
+const page = document.body.dataset.page;
+let whoami = null;
+
+function token() { return sessionStorage.getItem(TOKEN_KEY); }
+
+class ApiError extends Error {
+  constructor(status, problem) {
+    super((problem && (problem.detail || problem.title)) || `HTTP ${status}`);
+    this.status = status;
+    this.problem = problem;
+  }
+}
+
+async function api(path, opts = {}) {
+  const headers = { Authorization: `Bearer ${token()}`, ...(opts.headers || {}) };
+  if (opts.json !== undefined) {
+    headers["Content-Type"] = "application/json";
+    opts.body = JSON.stringify(opts.json);
+  }
+  const resp = await fetch(path, { method: opts.method || "GET", headers, body: opts.body });
+  if (resp.status === 401 && page !== "signin") {
+    signOut();
+    throw new ApiError(401, null);
+  }
+  if (!resp.ok) {
+    let problem = null;
+    try { problem = await resp.json(); } catch (e) { /* not JSON */ }
+    throw new ApiError(resp.status, problem);
+  }
+  if (opts.raw) return resp;
+  return resp.status === 204 ? null : resp.json();
+}
+
+// A Server-Sent Events reader over fetch: resumes with Last-Event-ID after a dropped
+// connection, like EventSource does.
+function sse(path, onMessage, lastEventId) {
+  const ctl = new AbortController();
+  let lastId = lastEventId || "";
+  let stopped = false;
+  async function connect() {
+    while (!stopped) {
+      try {
+        const headers = { Authorization: `Bearer ${token()}`, Accept: "text/event-stream" };
+        if (lastId) headers["Last-Event-ID"] = lastId;
+        const resp = await fetch(path, { headers, signal: ctl.signal });
+        if (resp.status === 401) { signOut(); return; }
+        if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
+        onMessage({ event: "open", data: null });
+        const reader = resp.body.getReader();
+        const dec = new TextDecoder();
+        let buf = "";
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buf += dec.decode(value, { stream: true });
+          let cut;
+          while ((cut = buf.indexOf("\n\n")) >= 0) {
+            const block = buf.slice(0, cut);
+            buf = buf.slice(cut + 2);
+            let event = "message", data = "", id = null;
+            for (const line of block.split("\n")) {
+              if (line.startsWith("id: ")) id = line.slice(4);
+              else if (line.startsWith("event: ")) event = line.slice(7);
+              else if (line.startsWith("data: ")) data += line.slice(6);
+            }
+            if (id !== null) lastId = id;
+            if (data) onMessage({ event, data: JSON.parse(data), id });
+          }
+        }
+        onMessage({ event: "end", data: null });
+        return;  // the server ended the stream (a run's stream ends with the run)
+      } catch (e) {
+        if (stopped || e.name === "AbortError") return;
+        onMessage({ event: "error", data: String(e) });
+        await new Promise((r) => setTimeout(r, 2000));
+      }
+    }
+  }
+  connect();
+  window.addEventListener("pagehide", () => { stopped = true; ctl.abort(); });
+  return { close() { stopped = true; ctl.abort(); } };
+}
+
+function signOut() {
+  sessionStorage.removeItem(TOKEN_KEY);
+  if (page !== "signin") location.href = "/signin?next=" + encodeURIComponent(location.pathname);
+}
+
+function el(tag, attrs = {}, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") e.className = v;
+    else if (k === "text") e.textContent = v;
+    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else if (v !== null && v !== undefined && v !== false) e.setAttribute(k, v);
+  }
+  for (const c of children) e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return e;
+}
+
+function fmt(x, digits = 3) {
+  return x === null || x === undefined || Number.isNaN(x) ? "–" : Number(x).toFixed(digits);
+}
+function fmtTime(iso) { return iso ? new Date(iso).toLocaleString() : "–"; }
+function hours(s) { return s / 3600; }
+const TERMINAL = new Set(["completed", "stopped", "aborted_safety", "failed", "interrupted"]);
+
+// Calls f at most once at a time and once more after it if asked meanwhile: a burst of
+// stream messages (a stream's replay of a long run's steps) makes one request, not one each.
+function coalesce(f) {
+  let running = false, again = false;
+  return async function run() {
+    if (running) { again = true; return; }
+    running = true;
+    try { await f(); } finally {
+      running = false;
+      if (again) { again = false; run(); }
+    }
+  };
+}
+
+function can(grant) { return !!whoami && whoami.grants.includes(grant); }
+
+function applyRole() {
+  document.getElementById("who-name").textContent = whoami.name;
+  const role = document.getElementById("who-role");
+  role.textContent = whoami.role;
+  role.dataset.role = whoami.role;
+  document.querySelectorAll("[data-grant]").forEach((node) => {
+    node.hidden = !can(node.dataset.grant);
+  });
+}
+
+function showProblem(target, err) {
+  target.textContent = err instanceof ApiError
+    ? `${err.status}: ${err.message}` : String(err);
+}
+
+// --- safety alarms: a banner on every page until someone acknowledges each alarm -----
+async function refreshAlarms() {
+  const box = document.getElementById("alarms");
+  let alarms;
+  try { alarms = await api("/api/v1/alarms"); } catch (e) { return; }
+  box.replaceChildren();
+  for (const a of alarms) {
+    const ack = el("button", { type: "button", class: "ack", "data-alarm": a.id,
+      onclick: async () => {
+        ack.disabled = true;
+        try { await api(`/api/v1/alarms/${a.id}/ack`, { method: "POST", json: {} }); }
+        catch (e) { showProblem(msg, e); ack.disabled = false; return; }
+        refreshAlarms();
+      } }, "Acknowledge");
+    ack.hidden = !can("operate");
+    const msg = el("span", { class: "msg" });
+    const runLink = a.run_id ? el("a", { href: `/runs/${a.run_id}` }, `run ${a.run_id}`) : "";
+    box.append(el("div", { class: "alarm", role: "alert", "data-alarm-id": a.id },
+      el("strong", {}, "SAFETY STOP "), runLink, " ", a.message, " ",
+      el("span", { class: "muted" }, fmtTime(a.ts)), " ", ack, msg));
+  }
+  box.hidden = alarms.length === 0;
+  box.dataset.count = alarms.length;
+}
+
+// The lab stream: every page follows it for safety events; the overview also for V/I/T.
+const labListeners = [];
+function followLab(latest) {
+  sse(`/api/v1/stream${latest ? "?latest=true" : ""}`, (msg) => {
+    // Once connected, look again: an alarm raised between the first look and the
+    // stream's start would otherwise show only after a reload.
+    if (msg.event === "open") refreshAlarms();
+    if (msg.event === "event" && msg.data.kind === "safety") refreshAlarms();
+    if (msg.event === "event" && msg.data.kind === "audit"
+        && msg.data.data && msg.data.data.acknowledges) refreshAlarms();
+    for (const f of labListeners) f(msg);
+  });
+}
+
+// --- sign-in -------------------------------------------------------------------------
+function initSignin() {
+  const form = document.getElementById("signin-form");
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const t = document.getElementById("token").value.trim();
+    sessionStorage.setItem(TOKEN_KEY, t);
+    try {
+      await api("/api/v1/whoami");
+    } catch (e) {
+      sessionStorage.removeItem(TOKEN_KEY);
+      document.getElementById("signin-error").textContent =
+        e.status === 401 ? "Unknown or revoked token." : String(e.message);
+      return;
+    }
+    const next = new URLSearchParams(location.search).get("next");
+    location.href = next && next.startsWith("/") && !next.startsWith("//") ? next : "/";
+  });
+}
+
+async function channelNamesById() {
+  const names = {};
+  for (const c of await api("/api/v1/channels")) names[c.id] = c.name;
+  return names;
+}
+
+// --- lab overview --------------------------------------------------------------------
+function progressBar(p) {
+  const outer = el("div", { class: "progress", title: p === null ? "" : `${(p * 100).toFixed(0)} %` });
+  const bar = el("div", { class: "bar", style: `width:${p === null ? 0 : (p * 100).toFixed(1)}%` });
+  outer.append(bar);
+  outer.dataset.progress = p === null ? "" : p.toFixed(4);
+  return outer;
+}
+
+// Run time left if the rest goes at the pace so far (run seconds, not wall seconds).
+function timeLeft(r) {
+  const p = r.progress;
+  if (p === null || p <= 0 || p >= 1 || TERMINAL.has(r.state)) return "";
+  return `≈ ${fmt(hours(r.elapsed_s * (1 - p) / p), 1)} h left`;
+}
+
+async function initOverview() {
+  const tbody = document.querySelector("#channels tbody");
+  const live = document.getElementById("lab-live");
+  const refresh = coalesce(async () => {
+    let rows;
+    try { rows = await api("/api/v1/lab"); } catch (e) { return; }
+    tbody.replaceChildren();
+    for (const c of rows) {
+      const r = c.run;
+      const state = el("span", { class: `state s-${c.state}` }, c.state.replace("_", " "));
+      const startLink = c.state === "idle" || c.state === "safety_stop" || c.state === "interrupted"
+        ? el("a", { href: `/runs/new?channel=${encodeURIComponent(c.channel)}`, class: "start",
+                    "data-grant": "operate" }, "start")
+        : "";
+      if (startLink) startLink.hidden = !can("operate");
+      tbody.append(el("tr", { "data-channel": c.channel, "data-state": c.state,
+                              "data-run-id": r ? r.id : "" },
+        el("td", {}, c.channel), el("td", {}, c.instrument), el("td", {}, state, " ", startLink),
+        el("td", {}, r ? el("a", { href: `/runs/${r.id}` }, `#${r.id}`) : "–"),
+        el("td", {}, r ? el("a", { href: `/cells/${r.cell_id}` }, r.cell_serial || r.cell_id) : "–"),
+        el("td", {}, r ? `${r.step_index + 1}/${r.step_count}` : "–"),
+        el("td", {}, r ? r.cycle_index : "–"),
+        el("td", {}, r ? progressBar(r.progress) : "–",
+           r ? el("span", { class: "muted small" }, timeLeft(r)) : ""),
+        el("td", { class: "v" }, fmt(c.voltage_v)),
+        el("td", { class: "i" }, fmt(c.current_a)),
+        el("td", { class: "t" }, fmt(c.temperature_c, 1))));
+    }
+    tbody.dataset.loaded = "true";
+  });
+  labListeners.push((msg) => {
+    if (msg.event === "open") live.dataset.connected = "true";
+    else if (msg.event === "error") live.dataset.connected = "false";
+    else if (msg.event === "latest") {
+      const row = tbody.querySelector(`tr[data-run-id="${msg.data.run_id}"]`);
+      if (!row) return;
+      row.querySelector(".v").textContent = fmt(msg.data.voltage_v);
+      row.querySelector(".i").textContent = fmt(msg.data.current_a);
+      row.querySelector(".t").textContent = fmt(msg.data.temperature_c, 1);
+      row.dataset.updates = Number(row.dataset.updates || 0) + 1;
+    } else if (msg.event === "step" || msg.event === "event" || msg.event === "cycle") {
+      refresh();
+    }
+  });
+  await refresh();
+  // Queued runs are claimed without an event: look again now and then.
+  setInterval(refresh, 3000);
+  const [runs, channelNames] = await Promise.all([api("/api/v1/runs?limit=20"), channelNamesById()]);
+  const rb = document.querySelector("#runs tbody");
+  for (const r of runs) {
+    rb.append(el("tr", {}, el("td", {}, el("a", { href: `/runs/${r.id}` }, `#${r.id}`)),
+      el("td", {}, r.state), el("td", {}, channelNames[r.channel_id] || r.channel_id),
+      el("td", {}, el("a", { href: `/cells/${r.cell_id}` }, `cell ${r.cell_id}`)),
+      el("td", {}, fmtTime(r.created_at)), el("td", {}, fmtTime(r.ended_at))));
+  }
+}
+
+// --- start a run ---------------------------------------------------------------------
+async function initStart() {
+  const form = document.getElementById("start-form");
+  const chSel = document.getElementById("f-channel");
+  const cellSel = document.getElementById("f-cell");
+  const srcSel = document.getElementById("f-source");
+  const params = document.getElementById("cycle-params");
+  const confirmBox = document.getElementById("confirm");
+  const want = new URLSearchParams(location.search).get("channel");
+  const [lab, cells, templates] = await Promise.all([
+    api("/api/v1/lab"), api("/api/v1/cells?limit=1000"), api("/api/v1/protocols/templates")]);
+  const free = lab.filter((c) => !["queued", "running", "paused"].includes(c.state));
+  for (const c of free) chSel.append(el("option", { value: c.channel, selected: c.channel === want },
+                                       `${c.channel} (${c.instrument})`));
+  for (const c of cells) cellSel.append(el("option", { value: c.id },
+                                           `${c.serial} — ${c.chemistry}, ${c.capacity_ah} Ah`));
+  cellSel.append(el("option", { value: "" }, "the channel's default cell"));
+  for (const t of templates) srcSel.append(el("option", { value: `template:${t.name}` },
+                                              `Template: ${t.name}`));
+  // Register a cell here (POST /api/v1/cells, audited) and pick it at once.
+  document.getElementById("register-cell").addEventListener("click", async () => {
+    const box = document.getElementById("new-cell");
+    box.querySelectorAll(".error").forEach((e) => { e.textContent = ""; });
+    const cellBody = { serial: document.getElementById("c-serial").value.trim(),
+                       spec: document.getElementById("c-spec").value.trim() || null };
+    const lot = document.getElementById("c-lot").value.trim();
+    if (lot) cellBody.lot = lot;
+    try {
+      const c = await api("/api/v1/cells", { method: "POST", json: cellBody });
+      cellSel.prepend(el("option", { value: c.id },
+                         `${c.serial} — ${c.chemistry}, ${c.capacity_ah} Ah`));
+      cellSel.value = String(c.id);
+      box.open = false;
+    } catch (e) {
+      const errors = (e.problem && e.problem.errors) || [];
+      let placed = 0;
+      for (const fe of errors) {
+        const slot = box.querySelector(`[data-cell-for="${String(fe.loc).replace(/^body\./, "")}"]`);
+        if (slot) { slot.textContent = fe.msg; placed += 1; }
+      }
+      if (!placed) showProblem(document.getElementById("cell-error"), e);
+    }
+  });
+  const upload = document.getElementById("upload-field");
+  srcSel.addEventListener("change", () => {
+    params.hidden = srcSel.value !== "protocol";
+    upload.hidden = srcSel.value !== "upload";
+  });
+
+  async function body() {
+    const b = { channel: chSel.value, sample_period_s: Number(document.getElementById("f-period").value) };
+    if (cellSel.value) b.cell_id = Number(cellSel.value);
+    if (srcSel.value === "protocol") {
+      const p = {};
+      for (const input of params.querySelectorAll("input")) {
+        if (input.value === "") continue;  // optional field left empty: the default
+        p[input.name] = input.name === "cycles" ? parseInt(input.value, 10) : Number(input.value);
+      }
+      b.protocol = p;
+    } else if (srcSel.value === "upload") {
+      const file = document.getElementById("f-document").files[0];
+      // The API parses and validates the text; an empty one is refused there (422).
+      b.protocol_document = file ? await file.text() : "";
+    } else {
+      b.template = srcSel.value.slice("template:".length);
+    }
+    return b;
+  }
+  function clearErrors() {
+    form.querySelectorAll(".error").forEach((e) => { e.textContent = ""; });
+    form.querySelectorAll("[aria-invalid]").forEach((e) => e.removeAttribute("aria-invalid"));
+  }
+  function placeErrors(err) {
+    const errors = (err.problem && err.problem.errors) || [];
+    let placed = 0;
+    for (const fe of errors) {
+      const loc = String(fe.loc).replace(/^body\./, "");
+      const slot = form.querySelector(`.error[data-for="${loc}"]`)
+        || form.querySelector(`.error[data-for="${loc.split(".")[0]}"]`);
+      if (slot) {
+        slot.textContent = (slot.textContent ? slot.textContent + "; " : "") + fe.msg;
+        const input = slot.parentElement.querySelector("input,select");
+        if (input) input.setAttribute("aria-invalid", "true");
+        placed += 1;
+      }
+    }
+    if (placed < errors.length || errors.length === 0) showProblem(document.getElementById("form-error"), err);
+  }
+  let pending = null;
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    clearErrors();
+    confirmBox.hidden = true;
+    pending = await body();
+    let preview;
+    try {
+      preview = await api("/api/v1/runs?dry_run=true", { method: "POST", json: pending });
+    } catch (e) { placeErrors(e); return; }
+    document.getElementById("confirm-summary").textContent =
+      `${preview.protocol_name} on ${preview.channel}, cell ${preview.cell.serial} ` +
+      `(${preview.cell.capacity_ah} Ah), a sample every ${preview.sample_period_s} s.`;
+    const lt = document.querySelector("#confirm-limits tbody");
+    lt.replaceChildren();
+    const sources = preview.limits.sources || {};
+    for (const [k, v] of Object.entries(preview.limits)) {
+      if (k === "sources") continue;
+      lt.append(el("tr", {}, el("th", {}, k), el("td", {}, v === null ? "none" : v),
+                   el("td", { class: "muted" }, sources[k] ? `from the ${sources[k]}` : "")));
+    }
+    const st = document.querySelector("#confirm-steps tbody");
+    st.replaceChildren();
+    for (const s of preview.program) {
+      const until = s.until ? Object.entries(s.until).filter(([, v]) => v !== null)
+        .map(([k, v]) => `${k} ${v}`).join(", ") : "";
+      st.append(el("tr", {}, el("td", {}, s.index), el("td", {}, s.step), el("td", {}, s.tag || ""),
+        el("td", {}, s.current_a !== undefined ? fmt(s.current_a) : ""),
+        el("td", {}, s.voltage_v !== undefined ? fmt(s.voltage_v) : ""), el("td", {}, until)));
+    }
+    confirmBox.hidden = false;
+    document.getElementById("start").focus();
+  });
+  document.getElementById("edit").addEventListener("click", () => { confirmBox.hidden = true; });
+  document.getElementById("start").addEventListener("click", async () => {
+    try {
+      const run = await api("/api/v1/runs", { method: "POST", json: pending });
+      location.href = `/runs/${run.id}`;
+    } catch (e) { confirmBox.hidden = true; placeErrors(e); }
+  });
+}
+
+// --- plots ---------------------------------------------------------------------------
+const PLOT_CONFIG = { responsive: true, displaylogo: false };
+function baseLayout(extra) {
+  return { margin: { l: 60, r: 60, t: 30, b: 45 }, autosize: true,
+           legend: { orientation: "h", x: 0, y: 1.02, yanchor: "bottom" }, ...extra };
+}
+function setCount(div, n) { div.dataset.points = String(n); }
+
+async function download(path, name) {
+  const resp = await api(path, { raw: true });
+  const blob = await resp.blob();
+  const a = el("a", { href: URL.createObjectURL(blob), download: name });
+  document.body.append(a);
+  a.click();
+  a.remove();
+}
+
+// --- run page ------------------------------------------------------------------------
+async function initRun() {
+  const runId = document.body.dataset.runId;
+  const err = document.getElementById("run-error");
+  const stateEl = document.getElementById("run-state");
+  const vit = document.getElementById("plot-vit");
+  const cyc = document.getElementById("plot-cycles");
+  const stepsBody = document.querySelector("#steps tbody");
+  let run = await api(`/api/v1/runs/${runId}`);
+  const channelNames = await channelNamesById();
+  const cycles = [];
+  let points = 0;
+
+  function showState(r) {
+    run = { ...run, ...r };
+    stateEl.textContent = run.state.replace("_", " ");
+    stateEl.className = `state s-${run.state}`;
+    document.body.dataset.runState = run.state;
+    document.getElementById("run-summary").replaceChildren(
+      `Channel ${channelNames[run.channel_id] || run.channel_id} · `,
+      el("a", { href: `/cells/${run.cell_id}` }, `cell ${run.cell_id}`),
+      ` · step ${run.step_index + 1} of ${run.step_count} · cycle ${run.cycle_index}` +
+      ` · ${fmt(hours(run.elapsed_s), 2)} h` + (run.end_reason ? ` · ${run.end_reason}` : ""));
+    const active = !TERMINAL.has(run.state);
+    document.getElementById("pause").disabled = run.state !== "running";
+    document.getElementById("resume").disabled = run.state !== "paused";
+    document.getElementById("stop").disabled = !active;
+    markCurrentStep();
+  }
+  const refreshProgress = coalesce(async () => {
+    const bar = document.getElementById("run-progress");
+    if (TERMINAL.has(run.state)) {
+      bar.style.width = run.state === "completed" ? "100%" : bar.style.width;
+      bar.parentElement.dataset.progress = run.state === "completed" ? "1" : bar.parentElement.dataset.progress || "";
+      return;
+    }
+    try {
+      const lab = await api("/api/v1/lab");
+      const mine = lab.find((c) => c.run && String(c.run.id) === String(runId));
+      if (mine && mine.run.progress !== null) {
+        bar.style.width = `${(mine.run.progress * 100).toFixed(1)}%`;
+        bar.parentElement.dataset.progress = mine.run.progress.toFixed(4);
+        document.getElementById("run-left").textContent = timeLeft(mine.run);
+        showState({ step_index: mine.run.step_index, cycle_index: mine.run.cycle_index,
+                    elapsed_s: mine.run.elapsed_s, state: mine.run.state });
+      }
+    } catch (e) { /* the next refresh tries again */ }
+  });
+
+  // Downsampled history first, then the stream from just after its last sample.
+  const hist = await api(`/api/v1/runs/${runId}/samples?points=2000`);
+  const t = hist.t_s.map(hours);
+  await Plotly.newPlot(vit, [
+    { x: t, y: hist.voltage_v, name: "Voltage / V", mode: "lines", line: { color: "#1f5fa8" } },
+    { x: t, y: hist.current_a, name: "Current / A", mode: "lines", yaxis: "y2", line: { color: "#c0392b" } },
+    { x: t, y: hist.temperature_c, name: "Temperature / °C", mode: "lines", yaxis: "y3", line: { color: "#7d7d00" } },
+  ], baseLayout({
+    xaxis: { title: { text: "Time / h" }, domain: [0, 0.88] },
+    yaxis: { title: { text: "Voltage / V" } },
+    yaxis2: { title: { text: "Current / A" }, overlaying: "y", side: "right" },
+    yaxis3: { title: { text: "Temperature / °C" }, overlaying: "y", side: "right", anchor: "free", position: 1.0 },
+  }), PLOT_CONFIG);
+  points = hist.t_s.length;
+  setCount(vit, points);
+  const lastSeq = hist.seq.length ? Math.max(...hist.seq) : 0;
+
+  function drawCycles() {
+    const x = cycles.map((c) => c.cycle_index);
+    Plotly.react(cyc, [
+      { x, y: cycles.map((c) => c.discharge_capacity_ah), name: "Discharge / Ah", mode: "lines+markers" },
+      { x, y: cycles.map((c) => c.charge_capacity_ah), name: "Charge / Ah", mode: "lines+markers" },
+      { x, y: cycles.map((c) => c.coulombic_efficiency === null ? null : 100 * c.coulombic_efficiency),
+        name: "Coulombic efficiency / %", mode: "lines+markers", yaxis: "y2" },
+    ], baseLayout({ margin: { l: 60, r: 80, t: 30, b: 45 },
+                    xaxis: { title: { text: "Cycle / 1" }, dtick: 1 },
+                    yaxis: { title: { text: "Capacity / Ah" } },
+                    yaxis2: { title: { text: "Efficiency / %", standoff: 10 }, overlaying: "y",
+                              side: "right", automargin: true } }),
+    PLOT_CONFIG);
+    setCount(cyc, cycles.length);
+    document.getElementById("cycles-none").hidden = cycles.length > 0;
+  }
+  drawCycles();
+  let cyclesPending = false;
+
+  function markCurrentStep() {
+    let cur = stepsBody.querySelector("tr.current");
+    if (TERMINAL.has(run.state)) { if (cur) cur.remove(); return; }
+    if (!cur) {
+      cur = el("tr", { class: "current" });
+    }
+    cur.replaceChildren(el("td", {}, "▶"), el("td", {}, `step ${run.step_index + 1} (now)`),
+      el("td", {}, run.cycle_index), el("td", { colspan: 4 }, "in progress"));
+    stepsBody.append(cur);
+  }
+  const events = document.getElementById("events");
+  function onMessage(msg) {
+    const d = msg.data;
+    if (msg.event === "samples" && d.count > 0) {
+      Plotly.extendTraces(vit, { x: [d.t_s.map(hours), d.t_s.map(hours), d.t_s.map(hours)],
+                                 y: [d.voltage_v, d.current_a, d.temperature_c] }, [0, 1, 2], 20000);
+      points = Math.min(points + d.count, 20000);
+      setCount(vit, Number(vit.dataset.points) + d.count);
+    } else if (msg.event === "step") {
+      stepsBody.querySelector("tr.current")?.remove();
+      stepsBody.append(el("tr", { "data-step": d.step_number }, el("td", {}, d.step_number),
+        el("td", {}, d.kind), el("td", {}, d.cycle_index), el("td", {}, fmt(d.start_t_s, 0)),
+        el("td", {}, fmt(d.end_t_s, 0)), el("td", {}, fmt(d.capacity_ah, 4)), el("td", {}, d.end_reason)));
+      markCurrentStep();
+      refreshProgress();
+    } else if (msg.event === "cycle") {
+      cycles.push(d);
+      // One redraw per frame: the stream replays every cycle of a long run at once.
+      if (!cyclesPending) {
+        cyclesPending = true;
+        requestAnimationFrame(() => { cyclesPending = false; drawCycles(); });
+      }
+    } else if (msg.event === "event") {
+      events.prepend(el("li", { class: `sev-${d.severity} kind-${d.kind}` },
+        el("span", { class: "muted" }, fmtTime(d.ts)), " ", el("strong", {}, d.kind), " ", d.message,
+        d.actor ? el("span", { class: "muted" }, ` — ${d.actor}`) : ""));
+    } else if (msg.event === "state") {
+      showState(d);
+      refreshProgress();
+      if (TERMINAL.has(d.state)) loadVerdicts();
+    }
+  }
+  showState(run);
+  sse(`/api/v1/runs/${runId}/stream`, onMessage, `${lastSeq}.0.0.0..`);
+  refreshProgress();
+  setInterval(() => { if (!TERMINAL.has(run.state)) refreshProgress(); }, 3000);
+
+  async function command(what) {
+    err.textContent = "";
+    try { showState(await api(`/api/v1/runs/${runId}/${what}`, { method: "POST" })); }
+    catch (e) { showProblem(err, e); }
+  }
+  document.getElementById("pause").addEventListener("click", () => command("pause"));
+  document.getElementById("resume").addEventListener("click", () => command("resume"));
+  const stop = document.getElementById("stop");
+  stop.addEventListener("click", () => {
+    // Two clicks: a stop cannot be undone, and a dialog would block the page.
+    if (stop.dataset.armed !== "true") {
+      stop.dataset.armed = "true";
+      stop.textContent = "Confirm stop";
+      setTimeout(() => { stop.dataset.armed = ""; stop.textContent = "Stop"; }, 5000);
+      return;
+    }
+    stop.dataset.armed = "";
+    stop.textContent = "Stop";
+    command("stop");
+  });
+  for (const b of document.querySelectorAll("[data-export]")) {
+    b.addEventListener("click", async () => {
+      const f = b.dataset.export;
+      try {
+        await download(`/api/v1/runs/${runId}/export?format=${f}`,
+                       f === "bdf" ? `run-${runId}.bdf.csv` : `run-${runId}.${f}`);
+      } catch (e) { showProblem(err, e); }
+    });
+  }
+  document.getElementById("report").addEventListener("click", async () => {
+    try {
+      const resp = await api(`/api/v1/runs/${runId}/report`, { raw: true });
+      const blob = new Blob([await resp.text()], { type: "text/html" });
+      window.open(URL.createObjectURL(blob), "_blank");
+    } catch (e) { showProblem(err, e); }
+  });
+
+  // Impedance spectra: Nyquist plot.
+  const spectra = await api(`/api/v1/runs/${runId}/eis`);
+  const eis = document.getElementById("plot-eis");
+  if (spectra.length) {
+    document.getElementById("eis-none").hidden = true;
+    await Plotly.newPlot(eis, spectra.map((s) => ({
+      x: s.z_real_ohm, y: s.z_imag_ohm.map((v) => -v), mode: "lines+markers",
+      name: `cycle ${s.cycle_index}, step ${s.step_index}` })),
+    baseLayout({ xaxis: { title: { text: "Z′ / Ω" } }, yaxis: { title: { text: "−Z″ / Ω" }, scaleanchor: "x" } }),
+    PLOT_CONFIG);
+    setCount(eis, spectra.reduce((n, s) => n + s.frequency_hz.length, 0));
+  } else {
+    eis.hidden = true;
+  }
+
+  async function loadVerdicts() {
+    if (!can("evaluate")) return;
+    const tb = document.querySelector("#verdicts tbody");
+    try {
+      const ev = await api(`/api/v1/runs/${runId}/evaluation`);
+      tb.replaceChildren();
+      for (const e of ev.entries) {
+        tb.append(el("tr", {}, el("td", {}, e.entry_id), el("td", { class: `v-${e.verdict}` }, e.verdict),
+                      el("td", {}, e.title)));
+      }
+      if (!ev.entries.length) tb.append(el("tr", {}, el("td", { colspan: 3 }, "No catalogue entry applies.")));
+    } catch (e) {
+      tb.replaceChildren(el("tr", {}, el("td", { colspan: 3 }, e.message)));
+    }
+  }
+  if (TERMINAL.has(run.state)) loadVerdicts();
+  else {
+    document.querySelector("#verdicts tbody").replaceChildren(
+      el("tr", {}, el("td", { colspan: 3, class: "muted" }, "Judged when the run has ended.")));
+  }
+}
+
+// --- cell page -----------------------------------------------------------------------
+async function initCell() {
+  const cellId = document.body.dataset.cellId;
+  const cell = await api(`/api/v1/cells/${cellId}`);
+  document.getElementById("cell-serial").textContent = cell.serial;
+  document.getElementById("cell-summary").textContent =
+    `${cell.chemistry}, ${cell.capacity_ah} Ah, ${cell.discharge_cutoff_v}–${cell.charge_cutoff_v} V` +
+    (cell.maker ? `, ${cell.maker} ${cell.model || ""}` : "");
+  const tb = document.querySelector("#cell-runs tbody");
+  const traces = [];
+  let offset = 0;
+  for (const id of [...cell.run_ids].sort((a, b) => a - b)) {
+    const [run, cycles] = await Promise.all([api(`/api/v1/runs/${id}`), api(`/api/v1/runs/${id}/cycles`)]);
+    const last = cycles.length ? cycles[cycles.length - 1].discharge_capacity_ah : null;
+    tb.append(el("tr", { "data-run-id": id }, el("td", {}, el("a", { href: `/runs/${id}` }, `#${id}`)),
+      el("td", {}, run.state), el("td", {}, fmtTime(run.created_at)), el("td", {}, cycles.length),
+      el("td", {}, fmt(last, 4))));
+    if (cycles.length) {
+      traces.push({ x: cycles.map((c) => offset + c.cycle_index),
+                    y: cycles.map((c) => 100 * c.discharge_capacity_ah / cell.capacity_ah),
+                    mode: "lines+markers", name: `run ${id}` });
+      offset += cycles.length;
+    }
+  }
+  const fade = document.getElementById("plot-fade");
+  await Plotly.newPlot(fade, traces, baseLayout({
+    xaxis: { title: { text: "Cycle (all runs) / 1" } },
+    yaxis: { title: { text: "Discharge capacity / % of rated" } } }), PLOT_CONFIG);
+  setCount(fade, traces.reduce((n, tr) => n + tr.x.length, 0));
+  if (can("evaluate")) {
+    const vb = document.querySelector("#cell-verdicts tbody");
+    try {
+      for (const ev of await api(`/api/v1/cells/${cellId}/evaluation`)) {
+        for (const e of ev.entries) {
+          vb.append(el("tr", {}, el("td", {}, el("a", { href: `/runs/${ev.run_id}` }, `#${ev.run_id}`)),
+            el("td", {}, `${e.entry_id} — ${e.title}`), el("td", { class: `v-${e.verdict}` }, e.verdict)));
+        }
+      }
+    } catch (e) { vb.append(el("tr", {}, el("td", { colspan: 3 }, e.message))); }
+  }
+  document.body.dataset.loaded = "true";
+}
+
+// --- admin: instruments --------------------------------------------------------------
+async function initAdmin() {
+  // The content comes from an admin-only request: another role's token is refused there
+  // (403) whatever this page shows.
+  const resp = await fetch("/ui/admin/instruments", {
+    headers: { Authorization: `Bearer ${token()}` } });
+  if (resp.status === 403) {
+    let detail = "";
+    try { detail = (await resp.json()).detail; } catch (e) { /* not JSON */ }
+    document.getElementById("admin-denied").hidden = false;
+    document.getElementById("admin-denied-detail").textContent =
+      `Your role (${whoami.role}) may not configure instruments: ${detail}`;
+    return;
+  }
+  if (!resp.ok) throw new ApiError(resp.status, null);
+  document.getElementById("admin-instruments").innerHTML = await resp.text();
+  document.getElementById("admin-body").hidden = false;
+  document.getElementById("apply-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const out = document.getElementById("apply-result");
+    try {
+      const res = await api("/api/v1/instruments?dry_run=true", {
+        method: "PUT", json: JSON.parse(document.getElementById("apply-doc").value) });
+      out.textContent = JSON.stringify(res.changes || res, null, 2);
+    } catch (e) { showProblem(out, e); }
+  });
+}
+
+// --- start-up ------------------------------------------------------------------------
+async function main() {
+  if (page === "signin") { initSignin(); return; }
+  if (!token()) { signOut(); return; }
+  document.getElementById("signout").addEventListener("click", signOut);
+  try { whoami = await api("/api/v1/whoami"); } catch (e) { return; }
+  applyRole();
+  followLab(page === "overview");
+  const init = { overview: initOverview, start: initStart, run: initRun, cell: initCell,
+                 admin: initAdmin }[page];
+  try {
+    if (init) await init();
+  } catch (e) {
+    const m = document.querySelector("main");
+    m.prepend(el("p", { class: "error", role: "alert" }, e.message));
+  }
+  document.body.dataset.ready = "true";
+}
+main();

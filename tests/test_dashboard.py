@@ -1,0 +1,486 @@
+"""The web dashboard in a real browser: headless Chromium (Debian's, driven by Playwright's
+Python package) against `labdaq serve --sim` on 127.0.0.1, one service and one browser for
+the module. Each page has its own flow; every test checks that no request left 127.0.0.1.
+
+Chromium is installed with apt-get when /usr/bin/chromium is missing (as tests/test_deploy.py
+installs its tools); where that cannot run the tests skip, and under CI they fail instead.
+Screenshots of every page go to tests/artifacts/ (git-ignored). Sign-in, the overview, the
+run page (export) and the admin 403 run in `make test`; the longer flows (start a run and
+stop it, the cell page, the safety alarm, every page at two sizes) in `make test-slow`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+
+from labdaq.auth import create_token
+from labdaq.config import Settings
+from labdaq.storage.db import create_engine, session_scope, sessionmaker
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "tests" / "artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
+                 "--disable-background-networking", "--disable-component-update"]
+SPEED = 500
+# An external short on the last cabinet channel from the start: a run there reads ~0 V
+# at its first sample and the engine's safety check stops it.
+FAULT = "external_short:cabinet1/8:resistance_ohm=0.01"
+SIZES = {"desktop": (1280, 800), "tablet": (768, 1024)}
+TIMEOUT_MS = 120_000  # a bound for a hung page, not a performance figure
+# Each test's limit, the first one's including the service's start-up (~20 s quiet, 40 s
+# seen under heavy load): only a hang fails.
+pytestmark = pytest.mark.timeout(300)
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI must run the browser tests)")
+    pytest.skip(reason)
+
+
+def _ensure_chromium() -> Path:
+    if CHROMIUM.exists():
+        return CHROMIUM
+    if not shutil.which("apt-get") or os.geteuid() != 0:
+        _unavailable("/usr/bin/chromium is missing and apt-get cannot run here")
+    lock = ["-o", "DPkg::Lock::Timeout=600"]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", *lock, "update"], check=True, capture_output=True, env=env)
+    proc = subprocess.run(
+        ["apt-get", *lock, "install", "-y", "--no-install-recommends", "chromium"],
+        capture_output=True, text=True, env=env,
+    )
+    assert proc.returncode == 0, f"apt-get install chromium failed:\n{proc.stderr[-2000:]}"
+    assert CHROMIUM.exists(), "chromium installed but /usr/bin/chromium is missing"
+    return CHROMIUM
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Lab:
+    """The running service: its URL, a token per role, and an API client per role."""
+
+    def __init__(self, base: str, tokens: dict[str, str]) -> None:
+        self.base = base
+        self.tokens = tokens
+
+    def api(self, role: str) -> httpx.Client:
+        return httpx.Client(base_url=self.base, timeout=30,
+                            headers={"Authorization": f"Bearer {self.tokens[role]}"})
+
+    def cell_id(self, serial: str) -> int:
+        with self.api("technician") as c:
+            return int(c.get("/api/v1/cells", params={"serial": serial}).json()[0]["id"])
+
+
+async def _tokens(url: str, roles: tuple[str, ...]) -> dict[str, str]:
+    """Tokens created as `labdaq token create` does, in this process (no CLI start-up)."""
+    engine = create_engine(url)
+    try:
+        async with session_scope(sessionmaker(engine)) as s:
+            return {role: await create_token(s, f"dash-{role}", role) for role in roles}
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    data = tmp_path_factory.mktemp("dashboard") / "data"
+    port = _free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("LABDAQ_DATABASE_URL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "labdaq.cli", "serve", "--sim", "--speed", str(SPEED),
+         "--port", str(port), "--data-dir", str(data), "--sim-fault", FAULT],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        token, lines = None, []
+        while token is None:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if m := re.search(r"token \(shown once\): (\S+)", line):
+                token = m.group(1)
+        assert token, "serve did not print a token:\n" + "".join(lines)
+        # Keep reading its output so a full pipe never blocks the service.
+        drain = subprocess.Popen(["cat"], stdin=proc.stdout, stdout=subprocess.DEVNULL)
+        tokens = {"technician": token, **asyncio.run(_tokens(Settings(
+            data_dir=data).resolved_database_url, ("engineer", "admin")))}
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        yield Lab(base, tokens)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if "drain" in locals():
+            drain.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser(lab: Lab) -> Iterator[Any]:
+    chromium = _ensure_chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture(scope="module")
+def background_run(lab: Lab) -> int:
+    """A run that keeps going on cabinet1/2 for the overview, cell and export flows."""
+    with lab.api("technician") as c:
+        r = c.post("/api/v1/runs", json={
+            "channel": "cabinet1/2", "cell_serial": "SIM-NMC811-C1-002",
+            "protocol": {"charge_current_a": 2.45, "charge_voltage_v": 4.2, "rest_s": 60,
+                         "discharge_current_a": 2.45, "discharge_cutoff_v": 3.0,
+                         "cycles": 50},
+            "sample_period_s": 2,
+        })
+        assert r.status_code == 201, r.text
+        run_id = int(r.json()["id"])
+        # Wait for stored samples (the engine claims it within a scheduler round).
+        deadline = time.monotonic() + 120
+        while c.get(f"/api/v1/runs/{run_id}").json()["last_seq"] < 10:
+            assert time.monotonic() < deadline, "the background run stored no samples"
+            time.sleep(0.2)
+    return run_id
+
+
+class Session:
+    """One browser context signed in as a role, recording every request it makes."""
+
+    def __init__(self, browser: Any, lab: Lab, role: str | None, size: str = "desktop"):
+        w, h = SIZES[size]
+        self.lab = lab
+        self.ctx = browser.new_context(viewport={"width": w, "height": h},
+                                       accept_downloads=True)
+        self.ctx.set_default_timeout(TIMEOUT_MS)
+        self.urls: list[str] = []
+        self.ctx.on("request", lambda req: self.urls.append(req.url))
+        if role is not None:
+            self.ctx.add_init_script(
+                f"sessionStorage.setItem('labdaq.token', {lab.tokens[role]!r});")
+        self.page = self.ctx.new_page()
+        self.errors: list[str] = []
+        self.page.on("pageerror", lambda exc: self.errors.append(str(exc)))
+
+    def open(self, path: str) -> Any:
+        self.page.goto(self.lab.base + path)
+        self.page.wait_for_selector("body[data-ready='true']")
+        return self.page
+
+    def shot(self, name: str) -> None:
+        ARTIFACTS.mkdir(exist_ok=True)
+        self.page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+    def close(self) -> None:
+        self.ctx.close()
+        # blob: URLs are downloads made in the page; everything else must be ours.
+        outside = [u for u in self.urls
+                   if urlsplit(u).scheme not in ("blob", "data")
+                   and urlsplit(u).hostname != "127.0.0.1"]
+        assert not outside, f"requests left 127.0.0.1: {outside}"
+        assert self.urls, "no request recorded"
+        assert not self.errors, f"JavaScript errors: {self.errors}"
+
+
+@pytest.fixture
+def session(browser: Any, lab: Lab) -> Iterator[Any]:
+    opened: list[Session] = []
+
+    def make(role: str | None, size: str = "desktop") -> Session:
+        s = Session(browser, lab, role, size)
+        opened.append(s)
+        return s
+
+    yield make
+    for s in opened:
+        s.close()
+
+
+def _axis_titles(page: Any, selector: str) -> list[str]:
+    """Titles of every axis a plotly chart shows."""
+    return page.eval_on_selector(selector, """div => Object.entries(div._fullLayout)
+        .filter(([k, v]) => /^[xy]axis\\d*$/.test(k) && v.visible !== false)
+        .map(([k, v]) => (v.title && v.title.text) || '')""")
+
+
+def test_sign_in_shows_role_and_hides_what_it_cannot_do(session, lab: Lab) -> None:
+    s = session(None)
+    page = s.page
+    page.goto(lab.base + "/")
+    page.wait_for_url("**/signin**")
+    page.fill("#token", "ldq_not-a-token")
+    page.click("#signin-form button[type=submit]")
+    page.wait_for_selector("#signin-error:has-text('Unknown or revoked token')")
+    page.fill("#token", lab.tokens["technician"])
+    page.click("#signin-form button[type=submit]")
+    page.wait_for_selector("body[data-page='overview'][data-ready='true']")
+    assert page.inner_text("#who-role") == "technician"
+    assert page.is_visible("nav a[href='/runs/new']")
+    assert not page.is_visible("nav a[href='/admin']")
+    s.shot("signin-overview-technician")
+    # An engineer may not operate runs: the start link is hidden for them.
+    e = session("engineer")
+    e.open("/")
+    assert e.page.inner_text("#who-role") == "engineer"
+    assert not e.page.is_visible("nav a[href='/runs/new']")
+
+
+def test_overview_lists_every_channel_with_live_values(session, lab: Lab,
+                                                       background_run: int) -> None:
+    s = session("technician")
+    page = s.open("/")
+    rows = page.locator("#channels tbody tr")
+    names = [rows.nth(i).get_attribute("data-channel") for i in range(rows.count())]
+    assert names == ["smu1/1", *[f"cabinet1/{i}" for i in range(1, 9)]]
+    row = page.locator("#channels tr[data-channel='cabinet1/2']")
+    assert row.get_attribute("data-run-id") == str(background_run)
+    assert row.get_attribute("data-state") in ("running", "paused")
+    # Live V/I/T from the lab stream: the row is updated by `latest` messages.
+    page.wait_for_selector("#lab-live[data-connected='true']")
+    page.wait_for_function(
+        "document.querySelector(\"#channels tr[data-channel='cabinet1/2']\")"
+        "?.dataset.updates >= 2")
+    row = page.locator("#channels tr[data-channel='cabinet1/2']")
+    voltage = float(row.locator("td.v").inner_text())
+    assert 2.5 < voltage < 4.3
+    assert page.locator("#channels tr[data-channel='cabinet1/3']").get_attribute(
+        "data-state") == "idle"
+    s.shot("overview")
+
+
+@pytest.mark.slow  # the module took > 60 s; `make test-slow`
+def test_start_run_from_form_watch_live_plot_pause_resume_stop(session, lab: Lab) -> None:
+    s = session("technician")
+    page = s.open("/runs/new?channel=cabinet1/1")
+    assert page.input_value("#f-channel") == "cabinet1/1"
+    # Register a cell from the form: an unknown specification is named beside its field.
+    page.click("#new-cell summary")
+    page.fill("#c-serial", "DASH-NEW-001")
+    page.fill("#c-spec", "no-such-spec")
+    page.click("#register-cell")
+    page.wait_for_selector("[data-cell-for='spec']:has-text('nmc811')")
+    page.fill("#c-spec", "nmc811")
+    page.click("#register-cell")
+    page.wait_for_function("document.querySelector('#f-cell').selectedOptions[0]"
+                           ".textContent.startsWith('DASH-NEW-001')")
+    with lab.api("technician") as c:
+        assert c.get("/api/v1/cells", params={"serial": "DASH-NEW-001"}).json()
+    page.select_option("#f-cell", value=str(lab.cell_id("SIM-NMC811-C1-001")))
+    with lab.api("technician") as c:
+        runs_before = len(c.get("/api/v1/runs").json())
+    # A charge voltage above the cell's cut-off: the error is shown beside the field.
+    page.fill("#p-charge_voltage_v", "4.5")
+    page.click("#check")
+    err = page.locator(".error[data-for='protocol.charge_voltage_v']")
+    err.wait_for(state="visible")
+    assert "4.2" in err.inner_text()
+    assert page.is_hidden("#confirm")
+    # An uploaded document that is not a valid protocol: the error sits by the upload.
+    page.select_option("#f-source", "upload")
+    page.set_input_files("#f-document", files=[{
+        "name": "bad.yaml", "mimeType": "text/yaml",
+        "buffer": b"schema_version: 1\nname: bad\nsteps:\n  - step: cc\n    rate_c: 0.5\n"}])
+    page.click("#check")
+    doc_err = page.locator(".error[data-for='protocol_document']")
+    doc_err.wait_for(state="visible")
+    assert page.is_hidden("#confirm")
+    page.select_option("#f-source", "protocol")
+    # Short steps (a high taper current ends the CV phase early) so progress moves soon.
+    for field, value in {"charge_current_a": "4.9", "charge_voltage_v": "4.0",
+                         "taper_current_a": "3", "rest_s": "10",
+                         "discharge_current_a": "4.9", "discharge_cutoff_v": "3.5",
+                         "cycles": "50"}.items():
+        page.fill(f"#p-{field}", value)
+    page.click("#check")
+    page.wait_for_selector("#confirm:not([hidden])")
+    steps = page.locator("#confirm-steps tbody tr")
+    currents = [steps.nth(i).locator("td").nth(3).inner_text() for i in range(steps.count())]
+    assert "4.900" in currents and "-4.900" in currents
+    assert page.locator("#confirm-limits tbody tr").count() > 0
+    s.shot("start-confirm")
+    with lab.api("technician") as c:  # the dry runs stored nothing
+        assert len(c.get("/api/v1/runs").json()) == runs_before
+    page.click("#start")
+    page.wait_for_url(re.compile(r"/runs/\d+$"))
+    run_id = int(page.url.rsplit("/", 1)[1])
+    page.wait_for_selector("body[data-ready='true']")
+    # The live plot grows from the stream; the progress bar advances at step ends.
+    plot = page.locator("#plot-vit")
+    start = int(plot.get_attribute("data-points") or 0)
+    page.wait_for_function(
+        f"Number(document.querySelector('#plot-vit').dataset.points) > {start + 20}")
+    bar = "Number(document.querySelector('main > .progress').dataset.progress || 0)"
+    page.wait_for_function(f"{bar} > 0")
+    first = page.evaluate(bar)
+    page.wait_for_function(f"{bar} > {first}")
+    titles = _axis_titles(page, "#plot-vit")
+    assert titles and all(" / " in t for t in titles), titles
+    assert page.locator("#steps tbody tr").count() >= 2  # a finished step and the current
+    s.shot("run-page-live")
+    page.click("#pause")
+    page.wait_for_selector("body[data-run-state='paused']")
+    assert page.is_enabled("#resume") and page.is_disabled("#pause")
+    page.click("#resume")
+    page.wait_for_selector("body[data-run-state='running']")
+    page.click("#stop")
+    page.click("#stop")  # a second click confirms
+    page.wait_for_selector("body[data-run-state='stopped']")
+    with lab.api("technician") as c:
+        run = c.get(f"/api/v1/runs/{run_id}").json()
+        events = c.get(f"/api/v1/runs/{run_id}/events").json()
+    assert run["state"] == "stopped"
+    assert any(e["kind"] == "audit" and e["message"] == "stop requested"
+               and e["actor"].startswith("demo-") for e in events)
+    assert page.is_disabled("#stop") and page.is_disabled("#pause")
+
+
+def test_run_page_exports_parquet_and_shows_cycles(session, lab: Lab,
+                                                    background_run: int) -> None:
+    s = session("engineer")
+    page = s.open(f"/runs/{background_run}")
+    assert not page.is_visible("#stop")  # engineers do not operate runs
+    with page.expect_download() as dl:
+        page.click("[data-export='parquet']")
+    path = Path(dl.value.path())
+    assert dl.value.suggested_filename == f"run-{background_run}.parquet"
+    table = pq.read_table(path)
+    meta = pq.read_metadata(path).metadata
+    assert table.num_rows > 0 and table.num_rows == int(meta[b"labdaq.rows"])
+    assert {"t_s", "voltage_v", "current_a", "temperature_c"} <= set(table.column_names)
+    for plot in ("#plot-vit", "#plot-cycles"):
+        titles = _axis_titles(page, plot)
+        assert titles and all(" / " in t for t in titles), (plot, titles)
+    s.shot("run-page-engineer")
+
+
+@pytest.mark.slow  # the module took > 60 s; `make test-slow`
+def test_cell_page_lists_runs_and_fade_trend(session, lab: Lab, background_run: int) -> None:
+    cell = lab.cell_id("SIM-NMC811-C1-002")
+    s = session("engineer")
+    page = s.open(f"/cells/{cell}")
+    assert page.inner_text("#cell-serial") == "SIM-NMC811-C1-002"
+    assert page.locator(f"#cell-runs tr[data-run-id='{background_run}']").count() == 1
+    titles = _axis_titles(page, "#plot-fade")
+    assert titles and all(" / " in t for t in titles), titles
+    assert page.is_visible("#cell-verdicts")
+    s.shot("cell")
+
+
+def test_technician_gets_403_from_admin_page_and_api(session, lab: Lab) -> None:
+    s = session("technician")
+    statuses: dict[str, int] = {}
+    s.page.on("response", lambda r: statuses.__setitem__(urlsplit(r.url).path, r.status))
+    page = s.open("/admin")
+    assert page.is_visible("#admin-denied") and page.is_hidden("#admin-body")
+    # The page's content is an admin-only request, refused to this token.
+    assert statuses["/ui/admin/instruments"] == 403
+    assert page.locator("#instruments").count() == 0
+    status = page.evaluate("""async () => (await fetch('/api/v1/instruments?dry_run=true', {
+        method: 'PUT', headers: {'Content-Type': 'application/json',
+        Authorization: 'Bearer ' + sessionStorage.getItem('labdaq.token')},
+        body: JSON.stringify({instruments: [], cells: []})})).status""")
+    assert status == 403
+    s.shot("admin-technician")
+    a = session("admin")
+    page = a.open("/admin")
+    assert page.is_visible("#admin-body")
+    assert page.locator("#instruments tbody tr").count() == 4
+    a.shot("admin")
+
+
+@pytest.mark.slow  # the module took > 60 s; `make test-slow`
+def test_safety_stop_alarm_stays_until_acknowledged(session, lab: Lab) -> None:
+    with lab.api("technician") as c:
+        r = c.post("/api/v1/runs", json={"channel": "cabinet1/8",
+                                         "cell_serial": "SIM-NMC811-C1-008",
+                                         "template": "basic_cycle", "sample_period_s": 1})
+        assert r.status_code == 201, r.text
+        run_id = r.json()["id"]
+    s = session("technician")
+    page = s.open("/")
+    alarm = page.locator(f".alarm:has(a[href='/runs/{run_id}'])")
+    alarm.wait_for(state="visible")
+    assert "min_voltage_v" in alarm.inner_text()
+    page.wait_for_selector("#channels tr[data-channel='cabinet1/8'][data-state='safety_stop']")
+    s.shot("overview-safety-stop")
+    # Still there on another page and after a reload: only an acknowledgement clears it.
+    page = s.open(f"/runs/{run_id}")
+    page.wait_for_selector("body[data-run-state='aborted_safety']")
+    alarm = page.locator(f".alarm:has(a[href='/runs/{run_id}'])")
+    alarm.wait_for(state="visible")
+    alarm_id = int(alarm.get_attribute("data-alarm-id") or 0)
+    alarm.locator("button.ack").click()
+    alarm.wait_for(state="detached")
+    page.reload()
+    page.wait_for_selector("body[data-ready='true']")
+    assert page.locator(f".alarm[data-alarm-id='{alarm_id}']").count() == 0
+    with lab.api("technician") as c:
+        events = c.get(f"/api/v1/runs/{run_id}/events").json()
+        again = c.post(f"/api/v1/alarms/{alarm_id}/ack")
+    acks = [e for e in events if e["kind"] == "audit" and e["data"].get("acknowledges") == alarm_id]
+    assert len(acks) == 1 and acks[0]["actor"].startswith("demo-")
+    assert again.status_code == 409
+    with lab.api("engineer") as c:  # engineers do not operate: they may not acknowledge
+        assert c.post(f"/api/v1/alarms/{alarm_id}/ack").status_code == 403
+
+
+PAGES = ["/signin", "/", "/runs/new", "/runs/{run}", "/cells/{cell}", "/admin"]
+
+
+@pytest.mark.slow  # every page at two sizes
+@pytest.mark.parametrize("size", list(SIZES))
+def test_no_page_scrolls_sideways(session, lab: Lab, background_run: int, size: str) -> None:
+    cell = lab.cell_id("SIM-NMC811-C1-002")
+    s = session("admin", size)
+    for path in PAGES:
+        url = path.format(run=background_run, cell=cell)
+        if url == "/signin":
+            s.page.goto(lab.base + url)
+            s.page.wait_for_selector("#signin-form")
+        else:
+            s.open(url)
+        wide = s.page.evaluate(
+            "document.documentElement.scrollWidth - document.documentElement.clientWidth")
+        assert wide <= 0, f"{url} at {SIZES[size]} scrolls sideways by {wide} px"
+        name = url.strip("/").replace("/", "-") or "overview"
+        s.shot(f"{name}-{size}")
