@@ -931,6 +931,10 @@ async def _sim_ceiling(lab: Lab, plan: Plan, cabinets: int) -> dict[str, Any]:
     # Over the child's whole life (its start-up included): a lower bound of the sim's share.
     out["sim_cpu_pct"] = 100 * (cpu_seconds(sim_pid) - c0) / (time.perf_counter() - t0)
     out["cabinets"] = cabinets
+    # Readings per CPU-second of the simulator: on a shared machine the sim may not get a
+    # whole core, so this says what one core of it would serve.
+    out["per_sim_cpu_s"] = (out["acquired_per_s"] / (out["sim_cpu_pct"] / 100)
+                            if out["sim_cpu_pct"] > 0 else None)
     return out
 
 
@@ -966,7 +970,8 @@ async def _phases(args: argparse.Namespace, plan: Plan, lab: Lab, t_start: float
     ceiling = await _sim_ceiling(lab, plan, top)
     log(f"simulator ceiling, {top} cabinets x 64 ch asked back to back: "
         f"{ceiling['acquired_per_s']:,.0f} channel-readings/s served (client cpu "
-        f"{ceiling['cpu_pct']:.0f} %, simulator >= {ceiling['sim_cpu_pct']:.0f} %)")
+        f"{ceiling['cpu_pct']:.0f} %, simulator >= {ceiling['sim_cpu_pct']:.0f} %: "
+        f"{(ceiling['per_sim_cpu_s'] or 0):,.0f} readings per simulator CPU-second)")
     # 2. The search.
     steps = await search(lab, plan, t_start)
     ok = [s for s in steps if s.lossless]
@@ -1015,7 +1020,10 @@ async def _phases(args: argparse.Namespace, plan: Plan, lab: Lab, t_start: float
         f"({bare_k} cabinets, {plan.bare_s:g} s); that window: max loop lateness "
         f"{ms(lat_max)}, breach-to-acknowledgement p99 {ms(ack99)} over "
         f"{len(head.breach_to_ack_s) if head else 0} breaches{beside}; simulator ceiling "
-        f"{ceiling['acquired_per_s']:,.0f} readings/s; trials: {trials}; load average "
+        f"{ceiling['acquired_per_s']:,.0f} readings/s served back to back "
+        f"({(ceiling['per_sim_cpu_s'] or 0):,.0f} per simulator CPU-second; the simulator "
+        f"used {head.cpu_pct.get('sim') if head else None} % of a core in the headline "
+        f"window); trials: {trials}; load average "
         f"{load0} -> {load1}. Targets: >=100k/s {met(value >= 1e5)}, >=0.3x bare "
         f"{met(ratio >= 0.3)}, max lateness < {period_ms:g} ms "
         f"{met(lat_max is not None and lat_max < period_ms)}, breach-to-ack p99 <= 2 ms "
