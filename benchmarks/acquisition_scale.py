@@ -58,7 +58,7 @@ the cabinet's reply to the error-queue read after the off command), the ratio to
 bare loop, the simulator's ceiling; the largest rate of a trial with losses is printed
 beside it as "with N lost".
 
-Options: ``--quick`` (< 60 s, 8 channels per cabinet), ``--set FIELD=VALUE`` to explore
+Options: ``--quick`` (about a minute, 8 channels per cabinet), ``--set FIELD=VALUE`` to explore
 another plan (see :class:`Plan`), ``--keep`` keeps the database.
 
 The last stdout line is one JSON object (benchmarks/_common.py); human-readable lines go to
@@ -1112,7 +1112,7 @@ def start_lab(children: Children, tmp: Path, cabinets: int) -> Lab:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="short run (< 60 s)")
+    ap.add_argument("--quick", action="store_true", help="short run (about a minute)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a plan field (see Plan), e.g. --set start_cabinets=8")
     ap.add_argument("--keep", action="store_true",

@@ -123,7 +123,7 @@ async def engine_run(cabinets: int, duration_s: float, db: Path | None,
     doc = {
         "schema_version": 1,
         "name": "bench",
-        "steps": [{"step": "cc", "current_a": -1.0, "until": {"duration_s": 1e9}}],
+        "steps": [{"step": "cc", "current_a": -1.0, "until": {"duration_s": 3e7}}],
     }
     plan = resolve(
         parse_protocol(doc),
