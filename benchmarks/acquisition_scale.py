@@ -844,7 +844,7 @@ class Plan:
 
 FULL = Plan(cpc=64, period_s=0.01, max_cabinets=20, start_cabinets=0, window_s=10.0,
             settle_s=2.0, cycle_s=20.0, breach_per_cab=2, api_rate_hz=50.0, api_conns=8,
-            bare_s=30.0, sim_ceiling_s=4.0, budget_s=210.0)
+            bare_s=30.0, sim_ceiling_s=4.0, budget_s=180.0)
 QUICK = Plan(cpc=8, period_s=0.01, max_cabinets=2, start_cabinets=2, window_s=2.0,
              settle_s=1.0, cycle_s=2.0, breach_per_cab=1, api_rate_hz=20.0, api_conns=4,
              bare_s=1.5, sim_ceiling_s=1.0, budget_s=40.0, min_channels=4)
@@ -978,8 +978,9 @@ async def _phases(args: argparse.Namespace, plan: Plan, lab: Lab, t_start: float
     head = max(ok, key=lambda s: s.stored_per_s, default=None)
     lossy = max((s for s in steps if not s.lossless), key=lambda s: s.stored_per_s,
                 default=None)
-    if head is not None and not args.quick and not args.set:
-        LAST_PATH.write_text(json.dumps({"cabinets": head.cabinets,
+    if steps and not args.quick and not args.set:
+        # Nothing lossless: the next search starts from one cabinet.
+        LAST_PATH.write_text(json.dumps({"cabinets": head.cabinets if head else 1,
                                          "when": datetime.now(UTC).isoformat()}))
     # 3. The bare loop over the headline's cabinets (the smallest tried if none was
     # lossless), same wire format.
