@@ -694,13 +694,21 @@ class Trial:
         try:
             await self._create_runs()
             step.new_runs = len(self.ids)
+            log(f"  {self.cabinets} cab x {self.cpc} ch: {len(self.ids)} runs created in "
+                f"{time.perf_counter() - t_trial:.1f} s")
             t_claim = time.perf_counter()
             deadline = t_claim + max(60.0, 1.0 * len(self.ids))
-            while not all(rid in node.active for rid in self.ids):
+            # Every run claimed once: under load the first breach runs may have tripped
+            # (and left node.active) before the last run joins.
+            waiting = set(self.ids)
+            while waiting:
+                waiting -= node.active.keys()
                 if time.perf_counter() > deadline or task.done():
-                    raise RuntimeError(f"runs not started within {deadline - t_claim:.0f} s")
+                    raise RuntimeError(f"{len(waiting)} runs not started within "
+                                       f"{deadline - t_claim:.0f} s")
                 await asyncio.sleep(0.02)
             step.claim_s = time.perf_counter() - t_claim
+            log(f"  all sampling after {time.perf_counter() - t_trial:.1f} s")
             spec = {"port": self.lab.api_port, "token": self.lab.token, "ids": self.ids,
                     "rate_hz": plan.api_rate_hz, "conns": plan.api_conns,
                     "duration_s": plan.settle_s + plan.window_s + 0.5}
@@ -758,10 +766,12 @@ class Trial:
             # Stored = due rows committed for the window's periods, counted in the
             # database (edge rows after a set-point change are extra readings).
             step.stored_per_s = step.window_rows / (w1 - w0)
+            log(f"  window counted after {time.perf_counter() - t_trial:.1f} s")
         finally:
             if load is not None:
                 self.lab.children.stop(load)
             await self._close(task)
+            log(f"  runs and node stopped after {time.perf_counter() - t_trial:.1f} s")
         f = await asyncio.to_thread(final_check, self.lab.db_path, min(self.ids),
                                     max(self.ids), self.period, self.breach_ids, [w1])
         self.final = f
@@ -880,7 +890,9 @@ async def search(lab: Lab, plan: Plan, t_start: float) -> list[Step]:
         try:
             start = int(json.loads(LAST_PATH.read_text())["cabinets"])
         except (OSError, ValueError, KeyError, TypeError):
-            start = max(1, top // 2)
+            # No earlier run here: a small count first (a large one under load takes
+            # minutes just to start its runs); doubling reaches the top in a few trials.
+            start = min(4, top)
     k: int | None = max(1, min(top, start))
     lo, hi = 0, top + 1
     steps: list[Step] = []
@@ -1131,16 +1143,20 @@ def main() -> None:
     t_start = time.perf_counter()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # SIGTERM ends us through the finally blocks below, which stop every child.
+    # SIGTERM (run_all's time limit): stop every child, then exit at once.
     def _terminated(signum: int, _frame: Any) -> None:
+        # Not sys.exit: unwinding through the running loop waits for the node's tasks.
         log(f"terminated by signal {signum}: stopping the children, no result")
-        sys.exit(128 + signum)
+        children.stop_all(timeout_s=3.0)
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+        os._exit(128 + signum)
 
-    signal.signal(signal.SIGTERM, _terminated)
     plan = apply_overrides(QUICK if args.quick else FULL, args.set)
     cabinets = plan.max_cabinets
     tmp = Path(tempfile.mkdtemp(prefix="labdaq-acqscale-"))
     children = Children(tmp)
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         lab = start_lab(children, tmp, cabinets)
         log(f"simulated lab: {len(lab.ports)} cabinets x {CHANNELS} channels; API on "

@@ -10,10 +10,12 @@ load average before and after (the 2 cores are shared) and the total time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -28,21 +30,33 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 # an error row.
 LIMIT_S = {"acquisition_scale": 400.0}
 DEFAULT_LIMIT_S = 150.0
+TERM_GRACE_S = 20.0
 
 
 def run(script: Path, quick: bool, log_dir: Path) -> tuple[list[dict], float]:
     cmd = [sys.executable, str(script)] + (["--quick"] if quick else [])
+    limit_s = LIMIT_S.get(script.stem, DEFAULT_LIMIT_S)
     t0 = time.perf_counter()
+    # Its own process group: past the limit the benchmark gets SIGTERM (it stops its
+    # children itself), then the whole group SIGKILL, so no simulator or API outlives it.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True,
-                              timeout=LIMIT_S.get(script.stem, DEFAULT_LIMIT_S))
-        stdout, stderr, rc = proc.stdout, proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as exc:
-        def text(x: bytes | str | None) -> str:
-            return x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
-
-        stdout, rc = text(exc.stdout), -1
-        stderr = text(exc.stderr) + f"\nstopped after its limit of {exc.timeout:g} s"
+        stdout, stderr = proc.communicate(timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            stdout, stderr = proc.communicate(timeout=TERM_GRACE_S)
+        except subprocess.TimeoutExpired:
+            stdout, stderr = "", ""
+        stderr = (stderr or "") + f"\nstopped after its limit of {limit_s:g} s"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            stdout2, stderr2 = proc.communicate()
+            stdout, stderr = stdout or stdout2, (stderr or "") + stderr2
+    rc = proc.returncode if proc.returncode is not None else -1
     elapsed = time.perf_counter() - t0
     # Each benchmark's own account (every window, every step) is kept: the table holds
     # only the figures, and a surprising figure needs the lines behind it.
