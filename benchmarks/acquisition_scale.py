@@ -36,8 +36,8 @@ Phases, all in one run:
    **lossless** when no period was lost inside the window, none from any run's start to
    the window's end, the database holds every seq the engine numbered, every run ended
    as asked and the writer dropped and rejected nothing. The search starts at
-   ``start_cabinets`` (by default the last run's lossless count, kept in the temp dir),
-   goes up by doubling while lossless and bisects between the largest lossless and the
+   ``start_cabinets`` (by default the last run's lossless count, kept in the temp dir; 4
+   without one), goes up by doubling while lossless and bisects between the largest lossless and the
    smallest lossy count; a trial whose estimated end is past ``budget_s`` is not started.
    When not even one cabinet is lossless, one cabinet's channels are halved down to
    ``min_channels``.
@@ -1020,8 +1020,8 @@ async def _phases(args: argparse.Namespace, plan: Plan, lab: Lab, t_start: float
     api = head.api if head else {}
     beside = (f"; with losses: {lossy.stored_per_s:,.0f}/s at {lossy.channels} ch "
               f"with {lossy.lost:,} lost" if lossy else "")
-    trials = ", ".join(f"{s.cabinets} cab " + ("lossless" if s.lossless
-                                                else f"with {s.lost:,} lost")
+    trials = ", ".join(f"{s.channels} ch " + ("lossless" if s.lossless
+                                               else f"with {s.lost:,} lost")
                        for s in steps)
     headline = (
         f"largest rate stored with ZERO missed periods at {hz:g} Hz: {value:,.0f} "
