@@ -491,7 +491,9 @@ def breach_doc(charge_s: float, cap_v: float, floor_v: float) -> dict[str, Any]:
 # right after a set point changes, are extra) between its first and last one in a time
 # range should be one per period. Counting rather than looking at single gaps keeps a late
 # sample followed by an early one (jitter) from counting as a loss; a gap of two periods
-# with no catch-up is one lost sample.
+# with no catch-up is one lost sample. Its blind spot: a row stored off the grid without
+# the edge flag (the tick a phase ends or a limit breaches) is counted as due, so it can
+# hide one missed period of the same run (docs/performance.md, 10 Hz).
 _COUNT_SQL = (
     "SELECT run_id, COUNT(*), MIN(t_s), MAX(t_s) FROM samples "
     "WHERE run_id BETWEEN :lo AND :hi AND (flags & 8) = 0 AND ts_utc BETWEEN :w0 AND :w1 "
