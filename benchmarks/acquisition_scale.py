@@ -992,6 +992,10 @@ async def _phases(args: argparse.Namespace, plan: Plan, lab: Lab, t_start: float
     head = max(ok, key=lambda s: s.stored_per_s, default=None)
     lossy = max((s for s in steps if not s.lossless), key=lambda s: s.stored_per_s,
                 default=None)
+    # Secondary: none lost inside the window (losses before it, e.g. while runs joined,
+    # allowed). Never the headline.
+    in_window = max((s for s in steps if s.window_lost == 0 and s.window_rows > 0),
+                    key=lambda s: s.stored_per_s, default=None)
     if steps and not args.quick and not args.set:
         # Nothing lossless: the next search starts from one cabinet.
         LAST_PATH.write_text(json.dumps({"cabinets": head.cabinets if head else 1,
@@ -1022,6 +1026,10 @@ async def _phases(args: argparse.Namespace, plan: Plan, lab: Lab, t_start: float
     api = head.api if head else {}
     beside = (f"; with losses: {lossy.stored_per_s:,.0f}/s at {lossy.channels} ch "
               f"with {lossy.lost:,} lost" if lossy else "")
+    if in_window is not None and not in_window.lossless:
+        beside += (f"; none lost inside the window only: {in_window.stored_per_s:,.0f}/s at "
+                   f"{in_window.channels} ch (with {in_window.lost:,} lost over the runs' "
+                   f"lives)")
     trials = ", ".join(f"{s.channels} ch " + ("lossless" if s.lossless
                                                else f"with {s.lost:,} lost")
                        for s in steps)
@@ -1073,6 +1081,9 @@ async def _phases(args: argparse.Namespace, plan: Plan, lab: Lab, t_start: float
         api_load=api,
         with_losses={"stored_per_s": round(lossy.stored_per_s, 1),
                      "channels": lossy.channels, "lost": lossy.lost} if lossy else None,
+        none_lost_in_window={"stored_per_s": round(in_window.stored_per_s, 1),
+                             "channels": in_window.channels,
+                             "lost_over_lives": in_window.lost} if in_window else None,
         bare=bare,
         sim_ceiling=ceiling,
         trials=[s.summary() for s in steps],
