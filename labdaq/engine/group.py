@@ -309,8 +309,9 @@ class InstrumentGroup:
         # the next one a tick late, losing a sample period.
         half = 0.5 * (fast if tick_s is None else tick_s)
         t_sched = t if deadline is None else deadline - self.state.t0_clock_s
-        due = (t_sched + half > self.state.next_due_t_s) | breach | ended
-        next_due = np.where(due, st.next_due_t_s + st.period_s, st.next_due_t_s)
+        on_grid = t_sched + half > self.state.next_due_t_s
+        due = on_grid | breach | ended
+        next_due = np.where(on_grid, st.next_due_t_s + st.period_s, st.next_due_t_s)
         st.next_due_t_s = np.where(next_due <= t_sched, t_sched + st.period_s, next_due)
         idx = np.flatnonzero(due)
         if idx.size:
