@@ -88,8 +88,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--cell", default="nmc811", help="cell spec in seeds/cells")
     args = ap.parse_args()
-    steps = args.steps if args.steps is not None else (10_000 if args.quick else 50_000)
-    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
+    steps = args.steps if args.steps is not None else (10_000 if args.quick else 20_000)
+    repeats = args.repeats if args.repeats is not None else 3
 
     run_bank(200, args.cell)  # warm-up: imports, spec cache, per-dt constants
     run_bare(200, args.cell)

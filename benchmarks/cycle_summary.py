@@ -195,8 +195,8 @@ def main() -> None:
     ap.add_argument("--no-cellpy", action="store_true")
     args = ap.parse_args()
     cycles = 100 if args.quick else 1000
-    repeats = 3 if args.quick else 5
-    db_rows = 200_000 if args.quick else 1_000_000
+    repeats = 3
+    db_rows = 200_000 if args.quick else 300_000
     d = make_data(cycles)
     n = d["t_s"].size
     print(f"{n:,} samples, {cycles} cycles", file=sys.stderr)

@@ -123,7 +123,7 @@ async def engine_run(cabinets: int, duration_s: float, db: Path | None,
     doc = {
         "schema_version": 1,
         "name": "bench",
-        "steps": [{"step": "cc", "current_a": -1.0, "until": {"duration_s": 1e9}}],
+        "steps": [{"step": "cc", "current_a": -1.0, "until": {"duration_s": 3e7}}],
     }
     plan = resolve(
         parse_protocol(doc),
@@ -246,7 +246,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a few seconds")
     ap.add_argument("--cabinets", type=int, default=16)
     args = ap.parse_args()
-    duration = 2.0 if args.quick else 6.0
+    duration = 2.0 if args.quick else 3.0
     with tempfile.TemporaryDirectory(prefix="labdaq-engine-core-") as tmp:
         core = asyncio.run(engine_run(args.cabinets, duration, None))
         stored = asyncio.run(engine_run(args.cabinets, duration, Path(tmp) / "engine.db"))

@@ -113,11 +113,11 @@ def _http(base: str, token: str, run_id: int, fmt: str) -> tuple[float, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="300k rows instead of 2M")
+    ap.add_argument("--quick", action="store_true", help="200k rows instead of 500k")
     ap.add_argument("--rows", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
     a = ap.parse_args()
-    rows = a.rows or (300_000 if a.quick else 2_000_000)
+    rows = a.rows or (200_000 if a.quick else 500_000)
     from labdaq.storage.db import upgrade
 
     with tempfile.TemporaryDirectory() as tmp:

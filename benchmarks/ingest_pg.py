@@ -112,10 +112,10 @@ def one_round(server: str, n: int, batch: int) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="200k rows instead of 1M")
+    ap.add_argument("--quick", action="store_true", help="100k rows instead of 250k")
     ap.add_argument("--rows", type=int, default=None)
     ap.add_argument("--batch", type=int, default=10_000)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     server = os.environ.get("LABDAQ_BENCH_PG_URL") or os.environ.get("LABDAQ_TEST_PG_URL")
     if not server:
@@ -126,7 +126,7 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - any connection problem means "cannot measure"
         skip(f"no PostgreSQL ({type(exc).__name__}: {exc})")
         return
-    n = args.rows or (200_000 if args.quick else 1_000_000)
+    n = args.rows or (100_000 if args.quick else 250_000)
     ours, raw = [], []
     for _ in range(1 if args.quick else args.repeats):
         o, r = one_round(server, n, args.batch)

@@ -109,7 +109,7 @@ def main() -> None:
     if args.serve:
         serve()
         return
-    duration_s = 2.0 if args.quick else 5.0
+    duration_s = 2.0 if args.quick else 2.5
     child = subprocess.Popen(
         [sys.executable, __file__, "--serve"],
         stdin=subprocess.PIPE,

@@ -99,7 +99,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None)
     args = ap.parse_args()
     cycles = args.cycles if args.cycles is not None else 1
-    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
+    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 3)
 
     run_direct(1)  # warm-up: imports, spec cache
     rates: dict[str, list[float]] = {"tcp": [], "direct": []}

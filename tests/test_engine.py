@@ -402,3 +402,33 @@ async def test_shutdown_makes_safe_and_closes_every_link(
     finally:
         await r.engine.dispose()
         lab.stop()
+
+
+# An engine that looks every 10 s, storing every 600 s: a phase end between two storage
+# times is stored at once, off the storage grid.
+OFF_GRID = [(0.5, 10.0)]
+
+
+@pytest.mark.parametrize("rig", OFF_GRID, indirect=True)
+async def test_a_phase_end_off_the_storage_grid_does_not_skip_the_next_period(
+    rig: Rig,
+) -> None:
+    # Regression: the row a phase end stores moved the run's next storage time on by a
+    # period, so the period after it went unsampled (a lost sample per off-grid phase end;
+    # every run joining a group lost one this way, docs/performance.md).
+    from labdaq.engine.group import FLAG_EDGE
+
+    period_s = 600.0
+    doc = {"schema_version": 1, "name": "short-then-long", "steps": [
+        {"step": "cc", "current_a": 1.0, "until": {"duration_s": 50}},
+        {"step": "cc", "current_a": 1.0, "until": {"duration_s": 1300}},
+    ]}
+    run_id = await rig.start_run("cabinet1/1", protocol_document=doc, sample_period_s=period_s)
+    assert (await rig.wait_end(run_id)).state == "completed"
+    s = await samples(rig.maker, run_id)
+    assert_contiguous(s["seq"])
+    t = s["t_s"][(s["flags"] & FLAG_EDGE) == 0]
+    assert t[0] < period_s / 2  # the first phase's end, off the grid
+    # Every storage period holds a reading: no two consecutive ones 1.5 periods apart.
+    assert np.diff(t).max() < 1.5 * period_s, np.diff(t).tolist()
+    assert t.size >= 4  # 50 s (the phase end), 600 s, 1200 s, 1350 s (the run's end)

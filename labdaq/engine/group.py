@@ -399,8 +399,11 @@ class InstrumentGroup:
         t_sched = t if deadline is None else deadline - self.state.t0_clock_s
         reach = t_sched + half  # the tick serves the storage times before this
         due_t_s = st.next_due_t_s
-        due = (reach > due_t_s) | breach | ended
-        next_due = np.where(due, due_t_s + st.period_s, due_t_s)
+        on_grid = reach > due_t_s
+        due = on_grid | breach | ended
+        # Only a row on the storage grid moves the next storage time on: a row stored off
+        # it (a phase end, a breach) is extra, and the period after it is still sampled.
+        next_due = np.where(on_grid, due_t_s + st.period_s, due_t_s)
         # A later storage time is due as well (a late tick): the tick serves the last
         # one, the ones before it went by unsampled (missed periods, gaps.py), and the
         # run goes on with the storage time after it — on its grid, no catch-up burst.
