@@ -69,4 +69,6 @@ def require(grant: str) -> Callable[..., Coroutine[Any, Any, m.ApiToken]]:
 
 Reader = Annotated[m.ApiToken, Depends(require("read"))]
 Operator = Annotated[m.ApiToken, Depends(require("operate"))]
+# POST /api/v1/runs: technicians start ordinary runs, engineers abuse runs (labdaq.runs).
+RunStarter = Annotated[m.ApiToken, Depends(require("start_run"))]
 Admin = Annotated[m.ApiToken, Depends(require("admin"))]

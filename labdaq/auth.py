@@ -23,7 +23,12 @@ ROLE_GRANTS: dict[str, set[str]] = {
     "admin": {m.Role.admin},
     # Judging runs against the benchmark catalogue and issuing reports.
     "evaluate": {m.Role.engineer, m.Role.admin},
+    # Running an abuse protocol (abuse: true), which may exceed the cell's ratings.
+    "abuse": {m.Role.engineer, m.Role.admin},
 }
+# Who may ask for a run at all: the run service then requires "operate" for an ordinary
+# protocol and "abuse" for an abuse protocol (labdaq.runs).
+ROLE_GRANTS["start_run"] = ROLE_GRANTS["operate"] | ROLE_GRANTS["abuse"]
 
 
 def hash_token(token: str) -> str:
