@@ -26,9 +26,6 @@ ROLE_GRANTS: dict[str, set[str]] = {
     # Running an abuse protocol (abuse: true), which may exceed the cell's ratings.
     "abuse": {m.Role.engineer, m.Role.admin},
 }
-# Who may ask for a run at all: the run service then requires "operate" for an ordinary
-# protocol and "abuse" for an abuse protocol (labdaq.runs).
-ROLE_GRANTS["start_run"] = ROLE_GRANTS["operate"] | ROLE_GRANTS["abuse"]
 
 
 def hash_token(token: str) -> str:

@@ -15,7 +15,10 @@ from typing import Any
 import pytest
 
 from labdaq.protocol import CellLimits, InstrumentLimits, ProtocolError, parse_protocol, resolve
-from tests.test_api import CELL, auth, client  # noqa: F401 - client is a fixture
+from tests import test_api
+from tests.test_api import CELL, auth
+
+client = test_api.client  # the in-process API fixture, shared
 
 CHANNEL_MAX_A, CHANNEL_MAX_V = 7.35, 105.0
 # The cell of tests/test_api.py (4.2 V, 4.9 A charge) with a temperature window that an
