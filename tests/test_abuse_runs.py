@@ -5,17 +5,33 @@ reason, and is resolved with limits past the cell's charge cut-off and current b
 the channel's; a technician token is refused (403), a missing reason too (422), the same
 step without ``abuse: true`` is refused (422) as for any run, and a set point beyond the
 channel's rating is refused in abuse mode too. In-process API (the ``client`` fixture of
-tests/test_api.py: channel smu1/1 rated 7.35 A, 105 V), no engine.
+tests/test_api.py: channel smu1/1 rated 7.35 A, 105 V), no engine; and once through the
+engine on a simulated SMU over TCP (tests/engine_rig.py).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from labdaq.engine.group import FLAG_BREACH
 from labdaq.protocol import CellLimits, InstrumentLimits, ProtocolError, parse_protocol, resolve
+from labdaq.runs import RunCreate, create_run
+from labdaq.sims.lab import SimLab
+from labdaq.storage import models as m
+from labdaq.storage.db import session_scope
 from tests import test_api
+from tests.engine_rig import (
+    assert_contiguous,
+    channel_cell,
+    nmc_18650_spec,
+    plan_of,
+    rows_of,
+    samples,
+    start_rig,
+)
 from tests.test_api import CELL, auth
 
 client = test_api.client  # the in-process API fixture, shared
@@ -168,3 +184,45 @@ def test_abuse_limits_ignore_the_cell_but_keep_protocol_and_lab() -> None:
     with pytest.raises(ProtocolError) as exc:
         resolve(parse_protocol(overcharge(until_v=13.0)), cell, channel, lab=lab)
     assert [e["loc"] for e in exc.value.errors] == ["steps[0].until.voltage_v"]
+
+
+# -- the engine: an overcharge runs past the cell's cut-off on a simulated SMU ----------
+
+async def test_overcharge_runs_past_the_cut_off_and_ends_at_its_voltage(
+        sqlite_url: str, tmp_path: Path) -> None:
+    """On a simulated Keithley 2460 over TCP (an 18650 cell: 4.2 V, 2.4 A charge), a
+    2C overcharge started by an engineer runs past 4.2 V without a safety trip and stops
+    on its own end condition at 4.45 V, its output off."""
+    lab = SimLab(smus=1, cell_spec=nmc_18650_spec(tmp_path), soc=0.97, seed=3)
+    rig = await start_rig(sqlite_url, lab, speed=200.0)
+    try:
+        doc = {
+            "schema_version": 1, "name": "overcharge 2C", "abuse": True,
+            "safety": {"min_voltage_v": 2.0, "max_temperature_c": 150.0},
+            "steps": [{"step": "cc", "current_a": 4.8,
+                       "until": {"voltage_v": 4.45, "duration_s": 3600}}],
+        }
+        async with session_scope(rig.maker) as s:
+            run = await create_run(s, RunCreate(
+                channel="smu1/1", cell_serial=channel_cell(rig.desc, "smu1/1"),
+                protocol_document=doc, reason="IEC 62133-2 overcharge"),
+                actor="t-engineer", role="engineer")
+            await s.flush()
+            run_id = int(run.id)
+        ended = await rig.wait_end(run_id, timeout_s=60)
+        assert ended.state == "completed", (ended.state, ended.end_reason)
+        limits = plan_of(ended).limits
+        assert limits.max_voltage_v > 4.45 and limits.sources["max_voltage_v"] == "instrument"
+        got = await samples(rig.maker, run_id)
+        assert_contiguous(got["seq"])
+        assert (got["flags"] & FLAG_BREACH == 0).all()
+        # Past the cell's charge cut-off for a while, and stopped at the protocol's end.
+        assert (got["voltage_v"] > 4.2 + 0.1).sum() >= 2, got["voltage_v"][-10:]
+        assert got["voltage_v"].max() >= 4.45
+        assert got["voltage_v"].max() < limits.max_voltage_v
+        assert got["current_a"].max() > 2.4  # the cell's charge rating, exceeded
+        (step,) = await rows_of(rig.maker, m.Step, run_id, m.Step.step_number)
+        assert "voltage" in (step.end_reason or ""), step.end_reason
+        assert not rig.lab.by_name("smu1").sim.output_on
+    finally:
+        await rig.stop()
