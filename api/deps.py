@@ -32,7 +32,11 @@ RunId = Annotated[int, Path(ge=1, le=INT32_MAX, description="run id")]
 CellId = Annotated[int, Path(ge=1, le=INT32_MAX, description="cell id")]
 
 
-def require(grant: str) -> Callable[..., Coroutine[Any, Any, m.ApiToken]]:
+def require(*grants: str) -> Callable[..., Coroutine[Any, Any, m.ApiToken]]:
+    """A token whose role holds any of ``grants`` (the route's service may narrow it)."""
+    admitted = set().union(*(ROLE_GRANTS[g] for g in grants))
+    grant = " or ".join(grants)
+
     async def _check(
         session: Session,
         creds: HTTPAuthorizationCredentials | None,
@@ -51,7 +55,7 @@ def require(grant: str) -> Callable[..., Coroutine[Any, Any, m.ApiToken]]:
                 headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
             )
         token = found.token
-        if token.role not in ROLE_GRANTS[grant]:
+        if token.role not in admitted:
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"role {token.role!r} may not {grant}")
         # The audit log names whoever this request's changes are made by.
         set_principal(session.info, Principal(found.actor, token.role, token.id))
@@ -59,8 +63,8 @@ def require(grant: str) -> Callable[..., Coroutine[Any, Any, m.ApiToken]]:
 
     # The roles admitted, as the OpenAPI security requirement's role list (OpenAPI 3.1:
     # non-OAuth2 schemes may list role names), so clients and the role-matrix test read
-    # them from the document. Set as an object: a string annotation could not see `grant`.
-    roles = sorted(str(r) for r in ROLE_GRANTS[grant])
+    # them from the document. Set as an object: a string annotation could not see `admitted`.
+    roles = sorted(str(r) for r in admitted)
     _check.__annotations__["creds"] = Annotated[
         HTTPAuthorizationCredentials | None, Security(_bearer, scopes=roles)
     ]
@@ -69,4 +73,6 @@ def require(grant: str) -> Callable[..., Coroutine[Any, Any, m.ApiToken]]:
 
 Reader = Annotated[m.ApiToken, Depends(require("read"))]
 Operator = Annotated[m.ApiToken, Depends(require("operate"))]
+# POST /api/v1/runs: technicians start ordinary runs, engineers abuse runs (labdaq.runs).
+RunStarter = Annotated[m.ApiToken, Depends(require("operate", "abuse"))]
 Admin = Annotated[m.ApiToken, Depends(require("admin"))]

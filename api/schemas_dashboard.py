@@ -13,7 +13,8 @@ from labdaq.api.schemas import UtcDatetime
 class WhoAmI(BaseModel):
     name: str
     role: str
-    grants: list[str] = Field(description="what the role may do: read, operate, evaluate, admin")
+    grants: list[str] = Field(description="what the role may do: read, operate, evaluate, "
+                              "abuse (start abuse protocols), admin")
 
 
 class RunBrief(BaseModel):

@@ -151,7 +151,10 @@ class Keithley2450(Instrument, Cycler):
         if not 0 < voltage_max_v <= v_max:
             raise InstrumentValueError(f"voltage_max_v={voltage_max_v!r}",
                                        instrument=self.name, expected=f"0 < V <= {v_max:g} V")
-        level = next((name for limit, name in OVP_LEVELS if limit >= voltage_max_v), "NONE")
+        # Levels above the model's own range are refused by it (-222: a 2460 takes no
+        # PROT120); when no level within the range covers the limit, the range is the bound.
+        level = next((name for limit, name in OVP_LEVELS
+                      if voltage_max_v <= limit <= v_max), "NONE")
         commands = [
             self.command_for("current_off_mode", "HIMP"),
             self.command_for("voltage_off_mode", "HIMP"),

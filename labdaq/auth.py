@@ -23,6 +23,8 @@ ROLE_GRANTS: dict[str, set[str]] = {
     "admin": {m.Role.admin},
     # Judging runs against the benchmark catalogue and issuing reports.
     "evaluate": {m.Role.engineer, m.Role.admin},
+    # Running an abuse protocol (abuse: true), which may exceed the cell's ratings.
+    "abuse": {m.Role.engineer, m.Role.admin},
 }
 
 

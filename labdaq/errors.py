@@ -18,6 +18,12 @@ class NotFound(LabdaqError):
     status_code = 404
 
 
+class Forbidden(LabdaqError):
+    """The token's role may not do this particular thing (the route itself admits it)."""
+
+    status_code = 403
+
+
 class Conflict(LabdaqError):
     status_code = 409
 

@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from labdaq import run_queue
+from labdaq.auth import ROLE_GRANTS
 from labdaq.bounds import (
     INT32_MAX,
     MAX_DURATION_S,
@@ -28,9 +29,10 @@ from labdaq.bounds import (
     RowId,
     SamplePeriodS,
     Seconds,
+    Text,
     UtcTime,
 )
-from labdaq.errors import Conflict, Invalid, NotFound
+from labdaq.errors import Conflict, Forbidden, Invalid, NotFound
 from labdaq.protocol import (
     CellLimits,
     InstrumentLimits,
@@ -152,6 +154,11 @@ class RunCreate(BaseModel):
         default=None,
         description="do not start before this time (ISO 8601 with its UTC offset); the "
         "run waits at its place in the queue meanwhile, holding up those behind it",
+    )
+    reason: Text | None = Field(
+        default=None,
+        description="why the run is started; required (non-blank) for a protocol marked "
+        "abuse: true, which needs an engineer or admin token; recorded in the audit log",
     )
 
     @model_validator(mode="after")
@@ -329,8 +336,11 @@ def resolve_request(
     min_sample_period_s: float = MIN_SAMPLE_PERIOD_S,
     max_duration_s: float = MAX_DURATION_S,
     lab_limits: Safety | None = None,
+    role: str | None = None,
 ) -> tuple[Protocol, ResolvedProtocol, str]:
-    """Turn the request into a validated, resolved program, or raise Invalid (422).
+    """Turn the request into a validated, resolved program, or raise Invalid (422) or
+    Forbidden (403: ``role`` may not start this protocol; None = no token, as the
+    engine's own callers, which may start only ordinary protocols).
 
     CPU-bound (YAML, validation, compilation): the API calls it in a worker thread.
     """
@@ -359,6 +369,15 @@ def resolve_request(
         prefix = "protocol_document"
     try:
         protocol = parse_protocol(doc) if doc is not None else load_template(str(req.template))
+    except ProtocolError as exc:
+        raise Invalid(
+            "protocol is not valid",
+            [{"loc": f"{prefix}.{e['loc']}".rstrip("."), "msg": e["msg"]} for e in exc.errors],
+        ) from exc
+    # Who may run it is known only once the document is read; checked before it is
+    # resolved, so a refused abuse protocol is refused for the role, not for the cell.
+    _check_starter(protocol, req, role, prefix)
+    try:
         max_i = channel.max_current_a
         resolved = resolve(
             protocol,
@@ -414,6 +433,24 @@ def resolve_request(
             ],
         )
     return protocol, resolved, prefix
+
+
+def _check_starter(protocol: Protocol, req: RunCreate, role: str | None, prefix: str) -> None:
+    """An abuse protocol needs an engineer or admin and a reason; an ordinary one an
+    operator (technician or admin). ``role`` None: a caller without a token."""
+    if protocol.abuse:
+        if role not in ROLE_GRANTS["abuse"]:
+            allowed = " or ".join(sorted(str(r) for r in ROLE_GRANTS["abuse"]))
+            raise Forbidden(f"{prefix} is an abuse protocol (abuse: true): it may exceed "
+                            f"the cell's ratings, so only an {allowed} token may start "
+                            f"it; this token's role is {role!r}")
+        if not (req.reason or "").strip():
+            raise Invalid("an abuse protocol needs a reason", [{
+                "loc": "reason",
+                "msg": "give the reason for this abuse test (it goes into the audit log)"}])
+    elif role is not None and role not in ROLE_GRANTS["operate"]:
+        raise Forbidden(f"role {role!r} may not start an ordinary run (only an abuse "
+                        "protocol, abuse: true)")
 
 
 def active_limits(resolved: ResolvedProtocol) -> dict[str, dict[str, Any]]:
@@ -484,7 +521,9 @@ async def create_run(
     min_sample_period_s: float = MIN_SAMPLE_PERIOD_S,
     max_duration_s: float = MAX_DURATION_S,
     lab_limits: Safety | None = None,
+    role: str | None = None,
 ) -> m.Run:
+    """Validate, resolve and queue a run; ``role`` is the token's (see resolve_request)."""
     channel = await _channel(session, req.channel)
     cell = await _cell(session, req, channel)
     if not req.queue and (busy := await run_queue.busy_with(session, channel.id)) is not None:
@@ -506,6 +545,7 @@ async def create_run(
             min_sample_period_s=min_sample_period_s,
             max_duration_s=max_duration_s,
             lab_limits=lab_limits,
+            role=role,
         )
     )
     digest = protocol.content_hash()
@@ -547,7 +587,9 @@ async def create_run(
             # Each active limit with the source that set it (cell, instrument, protocol,
             # lab): the tightest of them all (labdaq.protocol.limits).
             data={"request": req.model_dump(mode="json"), "queue_position": position,
-                  "limits": active_limits(resolved)},
+                  "limits": active_limits(resolved),
+                  # An abuse run says so, and why, at the top of its audit record.
+                  **({"abuse": True, "reason": req.reason} if protocol.abuse else {})},
             actor=actor,
         )
     )

@@ -56,6 +56,9 @@ def test_every_api_doc_example_runs(sqlite_url: str, tmp_path: Path) -> None:
     # The queue example (no engine here: the first run stays queued too).
     assert "queued at 2 and 3" in text
     assert "2030-01-06T02:30:00Z" in text, text
+    # The abuse run: the channel's 105 V bounds it, not the cell's 4.2 V; the reason audited.
+    assert "abuse limits: 105.0 V from instrument" in text, text
+    assert "audited: ['UN 38.3 T7 overcharge, lot L-7']" in text, text
     # Users, tokens and the audit log: issued, used, revoked, refused; verified.
     assert "dana reads: 200" in text and "revoked token" in text and "\n401\n" in text
     assert re.search(r"\d+ \S+ t-admin admin user 'dana' created with role engineer", text)

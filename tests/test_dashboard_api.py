@@ -103,8 +103,8 @@ async def test_whoami_names_role_and_grants(api: Api) -> None:
         assert r.json()["role"] == role and r.json()["name"] == f"t-{role}"
         got[role] = set(r.json()["grants"])
     assert got["technician"] == {"read", "operate"}
-    assert got["engineer"] == {"read", "evaluate"}
-    assert got["admin"] == {"read", "operate", "evaluate", "admin"}
+    assert got["engineer"] == {"read", "evaluate", "abuse"}
+    assert got["admin"] == {"read", "operate", "evaluate", "abuse", "admin"}
     assert (await api.c.get("/api/v1/whoami")).status_code == 401
 
 

@@ -142,6 +142,20 @@ def test_measure_protocol_one_round_trip() -> None:
     used(k)
 
 
+def test_protection_at_the_model_rating_uses_no_level_beyond_its_range() -> None:
+    """A run limited only by the channel (an abuse run on a 2460, 105 V): PROT120 is out
+    of a 2460's range, so the range itself bounds the voltage."""
+    k = scripted(
+        (":OUTP:CURR:SMOD HIMP", None),
+        (":OUTP:VOLT:SMOD HIMP", None),
+        (":SOUR:VOLT:PROT NONE", None),
+        (":SYST:ERR?", OK),
+        model="2460",
+    )
+    k.configure_protection(1, 105.0, 7.35)
+    used(k)
+
+
 def test_measure_overrange_is_nan() -> None:
     k = scripted((":MEAS:VOLT?;:MEAS:CURR?", "+9.90000000E+37;+1.0E-03"))
     assert math.isnan(k.measure()[0, 0])

@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 
 from labdaq import run_queue
 from labdaq import runs as service
-from labdaq.api.deps import Operator, Reader, RunId, Session
+from labdaq.api.deps import Operator, Reader, RunId, RunStarter, Session
 from labdaq.api.problems import AUTH, COMMON, OPERATE, responses
 from labdaq.api.schemas import CycleOut, EisOut, EventOut, RunOut, StepOut
 from labdaq.api.schemas_dashboard import RunPreview
@@ -41,18 +41,20 @@ async def run_out(session: Session, runs: list[m.Run]) -> list[RunOut]:
     },
 )
 async def create_run(
-    body: RunCreate, request: Request, session: Session, token: Operator,
+    body: RunCreate, request: Request, session: Session, token: RunStarter,
     dry_run: bool = Query(False, description="check and resolve only; store nothing"),
 ) -> RunOut | JSONResponse:
     """Create a run. On a busy channel it waits in the channel's queue (queue_position in
     the response) unless the body says "queue": false, which answers 409. With dry_run,
-    what would start (resolved currents and limits), nothing stored."""
+    what would start (resolved currents and limits), nothing stored. An ordinary protocol
+    needs a technician or admin token; a protocol marked abuse: true an engineer or admin
+    token and a reason (403 otherwise; 422 without the reason)."""
     s = request.app.state.settings
     if dry_run:
         preview = await service.preview_run(
             session, body, voltage_margin_v=s.safety_voltage_margin_v,
             min_sample_period_s=s.min_sample_period_s, max_duration_s=s.max_duration_s,
-            lab_limits=s.lab_limits,
+            lab_limits=s.lab_limits, role=token.role,
         )
         return JSONResponse(RunPreview.model_validate(preview).model_dump(mode="json"))
     run = await service.create_run(
@@ -63,6 +65,7 @@ async def create_run(
         min_sample_period_s=s.min_sample_period_s,
         max_duration_s=s.max_duration_s,
         lab_limits=s.lab_limits,
+        role=token.role,
     )
     await session.commit()
     return (await run_out(session, [run]))[0]

@@ -234,6 +234,10 @@ class Protocol(_Strict):
     name: Name
     description: Text = ""
     safety: Safety = Field(default_factory=Safety)
+    # An abuse test (UN 38.3 T7 overcharge, T8 forced discharge; IEC 62133-2 overcharge)
+    # goes beyond the cell's ratings on purpose: resolved without the cell's limits (never
+    # without the channel's), started only by an engineer or admin giving a reason.
+    abuse: bool = Field(default=False, strict=True)
     steps: list[Step] = Field(min_length=1, max_length=MAX_PROTOCOL_STEPS)
 
     def canonical_json(self) -> str:

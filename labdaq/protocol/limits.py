@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from pydantic import Field
 
 from labdaq.protocol.document import Safety, _Strict
@@ -74,8 +76,14 @@ def _tightest(candidates: list[tuple[float | None, str]], lowest: bool,
 
 def effective_limits(cell: CellLimits, safety: Safety | None = None,
                      instrument: InstrumentLimits | None = None,
-                     lab: Safety | None = None) -> EffectiveLimits:
-    """Combine every source of limits into the tightest set (no validation of emptiness)."""
+                     lab: Safety | None = None, *, abuse: bool = False) -> EffectiveLimits:
+    """Combine every source of limits into the tightest set (no validation of emptiness).
+
+    ``abuse``: an abuse test (overcharge, forced discharge) exists to go beyond the cell's
+    ratings, so the cell contributes nothing; the instrument, protocol and lab still do.
+    A voltage or current bound that nothing else gives is then missing:
+    :func:`missing_abuse_bounds` names it, and :func:`~labdaq.protocol.resolve` refuses.
+    """
     safety = safety or Safety()
     lab_v = lab or Safety()
     inst_max_i = instrument.max_current_a if instrument else None
@@ -90,24 +98,27 @@ def effective_limits(cell: CellLimits, safety: Safety | None = None,
         if value is not None:
             sources[field] = source
 
+    def of_cell(value: float | None) -> float | None:
+        return None if abuse else value
+
     pick("min_voltage_v", False, [
-        (cell.discharge_cutoff_v - cell.voltage_margin_v, "cell"),
+        (of_cell(cell.discharge_cutoff_v - cell.voltage_margin_v), "cell"),
         (inst_min_v, "instrument"), (safety.min_voltage_v, "protocol"),
         (lab_v.min_voltage_v, "lab")])
     pick("max_voltage_v", True, [
-        (cell.charge_cutoff_v + cell.voltage_margin_v, "cell"),
+        (of_cell(cell.charge_cutoff_v + cell.voltage_margin_v), "cell"),
         (inst_max_v, "instrument"), (safety.max_voltage_v, "protocol"),
         (lab_v.max_voltage_v, "lab")])
     for field, cell_value in (("max_charge_current_a", cell.max_charge_current_a),
                               ("max_discharge_current_a", cell.max_discharge_current_a)):
-        pick(field, True, [(cell_value, "cell"), (inst_max_i, "instrument"),
+        pick(field, True, [(of_cell(cell_value), "cell"), (inst_max_i, "instrument"),
                            (safety.max_abs_current_a, "protocol"),
                            (lab_v.max_abs_current_a, "lab")])
     pick("min_temperature_c", False, [
-        (cell.min_temperature_c, "cell"), (safety.min_temperature_c, "protocol"),
+        (of_cell(cell.min_temperature_c), "cell"), (safety.min_temperature_c, "protocol"),
         (lab_v.min_temperature_c, "lab")])
     pick("max_temperature_c", True, [
-        (cell.max_temperature_c, "cell"), (safety.max_temperature_c, "protocol"),
+        (of_cell(cell.max_temperature_c), "cell"), (safety.max_temperature_c, "protocol"),
         (lab_v.max_temperature_c, "lab")])
     pick("max_capacity_ah", True, [
         (safety.max_capacity_ah, "protocol"), (lab_v.max_capacity_ah, "lab")])
@@ -119,9 +130,13 @@ def effective_limits(cell: CellLimits, safety: Safety | None = None,
                                      (lab_breach, "lab")])
 
     def from_cell(field: str) -> float:
-        # The cell always contributes these, so they are never missing.
+        # The cell always contributes these, so they are never missing; in abuse mode a
+        # missing one is refused by resolve() (missing_abuse_bounds) before a run exists,
+        # and the infinite placeholder only lets that report every problem at once.
         value = values[field]
-        assert value is not None
+        if value is None:
+            assert abuse
+            return -math.inf if field.startswith("min_") else math.inf
         return value
 
     return EffectiveLimits(
@@ -136,3 +151,14 @@ def effective_limits(cell: CellLimits, safety: Safety | None = None,
         sources=sources,
     )
 
+
+
+# The bounds an abuse run must get from its channel, its protocol or the lab, since its
+# cell's ratings do not count: without them nothing would stop an overcharge.
+ABUSE_BOUNDS: tuple[str, ...] = ("min_voltage_v", "max_voltage_v",
+                                 "max_charge_current_a", "max_discharge_current_a")
+
+
+def missing_abuse_bounds(limits: EffectiveLimits) -> list[str]:
+    """The fields of :data:`ABUSE_BOUNDS` that no source set (infinite placeholders)."""
+    return [f for f in ABUSE_BOUNDS if not math.isfinite(getattr(limits, f))]

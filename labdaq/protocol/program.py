@@ -25,7 +25,13 @@ from labdaq.protocol.document import (
     _Strict,
 )
 from labdaq.protocol.errors import _join, _Problems
-from labdaq.protocol.limits import CellLimits, EffectiveLimits, InstrumentLimits, effective_limits
+from labdaq.protocol.limits import (
+    CellLimits,
+    EffectiveLimits,
+    InstrumentLimits,
+    effective_limits,
+    missing_abuse_bounds,
+)
 
 
 class ResolvedUntil(_Strict):
@@ -177,9 +183,11 @@ class ResolvedProtocol(_Strict):
 class _Resolver:
     """Walks the document once, building the program and collecting every problem."""
 
-    def __init__(self, cell: CellLimits, limits: EffectiveLimits, problems: _Problems):
+    def __init__(self, cell: CellLimits, limits: EffectiveLimits, problems: _Problems,
+                 abuse: bool = False):
         self.cell = cell
         self.limits = limits
+        self.abuse = abuse
         self.problems = problems
         self.program: list[Any] = []
 
@@ -231,7 +239,9 @@ class _Resolver:
             return cell.discharge_cutoff_v
         v = float(value)
         tol = 1e-9
-        if not cell.discharge_cutoff_v - tol <= v <= cell.charge_cutoff_v + tol:
+        # An abuse test's set points and end conditions may lie beyond the cell's window
+        # (that is the test); the safety window below (channel, protocol, lab) still holds.
+        if not self.abuse and not cell.discharge_cutoff_v - tol <= v <= cell.charge_cutoff_v + tol:
             self.problems.add(loc, f"{v:.4g} V is outside the cell's window "
                               f"{cell.discharge_cutoff_v:.4g}–{cell.charge_cutoff_v:.4g} V")
         elif not lim.min_voltage_v - tol <= v <= lim.max_voltage_v + tol:
@@ -388,7 +398,11 @@ def resolve(protocol: Protocol, cell: CellLimits, instrument: InstrumentLimits |
     """
     problems = _Problems()
     _check_structure(protocol, problems)
-    limits = effective_limits(cell, protocol.safety, instrument, lab)
+    limits = effective_limits(cell, protocol.safety, instrument, lab, abuse=protocol.abuse)
+    for field in missing_abuse_bounds(limits) if protocol.abuse else []:
+        side = "safety.max_abs_current_a" if field.endswith("current_a") else f"safety.{field}"
+        problems.add(side, f"an abuse protocol ignores the cell's ratings, and neither the "
+                     f"channel nor the lab limits {field}; set {side} in the protocol")
     for low, high, what in (("min_voltage_v", "max_voltage_v", "voltage"),
                             ("min_temperature_c", "max_temperature_c", "temperature")):
         lo, hi = getattr(limits, low), getattr(limits, high)
@@ -399,7 +413,7 @@ def resolve(protocol: Protocol, cell: CellLimits, instrument: InstrumentLimits |
     if cell.discharge_cutoff_v >= cell.charge_cutoff_v:
         problems.add("cell.charge_cutoff_v", "the cell's charge cut-off must be above its "
                      "discharge cut-off")
-    resolver = _Resolver(cell, limits, problems)
+    resolver = _Resolver(cell, limits, problems, abuse=protocol.abuse)
     resolver.steps(protocol.steps, "steps")
     problems.raise_if_any()
     return ResolvedProtocol(
