@@ -53,6 +53,10 @@ def test_every_api_doc_example_runs(sqlite_url: str, tmp_path: Path) -> None:
     at_1hz = re.search(r"(\d+) samples at 1 Hz", text)
     assert at_1hz and 1_000 <= int(at_1hz.group(1)) <= 1_200, text  # 1,200 s of run time
     assert (tmp_path / "run-from-cli.parquet").stat().st_size > 0
+    # The Python client's example.
+    assert re.search(r"client: EXP-001 completed 12000 rows, \d+ to plot", text), text
+    assert "followed 12000 samples" in text and "error 404 Not found" in text
+    assert (tmp_path / "run-from-client.parquet").stat().st_size > 0
     # The queue example (no engine here: the first run stays queued too).
     assert "queued at 2 and 3" in text
     assert "2030-01-06T02:30:00Z" in text, text
