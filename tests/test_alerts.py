@@ -49,6 +49,7 @@ def smtp_sink() -> Iterator[tuple[int, _Sink]]:
 class _Receiver(ThreadingHTTPServer):
     posts: dict[str, list[dict[str, Any]]]
     flaky_left: int
+    posted: threading.Event
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -57,6 +58,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.server.posts.setdefault(self.path, []).append(body)
+        self.server.posted.set()
         fail = self.path == "/down" or (self.path == "/flaky" and self.server.flaky_left > 0)
         if self.path == "/flaky" and fail:
             self.server.flaky_left -= 1
@@ -71,7 +73,7 @@ class _Handler(BaseHTTPRequestHandler):
 @pytest.fixture
 def receiver() -> Iterator[_Receiver]:
     srv = _Receiver(("127.0.0.1", 0), _Handler)
-    srv.posts, srv.flaky_left = {}, 1
+    srv.posts, srv.flaky_left, srv.posted = {}, 1, threading.Event()
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     try:
@@ -168,6 +170,39 @@ async def test_safety_stop_alerts_by_email_and_webhook_retried_and_recorded(
         assert done["kind"] == "completed" and done["limit"] is None
     finally:
         await engine.dispose()
+
+
+def test_api_process_runs_the_notifier(sqlite_url: str, receiver: _Receiver) -> None:
+    """The API's lifespan starts the notifier when alerts are configured; it follows the
+    events the engine writes while the API serves."""
+    import asyncio
+
+    from fastapi.testclient import TestClient
+
+    from labdaq.api.app import create_app
+
+    lab = asyncio.run(make_lab(sqlite_url))
+    run_id = lab["run_ids"][0]
+
+    async def follow_from_start() -> None:
+        # The cursor at the start of the events table, so the first poll cannot take the
+        # safety stop below for history.
+        engine = create_engine(sqlite_url)
+        try:
+            async with session_scope(sessionmaker(engine)) as s:
+                s.add(m.AlertCursor(id=1, event_id=0))
+        finally:
+            await engine.dispose()
+
+    asyncio.run(follow_from_start())
+    url = f"http://127.0.0.1:{receiver.server_address[1]}/ok"
+    settings = Settings(database_url=sqlite_url, alerts_poll_s=0.05,
+                        alerts=[AlertSubscription(webhook=url)])
+    with TestClient(create_app(settings)):
+        asyncio.run(_safety_stop(sqlite_url, run_id))
+        assert receiver.posted.wait(timeout=30), "no webhook from the API's notifier"
+    [hook] = receiver.posts["/ok"]
+    assert hook["run_id"] == run_id and hook["limit"]["limit"] == "max_voltage_v"
 
 
 def test_subscription_names_exactly_one_target_and_known_kinds() -> None:
