@@ -28,9 +28,10 @@ from labdaq.storage import models as m
 
 log = logging.getLogger(__name__)
 
-#: The run's final state -> the alert kind subscribers choose. The engine does not pause
-#: a run on a fault: an instrument fault ends it ``interrupted`` (resumed when the link is
-#: back) or ``failed``; both are the "paused_fault" alert.
+#: The run's final state (a ``state`` event) -> the alert kind subscribers choose. An
+#: acquisition fault ends a run ``failed``, a run that could not be resumed ends
+#: ``interrupted``: both are "paused_fault", like a lost instrument (an ``interruption``
+#: event with cause ``instrument_lost``: outputs off, the run waits for the instrument).
 KIND_OF_STATE = {
     m.RunState.completed.value: "completed",
     m.RunState.interrupted.value: "paused_fault",
@@ -92,8 +93,13 @@ class Notifier:
         return row.event_id
 
     async def _alert(self, s: AsyncSession, ev: m.Event) -> Alert | None:
-        state = str((ev.data or {}).get("state", ""))
-        kind = KIND_OF_STATE.get(state)
+        data = ev.data or {}
+        if ev.kind == "interruption":
+            lost = data.get("cause") == "instrument_lost" and data.get("to_t_s") is None
+            state, kind = ("instrument_lost", "paused_fault") if lost else ("", None)
+        else:
+            state = str(data.get("state", ""))
+            kind = KIND_OF_STATE.get(state)
         if kind is None or ev.run_id is None:
             return None
         run = await s.get(m.Run, ev.run_id)
@@ -109,7 +115,9 @@ class Notifier:
             if trip is not None:
                 d = trip.data or {}
                 limit = {k: d.get(k) for k in ("limit", "value", "bound", "source")}
-        reason = ev.message.split(": ", 1)[1] if ": " in ev.message else ev.message
+        # A state event says "run <state>: <reason>".
+        reason = ev.message.split(": ", 1)[1] \
+            if ev.kind == "state" and ": " in ev.message else ev.message
         return Alert(ev.id, ev.run_id, kind, state, reason, channel, limit,
                      f"{self.settings.public_url.rstrip('/')}/runs/{ev.run_id}")
 
@@ -126,7 +134,7 @@ class Notifier:
                 .limit(1)) or after)
             events = (await s.scalars(
                 select(m.Event).where(m.Event.id > after, m.Event.id <= last,
-                                      m.Event.kind == "state")
+                                      m.Event.kind.in_(("state", "interruption")))
                 .order_by(m.Event.id).limit(_BATCH))).all()
             alerts = [a for a in [await self._alert(s, ev) for ev in events] if a is not None]
         if len(events) == _BATCH:

@@ -168,6 +168,21 @@ async def test_safety_stop_alerts_by_email_and_webhook_retried_and_recorded(
         assert len(sink.messages) == 1  # the e-mail subscriber asked for safety stops only
         [done] = receiver.posts["/completed-only"]
         assert done["kind"] == "completed" and done["limit"] is None
+
+        # A lost instrument (the open-ended interruption the engine records, outputs off
+        # and the run waiting) is a paused_fault alert; its resumption is none.
+        async with session_scope(maker) as s:
+            s.add(m.Event(run_id=run_id, kind="interruption", severity="warning",
+                          message="instrument smu1 lost: TimeoutError: no reply",
+                          data={"cause": "instrument_lost", "instrument": "smu1",
+                                "from_t_s": 20.0, "to_t_s": None}))
+            s.add(m.Event(run_id=run_id, kind="interruption", severity="warning",
+                          message="run resumed after a 3.0 s gap",
+                          data={"cause": "instrument_lost", "to_t_s": 23.0}))
+        assert await Notifier(maker, settings).run_once() == 3  # the 3 webhooks of all kinds
+        assert len(sink.messages) == 1 and len(receiver.posts["/completed-only"]) == 1
+        fault = receiver.posts["/ok"][-1]
+        assert fault["kind"] == "paused_fault" and "smu1 lost" in fault["reason"]
     finally:
         await engine.dispose()
 
