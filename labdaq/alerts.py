@@ -94,15 +94,20 @@ class Notifier:
 
     async def _alert(self, s: AsyncSession, ev: m.Event) -> Alert | None:
         data = ev.data or {}
+        run = await s.get(m.Run, ev.run_id) if ev.run_id is not None else None
         if ev.kind == "interruption":
             lost = data.get("cause") == "instrument_lost" and data.get("to_t_s") is None
-            state, kind = ("instrument_lost", "paused_fault") if lost else ("", None)
+            # A run that could not be resumed ends interrupted with an interruption event
+            # that has no end (labdaq.engine.recorder.interrupted), and no state event.
+            ended = "to_t_s" not in data and run is not None \
+                and run.state == m.RunState.interrupted.value
+            state = "instrument_lost" if lost else "interrupted" if ended else ""
+            kind = "paused_fault" if state else None
         else:
             state = str(data.get("state", ""))
             kind = KIND_OF_STATE.get(state)
         if kind is None or ev.run_id is None:
             return None
-        run = await s.get(m.Run, ev.run_id)
         channel = None
         if run is not None and run.channel_id is not None:
             ch = await s.get(m.Channel, run.channel_id)

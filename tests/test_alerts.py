@@ -183,6 +183,19 @@ async def test_safety_stop_alerts_by_email_and_webhook_retried_and_recorded(
         assert len(sink.messages) == 1 and len(receiver.posts["/completed-only"]) == 1
         fault = receiver.posts["/ok"][-1]
         assert fault["kind"] == "paused_fault" and "smu1 lost" in fault["reason"]
+
+        # The instrument stayed away too long: the engine ends the run interrupted.
+        async with session_scope(maker) as s:
+            await s.execute(update(m.Run).where(m.Run.id == run_id)
+                            .values(state="interrupted"))
+            s.add(m.Event(run_id=run_id, kind="interruption", severity="warning",
+                          message="interrupted for 900 s, more than the 600 s a run may "
+                                  "be resumed after",
+                          data={"last_seq": 120, "samples_committed": 120,
+                                "from_t_s": 20.0, "gap_s": 900.0, "gap_wall_s": 900.0}))
+        assert await Notifier(maker, settings).run_once() == 3
+        ended = receiver.posts["/ok"][-1]
+        assert ended["kind"] == "paused_fault" and ended["state"] == "interrupted"
     finally:
         await engine.dispose()
 
