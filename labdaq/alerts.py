@@ -129,7 +129,6 @@ class Notifier:
     async def run_once(self) -> int:
         """Handle every event after the cursor; returns how many deliveries were made
         (sent or failed) by this call."""
-        done = 0
         async with self.maker() as s:
             after = await self._cursor(s)
             # The newest event first, then the state events up to it: one committed in
@@ -144,10 +143,10 @@ class Notifier:
             alerts = [a for a in [await self._alert(s, ev) for ev in events] if a is not None]
         if len(events) == _BATCH:
             last = events[-1].id  # more to read: the next call continues from here
-        for alert in alerts:
-            for sub in self.settings.alerts:
-                if alert.kind in sub.kinds:
-                    done += await self._deliver(alert, sub)
+        # Concurrently: one receiver that is down (retrying with backoff) holds up no other.
+        done = sum(await asyncio.gather(*(
+            self._deliver(alert, sub) for alert in alerts for sub in self.settings.alerts
+            if alert.kind in sub.kinds)))
         async with self.maker() as s:
             row = await s.get(m.AlertCursor, 1)
             if row is not None and row.event_id < last:
