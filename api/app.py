@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -61,9 +63,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.sessionmaker = sessionmaker(
             engine, audit_head_file=settings.audit_head_file, origin="api"
         )
+        # The alert notifier (labdaq.alerts) runs with the API when anyone subscribed.
+        notifier = None
+        if settings.alerts:
+            from labdaq.alerts import Notifier
+
+            notifier = asyncio.create_task(
+                Notifier(app.state.sessionmaker, settings).run_forever(), name="alerts")
         try:
             yield
         finally:
+            if notifier is not None:
+                notifier.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await notifier
             await engine.dispose()
 
     app = FastAPI(title="labdaq", version=labdaq.__version__, lifespan=lifespan)

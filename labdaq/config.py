@@ -7,7 +7,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
@@ -27,6 +27,27 @@ def _toml_values() -> dict[str, Any]:
         data = tomllib.load(fh)
     # Accept both a flat file and one with a [labdaq] table.
     return dict(data.get("labdaq", data))
+
+
+ALERT_KINDS = ("completed", "paused_fault", "aborted_safety")
+
+
+class AlertSubscription(BaseModel):
+    """One `[[labdaq.alerts]]` entry: who is told (an e-mail address or a webhook URL)
+    about which run outcomes."""
+
+    email: str | None = Field(default=None, max_length=320)
+    webhook: str | None = Field(default=None, max_length=500, pattern=r"^https?://")
+    kinds: list[str] = Field(default_factory=lambda: list(ALERT_KINDS))
+
+    @model_validator(mode="after")
+    def _one_target(self) -> AlertSubscription:
+        if (self.email is None) == (self.webhook is None):
+            raise ValueError("an alert subscription names exactly one of email or webhook")
+        unknown = set(self.kinds) - set(ALERT_KINDS)
+        if unknown:
+            raise ValueError(f"unknown alert kinds {sorted(unknown)}; known: {ALERT_KINDS}")
+        return self
 
 
 class Settings(BaseSettings):
@@ -92,6 +113,20 @@ class Settings(BaseSettings):
     # (the engine keeps its own, longer wait); and the Retry-After it then suggests.
     api_db_busy_timeout_s: float = Field(default=2.0, ge=0)
     api_retry_after_s: int = Field(default=2, ge=1)
+    # Alerts (labdaq.alerts): who is told when a run completes, stops on a fault or for
+    # safety; the link in each alert is {public_url}/runs/{id}.
+    alerts: list[AlertSubscription] = Field(default=[], description="alert subscriptions")
+    public_url: str = "http://127.0.0.1:8000"
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = Field(default=25, ge=1, le=65535)
+    smtp_from: str = "labdaq@localhost"
+    # The notifier reads new events this often (s); a delivery is tried this many times,
+    # waiting alerts_backoff_s, doubled each time, in between; each try waits at most
+    # alerts_timeout_s for the server.
+    alerts_poll_s: float = Field(default=2.0, gt=0)
+    alerts_attempts: int = Field(default=5, ge=1)
+    alerts_backoff_s: float = Field(default=1.0, ge=0)
+    alerts_timeout_s: float = Field(default=10.0, gt=0)
 
     @property
     def resolved_database_url(self) -> str:

@@ -482,3 +482,37 @@ class NodeHeartbeat(Base):
     instruments: Mapped[dict[str, Any]] = mapped_column(default=dict)
     # The engine's own counters for /metrics (labdaq.metrics.ENGINE_METRICS names).
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
+
+
+class AlertCursor(Base):
+    """How far the alert notifier (labdaq.alerts) has read the events table: one row, id 1,
+    so a restarted notifier neither repeats nor skips an event."""
+
+    __tablename__ = "alert_cursor"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    event_id: Mapped[int] = mapped_column(BigInteger)
+
+
+class AlertDelivery(Base):
+    """One alert to one subscriber: claimed (unique per event and target) before it is
+    sent, so concurrent notifiers never send it twice; then its outcome."""
+
+    __tablename__ = "alert_deliveries"
+    __table_args__ = (UniqueConstraint("event_id", "target", name="uq_alert_event_target"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # No foreign keys: the record outlives a deleted run or event.
+    event_id: Mapped[int] = mapped_column(BigInteger)
+    run_id: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # completed | paused_fault | aborted_safety
+    kind: Mapped[str] = mapped_column(String(30))
+    # email | webhook, and the address or URL
+    channel: Mapped[str] = mapped_column(String(10))
+    target: Mapped[str] = mapped_column(String(500))
+    # pending | sent | failed
+    outcome: Mapped[str] = mapped_column(String(10), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[datetime | None] = mapped_column()
