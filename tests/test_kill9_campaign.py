@@ -107,10 +107,13 @@ def _start_engine(lab: Lab, n: int) -> subprocess.Popen[bytes]:
         )
 
 
-def _create_runs(lab: Lab) -> list[int]:
+def _create_runs(lab: Lab, doc: dict[str, Any] | None = None, period_s: float = 1.0,
+                 instrument_prefix: str = "") -> list[int]:
+    """One run of ``doc`` (LOOP_DOC by default) on every channel with a cell, of the
+    instruments whose name starts with ``instrument_prefix``."""
     channels = [(ch["name"], ch["cell"]["serial"])
                 for inst in lab.desc["instruments"] for ch in inst.get("channels", [])
-                if ch.get("cell")]
+                if ch.get("cell") and inst["name"].startswith(instrument_prefix)]
 
     async def create() -> list[int]:
         engine = create_engine(lab.url)
@@ -119,8 +122,8 @@ def _create_runs(lab: Lab) -> list[int]:
             async with session_scope(sessionmaker(engine)) as s:
                 for name, serial in channels:
                     run = await create_run(s, RunCreate(
-                        channel=name, cell_serial=serial, protocol_document=LOOP_DOC,
-                        sample_period_s=1.0), actor="test")
+                        channel=name, cell_serial=serial, protocol_document=doc or LOOP_DOC,
+                        sample_period_s=period_s), actor="test")
                     await s.flush()
                     ids.append(int(run.id))
             return ids

@@ -13,7 +13,6 @@ not count. Samples stay contiguous throughout.
 
 from __future__ import annotations
 
-import asyncio
 import statistics
 import subprocess
 import sys
@@ -23,9 +22,8 @@ from typing import Any
 
 import pytest
 
-from labdaq.runs import RunCreate, create_run
-from labdaq.storage.db import create_engine, session_scope, sessionmaker
 from tests.fault_report import lost_and_duplicates, record_fault
+from tests.test_kill9_campaign import _create_runs
 from tests.test_recovery_kill9 import Lab, _children, _env, _lab, _query, _stop, _wait
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
@@ -59,30 +57,6 @@ def _rss_mb(pid: int) -> float:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
-def _create_runs(lab: Lab) -> list[int]:
-    channels = [(ch["name"], ch["cell"]["serial"])
-                for inst in lab.desc["instruments"] for ch in inst.get("channels", [])
-                if ch.get("cell") and inst["name"].startswith("cabinet")]
-    assert len(channels) == CHANNELS, len(channels)
-
-    async def create() -> list[int]:
-        engine = create_engine(lab.url)
-        try:
-            ids = []
-            async with session_scope(sessionmaker(engine)) as s:
-                for name, serial in channels:
-                    run = await create_run(s, RunCreate(
-                        channel=name, cell_serial=serial, protocol_document=SOAK_DOC,
-                        sample_period_s=PERIOD_S), actor="test")
-                    await s.flush()
-                    ids.append(int(run.id))
-            return ids
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(create())
-
-
 def _min_t_s(lab: Lab) -> float:
     """How far the slowest run has got, in simulated seconds; every run must be running
     (one that stopped, for a safety limit say, would stall the soak)."""
@@ -99,7 +73,8 @@ def test_a_simulated_day_on_64_channels_keeps_memory_flat(tmp_path: Path) -> Non
     sim_args = ("--smus", "1", "--cabinets", "1", "--cabinet-channels", str(CHANNELS),
                 "--soc", "0.5", "--watchdog", "0")
     with _lab(tmp_path, SPEED, sim_args) as lab:
-        run_ids = _create_runs(lab)
+        run_ids = _create_runs(lab, SOAK_DOC, PERIOD_S, instrument_prefix="cabinet")
+        assert len(run_ids) == CHANNELS, len(run_ids)
         with open(lab.logs / "engine.log", "wb") as out:
             engine = subprocess.Popen(
                 [sys.executable, "-m", "labdaq.cli", "engine", "--speed", str(SPEED),
