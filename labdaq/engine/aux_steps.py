@@ -3,7 +3,10 @@ is off — an EIS sweep on the impedance meter wired to the channel, a chamber s
 
 A group that enters such a phase emits ``AuxRequested``; the node starts the step here as
 a task of its own, and the step's end reaches the group through its inbox
-(``Command.AUX_DONE``, or ``AUX_FAILED`` with the reason, which fails the run).
+(``Command.AUX_DONE``, or ``AUX_FAILED`` with the reason, which fails the run). A chamber
+that misses its set point within the step's ``timeout_s`` pauses the run instead (state
+paused, a ``chamber`` event saying why): the group's resume applies the phase again, which
+starts the step afresh — set point and a new wait — and a stop ends the run.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import numpy as np
 
 from labdaq.engine.channel import ChannelRun, Phase
 from labdaq.engine.clock import EngineClock
-from labdaq.engine.events import Command
+from labdaq.engine.events import Command, RunEvent
 from labdaq.engine.group import InstrumentGroup
 from labdaq.engine.instruments import OpenInstrument
 from labdaq.engine.recorder import RunRecorder
@@ -64,7 +67,10 @@ class AuxSteps:
             if st.step == "eis":
                 await self._eis(cr, st)
             elif st.step == "set_temperature":
-                await self._set_temperature(cr, st)
+                missed = await self._set_temperature(cr, st)
+                if missed is not None:
+                    await self._pause(cr, group, missed)
+                    return  # no AUX_DONE: the step starts again when the run is resumed
             group.command(cr.run_id, Command.AUX_DONE)
         except asyncio.CancelledError:
             raise
@@ -95,7 +101,9 @@ class AuxSteps:
             z_imag_ohm=[float(x) for x in z.imag],
         )
 
-    async def _set_temperature(self, cr: ChannelRun, st: Any) -> None:
+    async def _set_temperature(self, cr: ChannelRun, st: Any) -> RunEvent | None:
+        """Set the chamber and wait until it holds the set point; None once it does, or the
+        event that pauses the run if it does not within ``timeout_s``."""
         inst = self._instrument(cr.run_id, "chamber")
         await inst.worker.call(inst.driver.set_point_c, st.temperature_c)
         t_start = self.clock.now()
@@ -106,13 +114,26 @@ class AuxSteps:
             if abs(actual - st.temperature_c) <= st.tolerance_c:
                 stable_since = now if stable_since is None else stable_since
                 if now - stable_since >= st.stable_for_s:
-                    return
+                    return None
             else:
                 stable_since = None
             if now - t_start > st.timeout_s:
-                raise TimeoutError(
-                    f"chamber {inst.name} at {actual:.2f} °C did not hold "
+                return RunEvent(
+                    cr.run_id, "chamber", "warning",
+                    f"run paused: chamber {inst.name} at {actual:.2f} °C did not hold "
                     f"{st.temperature_c:.2f} ± {st.tolerance_c} °C for {st.stable_for_s:.0f} s "
-                    f"within {st.timeout_s:.0f} s"
+                    f"within {st.timeout_s:.0f} s; resume to wait again, or stop the run",
+                    {"cause": "set_point_timeout", "chamber": inst.name,
+                     "step_index": st.index, "set_point_c": st.temperature_c,
+                     "reached_c": actual, "tolerance_c": st.tolerance_c,
+                     "stable_for_s": st.stable_for_s, "timeout_s": st.timeout_s,
+                     "state": m.RunState.paused.value},
                 )
             await self.clock.sleep_until(now + max(1.0, min(30.0, st.stable_for_s / 10)))
+
+    async def _pause(self, cr: ChannelRun, group: InstrumentGroup, why: RunEvent) -> None:
+        """Pause the run for a technician: the state and its reason are recorded first (a
+        database that cannot take them fails the step, so the run never sits paused
+        without a record saying so), then the group turns the output off and pauses."""
+        await self.recorder.paused_by_engine(why)
+        group.command(cr.run_id, Command.PAUSE)

@@ -298,6 +298,19 @@ class RunRecorder:
                 .values(state=to.value, requested_action=None)
             )
 
+    async def paused_by_engine(self, why: RunEvent) -> None:
+        """The engine pauses a running run for a technician (a chamber that missed its set
+        point in time): the state and the event saying why, in one transaction. A pending
+        command is left for the scheduler (a technician's stop still ends the run)."""
+        async with session_scope(self.maker) as s:
+            await s.execute(
+                update(m.Run)
+                .where(m.Run.id == why.run_id, m.Run.state == m.RunState.running.value)
+                .values(state=m.RunState.paused.value)
+            )
+            s.add(m.Event(run_id=why.run_id, kind=why.kind, severity=why.severity,
+                          message=why.message, data=why.data, actor=self.node_name))
+
     async def resumed(self, run_id: int, why: str, gap: dict[str, Any],
                       still_active: bool) -> None:
         """The run acquires again after a gap: the interruption event with its bounds."""
