@@ -32,6 +32,7 @@ from labdaq.bounds import (
     Text,
     UtcTime,
 )
+from labdaq.drivers.roles import ProgramRunner
 from labdaq.errors import Conflict, Forbidden, Invalid, NotFound
 from labdaq.protocol import (
     CellLimits,
@@ -268,14 +269,14 @@ def driver_min_sample_period_s(driver: str) -> float | None:
 
 
 @functools.lru_cache(maxsize=64)
-def _driver_class(driver: str) -> type | None:
-    """The class a driver name's entry point loads, or None if it cannot be loaded here."""
+def _program_runner(driver: str) -> type[ProgramRunner] | None:
+    """The driver's class if it runs its own step programs (ProgramRunner), else None."""
     for ep in entry_points(group="labdaq.drivers", name=driver):
         try:
             cls = ep.load()
         except Exception:  # noqa: BLE001 - a driver that cannot load here declares nothing
             return None
-        return cls if isinstance(cls, type) else None
+        return cls if isinstance(cls, type) and issubclass(cls, ProgramRunner) else None
     return None
 
 
@@ -283,10 +284,8 @@ def _check_program_runner(resolved: ResolvedProtocol, driver: str | None, prefix
     """A cycler that runs its own step program (ProgramRunner, e.g. Neware BTS) gets the
     protocol translated into that program: a step it cannot express is refused now, when
     the run is created, rather than when the engine starts it."""
-    from labdaq.drivers.roles import ProgramRunner
-
-    cls = _driver_class(driver) if driver else None
-    if cls is None or not issubclass(cls, ProgramRunner):
+    cls = _program_runner(driver) if driver else None
+    if cls is None:
         return
     found = cls.unrunnable_step(resolved)
     if found is not None:
