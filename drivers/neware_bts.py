@@ -23,12 +23,16 @@ import xml.etree.ElementTree as ET  # noqa: S405 - replies from the lab's own BT
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .base import Instrument
 from .errors import ConnectionFailed, GarbledReply, InstrumentError, InstrumentTimeout
+from .neware_steps import UntranslatableStep, to_neware_xml
 from .roles import ProgramRunner
 from .transport import Transport
+
+if TYPE_CHECKING:
+    from labdaq.protocol import ResolvedProtocol
 
 TERMINATION = "\n\n#\r\n"
 HEADER = '<?xml version="1.0" encoding="UTF-8" ?><bts version="1.0">'
@@ -243,6 +247,33 @@ class NewareBTS(Instrument, ProgramRunner):
             **options: Any) -> NewareBTS:
         """A driver for the BTS server at ``host:port``."""
         return cls(BtsLink(host, port, timeout_s=timeout_s), **options)
+
+    @classmethod
+    def identify_resource(cls, resource: str, timeout_s: float) -> str | None:
+        """The identification of a BTS server at ``resource`` (``connect`` and
+        ``getdevinfo`` on a connection of its own), or None if the resource is no TCP
+        socket. Used by ``labdaq instruments probe``: the server frames messages by
+        ``\\n\\n#\\r\\n`` and never answers a line-framed ``*IDN?``."""
+        m = _SOCKET.match(resource.strip())
+        if m is None:
+            return None
+        # One attempt: a probe asks once (no reconnect storm hiding a dead server).
+        drv = cls(BtsLink(m.group(1).strip("[]"), int(m.group(2)), timeout_s=timeout_s,
+                          reconnect_attempts=1))
+        try:
+            drv.connect()
+            return drv.idn
+        finally:
+            drv.close()
+
+    @classmethod
+    def unrunnable_step(cls, resolved: ResolvedProtocol) -> tuple[str, str] | None:
+        """The first step the step-file translator refuses (drivers/neware_steps.py)."""
+        try:
+            to_neware_xml(resolved, sample_name="check")
+        except UntranslatableStep as exc:
+            return exc.path, exc.reason
+        return None
 
     @property
     def idn(self) -> str:

@@ -164,6 +164,25 @@ def identify(transport: Transport) -> Identification:
     return Identification(idn, None, replies=replies)
 
 
+def identify_by_own_protocol(resource: str, timeout_s: float) -> Identification | None:
+    """Ask the drivers whose instruments do not answer a line-framed ``*IDN?`` at all
+    (a Neware BTS server) to identify ``resource`` in their own protocol, each declaring
+    a classmethod ``identify_resource(resource, timeout_s) -> str | None``; in a stable
+    order, the first that answers wins. None: none of them recognises it."""
+    drivers = available_drivers()
+    for name in sorted(drivers):
+        ask = getattr(drivers[name], "identify_resource", None)
+        if ask is None:
+            continue
+        try:
+            idn = ask(resource, timeout_s)
+        except InstrumentError:
+            continue
+        if idn:
+            return Identification(idn, name, identified_by=f"{name} protocol")
+    return None
+
+
 def open_instrument(resource: str, name: str | None = None, *, driver: str | None = None,
                     **transport_opts: Any) -> Instrument:
     """Open ``resource`` and return its driver: ``driver`` if given, else the one that

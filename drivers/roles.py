@@ -12,8 +12,12 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from labdaq.protocol import ResolvedProtocol
 
 
 class Cycler(ABC):
@@ -142,6 +146,12 @@ class ProgramRunner(ABC):
     translates the protocol once, starts it, follows it and harvests its records."""
 
     owned_test_ids: set[int]
+
+    @classmethod
+    @abstractmethod
+    def unrunnable_step(cls, resolved: ResolvedProtocol) -> tuple[str, str] | None:
+        """``(step path, why)`` of the first step or end condition this cycler's program
+        cannot express, or None: checked when a run is created, before it is stored."""
 
     @abstractmethod
     def start(self, name: str, step_file_name: str, barcode: str) -> int:

@@ -69,7 +69,8 @@ def probe_resource(resource: str, timeout_s: float = 2.0, *, termination: str = 
 
     Identification is the opener's (drivers/opener.py ``identify``): instruments without
     ``*IDN?`` (ESPEC chambers answer ``NA:CMD ERR``) are identified by the queries their
-    drivers declare in ``identify_queries``.
+    drivers declare in ``identify_queries``; a resource that stays silent is asked in the
+    protocols of drivers that declare ``identify_resource`` (a Neware BTS server).
     """
     from labdaq.drivers.errors import (
         ConnectionFailed,
@@ -77,7 +78,7 @@ def probe_resource(resource: str, timeout_s: float = 2.0, *, termination: str = 
         InstrumentError,
         InstrumentTimeout,
     )
-    from labdaq.drivers.opener import available_drivers, identify
+    from labdaq.drivers.opener import available_drivers, identify, identify_by_own_protocol
     from labdaq.drivers.transport import open_transport
     from labdaq.instruments_config import ResourceError, parse_resource
 
@@ -101,7 +102,18 @@ def probe_resource(resource: str, timeout_s: float = 2.0, *, termination: str = 
     try:
         try:
             found = identify(transport)
-        except InstrumentTimeout:
+        except (InstrumentTimeout, ConnectionFailed) as exc:
+            # Silence (or a hang-up) is also how a server with its own message framing
+            # answers a line-framed *IDN? (a Neware BTS API): ask in its protocol.
+            transport.close()
+            own = identify_by_own_protocol(resource, timeout_s)
+            if own is not None:
+                return ProbeResult(resource, own.idn, str(own.driver),
+                                   identified_by=own.identified_by)
+            if isinstance(exc, ConnectionFailed):
+                raise ProbeError(
+                    f"resource {resource!r}: command '*IDN?' failed, connection lost "
+                    f"({exc.detail}); expected an identification line") from None
             raise ProbeError(
                 f"resource {resource!r}: command '*IDN?' got no reply within {timeout_s:g} s; "
                 "expected an identification line (maker,model,serial,firmware)") from None
@@ -110,10 +122,6 @@ def probe_resource(resource: str, timeout_s: float = 2.0, *, termination: str = 
                 f"resource {resource!r}: command '*IDN?' got an unreadable reply "
                 f"{exc.reply!r}; expected an identification line "
                 "(maker,model,serial,firmware)") from None
-        except ConnectionFailed as exc:
-            raise ProbeError(
-                f"resource {resource!r}: command '*IDN?' failed, connection lost "
-                f"({exc.detail}); expected an identification line") from None
         except InstrumentError as exc:
             raise ProbeError(f"resource {resource!r}: command '*IDN?' failed: {exc}") from None
         if found.driver is not None:

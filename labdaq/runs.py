@@ -32,6 +32,7 @@ from labdaq.bounds import (
     Text,
     UtcTime,
 )
+from labdaq.drivers.roles import ProgramRunner
 from labdaq.errors import Conflict, Forbidden, Invalid, NotFound
 from labdaq.protocol import (
     CellLimits,
@@ -267,6 +268,35 @@ def driver_min_sample_period_s(driver: str) -> float | None:
     return None
 
 
+@functools.lru_cache(maxsize=64)
+def _program_runner(driver: str) -> type[ProgramRunner] | None:
+    """The driver's class if it runs its own step programs (ProgramRunner), else None."""
+    for ep in entry_points(group="labdaq.drivers", name=driver):
+        try:
+            cls = ep.load()
+        except Exception:  # noqa: BLE001 - a driver that cannot load here declares nothing
+            return None
+        return cls if isinstance(cls, type) and issubclass(cls, ProgramRunner) else None
+    return None
+
+
+def _check_program_runner(resolved: ResolvedProtocol, driver: str | None, prefix: str) -> None:
+    """A cycler that runs its own step program (ProgramRunner, e.g. Neware BTS) gets the
+    protocol translated into that program: a step it cannot express is refused now, when
+    the run is created, rather than when the engine starts it."""
+    cls = _program_runner(driver) if driver else None
+    if cls is None:
+        return
+    found = cls.unrunnable_step(resolved)
+    if found is not None:
+        path, why = found
+        raise Invalid(
+            f"protocol has a step the {driver} cycler cannot run",
+            [{"loc": f"{prefix}.{path}", "msg": f"{why} (the {driver} driver runs the "
+              "protocol as the cycler's own step program)"}],
+        )
+
+
 def _durations(resolved: ResolvedProtocol) -> Iterator[tuple[str, float]]:
     """(field path, seconds) of every duration in a resolved program."""
     for st in resolved.program:
@@ -414,6 +444,7 @@ def resolve_request(
                 for path, v in too_long
             ],
         )
+    _check_program_runner(resolved, driver, prefix)
     wired = channel.aux or {}
     needs = {"eis": "impedance", "set_temperature": "chamber"}
     unsupported = [

@@ -18,7 +18,9 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from labdaq.cli import app
 from labdaq.drivers.errors import ConnectionFailed, GarbledReply, InstrumentTimeout
 from labdaq.drivers.neware_bts import BtsChannel, CommandRefused, ForeignTest, NewareBTS
 from labdaq.drivers.neware_steps import UntranslatableStep, to_neware_xml
@@ -406,6 +408,10 @@ def test_labdaq_sim_neware_prints_address() -> None:
             assert sorted(drv.connect()) == ["1-1-1", "1-1-2", "1-1-3"]
         finally:
             drv.close()
+        # `labdaq instruments probe` names the driver of the address it printed
+        probed = CliRunner().invoke(app, ["instruments", "probe", resource, "--timeout", "1"])
+        assert probed.exit_code == 0, probed.output
+        assert re.search(r"^driver\s+neware_bts$", probed.stdout, re.MULTILINE), probed.stdout
     finally:
         proc.terminate()
         proc.wait(timeout=30)
