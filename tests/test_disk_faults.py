@@ -25,7 +25,7 @@ import os
 import sqlite3
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from labdaq.cli import _register_sim_lab
@@ -341,7 +342,8 @@ async def test_io_error_on_nth_write(db_url: str, tmp_path: Path) -> None:
         t_over = time.time()
         await _check_outcome(maker, run_id, committed_before,
                              f"disk I/O error on the writer's commit {FAIL_BEFORE_AT} (before) "
-                             f"and {FAIL_AFTER_AT} (after writing)", 2, t_over)
+                             f"and {FAIL_AFTER_AT} (after writing), "
+                             f"{make_url(db_url).get_backend_name()}", 2, t_over)
         assert writer.rows_journaled > 0 and writer.rows_replayed >= writer.rows_journaled
         assert writer.rows_dropped == 0 and writer.rows_rejected == 0
         assert writer.journal_pending_rows == 0
