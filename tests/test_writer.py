@@ -491,13 +491,6 @@ async def test_journal_overflow_drops_and_flags(sqlite_url: str, tmp_path: Path)
         await engine.dispose()
 
 
-async def _until(pred: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + 20
-    while not pred():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        await asyncio.sleep(0.01)
-
-
 async def test_failing_journal_disk_holds_rows_in_memory(
     sqlite_url: str, tmp_path: Path, monkeypatch: Any
 ) -> None:
@@ -521,7 +514,7 @@ async def test_failing_journal_disk_holds_rows_in_memory(
         writer.start()
         async with _outage(sqlite_url):
             await writer.put(_rows(run_id, 1, 500))
-            await _until(lambda: writer.held_rows == 500, "500 rows held")
+            await _until(lambda: writer.held_rows == 500)
             assert writer.rows_dropped == 0 and not writer.journal_overflowed
             disk_full[0] = False
         await writer.flush()
