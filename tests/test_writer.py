@@ -491,6 +491,51 @@ async def test_journal_overflow_drops_and_flags(sqlite_url: str, tmp_path: Path)
         await engine.dispose()
 
 
+async def test_failing_journal_disk_holds_rows_in_memory(
+    sqlite_url: str, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Database down and the journal's disk failing (ENOSPC): the rows wait in memory and
+    reach the database once it answers; held past ``hold_s`` they are dropped, flagged."""
+    engine = _writer_engine(sqlite_url)
+    disk_full = [True]
+    real_append = Journal.append_many
+
+    def append_many(self: Journal, *a: Any, **kw: Any) -> int:
+        if disk_full[0]:
+            self.last_append_error = OSError(28, "No space left on device")
+            raise self.last_append_error
+        return real_append(self, *a, **kw)
+
+    monkeypatch.setattr(Journal, "append_many", append_many)
+    try:
+        run_id = await _seed_run(engine)
+        writer = SampleWriter(engine, batch_rows=100, batch_age_s=0.05,
+                              journal_dir=tmp_path / "j", retry_max_s=0.1)
+        writer.start()
+        async with _outage(sqlite_url):
+            await writer.put(_rows(run_id, 1, 500))
+            await _until(lambda: writer.held_rows == 500)
+            assert writer.rows_dropped == 0 and not writer.journal_overflowed
+            disk_full[0] = False
+        await writer.flush()
+        assert writer.held_rows == 0 and writer.rows_dropped == 0
+        assert await _seqs(engine, run_id) == list(range(1, 501))
+
+        # Held longer than hold_s: dropped and flagged, as when the journal is full.
+        disk_full[0] = True
+        writer.hold_s = 0.0
+        async with _outage(sqlite_url):
+            await writer.put(_rows(run_id, 501, 100))
+            await writer.flush()
+            assert writer.rows_dropped == 100 and writer.journal_overflowed
+            assert writer.dropped_by_run[run_id][:2] == [501, 600]
+        disk_full[0] = False
+        await writer.close()
+        assert await _seqs(engine, run_id) == list(range(1, 501))
+    finally:
+        await engine.dispose()
+
+
 # -- crash recovery ------------------------------------------------------------------------
 
 

@@ -186,6 +186,7 @@ class Journal:
         self.pending_rows = 0
         self.ignored_bytes = 0  # torn or corrupt bytes found at open
         self.lost_rows = 0  # rows in records that could not be read back for replay
+        self.last_append_error: OSError | None = None  # why the last append stopped short
         self._opened = False
 
     # -- state ------------------------------------------------------------------------
@@ -257,6 +258,7 @@ class Journal:
         Batches beyond the disk bound are not written (the caller counts them as lost).
         Raises OSError only when not even the first batch could be written.
         """
+        self.last_append_error = None
         if not self._opened:
             self.open()
         blobs: list[bytes] = []
@@ -290,11 +292,16 @@ class Journal:
                 self.pending_rows += len(rows)
                 written += 1
         except OSError as exc:
+            self.last_append_error = exc
             if not written:
                 raise
             log.error("journal append stopped after %d of %d batches: %s", written, len(blobs), exc)
         if written and self._fh is not None and self.fsync:
-            os.fsync(self._fh.fileno())
+            try:
+                os.fsync(self._fh.fileno())
+            except OSError as exc:
+                self.last_append_error = exc
+                raise
         return written
 
     def _segment_for(self, nbytes: int) -> tuple[Any, int]:

@@ -34,8 +34,12 @@ Data path::
   repeats three times while the database answers ``SELECT 1`` is handled the same way, so
   one poisonous row cannot hold every later sample back in the journal.
 * A journal left by a crashed process is replayed before anything else on start-up.
+* Disk full or failing (the journal cannot be written either): the batches are held in
+  memory, oldest first, and retried with backoff — to the database, or the journal —
+  for up to ``hold_s`` (30 s), within half of ``max_pending_rows`` so ``put`` never waits
+  on them; past either bound they are dropped as below.
 * Disk bound: ``max_journal_bytes`` (default 1 GiB ≈ 11 M rows). A batch that does not fit
-  (or cannot be written: disk error) is dropped (``rows_dropped``) and
+  (or cannot be held: see above) is dropped (``rows_dropped``) and
   ``journal_overflowed`` becomes True, so the engine can record an interruption (rows
   found unreadable at replay are counted the same way). Blocking instead would stop the
   sampling loop and its safety checks, which is worse than losing samples of a run that is
@@ -233,6 +237,7 @@ class SampleWriter:
         write_timeout_s: float = 5.0,
         retry_min_s: float = 0.05,
         retry_max_s: float = 2.0,
+        hold_s: float = 30.0,
     ) -> None:
         self.engine = engine
         self.max_pending_rows = max(1, max_pending_rows)
@@ -288,6 +293,16 @@ class SampleWriter:
         self._straggler_since = 0.0
         self._unknown_streak = 0  # consecutive unrecognised write errors
         self._journal_lost = 0  # journal.lost_rows already counted in rows_dropped
+        # Batches the journal could not take because writing it failed (disk full, I/O
+        # error), oldest first, each with when it was first held: kept in memory and
+        # retried for up to hold_s, within half the memory bound so put() never waits.
+        self._held: deque[tuple[list[Sequence[Any]], Records, float]] = deque()
+        self._held_rows = 0
+        self._held_retrying = 0  # held rows out of the deque while _store_held retries them
+        self._held_retry_at = 0.0
+        self._held_delay = retry_min_s
+        self.hold_s = hold_s
+        self.max_held_rows = max(1, self.max_pending_rows // 2)
 
         self.rows_written = 0
         self.batches_written = 0
@@ -310,6 +325,11 @@ class SampleWriter:
     def pending_rows(self) -> int:
         """Rows held in memory (bounded by ``max_pending_rows``)."""
         return self._pending
+
+    @property
+    def held_rows(self) -> int:
+        """Rows held in memory because neither the database nor the journal took them."""
+        return self._held_rows + self._held_retrying
 
     @property
     def rows_settled(self) -> int:
@@ -439,6 +459,9 @@ class SampleWriter:
                 if self._replay_due(now):
                     await self._replay()
                     continue
+                if self._held and now >= self._held_retry_at:
+                    await self._store_held()
+                    continue
                 batch = self._take(now)
                 if batch is not None:
                     await self._store(batch)
@@ -486,6 +509,8 @@ class SampleWriter:
             deadlines.append(self._buf_since + self.batch_age_s)
         if self.journal_pending_rows:
             deadlines.append(self._retry_at)
+        if self._held:
+            deadlines.append(self._held_retry_at)
         # No await between the checks above and clear(): nothing can slip in between.
         self._wake.clear()
         timeout = max(0.0, min(deadlines) - now) if deadlines else None
@@ -504,6 +529,10 @@ class SampleWriter:
     async def _store(self, taken: tuple[list[Sequence[Any]], Records]) -> None:
         """Write one batch, or journal it (with everything queued behind it) if the DB is down."""
         batch, records = taken
+        if self._held:
+            # Older rows wait in memory for a failing disk: these queue behind them.
+            self._keep_or_drop([(batch, records, time.monotonic())], failed=False)
+            return
         if self._journal is not None:
             down = not self.db_available and time.monotonic() < self._retry_at
             if self._journal.pending_rows or down:
@@ -520,8 +549,71 @@ class SampleWriter:
             await asyncio.sleep(max(0.0, self._retry_at - time.monotonic()))
         self._settle(len(batch))
 
-    async def _spill(self, batches: list[tuple[list[Sequence[Any]], Records]]) -> None:
-        """Append batches, plus every batch queued behind them, to the journal (one fsync)."""
+    async def _store_held(self) -> None:
+        """Retry the batches a failing disk kept in memory, oldest first: straight to the
+        database when it takes writes and nothing older waits in the journal, else the
+        journal again."""
+        held = list(self._held)
+        self._held.clear()
+        self._held_retrying, self._held_rows = self._held_rows, 0
+        assert self._journal is not None
+        try:
+            if not self._journal.pending_rows and (
+                self.db_available or time.monotonic() >= self._retry_at
+            ):
+                while held:
+                    rows, records, _ = held[0]
+                    if await self._write_batch(rows, records) is not _Outcome.OK:
+                        break
+                    held.pop(0)
+                    self._held_retrying -= len(rows)
+                    self._settle(len(rows))
+            if held:
+                await self._spill([(b, r) for b, r, _ in held], [t for _, _, t in held])
+            else:
+                self._held_delay = self.retry_min_s
+        finally:
+            self._held_retrying = 0
+
+    def _keep_or_drop(
+        self, batches: list[tuple[list[Sequence[Any]], Records, float]], failed: bool = True
+    ) -> None:
+        """Hold batches the journal could not take, within the hold bounds; drop the rest.
+        ``failed``: the journal just failed (back off) rather than rows joining the queue."""
+        now = time.monotonic()
+        for b, rec, since in batches:
+            if now - since < self.hold_s and self._held_rows + len(b) <= self.max_held_rows:
+                self._held.append((b, rec, since))
+                self._held_rows += len(b)
+            else:
+                self._drop(b)
+        if not failed:
+            return
+        self._held_retry_at = now + self._held_delay
+        self._held_delay = min(self._held_delay * 2, self.retry_max_s)
+
+    def _drop(self, b: list[Sequence[Any]]) -> None:
+        assert self._journal is not None
+        self.rows_dropped += len(b)
+        self._note_dropped(b)
+        if not self.journal_overflowed:
+            log.error(
+                "sample journal full (%d of %d bytes) or failing: dropping samples",
+                self._journal.size_bytes,
+                self._journal.max_bytes,
+            )
+        self.journal_overflowed = True
+        self._settle(len(b))
+
+    async def _spill(
+        self,
+        batches: list[tuple[list[Sequence[Any]], Records]],
+        since: list[float] | None = None,
+    ) -> None:
+        """Append batches, plus every batch queued behind them, to the journal (one fsync).
+
+        Batches it cannot take because the disk failed are held in memory (``since``: when
+        each was first held), those beyond the journal's size bound dropped."""
         assert self._journal is not None
         while self._batches:
             rows, ledger = self._batches.popleft()
@@ -538,6 +630,16 @@ class SampleWriter:
             log.error("sample journal %s not writable: %s", self._journal.directory, exc)
             self.last_error = f"journal: {exc}"
             written = 0
+        if written < len(batches) and self._journal.last_append_error is not None:
+            now = time.monotonic()
+            stamps = (since or []) + [now] * len(batches)
+            for b, _ in batches[:written]:
+                self.rows_journaled += len(b)
+                self._settle(len(b))
+            self._keep_or_drop(
+                [(b, r, stamps[i]) for i, (b, r) in enumerate(batches) if i >= written]
+            )
+            return
         for i, (b, _) in enumerate(batches):
             if i < written:
                 self.rows_journaled += len(b)
