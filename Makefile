@@ -35,14 +35,14 @@ FAST_TESTS := tests/test_protocol.py tests/test_scpi_parser.py tests/test_cell_m
 # Everything not marked slow (.ci/run runs this first; budget: 10 min on 2 cores).
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -m "not slow and not deep"
+	$(BIN)/python -m pytest -q -m "not slow and not deep" --durations=25
 
 test-fast: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -m "not slow and not deep" $(FAST_TESTS)
 
 # The long suites (@pytest.mark.slow); .ci/run runs them after `make test`.
 test-slow: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q -m "slow and not deep"
+	$(BIN)/python -m pytest -q -m "slow and not deep" --durations=15
 
 # schemathesis in depth: 100 examples per operation, every phase, each role, both backends.
 test-deep: $(VENV)/.installed-dev
