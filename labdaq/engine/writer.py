@@ -630,30 +630,18 @@ class SampleWriter:
             log.error("sample journal %s not writable: %s", self._journal.directory, exc)
             self.last_error = f"journal: {exc}"
             written = 0
+        for b, _ in batches[:written]:
+            self.rows_journaled += len(b)
+            self._settle(len(b))
         if written < len(batches) and self._journal.last_append_error is not None:
             now = time.monotonic()
             stamps = (since or []) + [now] * len(batches)
-            for b, _ in batches[:written]:
-                self.rows_journaled += len(b)
-                self._settle(len(b))
             self._keep_or_drop(
                 [(b, r, stamps[i]) for i, (b, r) in enumerate(batches) if i >= written]
             )
             return
-        for i, (b, _) in enumerate(batches):
-            if i < written:
-                self.rows_journaled += len(b)
-            else:
-                self.rows_dropped += len(b)
-                self._note_dropped(b)
-                if not self.journal_overflowed:
-                    log.error(
-                        "sample journal full (%d of %d bytes) or failing: dropping samples",
-                        self._journal.size_bytes,
-                        self._journal.max_bytes,
-                    )
-                self.journal_overflowed = True
-            self._settle(len(b))
+        for b, _ in batches[written:]:
+            self._drop(b)
 
     def _note_dropped(self, rows: Rows) -> None:
         """Keep, per run, the bounds of the samples lost so the engine can record them
