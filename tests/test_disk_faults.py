@@ -46,22 +46,12 @@ from labdaq.storage import models as m
 from labdaq.storage.db import create_engine, session_scope, sessionmaker, upgrade
 from tests.fault_report import lost_and_duplicates, record_fault
 
+# The same C/5 discharge as the database outage, and its wait for the run's end.
+from tests.test_db_outage import PROTOCOL, _wait_end
+
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
 SPEED = 100.0
-# C/5 for 20 simulated minutes: ~12 s of wall time, long enough for a fault in the middle.
-PROTOCOL: dict[str, Any] = {
-    "schema_version": 1,
-    "name": "disk_fault_discharge",
-    "steps": [
-        {
-            "step": "cc",
-            "rate_c": -0.2,
-            "until": {"duration_s": 1200, "voltage_v": "discharge_cutoff"},
-        },
-        {"step": "rest", "until": {"duration_s": 60}},
-    ],
-}
 TMPFS_SIZE = "48m"
 FULL_HOLD_S = 4.0
 
@@ -177,22 +167,6 @@ async def _wait_for(pred: Callable[[], Awaitable[bool]], timeout_s: float, what:
         await asyncio.sleep(0.05)
 
 
-async def _ended(maker: async_sessionmaker[AsyncSession], run_id: int) -> m.Run:
-    out: list[m.Run] = []
-
-    async def ended() -> bool:
-        async with session_scope(maker) as s:
-            run = await s.get(m.Run, run_id)
-            assert run is not None
-            if run.state in ("queued", "running", "paused"):
-                return False
-            out.append(run)
-            return True
-
-    await _wait_for(ended, 60, f"run {run_id} to end")
-    return out[0]
-
-
 async def _check_outcome(
     maker: async_sessionmaker[AsyncSession],
     run_id: int,
@@ -202,7 +176,7 @@ async def _check_outcome(
     t_fault_over: float,
 ) -> None:
     """Count, record, then assert the outcome shared by both scenarios."""
-    run = await _ended(maker, run_id)
+    run = await _wait_end(maker, run_id, 60)
     async with session_scope(maker) as s:
         rows = (
             await s.execute(
