@@ -32,10 +32,14 @@ FAST_TESTS := tests/test_protocol.py tests/test_scpi_parser.py tests/test_cell_m
 	tests/test_transport_blocks.py tests/test_cabinet.py tests/test_keithley2450.py \
 	tests/test_daq970a.py tests/test_hioki_bt4560.py tests/test_espec_chamber.py
 
-# Everything not marked slow (.ci/run runs this first; budget: 10 min on 2 cores).
+# Everything not marked slow (.ci/run runs this first; budget: 10 min on 2 cores). Most of
+# these tests wait on simulated instruments and subprocesses, so TEST_WORKERS pytest-xdist
+# workers (a whole file each: its module fixtures start once) keep both cores busy.
+TEST_WORKERS ?= 3
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -m "not slow and not deep" --durations=25
+	$(BIN)/python -m pytest -q -m "not slow and not deep" -n $(TEST_WORKERS) --dist loadfile \
+		--durations=25
 
 test-fast: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -m "not slow and not deep" $(FAST_TESTS)

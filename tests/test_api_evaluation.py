@@ -31,6 +31,7 @@ from labdaq.benchmarks.store import _jsonable, catalogue_sha256, data_sha256
 from labdaq.config import Settings
 from labdaq.storage.db import create_engine, session_scope, sessionmaker
 from tests.test_benchmark_evaluate import _Page, check_report, load, run_template
+from tests.test_dashboard import CHROMIUM_ARGS, _ensure_chromium
 
 ENTRIES = {"iec62660-1-capacity", "ais156-cell-precycle", "lab-rated-capacity"}
 
@@ -282,14 +283,7 @@ async def test_un383_ocv_pair_named_by_query(sqlite_url: str, tmp_path: Path) ->
     # A fresh simulated cell at rest twice: the same OCV within a few mV.
     assert all(0.99 < cr["value"] < 1.01 for cr in ratios)
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
-                 "--disable-background-networking", "--disable-component-update"]
-
-
 @pytest.mark.slow  # a browser: `make test-slow`
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install "
-                                                   "chromium)")
 async def test_report_renders_in_headless_chromium(sqlite_url: str, tmp_path: Path) -> None:
     """The report served by a real server on 127.0.0.1, opened by Chromium: the verdict
     table is visible, every plot decoded, and no request left 127.0.0.1."""
@@ -314,7 +308,7 @@ async def test_report_renders_in_headless_chromium(sqlite_url: str, tmp_path: Pa
                 await asyncio.sleep(0.05)
         hosts: list[str] = []
         async with async_playwright() as pw:
-            browser = await pw.chromium.launch(executable_path=str(CHROMIUM),
+            browser = await pw.chromium.launch(executable_path=str(_ensure_chromium()),
                                                args=CHROMIUM_ARGS)
             try:
                 page = await browser.new_page(

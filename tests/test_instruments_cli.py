@@ -128,14 +128,16 @@ def test_probe_names_the_driver_of_each_resource(sim_lab: dict[str, object]) -> 
     assert isinstance(table, dict)
     # All probes at once: separate processes, as several users would run them.
     procs = {
+        # The reply timeout is generous and the wait only stops a hang: six interpreters
+        # start at once here, and on a loaded machine a simulator's reply can take seconds.
         name: subprocess.Popen([*CLI, "instruments", "probe", resource, "--json",
-                                "--timeout", "2"],
+                                "--timeout", "10"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=ENV)
         for name, (_, resource) in table.items()
     }
     for name, proc in procs.items():
-        out, err = proc.communicate(timeout=30)
+        out, err = proc.communicate(timeout=100)
         assert proc.returncode == 0, f"{name}: {err}"
         result = json.loads(out)
         assert result["driver"] == table[name][0] == EXPECTED_DRIVERS[name]
