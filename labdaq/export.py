@@ -41,7 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 import labdaq
 from labdaq.errors import Invalid, NotFound
-from labdaq.sample_arrow import COLUMNS, SCHEMA, SampleFilter, chunk_sql, to_batch
+from labdaq.sample_arrow import COLUMNS, NULLABLE, SCHEMA, SampleFilter, chunk_sql, to_batch
 from labdaq.storage import models as m
 
 ExportFormat = Literal["csv", "parquet", "bdf"]
@@ -108,7 +108,7 @@ def _fetch_table(cur: Any, style: str) -> pa.Table:
     if style != "qmark":
         return cur.fetch_arrow_table()
     rows = cur.fetchall()
-    types = [*SCHEMA.types, pa.int64()]
+    types = [*SCHEMA.types, *[pa.int64()] * len(NULLABLE)]
     if not rows:
         return pa.table({str(i): pa.array([], type=t) for i, t in enumerate(types)})
     cols = list(zip(*rows, strict=True))
