@@ -485,3 +485,34 @@ async def test_a_reading_that_stays_stale_loses_the_sensor(sqlite_url: str,
         rig.lab.faults.clear_all()
     finally:
         await rig.stop()
+
+
+async def test_a_running_run_keeps_the_wiring_it_started_with(rig: Rig) -> None:
+    """The engine reads the run's wiring snapshot (``runs.wiring``), not the channel's
+    wiring now: rewired in the database under the run (which ``instruments apply``
+    refuses), then the engine restarted, the resumed run still reads its thermocouple."""
+    from labdaq.engine.node import AcquisitionNode
+
+    logger = rig.lab.by_name("logger1").sim
+    run_id = await start(rig, "smu1/1", document(CHARGE_1A))
+    await until_samples(rig, run_id, 3)
+    assert rig.node.aux.wiring[run_id]["thermocouple"]["channel"] == 101
+    async with session_scope(rig.maker) as s:
+        ch = (await s.scalars(select(m.Channel).where(m.Channel.name == "smu1/1"))).one()
+        aux = dict(ch.aux or {})
+        aux["thermocouple"] = {**aux["thermocouple"], "channel": 102}
+        ch.aux = aux
+    rig.node.request_stop()
+    await asyncio.wait_for(rig.task, 30)
+    n_before = len((await samples(rig.maker, run_id))["seq"])
+    rig.node = AcquisitionNode(rig.engine, rig.clock, poll_s=0.25, batch_age_s=0.2,
+                               temperature_stale_s=20.0, temperature_lost_s=1e9)
+    rig.task = asyncio.create_task(rig.node.run_forever(), name="node-2")
+    await wait_for(lambda: run_id in rig.node.active, 30, "the run to resume")
+    await until_samples(rig, run_id, n_before + 5)
+    assert rig.node.aux.wiring[run_id]["thermocouple"]["channel"] == 101
+    assert logger.scan_list == [101]  # the logger is asked for the snapshot's input only
+    async with session_scope(rig.maker) as s:
+        run = await s.get(m.Run, run_id)
+        assert run is not None and run.state == "running"
+        assert run.wiring is not None and run.wiring["thermocouple"]["channel"] == 101

@@ -113,7 +113,7 @@ class Scheduling(NodeParts):
         try:
             resolved = ResolvedProtocol.model_validate(run.plan)
             cr = ChannelRun(run.id, channel.index, resolved, run.sample_period_s)
-            self.aux.wiring[run.id] = dict(channel.aux or {})
+            self.aux.wire(run)
             group = await self._group_for(channel.instrument_id)
             lim = resolved.limits
             # Layer one of safety: the instrument's own protection trips even if we stall.
