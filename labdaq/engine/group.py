@@ -634,6 +634,9 @@ class InstrumentGroup:
             for cmd, detail in self._inbox.pop(r.run_id, ()):
                 if cmd is Command.STOP:
                     r.stop_requested = True
+                elif cmd is Command.SAFETY_STOP:
+                    r.stop_requested = True
+                    r.safety_stop = detail or "safety stop requested"
                 elif cmd is Command.PAUSE:
                     r.pause_requested = True
                 elif cmd is Command.RESUME:
@@ -653,7 +656,8 @@ class InstrumentGroup:
         for k, r in enumerate(self.runs):
             if r.stop_requested:
                 await self._outputs_off([r.channel])
-                r.outcome = ("stopped", "stop requested")
+                r.outcome = (("aborted_safety", r.safety_stop) if r.safety_stop
+                             else ("stopped", "stop requested"))
                 done.append(k)
             elif r.pause_requested and not r.paused:
                 await self._outputs_off([r.channel])
