@@ -12,6 +12,8 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from labdaq import run_states
+from labdaq.benchmarks.catalogue import METRICS
 from labdaq.benchmarks.evaluate import (
     ChannelAccuracy,
     EntryResult,
@@ -29,8 +31,6 @@ from labdaq.benchmarks.store import (
     record_observation,
     store_evaluation,
 )
-from labdaq import run_states
-from labdaq.benchmarks.catalogue import METRICS
 from labdaq.errors import Invalid, LabdaqError, NotFound
 from labdaq.storage import models as m
 
