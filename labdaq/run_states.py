@@ -80,8 +80,8 @@ def command_refusal(current: str, command: str) -> str | None:
 #: The end reason of a run stopped on a ``safety_stop`` request.
 SAFETY_STOP_REASON = "stopped for safety: a hazard was observed (see its safety event)"
 
-_past = {"stop": "stopped", "safety_stop": "stopped for safety", "pause": "paused", "resume": "resumed",
-         "confirm-cell": "confirmed", "move": "moved in its queue"}
+_past = {"stop": "stopped", "safety_stop": "stopped for safety", "pause": "paused",
+         "resume": "resumed", "confirm-cell": "confirmed", "move": "moved in its queue"}
 
 
 def ending(to: RunState, reason: str) -> dict[str, Any]:
