@@ -236,6 +236,9 @@ class RunArrays:
 
 def _nullable(x: FloatArray) -> Any:
     """Values of a nullable column: NaN -> NULL (None)."""
-    if np.isnan(x).all():
+    nan = np.isnan(x)
+    if nan.all():
         return repeat(None)
+    if not nan.any():
+        return x.tolist()  # the common case: no per-value test
     return [None if v != v else v for v in x.tolist()]
