@@ -56,7 +56,8 @@ SUFFIXES = {"csv": ".csv", "bdf": ".bdf.csv", "parquet": ".parquet"}
 #: Battery Data Format preferred labels for labdaq's columns (BDF README, tables of
 #: required, recommended and optional quantities). ``Step Count / 1`` is derived: BDF
 #: wants a monotonically increasing step counter, while ``step_index`` is the plan's step
-#: and repeats in loops. ``seq`` and ``flags`` have no BDF quantity and are left out.
+#: and repeats in loops. ``seq``, ``flags`` and ``temperature_age_s`` have no BDF quantity
+#: and are left out.
 BDF_LABELS: dict[str, str] = {
     "t_s": "Test Time / s",
     "ts_utc": "Unix Time / s",
