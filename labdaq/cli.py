@@ -93,6 +93,7 @@ def engine(
             max_resume_gap_s=s.max_resume_gap_s,
             writer_process=s.writer_process,
             temperature_stale_s=s.engine_temperature_stale_s,
+            temperature_lost_s=s.engine_temperature_lost_s,
         )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

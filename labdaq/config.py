@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     # of its scan periods, if longer) is stale: stored with the sample, flagged, and
     # checked against no limit.
     engine_temperature_stale_s: float = Field(default=3.0, gt=0)
+    # A wired sensor with no current reading for longer than this (s, on the engine
+    # clock; never less than its staleness bound) is lost: a run with a temperature limit
+    # is stopped safely, as for an open thermocouple.
+    engine_temperature_lost_s: float = Field(default=15.0, gt=0)
     # Lab-wide safety limits (the protocol safety block's fields), combined with the
     # cell's, the channel's and the protocol's to the tightest when a run is created.
     lab_limits: Safety | None = Field(

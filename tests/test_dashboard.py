@@ -258,11 +258,12 @@ def test_sign_in_shows_role_and_hides_what_it_cannot_do(session, lab: Lab) -> No
     assert page.is_visible("nav a[href='/runs/new']")
     assert not page.is_visible("nav a[href='/admin']")
     s.shot("signin-overview-technician")
-    # An engineer may not operate runs: the start link is hidden for them.
+    # An engineer starts abuse runs only: the start link is there, the admin one is not.
     e = session("engineer")
     e.open("/")
     assert e.page.inner_text("#who-role") == "engineer"
-    assert not e.page.is_visible("nav a[href='/runs/new']")
+    assert e.page.is_visible("nav a[href='/runs/new']")
+    assert not e.page.is_visible("nav a[href='/admin']")
 
 
 def test_overview_lists_every_channel_with_live_values(session, lab: Lab,
@@ -391,6 +392,38 @@ def test_run_page_exports_parquet_and_shows_cycles(session, lab: Lab,
         titles = _axis_titles(page, plot)
         assert titles and all(" / " in t for t in titles), (plot, titles)
     s.shot("run-page-engineer")
+
+
+@pytest.mark.slow  # the module took > 60 s; `make test-slow`
+def test_engineer_starts_an_abuse_run_with_a_reason(session, lab: Lab) -> None:
+    s = session("engineer")
+    page = s.open("/runs/new?channel=cabinet1/4")
+    assert page.is_visible("#f-reason")
+    page.select_option("#f-cell", value=str(lab.cell_id("SIM-NMC811-C1-004")))
+    page.select_option("#f-source", "upload")
+    page.set_input_files("#f-document", files=[{
+        "name": "overcharge.yaml", "mimeType": "text/yaml",
+        "buffer": b"schema_version: 1\nname: overcharge\nabuse: true\n"
+                  b"safety: {min_voltage_v: 2.0, max_temperature_c: 100.0}\n"
+                  b"steps:\n  - {step: cc, current_a: 3.0, "
+                  b"until: {voltage_v: 4.4, duration_s: 60}}\n"}])
+    # Without a reason the API's 422 lands beside the reason field.
+    page.click("#check")
+    page.locator(".error[data-for='reason']").wait_for(state="visible")
+    assert page.is_hidden("#confirm")
+    page.fill("#f-reason", "UN 38.3 T7 overcharge, dashboard")
+    page.click("#check")
+    page.wait_for_selector("#confirm:not([hidden])")
+    assert "from the instrument" in page.inner_text("#confirm-limits")
+    page.click("#start")
+    page.wait_for_url(re.compile(r"/runs/\d+$"))
+    run_id = int(page.url.rsplit("/", 1)[1])
+    with lab.api("technician") as c:
+        events = c.get(f"/api/v1/runs/{run_id}/events").json()
+        c.post(f"/api/v1/runs/{run_id}/stop")
+    (created,) = [e for e in events if e["kind"] == "audit"]
+    assert created["data"]["abuse"] is True and created["actor"] == "dash-engineer"
+    assert created["data"]["reason"] == "UN 38.3 T7 overcharge, dashboard"
 
 
 @pytest.mark.slow  # the module took > 60 s; `make test-slow`

@@ -256,3 +256,45 @@ async def test_pages_and_assets_are_served_locally(api: Api) -> None:
     assert (await api.c.get("/ui/static/dashboard.js")).status_code == 200
     assert (await api.c.get("/ui/static/../app.py")).status_code == 404
     assert (await api.c.get("/ui/static/app.py")).status_code == 404
+
+
+ABUSE_YAML = """\
+schema_version: 1
+name: overcharge
+abuse: true
+safety: {min_voltage_v: 2.0, max_temperature_c: 150.0}
+steps:
+  - {step: cc, current_a: 7.0, until: {voltage_v: 4.6, duration_s: 7200}}
+"""
+
+
+async def test_an_engineer_starts_an_abuse_run_from_the_start_form(api: Api) -> None:
+    """The start page offers an engineer (the ``abuse`` grant) the form and a reason
+    field; the request the form sends (an uploaded document, a registered cell, the
+    reason) is checked, then started; without the reason the error lands in its slot."""
+    page = (await api.c.get("/runs/new")).text
+    assert 'id="reason-field" data-grant="abuse"' in page
+    assert 'id="f-reason"' in page and 'data-for="reason"' in page
+    assert 'href="/runs/new" data-grant="operate abuse"' in page  # the nav link
+    cell = await api.c.post("/api/v1/cells", json=CELL, headers=api.h("technician"))
+    assert cell.status_code == 201, cell.text
+    form = {"channel": "cab1/1", "sample_period_s": 1, "cell_id": cell.json()["id"],
+            "protocol_document": ABUSE_YAML, "reason": "UN 38.3 T7 overcharge, lot L-7"}
+    dry = await api.c.post("/api/v1/runs?dry_run=true", json=form, headers=api.h("engineer"))
+    assert dry.status_code == 200, dry.text
+    limits = dry.json()["limits"]
+    # Past the cell's 4.2 V and 4.9 A, within the channel's 5 V and 10 A.
+    assert limits["max_voltage_v"] == 5.0 and limits["sources"]["max_voltage_v"] == "instrument"
+    assert limits["max_charge_current_a"] == 10.0
+    no_reason = {k: v for k, v in form.items() if k != "reason"}
+    r = await api.c.post("/api/v1/runs?dry_run=true", json=no_reason, headers=api.h("engineer"))
+    assert r.status_code == 422 and [e["loc"] for e in r.json()["errors"]] == ["reason"]
+    r = await api.c.post("/api/v1/runs", json=form, headers=api.h("technician"))
+    assert r.status_code == 403 and "abuse" in r.json()["detail"]
+    r = await api.c.post("/api/v1/runs", json=form, headers=api.h("engineer"))
+    assert r.status_code == 201, r.text
+    events = (await api.c.get(f"/api/v1/runs/{r.json()['id']}/events",
+                              headers=api.h("engineer"))).json()
+    (created,) = [e for e in events if e["kind"] == "audit"]
+    assert created["actor"] == "t-engineer" and created["data"]["abuse"] is True
+    assert created["data"]["reason"] == "UN 38.3 T7 overcharge, lot L-7"

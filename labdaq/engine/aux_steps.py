@@ -35,8 +35,13 @@ class AuxSteps:
         self.recorder = recorder
         self.clock = clock
         self.tasks: dict[int, asyncio.Task[None]] = {}
-        # Which instruments are wired to each active run's channel (channels.aux).
+        # Which instruments are wired to each active run's channel: the run's snapshot
+        # (runs.wiring, see wiring_of), not the channel's wiring now.
         self.wiring: dict[int, dict[str, Any]] = {}
+
+    def wire(self, run: m.Run) -> None:
+        """Run ``run`` (starting or resuming) measures with its wiring snapshot."""
+        self.wiring[run.id] = wiring_of(run)
 
     def start(self, cr: ChannelRun, phase: Phase, group: InstrumentGroup) -> None:
         self.cancel(cr.run_id)
@@ -137,3 +142,10 @@ class AuxSteps:
         without a record saying so), then the group turns the output off and pauses."""
         await self.recorder.paused_by_engine(why)
         group.command(cr.run_id, Command.PAUSE)
+
+
+def wiring_of(run: m.Run) -> dict[str, Any]:
+    """The wiring a run measures with: the snapshot of its channel's wiring taken when it
+    was created (``runs.wiring``; NULL: the channel had none), which a later change to
+    the channel does not touch."""
+    return dict(run.wiring or {})

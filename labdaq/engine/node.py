@@ -86,6 +86,7 @@ class AcquisitionNode(Scheduling, Recovery):
         journal_dir: Path | None = None,
         writer_process: bool = False,
         temperature_stale_s: float = 3.0,
+        temperature_lost_s: float = 15.0,
     ) -> None:
         self.control_period_s = control_period_s
         self.engine = engine
@@ -119,6 +120,7 @@ class AcquisitionNode(Scheduling, Recovery):
         self.aux = AuxSteps(self.instruments, self.recorder, clock)
         self.temperatures = WiredTemperatures(self.instruments, self.aux.wiring, clock,
                                               stale_s=temperature_stale_s,
+                                              lost_s=temperature_lost_s,
                                               open_logger=self._open_by_name)
         self._finishing: set[asyncio.Task[None]] = set()
         self._scheduler_error = False

@@ -133,7 +133,7 @@ class Recovery(NodeParts):
             try:
                 resolved = ResolvedProtocol.model_validate(run.plan)
                 cr = ChannelRun(run.id, channel.index, resolved, run.sample_period_s)
-                self.aux.wiring[run.id] = dict(channel.aux or {})
+                self.aux.wire(run)
                 phase = cr.restore(dict(pos), shift_s=gap_s)
                 cr.t_s = float(last.t_s) + gap_s
                 cr.resumed_from_t_s = float(last.t_s)  # the gap's periods are missed ones

@@ -18,6 +18,7 @@ from labdaq.engine.events import Command, RunEnded, RunEvent
 from labdaq.engine.node_parts import NodeParts
 from labdaq.engine.setpoints import LOST_INSTRUMENT
 from labdaq.protocol import ResolvedProtocol
+from labdaq.run_states import SAFETY_STOP_REASON
 from labdaq.storage import models as m
 
 log = logging.getLogger(__name__)
@@ -91,10 +92,11 @@ class Scheduling(NodeParts):
             return
         for run_id, action in await self.recorder.requested(list(self.active)):
             group = self.run_groups.get(run_id)
-            if group is None or action not in ("stop", "pause", "resume"):
+            if group is None or action not in ("stop", "safety_stop", "pause", "resume"):
                 continue
-            group.command(run_id, Command(action))
-            if action != "stop":  # a stop is recorded when the run has ended
+            group.command(run_id, Command(action),
+                          SAFETY_STOP_REASON if action == "safety_stop" else None)
+            if action not in ("stop", "safety_stop"):  # a stop: recorded when it has ended
                 await self.recorder.command_taken(run_id, action)
 
     async def _claim_queued(self) -> None:
@@ -113,7 +115,7 @@ class Scheduling(NodeParts):
         try:
             resolved = ResolvedProtocol.model_validate(run.plan)
             cr = ChannelRun(run.id, channel.index, resolved, run.sample_period_s)
-            self.aux.wiring[run.id] = dict(channel.aux or {})
+            self.aux.wire(run)
             group = await self._group_for(channel.instrument_id)
             lim = resolved.limits
             # Layer one of safety: the instrument's own protection trips even if we stall.

@@ -237,6 +237,9 @@ class Sample(Base):
     step_capacity_ah: Mapped[float] = mapped_column(Float)
     step_energy_wh: Mapped[float] = mapped_column(Float)
     flags: Mapped[int] = mapped_column(Integer, default=0)
+    # The age of temperature_c's reading when it comes from a wired sensor (engine
+    # seconds from the logger's query to this sample's measurement); NULL otherwise.
+    temperature_age_s: Mapped[float | None] = mapped_column(Float)
 
 
 class Step(Base):
@@ -388,6 +391,7 @@ SAMPLE_COLUMNS = (
     "step_capacity_ah",
     "step_energy_wh",
     "flags",
+    "temperature_age_s",
 )
 
 
