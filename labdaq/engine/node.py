@@ -29,6 +29,7 @@ from labdaq.engine.aux_steps import AuxSteps
 from labdaq.engine.aux_temps import WiredTemperatures
 from labdaq.engine.channel import ChannelRun
 from labdaq.engine.clock import EngineClock
+from labdaq.engine.delegated import DelegatedRuns
 from labdaq.engine.events import (
     AuxRequested,
     EngineEvent,
@@ -140,6 +141,7 @@ class AcquisitionNode(Scheduling, Recovery):
         self.heartbeat = Heartbeat(self.node_name)
         self.stats = EngineStats()  # for /metrics, through the heartbeat (stats.py)
         self._next_beat_s = 0.0
+        self.delegated = DelegatedRuns(self)
 
     @property
     def records(self) -> RunRecorder:
@@ -261,6 +263,7 @@ class AcquisitionNode(Scheduling, Recovery):
         # outputs are turned off and every sample (with its position) committed, which is
         # what resuming needs.
         self.aux.cancel_all()
+        await self.delegated.close()  # their programs run on; a restart follows them again
         if self._waiting:
             await asyncio.wait(self._waiting, timeout=10)
         for group in self.groups.values():

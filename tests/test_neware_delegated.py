@@ -1,0 +1,173 @@
+"""Delegated runs on a simulated Neware BTS 8.0 server over TCP: the engine translates the
+protocol into step XML, starts it, follows it with ``inquire``, harvests ``download``
+records into samples (seq = record index) and ends the run as the cycler's state says.
+
+The node runs in this process on an accelerated clock; the simulated BTS server runs its
+channels on its own clock thread at the same speed (sims/neware_bts.py), on a real TCP
+socket the driver (drivers/neware_bts.py) talks to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from labdaq.channels import upsert_instrument
+from labdaq.engine.clock import EngineClock
+from labdaq.engine.node import AcquisitionNode
+from labdaq.runs import RunCreate, create_run
+from labdaq.sims.neware_bts import BtsServer, NewareBtsSim, apply_fault
+from labdaq.storage import models as m
+from labdaq.storage.db import create_engine, session_scope, sessionmaker
+from tests.engine_rig import assert_contiguous, rows_of, samples, wait_end, wait_for
+
+CELL = {
+    "serial": "N-001", "chemistry": "nmc811", "capacity_ah": 4.9, "charge_cutoff_v": 4.2,
+    "discharge_cutoff_v": 2.5, "max_charge_current_a": 4.9, "max_discharge_current_a": 9.8,
+}
+
+
+def doc(steps: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {"schema_version": 1, "name": "delegated", "steps": steps, **extra}
+
+
+@dataclass
+class BtsRig:
+    server: BtsServer
+    sim: NewareBtsSim
+    engine: AsyncEngine
+    maker: async_sessionmaker[AsyncSession]
+    node: AcquisitionNode
+    task: asyncio.Task[None]
+
+    async def start_run(self, protocol_document: dict[str, Any], period_s: float = 10.0
+                        ) -> int:
+        async with session_scope(self.maker) as s:
+            run = await create_run(s, RunCreate(
+                channel="bts1/1", cell_serial=CELL["serial"], sample_period_s=period_s,
+                protocol_document=protocol_document), actor="test")
+            await s.flush()
+            return int(run.id)
+
+    async def stored(self, run_id: int) -> int:
+        async with session_scope(self.maker) as s:
+            run = await s.get(m.Run, run_id)
+            assert run is not None
+            return int(run.last_seq or 0)
+
+    async def events(self, run_id: int, kind: str) -> list[m.Event]:
+        async with session_scope(self.maker) as s:
+            return list((await s.scalars(select(m.Event).where(
+                m.Event.run_id == run_id, m.Event.kind == kind).order_by(m.Event.id))).all())
+
+
+async def start_bts_rig(url: str, tmp: Path, speed: float, soc: float = 0.5,
+                        cell: str = "nmc811", seed: int = 1) -> BtsRig:
+    sim = NewareBtsSim(channels=2, cell=cell, soc=soc, seed=seed)
+    server = BtsServer(sim, speed=speed).start()
+    host, port = server.address
+    engine = create_engine(url)
+    maker = sessionmaker(engine)
+    async with session_scope(maker) as s:
+        await upsert_instrument(s, "bts1", "neware_bts", f"TCPIP::{host}::{port}::SOCKET", [
+            {"index": i, "name": f"bts1/{i}", "max_current_a": 20.0, "max_voltage_v": 5.0}
+            for i in (1, 2)], options={"step_dir_remote": str(tmp / "steps")})
+        s.add(m.Cell(**CELL))
+    node = AcquisitionNode(engine, EngineClock(speed), poll_s=0.1, batch_age_s=0.1)
+    task = asyncio.create_task(node.run_forever(), name="node")
+    await wait_for(lambda: len(node.instruments) == 1, timeout_s=60, what="the node")
+    return BtsRig(server, sim, engine, maker, node, task)
+
+
+@pytest.fixture
+async def rig(sqlite_url: str, tmp_path: Path) -> AsyncIterator[BtsRig]:
+    r = await start_bts_rig(sqlite_url, tmp_path, speed=400.0)
+    yield r
+    r.node.request_stop()
+    await asyncio.wait_for(r.task, 30)
+    await r.engine.dispose()
+    r.server.stop()
+
+
+CHARGE_REST_DISCHARGE = [
+    {"step": "cc", "rate_c": 1.0, "until": {"voltage_v": "charge_cutoff", "duration_s": 900}},
+    {"step": "rest", "until": {"duration_s": 300}},
+    {"step": "cc", "rate_c": -1.0, "until": {"voltage_v": "discharge_cutoff",
+                                              "duration_s": 900}},
+]
+
+
+async def test_delegated_run_completes_with_harvested_samples_steps_and_cycles(
+        rig: BtsRig) -> None:
+    run_id = await rig.start_run(doc(CHARGE_REST_DISCHARGE))
+    run = await wait_end(rig.maker, run_id, timeout_s=60)
+    assert run.state == "completed", run.end_reason
+    s = await samples(rig.maker, run_id)
+    assert_contiguous(s["seq"])
+    test = rig.sim.tests["1-1-1"][1]
+    # every record of the cycler's test is a sample, seq = record index, values as recorded
+    assert s["seq"].size == len(test.records)
+    np.testing.assert_allclose(s["voltage_v"], [r["volt"] for r in test.records])
+    np.testing.assert_allclose(s["current_a"], [r["curr"] for r in test.records])
+    steps = await rows_of(rig.maker, m.Step, run_id, m.Step.step_number)
+    assert [(st.step_index, st.kind) for st in steps] == [(0, "cc"), (1, "rest"), (2, "cc")]
+    assert steps[0].end_reason == "duration" and steps[2].end_reason == "duration"
+    cycles = await rows_of(rig.maker, m.Cycle, run_id, m.Cycle.cycle_index)
+    assert len(cycles) == 1
+    # 900 s at 4.9 A, counted from the harvested records (trapezoids, as a direct run)
+    assert cycles[0].charge_capacity_ah == pytest.approx(4.9 * 900 / 3600, rel=0.01)
+    assert cycles[0].discharge_capacity_ah == pytest.approx(4.9 * 900 / 3600, rel=0.01)
+    (started,) = await rig.events(run_id, "delegated")
+    assert started.data["test_id"] == 1
+    # the run is pinned to its test id, stored with its position
+    assert run.position is not None and run.position["delegated"]["test_id"] == 1
+
+
+async def test_protect_trip_ends_the_run_aborted_safety_with_the_reason(rig: BtsRig) -> None:
+    run_id = await rig.start_run(doc(CHARGE_REST_DISCHARGE))
+    await wait_for_samples(rig, run_id, 5)
+    apply_fault(rig.server, "protect:1-1-1:cell over-temperature (simulated)")
+    run = await wait_end(rig.maker, run_id, timeout_s=30)
+    assert run.state == "aborted_safety"
+    assert "cell over-temperature (simulated)" in (run.end_reason or "")
+    (trip,) = await rig.events(run_id, "safety")
+    assert trip.data["source"] == "instrument"
+    assert "cell over-temperature (simulated)" in trip.message
+    s = await samples(rig.maker, run_id)
+    assert_contiguous(s["seq"])
+    # everything the cycler recorded up to the trip is harvested
+    assert s["seq"][-1] == len(rig.sim.tests["1-1-1"][1].records)
+
+
+async def test_labdaq_side_breach_stops_the_program_and_aborts(rig: BtsRig) -> None:
+    """A temperature limit is not written into the step file: labdaq's own check on the
+    inquired and harvested readings is what stops the program."""
+    run_id = await rig.start_run(doc(CHARGE_REST_DISCHARGE,
+                                     safety={"max_temperature_c": 30.0}))
+    await wait_for_samples(rig, run_id, 3)
+    rig.sim.bank.ambient_c = np.array([80.0, 25.0])  # the cell heats up
+    run = await wait_end(rig.maker, run_id, timeout_s=60)
+    assert run.state == "aborted_safety"
+    assert "max_temperature_c" in (run.end_reason or "")
+    (trip,) = await rig.events(run_id, "safety")
+    assert trip.data["limit"] == "max_temperature_c" and trip.data["value"] > 30.0
+    # the program was stopped on the cycler, by labdaq
+    assert rig.sim.channels["1-1-1"].workstatus == "stop"
+    assert any(b"<cmd>stop</cmd>" in r for r in rig.server.requests)
+    assert_contiguous((await samples(rig.maker, run_id))["seq"])
+
+
+async def wait_for_samples(rig: BtsRig, run_id: int, n: int, timeout_s: float = 60) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while await rig.stored(run_id) < n:
+        assert loop.time() < deadline, f"fewer than {n} samples stored"
+        await asyncio.sleep(0.05)
