@@ -89,7 +89,7 @@ async def start_bts_rig(url: str, tmp: Path, speed: float, soc: float = 0.5,
 
 @pytest.fixture
 async def rig(sqlite_url: str, tmp_path: Path) -> AsyncIterator[BtsRig]:
-    r = await start_bts_rig(sqlite_url, tmp_path, speed=400.0)
+    r = await start_bts_rig(sqlite_url, tmp_path, speed=1000.0)
     yield r
     r.node.request_stop()
     await asyncio.wait_for(r.task, 30)
@@ -97,11 +97,15 @@ async def rig(sqlite_url: str, tmp_path: Path) -> AsyncIterator[BtsRig]:
     r.server.stop()
 
 
+LONG = [  # ends by the test's fault long before its end
+    {"step": "cc", "rate_c": 0.2, "until": {"voltage_v": "charge_cutoff", "duration_s": 36000}},
+    {"step": "rest", "until": {"duration_s": 36000}},
+]
 CHARGE_REST_DISCHARGE = [
-    {"step": "cc", "rate_c": 1.0, "until": {"voltage_v": "charge_cutoff", "duration_s": 900}},
-    {"step": "rest", "until": {"duration_s": 300}},
+    {"step": "cc", "rate_c": 1.0, "until": {"voltage_v": "charge_cutoff", "duration_s": 600}},
+    {"step": "rest", "until": {"duration_s": 120}},
     {"step": "cc", "rate_c": -1.0, "until": {"voltage_v": "discharge_cutoff",
-                                              "duration_s": 900}},
+                                              "duration_s": 600}},
 ]
 
 
@@ -122,9 +126,9 @@ async def test_delegated_run_completes_with_harvested_samples_steps_and_cycles(
     assert steps[0].end_reason == "duration" and steps[2].end_reason == "duration"
     cycles = await rows_of(rig.maker, m.Cycle, run_id, m.Cycle.cycle_index)
     assert len(cycles) == 1
-    # 900 s at 4.9 A, counted from the harvested records (trapezoids, as a direct run)
-    assert cycles[0].charge_capacity_ah == pytest.approx(4.9 * 900 / 3600, rel=0.01)
-    assert cycles[0].discharge_capacity_ah == pytest.approx(4.9 * 900 / 3600, rel=0.01)
+    # 600 s at 4.9 A, counted from the harvested records (trapezoids, as a direct run)
+    assert cycles[0].charge_capacity_ah == pytest.approx(4.9 * 600 / 3600, rel=0.01)
+    assert cycles[0].discharge_capacity_ah == pytest.approx(4.9 * 600 / 3600, rel=0.01)
     (started,) = await rig.events(run_id, "delegated")
     assert started.data["test_id"] == 1
     # the run is pinned to its test id, stored with its position
@@ -132,7 +136,7 @@ async def test_delegated_run_completes_with_harvested_samples_steps_and_cycles(
 
 
 async def test_protect_trip_ends_the_run_aborted_safety_with_the_reason(rig: BtsRig) -> None:
-    run_id = await rig.start_run(doc(CHARGE_REST_DISCHARGE))
+    run_id = await rig.start_run(doc(LONG))
     await wait_for_samples(rig, run_id, 5)
     apply_fault(rig.server, "protect:1-1-1:cell over-temperature (simulated)")
     run = await wait_end(rig.maker, run_id, timeout_s=30)
@@ -150,8 +154,7 @@ async def test_protect_trip_ends_the_run_aborted_safety_with_the_reason(rig: Bts
 async def test_labdaq_side_breach_stops_the_program_and_aborts(rig: BtsRig) -> None:
     """A temperature limit is not written into the step file: labdaq's own check on the
     inquired and harvested readings is what stops the program."""
-    run_id = await rig.start_run(doc(CHARGE_REST_DISCHARGE,
-                                     safety={"max_temperature_c": 30.0}))
+    run_id = await rig.start_run(doc(LONG, safety={"max_temperature_c": 30.0}))
     await wait_for_samples(rig, run_id, 3)
     rig.sim.bank.ambient_c = np.array([80.0, 25.0])  # the cell heats up
     run = await wait_end(rig.maker, run_id, timeout_s=60)
@@ -171,3 +174,52 @@ async def wait_for_samples(rig: BtsRig, run_id: int, n: int, timeout_s: float = 
     while await rig.stored(run_id) < n:
         assert loop.time() < deadline, f"fewer than {n} samples stored"
         await asyncio.sleep(0.05)
+
+
+@pytest.mark.slow  # 30 simulated minutes of outage at 200x, and the run around it
+async def test_link_dropped_30_simulated_minutes_loses_no_sample(
+        sqlite_url: str, tmp_path: Path) -> None:
+    """The BTS server is unreachable for 1800 simulated seconds while the program runs on:
+    when it answers again the records made meanwhile are harvested (samples contiguous,
+    none twice), and one interruption event covers the time labdaq could not see."""
+    speed, down_s, period_s = 200.0, 1800.0, 10.0
+    r = await start_bts_rig(sqlite_url, tmp_path, speed=speed)
+    try:
+        run_id = await r.start_run(doc([
+            {"step": "rest", "until": {"duration_s": 300}},
+            {"step": "cc", "rate_c": -0.25, "until": {"voltage_v": "discharge_cutoff",
+                                                       "duration_s": 3600}},
+            {"step": "rest", "until": {"duration_s": 300}},
+        ]), period_s=period_s)
+        ch = r.sim.channels["1-1-1"]
+        await wait_for(lambda: ch.test_time_s >= 1200, timeout_s=60, what="t 1200 s")
+        with r.sim.lock:
+            apply_fault(r.server, f"down:{down_s}")
+            down_at = ch.test_time_s  # test time; the program runs on, 1:1 in sim time
+        run = await wait_end(r.maker, run_id, timeout_s=120)
+        assert run.state == "completed", run.end_reason
+        s = await samples(r.maker, run_id)
+        assert_contiguous(s["seq"])
+        records = r.sim.tests["1-1-1"][1].records
+        assert s["seq"].size == len(records)  # every record once
+        offset = run.position["delegated"]["t_offset_s"]
+        np.testing.assert_allclose(s["t_s"] - offset, [x["testtime"] for x in records])
+        (ev,) = [e for e in await r.events(run_id, "interruption")
+                 if e.data["cause"] == "link_lost"]
+        frm, to = ev.data["from_t_s"] - offset, ev.data["to_t_s"] - offset
+        # it covers the outage, from the last reading labdaq saw to the first after it
+        assert frm <= down_at and to >= down_at + down_s, (frm, to, down_at)
+        # ... and not much more: a few seconds of wall time at 200x on a loaded machine
+        assert frm > down_at - 600 and to < down_at + down_s + 900, (frm, to, down_at)
+        assert ev.data["samples_missing"] == 0
+        # what the cycler recorded meanwhile (a record per period) is all in the samples
+        tt = np.array([x["testtime"] for x in records])
+        meanwhile = (tt > frm) & (tt < to)
+        assert meanwhile.sum() >= (to - frm) / (1.2 * period_s)
+        inside = (s["t_s"] - offset > frm) & (s["t_s"] - offset < to)
+        assert inside.sum() == meanwhile.sum()
+    finally:
+        r.node.request_stop()
+        await asyncio.wait_for(r.task, 30)
+        await r.engine.dispose()
+        r.server.stop()
