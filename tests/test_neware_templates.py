@@ -49,7 +49,9 @@ def resistances_10s(s: dict[str, np.ndarray], steps: list[m.Step]) -> list[float
         if st.kind != "pulse":
             continue
         t0 = st.start_t_s
-        before = np.flatnonzero(s["t_s"] <= t0 + 1e-9)[-1]
+        # the previous step's last reading (a direct run's first reading of the pulse,
+        # right after its set point, may carry the same time on a held lockstep clock)
+        before = np.flatnonzero((s["t_s"] <= t0 + 1e-9) & (s["step_index"] != st.step_index))[-1]
         v0, i0 = s["voltage_v"][before], s["current_a"][before]
         sel = (s["t_s"] > t0 + 1e-9) & (s["t_s"] <= t0 + 11.5) & (s["step_index"] == st.step_index)
         i_on = s["current_a"][sel]
