@@ -223,3 +223,40 @@ async def test_link_dropped_30_simulated_minutes_loses_no_sample(
         await asyncio.wait_for(r.task, 30)
         await r.engine.dispose()
         r.server.stop()
+
+
+async def test_engine_restart_follows_the_same_test_and_misses_no_record(
+        sqlite_url: str, tmp_path: Path) -> None:
+    """The engine stops mid-run (the program runs on, as on a real cycler); the next one
+    follows the pinned test from the committed position: no second program, every
+    record once, an interruption event for the time nobody watched."""
+    r = await start_bts_rig(sqlite_url, tmp_path, speed=1000.0)
+    task2: asyncio.Task[None] | None = None
+    try:
+        run_id = await r.start_run(doc(CHARGE_REST_DISCHARGE))
+        await wait_for_samples(r, run_id, 10)
+        r.node.request_stop()
+        await asyncio.wait_for(r.task, 30)
+        last_seen = await r.stored(run_id)
+        node2 = AcquisitionNode(r.engine, EngineClock(1000.0), poll_s=0.1, batch_age_s=0.1)
+        task2 = asyncio.create_task(node2.run_forever(), name="node2")
+        run = await wait_end(r.maker, run_id, timeout_s=60)
+        assert run.state == "completed", run.end_reason
+        assert list(r.sim.tests["1-1-1"]) == [1]  # one program, never started again
+        s = await samples(r.maker, run_id)
+        assert_contiguous(s["seq"])
+        assert s["seq"].size == len(r.sim.tests["1-1-1"][1].records)
+        (ev,) = [e for e in await r.events(run_id, "interruption")
+                 if e.data["cause"] == "engine_restart"]
+        assert ev.data["from_t_s"] == pytest.approx(float(s["t_s"][last_seen - 1]))
+        assert ev.data["to_t_s"] > ev.data["from_t_s"]
+        steps = await rows_of(r.maker, m.Step, run_id, m.Step.step_number)
+        assert [st.step_index for st in steps] == [0, 1, 2]
+        await asyncio.sleep(0)
+        node2.request_stop()
+        await asyncio.wait_for(task2, 30)
+    finally:
+        if task2 is not None and not task2.done():
+            task2.cancel()
+        await r.engine.dispose()
+        r.server.stop()
