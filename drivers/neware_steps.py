@@ -15,7 +15,10 @@ voltages, mA for currents, ms for times, mAs for capacities.
 Ours beyond unicycler's shapes, NOT confirmed against a real server: ``Cap`` as a step
 end condition (type 1/2/3/19), a pulse written as CC and rest steps, ``Curr`` on a CV
 step written from its current limit. Anything without a Neware equivalent raises
-:class:`UntranslatableStep` naming the step (the API answers it with 422).
+:class:`UntranslatableStep` naming the step (the API answers it with 422). Chamber steps
+before the cycler's first step are not written: :func:`translate` returns them for the
+engine to hold before it starts the program (labdaq/engine/delegated.py), with the map
+from Neware step ids back to the program's steps that harvesting needs.
 """
 
 from __future__ import annotations

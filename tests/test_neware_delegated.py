@@ -168,6 +168,25 @@ async def test_labdaq_side_breach_stops_the_program_and_aborts(rig: BtsRig) -> N
     assert_contiguous((await samples(rig.maker, run_id))["seq"])
 
 
+async def test_pause_resume_and_stop_reach_the_cycler(rig: BtsRig) -> None:
+    from labdaq.runs import request_pause, request_resume, request_stop
+
+    run_id = await rig.start_run(doc(LONG))
+    await wait_for_samples(rig, run_id, 3)
+    ch = rig.sim.channels["1-1-1"]
+    for request, state in ((request_pause, "pause"), (request_resume, "working")):
+        async with session_scope(rig.maker) as s:
+            await request(s, run_id, "test")
+        await wait_for(lambda state=state: ch.workstatus == state, timeout_s=30,
+                       what=f"the channel to be {state}")
+    async with session_scope(rig.maker) as s:
+        await request_stop(s, run_id, "test")
+    run = await wait_end(rig.maker, run_id, timeout_s=30)
+    assert run.state == "stopped" and ch.workstatus == "stop"
+    assert [x["event"] for x in ch.test.log] == ["start", "pause", "continue", "stop"]
+    assert_contiguous((await samples(rig.maker, run_id))["seq"])
+
+
 async def wait_for_samples(rig: BtsRig, run_id: int, n: int, timeout_s: float = 60) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
