@@ -87,14 +87,26 @@ async def start_bts_rig(url: str, tmp: Path, speed: float, soc: float = 0.5,
     return BtsRig(server, sim, engine, maker, node, task)
 
 
-@pytest.fixture
-async def rig(sqlite_url: str, tmp_path: Path) -> AsyncIterator[BtsRig]:
-    r = await start_bts_rig(sqlite_url, tmp_path, speed=1000.0)
+async def _rig(url: str, tmp_path: Path) -> AsyncIterator[BtsRig]:
+    r = await start_bts_rig(url, tmp_path, speed=1000.0)
     yield r
     r.node.request_stop()
     await asyncio.wait_for(r.task, 30)
     await r.engine.dispose()
     r.server.stop()
+
+
+@pytest.fixture
+async def rig(sqlite_url: str, tmp_path: Path) -> AsyncIterator[BtsRig]:
+    async for r in _rig(sqlite_url, tmp_path):
+        yield r
+
+
+@pytest.fixture
+async def rig_any_db(db_url: str, tmp_path: Path) -> AsyncIterator[BtsRig]:
+    """On SQLite and PostgreSQL: the run's pinned position and its harvested records."""
+    async for r in _rig(db_url, tmp_path):
+        yield r
 
 
 LONG = [  # ends by the test's fault long before its end
@@ -110,7 +122,8 @@ CHARGE_REST_DISCHARGE = [
 
 
 async def test_delegated_run_completes_with_harvested_samples_steps_and_cycles(
-        rig: BtsRig) -> None:
+        rig_any_db: BtsRig) -> None:
+    rig = rig_any_db
     run_id = await rig.start_run(doc(CHARGE_REST_DISCHARGE))
     run = await wait_end(rig.maker, run_id, timeout_s=60)
     assert run.state == "completed", run.end_reason
@@ -279,3 +292,49 @@ async def test_engine_restart_follows_the_same_test_and_misses_no_record(
             task2.cancel()
         await r.engine.dispose()
         r.server.stop()
+
+
+async def test_leading_chamber_step_is_held_before_the_program_starts(
+        sqlite_url: str, tmp_path: Path) -> None:
+    """A set_temperature step before the cycler's first step: the engine sets the chamber
+    wired to the channel and waits until it holds, then starts the program (without it)."""
+    from labdaq.sims.lab import SimLab
+    from tests.engine_rig import start_rig
+
+    sim = NewareBtsSim(channels=1)
+    server = BtsServer(sim, speed=1000.0).start()
+    lab = SimLab(smus=0, chamber=True)
+    rig = await start_rig(sqlite_url, lab, 1000.0)
+    try:
+        (chamber,) = [i for i in lab.instruments if i.kind == "chamber"]
+        host, port = server.address
+        async with session_scope(rig.maker) as s:
+            await upsert_instrument(
+                s, "bts1", "neware_bts", f"TCPIP::{host}::{port}::SOCKET",
+                [{"index": 1, "name": "bts1/1", "max_current_a": 20.0, "max_voltage_v": 5.0,
+                  "aux": {"chamber": chamber.name}}],
+                options={"step_dir_remote": str(tmp_path / "steps")})
+            s.add(m.Cell(**CELL))
+            run = await create_run(s, RunCreate(
+                channel="bts1/1", cell_serial=CELL["serial"], sample_period_s=10.0,
+                protocol_document=doc([
+                    {"step": "set_temperature", "temperature_c": 30.0, "tolerance_c": 1.0,
+                     "stable_for_s": 300},
+                    CHARGE_REST_DISCHARGE[1]])), actor="test")
+            await s.flush()
+            run_id = int(run.id)
+        done = await rig.wait_end(run_id, timeout_s=60)
+        assert done.state == "completed", done.end_reason
+        assert chamber.sim.constant_sp_c == 30.0
+        steps = await rows_of(rig.maker, m.Step, run_id, m.Step.step_number)
+        assert [(st.step_index, st.kind) for st in steps] == [(0, "set_temperature"),
+                                                              (1, "rest")]
+        # the program began once the chamber had held its set point for 300 s
+        offset = done.position["delegated"]["t_offset_s"]
+        assert offset >= 300 and steps[1].start_t_s >= offset
+        assert steps[0].end_t_s <= offset
+        # the step file has the rest only: Neware step 1 is the protocol's step 1
+        assert [int(r["step"]) for r in sim.tests["1-1-1"][1].records][-1] == 1
+    finally:
+        await rig.stop()
+        server.stop()

@@ -72,6 +72,7 @@ class DelegatedRun:
     commands: list[str] = field(default_factory=list)
     outcome: tuple[str, str] | None = None
     following: bool = False  # the program runs (after the chamber steps)
+    in_chamber: bool = False  # holding the leading chamber steps (nothing on the cycler)
     starting: asyncio.Task[None] | None = None
 
 
@@ -121,6 +122,7 @@ class DelegatedRuns:
         node, book = self.node, dr.book
         t0 = node.clock.now()
         try:
+            dr.in_chamber = True
             for st in sf.chamber_steps:
                 t_from = node.clock.now() - t0
                 while (missed := await node.aux.set_temperature(dr.run_id, st)) is not None:
@@ -130,6 +132,9 @@ class DelegatedRuns:
                         return
                 node.recorder.row("step", m.Step, **book.chamber_step(
                     st, t_from, node.clock.now() - t0))
+            # From here a stop waits for the start's outcome (it may have run): the
+            # follower sends it to the cycler.
+            dr.in_chamber = False
             name = f"labdaq-run-{dr.run_id}.xml"
             await inst.worker.call(inst.driver.put_step_file, name, sf.xml)
             book.t_offset_s = node.clock.now() - t0
@@ -204,7 +209,7 @@ class DelegatedRuns:
         if dr is None:
             return
         dr.commands.append(action)
-        if action == "stop" and dr.starting is not None and not dr.following:
+        if action == "stop" and dr.starting is not None and dr.in_chamber:
             dr.starting.cancel()  # in its chamber steps: nothing runs on the cycler yet
             self._spawn(self._finish(dr, ("stopped", "stop requested")))
 

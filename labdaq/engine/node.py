@@ -255,7 +255,7 @@ class AcquisitionNode(Scheduling, Recovery):
             return
         self._next_beat_s = now + HEARTBEAT_PERIOD_S
         async with session_scope(self.maker) as s:
-            await self.heartbeat.write(s, len(self.active), state,
+            await self.heartbeat.write(s, len(self.active) + len(self.delegated.runs), state,
                                        self.stats.snapshot(self.writer, self.groups.values()))
 
     async def shutdown(self) -> None:
