@@ -272,13 +272,14 @@ class DelegatedRuns:
                               "inquired")
         records = await inst.worker.call(drv.download_all, r.bts, book.test_id, book.seq)
         h = book.absorb(records)
+        # Handed to the writer before anything else can fail: the book has moved past them.
+        await self._store(book, h)
         if r.outcome is None:
             for row in h.rows:
                 temp = math.nan if row[8] is None else row[8]
                 if await self._check(inst, r, row[2], row[6], row[7], temp, "harvested",
                                      seq=row[1]):
                     break
-        await self._store(book, h)
         if r.outcome is None and state in ENDED:
             outcome = ENDED[state]
             if state == "protect":
@@ -300,16 +301,20 @@ class DelegatedRuns:
     async def _commands(self, inst: OpenInstrument, r: DelegatedRun, state: str) -> None:
         drv, cmds = inst.driver, r.commands
         while cmds:
-            action = cmds.pop(0)
+            action = cmds[0]  # taken off once sent: a lost link keeps it for the next round
             if state not in ("working", "pause"):
+                cmds.pop(0)
                 continue
             if action == "stop":
                 await inst.worker.call(drv.stop, [r.bts])
                 r.outcome = ("stopped", "stop requested")
             elif action == "pause" and state == "working":
                 await inst.worker.call(drv.pause, [r.bts])
+                state = "pause"
             elif action == "resume" and state == "pause":
                 await inst.worker.call(drv.resume, [r.bts])
+                state = "working"
+            cmds.pop(0)
 
     async def _check(self, inst: OpenInstrument, r: DelegatedRun, t_s: float, v: float,
                      i: float, temp: float, where: str, seq: int | None = None) -> bool:
