@@ -338,3 +338,26 @@ async def test_leading_chamber_step_is_held_before_the_program_starts(
     finally:
         await rig.stop()
         server.stop()
+
+
+async def test_program_that_ended_unseen_is_judged_by_its_own_test(rig: BtsRig,
+                                                                   tmp_path: Path) -> None:
+    """The link is down while the program finishes and a technician starts another test
+    at the BTS client: labdaq harvests its pinned test, ends the run as that test ended
+    (its log), and never touches the other test."""
+    run_id = await rig.start_run(doc(CHARGE_REST_DISCHARGE))
+    await wait_for_samples(rig, run_id, 3)
+    ch = rig.sim.channels["1-1-1"]
+    apply_fault(rig.server, "down:100000")
+    await wait_for(lambda: ch.workstatus == "finish", timeout_s=30, what="the program's end")
+    foreign = tmp_path / "bench.xml"
+    foreign.write_text((tmp_path / "steps" / f"labdaq-run-{run_id}.xml").read_text())
+    assert rig.sim.start_foreign("1-1-1", str(foreign)) == 2
+    rig.server.down = False
+    run = await wait_end(rig.maker, run_id, timeout_s=30)
+    assert run.state == "completed", run.end_reason
+    s = await samples(rig.maker, run_id)
+    assert_contiguous(s["seq"])
+    assert s["seq"].size == len(rig.sim.tests["1-1-1"][1].records)
+    assert ch.workstatus == "working" and ch.test is not None and ch.test.test_id == 2
+    assert not any(b"<cmd>stop</cmd>" in r for r in rig.server.requests)

@@ -265,7 +265,7 @@ class DelegatedRuns:
         if r.lost_from_t_s is not None:
             self._seen_again(r, t_seen)
         r.seen_t_s = max(r.seen_t_s, t_seen)
-        state = rd.workstatus if mine else "stop"
+        state, reason = (rd.workstatus, rd.reason) if mine else await self._ended_as(inst, r)
         await self._commands(inst, r, state)
         if mine and state in ("working", "pause") and r.outcome is None:
             await self._check(inst, r, t_seen, rd.voltage_v, rd.current_a, rd.temperature_c,
@@ -283,7 +283,7 @@ class DelegatedRuns:
         if r.outcome is None and state in ENDED:
             outcome = ENDED[state]
             if state == "protect":
-                why = rd.reason or "the cycler's protection tripped"
+                why = reason or "the cycler's protection tripped"
                 self.node.recorder.event(SafetyTrip(
                     r.run_id, "safety", "critical",
                     f"the cycler's own protection stopped the program: {why}",
@@ -297,6 +297,15 @@ class DelegatedRuns:
         if r.outcome is not None and state in ENDED:
             await self._store(book, book.close(), final=True)
             await self._finish(r, r.outcome)
+
+    async def _ended_as(self, inst: OpenInstrument, r: DelegatedRun) -> tuple[str, str]:
+        """How the pinned test ended when the channel already runs another one (seen
+        after a lost link or a restart): the last state in the test's log."""
+        log_rows = await inst.worker.call(inst.driver.downloadlog, r.bts, r.book.test_id)
+        for row in reversed(log_rows):
+            if row.get("event") in ENDED:
+                return row["event"], row.get("reason", "")
+        return "stop", ""
 
     async def _commands(self, inst: OpenInstrument, r: DelegatedRun, state: str) -> None:
         drv, cmds = inst.driver, r.commands
