@@ -141,10 +141,7 @@ class DelegatedRuns:
             book.start_wall_s = node.wall_clock()
             book.test_id = await inst.worker.call(inst.driver.start, dr.bts, name,
                                                   f"labdaq-run-{dr.run_id}")
-            # Pinned before anything else is stored: a restart follows this test.
-            async with session_scope(node.maker) as s:
-                await s.execute(update(m.Run).where(m.Run.id == dr.run_id)
-                                .values(position=book.position()))
+            await self._pin(dr)
             node.recorder.event(RunEvent(
                 dr.run_id, "delegated", "info",
                 f"program started on {inst.name} channel {dr.bts} as test {book.test_id}",
@@ -159,6 +156,19 @@ class DelegatedRuns:
         dr.seen_t_s = book.t_offset_s
         dr.following = True
         self._follow(dr.instrument_id)
+
+    async def _pin(self, dr: DelegatedRun) -> None:
+        """The test id into the run's position before any sample is stored, so a restart
+        follows this test. A database that cannot take it now does not stop the
+        following (the program runs already): every position committed with the samples
+        carries the test id too."""
+        try:
+            async with session_scope(self.node.maker) as s:
+                await s.execute(update(m.Run).where(m.Run.id == dr.run_id)
+                                .values(position=dr.book.position()))
+        except Exception as exc:  # noqa: BLE001 - see above
+            log.warning("run %s: test id %s not stored yet (%s); it goes with the samples",
+                        dr.run_id, dr.book.test_id, exc)
 
     async def _wait_resume(self, dr: DelegatedRun) -> bool:
         """Paused before the program started: True on resume, False on stop."""
