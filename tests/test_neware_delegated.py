@@ -148,6 +148,33 @@ async def test_delegated_run_completes_with_harvested_samples_steps_and_cycles(
     assert run.position is not None and run.position["delegated"]["test_id"] == 1
 
 
+async def test_cycles_of_a_loop_are_numbered_as_in_a_direct_run(rig: BtsRig) -> None:
+    """What runs before a loop is a cycle of its own (as a direct run counts it), then one
+    cycle per iteration: the cycler's cycle number (one per loop pass) is shifted by one
+    from the loop on."""
+    run_id = await rig.start_run(doc([
+        {"step": "cc", "rate_c": 0.5, "until": {"duration_s": 300}},
+        {"step": "loop", "count": 2, "body": [
+            {"step": "cc", "rate_c": -0.5, "until": {"duration_s": 300}},
+            {"step": "cc", "rate_c": 0.5, "until": {"duration_s": 300}}]},
+    ]))
+    run = await wait_end(rig.maker, run_id, timeout_s=60)
+    assert run.state == "completed", run.end_reason
+    cycles = await rows_of(rig.maker, m.Cycle, run_id, m.Cycle.cycle_index)
+    ah = 2.45 * 300 / 3600
+    assert [c.cycle_index for c in cycles] == [1, 2, 3]
+    assert cycles[0].charge_capacity_ah == pytest.approx(ah, rel=0.01)
+    assert cycles[0].discharge_capacity_ah == 0
+    for c in cycles[1:]:
+        assert c.charge_capacity_ah == pytest.approx(ah, rel=0.01)
+        assert c.discharge_capacity_ah == pytest.approx(ah, rel=0.01)
+    steps = await rows_of(rig.maker, m.Step, run_id, m.Step.step_number)
+    assert [(st.step_index, st.cycle_index) for st in steps] == [
+        (0, 1), (2, 2), (3, 2), (2, 3), (3, 3)]
+    s = await samples(rig.maker, run_id)
+    assert set(np.unique(s["cycle_index"]).tolist()) == {1, 2, 3}
+
+
 async def test_protect_trip_ends_the_run_aborted_safety_with_the_reason(rig: BtsRig) -> None:
     run_id = await rig.start_run(doc(LONG))
     await wait_for_samples(rig, run_id, 5)

@@ -7,8 +7,9 @@ One job: the bookkeeping of a run whose cycler runs its own step program
 nothing twice); its step and cycle come from the instrument's step id (mapped back to the
 labdaq program by the translator, ``StepFile.step_map``) and cycle number. Steps and
 cycles are summarised as for a direct run (labdaq/engine/channel.py): trapezoids between
-consecutive readings, each interval counted for the step and cycle of its end reading and
-as charge or discharge by the sign of its mean current; a pulse step's DCIR is the mean of
+consecutive readings (at the new current after a step change: ``_integrate``), each
+interval counted for the step and cycle of its end reading and as charge or discharge by
+the sign of its mean current; a pulse step's DCIR is the mean of
 ``|ΔV/ΔI|`` at its current edges. Plain Python: a delegated run sees one record per
 sample period, not a tick of many channels.
 """
@@ -106,6 +107,8 @@ class RecordBook:
             nstep, ncycle = int(rec["step"]), int(rec["cycle"])
             index = self.step_map.get(nstep, self.cur_index if self.cur_index is not None else 0)
             cycle_index = ncycle + self.offsets.get(index, 0)
+            # The program's first record (seq 1) precedes its first set point.
+            switched = self.seq == 1
             if self.cur_index is None:
                 self._open_step(index, ncycle, nstep, t)
                 self.cycle = CycleTotals(cycle_index, t)
@@ -119,10 +122,12 @@ class RecordBook:
                     self.cycle = CycleTotals(cycle_index, self.last[0])
                 self._open_step(index, ncycle, nstep, self.last[0])
                 self._edge(v, i)
+                switched = True
             elif nstep != self.cur_nstep:  # the next Neware step of one labdaq step (pulse)
                 self.cur_nstep = nstep
                 self._edge(v, i)
-            self._integrate(t, v, i)
+                switched = True
+            self._integrate(t, v, i, switched)
             ts_utc = self.start_wall_s + float(rec["testtime"]) / self.speed
             out.rows.append((self.run_id, seq, t, ts_utc, index, self.cycle.cycle_index, v, i,
                              None if math.isnan(temp) else temp, self.step_cap_ah,
@@ -179,13 +184,21 @@ class RecordBook:
         if abs(di) > 1e-6:
             self.dcir.append(abs((v - self.last[1]) / di))
 
-    def _integrate(self, t: float, v: float, i: float) -> None:
+    def _integrate(self, t: float, v: float, i: float, switched: bool) -> None:
+        """One interval, counted for the step and cycle of its end reading.
+
+        The cycler switches set points at a step's last record, so an interval that
+        starts there (``switched``) ran at the new step's current throughout: it counts at
+        the end reading's current and voltage, not the trapezoid (a direct run stores a
+        reading right after each set point for the same reason)."""
         if self.last is None:
             return
         t0, v0, i0 = self.last
         dt = t - t0
         if dt <= 0:
             return
+        if switched:
+            i0, v0 = i, v
         dq = 0.5 * (i + i0) * dt / 3600.0
         de = abs(0.5 * (i * v + i0 * v0) * dt / 3600.0)
         v_dt = 0.5 * (v + v0) * dt
