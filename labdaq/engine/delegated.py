@@ -68,7 +68,9 @@ class DelegatedRun:
     seen_t_s: float = 0.0  # run time of the last reading labdaq saw
     lost_from_t_s: float | None = None  # set while labdaq cannot see the channel
     lost_cause: str = ""
-    breach_since_t_s: float | None = None
+    # since when each kind of reading ("inquired", "harvested": two timelines, the
+    # harvested one behind) has been past a limit, for breach_duration_s
+    breach_since_t_s: dict[str, float] = field(default_factory=dict)
     commands: list[str] = field(default_factory=list)
     outcome: tuple[str, str] | None = None
     following: bool = False  # the program runs (after the chamber steps)
@@ -341,11 +343,10 @@ class DelegatedRuns:
         lim = r.resolved.limits
         found = breach(lim, v, i, temp)
         if found is None:
-            r.breach_since_t_s = None
+            r.breach_since_t_s.pop(where, None)
             return False
-        if r.breach_since_t_s is None:
-            r.breach_since_t_s = t_s
-        if t_s - r.breach_since_t_s < lim.breach_duration_s:
+        since = r.breach_since_t_s.setdefault(where, t_s)
+        if t_s - since < lim.breach_duration_s:
             return False
         t_wall = time.monotonic()
         await inst.worker.call(inst.driver.stop, [r.bts])
