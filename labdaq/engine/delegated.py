@@ -78,6 +78,16 @@ class DelegatedRun:
     starting: asyncio.Task[None] | None = None
 
 
+def _runs_programs(driver: str) -> bool:
+    """The driver runs its own step programs (an unknown one fails where it is opened)."""
+    from labdaq.drivers.opener import resolve_driver
+
+    try:
+        return issubclass(resolve_driver(driver), ProgramRunner)
+    except Exception:  # noqa: BLE001 - not ours to judge here
+        return False
+
+
 class DelegatedRuns:
     """The node's delegated runs and one follower task per instrument."""
 
@@ -96,9 +106,7 @@ class DelegatedRuns:
         if inst is None:
             async with session_scope(node.maker) as s:
                 row = await s.get(m.Instrument, channel.instrument_id)
-            from labdaq.runs import _program_runner  # the same test the API applies
-
-            if row is None or _program_runner(row.driver) is None:
+            if row is None or not _runs_programs(row.driver):
                 return None
             inst = await node._open_instrument(row)
         if not isinstance(inst.driver, ProgramRunner):
