@@ -208,6 +208,41 @@ async def test_labdaq_side_breach_stops_the_program_and_aborts(rig: BtsRig) -> N
     assert_contiguous((await samples(rig.maker, run_id))["seq"])
 
 
+async def test_a_program_already_running_under_the_runs_barcode_is_followed(
+        rig: BtsRig, tmp_path: Path) -> None:
+    """An engine killed between ``start`` and storing the test id (or a start whose reply
+    was lost) left the run's program running: the next start finds the channel busy with
+    a test it does not own, sees the run's barcode on it, and follows that test instead
+    of failing or starting another."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import update
+
+    from labdaq.drivers.neware_steps import translate
+    from labdaq.protocol import ResolvedProtocol
+
+    async with session_scope(rig.maker) as s:
+        run = await create_run(s, RunCreate(
+            channel="bts1/1", cell_serial=CELL["serial"], sample_period_s=10.0,
+            protocol_document=doc(CHARGE_REST_DISCHARGE),
+            not_before=datetime.now(UTC) + timedelta(hours=1)), actor="test")
+        await s.flush()
+        run_id, plan = int(run.id), run.plan
+    step_file = tmp_path / "crashed.xml"
+    step_file.write_text(translate(ResolvedProtocol.model_validate(plan),
+                                   sample_name="x", record_period_s=10.0).xml)
+    with rig.sim.lock:
+        assert rig.sim.start("1-1-1", f"labdaq-run-{run_id}", str(step_file)) == 1
+    async with session_scope(rig.maker) as s:
+        await s.execute(update(m.Run).where(m.Run.id == run_id).values(not_before=None))
+    done = await wait_end(rig.maker, run_id, timeout_s=60)
+    assert done.state == "completed", done.end_reason
+    assert list(rig.sim.tests["1-1-1"]) == [1]  # followed, not started again
+    s = await samples(rig.maker, run_id)
+    assert_contiguous(s["seq"])
+    assert s["seq"].size == len(rig.sim.tests["1-1-1"][1].records)
+
+
 async def test_pause_resume_and_stop_reach_the_cycler(rig: BtsRig) -> None:
     from labdaq.runs import request_pause, request_resume, request_stop
 

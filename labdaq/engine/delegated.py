@@ -149,8 +149,15 @@ class DelegatedRuns:
             await inst.worker.call(inst.driver.put_step_file, name, sf.xml)
             book.t_offset_s = node.clock.now() - t0
             book.start_wall_s = node.wall_clock()
-            book.test_id = await inst.worker.call(inst.driver.start, dr.bts, name,
-                                                  f"labdaq-run-{dr.run_id}")
+            barcode = f"labdaq-run-{dr.run_id}"
+            try:
+                book.test_id = await inst.worker.call(inst.driver.start, dr.bts, name,
+                                                      barcode)
+            except InstrumentError as exc:
+                # A start whose reply was lost may have run, and an engine killed before
+                # it stored the test id left its program running: this run's barcode
+                # says whose it is.
+                book.test_id = await self._adopt(inst, dr, barcode, exc)
             await self._pin(dr)
             node.recorder.event(RunEvent(
                 dr.run_id, "delegated", "info",
@@ -166,6 +173,17 @@ class DelegatedRuns:
         dr.seen_t_s = book.t_offset_s
         dr.following = True
         self._follow(dr.instrument_id)
+
+    async def _adopt(self, inst: OpenInstrument, dr: DelegatedRun, barcode: str,
+                     exc: InstrumentError) -> int:
+        """The test running on the channel under this run's barcode, or ``exc`` again."""
+        reading = (await inst.worker.call(inst.driver.inquire, [dr.bts]))[dr.bts]
+        if reading.barcode != barcode or not reading.test_id:
+            raise exc
+        log.warning("run %s: start failed (%s), but test %s on %s carries its barcode: "
+                    "following it", dr.run_id, exc, reading.test_id, dr.bts)
+        inst.driver.owned_test_ids.add(int(reading.test_id))
+        return int(reading.test_id)
 
     async def _pin(self, dr: DelegatedRun) -> None:
         """The test id into the run's position before any sample is stored, so a restart
