@@ -29,6 +29,7 @@ from labdaq.engine.aux_steps import AuxSteps
 from labdaq.engine.aux_temps import WiredTemperatures
 from labdaq.engine.channel import ChannelRun
 from labdaq.engine.clock import EngineClock
+from labdaq.engine.delegated import DelegatedRuns
 from labdaq.engine.events import (
     AuxRequested,
     EngineEvent,
@@ -142,6 +143,7 @@ class AcquisitionNode(Scheduling, Recovery):
         self.heartbeat = Heartbeat(self.node_name)
         self.stats = EngineStats()  # for /metrics, through the heartbeat (stats.py)
         self._next_beat_s = 0.0
+        self.delegated = DelegatedRuns(self)
 
     @property
     def records(self) -> RunRecorder:
@@ -255,7 +257,7 @@ class AcquisitionNode(Scheduling, Recovery):
             return
         self._next_beat_s = now + HEARTBEAT_PERIOD_S
         async with session_scope(self.maker) as s:
-            await self.heartbeat.write(s, len(self.active), state,
+            await self.heartbeat.write(s, len(self.active) + len(self.delegated.runs), state,
                                        self.stats.snapshot(self.writer, self.groups.values()))
 
     async def shutdown(self) -> None:
@@ -263,6 +265,7 @@ class AcquisitionNode(Scheduling, Recovery):
         # outputs are turned off and every sample (with its position) committed, which is
         # what resuming needs.
         self.aux.cancel_all()
+        await self.delegated.close()  # their programs run on; a restart follows them again
         if self._waiting:
             await asyncio.wait(self._waiting, timeout=10)
         for group in self.groups.values():
