@@ -56,6 +56,11 @@ async def run_page(request: Request, run_id: RunId) -> HTMLResponse:
     return _page(request, "run.html", "run", title=f"Run {run_id}", run_id=run_id)
 
 
+@router.get("/queue", response_class=HTMLResponse)
+async def queue_page(request: Request) -> HTMLResponse:
+    return _page(request, "queue.html", "queue", title="Queues")
+
+
 @router.get("/cells/{cell_id}", response_class=HTMLResponse)
 async def cell_page(request: Request, cell_id: CellId) -> HTMLResponse:
     return _page(request, "cell.html", "cell", title=f"Cell {cell_id}", cell_id=cell_id)
