@@ -414,6 +414,9 @@ async function initStart() {
 
 // --- plots ---------------------------------------------------------------------------
 const PLOT_CONFIG = { responsive: true, displaylogo: false };
+// plotly's own default colour sequence, for traces that must share a colour.
+const PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
+                 "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
 function baseLayout(extra) {
   return { margin: { l: 60, r: 60, t: 30, b: 45 }, autosize: true,
            legend: { orientation: "h", x: 0, y: 1.02, yanchor: "bottom" }, ...extra };
@@ -608,12 +611,16 @@ async function initRun() {
     const fits = await api(`/api/v1/runs/${runId}/eis/fits`);
     const label = (s) => `cycle ${s.cycle_index}, step ${s.step_index}`;
     const byId = Object.fromEntries(spectra.map((s) => [s.id, s]));
+    // A spectrum and its fit in one colour.
+    const colour = Object.fromEntries(spectra.map((s, k) => [s.id, PALETTE[k % PALETTE.length]]));
     const traces = spectra.map((s) => ({
       x: s.z_real_ohm.map(milli), y: s.z_imag_ohm.map((v) => -milli(v)), mode: "markers",
-      name: `${label(s)} measured`, legendgroup: String(s.id), marker: { size: 5 } }));
+      name: `${label(s)} measured`, legendgroup: String(s.id),
+      marker: { size: 5, color: colour[s.id] } }));
     for (const f of fits.filter((f) => f.z_real_ohm.length)) {
       traces.push({ x: f.z_real_ohm.map(milli), y: f.z_imag_ohm.map((v) => -milli(v)),
-        mode: "lines", line: { dash: "dash" }, legendgroup: String(f.spectrum_id),
+        mode: "lines", line: { dash: "dash", color: colour[f.spectrum_id] },
+        legendgroup: String(f.spectrum_id),
         name: `${byId[f.spectrum_id] ? label(byId[f.spectrum_id]) : f.spectrum_id} fit` });
     }
     await Plotly.newPlot(eis, traces, baseLayout({
