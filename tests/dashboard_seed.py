@@ -93,13 +93,16 @@ async def seed_finished_run(s: AsyncSession, channel_id: int, cell: m.Cell, *,
             start_t = t
             q = np.arange(n) * abs(i_a) * dt / 3600.0
             e = q * volts
+            # Joule heating: warms towards a plateau under current, cools back at rest.
+            warm = 1.5 * (1 - np.exp(-3.0))
+            temp = 25.0 + (1.5 * (1 - np.exp(-3.0 * x)) if i_a else warm * np.exp(-4.0 * x))
+            temp = temp + rng.normal(0, 0.01, n)
             for j in range(n):
                 seq += 1
                 rows.append({
                     "run_id": run.id, "seq": seq, "t_s": t, "ts_utc": started.timestamp() + t,
                     "step_index": k, "cycle_index": c, "voltage_v": float(volts[j]),
-                    "current_a": i_a, "temperature_c": 25.0 + 0.5 * abs(i_a) * x[j]
-                    + float(rng.normal(0, 0.02)),
+                    "current_a": i_a, "temperature_c": float(temp[j]),
                     "step_capacity_ah": float(q[j]), "step_energy_wh": float(e[j]), "flags": 0,
                 })
                 t += dt

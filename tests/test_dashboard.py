@@ -438,7 +438,7 @@ def test_run_page_exports_parquet_and_shows_cycles(session, lab: Lab, seeded: Se
     meta = pq.read_metadata(path).metadata
     assert table.num_rows > 0 and table.num_rows == int(meta[b"labdaq.rows"])
     assert {"t_s", "voltage_v", "current_a", "temperature_c"} <= set(table.column_names)
-    assert page.get_attribute("#plot-cycles", "data-points") == "3"
+    page.wait_for_selector("#plot-cycles[data-points='3']")  # from the run's stream
     for plot in ("#plot-vit", "#plot-cycles"):
         titles = _axis_titles(page, plot)
         assert titles and all(" / " in t for t in titles), (plot, titles)
