@@ -551,6 +551,9 @@ def test_technician_gets_403_from_admin_page_and_api(session, lab: Lab) -> None:
     page = a.open("/admin")
     assert page.is_visible("#admin-body")
     assert page.locator("#instruments tbody tr").count() == 4
+    # Users and the active tokens, never a token's secret.
+    assert page.locator("#tokens tr[data-token='dash-admin']").count() == 1
+    assert lab.tokens["admin"] not in page.content()
     a.shot("admin")
 
 

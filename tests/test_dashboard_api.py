@@ -249,6 +249,9 @@ async def test_pages_and_assets_are_served_locally(api: Api) -> None:
     # The admin page's content is rendered for admins only.
     r = await api.c.get("/ui/admin/instruments", headers=api.h("admin"))
     assert r.status_code == 200 and "cab1/3" in r.text
+    # With the users and the active tokens, never a secret.
+    assert 'data-token="t-engineer"' in r.text
+    assert all(t not in r.text for t in api.tokens.values())
     for role in ("technician", "engineer"):
         r = await api.c.get("/ui/admin/instruments", headers=api.h(role))
         assert r.status_code == 403
