@@ -11,7 +11,6 @@ in ``EIS_PARAMS`` and a little deterministic noise.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,6 +20,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from labdaq.analysis import circuit_impedance
+from labdaq.runs import RunCreate, resolve_request
 from labdaq.storage import models as m
 
 EIS_PARAMS = {"r0_ohm": 0.020, "r1_ohm": 0.010, "tau1_s": 1e-3, "cpe1_n": 0.9,
@@ -45,20 +45,28 @@ class SeededRun:
     spectra: list[int] = field(default_factory=list)
 
 
-async def protocol_id(s: AsyncSession, name: str = "dash_seed") -> int:
-    """A protocol row for seeded runs (found or created)."""
-    found = await s.scalar(select(m.Protocol.id).where(m.Protocol.name == name))
-    if found is not None:
-        return int(found)
-    proto = m.Protocol(name=name,
-                       content_hash="sha256:" + hashlib.sha256(name.encode()).hexdigest(),
-                       document={"schema_version": 1, "name": name, "steps": []})
-    s.add(proto)
-    await s.flush()
-    return proto.id
+async def _plan(s: AsyncSession, channel: m.Channel, cell: m.Cell,
+                cycles: int) -> tuple[int, dict[str, Any], int]:
+    """The protocol row, the resolved plan and its step count a request for the simple
+    cycle would store (labdaq.runs.resolve_request, as create_run does)."""
+    req = RunCreate.model_validate({
+        "channel": channel.name, "sample_period_s": SAMPLE_PERIOD_S,
+        "protocol": {"charge_current_a": 0.5 * cell.capacity_ah,
+                     "charge_voltage_v": cell.charge_cutoff_v,
+                     "discharge_current_a": 0.5 * cell.capacity_ah,
+                     "discharge_cutoff_v": cell.discharge_cutoff_v, "cycles": cycles}})
+    protocol, resolved, _ = resolve_request(req, cell, channel)
+    digest = protocol.content_hash()
+    proto = await s.scalar(select(m.Protocol).where(m.Protocol.content_hash == digest))
+    if proto is None:
+        proto = m.Protocol(name=protocol.name, content_hash=digest,
+                           document=protocol.model_dump(mode="json"))
+        s.add(proto)
+        await s.flush()
+    return proto.id, resolved.model_dump(mode="json"), len(resolved.program)
 
 
-async def seed_finished_run(s: AsyncSession, channel_id: int, cell: m.Cell, *,
+async def seed_finished_run(s: AsyncSession, channel: m.Channel, cell: m.Cell, *,
                             cycles: int = 3, eis: bool = True, first_cycle_capacity: float = 1.0,
                             started: datetime | None = None) -> SeededRun:
     """A completed run of ``cycles`` cycles on ``cell`` with every stored row it makes."""
@@ -66,11 +74,15 @@ async def seed_finished_run(s: AsyncSession, channel_id: int, cell: m.Cell, *,
     current_a = 0.5 * cell.capacity_ah
     r_ohm = EIS_PARAMS["r0_ohm"] + EIS_PARAMS["r1_ohm"]
     started = started or datetime.now(UTC) - timedelta(days=1)
-    run = m.Run(channel_id=channel_id, cell_id=cell.id, protocol_id=await protocol_id(s),
+    proto_id, plan, step_count = await _plan(s, channel, cell, cycles)
+    run = m.Run(channel_id=channel.id, cell_id=cell.id, protocol_id=proto_id, plan=plan,
                 state=m.RunState.completed.value, sample_period_s=SAMPLE_PERIOD_S,
-                started_at=started, step_count=4, end_reason="program complete")
+                created_at=started, started_at=started, step_count=step_count,
+                end_reason="program complete")
     s.add(run)
     await s.flush()
+    s.add(m.Event(run_id=run.id, kind="state", message="run running: claimed", ts=started,
+                  data={"state": "running"}, actor="node1"))
     rows: list[dict[str, Any]] = []
     steps: list[m.Step] = []
     cyc_rows: list[m.Cycle] = []
@@ -82,13 +94,14 @@ async def seed_finished_run(s: AsyncSession, channel_id: int, cell: m.Cell, *,
         cap = cap0 * (1 - 0.02 * (c - 1))
         c_start = t
         x = np.linspace(0.0, 1.0, n)
-        # (kind, current, voltage curve) of the cycle's four steps.
-        program = [("cc_charge", current_a, _ocv(x) + current_a * r_ohm),
+        # (kind, current, voltage curve) of the cycle's four steps, program steps 1-4 of
+        # the simple cycle's plan (0 and 5 are its loop's start and end).
+        program = [("cccv", current_a, _ocv(x) + current_a * r_ohm),
                    ("rest", 0.0, np.full(n, float(_ocv(np.ones(1))[0]))),
-                   ("cc_discharge", -current_a, _ocv(1.0 - x) - current_a * r_ohm),
+                   ("cc", -current_a, _ocv(1.0 - x) - current_a * r_ohm),
                    ("rest", 0.0, np.full(n, float(_ocv(np.zeros(1))[0])))]
         totals: dict[str, float] = {}
-        for k, (kind, i_a, volts) in enumerate(program):
+        for k, (kind, i_a, volts) in enumerate(program, start=1):
             dt = cap / abs(i_a) * 3600.0 / (n - 1) if i_a else SAMPLE_PERIOD_S
             start_t = t
             q = np.arange(n) * abs(i_a) * dt / 3600.0
@@ -114,25 +127,28 @@ async def seed_finished_run(s: AsyncSession, channel_id: int, cell: m.Cell, *,
                                 end_voltage_v=float(volts[-1]), dcir_ohm=None))
             totals[kind] = float(q[-1])
             totals[f"{kind}_wh"] = float(e[-1])
-        ch, dis = totals["cc_charge"], totals["cc_discharge"]
+        ch, dis = totals["cccv"], totals["cc"]
         cyc_rows.append(m.Cycle(
             run_id=run.id, cycle_index=c, start_t_s=c_start, end_t_s=t,
             charge_capacity_ah=ch, discharge_capacity_ah=dis,
-            charge_energy_wh=totals["cc_charge_wh"], discharge_energy_wh=totals["cc_discharge_wh"],
-            coulombic_efficiency=dis / ch, energy_efficiency=totals["cc_discharge_wh"]
-            / totals["cc_charge_wh"], mean_charge_voltage_v=3.7, mean_discharge_voltage_v=3.6))
+            charge_energy_wh=totals["cccv_wh"], discharge_energy_wh=totals["cc_wh"],
+            coulombic_efficiency=dis / ch, energy_efficiency=totals["cc_wh"] / totals["cccv_wh"],
+            mean_charge_voltage_v=3.7, mean_discharge_voltage_v=3.6))
         if eis:
             params = {**EIS_PARAMS, "r2_ohm": EIS_PARAMS["r2_ohm"] * (1 + 0.05 * (c - 1))}
             z = circuit_impedance(EIS_FREQS_HZ, params)
             z = z * (1 + rng.normal(0, 0.002, z.size))
             spectra.append(m.EisSpectrum(
-                run_id=run.id, step_index=3, cycle_index=c, t_s=t, instrument="hioki1",
+                run_id=run.id, step_index=4, cycle_index=c, t_s=t, instrument="hioki1",
                 dc_voltage_v=3.0, frequency_hz=EIS_FREQS_HZ.tolist(),
                 z_real_ohm=z.real.tolist(), z_imag_ohm=z.imag.tolist()))
     await s.execute(insert(m.Sample), rows)
     s.add_all([*steps, *cyc_rows, *spectra])
-    run.step_index, run.cycle_index, run.elapsed_s, run.last_seq = 3, cycles, t, seq
+    run.step_index, run.cycle_index = step_count - 1, cycles
+    run.elapsed_s, run.last_seq = t, seq
     run.ended_at = started + timedelta(seconds=t)
+    s.add(m.Event(run_id=run.id, kind="state", message="run completed: program complete",
+                  ts=run.ended_at, data={"state": "completed"}, actor="node1"))
     await s.flush()
     return SeededRun(run.id, cycles, seq, [sp.id for sp in spectra])
 
@@ -144,19 +160,21 @@ async def seed_queue(s: AsyncSession, channel: m.Channel, cell: m.Cell,
     holds up ``waiting`` queued runs behind it (the queue is strict). Every waiting run
     has a ``not_before`` a day ahead, so none starts during a test even once confirmed.
     Returns the waiting runs' ids, head first."""
-    pid = await protocol_id(s)
+    pid, plan, step_count = await _plan(s, channel, cell, 1)
     now = datetime.now(UTC)
     prev = m.Run(channel_id=channel.id, cell_id=cell.id, protocol_id=pid,
-                 state=m.RunState.aborted_safety.value, sample_period_s=SAMPLE_PERIOD_S,
-                 started_at=now - timedelta(hours=2), ended_at=now - timedelta(hours=1),
-                 end_reason="safety: max_temperature_c", step_count=4)
+                 plan=plan, state=m.RunState.aborted_safety.value,
+                 sample_period_s=SAMPLE_PERIOD_S, started_at=now - timedelta(hours=2),
+                 ended_at=now - timedelta(hours=1), end_reason="safety: max_temperature_c",
+                 step_count=step_count)
     s.add(prev)
     await s.flush()
     ids = []
     for k in range(waiting + 1):
         run = m.Run(channel_id=channel.id, cell_id=cell.id, protocol_id=pid,
                     state=(m.RunState.awaiting_cell if k == 0 else m.RunState.queued).value,
-                    sample_period_s=SAMPLE_PERIOD_S, step_count=4, queue_order=k + 1,
+                    plan=plan, sample_period_s=SAMPLE_PERIOD_S, step_count=step_count,
+                    queue_order=k + 1,
                     not_before=now + timedelta(days=1),
                     waiting_reason=(f"the previous run on channel {channel.name}, {prev.id}, "
                                     "ended aborted_safety; a technician checks the cell and "

@@ -196,7 +196,7 @@ async def _seed(url: str) -> Seeded:
             s.add_all([cell, queued_cell])
             await s.flush()
             now = datetime.now(UTC)
-            runs = [(await seed_finished_run(s, channels["smu1/1"].id, cell, cycles=3,
+            runs = [(await seed_finished_run(s, channels["smu1/1"], cell, cycles=3,
                                              first_cycle_capacity=1.0 - 0.06 * k,
                                              started=now - timedelta(days=2 - k))).run_id
                     for k in range(2)]
@@ -439,6 +439,8 @@ def test_run_page_exports_parquet_and_shows_cycles(session, lab: Lab, seeded: Se
     assert table.num_rows > 0 and table.num_rows == int(meta[b"labdaq.rows"])
     assert {"t_s", "voltage_v", "current_a", "temperature_c"} <= set(table.column_names)
     page.wait_for_selector("#plot-cycles[data-points='3']")  # from the run's stream
+    # An ended run is judged against the catalogue: a verdict per applicable entry.
+    page.wait_for_selector("#verdicts tbody td[class^='v-']")
     for plot in ("#plot-vit", "#plot-cycles"):
         titles = _axis_titles(page, plot)
         assert titles and all(" / " in t for t in titles), (plot, titles)

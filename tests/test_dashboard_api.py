@@ -272,7 +272,7 @@ async def _seed_run(url: str, cycles: int = 3) -> SeededRun:
             await s.flush()
             channel = await s.scalar(select(m.Channel).where(m.Channel.name == "cab1/1"))
             assert channel is not None
-            return await seed_finished_run(s, channel.id, cell, cycles=cycles)
+            return await seed_finished_run(s, channel, cell, cycles=cycles)
     finally:
         await engine.dispose()
 
