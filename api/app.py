@@ -16,6 +16,7 @@ from labdaq.api.body_limit import BodyLimitMiddleware
 from labdaq.api.problems import install_problem_handlers, problem_openapi
 from labdaq.api.request_metrics import RequestMetricsMiddleware
 from labdaq.api.routers import (
+    analysis,
     audit,
     cells,
     channels,
@@ -90,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metrics.router)
     app.include_router(channels.router)
     app.include_router(runs.router)
+    app.include_router(analysis.router)
     app.include_router(protocols.router)
     app.include_router(instruments.router)
     app.include_router(cells.router)
