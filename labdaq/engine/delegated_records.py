@@ -129,9 +129,11 @@ class RecordBook:
                 switched = True
             self._integrate(t, v, i, switched)
             ts_utc = self.start_wall_s + float(rec["testtime"]) / self.speed
+            # The cycler's own temperature is part of its record: its age is 0.
+            have_temp = not math.isnan(temp)
             out.rows.append((self.run_id, seq, t, ts_utc, index, self.cycle.cycle_index, v, i,
-                             None if math.isnan(temp) else temp, self.step_cap_ah,
-                             self.step_en_wh, 0))
+                             temp if have_temp else None, self.step_cap_ah,
+                             self.step_en_wh, 0, 0.0 if have_temp else None))
             self.seq, self.t_s, self.last = seq, t, [t, v, i]
         return out
 
