@@ -29,9 +29,9 @@ ACCURACY_KEYS = ("voltage_rel", "current_rel", "temperature_c")
 class Accuracy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    voltage_rel: float | None = Field(None, gt=0, le=0.5)
-    current_rel: float | None = Field(None, gt=0, le=0.5)
-    temperature_c: float | None = Field(None, gt=0, le=50)
+    voltage_rel: float | None = Field(default=None, gt=0, le=0.5)
+    current_rel: float | None = Field(default=None, gt=0, le=0.5)
+    temperature_c: float | None = Field(default=None, gt=0, le=50)
 
 
 class CalibrationIn(BaseModel):
