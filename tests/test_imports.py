@@ -250,3 +250,15 @@ def test_public_maccor_export_through_the_cli(sqlite_url: str, tmp_path: Path) -
     bad = runner.invoke(cli_app, ["import", str(other), "--cell", "NO-SUCH",
                                   "--database-url", sqlite_url])
     assert bad.exit_code == 2 and "no cell with serial 'NO-SUCH'" in bad.output
+
+
+async def test_unreadable_file_is_422_not_500(sqlite_client: Client) -> None:
+    c, tok = sqlite_client
+    for fmt in (None, "biologic", "arbin-csv", "maccor", "bdf", "neware", "arbin-res"):
+        form = {} if fmt is None else {"format": fmt}
+        for name, body in (("x.mpr", b"\x00\xff" * 64), ("../x.csv", b"Test_Time,Cycle_Index\n"),
+                           ("x.001", b"Rec#\tCyc#\n1\tz\n"), ("x.bdf.csv", b"nan")):
+            r = await c.post("/api/v1/imports", headers={"Authorization": tok["engineer"]},
+                             data=form, files={"file": (name, body)})
+            assert r.status_code == 422, (fmt, name, r.text)
+            assert r.headers["content-type"] == "application/problem+json"

@@ -18,7 +18,7 @@ from labdaq.api.schemas_imports import ImportOut
 from labdaq.bounds import INT32_MAX
 from labdaq.errors import NotFound
 from labdaq.imports.readers import FORMATS
-from labdaq.imports.store import import_file
+from labdaq.imports.store import import_file, safe_filename
 from labdaq.storage import models as m
 
 router = APIRouter(prefix="/api/v1/imports", tags=["imports"])
@@ -49,7 +49,7 @@ async def create_import(
         f"one of {', '.join(sorted(FORMATS))}; default: from the file's name and "
         "content"))] = None,
 ) -> ImportOut:
-    name = Path(file.filename or "upload").name
+    name = safe_filename(file.filename)
     with tempfile.TemporaryDirectory(prefix="labdaq-import-") as tmp:
         path = Path(tmp) / name  # the readers go by the suffix
         path.write_bytes(await file.read())

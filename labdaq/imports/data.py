@@ -9,7 +9,7 @@ counters, storage — is shared here and in :mod:`.store`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -60,6 +60,20 @@ class ImportedData:
                 raise ValueError(f"{name} has {getattr(self, name).size} values, t_s {n}")
         if n == 0:
             raise ValueError("the file holds no data rows")
+
+    def finite(self) -> ImportedData:
+        """Without the rows whose time, voltage or current is not a number (a cycler's
+        blank or overflow readings); ValueError if none is left."""
+        keep = np.isfinite(self.t_s) & np.isfinite(self.voltage_v) & np.isfinite(self.current_a)
+        if keep.all():
+            return self
+        if not keep.any():
+            raise ValueError("no row has a finite time, voltage and current")
+        cut = {name: getattr(self, name)[keep] for name in (
+            "t_s", "voltage_v", "current_a", "cycle_index", "step_index")}
+        temp = None if self.temperature_c is None else self.temperature_c[keep]
+        return replace(self, **cut, temperature_c=temp,
+                       details={**self.details, "rows_dropped": int((~keep).sum())})
 
 
 def _segments(keys: tuple[IntArray, ...]) -> IntArray:

@@ -43,7 +43,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 import labdaq
-from labdaq.errors import Invalid
+from labdaq.errors import Invalid, LabdaqError
 from labdaq.imports.data import (
     FloatArray,
     ImportedData,
@@ -402,8 +402,16 @@ def detect_format(path: Path) -> str:
 
 
 def read_file(path: Path, fmt: str | None = None) -> ImportedData:
+    """Read ``path`` as ``fmt`` (default: :func:`detect_format`). A file its reader cannot
+    read is :class:`~labdaq.errors.Invalid` (422), whatever the reader raised."""
     fmt = fmt or detect_format(path)
     if fmt not in FORMATS:
         raise Invalid("unknown import format", [
             {"loc": "format", "msg": f"{fmt!r}; one of {sorted(FORMATS)}"}])
-    return FORMATS[fmt](path)
+    try:
+        return FORMATS[fmt](path).finite()
+    except LabdaqError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - third-party readers raise anything on bad input
+        raise Invalid(f"the file could not be read as {fmt}", [
+            {"loc": "file", "msg": f"{type(exc).__name__}: {str(exc)[:300]}"}]) from exc

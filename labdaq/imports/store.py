@@ -11,6 +11,7 @@ API calls it through ``session.run_sync``.
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,8 @@ from labdaq.protocol.limits import EffectiveLimits
 from labdaq.protocol.program import ResolvedProtocol
 from labdaq.storage import models as m
 
-__all__ = ["ImportResult", "file_sha256", "import_file", "store_import", "IMPORT_INSTRUMENT"]
+__all__ = ["ImportResult", "file_sha256", "import_file", "store_import", "safe_filename",
+           "IMPORT_INSTRUMENT"]
 
 IMPORT_INSTRUMENT = "import"
 _CHUNK_ROWS = 20_000
@@ -41,6 +43,14 @@ class ImportResult:
     run_id: int
     import_id: int
     created: bool  # False: the file had been imported before (the same run)
+
+
+def safe_filename(name: str | None) -> str:
+    """The base name of an uploaded file, without path, control characters or anything
+    a file system or the database could refuse; its suffix kept (readers go by it)."""
+    base = re.split(r"[\\/]", name or "")[-1]
+    base = re.sub(r"[^\w.+@()\[\] -]", "_", base).strip(" .")[:200]
+    return base or "upload"
 
 
 def file_sha256(path: Path) -> str:
@@ -65,7 +75,7 @@ def import_file(session: Session, path: Path, *, actor: str, cell_serial: str | 
     if found is not None:
         return found
     data = read_file(path, fmt)
-    return store_import(session, data, digest=digest, filename=filename or path.name,
+    return store_import(session, data, digest=digest, filename=safe_filename(filename or path.name),
                         actor=actor, cell_serial=cell_serial)
 
 
