@@ -2,10 +2,10 @@
 format's reader, the cycler's own per-cycle summary kept beside labdaq's and agreeing with
 it, idempotence by file hash, read-only runs, files without a current column.
 
-No public file carrying a cycler's per-cycle summary was found in any PyPI package (see
-tests/data/vendor/README.md), so the agreement tests write files in the vendors' own
-layouts here: the cycler's counters are integrated by the test (rectangle rule, as a
-cycler accumulates between its readings), labdaq's from the samples (trapezoids).
+Files written here in the vendors' layouts (the cycler's counters integrated by the test
+with the rectangle rule, as a cycler accumulates between readings; labdaq's from the
+samples with trapezoids) cover the readers without public example files (Arbin CSV,
+Maccor with cycles); the public files are in tests/test_import_vendor_files.py.
 """
 
 from __future__ import annotations

@@ -140,10 +140,21 @@ def read_bdf(path: Path) -> ImportedData:
                  "Ambient Temperature / degC")
     unix = c.get("Unix Time / s", "unix_time_second")
     cyc, stp = _numbered(i, cycle, step)
+    qc = c.get("Charging Capacity / Ah", "charging_capacity_ampere_hour")
+    qd = c.get("Discharging Capacity / Ah", "discharging_capacity_ampere_hour")
+    vendor = None
+    if qc is not None and qd is not None:
+        vendor = vendor_cycle_summary(cyc, stp, VendorCounters(
+            np.abs(qc), np.abs(qd), _abs(c.get("Charging Energy / Wh")),
+            _abs(c.get("Discharging Energy / Wh"))))
     return ImportedData(
         format="bdf", reader=OWN, reader_licence=OWN_LICENCE, t_s=t - t[0], voltage_v=v,
         current_a=i, cycle_index=cyc, step_index=stp, temperature_c=temp,
-        start_utc=None if unix is None else float(unix[0]))
+        start_utc=None if unix is None else float(unix[0]), vendor_cycles=vendor)
+
+
+def _abs(x: FloatArray | None) -> FloatArray | None:
+    return None if x is None else np.abs(x)
 
 
 # --- Arbin -----------------------------------------------------------------------------
@@ -160,6 +171,7 @@ _ARBIN = {
     "ed": ("Discharge_Energy(Wh)", "Discharge_Energy", "Discharge Energy (Wh)"),
     "temp": ("Aux_Temperature_1(C)", "Temperature (C)_1", "Aux_Temperature_1",
              "Temperature(C)"),
+    "step_time": ("Step_Time(s)", "Step_Time", "Step Time (s)"),
 }
 
 
@@ -184,7 +196,7 @@ def _arbin(columns: dict[str, Any], fmt: str, reader: str, licence: str) -> Impo
     return ImportedData(
         format=fmt, reader=reader, reader_licence=licence, t_s=t - t[0], voltage_v=v,
         current_a=i, cycle_index=cyc, step_index=stp, temperature_c=opt("temp"),
-        vendor_cycles=vendor)
+        vendor_cycles=vendor, step_time_s=opt("step_time"))
 
 
 def read_arbin_csv(path: Path) -> ImportedData:
@@ -263,21 +275,35 @@ def read_maccor(path: Path) -> ImportedData:
     ah, wh = num("Amp-hr", "Capacity(AHr)", "Amp-hr"), num("Watt-hr", "Energy(WHr)")
     vendor = None
     if ah is not None:
+        # One counter for both directions, reset at each step or not (both are seen).
         ah = np.abs(ah)
-        zero = np.zeros_like(ah)
         whx = None if wh is None else np.abs(wh)
         vendor = vendor_cycle_summary(cyc, stp, VendorCounters(
-            np.where(state == "C", ah, zero), np.where(state == "D", ah, zero),
-            None if whx is None else np.where(state == "C", whx, zero),
-            None if whx is None else np.where(state == "D", whx, zero)))
+            ah, ah, whx, whx, direction=sign.astype(np.int64)))
+    step_t = num("Step (Sec)", "Step Time (sec)", "StepTime", "Step(Sec)")
+    if step_t is None:
+        step_min = num("Step (Min)", "Step(Min)")
+        step_t = None if step_min is None else step_min * 60.0
     return ImportedData(
         format="maccor", reader=OWN, reader_licence=OWN_LICENCE, t_s=t - t[0], voltage_v=v,
         current_a=i, cycle_index=cyc, step_index=stp,
         temperature_c=num("Temp 1", "Temperature", "Temp1"), vendor_cycles=vendor,
-        details={"header": lines[0][:200]})
+        details={"header": lines[0][:200]}, step_time_s=step_t)
 
 
 # --- Neware ----------------------------------------------------------------------------
+
+
+def _continued(step_time_s: FloatArray, step: IntArray, cycle: IntArray) -> FloatArray:
+    """Test time from a step time that restarts at each step."""
+    starts = np.flatnonzero(np.r_[True, (np.diff(step) != 0) | (np.diff(cycle) != 0)])
+    if starts.size == 1:
+        return step_time_s - step_time_s[0]
+    ends = np.r_[starts[1:] - 1, step_time_s.size - 1]
+    span = step_time_s[ends] - step_time_s[starts]
+    offset = np.r_[0.0, np.cumsum(span)[:-1]]
+    seg = np.repeat(np.arange(starts.size), np.diff(np.r_[starts, step_time_s.size]))
+    return offset[seg] + step_time_s - step_time_s[starts][seg]
 
 
 def read_neware(path: Path) -> ImportedData:
@@ -302,14 +328,14 @@ def read_neware(path: Path) -> ImportedData:
         vendor = vendor_cycle_summary(cyc, stp, VendorCounters(
             qc * mah, qd * mah, None if ec is None else ec * mah,
             None if ed is None else ed * mah))
-    # NewareNDA's Time restarts at every step; the Timestamp column is absolute.
+    # NewareNDA's Time restarts at every step (the Timestamp column is whole seconds):
+    # each step starts where the one before it ended.
+    t = _continued(t, stp, cyc)
     stamp = c.find("Timestamp")
+    start = None
     if stamp is not None:
         ts = np.asarray(df[stamp].to_numpy(), dtype="datetime64[ns]").astype(np.int64) / 1e9
         start = float(ts[0])
-        t = ts - ts[0]
-    else:
-        start = None
     return ImportedData(
         format="neware", reader=_version("NewareNDA"), reader_licence="BSD-3-Clause",
         t_s=t, voltage_v=v, current_a=i, cycle_index=cyc, step_index=stp,
@@ -359,10 +385,12 @@ def read_biologic(path: Path) -> ImportedData:
         cycle = np.floor(half / 2.0)
     cyc, stp = _numbered(i, cycle, c.get("Ns"))
     vendor = None
-    qc, qd = c.get("Q charge/mA.h"), c.get("Q discharge/mA.h")
-    if qc is not None and qd is not None:
-        vendor = vendor_cycle_summary(cyc, stp, VendorCounters(np.abs(qc) / 1000.0,
-                                                               np.abs(qd) / 1000.0))
+    q_half = c.get("Q charge/discharge/mA.h")
+    if q_half is not None and half is not None:
+        # EC-Lab's own counter of each half cycle: positive while charging, negative
+        # while discharging, reset when the half cycle changes.
+        vendor = vendor_cycle_summary(cyc, _i(half), VendorCounters(
+            np.clip(q_half, 0.0, None) / 1000.0, np.clip(-q_half, 0.0, None) / 1000.0))
     return ImportedData(
         format="biologic", reader=_version("galvani"), reader_licence="GPL-3.0-or-later",
         t_s=t - t[0], voltage_v=v, current_a=i, cycle_index=cyc, step_index=stp,
@@ -409,7 +437,7 @@ def read_file(path: Path, fmt: str | None = None) -> ImportedData:
         raise Invalid("unknown import format", [
             {"loc": "format", "msg": f"{fmt!r}; one of {sorted(FORMATS)}"}])
     try:
-        return FORMATS[fmt](path).finite()
+        return FORMATS[fmt](path).finite().with_step_starts()
     except LabdaqError:
         raise
     except Exception as exc:  # noqa: BLE001 - third-party readers raise anything on bad input

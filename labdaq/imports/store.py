@@ -225,11 +225,12 @@ def store_import(session: Session, data: ImportedData, *, digest: str, filename:
         "temperature_c": [None] * n if temp is None else
         [None if x != x else x for x in temp.tolist()],
         "step_capacity_ah": step_cap.tolist(), "step_energy_wh": step_energy.tolist(),
+        "flags": [0] * n if data.flags is None else data.flags.tolist(),
     }
     names = list(cols)
     for lo in range(0, n, _CHUNK_ROWS):
         hi = min(n, lo + _CHUNK_ROWS)
-        rows = [dict(zip(names, vals, strict=True), run_id=run.id, flags=0)
+        rows = [dict(zip(names, vals, strict=True), run_id=run.id)
                 for vals in zip(*(cols[k][lo:hi] for k in names), strict=True)]
         session.execute(insert(m.Sample), rows)
     session.execute(insert(m.Step), _step_rows(run.id, data, step_cap, step_energy))
