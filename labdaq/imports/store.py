@@ -174,6 +174,27 @@ def _step_totals(data: ImportedData) -> tuple[np.ndarray, np.ndarray]:
     return cq - cq[starts][seg], ce - ce[starts][seg]
 
 
+def _insert_samples(session: Session, run_id: int, cols: dict[str, list[Any]]) -> None:
+    """Driver-level executemany of tuples, in chunks: the ORM's insert of dicts is several
+    times slower (docs/architecture.md, Storage), and a file may hold millions of rows."""
+    conn = session.connection()
+    names = ["run_id", *cols]
+    style = conn.dialect.paramstyle
+    marks = [{"qmark": "?", "format": "%s", "pyformat": "%s"}.get(style, "")
+             or {"numeric_dollar": f"${k}", "numeric": f":{k}"}.get(style, f":{name}")
+             for k, name in enumerate(names, start=1)]
+    sql = f"INSERT INTO samples ({', '.join(names)}) VALUES ({', '.join(marks)})"
+    n = len(cols["seq"])
+    for lo in range(0, n, _CHUNK_ROWS):
+        hi = min(n, lo + _CHUNK_ROWS)
+        rows = list(zip([run_id] * (hi - lo), *(c[lo:hi] for c in cols.values()),
+                        strict=True))
+        if style == "named":
+            conn.exec_driver_sql(sql, [dict(zip(names, r, strict=True)) for r in rows])
+        else:
+            conn.exec_driver_sql(sql, rows)
+
+
 def store_import(session: Session, data: ImportedData, *, digest: str, filename: str,
                  actor: str, cell_serial: str | None = None) -> ImportResult:
     if np.any(np.diff(data.t_s) < 0):
@@ -227,12 +248,7 @@ def store_import(session: Session, data: ImportedData, *, digest: str, filename:
         "step_capacity_ah": step_cap.tolist(), "step_energy_wh": step_energy.tolist(),
         "flags": [0] * n if data.flags is None else data.flags.tolist(),
     }
-    names = list(cols)
-    for lo in range(0, n, _CHUNK_ROWS):
-        hi = min(n, lo + _CHUNK_ROWS)
-        rows = [dict(zip(names, vals, strict=True), run_id=run.id)
-                for vals in zip(*(cols[k][lo:hi] for k in names), strict=True)]
-        session.execute(insert(m.Sample), rows)
+    _insert_samples(session, run.id, cols)
     session.execute(insert(m.Step), _step_rows(run.id, data, step_cap, step_energy))
     summary = summarise_cycles(data.t_s, data.voltage_v, data.current_a, data.cycle_index,
                                charge_cutoff_v=cell.charge_cutoff_v,
