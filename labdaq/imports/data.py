@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["ImportedData", "VendorCounters", "cycles_from_current", "steps_from_current",
-           "vendor_cycle_summary"]
+__all__ = ["ImportedData", "VendorCounters", "cycles_from_current", "segment_starts",
+           "steps_from_current", "vendor_cycle_summary"]
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
@@ -100,7 +100,7 @@ class ImportedData:
         between the readings around it, and the EDGE flag; ``details`` counts them."""
         if self.step_time_s is None or self.t_s.size < 2:
             return self
-        first = _segments((self.cycle_index, self.step_index))[1:]
+        first = segment_starts((self.cycle_index, self.step_index))[1:]
         prev, own = self.t_s[first - 1], self.t_s[first]
         began = own - self.step_time_s[first]
         # The two clocks (test and step time) differ by rounding: a step that began "just
@@ -130,7 +130,7 @@ class ImportedData:
             details={**self.details, "step_start_readings": int(at.size)})
 
 
-def _segments(keys: tuple[IntArray, ...]) -> IntArray:
+def segment_starts(keys: tuple[IntArray, ...]) -> IntArray:
     """Start index of every run of equal consecutive key tuples."""
     n = keys[0].size
     change = np.zeros(n, dtype=bool)
@@ -173,7 +173,7 @@ def vendor_cycle_summary(cycle_index: IntArray, segment: IntArray,
     that ends at a segment's first reading."""
     direction = counters.direction
     keys = (cycle_index, segment) if direction is None else (cycle_index, segment, direction)
-    starts = _segments(keys)
+    starts = segment_starts(keys)
     cycles, inverse = np.unique(cycle_index[starts], return_inverse=True)
 
     def rise(x: FloatArray) -> FloatArray:

@@ -14,6 +14,7 @@ import hashlib
 import re
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from labdaq.analysis import summarise_cycles
 from labdaq.errors import Invalid, NotFound
-from labdaq.imports.data import ImportedData, _segments
+from labdaq.imports.data import ImportedData, segment_starts
 from labdaq.imports.readers import read_file
 from labdaq.protocol import CellLimits
 from labdaq.protocol.limits import EffectiveLimits
@@ -140,7 +141,7 @@ def _plan(data: ImportedData, cell: m.Cell, digest: str) -> ResolvedProtocol:
 
 def _step_rows(run_id: int, data: ImportedData, step_cap: np.ndarray,
                step_energy: np.ndarray) -> list[dict[str, Any]]:
-    starts = _segments((data.cycle_index, data.step_index))
+    starts = segment_starts((data.cycle_index, data.step_index))
     ends = np.append(starts[1:], data.t_s.size) - 1
     mean_i = np.add.reduceat(data.current_a, starts) / (ends - starts + 1)
     rows = []
@@ -166,7 +167,7 @@ def _step_totals(data: ImportedData) -> tuple[np.ndarray, np.ndarray]:
     dt = np.diff(t)
     dq[1:] = np.abs(0.5 * (i[1:] + i[:-1]) * dt) / 3600.0
     de[1:] = np.abs(0.5 * (i[1:] * v[1:] + i[:-1] * v[:-1]) * dt) / 3600.0
-    starts = _segments((data.cycle_index, data.step_index))
+    starts = segment_starts((data.cycle_index, data.step_index))
     dq[starts] = 0.0
     de[starts] = 0.0
     cq, ce = np.cumsum(dq), np.cumsum(de)
@@ -216,7 +217,12 @@ def store_import(session: Session, data: ImportedData, *, digest: str, filename:
     run = m.Run(channel_id=channel.id, cell_id=cell.id, protocol_id=proto.id,
                 state=m.RunState.imported.value, plan=plan.model_dump(mode="json"),
                 sample_period_s=float(np.median(np.diff(data.t_s))) if n > 1 else 0.0,
-                created_at=now, ended_at=now, end_reason=f"imported from {filename}",
+                created_at=now, end_reason=f"imported from {filename}",
+                # When the other lab's test ran, where the file says.
+                started_at=None if data.start_utc is None
+                else datetime.fromtimestamp(data.start_utc, UTC),
+                ended_at=now if data.start_utc is None
+                else datetime.fromtimestamp(data.start_utc + float(data.t_s[-1]), UTC),
                 step_count=0, cycle_index=int(data.cycle_index[-1]),
                 elapsed_s=float(data.t_s[-1]), last_seq=n)
     session.add(run)
