@@ -177,9 +177,12 @@ def vendor_cycle_summary(cycle_index: IntArray, segment: IntArray,
     cycles, inverse = np.unique(cycle_index[starts], return_inverse=True)
 
     def rise(x: FloatArray) -> FloatArray:
-        before = x[np.maximum(starts - 1, 0)]
-        base = np.where(x[starts] >= before, before, 0.0)
-        return np.asarray(np.maximum.reduceat(x, starts) - base)
+        # A blank counter reading (NaN) is no reading: fmax skips it.
+        x = np.asarray(x, dtype=np.float64)
+        before = np.nan_to_num(x[np.maximum(starts - 1, 0)])
+        first = np.nan_to_num(x[starts])
+        base = np.where(first >= before, before, 0.0)
+        return np.nan_to_num(np.fmax.reduceat(x, starts) - base)
 
     def per_cycle(x: FloatArray | None, sign: int) -> FloatArray | None:
         if x is None:
