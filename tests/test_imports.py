@@ -192,6 +192,9 @@ async def test_import_is_idempotent_read_only_and_audited(client: Client,
     assert again.json()["created"] is False
     listed = (await c.get("/api/v1/imports", headers={"Authorization": tok["technician"]})).json()
     assert [x["run_id"] for x in listed] == [first.json()["run_id"]]
+    one = await c.get(f"/api/v1/imports?run_id={first.json()['run_id']}",
+                      headers={"Authorization": tok["technician"]})
+    assert [x["id"] for x in one.json()] == [first.json()["id"]]
     run_id = first.json()["run_id"]
     run = (await c.get(f"/api/v1/runs/{run_id}", headers={"Authorization": tok["admin"]})).json()
     assert run["state"] == "imported"

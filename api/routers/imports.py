@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
 from fastapi import Path as PathParam
 from sqlalchemy import select
 
@@ -64,8 +64,16 @@ async def create_import(
 
 
 @router.get("", response_model=list[ImportOut], responses=_AUTH)
-async def list_imports(session: Session, _: Reader) -> list[ImportOut]:
-    rows = (await session.scalars(select(m.Import).order_by(m.Import.id))).all()
+async def list_imports(
+    session: Session, _: Reader,
+    run_id: Annotated[int | None, Query(ge=1, le=INT32_MAX,
+                                        description="only the import of this run")] = None,
+) -> list[ImportOut]:
+    """Imports without their ``vendor_cycles`` (``GET /api/v1/imports/{id}`` has them)."""
+    stmt = select(m.Import).order_by(m.Import.id)
+    if run_id is not None:
+        stmt = stmt.where(m.Import.run_id == run_id)
+    rows = (await session.scalars(stmt)).all()
     return [ImportOut.model_validate(r).model_copy(update={"vendor_cycles": None})
             for r in rows]
 
