@@ -223,6 +223,25 @@ async def test_imported_run_is_analysed_and_evaluated(sqlite_client: Client,
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.slow  # the export's reader process: 4-7 s on a loaded machine
+async def test_imported_runs_bdf_export_imports_to_the_same_cycles(
+        sqlite_client: Client, tmp_path: Path) -> None:
+    c, tok = sqlite_client
+    h = {"Authorization": tok["engineer"]}
+    path = write_bdf(tmp_path / "cell.bdf.csv", _profile(cycles=2))
+    run_id = (await _upload(c, tok["engineer"], path)).json()["run_id"]
+    exported = await c.get(f"/api/v1/runs/{run_id}/export?format=bdf", headers=h)
+    assert exported.status_code == 200, exported.text
+    back = tmp_path / "again.bdf.csv"
+    back.write_bytes(exported.content)
+    again = (await _upload(c, tok["engineer"], back)).json()
+    assert again["created"] and again["run_id"] != run_id
+    cycles = [(await c.get(f"/api/v1/runs/{rid}/cycles", headers=h)).json()
+              for rid in (run_id, again["run_id"])]
+    assert [x["discharge_capacity_ah"] for x in cycles[0]] == pytest.approx(
+        [x["discharge_capacity_ah"] for x in cycles[1]], rel=1e-9)
+
+
 async def test_file_without_current_is_imported_from_its_charge(
         sqlite_client: Client, tmp_path: Path) -> None:
     c, tok = sqlite_client
