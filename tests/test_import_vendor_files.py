@@ -85,6 +85,9 @@ def test_arbin_res_agrees_with_arbins_counters(sqlite_url: str) -> None:
     assert _agree(ours, vendor, 0.005) == 8  # 4 full cycles, charge and discharge
     # Arbin logged every 120 s; the step starts it records (Step_Time) became readings.
     assert rec.details["step_start_readings"] > 0
+    # Arbin's own statistics table joins the summary: its charge time of cycle 1.
+    assert vendor[1]["charge_time_s"] == pytest.approx(20125.5756, abs=1e-3)
+    assert rec.details["arbin_statistic_rows"] == 4
 
 
 def test_neware_ndax_agrees_with_newares_counters(sqlite_url: str) -> None:

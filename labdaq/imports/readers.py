@@ -219,9 +219,38 @@ def read_arbin_res(path: Path) -> ImportedData:
     data = _arbin(_table_columns(table), "arbin-res", f"mdbtools {version or '?'}", "GPL-2.0 "
                   "(mdbtools, run as a separate program)")
     stats = subprocess.run([exe, str(path), "Channel_Statistic_Table"], capture_output=True)
-    if stats.returncode == 0 and stats.stdout:
-        data.details["arbin_statistic_rows"] = len(stats.stdout.splitlines()) - 1
+    if stats.returncode == 0 and stats.stdout.strip():
+        _merge_arbin_statistics(data, _table_columns(table),
+                                _table_columns(pacsv.read_csv(io.BytesIO(stats.stdout))))
     return data
+
+
+#: Channel_Statistic_Table columns kept in the cycler's per-cycle summary.
+_ARBIN_STATS = {"Charge_Time": "charge_time_s", "Discharge_Time": "discharge_time_s",
+                "Vmax_On_Cycle": "max_voltage_v"}
+
+
+def _merge_arbin_statistics(data: ImportedData, normal: dict[str, Any],
+                            stats: dict[str, Any]) -> None:
+    """Arbin's own per-cycle statistics (one row per cycle, at the cycle's last data
+    point): their times and voltages join the summary from the counters, by cycle."""
+    c, st = _Columns(normal), _Columns(stats)
+    point, cycle = c.get("Data_Point"), c.get("Cycle_Index")
+    at = st.get("Data_Point")
+    if point is None or cycle is None or at is None or data.vendor_cycles is None:
+        return
+    cycle_of = dict(zip(point.astype(np.int64).tolist(), cycle.astype(np.int64).tolist(),
+                        strict=True))
+    rows = {r["cycle_index"]: r for r in data.vendor_cycles}
+    for k, p in enumerate(at.astype(np.int64).tolist()):
+        row = rows.get(cycle_of.get(p, -1))
+        if row is None:
+            continue
+        for src, name in _ARBIN_STATS.items():
+            col = st.get(src)
+            if col is not None and np.isfinite(col[k]):
+                row[name] = float(col[k])
+    data.details["arbin_statistic_rows"] = int(at.size)
 
 
 # --- Maccor ----------------------------------------------------------------------------
