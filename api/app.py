@@ -18,11 +18,13 @@ from labdaq.api.request_metrics import RequestMetricsMiddleware
 from labdaq.api.routers import (
     analysis,
     audit,
+    calibrations,
     cells,
     channels,
     evaluations,
     exports,
     health,
+    imports,
     instruments,
     lab,
     metrics,
@@ -83,7 +85,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="labdaq", version=labdaq.__version__, lifespan=lifespan)
     app.state.settings = settings
     install_problem_handlers(app, settings.api_retry_after_s)
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.api_max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.api_max_body_bytes,
+                       larger={"/api/v1/imports": settings.api_max_import_bytes})
     # Outermost: a request refused by the body limit is timed too.
     app.add_middleware(RequestMetricsMiddleware)
 
@@ -106,6 +109,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.openapi = _openapi  # type: ignore[method-assign]
     app.include_router(evaluations.router)
     app.include_router(evaluations.cell_router)
+    app.include_router(imports.router)
+    app.include_router(calibrations.router)
     app.include_router(users.router)
     app.include_router(tokens.router)
     app.include_router(audit.router)

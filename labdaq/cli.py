@@ -25,6 +25,7 @@ app.add_typer(db_app, name="db")
 from labdaq.cli_auth import audit_app, token_app, users_app  # noqa: E402
 from labdaq.cli_evaluate import evaluate, observe  # noqa: E402
 from labdaq.cli_export import export_cmd  # noqa: E402
+from labdaq.cli_import import import_cmd  # noqa: E402
 from labdaq.cli_instruments import instruments_app  # noqa: E402
 from labdaq.cli_sim import sim  # noqa: E402
 
@@ -32,6 +33,7 @@ app.command()(sim)
 app.command()(evaluate)
 app.command()(observe)
 app.command("export")(export_cmd)
+app.command("import")(import_cmd)
 app.add_typer(instruments_app, name="instruments")
 app.add_typer(token_app, name="token")
 app.add_typer(users_app, name="users")

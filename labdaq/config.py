@@ -113,6 +113,8 @@ class Settings(BaseSettings):
     max_duration_s: float = Field(default=MAX_DURATION_S, gt=0, le=MAX_DURATION_S)
     # Request bodies larger than this get 413 before they are parsed.
     api_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # ... except an uploaded cycler file (POST /api/v1/imports), buffered in memory.
+    api_max_import_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
     # How long an API request waits for a locked SQLite database before answering 503
     # (the engine keeps its own, longer wait); and the Retry-After it then suggests.
     api_db_busy_timeout_s: float = Field(default=2.0, ge=0)

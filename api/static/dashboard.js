@@ -111,7 +111,8 @@ function fmt(x, digits = 3) {
 function fmtTime(iso) { return iso ? new Date(iso).toLocaleString() : "–"; }
 function hours(s) { return s / 3600; }
 function milli(x) { return x * 1000; }
-const TERMINAL = new Set(["completed", "stopped", "aborted_safety", "failed", "interrupted"]);
+// "imported": another lab's file (labdaq.imports), read-only from the start.
+const TERMINAL = new Set(["completed", "stopped", "aborted_safety", "failed", "interrupted", "imported"]);
 
 // Calls f at most once at a time and once more after it if asked meanwhile: a burst of
 // stream messages (a stream's replay of a long run's steps) makes one request, not one each.
