@@ -34,6 +34,7 @@ from labdaq.bounds import (
 )
 from labdaq.drivers.roles import ProgramRunner
 from labdaq.errors import Conflict, Forbidden, Invalid, NotFound
+from labdaq.nodes import wake_node_of_run
 from labdaq.protocol import (
     CellLimits,
     InstrumentLimits,
@@ -609,6 +610,7 @@ async def create_run(
         # The partial unique index caught a concurrent request for the same place.
         raise Conflict(f"channel {channel.name} is busy") from exc
     position = (await run_queue.positions(session, [run])).get(run.id)
+    await wake_node_of_run(session, run, "queued")  # its node starts it without polling
     session.add(
         m.Event(
             run_id=run.id,
@@ -646,6 +648,7 @@ async def request_stop(session: AsyncSession, run_id: int, actor: str) -> m.Run:
         raise Conflict(f"run {run_id} {why}")
     run.requested_action = "stop"
     session.add(m.Event(run_id=run_id, kind="audit", message="stop requested", actor=actor))
+    await wake_node_of_run(session, run, "stop")
     return run
 
 
@@ -655,6 +658,7 @@ async def request_pause(session: AsyncSession, run_id: int, actor: str) -> m.Run
         raise Conflict(f"run {run_id} {why}")
     run.requested_action = "pause"
     session.add(m.Event(run_id=run_id, kind="audit", message="pause requested", actor=actor))
+    await wake_node_of_run(session, run, "pause")
     return run
 
 
@@ -664,6 +668,7 @@ async def request_resume(session: AsyncSession, run_id: int, actor: str) -> m.Ru
         raise Conflict(f"run {run_id} {why}")
     run.requested_action = "resume"
     session.add(m.Event(run_id=run_id, kind="audit", message="resume requested", actor=actor))
+    await wake_node_of_run(session, run, "resume")
     return run
 
 
