@@ -19,7 +19,7 @@ from labdaq.cli_instruments import apply_file
 from labdaq.config import Settings
 from labdaq.engine.node_link import NodeLink
 from labdaq.instruments_config import dump_instruments_toml
-from labdaq.nodes import NODE_DOWN, owned_by, shown_states
+from labdaq.nodes import NODE_DOWN, owned_by, shown_states, wake_node_of_run
 from labdaq.storage import models as m
 from labdaq.storage.db import create_engine, session_scope, sessionmaker
 
@@ -102,3 +102,39 @@ async def test_a_node_down_shows_its_acquiring_runs_as_node_down(db_engine: Asyn
         shown = await shown_states(s, runs, down_after_s=15)
     assert shown == {1: "running", 2: NODE_DOWN, 3: NODE_DOWN, 4: "completed",
                      5: NODE_DOWN, 6: "queued", 7: "running"}
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_a_new_run_or_command_wakes_only_the_node_that_must_read_it(
+        db_engine: AsyncEngine, db_url: str) -> None:
+    maker = sessionmaker(db_engine)
+    async with session_scope(maker) as s:
+        inst = m.Instrument(name="smu1", driver="keithley2450", node="a",
+                            resource="TCPIP::127.0.0.1::5025::SOCKET")
+        s.add(inst)
+        await s.flush()
+        ch = m.Channel(instrument_id=inst.id, index=1, name="smu1/1")
+        s.add(ch)
+        await s.flush()
+        channel_id = ch.id
+    links = {n: NodeLink(db_url, n, unassigned=n == "all") for n in ("a", "b", "all")}
+    try:
+        for link in links.values():
+            await link.connect()
+            link.wake.clear()  # (connecting sets it: a reconnect looks at the tables once)
+        # A queued run goes to the node of its channel's instrument; a command on a run
+        # another node acquires (the instrument moved since) goes to that node.
+        for run, woken in ((m.Run(id=1, channel_id=channel_id, state="queued"), "a"),
+                           (m.Run(id=2, channel_id=channel_id, state="running", node="b"),
+                            "b")):
+            async with session_scope(maker) as s:
+                await wake_node_of_run(s, run, "test")
+                await asyncio.sleep(0.3)
+                assert not links[woken].wake.is_set()  # sent on commit, not before
+            await asyncio.wait_for(links[woken].wake.wait(), 10)
+            await asyncio.sleep(0.3)  # what others would get has arrived by now
+            assert [n for n, link in links.items() if link.wake.is_set()] == [woken]
+            links[woken].wake.clear()
+    finally:
+        for link in links.values():
+            await link.close()
