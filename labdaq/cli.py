@@ -206,6 +206,27 @@ async def _register_sim_lab(url: str, desc: dict[str, Any],
         await engine.dispose()
 
 
+def node_lab(desc: dict[str, Any], node: str) -> dict[str, Any]:
+    """A simulated lab's description as one node of several registers it: its
+    instruments, channels and cells named ``<node>-<name>`` (every simulated lab has an
+    smu1 and the same cell serials), and the node that drives them."""
+    def cell(c: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if c is None else {**c, "serial": f"{node}-{c['serial']}"}
+
+    prefix = f"{node}-"
+    instruments = []
+    for inst in desc["instruments"]:
+        wiring = {k: (f"cell {prefix}{v[len('cell '):]}" if v.startswith("cell ") else v)
+                  for k, v in (inst.get("wiring") or {}).items()}
+        if wiring.get("contains") not in (None, "empty"):  # a chamber: "serial, serial"
+            wiring["contains"] = ", ".join(prefix + x for x in wiring["contains"].split(", "))
+        instruments.append({
+            **inst, "name": prefix + inst["name"], "wiring": wiring,
+            "channels": [{**ch, "name": prefix + ch["name"], "cell": cell(ch.get("cell"))}
+                         for ch in inst["channels"]]})
+    return {**desc, "instruments": instruments, "node": node}
+
+
 def sim_lab_aux(desc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Which auxiliary instruments each simulated cell is wired to, by cell serial."""
     aux: dict[str, dict[str, Any]] = {}
@@ -318,9 +339,11 @@ def serve(
             asyncio.run(sup.stop_all(["sim"]))
             typer.echo(f"simulated lab did not start: {exc}", err=True)
             raise typer.Exit(1) from None
+        if role == "node":
+            # Several simulated nodes share the database: each lab's names its own.
+            desc = node_lab(desc, node_name or s.node_name or socket.gethostname())
         token, revoked = asyncio.run(_register_sim_lab(
-            url, desc, node=None if role == "all" else node_name or s.node_name
-            or socket.gethostname()))
+            url, desc, node=desc.get("node")))
         if revoked:
             typer.echo(f"revoked {revoked} demo token(s) from earlier `serve --sim` starts")
     engine_speed = speed if sim_lab else 1.0

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -581,17 +582,22 @@ async def create_run(
         )
     )
     digest = protocol.content_hash()
-    proto = await session.scalar(select(m.Protocol).where(m.Protocol.content_hash == digest))
-    if proto is None:
-        proto = m.Protocol(
-            name=protocol.name, content_hash=digest, document=protocol.model_dump(mode="json")
-        )
-        session.add(proto)
-        await session.flush()
+    protocol_id = await session.scalar(
+        select(m.Protocol.id).where(m.Protocol.content_hash == digest))
+    if protocol_id is None:
+        # Two requests with one new document at once (two API processes) both get here:
+        # the second insert waits for the first and does nothing, and both use its row.
+        insert = (postgresql.insert if session.get_bind().dialect.name == "postgresql"
+                  else sqlite.insert)
+        await session.execute(insert(m.Protocol).values(
+            name=protocol.name, content_hash=digest, document=protocol.model_dump(mode="json"),
+        ).on_conflict_do_nothing(index_elements=["content_hash"]))
+        protocol_id = await session.scalar(
+            select(m.Protocol.id).where(m.Protocol.content_hash == digest))
     run = m.Run(
         channel_id=channel.id,
         cell_id=cell.id,
-        protocol_id=proto.id,
+        protocol_id=protocol_id,
         state=m.RunState.queued.value,
         plan=resolved.model_dump(mode="json"),
         sample_period_s=req.sample_period_s,

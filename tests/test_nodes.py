@@ -1,8 +1,9 @@
 """Several acquisition nodes and API processes on one PostgreSQL (labdaq.nodes).
 
-Real processes: two simulated labs (``labdaq sim``), two nodes (``labdaq engine --role
-node``), each driving its own lab's instruments, and two API processes (``labdaq serve
---role api``), all on one throwaway PostgreSQL database. Runs are created through either
+Real processes, all on one throwaway PostgreSQL database: node a (``labdaq sim`` and
+``labdaq engine --role node``), node b (``labdaq serve --role node --sim``: its own
+simulated lab and engine), each driving only its own lab's instruments, and two API
+processes (``labdaq serve --role api``). Runs are created through either
 API; the node whose instrument holds the channel starts them. A node killed with SIGKILL
 shows as ``node_down`` in the API; restarted, it resumes its run with every committed
 sample kept and none duplicated, and the other node's runs are never touched.
@@ -14,6 +15,7 @@ import asyncio
 import os
 import signal
 import socket
+import subprocess
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,13 +28,12 @@ from sqlalchemy import text
 
 from labdaq import processes
 from labdaq.auth import create_token
-from labdaq.cli import _register_sim_lab
+from labdaq.cli import _register_sim_lab, node_lab
 from labdaq.storage.db import create_engine, session_scope, sessionmaker
 from tests.test_recovery_kill9 import _alive, _children
 
 SPEED = 100.0  # simulated seconds per wall second, the labs' and the nodes' alike
 DOWN_AFTER_S = 3.0  # the APIs' node_down_after_s
-NODES = ("a", "b")
 
 
 def _charge(duration_s: float) -> dict[str, Any]:
@@ -45,18 +46,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _renamed(desc: dict[str, Any], node: str) -> dict[str, Any]:
-    """The lab's description with names of its own (two labs both have an smu1)."""
-    out = {**desc, "instruments": []}
-    for inst in desc["instruments"]:
-        channels = [{**ch, "name": f"{node}-{ch['name']}",
-                     "cell": {**ch["cell"], "serial": f"{node}-{ch['cell']['serial']}"}}
-                    for ch in inst["channels"]]
-        out["instruments"].append({**inst, "name": f"{node}-{inst['name']}",
-                                   "channels": channels})
-    return out
 
 
 @dataclass
@@ -133,8 +122,8 @@ class Cluster:
 
 
 async def _register(url: str, labs: dict[str, dict[str, Any]]) -> str:
-    for node, desc in labs.items():
-        await _register_sim_lab(url, desc, node=node)
+    for desc in labs.values():
+        await _register_sim_lab(url, desc, node=desc["node"])
     engine = create_engine(url)
     try:
         async with session_scope(sessionmaker(engine)) as s:
@@ -145,17 +134,19 @@ async def _register(url: str, labs: dict[str, dict[str, Any]]) -> str:
 
 @pytest.fixture
 def cluster(db_url: str, tmp_path: Path) -> Iterator[Cluster]:
+    """Node a: ``labdaq sim`` and ``labdaq engine --role node`` (the one the tests kill);
+    node b: ``labdaq serve --role node --sim`` (its lab and engine supervised); two
+    ``labdaq serve --role api``."""
     logs = tmp_path / "logs"
     logs.mkdir()
     c = Cluster(db_url, tmp_path, processes.Children(logs))
     try:
-        for node in NODES:
-            path = tmp_path / f"lab-{node}.json"
-            proc = c.children.spawn(
-                f"lab-{node}", processes.sim_argv(path, "--speed", str(SPEED), "--soc", "0.2",
-                                                  "--watchdog", "0"),
-                stdout=open(os.devnull, "wb"), env=c.env(), cwd=tmp_path, new_session=True)
-            c.labs[node] = _renamed(processes.read_sim_description(path, proc), node)
+        path = tmp_path / "lab-a.json"
+        proc = c.children.spawn(
+            "lab-a", processes.sim_argv(path, "--speed", str(SPEED), "--soc", "0.2",
+                                        "--watchdog", "0"),
+            stdout=subprocess.DEVNULL, env=c.env(), cwd=tmp_path, new_session=True)
+        c.labs["a"] = node_lab(processes.read_sim_description(path, proc), "a")
         c.token = asyncio.run(_register(db_url, c.labs))
         for k in range(2):
             port = _free_port()
@@ -167,8 +158,18 @@ def cluster(db_url: str, tmp_path: Path) -> Iterator[Cluster]:
             # One after the other: each `serve` runs the migrations first.
             processes.wait_for_http("127.0.0.1", port, "/health", 60, proc)
             c.apis.append(f"http://127.0.0.1:{port}")
-        for node in NODES:
-            c.start_node(node)
+        data_b = tmp_path / "node-b"
+        c.nodes["b"] = c.children.spawn(
+            "node-b", processes.labdaq_argv(
+                "serve", "--role", "node", "--node-name", "b", "--sim", "--speed", str(SPEED),
+                "--sim-cabinets", "0", "--sim-impedance", "0", "--no-sim-chamber",
+                "--database-url", db_url, "--data-dir", str(data_b)),
+            stdout=subprocess.DEVNULL, env=c.env(), cwd=tmp_path, new_session=True)
+        desc_b = processes.read_sim_description(data_b / "simlab.json", c.nodes["b"])
+        c.labs["b"] = node_lab(desc_b, "b")
+        c.wait(lambda: c.query("SELECT count(*) FROM instruments WHERE node = 'b'")
+               == [(len(desc_b["instruments"]),)], "node b to register its lab")
+        c.start_node("a")
         yield c
     finally:
         c.children.stop_all(timeout_s=20)
