@@ -78,8 +78,14 @@ async def test_an_instrument_fence_is_held_by_one_node_at_a_time(db_url: str) ->
         assert await a.acquire(7)  # held already
         assert not await b.acquire(7)  # the other node must leave it alone
         assert await b.acquire(8)
+        assert await b.acquire_waiting([7, 8], wait_s=0) == {7}
+        # A restarted node waits for the fences its dead predecessor's connection held.
+        waiting = asyncio.create_task(b.acquire_waiting([7], wait_s=60))
+        await asyncio.sleep(0.5)
+        assert not waiting.done()
         await a.close()  # a node that stops (or dies: its connection goes) releases it
-        assert await b.acquire(7)
+        assert await asyncio.wait_for(waiting, 30) == set()
+        assert 7 in b.held
     finally:
         await a.close()
         await b.close()

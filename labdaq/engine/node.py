@@ -93,6 +93,7 @@ class AcquisitionNode(Scheduling, Recovery):
         writer_process: bool = False,
         temperature_stale_s: float = 3.0,
         unassigned: bool = True,
+        fence_wait_s: float = 60.0,
     ) -> None:
         self.control_period_s = control_period_s
         self.engine = engine
@@ -124,6 +125,8 @@ class AcquisitionNode(Scheduling, Recovery):
         self.link = NodeLink(engine.url.render_as_string(hide_password=False),
                              self.node_name, unassigned)
         self.recorder = RunRecorder(self.maker, self.node_name, self.owns)
+        # How long open_all waits for a fence another process holds (node_link.py).
+        self.fence_wait_s = fence_wait_s
         self.max_resume_gap_s = max_resume_gap_s
         self.instruments: dict[int, OpenInstrument] = {}
         self.groups: dict[int, InstrumentGroup] = {}
@@ -220,14 +223,20 @@ class AcquisitionNode(Scheduling, Recovery):
         async with session_scope(self.maker) as s:
             rows = (await s.scalars(select(m.Instrument).where(m.Instrument.enabled,
                                                                 self.owns))).all()
+        # Fences first: this node's previous process may still hold some (killed on
+        # another machine, its connection not yet dropped by the server).
+        fenced = await self.link.acquire_waiting([r.id for r in rows], self.fence_wait_s,
+                                                 self._stopping)
         for row in rows:
+            if row.id in fenced:
+                why = "its advisory lock is held by another process (node_link.py)"
+                log.error("instrument %s not opened: %s", row.name, why)
+                self.heartbeat.instruments[row.name] = f"not connected: {why}"
+                continue
             try:
                 inst = await self._open_instrument(row)
                 if isinstance(inst.driver, Cycler):
                     await inst.worker.call(inst.driver.safe_shutdown)
-            except InstrumentFenced as exc:
-                log.error("%s: not opened", exc)
-                self.heartbeat.instruments[row.name] = f"not connected: {exc}"
             except Exception as exc:  # noqa: BLE001 - one broken instrument must not stop the rest
                 log.error("instrument %s (%s) not ready: %s", row.name, row.resource, exc)
                 self.heartbeat.instruments[row.name] = f"not connected: {exc}"
