@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from labdaq import run_queue, run_states
 from labdaq.engine.channel import ChannelRun
 from labdaq.engine.events import RunEvent
+from labdaq.nodes import wake_node_of_run
 from labdaq.storage import models as m
 from labdaq.storage.db import session_scope
 
@@ -232,6 +233,9 @@ class RunRecorder:
                           severity="info" if state == "completed" else "warning",
                           message=f"run {state}: {reason}", data={"state": state},
                           actor=node))
+            # The channel is free once this commits: wake its node for the next run of
+            # its queue (PostgreSQL; labdaq.nodes) instead of waiting for its next poll.
+            await wake_node_of_run(s, run, "ended")
 
         self.queue.put("run state", op)
 
