@@ -99,6 +99,12 @@ class Settings(BaseSettings):
     restart_backoff_max_s: float = Field(default=30.0, gt=0)
     restart_max: int = Field(default=5, ge=0)
     restart_stable_s: float = Field(default=30.0, gt=0)
+    # This acquisition node's name (labdaq.nodes; default: the host name): instruments
+    # with `node = "<name>"` in the instruments file are its to drive.
+    node_name: str | None = Field(default=None, max_length=100)
+    # A node whose heartbeat (on the database's clock) is older than this is down: the
+    # API shows its running and paused runs as node_down until it returns.
+    node_down_after_s: float = Field(default=15.0, gt=0)
     # GET /ready: an engine heartbeat older than this (wall seconds) is not ready.
     ready_heartbeat_max_age_s: float = Field(default=10.0, gt=0)
     # The cell's safety window is its cut-offs widened by this margin (V).

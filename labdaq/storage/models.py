@@ -78,6 +78,9 @@ class Instrument(Base):
     # False: configured off, or removed from the instruments file while past runs still
     # reference its channels (rows are kept for their history); the engine skips it.
     enabled: Mapped[bool] = mapped_column(default=True, server_default=true())
+    # The acquisition node that drives it (labdaq.nodes); None: unassigned, driven only
+    # by a single-machine node (`serve --role all`), never by a `--role node` one.
+    node: Mapped[str | None] = mapped_column(String(100))
 
 
 class Channel(Base):
