@@ -16,12 +16,15 @@ from labdaq.api.body_limit import BodyLimitMiddleware
 from labdaq.api.problems import install_problem_handlers, problem_openapi
 from labdaq.api.request_metrics import RequestMetricsMiddleware
 from labdaq.api.routers import (
+    analysis,
     audit,
+    calibrations,
     cells,
     channels,
     evaluations,
     exports,
     health,
+    imports,
     instruments,
     lab,
     metrics,
@@ -82,7 +85,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="labdaq", version=labdaq.__version__, lifespan=lifespan)
     app.state.settings = settings
     install_problem_handlers(app, settings.api_retry_after_s)
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.api_max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.api_max_body_bytes,
+                       larger={"/api/v1/imports": settings.api_max_import_bytes})
     # Outermost: a request refused by the body limit is timed too.
     app.add_middleware(RequestMetricsMiddleware)
 
@@ -90,6 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metrics.router)
     app.include_router(channels.router)
     app.include_router(runs.router)
+    app.include_router(analysis.router)
     app.include_router(protocols.router)
     app.include_router(instruments.router)
     app.include_router(cells.router)
@@ -104,6 +109,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.openapi = _openapi  # type: ignore[method-assign]
     app.include_router(evaluations.router)
     app.include_router(evaluations.cell_router)
+    app.include_router(imports.router)
+    app.include_router(calibrations.router)
     app.include_router(users.router)
     app.include_router(tokens.router)
     app.include_router(audit.router)

@@ -61,3 +61,5 @@ class SamplesPage(BaseModel):
     step_capacity_ah: list[float]
     step_energy_wh: list[float]
     flags: list[int]
+    # Seconds from the wired sensor's reading to the sample (null: no wired reading).
+    temperature_age_s: list[float | None]

@@ -26,6 +26,14 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 
 Session = Annotated[AsyncSession, Depends(get_session)]
 
+
+def node_down_after_s(request: Request) -> float:
+    """The ``node_down_after_s`` setting: when a run's node counts as down (labdaq.nodes)."""
+    return float(request.app.state.settings.node_down_after_s)
+
+
+NodeDownAfterS = Annotated[float, Depends(node_down_after_s)]
+
 # Ids are INTEGER columns (int4 on PostgreSQL): a larger one names no row, and must not
 # reach the database, which would refuse the parameter itself.
 RunId = Annotated[int, Path(ge=1, le=INT32_MAX, description="run id")]

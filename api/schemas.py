@@ -46,7 +46,9 @@ class RunOut(BaseModel):
     channel_id: int
     cell_id: int
     protocol_id: int
-    state: str
+    state: str = Field(description="the run's state; node_down (shown, never stored) for a "
+                       "running or paused run whose acquisition node is down")
+    node: str | None = Field(default=None, description="the acquisition node that runs it")
     requested_action: str | None
     sample_period_s: float
     created_at: UtcDatetime

@@ -89,6 +89,7 @@ class ChannelReading:
     step: int
     test_time_s: float
     reason: str
+    barcode: str = ""  # the simulator's attribute: not confirmed against a real server
 
 
 class BtsLink(Transport):
@@ -367,7 +368,7 @@ class NewareBTS(Instrument, ProgramRunner):
                 voltage_v=float(r.get("volt", "nan")), current_a=float(r.get("curr", "nan")),
                 temperature_c=float(r.get("temp", "nan")), cycle=int(r.get("cycle", "0")),
                 step=int(r.get("step", "0")), test_time_s=float(r.get("testtime", "0")),
-                reason=r.get("reason", ""))
+                reason=r.get("reason", ""), barcode=r.get("barcode", ""))
         return out
 
     def inquiredf(self, names: Sequence[str]) -> dict[str, dict[str, int]]:

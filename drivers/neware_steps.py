@@ -15,12 +15,16 @@ voltages, mA for currents, ms for times, mAs for capacities.
 Ours beyond unicycler's shapes, NOT confirmed against a real server: ``Cap`` as a step
 end condition (type 1/2/3/19), a pulse written as CC and rest steps, ``Curr`` on a CV
 step written from its current limit. Anything without a Neware equivalent raises
-:class:`UntranslatableStep` naming the step (the API answers it with 422).
+:class:`UntranslatableStep` naming the step (the API answers it with 422). Chamber steps
+before the cycler's first step are not written: :func:`translate` returns them for the
+engine to hold before it starts the program (labdaq/engine/delegated.py), with the map
+from Neware step ids back to the program's steps that harvesting needs.
 """
 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET  # noqa: S405 - builds XML, parses nothing
+from dataclasses import dataclass, field
 from typing import Any
 
 from labdaq.protocol import (
@@ -32,6 +36,7 @@ from labdaq.protocol import (
     ResolvedProtocol,
     ResolvedPulse,
     ResolvedRest,
+    ResolvedSetTemperature,
 )
 
 MIN_CURRENT_A = 1e-6
@@ -86,13 +91,44 @@ class _Writer:
         return ET.SubElement(ET.SubElement(el, "Limit"), "Main")
 
 
+@dataclass
+class StepFile:
+    """A translated program: the step file, which labdaq program step each Neware step
+    id runs (``step_map``), and the chamber steps that come before any step of the
+    cycler (``chamber_steps``: the engine holds the chamber before it starts the file)."""
+
+    xml: str
+    step_map: dict[int, int] = field(default_factory=dict)
+    chamber_steps: list[ResolvedSetTemperature] = field(default_factory=list)
+
+
 def to_neware_xml(resolved: ResolvedProtocol, *, sample_name: str,
                   record_period_s: float = 1.0) -> str:
     """The step file for ``resolved`` (its limits become the program's protection)."""
+    return translate(resolved, sample_name=sample_name, record_period_s=record_period_s).xml
+
+
+def translate(resolved: ResolvedProtocol, *, sample_name: str,  # noqa: C901 - a branch a step type
+              record_period_s: float = 1.0) -> StepFile:
+    """The step file for ``resolved`` and how its step ids map back to the program.
+
+    Chamber steps (``set_temperature``) before the first step of the cycler are left out
+    of the file and returned in ``chamber_steps``: the engine carries them out on the
+    chamber before it starts the program. A chamber step anywhere later has no Neware
+    equivalent (the cycler would have to wait for another instrument) and is refused.
+    """
     w = _Writer()
+    out = StepFile("")
+    step_map: dict[int, int] = {}
+    leading = True
     for s in resolved.program:
         w.first_of[s.index] = w.n + 1
+        n_before = w.n
         path, kind = s.path, s.step
+        if isinstance(s, ResolvedSetTemperature) and leading:
+            out.chamber_steps.append(s)
+            continue
+        leading = False
         if isinstance(s, ResolvedRest):
             _only(s.until, {"duration_s"}, path, "rest")
             if s.until.duration_s is None:
@@ -159,7 +195,11 @@ def to_neware_xml(resolved: ResolvedProtocol, *, sample_name: str,
             ET.SubElement(other, "Start_Step", Value=str(w.first_of[s.start_index + 1]))
             ET.SubElement(other, "Cycle_Count", Value=str(s.max_iterations))
         else:
-            raise UntranslatableStep(path, f"step {kind!r} has no Neware equivalent")
+            why = (" after the cycler's first step (a chamber step is run by labdaq only "
+                   "before the program starts)" if kind == "set_temperature" else "")
+            raise UntranslatableStep(path, f"step {kind!r} has no Neware equivalent{why}")
+        for n in range(n_before + 1, w.n + 1):
+            step_map[n] = s.index
     w.step(6)  # end
     w.info.set("Num", str(w.n))
 
@@ -194,4 +234,6 @@ def to_neware_xml(resolved: ResolvedProtocol, *, sample_name: str,
     smbus = ET.SubElement(config, "SMBUS")
     ET.SubElement(smbus, "SMBUS_Info", Num="0", AdjacentInterval="0")
     ET.indent(root)
-    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode")
+    out.xml = '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode")
+    out.step_map = step_map
+    return out

@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 #: The run's final state (a ``state`` event) -> the alert kind subscribers choose. An
 #: acquisition fault ends a run ``failed``, a run that could not be resumed ends
 #: ``interrupted``: both are "paused_fault", like a lost instrument (an ``interruption``
-#: event with cause ``instrument_lost``: outputs off, the run waits for the instrument).
+#: event with cause ``instrument_lost``: outputs off, the run waits for the instrument),
+#: and so is a chamber that missed its set point in time (a ``chamber`` event: the run is
+#: paused until a technician resumes or stops it).
 KIND_OF_STATE = {
     m.RunState.completed.value: "completed",
     m.RunState.interrupted.value: "paused_fault",
@@ -103,6 +105,9 @@ class Notifier:
                 and run.state == m.RunState.interrupted.value
             state = "instrument_lost" if lost else "interrupted" if ended else ""
             kind = "paused_fault" if state else None
+        elif ev.kind == "chamber":
+            state = "chamber_paused" if data.get("cause") == "set_point_timeout" else ""
+            kind = "paused_fault" if state else None
         else:
             state = str(data.get("state", ""))
             kind = KIND_OF_STATE.get(state)
@@ -138,7 +143,8 @@ class Notifier:
                 .limit(1)) or after)
             events = (await s.scalars(
                 select(m.Event).where(m.Event.id > after, m.Event.id <= last,
-                                      m.Event.kind.in_(("state", "interruption")))
+                                      m.Event.kind.in_(("state", "interruption",
+                                                        "chamber")))
                 .order_by(m.Event.id).limit(_BATCH))).all()
             alerts = [a for a in [await self._alert(s, ev) for ev in events] if a is not None]
         if len(events) == _BATCH:

@@ -55,15 +55,19 @@ async def upsert_instrument(
     resource: str,
     channels: list[dict[str, Any]],
     options: dict[str, Any] | None = None,
+    node: str | None = None,
 ) -> m.Instrument:
-    """Create or update an instrument and its channels (by name); returns the instrument."""
+    """Create or update an instrument and its channels (by name); returns the instrument.
+    ``node``: the acquisition node that drives it (labdaq.nodes; None: unassigned)."""
     inst = await session.scalar(select(m.Instrument).where(m.Instrument.name == name))
     if inst is None:
-        inst = m.Instrument(name=name, driver=driver, resource=resource, options=options or {})
+        inst = m.Instrument(name=name, driver=driver, resource=resource, options=options or {},
+                            node=node)
         session.add(inst)
         await session.flush()
     else:
         inst.driver, inst.resource, inst.options = driver, resource, options or {}
+        inst.node = node
     for ch in channels:
         row = await session.scalar(
             select(m.Channel).where(

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,6 +26,7 @@ app.add_typer(db_app, name="db")
 from labdaq.cli_auth import audit_app, token_app, users_app  # noqa: E402
 from labdaq.cli_evaluate import evaluate, observe  # noqa: E402
 from labdaq.cli_export import export_cmd  # noqa: E402
+from labdaq.cli_import import import_cmd  # noqa: E402
 from labdaq.cli_instruments import instruments_app  # noqa: E402
 from labdaq.cli_sim import sim  # noqa: E402
 
@@ -32,6 +34,7 @@ app.command()(sim)
 app.command()(evaluate)
 app.command()(observe)
 app.command("export")(export_cmd)
+app.command("import")(import_cmd)
 app.add_typer(instruments_app, name="instruments")
 app.add_typer(token_app, name="token")
 app.add_typer(users_app, name="users")
@@ -39,6 +42,20 @@ app.add_typer(audit_app, name="audit")
 
 DataDir = Annotated[Path | None, typer.Option(help="data directory (SQLite file, journals)")]
 DbUrl = Annotated[str | None, typer.Option(help="SQLAlchemy database URL")]
+NodeName = Annotated[str | None, typer.Option(
+    help="this acquisition node's name (default: the node_name setting, else the host "
+         "name); it drives the instruments whose `node` is this name")]
+
+
+def _check_role(role: str, url: str) -> None:
+    """A role this database cannot have stops the start with the reason (labdaq.nodes)."""
+    from labdaq.nodes import RoleError, check_role
+
+    try:
+        check_role(role, url)
+    except RoleError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
 
 
 def _settings(data_dir: Path | None = None, database_url: str | None = None) -> Any:
@@ -71,6 +88,10 @@ def engine(
     data_dir: DataDir = None,
     database_url: DbUrl = None,
     log_level: str = "INFO",
+    node_name: NodeName = None,
+    role: Annotated[str, typer.Option(
+        help="all: the single-machine node, which also drives instruments assigned to no "
+             "node; node: one of several (PostgreSQL), only its own instruments")] = "all",
 ) -> None:
     """Run the acquisition node (owns the instruments; its own OS process)."""
     _logging(log_level)
@@ -79,6 +100,10 @@ def engine(
     from labdaq.storage.db import create_engine
 
     s = _settings(data_dir, database_url)
+    if role == "api":
+        typer.echo("error: labdaq engine is a node: --role all or node", err=True)
+        raise typer.Exit(code=2)
+    _check_role(role, s.resolved_database_url)
 
     async def main() -> str | None:
         eng = create_engine(s.resolved_database_url)
@@ -93,6 +118,9 @@ def engine(
             max_resume_gap_s=s.max_resume_gap_s,
             writer_process=s.writer_process,
             temperature_stale_s=s.engine_temperature_stale_s,
+            temperature_lost_s=s.engine_temperature_lost_s,
+            node_name=node_name or s.node_name,
+            unassigned=role == "all",
         )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -132,8 +160,10 @@ def api_cmd(
     uvicorn.run(create_app(s), host=host, port=port, log_level=log_level)
 
 
-async def _register_sim_lab(url: str, desc: dict[str, Any]) -> tuple[str, int]:
-    """Put the simulated lab's instruments, channels and cells in the database."""
+async def _register_sim_lab(url: str, desc: dict[str, Any],
+                            node: str | None = None) -> tuple[str, int]:
+    """Put the simulated lab's instruments, channels and cells in the database; ``node``:
+    the acquisition node they belong to (None: unassigned)."""
     from sqlalchemy import select
 
     from labdaq.auth import DEMO_TOKEN_PREFIX, create_token, revoke_demo_tokens
@@ -162,6 +192,7 @@ async def _register_sim_lab(url: str, desc: dict[str, Any]) -> tuple[str, int]:
                         for ch in inst["channels"]
                     ],
                     options=inst.get("options") or {},
+                    node=node,
                 )
                 for ch in inst["channels"]:
                     cell = ch.get("cell")
@@ -176,6 +207,27 @@ async def _register_sim_lab(url: str, desc: dict[str, Any]) -> tuple[str, int]:
         return token, revoked
     finally:
         await engine.dispose()
+
+
+def node_lab(desc: dict[str, Any], node: str) -> dict[str, Any]:
+    """A simulated lab's description as one node of several registers it: its
+    instruments, channels and cells named ``<node>-<name>`` (every simulated lab has an
+    smu1 and the same cell serials), and the node that drives them."""
+    def cell(c: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if c is None else {**c, "serial": f"{node}-{c['serial']}"}
+
+    prefix = f"{node}-"
+    instruments = []
+    for inst in desc["instruments"]:
+        wiring = {k: (f"cell {prefix}{v[len('cell '):]}" if v.startswith("cell ") else v)
+                  for k, v in (inst.get("wiring") or {}).items()}
+        if wiring.get("contains") not in (None, "empty"):  # a chamber: "serial, serial"
+            wiring["contains"] = ", ".join(prefix + x for x in wiring["contains"].split(", "))
+        instruments.append({
+            **inst, "name": prefix + inst["name"], "wiring": wiring,
+            "channels": [{**ch, "name": prefix + ch["name"], "cell": cell(ch.get("cell"))}
+                         for ch in inst["channels"]]})
+    return {**desc, "instruments": instruments, "node": node}
 
 
 def sim_lab_aux(desc: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -232,6 +284,11 @@ def serve(
     port: int = 8000,
     data_dir: DataDir = None,
     database_url: DbUrl = None,
+    role: Annotated[str, typer.Option(
+        help="all: API, engine (and --sim lab) on this machine; node: an acquisition "
+             "node of a multi-node lab (engine, and --sim lab); api: only the API. node "
+             "and api need PostgreSQL (docs/deploy.md)")] = "all",
+    node_name: NodeName = None,
 ) -> None:
     """Supervise the API, the acquisition engine and (with --sim) a simulated lab."""
     from labdaq import processes
@@ -245,6 +302,11 @@ def serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda n, _f: early.append(signal.Signals(n).name))
     s = _settings(data_dir, database_url)
+    _check_role(role, s.resolved_database_url)
+    if role == "api" and sim_lab:
+        typer.echo("error: --sim starts instruments, which only a node drives: --role node "
+                   "or all", err=True)
+        raise typer.Exit(code=2)
     s.data_dir.mkdir(parents=True, exist_ok=True)
     url = s.resolved_database_url
     upgrade(url)
@@ -280,28 +342,51 @@ def serve(
             asyncio.run(sup.stop_all(["sim"]))
             typer.echo(f"simulated lab did not start: {exc}", err=True)
             raise typer.Exit(1) from None
-        token, revoked = asyncio.run(_register_sim_lab(url, desc))
+        if role == "node":
+            # Several simulated nodes share the database: each lab's names its own.
+            desc = node_lab(desc, node_name or s.node_name or socket.gethostname())
+        token, revoked = asyncio.run(_register_sim_lab(
+            url, desc, node=desc.get("node")))
         if revoked:
             typer.echo(f"revoked {revoked} demo token(s) from earlier `serve --sim` starts")
     engine_speed = speed if sim_lab else 1.0
-    sup.children.append(Child(
-        "engine", processes.labdaq_argv("engine", "--speed", str(engine_speed), *common),
-        depends_on=("sim",) if sim_lab else ()))
-    sup.children.append(Child(
-        "api", processes.labdaq_argv("api", "--host", host, "--port", str(port), *common)))
+    if role in ("all", "node"):
+        naming = ["--node-name", node_name] if node_name else []
+        sup.children.append(Child(
+            "engine", processes.labdaq_argv("engine", "--speed", str(engine_speed),
+                                            "--role", role, *naming, *common),
+            depends_on=("sim",) if sim_lab else ()))
+    if role in ("all", "api"):
+        sup.children.append(Child(
+            "api", processes.labdaq_argv("api", "--host", host, "--port", str(port), *common)))
     for child in sup.children[1 if sim_lab else 0:]:
         sup.start(child)
     base = f"http://{host}:{port}"
-    typer.echo(f"labdaq is starting: API {base}  (docs {base}/docs, health {base}/health, "
-               f"ready {base}/ready)")
+    if role == "node":
+        typer.echo(f"labdaq node {node_name or s.node_name or socket.gethostname()} is "
+                   "starting")
+    else:
+        typer.echo(f"labdaq is starting: API {base}  (docs {base}/docs, health "
+                   f"{base}/health, ready {base}/ready)")
     if token and desc:
         typer.echo(_demo_text(base, token, desc))
-    asyncio.run(_supervise(sup, url, early))
+    # A node of a multi-node lab records on, and makes safe, its own runs and instruments.
+    owner = None if role == "all" else (node_name or s.node_name or socket.gethostname(),
+                                        False)
+    asyncio.run(_supervise(sup, url, early, owner))
 
 
-async def _supervise(sup: Any, url: str, received: list[str]) -> None:
-    """Watch the children until SIGINT/SIGTERM, then stop them in order (labdaq.supervisor)."""
+async def _supervise(sup: Any, url: str, received: list[str],
+                     owner: tuple[str, bool] | None = None) -> None:
+    """Watch the children until SIGINT/SIGTERM, then stop them in order (labdaq.supervisor).
+    ``owner``: (node name, drives unassigned instruments) of a multi-node lab's node."""
     from labdaq import supervisor
+
+    node = owner[0] if owner is not None else None
+
+    async def record_event(message: str, severity: str = "warning",
+                           data: dict[str, Any] | None = None) -> list[int]:
+        return await supervisor.record_event(url, message, severity, data, node=node)
 
     log = logging.getLogger("labdaq.serve")
 
@@ -310,19 +395,19 @@ async def _supervise(sup: Any, url: str, received: list[str]) -> None:
         data = {"child": ev.child, "returncode": ev.returncode, "deaths_in_a_row": ev.streak,
                 "pid": ev.pid}
         if ev.kind == "exited":
-            await supervisor.record_event(
-                url, f"{what} process exited with {ev.returncode}; restarting it in "
+            await record_event(
+                f"{what} process exited with {ev.returncode}; restarting it in "
                 f"{ev.restart_in_s:.1f} s", data={**data, "restart_in_s": ev.restart_in_s})
         elif ev.kind == "restarted":
-            await supervisor.record_event(url, f"{what} process restarted", "info", data)
+            await record_event(f"{what} process restarted", "info", data)
         elif ev.kind == "gave_up":
             done: dict[str, str] = {}
             if ev.child in ("engine", "sim"):
                 # No engine is there to keep the cells safe: switch off what answers.
-                done = await supervisor.all_outputs_off(url)
+                done = await supervisor.all_outputs_off(url, owner=owner)
                 log.critical("outputs turned off directly: %s", done)
-            await supervisor.record_event(
-                url, f"{what} process died {ev.streak} times in a row (last exit "
+            await record_event(
+                f"{what} process died {ev.streak} times in a row (last exit "
                 f"{ev.returncode}); not restarted. Outputs turned off through the "
                 f"instruments directly: " + (", ".join(f"{k}: {v}" for k, v in done.items())
                                              or "none configured"),
@@ -345,8 +430,8 @@ async def _supervise(sup: Any, url: str, received: list[str]) -> None:
     finally:
         why = received[0] if received else "supervisor ending"
         try:
-            await asyncio.wait_for(supervisor.record_event(
-                url, f"service stopping ({why}): the engine turns outputs off and saves each "
+            await asyncio.wait_for(record_event(
+                f"service stopping ({why}): the engine turns outputs off and saves each "
                 "run's position; runs keep their state and resume on the next start",
                 "info", {"signal": why}), 15)
         except Exception as exc:  # noqa: BLE001 - stopping safely matters more
@@ -356,7 +441,7 @@ async def _supervise(sup: Any, url: str, received: list[str]) -> None:
         clean = await sup.stop_all(["api", "engine", "sim"])
         if clean.get("engine") is False:
             log.error("the engine did not stop in time and was killed: outputs off directly")
-            log.error("outputs: %s", await supervisor.all_outputs_off(url))
+            log.error("outputs: %s", await supervisor.all_outputs_off(url, owner=owner))
         await sup.drain()
 
 

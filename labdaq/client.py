@@ -33,6 +33,7 @@ SAMPLE_SCHEMA = pa.schema([
     ("step_capacity_ah", pa.float64()),
     ("step_energy_wh", pa.float64()),
     ("flags", pa.int64()),
+    ("temperature_age_s", pa.float64()),
 ])
 #: The API's largest full-resolution page.
 MAX_PAGE = 100_000

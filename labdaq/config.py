@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     # of its scan periods, if longer) is stale: stored with the sample, flagged, and
     # checked against no limit.
     engine_temperature_stale_s: float = Field(default=3.0, gt=0)
+    # A wired sensor with no current reading for longer than this (s, on the engine
+    # clock; never less than its staleness bound) is lost: a run with a temperature limit
+    # is stopped safely, as for an open thermocouple.
+    engine_temperature_lost_s: float = Field(default=15.0, gt=0)
     # Lab-wide safety limits (the protocol safety block's fields), combined with the
     # cell's, the channel's and the protocol's to the tightest when a run is created.
     lab_limits: Safety | None = Field(
@@ -95,6 +99,12 @@ class Settings(BaseSettings):
     restart_backoff_max_s: float = Field(default=30.0, gt=0)
     restart_max: int = Field(default=5, ge=0)
     restart_stable_s: float = Field(default=30.0, gt=0)
+    # This acquisition node's name (labdaq.nodes; default: the host name): instruments
+    # with `node = "<name>"` in the instruments file are its to drive.
+    node_name: str | None = Field(default=None, max_length=100)
+    # A node whose heartbeat (on the database's clock) is older than this is down: the
+    # API shows its running and paused runs as node_down until it returns.
+    node_down_after_s: float = Field(default=15.0, gt=0)
     # GET /ready: an engine heartbeat older than this (wall seconds) is not ready.
     ready_heartbeat_max_age_s: float = Field(default=10.0, gt=0)
     # The cell's safety window is its cut-offs widened by this margin (V).
@@ -109,6 +119,8 @@ class Settings(BaseSettings):
     max_duration_s: float = Field(default=MAX_DURATION_S, gt=0, le=MAX_DURATION_S)
     # Request bodies larger than this get 413 before they are parsed.
     api_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # ... except an uploaded cycler file (POST /api/v1/imports), buffered in memory.
+    api_max_import_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
     # How long an API request waits for a locked SQLite database before answering 503
     # (the engine keeps its own, longer wait); and the Retry-After it then suggests.
     api_db_busy_timeout_s: float = Field(default=2.0, ge=0)

@@ -41,7 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 import labdaq
 from labdaq.errors import Invalid, NotFound
-from labdaq.sample_arrow import COLUMNS, SCHEMA, SampleFilter, chunk_sql, to_batch
+from labdaq.sample_arrow import COLUMNS, NULLABLE, SCHEMA, SampleFilter, chunk_sql, to_batch
 from labdaq.storage import models as m
 
 ExportFormat = Literal["csv", "parquet", "bdf"]
@@ -56,7 +56,8 @@ SUFFIXES = {"csv": ".csv", "bdf": ".bdf.csv", "parquet": ".parquet"}
 #: Battery Data Format preferred labels for labdaq's columns (BDF README, tables of
 #: required, recommended and optional quantities). ``Step Count / 1`` is derived: BDF
 #: wants a monotonically increasing step counter, while ``step_index`` is the plan's step
-#: and repeats in loops. ``seq`` and ``flags`` have no BDF quantity and are left out.
+#: and repeats in loops. ``seq``, ``flags`` and ``temperature_age_s`` have no BDF quantity
+#: and are left out.
 BDF_LABELS: dict[str, str] = {
     "t_s": "Test Time / s",
     "ts_utc": "Unix Time / s",
@@ -108,7 +109,7 @@ def _fetch_table(cur: Any, style: str) -> pa.Table:
     if style != "qmark":
         return cur.fetch_arrow_table()
     rows = cur.fetchall()
-    types = [*SCHEMA.types, pa.int64()]
+    types = [*SCHEMA.types, *[pa.int64()] * len(NULLABLE)]
     if not rows:
         return pa.table({str(i): pa.array([], type=t) for i, t in enumerate(types)})
     cols = list(zip(*rows, strict=True))

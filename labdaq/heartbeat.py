@@ -4,8 +4,8 @@ The engine writes it from its scheduler round (so a stalled scheduler or a datab
 cannot write shows as a stale beat); ``GET /ready`` reads it. The row carries what
 readiness needs and nothing else: when the node last beat, whether it is running or going
 down (and why), how many runs it acquires and the state of each of its instruments.
-Times are the writer's wall clock in UTC; readers on the same machine (or NTP-synchronised
-ones) compare them with their own.
+``beat_at`` is the database's clock on PostgreSQL (several nodes on several machines,
+labdaq.nodes) and the writer's wall clock in UTC on SQLite (one machine).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from labdaq.storage import models as m
@@ -44,7 +44,11 @@ class Heartbeat:
     async def write(self, session: AsyncSession, active_runs: int,
                     state: str = "running", metrics: dict[str, Any] | None = None) -> None:
         values: dict[str, Any] = {
-            "pid": self.pid, "started_at": self.started_at, "beat_at": datetime.now(UTC),
+            "pid": self.pid, "started_at": self.started_at,
+            # PostgreSQL's clock: nodes on several machines are judged on one clock
+            # (labdaq.nodes); SQLite is one machine.
+            "beat_at": func.now() if session.get_bind().dialect.name == "postgresql"
+            else datetime.now(UTC),
             "state": state[:40], "active_runs": active_runs,
             "instruments": dict(self.instruments),
             # The engine's counters for /metrics (labdaq.engine.stats).

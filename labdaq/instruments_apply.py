@@ -229,7 +229,7 @@ def _plan_instrument(plan: _Plan, i: int, inst: InstrumentConfig, row: m.Instrum
                      by_instrument: Mapping[int, Mapping[int, m.Channel]],
                      active: Mapping[int, list[int]], used: set[int], partial: bool) -> None:
     values = {"driver": inst.driver, "resource": inst.resource, "options": inst.options,
-              "enabled": inst.enabled}
+              "enabled": inst.enabled, "node": inst.node}
     if row is None:
         plan.changes.append(Change("add", "instrument", inst.name,
                                    f"{inst.driver} at {inst.resource}"
@@ -242,7 +242,8 @@ def _plan_instrument(plan: _Plan, i: int, inst: InstrumentConfig, row: m.Instrum
     existing = by_instrument.get(row.id, {})
     busy = [r for ch in existing.values() for r in active.get(ch.id, [])]
     diff = _differences({"driver": row.driver, "resource": row.resource,
-                         "options": row.options or {}, "enabled": row.enabled}, values)
+                         "options": row.options or {}, "enabled": row.enabled,
+                         "node": row.node}, values)
     if diff:
         if busy:
             fields = dict.fromkeys(d.split(" ", 1)[0].split(".")[0] for d in diff)
@@ -364,7 +365,7 @@ async def _cell_ids(session: AsyncSession) -> dict[str, int]:
 def _add_instrument(inst: InstrumentConfig) -> Any:
     async def op(session: AsyncSession) -> None:
         row = m.Instrument(name=inst.name, driver=inst.driver, resource=inst.resource,
-                           options=inst.options, enabled=inst.enabled)
+                           options=inst.options, enabled=inst.enabled, node=inst.node)
         session.add(row)
         await session.flush()
         cell_ids = await _cell_ids(session)

@@ -276,6 +276,10 @@ class InstrumentConfig(_Strict):
     channels: list[ChannelConfig] = Field(default_factory=list)
     enabled: bool = True
     description: Text | None = None
+    # The acquisition node that drives it (labdaq.nodes, `labdaq serve --role node
+    # --node-name <name>`); without one, the single-machine node (`--role all`) does.
+    node: str | None = Field(default=None, min_length=1, max_length=100,
+                             pattern=r"^[^\x00-\x1f\x7f]*$")
 
     @field_validator("resource")
     @classmethod
@@ -768,8 +772,8 @@ def dump_instruments_toml(instruments: Sequence[Mapping[str, Any]], header: str 
         if lines:
             lines.append("")
         lines.append("[[instruments]]")
-        for key in ("name", "driver", "resource", "description", "enabled", "options",
-                    "channels"):
+        for key in ("name", "driver", "resource", "node", "description", "enabled",
+                    "options", "channels"):
             if key in inst and inst[key] is not None:
                 value = inst[key]
                 if key == "channels" and value:

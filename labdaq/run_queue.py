@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from labdaq.bounds import INT32_MAX
 from labdaq.errors import Conflict, NotFound
+from labdaq.nodes import wake_node_of_run
 from labdaq.run_states import command_refusal, ending
 from labdaq.storage import models as m
 
@@ -209,6 +210,7 @@ async def confirm_cell(session: AsyncSession, run_id: int, actor: str) -> m.Run:
         message=f"cell {serial} confirmed on channel {channel.name if channel else ''}",
         data={"cell_id": run.cell_id, "waited_because": reason},
     ))
+    await wake_node_of_run(session, run, "confirmed")
     return run
 
 

@@ -48,6 +48,9 @@ ACQUIRING: tuple[RunState, ...] = (RunState.running, RunState.paused)
 COMMANDS: dict[str, frozenset[RunState]] = {
     "stop": frozenset({RunState.queued, RunState.awaiting_cell, RunState.running,
                        RunState.paused}),
+    # A hazard observed on an acquiring run (labdaq.benchmarks.service): the engine turns
+    # the output off and ends it aborted_safety.
+    "safety_stop": frozenset({RunState.running, RunState.paused}),
     "pause": frozenset({RunState.running}),
     "resume": frozenset({RunState.paused}),
     "confirm-cell": frozenset({RunState.awaiting_cell}),
@@ -74,8 +77,11 @@ def command_refusal(current: str, command: str) -> str | None:
     return f"is {current}; only {article} {names} run can be {_past[command]}"
 
 
-_past = {"stop": "stopped", "pause": "paused", "resume": "resumed",
-         "confirm-cell": "confirmed", "move": "moved in its queue"}
+#: The end reason of a run stopped on a ``safety_stop`` request.
+SAFETY_STOP_REASON = "stopped for safety: a hazard was observed (see its safety event)"
+
+_past = {"stop": "stopped", "safety_stop": "stopped for safety", "pause": "paused",
+         "resume": "resumed", "confirm-cell": "confirmed", "move": "moved in its queue"}
 
 
 def ending(to: RunState, reason: str) -> dict[str, Any]:

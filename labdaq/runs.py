@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -34,6 +35,7 @@ from labdaq.bounds import (
 )
 from labdaq.drivers.roles import ProgramRunner
 from labdaq.errors import Conflict, Forbidden, Invalid, NotFound
+from labdaq.nodes import wake_node_of_run
 from labdaq.protocol import (
     CellLimits,
     InstrumentLimits,
@@ -580,17 +582,22 @@ async def create_run(
         )
     )
     digest = protocol.content_hash()
-    proto = await session.scalar(select(m.Protocol).where(m.Protocol.content_hash == digest))
-    if proto is None:
-        proto = m.Protocol(
-            name=protocol.name, content_hash=digest, document=protocol.model_dump(mode="json")
-        )
-        session.add(proto)
-        await session.flush()
+    protocol_id = await session.scalar(
+        select(m.Protocol.id).where(m.Protocol.content_hash == digest))
+    if protocol_id is None:
+        # Two requests with one new document at once (two API processes) both get here:
+        # the second insert waits for the first and does nothing, and both use its row.
+        insert = (postgresql.insert if session.get_bind().dialect.name == "postgresql"
+                  else sqlite.insert)
+        await session.execute(insert(m.Protocol).values(
+            name=protocol.name, content_hash=digest, document=protocol.model_dump(mode="json"),
+        ).on_conflict_do_nothing(index_elements=["content_hash"]))
+        protocol_id = await session.scalar(
+            select(m.Protocol.id).where(m.Protocol.content_hash == digest))
     run = m.Run(
         channel_id=channel.id,
         cell_id=cell.id,
-        protocol_id=proto.id,
+        protocol_id=protocol_id,
         state=m.RunState.queued.value,
         plan=resolved.model_dump(mode="json"),
         sample_period_s=req.sample_period_s,
@@ -609,6 +616,7 @@ async def create_run(
         # The partial unique index caught a concurrent request for the same place.
         raise Conflict(f"channel {channel.name} is busy") from exc
     position = (await run_queue.positions(session, [run])).get(run.id)
+    await wake_node_of_run(session, run, "queued")  # its node starts it without polling
     session.add(
         m.Event(
             run_id=run.id,
@@ -646,6 +654,7 @@ async def request_stop(session: AsyncSession, run_id: int, actor: str) -> m.Run:
         raise Conflict(f"run {run_id} {why}")
     run.requested_action = "stop"
     session.add(m.Event(run_id=run_id, kind="audit", message="stop requested", actor=actor))
+    await wake_node_of_run(session, run, "stop")
     return run
 
 
@@ -655,6 +664,7 @@ async def request_pause(session: AsyncSession, run_id: int, actor: str) -> m.Run
         raise Conflict(f"run {run_id} {why}")
     run.requested_action = "pause"
     session.add(m.Event(run_id=run_id, kind="audit", message="pause requested", actor=actor))
+    await wake_node_of_run(session, run, "pause")
     return run
 
 
@@ -664,6 +674,7 @@ async def request_resume(session: AsyncSession, run_id: int, actor: str) -> m.Ru
         raise Conflict(f"run {run_id} {why}")
     run.requested_action = "resume"
     session.add(m.Event(run_id=run_id, kind="audit", message="resume requested", actor=actor))
+    await wake_node_of_run(session, run, "resume")
     return run
 
 

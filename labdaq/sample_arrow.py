@@ -25,9 +25,13 @@ SCHEMA = pa.schema(
         ("step_capacity_ah", pa.float64()),
         ("step_energy_wh", pa.float64()),
         ("flags", pa.int32()),
+        # Engine seconds from the wired sensor's reading to the sample (NULL: no reading).
+        ("temperature_age_s", pa.float64()),
     ]
 )
 COLUMNS = tuple(SCHEMA.names)
+#: The columns that may be NULL: each is read as a value and a null flag (chunk_sql).
+NULLABLE = ("temperature_c", "temperature_age_s")
 
 
 @dataclass(frozen=True)
@@ -56,8 +60,8 @@ def chunk_sql(style: str, where: SampleFilter, columns: tuple[str, ...] = COLUMN
     # COALESCE + IS NULL: the SQLite driver infers a column's Arrow type from its first
     # rows, so a temperature column that starts with NULLs would be typed INT64 and fail
     # on the first real value; reading value and null flag apart keeps the type fixed.
-    cols = [c if c != "temperature_c" else "COALESCE(temperature_c, 0.0)" for c in columns]
-    cols.append("CASE WHEN temperature_c IS NULL THEN 1 ELSE 0 END")
+    cols = [c if c not in NULLABLE else f"COALESCE({c}, 0.0)" for c in columns]
+    cols.extend(f"CASE WHEN {c} IS NULL THEN 1 ELSE 0 END" for c in NULLABLE)
     conds = ["run_id = {}", "seq > {}", "seq <= {}", *(c for c, _ in where.conditions())]
     marks = ["?" if style == "qmark" else f"${i + 1}" for i in range(len(conds) + 1)]
     sql_where = " AND ".join(c.format(mark) for c, mark in zip(conds, marks, strict=False))
@@ -69,13 +73,14 @@ def chunk_sql(style: str, where: SampleFilter, columns: tuple[str, ...] = COLUMN
 
 def to_batch(table: pa.Table) -> pa.RecordBatch:
     arrays: list[pa.Array] = []
-    null_flag = table.column(len(COLUMNS)).to_numpy().astype(bool)
+    null_flags = {c: table.column(len(COLUMNS) + j).to_numpy().astype(bool)
+                  for j, c in enumerate(NULLABLE)}
     for i, f in enumerate(SCHEMA):
         col = table.column(i)
         arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-        if f.name == "temperature_c":
+        if f.name in null_flags:
             values = arr.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
-            arrays.append(pa.array(values, type=pa.float64(), mask=null_flag))
+            arrays.append(pa.array(values, type=pa.float64(), mask=null_flags[f.name]))
         else:
             arrays.append(arr.cast(f.type))
     return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)

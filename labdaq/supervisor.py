@@ -190,14 +190,15 @@ class Supervisor:
 
 async def record_event(url: str, message: str, severity: str = "warning",
                        data: dict[str, Any] | None = None, on_runs: bool = True,
-                       give_up_s: float = 120.0) -> list[int]:
-    """One ``supervision`` event on every affected run (one without a run if there is
-    none, so that the record exists); returns the runs it went on. A database that is
-    locked or away is retried with backoff for ``give_up_s``: the record matters."""
+                       give_up_s: float = 120.0, node: str | None = None) -> list[int]:
+    """One ``supervision`` event on every affected run (of ``node`` if given: a node of a
+    multi-node lab speaks for its own runs only), one without a run if there is none, so
+    that the record exists; returns the runs it went on. A database that is locked or away
+    is retried with backoff for ``give_up_s``: the record matters."""
     delay_s, deadline = 0.5, time.monotonic() + give_up_s
     while True:
         try:
-            return await _record_event(url, message, severity, data, on_runs)
+            return await _record_event(url, message, severity, data, on_runs, node)
         except Exception as exc:  # noqa: BLE001 - retried, then raised to the handler's log
             if time.monotonic() + delay_s > deadline:
                 raise
@@ -208,7 +209,8 @@ async def record_event(url: str, message: str, severity: str = "warning",
 
 
 async def _record_event(url: str, message: str, severity: str,
-                        data: dict[str, Any] | None, on_runs: bool) -> list[int]:
+                        data: dict[str, Any] | None, on_runs: bool,
+                        node: str | None = None) -> list[int]:
     from sqlalchemy import select
 
     from labdaq.storage import models as m
@@ -219,9 +221,11 @@ async def _record_event(url: str, message: str, severity: str,
         async with session_scope(sessionmaker(engine)) as s:
             ids: list[int | None] = []
             if on_runs:
-                ids = list((await s.scalars(select(m.Run.id).where(
+                q = select(m.Run.id).where(
                     m.Run.state.in_([m.RunState.running.value, m.RunState.paused.value]))
-                    .order_by(m.Run.id))).all())
+                if node is not None:
+                    q = q.where(m.Run.node == node)
+                ids = list((await s.scalars(q.order_by(m.Run.id))).all())
             for run_id in ids or [None]:
                 s.add(m.Event(run_id=run_id, kind="supervision", severity=severity,
                               message=message, data=dict(data or {}), actor=ACTOR,
@@ -231,16 +235,23 @@ async def _record_event(url: str, message: str, severity: str,
         await engine.dispose()
 
 
-async def instrument_rows(url: str) -> list[dict[str, Any]]:
+async def instrument_rows(url: str, owner: tuple[str, bool] | None = None
+                          ) -> list[dict[str, Any]]:
+    """Every configured instrument, or (``owner``: node name, drives unassigned ones)
+    those of one node (labdaq.nodes.owned_by)."""
     from sqlalchemy import select
 
+    from labdaq.nodes import owned_by
     from labdaq.storage import models as m
     from labdaq.storage.db import create_engine, session_scope, sessionmaker
 
     engine = create_engine(url)
     try:
         async with session_scope(sessionmaker(engine)) as s:
-            rows = (await s.scalars(select(m.Instrument).order_by(m.Instrument.id))).all()
+            q = select(m.Instrument).order_by(m.Instrument.id)
+            if owner is not None:
+                q = q.where(owned_by(*owner))
+            rows = (await s.scalars(q)).all()
             return [{"name": r.name, "driver": r.driver, "resource": r.resource,
                      "options": dict(r.options or {})} for r in rows]
     finally:
@@ -263,10 +274,13 @@ def _off(row: dict[str, Any]) -> str:
         driver.transport.close()
 
 
-async def all_outputs_off(url: str, timeout_s: float = 30.0) -> dict[str, str]:
-    """Turn every output of every configured instrument off, talking to the instruments
-    directly (no engine is there to do it). Per instrument: what was done, or the error."""
-    rows = await instrument_rows(url)
+async def all_outputs_off(url: str, timeout_s: float = 30.0,
+                          owner: tuple[str, bool] | None = None) -> dict[str, str]:
+    """Turn every output of every configured instrument (of one node: ``owner``, as in
+    instrument_rows; another node's instruments are that node's) off, talking to the
+    instruments directly (no engine is there to do it). Per instrument: what was done,
+    or the error."""
+    rows = await instrument_rows(url, owner)
 
     async def one(row: dict[str, Any]) -> str:
         try:

@@ -2,7 +2,8 @@
 Neware step XML themselves, answering the BTS TCP/XML API.
 
 One job: be the BTS server a lab's Neware cabinets sit behind, so the ``neware_bts``
-driver (and the engine's delegated mode, when built) runs against a real TCP peer.
+driver (and the engine's delegated mode, labdaq/engine/delegated.py) runs against a real
+TCP peer.
 Messages are ``<?xml ...?><bts version="1.0">...</bts>`` ended by ``\\n\\n#\\r\\n``, the
 framing of Empa's aurora-neware client (``aurora_neware/neware.py``, ``NewareAPI.command``).
 Request shapes follow that client; reply shapes it only parses (attributes of the

@@ -64,6 +64,7 @@ def synthetic_columns(n: int, seed: int = 1, start_seq: int = 1) -> dict[str, np
         "step_capacity_ah": cap,
         "step_energy_wh": energy,
         "flags": (seq % 7 == 0).astype(np.int64),
+        "temperature_age_s": rng.random(n) * 2.0,
     }
 
 
@@ -98,7 +99,8 @@ def insert_samples(url: str, run_id: int, n: int, batch: int = 200_000, seed: in
             arrays = {"run_id": np.full(k, run_id), **c}
             table = pa.table({
                 name: pa.array(arrays[name], type=_INGEST_TYPES.get(name, pa.float64()),
-                               mask=missing if name == "temperature_c" else None)
+                               mask=missing if name in ("temperature_c", "temperature_age_s")
+                               else None)
                 for name in m.SAMPLE_COLUMNS
             })
             if sqlite:

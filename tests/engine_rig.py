@@ -397,7 +397,11 @@ async def start_rig(
     maker = sessionmaker(engine)
     await register_lab(maker, desc)
     clock = WarpClock(lab.clock)
-    kw: dict[str, Any] = {"poll_s": 0.25, "batch_age_s": 0.2, **node_kw}
+    # A wired sensor counts as lost only when a test says after how long: at 100x and
+    # more, a busy machine's pause of a few hundred milliseconds is the engine's default
+    # 15 s without a reading, and would stop runs with a temperature limit at random.
+    kw: dict[str, Any] = {"poll_s": 0.25, "batch_age_s": 0.2, "temperature_lost_s": 1e9,
+                          **node_kw}
     node = AcquisitionNode(engine, clock, control_period_s=control_period_s, **kw)
     task = asyncio.create_task(node.run_forever(), name="node")
     smus = [inst.sim for inst in lab.instruments if inst.kind == "smu"]
@@ -457,13 +461,14 @@ async def samples(maker: async_sessionmaker[AsyncSession], run_id: int) -> Sampl
                     m.Sample.temperature_c,
                     m.Sample.step_capacity_ah,
                     m.Sample.flags,
+                    m.Sample.temperature_age_s,
                 )
                 .where(m.Sample.run_id == run_id)
                 .order_by(m.Sample.seq)
             )
         ).all()
     names = ("seq", "t_s", "step_index", "cycle_index", "voltage_v", "current_a",
-             "temperature_c", "step_capacity_ah", "flags")
+             "temperature_c", "step_capacity_ah", "flags", "temperature_age_s")
     cols = list(zip(*rows, strict=True)) if rows else [() for _ in names]
     out = {n: np.asarray(c, dtype=float) for n, c in zip(names, cols, strict=True)}
     for n in ("seq", "step_index", "cycle_index", "flags"):

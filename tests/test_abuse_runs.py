@@ -11,6 +11,7 @@ engine on a simulated SMU over TCP (tests/engine_rig.py).
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -224,5 +225,118 @@ async def test_overcharge_runs_past_the_cut_off_and_ends_at_its_voltage(
         (step,) = await rows_of(rig.maker, m.Step, run_id, m.Step.step_number)
         assert "voltage" in (step.end_reason or ""), step.end_reason
         assert not rig.lab.by_name("smu1").sim.output_on
+    finally:
+        await rig.stop()
+
+
+# -- gas, venting, fire observed on an acquiring run: a safety stop ----------------------
+
+async def _set_state(db_url: str, run_id: int, state: str) -> None:
+    """As the engine does when it claims the run (no engine in the API tests)."""
+    from sqlalchemy import update
+
+    from labdaq.storage.db import create_engine, sessionmaker
+
+    engine = create_engine(db_url)
+    try:
+        async with session_scope(sessionmaker(engine)) as s:
+            await s.execute(update(m.Run).where(m.Run.id == run_id).values(state=state))
+    finally:
+        await engine.dispose()
+
+
+async def _requested(db_url: str, run_id: int) -> str | None:
+    from labdaq.storage.db import create_engine, sessionmaker
+
+    engine = create_engine(db_url)
+    try:
+        async with session_scope(sessionmaker(engine)) as s:
+            run = await s.get(m.Run, run_id)
+            assert run is not None
+            return run.requested_action
+    finally:
+        await engine.dispose()
+
+
+async def test_venting_observed_on_a_running_abuse_run_raises_an_alarm_and_stops_it(
+        client, db_url: str) -> None:
+    c, tokens = client
+    eng, tech = auth(tokens["engineer"]), auth(tokens["technician"])
+    run_id = (await c.post("/api/v1/runs", json=body(overcharge()), headers=eng)).json()["id"]
+    await _set_state(db_url, run_id, "running")
+    obs_url = f"/api/v1/runs/{run_id}/observations"
+    # Nothing seen: recorded, nothing else happens.
+    r = await c.post(obs_url, json={"values": {"no_fire_explosion": True}}, headers=tech)
+    assert r.status_code == 201, r.text
+    assert await _requested(db_url, run_id) is None
+    assert (await c.get("/api/v1/alarms", headers=tech)).json() == []
+    # The cell vents: a safety event (an alarm until acknowledged) and a safety stop the
+    # engine carries out.
+    r = await c.post(obs_url, json={"values": {"no_leak_vent_disassembly_rupture_fire": False},
+                                    "note": "white smoke from the vent"}, headers=tech)
+    assert r.status_code == 201, r.text
+    assert await _requested(db_url, run_id) == "safety_stop"
+    events = (await c.get(f"/api/v1/runs/{run_id}/events", headers=eng)).json()
+    (safety,) = [e for e in events if e["kind"] == "safety"]
+    assert safety["severity"] == "critical" and safety["actor"] == "t-technician"
+    assert safety["data"]["observations"] == ["no_leak_vent_disassembly_rupture_fire"]
+    assert safety["data"]["abuse"] is True and safety["data"]["limit"] == "observation"
+    assert "venting" in safety["message"] and "stopped for safety" in safety["message"]
+    assert any(e["message"] == "safety stop requested: no_leak_vent_disassembly_rupture_fire "
+               "observed" and e["actor"] == "t-technician" for e in events)
+    alarms = (await c.get("/api/v1/alarms", headers=tech)).json()
+    assert [a["id"] for a in alarms] == [safety["id"]]
+
+
+async def test_a_hazard_observed_after_the_run_ended_stops_nothing(client, db_url: str) -> None:
+    """The observation period after an abuse test: recorded for the verdict only."""
+    c, tokens = client
+    eng, tech = auth(tokens["engineer"]), auth(tokens["technician"])
+    run_id = (await c.post("/api/v1/runs", json=body(overcharge()), headers=eng)).json()["id"]
+    await _set_state(db_url, run_id, "completed")
+    r = await c.post(f"/api/v1/runs/{run_id}/observations",
+                     json={"values": {"no_disassembly_fire": False}}, headers=tech)
+    assert r.status_code == 201, r.text
+    assert await _requested(db_url, run_id) is None
+    events = (await c.get(f"/api/v1/runs/{run_id}/events", headers=eng)).json()
+    assert [e for e in events if e["kind"] == "safety"] == []
+
+
+async def test_fire_observed_stops_an_overcharge_on_the_engine(
+        sqlite_url: str, tmp_path: Path) -> None:
+    """On a simulated Keithley 2460: the technician's observation ends the abuse run
+    ``aborted_safety`` with its output off (the engine acts on the safety stop)."""
+    from labdaq.benchmarks.service import add_observations
+    from labdaq.run_states import SAFETY_STOP_REASON
+
+    lab = SimLab(smus=1, cell_spec=nmc_18650_spec(tmp_path), soc=0.5, seed=3)
+    rig = await start_rig(sqlite_url, lab, speed=20.0)
+    try:
+        doc = {"schema_version": 1, "name": "overcharge", "abuse": True,
+               "safety": {"min_voltage_v": 2.0, "max_temperature_c": 150.0},
+               "steps": [{"step": "cc", "current_a": 4.8,
+                          "until": {"voltage_v": 4.8, "duration_s": 36000}}]}
+        async with session_scope(rig.maker) as s:
+            run = await create_run(s, RunCreate(
+                channel="smu1/1", cell_serial=channel_cell(rig.desc, "smu1/1"),
+                protocol_document=doc, reason="UN 38.3 T7"), actor="t-engineer",
+                role="engineer")
+            await s.flush()
+            run_id = int(run.id)
+        smu = rig.lab.by_name("smu1").sim
+        for _ in range(600):
+            if len((await samples(rig.maker, run_id))["seq"]) >= 3:
+                break
+            await asyncio.sleep(0.05)
+        assert smu.output_on
+        async with session_scope(rig.maker) as s:
+            await add_observations(s, run_id, {"no_fire_explosion": False}, "t-technician",
+                                   "flames at the positive terminal", actor="t-technician")
+        ended = await rig.wait_end(run_id, timeout_s=60)
+        assert ended.state == "aborted_safety" and ended.end_reason == SAFETY_STOP_REASON
+        assert not smu.output_on
+        states = [e for e in await rows_of(rig.maker, m.Event, run_id, m.Event.id)
+                  if e.kind == "state"]
+        assert "aborted_safety" in states[-1].message
     finally:
         await rig.stop()

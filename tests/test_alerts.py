@@ -196,6 +196,20 @@ async def test_safety_stop_alerts_by_email_and_webhook_retried_and_recorded(
         assert await Notifier(maker, settings).run_once() == 3
         ended = receiver.posts["/ok"][-1]
         assert ended["kind"] == "paused_fault" and ended["state"] == "interrupted"
+
+        # A chamber that missed its set point in time pauses the run for a technician
+        # (labdaq.engine.aux_steps): a paused_fault alert saying why.
+        async with session_scope(maker) as s:
+            s.add(m.Event(run_id=run_id, kind="chamber", severity="warning",
+                          message="run paused: chamber chamber1 at 31.20 °C did not hold "
+                                  "45.00 ± 1.0 °C for 60 s within 600 s; resume to wait "
+                                  "again, or stop the run",
+                          data={"cause": "set_point_timeout", "chamber": "chamber1",
+                                "state": "paused"}))
+        assert await Notifier(maker, settings).run_once() == 3
+        paused = receiver.posts["/ok"][-1]
+        assert paused["kind"] == "paused_fault" and paused["state"] == "chamber_paused"
+        assert "chamber chamber1" in paused["reason"] and paused["channel"] == "smu1/1"
     finally:
         await engine.dispose()
 

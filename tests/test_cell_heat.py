@@ -205,3 +205,14 @@ def test_hot_chamber_below_t1_never_self_heats() -> None:
         bank.step(0.0, 3600.0)
     assert bank.cell_temperature_c[0] == pytest.approx(chamber_c, abs=1e-6)
     assert bank.decomposed_fraction[0] == 0.0 and not bank.runaway[0]
+
+
+def test_the_documented_heat_equation_is_the_one_checked_here() -> None:
+    """docs/cells.md states the heat the reference above integrates (and the code
+    computes, as the 2C test shows): the same terms, with the project's sign."""
+    docs = Path(__file__).resolve().parents[1] / "docs" / "cells.md"
+    text = docs.read_text(encoding="utf-8")
+    assert "Q = I·(V − U) + I·T·dU/dT = I²·R0 + I·(v1 + v2) + I·T·dU/dT" in text
+    assert "m cp dT/dt = I^2 R0 + I (v1 + v2) + I T dU/dT - h (T - T_amb)" in (
+        reference_discharge.__doc__ or "")
+

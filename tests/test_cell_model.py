@@ -66,6 +66,34 @@ def test_all_chemistries_shipped_with_sources() -> None:
     assert not load_cell_spec("nmc811").has_hysteresis
 
 
+def test_every_parameter_says_where_it_comes_from() -> None:
+    """Each value a datasheet or paper does not give for the cell is marked an estimate
+    where it stands (a comment on its line or its block) and named in the file's
+    "Estimates" source entry; the OCV curve is checked against the nominal voltage by
+    test_mean_discharge_voltage_matches_the_datasheet_nominal."""
+    from importlib import resources
+    from pathlib import Path
+
+    cells = Path(str(resources.files("labdaq.seeds") / "cells"))  # as load_cell_spec
+    marked = ("self_discharge_pct_per_month", "hysteresis_soc", "cp_j_per_kg_k", "mass_kg",
+              "h_w_per_k", "r0_ohm")
+    blocks = ("impedance", "variation", "resistance")
+    for name in CHEMISTRIES:
+        lines = (cells / f"{name}.yaml").read_text().splitlines()
+        header = ""
+        for line in lines:
+            if line and not line.startswith((" ", "#", "-")):
+                header = line
+            key = line.strip().split(":")[0]
+            if key in marked or (line.startswith("  ") and header.split(":")[0] in blocks
+                                 and not line.strip().startswith("-")):
+                assert "#" in line or "#" in header, (name, line)
+        spec = load_cell_spec(name)
+        (estimates,) = [s for s in spec.sources if s.startswith("Estimates")]
+        for what in ("self-discharge", "hysteresis", "CPE", "variation", "specific heat"):
+            assert what in estimates, (name, what)
+
+
 def test_unknown_spec_is_a_clear_error() -> None:
     with pytest.raises(KeyError, match="known"):
         load_cell_spec("unobtainium")

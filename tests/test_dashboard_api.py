@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from sqlalchemy import func, select
 
@@ -19,6 +20,7 @@ from labdaq.config import Settings
 from labdaq.dashboard import progress
 from labdaq.storage import models as m
 from labdaq.storage.db import create_engine, session_scope, sessionmaker
+from tests.dashboard_seed import EIS_PARAMS, SeededRun, seed_finished_run
 
 CELL = {"serial": "D-001", "chemistry": "nmc811", "capacity_ah": 4.9, "charge_cutoff_v": 4.2,
         "discharge_cutoff_v": 2.5, "max_charge_current_a": 4.9, "max_discharge_current_a": 9.8}
@@ -247,6 +249,9 @@ async def test_pages_and_assets_are_served_locally(api: Api) -> None:
     # The admin page's content is rendered for admins only.
     r = await api.c.get("/ui/admin/instruments", headers=api.h("admin"))
     assert r.status_code == 200 and "cab1/3" in r.text
+    # With the users and the active tokens, never a secret.
+    assert 'data-token="t-engineer"' in r.text
+    assert all(t not in r.text for t in api.tokens.values())
     for role in ("technician", "engineer"):
         r = await api.c.get("/ui/admin/instruments", headers=api.h(role))
         assert r.status_code == 403
@@ -256,3 +261,105 @@ async def test_pages_and_assets_are_served_locally(api: Api) -> None:
     assert (await api.c.get("/ui/static/dashboard.js")).status_code == 200
     assert (await api.c.get("/ui/static/../app.py")).status_code == 404
     assert (await api.c.get("/ui/static/app.py")).status_code == 404
+
+
+ABUSE_YAML = """\
+schema_version: 1
+name: overcharge
+abuse: true
+safety: {min_voltage_v: 2.0, max_temperature_c: 150.0}
+steps:
+  - {step: cc, current_a: 7.0, until: {voltage_v: 4.6, duration_s: 7200}}
+"""
+
+
+async def test_an_engineer_starts_an_abuse_run_from_the_start_form(api: Api) -> None:
+    """The start page offers an engineer (the ``abuse`` grant) the form and a reason
+    field; the request the form sends (an uploaded document, a registered cell, the
+    reason) is checked, then started; without the reason the error lands in its slot."""
+    page = (await api.c.get("/runs/new")).text
+    assert 'id="reason-field" data-grant="abuse"' in page
+    assert 'id="f-reason"' in page and 'data-for="reason"' in page
+    assert 'href="/runs/new" data-grant="operate abuse"' in page  # the nav link
+    cell = await api.c.post("/api/v1/cells", json=CELL, headers=api.h("technician"))
+    assert cell.status_code == 201, cell.text
+    form = {"channel": "cab1/1", "sample_period_s": 1, "cell_id": cell.json()["id"],
+            "protocol_document": ABUSE_YAML, "reason": "UN 38.3 T7 overcharge, lot L-7"}
+    dry = await api.c.post("/api/v1/runs?dry_run=true", json=form, headers=api.h("engineer"))
+    assert dry.status_code == 200, dry.text
+    limits = dry.json()["limits"]
+    # Past the cell's 4.2 V and 4.9 A, within the channel's 5 V and 10 A.
+    assert limits["max_voltage_v"] == 5.0 and limits["sources"]["max_voltage_v"] == "instrument"
+    assert limits["max_charge_current_a"] == 10.0
+    no_reason = {k: v for k, v in form.items() if k != "reason"}
+    r = await api.c.post("/api/v1/runs?dry_run=true", json=no_reason, headers=api.h("engineer"))
+    assert r.status_code == 422 and [e["loc"] for e in r.json()["errors"]] == ["reason"]
+    r = await api.c.post("/api/v1/runs", json=form, headers=api.h("technician"))
+    assert r.status_code == 403 and "abuse" in r.json()["detail"]
+    r = await api.c.post("/api/v1/runs", json=form, headers=api.h("engineer"))
+    assert r.status_code == 201, r.text
+    events = (await api.c.get(f"/api/v1/runs/{r.json()['id']}/events",
+                              headers=api.h("engineer"))).json()
+    (created,) = [e for e in events if e["kind"] == "audit"]
+    assert created["actor"] == "t-engineer" and created["data"]["abuse"] is True
+    assert created["data"]["reason"] == "UN 38.3 T7 overcharge, lot L-7"
+
+
+async def _seed_run(url: str, cycles: int = 3) -> SeededRun:
+    engine = create_engine(url)
+    try:
+        async with session_scope(sessionmaker(engine)) as s:
+            cell = m.Cell(**CELL)
+            s.add(cell)
+            await s.flush()
+            channel = await s.scalar(select(m.Channel).where(m.Channel.name == "cab1/1"))
+            assert channel is not None
+            return await seed_finished_run(s, channel, cell, cycles=cycles)
+    finally:
+        await engine.dispose()
+
+
+async def test_dqdv_of_the_first_and_last_cycle_and_of_chosen_ones(api: Api) -> None:
+    run = await _seed_run(api.url)
+    r = await api.c.get(f"/api/v1/runs/{run.run_id}/dqdv", headers=api.h("technician"))
+    assert r.status_code == 200, r.text
+    curves = r.json()
+    assert [c["cycle_index"] for c in curves] == [1, run.cycles]
+    for c in curves:
+        assert c["direction"] == "charge" and c["note"] is None
+        v, q = c["voltage_v"], c["dqdv_ah_per_v"]
+        assert len(v) == len(q) > 20 and v == sorted(v)
+        assert min(q) >= 0 and max(q) > 0
+    # The seeded capacity fades 2 % a cycle: the curve integrates to what moved.
+    first, last = (np.trapezoid(c["dqdv_ah_per_v"], c["voltage_v"]) for c in curves)
+    assert last < first
+    assert curves[0]["capacity_ah"] == pytest.approx(CELL["capacity_ah"], rel=0.02)
+    r = await api.c.get(f"/api/v1/runs/{run.run_id}/dqdv", headers=api.h("engineer"),
+                        params={"cycle": [2], "direction": "discharge"})
+    assert [(c["cycle_index"], c["direction"]) for c in r.json()] == [(2, "discharge")]
+    # A cycle with no samples has no curve and says why.
+    r = await api.c.get(f"/api/v1/runs/{run.run_id}/dqdv", headers=api.h("engineer"),
+                        params={"cycle": [99]})
+    (c,) = r.json()
+    assert c["voltage_v"] == [] and c["note"]
+    assert (await api.c.get("/api/v1/runs/999999/dqdv",
+                            headers=api.h("engineer"))).status_code == 404
+    assert (await api.c.get(f"/api/v1/runs/{run.run_id}/dqdv")).status_code == 401
+
+
+async def test_eis_fits_recover_the_circuit_of_each_spectrum(api: Api) -> None:
+    run = await _seed_run(api.url, cycles=2)
+    r = await api.c.get(f"/api/v1/runs/{run.run_id}/eis/fits", headers=api.h("technician"))
+    assert r.status_code == 200, r.text
+    fits = r.json()
+    assert [f["spectrum_id"] for f in fits] == run.spectra
+    for k, f in enumerate(fits):
+        assert f["fitted"] and f["rmse_rel"] < 0.01
+        assert f["params"]["r0_ohm"] == pytest.approx(EIS_PARAMS["r0_ohm"], rel=0.05)
+        # The seeded charge-transfer arc grows 5 % a cycle.
+        assert f["params"]["r2_ohm"] == pytest.approx(
+            EIS_PARAMS["r2_ohm"] * (1 + 0.05 * k), rel=0.1)
+        assert len(f["frequency_hz"]) == len(f["z_real_ohm"]) == len(f["z_imag_ohm"]) > 50
+    newest = (await api.c.get(f"/api/v1/runs/{run.run_id}/eis/fits", params={"newest": 1},
+                              headers=api.h("engineer"))).json()
+    assert [f["spectrum_id"] for f in newest] == run.spectra[-1:]

@@ -351,21 +351,32 @@ def test_overlay_fresh_stale_lost_and_unwired() -> None:
     from labdaq.engine.aux_temps import WiredTemperatures
     from labdaq.engine.clock import EngineClock
 
-    w = WiredTemperatures({}, {}, EngineClock(1.0), stale_s=3.0)
-    fresh, old, open_tc, gone, never, slow = (w.slot(("logger1", ch)) for ch in range(101, 107))
-    w.state[[fresh, old, slow]] = 1  # read
-    w.value_c[[fresh, old, slow]] = [30.0, 31.0, 32.0]
-    w.t_clock_s[[fresh, old, slow]] = [98.0, 96.5, 92.0]
+    w = WiredTemperatures({}, {}, EngineClock(1.0), stale_s=3.0, lost_s=15.0)
+    fresh, old, open_tc, gone, never, slow, silent, never_long = (
+        w.slot(("logger1", ch)) for ch in range(101, 109))
+    w.since_clock_s[:] = 90.0  # when the scan began wanting them
+    w.since_clock_s[never_long] = 80.0
+    w.state[[fresh, old, slow, silent]] = 1  # read
+    w.value_c[[fresh, old, slow, silent]] = [30.0, 31.0, 32.0, 33.0]
+    w.t_clock_s[[fresh, old, slow, silent]] = [98.0, 96.5, 92.0, 84.0]
+    w.since_clock_s[silent] = 70.0
     w.state[open_tc], w.state[gone] = 2, 3  # open thermocouple, logger not answering
     w.stale_after_s[slow] = 10.0  # scanned every 5 s: two periods
-    slots = np.array([fresh, old, open_tc, gone, never, slow, -1], np.int64)
-    cycler_c = np.array([np.nan] * 6 + [24.0])
+    slots = np.array([fresh, old, open_tc, gone, never, slow, silent, never_long, -1], np.int64)
+    cycler_c = np.array([np.nan] * 8 + [24.0])
     o = w.overlay(slots, 100.0, cycler_c)
-    np.testing.assert_array_equal(o.check_c, [30.0, np.nan, np.nan, np.nan, np.nan, 32.0, 24.0])
-    np.testing.assert_array_equal(o.stored_c, [30.0, 31.0, np.nan, np.nan, np.nan, 32.0, 24.0])
+    nan = np.nan
+    np.testing.assert_array_equal(o.check_c, [30.0, nan, nan, nan, nan, 32.0, nan, nan, 24.0])
+    np.testing.assert_array_equal(o.stored_c,
+                                  [30.0, 31.0, nan, nan, nan, 32.0, nan, nan, 24.0])
+    # Stale for 16 s (past lost_s = 15 s), or never read 20 s after the scan began: lost.
     np.testing.assert_array_equal(
-        o.flags, [0, TEMP_STALE, TEMP_LOST, TEMP_LOST, TEMP_STALE, 0, 0])
-    np.testing.assert_array_equal(o.lost, [False, False, True, True, False, False, False])
+        o.flags, [0, TEMP_STALE, TEMP_LOST, TEMP_LOST, TEMP_STALE, 0, TEMP_LOST, TEMP_LOST, 0])
+    np.testing.assert_array_equal(o.lost, [False, False, True, True, False, False, True, True,
+                                           False])
+    # The stored reading's age; none without a reading, for a lost sensor or unwired.
+    np.testing.assert_array_equal(o.age_s, [2.0, 3.5, nan, nan, nan, 8.0, nan, nan, nan])
+    assert w.describe(silent)["cause"] == "stale"
 
 
 async def test_cells_service_keeps_a_temperature_window(db_url: str) -> None:
@@ -416,3 +427,97 @@ async def test_a_cabinets_own_sensor_dropping_out_is_a_lost_sensor(rig: Rig) -> 
     assert "cycler's own sensor" in ev.message
     assert s["flags"][-1] & TEMP_LOST and not (s["flags"][:-1] & TEMP_LOST).any()
     assert np.isfinite(s["temperature_c"][:-1]).all()  # the cabinet's readings until then
+
+
+async def test_each_sample_stores_its_readings_age_from_the_loggers_scan(rig: Rig) -> None:
+    """``temperature_age_s`` is the time from the logger's reading to the sample: the
+    reading a sample stores is the simulated logger's first scan after ``t - age``, and
+    that time is after the scan before it (the engine queries once the last one came)."""
+    logger = rig.lab.by_name("logger1").sim
+    scans: list[tuple[float, float]] = []  # (lab clock time, reading of 101) per scan
+    scan = logger._scan
+
+    def recording() -> None:
+        scan()
+        scans.append((logger.clock.now(), float(logger.readings[0][1])))
+
+    logger._scan = recording
+    run_id = await start(rig, "smu1/1", document(CHARGE_1A))
+    await until_samples(rig, run_id, 15)
+    group = rig.node.run_groups[run_id]
+    k = [r.run_id for r in group.runs].index(run_id)
+    t0 = float(group.state.t0_clock_s[k])
+    s = await samples(rig.maker, run_id)
+    times = np.array([t for t, _ in scans])
+    aged = np.flatnonzero(np.isfinite(s["temperature_age_s"]))
+    assert len(aged) >= 10 and (s["temperature_age_s"][aged] >= 0).all()
+    for j in aged.tolist():
+        read_at = t0 + s["t_s"][j] - s["temperature_age_s"][j]
+        n = int(np.searchsorted(times, read_at - 1e-6))  # first scan at or after it
+        assert n < len(scans), (j, read_at, times[-3:])
+        assert n == 0 or times[n - 1] < read_at + 1e-6, (j, read_at, times[n - 1])
+        assert abs(s["temperature_c"][j] - scans[n][1]) < 1e-6, (j, scans[n])
+    # No wired reading, no age: the first sample (before the first scan) has none.
+    assert np.isnan(s["temperature_age_s"][0]) or s["flags"][0] & TEMP_STALE
+
+
+async def test_a_reading_that_stays_stale_loses_the_sensor(sqlite_url: str,
+                                                           tmp_path: Path) -> None:
+    """A logger that answers, but later than ``engine_temperature_lost_s``: its readings
+    go stale, then the sensor counts as lost and the run with a temperature limit stops
+    safely (output off, the safety event names the sensor and why)."""
+    spec = nmc_18650_spec(tmp_path)
+    lab = SimLab(smus=1, loggers=1, logger_channels=1, cell_spec=spec, soc=0.5, seed=7)
+    rig = await start_rig(sqlite_url, lab, SPEED, temperature_stale_s=20.0,
+                          temperature_lost_s=60.0)
+    try:
+        smu = rig.lab.by_name("smu1").sim
+        run_id = await start(rig, "smu1/1", document(CHARGE_1A, max_temperature_c=60.0))
+        await until_samples(rig, run_id, 5)
+        # Every reply 1 wall second late: 100 simulated seconds at 100x, past the 60 s
+        # lost bound, and within the transport's 2 s timeout (it does not give up).
+        rig.lab.faults.inject("slow_replies", "logger1", delay_s=1.0)
+        run, ev, s = await aborted(rig, run_id, "temperature_sensor_lost")
+        assert ev.data["sensor"]["cause"] == "stale", ev.data
+        assert "no current reading" in ev.data["sensor"]["error"]
+        assert ev.data["source"] == "protocol" and ev.data["bound"] == 60.0
+        assert not smu.output_on
+        assert s["flags"][-1] & TEMP_LOST and np.isnan(s["temperature_age_s"][-1])
+        # Stale first (with the reading's age growing past the staleness bound), then lost.
+        stale = (s["flags"] & TEMP_STALE) != 0
+        assert stale.any() and not (s["flags"][:-1] & TEMP_LOST).any()
+        assert np.nanmax(s["temperature_age_s"][stale]) > 20.0
+        rig.lab.faults.clear_all()
+    finally:
+        await rig.stop()
+
+
+async def test_a_running_run_keeps_the_wiring_it_started_with(rig: Rig) -> None:
+    """The engine reads the run's wiring snapshot (``runs.wiring``), not the channel's
+    wiring now: rewired in the database under the run (which ``instruments apply``
+    refuses), then the engine restarted, the resumed run still reads its thermocouple."""
+    from labdaq.engine.node import AcquisitionNode
+
+    logger = rig.lab.by_name("logger1").sim
+    run_id = await start(rig, "smu1/1", document(CHARGE_1A))
+    await until_samples(rig, run_id, 3)
+    assert rig.node.aux.wiring[run_id]["thermocouple"]["channel"] == 101
+    async with session_scope(rig.maker) as s:
+        ch = (await s.scalars(select(m.Channel).where(m.Channel.name == "smu1/1"))).one()
+        aux = dict(ch.aux or {})
+        aux["thermocouple"] = {**aux["thermocouple"], "channel": 102}
+        ch.aux = aux
+    rig.node.request_stop()
+    await asyncio.wait_for(rig.task, 30)
+    n_before = len((await samples(rig.maker, run_id))["seq"])
+    rig.node = AcquisitionNode(rig.engine, rig.clock, poll_s=0.25, batch_age_s=0.2,
+                               temperature_stale_s=20.0, temperature_lost_s=1e9)
+    rig.task = asyncio.create_task(rig.node.run_forever(), name="node-2")
+    await wait_for(lambda: run_id in rig.node.active, 30, "the run to resume")
+    await until_samples(rig, run_id, n_before + 5)
+    assert rig.node.aux.wiring[run_id]["thermocouple"]["channel"] == 101
+    assert logger.scan_list == [101]  # the logger is asked for the snapshot's input only
+    async with session_scope(rig.maker) as s:
+        run = await s.get(m.Run, run_id)
+        assert run is not None and run.state == "running"
+        assert run.wiring is not None and run.wiring["thermocouple"]["channel"] == 101

@@ -165,5 +165,12 @@ def test_sim_config_apply_serve_runs_eis_and_chamber_with_logger_temperatures(
         assert len(temps) >= len(page["seq"]) - 2 and len(temps) >= 10, page["flags"]
         assert all(20.0 < t < 35.0 for t in temps)
         assert not any(f & int(SampleFlag.TEMP_LOST) for f in page["flags"])
+        # Each with its reading's age: a current one is younger than the staleness bound
+        # (3 s, the default) unless flagged stale.
+        for t, age, f in zip(page["temperature_c"], page["temperature_age_s"],
+                             page["flags"], strict=True):
+            assert (t is None) == (age is None)
+            if age is not None and not f & int(SampleFlag.TEMP_STALE):
+                assert 0.0 <= age <= 3.0
     finally:
         serve.stop()

@@ -224,7 +224,7 @@ async def test_a_replayed_gap_is_recorded_once(db_url: str) -> None:
             await ses.flush()
             run_id = run.id
         now = time.time()
-        rows = [(run_id, seq, t, now, 0, 0, 3.7, 0.0, None, 0.0, 0.0, flags)
+        rows = [(run_id, seq, t, now, 0, 0, 3.7, 0.0, None, 0.0, 0.0, flags, None)
                 for seq, t, flags in ((1, 1.0, 0), (2, 6.0, GAP))]
         records = Resolver().resolve(
             Ledger(gaps=[gap_record(run_id, 2, 4, 2.0, 1.0, now, 4, "late")]))

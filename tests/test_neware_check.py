@@ -45,7 +45,9 @@ async def client(db_url: str) -> AsyncIterator[tuple[httpx.AsyncClient, dict[str
     engine = create_engine(db_url)
     async with session_scope(sessionmaker(engine)) as s:
         await upsert_instrument(s, "bts1", "neware_bts", "TCPIP::127.0.0.1::1::SOCKET", [
-            {"index": 1, "name": "bts1/1-1-1", "max_current_a": 10.0, "max_voltage_v": 5.0},
+            # in a climate chamber: chamber steps before the program are the engine's
+            {"index": 1, "name": "bts1/1-1-1", "max_current_a": 10.0, "max_voltage_v": 5.0,
+             "aux": {"chamber": "chamber1"}},
             # wired to an impedance analyser: the EIS step passes the wiring check and is
             # refused because the cycler's own program cannot hold it
             {"index": 2, "name": "bts1/1-1-2", "max_current_a": 10.0, "max_voltage_v": 5.0,
@@ -75,8 +77,9 @@ async def _runs(c: httpx.AsyncClient, h: dict[str, str]) -> list[int]:
      2, "dvdt_below_v_per_s"),
     # a rest that ends on a voltage, not a time
     ([RUNNABLE[0], {"step": "rest", "until": {"voltage_below_v": 4.0}}], 1, "rest"),
-    # a chamber step: no such Neware step type
-    ([{"step": "set_temperature", "temperature_c": 25.0}, *RUNNABLE], 0, "set_temperature"),
+    # a chamber step after the cycler's first step: the program cannot wait for it
+    ([*RUNNABLE, {"step": "set_temperature", "temperature_c": 25.0}, RUNNABLE[1]], 3,
+     "set_temperature"),
 ])
 async def test_unrunnable_step_is_422_naming_it_and_nothing_is_stored(
         client, steps: list[dict[str, Any]], index: int, needle: str) -> None:
@@ -93,7 +96,7 @@ async def test_unrunnable_step_is_422_naming_it_and_nothing_is_stored(
     assert needle in problem["errors"][0]["msg"]
     assert await _runs(c, h) == before
     # the same document is no problem for a cycler labdaq drives sample by sample
-    if needle != "set_temperature":  # (that one needs a chamber wired to any channel)
+    if needle != "set_temperature":  # (that one needs a chamber wired to the channel)
         ok = await c.post("/api/v1/runs", json={**body, "channel": "smu1/1"}, headers=h)
         assert ok.status_code == 201, ok.text
 
@@ -124,16 +127,21 @@ async def test_runnable_protocols_are_accepted_on_a_neware_channel(client) -> No
         assert r.status_code == 201, r.text
 
 
-async def test_templates_with_a_chamber_step_are_refused_on_neware(client) -> None:
-    """The shipped capacity check starts with set_temperature: on a Neware channel that is
-    refused by name (a delegated run cannot hold a chamber step yet)."""
+async def test_templates_starting_with_a_chamber_step_are_accepted_on_neware(client) -> None:
+    """capacity_check_c3 and hppc_dcir start with set_temperature: in a delegated run the
+    engine holds the chamber before it starts the program (engine/delegated.py); on a
+    channel without a chamber that step is refused as on any channel."""
     c, tokens = client
     h = {"Authorization": f"Bearer {tokens['technician']}"}
+    for template in ("capacity_check_c3", "hppc_dcir"):
+        r = await c.post("/api/v1/runs", headers=h, json={
+            "channel": "bts1/1-1-1", "cell": CELL, "template": template})
+        assert r.status_code == 201, r.text
     r = await c.post("/api/v1/runs", headers=h, json={
-        "channel": "bts1/1-1-1", "cell": CELL, "template": "capacity_check_c3"})
+        "channel": "bts1/1-1-2", "cell": CELL, "template": "capacity_check_c3"})
     assert r.status_code == 422, r.text
     (err,) = r.json()["errors"]
-    assert err["loc"] == "template.steps[0]" and "set_temperature" in err["msg"]
+    assert err["loc"] == "template.steps[0]" and "climate chamber" in err["msg"]
 
 
 # -- labdaq instruments probe ------------------------------------------------------------

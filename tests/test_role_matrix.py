@@ -53,7 +53,19 @@ class Lab:
     safety_event_id: int = 0
 
 
-Call = tuple[str, dict[str, Any] | None]  # URL, JSON body
+@dataclass(frozen=True)
+class Upload:
+    """A multipart/form-data body: files and form fields."""
+
+    files: dict[str, tuple[str, bytes]]
+    data: dict[str, str] = field(default_factory=dict)
+
+
+# A minimal Battery Data Format file for POST /api/v1/imports.
+BDF_FILE = (b"Test Time / s,Voltage / V,Current / A\n0,3.6,0\n10,3.7,1.0\n20,3.8,1.0\n"
+            b"30,3.7,-1.0\n")
+
+Call = tuple[str, dict[str, Any] | Upload | None]  # URL, JSON body (or multipart)
 CALLS: dict[tuple[str, str], Callable[[Lab], Call]] = {
     ("post", "/api/v1/runs"): lambda lab: (
         "/api/v1/runs", {"channel": "smu1/1", "cell": CELL, "protocol": PROTOCOL}),
@@ -87,6 +99,13 @@ CALLS: dict[tuple[str, str], Callable[[Lab], Call]] = {
         f"/api/v1/runs/{lab.runs['waiting']}", {"queue_position": 1}),
     ("post", "/api/v1/runs/{run_id}/confirm-cell"): lambda lab: (
         f"/api/v1/runs/{lab.runs['awaiting_cell']}/confirm-cell", None),
+    # Another lab's file imported as a read-only run; a calibration certificate.
+    ("post", "/api/v1/imports"): lambda lab: (
+        "/api/v1/imports", Upload({"file": ("cell.bdf.csv", BDF_FILE)})),
+    ("post", "/api/v1/calibrations"): lambda lab: ("/api/v1/calibrations", {
+        "instrument": "smu1", "channel": "smu1/1", "certificate_id": "CAL-1",
+        "lab": "NABL lab", "calibrated_on": "2026-01-05", "due_on": "2027-01-05",
+        "accuracy": {"voltage_rel": 0.001, "current_rel": 0.01, "temperature_c": 2.0}}),
     # The dashboard's alarm acknowledgement (when merged).
     ("post", "/api/v1/alarms/{event_id}/ack"): lambda lab: (
         f"/api/v1/alarms/{lab.safety_event_id}/ack", None),
@@ -174,6 +193,9 @@ def _h(token: str) -> dict[str, str]:
 async def _send(c: httpx.AsyncClient, method: str, call: Call,
                 headers: dict[str, str]) -> httpx.Response:
     url, body = call
+    if isinstance(body, Upload):
+        return await c.request(method.upper(), url, files=body.files, data=body.data,
+                               headers=headers)
     return await c.request(method.upper(), url, json=body, headers=headers)
 
 

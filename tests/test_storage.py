@@ -67,7 +67,8 @@ async def test_one_holding_run_and_one_place_per_queue_enforced_by_database(
 
 def _rows(run_id: int, start: int, n: int) -> list[tuple]:
     return [
-        (run_id, seq, seq * 1.0, 1.7e9 + seq, 0, 1, 3.7, -1.0, 25.0, seq / 3600, seq / 1000, 0)
+        (run_id, seq, seq * 1.0, 1.7e9 + seq, 0, 1, 3.7, -1.0, 25.0, seq / 3600, seq / 1000, 0,
+         None)
         for seq in range(start, start + n)
     ]
 

@@ -53,7 +53,8 @@ async def _seed_run(engine: AsyncEngine) -> int:
 
 def _rows(run_id: int, start: int, n: int) -> list[tuple[Any, ...]]:
     return [
-        (run_id, seq, seq * 0.1, 1.7e9 + seq, 0, 1, 3.7, -1.0, 25.0, seq / 3600, seq / 1000, 0)
+        (run_id, seq, seq * 0.1, 1.7e9 + seq, 0, 1, 3.7, -1.0, 25.0, seq / 3600, seq / 1000, 0,
+         0.5)
         for seq in range(start, start + n)
     ]
 
@@ -633,15 +634,32 @@ async def test_unrecognised_error_on_one_row_does_not_block_the_rest(
 
 
 def test_journal_encoding_round_trips() -> None:
-    packed = [(1, 2, 0.5, 1.7e9, 3, 4, 3.7, -1.0, None, 0.1, 0.2, 5), (1, 3, *[0.0] * 9, 0)]
-    packed[1] = (1, 3, 0.0, 0.0, 0, 0, 0.0, 0.0, math.inf, 0.0, 0.0, 0)
+    packed = [(1, 2, 0.5, 1.7e9, 3, 4, 3.7, -1.0, None, 0.1, 0.2, 5, None),
+              (1, 3, 0.0, 0.0, 0, 0, 0.0, 0.0, math.inf, 0.0, 0.0, 0, 1.25)]
     assert decode_rows(encode_rows(packed)) == packed
-    assert encode_rows(packed)[0] == 1  # fixed 97-byte rows
-    odd = [[1, 2**70, "x", None, 0, 0, 1.0, 2.0, 3.0, 4.0, 5.0, 6]]  # not packable
+    assert encode_rows(packed)[0] == 3  # fixed 106-byte rows (with the temperature's age)
+    odd = [[1, 2**70, "x", None, 0, 0, 1.0, 2.0, 3.0, 4.0, 5.0, 6, None]]  # not packable
     assert encode_rows(odd)[0] == 2
     assert decode_rows(encode_rows(odd)) == odd
-    nan = decode_rows(encode_rows([(1, 2, 0.0, 0.0, 0, 0, 0.0, 0.0, math.nan, 0.0, 0.0, 0)]))
-    assert math.isnan(nan[0][8])
+    nan = decode_rows(encode_rows([(1, 2, 0.0, 0.0, 0, 0, 0.0, 0.0, math.nan, 0.0, 0.0, 0,
+                                    math.nan)]))
+    assert math.isnan(nan[0][8]) and math.isnan(nan[0][12])
+
+
+def test_journal_reads_records_written_before_the_temperature_age() -> None:
+    """A journal left by the previous version (12 columns, kind 1 or JSON) replays with
+    a NULL age."""
+    import struct
+
+    from labdaq.engine.journal import decode_payload
+
+    row = (1, 2, 0.5, 1.7e9, 3, 4, 3.7, -1.0, True, 25.0, 0.1, 0.2, 5)
+    v1 = struct.pack("<BI", 1, 1) + struct.Struct("<qqddqqdd?dddq").pack(*row)
+    assert decode_payload(v1)[0] == [(1, 2, 0.5, 1.7e9, 3, 4, 3.7, -1.0, 25.0, 0.1, 0.2, 5,
+                                      None)]
+    old_json = struct.pack("<BI", 2, 1) + b"[[1, 2, 0.5, 0, 3, 4, 3.7, -1.0, null, 0, 0, 5]]"
+    assert decode_payload(old_json)[0] == [[1, 2, 0.5, 0, 3, 4, 3.7, -1.0, None, 0, 0, 5,
+                                            None]]
 
 
 def test_journal_detects_corruption_rotates_and_deletes(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path
 
 from labdaq import run_queue
-from labdaq.api.deps import Reader, Session
+from labdaq.api.deps import NodeDownAfterS, Reader, Session
 from labdaq.api.problems import AUTH, COMMON, responses
 from labdaq.api.routers.runs import run_out
 from labdaq.api.schemas import ChannelOut, RunOut
@@ -29,7 +29,9 @@ async def get_channels(session: Session, _: Reader) -> list[ChannelOut]:
     "/{channel_id}/queue", response_model=list[RunOut],
     responses=responses(*COMMON, *AUTH, 404),
 )
-async def get_queue(channel_id: ChannelId, session: Session, _: Reader) -> list[RunOut]:
+async def get_queue(channel_id: ChannelId, session: Session, _: Reader,
+                    down_after_s: NodeDownAfterS) -> list[RunOut]:
     """The runs waiting on the channel (queued, awaiting_cell), next first, each with its
     queue_position; the run holding the channel is not in it."""
-    return await run_out(session, await run_queue.channel_queue(session, channel_id))
+    return await run_out(session, await run_queue.channel_queue(session, channel_id),
+                         down_after_s)

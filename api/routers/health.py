@@ -17,6 +17,7 @@ from labdaq.api.deps import Session
 from labdaq.api.problems import responses
 from labdaq.api.schemas import Health
 from labdaq.heartbeat import as_utc, latest, not_ready_reasons
+from labdaq.nodes import db_now
 from labdaq.storage.db import session_scope
 
 router = APIRouter(tags=["health"])
@@ -58,17 +59,20 @@ async def ready(request: Request) -> Any:
     settings = request.app.state.settings
     database = "ok"
     beats: list[Any] = []
+    clock: list[datetime] = []
 
     async def probe() -> None:
         async with session_scope(request.app.state.sessionmaker) as s:
             await s.execute(text("SELECT 1"))
             beats.extend(await latest(s))
+            # Beats are on the database's clock on PostgreSQL (labdaq.nodes).
+            clock.append(await db_now(s))
 
     try:
         await asyncio.wait_for(probe(), _DB_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001 - any failure to read is "not ready", said why
         database = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    now = datetime.now(UTC)
+    now = clock[0] if clock else datetime.now(UTC)
     beat = beats[0] if beats else None
     reasons = [f"database: {database}"] if database != "ok" else not_ready_reasons(
         beat, now, settings.ready_heartbeat_max_age_s)

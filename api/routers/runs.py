@@ -6,9 +6,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Request, status
 from fastapi.responses import JSONResponse
 
-from labdaq import run_queue
+from labdaq import nodes, run_queue
 from labdaq import runs as service
-from labdaq.api.deps import Operator, Reader, RunId, RunStarter, Session
+from labdaq.api.deps import NodeDownAfterS, Operator, Reader, RunId, RunStarter, Session
 from labdaq.api.problems import AUTH, COMMON, OPERATE, responses
 from labdaq.api.schemas import CycleOut, EisOut, EventOut, RunOut, StepOut
 from labdaq.api.schemas_dashboard import RunPreview
@@ -24,11 +24,13 @@ READ = responses(*COMMON, *AUTH, 404)
 COMMAND = responses(*COMMON, *OPERATE, 404, 409)
 
 
-async def run_out(session: Session, runs: list[m.Run]) -> list[RunOut]:
-    """Runs as the API shows them, a waiting run with its queue position."""
+async def run_out(session: Session, runs: list[m.Run], down_after_s: float) -> list[RunOut]:
+    """Runs as the API shows them, a waiting run with its queue position, an acquiring
+    one whose node is down as ``node_down`` (labdaq.nodes)."""
     pos = await run_queue.positions(session, runs)
-    return [RunOut.model_validate(r).model_copy(update={"queue_position": pos.get(r.id)})
-            for r in runs]
+    shown = await nodes.shown_states(session, runs, down_after_s)
+    return [RunOut.model_validate(r).model_copy(
+        update={"queue_position": pos.get(r.id), "state": shown[r.id]}) for r in runs]
 
 
 @router.post(
@@ -68,41 +70,46 @@ async def create_run(
         role=token.role,
     )
     await session.commit()
-    return (await run_out(session, [run]))[0]
+    return (await run_out(session, [run], s.node_down_after_s))[0]
 
 
 @router.get("", response_model=list[RunOut], responses=responses(*COMMON, *AUTH))
 async def list_runs(
     session: Session,
     _: Reader,
+    down_after_s: NodeDownAfterS,
     state: RunState | None = Query(None, description="only runs in this state"),
     limit: int = Query(100, ge=1, le=1000),
     offset: int = Query(0, ge=0, le=INT32_MAX),
 ) -> list[RunOut]:
     rows = await service.list_runs(session, state.value if state else None, limit, offset)
-    return await run_out(session, rows)
+    return await run_out(session, rows, down_after_s)
 
 
 @router.get("/{run_id}", response_model=RunOut, responses=READ)
-async def get_run(run_id: RunId, session: Session, _: Reader) -> RunOut:
-    return (await run_out(session, [await service.get_run(session, run_id)]))[0]
+async def get_run(run_id: RunId, session: Session, _: Reader,
+                  down_after_s: NodeDownAfterS) -> RunOut:
+    return (await run_out(session, [await service.get_run(session, run_id)],
+                           down_after_s))[0]
 
 
 @router.patch("/{run_id}", response_model=RunOut, responses=COMMAND)
-async def move_run(run_id: RunId, body: RunPatch, session: Session, token: Operator) -> RunOut:
+async def move_run(run_id: RunId, body: RunPatch, session: Session, token: Operator,
+                   down_after_s: NodeDownAfterS) -> RunOut:
     """Move a waiting run to another place in its channel's queue (audited)."""
     run = await run_queue.move(session, run_id, body.queue_position, actor=token.name)
     await session.commit()
-    return (await run_out(session, [run]))[0]
+    return (await run_out(session, [run], down_after_s))[0]
 
 
 @router.post("/{run_id}/confirm-cell", response_model=RunOut, responses=COMMAND)
-async def confirm_cell(run_id: RunId, session: Session, token: Operator) -> RunOut:
+async def confirm_cell(run_id: RunId, session: Session, token: Operator,
+                       down_after_s: NodeDownAfterS) -> RunOut:
     """The run's cell is on its channel: an awaiting_cell run goes back to the head of the
     queue and starts when the channel is free (audited)."""
     run = await run_queue.confirm_cell(session, run_id, actor=token.name)
     await session.commit()
-    return (await run_out(session, [run]))[0]
+    return (await run_out(session, [run], down_after_s))[0]
 
 
 @router.post("/{run_id}/stop", response_model=RunOut, responses=COMMAND)

@@ -13,6 +13,7 @@ from fastapi.responses import HTMLResponse, Response
 from fastapi.templating import Jinja2Templates
 
 import labdaq
+from labdaq import auth
 from labdaq.api.deps import Admin, CellId, RunId, Session
 from labdaq.instruments_service import list_instruments
 
@@ -56,6 +57,11 @@ async def run_page(request: Request, run_id: RunId) -> HTMLResponse:
     return _page(request, "run.html", "run", title=f"Run {run_id}", run_id=run_id)
 
 
+@router.get("/queue", response_class=HTMLResponse)
+async def queue_page(request: Request) -> HTMLResponse:
+    return _page(request, "queue.html", "queue", title="Queues")
+
+
 @router.get("/cells/{cell_id}", response_class=HTMLResponse)
 async def cell_page(request: Request, cell_id: CellId) -> HTMLResponse:
     return _page(request, "cell.html", "cell", title=f"Cell {cell_id}", cell_id=cell_id)
@@ -63,16 +69,19 @@ async def cell_page(request: Request, cell_id: CellId) -> HTMLResponse:
 
 @router.get("/admin", response_class=HTMLResponse)
 async def admin_page(request: Request) -> HTMLResponse:
-    return _page(request, "admin.html", "admin", title="Instruments (admin)")
+    return _page(request, "admin.html", "admin", title="Admin")
 
 
 @router.get("/ui/admin/instruments", response_class=HTMLResponse)
 async def admin_instruments(request: Request, session: Session, _: Admin) -> HTMLResponse:
-    """The admin page's content, rendered here and only for an admin token: opening
-    /admin with another role gets this request refused (403), not just a hidden link."""
-    return templates.TemplateResponse(
-        request, "admin_instruments.html", {"instruments": await list_instruments(session)}
-    )
+    """The admin page's content (instruments, users, tokens), rendered here and only for
+    an admin token: opening /admin with another role gets this request refused (403), not
+    just a hidden link."""
+    users = [auth.user_view(u) for u in await auth.list_users(session)]
+    tokens = [auth.token_view(t, u)
+              for t, u in await auth.list_tokens(session, include_inactive=False)]
+    return templates.TemplateResponse(request, "admin_instruments.html", {
+        "instruments": await list_instruments(session), "users": users, "tokens": tokens})
 
 
 @router.get("/ui/static/plotly.min.js")

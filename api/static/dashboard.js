@@ -110,7 +110,9 @@ function fmt(x, digits = 3) {
 }
 function fmtTime(iso) { return iso ? new Date(iso).toLocaleString() : "–"; }
 function hours(s) { return s / 3600; }
-const TERMINAL = new Set(["completed", "stopped", "aborted_safety", "failed", "interrupted"]);
+function milli(x) { return x * 1000; }
+// "imported": another lab's file (labdaq.imports), read-only from the start.
+const TERMINAL = new Set(["completed", "stopped", "aborted_safety", "failed", "interrupted", "imported"]);
 
 // Calls f at most once at a time and once more after it if asked meanwhile: a burst of
 // stream messages (a stream's replay of a long run's steps) makes one request, not one each.
@@ -134,7 +136,7 @@ function applyRole() {
   role.textContent = whoami.role;
   role.dataset.role = whoami.role;
   document.querySelectorAll("[data-grant]").forEach((node) => {
-    node.hidden = !can(node.dataset.grant);
+    node.hidden = !node.dataset.grant.split(" ").some(can);  // any of the grants listed
   });
 }
 
@@ -236,9 +238,9 @@ async function initOverview() {
       const state = el("span", { class: `state s-${c.state}` }, c.state.replace("_", " "));
       const startLink = c.state === "idle" || c.state === "safety_stop" || c.state === "interrupted"
         ? el("a", { href: `/runs/new?channel=${encodeURIComponent(c.channel)}`, class: "start",
-                    "data-grant": "operate" }, "start")
+                    "data-grant": "operate abuse" }, "start")
         : "";
-      if (startLink) startLink.hidden = !can("operate");
+      if (startLink) startLink.hidden = !(can("operate") || can("abuse"));
       tbody.append(el("tr", { "data-channel": c.channel, "data-state": c.state,
                               "data-run-id": r ? r.id : "" },
         el("td", {}, c.channel), el("td", {}, c.instrument), el("td", {}, state, " ", startLink),
@@ -347,6 +349,9 @@ async function initStart() {
     } else {
       b.template = srcSel.value.slice("template:".length);
     }
+    // An abuse protocol's reason (engineer, admin); the API says when one is missing.
+    const reason = document.getElementById("f-reason").value.trim();
+    if (reason && can("abuse")) b.reason = reason;
     return b;
   }
   function clearErrors() {
@@ -413,6 +418,9 @@ async function initStart() {
 
 // --- plots ---------------------------------------------------------------------------
 const PLOT_CONFIG = { responsive: true, displaylogo: false };
+// plotly's own default colour sequence, for traces that must share a colour.
+const PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
+                 "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
 function baseLayout(extra) {
   return { margin: { l: 60, r: 60, t: 30, b: 45 }, autosize: true,
            legend: { orientation: "h", x: 0, y: 1.02, yanchor: "bottom" }, ...extra };
@@ -440,6 +448,7 @@ async function initRun() {
   const channelNames = await channelNamesById();
   const cycles = [];
   let points = 0;
+  let dqdvReload = null;  // set once the dQ/dV plot exists; a cycle's end redraws it
 
   function showState(r) {
     run = { ...run, ...r };
@@ -540,6 +549,7 @@ async function initRun() {
       refreshProgress();
     } else if (msg.event === "cycle") {
       cycles.push(d);
+      if (dqdvReload) dqdvReload();
       // One redraw per frame: the stream replays every cycle of a long run at once.
       if (!cyclesPending) {
         cyclesPending = true;
@@ -597,20 +607,62 @@ async function initRun() {
     } catch (e) { showProblem(err, e); }
   });
 
-  // Impedance spectra: Nyquist plot.
+  // Impedance spectra: Nyquist plot, each spectrum with its equivalent-circuit fit.
   const spectra = await api(`/api/v1/runs/${runId}/eis`);
   const eis = document.getElementById("plot-eis");
   if (spectra.length) {
     document.getElementById("eis-none").hidden = true;
-    await Plotly.newPlot(eis, spectra.map((s) => ({
-      x: s.z_real_ohm, y: s.z_imag_ohm.map((v) => -v), mode: "lines+markers",
-      name: `cycle ${s.cycle_index}, step ${s.step_index}` })),
-    baseLayout({ xaxis: { title: { text: "Z′ / Ω" } }, yaxis: { title: { text: "−Z″ / Ω" }, scaleanchor: "x" } }),
-    PLOT_CONFIG);
+    const fits = await api(`/api/v1/runs/${runId}/eis/fits`);
+    const label = (s) => `cycle ${s.cycle_index}, step ${s.step_index}`;
+    const byId = Object.fromEntries(spectra.map((s) => [s.id, s]));
+    // A spectrum and its fit in one colour.
+    const colour = Object.fromEntries(spectra.map((s, k) => [s.id, PALETTE[k % PALETTE.length]]));
+    const traces = spectra.map((s) => ({
+      x: s.z_real_ohm.map(milli), y: s.z_imag_ohm.map((v) => -milli(v)), mode: "markers",
+      name: `${label(s)} measured`, legendgroup: String(s.id),
+      marker: { size: 5, color: colour[s.id] } }));
+    for (const f of fits.filter((f) => f.z_real_ohm.length)) {
+      traces.push({ x: f.z_real_ohm.map(milli), y: f.z_imag_ohm.map((v) => -milli(v)),
+        mode: "lines", line: { dash: "dash", color: colour[f.spectrum_id] },
+        legendgroup: String(f.spectrum_id),
+        name: `${byId[f.spectrum_id] ? label(byId[f.spectrum_id]) : f.spectrum_id} fit` });
+    }
+    await Plotly.newPlot(eis, traces, baseLayout({
+      xaxis: { title: { text: "Z′ / mΩ" } },
+      yaxis: { title: { text: "−Z″ / mΩ" }, scaleanchor: "x" } }), PLOT_CONFIG);
     setCount(eis, spectra.reduce((n, s) => n + s.frequency_hz.length, 0));
+    eis.dataset.fits = String(fits.filter((f) => f.fitted).length);
+    const tb = document.querySelector("#eis-fits tbody");
+    const pm = (f, k, scale = 1000) => f.params[k] === undefined ? "–"
+      : `${fmt(f.params[k] * scale, 2)} ± ${f.stderr[k] === null ? "?" : fmt(f.stderr[k] * scale, 2)}`;
+    for (const f of fits) {
+      tb.append(el("tr", { "data-spectrum": f.spectrum_id, "data-fitted": f.fitted },
+        el("td", {}, f.spectrum_id), el("td", {}, f.cycle_index),
+        ...(f.note ? [el("td", { colspan: 5, class: "muted" }, f.note)]
+          : [el("td", { class: "r0" }, pm(f, "r0_ohm")), el("td", {}, pm(f, "r1_ohm")),
+             el("td", {}, pm(f, "r2_ohm")), el("td", {}, pm(f, "tau2_s")),
+             el("td", {}, fmt(100 * f.rmse_rel, 2))])));
+    }
+    document.getElementById("eis-fits").hidden = fits.length === 0;
   } else {
     eis.hidden = true;
   }
+
+  // Incremental capacity of the first and the last ended cycle's charge.
+  const dqdvDiv = document.getElementById("plot-dqdv");
+  const loadDqdv = coalesce(async () => {
+    const curves = (await api(`/api/v1/runs/${runId}/dqdv`)).filter((c) => c.voltage_v.length);
+    document.getElementById("dqdv-none").hidden = curves.length > 0;
+    dqdvDiv.hidden = curves.length === 0;
+    if (!curves.length) return;
+    await Plotly.react(dqdvDiv, curves.map((c) => ({
+      x: c.voltage_v, y: c.dqdv_ah_per_v, mode: "lines", name: `cycle ${c.cycle_index} ${c.direction}` })),
+    baseLayout({ xaxis: { title: { text: "Voltage / V" } },
+                 yaxis: { title: { text: "dQ/dV / Ah V⁻¹" } } }), PLOT_CONFIG);
+    dqdvDiv.dataset.curves = String(curves.length);
+  });
+  await loadDqdv();
+  dqdvReload = loadDqdv;
 
   async function loadVerdicts() {
     if (!can("evaluate")) return;
@@ -705,6 +757,83 @@ async function initAdmin() {
   });
 }
 
+// --- queues: every channel's waiting runs; move, cancel, confirm the cell -------------
+async function initQueue() {
+  const box = document.getElementById("queues");
+  const err = document.getElementById("queue-error");
+  const [channels, cells] = await Promise.all([api("/api/v1/channels"), api("/api/v1/cells?limit=1000")]);
+  const serial = Object.fromEntries(cells.map((c) => [c.id, c.serial]));
+  let shown = "";
+
+  async function act(path, opts) {
+    err.textContent = "";
+    try { await api(path, opts); } catch (e) { showProblem(err, e); }
+    await refresh();
+  }
+  function actions(r, last) {
+    if (!can("operate")) return el("td", {});
+    const up = el("button", { type: "button", class: "secondary up", title: "Move up",
+      onclick: () => act(`/api/v1/runs/${r.id}`, { method: "PATCH", json: { queue_position: r.queue_position - 1 } }) }, "↑");
+    up.disabled = r.queue_position <= 1;
+    const down = el("button", { type: "button", class: "secondary down", title: "Move down",
+      onclick: () => act(`/api/v1/runs/${r.id}`, { method: "PATCH", json: { queue_position: r.queue_position + 1 } }) }, "↓");
+    down.disabled = last;
+    const cancel = el("button", { type: "button", class: "danger cancel" }, "Cancel");
+    cancel.addEventListener("click", () => {
+      // Two clicks, as for stopping a run: a cancelled run cannot be put back.
+      if (cancel.dataset.armed !== "true") {
+        cancel.dataset.armed = "true";
+        cancel.textContent = "Confirm cancel";
+        return;
+      }
+      act(`/api/v1/runs/${r.id}/stop`, { method: "POST" });
+    });
+    const cell = r.state === "awaiting_cell"
+      ? el("button", { type: "button", class: "confirm-cell",
+                       onclick: () => act(`/api/v1/runs/${r.id}/confirm-cell`, { method: "POST" }) },
+           "Confirm cell")
+      : "";
+    return el("td", { class: "queue-actions" }, up, " ", down, " ", cell, " ", cancel);
+  }
+
+  const refresh = coalesce(async () => {
+    const queues = await Promise.all(channels.map((c) => api(`/api/v1/channels/${c.id}/queue`)));
+    // Redraw only on a change: a redraw would drop a half-done two-click cancel.
+    const sig = JSON.stringify(queues.map((q) => q.map((r) => [r.id, r.state, r.queue_position])));
+    if (sig === shown) return;
+    shown = sig;
+    box.replaceChildren();
+    const empty = [];
+    channels.forEach((c, k) => {
+      const q = queues[k];
+      if (!q.length) { empty.push(c.name); return; }
+      const tb = el("tbody");
+      q.forEach((r, i) => {
+        tb.append(el("tr", { "data-run-id": r.id, "data-state": r.state, "data-position": r.queue_position },
+          el("td", { class: "pos" }, r.queue_position),
+          el("td", {}, el("a", { href: `/runs/${r.id}` }, `#${r.id}`)),
+          el("td", {}, el("span", { class: `state s-${r.state}` }, r.state.replace("_", " "))),
+          el("td", {}, el("a", { href: `/cells/${r.cell_id}` }, serial[r.cell_id] || r.cell_id)),
+          el("td", {}, r.not_before ? fmtTime(r.not_before) : "when free"),
+          el("td", { class: "why" }, r.waiting_reason || ""),
+          actions(r, i === q.length - 1)));
+      });
+      box.append(el("section", { class: "card", "data-channel": c.name, "data-channel-id": c.id },
+        el("h2", {}, `${c.name} `, el("span", { class: `state s-${c.state}` }, c.state)),
+        el("div", { class: "table-wrap" }, el("table", { class: "queue" },
+          el("thead", {}, el("tr", {}, ...["#", "Run", "State", "Cell", "Not before", "Waiting because", ""]
+            .map((h) => el("th", {}, h)))), tb))));
+    });
+    const none = document.getElementById("queues-empty");
+    none.textContent = empty.length ? `Nothing waiting on ${empty.join(", ")}.` : "";
+    none.hidden = !empty.length;
+    box.dataset.loaded = String(Number(box.dataset.loaded || 0) + 1);
+  });
+  await refresh();
+  // Other technicians change queues too, and the engine takes heads off them.
+  setInterval(refresh, 5000);
+}
+
 // --- start-up ------------------------------------------------------------------------
 async function main() {
   if (page === "signin") { initSignin(); return; }
@@ -714,7 +843,7 @@ async function main() {
   applyRole();
   followLab(page === "overview");
   const init = { overview: initOverview, start: initStart, run: initRun, cell: initCell,
-                 admin: initAdmin }[page];
+                 admin: initAdmin, queue: initQueue }[page];
   try {
     if (init) await init();
   } catch (e) {

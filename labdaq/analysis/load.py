@@ -7,6 +7,8 @@ Sync on purpose — an async caller runs it with ``await session.run_sync(...)``
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import numpy as np
 from numpy.typing import NDArray
 from sqlalchemy import select
@@ -22,11 +24,14 @@ SAMPLE_COLUMNS = ("seq", "t_s", "step_index", "cycle_index", "voltage_v", "curre
 _INT = {"seq", "step_index", "cycle_index", "flags"}
 
 
-def read_samples(conn: Connection | Session, run_id: int) -> dict[str, NDArray[np.generic]]:
-    """Every stored sample of ``run_id`` as numpy columns (``SAMPLE_COLUMNS``), ordered by
-    ``seq``. A missing temperature is NaN."""
+def read_samples(conn: Connection | Session, run_id: int,
+                 cycles: Collection[int] | None = None) -> dict[str, NDArray[np.generic]]:
+    """Every stored sample of ``run_id`` (only those of ``cycles`` if given) as numpy
+    columns (``SAMPLE_COLUMNS``), ordered by ``seq``. A missing temperature is NaN."""
     cols = [getattr(m.Sample, c) for c in SAMPLE_COLUMNS]
     stmt = select(*cols).where(m.Sample.run_id == run_id).order_by(m.Sample.seq)
+    if cycles is not None:
+        stmt = stmt.where(m.Sample.cycle_index.in_(list(cycles)))
     rows = conn.execute(stmt).all()
     out: dict[str, NDArray[np.generic]] = {}
     if not rows:

@@ -18,7 +18,8 @@ with the limit and reports the uncertainty beside it; *guarded acceptance* (guar
 w = U) passes only a value that clears the limit by its expanded uncertainty and fails
 only one that misses it by as much. The uncertainty comes from the channel's accuracy
 (:class:`ChannelAccuracy`), when it is known; the calibration status is reported with
-every entry, ``not_evaluable`` until calibration records exist in labdaq.
+every entry from labdaq's calibration records (labdaq.calibrations): calibrated, expired
+or missing on the day the run started.
 
 An entry's verdict: ``fail`` if a confirmed criterion fails; otherwise ``not_evaluable``
 if any criterion is; otherwise ``provisional`` if any is; otherwise ``pass`` (``reported``
@@ -107,6 +108,9 @@ class RunData:
     rated: CellLimits | None = None
     accuracy: ChannelAccuracy | None = None
     calibrated: bool = False
+    # The channel's calibration status as reported (labdaq.calibrations.status_of_run);
+    # None: from ``calibrated`` alone.
+    calibration: str | None = None
     # Datasheet cycle count at which capacity retention is judged.
     spec_cycles: int | None = None
     # Identity for reports: cell, channel, instrument, run state and times.
@@ -606,7 +610,8 @@ def evaluate_run(run: RunData, catalogue: Catalogue | None = None,
             designations=[d.designation for d in e.designations],
             jurisdictions=list(e.jurisdictions), verdict=_entry_verdict(results),
             criteria=results,
-            calibration="calibrated" if run.calibrated else CALIBRATION_MISSING,
+            calibration=run.calibration or (
+                "calibrated" if run.calibrated else CALIBRATION_MISSING),
             run_id=run.run_id,
         ))
     return out

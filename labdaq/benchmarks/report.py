@@ -157,7 +157,7 @@ def render_report(run: RunData, results: list[EntryResult]) -> str:
     plots = "".join(f"<figure><img alt='{html.escape(t)}' src='{src}'>"
                     f"<figcaption>{html.escape(t)}</figcaption></figure>"
                     for t, src in _plots(run, ctx))
-    calib = results[0].calibration if results else (
+    calib = results[0].calibration if results else run.calibration or (
         "calibrated" if run.calibrated else "no calibration records")
     ident = [
         ("Run", f"{meta.get('run', {}).get('id', run.run_id)} "

@@ -11,8 +11,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from labdaq.analysis.load import read_samples
-from labdaq.benchmarks.evaluate import RunData, StepData
+from labdaq.benchmarks.evaluate import ChannelAccuracy, RunData, StepData
 from labdaq.benchmarks.store import observations_of
+from labdaq.calibrations import ACCURACY_KEYS, status_of_run
 from labdaq.protocol import ResolvedProtocol
 from labdaq.storage import models as m
 
@@ -22,7 +23,9 @@ __all__ = ["load_run_data"]
 def load_run_data(session: Session, run_id: int, **options: Any) -> RunData:
     """``options`` are RunData's evaluation inputs (observations, rated, accuracy,
     calibrated, spec_cycles); the observations stored for the run (``observations``
-    table) are used, and ``observations=`` given here override them per metric."""
+    table) are used, and ``observations=`` given here override them per metric. The
+    calibration status comes from the calibration records; a certificate in force that
+    states all three accuracies gives the channel accuracy when ``accuracy`` is not given."""
     run = session.get(m.Run, run_id)
     if run is None:
         raise KeyError(f"no run {run_id}")
@@ -62,6 +65,13 @@ def load_run_data(session: Session, run_id: int, **options: Any) -> RunData:
             "resource": instrument.resource, "idn": instrument.idn},
     }
     options.setdefault("meta", meta)
+    calib = status_of_run(session, run)
+    options.setdefault("calibration", calib.text)
+    options.setdefault("calibrated", calib.status == "calibrated")
+    acc = calib.accuracy or {}
+    if options.get("accuracy") is None and all(k in acc for k in ACCURACY_KEYS):
+        options["accuracy"] = ChannelAccuracy(
+            acc["voltage_rel"], acc["current_rel"], acc["temperature_c"])
     options["observations"] = {**observations_of(session, run_id),
                                **(options.get("observations") or {})}
     return RunData(run_id=run_id, plan=plan, samples=samples, steps=steps, spectra=spectra,

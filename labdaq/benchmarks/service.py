@@ -12,6 +12,8 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from labdaq import run_states
+from labdaq.benchmarks.catalogue import METRICS
 from labdaq.benchmarks.evaluate import (
     ChannelAccuracy,
     EntryResult,
@@ -206,8 +208,10 @@ async def add_observations(session: AsyncSession, run_id: int,
                            values: dict[str, float | bool], observed_by: str,
                            note: str | None, actor: str) -> list[m.Observation]:
     """Record a technician's observations for the run, with an audit event (the caller
-    commits). Unknown metrics are refused, naming each."""
-    if await session.get(m.Run, run_id) is None:
+    commits). Unknown metrics are refused, naming each. A hazard observed while the run
+    is acquiring stops it for safety (:func:`_stop_on_hazard`)."""
+    run = await session.get(m.Run, run_id)
+    if run is None:
         raise NotFound(f"no run {run_id}")
 
     def add_all(s: Session) -> list[m.Observation]:
@@ -227,7 +231,45 @@ async def add_observations(session: AsyncSession, run_id: int,
         run_id=run_id, kind="audit", actor=actor,
         message=f"observations recorded: {', '.join(f'{k}={v}' for k, v in values.items())}",
         data={"values": values, "observed_by": observed_by, "note": note}))
+    await _stop_on_hazard(session, run, values, observed_by, note, actor)
     return rows
+
+
+def hazards(values: dict[str, float | bool]) -> list[str]:
+    """The observation metrics in ``values`` that report a hazard: a "no fire, no
+    venting ..." criterion observed false."""
+    return [k for k, v in values.items()
+            if METRICS.get(k, {}).get("source") == "observation" and v is False]
+
+
+async def _stop_on_hazard(session: AsyncSession, run: m.Run,
+                          values: dict[str, float | bool], observed_by: str,
+                          note: str | None, actor: str) -> None:
+    """Fire, disassembly, rupture, venting, gas or leakage seen on a run that is still
+    acquiring: a safety event (an alarm until acknowledged) and a safety stop, which the
+    engine carries out at the run's next tick (output off, ``aborted_safety``).
+
+    Why a stop and not only an alarm: the abuse tests (UN 38.3 T7/T8, IEC 62133-2
+    over-charge and forced discharge) judge no disassembly and no fire during the test
+    and the observation period after it; once a cell vents or burns, more current
+    decides nothing and feeds the hazard. The observation period goes on with the
+    output off; later observations are recorded the same way."""
+    seen = hazards(values)
+    if not seen or run_states.command_refusal(run.state, "safety_stop") is not None:
+        return
+    protocol = await session.get(m.Protocol, run.protocol_id)
+    abuse = bool(protocol is not None and (protocol.document or {}).get("abuse"))
+    what = ", ".join(f"{k}=false ({METRICS[k]['what']})" for k in seen)
+    session.add(m.Event(
+        run_id=run.id, kind="safety", severity="critical",
+        message=f"hazard observed by {observed_by}: {what}; the run is stopped for safety",
+        data={"limit": "observation", "observations": seen, "value": False, "bound": None,
+              "source": "technician", "observed_by": observed_by, "note": note,
+              "abuse": abuse},
+        actor=actor))
+    run.requested_action = "safety_stop"
+    session.add(m.Event(run_id=run.id, kind="audit", actor=actor,
+                        message=f"safety stop requested: {', '.join(seen)} observed"))
 
 
 async def list_observations(session: AsyncSession, run_id: int) -> list[m.Observation]:

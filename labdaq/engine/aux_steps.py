@@ -35,8 +35,13 @@ class AuxSteps:
         self.recorder = recorder
         self.clock = clock
         self.tasks: dict[int, asyncio.Task[None]] = {}
-        # Which instruments are wired to each active run's channel (channels.aux).
+        # Which instruments are wired to each active run's channel: the run's snapshot
+        # (runs.wiring, see wiring_of), not the channel's wiring now.
         self.wiring: dict[int, dict[str, Any]] = {}
+
+    def wire(self, run: m.Run) -> None:
+        """Run ``run`` (starting or resuming) measures with its wiring snapshot."""
+        self.wiring[run.id] = wiring_of(run)
 
     def start(self, cr: ChannelRun, phase: Phase, group: InstrumentGroup) -> None:
         self.cancel(cr.run_id)
@@ -67,7 +72,7 @@ class AuxSteps:
             if st.step == "eis":
                 await self._eis(cr, st)
             elif st.step == "set_temperature":
-                missed = await self._set_temperature(cr, st)
+                missed = await self.set_temperature(cr.run_id, st)
                 if missed is not None:
                     await self._pause(cr, group, missed)
                     return  # no AUX_DONE: the step starts again when the run is resumed
@@ -101,10 +106,11 @@ class AuxSteps:
             z_imag_ohm=[float(x) for x in z.imag],
         )
 
-    async def _set_temperature(self, cr: ChannelRun, st: Any) -> RunEvent | None:
+    async def set_temperature(self, run_id: int, st: Any) -> RunEvent | None:
         """Set the chamber and wait until it holds the set point; None once it does, or the
-        event that pauses the run if it does not within ``timeout_s``."""
-        inst = self._instrument(cr.run_id, "chamber")
+        event that pauses the run if it does not within ``timeout_s``. (Also the chamber
+        steps a delegated run holds before its program starts: engine/delegated.py.)"""
+        inst = self._instrument(run_id, "chamber")
         await inst.worker.call(inst.driver.set_point_c, st.temperature_c)
         t_start = self.clock.now()
         stable_since: float | None = None
@@ -119,7 +125,7 @@ class AuxSteps:
                 stable_since = None
             if now - t_start > st.timeout_s:
                 return RunEvent(
-                    cr.run_id, "chamber", "warning",
+                    run_id, "chamber", "warning",
                     f"run paused: chamber {inst.name} at {actual:.2f} °C did not hold "
                     f"{st.temperature_c:.2f} ± {st.tolerance_c} °C for {st.stable_for_s:.0f} s "
                     f"within {st.timeout_s:.0f} s; resume to wait again, or stop the run",
@@ -137,3 +143,10 @@ class AuxSteps:
         without a record saying so), then the group turns the output off and pauses."""
         await self.recorder.paused_by_engine(why)
         group.command(cr.run_id, Command.PAUSE)
+
+
+def wiring_of(run: m.Run) -> dict[str, Any]:
+    """The wiring a run measures with: the snapshot of its channel's wiring taken when it
+    was created (``runs.wiring``; NULL: the channel had none), which a later change to
+    the channel does not touch."""
+    return dict(run.wiring or {})

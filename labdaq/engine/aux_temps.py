@@ -15,9 +15,15 @@ What a run's sample gets from its wired sensor:
 * a stale one (older, or none yet): the last value with ``SampleFlag.TEMP_STALE``,
   checked against no limit and no end condition (a stale reading satisfies no limit);
 * a lost sensor — an open thermocouple (the logger's overload value, +9.9E+37, which the
-  driver turns into NaN) or a logger that stopped answering (its transport gave up) or
-  cannot be opened: no temperature, ``SampleFlag.TEMP_LOST``; a run with a
-  temperature limit is stopped safely on it (:mod:`.safety`).
+  driver turns into NaN), a logger that stopped answering (its transport gave up) or
+  cannot be opened, or a reading that stayed stale past ``lost_s`` (a logger that
+  answers too late, or a scan that hangs, is no more use than one that is silent): no
+  temperature, ``SampleFlag.TEMP_LOST``; a run with a temperature limit is stopped safely
+  on it (:mod:`.safety`).
+
+Every sample with a wired sensor also stores the age of its reading
+(``samples.temperature_age_s``: engine seconds from the logger's query to the sample's
+measurement; NULL when there is no reading to age).
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ class Overlay:
 
     check_c: FloatArray  # what limits and end conditions see (NaN: nothing to check)
     stored_c: FloatArray  # what the sample stores (NaN -> NULL)
+    age_s: FloatArray  # the stored reading's age (NaN -> NULL: unwired, or no reading)
     flags: IntArray  # TEMP_STALE / TEMP_LOST bits for the rows
     lost: BoolArray  # the wired sensor is lost
 
@@ -72,12 +79,13 @@ class WiredTemperatures:
 
     ``wiring`` is the node's run id -> wiring map (``AuxSteps.wiring``, set when a run
     starts or resumes); ``stale_s`` (engine seconds) is the age past which a reading
-    satisfies no limit.
+    satisfies no limit; ``lost_s`` the time without a current reading (since the last
+    one, or since the scan began) past which the sensor counts as lost.
     """
 
     def __init__(self, instruments: dict[int, OpenInstrument],
                  wiring: dict[int, dict[str, Any]], clock: EngineClock,
-                 stale_s: float = 3.0,
+                 stale_s: float = 3.0, lost_s: float = 15.0,
                  open_logger: Callable[[str], Awaitable[OpenInstrument]] | None = None,
                  ) -> None:
         self.instruments = instruments
@@ -86,12 +94,16 @@ class WiredTemperatures:
         self.wiring = wiring
         self.clock = clock
         self.stale_s = stale_s
+        self.lost_s = lost_s
         self._slots: dict[tuple[str, int], int] = {}
         self.value_c: FloatArray = np.zeros(0)
         self.t_clock_s: FloatArray = np.zeros(0)
         # Per slot: the age past which its reading is stale (two scan periods, at least
         # stale_s: the group and the scan tick at their own phases of the same period).
         self.stale_after_s: FloatArray = np.zeros(0)
+        # Per slot: when its scan began wanting it (a reading older than that is from an
+        # earlier run and does not count towards lost_s before the first scan answers).
+        self.since_clock_s: FloatArray = np.zeros(0)
         self.state: IntArray = np.zeros(0, np.int64)
         self.error: dict[int, str] = {}  # slot -> why it is lost
         # group name -> {run id: (slot, scan period)}: who needs which sensor how often
@@ -108,6 +120,7 @@ class WiredTemperatures:
             self.value_c = np.append(self.value_c, np.nan)
             self.t_clock_s = np.append(self.t_clock_s, -np.inf)
             self.stale_after_s = np.append(self.stale_after_s, self.stale_s)
+            self.since_clock_s = np.append(self.since_clock_s, self.clock.now())
             self.state = np.append(self.state, _NONE)
         return k
 
@@ -137,27 +150,38 @@ class WiredTemperatures:
         s = np.where(wired, slots, 0)
         if not len(self.state):
             s_state = np.zeros(len(slots), np.int64)
-            s_value = s_age = s_stale = np.full(len(slots), np.nan)
+            s_value = s_age = s_stale = s_silent = np.full(len(slots), np.nan)
         else:
             s_state = self.state[s]
             s_value = self.value_c[s]
             s_age = now_clock_s - self.t_clock_s[s]
             s_stale = self.stale_after_s[s]
-        lost = wired & ((s_state == _OPEN) | (s_state == _NO_ANSWER))
+            s_silent = now_clock_s - np.maximum(self.t_clock_s[s], self.since_clock_s[s])
         fresh = wired & (s_state == _OK) & (s_age <= s_stale)
+        # Stale for longer than lost_s (never shorter than the staleness bound): lost.
+        too_old = wired & ~fresh & (s_silent > np.maximum(self.lost_s, s_stale))
+        lost = wired & ((s_state == _OPEN) | (s_state == _NO_ANSWER) | too_old)
         stale = wired & ~lost & ~fresh
         stored = np.where(wired, np.where(lost, np.nan, s_value), temp_c)
         check = np.where(wired, np.where(fresh, s_value, np.nan), temp_c)
+        # A scan that answered while the cycler was being measured is younger than the
+        # sample's time (taken before that query): as current as the sample, age 0.
+        age = np.where(wired & ~lost & np.isfinite(s_age), np.maximum(s_age, 0.0), np.nan)
         flags = np.where(stale, FLAG_TEMP_STALE, 0) | np.where(lost, FLAG_TEMP_LOST, 0)
-        return Overlay(check, stored, flags.astype(np.int64), lost)
+        return Overlay(check, stored, age, flags.astype(np.int64), lost)
 
     def describe(self, slot: int) -> dict[str, Any]:
         """What a slot is and why it is lost (for events)."""
         key = next(k for k, v in self._slots.items() if v == slot)
         state = int(self.state[slot]) if slot < len(self.state) else _NONE
-        cause = {_OPEN: "open", _NO_ANSWER: "no_answer"}.get(state, "ok")
-        return {"logger": key[0], "channel": key[1], "cause": cause,
-                "error": self.error.get(slot, "")}
+        cause = {_OPEN: "open", _NO_ANSWER: "no_answer"}.get(state, "stale")
+        error = self.error.get(slot, "")
+        if cause == "stale":
+            silent_s = self.clock.now() - max(float(self.t_clock_s[slot]),
+                                              float(self.since_clock_s[slot]))
+            error = (f"no current reading for {silent_s:.1f} s (lost after "
+                     f"{max(self.lost_s, float(self.stale_after_s[slot])):g} s)")
+        return {"logger": key[0], "channel": key[1], "cause": cause, "error": error}
 
     # -- scanning --------------------------------------------------------------------------
     def _plan(self, logger: str) -> None:
@@ -192,6 +216,7 @@ class WiredTemperatures:
 
     async def _scan(self, logger: str) -> None:
         retry_s, failures = RETRY_S, 0
+        scanning: set[int] = set()  # the slots this scan already wanted
         deadline = self.clock.now()
         try:
             while True:
@@ -202,6 +227,9 @@ class WiredTemperatures:
                     return
                 channels = sorted(wanted)
                 slots = [self._slots[(logger, ch)] for ch in channels]
+                new = [k for k in slots if k not in scanning]
+                self.since_clock_s[new] = self.clock.now()
+                scanning = set(slots)
                 period_s = min(wanted.values())
                 self.stale_after_s[slots] = max(self.stale_s, 2.0 * period_s)
                 inst = self._instrument(logger)

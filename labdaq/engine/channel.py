@@ -164,6 +164,7 @@ class ChannelRun:
         self.step_dis_ah = 0.0
         # Commands, as the run's instrument group took them from its inbox.
         self.stop_requested = False
+        self.safety_stop: str | None = None  # why a safety stop was requested
         self.pause_requested = False
         self.paused = False
         self.outcome: tuple[str, str] | None = None

@@ -68,6 +68,9 @@ class Command(enum.StrEnum):
     """What reaches a run through its group's inbox, acted on at the next tick."""
 
     STOP = "stop"
+    # A stop for safety the engine did not measure (a hazard a technician observed): the
+    # run ends aborted_safety; ``detail`` says why.
+    SAFETY_STOP = "safety_stop"
     PAUSE = "pause"
     RESUME = "resume"
     AUX_DONE = "aux_done"

@@ -243,8 +243,9 @@ class InstrumentGroup:
         if not own.any() and not self._sensor_lost[sel].any():
             return wired
         if wired is None:
-            wired = Overlay(temp, temp, np.zeros(len(temp), np.int64), np.zeros(len(temp), bool))
-        return Overlay(wired.check_c, wired.stored_c,
+            wired = Overlay(temp, temp, np.full(len(temp), np.nan),
+                            np.zeros(len(temp), np.int64), np.zeros(len(temp), bool))
+        return Overlay(wired.check_c, wired.stored_c, wired.age_s,
                        wired.flags | np.where(own, FLAG_TEMP_LOST, 0), wired.lost | own)
 
     def _sensor_info(self, k: int) -> dict[str, Any]:
@@ -364,9 +365,10 @@ class InstrumentGroup:
         t = now_clock - self.state.t0_clock_s
         # Wired sensors: their last scan (aux_temps.py); a stale one is checked by nothing.
         wired = self._temperatures(slice(None), now_clock, temp)
-        temp_rows, temp_flags = temp, None
+        temp_rows, temp_flags, temp_age = temp, None, None
         if wired is not None:
             temp, temp_rows, temp_flags = wired.check_c, wired.stored_c, wired.flags
+            temp_age = wired.age_s
 
         # 1. Integrate (trapezoids) since the previous reading: numpy only, nothing
         # awaited, so it does not delay the safety check, which needs the charge moved.
@@ -421,7 +423,8 @@ class InstrumentGroup:
                 flags = flags | temp_flags[idx]
             ledger = None if miss is None else self._gaps(idx, miss, due_t_s, flags, ts_utc)
             await self._put(idx, st.rows(idx, t[idx], v[idx], i[idx], temp_rows[idx], ts_utc,
-                                         flags), ledger)
+                                         flags, None if temp_age is None else temp_age[idx]),
+                            ledger)
         st.last_t_s, st.last_voltage_v, st.last_current_a, st.last_temperature_c = t, v, i, temp
 
         # 5. Per-channel Python only where something happened.
@@ -579,9 +582,9 @@ class InstrumentGroup:
         m2 = np.asarray(m2, float).reshape(len(changed), 3)
         v2, i2, temp2 = m2[:, 0].copy(), m2[:, 1].copy(), m2[:, 2].copy()
         wired = self._temperatures(idx, now_clock, temp2)
-        temp_rows = temp2
+        temp_rows, temp_age = temp2, None
         if wired is not None:
-            temp2, temp_rows = wired.check_c, wired.stored_c
+            temp2, temp_rows, temp_age = wired.check_c, wired.stored_c, wired.age_s
         if integrate:
             self.state.integrate(idx, t2, v2, i2, np.ones(len(changed), bool))
         breach = await self._check(idx, t2, v2, i2, temp2, t_meas,
@@ -603,7 +606,8 @@ class InstrumentGroup:
                     r0.run_id, int(self.state.seq[changed[0]]) + 1, n_missed,
                     resumed_from_t_s + r0.period_s, r0.period_s, ts_utc,
                     r0.missed_periods + n_missed, "interruption"))
-        await self._put(idx, self.state.rows(idx, t2, v2, i2, temp_rows, ts_utc, row_flags),
+        await self._put(idx, self.state.rows(idx, t2, v2, i2, temp_rows, ts_utc, row_flags,
+                                             temp_age),
                         ledger)
         if n_missed:
             self.runs[changed[0]].missed_periods += n_missed
@@ -630,6 +634,9 @@ class InstrumentGroup:
             for cmd, detail in self._inbox.pop(r.run_id, ()):
                 if cmd is Command.STOP:
                     r.stop_requested = True
+                elif cmd is Command.SAFETY_STOP:
+                    r.stop_requested = True
+                    r.safety_stop = detail or "safety stop requested"
                 elif cmd is Command.PAUSE:
                     r.pause_requested = True
                 elif cmd is Command.RESUME:
@@ -649,7 +656,8 @@ class InstrumentGroup:
         for k, r in enumerate(self.runs):
             if r.stop_requested:
                 await self._outputs_off([r.channel])
-                r.outcome = ("stopped", "stop requested")
+                r.outcome = (("aborted_safety", r.safety_stop) if r.safety_stop
+                             else ("stopped", "stop requested"))
                 done.append(k)
             elif r.pause_requested and not r.paused:
                 await self._outputs_off([r.channel])

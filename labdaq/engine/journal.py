@@ -20,6 +20,10 @@ On-disk format (all integers little-endian)::
              temperature_c (0.0 when absent → None), step_capacity_ah, step_energy_wh, flags
       kind 2 "json": UTF-8 JSON array of rows (lists), used when a batch does not fit the
              packed layout (an unexpected None, a big integer, ...); keeps every value.
+      kind 3 "packed with age": kind 1's row followed by has_temperature_age:?,
+             temperature_age_s:d (106 bytes; None as for the temperature). Written since
+             samples gained temperature_age_s; kind 1 and 12-column JSON rows (written
+             before) are read back with a NULL age.
       kind | 0x80: the batch's records (positions, steps, cycles; labdaq.engine.ledger)
              come first, as length:u32 + UTF-8 JSON, then the body of kind & 0x7f. They
              are replayed in the same transaction as the rows.
@@ -30,7 +34,7 @@ open, each file is read up to the first record whose header or payload is short 
 CRC does not match; everything before it is valid, the rest is reported and ignored.
 New records always go to a new segment after a restart, never after a torn tail.
 
-Disk bound: ``max_bytes`` caps the total size of all segment files (default 1 GiB ≈ 11 M
+Disk bound: ``max_bytes`` caps the total size of all segment files (default 1 GiB ≈ 10 M
 sample rows). A batch whose record would exceed it is not written (``append_many`` returns
 how many batches fit); the writer then drops that batch and raises its
 ``journal_overflowed`` flag so the engine can record an interruption instead of stalling
@@ -61,9 +65,12 @@ VERSION = 1
 FILE_HEADER = MAGIC + bytes([VERSION, 0, 0, 0])
 _REC_HEAD = struct.Struct("<II")  # length, crc
 _PAYLOAD_HEAD = struct.Struct("<BI")  # kind, nrows
-_ROW = struct.Struct("<qqddqqdd?dddq")
+_ROW_V1 = struct.Struct("<qqddqqdd?dddq")  # kind 1: written before temperature_age_s
+_ROW = struct.Struct("<qqddqqdd?dddq?d")
 KIND_PACKED = 1
 KIND_JSON = 2
+KIND_PACKED_AGE = 3
+_NCOLS = 13  # SAMPLE_COLUMNS
 KIND_HAS_RECORDS = 0x80
 _LEN = struct.Struct("<I")
 # A record larger than this can only be a corrupt length field (batches are far smaller).
@@ -111,13 +118,19 @@ def decode_payload(payload: bytes) -> tuple[list[Sequence[Any]], bytes | None]:
         (n,) = _LEN.unpack_from(body)
         records = bytes(body[_LEN.size : _LEN.size + n])
         body = body[_LEN.size + n :]
-    if kind == KIND_PACKED:
+    if kind == KIND_PACKED_AGE:
         out: list[Sequence[Any]] = [
-            (a, b, c, d, e, f, g, h, t if has_t else None, i, j, k)
-            for a, b, c, d, e, f, g, h, has_t, t, i, j, k in _ROW.iter_unpack(body)
+            (a, b, c, d, e, f, g, h, t if has_t else None, i, j, k, age if has_age else None)
+            for a, b, c, d, e, f, g, h, has_t, t, i, j, k, has_age, age
+            in _ROW.iter_unpack(body)
+        ]
+    elif kind == KIND_PACKED:
+        out = [
+            (a, b, c, d, e, f, g, h, t if has_t else None, i, j, k, None)
+            for a, b, c, d, e, f, g, h, has_t, t, i, j, k in _ROW_V1.iter_unpack(body)
         ]
     elif kind == KIND_JSON:
-        out = json.loads(bytes(body))
+        out = [r + [None] * (_NCOLS - len(r)) for r in json.loads(bytes(body))]
     else:
         raise ValueError(f"unknown journal record kind {kind}")
     if len(out) != nrows:
@@ -128,15 +141,17 @@ def decode_payload(payload: bytes) -> tuple[list[Sequence[Any]], bytes | None]:
 def _pack(rows: Sequence[Sequence[Any]]) -> bytes:
     n = len(rows)
     buf = bytearray(_PAYLOAD_HEAD.size + n * _ROW.size)
-    _PAYLOAD_HEAD.pack_into(buf, 0, KIND_PACKED, n)
+    _PAYLOAD_HEAD.pack_into(buf, 0, KIND_PACKED_AGE, n)
     pack_into, size = _ROW.pack_into, _ROW.size
     off = _PAYLOAD_HEAD.size
     for r in rows:
-        if len(r) != 12:
-            raise ValueError("row is not 12 columns")
-        t = r[8]  # the one nullable column: a presence byte keeps None apart from NaN
-        has_t = t is not None
-        pack_into(buf, off, *r[:8], has_t, t if has_t else 0.0, r[9], r[10], r[11])
+        if len(r) != _NCOLS:
+            raise ValueError(f"row is not {_NCOLS} columns")
+        # The nullable columns: a presence byte keeps None apart from NaN.
+        t, age = r[8], r[12]
+        has_t, has_age = t is not None, age is not None
+        pack_into(buf, off, *r[:8], has_t, t if has_t else 0.0, r[9], r[10], r[11],
+                  has_age, age if has_age else 0.0)
         off += size
     return bytes(buf)
 

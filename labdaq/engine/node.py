@@ -29,6 +29,7 @@ from labdaq.engine.aux_steps import AuxSteps
 from labdaq.engine.aux_temps import WiredTemperatures
 from labdaq.engine.channel import ChannelRun
 from labdaq.engine.clock import EngineClock
+from labdaq.engine.delegated import DelegatedRuns
 from labdaq.engine.events import (
     AuxRequested,
     EngineEvent,
@@ -38,6 +39,7 @@ from labdaq.engine.events import (
 )
 from labdaq.engine.group import InstrumentGroup
 from labdaq.engine.instruments import OpenInstrument
+from labdaq.engine.node_link import NodeLink
 from labdaq.engine.recorder import RunRecorder
 from labdaq.engine.recovery import Recovery
 from labdaq.engine.scheduling import Scheduling
@@ -46,10 +48,15 @@ from labdaq.engine.stats import EngineStats
 from labdaq.engine.writer import SampleWriter
 from labdaq.engine.writer_process import WriterProcess
 from labdaq.heartbeat import HEARTBEAT_PERIOD_S, INSTRUMENT_OK, Heartbeat
+from labdaq.nodes import owned_by
 from labdaq.storage import models as m
 from labdaq.storage.db import session_scope, sessionmaker
 
 log = logging.getLogger(__name__)
+
+
+class InstrumentFenced(RuntimeError):
+    """Another node holds the instrument's advisory lock: this one must not drive it."""
 
 
 def default_journal_dir(engine: AsyncEngine) -> Path | None:
@@ -86,6 +93,9 @@ class AcquisitionNode(Scheduling, Recovery):
         journal_dir: Path | None = None,
         writer_process: bool = False,
         temperature_stale_s: float = 3.0,
+        temperature_lost_s: float = 15.0,
+        unassigned: bool = True,
+        fence_wait_s: float = 60.0,
     ) -> None:
         self.control_period_s = control_period_s
         self.engine = engine
@@ -110,7 +120,15 @@ class AcquisitionNode(Scheduling, Recovery):
             )
         )
         self.node_name = node_name or socket.gethostname()
-        self.recorder = RunRecorder(self.maker, self.node_name)
+        # Which instruments are this node's (labdaq.nodes): assigned to it, and with
+        # ``unassigned`` (the single-machine node) those assigned to none. Each is fenced
+        # by an advisory lock and the node is woken by NOTIFY (node_link.py).
+        self.owns = owned_by(self.node_name, unassigned)
+        self.link = NodeLink(engine.url.render_as_string(hide_password=False),
+                             self.node_name, unassigned)
+        self.recorder = RunRecorder(self.maker, self.node_name, self.owns)
+        # How long open_all waits for a fence another process holds (node_link.py).
+        self.fence_wait_s = fence_wait_s
         self.max_resume_gap_s = max_resume_gap_s
         self.instruments: dict[int, OpenInstrument] = {}
         self.groups: dict[int, InstrumentGroup] = {}
@@ -119,6 +137,7 @@ class AcquisitionNode(Scheduling, Recovery):
         self.aux = AuxSteps(self.instruments, self.recorder, clock)
         self.temperatures = WiredTemperatures(self.instruments, self.aux.wiring, clock,
                                               stale_s=temperature_stale_s,
+                                              lost_s=temperature_lost_s,
                                               open_logger=self._open_by_name)
         self._finishing: set[asyncio.Task[None]] = set()
         self._scheduler_error = False
@@ -140,6 +159,7 @@ class AcquisitionNode(Scheduling, Recovery):
         self.heartbeat = Heartbeat(self.node_name)
         self.stats = EngineStats()  # for /metrics, through the heartbeat (stats.py)
         self._next_beat_s = 0.0
+        self.delegated = DelegatedRuns(self)
 
     @property
     def records(self) -> RunRecorder:
@@ -151,6 +171,9 @@ class AcquisitionNode(Scheduling, Recovery):
         from labdaq.drivers.opener import open_configured, resolve_driver
         from labdaq.drivers.transport import InstrumentWorker
 
+        if not await self.link.acquire(row.id):
+            raise InstrumentFenced(f"instrument {row.name} is driven by another node "
+                                   "(its advisory lock is held)")
         resolve_driver(row.driver)  # an unknown driver fails here, before a thread starts
         worker = InstrumentWorker(name=row.name)
         # The driver's declared framing, then the row's options (drivers/opener.py).
@@ -169,7 +192,7 @@ class AcquisitionNode(Scheduling, Recovery):
         that was off when the engine started)."""
         async with session_scope(self.maker) as s:
             row = await s.scalar(select(m.Instrument).where(m.Instrument.name == name,
-                                                            m.Instrument.enabled))
+                                                            m.Instrument.enabled, self.owns))
         if row is None:
             raise LookupError(f"no enabled instrument {name!r}")
         return await self._open_instrument(row)
@@ -202,8 +225,18 @@ class AcquisitionNode(Scheduling, Recovery):
     async def open_all(self) -> None:
         """Connect every configured instrument and make it safe before any run starts."""
         async with session_scope(self.maker) as s:
-            rows = (await s.scalars(select(m.Instrument).where(m.Instrument.enabled))).all()
+            rows = (await s.scalars(select(m.Instrument).where(m.Instrument.enabled,
+                                                                self.owns))).all()
+        # Fences first: this node's previous process may still hold some (killed on
+        # another machine, its connection not yet dropped by the server).
+        fenced = await self.link.acquire_waiting([r.id for r in rows], self.fence_wait_s,
+                                                 self._stopping)
         for row in rows:
+            if row.id in fenced:
+                why = "its advisory lock is held by another process (node_link.py)"
+                log.error("instrument %s not opened: %s", row.name, why)
+                self.heartbeat.instruments[row.name] = f"not connected: {why}"
+                continue
             try:
                 inst = await self._open_instrument(row)
                 if isinstance(inst.driver, Cycler):
@@ -219,6 +252,7 @@ class AcquisitionNode(Scheduling, Recovery):
         self.writer.start()
         self.recorder.start()
         try:
+            await self.link.connect()
             await self.open_all()
             # Everything alive now (modules, ORM metadata, drivers) lives as long as the
             # process: keep it out of the collector's full passes, which stall every
@@ -227,16 +261,23 @@ class AcquisitionNode(Scheduling, Recovery):
             gc.freeze()
             await self._recover_when_ready()
             while not self._stopping.is_set():
+                self.link.wake.clear()  # what woke it is read by this round
                 await self.tick()
-                try:
-                    await asyncio.wait_for(self._stopping.wait(), timeout=self.poll_s)
-                except TimeoutError:
-                    pass
+                await self._sleep_round()
         finally:
             await self.shutdown()
 
     def request_stop(self) -> None:
         self._stopping.set()
+        self.link.wake.set()
+
+    async def _sleep_round(self) -> None:
+        """Until the next round: ``poll_s``, or sooner when woken (a command or a new run
+        for this node, NOTIFY on PostgreSQL) or asked to stop."""
+        try:
+            await asyncio.wait_for(self.link.wake.wait(), timeout=self.poll_s)
+        except TimeoutError:
+            pass
 
     def _writer_died(self, why: str) -> None:
         """The sample writer process is gone. Its runs are not failed: the node stops
@@ -252,8 +293,13 @@ class AcquisitionNode(Scheduling, Recovery):
         if state == "running" and now < self._next_beat_s:
             return
         self._next_beat_s = now + HEARTBEAT_PERIOD_S
+        await self.link.check()  # the fences are still this node's (node_link.py)
+        if self.link.lost and self.failure is None:
+            self.failure = f"instrument fences lost to another process: {sorted(self.link.lost)}"
+            log.error("%s: stopping", self.failure)
+            self.request_stop()
         async with session_scope(self.maker) as s:
-            await self.heartbeat.write(s, len(self.active), state,
+            await self.heartbeat.write(s, len(self.active) + len(self.delegated.runs), state,
                                        self.stats.snapshot(self.writer, self.groups.values()))
 
     async def shutdown(self) -> None:
@@ -261,6 +307,7 @@ class AcquisitionNode(Scheduling, Recovery):
         # outputs are turned off and every sample (with its position) committed, which is
         # what resuming needs.
         self.aux.cancel_all()
+        await self.delegated.close()  # their programs run on; a restart follows them again
         if self._waiting:
             await asyncio.wait(self._waiting, timeout=10)
         for group in self.groups.values():
@@ -293,6 +340,7 @@ class AcquisitionNode(Scheduling, Recovery):
             except Exception as exc:  # noqa: BLE001 - shutting down regardless
                 log.warning("could not close %s: %s", inst.name, exc)
             inst.worker.shutdown(wait=False)
+        await self.link.close()  # the fences go last, with the instruments safe and closed
 
     # -- what groups emit ----------------------------------------------------------------
     async def _on_event(self, ev: EngineEvent, instrument_id: int | None = None) -> None:

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from labdaq.engine.aux_steps import AuxSteps
 from labdaq.engine.channel import ChannelRun
 from labdaq.engine.clock import EngineClock
+from labdaq.engine.delegated import DelegatedRuns
 from labdaq.engine.events import EngineEvent
 from labdaq.engine.group import InstrumentGroup
 from labdaq.engine.instruments import OpenInstrument
@@ -45,9 +46,11 @@ class NodeParts:
     _waiting: set[asyncio.Task[None]]
     heartbeat: Heartbeat
     stats: EngineStats
+    delegated: DelegatedRuns  # runs whose cycler runs its own program (delegated.py)
 
     if TYPE_CHECKING:
         async def _group_for(self, instrument_id: int) -> InstrumentGroup: ...
+        async def _open_instrument(self, row: m.Instrument) -> OpenInstrument: ...
         async def _start(self, run: m.Run, channel: m.Channel) -> None: ...
         async def _on_event(self, ev: EngineEvent, instrument_id: int | None = None) -> None:
             ...

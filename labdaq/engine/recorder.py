@@ -21,13 +21,14 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from labdaq import run_queue, run_states
 from labdaq.engine.channel import ChannelRun
 from labdaq.engine.events import RunEvent
+from labdaq.nodes import wake_node_of_run
 from labdaq.storage import models as m
 from labdaq.storage.db import session_scope
 
@@ -175,9 +176,13 @@ async def insert_ignoring_duplicates(
 class RunRecorder:
     """Every engine write besides sample rows (see the module docstring)."""
 
-    def __init__(self, maker: async_sessionmaker[AsyncSession], node_name: str) -> None:
+    def __init__(self, maker: async_sessionmaker[AsyncSession], node_name: str,
+                 owns: ColumnElement[bool] | None = None) -> None:
         self.maker = maker
         self.node_name = node_name
+        # Which instruments' runs this node claims and resumes (labdaq.nodes.owned_by);
+        # None: all of them.
+        self.owns = owns
         self.queue = RecordWriter(maker)
 
     @property
@@ -228,6 +233,9 @@ class RunRecorder:
                           severity="info" if state == "completed" else "warning",
                           message=f"run {state}: {reason}", data={"state": state},
                           actor=node))
+            # The channel is free once this commits: wake its node for the next run of
+            # its queue (PostgreSQL; labdaq.nodes) instead of waiting for its next poll.
+            await wake_node_of_run(s, run, "ended")
 
         self.queue.put("run state", op)
 
@@ -238,6 +246,14 @@ class RunRecorder:
         waiting = [s.value for s in m.WAITING_STATES]
         try:
             async with session_scope(self.maker) as s:
+                # Row-locked first, skipping a row another transaction holds: of two
+                # claims at once one gets the row, the other moves on (and finds it no
+                # longer queued next round). SQLite has no row locks: one writer at a time.
+                if await s.scalar(
+                        select(m.Run.id)
+                        .where(m.Run.id == run_id, m.Run.state == m.RunState.queued.value)
+                        .with_for_update(skip_locked=True)) is None:
+                    return False
                 res = await s.execute(
                     update(m.Run)
                     .where(m.Run.id == run_id,
@@ -260,9 +276,14 @@ class RunRecorder:
             return False
 
     async def queue_heads(self, now: datetime) -> list[run_queue.Decision]:
-        """The head of every free channel's queue and whether it may start now."""
+        """The head of every free channel's queue of this node's instruments and whether
+        it may start now."""
         async with session_scope(self.maker) as s:
-            return await run_queue.decide(s, now)
+            decisions = await run_queue.decide(s, now)
+            if self.owns is None:
+                return decisions
+            mine = set((await s.scalars(select(m.Instrument.id).where(self.owns))).all())
+            return [d for d in decisions if d.channel.instrument_id in mine]
 
     async def hold(self, run_id: int, reason: str) -> None:
         """queued → awaiting_cell: the next run of a free channel waits for a technician
@@ -336,9 +357,12 @@ class RunRecorder:
                           message=reason, data=gap, actor=self.node_name))
 
     async def acquiring(self, run_ids: list[int] | None = None) -> list[tuple[m.Run, m.Channel]]:
-        """Runs (with their channels) in an acquiring state; all, or of ``run_ids``."""
+        """Runs (with their channels) in an acquiring state on this node's instruments;
+        all, or of ``run_ids``."""
         q = (select(m.Run, m.Channel).join(m.Channel, m.Channel.id == m.Run.channel_id)
              .where(m.Run.state.in_([s.value for s in run_states.ACQUIRING])))
+        if self.owns is not None:  # another node's runs are that node's to resume
+            q = q.join(m.Instrument, m.Instrument.id == m.Channel.instrument_id).where(self.owns)
         if run_ids is not None:
             q = q.where(m.Run.id.in_(run_ids))
         async with session_scope(self.maker) as s:

@@ -102,6 +102,16 @@ class Recovery(NodeParts):
                  "gap_s": wait_s, "gap_wall_s": wall_s}))
             await self._start(run, channel)
             return
+        try:
+            inst = await self.delegated.instrument_of(channel)
+        except Exception as exc:  # noqa: BLE001 - its server is not there yet
+            # The program runs on (or not) on the cycler; the next engine start follows it.
+            log.error("run %s: its cycler's server does not answer, not followed: %s",
+                      run.id, exc)
+            return
+        if inst is not None:  # its program ran on the cycler meanwhile: follow it again
+            await self.delegated.resume(run, channel, inst, "engine_restart")
+            return
         # The limit is in wall seconds (what a cell resting with its output off lives
         # through); the run's own timeline, on the engine clock, moves on by gap_s.
         wall_gap_s = time.time() - last.ts_utc if last else 0.0
@@ -133,7 +143,7 @@ class Recovery(NodeParts):
             try:
                 resolved = ResolvedProtocol.model_validate(run.plan)
                 cr = ChannelRun(run.id, channel.index, resolved, run.sample_period_s)
-                self.aux.wiring[run.id] = dict(channel.aux or {})
+                self.aux.wire(run)
                 phase = cr.restore(dict(pos), shift_s=gap_s)
                 cr.t_s = float(last.t_s) + gap_s
                 cr.resumed_from_t_s = float(last.t_s)  # the gap's periods are missed ones

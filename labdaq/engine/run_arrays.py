@@ -166,18 +166,15 @@ class RunArrays:
 
     def rows(
         self, idx: IntArray, t: FloatArray, v: FloatArray, i: FloatArray, temp: FloatArray,
-        ts_utc: float, flags: NDArray[Any],
+        ts_utc: float, flags: NDArray[Any], temp_age_s: FloatArray | None = None,
     ) -> list[tuple[Any, ...]]:
-        """Sample rows (SAMPLE_COLUMNS order) for runs ``idx``; advances their seq."""
+        """Sample rows (SAMPLE_COLUMNS order) for runs ``idx``; advances their seq.
+        ``temp_age_s``: the age of each wired temperature reading (None or NaN: none)."""
         seq = self.seq[idx] + 1
         self.seq[idx] = seq
         self.t_s[idx] = t
-        nan_t = np.isnan(temp)
-        temps: Any = (
-            repeat(None)
-            if nan_t.all()
-            else [None if x != x else x for x in temp.tolist()]  # NaN -> NULL
-        )
+        temps = _nullable(temp)
+        ages = repeat(None) if temp_age_s is None else _nullable(temp_age_s)
         return list(
             zip(
                 self.run_id[idx].tolist(),
@@ -192,6 +189,7 @@ class RunArrays:
                 self.step_capacity_ah[idx].tolist(),
                 self.step_energy_wh[idx].tolist(),
                 np.asarray(flags, np.int64).tolist(),
+                ages,
             )
         )
 
@@ -234,3 +232,13 @@ class RunArrays:
         self.cycle_discharge_v_s[sel] += np.where(dis, v_dt, 0.0)
         self.cycle_discharge_s[sel] += np.where(dis, dt, 0.0)
         self.cycle_end_t_s[sel] = np.where(dq != 0.0, t, self.cycle_end_t_s[sel])
+
+
+def _nullable(x: FloatArray) -> Any:
+    """Values of a nullable column: NaN -> NULL (None)."""
+    nan = np.isnan(x)
+    if nan.all():
+        return repeat(None)
+    if not nan.any():
+        return x.tolist()  # the common case: no per-value test
+    return [None if v != v else v for v in x.tolist()]

@@ -18,6 +18,7 @@ from labdaq.engine.events import Command, RunEnded, RunEvent
 from labdaq.engine.node_parts import NodeParts
 from labdaq.engine.setpoints import LOST_INSTRUMENT
 from labdaq.protocol import ResolvedProtocol
+from labdaq.run_states import SAFETY_STOP_REASON
 from labdaq.storage import models as m
 
 log = logging.getLogger(__name__)
@@ -87,14 +88,21 @@ class Scheduling(NodeParts):
     async def _apply_requests(self) -> None:
         """The API's commands for active runs → their groups' inboxes; a pause or resume
         is recorded as the state it leads to once handed over."""
-        if not self.active:
+        if not self.active and not self.delegated.runs:
             return
-        for run_id, action in await self.recorder.requested(list(self.active)):
-            group = self.run_groups.get(run_id)
-            if group is None or action not in ("stop", "pause", "resume"):
+        for run_id, action in await self.recorder.requested(
+                [*self.active, *self.delegated.runs]):
+            if run_id in self.delegated.runs and action in ("stop", "pause", "resume"):
+                self.delegated.command(run_id, action)
+                if action != "stop":
+                    await self.recorder.command_taken(run_id, action)
                 continue
-            group.command(run_id, Command(action))
-            if action != "stop":  # a stop is recorded when the run has ended
+            group = self.run_groups.get(run_id)
+            if group is None or action not in ("stop", "safety_stop", "pause", "resume"):
+                continue
+            group.command(run_id, Command(action),
+                          SAFETY_STOP_REASON if action == "safety_stop" else None)
+            if action not in ("stop", "safety_stop"):  # a stop: recorded when it has ended
                 await self.recorder.command_taken(run_id, action)
 
     async def _claim_queued(self) -> None:
@@ -102,7 +110,7 @@ class Scheduling(NodeParts):
         (its ``not_before`` and the strict order are the queue's: labdaq/run_queue.py)."""
         now = datetime.fromtimestamp(self.wall_clock(), UTC)
         for d in await self.recorder.queue_heads(now):
-            if d.run.id in self.active:
+            if d.run.id in self.active or d.run.id in self.delegated.runs:
                 continue
             if not d.start:
                 await self.recorder.hold(d.run.id, d.reason or "")
@@ -111,9 +119,13 @@ class Scheduling(NodeParts):
 
     async def _start(self, run: m.Run, channel: m.Channel) -> None:
         try:
+            # A cycler that runs its own step program gets the whole protocol.
+            if (inst := await self.delegated.instrument_of(channel)) is not None:
+                await self.delegated.start(run, channel, inst)
+                return
             resolved = ResolvedProtocol.model_validate(run.plan)
             cr = ChannelRun(run.id, channel.index, resolved, run.sample_period_s)
-            self.aux.wiring[run.id] = dict(channel.aux or {})
+            self.aux.wire(run)
             group = await self._group_for(channel.instrument_id)
             lim = resolved.limits
             # Layer one of safety: the instrument's own protection trips even if we stall.

@@ -210,7 +210,7 @@ def classify(exc: BaseException) -> _Outcome:
 class SampleWriter:
     """Collects sample rows and writes them in batches; see the module docstring.
 
-    ``put`` hands rows over (12-tuples or lists in ``SAMPLE_COLUMNS`` order); ``flush``
+    ``put`` hands rows over (13-tuples or lists in ``SAMPLE_COLUMNS`` order); ``flush``
     returns once everything handed over so far is committed or, if the database is
     unavailable, durably journaled (and, if the database answers, once the journal has
     been replayed); ``close`` flushes and stops the writer task, leaving any journal that

@@ -33,6 +33,7 @@ class Base(DeclarativeBase):
     type_annotation_map = {
         dict[str, Any]: JSON,
         dict[str, Any] | None: JSON,
+        list[dict[str, Any]] | None: JSON,
         datetime: DateTime(timezone=True),
     }
 
@@ -49,6 +50,9 @@ class RunState(enum.StrEnum):
     aborted_safety = "aborted_safety"
     failed = "failed"
     interrupted = "interrupted"
+    # Another lab's cycler file brought in (labdaq.imports): read-only, never acquired;
+    # terminal from the start, so pause/resume/stop are refused.
+    imported = "imported"
 
 
 #: States in which a run waits in its channel's queue (labdaq/run_queue.py).
@@ -74,6 +78,9 @@ class Instrument(Base):
     # False: configured off, or removed from the instruments file while past runs still
     # reference its channels (rows are kept for their history); the engine skips it.
     enabled: Mapped[bool] = mapped_column(default=True, server_default=true())
+    # The acquisition node that drives it (labdaq.nodes); None: unassigned, driven only
+    # by a single-machine node (`serve --role all`), never by a `--role node` one.
+    node: Mapped[str | None] = mapped_column(String(100))
 
 
 class Channel(Base):
@@ -202,6 +209,54 @@ class Run(Base):
     waiting_reason: Mapped[str | None] = mapped_column(Text)
 
 
+class Import(Base):
+    """A cycler file brought in as a read-only run (labdaq.imports). ``file_sha256`` is
+    unique: the same file imported twice is the same run. ``vendor_cycles`` is the
+    cycler's own per-cycle summary where the file has one (kept beside the ``cycles``
+    labdaq computes), one dict per cycle with labdaq's column names."""
+
+    __tablename__ = "imports"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), unique=True)
+    file_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    filename: Mapped[str] = mapped_column(String(300))
+    format: Mapped[str] = mapped_column(String(30))
+    # The reader: package name and version, or "labdaq" for our own, and its licence.
+    reader: Mapped[str] = mapped_column(String(100))
+    reader_licence: Mapped[str] = mapped_column(String(60))
+    # False: the file had no measured current (e.g. a BioLogic OCV technique); currents
+    # were derived from its charge column, or are zero.
+    current_measured: Mapped[bool] = mapped_column(default=True)
+    n_samples: Mapped[int] = mapped_column(BigInteger)
+    vendor_cycles: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    imported_by: Mapped[str] = mapped_column(String(200))
+    imported_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Calibration(Base):
+    """A calibration certificate of an instrument (``channel_id`` NULL: every channel of
+    it) or of one channel: who calibrated it, when, until when it is valid, and the
+    accuracy it certifies per quantity ({"voltage_rel": 0.001, "current_rel": 0.01,
+    "temperature_c": 2.0}: expanded, k = 2). History is kept; the evaluation takes the
+    newest certificate in force for the run's channel (labdaq.calibrations)."""
+
+    __tablename__ = "calibrations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    instrument_id: Mapped[int] = mapped_column(ForeignKey("instruments.id"), index=True)
+    channel_id: Mapped[int | None] = mapped_column(ForeignKey("channels.id"))
+    certificate_id: Mapped[str] = mapped_column(String(100))
+    lab: Mapped[str] = mapped_column(String(200))
+    calibrated_on: Mapped[date] = mapped_column(Date)
+    due_on: Mapped[date] = mapped_column(Date)
+    accuracy: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    recorded_by: Mapped[str] = mapped_column(String(200))
+    recorded_at: Mapped[datetime] = mapped_column(default=utcnow)
+    note: Mapped[str | None] = mapped_column(Text)
+
+
 class SampleFlag(enum.IntFlag):
     """Bits of ``samples.flags``."""
 
@@ -237,6 +292,9 @@ class Sample(Base):
     step_capacity_ah: Mapped[float] = mapped_column(Float)
     step_energy_wh: Mapped[float] = mapped_column(Float)
     flags: Mapped[int] = mapped_column(Integer, default=0)
+    # The age of temperature_c's reading when it comes from a wired sensor (engine
+    # seconds from the logger's query to this sample's measurement); NULL otherwise.
+    temperature_age_s: Mapped[float | None] = mapped_column(Float)
 
 
 class Step(Base):
@@ -388,6 +446,7 @@ SAMPLE_COLUMNS = (
     "step_capacity_ah",
     "step_energy_wh",
     "flags",
+    "temperature_age_s",
 )
 
 

@@ -1,0 +1,45 @@
+"""Response and request bodies of imported cycler files and calibration certificates."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class ImportOut(BaseModel):
+    """An imported file and the read-only run it became. ``vendor_cycles``: the cycler's
+    own per-cycle summary where the file has one (labdaq's own is at
+    ``/api/v1/runs/{run_id}/cycles``)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    run_id: int
+    created: bool = False  # this request stored it (false: imported before)
+    file_sha256: str
+    filename: str
+    format: str
+    reader: str
+    reader_licence: str
+    current_measured: bool
+    n_samples: int
+    imported_by: str
+    imported_at: datetime
+    vendor_cycles: list[dict[str, Any]] | None = None
+    details: dict[str, Any] = {}
+
+
+class CalibrationOut(BaseModel):
+    id: int
+    instrument: str
+    channel: str | None
+    certificate_id: str
+    lab: str
+    calibrated_on: date
+    due_on: date
+    accuracy: dict[str, float]
+    recorded_by: str
+    recorded_at: datetime
+    note: str | None

@@ -1,0 +1,286 @@
+"""Imports of other labs' cycler files (labdaq.imports) through the API and the CLI: each
+format's reader, the cycler's own per-cycle summary kept beside labdaq's and agreeing with
+it, idempotence by file hash, read-only runs, files without a current column.
+
+Files written here in the vendors' layouts (the cycler's counters integrated by the test
+with the rectangle rule, as a cycler accumulates between readings; labdaq's from the
+samples with trapezoids) cover the readers without public example files (Arbin CSV,
+Maccor with cycles); the public files are in tests/test_import_vendor_files.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from labdaq import auth
+from labdaq.api.app import create_app
+from labdaq.cli import app as cli_app
+from labdaq.config import Settings
+from labdaq.storage.db import create_engine, session_scope, sessionmaker
+
+VENDOR = Path(__file__).parent / "data" / "vendor"
+
+
+def _profile(cycles: int = 2, dt_s: float = 10.0) -> dict[str, np.ndarray]:
+    """Charge at 1.0 A for an hour, rest, discharge at 0.95 A to 3.0 V, rest; repeated."""
+    t, v, i, cyc, step = [], [], [], [], []
+    now = 0.0
+    for c in range(1, cycles + 1):
+        for s, (amps, dur) in enumerate([(1.0, 3600.0), (0.0, 600.0), (-0.95, 3700.0),
+                                         (0.0, 600.0)], start=1):
+            n = int(dur / dt_s)
+            tt = now + dt_s * np.arange(1, n + 1)
+            frac = np.arange(1, n + 1) / n
+            volts = {1.0: 3.0 + 1.2 * frac, 0.0: np.full(n, 3.6 if s == 4 else 4.1),
+                     -0.95: 4.2 - 1.2 * frac}[amps]
+            t.append(tt)
+            v.append(volts)
+            i.append(np.full(n, amps))
+            cyc.append(np.full(n, c))
+            step.append(np.full(n, s))
+            now = tt[-1]
+    return {k: np.concatenate(x) for k, x in
+            dict(t=t, v=v, i=i, cycle=cyc, step=step).items()}
+
+
+def _counters(p: dict[str, np.ndarray], reset: str) -> tuple[np.ndarray, np.ndarray]:
+    """The cycler's charge and discharge Ah counters (rectangle rule), reset at each
+    ``reset`` ("cycle" like Arbin, "step" like Maccor)."""
+    dq = np.zeros_like(p["t"])
+    dq[1:] = p["i"][1:] * np.diff(p["t"]) / 3600.0
+    key = p["cycle"] if reset == "cycle" else p["cycle"] * 1000 + p["step"]
+    qc, qd = np.zeros_like(dq), np.zeros_like(dq)
+    for k in np.unique(key):
+        sel = key == k
+        qc[sel] = np.cumsum(np.clip(dq[sel], 0, None))
+        qd[sel] = np.cumsum(np.clip(-dq[sel], 0, None))
+    return qc, qd
+
+
+def _expected(p: dict[str, np.ndarray]) -> dict[int, tuple[float, float]]:
+    qc, qd = _counters(p, "step")
+    return {int(c): (float(sum(qc[(p["cycle"] == c) & (p["step"] == s)].max() for s in (1, 3))),
+                     float(sum(qd[(p["cycle"] == c) & (p["step"] == s)].max() for s in (1, 3))))
+            for c in np.unique(p["cycle"])}
+
+
+def write_arbin_csv(path: Path, p: dict[str, np.ndarray]) -> Path:
+    qc, qd = _counters(p, "cycle")
+    rows = ["Data_Point,Test_Time(s),Step_Index,Cycle_Index,Current(A),Voltage(V),"
+            "Charge_Capacity(Ah),Discharge_Capacity(Ah)"]
+    for k in range(p["t"].size):
+        rows.append(f"{k + 1},{p['t'][k]:.3f},{p['step'][k]},{p['cycle'][k]},{p['i'][k]:.6f},"
+                    f"{p['v'][k]:.6f},{qc[k]:.8f},{qd[k]:.8f}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def write_maccor(path: Path, p: dict[str, np.ndarray]) -> Path:
+    qc, qd = _counters(p, "step")
+    state = np.where(p["i"] > 0, "C", np.where(p["i"] < 0, "D", "R"))
+    rows = ["Today's Date 12/06/2026  Date of Test:\t12/01/2026\t Filename:\tcell.001",
+            "Rec#\tCyc#\tStep\tTest (Sec)\tStep (Sec)\tAmp-hr\tWatt-hr\tAmps\tVolts\tState\tES"]
+    for k in range(p["t"].size):
+        rows.append(f"{k + 1}\t{p['cycle'][k]}\t{p['step'][k]}\t{p['t'][k]:.3f}\t0\t"
+                    f"{qc[k] + qd[k]:.8f}\t0\t{abs(p['i'][k]):.6f}\t{p['v'][k]:.6f}\t"
+                    f"{state[k]}\t0")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def write_bdf(path: Path, p: dict[str, np.ndarray]) -> Path:
+    rows = ["Test Time / s,Voltage / V,Current / A,Cycle Count / 1,Step Count / 1"]
+    rows += [f"{p['t'][k]:.3f},{p['v'][k]:.6f},{p['i'][k]:.6f},{p['cycle'][k]},"
+             f"{2 * p['cycle'][k] + p['step'][k]}" for k in range(p["t"].size)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def write_mpt_without_current(path: Path, p: dict[str, np.ndarray]) -> Path:
+    """An EC-Lab text file with potential and charge but no current column."""
+    q_mah = np.concatenate([[0.0], np.cumsum(
+        0.5 * (p["i"][1:] + p["i"][:-1]) * np.diff(p["t"]) / 3.6)])
+    lines = ["EC-Lab ASCII FILE", "Nb header lines : 4", "comment", "time/s\tEwe/V\t(Q-Qo)/mA.h"]
+    lines += [f"{p['t'][k]:.3f}\t{p['v'][k]:.6f}\t{q_mah[k]:.6f}" for k in range(p["t"].size)]
+    path.write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    return path
+
+
+Client = tuple[httpx.AsyncClient, dict[str, str]]
+
+
+@contextlib.asynccontextmanager
+async def _client(db_url: str) -> AsyncIterator[Client]:
+    engine = create_engine(db_url)
+    tokens: dict[str, str] = {}
+    try:
+        async with session_scope(sessionmaker(engine)) as s:
+            for role in ("technician", "engineer", "admin"):
+                user = await auth.create_user(s, f"{role}-user", role, actor="seed")
+                _, tokens[role] = await auth.issue_token(s, user, "t", "seed", None)
+    finally:
+        await engine.dispose()
+    app = create_app(Settings(database_url=db_url))
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://t") as c:
+            yield c, {k: f"Bearer {v}" for k, v in tokens.items()}
+
+
+@pytest.fixture
+async def client(db_url: str) -> AsyncIterator[Client]:
+    """On both databases: where what is stored and found again matters."""
+    async with _client(db_url) as got:
+        yield got
+
+
+@pytest.fixture
+async def sqlite_client(sqlite_url: str) -> AsyncIterator[Client]:
+    """Where only the reader and the analysis matter."""
+    async with _client(sqlite_url) as got:
+        yield got
+
+
+async def _upload(c: httpx.AsyncClient, token: str, path: Path,
+                  **form: str) -> httpx.Response:
+    return await c.post("/api/v1/imports", headers={"Authorization": token}, data=form,
+                        files={"file": (path.name, path.read_bytes())})
+
+
+@pytest.mark.parametrize("writer,fmt", [(write_arbin_csv, "arbin-csv"),
+                                        (write_maccor, "maccor")])
+async def test_vendor_summary_is_kept_and_agrees_with_ours(
+        sqlite_client: Client, tmp_path: Path, writer: Any, fmt: str) -> None:
+    c, tok = sqlite_client
+    p = _profile()
+    path = writer(tmp_path / ("cell.csv" if fmt == "arbin-csv" else "cell.001"), p)
+    r = await _upload(c, tok["engineer"], path)
+    assert r.status_code == 201, r.text
+    got = r.json()
+    assert got["format"] == fmt and got["reader_licence"] == "labdaq's own"
+    vendor = {row["cycle_index"]: row for row in got["vendor_cycles"]}
+    ours = (await c.get(f"/api/v1/runs/{got['run_id']}/cycles",
+                        headers={"Authorization": tok["engineer"]})).json()
+    assert [row["cycle_index"] for row in ours] == [1, 2]
+    expected = _expected(p)
+    for row in ours:
+        cyc = row["cycle_index"]
+        for key, k in (("charge_capacity_ah", 0), ("discharge_capacity_ah", 1)):
+            # Discharge counted negative: the vendor's sign convention was converted.
+            assert row[key] > 0.9
+            assert abs(row[key] - vendor[cyc][key]) / vendor[cyc][key] < 0.005, (cyc, key)
+            assert vendor[cyc][key] == pytest.approx(expected[cyc][k], rel=1e-6)
+
+
+async def test_import_is_idempotent_read_only_and_audited(client: Client,
+                                                          tmp_path: Path) -> None:
+    c, tok = client
+    path = write_bdf(tmp_path / "cell.bdf.csv", _profile(cycles=1))
+    first = await _upload(c, tok["engineer"], path)
+    assert first.status_code == 201, first.text
+    again = await _upload(c, tok["admin"], path)
+    assert again.status_code == 200 and again.json()["run_id"] == first.json()["run_id"]
+    assert again.json()["created"] is False
+    listed = (await c.get("/api/v1/imports", headers={"Authorization": tok["technician"]})).json()
+    assert [x["run_id"] for x in listed] == [first.json()["run_id"]]
+    one = await c.get(f"/api/v1/imports?run_id={first.json()['run_id']}",
+                      headers={"Authorization": tok["technician"]})
+    assert [x["id"] for x in one.json()] == [first.json()["id"]]
+    run_id = first.json()["run_id"]
+    run = (await c.get(f"/api/v1/runs/{run_id}", headers={"Authorization": tok["admin"]})).json()
+    assert run["state"] == "imported"
+    for command in ("pause", "resume", "stop"):
+        r = await c.post(f"/api/v1/runs/{run_id}/{command}",
+                         headers={"Authorization": tok["admin"]})
+        assert r.status_code == 409, (command, r.text)
+    # A technician may not import; the run's trail names who did.
+    r = await _upload(c, tok["technician"], path)
+    assert r.status_code == 403
+    trail = (await c.get(f"/api/v1/audit?run_id={run_id}",
+                         headers={"Authorization": tok["admin"]})).json()
+    assert any("imported from cell.bdf.csv" in t["action"] and t["actor"] == "engineer-user"
+               for t in trail), trail
+
+
+async def test_imported_run_is_analysed_and_evaluated(sqlite_client: Client,
+                                                      tmp_path: Path) -> None:
+    c, tok = sqlite_client
+    path = write_bdf(tmp_path / "cell.bdf.csv", _profile(cycles=2))
+    run_id = (await _upload(c, tok["engineer"], path)).json()["run_id"]
+    h = {"Authorization": tok["engineer"]}
+    samples = (await c.get(f"/api/v1/runs/{run_id}/samples?limit=5", headers=h)).json()
+    assert samples["current_a"][0] == pytest.approx(1.0)
+    r = await c.get(f"/api/v1/runs/{run_id}/evaluation", headers=h)
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.slow  # the export's reader process: 4-7 s on a loaded machine
+async def test_imported_runs_bdf_export_imports_to_the_same_cycles(
+        sqlite_client: Client, tmp_path: Path) -> None:
+    c, tok = sqlite_client
+    h = {"Authorization": tok["engineer"]}
+    path = write_bdf(tmp_path / "cell.bdf.csv", _profile(cycles=2))
+    run_id = (await _upload(c, tok["engineer"], path)).json()["run_id"]
+    exported = await c.get(f"/api/v1/runs/{run_id}/export?format=bdf", headers=h)
+    assert exported.status_code == 200, exported.text
+    back = tmp_path / "again.bdf.csv"
+    back.write_bytes(exported.content)
+    again = (await _upload(c, tok["engineer"], back)).json()
+    assert again["created"] and again["run_id"] != run_id
+    cycles = [(await c.get(f"/api/v1/runs/{rid}/cycles", headers=h)).json()
+              for rid in (run_id, again["run_id"])]
+    assert [x["discharge_capacity_ah"] for x in cycles[0]] == pytest.approx(
+        [x["discharge_capacity_ah"] for x in cycles[1]], rel=1e-9)
+
+
+async def test_file_without_current_is_imported_from_its_charge(
+        sqlite_client: Client, tmp_path: Path) -> None:
+    c, tok = sqlite_client
+    p = _profile(cycles=1)
+    r = await _upload(c, tok["engineer"], write_mpt_without_current(tmp_path / "ocv.mpt", p))
+    assert r.status_code == 201, r.text
+    got = r.json()
+    assert got["format"] == "biologic" and got["current_measured"] is False
+    assert got["reader_licence"] == "GPL-3.0-or-later"
+    (cyc,) = (await c.get(f"/api/v1/runs/{got['run_id']}/cycles",
+                          headers={"Authorization": tok["engineer"]})).json()
+    assert cyc["charge_capacity_ah"] == pytest.approx(1.0, rel=0.005)
+    assert cyc["discharge_capacity_ah"] == pytest.approx(0.95 * 3700 / 3600, rel=0.005)
+
+
+def test_public_maccor_export_through_the_cli(sqlite_url: str, tmp_path: Path) -> None:
+    """battery-data-toolkit's Maccor example (minutes, rest only) via `labdaq import`."""
+    runner = CliRunner()
+    args = ["import", str(VENDOR / "maccor_example.001"), "--database-url", sqlite_url,
+            "--by", "ci"]
+    first = runner.invoke(cli_app, args)
+    assert first.exit_code == 0, first.output
+    out = json.loads(first.output)
+    assert out["format"] == "maccor" and out["samples"] == 8 and out["created"] is True
+    again = json.loads(runner.invoke(cli_app, args).output)
+    assert again["run_id"] == out["run_id"] and again["created"] is False
+    other = write_bdf(tmp_path / "x.bdf.csv", _profile(cycles=1))
+    bad = runner.invoke(cli_app, ["import", str(other), "--cell", "NO-SUCH",
+                                  "--database-url", sqlite_url])
+    assert bad.exit_code == 2 and "no cell with serial 'NO-SUCH'" in bad.output
+
+
+async def test_unreadable_file_is_422_not_500(sqlite_client: Client) -> None:
+    c, tok = sqlite_client
+    for fmt in (None, "biologic", "arbin-csv", "maccor", "bdf", "neware", "arbin-res"):
+        form = {} if fmt is None else {"format": fmt}
+        for name, body in (("x.mpr", b"\x00\xff" * 64), ("../x.csv", b"Test_Time,Cycle_Index\n"),
+                           ("x.001", b"Rec#\tCyc#\n1\tz\n"), ("x.bdf.csv", b"nan")):
+            r = await c.post("/api/v1/imports", headers={"Authorization": tok["engineer"]},
+                             data=form, files={"file": (name, body)})
+            assert r.status_code == 422, (fmt, name, r.text)
+            assert r.headers["content-type"] == "application/problem+json"
