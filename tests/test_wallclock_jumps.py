@@ -23,6 +23,7 @@ instruments answer, so none of them is disconnected here.)
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -40,7 +41,7 @@ from tests.test_recovery_kill9 import Lab, _alive, _children, _env, _lab, _query
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults, pytest.mark.timeout(900)]
 
-LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+LIBFAKETIME_GLOB = "/usr/lib/*/faketime/libfaketime.so.1"  # Debian's multiarch path
 SPEED = 50.0
 PERIOD_S = 1.0
 HOUR_S = 3600
@@ -66,11 +67,16 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
+def _libfaketime() -> Path | None:
+    found = sorted(glob.glob(LIBFAKETIME_GLOB))
+    return Path(found[0]) if found else None
+
+
 def _ensure_libfaketime() -> Path:
-    if LIBFAKETIME.exists():
-        return LIBFAKETIME
+    if (lib := _libfaketime()) is not None:
+        return lib
     if not shutil.which("apt-get") or os.geteuid() != 0:
-        _unavailable(f"{LIBFAKETIME} is missing and apt-get cannot run here")
+        _unavailable("libfaketime is missing and apt-get cannot run here")
     lock = ["-o", "DPkg::Lock::Timeout=600"]
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     proc = subprocess.run(["apt-get", *lock, "install", "-y", "--no-install-recommends",
@@ -80,8 +86,9 @@ def _ensure_libfaketime() -> Path:
         proc = subprocess.run(["apt-get", *lock, "install", "-y", "--no-install-recommends",
                                "libfaketime"], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, f"apt-get install libfaketime failed:\n{proc.stderr[-2000:]}"
-    assert LIBFAKETIME.exists(), f"libfaketime installed but {LIBFAKETIME} is missing"
-    return LIBFAKETIME
+    lib = _libfaketime()
+    assert lib is not None, f"libfaketime installed but no {LIBFAKETIME_GLOB}"
+    return lib
 
 
 class Engine:
