@@ -165,8 +165,10 @@ class Service:
 
 
 @contextmanager
-def _serve(tmp_path: Path, **settings: str) -> Iterator[Service]:
-    """`labdaq serve --sim` with ``LABDAQ_<KEY>`` settings, stopped with Ctrl-C after."""
+def _serve(tmp_path: Path, speed: float = SPEED, serve_args: tuple[str, ...] = (),
+           **settings: str) -> Iterator[Service]:
+    """`labdaq serve --sim` at ``speed`` with ``serve_args`` and ``LABDAQ_<KEY>``
+    settings, stopped with Ctrl-C after."""
     port = _free_port()
     data_dir = tmp_path / "data"
     log = tmp_path / "serve.log"
@@ -176,8 +178,8 @@ def _serve(tmp_path: Path, **settings: str) -> Iterator[Service]:
     env.pop("LABDAQ_CONFIG", None)
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "labdaq.cli", "serve", "--sim", "--speed", str(SPEED),
-             "--port", str(port), "--data-dir", str(data_dir)],
+            [sys.executable, "-m", "labdaq.cli", "serve", "--sim", "--speed", str(speed),
+             "--port", str(port), "--data-dir", str(data_dir), *serve_args],
             stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
         )
     try:
@@ -392,3 +394,60 @@ def test_sigterm_stops_in_order_and_the_next_start_resumes_the_run(tmp_path: Pat
                    if kind == "interruption" and "run resumed after" in msg]
         assert resumed, svc.events(run_id)
         assert svc.get(f"/api/v1/runs/{run_id}")["state"] == "running"
+
+
+API_KILLS = 3
+
+
+@pytest.mark.faults
+def test_killed_api_is_restarted_and_acquisition_never_notices(service: Service) -> None:
+    """kill -9 of the API process, three times: `serve` restarts it each time, the engine
+    (its own process) keeps the same pid and the run keeps sampling without an
+    interruption; every committed sample is still there, once, and each death and restart
+    is on the run's record."""
+    svc = service
+    run_id = _start_run(svc)
+    engine_pid = svc.ready()["engine"]["pid"]  # type: ignore[index]
+    poller = Poller(svc.base)
+    poller.start()
+    kills: list[tuple[int, float]] = []
+    try:
+        for _ in range(API_KILLS):
+            api_pid = _wait(lambda: _child_running(svc.proc.pid, ["labdaq.cli", "api"]),
+                            "the API process", svc.proc)
+            seq_before = svc.last_seq(run_id)
+            t_kill = time.monotonic()
+            os.kill(api_pid, signal.SIGKILL)
+            _wait(lambda old=api_pid: (p := _child_running(svc.proc.pid, ["labdaq.cli", "api"]))
+                  is not None and p != old, "the API to be restarted", svc.proc)
+            # The old API is gone by now: an answer from here on is the new one's.
+            t_new = time.monotonic()
+            _wait(lambda t=t_new: poller.answered_since(t) > 0,
+                  "the restarted API to answer /health", svc.proc)
+            # Acquisition went on meanwhile: new samples through the restarted API.
+            _wait(lambda s0=seq_before: svc.get(
+                f"/api/v1/runs/{run_id}/samples?after_seq={s0}&limit=50")["seq"][-1:] > [s0 + 5],
+                  "new samples through the restarted API", svc.proc)
+            kills.append((seq_before, time.monotonic() - t_kill))
+    finally:
+        poller.stop()
+    # The API was down at times (its own process died), and answered again after each.
+    assert poller.results[-1][1] == 200, poller.results[-5:]
+    ready = svc.ready()
+    assert ready is not None and ready["engine"]["pid"] == engine_pid
+    run = svc.get(f"/api/v1/runs/{run_id}")
+    assert run["state"] == "running", run["end_reason"]
+    seqs = [s for (s,) in svc.db("SELECT seq FROM samples WHERE run_id = ? ORDER BY seq",
+                                 run_id)]
+    lost, dups = lost_and_duplicates(seqs, list(range(1, max(k[0] for k in kills) + 1)))
+    record_fault("kill -9 of the API under labdaq serve (3 kills)", faults=len(kills),
+                 lost=lost, duplicates=dups, runs_resumed=int(run["state"] == "running"),
+                 runs=1, missed_periods=run["missed_periods"],
+                 recover_s=[k[1] for k in kills])
+    assert seqs == list(range(1, len(seqs) + 1))
+    events = svc.events(run_id)
+    sup = [msg for _, kind, msg in events if kind == "supervision"]
+    assert sum(m.startswith("API process exited with -9") for m in sup) == API_KILLS, sup
+    assert sum(m == "API process restarted" for m in sup) == API_KILLS, sup
+    # The engine never stopped: no gap to resume from.
+    assert not [msg for _, kind, msg in events if kind == "interruption"], events

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from labdaq.engine import wallclock
+
 #: Columns of a fast-state array (one row per stored sample of a run, float64): run id,
 #: the sample's seq and t_s, then the step's and the open cycle's accumulators.
 FAST_COLUMNS = (
@@ -156,6 +158,7 @@ class Resolver:
             last = np.r_[fast[1:, _RUN] != fast[:-1, _RUN], True]
             for row in fast[last]:
                 newest[int(row[_RUN])] = row
+        clock = wallclock.snapshot()  # the wall clock now, against the boot clock
         for rid in changed | newest.keys():
             full = self._full.get(rid)
             if full is None:
@@ -170,6 +173,7 @@ class Resolver:
                 for j, name in enumerate(_CYCLE_FIELDS, start=6):
                     cyc[name] = float(row[j])
                 pos["cycle"] = cyc
+            pos[wallclock.KEY] = clock
             out.progress[rid] = {
                 "run_id": rid,
                 "step_index": int(full["step_index"]),

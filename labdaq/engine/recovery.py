@@ -28,6 +28,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from labdaq.engine import wallclock
 from labdaq.engine.channel import ChannelRun
 from labdaq.engine.events import RunEvent
 from labdaq.engine.instruments import answers
@@ -113,8 +114,11 @@ class Recovery(NodeParts):
             await self.delegated.resume(run, channel, inst, "engine_restart")
             return
         # The limit is in wall seconds (what a cell resting with its output off lives
-        # through); the run's own timeline, on the engine clock, moves on by gap_s.
-        wall_gap_s = time.time() - last.ts_utc if last else 0.0
+        # through); the run's own timeline, on the engine clock, moves on by gap_s. A
+        # step of the wall clock since the last commit is not time that went by
+        # (wallclock.py), and time never runs backwards.
+        step_s = wallclock.step_since((run.position or {}).get(wallclock.KEY))
+        wall_gap_s = max(0.0, time.time() - last.ts_utc - step_s) if last else 0.0
         gap_s = wall_gap_s * self.clock.speed
         gap: dict[str, Any] = {
             "last_seq": last.seq if last else 0,
@@ -123,6 +127,8 @@ class Recovery(NodeParts):
             "gap_s": gap_s,
             "gap_wall_s": wall_gap_s,
         }
+        if step_s:
+            gap["wall_clock_step_s"] = step_s
         pos = run.position
         reason = None
         if pos is None or last is None:

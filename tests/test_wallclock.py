@@ -1,0 +1,53 @@
+"""labdaq/engine/wallclock.py: how far the wall clock stepped since a committed position,
+so a resume's gap is the time that went by, not a clock change (the end-to-end form under
+libfaketime is tests/test_wallclock_jumps.py)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from labdaq.engine import wallclock
+
+
+def _stepped(monkeypatch: pytest.MonkeyPatch, step_s: float) -> None:
+    real = time.time
+    monkeypatch.setattr(wallclock.time, "time", lambda: real() + step_s)
+
+
+def test_no_step_reads_zero() -> None:
+    assert wallclock.step_since(wallclock.snapshot()) == 0.0
+
+
+@pytest.mark.parametrize("step_s", [3600.0, -3600.0, 2.0])
+def test_a_step_since_the_snapshot_is_measured(monkeypatch: pytest.MonkeyPatch,
+                                               step_s: float) -> None:
+    snap = wallclock.snapshot()
+    _stepped(monkeypatch, step_s)
+    assert wallclock.step_since(snap) == pytest.approx(step_s, abs=0.05)
+
+
+def test_drift_below_a_second_is_not_a_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    snap = wallclock.snapshot()
+    _stepped(monkeypatch, 0.5)
+    assert wallclock.step_since(snap) == 0.0
+
+
+@pytest.mark.parametrize("snap", [None, {}, {"boot_id": "another boot", "offset_s": 0.0},
+                                  {"boot_id": wallclock.BOOT_ID, "offset_s": "x"}, "text"])
+def test_unknown_or_other_boot_reads_zero(monkeypatch: pytest.MonkeyPatch, snap: object) -> None:
+    _stepped(monkeypatch, 3600.0)
+    assert wallclock.step_since(snap) == 0.0
+
+
+def test_the_resolver_commits_a_snapshot_with_each_position() -> None:
+    from labdaq.engine.ledger import Ledger, Resolver
+
+    pos = {"seq": 1, "t_s": 0.0, "cycle": {}}
+    ledger = Ledger(positions=[{"run_id": 7, "step_index": 0, "step_count": 1,
+                                "cycle_index": 1, "position": pos}])
+    progress = Resolver().resolve(ledger).progress[7]
+    assert progress["position"][wallclock.KEY] == {
+        "boot_id": wallclock.BOOT_ID,
+        "offset_s": pytest.approx(wallclock.snapshot()["offset_s"], abs=0.05)}  # type: ignore[index]
