@@ -353,7 +353,7 @@ class InstrumentGroup(GroupCommands):
             if temp_flags is not None:
                 flags = flags | temp_flags[idx]
             ledger = None if miss is None else self._gaps(idx, miss, due_t_s, flags, ts_utc)
-            await self._put(idx, st.rows(idx, t[idx], v[idx], i[idx], temp_rows[idx], ts_utc,
+            await self._put(idx, st.batch(idx, t[idx], v[idx], i[idx], temp_rows[idx], ts_utc,
                                          flags), ledger)
         st.last_t_s, st.last_voltage_v, st.last_current_a, st.last_temperature_c = t, v, i, temp
 

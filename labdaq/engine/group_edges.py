@@ -33,6 +33,7 @@ from labdaq.engine.group_sensors import GroupSensors
 from labdaq.engine.ledger import Ledger
 from labdaq.engine.run_arrays import BoolArray, FloatArray, IntArray
 from labdaq.engine.safety import Limits, breach_event
+from labdaq.engine.sample_batch import SampleBatch
 from labdaq.engine.sink import SampleSink
 from labdaq.storage.models import SampleFlag
 
@@ -129,7 +130,7 @@ class GroupEdges(GroupSensors):
                 ts_utc, r.missed_periods, "late"))
         return ledger
 
-    async def _put(self, idx: IntArray, rows: list[tuple[Any, ...]],
+    async def _put(self, idx: IntArray, rows: SampleBatch,
                    ledger: Ledger | None = None) -> None:
         """Hand runs ``idx``'s new rows to the sink with their fast state (and ``ledger``):
         the positions committed with them count exactly these rows."""
@@ -186,7 +187,7 @@ class GroupEdges(GroupSensors):
                     r0.run_id, int(self.state.seq[changed[0]]) + 1, n_missed,
                     resumed_from_t_s + r0.period_s, r0.period_s, ts_utc,
                     r0.missed_periods + n_missed, "interruption"))
-        await self._put(idx, self.state.rows(idx, t2, v2, i2, temp_rows, ts_utc, row_flags),
+        await self._put(idx, self.state.batch(idx, t2, v2, i2, temp_rows, ts_utc, row_flags),
                         ledger)
         if n_missed:
             self.runs[changed[0]].missed_periods += n_missed

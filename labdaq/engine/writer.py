@@ -42,6 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from labdaq.engine.journal import Journal
 from labdaq.engine.ledger import Ledger, Records, Resolver
+from labdaq.engine.sample_batch import SampleBatch
 from labdaq.engine.writer_db import (  # noqa: F401 - public names, imported from here
     PG_STAGE,
     Rows,
@@ -148,13 +149,15 @@ class SampleWriter(JournalFallback):
             self._closing = False
             self._task = asyncio.create_task(self._run(), name="sample-writer")
 
-    async def put(self, rows: Rows, ledger: Ledger | None = None) -> None:
+    async def put(self, rows: Rows | SampleBatch, ledger: Ledger | None = None) -> None:
         """Hand rows over; waits only when ``max_pending_rows`` are already in memory.
 
         ``ledger`` (positions, steps, cycles that these rows complete) is committed in the
         same transaction as these rows, or a later one that holds no other rows of its
         runs; it needs at least one row to travel with.
         """
+        if isinstance(rows, SampleBatch):
+            rows = rows.rows()
         n = len(rows)
         if n == 0:
             return
