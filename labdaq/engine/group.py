@@ -233,10 +233,16 @@ class InstrumentGroup(GroupCommands):
         }
 
     async def _apply(self, run: ChannelRun, phase: Phase) -> None:
-        await self.outputs.apply(run.channel, phase)
-        if phase.aux is not None:
-            run.aux_done, run.aux_error = False, None
-            await self.emit(AuxRequested(run, phase))
+        await self._apply_many([(run, phase)])
+
+    async def _apply_many(self, items: list[tuple[ChannelRun, Phase]]) -> None:
+        """Set points for runs' new phases (channels with the same ones in one command
+        where the instrument takes lists), then each auxiliary step's request."""
+        await self.outputs.apply_many([(run.channel, phase) for run, phase in items])
+        for run, phase in items:
+            if phase.aux is not None:
+                run.aux_done, run.aux_error = False, None
+                await self.emit(AuxRequested(run, phase))
 
     async def _outputs_off(self, chans: Sequence[int]) -> float:
         return await self.outputs.off(chans)
@@ -388,13 +394,15 @@ class InstrumentGroup(GroupCommands):
                 r.outcome = r.outcome or ("completed", "all steps done")
                 done.append(k)
             else:
-                await self._apply(r, tr.next_phase)
-                self._phases[k] = tr.next_phase
+                self._phases[k] = tr.next_phase  # its set points follow, all at once
                 self.state.dvdt_ref_voltage_v[k] = np.nan
                 changed.append(k)
                 before[k] = (float(v[k]), float(i[k]))
             finished.append((k, tr))
         if changed:
+            # Channels whose new phases ask for the same set points get them in one
+            # command (most end together at the same step of the same protocol).
+            await self._apply_many([(runs[k], self._phases[k]) for k in changed])
             self._load_phases()
             # The steps and cycles these phase ends completed, and the runs' new
             # positions, are committed with the first rows of the new phases.
