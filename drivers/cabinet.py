@@ -165,6 +165,7 @@ class CyclerCabinet(Instrument, Cycler):
         "Compliance voltage of the current source: charge clamps to CV here.",
         validator=strict_range(0.0, DEFAULT_VOLTAGE_MAX_V))
     switches_channel_lists = True
+    sets_channel_lists = True
     has_low_voltage_clamp = True
     has_temperature_sensor = True
 
@@ -327,7 +328,7 @@ class CyclerCabinet(Instrument, Cycler):
         self.write_checked(line)
 
     # -- measurement: one round trip ------------------------------------------------------
-    def set_low_voltage_clamp(self, channel: int, voltage_v: float) -> None:
+    def set_low_voltage_clamp(self, channel: int | Sequence[int], voltage_v: float) -> None:
         self.voltage_limit_low_v.set(voltage_v, channel)
 
     async def ameasure(self, channels: Sequence[int] | None = None) -> np.ndarray | None:

@@ -31,6 +31,9 @@ class Cycler(ABC):
     channels: list[int]
     #: ``output`` takes a list of channels and switches them in one command.
     switches_channel_lists: bool = False
+    #: ``set_current``, ``set_voltage``, ``set_low_voltage_clamp`` and ``output`` take a
+    #: list of channels too, and program them all to the same value in one command.
+    sets_channel_lists: bool = False
     #: The instrument has a lower compliance voltage in current mode
     #: (:meth:`set_low_voltage_clamp`), as cycler cabinets do; SMUs do not.
     has_low_voltage_clamp: bool = False

@@ -31,6 +31,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from labdaq.engine import wallclock
+from labdaq.engine.gaps import EVENT_KIND
 
 #: Columns of a fast-state array (one row per stored sample of a run, float64): run id,
 #: the sample's seq and t_s, then the step's and the open cycle's accumulators.
@@ -270,7 +271,7 @@ class RecordSql:
             int(g["run_id"]),
             # SQLAlchemy's SQLite DateTime text form (UTC, as models.utcnow writes it).
             ts if self.native_datetime else ts.strftime("%Y-%m-%d %H:%M:%S.%f"),
-            "missed_periods",
+            EVENT_KIND,
             "warning",
             f"{g['count']} sample period(s) missed, t {g['t_from_s']:.3f}–{g['t_to_s']:.3f} s "
             f"(before sample {g['seq']})",

@@ -9,13 +9,13 @@ boundaries use them; they are copied between the two only at boundaries (:meth:`
 
 from __future__ import annotations
 
-from itertools import repeat
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from labdaq.engine.channel import ChannelRun
+from labdaq.engine.sample_batch import SampleBatch
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
@@ -164,33 +164,23 @@ class RunArrays:
         ), dtype=np.float64)
         return np.ascontiguousarray(block[:, idx].T)
 
-    def rows(
+    def batch(
         self, idx: IntArray, t: FloatArray, v: FloatArray, i: FloatArray, temp: FloatArray,
         ts_utc: float, flags: NDArray[Any], temp_age_s: FloatArray | None = None,
-    ) -> list[tuple[Any, ...]]:
-        """Sample rows (SAMPLE_COLUMNS order) for runs ``idx``; advances their seq.
+    ) -> SampleBatch:
+        """Sample rows of runs ``idx`` as columns (sample_batch.py); advances their seq.
         ``temp_age_s``: the age of each wired temperature reading (None or NaN: none)."""
         seq = self.seq[idx] + 1
         self.seq[idx] = seq
         self.t_s[idx] = t
-        temps = _nullable(temp)
-        ages = repeat(None) if temp_age_s is None else _nullable(temp_age_s)
-        return list(
-            zip(
-                self.run_id[idx].tolist(),
-                seq.tolist(),
-                t.tolist(),
-                repeat(ts_utc),
-                self.step_index[idx].tolist(),
-                self.cycle_index[idx].tolist(),
-                v.tolist(),
-                i.tolist(),
-                temps,
-                self.step_capacity_ah[idx].tolist(),
-                self.step_energy_wh[idx].tolist(),
-                np.asarray(flags, np.int64).tolist(),
-                ages,
-            )
+        ages = (np.full(len(seq), np.nan) if temp_age_s is None
+                else np.asarray(temp_age_s, np.float64))
+        return SampleBatch(
+            self.run_id[idx], seq, np.asarray(t, np.float64), ts_utc, self.step_index[idx],
+            self.cycle_index[idx], np.asarray(v, np.float64), np.asarray(i, np.float64),
+            np.asarray(temp, np.float64), self.step_capacity_ah[idx],
+            self.step_energy_wh[idx], np.broadcast_to(np.asarray(flags, np.int64), seq.shape),
+            ages,
         )
 
     def integrate(self, sel: slice | IntArray, t: FloatArray, v: FloatArray, i: FloatArray,
@@ -233,12 +223,3 @@ class RunArrays:
         self.cycle_discharge_s[sel] += np.where(dis, dt, 0.0)
         self.cycle_end_t_s[sel] = np.where(dq != 0.0, t, self.cycle_end_t_s[sel])
 
-
-def _nullable(x: FloatArray) -> Any:
-    """Values of a nullable column: NaN -> NULL (None)."""
-    nan = np.isnan(x)
-    if nan.all():
-        return repeat(None)
-    if not nan.any():
-        return x.tolist()  # the common case: no per-value test
-    return [None if v != v else v for v in x.tolist()]

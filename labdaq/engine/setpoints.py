@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol, cast
 
 from labdaq.drivers.errors import ConnectionFailed, GarbledReply, InstrumentTimeout
 from labdaq.drivers.roles import Cycler
@@ -22,6 +22,20 @@ log = logging.getLogger(__name__)
 LOST_INSTRUMENT = (ConnectionFailed, InstrumentTimeout, GarbledReply)
 
 
+class _ChannelLists(Protocol):
+    """A Cycler's set-point commands on a list of channels (``sets_channel_lists``)."""
+
+    def set_current(self, channel: int | Sequence[int], current_a: float,
+                    voltage_limit_v: float) -> None: ...
+
+    def set_voltage(self, channel: int | Sequence[int], voltage_v: float,
+                    current_limit_a: float) -> None: ...
+
+    def set_low_voltage_clamp(self, channel: int | Sequence[int], voltage_v: float) -> None: ...
+
+    def output(self, channel: int | Sequence[int], on: bool) -> None: ...
+
+
 class Outputs:
     def __init__(self, name: str, driver: Cycler,
                  call: Callable[..., Awaitable[Any]]) -> None:
@@ -30,13 +44,44 @@ class Outputs:
         self.call = call  # runs a driver method in the instrument's worker thread
         # A multi-channel instrument switches a list of channels in one command.
         self._lists = driver.switches_channel_lists
+        # ... and programs a list of channels to the same set points in one command.
+        self._set_lists = driver.sets_channel_lists
         # Instruments with a lower compliance voltage in current mode (cycler cabinets).
         self._low_clamp = driver.has_low_voltage_clamp
 
     async def apply(self, ch: int, phase: Phase) -> None:
         """Program channel ``ch`` for ``phase`` (output off for rests and aux steps)."""
+        await self._program(self.driver, ch, phase)
+
+    async def apply_many(self, items: Sequence[tuple[int, Phase]]) -> None:
+        """Program each channel for its phase. On an instrument that takes channel lists
+        (``sets_channel_lists``), channels whose phases ask for the same set points get
+        them in one command each, in the order they first appear; else one by one."""
+        if not self._set_lists or len(items) < 2:
+            for ch, phase in items:
+                await self.apply(ch, phase)
+            return
+        groups: dict[tuple[Any, ...], tuple[Phase, list[int]]] = {}
+        for ch, phase in items:
+            groups.setdefault(self._set_points(phase), (phase, []))[1].append(ch)
+        lists = cast(_ChannelLists, self.driver)
+        for phase, chans in groups.values():
+            await self._program(lists, chans[0] if len(chans) == 1 else chans, phase)
+
+    def _set_points(self, phase: Phase) -> tuple[Any, ...]:
+        """What :meth:`_program` sends for ``phase``: equal for phases it programs alike."""
+        if phase.mode == "cc":
+            low = phase.voltage_low_v if self._low_clamp else 0.0
+            return ("cc", phase.current_a, phase.voltage_v, 0.0 if math.isnan(low) else low)
+        if phase.mode == "cv":
+            return ("cv", phase.voltage_v, phase.current_a)
+        return (phase.mode,)
+
+    async def _program(self, driver: Cycler | _ChannelLists, ch: Any, phase: Phase) -> None:
+        """Set points and output for ``phase`` on channel ``ch`` (a list on a driver that
+        takes lists)."""
         if phase.mode == "off":
-            await self.call(self.driver.output, ch, False)
+            await self.call(driver.output, ch, False)
             return
         if phase.mode == "cc":
             if self._low_clamp:
@@ -48,11 +93,11 @@ class Outputs:
                 # would be one, but it charges a cell that falls below its set point, a
                 # shorted one included), so there only the interlock guards the window.
                 low = 0.0 if math.isnan(phase.voltage_low_v) else phase.voltage_low_v
-                await self.call(self.driver.set_low_voltage_clamp, ch, low)
-            await self.call(self.driver.set_current, ch, phase.current_a, phase.voltage_v)
+                await self.call(driver.set_low_voltage_clamp, ch, low)
+            await self.call(driver.set_current, ch, phase.current_a, phase.voltage_v)
         elif phase.mode == "cv":
-            await self.call(self.driver.set_voltage, ch, phase.voltage_v, phase.current_a)
-        await self.call(self.driver.output, ch, True)
+            await self.call(driver.set_voltage, ch, phase.voltage_v, phase.current_a)
+        await self.call(driver.output, ch, True)
 
     async def off(self, chans: Sequence[int]) -> float:
         """Switch channels off: one command on a multi-channel instrument, else one each.

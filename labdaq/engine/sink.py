@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from labdaq.engine.ledger import Ledger
+from labdaq.engine.sample_batch import SampleBatch
 
 Rows = Sequence[Sequence[Any]]
 
@@ -23,9 +24,11 @@ class SinkLost(RuntimeError):
 class SampleSink(Protocol):
     """Batched, durable, idempotent storage of sample rows (see writer.py for the rules).
 
-    ``put`` hands rows over (with the positions, steps and cycles they complete, committed
-    in the same transaction); ``flush`` returns once everything handed over is committed
-    or journaled; ``close`` flushes and stops.
+    ``put`` hands rows over — a :class:`~labdaq.engine.sample_batch.SampleBatch` (an
+    instrument group's, as columns) or plain rows in ``SAMPLE_COLUMNS`` order — with the
+    positions, steps and cycles they complete, committed in the same transaction;
+    ``flush`` returns once everything handed over is committed or journaled; ``close``
+    flushes and stops.
     """
 
     @property
@@ -45,7 +48,7 @@ class SampleSink(Protocol):
 
     def start(self) -> None: ...
 
-    async def put(self, rows: Rows, ledger: Ledger | None = None) -> None: ...
+    async def put(self, rows: Rows | SampleBatch, ledger: Ledger | None = None) -> None: ...
 
     async def flush(self) -> None: ...
 

@@ -8,9 +8,15 @@ back, so a batch took several times longer next to a busy loop than alone
 Data path::
 
     engine process                          writer process
-    put(rows) ── pipe (pickled rows) ──▶ receiver thread ─▶ SampleWriter ─▶ database
-       ▲                                                          │        └▶ journal
+    put(batch) ── pipe (binary batch) ──▶ receiver thread ─▶ SampleWriter ─▶ database
+       ▲                                   (decode to rows)       │        └▶ journal
        └────────── stats (rows settled, db state) ◀── every 20 ms ┘
+
+* An instrument group's rows arrive as a :class:`~labdaq.engine.sample_batch.SampleBatch`
+  (numpy columns) and cross the pipe in its binary form, one ``send_bytes`` per put: the
+  engine's loop neither builds row tuples nor pickles them; the child's receiver thread
+  decodes them to the rows it inserts. Rows handed over as plain sequences, and the
+  flush/close requests, go pickled as before (:mod:`.sample_batch` tells them apart).
 
 * Back-pressure as in SampleWriter: rows sent and not yet settled (committed, journaled,
   rejected or dropped) in the child count against ``max_pending_rows``; ``put`` waits for
@@ -36,6 +42,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import subprocess
 import sys
 import threading
@@ -45,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from labdaq.engine.ledger import Ledger
+from labdaq.engine.sample_batch import SampleBatch, decode, encode, is_batch
 from labdaq.engine.sink import SinkLost
 
 log = logging.getLogger(__name__)
@@ -145,7 +153,7 @@ class WriterProcess:
         self._conn = parent
         self._loop.add_reader(parent.fileno(), self._on_readable)
 
-    async def put(self, rows: Rows, ledger: Ledger | None = None) -> None:
+    async def put(self, rows: Rows | SampleBatch, ledger: Ledger | None = None) -> None:
         """Hand rows over (with their ledger, see SampleWriter.put); waits only while
         ``max_pending_rows`` are unsettled."""
         n = len(rows)
@@ -156,7 +164,10 @@ class WriterProcess:
             self._space.clear()
             await self._space.wait()
             self._check_alive()
-        self._send(("put", rows if isinstance(rows, list) else list(rows), ledger))
+        if isinstance(rows, SampleBatch):
+            self._send_bytes(encode(rows, ledger))
+        else:
+            self._send(("put", rows if isinstance(rows, list) else list(rows), ledger))
         self._sent += n
 
     async def flush(self) -> None:
@@ -190,9 +201,12 @@ class WriterProcess:
             raise RuntimeError("writer process not started")
 
     def _send(self, msg: tuple[Any, ...]) -> None:
+        self._send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def _send_bytes(self, buf: bytes) -> None:
         assert self._conn is not None
         try:
-            self._conn.send(msg)
+            self._conn.send_bytes(buf)
         except (OSError, ValueError) as exc:
             self._died(f"pipe closed ({exc})")
             raise WriterProcessDied(f"writer process ended: {self._dead}") from exc
@@ -279,18 +293,29 @@ async def _child(conn: Connection, database_url: str, kwargs: dict[str, Any]) ->
         for msg in msgs:
             inbox.put_nowait(msg)
 
+    def message() -> tuple[Any, ...]:
+        buf = conn.recv_bytes()
+        if is_batch(buf):
+            batch, ledger = decode(buf)
+            return ("put", batch.rows(), ledger)
+        msg: tuple[Any, ...] = pickle.loads(buf)
+        return msg
+
     def receive() -> None:
         # A thread, so the pipe is drained while the writer awaits the database. What is
         # already waiting in the pipe goes over in one hand-off: waking the loop for each
         # tick's rows cost as much as reading them.
         while True:
             try:
-                msgs = [conn.recv()]
+                msgs = [message()]
                 while len(msgs) < 256 and conn.poll():
-                    msgs.append(conn.recv())
+                    msgs.append(message())
             except (EOFError, OSError):
                 # The engine is gone without closing us: stop now (module docstring).
                 os._exit(0)
+            except Exception:  # noqa: BLE001 - a message we cannot read: end like a crash
+                log.exception("sample writer: unreadable message from the engine")
+                os._exit(1)
             loop.call_soon_threadsafe(deliver, msgs)
 
     engine = create_engine(database_url)
