@@ -14,6 +14,7 @@ from sqlalchemy import event
 import labdaq
 from labdaq.api.body_limit import BodyLimitMiddleware
 from labdaq.api.problems import install_problem_handlers, problem_openapi
+from labdaq.api.request_log import RequestIdMiddleware
 from labdaq.api.request_metrics import RequestMetricsMiddleware
 from labdaq.api.routers import (
     audit,
@@ -85,6 +86,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.api_max_body_bytes)
     # Outermost: a request refused by the body limit is timed too.
     app.add_middleware(RequestMetricsMiddleware)
+    # Outermost of all: every request, refused or not, has an id in its log records.
+    app.add_middleware(RequestIdMiddleware)
 
     app.include_router(health.router)
     app.include_router(metrics.router)
