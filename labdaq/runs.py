@@ -619,6 +619,14 @@ async def create_run(
             # lab): the tightest of them all (labdaq.protocol.limits).
             data={"request": req.model_dump(mode="json"), "queue_position": position,
                   "limits": active_limits(resolved),
+                  # Before/after like every other change: nothing, then the run as made.
+                  "before": None,
+                  "after": {"run_id": run.id, "state": run.state, "channel": channel.name,
+                            "cell_id": cell.id, "cell_serial": cell.serial,
+                            "protocol_id": proto.id, "protocol_hash": proto.content_hash,
+                            "sample_period_s": run.sample_period_s,
+                            "queue_position": position, "not_before":
+                            run.not_before.isoformat() if run.not_before else None},
                   # An abuse run says so, and why, at the top of its audit record.
                   **({"abuse": True, "reason": req.reason} if protocol.abuse else {})},
             actor=actor,
