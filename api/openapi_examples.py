@@ -27,8 +27,8 @@ TEXT_EXAMPLES = {
     "1,1,1764979200,0,0,3.6123,2.45,25.1,0.00068,0.00246,0\n# rows: 1\n",
     "text/event-stream": 'id: 1:42\nevent: sample\ndata: {"run_id": 1, "seq": 42, '
     '"t_s": 42.0, "voltage_v": 3.71, "current_a": 2.45}\n\n',
-    "text/plain": "# HELP labdaq_samples_written_total Samples committed\n"
-    "# TYPE labdaq_samples_written_total counter\nlabdaq_samples_written_total 12345.0\n",
+    "text/plain": "# HELP labdaq_samples_stored_total samples committed, every run\n"
+    "# TYPE labdaq_samples_stored_total counter\nlabdaq_samples_stored_total 12345.0\n",
     "text/html": "<!doctype html><title>labdaq</title>",
 }
 
