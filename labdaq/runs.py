@@ -31,6 +31,7 @@ from labdaq.bounds import (
     Seconds,
     Text,
     UtcTime,
+    WholeNumber,
 )
 from labdaq.drivers.roles import ProgramRunner
 from labdaq.errors import Conflict, Forbidden, Invalid, NotFound
@@ -91,7 +92,7 @@ class CycleProtocolIn(BaseModel):
     rest_s: NonNegativeSeconds = 600.0
     discharge_current_a: PositiveAmps = Field(description="CC discharge current magnitude, A")
     discharge_cutoff_v: PositiveVolts
-    cycles: int = Field(default=1, strict=True, ge=1, le=100_000)
+    cycles: WholeNumber = Field(default=1, ge=1, le=100_000)
     max_step_s: Seconds = Field(default=48 * 3600.0, description="time bound on every step")
 
 
