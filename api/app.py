@@ -13,7 +13,9 @@ from sqlalchemy import event
 
 import labdaq
 from labdaq.api.body_limit import BodyLimitMiddleware
+from labdaq.api.openapi_examples import add_examples, operation_id
 from labdaq.api.problems import install_problem_handlers, problem_openapi
+from labdaq.api.request_log import RequestIdMiddleware
 from labdaq.api.request_metrics import RequestMetricsMiddleware
 from labdaq.api.routers import (
     analysis,
@@ -82,13 +84,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     await notifier
             await engine.dispose()
 
-    app = FastAPI(title="labdaq", version=labdaq.__version__, lifespan=lifespan)
+    app = FastAPI(title="labdaq", version=labdaq.__version__, lifespan=lifespan,
+                  generate_unique_id_function=operation_id)
     app.state.settings = settings
     install_problem_handlers(app, settings.api_retry_after_s)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.api_max_body_bytes,
                        larger={"/api/v1/imports": settings.api_max_import_bytes})
     # Outermost: a request refused by the body limit is timed too.
     app.add_middleware(RequestMetricsMiddleware)
+    # Outermost of all: every request, refused or not, has an id in its log records.
+    app.add_middleware(RequestIdMiddleware)
 
     app.include_router(health.router)
     app.include_router(metrics.router)
@@ -104,7 +109,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(stream.lab_router)
 
     def _openapi() -> dict[str, Any]:
-        return problem_openapi(app)
+        cached = app.openapi_schema is not None
+        doc = problem_openapi(app)
+        if not cached:
+            add_examples(doc)
+        return doc
 
     app.openapi = _openapi  # type: ignore[method-assign]
     app.include_router(evaluations.router)

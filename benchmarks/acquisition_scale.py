@@ -174,13 +174,16 @@ API_MIX = (
 
 
 async def _api_load(port: int, token: str, ids: list[int], rate_hz: float,
-                    duration_s: float, conns: int) -> dict[str, Any]:
+                    duration_s: float, conns: int,
+                    kinds: list[str] | None = None) -> dict[str, Any]:
     """Open-loop requests at ``rate_hz`` over ``conns`` keep-alive HTTP/1.1 connections
     (raw asyncio streams: httpx itself saturates a core at a few hundred requests/s here,
     perf-anchors §5, which would measure the client). Request ``i`` is due at
     ``t0 + i / rate_hz`` whether or not earlier ones have answered; its latency runs from
-    that intended time, so a slow server shows as latency, not as a lower rate."""
-    lat: dict[str, list[float]] = {kind: [] for kind, _ in API_MIX}
+    that intended time, so a slow server shows as latency, not as a lower rate.
+    ``kinds``: the part of the mix to send (default all of API_MIX)."""
+    mix = [(k, p) for k, p in API_MIX if kinds is None or k in kinds]
+    lat: dict[str, list[float]] = {kind: [] for kind, _ in mix}
     statuses: dict[int, int] = {}
     errors = 0
     pool: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
@@ -189,9 +192,9 @@ async def _api_load(port: int, token: str, ids: list[int], rate_hz: float,
 
     async def one(i: int, intended: float) -> None:
         nonlocal errors
-        kind, path = API_MIX[i % len(API_MIX)]
+        kind, path = mix[i % len(mix)]
         # Consecutive requests of a kind go to distinct runs.
-        rid = ids[(i // len(API_MIX)) % len(ids)]
+        rid = ids[(i // len(mix)) % len(ids)]
         reader, writer = await pool.get()
         try:
             writer.write((f"GET {path.format(rid=rid)} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -231,19 +234,20 @@ async def _api_load(port: int, token: str, ids: list[int], rate_hz: float,
     wall = time.perf_counter() - t0
     every = [x for v in lat.values() for x in v]
     return {
-        "rate_hz": rate_hz, "mix": [k for k, _ in API_MIX], "conns": conns,
+        "rate_hz": rate_hz, "mix": [k for k, _ in mix], "conns": conns,
         "cpu_pct": round(100 * (time.process_time() - cpu0) / wall, 1) if wall > 0 else 0.0,
         "sent": n, "requests": len(every), "errors": errors, "unfinished": len(pending),
         "req_per_s": round(len(every) / wall, 1) if wall > 0 else 0.0,
         "p50_ms": pct(every, 50), "p99_ms": pct(every, 99),
-        "p99_ms_by_kind": {k: pct(v, 99) for k, v in lat.items()}, "statuses": statuses,
+        "p99_ms_by_kind": {k: pct(v, 99) for k, v in lat.items()},
+        "p50_ms_by_kind": {k: pct(v, 50) for k, v in lat.items()}, "statuses": statuses,
     }
 
 
 def api_load_main(spec: str) -> None:
     a = json.loads(spec)
     out = asyncio.run(_api_load(a["port"], a["token"], a["ids"], a["rate_hz"],
-                                a["duration_s"], a["conns"]))
+                                a["duration_s"], a["conns"], a.get("kinds")))
     print(json.dumps(out), flush=True)
 
 
@@ -713,6 +717,7 @@ class Trial:
             log(f"  all sampling after {time.perf_counter() - t_trial:.1f} s")
             spec = {"port": self.lab.api_port, "token": self.lab.token, "ids": self.ids,
                     "rate_hz": plan.api_rate_hz, "conns": plan.api_conns,
+                    "kinds": plan.api_kinds,
                     "duration_s": plan.settle_s + plan.window_s + 0.5}
             load = self.lab.children.spawn(
                 "api-load", [sys.executable, str(HERE), "--api-load", json.dumps(spec)],
@@ -852,6 +857,7 @@ class Plan:
     sim_ceiling_s: float
     budget_s: float  # for the search: no trial starts if its estimated end is past this
     min_channels: int = 8  # on one cabinet, when a whole one is not lossless
+    api_kinds: tuple[str, ...] | None = None  # part of API_MIX to send; None: all of it
 
 
 FULL = Plan(cpc=64, period_s=0.01, max_cabinets=20, start_cabinets=0, window_s=10.0,

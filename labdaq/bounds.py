@@ -12,11 +12,24 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated
 
-from pydantic import AfterValidator, AwareDatetime, Field, StringConstraints
+from pydantic import AfterValidator, AwareDatetime, BeforeValidator, Field, StringConstraints
 
 # Column types: ids are INTEGER (int4 on PostgreSQL), seq is BIGINT (int8; SQLite int64).
 INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
+
+
+
+def _whole(value: object) -> object:
+    # JSON has one number type: 3.0 is the integer 3 to a JSON Schema validator (and so
+    # to the OpenAPI document), so it is taken as one; 3.5, "3" and true stay refused.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+#: An integer as JSON Schema means it (3 or 3.0), strictly: no strings, no booleans.
+WholeNumber = Annotated[int, BeforeValidator(_whole), Field(strict=True)]
 
 # Physical ranges, wide enough for any cell, module or pack a lab tests and narrow enough
 # that a typo (1e308, a sign lost in a unit) is refused rather than reaching an instrument.

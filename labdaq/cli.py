@@ -145,19 +145,24 @@ def api_cmd(
     port: int = 8000,
     data_dir: DataDir = None,
     database_url: DbUrl = None,
-    log_level: str = "warning",
+    log_level: str = "info",
 ) -> None:
-    """Run only the HTTP API (uvicorn)."""
+    """Run only the HTTP API (uvicorn); logs are JSON lines on stderr, one per request
+    with its X-Request-ID."""
     import uvicorn
 
     from labdaq.api.app import create_app
+    from labdaq.api.request_log import configure_json_logging
 
     s = _settings(data_dir, database_url)
     if s.api_nice > 0:
         # On a shared computer acquisition and its safety checks come first: under load
         # the API answers later rather than the engine sampling late.
         os.nice(s.api_nice)
-    uvicorn.run(create_app(s), host=host, port=port, log_level=log_level)
+    configure_json_logging(log_level)
+    # uvicorn's access log is off: RequestIdMiddleware writes one record per request.
+    uvicorn.run(create_app(s), host=host, port=port, log_level=log_level, log_config=None,
+                access_log=False)
 
 
 async def _register_sim_lab(url: str, desc: dict[str, Any],

@@ -166,7 +166,12 @@ async def acknowledge(session: AsyncSession, event_id: int, actor: str,
     ack = m.Event(
         run_id=alarm.run_id, kind="audit", severity="info",
         message=f"safety alarm {event_id} acknowledged" + (f": {note}" if note else ""),
-        data={ACK_KEY: event_id, "note": note}, actor=actor,
+        data={ACK_KEY: event_id, "note": note,
+              "before": {"alarm_id": event_id, "acknowledged": False,
+                         "alarm": alarm.message},
+              # Who acknowledged it is the audit record's actor and role.
+              "after": {"alarm_id": event_id, "acknowledged": True, "note": note}},
+        actor=actor,
     )
     session.add(ack)
     await session.flush()

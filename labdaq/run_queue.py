@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from labdaq.bounds import INT32_MAX
+from labdaq.bounds import INT32_MAX, WholeNumber
 from labdaq.errors import Conflict, NotFound
 from labdaq.nodes import wake_node_of_run
 from labdaq.run_states import command_refusal, ending
@@ -44,8 +44,8 @@ class RunPatch(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    queue_position: int = Field(
-        strict=True, ge=1, le=INT32_MAX,
+    queue_position: WholeNumber = Field(
+        ge=1, le=INT32_MAX,
         description="1 = next to start on its channel; past the end moves it to the end",
     )
 

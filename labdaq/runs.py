@@ -32,6 +32,7 @@ from labdaq.bounds import (
     Seconds,
     Text,
     UtcTime,
+    WholeNumber,
 )
 from labdaq.drivers.roles import ProgramRunner
 from labdaq.errors import Conflict, Forbidden, Invalid, NotFound
@@ -93,7 +94,7 @@ class CycleProtocolIn(BaseModel):
     rest_s: NonNegativeSeconds = 600.0
     discharge_current_a: PositiveAmps = Field(description="CC discharge current magnitude, A")
     discharge_cutoff_v: PositiveVolts
-    cycles: int = Field(default=1, strict=True, ge=1, le=100_000)
+    cycles: WholeNumber = Field(default=1, ge=1, le=100_000)
     max_step_s: Seconds = Field(default=48 * 3600.0, description="time bound on every step")
 
 
@@ -627,6 +628,14 @@ async def create_run(
             # lab): the tightest of them all (labdaq.protocol.limits).
             data={"request": req.model_dump(mode="json"), "queue_position": position,
                   "limits": active_limits(resolved),
+                  # Before/after like every other change: nothing, then the run as made.
+                  "before": None,
+                  "after": {"run_id": run.id, "state": run.state, "channel": channel.name,
+                            "cell_id": cell.id, "cell_serial": cell.serial,
+                            "protocol_id": proto.id, "protocol_hash": proto.content_hash,
+                            "sample_period_s": run.sample_period_s,
+                            "queue_position": position, "not_before":
+                            run.not_before.isoformat() if run.not_before else None},
                   # An abuse run says so, and why, at the top of its audit record.
                   **({"abuse": True, "reason": req.reason} if protocol.abuse else {})},
             actor=actor,

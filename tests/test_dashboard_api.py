@@ -198,7 +198,12 @@ async def test_alarm_stays_until_acknowledged_and_the_ack_is_audited(api: Api) -
                               headers=api.h("technician"))).json()
     audit = [e for e in events if e["kind"] == "audit" and e["data"].get("acknowledges")]
     assert len(audit) == 1
-    assert audit[0]["data"] == {"acknowledges": alarm, "note": "cell removed"}
+    assert audit[0]["data"] == {
+        "acknowledges": alarm, "note": "cell removed",
+        # Before and after, like every audited change.
+        "before": {"alarm_id": alarm, "acknowledged": False,
+                   "alarm": audit[0]["data"]["before"]["alarm"]},
+        "after": {"alarm_id": alarm, "acknowledged": True, "note": "cell removed"}}
     assert audit[0]["actor"] == "t-technician"
     r = await api.c.post(f"/api/v1/alarms/{alarm}/ack", headers=api.h("technician"))
     assert r.status_code == 409

@@ -245,6 +245,16 @@ async def test_every_mutating_endpoint_follows_the_role_matrix(api) -> None:
         if path.endswith("/pause"):  # a run command records the run's change
             assert (last.before, last.after) == (
                 {"requested_action": None}, {"requested_action": "pause"}), last
+        if (meth, path) == ("post", "/api/v1/runs"):  # nothing before, the new run after
+            assert last.before is None and last.after is not None, last
+            assert last.after["run_id"] == r.json()["id"], (last.after, r.json())
+            assert last.after["state"] == "queued" and last.after["channel"] == "smu1/1"
+            assert last.after["protocol_hash"].startswith("sha256:"), last.after
+        if path.endswith("/ack"):  # the alarm unacknowledged before, acknowledged after
+            assert last.before == {"alarm_id": lab.safety_event_id, "acknowledged": False,
+                                   "alarm": last.before["alarm"]}, last.before
+            assert last.after == {"alarm_id": lab.safety_event_id, "acknowledged": True,
+                                  "note": None}, last.after
         checked.append(name)
     assert len(checked) == len(ops)
 

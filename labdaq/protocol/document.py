@@ -33,6 +33,7 @@ from labdaq.bounds import (
     Text,
     Volts,
     VoltsPerSecond,
+    WholeNumber,
 )
 
 SCHEMA_VERSION = 1
@@ -195,7 +196,7 @@ class EISStep(_StepBase):
     step: Literal["eis"]
     start_frequency_hz: Hertz
     stop_frequency_hz: Hertz
-    points_per_decade: int = Field(default=10, strict=True, ge=1, le=1000)
+    points_per_decade: WholeNumber = Field(default=10, ge=1, le=1000)
     amplitude_v: PositiveVolts | None = None
     amplitude_a: PositiveAmps | None = None
 
