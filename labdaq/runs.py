@@ -632,7 +632,7 @@ async def create_run(
                   "before": None,
                   "after": {"run_id": run.id, "state": run.state, "channel": channel.name,
                             "cell_id": cell.id, "cell_serial": cell.serial,
-                            "protocol_id": proto.id, "protocol_hash": proto.content_hash,
+                            "protocol_id": protocol_id, "protocol_hash": digest,
                             "sample_period_s": run.sample_period_s,
                             "queue_position": position, "not_before":
                             run.not_before.isoformat() if run.not_before else None},
