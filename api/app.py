@@ -75,13 +75,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
             notifier = asyncio.create_task(
                 Notifier(app.state.sessionmaker, settings).run_forever(), name="alerts")
+        # Several nodes (PostgreSQL): this process, which survives a node, records a node
+        # going down or coming back as one event (labdaq.node_watch), for the notifier.
+        watch = None
+        if engine.dialect.name == "postgresql":
+            from labdaq.node_watch import NodeWatch
+
+            watch = asyncio.create_task(NodeWatch(
+                app.state.sessionmaker, settings.node_down_after_s,
+                min(settings.alerts_poll_s, settings.node_down_after_s / 3)).run_forever(),
+                name="node-watch")
         try:
             yield
         finally:
-            if notifier is not None:
-                notifier.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await notifier
+            for task in (notifier, watch):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             await engine.dispose()
 
     app = FastAPI(title="labdaq", version=labdaq.__version__, lifespan=lifespan,

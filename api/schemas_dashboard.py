@@ -19,7 +19,9 @@ class WhoAmI(BaseModel):
 
 class RunBrief(BaseModel):
     id: int
-    state: str
+    state: str = Field(description="the run's state; node_down (shown, never stored) for a "
+                       "running or paused run whose node is down")
+    node: str | None = Field(default=None, description="the node acquiring it")
     cell_id: int
     cell_serial: str | None
     step_index: int
@@ -35,7 +37,8 @@ class ChannelStatus(BaseModel):
     channel: str
     instrument: str
     driver: str
-    state: str = Field(description="idle, queued, running, paused, interrupted, safety_stop")
+    state: str = Field(description="idle, queued, running, paused, node_down (its run's node "
+                       "is down), interrupted, safety_stop")
     run: RunBrief | None
     voltage_v: float | None
     current_a: float | None = Field(description="positive when charging")

@@ -1,9 +1,11 @@
 """Alert notifier: tell subscribers by e-mail and webhook when a run completes, stops on a
-fault or stops for safety.
+fault or stops for safety, and when an acquisition node goes down or comes back.
 
 It follows the events table (the engine writes a ``state`` event with every run's final
 state) with a cursor on ``events.id`` kept in the database (``alert_cursor``), so a
-restart neither repeats nor skips an event. Each delivery is claimed first by inserting
+restart neither repeats nor skips an event. A node's change is a ``node`` event that a
+surviving API process writes once (labdaq.node_watch); its alert names the node and the
+runs it was acquiring, and has no run of its own. Each delivery is claimed first by inserting
 its ``alert_deliveries`` row (unique per event and target: two notifiers never send the
 same alert twice), then sent with retries and backoff, and its outcome recorded.
 """
@@ -24,6 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from labdaq.config import AlertSubscription, Settings
+from labdaq.node_watch import NODE_EVENT
 from labdaq.storage import models as m
 
 log = logging.getLogger(__name__)
@@ -48,24 +51,35 @@ class Alert:
     """What one alert says: the run, its channel, its state, why, and where to look."""
 
     event_id: int
-    run_id: int
+    run_id: int | None
     kind: str
     state: str
     reason: str
     channel: str | None
     limit: dict[str, Any] | None
     link: str
+    # A node's change (kinds node_down, node_up): the node and the runs it was acquiring.
+    node: str | None = None
+    runs: tuple[int, ...] = ()
 
     def payload(self) -> dict[str, Any]:
         return {"event_id": self.event_id, "run_id": self.run_id, "kind": self.kind,
                 "state": self.state, "reason": self.reason, "channel": self.channel,
-                "limit": self.limit, "link": self.link}
+                "limit": self.limit, "link": self.link, "node": self.node,
+                "runs": list(self.runs)}
 
     def subject(self) -> str:
+        if self.node is not None:
+            return f"labdaq: node {self.node} {self.state}" + (
+                f" ({len(self.runs)} runs)" if self.runs else "")
         return f"labdaq: run {self.run_id} {self.state}" + (
             f" ({self.limit['limit']})" if self.limit else "")
 
     def text(self) -> str:
+        if self.node is not None:
+            runs = ", ".join(str(r) for r in self.runs) or "none"
+            return (f"Node {self.node}: {self.state}.\nReason: {self.reason}\n"
+                    f"Runs: {runs}\nLink: {self.link}\n")
         lines = [f"Run {self.run_id} on channel {self.channel or '?'}: {self.state}.",
                  f"Reason: {self.reason}"]
         if self.limit:
@@ -94,7 +108,18 @@ class Notifier:
             return start
         return row.event_id
 
+    def _node_alert(self, ev: m.Event) -> Alert | None:
+        data = ev.data or {}
+        state = str(data.get("state", ""))
+        if ev.run_id is not None or state not in ("down", "up"):
+            return None
+        return Alert(ev.id, None, f"node_{state}", state, ev.message, None, None,
+                     f"{self.settings.public_url.rstrip('/')}/", node=str(data.get("node")),
+                     runs=tuple(int(r) for r in data.get("runs") or ()))
+
     async def _alert(self, s: AsyncSession, ev: m.Event) -> Alert | None:
+        if ev.kind == NODE_EVENT:
+            return self._node_alert(ev)
         data = ev.data or {}
         run = await s.get(m.Run, ev.run_id) if ev.run_id is not None else None
         if ev.kind == "interruption":
@@ -144,7 +169,7 @@ class Notifier:
             events = (await s.scalars(
                 select(m.Event).where(m.Event.id > after, m.Event.id <= last,
                                       m.Event.kind.in_(("state", "interruption",
-                                                        "chamber")))
+                                                        "chamber", NODE_EVENT)))
                 .order_by(m.Event.id).limit(_BATCH))).all()
             alerts = [a for a in [await self._alert(s, ev) for ev in events] if a is not None]
         if len(events) == _BATCH:

@@ -29,12 +29,12 @@ def _toml_values() -> dict[str, Any]:
     return dict(data.get("labdaq", data))
 
 
-ALERT_KINDS = ("completed", "paused_fault", "aborted_safety")
+ALERT_KINDS = ("completed", "paused_fault", "aborted_safety", "node_down", "node_up")
 
 
 class AlertSubscription(BaseModel):
     """One `[[labdaq.alerts]]` entry: who is told (an e-mail address or a webhook URL)
-    about which run outcomes."""
+    about which run outcomes and node changes (node_down, node_up)."""
 
     email: str | None = Field(default=None, max_length=320)
     webhook: str | None = Field(default=None, max_length=500, pattern=r"^https?://")

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from labdaq import nodes
 from labdaq.auth import ROLE_GRANTS
 from labdaq.errors import Conflict, NotFound
 from labdaq.storage import models as m
@@ -60,9 +61,11 @@ async def latest_samples(session: AsyncSession, runs: list[m.Run]) -> dict[int, 
     return {s.run_id: s for s in rows}
 
 
-async def overview(session: AsyncSession) -> list[dict[str, Any]]:
+async def overview(session: AsyncSession, down_after_s: float) -> list[dict[str, Any]]:
     """Every enabled channel with its instrument, state, the run on it (or the last one,
-    when that ended in a safety stop) with progress, and its newest V/I/T."""
+    when that ended in a safety stop) with progress, and its newest V/I/T. A running or
+    paused run on a node that is down (``down_after_s``, labdaq.nodes) shows as
+    ``node_down``, and so does its channel."""
     channels = (await session.execute(
         select(m.Channel, m.Instrument)
         .join(m.Instrument, m.Instrument.id == m.Channel.instrument_id)
@@ -84,6 +87,7 @@ async def overview(session: AsyncSession) -> list[dict[str, Any]]:
                 newest[row.channel_id] = row
     active = [r for r in newest.values() if r.state in {s.value for s in m.ACTIVE_STATES}]
     latest = await latest_samples(session, active)
+    shown_state = await nodes.shown_states(session, active, down_after_s)
     cells = {}
     if newest:
         cells = {c.id: c for c in (await session.scalars(
@@ -95,7 +99,7 @@ async def overview(session: AsyncSession) -> list[dict[str, Any]]:
         is_active = run is not None and run.state in {s.value for s in m.ACTIVE_STATES}
         if is_active:
             assert run is not None
-            state = run.state
+            state = shown_state.get(run.id, run.state)
         elif run is not None and run.state == m.RunState.aborted_safety.value:
             state = SAFETY_STOP
         elif run is not None and run.state == m.RunState.interrupted.value:
@@ -113,7 +117,8 @@ async def overview(session: AsyncSession) -> list[dict[str, Any]]:
             "state": state,
             "run": None if shown is None else {
                 "id": shown.id,
-                "state": shown.state,
+                "state": shown_state.get(shown.id, shown.state),
+                "node": shown.node,
                 "cell_id": shown.cell_id,
                 "cell_serial": cell.serial if cell else None,
                 "step_index": shown.step_index,

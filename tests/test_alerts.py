@@ -254,3 +254,86 @@ def test_subscription_names_exactly_one_target_and_known_kinds() -> None:
         AlertSubscription(email="a@b", webhook="http://x")
     with pytest.raises(ValueError):
         AlertSubscription(email="a@b", kinds=["exploded"])
+
+
+async def _beat(maker: Any, node: str, age_s: float) -> None:
+    """Node ``node``'s heartbeat row, last written ``age_s`` seconds ago by the database's
+    clock (the node itself writes it; here the test plays the node)."""
+    from datetime import timedelta
+
+    from sqlalchemy import func
+
+    from labdaq.nodes import db_now
+
+    async with session_scope(maker) as s:
+        beat_at = await db_now(s) - timedelta(seconds=age_s)
+        row = await s.get(m.NodeHeartbeat, node)
+        if row is None:
+            s.add(m.NodeHeartbeat(node=node, pid=1, started_at=func.now(), beat_at=beat_at,
+                                  state="running", active_runs=1))
+        else:
+            row.beat_at = beat_at
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_node_down_and_back_are_one_event_each_and_alert(
+    db_url: str, smtp_sink: tuple[int, _Sink], receiver: _Receiver
+) -> None:
+    """Two API processes' watchers (labdaq.node_watch) see a node's heartbeat go stale at
+    the same time: one ``node`` event is written, and its alert names the node and its
+    run; the node coming back is one more event and alert."""
+    import asyncio
+
+    from labdaq.node_watch import NodeWatch
+
+    port, sink = smtp_sink
+    base = f"http://127.0.0.1:{receiver.server_address[1]}"
+    lab = await make_lab(db_url)
+    run_id = lab["run_ids"][0]
+    settings = Settings(
+        public_url="https://lab.example", smtp_host="127.0.0.1", smtp_port=port,
+        alerts_attempts=1, alerts_backoff_s=0,
+        alerts=[AlertSubscription(email="oncall@lab.example", kinds=["node_down"]),
+                AlertSubscription(webhook=f"{base}/ok"),
+                AlertSubscription(webhook=f"{base}/runs-only", kinds=["completed"])])
+    engine = create_engine(db_url)
+    try:
+        maker = sessionmaker(engine)
+        async with session_scope(maker) as s:
+            await s.execute(update(m.Run).where(m.Run.id == run_id)
+                            .values(state="running", node="a"))
+        await _beat(maker, "a", 0)
+        await _beat(maker, "b", 0)
+        assert await Notifier(maker, settings).run_once() == 0
+        watchers = [NodeWatch(maker, down_after_s=15, poll_s=1) for _ in range(2)]
+        # Up and never down: nothing to say.
+        assert [await w.run_once() for w in watchers] == [[], []]
+
+        await _beat(maker, "a", 60)
+        written = await asyncio.gather(*(w.run_once() for w in watchers))
+        assert sorted(len(ids) for ids in written) == [0, 1]
+        # A restarted watcher (a new API process) does not write it again.
+        assert await NodeWatch(maker, 15, 1).run_once() == []
+        assert await Notifier(maker, settings).run_once() == 2
+
+        [hook] = receiver.posts["/ok"]
+        assert hook["kind"] == "node_down" and hook["node"] == "a"
+        assert hook["runs"] == [run_id] and hook["run_id"] is None
+        assert "no heartbeat" in hook["reason"]
+        [mail] = sink.messages
+        assert "node a down" in mail["Subject"]
+        assert "/runs-only" not in receiver.posts
+
+        await _beat(maker, "a", 0)
+        written = await asyncio.gather(*(w.run_once() for w in watchers))
+        assert sorted(len(ids) for ids in written) == [0, 1]
+        assert await Notifier(maker, settings).run_once() == 1  # the e-mail is for downs
+        back = receiver.posts["/ok"][-1]
+        assert back["kind"] == "node_up" and back["node"] == "a"
+        async with maker() as s:
+            events = (await s.scalars(select(m.Event).where(m.Event.kind == "node")
+                                      .order_by(m.Event.id))).all()
+        assert [(e.data["node"], e.data["state"]) for e in events] == [("a", "down"),
+                                                                       ("a", "up")]
+    finally:
+        await engine.dispose()

@@ -150,6 +150,49 @@ async def test_lab_overview_states_progress_and_latest_values(api: Api) -> None:
     assert rows["cab1/3"]["state"] == "idle" and rows["cab1/3"]["run"] is None
 
 
+async def test_lab_overview_and_run_show_node_down(api: Api) -> None:
+    """A running run whose node stopped beating (labdaq.nodes) shows as node_down on the
+    overview (channel and run) and on the run page's run; it is running again once the
+    node beats. The dashboard's script renders that state (its run page names the node)."""
+    from datetime import UTC, datetime, timedelta
+
+    run_id = await _run(api, "cab1/1", "D-201")
+    engine = create_engine(api.url)
+
+    async def beat(age_s: float) -> None:
+        async with session_scope(sessionmaker(engine)) as s:
+            row = await s.get(m.NodeHeartbeat, "bench-a")
+            at = datetime.now(UTC) - timedelta(seconds=age_s)
+            if row is None:
+                s.add(m.NodeHeartbeat(node="bench-a", pid=1, started_at=at, beat_at=at,
+                                      state="running", active_runs=1))
+            else:
+                row.beat_at = at
+
+    try:
+        async with session_scope(sessionmaker(engine)) as s:
+            run = await s.get(m.Run, run_id)
+            assert run is not None
+            run.state, run.node = "running", "bench-a"
+        await beat(age_s=3600)
+
+        async def shown() -> tuple[str, str, str]:
+            r = await api.c.get("/api/v1/lab", headers=api.h("technician"))
+            assert r.status_code == 200, r.text
+            row = next(x for x in r.json() if x["channel"] == "cab1/1")
+            one = await api.c.get(f"/api/v1/runs/{run_id}", headers=api.h("technician"))
+            assert row["run"]["id"] == run_id and row["run"]["node"] == "bench-a"
+            return row["state"], row["run"]["state"], one.json()["state"]
+
+        assert await shown() == ("node_down", "node_down", "node_down")
+        await beat(age_s=0)
+        assert await shown() == ("running", "running", "running")
+    finally:
+        await engine.dispose()
+    js = (await api.c.get("/ui/static/dashboard.js")).text
+    assert 'run.state === "node_down"' in js and 'c.state === "node_down"' in js
+
+
 def test_progress_counts_loop_iterations() -> None:
     plan = {"program": [
         {"step": "loop_start", "end_index": 3, "max_iterations": 4},

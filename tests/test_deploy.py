@@ -370,7 +370,8 @@ def test_every_labdaq_command_line_in_deploy_parses() -> None:
     """Each command and option the deployment files use exists in the CLI (click rejects an
     unknown option before it handles --help)."""
     lines = _labdaq_command_lines()
-    assert {"compose migrate", "compose lab", "labdaq.service ExecStart"} <= set(lines)
+    assert {"compose migrate", "compose api", "compose node-a", "compose node-b",
+            "labdaq.service ExecStart"} <= set(lines)
     runner = CliRunner()
     for where, argv in lines.items():
         result = runner.invoke(cli_app, [*argv, "--help"])
@@ -403,34 +404,52 @@ def _compose_config(env_extra: dict[str, str]) -> subprocess.CompletedProcess[st
     )
 
 
-def test_compose_config_resolves_postgres_migration_and_lab() -> None:
+def test_compose_config_resolves_postgres_migration_api_and_two_nodes() -> None:
     proc = _compose_config({"LABDAQ_DB_PASSWORD": "s3cret-test"})
     assert proc.returncode == 0, proc.stderr
     config = yaml.safe_load(proc.stdout)
     services = config["services"]
-    assert set(services) == {"db", "migrate", "lab"}
-    db, migrate, lab = services["db"], services["migrate"], services["lab"]
+    assert set(services) == {"db", "migrate", "api", "node-a", "node-b"}
+    db, migrate, api = services["db"], services["migrate"], services["api"]
     assert db["image"].startswith("postgres:15")
     assert "pg_isready" in db["healthcheck"]["test"]
+
     # docker-compose 1.x prints short syntax, the compose v2 plugin long syntax.
-    assert any(
-        (v["source"] if isinstance(v, dict) else v.split(":")[0]) == "pgdata"
-        for v in db["volumes"]
-    )
+    def volume_names(service: dict[str, Any]) -> list[str]:
+        return [v["source"] if isinstance(v, dict) else v.split(":")[0]
+                for v in service.get("volumes", [])]
+
+    assert "pgdata" in volume_names(db)
     assert migrate["depends_on"]["db"]["condition"] == "service_healthy"
     assert migrate["command"] == ["db", "upgrade"]
     assert migrate["build"]["dockerfile"] == "deploy/Dockerfile"
     assert Path(migrate["build"]["context"]).resolve() == ROOT
-    assert lab["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
-    assert lab["command"][:2] == ["serve", "--sim"]
-    assert lab["init"] is True
     url = "postgresql://labdaq:s3cret-test@db:5432/labdaq"
     assert migrate["environment"]["LABDAQ_DATABASE_URL"] == url
-    assert lab["environment"]["LABDAQ_DATABASE_URL"] == url
+    # One API process, no engine and no instruments.
+    assert api["command"][:3] == ["serve", "--role", "api"] and "--sim" not in api["command"]
+    # Two acquisition nodes, each with its own name, simulated lab and data volume.
+    nodes = [services["node-a"], services["node-b"]]
+    names = []
+    for node in nodes:
+        cmd = node["command"]
+        assert cmd[:3] == ["serve", "--role", "node"] and "--sim" in cmd
+        names.append(cmd[cmd.index("--node-name") + 1])
+        # A node serves no HTTP: the image's /health check is off; no port published.
+        # (docker-compose 1.x prints `disable: true` as `test: [NONE]`.)
+        check = node["healthcheck"]
+        assert (check.get("disable") is True or check.get("test") == ["NONE"])
+        assert not node.get("ports")
+    assert len(set(names)) == 2
+    assert len({volume_names(n)[0] for n in nodes} | {volume_names(api)[0]}) == 3
+    for service in (api, *nodes):
+        assert service["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+        assert service["init"] is True
+        assert service["environment"]["LABDAQ_DATABASE_URL"] == url
     # Published on the host's loopback only (TLS goes through a reverse proxy).
-    assert lab["ports"] and all(
+    assert api["ports"] and all(
         (p.get("host_ip") if isinstance(p, dict) else p.split(":")[0]) == "127.0.0.1"
-        for p in lab["ports"]
+        for p in api["ports"]
     )
 
 

@@ -5,13 +5,17 @@ Real processes, all on one throwaway PostgreSQL database: node a (``labdaq sim``
 simulated lab and engine), each driving only its own lab's instruments, and two API
 processes (``labdaq serve --role api``). Runs are created through either
 API; the node whose instrument holds the channel starts them. A node killed with SIGKILL
-shows as ``node_down`` in the API; restarted, it resumes its run with every committed
-sample kept and none duplicated, and the other node's runs are never touched.
+shows as ``node_down`` in the API, and one alert says so (an API process writes the
+change once, labdaq.node_watch); restarted, it resumes its run with every committed
+sample kept and none duplicated, the other node's runs are never touched, and one more
+alert says it is back. A run's live stream is served by an API process that is on no
+node: samples travel through the database.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -30,6 +34,9 @@ from labdaq import processes
 from labdaq.auth import create_token
 from labdaq.cli import _register_sim_lab, node_lab
 from labdaq.storage.db import create_engine, session_scope, sessionmaker
+from tests.test_alerts import _Receiver
+from tests.test_alerts import receiver as receiver  # the webhook receiver fixture
+from tests.test_live_stream import read_stream, seqs
 from tests.test_recovery_kill9 import _alive, _children
 
 SPEED = 100.0  # simulated seconds per wall second, the labs' and the nodes' alike
@@ -53,6 +60,7 @@ class Cluster:
     url: str
     tmp: Path
     children: processes.Children
+    hook: str = ""  # the API processes' alert webhook
     token: str = ""
     apis: list[str] = field(default_factory=list)
     nodes: dict[str, processes.Proc] = field(default_factory=dict)
@@ -61,7 +69,9 @@ class Cluster:
     def env(self, **extra: str) -> dict[str, str]:
         return processes.child_env(drop=("LABDAQ_CONFIG", "LABDAQ_DATABASE_URL"),
                                    LABDAQ_NODE_DOWN_AFTER_S=str(DOWN_AFTER_S),
-                                   LABDAQ_MAX_RESUME_GAP_S="100000", **extra)
+                                   LABDAQ_MAX_RESUME_GAP_S="100000",
+                                   LABDAQ_ALERTS=json.dumps([{"webhook": self.hook}]),
+                                   LABDAQ_ALERTS_POLL_S="0.2", **extra)
 
     def start_node(self, node: str, tag: str = "") -> processes.Proc:
         data = self.tmp / f"node-{node}"
@@ -133,13 +143,14 @@ async def _register(url: str, labs: dict[str, dict[str, Any]]) -> str:
 
 
 @pytest.fixture
-def cluster(db_url: str, tmp_path: Path) -> Iterator[Cluster]:
+def cluster(db_url: str, tmp_path: Path, receiver: _Receiver) -> Iterator[Cluster]:
     """Node a: ``labdaq sim`` and ``labdaq engine --role node`` (the one the tests kill);
     node b: ``labdaq serve --role node --sim`` (its lab and engine supervised); two
-    ``labdaq serve --role api``."""
+    ``labdaq serve --role api``, alerting every kind to ``receiver``'s /ok."""
     logs = tmp_path / "logs"
     logs.mkdir()
-    c = Cluster(db_url, tmp_path, processes.Children(logs))
+    c = Cluster(db_url, tmp_path, processes.Children(logs),
+                hook=f"http://127.0.0.1:{receiver.server_address[1]}/ok")
     try:
         path = tmp_path / "lab-a.json"
         proc = c.children.spawn(
@@ -221,8 +232,14 @@ def test_runs_start_on_their_node_and_a_race_keeps_queue_order(cluster: Cluster)
 
 @pytest.mark.slow
 @pg_only
-def test_kill9_node_shows_node_down_then_resumes_without_loss(cluster: Cluster) -> None:
+def test_kill9_node_shows_node_down_then_resumes_without_loss(
+        cluster: Cluster, receiver: _Receiver) -> None:
     c = cluster
+
+    def node_alerts() -> list[tuple[str, str, list[int]]]:
+        return [(p["kind"], p["node"], p["runs"]) for p in list(receiver.posts.get("/ok", []))
+                if p["kind"] in ("node_down", "node_up")]
+
     run_a = c.create(0, "a", 3000)["id"]
     run_b = c.create(1, "b", 3000)["id"]
     c.wait(lambda: c.query("SELECT count(*) FROM samples WHERE run_id = :r",
@@ -238,6 +255,9 @@ def test_kill9_node_shows_node_down_then_resumes_without_loss(cluster: Cluster) 
     c.wait(lambda: all(c.run(k, run_a)["state"] == "node_down" for k in (0, 1)),
            "the APIs to show node a's run as node_down", 60)
     assert c.run(0, run_b)["state"] == "running"
+    # An API process (it survives the node) wrote the change once, and it was alerted.
+    c.wait(lambda: node_alerts() == [("node_down", "a", [run_a])],
+           "the node_down alert", 60)
     # Nobody else took it: it is still node a's, as its committed samples are.
     assert c.query("SELECT node, state FROM runs WHERE id = :r", r=run_a) == [("a", "running")]
 
@@ -246,8 +266,13 @@ def test_kill9_node_shows_node_down_then_resumes_without_loss(cluster: Cluster) 
            and c.query("SELECT count(*) FROM events WHERE run_id = :r AND "
                        "kind = 'interruption'", r=run_a)[0][0] == 1,
            "node a to resume its run", 60)
+    c.wait(lambda: len(node_alerts()) == 2, "the node_up alert", 60)
     c.wait(lambda: all(c.run(0, r)["state"] == "completed" for r in (run_a, run_b)),
            "both runs to complete", 240)
+    # Two API processes watched: each change is one event and one alert.
+    assert node_alerts() == [("node_down", "a", [run_a]), ("node_up", "a", [run_a])]
+    assert c.query("SELECT data->>'node', data->>'state' FROM events WHERE kind = 'node' "
+                   "ORDER BY id") == [("a", "down"), ("a", "up")]
     ((n, lo, hi),) = c.query("SELECT count(*), min(seq), max(seq) FROM samples "
                              "WHERE run_id = :r", r=run_a)
     assert (lo, hi) == (1, n), "samples not contiguous or duplicated"
@@ -257,3 +282,22 @@ def test_kill9_node_shows_node_down_then_resumes_without_loss(cluster: Cluster) 
     # Node b went on untouched: no gap, no event from node a's recovery.
     assert c.query("SELECT count(*) FROM events WHERE run_id = :r AND "
                    "kind = 'interruption'", r=run_b) == [(0,)]
+
+
+@pytest.mark.slow
+@pg_only
+def test_live_stream_from_an_api_process_on_no_node(cluster: Cluster) -> None:
+    """Node b acquires the run; API process 1 (``--role api``: no engine, no instruments)
+    streams it live, every sample once and in order, from the database."""
+    c = cluster
+    run_b = c.create(0, "b", 900)["id"]
+    got: list[dict[str, Any]] = []
+    # The stream ends with the run.
+    read_stream(c.apis[1], run_b, c.token, got)
+    assert c.run(1, run_b)["state"] == "completed"
+    ((n,),) = c.query("SELECT count(*) FROM samples WHERE run_id = :r", r=run_b)
+    assert n > 0 and seqs(got) == list(range(1, n + 1))
+    # Live: the samples came in several messages while the run went on, not all at once
+    # from a finished run.
+    assert sum(1 for m in got if m["event"] == "samples") > 1
+    assert [m["data"]["state"] for m in got if m["event"] == "state"][-1:] == ["completed"]

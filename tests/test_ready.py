@@ -97,3 +97,34 @@ async def test_not_ready_when_the_database_does_not_answer(tmp_path: Path) -> No
     body = r.json()
     assert body["ready"] is False and body["engine"] is None
     assert body["database"] != "ok" and body["reasons"] == [f"database: {body['database']}"]
+
+
+async def test_every_node_is_judged_and_the_down_ones_named(ready) -> None:
+    """Several nodes (labdaq.nodes): /ready judges each one's heartbeat, not only the
+    newest, and lists the nodes that are down."""
+    c, url = ready
+    await _beat(url, Heartbeat("node-a", pid=1, instruments={"smu1": "ok"}))
+    await _beat(url, Heartbeat("node-b", pid=2, instruments={"smu2": "ok"}))
+    r = await c.get("/ready")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert {n["node"] for n in body["nodes"]} == {"node-a", "node-b"}
+    assert body["down_nodes"] == [] and body["instruments"] == {"smu1": "ok", "smu2": "ok"}
+
+    # Node b stops beating; node a goes on (its beat is the newest).
+    engine = create_engine(url)
+    try:
+        async with session_scope(sessionmaker(engine)) as s:
+            await s.execute(update(m.NodeHeartbeat).where(m.NodeHeartbeat.node == "node-b")
+                            .values(beat_at=datetime.now(UTC) - timedelta(seconds=60)))
+    finally:
+        await engine.dispose()
+    await _beat(url, Heartbeat("node-a", pid=1, instruments={"smu1": "ok"}))
+    r = await c.get("/ready")
+    assert r.status_code == 503
+    body = r.json()
+    assert body["engine"]["node"] == "node-a"
+    assert body["down_nodes"] == ["node-b"]
+    [reason] = body["reasons"]
+    assert reason.startswith("engine: last heartbeat of node node-b was ")
+    assert {n["node"]: n["down"] for n in body["nodes"]} == {"node-a": False, "node-b": True}

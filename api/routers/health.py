@@ -1,5 +1,5 @@
 """Liveness (/health: the API and its database answer) and readiness (/ready: the whole
-service can acquire — database, engine heartbeat, instruments)."""
+service can acquire — database, every node's heartbeat, instruments)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from labdaq.api.deps import Session
 from labdaq.api.problems import responses
 from labdaq.api.schemas import Health
 from labdaq.heartbeat import as_utc, latest, not_ready_reasons
-from labdaq.nodes import db_now
+from labdaq.nodes import db_now, is_down
 from labdaq.storage.db import session_scope
 
 router = APIRouter(tags=["health"])
@@ -40,22 +40,32 @@ class EngineStatus(BaseModel):
     active_runs: int
 
 
+class NodeStatus(EngineStatus):
+    down: bool = Field(description="its heartbeat is older than node_down_after_s (database "
+                                   "clock) or it stopped: its runs show node_down")
+
+
 class Ready(BaseModel):
     """Readiness: ``ready`` is true only when ``reasons`` is empty."""
 
     ready: bool
     reasons: list[str] = Field(description="why the service is not ready; empty when it is")
     database: str = Field(description='"ok" or why the database did not answer')
-    engine: EngineStatus | None = Field(description="the acquisition node's last heartbeat")
+    engine: EngineStatus | None = Field(
+        description="the last heartbeat of the node that beat most recently")
+    nodes: list[NodeStatus] = Field(default=[], description="every node's last heartbeat, "
+                                    "newest first; each one is judged")
+    down_nodes: list[str] = Field(default=[], description="the nodes that are down")
     instruments: dict[str, str] = Field(
-        description='instrument name -> "ok" | "lost: <reason>" | "not connected: <reason>"')
+        description='instrument name -> "ok" | "lost: <reason>" | "not connected: <reason>", '
+                    "of every node")
 
 
 @router.get("/ready", response_model=Ready,
             responses={503: {"model": Ready, "description": "not ready; `reasons` says why"}})
 async def ready(request: Request) -> Any:
-    """200 when the database answers, an acquisition node beat recently and every
-    instrument it opened answers; 503 with the reasons otherwise."""
+    """200 when the database answers, every acquisition node beat recently and every
+    instrument they opened answers; 503 with the reasons otherwise."""
     settings = request.app.state.settings
     database = "ok"
     beats: list[Any] = []
@@ -73,18 +83,29 @@ async def ready(request: Request) -> Any:
     except Exception as exc:  # noqa: BLE001 - any failure to read is "not ready", said why
         database = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     now = clock[0] if clock else datetime.now(UTC)
-    beat = beats[0] if beats else None
-    reasons = [f"database: {database}"] if database != "ok" else not_ready_reasons(
-        beat, now, settings.ready_heartbeat_max_age_s)
+    nodes = [NodeStatus(
+        node=b.node, pid=b.pid, state=b.state,
+        heartbeat_age_s=round((now - as_utc(b.beat_at)).total_seconds(), 3),
+        active_runs=b.active_runs, down=is_down(b, now, settings.node_down_after_s),
+    ) for b in beats]
+    if database != "ok":
+        reasons = [f"database: {database}"]
+    elif not beats:
+        reasons = not_ready_reasons(None, now, settings.ready_heartbeat_max_age_s)
+    else:
+        # Every node is judged: one node down is a lab that cannot run all its channels.
+        reasons = [r for b in beats
+                   for r in not_ready_reasons(b, now, settings.ready_heartbeat_max_age_s)]
+    instruments: dict[str, str] = {}
+    for b in reversed(beats):  # the newest beat wins a name two nodes report
+        instruments.update(b.instruments or {})
     body = Ready(
         ready=not reasons,
         reasons=reasons,
         database=database,
-        engine=EngineStatus(
-            node=beat.node, pid=beat.pid, state=beat.state,
-            heartbeat_age_s=round((now - as_utc(beat.beat_at)).total_seconds(), 3),
-            active_runs=beat.active_runs,
-        ) if beat is not None else None,
-        instruments=dict(beat.instruments or {}) if beat is not None else {},
+        engine=EngineStatus(**nodes[0].model_dump(exclude={"down"})) if nodes else None,
+        nodes=nodes,
+        down_nodes=[n.node for n in nodes if n.down],
+        instruments=instruments,
     )
     return JSONResponse(body.model_dump(mode="json"), status_code=200 if body.ready else 503)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Path, status
 
 from labdaq import dashboard as service
-from labdaq.api.deps import Operator, Reader, Session
+from labdaq.api.deps import NodeDownAfterS, Operator, Reader, Session
 from labdaq.api.problems import AUTH, COMMON, OPERATE, responses
 from labdaq.api.schemas_dashboard import AckIn, AckOut, AlarmOut, ChannelStatus, WhoAmI
 from labdaq.bounds import INT32_MAX
@@ -20,9 +20,10 @@ async def whoami(token: Reader) -> WhoAmI:
 
 
 @router.get("/lab", response_model=list[ChannelStatus], responses=responses(*COMMON, *AUTH))
-async def lab(session: Session, _: Reader) -> list[ChannelStatus]:
+async def lab(session: Session, _: Reader, down_after_s: NodeDownAfterS) -> list[ChannelStatus]:
     """Every channel: its state, the run on it with progress, and its newest V/I/T."""
-    return [ChannelStatus.model_validate(x) for x in await service.overview(session)]
+    return [ChannelStatus.model_validate(x)
+            for x in await service.overview(session, down_after_s)]
 
 
 @router.get("/alarms", response_model=list[AlarmOut], responses=responses(*COMMON, *AUTH))

@@ -236,6 +236,8 @@ async function initOverview() {
     for (const c of rows) {
       const r = c.run;
       const state = el("span", { class: `state s-${c.state}` }, c.state.replace("_", " "));
+      // The run's node stopped beating: the API shows it node_down until the node returns.
+      if (c.state === "node_down" && r) state.title = `node ${r.node} is down; the run resumes when it returns`;
       const startLink = c.state === "idle" || c.state === "safety_stop" || c.state === "interrupted"
         ? el("a", { href: `/runs/new?channel=${encodeURIComponent(c.channel)}`, class: "start",
                     "data-grant": "operate abuse" }, "start")
@@ -459,7 +461,8 @@ async function initRun() {
       `Channel ${channelNames[run.channel_id] || run.channel_id} · `,
       el("a", { href: `/cells/${run.cell_id}` }, `cell ${run.cell_id}`),
       ` · step ${run.step_index + 1} of ${run.step_count} · cycle ${run.cycle_index}` +
-      ` · ${fmt(hours(run.elapsed_s), 2)} h` + (run.end_reason ? ` · ${run.end_reason}` : ""));
+      ` · ${fmt(hours(run.elapsed_s), 2)} h` + (run.end_reason ? ` · ${run.end_reason}` : "") +
+      (run.state === "node_down" ? ` · node ${run.node} is down; the run resumes when it returns` : ""));
     const active = !TERMINAL.has(run.state);
     document.getElementById("pause").disabled = run.state !== "running";
     document.getElementById("resume").disabled = run.state !== "paused";

@@ -565,7 +565,7 @@ class AlertDelivery(Base):
     event_id: Mapped[int] = mapped_column(BigInteger)
     run_id: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    # completed | paused_fault | aborted_safety
+    # completed | paused_fault | aborted_safety | node_down | node_up
     kind: Mapped[str] = mapped_column(String(30))
     # email | webhook, and the address or URL
     channel: Mapped[str] = mapped_column(String(10))
