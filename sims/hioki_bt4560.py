@@ -31,6 +31,7 @@ import numpy as np
 
 from .clock import Clock, SimClock
 from .impedance import impedance
+from .noise import KeyedNoise
 from .scpi import (
     ScpiError,
     ScpiParser,
@@ -100,7 +101,7 @@ class HiokiBT4560Sim:
         self.cell = cell_bank
         self.index = int(index)
         self.clock: Clock = clock if clock is not None else SimClock()
-        self.rng = np.random.default_rng(seed)
+        self.noise = KeyedNoise(seed)
         self.serial = serial
         self.firmware = firmware
         self.noise_rel = float(noise_rel)
@@ -254,9 +255,11 @@ class HiokiBT4560Sim:
             return
         z = self.true_impedance_ohm()
         mag = abs(z)
-        z += self.noise_rel * mag * complex(self.rng.standard_normal(),
-                                            self.rng.standard_normal())
-        voltage = self.true_voltage_v() + self.noise_v * float(self.rng.standard_normal())
+        # Keyed on simulated time and frequency, not drawn in call order: a :FETCh? re-sent
+        # after a timeout measures what the first copy did (labdaq.sims.noise).
+        n_re, n_im, n_v = self.noise.standard_normal(3, self.clock.now(), self.frequency_hz)
+        z += self.noise_rel * mag * complex(n_re, n_im)
+        voltage = self.true_voltage_v() + self.noise_v * float(n_v)
         if self.reversed_leads:
             voltage = -voltage
         full_scale = self.range_ohm * FULL_SCALE_FACTOR

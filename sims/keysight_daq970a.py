@@ -3,9 +3,10 @@
 One job: answer the DAQ970A temperature-scanning command subset labdaq's driver uses —
 ``MEAS:TEMP?``, ``CONF:TEMP``, ``ROUT:SCAN``, ``INIT``/``FETC?``/``READ?``, ``UNIT:TEMP``,
 ``FORM:READ:CHAN|UNIT|TIME``, ``SYST:CTYP?``, the SCPI error queue (``+0,"No error"``) —
-with readings taken from callables (e.g. a simulated cell's temperature), Gaussian sensor
-noise from a seeded generator, and injectable open thermocouples that read ``+9.9E+37``
-as the real instrument does.
+with readings taken from callables (e.g. a simulated cell's temperature), seeded Gaussian
+sensor noise that is a function of the channel and the simulated time of the scan (a
+query re-sent at the same simulated time reads the same; labdaq.sims.noise), and
+injectable open thermocouples that read ``+9.9E+37`` as the real instrument does.
 
 Channel numbers are slot*100 + channel (``@101``); one 20-channel multiplexer (DAQM901A)
 is installed in slot 1 by default. Channels are scanned in ascending order whatever order
@@ -22,6 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 import numpy as np
 
 from .clock import Clock, SimClock
+from .noise import KeyedNoise
 from .scpi import (
     OVERRANGE,
     ScpiError,
@@ -100,7 +102,7 @@ class DAQ970ASim:
     ) -> None:
         self.sources: dict[int, Callable[[], float]] = dict(sources or {})
         self.clock: Clock = clock if clock is not None else SimClock()
-        self.rng = np.random.default_rng(seed)
+        self.noise = KeyedNoise(seed)
         self.open_channels: set[int] = set(open_channels)
         self.serial = serial
         self.firmware = firmware
@@ -234,11 +236,11 @@ class DAQ970ASim:
             return math.nan
         return float(np.asarray(source(), dtype=float).reshape(-1)[0])
 
-    def _reading(self, channel: int) -> float:
+    def _reading(self, channel: int, now_s: float) -> float:
         t = self.true_temperature_c(channel)
         if math.isnan(t):
             return OPEN_TC_READING
-        t += self.noise_c * float(self.rng.standard_normal())
+        t += self.noise_c * float(self.noise.standard_normal(1, now_s, channel)[0])
         unit = self.units.get(channel, "C")
         if unit == "F":
             return t * 9.0 / 5.0 + 32.0
@@ -256,7 +258,7 @@ class DAQ970ASim:
         now = self.clock.now()
         if self._scan_t0_s is None:
             self._scan_t0_s = now
-        self.readings = [(ch, self._reading(ch), now - self._scan_t0_s)
+        self.readings = [(ch, self._reading(ch, now), now - self._scan_t0_s)
                          for ch in self.scan_list]
 
     def _format(self) -> str:

@@ -333,11 +333,18 @@ def test_sim_spectrum_matches_cell_model(bank: CellBank) -> None:
 
 
 def test_sim_is_reproducible_with_a_seed(bank: CellBank) -> None:
-    a = HiokiBT4560Sim(bank, seed=7)
-    b = HiokiBT4560Sim(bank, seed=7)
-    c = HiokiBT4560Sim(bank, seed=8)
+    clock = ManualClock()
+    a = HiokiBT4560Sim(bank, clock=clock, seed=7)
+    b = HiokiBT4560Sim(bank, clock=clock, seed=7)
+    c = HiokiBT4560Sim(bank, clock=clock, seed=8)
     replies = [s.handle_line(":FETCh?") for s in (a, b, c)]
     assert replies[0] == replies[1] != replies[2]
+    # Noise is keyed on simulated time and frequency, not on how often the meter was
+    # asked: a repeated :FETCh? (a driver's retry) reads the same; a later one does not.
+    assert a.handle_line(":FETCh?") == replies[0]
+    clock.advance(1.0)
+    later = a.handle_line(":FETCh?")
+    assert later != replies[0] and later == b.handle_line(":FETCh?")
 
 
 def test_sim_lead_inductance_makes_high_frequency_inductive(bank: CellBank) -> None:
