@@ -14,19 +14,7 @@ On-disk format (all integers little-endian)::
     header  := b"LDQJ" version:u8 (=1) reserved:3 bytes (zero)          8 bytes
     record  := length:u32 crc:u32 payload[length]
                crc = CRC-32 (zlib) over the 4 length bytes followed by the payload
-    payload := kind:u8 nrows:u32 body
-      kind 1 "packed": nrows × struct "<qqddqqdd?dddq" (97 bytes): run_id, seq, t_s,
-             ts_utc, step_index, cycle_index, voltage_v, current_a, has_temperature,
-             temperature_c (0.0 when absent → None), step_capacity_ah, step_energy_wh, flags
-      kind 2 "json": UTF-8 JSON array of rows (lists), used when a batch does not fit the
-             packed layout (an unexpected None, a big integer, ...); keeps every value.
-      kind 3 "packed with age": kind 1's row followed by has_temperature_age:?,
-             temperature_age_s:d (106 bytes; None as for the temperature). Written since
-             samples gained temperature_age_s; kind 1 and 12-column JSON rows (written
-             before) are read back with a NULL age.
-      kind | 0x80: the batch's records (positions, steps, cycles; labdaq.engine.ledger)
-             come first, as length:u32 + UTF-8 JSON, then the body of kind & 0x7f. They
-             are replayed in the same transaction as the rows.
+    payload := one batch: its rows and ledger records (labdaq.engine.journal_payload)
 
 Why length + CRC per record: each append is one ``write`` followed by ``fsync``, so a crash
 (power cut, kill -9) can only leave the *last* record of the newest file incomplete. On
@@ -47,7 +35,6 @@ thread, because ``fsync`` blocks).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -58,20 +45,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from labdaq.engine.journal_payload import PAYLOAD_HEAD, decode_payload, decode_rows, encode_rows
+
+__all__ = ["Journal", "Record", "decode_payload", "decode_rows", "encode_rows"]
+
 log = logging.getLogger(__name__)
 
 MAGIC = b"LDQJ"
 VERSION = 1
 FILE_HEADER = MAGIC + bytes([VERSION, 0, 0, 0])
 _REC_HEAD = struct.Struct("<II")  # length, crc
-_PAYLOAD_HEAD = struct.Struct("<BI")  # kind, nrows
-_ROW_V1 = struct.Struct("<qqddqqdd?dddq")  # kind 1: written before temperature_age_s
-_ROW = struct.Struct("<qqddqqdd?dddq?d")
-KIND_PACKED = 1
-KIND_JSON = 2
-KIND_PACKED_AGE = 3
-_NCOLS = 13  # SAMPLE_COLUMNS
-KIND_HAS_RECORDS = 0x80
 _LEN = struct.Struct("<I")
 # A record larger than this can only be a corrupt length field (batches are far smaller).
 MAX_RECORD_BYTES = 256 << 20
@@ -87,80 +70,6 @@ class Record:
     end: int  # offset just past this record
     rows: list[Sequence[Any]]
     records: bytes | None = None  # the batch's ledger records (JSON), if any
-
-
-def encode_rows(rows: Sequence[Sequence[Any]], records: bytes | None = None) -> bytes:
-    """Payload for one batch: the packed layout when every row fits it, else JSON;
-    ``records`` (JSON bytes), when given, travel in front of the rows."""
-    try:
-        payload = _pack(rows)
-    except (struct.error, TypeError, IndexError, ValueError):
-        # Not representable in the fixed layout; JSON keeps the values as given.
-        body = json.dumps([list(r) for r in rows], default=_json_default).encode()
-        payload = _PAYLOAD_HEAD.pack(KIND_JSON, len(rows)) + body
-    if records is None:
-        return payload
-    head = _PAYLOAD_HEAD.pack(payload[0] | KIND_HAS_RECORDS, len(rows))
-    return head + _LEN.pack(len(records)) + records + payload[_PAYLOAD_HEAD.size :]
-
-
-def decode_rows(payload: bytes) -> list[Sequence[Any]]:
-    return decode_payload(payload)[0]
-
-
-def decode_payload(payload: bytes) -> tuple[list[Sequence[Any]], bytes | None]:
-    """(rows, records JSON or None) of one record's payload."""
-    kind, nrows = _PAYLOAD_HEAD.unpack_from(payload)
-    body = memoryview(payload)[_PAYLOAD_HEAD.size :]
-    records = None
-    if kind & KIND_HAS_RECORDS:
-        kind &= ~KIND_HAS_RECORDS
-        (n,) = _LEN.unpack_from(body)
-        records = bytes(body[_LEN.size : _LEN.size + n])
-        body = body[_LEN.size + n :]
-    if kind == KIND_PACKED_AGE:
-        out: list[Sequence[Any]] = [
-            (a, b, c, d, e, f, g, h, t if has_t else None, i, j, k, age if has_age else None)
-            for a, b, c, d, e, f, g, h, has_t, t, i, j, k, has_age, age
-            in _ROW.iter_unpack(body)
-        ]
-    elif kind == KIND_PACKED:
-        out = [
-            (a, b, c, d, e, f, g, h, t if has_t else None, i, j, k, None)
-            for a, b, c, d, e, f, g, h, has_t, t, i, j, k in _ROW_V1.iter_unpack(body)
-        ]
-    elif kind == KIND_JSON:
-        out = [r + [None] * (_NCOLS - len(r)) for r in json.loads(bytes(body))]
-    else:
-        raise ValueError(f"unknown journal record kind {kind}")
-    if len(out) != nrows:
-        raise ValueError(f"journal record says {nrows} rows, holds {len(out)}")
-    return out, records
-
-
-def _pack(rows: Sequence[Sequence[Any]]) -> bytes:
-    n = len(rows)
-    buf = bytearray(_PAYLOAD_HEAD.size + n * _ROW.size)
-    _PAYLOAD_HEAD.pack_into(buf, 0, KIND_PACKED_AGE, n)
-    pack_into, size = _ROW.pack_into, _ROW.size
-    off = _PAYLOAD_HEAD.size
-    for r in rows:
-        if len(r) != _NCOLS:
-            raise ValueError(f"row is not {_NCOLS} columns")
-        # The nullable columns: a presence byte keeps None apart from NaN.
-        t, age = r[8], r[12]
-        has_t, has_age = t is not None, age is not None
-        pack_into(buf, off, *r[:8], has_t, t if has_t else 0.0, r[9], r[10], r[11],
-                  has_age, age if has_age else 0.0)
-        off += size
-    return bytes(buf)
-
-
-def _json_default(obj: Any) -> Any:
-    item = getattr(obj, "item", None)  # numpy scalars
-    if callable(item):
-        return item()
-    raise TypeError(f"{type(obj).__name__} is not journalable")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -245,7 +154,7 @@ class Journal:
             if rec is None:
                 break
             payload, end = rec
-            rows += _PAYLOAD_HEAD.unpack_from(payload)[1]
+            rows += PAYLOAD_HEAD.unpack_from(payload)[1]
             off = end
         if off < len(data):
             self.ignored_bytes += len(data) - off
@@ -460,7 +369,7 @@ def _read_record(data: bytes | memoryview, off: int) -> tuple[bytes, int] | None
         return None
     length, crc = _REC_HEAD.unpack_from(data, off)
     start = off + _REC_HEAD.size
-    if length < _PAYLOAD_HEAD.size or length > MAX_RECORD_BYTES or start + length > len(data):
+    if length < PAYLOAD_HEAD.size or length > MAX_RECORD_BYTES or start + length > len(data):
         return None
     payload = bytes(data[start : start + length])
     if zlib.crc32(payload, zlib.crc32(data[off : off + 4])) != crc:
