@@ -16,7 +16,6 @@ from labdaq.api.body_limit import BodyLimitMiddleware
 from labdaq.api.openapi_examples import add_examples, operation_id
 from labdaq.api.problems import install_problem_handlers, problem_openapi
 from labdaq.api.request_log import RequestIdMiddleware
-from labdaq.api.request_metrics import RequestMetricsMiddleware
 from labdaq.api.routers import (
     analysis,
     audit,
@@ -101,9 +100,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_problem_handlers(app, settings.api_retry_after_s)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.api_max_body_bytes,
                        larger={"/api/v1/imports": settings.api_max_import_bytes})
-    # Outermost: a request refused by the body limit is timed too.
-    app.add_middleware(RequestMetricsMiddleware)
-    # Outermost of all: every request, refused or not, has an id in its log records.
+    # Outermost: every request, refused by the body limit or not, has an id in its log
+    # records and its latency in the histogram.
     app.add_middleware(RequestIdMiddleware)
 
     app.include_router(health.router)

@@ -1,4 +1,4 @@
-"""Request ids and structured JSON logs for the API process.
+"""Request ids, structured JSON logs and the latency histogram for the API process.
 
 Every HTTP request gets an id: the client's ``X-Request-ID`` when it sends a usable one
 (printable ASCII, at most :data:`MAX_ID_CHARS`), otherwise a new random one. The id goes
@@ -6,6 +6,11 @@ back in the response's ``X-Request-ID`` header, into every log record written wh
 request is handled (a context variable that :class:`JsonFormatter` reads), and into one
 ``labdaq.api.request`` record per request when its response has started (method, route
 template, status, latency), so a client's complaint can be matched to the server's log.
+The same latency goes into the Prometheus histogram ``GET /metrics`` serves. Latency runs
+from the request's arrival to the start of its response (status and headers), so a long
+stream (SSE, an export) counts its time to first byte, not its length; the route label is
+the matched route's template (``/api/v1/runs/{run_id}``), never the raw path, so the
+label set stays bounded whatever clients send.
 
 :func:`configure_json_logging` makes the process log one JSON object per line to stderr
 (uvicorn's own records included); ``labdaq api`` calls it.
@@ -23,6 +28,8 @@ import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from labdaq.metrics import REQUEST_LATENCY
 
 HEADER = "X-Request-ID"
 MAX_ID_CHARS = 128
@@ -62,6 +69,8 @@ class RequestIdMiddleware:
                 return
             logged = True
             route = getattr(scope.get("route"), "path", None) or "unmatched"
+            elapsed_s = time.perf_counter() - start
+            REQUEST_LATENCY.labels(scope.get("method", ""), route, str(status)).observe(elapsed_s)
             _log.info(
                 "request",
                 extra={
@@ -70,7 +79,7 @@ class RequestIdMiddleware:
                         "path": scope.get("path", ""),
                         "route": route,
                         "status": status,
-                        "duration_ms": round((time.perf_counter() - start) * 1000, 3),
+                        "duration_ms": round(elapsed_s * 1000, 3),
                         "client": (scope.get("client") or ("", 0))[0],
                     }
                 },
