@@ -39,6 +39,7 @@ def make_rows(run_id: int, n: int) -> list[tuple]:
             seq * 6.9e-5,
             seq * 2.5e-4,
             0,
+            0.4 + (seq % 10) * 0.1,  # temperature_age_s: the logger's reading's age
         )
         for seq in range(1, n + 1)
     ]

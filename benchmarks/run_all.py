@@ -103,13 +103,18 @@ def loadavg() -> str:
     return " / ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+#: Benchmarks run by hand (their docstrings say how), not by `make bench`.
+BY_HAND = {"audit_chain"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-readme", action="store_true")
     ap.add_argument("--only", nargs="*", default=None, help="benchmark names (file stems)")
     args = ap.parse_args()
-    scripts = sorted(p for p in HERE.glob("*.py") if not p.name.startswith(("_", "run_all")))
+    scripts = sorted(p for p in HERE.glob("*.py")
+                     if not p.name.startswith(("_", "run_all")) and p.stem not in BY_HAND)
     if args.only:
         scripts = [p for p in scripts if p.stem in args.only]
     results: list[dict] = []
