@@ -110,8 +110,14 @@ async def rig(db_url: str, tmp_path: Path) -> AsyncIterator[Rig]:
 
 async def _start_run(rig: Rig) -> int:
     """Queue the discharge on the SMU's channel; the node claims it."""
-    ch = rig.desc["instruments"][0]["channels"][0]
-    async with session_scope(rig.maker) as s:
+    return await start_discharge(rig.maker, rig.desc)
+
+
+async def start_discharge(maker: async_sessionmaker[AsyncSession], desc: dict[str, Any]) -> int:
+    """Queue :data:`PROTOCOL` on the first instrument's first channel of a simulated lab
+    (``desc``); the node claims it."""
+    ch = desc["instruments"][0]["channels"][0]
+    async with session_scope(maker) as s:
         run = await create_run(
             s,
             RunCreate(

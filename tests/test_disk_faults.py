@@ -40,14 +40,13 @@ from labdaq.cli import _register_sim_lab
 from labdaq.engine.clock import EngineClock
 from labdaq.engine.node import AcquisitionNode
 from labdaq.engine.writer import SampleWriter
-from labdaq.runs import RunCreate, create_run
 from labdaq.sims.lab import SimLab
 from labdaq.storage import models as m
 from labdaq.storage.db import create_engine, session_scope, sessionmaker, upgrade
 from tests.fault_report import lost_and_duplicates, record_fault
 
 # The same C/5 discharge as the database outage, and its wait for the run's end.
-from tests.test_db_outage import PROTOCOL, _wait_end
+from tests.test_db_outage import _wait_end, start_discharge
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -117,23 +116,6 @@ async def _stop(lab: SimLab, node: AcquisitionNode, task: asyncio.Task[None],
     finally:
         await engine.dispose()
         lab.stop()
-
-
-async def _start_run(maker: async_sessionmaker[AsyncSession], desc: dict[str, Any]) -> int:
-    ch = desc["instruments"][0]["channels"][0]
-    async with session_scope(maker) as s:
-        run = await create_run(
-            s,
-            RunCreate(
-                channel=ch["name"],
-                cell_serial=ch["cell"]["serial"],
-                protocol_document=PROTOCOL,
-                sample_period_s=1.0,
-            ),
-            actor="test",
-        )
-        await s.flush()
-        return int(run.id)
 
 
 async def _seqs(maker: async_sessionmaker[AsyncSession], run_id: int) -> list[int]:
@@ -227,7 +209,7 @@ async def test_disk_full_mid_run(tmp_path: Path) -> None:
         maker = sessionmaker(check)
         filler = data / "filler"
         try:
-            run_id = await _start_run(maker, desc)
+            run_id = await start_discharge(maker, desc)
             await _wait_for(lambda: _count_ge(maker, run_id, 200), 60, "samples to flow")
             committed_before = await _seqs(maker, run_id)
             writer = node.writer
@@ -309,7 +291,7 @@ async def test_io_error_on_nth_write(db_url: str, tmp_path: Path) -> None:
     check = create_engine(db_url)
     maker = sessionmaker(check)
     try:
-        run_id = await _start_run(maker, desc)
+        run_id = await start_discharge(maker, desc)
         await _wait_for(lambda: _count_ge(maker, run_id, 20), 60, "samples to flow")
         await _wait_for(lambda: _true(len(injected) == 2), 60, "both injected errors")
         committed_before = await _seqs(maker, run_id)
