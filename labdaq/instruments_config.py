@@ -76,103 +76,13 @@ from labdaq.bounds import (
     PositiveVolts,
     Text,
 )
-
-# ---------------------------------------------------------------------------------------
-# Resource strings
-# ---------------------------------------------------------------------------------------
-
-RESOURCE_EXAMPLES = (
-    "TCPIP::<host>::<port>::SOCKET, TCPIP::<host>::INSTR, ASRL/dev/ttyUSB0::INSTR, "
-    "ASRLCOM3::INSTR, GPIB0::<address>::INSTR, USB0::<vid>::<pid>::<serial>::INSTR, "
-    "serial:///dev/ttyUSB0?baudrate=9600, /dev/ttyUSB0 or COM3"
+from labdaq.instrument_resources import (  # noqa: F401 - re-exported for callers
+    RESOURCE_EXAMPLES,
+    ResourceError,
+    ResourceInfo,
+    parse_resource,
 )
-
-_SERIAL_PATH = re.compile(r"^(/dev/\S+|COM\d+)$", re.IGNORECASE)
-_VISA_CLASSES = ("INSTR", "SOCKET", "RAW")
-
-
-class ResourceError(ValueError):
-    """A resource string that cannot name an instrument; the message says what is
-    expected."""
-
-
-@dataclass(frozen=True)
-class ResourceInfo:
-    """What a resource string names: ``kind`` is ``visa`` or ``serial``; ``interface``
-    ``TCPIP``/``ASRL``/``GPIB``/``USB``/``serial``; host/port for TCP, path for serial."""
-
-    resource: str
-    kind: str
-    interface: str
-    host: str | None = None
-    port: int | None = None
-    path: str | None = None
-
-
-def parse_resource(resource: str) -> ResourceInfo:
-    """Check a resource string's syntax (nothing is opened); ResourceError if malformed.
-
-    Stricter than pyvisa on purpose: the resource class (``::INSTR``/``::SOCKET``) must be
-    written out, the way NI-MAX and ``pyvisa-shell`` show it, and TCP ports are checked.
-    """
-    if not isinstance(resource, str):
-        raise ResourceError(f"resource must be a string, got {type(resource).__name__}")
-    text = resource.strip()
-    if not text:
-        raise ResourceError(f"empty resource string; expected one of: {RESOURCE_EXAMPLES}")
-    if text != resource or any(ch.isspace() for ch in text):
-        raise ResourceError(f"contains whitespace; expected one of: {RESOURCE_EXAMPLES}")
-    if text.startswith("serial://"):
-        port = text[len("serial://"):].split("?", 1)[0]
-        if not port:
-            raise ResourceError("names no port; expected serial://<port>[?baudrate=N], "
-                                "e.g. serial:///dev/ttyUSB0")
-        return ResourceInfo(resource, "serial", "serial", path=port)
-    if _SERIAL_PATH.match(text):
-        return ResourceInfo(resource, "serial", "serial", path=text)
-    from pyvisa import rname
-
-    try:
-        parsed: Any = rname.parse_resource_name(text)
-    except Exception as exc:  # pyvisa raises InvalidResourceName (and ValueError variants)
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ResourceError(f"malformed resource string ({reason}); "
-                            f"expected one of: {RESOURCE_EXAMPLES}") from None
-    if text.split("::")[-1].upper() not in _VISA_CLASSES:
-        raise ResourceError(
-            "malformed resource string (no resource class at the end); expected it to end "
-            f"in ::INSTR or ::SOCKET, e.g. {RESOURCE_EXAMPLES}")
-    interface = str(getattr(parsed, "interface_type", "")) or text.split("::")[0]
-    name = type(parsed).__name__
-    if name == "TCPIPSocket":
-        host = str(parsed.host_address)
-        try:
-            port_number = int(str(parsed.port))
-        except ValueError:
-            port_number = -1
-        if not host or not 0 < port_number < 65536:
-            raise ResourceError(f"port {parsed.port!r} is not a TCP port; expected "
-                                "TCPIP::<host>::<port 1-65535>::SOCKET")
-        return ResourceInfo(resource, "visa", "TCPIP", host=host, port=port_number)
-    if name == "TCPIPInstr":
-        return ResourceInfo(resource, "visa", "TCPIP", host=str(parsed.host_address))
-    if name == "ASRLInstr":
-        board = str(parsed.board)
-        if not board:
-            raise ResourceError("names no serial port; expected ASRL<port>::INSTR, "
-                                "e.g. ASRL/dev/ttyUSB0::INSTR")
-        return ResourceInfo(resource, "visa", "ASRL", path=board)
-    if name == "GPIBInstr":
-        try:
-            primary = int(str(parsed.primary_address))
-        except ValueError:
-            primary = -1
-        if not 0 <= primary <= 30:
-            raise ResourceError(f"GPIB address {parsed.primary_address!r} is not 0-30; "
-                                "expected GPIB<board>::<0-30>::INSTR")
-        return ResourceInfo(resource, "visa", "GPIB")
-    return ResourceInfo(resource, "visa", interface.upper().split(".")[-1])
-
+from labdaq.instruments_toml import dump_instruments_toml  # noqa: F401 - re-exported
 
 # ---------------------------------------------------------------------------------------
 # Schema
@@ -733,57 +643,3 @@ def _logger_inputs(cls: type, options: Mapping[str, Any]) -> set[int] | None:
     if isinstance(channels, list | tuple) and all(isinstance(c, int) for c in channels):
         return set(channels)
     return None
-
-
-# ---------------------------------------------------------------------------------------
-# Writing (for `labdaq sim --write-config`)
-# ---------------------------------------------------------------------------------------
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value) or math.isinf(value):
-            raise ValueError(f"TOML cannot hold {value!r} here")
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # JSON string escapes are valid TOML basic strings
-    if isinstance(value, Mapping):
-        inner = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
-        return "{ " + inner + " }" if inner else "{}"
-    if isinstance(value, Sequence):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
-def _toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
-
-
-def dump_instruments_toml(instruments: Sequence[Mapping[str, Any]], header: str = "",
-                          cells: Sequence[Mapping[str, Any]] = ()) -> str:
-    """TOML text for ``[[instruments]]`` and ``[[cells]]`` tables (round-trips through
-    the loader)."""
-    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
-    for inst in instruments:
-        if lines:
-            lines.append("")
-        lines.append("[[instruments]]")
-        for key in ("name", "driver", "resource", "node", "description", "enabled",
-                    "options", "channels"):
-            if key in inst and inst[key] is not None:
-                value = inst[key]
-                if key == "channels" and value:
-                    items = ",\n".join(f"  {_toml_value(ch)}" for ch in value)
-                    lines.append(f"channels = [\n{items},\n]")
-                else:
-                    lines.append(f"{key} = {_toml_value(value)}")
-    for cell in cells:
-        lines.append("")
-        lines.append("[[cells]]")
-        lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in cell.items()
-                     if v is not None)
-    return "\n".join(lines) + "\n"
