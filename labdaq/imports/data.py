@@ -25,6 +25,10 @@ IntArray = NDArray[np.int64]
 EDGE_FLAG = 8
 #: Below this the cell is taken to be at rest when numbering steps and cycles.
 REST_CURRENT_A = 1e-6
+#: A step whose current differs from the step before's by more than this (relative to
+#: the larger) changed its set point at its start; smaller changes (a CC phase handing
+#: over to CV) are continuous, and their first reading is the step's own.
+SWITCH_JUMP_REL = 0.1
 
 
 @dataclass
@@ -90,44 +94,88 @@ class ImportedData:
                        details={**self.details, "rows_dropped": int((~keep).sum())})
 
     def with_step_starts(self) -> ImportedData:
-        """Add a reading where a step began, when the file says it began after the
-        reading before it and before its own first reading (its step time at that
-        reading). A cycler that logs every few minutes otherwise leaves the interval from
-        the last reading of one step to the first of the next to the trapezoid between
-        two different currents, and the capacity of that interval is lost (0.6 % of a
-        cycle in an Arbin file logging every 120 s). The added reading has the step's
-        first current (the step holds it from its start), the voltage interpolated
-        between the readings around it, and the EDGE flag; ``details`` counts them."""
+        """Readings where steps began, where the file's step time says the log missed
+        them. A step's current holds from its start (a set point is applied at once);
+        the trapezoid between the readings around a step start instead ramps linearly
+        from the current before to the one after, over a whole logging interval, and the
+        capacity of the difference is lost. Two cases, each an added reading with the
+        ``EDGE`` flag, counted in ``details``:
+
+        * ``step_start_readings``: the step began after the reading before it and before
+          its own first reading (its step time there is > 0: Arbin, Maccor). The added
+          reading is at the start, with the step's first current and the voltage
+          interpolated between the readings around it.
+        * ``step_switch_readings``: the step's first reading is at its start (step time
+          0) and shows the current before the output switched — nearer the previous
+          step's last current than its own next reading, which differs by more than
+          :data:`SWITCH_JUMP_REL` (a set point changed, not a CC-CV hand-over). The
+          added reading, at that same instant, is the step's next reading (current and
+          voltage) held back to the start: the cycler's own counter, integrated far
+          more often than the log is written, counts the step's current from there.
+
+        What each case changed on the public files is in docs/imports.md.
+        """
         if self.step_time_s is None or self.t_s.size < 2:
             return self
-        first = segment_starts((self.cycle_index, self.step_index))[1:]
-        prev, own = self.t_s[first - 1], self.t_s[first]
+        starts = segment_starts((self.cycle_index, self.step_index))
+        ends = np.append(starts[1:], self.t_s.size)  # one past each step's last reading
+        first, nxt_start = starts[1:], ends[1:]
+        t, i = self.t_s, self.current_a
+        prev, own = t[first - 1], t[first]
         began = own - self.step_time_s[first]
         # The two clocks (test and step time) differ by rounding: a step that began "just
         # before" the reading before it began at that reading.
         slack = 0.01 * (own - prev)
         inside = (began > prev - slack) & (began < own - slack)
-        at = first[inside]
-        if at.size == 0:
+        at_before = first[inside]
+
+        has_next = first + 1 < nxt_start
+        nxt = np.minimum(first + 1, t.size - 1)
+        at_start = self.step_time_s[first] <= 0.01 * np.maximum(t[nxt] - own, 0.0)
+        i_prev, i_first, i_next = i[first - 1], i[first], i[nxt]
+        jump = np.abs(i_next - i_prev)
+        switched = (has_next & at_start & ~inside
+                    & (np.abs(i_first - i_prev) < np.abs(i_first - i_next))
+                    & (jump > REST_CURRENT_A)
+                    & (jump > SWITCH_JUMP_REL * np.maximum(np.abs(i_next), np.abs(i_prev))))
+        at_switch = first[switched]
+        if at_before.size == 0 and at_switch.size == 0:
             return self
+
+        # Before the step's first reading: at its start, the step's first current.
         t0 = np.maximum(began[inside], prev[inside])
-        w = (t0 - self.t_s[at - 1]) / (self.t_s[at] - self.t_s[at - 1])
-        v0 = self.voltage_v[at - 1] + w * (self.voltage_v[at] - self.voltage_v[at - 1])
+        w = (t0 - t[at_before - 1]) / (t[at_before] - t[at_before - 1])
+        v0 = self.voltage_v[at_before - 1] + w * (
+            self.voltage_v[at_before] - self.voltage_v[at_before - 1])
+        # After it (same instant): the step's next reading, held back to the start.
+        src_before, src_switch = at_before, at_switch + 1
+        pos = np.concatenate([at_before, at_switch + 1])
+        src = np.concatenate([src_before, src_switch])
+        order = np.argsort(pos, kind="stable")
+        pos, src = pos[order], src[order]
+        new_t = np.concatenate([t0, t[at_switch]])[order]
+        new_v = np.concatenate([v0, self.voltage_v[src_switch]])[order]
+        new_step_t = np.concatenate([np.zeros(at_before.size),
+                                     self.step_time_s[at_switch]])[order]
 
         def put(x: NDArray[Any], values: Any) -> NDArray[Any]:
-            return np.insert(x, at, values)
+            return np.insert(x, pos, values)
 
-        flags = np.zeros(self.t_s.size, np.int64) if self.flags is None else self.flags
+        flags = np.zeros(t.size, np.int64) if self.flags is None else self.flags
         temp = self.temperature_c
+        details = dict(self.details)
+        if at_before.size:
+            details["step_start_readings"] = int(at_before.size)
+        if at_switch.size:
+            details["step_switch_readings"] = int(at_switch.size)
         return replace(
-            self, t_s=put(self.t_s, t0), voltage_v=put(self.voltage_v, v0),
-            current_a=put(self.current_a, self.current_a[at]),
-            cycle_index=put(self.cycle_index, self.cycle_index[at]),
-            step_index=put(self.step_index, self.step_index[at]),
-            temperature_c=None if temp is None else put(temp, temp[at]),
-            step_time_s=put(self.step_time_s, 0.0),
-            flags=put(flags, EDGE_FLAG),
-            details={**self.details, "step_start_readings": int(at.size)})
+            self, t_s=put(t, new_t), voltage_v=put(self.voltage_v, new_v),
+            current_a=put(i, i[src]),
+            cycle_index=put(self.cycle_index, self.cycle_index[src]),
+            step_index=put(self.step_index, self.step_index[src]),
+            temperature_c=None if temp is None else put(temp, temp[src]),
+            step_time_s=put(self.step_time_s, new_step_t),
+            flags=put(flags, EDGE_FLAG), details=details)
 
 
 def segment_starts(keys: tuple[IntArray, ...]) -> IntArray:

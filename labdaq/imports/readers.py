@@ -359,6 +359,7 @@ def read_neware(path: Path) -> ImportedData:
             None if ed is None else ed * mah))
     # NewareNDA's Time restarts at every step (the Timestamp column is whole seconds):
     # each step starts where the one before it ended.
+    step_t = t
     t = _continued(t, stp, cyc)
     stamp = c.find("Timestamp")
     start = None
@@ -369,7 +370,7 @@ def read_neware(path: Path) -> ImportedData:
         format="neware", reader=_version("NewareNDA"), reader_licence="BSD-3-Clause",
         t_s=t, voltage_v=v, current_a=i, cycle_index=cyc, step_index=stp,
         temperature_c=c.get("T1", "Aux_Temperature_1"), start_utc=start,
-        vendor_cycles=vendor)
+        vendor_cycles=vendor, step_time_s=step_t)
 
 
 # --- BioLogic --------------------------------------------------------------------------
