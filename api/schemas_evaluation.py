@@ -81,6 +81,12 @@ class EvaluationOut(BaseModel):
     catalogue_sha256: str
     software_version: str | None
     entries: list[EntryOut]
+    template: str | None = Field(
+        None, description="the protocol (template) name the catalogue entries were picked "
+                          "by; null: an imported run without a declared template")
+    note: str | None = Field(
+        None, description="for an imported run: which entries apply and why, or that "
+                          "none does until a template is declared")
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ImportOut(BaseModel):
@@ -29,6 +29,19 @@ class ImportOut(BaseModel):
     imported_at: datetime
     vendor_cycles: list[dict[str, Any]] | None = None
     details: dict[str, Any] = {}
+    # The protocol template the other lab's test followed (its catalogue entries apply);
+    # None: none declared.
+    template: str | None = None
+
+
+class ImportPatch(BaseModel):
+    """Declare (or, with null, clear) the protocol template an imported run followed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    template: str | None = Field(
+        max_length=100, description="a shipped protocol template's name (GET "
+                                    "/api/v1/protocols/templates), or null")
 
 
 class CalibrationOut(BaseModel):

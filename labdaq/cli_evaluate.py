@@ -46,7 +46,7 @@ def _parse_observations(items: list[str]) -> dict[str, float | bool]:
 
 
 async def _evaluate(url: str, run_id: int, options: dict[str, Any], rule: str,
-                    store: bool, report: Path | None) -> list[Any]:
+                    store: bool, report: Path | None) -> tuple[Any, list[Any]]:
     from labdaq.benchmarks.evaluate import evaluate_run, ocv_of
     from labdaq.benchmarks.rundata import load_run_data
     from labdaq.benchmarks.store import store_evaluation
@@ -69,7 +69,7 @@ async def _evaluate(url: str, run_id: int, options: dict[str, Any], rule: str,
         from labdaq.benchmarks.report import render_report
 
         report.write_text(render_report(data, results), encoding="utf-8")
-    return results
+    return data, results
 
 
 def evaluate(
@@ -104,7 +104,7 @@ def evaluate(
         options["ocv_before_run"] = ocv_before_run
     url = load_settings(data_dir=data_dir, database_url=database_url).resolved_database_url
     try:
-        results = asyncio.run(_evaluate(url, run_id, options, rule, store, report))
+        data, results = asyncio.run(_evaluate(url, run_id, options, rule, store, report))
     except KeyError as exc:
         typer.echo(f"labdaq evaluate: {exc.args[0]}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from exc
@@ -114,8 +114,11 @@ def evaluate(
     if as_json:
         typer.echo(json.dumps([r.as_dict() for r in results], indent=2, default=str))
         return
+    if data.template_note:
+        typer.echo(f"run {run_id}: {data.template_note}")
     if not results:
-        typer.echo(f"run {run_id}: no catalogue entry names its protocol")
+        if not data.imported:
+            typer.echo(f"run {run_id}: no catalogue entry names its protocol")
         return
     for r in results:
         typer.echo(f"{r.entry_id:32s} {r.verdict:14s} {r.clause} — {r.title}")

@@ -16,7 +16,7 @@ from labdaq.errors import LabdaqError
 
 
 async def _import(url: str, path: Path, cell: str | None, fmt: str | None,
-                  actor: str) -> dict[str, Any]:
+                  actor: str, template: str | None) -> dict[str, Any]:
     from labdaq.imports.store import import_file
     from labdaq.storage import models as m
     from labdaq.storage.db import create_engine, session_scope, sessionmaker
@@ -25,7 +25,7 @@ async def _import(url: str, path: Path, cell: str | None, fmt: str | None,
     try:
         async with session_scope(sessionmaker(engine)) as session:
             result = await session.run_sync(lambda s: import_file(
-                s, path, actor=actor, cell_serial=cell, fmt=fmt))
+                s, path, actor=actor, cell_serial=cell, fmt=fmt, template=template))
             await session.commit()
             row = await session.get(m.Import, result.import_id)
             assert row is not None
@@ -34,7 +34,7 @@ async def _import(url: str, path: Path, cell: str | None, fmt: str | None,
                     "reader_licence": row.reader_licence, "samples": row.n_samples,
                     "current_measured": row.current_measured,
                     "vendor_cycles": len(row.vendor_cycles or []),
-                    "file_sha256": row.file_sha256}
+                    "file_sha256": row.file_sha256, "template": row.template}
     finally:
         await engine.dispose()
 
@@ -48,6 +48,9 @@ def import_cmd(
     format: Annotated[str | None, typer.Option(
         "--format", "-f", help="biologic | neware | arbin-res | arbin-csv | maccor | bdf; "
                                "default: from the file")] = None,
+    template: Annotated[str | None, typer.Option(
+        help="the protocol template (seeds/protocols) the other lab's test followed: its "
+             "catalogue entries then apply to the run")] = None,
     by: Annotated[str | None, typer.Option(help="who imports it (the audit record's name)")
                   ] = None,
     data_dir: Annotated[Path | None, typer.Option(help="data directory")] = None,
@@ -59,7 +62,7 @@ def import_cmd(
     s = load_settings(data_dir=data_dir, database_url=database_url)
     try:
         out = asyncio.run(_import(s.resolved_database_url, file, cell, format,
-                                  by or _local_user()))
+                                  by or _local_user(), template))
     except LabdaqError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from exc

@@ -272,6 +272,20 @@ def test_public_maccor_export_through_the_cli(sqlite_url: str, tmp_path: Path) -
     bad = runner.invoke(cli_app, ["import", str(other), "--cell", "NO-SUCH",
                                   "--database-url", sqlite_url])
     assert bad.exit_code == 2 and "no cell with serial 'NO-SUCH'" in bad.output
+    # Without a template `labdaq evaluate` says why no entry applies; with one, its entries.
+    plain = json.loads(runner.invoke(cli_app, ["import", str(other), "--database-url",
+                                               sqlite_url]).output)
+    said = runner.invoke(cli_app, ["evaluate", str(plain["run_id"]), "--database-url",
+                                   sqlite_url])
+    assert said.exit_code == 0 and "imported without a protocol template" in said.output
+    cycled = write_bdf(tmp_path / "y.bdf.csv", _profile(cycles=2))
+    out = json.loads(runner.invoke(cli_app, [
+        "import", str(cycled), "--template", "basic_cycle", "--database-url",
+        sqlite_url]).output)
+    assert out["template"] == "basic_cycle"
+    said = runner.invoke(cli_app, ["evaluate", str(out["run_id"]), "--database-url",
+                                   sqlite_url])
+    assert said.exit_code == 0 and "lab-energy-efficiency" in said.output, said.output
 
 
 async def test_unreadable_file_is_422_not_500(sqlite_client: Client) -> None:
@@ -284,3 +298,66 @@ async def test_unreadable_file_is_422_not_500(sqlite_client: Client) -> None:
                              data=form, files={"file": (name, body)})
             assert r.status_code == 422, (fmt, name, r.text)
             assert r.headers["content-type"] == "application/problem+json"
+
+
+def _entries(evaluation: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["entry_id"]: e for e in evaluation["entries"]}
+
+
+async def test_imported_run_without_template_says_so(sqlite_client: Client,
+                                                     tmp_path: Path) -> None:
+    c, tok = sqlite_client
+    h = {"Authorization": tok["engineer"]}
+    path = write_bdf(tmp_path / "cell.bdf.csv", _profile(cycles=2))
+    got = (await _upload(c, tok["engineer"], path)).json()
+    assert got["template"] is None
+    ev = (await c.get(f"/api/v1/runs/{got['run_id']}/evaluation", headers=h)).json()
+    assert ev["entries"] == [] and ev["template"] is None
+    assert ev["note"].startswith("imported without a protocol template")
+    # An unknown template is refused before the file is read.
+    bad = await _upload(c, tok["engineer"], path, template="no_such_template")
+    assert bad.status_code == 422 and "no_such_template" in bad.text
+
+
+async def test_imported_run_is_judged_by_its_declared_template(sqlite_client: Client,
+                                                               tmp_path: Path) -> None:
+    """basic_cycle's entries report the imported cycles' efficiencies; capacity_check_c3's
+    AIS-156 pre-cycling entry is not evaluable while the cell's capacity is the import's
+    placeholder and passes once the lab enters the datasheet value (0.95 A is C/3 of a
+    2.85 Ah cell). Changing the template is audited; a technician may not."""
+    c, tok = sqlite_client
+    h = {"Authorization": tok["engineer"]}
+    path = write_bdf(tmp_path / "cell.bdf.csv", _profile(cycles=2))
+    r = await _upload(c, tok["engineer"], path, template="basic_cycle")
+    assert r.status_code == 201, r.text
+    got = r.json()
+    assert got["template"] == "basic_cycle"
+    run_id = got["run_id"]
+    ev = (await c.get(f"/api/v1/runs/{run_id}/evaluation", headers=h)).json()
+    assert ev["template"] == "basic_cycle" and "tagged step" in ev["note"]
+    eff = _entries(ev)["lab-energy-efficiency"]
+    assert eff["verdict"] == "reported"
+    ce = next(cr for cr in eff["criteria"] if cr["metric"] == "coulombic_efficiency")
+    assert ce["value"] == pytest.approx(0.95 * 3700 / 3600, rel=0.005)
+
+    patch = f"/api/v1/imports/{got['id']}"
+    assert (await c.patch(patch, headers={"Authorization": tok["technician"]},
+                          json={"template": "capacity_check_c3"})).status_code == 403
+    assert (await c.patch(patch, headers=h, json={"template": "nope"})).status_code == 422
+    r = await c.patch(patch, headers=h, json={"template": "capacity_check_c3"})
+    assert r.status_code == 200 and r.json()["template"] == "capacity_check_c3"
+    pre = _entries((await c.get(f"/api/v1/runs/{run_id}/evaluation", headers=h)).json())[
+        "ais156-cell-precycle"]
+    assert pre["verdict"] == "not_evaluable"
+    assert pre["criteria"][0]["reason"] == "the cell has no rated capacity"
+    cell_id = (await c.get(f"/api/v1/runs/{run_id}", headers=h)).json()["cell_id"]
+    # Cells are a technician's to edit (role "operate").
+    r = await c.patch(f"/api/v1/cells/{cell_id}", headers={"Authorization": tok["technician"]},
+                      json={"capacity_ah": 2.85})
+    assert r.status_code == 200, r.text
+    pre = _entries((await c.get(f"/api/v1/runs/{run_id}/evaluation", headers=h)).json())[
+        "ais156-cell-precycle"]
+    assert pre["verdict"] == "pass" and pre["criteria"][0]["value"] == 2.0
+    trail = (await c.get(f"/api/v1/audit?run_id={run_id}",
+                         headers={"Authorization": tok["admin"]})).json()
+    assert any("protocol template set to capacity_check_c3" in t["action"] for t in trail)

@@ -14,11 +14,12 @@ from sqlalchemy import select
 
 from labdaq.api.deps import Reader, Session, require
 from labdaq.api.problems import Problem
-from labdaq.api.schemas_imports import ImportOut
+from labdaq.api.schemas_imports import ImportOut, ImportPatch
 from labdaq.bounds import INT32_MAX
 from labdaq.errors import NotFound
 from labdaq.imports.readers import FORMATS
 from labdaq.imports.store import import_file, safe_filename
+from labdaq.imports.template import set_template
 from labdaq.storage import models as m
 
 router = APIRouter(prefix="/api/v1/imports", tags=["imports"])
@@ -48,13 +49,18 @@ async def create_import(
     fmt: Annotated[str | None, Form(alias="format", description=(
         f"one of {', '.join(sorted(FORMATS))}; default: from the file's name and "
         "content"))] = None,
+    template: Annotated[str | None, Form(max_length=100, description=(
+        "the protocol template (GET /api/v1/protocols/templates) the other lab's test "
+        "followed: its catalogue entries then apply to the run. Not applied when the "
+        "file was imported before (PATCH the import)"))] = None,
 ) -> ImportOut:
     name = safe_filename(file.filename)
     with tempfile.TemporaryDirectory(prefix="labdaq-import-") as tmp:
         path = Path(tmp) / name  # the readers go by the suffix
         path.write_bytes(await file.read())
         result = await session.run_sync(lambda s: import_file(
-            s, path, actor=token.name, cell_serial=cell_serial, fmt=fmt, filename=name))
+            s, path, actor=token.name, cell_serial=cell_serial, fmt=fmt, filename=name,
+            template=template))
     await session.commit()
     if not result.created:
         response.status_code = 200
@@ -84,4 +90,16 @@ async def get_import(import_id: ImportId, session: Session, _: Reader) -> Import
     row = await session.get(m.Import, import_id)
     if row is None:
         raise NotFound(f"no import {import_id}")
+    return ImportOut.model_validate(row)
+
+
+@router.patch("/{import_id}", response_model=ImportOut, responses={
+    **_AUTH, 404: {"model": Problem, "description": "no such import"},
+    422: {"model": Problem, "description": "not a shipped protocol template"}})
+async def patch_import(import_id: ImportId, body: ImportPatch, session: Session,
+                       token: Importer) -> ImportOut:
+    """Declare the protocol template the imported run's test followed (audited)."""
+    row = await session.run_sync(
+        lambda s: set_template(s, import_id, body.template, token.name))
+    await session.commit()
     return ImportOut.model_validate(row)

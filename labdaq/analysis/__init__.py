@@ -11,6 +11,7 @@ from labdaq.analysis.cycles import (
     Retention,
     capacity_retention,
     cell_state_at,
+    rest_current_for,
     summarise_cycles,
 )
 from labdaq.analysis.dcir import PulseResistance, pulse_resistances
@@ -23,6 +24,7 @@ __all__ = [
     "Retention",
     "capacity_retention",
     "cell_state_at",
+    "rest_current_for",
     "summarise_cycles",
     "PulseResistance",
     "pulse_resistances",

@@ -29,7 +29,7 @@ from numpy.typing import ArrayLike, NDArray
 
 __all__ = [
     "STATES", "CycleSummary", "summarise_cycles", "Retention", "capacity_retention",
-    "cell_state_at",
+    "cell_state_at", "rest_current_for",
 ]
 
 FloatArray = NDArray[np.float64]
@@ -42,6 +42,19 @@ _UNKNOWN, _FULL, _EMPTY, _PARTIAL = range(4)
 
 #: Sample flag the engine sets on readings taken while a run was paused.
 FLAG_PAUSED = 2
+#: Default rest threshold, and the fraction of the cell's 1C current below which a small
+#: cell is at rest (see rest_current_for).
+REST_CURRENT_A = 1e-4
+REST_FRACTION_OF_1C = 1e-3
+
+
+def rest_current_for(capacity_ah: float | None) -> float:
+    """The current below which a cell of ``capacity_ah`` is at rest: 0.1 mA, or C/1000
+    for a cell so small that 0.1 mA is a working current (a coin cell cycled at tens of
+    µA, as in other labs' imported files, would otherwise never leave rest)."""
+    if capacity_ah is None or not capacity_ah > 0:
+        return REST_CURRENT_A
+    return min(REST_CURRENT_A, REST_FRACTION_OF_1C * capacity_ah)
 
 
 @dataclass(frozen=True)

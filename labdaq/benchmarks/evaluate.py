@@ -39,6 +39,7 @@ from labdaq.analysis import (
     capacity_retention,
     cell_state_at,
     pulse_resistances,
+    rest_current_for,
     summarise_cycles,
 )
 from labdaq.analysis.cycles import CycleSummary
@@ -118,10 +119,18 @@ class RunData:
     # UN 38.3 T.1-T.4: the OCV of the check run immediately before the stress, when this
     # run is the check after it (see ocv_of).
     ocv_before_v: float | None = None
+    # An imported run (labdaq.imports) has no labdaq plan: its entries are those of the
+    # template declared for it (``template``; None: none declared, and ``template_note``
+    # says so). Built by labdaq.imports.template.run_template.
+    imported: bool = False
+    template: str | None = None
+    template_note: str | None = None
 
     @property
-    def protocol(self) -> str:
-        return self.plan.name
+    def protocol(self) -> str | None:
+        """The protocol name the catalogue entries are picked by: the plan's, or an
+        imported run's declared template (None: it has none)."""
+        return self.template if self.imported else self.plan.name
 
     @property
     def cell(self) -> CellLimits:
@@ -197,7 +206,8 @@ class RunView:
             self._cycles = summarise_cycles(
                 s["t_s"], s["voltage_v"], s["current_a"], s["cycle_index"],
                 flags=s.get("flags"), charge_cutoff_v=cell.charge_cutoff_v,
-                discharge_cutoff_v=cell.discharge_cutoff_v)
+                discharge_cutoff_v=cell.discharge_cutoff_v,
+                rest_current_a=rest_current_for(cell.capacity_ah))
         return self._cycles
 
     def tagged(self, *tags: str) -> list[StepData]:
@@ -589,8 +599,10 @@ def _entry_verdict(results: list[CriterionResult]) -> Verdict:
     return "pass"
 
 
-def applicable_entries(catalogue: Catalogue, protocol: str) -> list[Entry]:
-    """Entries whose data the protocol template produces."""
+def applicable_entries(catalogue: Catalogue, protocol: str | None) -> list[Entry]:
+    """Entries whose data the protocol template produces (none without a protocol)."""
+    if protocol is None:
+        return []
     return [e for e in catalogue.entries if e.protocol == protocol]
 
 

@@ -14,6 +14,7 @@ from labdaq.analysis.load import read_samples
 from labdaq.benchmarks.evaluate import ChannelAccuracy, RunData, StepData
 from labdaq.benchmarks.store import observations_of
 from labdaq.calibrations import ACCURACY_KEYS, status_of_run
+from labdaq.imports.template import run_template
 from labdaq.protocol import ResolvedProtocol
 from labdaq.storage import models as m
 
@@ -64,6 +65,11 @@ def load_run_data(session: Session, run_id: int, **options: Any) -> RunData:
             "name": instrument.name, "driver": instrument.driver,
             "resource": instrument.resource, "idn": instrument.idn},
     }
+    how = run_template(session, run)
+    meta["protocol"] = {"name": plan.name, "hash": plan.protocol_hash,
+                        "template": how.protocol, "imported": how.imported, "note": how.note}
+    for key, value in how.as_options().items():
+        options.setdefault(key, value)
     options.setdefault("meta", meta)
     calib = status_of_run(session, run)
     options.setdefault("calibration", calib.text)

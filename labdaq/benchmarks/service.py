@@ -32,6 +32,7 @@ from labdaq.benchmarks.store import (
     store_evaluation,
 )
 from labdaq.errors import Invalid, LabdaqError, NotFound
+from labdaq.imports.template import run_template
 from labdaq.storage import models as m
 
 __all__ = [
@@ -69,6 +70,10 @@ class Evaluated:
     catalogue_sha256: str
     software_version: str | None
     entries: list[dict[str, Any]]
+    # The protocol name the entries were picked by (None: an imported run without a
+    # template) and, for an imported run, what that means (labdaq.imports.template).
+    template: str | None = None
+    note: str | None = None
 
 
 async def _ocv_before(session: AsyncSession, before_run: int) -> float:
@@ -143,7 +148,8 @@ def _fresh(data: RunData, results: list[EntryResult], rule: Rule) -> Evaluated:
     return Evaluated(run_id=int(data.run_id or 0), rule=rule, stored=False,
                      data_sha256=data_sha256(data.samples),
                      catalogue_sha256=catalogue_sha256(), software_version=_version(),
-                     entries=[_jsonable(r.as_dict()) for r in results])
+                     entries=[_jsonable(r.as_dict()) for r in results],
+                     template=data.protocol, note=data.template_note)
 
 
 async def evaluate_out(session: AsyncSession, run_id: int, rule: Rule = "simple",
@@ -196,12 +202,15 @@ async def stored(session: AsyncSession, run_id: int) -> Evaluated:
     rows = await session.run_sync(lambda s: latest_evaluation(s, run_id))
     if not rows:
         raise NotFound(f"run {run_id} has no stored evaluation")
+    run = await session.get(m.Run, run_id)
+    assert run is not None
+    how = await session.run_sync(lambda s: run_template(s, run))
     # Rows stored together share their hashes; report the newest row's.
     newest = max(rows, key=lambda r: r.id)
     return Evaluated(run_id=run_id, rule=None, stored=True, data_sha256=newest.data_sha256,
                      catalogue_sha256=newest.catalogue_sha256,
                      software_version=newest.software_version,
-                     entries=[r.result for r in rows])
+                     entries=[r.result for r in rows], template=how.protocol, note=how.note)
 
 
 async def add_observations(session: AsyncSession, run_id: int,

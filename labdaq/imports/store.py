@@ -23,10 +23,11 @@ from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from labdaq.analysis import summarise_cycles
+from labdaq.analysis import rest_current_for, summarise_cycles
 from labdaq.errors import Invalid, NotFound
 from labdaq.imports.data import ImportedData, segment_starts
 from labdaq.imports.readers import read_file
+from labdaq.imports.template import check_template
 from labdaq.protocol import CellLimits
 from labdaq.protocol.limits import EffectiveLimits
 from labdaq.protocol.program import ResolvedProtocol
@@ -68,16 +69,19 @@ def _existing(session: Session, digest: str) -> ImportResult | None:
 
 
 def import_file(session: Session, path: Path, *, actor: str, cell_serial: str | None = None,
-                fmt: str | None = None, filename: str | None = None) -> ImportResult:
-    """Read ``path`` and store it (or find it stored already). Flushes; the caller
-    commits."""
+                fmt: str | None = None, filename: str | None = None,
+                template: str | None = None) -> ImportResult:
+    """Read ``path`` and store it (or find it stored already: then ``template`` is not
+    applied, :func:`~.template.set_template` changes it). ``template``: the shipped
+    protocol template the other lab's test followed. Flushes; the caller commits."""
+    check_template(template)
     digest = file_sha256(path)
     found = _existing(session, digest)
     if found is not None:
         return found
     data = read_file(path, fmt)
     return store_import(session, data, digest=digest, filename=safe_filename(filename or path.name),
-                        actor=actor, cell_serial=cell_serial)
+                        actor=actor, cell_serial=cell_serial, template=template)
 
 
 def _channel(session: Session, fmt: str) -> m.Channel:
@@ -197,7 +201,8 @@ def _insert_samples(session: Session, run_id: int, cols: dict[str, list[Any]]) -
 
 
 def store_import(session: Session, data: ImportedData, *, digest: str, filename: str,
-                 actor: str, cell_serial: str | None = None) -> ImportResult:
+                 actor: str, cell_serial: str | None = None,
+                 template: str | None = None) -> ImportResult:
     if np.any(np.diff(data.t_s) < 0):
         raise Invalid("the file's time column goes backwards",
                       [{"loc": "file", "msg": "test time must not decrease"}])
@@ -231,7 +236,8 @@ def store_import(session: Session, data: ImportedData, *, digest: str, filename:
                    format=data.format, reader=data.reader[:100],
                    reader_licence=data.reader_licence[:60],
                    current_measured=data.current_measured, n_samples=n,
-                   vendor_cycles=data.vendor_cycles, details=data.details, imported_by=actor)
+                   vendor_cycles=data.vendor_cycles, details=data.details, imported_by=actor,
+                   template=check_template(template))
     session.add(rec)
     try:
         session.flush()
@@ -258,7 +264,8 @@ def store_import(session: Session, data: ImportedData, *, digest: str, filename:
     session.execute(insert(m.Step), _step_rows(run.id, data, step_cap, step_energy))
     summary = summarise_cycles(data.t_s, data.voltage_v, data.current_a, data.cycle_index,
                                charge_cutoff_v=cell.charge_cutoff_v,
-                               discharge_cutoff_v=cell.discharge_cutoff_v)
+                               discharge_cutoff_v=cell.discharge_cutoff_v,
+                               rest_current_a=rest_current_for(cell.capacity_ah))
     cycle_rows = [
         {"run_id": run.id, "cycle_index": r["cycle_index"], "start_t_s": r["start_t_s"],
          "end_t_s": r["end_t_s"], "charge_capacity_ah": r["charge_capacity_ah"],
@@ -276,7 +283,7 @@ def store_import(session: Session, data: ImportedData, *, digest: str, filename:
         run_id=run.id, kind="audit", actor=actor,
         message=f"run imported from {filename} ({data.format}, {n} samples)",
         data={"file_sha256": digest, "format": data.format, "reader": data.reader,
-              "cell_serial": cell.serial, "import_id": rec.id,
+              "cell_serial": cell.serial, "import_id": rec.id, "template": template,
               "before": None, "after": {"state": m.RunState.imported.value}}))
     session.flush()
     return ImportResult(run.id, rec.id, True)

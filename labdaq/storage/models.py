@@ -233,6 +233,10 @@ class Import(Base):
     details: Mapped[dict[str, Any]] = mapped_column(default=dict)
     imported_by: Mapped[str] = mapped_column(String(200))
     imported_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The labdaq protocol template (seeds/protocols/) the other lab's test followed, as
+    # declared by whoever imported it: the catalogue entries of that template apply to
+    # the run. None: imported without a template, and no entry applies by protocol.
+    template: Mapped[str | None] = mapped_column(String(100))
 
 
 class Calibration(Base):
