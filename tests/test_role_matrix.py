@@ -11,9 +11,11 @@ In-process (httpx over ASGI), no engine.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,6 +27,7 @@ from labdaq import auth
 from labdaq.api.app import create_app
 from labdaq.channels import upsert_instrument
 from labdaq.config import Settings
+from labdaq.imports.store import import_file
 from labdaq.storage import models as m
 from labdaq.storage.db import create_engine, session_scope, sessionmaker
 
@@ -51,6 +54,7 @@ class Lab:
     user_id: int = 0
     spare_token_id: int = 0
     safety_event_id: int = 0
+    import_id: int = 0
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,8 @@ CALLS: dict[tuple[str, str], Callable[[Lab], Call]] = {
     # Another lab's file imported as a read-only run; a calibration certificate.
     ("post", "/api/v1/imports"): lambda lab: (
         "/api/v1/imports", Upload({"file": ("cell.bdf.csv", BDF_FILE)})),
+    ("patch", "/api/v1/imports/{import_id}"): lambda lab: (
+        f"/api/v1/imports/{lab.import_id}", {"template": "basic_cycle"}),
     ("post", "/api/v1/calibrations"): lambda lab: ("/api/v1/calibrations", {
         "instrument": "smu1", "channel": "smu1/1", "certificate_id": "CAL-1",
         "lab": "NABL lab", "calibrated_on": "2026-01-05", "due_on": "2027-01-05",
@@ -134,6 +140,12 @@ async def _seed(url: str) -> Lab:
             spare, _ = await auth.issue_token(s, admin, "spare", "seed", None)
             lab.spare_token_id = spare.id
             lab.user_id = (await auth.create_user(s, "carol", "technician", actor="seed")).id
+            # An import for PATCH /api/v1/imports/{id} (another file than POST's).
+            with tempfile.TemporaryDirectory() as tmp:
+                seeded = Path(tmp) / "seeded.bdf.csv"
+                seeded.write_bytes(BDF_FILE + b"40,3.6,0\n")
+                lab.import_id = (await s.run_sync(
+                    lambda ss: import_file(ss, seeded, actor="seed"))).import_id
     finally:
         await engine.dispose()
     return lab
