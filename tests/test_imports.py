@@ -25,6 +25,7 @@ from labdaq import auth
 from labdaq.api.app import create_app
 from labdaq.cli import app as cli_app
 from labdaq.config import Settings
+from labdaq.imports.maccor import seconds
 from labdaq.storage.db import create_engine, session_scope, sessionmaker
 
 VENDOR = Path(__file__).parent / "data" / "vendor"
@@ -97,6 +98,35 @@ def write_maccor(path: Path, p: dict[str, np.ndarray]) -> Path:
     return path
 
 
+def _clock(t_s: float) -> str:
+    """A MacTest duration as its ``TestTime``/``StepTime`` columns write it."""
+    d, rest = divmod(t_s, 86400.0)
+    h, rest = divmod(rest, 3600.0)
+    m, sec = divmod(rest, 60.0)
+    return f"  {int(d)}d {int(h):02d}:{int(m):02d}:{sec:g}"
+
+
+def write_maccor_clock(path: Path, p: dict[str, np.ndarray]) -> Path:
+    """The MacTest layout with durations (``0d 01:02:3.5``) for test and step time, the
+    step time counted from the reading before each step's first (where it began)."""
+    qc, qd = _counters(p, "step")
+    state = np.where(p["i"] > 0, "C", np.where(p["i"] < 0, "D", "R"))
+    new = np.r_[True, np.diff(p["step"]) != 0]
+    began = np.maximum.accumulate(np.where(new, np.r_[0.0, p["t"][:-1]], 0.0))
+    rows = ["Today's Date:\t14 December 2020\tDate of Test:\t11 December 2020, 12:22:12 PM",
+            "Filename:\tcell_01\tTester Channel:\t1",
+            "Procedure:\tcycle.000\tDescription:\t",
+            "Rec#\tCyc#\tStep\tTestTime\tStepTime\tAmp-hr\tWatt-hr\tAmps\tVolts\tState\tES\t"
+            "DPt Time\t"]
+    for k in range(p["t"].size):
+        rows.append(f"{k + 1}\t{p['cycle'][k]}\t{p['step'][k]}\t{_clock(p['t'][k])}\t"
+                    f"{_clock(p['t'][k] - began[k])}\t{qc[k] + qd[k]:.8f}\t0\t"
+                    f"{abs(p['i'][k]):.5f}\t{p['v'][k]:.5f}\t{state[k]}\t1\t"
+                    f"12/11/2020 12:22:12\t")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
 def write_bdf(path: Path, p: dict[str, np.ndarray]) -> Path:
     rows = ["Test Time / s,Voltage / V,Current / A,Cycle Count / 1,Step Count / 1"]
     rows += [f"{p['t'][k]:.3f},{p['v'][k]:.6f},{p['i'][k]:.6f},{p['cycle'][k]},"
@@ -156,17 +186,20 @@ async def _upload(c: httpx.AsyncClient, token: str, path: Path,
                         files={"file": (path.name, path.read_bytes())})
 
 
-@pytest.mark.parametrize("writer,fmt", [(write_arbin_csv, "arbin-csv"),
-                                        (write_maccor, "maccor")])
+@pytest.mark.parametrize("writer,fmt,name", [(write_arbin_csv, "arbin-csv", "cell.csv"),
+                                             (write_maccor, "maccor", "cell.001"),
+                                             (write_maccor_clock, "maccor", "cell.txt")])
 async def test_vendor_summary_is_kept_and_agrees_with_ours(
-        sqlite_client: Client, tmp_path: Path, writer: Any, fmt: str) -> None:
+        sqlite_client: Client, tmp_path: Path, writer: Any, fmt: str, name: str) -> None:
     c, tok = sqlite_client
     p = _profile()
-    path = writer(tmp_path / ("cell.csv" if fmt == "arbin-csv" else "cell.001"), p)
+    path = writer(tmp_path / name, p)
     r = await _upload(c, tok["engineer"], path)
     assert r.status_code == 201, r.text
     got = r.json()
     assert got["format"] == fmt and got["reader_licence"] == "labdaq's own"
+    if writer is write_maccor_clock:  # its step times put a reading where each step began
+        assert got["details"]["step_start_readings"] == 7
     vendor = {row["cycle_index"]: row for row in got["vendor_cycles"]}
     ours = (await c.get(f"/api/v1/runs/{got['run_id']}/cycles",
                         headers={"Authorization": tok["engineer"]})).json()
@@ -298,6 +331,15 @@ async def test_unreadable_file_is_422_not_500(sqlite_client: Client) -> None:
                              data=form, files={"file": (name, body)})
             assert r.status_code == 422, (fmt, name, r.text)
             assert r.headers["content-type"] == "application/problem+json"
+
+
+def test_maccor_durations_are_read_as_seconds() -> None:
+    assert seconds("  0d 00:00:5.05000019073486") == pytest.approx(5.05000019073486)
+    assert seconds("2d 03:04:05.5") == 2 * 86400 + 3 * 3600 + 4 * 60 + 5.5
+    assert seconds("01:02.5") == 62.5 and seconds("1,234.5") == 1234.5
+    assert seconds("") != seconds("")  # blank: NaN
+    with pytest.raises(ValueError):
+        seconds("5 min")
 
 
 def _entries(evaluation: dict[str, Any]) -> dict[str, dict[str, Any]]:

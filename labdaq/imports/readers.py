@@ -12,7 +12,7 @@ format         reader                           licence
                (Access tables of ``.res``)      subprocess; Debian package ``mdbtools``)
 ``arbin-csv``  labdaq's own (pyarrow CSV)       labdaq's
 ``maccor``     labdaq's own (tab-separated      labdaq's
-               text export)
+               text export; :mod:`.maccor`)
 ``bdf``        labdaq's own (Battery Data       labdaq's
                Format CSV or Parquet)
 =============  ===============================  ====================================
@@ -26,7 +26,6 @@ magnitude and the direction in its ``State`` column (``D`` is discharge).
 
 from __future__ import annotations
 
-import csv
 import io
 import re
 import shutil
@@ -42,23 +41,18 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-import labdaq
 from labdaq.errors import Invalid, LabdaqError
+from labdaq.imports.columns import OWN, OWN_LICENCE, Columns, ints, numbered
 from labdaq.imports.data import (
     FloatArray,
     ImportedData,
     IntArray,
     VendorCounters,
-    cycles_from_current,
-    steps_from_current,
     vendor_cycle_summary,
 )
+from labdaq.imports.maccor import read_maccor
 
 __all__ = ["FORMATS", "detect_format", "read_file", "MissingReader"]
-
-OWN = f"labdaq {labdaq.__version__}"
-OWN_LICENCE = "labdaq's own"
-
 
 class MissingReader(Invalid):
     """The format's reader is an optional dependency that is not installed."""
@@ -71,54 +65,9 @@ def _version(dist: str) -> str:
         return dist
 
 
-def _f(x: Any) -> FloatArray:
-    return np.asarray(x, dtype=np.float64)
-
-
-def _i(x: Any) -> IntArray:
-    return np.asarray(np.nan_to_num(np.asarray(x, dtype=np.float64)), dtype=np.int64)
-
-
-class _Columns:
-    """Case- and punctuation-insensitive column lookup over a table's columns."""
-
-    def __init__(self, columns: dict[str, Any]):
-        self.columns = columns
-        self.by_key = {self.key(k): k for k in columns}
-
-    @staticmethod
-    def key(name: str) -> str:
-        return re.sub(r"[^a-z0-9%]+", "", name.lower())
-
-    def find(self, *names: str) -> str | None:
-        for n in names:
-            hit = self.by_key.get(self.key(n))
-            if hit is not None:
-                return hit
-        return None
-
-    def get(self, *names: str) -> FloatArray | None:
-        hit = self.find(*names)
-        return None if hit is None else _f(self.columns[hit])
-
-    def need(self, what: str, *names: str) -> FloatArray:
-        got = self.get(*names)
-        if got is None:
-            raise Invalid(f"the file has no {what} column", [
-                {"loc": "file", "msg": f"expected one of {list(names)}; "
-                                       f"found {sorted(self.columns)[:40]}"}])
-        return got
-
-
 def _table_columns(table: pa.Table) -> dict[str, Any]:
     return {name: table.column(name).to_numpy(zero_copy_only=False)
             for name in table.column_names}
-
-
-def _numbered(current_a: FloatArray, cycle: FloatArray | None,
-              step: FloatArray | None) -> tuple[IntArray, IntArray]:
-    return (cycles_from_current(current_a) if cycle is None else _i(cycle),
-            steps_from_current(current_a) if step is None else _i(step))
 
 
 # --- Battery Data Format -----------------------------------------------------------------
@@ -130,7 +79,7 @@ def read_bdf(path: Path) -> ImportedData:
         table = pq.read_table(path)
     else:
         table = pacsv.read_csv(path)
-    c = _Columns(_table_columns(table))
+    c = Columns(_table_columns(table))
     t = c.need("time", "Test Time / s", "test_time_second")
     v = c.need("voltage", "Voltage / V", "voltage_volt")
     i = c.need("current", "Current / A", "current_ampere")
@@ -139,7 +88,7 @@ def read_bdf(path: Path) -> ImportedData:
     temp = c.get("Surface Temperature T1 / degC", "Temperature T1 / degC",
                  "Ambient Temperature / degC")
     unix = c.get("Unix Time / s", "unix_time_second")
-    cyc, stp = _numbered(i, cycle, step)
+    cyc, stp = numbered(i, cycle, step)
     qc = c.get("Charging Capacity / Ah", "charging_capacity_ampere_hour")
     qd = c.get("Discharging Capacity / Ah", "discharging_capacity_ampere_hour")
     vendor = None
@@ -176,7 +125,7 @@ _ARBIN = {
 
 
 def _arbin(columns: dict[str, Any], fmt: str, reader: str, licence: str) -> ImportedData:
-    c = _Columns(columns)
+    c = Columns(columns)
     t = c.need("test time", *_ARBIN["t"])
     v = c.need("voltage", *_ARBIN["v"])
     i = c.need("current", *_ARBIN["i"])
@@ -187,7 +136,7 @@ def _arbin(columns: dict[str, Any], fmt: str, reader: str, licence: str) -> Impo
         got = c.get(*_ARBIN[key])
         return None if got is None else got[order]
 
-    cyc, stp = _numbered(i, opt("cycle"), opt("step"))
+    cyc, stp = numbered(i, opt("cycle"), opt("step"))
     qc, qd = opt("qc"), opt("qd")
     vendor = None
     if qc is not None and qd is not None:
@@ -234,7 +183,7 @@ def _merge_arbin_statistics(data: ImportedData, normal: dict[str, Any],
                             stats: dict[str, Any]) -> None:
     """Arbin's own per-cycle statistics (one row per cycle, at the cycle's last data
     point): their times and voltages join the summary from the counters, by cycle."""
-    c, st = _Columns(normal), _Columns(stats)
+    c, st = Columns(normal), Columns(stats)
     point, cycle = c.get("Data_Point"), c.get("Cycle_Index")
     at = st.get("Data_Point")
     if point is None or cycle is None or at is None or data.vendor_cycles is None:
@@ -251,73 +200,6 @@ def _merge_arbin_statistics(data: ImportedData, normal: dict[str, Any],
             if col is not None and np.isfinite(col[k]):
                 row[name] = float(col[k])
     data.details["arbin_statistic_rows"] = int(at.size)
-
-
-# --- Maccor ----------------------------------------------------------------------------
-
-
-def read_maccor(path: Path) -> ImportedData:
-    """A Maccor text export (tab-separated, ``Rec#``, ``Cyc#``, ``Step``, ``Test (Sec)``,
-    or ``Test (Min)``, ``Amps``, ``Volts``, ``State``, ``Amp-hr``, ``Watt-hr`` ...),
-    labdaq's own reader.
-    Maccor writes current as a magnitude: ``State`` D makes it a discharge."""
-    raw = path.read_bytes().decode("latin-1")
-    lines = raw.splitlines()
-    head = next((k for k, ln in enumerate(lines[:50])
-                 if re.search(r"\bRec#?\b|Cyc#|Cycle P", ln) and ("\t" in ln or "," in ln)),
-                None)
-    if head is None:
-        raise Invalid("not a Maccor text export",
-                      [{"loc": "file", "msg": "no header line with Rec# / Cyc#"}])
-    delim = "\t" if "\t" in lines[head] else ","
-    reader = csv.reader(lines[head:], delimiter=delim)
-    header = [h.strip() for h in next(reader)]
-    rows = [r for r in reader if len(r) >= len(header) - 1 and r and r[0].strip()]
-    cols: dict[str, Any] = {}
-    for k, name in enumerate(header):
-        cols[name] = [r[k].strip() if k < len(r) else "" for r in rows]
-    c = _Columns(cols)
-    state_col = c.find("State", "Md", "MD")
-    if state_col is None:
-        raise Invalid("the Maccor export has no State column", [{"loc": "file", "msg": header}])
-    state = np.array([s[:1].upper() for s in cols[state_col]])
-    numeric = {k: v for k, v in cols.items() if k != state_col}
-
-    def num(*names: str) -> FloatArray | None:
-        hit = c.find(*names)
-        if hit is None:
-            return None
-        return np.array([float(x.replace(",", "")) if x else np.nan for x in numeric[hit]])
-
-    t = num("Test (Sec)", "Test Time (sec)", "TestTime", "Test(Sec)")
-    if t is None:
-        minutes = num("Test (Min)", "Test(Min)")
-        t = None if minutes is None else minutes * 60.0
-    v = num("Volts", "Voltage", "Voltage(V)")
-    amps = num("Amps", "Current", "Current(A)")
-    if t is None or v is None or amps is None:
-        raise Invalid("the Maccor export lacks test time, volts or amps",
-                      [{"loc": "file", "msg": header}])
-    sign = np.where(state == "D", -1.0, np.where(state == "C", 1.0, 0.0))
-    i = np.abs(amps) * sign
-    cyc, stp = _numbered(i, num("Cyc#", "Cycle", "Cycle C"), num("Step", "Step#"))
-    ah, wh = num("Amp-hr", "Capacity(AHr)", "Amp-hr"), num("Watt-hr", "Energy(WHr)")
-    vendor = None
-    if ah is not None:
-        # One counter for both directions, reset at each step or not (both are seen).
-        ah = np.abs(ah)
-        whx = None if wh is None else np.abs(wh)
-        vendor = vendor_cycle_summary(cyc, stp, VendorCounters(
-            ah, ah, whx, whx, direction=sign.astype(np.int64)))
-    step_t = num("Step (Sec)", "Step Time (sec)", "StepTime", "Step(Sec)")
-    if step_t is None:
-        step_min = num("Step (Min)", "Step(Min)")
-        step_t = None if step_min is None else step_min * 60.0
-    return ImportedData(
-        format="maccor", reader=OWN, reader_licence=OWN_LICENCE, t_s=t - t[0], voltage_v=v,
-        current_a=i, cycle_index=cyc, step_index=stp,
-        temperature_c=num("Temp 1", "Temperature", "Temp1"), vendor_cycles=vendor,
-        details={"header": lines[0][:200]}, step_time_s=step_t)
 
 
 # --- Neware ----------------------------------------------------------------------------
@@ -344,11 +226,11 @@ def read_neware(path: Path) -> ImportedData:
                             [{"loc": "format", "msg": str(exc)}]) from exc
     df = NewareNDA.read(str(path))
     cols = {str(k): df[k].to_numpy() for k in df.columns}
-    c = _Columns(cols)
+    c = Columns(cols)
     t = c.need("time", "Time")
     v = c.need("voltage", "Voltage")
     i = c.need("current", "Current(mA)") / 1000.0
-    cyc, stp = _numbered(i, c.get("Cycle"), c.get("Step"))
+    cyc, stp = numbered(i, c.get("Cycle"), c.get("Step"))
     mah = 1e-3
     vendor = None
     qc, qd = c.get("Charge_Capacity(mAh)"), c.get("Discharge_Capacity(mAh)")
@@ -396,7 +278,7 @@ def read_biologic(path: Path) -> ImportedData:
         if isinstance(stamp, datetime):
             start = stamp.timestamp()
     cols = {name: records[name] for name in records.dtype.names}
-    c = _Columns(cols)
+    c = Columns(cols)
     t = c.need("time", "time/s")
     v = c.need("voltage", "Ewe/V", "<Ewe>/V", "Ecell/V", "<Ecell>/V")
     i_ma = c.get("I/mA", "<I>/mA", "control/mA")
@@ -413,13 +295,13 @@ def read_biologic(path: Path) -> ImportedData:
     half = c.get("half cycle")
     if cycle is None and half is not None:
         cycle = np.floor(half / 2.0)
-    cyc, stp = _numbered(i, cycle, c.get("Ns"))
+    cyc, stp = numbered(i, cycle, c.get("Ns"))
     vendor = None
     q_half = c.get("Q charge/discharge/mA.h")
     if q_half is not None and half is not None:
         # EC-Lab's own counter of each half cycle: positive while charging, negative
         # while discharging, reset when the half cycle changes.
-        vendor = vendor_cycle_summary(cyc, _i(half), VendorCounters(
+        vendor = vendor_cycle_summary(cyc, ints(half), VendorCounters(
             np.clip(q_half, 0.0, None) / 1000.0, np.clip(-q_half, 0.0, None) / 1000.0))
     return ImportedData(
         format="biologic", reader=_version("galvani"), reader_licence="GPL-3.0-or-later",
