@@ -403,3 +403,5 @@ async def test_imported_run_is_judged_by_its_declared_template(sqlite_client: Cl
     trail = (await c.get(f"/api/v1/audit?run_id={run_id}",
                          headers={"Authorization": tok["admin"]})).json()
     assert any("protocol template set to capacity_check_c3" in t["action"] for t in trail)
+    report = await c.get(f"/api/v1/runs/{run_id}/report", headers=h)
+    assert report.status_code == 200 and "imported (bdf) as following template" in report.text

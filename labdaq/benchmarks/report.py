@@ -165,7 +165,8 @@ def render_report(run: RunData, results: list[EntryResult]) -> str:
         ("Cell", f"{cell.get('serial', '—')} — {cell.get('chemistry', '')} "
                  f"{cell.get('spec') or ''}, {cell.get('capacity_ah', '—')} Ah, "
                  f"{cell.get('discharge_cutoff_v', '—')}–{cell.get('charge_cutoff_v', '—')} V"),
-        ("Protocol", f"{run.plan.name} ({run.plan.protocol_hash})"),
+        ("Protocol", f"{run.plan.name} ({run.plan.protocol_hash})"
+                     + (f" — {run.template_note}" if run.template_note else "")),
         ("Channel", meta.get("channel") or "—"),
         ("Instrument", f"{inst.get('name', '—')} ({inst.get('driver', '')}, "
                        f"{inst.get('resource', '')}) {inst.get('idn') or ''}"),
