@@ -12,6 +12,7 @@ from labdaq.analysis import (
     fit_spectrum,
     incremental_capacity,
     pulse_resistances,
+    rest_current_for,
     summarise_cycles,
 )
 from labdaq.sims.cell import CellBank
@@ -79,6 +80,21 @@ def test_states_and_flags_of_a_half_charged_start() -> None:
     assert s.full_charge.tolist() == [False, True, True]
     # The state before the run, when known from elsewhere, is used for the first cycle.
     assert summary_of(run, initial_state="partial").start_state[0] == "partial"
+
+
+def test_a_coin_cell_at_tens_of_microamps_is_not_at_rest() -> None:
+    """The same cycles at 50 uA (a 0.1 mAh cell at C/2): below the default 0.1 mA rest
+    threshold nothing ever moves; the cell's own, C/1000, sees the cycles."""
+    cycle = [(1.0, 0), (0.0, 600), (-1.0, 0), (0.0, 600)]
+    run = toy_run([(0.0, 600)] + cycle * 2, soc0=0.5)
+    run["current_a"] = run["current_a"] * 5e-5
+    assert rest_current_for(CAP_AH * 5e-5) == pytest.approx(1e-7)
+    assert rest_current_for(2.5) == 1e-4 and rest_current_for(None) == 1e-4
+    default = summary_of(run)
+    assert default.start_state.tolist() == ["unknown", "unknown"]
+    own = summary_of(run, rest_current_a=rest_current_for(CAP_AH * 5e-5))
+    assert own.start_state.tolist() == ["unknown", "empty"]
+    assert own.efficiency_valid.tolist() == [False, True]
 
 
 def test_incomplete_last_cycle_and_a_cycle_from_full() -> None:

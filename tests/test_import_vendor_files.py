@@ -16,7 +16,10 @@ import pytest
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
+from labdaq.benchmarks.evaluate import evaluate_run
+from labdaq.benchmarks.rundata import load_run_data
 from labdaq.imports.store import import_file
+from labdaq.imports.template import set_template
 from labdaq.storage import models as m
 
 VENDOR = Path(__file__).parent / "data" / "vendor"
@@ -88,6 +91,23 @@ def test_arbin_res_agrees_with_arbins_counters(sqlite_url: str) -> None:
     # Arbin's own statistics table joins the summary: its charge time of cycle 1.
     assert vendor[1]["charge_time_s"] == pytest.approx(20125.5756, abs=1e-3)
     assert rec.details["arbin_statistic_rows"] == 4
+    # Declared as following basic_cycle, the coin cell (87 uA) is judged: its cycles
+    # leave rest and start from a defined state, and the efficiency is Arbin's own.
+    engine = create_engine(sqlite_url)
+    try:
+        with Session(engine) as s:
+            set_template(s, rec.id, "basic_cycle", actor="test")
+            s.commit()
+            results = {r.entry_id: r for r in evaluate_run(load_run_data(s, rec.run_id))}
+    finally:
+        engine.dispose()
+    eff = results["lab-energy-efficiency"]
+    assert eff.verdict == "reported"
+    ce = next(c for c in eff.criteria if c.metric == "coulombic_efficiency")
+    arbin_ce = [v["coulombic_efficiency"] for v in vendor.values()
+                if v["coulombic_efficiency"] is not None]
+    assert isinstance(ce.value, float)
+    assert min(arbin_ce) - 0.005 <= ce.value <= max(arbin_ce) + 0.005, (ce.value, arbin_ce)
 
 
 def test_neware_ndax_agrees_with_newares_counters(sqlite_url: str) -> None:
