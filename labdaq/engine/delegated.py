@@ -42,6 +42,7 @@ from labdaq.drivers.errors import InstrumentError
 from labdaq.drivers.neware_steps import translate
 from labdaq.drivers.roles import ProgramRunner
 from labdaq.engine.delegated_records import Harvest, RecordBook, breach
+from labdaq.engine.delegated_wait import ServerWait
 from labdaq.engine.events import RunEvent, SafetyTrip
 from labdaq.engine.instruments import OpenInstrument
 from labdaq.heartbeat import INSTRUMENT_OK
@@ -68,6 +69,7 @@ class DelegatedRun:
     seen_t_s: float = 0.0  # run time of the last reading labdaq saw
     lost_from_t_s: float | None = None  # set while labdaq cannot see the channel
     lost_cause: str = ""
+    lost_note: dict[str, Any] = field(default_factory=dict)  # more about the gap, for its event
     # since when each kind of reading ("inquired", "harvested": two timelines, the
     # harvested one behind) has been past a limit, for breach_duration_s
     breach_since_t_s: dict[str, float] = field(default_factory=dict)
@@ -96,6 +98,8 @@ class DelegatedRuns:
         self.runs: dict[int, DelegatedRun] = {}
         self.followers: dict[int, asyncio.Task[None]] = {}
         self._finishing: set[asyncio.Task[None]] = set()
+        # Runs whose server did not answer at engine start (delegated_wait.py).
+        self.waits = ServerWait(self)
 
     # -- which channels ---------------------------------------------------------------
     async def instrument_of(self, channel: m.Channel) -> OpenInstrument | None:
@@ -210,9 +214,10 @@ class DelegatedRuns:
             await asyncio.sleep(self.node.poll_s)
 
     async def resume(self, run: m.Run, channel: m.Channel, inst: OpenInstrument,
-                     why: str) -> None:
+                     why: str, note: dict[str, Any] | None = None) -> None:
         """Follow a run a previous engine (or a lost instrument) left: its pinned test
-        from its position; records made meanwhile are harvested, none twice."""
+        from its position; records made meanwhile are harvested, none twice. ``note``
+        goes into the data of the interruption event that closes the gap."""
         resolved = ResolvedProtocol.model_validate(run.plan)
         pos = dict(run.position or {})
         if "delegated" not in pos or not pos["delegated"].get("test_id"):
@@ -237,7 +242,8 @@ class DelegatedRuns:
         inst.driver.owned_test_ids.add(int(book.test_id))
         dr = DelegatedRun(run.id, inst.row_id, book.bts_channel, resolved,
                           run.sample_period_s, book, seen_t_s=book.t_s,
-                          lost_from_t_s=book.t_s, lost_cause=why, following=True)
+                          lost_from_t_s=book.t_s, lost_cause=why, lost_note=dict(note or {}),
+                          following=True)
         self.runs[run.id] = dr
         self._follow(inst.row_id)
 
@@ -399,7 +405,9 @@ class DelegatedRuns:
             f"({r.lost_cause}); the program ran on and its records were harvested: no "
             "sample is missing",
             {"cause": r.lost_cause, "from_t_s": frm, "to_t_s": t_s, "gap_s": t_s - frm,
-             "last_seq": r.book.seq, "samples_missing": 0, "channel": r.bts}))
+             "last_seq": r.book.seq, "samples_missing": 0, "channel": r.bts,
+             **r.lost_note}))
+        r.lost_note = {}
 
     async def _store(self, book: RecordBook, h: Harvest, final: bool = False) -> None:
         if h.rows:
@@ -434,6 +442,7 @@ class DelegatedRuns:
 
     async def close(self) -> None:
         """Engine shutdown: stop following (the programs run on; a restart resumes)."""
+        await self.waits.close()
         tasks = [*self.followers.values(),
                  *(r.starting for r in self.runs.values() if r.starting is not None)]
         for t in tasks:
