@@ -268,6 +268,24 @@ class NewareBTS(Instrument, ProgramRunner):
             drv.close()
 
     @classmethod
+    def list_channels(cls, resource: str, timeout_s: float) -> list[dict[str, Any]]:
+        """Every channel the BTS server at ``resource`` reports (``getdevinfo``) as
+        ``[[instruments.channels]]`` entries (:meth:`channel_entries`), on a connection
+        of its own: what ``labdaq instruments probe --toml`` and ``labdaq sim
+        --write-config`` write into an instruments file."""
+        m = _SOCKET.match(resource.strip())
+        if m is None:
+            raise InstrumentError(f"{resource!r}: a Neware BTS server is reached as "
+                                  "TCPIP::<host>::<port>::SOCKET")
+        drv = cls(BtsLink(m.group(1).strip("[]"), int(m.group(2)), timeout_s=timeout_s,
+                          reconnect_attempts=1))
+        try:
+            drv.connect()
+            return drv.channel_entries()
+        finally:
+            drv.close()
+
+    @classmethod
     def unrunnable_step(cls, resolved: ResolvedProtocol) -> tuple[str, str] | None:
         """The first step the step-file translator refuses (drivers/neware_steps.py)."""
         try:
