@@ -41,6 +41,7 @@ from sqlalchemy import select, update
 from labdaq.drivers.errors import InstrumentError
 from labdaq.drivers.neware_steps import translate
 from labdaq.drivers.roles import ProgramRunner
+from labdaq.engine.delegated_live import LiveReadings
 from labdaq.engine.delegated_records import Harvest, RecordBook, breach
 from labdaq.engine.delegated_wait import ServerWait
 from labdaq.engine.events import RunEvent, SafetyTrip
@@ -100,6 +101,8 @@ class DelegatedRuns:
         self._finishing: set[asyncio.Task[None]] = set()
         # Runs whose server did not answer at engine start (delegated_wait.py).
         self.waits = ServerWait(self)
+        # Each round's inquired readings, for the live view (delegated_live.py).
+        self.live = LiveReadings(node.maker)
 
     # -- which channels ---------------------------------------------------------------
     async def instrument_of(self, channel: m.Channel) -> OpenInstrument | None:
@@ -294,6 +297,8 @@ class DelegatedRuns:
             node_hb[inst.name] = f"lost: {type(exc).__name__}: {exc}"
             return
         self.node.heartbeat.instruments[inst.name] = INSTRUMENT_OK
+        self.live.put([self._live_row(r, readings[r.bts]) for r in runs
+                       if readings[r.bts].test_id == r.book.test_id])
         for r in runs:
             try:
                 await self._follow_one(inst, r, readings[r.bts])
@@ -301,6 +306,20 @@ class DelegatedRuns:
                 if r.lost_from_t_s is None:
                     r.lost_from_t_s, r.lost_cause = r.seen_t_s, "link_lost"
                 log.warning("run %s: %s", r.run_id, exc)
+
+    def _live_row(self, r: DelegatedRun, rd: Any) -> dict[str, Any]:
+        """An inquired reading as a ``live_readings`` row (NaN: not reported)."""
+        book = r.book
+        index = book.step_map.get(rd.step, book.cur_index or 0)
+
+        def num(x: float) -> float | None:
+            return None if math.isnan(x) else x
+
+        return {"run_id": r.run_id, "t_s": book.t_offset_s + rd.test_time_s,
+                "ts_utc": self.node.wall_clock(), "voltage_v": num(rd.voltage_v),
+                "current_a": num(rd.current_a), "temperature_c": num(rd.temperature_c),
+                "step_index": index, "cycle_index": rd.cycle + book.offsets.get(index, 0),
+                "state": rd.workstatus[:20], "last_seq": book.seq}
 
     async def _follow_one(self, inst: OpenInstrument, r: DelegatedRun, rd: Any) -> None:
         drv, book = inst.driver, r.book
@@ -443,6 +462,7 @@ class DelegatedRuns:
     async def close(self) -> None:
         """Engine shutdown: stop following (the programs run on; a restart resumes)."""
         await self.waits.close()
+        await self.live.close()
         tasks = [*self.followers.values(),
                  *(r.starting for r in self.runs.values() if r.starting is not None)]
         for t in tasks:
