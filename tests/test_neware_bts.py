@@ -345,11 +345,12 @@ def test_foreign_test_is_never_touched(bts: tuple, tmp_path: Path) -> None:
 
 def test_untranslatable_steps_are_named() -> None:
     doc = {"schema_version": 1, "name": "x", "steps": [
-        {"step": "rest", "until": {"duration_s": 60}},
-        {"step": "set_temperature", "temperature_c": 25}]}
+        {"step": "loop", "count": 2, "body": [
+            {"step": "rest", "until": {"duration_s": 60}},
+            {"step": "set_temperature", "temperature_c": 25}]}]}
     with pytest.raises(UntranslatableStep) as exc:
         to_neware_xml(resolve(parse_protocol(doc), CELL), sample_name="c")
-    assert exc.value.path == "steps[1]" and "set_temperature" in str(exc.value)
+    assert exc.value.path == "steps[0].body[1]" and "inside a loop" in str(exc.value)
     doc = {"schema_version": 1, "name": "x", "steps": [
         {"step": "cc", "rate_c": -0.5, "until": {"dvdt_below_v_per_s": 0.001,
                                                   "duration_s": 60}}]}
