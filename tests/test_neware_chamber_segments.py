@@ -10,6 +10,7 @@ and the cycle stays open across the chamber step, as in a direct run.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,3 +132,47 @@ async def test_chamber_step_between_programs(chamber_rig: ChamberRig) -> None:
     started = [e.data for e in events if e.kind == "delegated"]
     assert [(d["segment"], d["test_id"], d["first_seq"]) for d in started] == [
         (0, 1, 1), (1, 2, n1 + 1)]
+
+
+async def test_engine_restart_while_holding_the_chamber_between_programs(
+        chamber_rig: ChamberRig) -> None:
+    """The engine stops after the first program has finished, while it holds the chamber:
+    the next engine holds it again and starts the second program — no program twice, no
+    step row twice, samples contiguous, one cycle."""
+    from labdaq.engine.node import AcquisitionNode
+
+    r = chamber_rig
+    run_id = await _run(r, [SPLIT[0], {**SPLIT[1], "stable_for_s": 3000}, SPLIT[2]])
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while True:  # the first program's end is pinned: segment 1 is being held
+        async with session_scope(r.rig.maker) as s:
+            run = await s.get(m.Run, run_id)
+            assert run is not None
+            pos = (run.position or {}).get("delegated", {})
+        if pos.get("segment") == 1:
+            break
+        assert loop.time() < deadline, "the first program did not finish"
+        await asyncio.sleep(0.05)
+    r.rig.node.request_stop()
+    await asyncio.wait_for(r.rig.task, 30)
+    assert list(r.sim.tests["1-1-1"]) == [1]  # the second program has not started
+    node2 = AcquisitionNode(r.rig.engine, r.rig.clock, poll_s=0.25, batch_age_s=0.2,
+                            temperature_lost_s=1e9)
+    r.rig.node, r.rig.task = node2, asyncio.create_task(node2.run_forever(), name="node2")
+    done = await r.rig.wait_end(run_id, timeout_s=90)
+    assert done.state == "completed", done.end_reason
+    tests = r.sim.tests["1-1-1"]
+    assert list(tests) == [1, 2]
+    s = await samples(r.rig.maker, run_id)
+    assert_contiguous(s["seq"])
+    assert s["seq"].size == len(tests[1].records) + len(tests[2].records)
+    steps = await rows_of(r.rig.maker, m.Step, run_id, m.Step.step_number)
+    assert [(st.step_index, st.kind) for st in steps] == [
+        (0, "cc"), (1, "set_temperature"), (2, "cc")]
+    (cycle,) = await rows_of(r.rig.maker, m.Cycle, run_id, m.Cycle.cycle_index)
+    assert cycle.discharge_capacity_ah == pytest.approx(2.45 * 300 / 3600, rel=0.01)
+    events = await rows_of(r.rig.maker, m.Event, run_id, m.Event.id)
+    (gap,) = [e for e in events if e.kind == "interruption"
+              and e.data.get("cause") == "engine_restart"]
+    assert gap.data["samples_missing"] == 0
