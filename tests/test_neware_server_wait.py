@@ -59,8 +59,9 @@ async def test_server_unreachable_at_engine_start_is_retried_and_followed(
         lost = await wait_for_event(r, run_id, "interruption", "instrument_lost")
         assert lost.data["to_t_s"] is None and lost.data["retry"]["backoff_max_s"] > 0
         assert lost.data["last_seq"] == last_seen
-        # still retrying: not given up, not ended
+        # still retrying: not given up, not ended, and /ready hears of it
         assert node2.delegated.waits.waiting and run_id not in node2.delegated.runs
+        assert node2.heartbeat.instruments.get("bts1", "ok") != "ok"
         async with r.maker() as s:
             run = await s.get(m.Run, run_id)
             assert run is not None and run.state == "running"

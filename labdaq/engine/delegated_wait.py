@@ -58,6 +58,9 @@ class ServerWait:
         w = self.waiting.setdefault(channel.instrument_id, _Waiting())
         w.channels[run.id] = channel
         w.first_error = w.first_error or f"{type(exc).__name__}: {exc}"
+        if (inst := node.instruments.get(channel.instrument_id)) is not None:
+            # Opened (its socket accepted) but not answering: /ready says so.
+            node.heartbeat.instruments[inst.name] = f"lost: {exc}"
         pos = dict(run.position or {})
         node.recorder.event(RunEvent(
             run.id, "interruption", "warning",
@@ -88,6 +91,8 @@ class ServerWait:
             except Exception as exc:  # noqa: BLE001 - still not there: try again later
                 log.info("instrument %s: server still not answering (attempt %d): %s",
                          instrument_id, w.attempts, exc)
+                if (opened := node.instruments.get(instrument_id)) is not None:
+                    node.heartbeat.instruments[opened.name] = f"lost: {exc}"
                 delay = min(delay * 2, self.backoff_max_s)
                 continue
             break
