@@ -134,6 +134,44 @@ async def test_chamber_step_between_programs(chamber_rig: ChamberRig) -> None:
         (0, 1, 1), (1, 2, n1 + 1)]
 
 
+async def _wait_segment(r: ChamberRig, run_id: int, segment: int) -> None:
+    """Until the run's position says ``segment`` is being held (the previous program's
+    end is pinned)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while True:
+        async with session_scope(r.rig.maker) as s:
+            run = await s.get(m.Run, run_id)
+            assert run is not None
+            pos = (run.position or {}).get("delegated", {})
+        if pos.get("segment") == segment:
+            return
+        assert loop.time() < deadline, f"segment {segment} never reached"
+        await asyncio.sleep(0.05)
+
+
+async def test_stop_while_holding_the_chamber_between_programs(
+        chamber_rig: ChamberRig) -> None:
+    """A stop while the chamber is held between two programs ends the run at once: the
+    second program is never started, and the first program's step and the open cycle
+    are stored."""
+    from labdaq.runs import request_stop
+
+    r = chamber_rig
+    run_id = await _run(r, [SPLIT[0], {**SPLIT[1], "stable_for_s": 30000}, SPLIT[2]])
+    await _wait_segment(r, run_id, 1)
+    async with session_scope(r.rig.maker) as s:
+        await request_stop(s, run_id, "test")
+    done = await r.rig.wait_end(run_id, timeout_s=60)
+    assert done.state == "stopped", done.end_reason
+    assert list(r.sim.tests["1-1-1"]) == [1]
+    steps = await rows_of(r.rig.maker, m.Step, run_id, m.Step.step_number)
+    assert [(st.step_index, st.kind) for st in steps] == [(0, "cc")]
+    (cycle,) = await rows_of(r.rig.maker, m.Cycle, run_id, m.Cycle.cycle_index)
+    assert cycle.charge_capacity_ah == pytest.approx(2.45 * 300 / 3600, rel=0.01)
+    assert cycle.discharge_capacity_ah == 0
+
+
 async def test_engine_restart_while_holding_the_chamber_between_programs(
         chamber_rig: ChamberRig) -> None:
     """The engine stops after the first program has finished, while it holds the chamber:
@@ -143,17 +181,7 @@ async def test_engine_restart_while_holding_the_chamber_between_programs(
 
     r = chamber_rig
     run_id = await _run(r, [SPLIT[0], {**SPLIT[1], "stable_for_s": 3000}, SPLIT[2]])
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 60
-    while True:  # the first program's end is pinned: segment 1 is being held
-        async with session_scope(r.rig.maker) as s:
-            run = await s.get(m.Run, run_id)
-            assert run is not None
-            pos = (run.position or {}).get("delegated", {})
-        if pos.get("segment") == 1:
-            break
-        assert loop.time() < deadline, "the first program did not finish"
-        await asyncio.sleep(0.05)
+    await _wait_segment(r, run_id, 1)
     r.rig.node.request_stop()
     await asyncio.wait_for(r.rig.task, 30)
     assert list(r.sim.tests["1-1-1"]) == [1]  # the second program has not started

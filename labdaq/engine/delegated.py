@@ -349,10 +349,14 @@ class DelegatedRuns:
         def num(x: float) -> float | None:
             return None if math.isnan(x) else x
 
+        # As the records will be numbered (RecordBook.absorb); a later program whose first
+        # record is not harvested yet goes on in the open cycle.
+        cycle = (book.cycle.cycle_index if book.cycle_shift is None
+                 else rd.cycle + book.offsets.get(index, 0) + book.cycle_shift)
         return {"run_id": r.run_id, "t_s": book.t_offset_s + rd.test_time_s,
                 "ts_utc": self.node.wall_clock(), "voltage_v": num(rd.voltage_v),
                 "current_a": num(rd.current_a), "temperature_c": num(rd.temperature_c),
-                "step_index": index, "cycle_index": rd.cycle + book.offsets.get(index, 0),
+                "step_index": index, "cycle_index": cycle,
                 "state": rd.workstatus[:20], "last_seq": book.seq}
 
     async def _follow_one(self, inst: OpenInstrument, r: DelegatedRun, rd: Any) -> None:
@@ -409,7 +413,7 @@ class DelegatedRuns:
         await self._store(book, book.close_segment(), final=True)
         book.begin_segment(book.test_segment + 1)
         await self._pin(r)  # a restart now holds the next chamber steps, not this end
-        r.following = False
+        r.following, r.in_chamber = False, True  # a stop from now ends it at once
         r.clock0 = self.node.clock.now() - t_seen
         r.starting = asyncio.create_task(self._start(r, inst), name=f"start-{r.run_id}")
 
@@ -433,6 +437,9 @@ class DelegatedRuns:
         while cmds:
             action = cmds[0]  # taken off once sent: a lost link keeps it for the next round
             if state not in ("working", "pause"):
+                if action == "stop" and r.book.test_segment + 1 < len(r.segments):
+                    # Between two programs: the next one is not started.
+                    r.outcome = ("stopped", "stop requested")
                 cmds.pop(0)
                 continue
             if action == "stop":
