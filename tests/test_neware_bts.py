@@ -390,18 +390,25 @@ def test_entry_point_and_opener(bts: tuple, tmp_path: Path) -> None:
         drv.close()
 
 
+def neware_resource(proc: subprocess.Popen[str]) -> str:
+    """The BTS server's resource a ``labdaq sim --neware N`` process printed, read up to
+    its ``ready`` line."""
+    assert proc.stdout is not None
+    resource = ""
+    for line in proc.stdout:
+        if line.startswith("neware1"):
+            resource = line.split()[2]
+        if line.startswith("ready"):
+            break
+    return resource
+
+
 def test_labdaq_sim_neware_prints_address() -> None:
     proc = subprocess.Popen([sys.executable, "-m", "labdaq.cli", "sim", "--smus", "0",
                              "--neware", "3", "--speed", "100"],
                             stdout=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout is not None
-        resource = ""
-        for line in proc.stdout:
-            if line.startswith("neware1"):
-                resource = line.split()[2]
-            if line.startswith("ready"):
-                break
+        resource = neware_resource(proc)
         m = re.match(r"TCPIP::([\d.]+)::(\d+)::SOCKET$", resource)
         assert m, resource
         drv = NewareBTS.tcp(m.group(1), int(m.group(2)), timeout_s=10.0)

@@ -12,25 +12,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from labdaq.channels import upsert_instrument
 from labdaq.drivers.neware_steps import translate
 from labdaq.protocol import parse_protocol
 from labdaq.protocol.program import resolve
 from labdaq.runs import RunCreate, create_run
-from labdaq.sims.lab import SimLab
-from labdaq.sims.neware_bts import BtsServer, NewareBtsSim
 from labdaq.storage import models as m
 from labdaq.storage.db import session_scope
-from tests.engine_rig import Rig, assert_contiguous, rows_of, samples, start_rig
+from tests.engine_rig import assert_contiguous, rows_of, samples
 from tests.test_neware_bts import CELL as LIMITS
-from tests.test_neware_delegated import CELL, doc
+from tests.test_neware_delegated import CELL, ChamberRig, doc, start_chamber_rig
 
 SPLIT = [
     {"step": "cc", "rate_c": 0.5, "until": {"duration_s": 300}},
@@ -58,34 +54,14 @@ def test_protocol_is_cut_at_chamber_steps_outside_loops() -> None:
     assert sf.segments[2].xml is None  # the protocol ends with the chamber
 
 
-@dataclass
-class ChamberRig:
-    rig: Rig
-    sim: NewareBtsSim
-    server: BtsServer
-    chamber: Any
-
-
 @pytest.fixture
 async def chamber_rig(sqlite_url: str, tmp_path: Path) -> AsyncIterator[ChamberRig]:
-    sim = NewareBtsSim(channels=1)
-    server = BtsServer(sim, speed=1000.0).start()
-    lab = SimLab(smus=0, chamber=True)
-    rig = await start_rig(sqlite_url, lab, 1000.0)
+    r = await start_chamber_rig(sqlite_url, tmp_path)
     try:
-        (chamber,) = [i for i in lab.instruments if i.kind == "chamber"]
-        host, port = server.address
-        async with session_scope(rig.maker) as s:
-            await upsert_instrument(
-                s, "bts1", "neware_bts", f"TCPIP::{host}::{port}::SOCKET",
-                [{"index": 1, "name": "bts1/1", "max_current_a": 20.0, "max_voltage_v": 5.0,
-                  "aux": {"chamber": chamber.name}}],
-                options={"step_dir_remote": str(tmp_path / "steps")})
-            s.add(m.Cell(**CELL))
-        yield ChamberRig(rig, sim, server, chamber)
+        yield r
     finally:
-        await rig.stop()
-        server.stop()
+        await r.rig.stop()
+        r.server.stop()
 
 
 async def _run(r: ChamberRig, steps: list[dict[str, Any]]) -> int:

@@ -63,6 +63,15 @@ class BtsRig:
             assert run is not None
             return int(run.last_seq or 0)
 
+    async def engine_stopped_mid_run(self) -> tuple[int, int]:
+        """A run of CHARGE_REST_DISCHARGE, and the engine stopped after 10 samples (its
+        program runs on): the run id and the samples stored."""
+        run_id = await self.start_run(doc(CHARGE_REST_DISCHARGE))
+        await wait_for_samples(self, run_id, 10)
+        self.node.request_stop()
+        await asyncio.wait_for(self.task, 30)
+        return run_id, await self.stored(run_id)
+
     async def events(self, run_id: int, kind: str) -> list[m.Event]:
         async with session_scope(self.maker) as s:
             return list((await s.scalars(select(m.Event).where(
@@ -327,25 +336,10 @@ async def test_engine_restart_follows_the_same_test_and_misses_no_record(
     r = await start_bts_rig(sqlite_url, tmp_path, speed=1000.0)
     task2: asyncio.Task[None] | None = None
     try:
-        run_id = await r.start_run(doc(CHARGE_REST_DISCHARGE))
-        await wait_for_samples(r, run_id, 10)
-        r.node.request_stop()
-        await asyncio.wait_for(r.task, 30)
-        last_seen = await r.stored(run_id)
+        run_id, last_seen = await r.engine_stopped_mid_run()
         node2 = AcquisitionNode(r.engine, EngineClock(1000.0), poll_s=0.1, batch_age_s=0.1)
         task2 = asyncio.create_task(node2.run_forever(), name="node2")
-        run = await wait_end(r.maker, run_id, timeout_s=60)
-        assert run.state == "completed", run.end_reason
-        assert list(r.sim.tests["1-1-1"]) == [1]  # one program, never started again
-        s = await samples(r.maker, run_id)
-        assert_contiguous(s["seq"])
-        assert s["seq"].size == len(r.sim.tests["1-1-1"][1].records)
-        (ev,) = [e for e in await r.events(run_id, "interruption")
-                 if e.data["cause"] == "engine_restart"]
-        assert ev.data["from_t_s"] == pytest.approx(float(s["t_s"][last_seen - 1]))
-        assert ev.data["to_t_s"] > ev.data["from_t_s"]
-        steps = await rows_of(r.maker, m.Step, run_id, m.Step.step_number)
-        assert [st.step_index for st in steps] == [0, 1, 2]
+        await followed_after_restart(r, run_id, last_seen)
         await asyncio.sleep(0)
         node2.request_stop()
         await asyncio.wait_for(task2, 30)
@@ -356,27 +350,64 @@ async def test_engine_restart_follows_the_same_test_and_misses_no_record(
         r.server.stop()
 
 
-async def test_leading_chamber_step_is_held_before_the_program_starts(
-        sqlite_url: str, tmp_path: Path) -> None:
-    """A set_temperature step before the cycler's first step: the engine sets the chamber
-    wired to the channel and waits until it holds, then starts the program (without it)."""
+async def followed_after_restart(r: BtsRig, run_id: int, last_seen: int) -> m.Event:
+    """A run a restarted engine followed again completes on its one program: every record
+    once, and one ``engine_restart`` interruption from the last sample the first engine
+    stored (``last_seen``); that event."""
+    run = await wait_end(r.maker, run_id, timeout_s=60)
+    assert run.state == "completed", run.end_reason
+    assert list(r.sim.tests["1-1-1"]) == [1]  # one program, never started again
+    s = await samples(r.maker, run_id)
+    assert_contiguous(s["seq"])
+    assert s["seq"].size == len(r.sim.tests["1-1-1"][1].records)
+    (ev,) = [e for e in await r.events(run_id, "interruption")
+             if e.data["cause"] == "engine_restart"]
+    assert ev.data["from_t_s"] == pytest.approx(float(s["t_s"][last_seen - 1]))
+    assert ev.data["to_t_s"] > ev.data["from_t_s"]
+    steps = await rows_of(r.maker, m.Step, run_id, m.Step.step_number)
+    assert [st.step_index for st in steps] == [0, 1, 2]
+    return ev
+
+
+@dataclass
+class ChamberRig:
+    """A node with a simulated ESPEC chamber, and a simulated BTS server whose one
+    channel (``bts1/1``) sits in that chamber."""
+
+    rig: Any  # tests.engine_rig.Rig
+    sim: NewareBtsSim
+    server: BtsServer
+    chamber: Any  # the chamber's SimInstrument
+
+
+async def start_chamber_rig(url: str, tmp_path: Path) -> ChamberRig:
     from labdaq.sims.lab import SimLab
     from tests.engine_rig import start_rig
 
     sim = NewareBtsSim(channels=1)
     server = BtsServer(sim, speed=1000.0).start()
     lab = SimLab(smus=0, chamber=True)
-    rig = await start_rig(sqlite_url, lab, 1000.0)
+    rig = await start_rig(url, lab, 1000.0)
+    (chamber,) = [i for i in lab.instruments if i.kind == "chamber"]
+    host, port = server.address
+    async with session_scope(rig.maker) as s:
+        await upsert_instrument(
+            s, "bts1", "neware_bts", f"TCPIP::{host}::{port}::SOCKET",
+            [{"index": 1, "name": "bts1/1", "max_current_a": 20.0, "max_voltage_v": 5.0,
+              "aux": {"chamber": chamber.name}}],
+            options={"step_dir_remote": str(tmp_path / "steps")})
+        s.add(m.Cell(**CELL))
+    return ChamberRig(rig, sim, server, chamber)
+
+
+async def test_leading_chamber_step_is_held_before_the_program_starts(
+        sqlite_url: str, tmp_path: Path) -> None:
+    """A set_temperature step before the cycler's first step: the engine sets the chamber
+    wired to the channel and waits until it holds, then starts the program (without it)."""
+    cr = await start_chamber_rig(sqlite_url, tmp_path)
+    rig, sim, server, chamber = cr.rig, cr.sim, cr.server, cr.chamber
     try:
-        (chamber,) = [i for i in lab.instruments if i.kind == "chamber"]
-        host, port = server.address
         async with session_scope(rig.maker) as s:
-            await upsert_instrument(
-                s, "bts1", "neware_bts", f"TCPIP::{host}::{port}::SOCKET",
-                [{"index": 1, "name": "bts1/1", "max_current_a": 20.0, "max_voltage_v": 5.0,
-                  "aux": {"chamber": chamber.name}}],
-                options={"step_dir_remote": str(tmp_path / "steps")})
-            s.add(m.Cell(**CELL))
             run = await create_run(s, RunCreate(
                 channel="bts1/1", cell_serial=CELL["serial"], sample_period_s=10.0,
                 protocol_document=doc([

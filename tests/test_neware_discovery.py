@@ -17,6 +17,7 @@ from labdaq.cli import app as cli_app
 from labdaq.drivers.neware_bts import NewareBTS
 from labdaq.instruments_config import load_instruments_config
 from labdaq.sims.neware_bts import BtsServer, NewareBtsSim
+from tests.test_neware_bts import neware_resource
 
 
 @pytest.fixture
@@ -70,13 +71,7 @@ def test_sim_write_config_holds_the_bts_and_its_channels(tmp_path: Path) -> None
                              "--neware", "4", "--write-config", str(config)],
                             stdout=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout is not None
-        resource = ""
-        for line in proc.stdout:
-            if line.startswith("neware1"):
-                resource = line.split()[2]
-            if line.startswith("ready"):
-                break
+        resource = neware_resource(proc)
         assert re.match(r"TCPIP::[\d.]+::\d+::SOCKET$", resource), resource
         cfg = load_instruments_config(config)
         by_name = {i.name: i for i in cfg.instruments}
