@@ -25,8 +25,8 @@ from labdaq.runs import RunCreate, create_run
 from labdaq.storage import models as m
 from labdaq.storage.db import session_scope
 from tests.engine_rig import assert_contiguous, rows_of, samples
+from tests.neware_rig import CELL, ChamberRig, doc, start_chamber_rig
 from tests.test_neware_bts import CELL as LIMITS
-from tests.test_neware_delegated import CELL, ChamberRig, doc, start_chamber_rig
 
 SPLIT = [
     {"step": "cc", "rate_c": 0.5, "until": {"duration_s": 300}},

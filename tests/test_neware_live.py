@@ -21,8 +21,8 @@ from labdaq.storage import models as m
 from labdaq.storage.db import session_scope
 from tests.dataout_fixtures import api_server
 from tests.engine_rig import wait_end, wait_for
+from tests.neware_rig import LONG, BtsRig, doc, start_bts_rig, wait_for_samples
 from tests.test_live_stream import read_stream
-from tests.test_neware_delegated import LONG, BtsRig, doc, start_bts_rig, wait_for_samples
 
 
 async def live_row(rig: BtsRig, run_id: int) -> m.LiveReading | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from labdaq.engine.clock import EngineClock
 from labdaq.engine.node import AcquisitionNode
 from labdaq.storage import models as m
-from tests.test_neware_delegated import (
+from tests.neware_rig import (
     BtsRig,
     followed_after_restart,
     start_bts_rig,
