@@ -7,7 +7,7 @@ marked "confirmed" below come from Empa's aurora-neware client (PyPI ``aurora-ne
 ``<?xml version="1.0" encoding="UTF-8" ?><bts version="1.0">...</bts>`` followed by
 ``\\n\\n#\\r\\n``, channels are addressed ``devid-subdevid-chlid`` with the ``ip`` and
 ``devtype`` getdevinfo reported. aurora-neware's socket has no timeout and it has no
-pause/continue; this driver uses its own link (:class:`BtsLink`, on
+pause/continue; this driver uses its own link (:class:`BtsLink`, drivers/neware_link.py, on
 :class:`labdaq.drivers.transport.Transport`: timeouts, reconnection with backoff,
 resynchronisation after a timeout) and marks ``pause``/``continue`` as not confirmed
 against a real server. Reply attribute names beyond ``workstatus``, ``count`` and
@@ -18,7 +18,6 @@ labdaq's simulator: not confirmed against a real server.
 from __future__ import annotations
 
 import re
-import socket
 import xml.etree.ElementTree as ET  # noqa: S405 - replies from the lab's own BTS server
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -26,7 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .base import Instrument
-from .errors import ConnectionFailed, GarbledReply, InstrumentError, InstrumentTimeout
+from .errors import GarbledReply, InstrumentError
+from .neware_link import BtsLink
 from .neware_steps import UntranslatableStep, to_neware_xml
 from .roles import ProgramRunner
 from .transport import Transport
@@ -34,9 +34,6 @@ from .transport import Transport
 if TYPE_CHECKING:
     from labdaq.protocol import ResolvedProtocol
 
-TERMINATION = "\n\n#\r\n"
-HEADER = '<?xml version="1.0" encoding="UTF-8" ?><bts version="1.0">'
-FOOTER = "</bts>"
 IDLE_STATES = frozenset({"stop", "finish", "protect"})
 # aurora-neware downloads in chunks of 1000 records (NewareAPI.download).
 DOWNLOAD_CHUNK = 1000
@@ -90,86 +87,6 @@ class ChannelReading:
     test_time_s: float
     reason: str
     barcode: str = ""  # the simulator's attribute: not confirmed against a real server
-
-
-class BtsLink(Transport):
-    """A TCP socket to the BTS server, framed by ``\\n\\n#\\r\\n`` (messages may hold
-    newlines, so the shared line framing does not fit)."""
-
-    def __init__(self, host: str, port: int, *, timeout_s: float = 5.0,
-                 reconnect_attempts: int = 5, backoff_initial_s: float = 0.05,
-                 backoff_max_s: float = 2.0) -> None:
-        super().__init__(f"TCPIP::{host}::{port}::SOCKET", read_termination=TERMINATION,
-                         write_termination=TERMINATION, timeout_s=timeout_s,
-                         encoding="utf-8", reconnect_attempts=reconnect_attempts,
-                         backoff_initial_s=backoff_initial_s, backoff_max_s=backoff_max_s,
-                         retry_timeouts=False)
-        self.host, self.port = host, port
-        self._sock: socket.socket | None = None
-        self._buf = b""
-
-    def _open(self) -> None:
-        self._sock = socket.create_connection((self.host, self.port), timeout=self.timeout_s)
-        self._sock.settimeout(self.timeout_s)
-        self._buf = b""
-
-    def _close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-
-    def _apply_timeout(self) -> None:
-        if self._sock is not None:
-            self._sock.settimeout(self.timeout_s)
-
-    def _send(self, data: bytes) -> None:
-        if self._sock is None:
-            raise ConnectionFailed("not connected", instrument=self.resource)
-        try:
-            self._sock.sendall(data)
-        except TimeoutError as exc:
-            raise InstrumentTimeout("send timed out", instrument=self.resource) from exc
-        except OSError as exc:
-            raise ConnectionFailed(f"send failed: {exc}", instrument=self.resource) from exc
-
-    def _receive(self) -> bytes:
-        if self._sock is None:
-            raise ConnectionFailed("not connected", instrument=self.resource)
-        term = TERMINATION.encode()
-        while (cut := self._buf.find(term)) < 0:
-            try:
-                chunk = self._sock.recv(65536)
-            except TimeoutError as exc:
-                raise InstrumentTimeout(f"no reply within {self.timeout_s:g} s",
-                                        instrument=self.resource) from exc
-            except OSError as exc:
-                raise ConnectionFailed(f"read failed: {exc}", instrument=self.resource) from exc
-            if not chunk:
-                raise ConnectionFailed("connection closed by the BTS server",
-                                       instrument=self.resource, expected="a reply")
-            self._buf += chunk
-        msg, self._buf = self._buf[: cut + len(term)], self._buf[cut + len(term):]
-        return msg
-
-    def _preflight(self) -> None:
-        self._buf = b""  # anything unread belongs to an abandoned exchange
-
-    def exchange(self, body: str, *, idempotent: bool) -> str:
-        """Send ``HEADER + body + FOOTER`` and return the reply without its termination.
-
-        A broken connection is reopened and the request repeated only when it is
-        idempotent (getdevinfo, inquire, download ...): a ``start`` lost with the link
-        may have run, so it is never sent twice.
-        """
-        command = HEADER + body + FOOTER
-        with self._lock:
-            try:
-                return self._decode(self._query_once(command), command=body)
-            except ConnectionFailed:
-                self.reconnect()
-                if not idempotent:
-                    raise
-                return self._decode(self._query_once(command), command=body)
 
 
 def _parse(reply: str, command: str) -> ET.Element:
@@ -255,15 +172,40 @@ class NewareBTS(Instrument, ProgramRunner):
         ``getdevinfo`` on a connection of its own), or None if the resource is no TCP
         socket. Used by ``labdaq instruments probe``: the server frames messages by
         ``\\n\\n#\\r\\n`` and never answers a line-framed ``*IDN?``."""
+        if _SOCKET.match(resource.strip()) is None:
+            return None
+        drv = cls._probe(resource, timeout_s)
+        try:
+            return drv.idn
+        finally:
+            drv.close()
+
+    @classmethod
+    def _probe(cls, resource: str, timeout_s: float) -> NewareBTS:
+        """A driver connected to ``resource`` on a connection of its own, asked once (no
+        reconnect storm hiding a dead server); the caller closes it."""
         m = _SOCKET.match(resource.strip())
         if m is None:
-            return None
-        # One attempt: a probe asks once (no reconnect storm hiding a dead server).
+            raise InstrumentError(f"{resource!r}: a Neware BTS server is reached as "
+                                  "TCPIP::<host>::<port>::SOCKET")
         drv = cls(BtsLink(m.group(1).strip("[]"), int(m.group(2)), timeout_s=timeout_s,
                           reconnect_attempts=1))
         try:
             drv.connect()
-            return drv.idn
+        except BaseException:
+            drv.close()
+            raise
+        return drv
+
+    @classmethod
+    def list_channels(cls, resource: str, timeout_s: float) -> list[dict[str, Any]]:
+        """Every channel the BTS server at ``resource`` reports (``getdevinfo``) as
+        ``[[instruments.channels]]`` entries (:meth:`channel_entries`), on a connection
+        of its own: what ``labdaq instruments probe --toml`` and ``labdaq sim
+        --write-config`` write into an instruments file."""
+        drv = cls._probe(resource, timeout_s)
+        try:
+            return drv.channel_entries()
         finally:
             drv.close()
 

@@ -15,10 +15,13 @@ voltages, mA for currents, ms for times, mAs for capacities.
 Ours beyond unicycler's shapes, NOT confirmed against a real server: ``Cap`` as a step
 end condition (type 1/2/3/19), a pulse written as CC and rest steps, ``Curr`` on a CV
 step written from its current limit. Anything without a Neware equivalent raises
-:class:`UntranslatableStep` naming the step (the API answers it with 422). Chamber steps
-before the cycler's first step are not written: :func:`translate` returns them for the
-engine to hold before it starts the program (labdaq/engine/delegated.py), with the map
-from Neware step ids back to the program's steps that harvesting needs.
+:class:`UntranslatableStep` naming the step (the API answers it with 422). Chamber steps are
+not written: the BTS API has no command or confirmed step type that holds another
+instrument, so :func:`translate` cuts the protocol at each chamber step into
+*segments*, each a chamber hold (the engine's, labdaq/engine/delegated.py) followed by a
+step file of its own, with the map from Neware step ids back to the program's steps that
+harvesting needs. A chamber step inside a loop is refused: the loop would have to span
+two programs.
 """
 
 from __future__ import annotations
@@ -92,43 +95,76 @@ class _Writer:
 
 
 @dataclass
-class StepFile:
-    """A translated program: the step file, which labdaq program step each Neware step
-    id runs (``step_map``), and the chamber steps that come before any step of the
-    cycler (``chamber_steps``: the engine holds the chamber before it starts the file)."""
+class Segment:
+    """One part of a protocol cut at its chamber steps: the chamber steps the engine holds
+    first (``chamber_steps``), then the step file the cycler runs (``xml``; None when
+    only chamber steps end the protocol) and which labdaq program step each of its
+    Neware step ids runs (``step_map``)."""
 
-    xml: str
-    step_map: dict[int, int] = field(default_factory=dict)
     chamber_steps: list[ResolvedSetTemperature] = field(default_factory=list)
+    xml: str | None = None
+    step_map: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class StepFile:
+    """A translated protocol: its segments, in order. ``xml``, ``step_map`` and
+    ``chamber_steps`` are the first segment's (a protocol without a chamber step after
+    the cycler's first step has one segment)."""
+
+    segments: list[Segment] = field(default_factory=list)
+
+    @property
+    def xml(self) -> str:
+        return self.segments[0].xml or ""
+
+    @property
+    def step_map(self) -> dict[int, int]:
+        return self.segments[0].step_map
+
+    @property
+    def chamber_steps(self) -> list[ResolvedSetTemperature]:
+        return self.segments[0].chamber_steps
 
 
 def to_neware_xml(resolved: ResolvedProtocol, *, sample_name: str,
                   record_period_s: float = 1.0) -> str:
-    """The step file for ``resolved`` (its limits become the program's protection)."""
+    """The step file for ``resolved`` (its limits become the program's protection); for a
+    protocol cut at a chamber step, the first segment's."""
     return translate(resolved, sample_name=sample_name, record_period_s=record_period_s).xml
 
 
 def translate(resolved: ResolvedProtocol, *, sample_name: str,  # noqa: C901 - a branch a step type
               record_period_s: float = 1.0) -> StepFile:
-    """The step file for ``resolved`` and how its step ids map back to the program.
+    """The segments of ``resolved``: chamber holds and step files, and how each file's
+    step ids map back to the program.
 
-    Chamber steps (``set_temperature``) before the first step of the cycler are left out
-    of the file and returned in ``chamber_steps``: the engine carries them out on the
-    chamber before it starts the program. A chamber step anywhere later has no Neware
-    equivalent (the cycler would have to wait for another instrument) and is refused.
+    Chamber steps (``set_temperature``) are left out of the files: the engine carries
+    them out on the chamber, then starts the next file. One inside a loop is refused
+    (the loop would span two programs).
     """
+    out = StepFile([Segment()])
     w = _Writer()
-    out = StepFile("")
     step_map: dict[int, int] = {}
-    leading = True
+    depth = 0  # loops open at this step
+
+    def close_segment() -> None:
+        seg = out.segments[-1]
+        if w.n:
+            seg.xml = _document(w, resolved, sample_name, record_period_s)
+            seg.step_map = dict(step_map)
+
     for s in resolved.program:
+        path, kind = s.path, s.step
+        if isinstance(s, ResolvedSetTemperature) and depth == 0:
+            if w.n:  # after cycler steps: they are a program of their own
+                close_segment()
+                out.segments.append(Segment())
+                w, step_map = _Writer(), {}
+            out.segments[-1].chamber_steps.append(s)
+            continue
         w.first_of[s.index] = w.n + 1
         n_before = w.n
-        path, kind = s.path, s.step
-        if isinstance(s, ResolvedSetTemperature) and leading:
-            out.chamber_steps.append(s)
-            continue
-        leading = False
         if isinstance(s, ResolvedRest):
             _only(s.until, {"duration_s"}, path, "rest")
             if s.until.duration_s is None:
@@ -185,8 +221,9 @@ def translate(resolved: ResolvedProtocol, *, sample_name: str,  # noqa: C901 - a
                 if s.rest_duration_s > 0:
                     ET.SubElement(w.main(w.step(4)), "Time", Value=_ms(s.rest_duration_s))
         elif isinstance(s, ResolvedLoopStart):
-            pass
+            depth += 1
         elif isinstance(s, ResolvedLoopEnd):
+            depth -= 1
             if s.until is not None and any(v is not None for v in s.until.model_dump().values()):
                 raise UntranslatableStep(path, "a loop ending on discharge capacity has no "
                                          "Neware equivalent")
@@ -195,11 +232,19 @@ def translate(resolved: ResolvedProtocol, *, sample_name: str,  # noqa: C901 - a
             ET.SubElement(other, "Start_Step", Value=str(w.first_of[s.start_index + 1]))
             ET.SubElement(other, "Cycle_Count", Value=str(s.max_iterations))
         else:
-            why = (" after the cycler's first step (a chamber step is run by labdaq only "
-                   "before the program starts)" if kind == "set_temperature" else "")
+            why = (" inside a loop (labdaq holds the chamber between two programs of the "
+                   "cycler; a loop cannot span two programs)"
+                   if kind == "set_temperature" else "")
             raise UntranslatableStep(path, f"step {kind!r} has no Neware equivalent{why}")
         for n in range(n_before + 1, w.n + 1):
             step_map[n] = s.index
+    close_segment()
+    return out
+
+
+def _document(w: _Writer, resolved: ResolvedProtocol, sample_name: str,
+              record_period_s: float) -> str:
+    """The step file: head, whole-program protection, the steps written, an end step."""
     w.step(6)  # end
     w.info.set("Num", str(w.n))
 
@@ -234,6 +279,4 @@ def translate(resolved: ResolvedProtocol, *, sample_name: str,  # noqa: C901 - a
     smbus = ET.SubElement(config, "SMBUS")
     ET.SubElement(smbus, "SMBUS_Info", Num="0", AdjacentInterval="0")
     ET.indent(root)
-    out.xml = '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode")
-    out.step_map = step_map
-    return out
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -180,6 +181,11 @@ def probe(
     termination: Annotated[
         str, typer.Option(help=r"line termination, e.g. '\n' or '\r\n'")] = r"\n",
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    toml_name: Annotated[str | None, typer.Option(
+        "--toml", metavar="NAME",
+        help="print an [[instruments]] table named NAME for the instruments file instead, "
+             "with every channel the instrument reports (a Neware BTS server's "
+             "getdevinfo)")] = None,
 ) -> None:
     """Open RESOURCE, send *IDN? and print the identification and the matching driver."""
     _quiet_logging()
@@ -197,6 +203,9 @@ def probe(
             deadline_s=4 * timeout + 10.0, what=f"resource {resource!r}")
     except ProbeError as exc:
         raise _fail(str(exc)) from None
+    if toml_name is not None:
+        typer.echo(_probed_table(result, toml_name, timeout), nl=False)
+        return
     if as_json:
         typer.echo(json.dumps(result.as_dict()))
         return
@@ -204,6 +213,27 @@ def probe(
     typer.echo(f"idn       {result.idn}" + (
         f"   (via {result.identified_by})" if result.identified_by != "*IDN?" else ""))
     typer.echo(f"driver    {result.driver}")
+
+
+def _probed_table(result: ProbeResult, name: str, timeout_s: float) -> str:
+    """The probed instrument as TOML, its channels listed as it reports them."""
+    from labdaq.drivers.errors import InstrumentError
+    from labdaq.instruments_config import NAME_PATTERN
+    from labdaq.instruments_discovery import instrument_table
+    from labdaq.instruments_toml import dump_instruments_toml
+
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise _fail(f"--toml {name!r}: expected an instrument name like neware1 "
+                    "(letters, digits, '_', '.', '-')")
+    try:
+        table = _run_with_deadline(
+            lambda: instrument_table(name, result.driver, result.resource,
+                                     timeout_s=timeout_s, description=result.idn),
+            deadline_s=4 * timeout_s + 10.0, what=f"resource {result.resource!r}")
+    except (InstrumentError, ProbeError) as exc:
+        raise _fail(f"resource {result.resource!r}: listing its channels failed: "
+                    f"{exc}") from None
+    return dump_instruments_toml([table], header=f"probed {result.resource}")
 
 
 @instruments_app.command("check")

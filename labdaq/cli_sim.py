@@ -16,7 +16,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -55,6 +55,20 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)  # atomic: a reader never sees half a file
+
+
+def _bts_table(bts: Any, config: Path) -> dict[str, Any]:
+    """The simulated BTS server as an ``[[instruments]]`` table, with every channel its
+    ``getdevinfo`` reports (as ``labdaq instruments probe --toml`` writes it for a real
+    one). The simulated server runs on this computer and reads step files itself: their
+    folder is ``neware_steps`` beside the instruments file."""
+    from labdaq.instruments_discovery import instrument_table
+
+    host, port = bts.address
+    steps = config.resolve().parent / "neware_steps"
+    return instrument_table("neware1", "neware_bts", f"TCPIP::{host}::{port}::SOCKET",
+                            timeout_s=10.0, description="simulated Neware BTS 8.0 API server",
+                            options={"step_dir_remote": str(steps)})
 
 
 def sim(
@@ -145,7 +159,8 @@ def sim(
             host, port = bts.address
             typer.echo(f"{'neware1':<12} {'neware_bts':<18} TCPIP::{host}::{port}::SOCKET")
         if write_config is not None:
-            _write_atomic(write_config, lab.instruments_toml())
+            extra = [] if bts is None else [_bts_table(bts, write_config)]
+            _write_atomic(write_config, lab.instruments_toml(extra))
             typer.echo(f"instruments configuration written to {write_config}")
         if describe is not None:
             _write_atomic(describe, json.dumps(desc, indent=2))

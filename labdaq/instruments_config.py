@@ -98,6 +98,7 @@ TRANSPORT_OPTIONS: dict[str, type | tuple[type, ...]] = {
 }
 
 _NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
+NAME_PATTERN = _NAME_RE  # an instrument or channel name, for callers outside this module
 
 
 class _Strict(BaseModel):

@@ -5,6 +5,10 @@ the engine yet): each poll reads the samples, steps, cycles and events committed
 the cursor, and the run's state. The cursor names the last row of each kind that was
 sent, so it is the SSE event id: a client that reconnects with ``Last-Event-ID`` gets
 everything after it, with no gap and nothing twice.
+
+A run on a cycler that runs its own program (a Neware channel) also has the reading the
+engine last inquired (``live_readings``, :func:`poll_readings`): sent as a snapshot ahead
+of the harvested samples, outside the cursor.
 """
 
 from __future__ import annotations
@@ -197,12 +201,18 @@ async def poll_lab(session: AsyncSession, cursor: LabCursor, limit: int = 1000) 
 async def poll_latest(session: AsyncSession, seen: dict[int, int]) -> list[dict[str, Any]]:
     """The newest committed sample of every running or paused run whose ``last_seq``
     moved since ``seen`` (run id -> seq, updated here): a snapshot for live V/I/T on the
-    lab stream, not history, so it takes no part in the stream's cursor."""
+    lab stream, not history, so it takes no part in the stream's cursor. Runs with an
+    inquired reading (:func:`poll_readings`, newer than their harvested samples) are
+    left out: their snapshot is that reading."""
     runs = (await session.scalars(
         select(m.Run).where(m.Run.state.in_([m.RunState.running.value,
                                              m.RunState.paused.value]))
     )).all()
-    keys = [(r.id, r.last_seq) for r in runs if r.last_seq > 0 and seen.get(r.id) != r.last_seq]
+    inquired = set((await session.scalars(
+        select(m.LiveReading.run_id).where(m.LiveReading.run_id.in_([r.id for r in runs]))
+    )).all()) if runs else set()
+    keys = [(r.id, r.last_seq) for r in runs if r.last_seq > 0
+            and r.id not in inquired and seen.get(r.id) != r.last_seq]
     if not keys:
         return []
     from sqlalchemy import tuple_
@@ -216,3 +226,27 @@ async def poll_latest(session: AsyncSession, seen: dict[int, int]) -> list[dict[
     for r in rows:
         seen[r.run_id] = r.seq
     return [r._asdict() for r in rows]
+
+
+_READING_FIELDS = ("run_id", "t_s", "ts_utc", "voltage_v", "current_a", "temperature_c",
+                   "step_index", "cycle_index", "state", "last_seq")
+
+
+async def poll_readings(session: AsyncSession, seen: dict[int, float],
+                        run_id: int | None = None) -> list[dict[str, Any]]:
+    """The latest reading a cycler that runs its own program reported (``live_readings``,
+    a Neware channel's ``inquire``) of one run, or of every running or paused run, when it
+    is newer than in ``seen`` (run id -> ``ts_utc``, updated here). A snapshot ahead of
+    the harvested samples, not history: it takes no part in a stream's cursor."""
+    lr = m.LiveReading
+    q = select(lr).join(m.Run, m.Run.id == lr.run_id).where(
+        m.Run.state.in_([m.RunState.running.value, m.RunState.paused.value]))
+    if run_id is not None:
+        q = q.where(lr.run_id == run_id)
+    out = []
+    for row in (await session.scalars(q.order_by(lr.run_id))).all():
+        if seen.get(row.run_id) == row.ts_utc:
+            continue
+        seen[row.run_id] = row.ts_utc
+        out.append({**_row(row, _READING_FIELDS), "source": "inquired"})
+    return out

@@ -17,7 +17,7 @@ only) and say in ``"wiring"`` what they are connected to.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -383,12 +383,14 @@ class SimLab:
         """The lab's cells as ``[[cells]]`` tables (each channel's ``cell`` names one)."""
         return [dict(cell.info) for cell in self.cells]
 
-    def instruments_toml(self) -> str:
+    def instruments_toml(self, extra: Sequence[Mapping[str, Any]] = ()) -> str:
+        """The lab as an instruments file; ``extra``: tables of instruments served beside
+        it (``labdaq sim --neware``)."""
         from labdaq.instruments_config import dump_instruments_toml
 
         header = (f"Simulated lab (labdaq sim, speed {self.clock.speed:g}, seed {self.seed}).\n"
                   "Resources are valid while that `labdaq sim` process runs.")
-        return dump_instruments_toml(self.instruments_config(), header=header,
+        return dump_instruments_toml([*self.instruments_config(), *extra], header=header,
                                      cells=self.cells_config())
 
     def by_name(self, name: str) -> SimInstrument:

@@ -345,11 +345,12 @@ def test_foreign_test_is_never_touched(bts: tuple, tmp_path: Path) -> None:
 
 def test_untranslatable_steps_are_named() -> None:
     doc = {"schema_version": 1, "name": "x", "steps": [
-        {"step": "rest", "until": {"duration_s": 60}},
-        {"step": "set_temperature", "temperature_c": 25}]}
+        {"step": "loop", "count": 2, "body": [
+            {"step": "rest", "until": {"duration_s": 60}},
+            {"step": "set_temperature", "temperature_c": 25}]}]}
     with pytest.raises(UntranslatableStep) as exc:
         to_neware_xml(resolve(parse_protocol(doc), CELL), sample_name="c")
-    assert exc.value.path == "steps[1]" and "set_temperature" in str(exc.value)
+    assert exc.value.path == "steps[0].body[1]" and "inside a loop" in str(exc.value)
     doc = {"schema_version": 1, "name": "x", "steps": [
         {"step": "cc", "rate_c": -0.5, "until": {"dvdt_below_v_per_s": 0.001,
                                                   "duration_s": 60}}]}
@@ -389,18 +390,25 @@ def test_entry_point_and_opener(bts: tuple, tmp_path: Path) -> None:
         drv.close()
 
 
+def neware_resource(proc: subprocess.Popen[str]) -> str:
+    """The BTS server's resource a ``labdaq sim --neware N`` process printed, read up to
+    its ``ready`` line."""
+    assert proc.stdout is not None
+    resource = ""
+    for line in proc.stdout:
+        if line.startswith("neware1"):
+            resource = line.split()[2]
+        if line.startswith("ready"):
+            break
+    return resource
+
+
 def test_labdaq_sim_neware_prints_address() -> None:
     proc = subprocess.Popen([sys.executable, "-m", "labdaq.cli", "sim", "--smus", "0",
                              "--neware", "3", "--speed", "100"],
                             stdout=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout is not None
-        resource = ""
-        for line in proc.stdout:
-            if line.startswith("neware1"):
-                resource = line.split()[2]
-            if line.startswith("ready"):
-                break
+        resource = neware_resource(proc)
         m = re.match(r"TCPIP::([\d.]+)::(\d+)::SOCKET$", resource)
         assert m, resource
         drv = NewareBTS.tcp(m.group(1), int(m.group(2)), timeout_s=10.0)

@@ -74,15 +74,16 @@ async def _runs(c: httpx.AsyncClient, h: dict[str, str]) -> list[int]:
     # an end condition the Neware step has no field for
     ([*RUNNABLE[:2], {"step": "cc", "rate_c": -0.5,
                       "until": {"voltage_v": "discharge_cutoff", "dvdt_below_v_per_s": 0.001}}],
-     2, "dvdt_below_v_per_s"),
+     "steps[2]", "dvdt_below_v_per_s"),
     # a rest that ends on a voltage, not a time
-    ([RUNNABLE[0], {"step": "rest", "until": {"voltage_below_v": 4.0}}], 1, "rest"),
-    # a chamber step after the cycler's first step: the program cannot wait for it
-    ([*RUNNABLE, {"step": "set_temperature", "temperature_c": 25.0}, RUNNABLE[1]], 3,
-     "set_temperature"),
+    ([RUNNABLE[0], {"step": "rest", "until": {"voltage_below_v": 4.0}}], "steps[1]", "rest"),
+    # a chamber step inside a loop: the loop would have to span two programs
+    ([RUNNABLE[0], {"step": "loop", "count": 2, "body": [
+        RUNNABLE[1], {"step": "set_temperature", "temperature_c": 25.0}]}],
+     "steps[1].body[1]", "set_temperature"),
 ])
 async def test_unrunnable_step_is_422_naming_it_and_nothing_is_stored(
-        client, steps: list[dict[str, Any]], index: int, needle: str) -> None:
+        client, steps: list[dict[str, Any]], index: str, needle: str) -> None:
     c, tokens = client
     h = {"Authorization": f"Bearer {tokens['technician']}"}
     before = await _runs(c, h)
@@ -92,7 +93,7 @@ async def test_unrunnable_step_is_422_naming_it_and_nothing_is_stored(
     problem = r.json()
     assert r.headers["content-type"].startswith("application/problem+json")
     assert "neware_bts" in problem["detail"]
-    assert [e["loc"] for e in problem["errors"]] == [f"protocol_document.steps[{index}]"]
+    assert [e["loc"] for e in problem["errors"]] == [f"protocol_document.{index}"]
     assert needle in problem["errors"][0]["msg"]
     assert await _runs(c, h) == before
     # the same document is no problem for a cycler labdaq drives sample by sample
@@ -121,7 +122,10 @@ async def test_runnable_protocols_are_accepted_on_a_neware_channel(client) -> No
         {"step": "pulse", "rate_c": -1.0, "pulse_duration_s": 10, "rest_duration_s": 40,
          "count": 2},
         *RUNNABLE[1:]]}
-    for steps in (RUNNABLE, [pulses_in_a_loop]):
+    # a chamber step between cycler steps: two programs with the chamber held between
+    chamber_between = [*RUNNABLE, {"step": "set_temperature", "temperature_c": 10.0},
+                       RUNNABLE[1]]
+    for steps in (RUNNABLE, [pulses_in_a_loop], chamber_between):
         r = await c.post("/api/v1/runs", headers=h, json={
             "channel": "bts1/1-1-1", "cell": CELL, "protocol_document": _doc(steps)})
         assert r.status_code == 201, r.text

@@ -46,7 +46,10 @@ def _sse(msg: live.Message) -> bytes:
     "/{run_id}/stream", response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}},
                      "description": "events `samples`, `step`, `cycle`, `event`, `state`; "
-                     "each `id` resumes the stream after it (Last-Event-ID)"}, **_ERRORS},
+                     "each `id` resumes the stream after it (Last-Event-ID); on a cycler "
+                     "that runs its own program (Neware) also `reading` (no id): the "
+                     "latest inquired V, I, T, step, cycle and instrument state, ahead of "
+                     "the harvested samples"}, **_ERRORS},
 )
 async def stream_run(
     run_id: RunId,
@@ -69,6 +72,7 @@ async def stream_run(
     async def events() -> AsyncIterator[bytes]:
         nonlocal cursor
         idle = 0.0
+        seen: dict[int, float] = {}
         while not await request.is_disconnected():
             async with session_scope(maker) as s:
                 # The state first: rows committed before a final state are then read below,
@@ -76,6 +80,10 @@ async def stream_run(
                 run = await s.get(m.Run, run_id)
                 assert run is not None
                 msgs = await live.poll(s, run, cursor, rate_hz)
+                readings = await live.poll_readings(s, seen, run_id)
+            for reading in readings:
+                # No id: a snapshot, not history; a reconnect need not resume it.
+                yield _snapshot("reading", reading)
             for msg in msgs:
                 yield _sse(msg)
                 cursor = msg.cursor
@@ -85,7 +93,7 @@ async def stream_run(
             if msgs:
                 idle = 0.0
                 continue
-            idle += poll_s
+            idle = 0.0 if readings else idle + poll_s  # a reading is traffic too
             if idle >= KEEPALIVE_S:
                 idle = 0.0
                 yield b": keep-alive\n\n"
@@ -95,6 +103,10 @@ async def stream_run(
         events(), media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+def _snapshot(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
 lab_router = APIRouter(prefix="/api/v1", tags=["stream"])
@@ -130,13 +142,16 @@ async def stream_lab(
         idle = 0.0
         yield f"id: {cursor.encode()}\nevent: hello\ndata: {{}}\n\n".encode()
         seen: dict[int, int] = {}
+        seen_readings: dict[int, float] = {}
         while not await request.is_disconnected():
             async with session_scope(maker) as s:
                 msgs = await live.poll_lab(s, cursor)
                 snapshots = await live.poll_latest(s, seen) if latest else []
+                # A cycler running its own program: its inquired reading is the newest.
+                snapshots += await live.poll_readings(s, seen_readings) if latest else []
             for snap in snapshots:
                 # No id: a snapshot is not history, a reconnect need not resume it.
-                yield f"event: latest\ndata: {json.dumps(snap, separators=(',', ':'))}\n\n".encode()
+                yield _snapshot("latest", snap)
             for msg in msgs:
                 data = json.dumps(msg.data, separators=(",", ":"), default=str)
                 yield f"id: {msg.cursor.encode()}\nevent: {msg.event}\ndata: {data}\n\n".encode()

@@ -566,6 +566,16 @@ async function initRun() {
       showState(d);
       refreshProgress();
       if (TERMINAL.has(d.state)) loadVerdicts();
+      if (TERMINAL.has(d.state)) document.getElementById("run-reading").hidden = true;
+    } else if (msg.event === "reading") {
+      // A cycler running its own program (Neware): what it reports now, ahead of the
+      // harvested records the plot shows.
+      const r = document.getElementById("run-reading");
+      r.hidden = false;
+      r.dataset.updates = Number(r.dataset.updates || 0) + 1;
+      r.textContent = `Cycler now (${d.state}, ${fmt(hours(d.t_s), 3)} h): ` +
+        `${fmt(d.voltage_v)} V · ${fmt(d.current_a)} A · ${fmt(d.temperature_c, 1)} °C · ` +
+        `step ${d.step_index + 1} · cycle ${d.cycle_index}`;
     }
   }
   showState(run);

@@ -1,12 +1,13 @@
 """Delegated runs: a cycler that runs its own step program (a ``ProgramRunner``, e.g. a
 Neware BTS 8.0 channel) is handed the run's whole protocol, and the engine follows it.
 
-One job: the life of a delegated run on the node. At start the engine holds the chamber
-for the protocol's leading ``set_temperature`` steps (labdaq/engine/aux_steps.py; the
-cycler's program cannot wait for another instrument), translates the rest into the
-instrument's program (drivers/neware_steps.py), writes the step file and starts it,
-pinning the run to the test id the start returned (stored in ``runs.position`` before
-anything else, so a restarted engine follows the same test and never starts a second).
+One job: the life of a delegated run on the node. The protocol is cut at its chamber
+steps into segments (drivers/neware_steps.py; the cycler's program cannot wait for
+another instrument): for each, the engine holds the chamber (labdaq/engine/aux_steps.py),
+then writes the segment's step file and starts it, pinning the run to the test id the
+start returned (stored in ``runs.position`` before anything else, so a restarted engine
+follows the same test and never starts a second); when that program finishes, the next
+segment's chamber steps and program follow, its records numbered on from the last.
 Then one follower per instrument, every sample period (the shortest of its runs'):
 
 * ``inquire`` of all its runs' channels in one request: the live state, checked against
@@ -25,6 +26,11 @@ it answers again the follower downloads what was recorded meanwhile (no gap in t
 samples) and records one ``interruption`` event from the last reading labdaq saw to the
 first it sees again (cause ``link_lost``; ``samples_missing`` 0). An engine restart is
 the same (cause ``engine_restart``). API commands (stop, pause, resume) go to the cycler.
+
+Over 450 lines on purpose: starting, following, segment changes and ending share one
+run's state (:class:`DelegatedRun`) and each other's ordering (what is stored, pinned and
+flushed before what); the parts that stand alone are modules of their own (the records'
+bookkeeping, the live readings, the wait for an unreachable server).
 """
 
 from __future__ import annotations
@@ -39,9 +45,11 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select, update
 
 from labdaq.drivers.errors import InstrumentError
-from labdaq.drivers.neware_steps import translate
+from labdaq.drivers.neware_steps import Segment, translate
 from labdaq.drivers.roles import ProgramRunner
+from labdaq.engine.delegated_live import LiveReadings
 from labdaq.engine.delegated_records import Harvest, RecordBook, breach
+from labdaq.engine.delegated_wait import ServerWait
 from labdaq.engine.events import RunEvent, SafetyTrip
 from labdaq.engine.instruments import OpenInstrument
 from labdaq.heartbeat import INSTRUMENT_OK
@@ -68,14 +76,19 @@ class DelegatedRun:
     seen_t_s: float = 0.0  # run time of the last reading labdaq saw
     lost_from_t_s: float | None = None  # set while labdaq cannot see the channel
     lost_cause: str = ""
+    lost_note: dict[str, Any] = field(default_factory=dict)  # more about the gap, for its event
     # since when each kind of reading ("inquired", "harvested": two timelines, the
     # harvested one behind) has been past a limit, for breach_duration_s
     breach_since_t_s: dict[str, float] = field(default_factory=dict)
     commands: list[str] = field(default_factory=list)
     outcome: tuple[str, str] | None = None
     following: bool = False  # the program runs (after the chamber steps)
-    in_chamber: bool = False  # holding the leading chamber steps (nothing on the cycler)
+    in_chamber: bool = False  # holding chamber steps (nothing runs on the cycler)
     starting: asyncio.Task[None] | None = None
+    # The protocol cut at its chamber steps (drivers/neware_steps.py); book.segment says
+    # which one is held or runs.
+    segments: list[Segment] = field(default_factory=list)
+    clock0: float = 0.0  # the engine clock at the run's time 0
 
 
 def _runs_programs(driver: str) -> bool:
@@ -96,6 +109,10 @@ class DelegatedRuns:
         self.runs: dict[int, DelegatedRun] = {}
         self.followers: dict[int, asyncio.Task[None]] = {}
         self._finishing: set[asyncio.Task[None]] = set()
+        # Runs whose server did not answer at engine start (delegated_wait.py).
+        self.waits = ServerWait(self)
+        # Each round's inquired readings, for the live view (delegated_live.py).
+        self.live = LiveReadings(node.maker)
 
     # -- which channels ---------------------------------------------------------------
     async def instrument_of(self, channel: m.Channel) -> OpenInstrument | None:
@@ -122,34 +139,46 @@ class DelegatedRuns:
                        record_period_s=run.sample_period_s)
         bts = await inst.worker.call(inst.driver.channel_name, channel.index)
         dr = DelegatedRun(run.id, inst.row_id, bts, resolved, run.sample_period_s,
-                          RecordBook(run.id, resolved, sf.step_map))
+                          RecordBook(run.id, resolved, sf.step_map), segments=sf.segments,
+                          clock0=self.node.clock.now())
         dr.book.bts_channel, dr.book.speed = bts, self.node.clock.speed
         self.runs[run.id] = dr
         self.node.aux.wiring[run.id] = dict(channel.aux or {})
-        dr.starting = asyncio.create_task(self._start(dr, inst, sf), name=f"start-{run.id}")
+        dr.starting = asyncio.create_task(self._start(dr, inst), name=f"start-{run.id}")
 
-    async def _start(self, dr: DelegatedRun, inst: OpenInstrument, sf: Any) -> None:
+    async def _start(self, dr: DelegatedRun, inst: OpenInstrument) -> None:
+        """Hold the chamber steps of the run's current segment, then start its program
+        (the first segment's at the run's start, a later one's when the previous
+        program has finished)."""
         node, book = self.node, dr.book
-        t0 = node.clock.now()
+        seg = dr.segments[book.segment]
+        part = "" if book.segment == 0 else f"-part{book.segment + 1}"
         try:
             dr.in_chamber = True
-            for st in sf.chamber_steps:
-                t_from = node.clock.now() - t0
+            for st in seg.chamber_steps[book.chamber_done:]:
+                t_from = node.clock.now() - dr.clock0
                 while (missed := await node.aux.set_temperature(dr.run_id, st)) is not None:
                     # Not held in time: paused for a technician, as a direct run is.
                     await node.recorder.paused_by_engine(missed)
                     if not await self._wait_resume(dr):
                         return
                 node.recorder.row("step", m.Step, **book.chamber_step(
-                    st, t_from, node.clock.now() - t0))
+                    st, t_from, node.clock.now() - dr.clock0))
+                book.chamber_done += 1
+                if book.segment:  # a restart now goes on after this chamber step
+                    await self._pin(dr)
+            if seg.xml is None:  # the protocol ends with chamber steps
+                await self._end_unstarted(dr, ("completed", "program finished"))
+                return
             # From here a stop waits for the start's outcome (it may have run): the
             # follower sends it to the cycler.
             dr.in_chamber = False
-            name = f"labdaq-run-{dr.run_id}.xml"
-            await inst.worker.call(inst.driver.put_step_file, name, sf.xml)
-            book.t_offset_s = node.clock.now() - t0
+            name = f"labdaq-run-{dr.run_id}{part}.xml"
+            await inst.worker.call(inst.driver.put_step_file, name, seg.xml)
+            book.t_offset_s = node.clock.now() - dr.clock0
             book.start_wall_s = node.wall_clock()
-            barcode = f"labdaq-run-{dr.run_id}"
+            book.step_map = seg.step_map
+            barcode = f"labdaq-run-{dr.run_id}{part}"
             try:
                 book.test_id = await inst.worker.call(inst.driver.start, dr.bts, name,
                                                       barcode)
@@ -158,12 +187,15 @@ class DelegatedRuns:
                 # it stored the test id left its program running: this run's barcode
                 # says whose it is.
                 book.test_id = await self._adopt(inst, dr, barcode, exc)
+            book.test_segment = book.segment
             await self._pin(dr)
             node.recorder.event(RunEvent(
                 dr.run_id, "delegated", "info",
-                f"program started on {inst.name} channel {dr.bts} as test {book.test_id}",
+                f"program {book.segment + 1} of {len(dr.segments)} started on {inst.name} "
+                f"channel {dr.bts} as test {book.test_id}",
                 {"instrument": inst.name, "channel": dr.bts, "test_id": book.test_id,
-                 "chamber_steps": len(sf.chamber_steps)}))
+                 "segment": book.segment, "segments": len(dr.segments),
+                 "chamber_steps": len(seg.chamber_steps), "first_seq": book.seq_base + 1}))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the run fails with its reason
@@ -202,7 +234,7 @@ class DelegatedRuns:
         """Paused before the program started: True on resume, False on stop."""
         while True:
             if "stop" in dr.commands:
-                await self._finish(dr, ("stopped", "stop requested"))
+                await self._end_unstarted(dr, ("stopped", "stop requested"))
                 return False
             if "resume" in dr.commands:
                 dr.commands.clear()
@@ -210,9 +242,10 @@ class DelegatedRuns:
             await asyncio.sleep(self.node.poll_s)
 
     async def resume(self, run: m.Run, channel: m.Channel, inst: OpenInstrument,
-                     why: str) -> None:
+                     why: str, note: dict[str, Any] | None = None) -> None:
         """Follow a run a previous engine (or a lost instrument) left: its pinned test
-        from its position; records made meanwhile are harvested, none twice."""
+        from its position; records made meanwhile are harvested, none twice. ``note``
+        goes into the data of the interruption event that closes the gap."""
         resolved = ResolvedProtocol.model_validate(run.plan)
         pos = dict(run.position or {})
         if "delegated" not in pos or not pos["delegated"].get("test_id"):
@@ -228,7 +261,8 @@ class DelegatedRuns:
         book = RecordBook(run.id, resolved, {})
         book.restore(pos)
         sf = translate(resolved, sample_name="", record_period_s=run.sample_period_s)
-        book.step_map, book.speed = sf.step_map, self.node.clock.speed
+        book.step_map = sf.segments[book.test_segment].step_map
+        book.speed = self.node.clock.speed
         if int(last or 0) != book.seq:
             reason = (f"the saved position (record {book.seq}) does not match the last "
                       f"committed sample ({last})")
@@ -237,8 +271,17 @@ class DelegatedRuns:
         inst.driver.owned_test_ids.add(int(book.test_id))
         dr = DelegatedRun(run.id, inst.row_id, book.bts_channel, resolved,
                           run.sample_period_s, book, seen_t_s=book.t_s,
-                          lost_from_t_s=book.t_s, lost_cause=why, following=True)
+                          lost_from_t_s=book.t_s, lost_cause=why, lost_note=dict(note or {}),
+                          segments=sf.segments,
+                          clock0=self.node.clock.now() - book.t_s)
         self.runs[run.id] = dr
+        if book.segment > book.test_segment:
+            # Stopped while it held the chamber between two programs: hold the rest of
+            # them and start the next program (the gap's event comes when it is seen).
+            self.node.aux.wiring[run.id] = dict(channel.aux or {})
+            dr.starting = asyncio.create_task(self._start(dr, inst), name=f"start-{run.id}")
+            return
+        dr.following = True
         self._follow(inst.row_id)
 
     # -- commands -----------------------------------------------------------------------
@@ -248,8 +291,8 @@ class DelegatedRuns:
             return
         dr.commands.append(action)
         if action == "stop" and dr.starting is not None and dr.in_chamber:
-            dr.starting.cancel()  # in its chamber steps: nothing runs on the cycler yet
-            self._spawn(self._finish(dr, ("stopped", "stop requested")))
+            dr.starting.cancel()  # in its chamber steps: nothing runs on the cycler now
+            self._spawn(self._end_unstarted(dr, ("stopped", "stop requested")))
 
     # -- following ------------------------------------------------------------------------
     def _follow(self, instrument_id: int) -> None:
@@ -288,6 +331,8 @@ class DelegatedRuns:
             node_hb[inst.name] = f"lost: {type(exc).__name__}: {exc}"
             return
         self.node.heartbeat.instruments[inst.name] = INSTRUMENT_OK
+        self.live.put([self._live_row(r, readings[r.bts]) for r in runs
+                       if readings[r.bts].test_id == r.book.test_id])
         for r in runs:
             try:
                 await self._follow_one(inst, r, readings[r.bts])
@@ -295,6 +340,24 @@ class DelegatedRuns:
                 if r.lost_from_t_s is None:
                     r.lost_from_t_s, r.lost_cause = r.seen_t_s, "link_lost"
                 log.warning("run %s: %s", r.run_id, exc)
+
+    def _live_row(self, r: DelegatedRun, rd: Any) -> dict[str, Any]:
+        """An inquired reading as a ``live_readings`` row (NaN: not reported)."""
+        book = r.book
+        index = book.step_map.get(rd.step, book.cur_index or 0)
+
+        def num(x: float) -> float | None:
+            return None if math.isnan(x) else x
+
+        # As the records will be numbered (RecordBook.absorb); a later program whose first
+        # record is not harvested yet goes on in the open cycle.
+        cycle = (book.cycle.cycle_index if book.cycle_shift is None
+                 else rd.cycle + book.offsets.get(index, 0) + book.cycle_shift)
+        return {"run_id": r.run_id, "t_s": book.t_offset_s + rd.test_time_s,
+                "ts_utc": self.node.wall_clock(), "voltage_v": num(rd.voltage_v),
+                "current_a": num(rd.current_a), "temperature_c": num(rd.temperature_c),
+                "step_index": index, "cycle_index": cycle,
+                "state": rd.workstatus[:20], "last_seq": book.seq}
 
     async def _follow_one(self, inst: OpenInstrument, r: DelegatedRun, rd: Any) -> None:
         drv, book = inst.driver, r.book
@@ -308,7 +371,9 @@ class DelegatedRuns:
         if mine and state in ("working", "pause") and r.outcome is None:
             await self._check(inst, r, t_seen, rd.voltage_v, rd.current_a, rd.temperature_c,
                               "inquired")
-        records = await inst.worker.call(drv.download_all, r.bts, book.test_id, book.seq)
+        # (record indices count from 1 in each program: seq_base is where this one began)
+        records = await inst.worker.call(drv.download_all, r.bts, book.test_id,
+                                         book.seq - book.seq_base)
         h = book.absorb(records)
         # Handed to the writer before anything else can fail: the book has moved past them.
         await self._store(book, h)
@@ -318,6 +383,10 @@ class DelegatedRuns:
                 if await self._check(inst, r, row[2], row[6], row[7], temp, "harvested",
                                      seq=row[1]):
                     break
+        if (r.outcome is None and state == "finish"
+                and book.test_segment + 1 < len(r.segments)):
+            await self._next_segment(inst, r, t_seen)
+            return
         if r.outcome is None and state in ENDED:
             outcome = ENDED[state]
             if state == "protect":
@@ -336,6 +405,24 @@ class DelegatedRuns:
             await self._store(book, book.close(), final=True)
             await self._finish(r, r.outcome)
 
+    async def _next_segment(self, inst: OpenInstrument, r: DelegatedRun,
+                            t_seen: float) -> None:
+        """A segment's program finished: its last step is stored, then the next
+        segment's chamber steps are held and its program started (:meth:`_start`)."""
+        book = r.book
+        await self._store(book, book.close_segment(), final=True)
+        book.begin_segment(book.test_segment + 1)
+        await self._pin(r)  # a restart now holds the next chamber steps, not this end
+        r.following, r.in_chamber = False, True  # a stop from now ends it at once
+        r.clock0 = self.node.clock.now() - t_seen
+        r.starting = asyncio.create_task(self._start(r, inst), name=f"start-{r.run_id}")
+
+    async def _end_unstarted(self, dr: DelegatedRun, outcome: tuple[str, str]) -> None:
+        """End a run while no program of it runs (holding chamber steps): what the
+        programs before recorded closes its last step and cycle first."""
+        await self._store(dr.book, dr.book.close(), final=True)
+        await self._finish(dr, outcome)
+
     async def _ended_as(self, inst: OpenInstrument, r: DelegatedRun) -> tuple[str, str]:
         """How the pinned test ended when the channel already runs another one (seen
         after a lost link or a restart): the last state in the test's log."""
@@ -350,6 +437,9 @@ class DelegatedRuns:
         while cmds:
             action = cmds[0]  # taken off once sent: a lost link keeps it for the next round
             if state not in ("working", "pause"):
+                if action == "stop" and r.book.test_segment + 1 < len(r.segments):
+                    # Between two programs: the next one is not started.
+                    r.outcome = ("stopped", "stop requested")
                 cmds.pop(0)
                 continue
             if action == "stop":
@@ -399,7 +489,9 @@ class DelegatedRuns:
             f"({r.lost_cause}); the program ran on and its records were harvested: no "
             "sample is missing",
             {"cause": r.lost_cause, "from_t_s": frm, "to_t_s": t_s, "gap_s": t_s - frm,
-             "last_seq": r.book.seq, "samples_missing": 0, "channel": r.bts}))
+             "last_seq": r.book.seq, "samples_missing": 0, "channel": r.bts,
+             **r.lost_note}))
+        r.lost_note = {}
 
     async def _store(self, book: RecordBook, h: Harvest, final: bool = False) -> None:
         if h.rows:
@@ -434,6 +526,8 @@ class DelegatedRuns:
 
     async def close(self) -> None:
         """Engine shutdown: stop following (the programs run on; a restart resumes)."""
+        await self.waits.close()
+        await self.live.close()
         tasks = [*self.followers.values(),
                  *(r.starting for r in self.runs.values() if r.starting is not None)]
         for t in tasks:

@@ -31,7 +31,8 @@ from labdaq.protocol import (
 #: The state of a harvested run that a restart needs, besides the accumulators.
 _POSITION_KEYS = ("test_id", "bts_channel", "t_offset_s", "start_wall_s", "step_number",
                   "cur_index", "cur_ncycle", "cur_nstep", "step_started_t_s",
-                  "step_cap_ah", "step_en_wh", "dcir", "last")
+                  "step_cap_ah", "step_en_wh", "dcir", "last", "segment", "test_segment",
+                  "seq_base", "cycle_shift", "chamber_done")
 
 
 def cycle_offset(resolved: ResolvedProtocol) -> dict[int, int]:
@@ -91,6 +92,16 @@ class RecordBook:
         self.dcir: list[float] = []
         self.last: list[float] | None = None  # t_s, voltage_v, current_a of the last record
         self.cycle = CycleTotals(1, 0.0)
+        # A protocol cut at its chamber steps runs as several programs (segments,
+        # drivers/neware_steps.py), each a test of its own whose records count from 1 and
+        # whose cycles count from 1: its samples follow on from the last one's (seq_base)
+        # and its cycle numbers are shifted to go on from the open cycle (cycle_shift,
+        # set at its first record), as a direct run's do across a chamber step.
+        self.segment = 0  # the segment being held or run
+        self.test_segment = 0  # the segment whose program test_id is
+        self.seq_base = 0
+        self.cycle_shift: int | None = 0
+        self.chamber_done = 0  # chamber steps of ``segment`` already held
 
     # -- records ------------------------------------------------------------------------
     def absorb(self, records: list[dict[str, float]]) -> Harvest:
@@ -98,7 +109,7 @@ class RecordBook:
         records at or before ``seq`` (a repeated download) are skipped."""
         out = Harvest()
         for rec in records:
-            seq = int(rec["seq"])
+            seq = self.seq_base + int(rec["seq"])
             if seq <= self.seq:
                 continue
             t = self.t_offset_s + float(rec["testtime"])
@@ -106,12 +117,15 @@ class RecordBook:
             temp = float(rec.get("temp", math.nan))
             nstep, ncycle = int(rec["step"]), int(rec["cycle"])
             index = self.step_map.get(nstep, self.cur_index if self.cur_index is not None else 0)
-            cycle_index = ncycle + self.offsets.get(index, 0)
+            if self.cycle_shift is None:  # a later segment's first record: go on
+                self.cycle_shift = self.cycle.cycle_index - ncycle - self.offsets.get(index, 0)
+            cycle_index = ncycle + self.offsets.get(index, 0) + self.cycle_shift
             # The program's first record (seq 1) precedes its first set point.
-            switched = self.seq == 1
+            switched = self.seq == self.seq_base + 1
             if self.cur_index is None:
                 self._open_step(index, ncycle, nstep, t)
-                self.cycle = CycleTotals(cycle_index, t)
+                if self.seq == 0:  # the run's first record opens its first cycle
+                    self.cycle = CycleTotals(cycle_index, t)
             elif (index, ncycle) != (self.cur_index, self.cur_ncycle):
                 assert self.last is not None
                 out.steps.append(self._close_step(self.last))
@@ -138,16 +152,28 @@ class RecordBook:
         return out
 
     def close(self) -> Harvest:
-        """The program is over: its last step and the open cycle."""
-        out = Harvest()
-        if self.last is None or self.cur_index is None:
-            return out
-        out.steps.append(self._close_step(self.last))
+        """The run is over: its last step and the open cycle."""
+        out = self.close_segment()
         if self.cycle.charge_ah or self.cycle.discharge_ah:
-            self.cycle.end_t_s = self.last[0]
+            self.cycle.end_t_s = self.t_s
             out.cycles.append({"run_id": self.run_id, **self.cycle.summary()})
-        self.cur_index = None
+            self.cycle = CycleTotals(self.cycle.cycle_index, self.t_s)  # never twice
         return out
+
+    def close_segment(self) -> Harvest:
+        """A segment's program is over: its last step (the cycle stays open: a chamber
+        step does not end a cycle). The next program's first interval starts afresh —
+        no current flowed while the chamber was held."""
+        out = Harvest()
+        if self.last is not None and self.cur_index is not None:
+            out.steps.append(self._close_step(self.last))
+        self.cur_index, self.last = None, None
+        return out
+
+    def begin_segment(self, segment: int) -> None:
+        """Records from here on are the next segment's program's."""
+        self.segment, self.chamber_done = segment, 0
+        self.seq_base, self.cycle_shift = self.seq, None
 
     def chamber_step(self, st: ResolvedSetTemperature, start_t_s: float,
                      end_t_s: float) -> dict[str, Any]:

@@ -106,9 +106,11 @@ class Recovery(NodeParts):
         try:
             inst = await self.delegated.instrument_of(channel)
         except Exception as exc:  # noqa: BLE001 - its server is not there yet
-            # The program runs on (or not) on the cycler; the next engine start follows it.
-            log.error("run %s: its cycler's server does not answer, not followed: %s",
+            # The program runs on on the cycler: retried with backoff, followed when it
+            # answers (engine/delegated_wait.py).
+            log.error("run %s: its cycler's server does not answer, retrying: %s",
                       run.id, exc)
+            self.delegated.waits.add(run, channel, exc)
             return
         if inst is not None:  # its program ran on the cycler meanwhile: follow it again
             await self.delegated.resume(run, channel, inst, "engine_restart")

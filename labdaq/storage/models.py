@@ -579,3 +579,26 @@ class AlertDelivery(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
     sent_at: Mapped[datetime | None] = mapped_column()
+
+
+class LiveReading(Base):
+    """The latest reading a cycler that runs its own program reported for a run (a Neware
+    channel's ``inquire``, labdaq/engine/delegated_live.py): what the live view shows
+    before the records are harvested as samples. One row per run, overwritten; it is
+    not a sample and takes no part in any analysis."""
+
+    __tablename__ = "live_readings"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"),
+                                        primary_key=True)
+    t_s: Mapped[float] = mapped_column(Float)  # run time of the reading
+    ts_utc: Mapped[float] = mapped_column(Float)  # POSIX seconds, UTC, when it was asked
+    voltage_v: Mapped[float | None] = mapped_column(Float)
+    current_a: Mapped[float | None] = mapped_column(Float)
+    temperature_c: Mapped[float | None] = mapped_column(Float)
+    step_index: Mapped[int] = mapped_column(Integer)
+    cycle_index: Mapped[int] = mapped_column(Integer)
+    # The instrument's own state word (Neware: working, pause, stop, finish, protect).
+    state: Mapped[str] = mapped_column(String(20))
+    # The last harvested sample's seq when it was read: how far the samples lag.
+    last_seq: Mapped[int] = mapped_column(BigInteger)
