@@ -1,7 +1,7 @@
 """live_readings: the latest reading of a run on a cycler that runs its own program
 
-Revision ID: 0016_live_readings
-Revises: 0015_nodes
+Revision ID: 0017_live_readings
+Revises: 0016_import_template
 Create Date: 2026-12-06 16:30:00
 """
 
@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0016_live_readings"
-down_revision: str | None = "0015_nodes"
+revision: str = "0017_live_readings"
+down_revision: str | None = "0016_import_template"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
