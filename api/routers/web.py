@@ -11,7 +11,6 @@ from __future__ import annotations
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-
 from urllib.parse import quote
 
 from fastapi import APIRouter, HTTPException, Request, status
@@ -40,12 +39,9 @@ def _plotly_js() -> bytes:
     return resources.files("plotly").joinpath("package_data", "plotly.min.js").read_bytes()
 
 
-def _page(request: Request, name: str, page: str, status_code: int = 200,
-          **ctx: object) -> HTMLResponse:
+def _page(request: Request, name: str, page: str, **ctx: object) -> HTMLResponse:
     return templates.TemplateResponse(
-        request, name, {"page": page, "version": labdaq.__version__, **ctx},
-        status_code=status_code,
-    )
+        request, name, {"page": page, "version": labdaq.__version__, **ctx})
 
 
 async def _guarded(request: Request, session: Session, grants: tuple[str, ...], name: str,
@@ -59,9 +55,10 @@ async def _guarded(request: Request, session: Session, grants: tuple[str, ...], 
                                 status.HTTP_303_SEE_OTHER)
     role = live.who.token.role
     if not any(role in auth.ROLE_GRANTS[g] for g in grants):
-        return _page(request, "denied.html", "denied", status.HTTP_403_FORBIDDEN,
-                     title="Not allowed", role=role, needs=" or ".join(grants),
-                     what=ctx.get("title", page))
+        return templates.TemplateResponse(request, "denied.html", {
+            "page": "denied", "version": labdaq.__version__, "title": "Not allowed",
+            "role": role, "needs": " or ".join(grants), "what": ctx.get("title", page),
+        }, status_code=status.HTTP_403_FORBIDDEN)
     return _page(request, name, page, **ctx)
 
 

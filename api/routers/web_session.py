@@ -19,7 +19,10 @@ from labdaq.api.session_cookie import (
     set_cookies,
 )
 
-router = APIRouter(prefix="/api/v1/session", tags=["session"])
+# The dashboard's, like its pages: not in the API document, whose clients use bearer
+# tokens (and whose role matrix lists endpoints that need a role; these need a token
+# or a session of any role). tests/test_web_sessions.py covers them.
+router = APIRouter(prefix="/api/v1/session", tags=["session"], include_in_schema=False)
 
 
 @router.post("", response_model=SignedIn, status_code=status.HTTP_201_CREATED,
