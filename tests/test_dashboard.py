@@ -748,11 +748,11 @@ def test_import_form_brings_in_a_vendor_file(session, lab: Lab) -> None:
     # Without a file the form says so beside the field and sends nothing.
     page.click("#import-submit")
     page.wait_for_selector("[data-for='file']:has-text('Choose a file')")
-    # A file no reader knows: the API's 422 is shown on the form.
+    # A file no reader knows: the API's 422 names the format field, and is shown there.
     page.set_input_files("#i-file", files=[{"name": "notes.txt", "mimeType": "text/plain",
                                             "buffer": b"not a cycler file\n"}])
     page.click("#import-submit")
-    page.wait_for_selector("#import-error:has-text('422')")
+    page.wait_for_selector("[data-for='format']:has-text('neware')")
     assert page.is_hidden("#import-result")
     page.set_input_files("#i-file", str(ROOT / "tests" / "data" / "vendor" / "test.ndax"))
     page.select_option("#i-format", "neware")
