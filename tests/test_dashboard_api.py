@@ -329,7 +329,10 @@ async def test_an_engineer_starts_an_abuse_run_from_the_start_form(api: Api) -> 
     """The start page offers an engineer (the ``abuse`` grant) the form and a reason
     field; the request the form sends (an uploaded document, a registered cell, the
     reason) is checked, then started; without the reason the error lands in its slot."""
+    signed = await api.c.post("/api/v1/session", json={"token": api.tokens["engineer"]})
+    assert signed.status_code == 201, signed.text
     page = (await api.c.get("/runs/new")).text
+    api.c.cookies.clear()  # the rest speaks as each role's bearer token
     assert 'id="reason-field" data-grant="abuse"' in page
     assert 'id="f-reason"' in page and 'data-for="reason"' in page
     assert 'href="/runs/new" data-grant="operate abuse"' in page  # the nav link
