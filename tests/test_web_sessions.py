@@ -204,6 +204,21 @@ async def test_sign_out_ends_the_session_and_is_audited(lab: Lab) -> None:
     assert any(a.startswith("signed out of the dashboard") for a in actions)
 
 
+async def test_signing_in_again_ends_the_browsers_previous_session(lab: Lab) -> None:
+    async with lab.client() as c:
+        await _sign_in(c, lab.tokens["technician"])
+        first = c.cookies["labdaq_session"]
+        await _sign_in(c, lab.tokens["admin"])
+        assert (await c.get("/api/v1/whoami")).json()["role"] == "admin"
+    async with lab.client(cookies={"labdaq_session": first}) as c:
+        assert (await c.get("/api/v1/whoami")).status_code == 401
+    states = await lab.rows(select(m.WebSession.id, m.WebSession.revoked_at)
+                            .order_by(m.WebSession.id))
+    assert [revoked is not None for _, revoked in states] == [True, False]
+    actions = [a for (a,) in await lab.rows(select(m.AuditRecord.action))]
+    assert f"signed out of the dashboard (session {states[0].id})" in actions
+
+
 async def test_expiry_and_token_revocation_end_the_session(lab: Lab) -> None:
     async with lab.client() as c:
         await _sign_in(c, lab.tokens["technician"])

@@ -29,14 +29,19 @@ router = APIRouter(prefix="/api/v1/session", tags=["session"], include_in_schema
              responses=responses(*COMMON, *OPERATE))
 async def sign_in(body: SignIn, request: Request, response: Response,
                   session: Session) -> SignedIn:
-    """Start a browser session for the token (audited). The answer sets an HttpOnly
-    session cookie and the readable CSRF cookie whose value changes must send back in
+    """Start a browser session for the token (audited), ending the one the browser's
+    cookie held, if any. The answer sets an HttpOnly session cookie and the readable CSRF cookie whose value changes must send back in
     ``X-CSRF-Token``. API clients keep using ``Authorization: Bearer``."""
     if not same_origin(request):
         # Another site must not sign a browser in to a session of its choosing.
         raise HTTPException(status.HTTP_403_FORBIDDEN, "cross-origin sign-in refused")
     ttl = timedelta(seconds=request.app.state.settings.web_session_ttl_s)
+    previous = await browser_session(request, session)
     signed = await service.sign_in(session, body.token, ttl)
+    if isinstance(previous, service.Current):
+        # This browser signs in anew: the session its cookie held ends (audited) rather
+        # than living on unseen until it expires.
+        await service.sign_out(session, previous)
     await session.commit()
     set_cookies(request, response, signed)
     token = signed.who.token
