@@ -30,8 +30,8 @@ router = APIRouter(prefix="/api/v1/session", tags=["session"], include_in_schema
 async def sign_in(body: SignIn, request: Request, response: Response,
                   session: Session) -> SignedIn:
     """Start a browser session for the token (audited), ending the one the browser's
-    cookie held, if any. The answer sets an HttpOnly session cookie and the readable CSRF cookie whose value changes must send back in
-    ``X-CSRF-Token``. API clients keep using ``Authorization: Bearer``."""
+    cookie held, if any. The answer sets an HttpOnly session cookie and the readable CSRF
+    cookie whose value changes must send back in ``X-CSRF-Token``. API clients keep using ``Authorization: Bearer``."""
     if not same_origin(request):
         # Another site must not sign a browser in to a session of its choosing.
         raise HTTPException(status.HTTP_403_FORBIDDEN, "cross-origin sign-in refused")
