@@ -215,8 +215,13 @@ async def test_signing_in_again_ends_the_browsers_previous_session(lab: Lab) -> 
     states = await lab.rows(select(m.WebSession.id, m.WebSession.revoked_at)
                             .order_by(m.WebSession.id))
     assert [revoked is not None for _, revoked in states] == [True, False]
-    actions = [a for (a,) in await lab.rows(select(m.AuditRecord.action))]
-    assert f"signed out of the dashboard (session {states[0].id})" in actions
+    audit = {a: actor for a, actor in await lab.rows(
+        select(m.AuditRecord.action, m.AuditRecord.actor))}
+    # Each record names its own session's user.
+    assert audit[f"signed out of the dashboard (session {states[0].id})"] == "ws-technician"
+    signed_in = [a for a in audit if a.startswith(f"signed in to the dashboard (session "
+                                                  f"{states[1].id},")]
+    assert [audit[a] for a in signed_in] == ["ws-admin"]
 
 
 async def test_expiry_and_token_revocation_end_the_session(lab: Lab) -> None:

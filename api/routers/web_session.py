@@ -31,21 +31,24 @@ async def sign_in(body: SignIn, request: Request, response: Response,
                   session: Session) -> SignedIn:
     """Start a browser session for the token (audited), ending the one the browser's
     cookie held, if any. The answer sets an HttpOnly session cookie and the readable CSRF
-    cookie whose value changes must send back in ``X-CSRF-Token``. API clients keep using ``Authorization: Bearer``."""
+    cookie whose value changes must send back in ``X-CSRF-Token``. API clients keep
+    using ``Authorization: Bearer``."""
     if not same_origin(request):
         # Another site must not sign a browser in to a session of its choosing.
         raise HTTPException(status.HTTP_403_FORBIDDEN, "cross-origin sign-in refused")
-    ttl = timedelta(seconds=request.app.state.settings.web_session_ttl_s)
     previous = await browser_session(request, session)
-    signed = await service.sign_in(session, body.token, ttl)
     if isinstance(previous, service.Current):
-        # This browser signs in anew: the session its cookie held ends (audited) rather
-        # than living on unseen until it expires.
+        # This browser signs in anew: the session its cookie held ends (audited, as its
+        # own user) rather than living on unseen until it expires. A refused sign-in
+        # below rolls this back with the rest of the request.
         await service.sign_out(session, previous)
+    ttl = timedelta(seconds=request.app.state.settings.web_session_ttl_s)
+    signed = await service.sign_in(session, body.token, ttl)
     await session.commit()
     set_cookies(request, response, signed)
     token = signed.who.token
-    return SignedIn(session_id=signed.row.id, name=token.name, role=token.role,  # type: ignore[arg-type]
+    return SignedIn(session_id=signed.row.id, name=token.name,
+                    role=token.role,  # type: ignore[arg-type]  # a Role value
                     expires_at=signed.row.expires_at)
 
 @router.delete("", status_code=status.HTTP_204_NO_CONTENT,
