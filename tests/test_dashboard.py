@@ -11,6 +11,9 @@ simulated lab. Pages are driven by waiting for what they show, never for a fixed
 Chromium is installed with apt-get when /usr/bin/chromium is missing (as tests/test_deploy.py
 installs its tools); where that cannot run the tests skip, and under CI they fail instead.
 Screenshots of every page go to tests/artifacts/ (git-ignored).
+
+The flows stay in one module (about 800 lines) because they share that one service and
+browser: its start-up (20-40 s under load) is paid once, not once per file.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 // it was signed in with); every change sends the session's CSRF token back in a header.
 // The API and the pages enforce roles, the page only hides what the role cannot do. Live
 // data arrives over Server-Sent Events read with fetch(), which can send Last-Event-ID.
+// One file for every page (a section each): the browser caches one script, and the pages
+// share the API, stream, alarm and role helpers at its top.
 "use strict";
 
 const page = document.body.dataset.page;
