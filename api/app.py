@@ -36,6 +36,7 @@ from labdaq.api.routers import (
     tokens,
     users,
     web,
+    web_session,
 )
 from labdaq.config import Settings, load_settings
 from labdaq.storage.db import create_engine, sessionmaker
@@ -133,5 +134,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(tokens.router)
     app.include_router(audit.router)
     app.include_router(lab.router)
+    app.include_router(web_session.router)
     app.include_router(web.router)
     return app

@@ -97,3 +97,18 @@ class AuditHeadOut(BaseModel):
     seq: int
     sha256: str
     head: str = Field(description="SEQ:SHA256, as `labdaq audit head` prints it")
+
+
+class SignIn(BaseModel):
+    """The dashboard's sign-in: the token, given once; a session cookie stands for it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    token: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
+class SignedIn(BaseModel):
+    session_id: int
+    name: str
+    role: RoleName
+    expires_at: UtcDatetime

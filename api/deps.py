@@ -1,4 +1,5 @@
-"""FastAPI dependencies: database session per request and bearer-token role checks."""
+"""FastAPI dependencies: database session per request and role checks of the bearer token
+or, without one, of the dashboard's session cookie (labdaq.api.session_cookie)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from fastapi import Depends, HTTPException, Path, Request, Security, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from labdaq.api.session_cookie import browser_session, check_csrf
 from labdaq.audit import Principal, set_principal
 from labdaq.auth import ROLE_GRANTS, Authenticated, authenticate
 from labdaq.bounds import INT32_MAX
@@ -46,27 +48,27 @@ def require(*grants: str) -> Callable[..., Coroutine[Any, Any, m.ApiToken]]:
     grant = " or ".join(grants)
 
     async def _check(
+        request: Request,
         session: Session,
         creds: HTTPAuthorizationCredentials | None,
     ) -> m.ApiToken:
         if creds is None:
-            raise HTTPException(
-                status.HTTP_401_UNAUTHORIZED,
-                "missing bearer token",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        found = await authenticate(session, creds.credentials)
-        if not isinstance(found, Authenticated):
-            raise HTTPException(
-                status.HTTP_401_UNAUTHORIZED,
-                found,  # unknown, revoked or expired token, or a disabled user
-                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
-            )
-        token = found.token
+            # No bearer token: the dashboard's session cookie, if any, stands for one.
+            principal, token = await _from_cookie(request, session)
+        else:
+            found = await authenticate(session, creds.credentials)
+            if not isinstance(found, Authenticated):
+                raise HTTPException(
+                    status.HTTP_401_UNAUTHORIZED,
+                    found,  # unknown, revoked or expired token, or a disabled user
+                    headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+                )
+            token = found.token
+            principal = Principal(found.actor, token.role, token.id)
         if token.role not in admitted:
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"role {token.role!r} may not {grant}")
         # The audit log names whoever this request's changes are made by.
-        set_principal(session.info, Principal(found.actor, token.role, token.id))
+        set_principal(session.info, principal)
         return token
 
     # The roles admitted, as the OpenAPI security requirement's role list (OpenAPI 3.1:
@@ -77,6 +79,18 @@ def require(*grants: str) -> Callable[..., Coroutine[Any, Any, m.ApiToken]]:
         HTTPAuthorizationCredentials | None, Security(_bearer, scopes=roles)
     ]
     return _check
+
+
+async def _from_cookie(request: Request, session: AsyncSession) -> tuple[Principal, m.ApiToken]:
+    live = await browser_session(request, session)
+    if live is None:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing bearer token",
+                            headers={"WWW-Authenticate": "Bearer"})
+    if isinstance(live, str):  # unknown, ended or expired session, or its token unusable
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, live,
+                            headers={"WWW-Authenticate": "Bearer"})
+    check_csrf(request, live)
+    return live.principal(), live.who.token
 
 
 Reader = Annotated[m.ApiToken, Depends(require("read"))]

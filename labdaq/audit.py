@@ -64,6 +64,8 @@ class Principal:
     actor: str
     role: str
     token_id: int | None = None
+    # The dashboard's browser session the change came through (labdaq.web_sessions).
+    web_session_id: int | None = None
 
 
 def set_principal(info: dict[str, Any], principal: Principal) -> None:
@@ -158,6 +160,8 @@ def _chain_audit_event(_mapper: Mapper[Any], conn: Connection, target: m.Event) 
         actor, role = principal.actor, principal.role
         if principal.token_id is not None:
             data["token_id"] = principal.token_id
+        if principal.web_session_id is not None:
+            data["web_session_id"] = principal.web_session_id
     elif info.get(ORIGIN_KEY) == "api":
         actor, role = target.actor or "unknown", "unknown"
     else:  # the CLI (or `serve`) on the machine itself

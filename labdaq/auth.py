@@ -90,7 +90,12 @@ async def authenticate(session: AsyncSession, secret: str) -> Authenticated | st
     ).first()
     if row is None:
         return "unknown token"
-    token, user = row
+    return judge(*row)
+
+
+def judge(token: m.ApiToken, user: m.User | None) -> Authenticated | str:
+    """The token and its user if the token may be used now, else why not (revoked,
+    expired, or its user disabled); a browser session is judged by its token too."""
     if token.revoked_at is not None:
         return "revoked token"
     expires = aware(token.expires_at)

@@ -117,6 +117,8 @@ class Settings(BaseSettings):
     # Input bounds the API enforces beyond its schema (which shows the widest values).
     min_sample_period_s: float = Field(default=MIN_SAMPLE_PERIOD_S, ge=MIN_SAMPLE_PERIOD_S)
     max_duration_s: float = Field(default=MAX_DURATION_S, gt=0, le=MAX_DURATION_S)
+    # A dashboard sign-in lasts this long (never past its token's expiry).
+    web_session_ttl_s: float = Field(default=12 * 3600.0, gt=0)
     # Request bodies larger than this get 413 before they are parsed.
     api_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     # ... except an uploaded cycler file (POST /api/v1/imports), buffered in memory.

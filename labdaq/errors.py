@@ -14,6 +14,12 @@ class LabdaqError(Exception):
         self.details = details or []
 
 
+class Unauthenticated(LabdaqError):
+    """No usable credentials: an unknown, revoked or expired token or browser session."""
+
+    status_code = 401
+
+
 class NotFound(LabdaqError):
     status_code = 404
 

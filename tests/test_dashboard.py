@@ -11,11 +11,15 @@ simulated lab. Pages are driven by waiting for what they show, never for a fixed
 Chromium is installed with apt-get when /usr/bin/chromium is missing (as tests/test_deploy.py
 installs its tools); where that cannot run the tests skip, and under CI they fail instead.
 Screenshots of every page go to tests/artifacts/ (git-ignored).
+
+The flows stay in one module (about 800 lines) because they share that one service and
+browser: its start-up (20-40 s under load) is paid once, not once per file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.server
 import os
 import re
 import shutil
@@ -23,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -236,7 +241,9 @@ def background_run(lab: Lab) -> int:
 
 
 class Session:
-    """One browser context signed in as a role, recording every request it makes."""
+    """One browser context signed in as a role (the sign-in request the form makes, sent
+    from the context so the session cookie lands in it), recording every request it
+    makes."""
 
     def __init__(self, browser: Any, lab: Lab, role: str | None, size: str = "desktop"):
         w, h = SIZES[size]
@@ -247,8 +254,9 @@ class Session:
         self.urls: list[str] = []
         self.ctx.on("request", lambda req: self.urls.append(req.url))
         if role is not None:
-            self.ctx.add_init_script(
-                f"sessionStorage.setItem('labdaq.token', {lab.tokens[role]!r});")
+            r = self.ctx.request.post(lab.base + "/api/v1/session",
+                                      data={"token": lab.tokens[role]})
+            assert r.status == 201, r.text()
         self.page = self.ctx.new_page()
         self.errors: list[str] = []
         self.page.on("pageerror", lambda exc: self.errors.append(str(exc)))
@@ -297,8 +305,8 @@ def _axis_titles(page: Any, selector: str) -> list[str]:
 def test_sign_in_shows_role_and_hides_what_it_cannot_do(session, lab: Lab) -> None:
     s = session(None)
     page = s.page
-    page.goto(lab.base + "/")
-    page.wait_for_url("**/signin**")
+    page.goto(lab.base + "/")  # without a session the page sends the browser to sign in
+    page.wait_for_url("**/signin?next=%2F")
     page.fill("#token", "ldq_not-a-token")
     page.click("#signin-form button[type=submit]")
     page.wait_for_selector("#signin-error:has-text('Unknown or revoked token')")
@@ -306,6 +314,12 @@ def test_sign_in_shows_role_and_hides_what_it_cannot_do(session, lab: Lab) -> No
     page.click("#signin-form button[type=submit]")
     page.wait_for_selector("body[data-page='overview'][data-ready='true']")
     assert page.inner_text("#who-role") == "technician"
+    # The page's script holds neither the token nor the session id (HttpOnly cookie).
+    assert "labdaq_session" not in page.evaluate("document.cookie")
+    assert lab.tokens["technician"] not in page.evaluate(
+        "JSON.stringify(sessionStorage) + JSON.stringify(localStorage)")
+    (cookie,) = [c for c in s.ctx.cookies() if c["name"] == "labdaq_session"]
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
     assert page.is_visible("nav a[href='/runs/new']")
     assert not page.is_visible("nav a[href='/admin']")
     s.shot("signin-overview-technician")
@@ -570,20 +584,26 @@ def test_technician_gets_403_from_admin_page_and_api(session, lab: Lab) -> None:
     statuses: dict[str, int] = {}
     s.page.on("response", lambda r: statuses.__setitem__(urlsplit(r.url).path, r.status))
     page = s.open("/admin")
-    # The shell is any signed-in user's page; the admin content is what is refused.
-    assert statuses["/admin"] == 200
-    assert page.is_visible("#admin-denied") and page.is_hidden("#admin-body")
-    # The page's content is an admin-only request, refused to this token.
-    assert statuses["/ui/admin/instruments"] == 403
-    assert page.locator("#instruments").count() == 0
+    # The URL itself is refused to the technician's session, not just the data behind it.
+    assert statuses["/admin"] == 403
+    assert page.is_visible("#denied") and "technician" in page.inner_text("#denied")
+    assert page.locator("#admin-body").count() == 0
+    assert "/ui/admin/instruments" not in statuses
+    assert page.inner_text("#who-role") == "technician"  # still signed in, nav as usual
+    # The session's own request, CSRF header and all, is refused by role.
     status = page.evaluate("""async () => (await fetch('/api/v1/instruments?dry_run=true', {
         method: 'PUT', headers: {'Content-Type': 'application/json',
-        Authorization: 'Bearer ' + sessionStorage.getItem('labdaq.token')},
+        'X-CSRF-Token': csrfToken()},
         body: JSON.stringify({instruments: [], cells: []})})).status""")
     assert status == 403
+    for path in ("/ui/admin/instruments", "/imports/new"):
+        assert page.evaluate(f"async () => (await fetch('{path}')).status") == 403, path
     s.shot("admin-technician")
     a = session("admin")
+    statuses.clear()
+    a.page.on("response", lambda r: statuses.__setitem__(urlsplit(r.url).path, r.status))
     page = a.open("/admin")
+    assert statuses["/admin"] == 200 and statuses["/ui/admin/instruments"] == 200
     assert page.is_visible("#admin-body")
     assert page.locator("#instruments tbody tr").count() == 4
     # Users and the active tokens, never a token's secret.
@@ -627,7 +647,141 @@ def test_safety_stop_alarm_stays_until_acknowledged(session, lab: Lab) -> None:
         assert c.post(f"/api/v1/alarms/{alarm_id}/ack").status_code == 403
 
 
-PAGES = ["/signin", "/", "/runs/new", "/runs/{run}", "/cells/{cell}", "/queue", "/admin"]
+def _serve_page(html: str) -> tuple[str, Any]:
+    """Another site's page on 127.0.0.1 (another port: another origin, the same site)."""
+    class One(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the handler's protocol)
+            body = html.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), One)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}/", server
+
+
+def _queued_run(lab: Lab, channel: str, serial: str) -> int:
+    """A run that waits in its queue for a day: something a forged request could stop."""
+    with lab.api("technician") as c:
+        r = c.post("/api/v1/runs", json={
+            "channel": channel, "cell_serial": serial, "template": "basic_cycle",
+            "not_before": (datetime.now(UTC) + timedelta(days=1)).isoformat()})
+        assert r.status_code == 201, r.text
+        return int(r.json()["id"])
+
+
+def test_forged_cross_site_post_is_refused(session, lab: Lab) -> None:
+    run_id = _queued_run(lab, "cabinet1/6", "SIM-NMC811-C1-006")
+    s = session("technician")
+    page = s.open(f"/runs/{run_id}")  # the technician is signed in in this browser
+    # Another site's page posts a form to the stop URL: a request a browser sends with
+    # the session cookie (127.0.0.1 on another port is the same site for SameSite) but
+    # without the CSRF header, and with that site's Origin.
+    evil_url, server = _serve_page(
+        f"<form id='f' method='post' action='{lab.base}/api/v1/runs/{run_id}/stop'></form>"
+        "<script>document.getElementById('f').submit()</script>")
+    try:
+        evil = s.ctx.new_page()
+        with evil.expect_response(f"**/api/v1/runs/{run_id}/stop") as forged:
+            evil.goto(evil_url)
+        resp = forged.value
+        assert resp.status == 403, resp.text()
+        sent = resp.request.all_headers()
+        assert "labdaq_session=" in sent.get("cookie", ""), sent  # refused, not cookie-less
+        assert sent.get("origin", "").startswith("http://127.0.0.1:")
+        evil.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    with lab.api("technician") as c:
+        assert c.get(f"/api/v1/runs/{run_id}").json()["state"] == "queued"
+    # The same stop from our own page (the session's CSRF header sent) is accepted.
+    page.click("#stop")
+    page.click("#stop")  # a second click confirms
+    page.wait_for_selector("body[data-run-state='stopped']")
+    with lab.api("technician") as c:
+        events = c.get(f"/api/v1/runs/{run_id}/events").json()
+    # A waiting run is cancelled in its queue by the stop, audited as the session's user.
+    (stop,) = [e for e in events if e["kind"] == "audit"
+               and e["message"].startswith("cancelled in the queue")]
+    assert stop["actor"].startswith("demo-")
+
+
+def test_sign_out_ends_the_session(session, lab: Lab) -> None:
+    s = session(None)
+    page = s.page
+    page.goto(lab.base + "/signin")
+    page.fill("#token", lab.tokens["engineer"])
+    page.click("#signin-form button[type=submit]")
+    page.wait_for_selector("body[data-page='overview'][data-ready='true']")
+    (sid,) = [c["value"] for c in s.ctx.cookies() if c["name"] == "labdaq_session"]
+    with httpx.Client(base_url=lab.base, cookies={"labdaq_session": sid}) as c:
+        assert c.get("/api/v1/whoami").json()["role"] == "engineer"
+    page.click("#signout")
+    page.wait_for_url("**/signin")
+    assert not [c for c in s.ctx.cookies() if c["name"].startswith("labdaq_")]
+    # Pages send the browser to sign in again, and the old cookie is refused everywhere.
+    page.goto(lab.base + "/queue")
+    page.wait_for_url("**/signin?next=%2Fqueue")
+    with httpx.Client(base_url=lab.base, cookies={"labdaq_session": sid}) as c:
+        r = c.get("/api/v1/whoami")
+        assert r.status_code == 401 and "ended" in r.json()["detail"]
+        assert c.get("/queue", follow_redirects=False).status_code == 303
+    with lab.api("admin") as c:
+        audit = c.get("/api/v1/audit", params={"limit": 1000}).json()
+    assert any(a["action"].startswith("signed out of the dashboard")
+               and a["actor"] == "dash-engineer" for a in audit), audit[-3:]
+
+
+def test_import_form_brings_in_a_vendor_file(session, lab: Lab) -> None:
+    with lab.api("technician") as c:  # a cell of its own: the seeded cells' pages count runs
+        r = c.post("/api/v1/cells", json={
+            "serial": "DASH-IMPORT-001", "chemistry": "nmc811", "capacity_ah": 4.9,
+            "charge_cutoff_v": 4.2, "discharge_cutoff_v": 2.5})
+        assert r.status_code == 201, r.text
+    s = session("engineer")
+    page = s.open("/imports/new")
+    assert page.is_visible("nav a[href='/imports/new']")
+    # Without a file the form says so beside the field and sends nothing.
+    page.click("#import-submit")
+    page.wait_for_selector("[data-for='file']:has-text('Choose a file')")
+    # A file no reader knows: the API's 422 names the format field, and is shown there.
+    page.set_input_files("#i-file", files=[{"name": "notes.txt", "mimeType": "text/plain",
+                                            "buffer": b"not a cycler file\n"}])
+    page.click("#import-submit")
+    page.wait_for_selector("[data-for='format']:has-text('neware')")
+    assert page.is_hidden("#import-result")
+    page.set_input_files("#i-file", str(ROOT / "tests" / "data" / "vendor" / "test.ndax"))
+    page.select_option("#i-format", "neware")
+    page.select_option("#i-cell", "DASH-IMPORT-001")
+    page.click("#import-submit")
+    page.wait_for_selector("#import-result:not([hidden])")
+    run_id = int(page.get_attribute("#import-result", "data-run-id") or 0)
+    assert page.get_attribute("#import-result", "data-created") == "true"
+    assert "neware" in page.inner_text("#import-facts")
+    s.shot("import")
+    with lab.api("engineer") as c:
+        run = c.get(f"/api/v1/runs/{run_id}").json()
+        (imp,) = c.get("/api/v1/imports", params={"run_id": run_id}).json()
+    assert run["state"] == "imported" and run["cell_id"] == lab.cell_id("DASH-IMPORT-001")
+    assert imp["format"] == "neware" and imp["imported_by"] == "dash-engineer"
+    assert imp["n_samples"] > 0
+    # The imported run's page: its recorded data plotted like any run's.
+    page.click("#import-run")
+    page.wait_for_url(f"**/runs/{run_id}")
+    page.wait_for_selector("body[data-run-state='imported'][data-ready='true']")
+    page.wait_for_function("Number(document.querySelector('#plot-vit').dataset.points) > 0")
+    s.shot("import-run")
+
+
+PAGES = ["/signin", "/", "/runs/new", "/runs/{run}", "/cells/{cell}", "/queue", "/admin",
+         "/imports/new"]
 
 
 @pytest.mark.parametrize("size", list(SIZES))

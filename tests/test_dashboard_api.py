@@ -289,7 +289,10 @@ async def test_lab_stream_latest_sends_newest_sample_once_per_change(api: Api) -
 
 
 async def test_pages_and_assets_are_served_locally(api: Api) -> None:
-    for path in ("/", "/signin", "/runs/new", "/runs/1", "/cells/1", "/admin"):
+    # Pages need a browser session (tests/test_web_sessions.py): an admin's sees them all.
+    r = await api.c.post("/api/v1/session", json={"token": api.tokens["admin"]})
+    assert r.status_code == 201, r.text
+    for path in ("/", "/signin", "/runs/new", "/runs/1", "/cells/1", "/admin", "/imports/new"):
         r = await api.c.get(path)
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
         # Every script and stylesheet is ours: nothing is fetched from elsewhere.
@@ -303,6 +306,7 @@ async def test_pages_and_assets_are_served_locally(api: Api) -> None:
     for role in ("technician", "engineer"):
         r = await api.c.get("/ui/admin/instruments", headers=api.h(role))
         assert r.status_code == 403
+    api.c.cookies.clear()
     assert (await api.c.get("/ui/admin/instruments")).status_code == 401
     js = await api.c.get("/ui/static/plotly.min.js")
     assert js.status_code == 200 and len(js.content) > 1_000_000
@@ -325,7 +329,10 @@ async def test_an_engineer_starts_an_abuse_run_from_the_start_form(api: Api) -> 
     """The start page offers an engineer (the ``abuse`` grant) the form and a reason
     field; the request the form sends (an uploaded document, a registered cell, the
     reason) is checked, then started; without the reason the error lands in its slot."""
+    signed = await api.c.post("/api/v1/session", json={"token": api.tokens["engineer"]})
+    assert signed.status_code == 201, signed.text
     page = (await api.c.get("/runs/new")).text
+    api.c.cookies.clear()  # the rest speaks as each role's bearer token
     assert 'id="reason-field" data-grant="abuse"' in page
     assert 'id="f-reason"' in page and 'data-for="reason"' in page
     assert 'href="/runs/new" data-grant="operate abuse"' in page  # the nav link

@@ -1,14 +1,23 @@
-// labdaq dashboard: every page's behaviour. Data comes from the JSON API with the token
-// this tab keeps in sessionStorage; the API enforces roles, the page only hides what the
-// role cannot do. Live data arrives over Server-Sent Events read with fetch(), because
-// EventSource cannot send an Authorization header.
+// labdaq dashboard: every page's behaviour. Data comes from the JSON API with the
+// browser's session cookie (HttpOnly: this script never sees the session id or the token
+// it was signed in with); every change sends the session's CSRF token back in a header.
+// The API and the pages enforce roles, the page only hides what the role cannot do. Live
+// data arrives over Server-Sent Events read with fetch(), which can send Last-Event-ID.
+// One file for every page (a section each): the browser caches one script, and the pages
+// share the API, stream, alarm and role helpers at its top.
 "use strict";
 
-const TOKEN_KEY = "labdaq.token";
 const page = document.body.dataset.page;
 let whoami = null;
 
-function token() { return sessionStorage.getItem(TOKEN_KEY); }
+// The double-submit CSRF token: a readable cookie set at sign-in (labdaq.api.session_cookie).
+function csrfToken() {
+  const m = document.cookie.match(/(?:^|;\s*)labdaq_csrf=([^;]*)/);
+  return m ? decodeURIComponent(m[1]) : "";
+}
+function changeHeaders(method) {
+  return method === "GET" || method === "HEAD" ? {} : { "X-CSRF-Token": csrfToken() };
+}
 
 class ApiError extends Error {
   constructor(status, problem) {
@@ -19,14 +28,15 @@ class ApiError extends Error {
 }
 
 async function api(path, opts = {}) {
-  const headers = { Authorization: `Bearer ${token()}`, ...(opts.headers || {}) };
+  const method = opts.method || "GET";
+  const headers = { ...changeHeaders(method), ...(opts.headers || {}) };
   if (opts.json !== undefined) {
     headers["Content-Type"] = "application/json";
     opts.body = JSON.stringify(opts.json);
   }
-  const resp = await fetch(path, { method: opts.method || "GET", headers, body: opts.body });
+  const resp = await fetch(path, { method, headers, body: opts.body });
   if (resp.status === 401 && page !== "signin") {
-    signOut();
+    toSignin();
     throw new ApiError(401, null);
   }
   if (!resp.ok) {
@@ -47,10 +57,10 @@ function sse(path, onMessage, lastEventId) {
   async function connect() {
     while (!stopped) {
       try {
-        const headers = { Authorization: `Bearer ${token()}`, Accept: "text/event-stream" };
+        const headers = { Accept: "text/event-stream" };
         if (lastId) headers["Last-Event-ID"] = lastId;
         const resp = await fetch(path, { headers, signal: ctl.signal });
-        if (resp.status === 401) { signOut(); return; }
+        if (resp.status === 401) { toSignin(); return; }
         if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
         onMessage({ event: "open", data: null });
         const reader = resp.body.getReader();
@@ -88,9 +98,15 @@ function sse(path, onMessage, lastEventId) {
   return { close() { stopped = true; ctl.abort(); } };
 }
 
-function signOut() {
-  sessionStorage.removeItem(TOKEN_KEY);
+// The session ended (expired, revoked, or its token did): sign in again, then come back.
+function toSignin() {
   if (page !== "signin") location.href = "/signin?next=" + encodeURIComponent(location.pathname);
+}
+
+async function signOut() {
+  // Ends the session on the server (audited) and clears both cookies.
+  try { await fetch("/api/v1/session", { method: "DELETE", headers: changeHeaders("DELETE") }); }
+  finally { location.href = "/signin"; }
 }
 
 function el(tag, attrs = {}, ...children) {
@@ -190,11 +206,9 @@ function initSignin() {
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const t = document.getElementById("token").value.trim();
-    sessionStorage.setItem(TOKEN_KEY, t);
     try {
-      await api("/api/v1/whoami");
+      await api("/api/v1/session", { method: "POST", json: { token: t } });
     } catch (e) {
-      sessionStorage.removeItem(TOKEN_KEY);
       document.getElementById("signin-error").textContent =
         e.status === 401 ? "Unknown or revoked token." : String(e.message);
       return;
@@ -744,19 +758,9 @@ async function initCell() {
 
 // --- admin: instruments --------------------------------------------------------------
 async function initAdmin() {
-  // The content comes from an admin-only request: another role's token is refused there
-  // (403) whatever this page shows.
-  const resp = await fetch("/ui/admin/instruments", {
-    headers: { Authorization: `Bearer ${token()}` } });
-  if (resp.status === 403) {
-    let detail = "";
-    try { detail = (await resp.json()).detail; } catch (e) { /* not JSON */ }
-    document.getElementById("admin-denied").hidden = false;
-    document.getElementById("admin-denied-detail").textContent =
-      `Your role (${whoami.role}) may not configure instruments: ${detail}`;
-    return;
-  }
-  if (!resp.ok) throw new ApiError(resp.status, null);
+  // Only an admin's session gets this page (403 otherwise); its content is an admin-only
+  // request too.
+  const resp = await api("/ui/admin/instruments", { raw: true });
   document.getElementById("admin-instruments").innerHTML = await resp.text();
   document.getElementById("admin-body").hidden = false;
   document.getElementById("apply-form").addEventListener("submit", async (ev) => {
@@ -847,16 +851,67 @@ async function initQueue() {
   setInterval(refresh, 5000);
 }
 
+// --- import a cycler file (POST /api/v1/imports, multipart) ---------------------------
+async function initImport() {
+  const form = document.getElementById("import-form");
+  const cellSel = document.getElementById("i-cell");
+  for (const c of await api("/api/v1/cells?limit=1000")) {
+    cellSel.append(el("option", { value: c.serial }, `${c.serial} — ${c.chemistry}, ${c.capacity_ah} Ah`));
+  }
+  const errBox = document.getElementById("import-error");
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    form.querySelectorAll(".error").forEach((e) => { e.textContent = ""; });
+    const file = document.getElementById("i-file").files[0];
+    if (!file) { form.querySelector("[data-for='file']").textContent = "Choose a file."; return; }
+    const body = new FormData();
+    body.append("file", file, file.name);
+    const fmtName = document.getElementById("i-format").value;
+    if (fmtName) body.append("format", fmtName);
+    if (cellSel.value) body.append("cell_serial", cellSel.value);
+    const submit = document.getElementById("import-submit");
+    submit.disabled = true;
+    let res;
+    try {
+      res = await api("/api/v1/imports", { method: "POST", body });
+    } catch (e) {
+      const errors = (e.problem && e.problem.errors) || [];
+      let placed = 0;
+      for (const fe of errors) {
+        const slot = form.querySelector(`[data-for="${String(fe.loc).replace(/^body\./, "")}"]`);
+        if (slot) { slot.textContent = fe.msg; placed += 1; }
+      }
+      if (!placed) showProblem(errBox, e);
+      return;
+    } finally { submit.disabled = false; }
+    const run = await api(`/api/v1/runs/${res.run_id}`);
+    document.getElementById("import-title").textContent = res.created
+      ? `Imported as run ${res.run_id}` : `Imported before, as run ${res.run_id}`;
+    const facts = document.getElementById("import-facts");
+    facts.replaceChildren();
+    const rows = [["File", res.filename], ["Format", res.format], ["Reader", `${res.reader} (${res.reader_licence})`],
+                  ["Samples", res.n_samples], ["Current measured", res.current_measured ? "yes" : "no"],
+                  ["Cell", el("a", { href: `/cells/${run.cell_id}` }, `cell ${run.cell_id}`)],
+                  ["Cycles (the cycler's own summary)", res.vendor_cycles ? res.vendor_cycles.length : "–"]];
+    for (const [k, v] of rows) facts.append(el("tr", {}, el("th", {}, k), el("td", {}, v)));
+    const link = document.getElementById("import-run");
+    link.href = `/runs/${res.run_id}`;
+    const box = document.getElementById("import-result");
+    box.dataset.runId = String(res.run_id);
+    box.dataset.created = String(res.created);
+    box.hidden = false;
+  });
+}
+
 // --- start-up ------------------------------------------------------------------------
 async function main() {
   if (page === "signin") { initSignin(); return; }
-  if (!token()) { signOut(); return; }
   document.getElementById("signout").addEventListener("click", signOut);
   try { whoami = await api("/api/v1/whoami"); } catch (e) { return; }
   applyRole();
   followLab(page === "overview");
   const init = { overview: initOverview, start: initStart, run: initRun, cell: initCell,
-                 admin: initAdmin, queue: initQueue }[page];
+                 admin: initAdmin, queue: initQueue, import: initImport }[page];
   try {
     if (init) await init();
   } catch (e) {

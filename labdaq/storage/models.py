@@ -477,6 +477,24 @@ class ApiToken(Base):
     expires_at: Mapped[datetime | None] = mapped_column()
 
 
+class WebSession(Base):
+    """A browser's sign-in (labdaq.web_sessions): the dashboard's cookie holds the secret
+    session id, of which only the SHA-256 is stored, as for tokens. The session acts as its
+    token (role, audit actor) and ends at ``expires_at``, at sign-out or revocation, or when
+    its token can no longer be used."""
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sid_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    # The CSRF token of the session (double-submit: the page sends it back in a header).
+    csrf_sha256: Mapped[str] = mapped_column(String(64))
+    token_id: Mapped[int] = mapped_column(ForeignKey("api_tokens.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()
+    revoked_at: Mapped[datetime | None] = mapped_column()
+
+
 class User(Base):
     """A person (or service) who holds tokens; their role is given to the tokens they get.
     Never deleted (the audit log names them): disabled instead, which refuses their tokens."""
