@@ -33,6 +33,12 @@ The benchmarks (``BENCHES``):
   ``LABDAQ_BENCH_PG_URL``/``LABDAQ_TEST_PG_URL``); rows/s, and the ratio to the raw
   baseline each measures in the same run (the figure a busy machine disturbs least).
 
+Beside every acquisition run a thread of this process sleeps to a 10 ms grid and records
+how late it wakes (``SchedulingProbe``): the machine's own scheduling lateness over the
+same minutes, shown for context. The engine's CPU per stored sample (its process's CPU in
+the window over the rows stored) says what the engine costs, which the machine's load
+moves far less than any wall-clock figure.
+
 Verdict per metric: "ok" when the median after is at most 10 % worse than the median
 before (latency: after <= 1.10 x before; rate: after >= 0.90 x before). The spread of the
 runs is printed beside each median: on a shared 2-core machine it is often wider than
@@ -50,6 +56,8 @@ import json
 import os
 import statistics
 import sys
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +137,10 @@ ACQ_METRICS = (
     Metric("engine process CPU", "%", None, _acq("engine_cpu_pct")),
     Metric("engine CPU per stored sample", "us", True, lambda out: _cpu_per_sample(out)),
     Metric("API answered", "req/s", None, _acq("api_req_per_s")),
+    Metric("probe lateness p99 (machine)", "ms", None,
+           lambda out: out.get("probe_lateness_p99_ms")),
+    Metric("probe lateness max (machine)", "ms", None,
+           lambda out: out.get("probe_lateness_max_ms")),
 )
 def _cpu_per_sample(out: dict[str, Any]) -> float | None:
     """Engine process CPU in the window per stored channel-sample (the window's rate)."""
@@ -209,6 +221,45 @@ def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+class SchedulingProbe:
+    """How late the machine wakes a sleeper at normal priority while a benchmark runs.
+
+    A thread of this process sleeps to an absolute 10 ms grid (as the engine's loop does)
+    and records how late it woke: on a shared machine that is the lateness no engine can
+    do better than, measured over the same minutes as the benchmark beside it."""
+
+    PERIOD_S = 0.01
+
+    def __init__(self) -> None:
+        self._late_s: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="probe", daemon=True)
+
+    def _run(self) -> None:
+        due = time.monotonic() + self.PERIOD_S
+        while not self._stop.is_set():
+            time.sleep(max(0.0, due - time.monotonic()))
+            now = time.monotonic()
+            self._late_s.append(now - due)
+            # Like a tick loop: the next due time on the grid after now.
+            due += self.PERIOD_S * max(1, int((now - due) / self.PERIOD_S) + 1)
+
+    def __enter__(self) -> SchedulingProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def figures(self) -> dict[str, float]:
+        late = sorted(self._late_s)
+        if not late:
+            return {}
+        return {"probe_lateness_p99_ms": round(1e3 * late[int(0.99 * (len(late) - 1))], 3),
+                "probe_lateness_max_ms": round(1e3 * late[-1], 3)}
+
+
 def run_one(bench: Bench, side: str, tree: Path, after: Path, round_no: int,
             pg_url: str | None) -> Run:
     env = {**os.environ, "PYTHONPATH": str(tree)}
@@ -216,7 +267,8 @@ def run_one(bench: Bench, side: str, tree: Path, after: Path, round_no: int,
         env["LABDAQ_BENCH_PG_URL"] = pg_url
     cmd = [str(tree / ".venv" / "bin" / "python"), *bench.argv(tree, after)]
     run = Run(bench.name, side, round_no, loadavg())
-    child = run_limited(cmd, LIMIT_S, env=env, cwd=str(tree))
+    with SchedulingProbe() as probe:
+        child = run_limited(cmd, LIMIT_S, env=env, cwd=str(tree))
     run.load_after, run.elapsed_s = loadavg(), round(child.elapsed_s, 1)
     lines = child.json_lines()
     if bench.result_name is not None:
@@ -226,7 +278,7 @@ def run_one(bench: Bench, side: str, tree: Path, after: Path, round_no: int,
         run.error = (f"exit {child.returncode}: " + " | ".join(tail)
                      + (f" | {lines[-1].get('note')}" if lines else ""))
     else:
-        run.out = lines[-1]
+        run.out = {**lines[-1], **probe.figures()}
     return run
 
 
