@@ -341,6 +341,9 @@ def main() -> None:
     ap.add_argument("--pg-url", default=os.environ.get("LABDAQ_BENCH_PG_URL")
                     or os.environ.get("LABDAQ_TEST_PG_URL"))
     ap.add_argument("--out", type=Path, help="write every run (JSON) here")
+    ap.add_argument("--first", choices=["before", "after"], default="before",
+                    help="which tree runs first in each pair (a second pass with the other "
+                    "first evens out a load that rises or falls through the runs)")
     args = ap.parse_args()
     trees = {"before": args.before.resolve(), "after": args.after.resolve()}
     for side, tree in trees.items():
@@ -355,7 +358,8 @@ def main() -> None:
     runs: list[Run] = []
     for round_no in range(1, args.rounds + 1):
         for bench in benches:
-            for side in ("before", "after"):
+            for side in (("before", "after") if args.first == "before"
+                         else ("after", "before")):
                 r = run_one(bench, side, trees[side], trees["after"], round_no, args.pg_url)
                 runs.append(r)
                 figures = ", ".join(
@@ -371,7 +375,7 @@ def main() -> None:
                         indent=1))
     load1 = loadavg()
     print(f"{started:%Y-%m-%d %H:%M} UTC to {dt.datetime.now(dt.UTC):%H:%M} UTC, "
-          f"{args.rounds} rounds alternating before/after; load average (1/5/15 min) "
+          f"{args.rounds} rounds alternating, {args.first} first; load average (1/5/15 min) "
           f"{load0} at the start, {load1} at the end; before = {trees['before']}, "
           f"after = {trees['after']}\n")
     print(table(runs, benches))
