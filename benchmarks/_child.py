@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,11 +40,15 @@ class ChildRun:
 
 
 def run_limited(cmd: list[str], limit_s: float, env: dict[str, str] | None = None,
-                cwd: str | None = None) -> ChildRun:
-    """Run ``cmd`` to its end or to ``limit_s`` seconds, whichever comes first."""
+                cwd: str | None = None,
+                on_start: Callable[[int], None] | None = None) -> ChildRun:
+    """Run ``cmd`` to its end or to ``limit_s`` seconds, whichever comes first;
+    ``on_start`` gets its pid (= its session's id, shared by its children)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env=env, cwd=cwd)
+    if on_start is not None:
+        on_start(proc.pid)
     timed_out = False
     try:
         stdout, stderr = proc.communicate(timeout=limit_s)

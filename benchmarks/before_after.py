@@ -33,9 +33,9 @@ The benchmarks (``BENCHES``):
   ``LABDAQ_BENCH_PG_URL``/``LABDAQ_TEST_PG_URL``); rows/s, and the ratio to the raw
   baseline each measures in the same run (the figure a busy machine disturbs least).
 
-Beside every acquisition run a thread of this process sleeps to a 10 ms grid and records
-how late it wakes (``SchedulingProbe``): the machine's own scheduling lateness over the
-same minutes, shown for context. The engine's CPU per stored sample (its process's CPU in
+Beside every run, ``RunWatch`` records the machine's own scheduling lateness over the same
+minutes and the CPU time of each of the benchmark's processes (engine, sample writer,
+simulator, API), shown for context. The engine's CPU per stored sample (its process's CPU in
 the window over the rows stored) says what the engine costs, which the machine's load
 moves far less than any wall-clock figure.
 
@@ -141,6 +141,12 @@ ACQ_METRICS = (
            lambda out: out.get("probe_lateness_p99_ms")),
     Metric("probe lateness max (machine)", "ms", None,
            lambda out: out.get("probe_lateness_max_ms")),
+    Metric("engine process CPU, whole run", "s", None,
+           lambda out: out.get("cpu_s_by_role", {}).get("benchmark")),
+    Metric("writer process CPU, whole run", "s", None,
+           lambda out: out.get("cpu_s_by_role", {}).get("writer")),
+    Metric("API process CPU, whole run", "s", None,
+           lambda out: out.get("cpu_s_by_role", {}).get("api")),
 )
 def _cpu_per_sample(out: dict[str, Any]) -> float | None:
     """Engine process CPU in the window per stored channel-sample (the window's rate)."""
@@ -221,21 +227,32 @@ def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-class SchedulingProbe:
-    """How late the machine wakes a sleeper at normal priority while a benchmark runs.
+class RunWatch:
+    """What the machine did while one benchmark ran, measured from outside it.
 
-    A thread of this process sleeps to an absolute 10 ms grid (as the engine's loop does)
-    and records how late it woke: on a shared machine that is the lateness no engine can
-    do better than, measured over the same minutes as the benchmark beside it."""
+    * Scheduling lateness: a thread of this process sleeps to an absolute 10 ms grid (as
+      the engine's loop does) and records how late it woke: on a shared machine, the
+      lateness no engine could do better than over the same minutes.
+    * CPU seconds of every process of the benchmark's session by role (the benchmark
+      process itself, which runs the engine; its sample writer child; simulator; API;
+      load client), from /proc every 0.25 s: the acquisition scripts report the engine's
+      CPU but not its writer's, which is where positions are written since the rebuild.
+    """
 
     PERIOD_S = 0.01
+    SCAN_S = 0.25
+    ROLES = (("writer_process", "writer"), (" sim ", "sim"), (" api ", "api"),
+             ("--api-load", "load"), ("--hammer", "load"), ("--bare", "bare"))
 
     def __init__(self) -> None:
         self._late_s: list[float] = []
+        self._cpu: dict[int, tuple[str, float]] = {}  # pid -> (role, last CPU seconds)
+        self.session = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="probe", daemon=True)
+        self._threads = [threading.Thread(target=self._probe, name="probe", daemon=True),
+                         threading.Thread(target=self._scan, name="scan", daemon=True)]
 
-    def _run(self) -> None:
+    def _probe(self) -> None:
         due = time.monotonic() + self.PERIOD_S
         while not self._stop.is_set():
             time.sleep(max(0.0, due - time.monotonic()))
@@ -244,20 +261,53 @@ class SchedulingProbe:
             # Like a tick loop: the next due time on the grid after now.
             due += self.PERIOD_S * max(1, int((now - due) / self.PERIOD_S) + 1)
 
-    def __enter__(self) -> SchedulingProbe:
-        self._thread.start()
+    def _scan(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        while True:
+            if self.session:
+                for d in Path("/proc").iterdir():
+                    if not d.name.isdigit():
+                        continue
+                    try:
+                        fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                        if int(fields[3]) != self.session:
+                            continue
+                        cpu = (int(fields[11]) + int(fields[12])) / tick
+                        pid = int(d.name)
+                        role = self._cpu.get(pid, ("", 0.0))[0] or self._role(d, pid)
+                    except (OSError, IndexError, ValueError):
+                        continue  # gone meanwhile
+                    self._cpu[pid] = (role, cpu)
+            if self._stop.wait(self.SCAN_S):
+                return
+
+    def _role(self, d: Path, pid: int) -> str:
+        if pid == self.session:
+            return "benchmark"
+        cmd = " " + (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        return next((role for key, role in self.ROLES if key in cmd), "other")
+
+    def __enter__(self) -> RunWatch:
+        for t in self._threads:
+            t.start()
         return self
 
     def __exit__(self, *_exc: object) -> None:
         self._stop.set()
-        self._thread.join()
+        for t in self._threads:
+            t.join()
 
-    def figures(self) -> dict[str, float]:
+    def figures(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
         late = sorted(self._late_s)
-        if not late:
-            return {}
-        return {"probe_lateness_p99_ms": round(1e3 * late[int(0.99 * (len(late) - 1))], 3),
-                "probe_lateness_max_ms": round(1e3 * late[-1], 3)}
+        if late:
+            out["probe_lateness_p99_ms"] = round(1e3 * late[int(0.99 * (len(late) - 1))], 3)
+            out["probe_lateness_max_ms"] = round(1e3 * late[-1], 3)
+        cpu: dict[str, float] = {}
+        for role, seconds in self._cpu.values():
+            cpu[role] = round(cpu.get(role, 0.0) + seconds, 2)
+        out["cpu_s_by_role"] = cpu
+        return out
 
 
 def run_one(bench: Bench, side: str, tree: Path, after: Path, round_no: int,
@@ -267,8 +317,9 @@ def run_one(bench: Bench, side: str, tree: Path, after: Path, round_no: int,
         env["LABDAQ_BENCH_PG_URL"] = pg_url
     cmd = [str(tree / ".venv" / "bin" / "python"), *bench.argv(tree, after)]
     run = Run(bench.name, side, round_no, loadavg())
-    with SchedulingProbe() as probe:
-        child = run_limited(cmd, LIMIT_S, env=env, cwd=str(tree))
+    with RunWatch() as watch:
+        child = run_limited(cmd, LIMIT_S, env=env, cwd=str(tree),
+                            on_start=lambda pid: setattr(watch, "session", pid))
     run.load_after, run.elapsed_s = loadavg(), round(child.elapsed_s, 1)
     lines = child.json_lines()
     if bench.result_name is not None:
@@ -278,7 +329,7 @@ def run_one(bench: Bench, side: str, tree: Path, after: Path, round_no: int,
         run.error = (f"exit {child.returncode}: " + " | ".join(tail)
                      + (f" | {lines[-1].get('note')}" if lines else ""))
     else:
-        run.out = {**lines[-1], **probe.figures()}
+        run.out = {**lines[-1], **watch.figures()}
     return run
 
 
