@@ -3,7 +3,8 @@
 Usage::
 
     python benchmarks/before_after.py BEFORE_TREE AFTER_TREE [--rounds 3] [--only NAME ...]
-        [--pg-url postgresql://...] [--out results.json]
+        [--pg-url postgresql://...] [--out results.json] [--first after]
+    python benchmarks/before_after.py BEFORE_TREE AFTER_TREE --combine a.json b.json
 
 One job: issue 11's last done-when ("`make bench` figures do not get worse: median of 3
 runs before and after, none more than 10 % worse") on a machine shared with other work.
@@ -274,7 +275,11 @@ class RunWatch:
                             continue
                         cpu = (int(fields[11]) + int(fields[12])) / tick
                         pid = int(d.name)
-                        role = self._cpu.get(pid, ("", 0.0))[0] or self._role(d, pid)
+                        # "other" is looked at again: a child just forked still shows
+                        # its parent's command line until it execs.
+                        role = self._cpu.get(pid, ("other", 0.0))[0]
+                        if role == "other":
+                            role = self._role(d, pid)
                     except (OSError, IndexError, ValueError):
                         continue  # gone meanwhile
                     self._cpu[pid] = (role, cpu)
@@ -395,7 +400,17 @@ def main() -> None:
     ap.add_argument("--first", choices=["before", "after"], default="before",
                     help="which tree runs first in each pair (a second pass with the other "
                     "first evens out a load that rises or falls through the runs)")
+    ap.add_argument("--combine", type=Path, nargs="+", metavar="OUT_JSON",
+                    help="run nothing: print the table of the runs saved by earlier --out "
+                    "files together (e.g. a pass with each tree first)")
     args = ap.parse_args()
+    if args.combine:
+        saved = [json.loads(p.read_text()) for p in args.combine]
+        got = [Run(**r) for d in saved for r in d["runs"]]
+        names = {r.bench for r in got}
+        print(f"{len(got)} runs from {', '.join(str(p) for p in args.combine)}\n")
+        print(table(got, [b for b in BENCHES if b.name in names]))
+        return
     trees = {"before": args.before.resolve(), "after": args.after.resolve()}
     for side, tree in trees.items():
         if not (tree / ".venv" / "bin" / "python").exists():
