@@ -41,9 +41,11 @@ class ChildRun:
 
 def run_limited(cmd: list[str], limit_s: float, env: dict[str, str] | None = None,
                 cwd: str | None = None,
-                on_start: Callable[[int], None] | None = None) -> ChildRun:
+                on_start: Callable[[int], None] | None = None,
+                term_grace_s: float = TERM_GRACE_S) -> ChildRun:
     """Run ``cmd`` to its end or to ``limit_s`` seconds, whichever comes first;
-    ``on_start`` gets its pid (= its session's id, shared by its children)."""
+    ``on_start`` gets its pid (= its session's id, shared by its children); past the
+    limit it has ``term_grace_s`` after SIGTERM before the group gets SIGKILL."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env=env, cwd=cwd)
@@ -56,7 +58,7 @@ def run_limited(cmd: list[str], limit_s: float, env: dict[str, str] | None = Non
         timed_out = True
         proc.terminate()
         try:
-            stdout, stderr = proc.communicate(timeout=TERM_GRACE_S)
+            stdout, stderr = proc.communicate(timeout=term_grace_s)
         except subprocess.TimeoutExpired:
             stdout, stderr = "", ""
         stderr = (stderr or "") + f"\nstopped after its limit of {limit_s:g} s"
