@@ -10,17 +10,17 @@ load average before and after (the 2 cores are shared) and the total time.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
-import json
 import os
 import platform
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _child import run_limited  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 README = HERE.parent / "README.md"
@@ -30,45 +30,18 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 # an error row.
 LIMIT_S = {"acquisition_scale": 400.0, "export": 300.0, "api_latency": 240.0}
 DEFAULT_LIMIT_S = 150.0
-TERM_GRACE_S = 20.0
 
 
 def run(script: Path, quick: bool, log_dir: Path) -> tuple[list[dict], float]:
     cmd = [sys.executable, str(script)] + (["--quick"] if quick else [])
-    limit_s = LIMIT_S.get(script.stem, DEFAULT_LIMIT_S)
-    t0 = time.perf_counter()
-    # Its own process group: past the limit the benchmark gets SIGTERM (it stops its
-    # children itself), then the whole group SIGKILL, so no simulator or API outlives it.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=limit_s)
-    except subprocess.TimeoutExpired:
-        proc.terminate()
-        try:
-            stdout, stderr = proc.communicate(timeout=TERM_GRACE_S)
-        except subprocess.TimeoutExpired:
-            stdout, stderr = "", ""
-        stderr = (stderr or "") + f"\nstopped after its limit of {limit_s:g} s"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        if proc.poll() is None:
-            stdout2, stderr2 = proc.communicate()
-            stdout, stderr = stdout or stdout2, (stderr or "") + stderr2
-    rc = proc.returncode if proc.returncode is not None else -1
-    elapsed = time.perf_counter() - t0
+    child = run_limited(cmd, LIMIT_S.get(script.stem, DEFAULT_LIMIT_S))
+    stderr = child.stderr
+    rc = child.returncode
+    elapsed = child.elapsed_s
     # Each benchmark's own account (every window, every step) is kept: the table holds
     # only the figures, and a surprising figure needs the lines behind it.
     (log_dir / f"{script.stem}.log").write_text(stderr)
-    results = []
-    for line in stdout.splitlines():
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                results.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
+    results = child.json_lines()
     if rc != 0 or not results:
         results.append(
             {
@@ -104,7 +77,7 @@ def loadavg() -> str:
 
 
 #: Benchmarks run by hand (their docstrings say how), not by `make bench`.
-BY_HAND = {"audit_chain"}
+BY_HAND = {"audit_chain", "before_after"}
 
 
 def main() -> None:
