@@ -398,6 +398,9 @@ class Step:
     window_rows: int = 0
     window_lost: int = 0
     life_lost: int = 0  # periods lost from each run's start to the window's end
+    # ... of which up to the moment the last run joined, and up to the window's start
+    joining_lost: int = 0
+    before_window_lost: int = 0
     holes: int = 0
     lateness_s: list[float] = field(default_factory=list)
     ticks_over_period: int = 0
@@ -424,7 +427,8 @@ class Step:
             "hz": self.hz, "cabinets": self.cabinets, "channels": self.channels,
             "lossless": self.lossless, "stored_per_s": round(self.stored_per_s, 1),
             "window_rows": self.window_rows, "window_lost": self.window_lost,
-            "life_lost": self.life_lost, "seq_holes": self.holes,
+            "life_lost": self.life_lost, "joining_lost": self.joining_lost,
+            "before_window_lost": self.before_window_lost, "seq_holes": self.holes,
             "loss_causes": self.loss_causes, "phase_changes": self.phase_changes,
             "lateness_p50_ms": pct(self.lateness_s, 50),
             "lateness_p99_ms": pct(self.lateness_s, 99),
@@ -450,7 +454,8 @@ class Step:
         return (
             f"  {self.hz:g} Hz x {self.channels:5d} ch ({self.cabinets} cab): {verdict}; "
             f"stored {self.stored_per_s:8.0f}/s, window rows {self.window_rows} lost "
-            f"{self.window_lost} {self.loss_causes}, whole life lost {self.life_lost}, seq "
+            f"{self.window_lost} {self.loss_causes}, whole life lost {self.life_lost} (while "
+            f"joining {self.joining_lost}, before the window {self.before_window_lost}), seq "
             f"holes {self.holes}; {self.phase_changes} set-point changes; lateness p50 "
             f"{pct(self.lateness_s, 50)} p99 {pct(self.lateness_s, 99)} max "
             f"{pct(self.lateness_s, 100)} ms ({self.ticks_over_period} ticks later than a "
@@ -696,7 +701,7 @@ class Trial:
                     cabinets=self.cabinets, channels=self.cabinets * self.cpc)
         task = asyncio.create_task(node.run_forever(), name="node")
         load: subprocess.Popen[str] | None = None
-        w0 = w1 = 0.0
+        w0 = w1 = t_joined = 0.0
         try:
             await self._create_runs()
             step.new_runs = len(self.ids)
@@ -714,6 +719,7 @@ class Trial:
                                        f"{deadline - t_claim:.0f} s")
                 await asyncio.sleep(0.02)
             step.claim_s = time.perf_counter() - t_claim
+            t_joined = time.time()
             log(f"  all sampling after {time.perf_counter() - t_trial:.1f} s")
             spec = {"port": self.lab.api_port, "token": self.lab.token, "ids": self.ids,
                     "rate_hz": plan.api_rate_hz, "conns": plan.api_conns,
@@ -780,10 +786,11 @@ class Trial:
             await self._close(task)
             log(f"  runs and node stopped after {time.perf_counter() - t_trial:.1f} s")
         f = await asyncio.to_thread(final_check, self.lab.db_path, min(self.ids),
-                                    max(self.ids), self.period, self.breach_ids, [w1])
+                                    max(self.ids), self.period, self.breach_ids,
+                                    [t_joined, w0, w1])
         self.final = f
         w = node.writer
-        step.life_lost = f["lost"][0]
+        step.joining_lost, step.before_window_lost, step.life_lost = f["lost"]
         step.holes = f["holes"]
         bad = [why for _, why in f["bad"]]
         if step.window_lost:
