@@ -400,6 +400,7 @@ class Step:
     life_lost: int = 0  # periods lost from each run's start to the window's end
     # ... of which up to the moment the last run joined, and up to the window's start
     joining_lost: int = 0
+    join_lateness_s: list[float] = field(default_factory=list)  # ticks until all joined
     before_window_lost: int = 0
     holes: int = 0
     lateness_s: list[float] = field(default_factory=list)
@@ -429,6 +430,7 @@ class Step:
             "window_rows": self.window_rows, "window_lost": self.window_lost,
             "life_lost": self.life_lost, "joining_lost": self.joining_lost,
             "before_window_lost": self.before_window_lost, "seq_holes": self.holes,
+            "join_lateness_max_ms": pct(self.join_lateness_s, 100),
             "loss_causes": self.loss_causes, "phase_changes": self.phase_changes,
             "lateness_p50_ms": pct(self.lateness_s, 50),
             "lateness_p99_ms": pct(self.lateness_s, 99),
@@ -455,7 +457,9 @@ class Step:
             f"  {self.hz:g} Hz x {self.channels:5d} ch ({self.cabinets} cab): {verdict}; "
             f"stored {self.stored_per_s:8.0f}/s, window rows {self.window_rows} lost "
             f"{self.window_lost} {self.loss_causes}, whole life lost {self.life_lost} (while "
-            f"joining {self.joining_lost}, before the window {self.before_window_lost}), seq "
+            f"joining {self.joining_lost}, max lateness then "
+            f"{pct(self.join_lateness_s, 100)} ms, before the window "
+            f"{self.before_window_lost}), seq "
             f"holes {self.holes}; {self.phase_changes} set-point changes; lateness p50 "
             f"{pct(self.lateness_s, 50)} p99 {pct(self.lateness_s, 99)} max "
             f"{pct(self.lateness_s, 100)} ms ({self.ticks_over_period} ticks later than a "
@@ -720,6 +724,8 @@ class Trial:
                 await asyncio.sleep(0.02)
             step.claim_s = time.perf_counter() - t_claim
             t_joined = time.time()
+            for g in node.groups.values():
+                step.join_lateness_s.extend(g.lateness_s)
             log(f"  all sampling after {time.perf_counter() - t_trial:.1f} s")
             spec = {"port": self.lab.api_port, "token": self.lab.token, "ids": self.ids,
                     "rate_hz": plan.api_rate_hz, "conns": plan.api_conns,
