@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -401,6 +402,7 @@ class Step:
     # ... of which up to the moment the last run joined, and up to the window's start
     joining_lost: int = 0
     join_lateness_s: list[float] = field(default_factory=list)  # ticks until all joined
+    gc_s: list[float] = field(default_factory=list)  # this process's collections, window
     before_window_lost: int = 0
     holes: int = 0
     lateness_s: list[float] = field(default_factory=list)
@@ -431,6 +433,7 @@ class Step:
             "life_lost": self.life_lost, "joining_lost": self.joining_lost,
             "before_window_lost": self.before_window_lost, "seq_holes": self.holes,
             "join_lateness_max_ms": pct(self.join_lateness_s, 100),
+            "gc_collections": len(self.gc_s), "gc_max_ms": pct(self.gc_s, 100),
             "loss_causes": self.loss_causes, "phase_changes": self.phase_changes,
             "lateness_p50_ms": pct(self.lateness_s, 50),
             "lateness_p99_ms": pct(self.lateness_s, 99),
@@ -459,7 +462,8 @@ class Step:
             f"{self.window_lost} {self.loss_causes}, whole life lost {self.life_lost} (while "
             f"joining {self.joining_lost}, max lateness then "
             f"{pct(self.join_lateness_s, 100)} ms, before the window "
-            f"{self.before_window_lost}), seq "
+            f"{self.before_window_lost}), gc {len(self.gc_s)} collections max "
+            f"{pct(self.gc_s, 100)} ms, seq "
             f"holes {self.holes}; {self.phase_changes} set-point changes; lateness p50 "
             f"{pct(self.lateness_s, 50)} p99 {pct(self.lateness_s, 99)} max "
             f"{pct(self.lateness_s, 100)} ms ({self.ticks_over_period} ticks later than a "
@@ -625,6 +629,26 @@ def final_check(db_path: Path, lo: int, hi: int, period: float, breach_ids: set[
             "safety_events": int(safety), "rows": rows}
 
 
+class GcTimer:
+    """The garbage collector's pauses in this process (the engine's) while it runs: a
+    full collection stalls every instrument loop."""
+
+    def __init__(self) -> None:
+        self.pauses_s: list[float] = []
+        self._t0 = 0.0
+        gc.callbacks.append(self._cb)
+
+    def _cb(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.pauses_s.append(time.perf_counter() - self._t0)
+
+    def stop(self) -> list[float]:
+        gc.callbacks.remove(self._cb)
+        return self.pauses_s
+
+
 class Trial:
     """One cabinet count: a fresh AcquisitionNode and fresh runs on every channel of
     ``cabinets`` cabinets, one measured window under the standard API load, then every run
@@ -703,14 +727,17 @@ class Trial:
         plan = self.plan
         step = Step(hz=round(1 / self.period, 3), period_s=self.period,
                     cabinets=self.cabinets, channels=self.cabinets * self.cpc)
+        # The runs are queued before the node starts, as the API would have queued them:
+        # created in this process while the node sampled, their validation would stall
+        # the node's loop (a cost of the benchmark, not of the engine).
+        await self._create_runs()
+        step.new_runs = len(self.ids)
+        log(f"  {self.cabinets} cab x {self.cpc} ch: {len(self.ids)} runs created in "
+            f"{time.perf_counter() - t_trial:.1f} s")
         task = asyncio.create_task(node.run_forever(), name="node")
         load: subprocess.Popen[str] | None = None
         w0 = w1 = t_joined = 0.0
         try:
-            await self._create_runs()
-            step.new_runs = len(self.ids)
-            log(f"  {self.cabinets} cab x {self.cpc} ch: {len(self.ids)} runs created in "
-                f"{time.perf_counter() - t_trial:.1f} s")
             t_claim = time.perf_counter()
             deadline = t_claim + max(60.0, 1.0 * len(self.ids))
             # Every run claimed once: under load the first breach runs may have tripped
@@ -744,6 +771,7 @@ class Trial:
             cpu0 = {n: cpu_seconds(p) for n, p in pids.items()}
             m0 = machine_busy_s()
             wr = node.writer
+            gc_timer = GcTimer()
             t0, w0 = time.perf_counter(), time.time()
             # Watch the writer's backlog through the window (cheap: attribute reads).
             pending_max = 0
@@ -752,6 +780,7 @@ class Trial:
                 await asyncio.sleep(min(0.2, max(0.0, plan.window_s
                                                  - (time.perf_counter() - t0))))
             t1, w1 = time.perf_counter(), time.time()
+            step.gc_s = gc_timer.stop()
             step.writer = {"pending_max": pending_max, "pending_end": wr.pending_rows,
                            "bound": wr.max_pending_rows}
             cpu1 = {n: cpu_seconds(p) for n, p in pids.items()}
