@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from acq_common import pct
@@ -24,13 +25,15 @@ API_MIX = (
 
 async def _api_load(port: int, token: str, ids: list[int], rate_hz: float,
                     duration_s: float, conns: int,
-                    kinds: list[str] | None = None) -> dict[str, Any]:
+                    kinds: list[str] | None = None, ready_path: str | None = None,
+                    go_path: str | None = None) -> dict[str, Any]:
     """Open-loop requests at ``rate_hz`` over ``conns`` keep-alive HTTP/1.1 connections
     (raw asyncio streams: httpx itself saturates a core at a few hundred requests/s here,
     perf-anchors §5, which would measure the client). Request ``i`` is due at
     ``t0 + i / rate_hz`` whether or not earlier ones have answered; its latency runs from
     that intended time, so a slow server shows as latency, not as a lower rate.
-    ``kinds``: the part of the mix to send (default all of API_MIX)."""
+    ``kinds``: the part of the mix to send (default all of API_MIX). With ``ready_path``
+    and ``go_path`` it creates the first once connected and starts when the second exists."""
     mix = [(k, p) for k, p in API_MIX if kinds is None or k in kinds]
     lat: dict[str, list[float]] = {kind: [] for kind, _ in mix}
     statuses: dict[int, int] = {}
@@ -66,6 +69,15 @@ async def _api_load(port: int, token: str, ids: list[int], rate_hz: float,
             writer.close()
             pool.put_nowait(await asyncio.open_connection("127.0.0.1", port))
 
+    if ready_path is not None and go_path is not None:
+        # Started before the trial's node: its start-up (imports, connections) is over
+        # before the node samples, and the stream starts when the trial says so.
+        Path(ready_path).touch()
+        give_up = time.perf_counter() + 600
+        while not Path(go_path).exists():
+            if time.perf_counter() > give_up:
+                raise TimeoutError("no go from the trial within 600 s")
+            await asyncio.sleep(0.01)
     cpu0 = time.process_time()
     t0 = time.perf_counter() + 0.05
     n = int(rate_hz * duration_s)
@@ -96,7 +108,8 @@ async def _api_load(port: int, token: str, ids: list[int], rate_hz: float,
 def api_load_main(spec: str) -> None:
     a = json.loads(spec)
     out = asyncio.run(_api_load(a["port"], a["token"], a["ids"], a["rate_hz"],
-                                a["duration_s"], a["conns"], a.get("kinds")))
+                                a["duration_s"], a["conns"], a.get("kinds"),
+                                a.get("ready_path"), a.get("go_path")))
     print(json.dumps(out), flush=True)
 
 

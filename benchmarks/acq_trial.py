@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,8 +280,24 @@ class Trial:
         step.new_runs = len(self.ids)
         log(f"  {self.cabinets} cab x {self.cpc} ch: {len(self.ids)} runs created in "
             f"{time.perf_counter() - t_trial:.1f} s")
+        # The API load's client starts now and waits: its start-up would compete with the
+        # node for the CPU while its runs join and settle.
+        sync = Path(tempfile.mkdtemp(prefix="api-load-", dir=self.lab.db_path.parent))
+        spec = {"port": self.lab.api_port, "token": self.lab.token, "ids": self.ids,
+                "rate_hz": plan.api_rate_hz, "conns": plan.api_conns,
+                "kinds": plan.api_kinds, "duration_s": plan.settle_s + plan.window_s + 0.5,
+                "ready_path": str(sync / "ready"), "go_path": str(sync / "go")}
+        load: subprocess.Popen[str] | None = self.lab.children.spawn(
+            "api-load", [sys.executable, str(HERE), "--api-load", json.dumps(spec)],
+            stdout=subprocess.PIPE, text=True)
+        give_up = time.perf_counter() + 120
+        while not (sync / "ready").exists():
+            if time.perf_counter() > give_up or load.poll() is not None:
+                self.lab.children.stop(load)
+                raise RuntimeError("API load client not ready: "
+                                   + self.lab.children.tail("api-load"))
+            await asyncio.sleep(0.02)
         task = asyncio.create_task(node.run_forever(), name="node")
-        load: subprocess.Popen[str] | None = None
         w0 = w1 = t_joined = 0.0
         try:
             t_claim = time.perf_counter()
@@ -299,13 +316,7 @@ class Trial:
             for g in node.groups.values():
                 step.join_lateness_s.extend(g.lateness_s)
             log(f"  all sampling after {time.perf_counter() - t_trial:.1f} s")
-            spec = {"port": self.lab.api_port, "token": self.lab.token, "ids": self.ids,
-                    "rate_hz": plan.api_rate_hz, "conns": plan.api_conns,
-                    "kinds": plan.api_kinds,
-                    "duration_s": plan.settle_s + plan.window_s + 0.5}
-            load = self.lab.children.spawn(
-                "api-load", [sys.executable, str(HERE), "--api-load", json.dumps(spec)],
-                stdout=subprocess.PIPE, text=True)
+            (sync / "go").touch()
             await asyncio.sleep(plan.settle_s)
             groups = list(node.groups.values())
             l0 = [len(g.lateness_s) for g in groups]
