@@ -5,11 +5,8 @@ bisecting; one cabinet's channels halved when not even one cabinet is lossless.
 
 from __future__ import annotations
 
-import json
-import tempfile
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from acq_common import log
 from acq_trial import Lab, Step, Trial
@@ -20,7 +17,7 @@ class Plan:
     cpc: int  # channels used per 64-channel cabinet
     period_s: float  # sample period = control period
     max_cabinets: int  # the simulated lab's size: the search's upper bound
-    start_cabinets: int  # first count tried; 0 = the last run's lossless count
+    start_cabinets: int  # first count tried
     window_s: float
     settle_s: float  # after the last run joined, before the window opens
     cycle_s: float  # one CC-CV charge + discharge cycle of an ordinary channel
@@ -34,14 +31,12 @@ class Plan:
     api_kinds: tuple[str, ...] | None = None  # part of API_MIX to send; None: all of it
 
 
-FULL = Plan(cpc=64, period_s=0.01, max_cabinets=20, start_cabinets=0, window_s=10.0,
+FULL = Plan(cpc=64, period_s=0.01, max_cabinets=20, start_cabinets=4, window_s=10.0,
             settle_s=2.0, cycle_s=20.0, breach_per_cab=2, api_rate_hz=50.0, api_conns=8,
             bare_s=30.0, sim_ceiling_s=4.0, budget_s=180.0)
 QUICK = Plan(cpc=8, period_s=0.01, max_cabinets=2, start_cabinets=2, window_s=2.0,
              settle_s=1.0, cycle_s=2.0, breach_per_cab=1, api_rate_hz=20.0, api_conns=4,
              bare_s=1.5, sim_ceiling_s=1.0, budget_s=40.0, min_channels=4)
-# The last lossless count of a full run on this machine: the next search starts there.
-LAST_PATH = Path(tempfile.gettempdir()) / "labdaq-acquisition-scale-last.json"
 
 
 def apply_overrides(plan: Plan, items: list[str]) -> Plan:
@@ -67,15 +62,9 @@ def next_count(lo: int, hi: int, top: int) -> int | None:
 async def search(lab: Lab, plan: Plan, t_start: float) -> list[Step]:
     """Trials from ``start`` on: up while lossless, bisecting after the first loss."""
     top = min(plan.max_cabinets, len(lab.ports))
-    start = plan.start_cabinets
-    if not start:
-        try:
-            start = int(json.loads(LAST_PATH.read_text())["cabinets"])
-        except (OSError, ValueError, KeyError, TypeError):
-            # No earlier run here: a small count first (a large one under load takes
-            # minutes just to start its runs); doubling reaches the top in a few trials.
-            start = min(4, top)
-    k: int | None = max(1, min(top, start))
+    # The same first count every run (not the last run's result, which another run on the
+    # machine may have left): two runs then take the same path while their verdicts agree.
+    k: int | None = max(1, min(top, plan.start_cabinets))
     lo, hi = 0, top + 1
     steps: list[Step] = []
     t_phase = time.perf_counter()

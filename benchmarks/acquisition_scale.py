@@ -36,11 +36,11 @@ Phases, all in one run:
    **lossless** when no period was lost inside the window, none from any run's start to
    the window's end, the database holds every seq the engine numbered, every run ended
    as asked and the writer dropped and rejected nothing. The search starts at
-   ``start_cabinets`` (by default the last run's lossless count, kept in the temp dir; 4
-   without one), goes up by doubling while lossless and bisects between the largest lossless and the
-   smallest lossy count; a trial whose estimated end is past ``budget_s`` is not started.
-   When not even one cabinet is lossless, one cabinet's channels are halved down to
-   ``min_channels``.
+   ``start_cabinets`` (4; the same every run, so two runs take the same path while their
+   verdicts agree), goes up by doubling while lossless and bisects between the largest
+   lossless and the smallest lossy count; a trial whose estimated end is past
+   ``budget_s`` is not started. When not even one cabinet is lossless, one cabinet's
+   channels are halved down to ``min_channels``.
 3. Bare loop over the headline's cabinet count (``bare_s``, 30 s in the full form):
    asyncio streams in the engine's wire format, back to back, long rows into
    ``sqlite3.executemany`` in 10k batches in a writer thread (research/perf-anchors.md
@@ -76,7 +76,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import shutil
@@ -85,7 +84,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +104,7 @@ from acq_common import (  # noqa: E402, F401
     pct,
 )
 from acq_counts import final_check, window_losses  # noqa: E402, F401
-from acq_search import FULL, LAST_PATH, QUICK, Plan, apply_overrides, search  # noqa: E402
+from acq_search import FULL, QUICK, Plan, apply_overrides, search  # noqa: E402
 from acq_trial import Lab, Step, Trial  # noqa: E402, F401
 
 from labdaq import processes  # noqa: E402
@@ -140,10 +138,6 @@ async def _phases(args: argparse.Namespace, plan: Plan, lab: Lab, t_start: float
     # allowed). Never the headline.
     in_window = max((s for s in steps if s.window_lost == 0 and s.window_rows > 0),
                     key=lambda s: s.stored_per_s, default=None)
-    if steps and not args.quick and not args.set:
-        # Nothing lossless: the next search starts from one cabinet.
-        LAST_PATH.write_text(json.dumps({"cabinets": head.cabinets if head else 1,
-                                         "when": datetime.now(UTC).isoformat()}))
     # 3. The bare loop over the headline's cabinets (the smallest tried if none was
     # lossless), same wire format.
     bare_k = head.cabinets if head else min((s.cabinets for s in steps), default=1)
