@@ -8,7 +8,9 @@ numpy operations, so the per-sample Python work stays small (docs/architecture.m
 "Processes"). Only step and phase boundaries run per-channel Python
 (:mod:`labdaq.engine.channel`).
 
-This module holds the group's state, runs joining and leaving, and the hot loop. Its
+This module holds the group's state, runs joining and leaving, and the hot loop (about
+480 lines: joining in one step, ``add_many``, must interleave with the loop's ticks under
+the same lock and arrays, so it stays next to the loop). Its
 other jobs have modules of their own, which the class inherits because they change the
 same per-run arrays under the same lock (``_busy``): breaches, edge samples, gaps and
 the hand-off of rows (:mod:`.group_edges`), commands and losing the instrument

@@ -156,17 +156,35 @@ class Scheduling(NodeParts):
             await asyncio.sleep(0)
         for instrument_id, batch in joining.items():
             try:
-                group = await self._group_for(instrument_id)
-                await self._protect(group, [(ch, cr) for _, ch, cr, _ in batch])
-                for run, _, cr, _ in batch:
-                    # Active before it joins: a breach on its first reading finishes it.
-                    self.active[run.id] = cr
-                    self.run_groups[run.id] = group
-                await group.add_many([(cr, phase) for _, _, cr, phase in batch],
-                                     self.clock.now())
-            except Exception as exc:  # noqa: BLE001 - these runs fail or wait; others go on
+                await self._join(instrument_id, batch)
+            except LOST_INSTRUMENT as exc:
                 for run, channel, _, _ in batch:
                     self._not_started(run, channel, exc)
+            except Exception as exc:  # noqa: BLE001 - one run's fault fails that run only
+                if len(batch) == 1:
+                    self._not_started(batch[0][0], batch[0][1], exc)
+                    continue
+                # Nothing of the batch joined (add_many leaves no trace when it fails):
+                # each run again on its own, so only the one at fault fails.
+                for run, _, _, _ in batch:
+                    self.active.pop(run.id, None)
+                    self.run_groups.pop(run.id, None)
+                for item in batch:
+                    try:
+                        await self._join(instrument_id, [item])
+                    except Exception as exc1:  # noqa: BLE001
+                        self._not_started(item[0], item[1], exc1)
+
+    async def _join(self, instrument_id: int,
+                    batch: list[tuple[m.Run, m.Channel, ChannelRun, Phase]]) -> None:
+        """Prepared runs of one instrument: its protection, then one join of all."""
+        group = await self._group_for(instrument_id)
+        await self._protect(group, [(ch, cr) for _, ch, cr, _ in batch])
+        for run, _, cr, _ in batch:
+            # Active before it joins: a breach on its first reading finishes it.
+            self.active[run.id] = cr
+            self.run_groups[run.id] = group
+        await group.add_many([(cr, phase) for _, _, cr, phase in batch], self.clock.now())
 
     async def _protect(self, group: InstrumentGroup,
                        runs: list[tuple[m.Channel, ChannelRun]]) -> None:
@@ -186,7 +204,8 @@ class Scheduling(NodeParts):
         """A run that could not start fails with its reason, or waits for its instrument."""
         self._release(run.id)
         if not isinstance(exc, LOST_INSTRUMENT) or channel.instrument_id not in self.instruments:
-            log.error("run %s could not start: %s: %s", run.id, type(exc).__name__, exc)
+            log.error("run %s could not start: %s: %s", run.id, type(exc).__name__, exc,
+                      exc_info=not isinstance(exc, LOST_INSTRUMENT))
             self.recorder.finished(run.id, ("failed", f"{type(exc).__name__}: {exc}"), None)
             return
         # The instrument stopped answering while the run was joining (its group hands
