@@ -8,7 +8,8 @@ tests/test_missed_periods.py): the test is as slow or fast as the machine, never
 different. Programming a joining run takes several such commands. Had the group's loop
 waited for them (the lock held for the whole join, as before batched joins) its next tick
 would come more than a period late and every running channel would miss a period; now it
-waits for one command at most. The count comes from the database.
+waits for one command at most. The count comes from the database. A run the instrument
+refuses fails alone: the others of its batch start as if each had joined on its own.
 """
 
 from __future__ import annotations
@@ -19,11 +20,20 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
+from labdaq.drivers.errors import InstrumentReportedError
+from labdaq.runs import RunCreate, create_run
 from labdaq.sims.lab import SimLab
 from labdaq.sims.server import SimServer
 from labdaq.storage import models as m
 from labdaq.storage.db import session_scope
-from tests.engine_rig import LockstepClock, assert_contiguous, samples, start_rig, wait_for
+from tests.engine_rig import (
+    LockstepClock,
+    assert_contiguous,
+    channel_cell,
+    samples,
+    start_rig,
+    wait_for,
+)
 from tests.test_missed_periods import HOLD, SteppedClock
 
 SPEED = 20.0  # simulated seconds per wall second while the clock runs
@@ -114,4 +124,56 @@ async def test_runs_joining_a_sampling_group_cost_its_runs_no_period(db_url: str
         assert {int(r): int(n or 0) for r, n in missed} == {r: 0 for r in first + later}
     finally:
         lab.clock.release(HOLD)
+        await rig.stop()
+
+
+async def test_a_run_the_instrument_refuses_fails_alone_and_the_others_of_its_batch_start(
+        db_url: str) -> None:
+    """Three runs claimed in one round join in one batch; the cabinet refuses the set
+    point of one of them (an error in its error queue): that run fails with the
+    instrument's error, the other two start and sample, as if each had joined alone."""
+    lab = SimLab(smus=0, cabinets=1, cabinet_channels=3)
+    rig = await start_rig(db_url, lab, SPEED, control_period_s=PERIOD_S)
+    try:
+        node = rig.node
+        driver = next(iter(node.instruments.values())).driver
+        set_current = driver.set_current
+
+        def refuse_channel_2(channel: Any, current_a: float, voltage_limit_v: float) -> None:
+            chans = channel if isinstance(channel, list) else [channel]
+            if 2 in chans:
+                raise InstrumentReportedError("set point refused", code=-222,
+                                              text="Data out of range", instrument="cabinet1")
+            set_current(channel, current_a, voltage_limit_v)
+
+        driver.set_current = refuse_channel_2
+        async with session_scope(rig.maker) as s:  # one transaction: one scheduler round
+            ids = []
+            for c in (1, 2, 3):
+                run = await create_run(s, RunCreate(
+                    channel=f"cabinet1/{c}", cell_serial=channel_cell(rig.desc, f"cabinet1/{c}"),
+                    sample_period_s=PERIOD_S, protocol_document=_charge(3600.0)), actor="test")
+                await s.flush()
+                ids.append(int(run.id))
+        ok = [ids[0], ids[2]]
+        await wait_for(lambda: set(ok) <= node.active.keys(), timeout_s=60,
+                       what="the two runs the cabinet accepts to join")
+        refused = await rig.wait_end(ids[1])
+        assert refused.state == "failed"
+        assert "InstrumentReportedError" in (refused.end_reason or "")
+        assert ids[1] not in node.active
+        group = next(iter(node.groups.values()))
+        assert sorted(r.channel for r in group.runs) == [1, 3]
+        ticks0 = group.ticks
+        await wait_for(lambda: group.ticks >= ticks0 + 2, timeout_s=60,
+                       what="two ticks of the runs that started")
+        for run_id in ok:
+            async with session_scope(rig.maker) as s:
+                run = await s.get(m.Run, run_id)
+                assert run is not None and run.state == "running"
+        node.request_stop()
+        await rig.task
+        for run_id in ok:
+            assert_contiguous((await samples(rig.maker, run_id))["seq"])
+    finally:
         await rig.stop()
