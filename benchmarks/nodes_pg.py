@@ -188,9 +188,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--channels", type=int, default=None, help="channels per node")
+    ap.add_argument("--period", type=float, default=0.1,
+                    help="sample period in seconds (0.01: 100 Hz)")
     args = ap.parse_args()
     args.channels = args.channels or (16 if args.quick else 64)
-    args.period_s = 0.1
+    args.period_s = args.period
     args.window_s = 5.0 if args.quick else 10.0
     args.settle_s = 2.0
     args.run_s = args.window_s + args.settle_s + 8.0

@@ -8,7 +8,9 @@ numpy operations, so the per-sample Python work stays small (docs/architecture.m
 "Processes"). Only step and phase boundaries run per-channel Python
 (:mod:`labdaq.engine.channel`).
 
-This module holds the group's state, runs joining and leaving, and the hot loop. Its
+This module holds the group's state, runs joining and leaving, and the hot loop (about
+480 lines: joining in one step, ``add_many``, must interleave with the loop's ticks under
+the same lock and arrays, so it stays next to the loop). Its
 other jobs have modules of their own, which the class inherits because they change the
 same per-run arrays under the same lock (``_busy``): breaches, edge samples, gaps and
 the hand-off of rows (:mod:`.group_edges`), commands and losing the instrument
@@ -176,6 +178,61 @@ class InstrumentGroup(GroupCommands):
         if breached:
             self._remove(k)
             await self.emit(RunEnded(run))
+
+    async def add_many(self, items: Sequence[tuple[ChannelRun, Phase]],
+                       t0_clock_s: float) -> None:
+        """Runs starting together (a scheduler round's claims on this instrument) join in
+        one step, so their joining does not stall the loop for the runs already here.
+
+        Their channels are programmed before the group's lock is taken: the loop does not
+        measure them yet, so it ticks on meanwhile, and the instrument's worker thread
+        keeps its commands in order with the loop's (a tick waits for at most the one
+        exchange in flight). Only the joiners' first reading (one query for all of them)
+        and growing the arrays once happen under the lock, between two ticks; their first
+        storage period starts from that reading, so no period is owed before they exist.
+        A resumed run (``seq`` > 0) or one rejoining paused joins alone (:meth:`add`)."""
+        fresh: list[tuple[ChannelRun, Phase]] = []
+        for r, p in items:
+            if r.seq or (r.pause_requested and not r.paused):
+                await self.add(r, p, t0_clock_s)
+            else:
+                fresh.append((r, p))
+        if not fresh:
+            return
+        before = self.clock.now()
+        await self._apply_many(fresh)
+        # As in _add: the runs' clocks start when their set points are in place.
+        t0_clock_s += self.clock.now() - before
+        async with self._busy:
+            await self._join(fresh, t0_clock_s)
+        self._wake.set()
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name=f"group-{self.name}")
+
+    async def _join(self, items: list[tuple[ChannelRun, Phase]], t0_clock_s: float) -> None:
+        """Fresh runs whose set points are in place into the arrays, and their first,
+        stored reading (one query for all of them)."""
+        runs = [r for r, _ in items]
+        self.runs.extend(runs)
+        self._phases.extend(p for _, p in items)
+        self._requests = True  # a command may have come before they joined
+        ks = self.state.extend(runs, t0_clock_s)
+        self.chans = [r.channel for r in self.runs]
+        self._limits_changed()
+        self._load_phases()
+        try:
+            breached = await self._edge(
+                ks, {}, FLAG_EDGE, integrate=False,
+                ledger=Ledger(positions=[self._full_position(k) for k in ks]))
+        except BaseException:
+            # As in _add: a join that did not complete leaves no trace here.
+            for k in reversed(ks):
+                self._remove(k)
+            raise
+        for k in sorted(breached, reverse=True):
+            r = self.runs[k]
+            self._remove(k)
+            await self.emit(RunEnded(r))
 
     async def _measure(self, chans: list[int]) -> Any:
         """Every channel in one query: on the loop's thread where the driver can

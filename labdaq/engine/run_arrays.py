@@ -90,24 +90,31 @@ class RunArrays:
 
     def append(self, run: ChannelRun, t0_clock_s: float) -> int:
         """Add a run's elements (last); returns its index."""
+        return self.extend([run], t0_clock_s)[0]
+
+    def extend(self, runs: list[ChannelRun], t0_clock_s: float) -> list[int]:
+        """Add the elements of runs joining together (last, in order), every array grown
+        once; returns their indices."""
+        n0, m = len(self.paused), len(runs)
         for nm in _FLOATS:
-            setattr(self, nm, np.append(getattr(self, nm), 0.0))
+            setattr(self, nm, np.concatenate([getattr(self, nm), np.zeros(m)]))
         for nm in _INTS:
-            setattr(self, nm, np.append(getattr(self, nm), 0))
-        self.paused = np.append(self.paused, run.paused)
-        k = len(self.paused) - 1
-        self.t0_clock_s[k] = t0_clock_s
-        self.period_s[k] = run.period_s
-        self.next_due_t_s[k] = run.t_s + run.period_s
-        self.last_t_s[k] = run.t_s
-        self.last_voltage_v[k] = np.nan  # no anchor yet: the first reading sets it
-        self.last_temperature_c[k] = np.nan
-        self.breach_since_t_s[k] = np.nan
-        self.dvdt_ref_t_s[k] = run.t_s
-        self.dvdt_ref_voltage_v[k] = np.nan
-        self.run_id[k] = run.run_id
-        self.push(k, run)
-        return k
+            setattr(self, nm, np.concatenate([getattr(self, nm), np.zeros(m, np.int64)]))
+        self.paused = np.concatenate([self.paused, [r.paused for r in runs]]).astype(bool)
+        ks = list(range(n0, n0 + m))
+        for k, run in zip(ks, runs, strict=True):
+            self.t0_clock_s[k] = t0_clock_s
+            self.period_s[k] = run.period_s
+            self.next_due_t_s[k] = run.t_s + run.period_s
+            self.last_t_s[k] = run.t_s
+            self.last_voltage_v[k] = np.nan  # no anchor yet: the first reading sets it
+            self.last_temperature_c[k] = np.nan
+            self.breach_since_t_s[k] = np.nan
+            self.dvdt_ref_t_s[k] = run.t_s
+            self.dvdt_ref_voltage_v[k] = np.nan
+            self.run_id[k] = run.run_id
+            self.push(k, run)
+        return ks
 
     def delete(self, k: int) -> None:
         for nm in (*_FLOATS, *_INTS, "paused"):

@@ -9,12 +9,14 @@ and start it, or hold it in awaiting_cell for a technician.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from datetime import UTC, datetime
 
-from labdaq.engine.channel import ChannelRun
+from labdaq.engine.channel import ChannelRun, Phase
 from labdaq.engine.events import Command, RunEnded, RunEvent
+from labdaq.engine.group import InstrumentGroup
 from labdaq.engine.node_parts import NodeParts
 from labdaq.engine.setpoints import LOST_INSTRUMENT
 from labdaq.protocol import ResolvedProtocol
@@ -107,60 +109,113 @@ class Scheduling(NodeParts):
 
     async def _claim_queued(self) -> None:
         """The head of every free channel's queue: start it, or hold it for a technician
-        (its ``not_before`` and the strict order are the queue's: labdaq/run_queue.py)."""
+        (its ``not_before`` and the strict order are the queue's: labdaq/run_queue.py).
+        The round's starts are claimed in one transaction and join their groups in one
+        step per instrument (:meth:`_start_many`)."""
         now = datetime.fromtimestamp(self.wall_clock(), UTC)
+        starting: list[tuple[m.Run, m.Channel]] = []
         for d in await self.recorder.queue_heads(now):
             if d.run.id in self.active or d.run.id in self.delegated.runs:
                 continue
             if not d.start:
                 await self.recorder.hold(d.run.id, d.reason or "")
-            elif await self.recorder.claim(d.run.id, d.channel.id):
-                await self._start(d.run, d.channel)
+            else:
+                starting.append((d.run, d.channel))
+        if not starting:
+            return
+        claimed = await self.recorder.claim_many([(r.id, c.id) for r, c in starting])
+        await self._start_many([(r, c) for r, c in starting if r.id in claimed])
 
     async def _start(self, run: m.Run, channel: m.Channel) -> None:
-        try:
-            # A cycler that runs its own step program gets the whole protocol.
-            if (inst := await self.delegated.instrument_of(channel)) is not None:
-                await self.delegated.start(run, channel, inst)
-                return
-            resolved = ResolvedProtocol.model_validate(run.plan)
-            cr = ChannelRun(run.id, channel.index, resolved, run.sample_period_s)
-            self.aux.wire(run)
-            group = await self._group_for(channel.instrument_id)
-            lim = resolved.limits
-            # Layer one of safety: the instrument's own protection trips even if we stall.
-            await group.call(
-                group.driver.configure_protection,
-                channel.index,
-                lim.max_voltage_v,
-                lim.max_abs_current_a,
-            )
-            tr = cr.start(0.0)
-            if tr.done or tr.next_phase is None:
-                cr.outcome = ("completed", "the program has no measuring step")
-                await self._on_event(RunEnded(cr))
-                return
+        await self._start_many([(run, channel)])
+
+    async def _start_many(self, starts: list[tuple[m.Run, m.Channel]]) -> None:
+        """Start claimed runs: each resolved and prepared on its own (yielding to the
+        loops in between), then per instrument the hardware protection in as few
+        commands as the driver takes and one join of all of them (InstrumentGroup.add_many)."""
+        joining: dict[int, list[tuple[m.Run, m.Channel, ChannelRun, Phase]]] = {}
+        for run, channel in starts:
+            try:
+                # A cycler that runs its own step program gets the whole protocol.
+                if (inst := await self.delegated.instrument_of(channel)) is not None:
+                    await self.delegated.start(run, channel, inst)
+                    continue
+                resolved = ResolvedProtocol.model_validate(run.plan)
+                cr = ChannelRun(run.id, channel.index, resolved, run.sample_period_s)
+                self.aux.wire(run)
+                tr = cr.start(0.0)
+                if tr.done or tr.next_phase is None:
+                    cr.outcome = ("completed", "the program has no measuring step")
+                    await self._on_event(RunEnded(cr))
+                    continue
+                joining.setdefault(channel.instrument_id, []).append(
+                    (run, channel, cr, tr.next_phase))
+            except Exception as exc:  # noqa: BLE001 - the run fails with its reason
+                self._not_started(run, channel, exc)
+            # Preparing hundreds of runs is CPU on the loop the groups tick on.
+            await asyncio.sleep(0)
+        for instrument_id, batch in joining.items():
+            try:
+                await self._join(instrument_id, batch)
+            except LOST_INSTRUMENT as exc:
+                for run, channel, _, _ in batch:
+                    self._not_started(run, channel, exc)
+            except Exception as exc:  # noqa: BLE001 - one run's fault fails that run only
+                if len(batch) == 1:
+                    self._not_started(batch[0][0], batch[0][1], exc)
+                    continue
+                # Nothing of the batch joined (add_many leaves no trace when it fails):
+                # each run again on its own, so only the one at fault fails.
+                for run, _, _, _ in batch:
+                    self.active.pop(run.id, None)
+                    self.run_groups.pop(run.id, None)
+                for item in batch:
+                    try:
+                        await self._join(instrument_id, [item])
+                    except Exception as exc1:  # noqa: BLE001
+                        self._not_started(item[0], item[1], exc1)
+
+    async def _join(self, instrument_id: int,
+                    batch: list[tuple[m.Run, m.Channel, ChannelRun, Phase]]) -> None:
+        """Prepared runs of one instrument: its protection, then one join of all."""
+        group = await self._group_for(instrument_id)
+        await self._protect(group, [(ch, cr) for _, ch, cr, _ in batch])
+        for run, _, cr, _ in batch:
+            # Active before it joins: a breach on its first reading finishes it.
             self.active[run.id] = cr
             self.run_groups[run.id] = group
-            await group.add(cr, tr.next_phase, self.clock.now())
-        except LOST_INSTRUMENT as exc:
-            self._release(run.id)
-            if channel.instrument_id not in self.instruments:
-                log.error("run %s could not start: %s", run.id, exc)
-                self.recorder.finished(run.id, ("failed", f"{type(exc).__name__}: {exc}"), None)
-                return
-            # The instrument stopped answering while the run was joining (its group hands
-            # its other runs over just now): nothing of this run is committed, so it
-            # starts afresh once the instrument answers, as they resume.
-            reason = f"instrument lost while the run was starting: {type(exc).__name__}: {exc}"
-            log.warning("run %s: %s", run.id, reason)
-            self.recorder.event(RunEvent(
-                run.id, "interruption", "warning", reason,
-                {"cause": "instrument_lost", "instrument": self.instruments[
-                    channel.instrument_id].name, "channel": channel.index, "from_t_s": None,
-                 "last_seq": 0, "to_t_s": None, "error": str(exc)}))
-            self._wait_for(channel.instrument_id, [run.id], reason)
-        except Exception as exc:  # noqa: BLE001 - the run fails with its reason; others go on
-            log.exception("run %s could not start", run.id)
-            self._release(run.id)
+        await group.add_many([(cr, phase) for _, _, cr, phase in batch], self.clock.now())
+
+    async def _protect(self, group: InstrumentGroup,
+                       runs: list[tuple[m.Channel, ChannelRun]]) -> None:
+        """Layer one of safety: the instrument's own protection trips even if we stall.
+        Channels with the same limits in one command where the instrument takes lists."""
+        by_limits: dict[tuple[float, float], list[int]] = {}
+        for channel, cr in runs:
+            lim = cr.limits
+            by_limits.setdefault((lim.max_voltage_v, lim.max_abs_current_a), []).append(
+                channel.index)
+        lists = group.driver.sets_channel_lists
+        for (v_max, i_max), chans in by_limits.items():
+            for ch in ([chans] if lists and len(chans) > 1 else chans):
+                await group.call(group.driver.configure_protection, ch, v_max, i_max)
+
+    def _not_started(self, run: m.Run, channel: m.Channel, exc: Exception) -> None:
+        """A run that could not start fails with its reason, or waits for its instrument."""
+        self._release(run.id)
+        if not isinstance(exc, LOST_INSTRUMENT) or channel.instrument_id not in self.instruments:
+            log.error("run %s could not start: %s: %s", run.id, type(exc).__name__, exc,
+                      exc_info=not isinstance(exc, LOST_INSTRUMENT))
             self.recorder.finished(run.id, ("failed", f"{type(exc).__name__}: {exc}"), None)
+            return
+        # The instrument stopped answering while the run was joining (its group hands
+        # its other runs over just now): nothing of this run is committed, so it
+        # starts afresh once the instrument answers, as they resume.
+        reason = f"instrument lost while the run was starting: {type(exc).__name__}: {exc}"
+        log.warning("run %s: %s", run.id, reason)
+        self.recorder.event(RunEvent(
+            run.id, "interruption", "warning", reason,
+            {"cause": "instrument_lost", "instrument": self.instruments[
+                channel.instrument_id].name, "channel": channel.index, "from_t_s": None,
+             "last_seq": 0, "to_t_s": None, "error": str(exc)}))
+        self._wait_for(channel.instrument_id, [run.id], reason)
