@@ -297,6 +297,46 @@ class Sample(Base):
     temperature_age_s: Mapped[float | None] = mapped_column(Float)
 
 
+class DownsampledSample(Base):
+    """A sample kept in a run's downsampled copy (labdaq.retention): a row of samples as
+    it was, chosen to keep the shape of voltage and current at a few thousand points."""
+
+    __tablename__ = "samples_downsampled"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    t_s: Mapped[float] = mapped_column(Float)
+    ts_utc: Mapped[float] = mapped_column(Float)
+    step_index: Mapped[int] = mapped_column(Integer)
+    cycle_index: Mapped[int] = mapped_column(Integer)
+    voltage_v: Mapped[float] = mapped_column(Float)
+    current_a: Mapped[float] = mapped_column(Float)
+    temperature_c: Mapped[float | None] = mapped_column(Float)
+    step_capacity_ah: Mapped[float] = mapped_column(Float)
+    step_energy_wh: Mapped[float] = mapped_column(Float)
+    flags: Mapped[int] = mapped_column(Integer, default=0)
+    temperature_age_s: Mapped[float | None] = mapped_column(Float)
+
+
+class RunArchive(Base):
+    """An archived export of an ended run's samples (labdaq.retention): where the file
+    is, what it holds and its hash. No foreign key: the record outlives its run."""
+
+    __tablename__ = "run_archives"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(Integer, unique=True)
+    path: Mapped[str] = mapped_column(String(1000))
+    format: Mapped[str] = mapped_column(String(20))
+    samples: Mapped[int] = mapped_column(BigInteger)
+    last_seq: Mapped[int] = mapped_column(BigInteger)
+    data_sha256: Mapped[str] = mapped_column(String(64))
+    file_sha256: Mapped[str] = mapped_column(String(64))
+    downsampled: Mapped[int] = mapped_column(Integer)  # rows in samples_downsampled
+    archived_at: Mapped[datetime] = mapped_column(default=utcnow)
+    archived_by: Mapped[str] = mapped_column(String(200))
+
+
 class Step(Base):
     __tablename__ = "steps"
     __table_args__ = (UniqueConstraint("run_id", "step_number", name="uq_steps_run_number"),)
