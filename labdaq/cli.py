@@ -28,6 +28,7 @@ from labdaq.cli_evaluate import evaluate, observe  # noqa: E402
 from labdaq.cli_export import export_cmd  # noqa: E402
 from labdaq.cli_import import import_cmd  # noqa: E402
 from labdaq.cli_instruments import instruments_app  # noqa: E402
+from labdaq.cli_retention import retention_app  # noqa: E402
 from labdaq.cli_sim import sim  # noqa: E402
 
 app.command()(sim)
@@ -39,6 +40,7 @@ app.add_typer(instruments_app, name="instruments")
 app.add_typer(token_app, name="token")
 app.add_typer(users_app, name="users")
 app.add_typer(audit_app, name="audit")
+app.add_typer(retention_app, name="retention")
 
 DataDir = Annotated[Path | None, typer.Option(help="data directory (SQLite file, journals)")]
 DbUrl = Annotated[str | None, typer.Option(help="SQLAlchemy database URL")]
