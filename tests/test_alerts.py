@@ -266,9 +266,8 @@ def test_api_process_on_sqlite_records_and_alerts_a_silent_engine(
         engine = create_engine(sqlite_url)
         try:
             maker = sessionmaker(engine)
+            await _acquiring_on(maker, run_id, "bench-pc")
             async with session_scope(maker) as s:
-                await s.execute(update(m.Run).where(m.Run.id == run_id)
-                                .values(state="running", node="bench-pc"))
                 s.add(m.AlertCursor(id=1, event_id=0))
             await _beat(maker, "bench-pc", 60)
         finally:
@@ -292,6 +291,13 @@ def test_subscription_names_exactly_one_target_and_known_kinds() -> None:
         AlertSubscription(email="a@b", webhook="http://x")
     with pytest.raises(ValueError):
         AlertSubscription(email="a@b", kinds=["exploded"])
+
+
+async def _acquiring_on(maker: Any, run_id: int, node: str) -> None:
+    """The run is running, acquired by ``node``."""
+    async with session_scope(maker) as s:
+        await s.execute(update(m.Run).where(m.Run.id == run_id)
+                        .values(state="running", node=node))
 
 
 async def _beat(maker: Any, node: str, age_s: float) -> None:
@@ -336,9 +342,7 @@ async def test_node_down_and_back_are_one_event_each_and_alert(
     engine = create_engine(db_url)
     try:
         maker = sessionmaker(engine)
-        async with session_scope(maker) as s:
-            await s.execute(update(m.Run).where(m.Run.id == run_id)
-                            .values(state="running", node="a"))
+        await _acquiring_on(maker, run_id, "a")
         await _beat(maker, "a", 0)
         await _beat(maker, "b", 0)
         assert await Notifier(maker, settings).run_once() == 0

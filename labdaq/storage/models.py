@@ -274,10 +274,8 @@ class SampleFlag(enum.IntFlag):
     TEMP_LOST = 64
 
 
-class Sample(Base):
-    """One measurement of one channel. Narrow on purpose: this is the hot table."""
-
-    __tablename__ = "samples"
+class SampleColumns:
+    """The columns of a sample row, shared by samples and its downsampled copies."""
 
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
     # Per-run monotonic sequence; (run_id, seq) unique so a replay never duplicates.
@@ -297,25 +295,17 @@ class Sample(Base):
     temperature_age_s: Mapped[float | None] = mapped_column(Float)
 
 
-class DownsampledSample(Base):
+class Sample(SampleColumns, Base):
+    """One measurement of one channel. Narrow on purpose: this is the hot table."""
+
+    __tablename__ = "samples"
+
+
+class DownsampledSample(SampleColumns, Base):
     """A sample kept in a run's downsampled copy (labdaq.retention): a row of samples as
     it was, chosen to keep the shape of voltage and current at a few thousand points."""
 
     __tablename__ = "samples_downsampled"
-
-    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
-    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
-    t_s: Mapped[float] = mapped_column(Float)
-    ts_utc: Mapped[float] = mapped_column(Float)
-    step_index: Mapped[int] = mapped_column(Integer)
-    cycle_index: Mapped[int] = mapped_column(Integer)
-    voltage_v: Mapped[float] = mapped_column(Float)
-    current_a: Mapped[float] = mapped_column(Float)
-    temperature_c: Mapped[float | None] = mapped_column(Float)
-    step_capacity_ah: Mapped[float] = mapped_column(Float)
-    step_energy_wh: Mapped[float] = mapped_column(Float)
-    flags: Mapped[int] = mapped_column(Integer, default=0)
-    temperature_age_s: Mapped[float | None] = mapped_column(Float)
 
 
 class RunArchive(Base):
