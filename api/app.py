@@ -75,16 +75,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
             notifier = asyncio.create_task(
                 Notifier(app.state.sessionmaker, settings).run_forever(), name="alerts")
-        # Several nodes (PostgreSQL): this process, which survives a node, records a node
-        # going down or coming back as one event (labdaq.node_watch), for the notifier.
-        watch = None
-        if engine.dialect.name == "postgresql":
-            from labdaq.node_watch import NodeWatch
+        # This process, which survives a node (on SQLite: the engine beside it), records a
+        # node going down or coming back as one event (labdaq.node_watch), for the notifier.
+        from labdaq.node_watch import NodeWatch
 
-            watch = asyncio.create_task(NodeWatch(
-                app.state.sessionmaker, settings.node_down_after_s,
-                min(settings.alerts_poll_s, settings.node_down_after_s / 3)).run_forever(),
-                name="node-watch")
+        watch: asyncio.Task[None] | None = asyncio.create_task(NodeWatch(
+            app.state.sessionmaker, settings.node_down_after_s,
+            min(settings.alerts_poll_s, settings.node_down_after_s / 3)).run_forever(),
+            name="node-watch")
         try:
             yield
         finally:

@@ -46,24 +46,32 @@ def make_rows(run_id: int, n: int) -> list[tuple]:
 
 
 async def prepare(url: str) -> int:
+    return (await prepare_runs(url, 1))[0]
+
+
+async def prepare_runs(url: str, n: int, state: str = "queued") -> list[int]:
+    """``n`` runs on ``n`` channels of one instrument (``state``: "running" for runs whose
+    positions the writer updates)."""
     engine = create_engine(url)
     async with session_scope(sessionmaker(engine)) as s:
         inst = m.Instrument(name="bench", driver="keithley2450", resource="TCPIP::x::1::SOCKET")
         s.add(inst)
         await s.flush()
-        ch = m.Channel(name="bench/1", instrument_id=inst.id, index=1)
+        chans = [m.Channel(name=f"bench/{i}", instrument_id=inst.id, index=i)
+                 for i in range(1, n + 1)]
         cell = m.Cell(
             serial="B1", chemistry="nmc", capacity_ah=5, charge_cutoff_v=4.2, discharge_cutoff_v=2.5
         )
         proto = m.Protocol(name="bench", content_hash="b" * 64, document={})
-        s.add_all([ch, cell, proto])
+        s.add_all([*chans, cell, proto])
         await s.flush()
-        run = m.Run(channel_id=ch.id, cell_id=cell.id, protocol_id=proto.id, sample_period_s=1)
-        s.add(run)
+        runs = [m.Run(channel_id=ch.id, cell_id=cell.id, protocol_id=proto.id,
+                      sample_period_s=1, state=state) for ch in chans]
+        s.add_all(runs)
         await s.flush()
-        run_id = run.id
+        run_ids = [r.id for r in runs]
     await engine.dispose()
-    return run_id
+    return run_ids
 
 
 async def labdaq_ingest(url: str, rows: list[tuple], batch: int) -> float:

@@ -164,12 +164,23 @@ def layout(server: str, nodes: int, args: argparse.Namespace, tmp: Path) -> dict
             "GROUP BY r.id"))
         bad = [r for r in rows if r[0] != "completed" or r[2] == 0 or (r[3], r[4]) != (1, r[2])]
         lost = sum(int(r[1] or 0) for r in rows)
-        # Where the losses were: per node, how many gaps, periods, and when (run time).
+        # Where the losses were: per node and cause, how many gaps, periods, when (run
+        # time), and how many of those periods were recorded while the node's runs were
+        # still joining (up to its last run's first sample, + 0.5 s).
         gaps = asyncio.run(query(
-            url, "SELECT r.node, count(*), sum((e.data->>'count')::int), "
-            "min((e.data->>'t_from_s')::float), max((e.data->>'t_to_s')::float) "
-            "FROM events e JOIN runs r ON r.id = e.run_id WHERE e.kind = 'missed_periods' "
-            "GROUP BY r.node"))
+            url, "WITH j AS (SELECT r.node, min(s.ts_utc) AS first_join, "
+            "max(s.ts_utc) AS last_join FROM runs r JOIN samples s ON s.run_id = r.id "
+            "AND s.seq = 1 GROUP BY r.node) "
+            "SELECT r.node, e.data->>'cause', count(*), sum((e.data->>'count')::int), "
+            "min((e.data->>'t_from_s')::float), max((e.data->>'t_to_s')::float), "
+            "sum(CASE WHEN extract(epoch FROM e.ts) <= j.last_join + 0.5 "
+            "THEN (e.data->>'count')::int ELSE 0 END), "
+            "round((max(j.last_join) - max(j.first_join))::numeric, 2) "
+            "FROM events e JOIN runs r ON r.id = e.run_id JOIN j ON j.node = r.node "
+            "WHERE e.kind = 'missed_periods' GROUP BY r.node, 2"))
+        joins = asyncio.run(query(
+            url, "SELECT r.node, round((max(s.ts_utc) - min(s.ts_utc))::numeric, 2) "
+            "FROM runs r JOIN samples s ON s.run_id = r.id AND s.seq = 1 GROUP BY r.node"))
         # Lost inside the window: the gaps recorded while it lasted (an event's ts is when
         # the engine recorded it, with the first sample after the gap).
         ((lost_window,),) = asyncio.run(query(
@@ -178,7 +189,12 @@ def layout(server: str, nodes: int, args: argparse.Namespace, tmp: Path) -> dict
         return {"nodes": nodes, "runs": runs, "stored_per_s": (n1 - n0) / wall,
                 "lost_window": int(lost_window), "lost": lost, "bad_runs": len(bad),
                 "cpu_per_wall_s": cpu,
-                "gaps": [list(g) for g in gaps]}
+                # [node, cause, gaps, periods, first t_s, last t_s, periods while
+                # joining, the node's join span (s)]
+                "gaps": [[str(x) if x is not None and not isinstance(x, (int, float, str))
+                          else x for x in g] for g in gaps],
+                # node -> seconds from its first run's first sample to its last run's
+                "join_span_s": {str(n): float(v) for n, v in joins}}
     finally:
         kids.stop_all(timeout_s=20)
         asyncio.run(admin(server, f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))

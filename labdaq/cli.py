@@ -28,6 +28,7 @@ from labdaq.cli_evaluate import evaluate, observe  # noqa: E402
 from labdaq.cli_export import export_cmd  # noqa: E402
 from labdaq.cli_import import import_cmd  # noqa: E402
 from labdaq.cli_instruments import instruments_app  # noqa: E402
+from labdaq.cli_retention import retention_app  # noqa: E402
 from labdaq.cli_sim import sim  # noqa: E402
 
 app.command()(sim)
@@ -39,6 +40,7 @@ app.add_typer(instruments_app, name="instruments")
 app.add_typer(token_app, name="token")
 app.add_typer(users_app, name="users")
 app.add_typer(audit_app, name="audit")
+app.add_typer(retention_app, name="retention")
 
 DataDir = Annotated[Path | None, typer.Option(help="data directory (SQLite file, journals)")]
 DbUrl = Annotated[str | None, typer.Option(help="SQLAlchemy database URL")]
@@ -76,8 +78,39 @@ def db_upgrade(data_dir: DataDir = None, database_url: DbUrl = None) -> None:
 
     s = _settings(data_dir, database_url)
     s.data_dir.mkdir(parents=True, exist_ok=True)
-    upgrade(s.resolved_database_url)
+    upgrade(s.resolved_database_url, samples_partitions=s.samples_partitions)
     typer.echo(f"database at head: {s.resolved_database_url}")
+
+
+@db_app.command("partition-samples")
+def db_partition_samples(
+    partitions: Annotated[int, typer.Argument(
+        min=0, max=1024, help="hash partitions of samples by run_id; 0: one plain table")],
+    data_dir: DataDir = None, database_url: DbUrl = None,
+) -> None:
+    """PostgreSQL: move the samples table to this many hash partitions (every row moves in
+    one transaction; stop the nodes first). Set samples_partitions to match."""
+    from labdaq.storage import partitions as layout
+    from labdaq.storage.db import create_engine
+
+    s = _settings(data_dir, database_url)
+
+    async def run() -> tuple[bool, int]:
+        engine = create_engine(s.resolved_database_url)
+        try:
+            if engine.dialect.name != "postgresql":
+                return False, 0
+            async with engine.begin() as conn:
+                changed = await conn.run_sync(layout.apply_layout, partitions)
+                return changed, await conn.run_sync(layout.current_partitions)
+        finally:
+            await engine.dispose()
+
+    changed, now = asyncio.run(run())
+    if now != partitions:
+        typer.echo("error: partitions need PostgreSQL (SQLite has one samples table)", err=True)
+        raise typer.Exit(code=2)
+    typer.echo(f"samples: {now} partition(s)" + ("" if changed else " (unchanged)"))
 
 
 @app.command()
@@ -314,7 +347,7 @@ def serve(
         raise typer.Exit(code=2)
     s.data_dir.mkdir(parents=True, exist_ok=True)
     url = s.resolved_database_url
-    upgrade(url)
+    upgrade(url, samples_partitions=s.samples_partitions)
     if s.instruments_file is not None:
         _apply_instruments_file(s)
     common = ["--data-dir", str(s.data_dir)] + (

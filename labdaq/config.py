@@ -105,6 +105,14 @@ class Settings(BaseSettings):
     # A node whose heartbeat (on the database's clock) is older than this is down: the
     # API shows its running and paused runs as node_down until it returns.
     node_down_after_s: float = Field(default=15.0, gt=0)
+    # PostgreSQL: hash partitions of the samples table by run_id (0: one plain table);
+    # applied when migrations first reach 0016, changed later with `labdaq db
+    # partition-samples` (labdaq.storage.partitions).
+    samples_partitions: int = Field(default=0, ge=0, le=1024)
+    # Retention (labdaq.retention): where archived exports go (default <data_dir>/archive),
+    # and how many points a run's downsampled copy keeps.
+    archive_dir: Path | None = Field(default=None, description="archived exports' folder")
+    retention_points: int = Field(default=5000, ge=10, le=1_000_000)
     # GET /ready: an engine heartbeat older than this (wall seconds) is not ready.
     ready_heartbeat_max_age_s: float = Field(default=10.0, gt=0)
     # The cell's safety window is its cut-offs widened by this margin (V).

@@ -23,14 +23,20 @@ MINMAX_RATIO = 4
 SIGNALS = ("voltage_v", "current_a")
 
 
+def count_sql(style: str, where: SampleFilter) -> str:
+    """How many of a run's samples up to a seq match ``where`` (parameters: run id, the
+    seq, then ``where``'s values)."""
+    conds = ["run_id = {}", "seq <= {}", *(c for c, _ in where.conditions())]
+    marks = ["?" if style == "qmark" else f"${i + 1}" for i in range(len(conds))]
+    return "SELECT COUNT(*) FROM samples WHERE " + " AND ".join(
+        c.format(mk) for c, mk in zip(conds, marks, strict=True)
+    )
+
+
 def count_samples(url: str, run_id: int, max_seq: int, where: SampleFilter) -> int:
     conn, style = connect(url)
     try:
-        conds = ["run_id = {}", "seq <= {}", *(c for c, _ in where.conditions())]
-        marks = ["?" if style == "qmark" else f"${i + 1}" for i in range(len(conds))]
-        sql = "SELECT COUNT(*) FROM samples WHERE " + " AND ".join(
-            c.format(mk) for c, mk in zip(conds, marks, strict=True)
-        )
+        sql = count_sql(style, where)
         cur = conn.cursor()
         cur.execute(sql, (run_id, max_seq, *(v for _, v in where.conditions())))
         row = cur.fetchone()

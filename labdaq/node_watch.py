@@ -8,14 +8,19 @@ it was acquiring). The alert notifier (labdaq.alerts) follows events, so the eve
 turns into an e-mail or a webhook.
 
 Several API processes watch at once, and the change must be written once: each takes the
-same transaction-level advisory lock (PostgreSQL) before it compares the node's state with
-the node's last ``node`` event, and writes only when they differ; the second one in sees
-the first one's event. A node with no ``node`` event that is up has never been down: no
-event. Between changes a watcher reads only the heartbeats (it keeps the last state it
-saw), so the events table is read once per change, not once per poll.
+database's lock for it before it compares the node's state with the node's last ``node``
+event, and writes only when they differ; the second one in sees the first one's event.
+On PostgreSQL that lock is a transaction-level advisory lock; on SQLite it is the
+database's write lock, taken by a write that changes nothing before the events are read
+(the effect of BEGIN IMMEDIATE, as labdaq.run_queue.lock_channel does for a channel).
+A node with no ``node`` event that is up has never been down: no event. Between changes
+a watcher reads only the heartbeats (it keeps the last state it saw), so the events table
+is read once per change, not once per poll, and the lock is taken only when a change
+looks unrecorded.
 
-PostgreSQL only: several nodes need it (labdaq.nodes); a single-machine ``--role all``
-runs its engine and API together.
+On SQLite (one machine, ``--role all``) the same watch runs in the API process: the
+engine is a process of its own there too, so a killed or hung engine, and its return,
+are events and alerts as a node's are.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import asyncio
 import logging
 from datetime import datetime
 
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from labdaq.heartbeat import as_utc
@@ -49,6 +54,25 @@ async def last_node_state(session: AsyncSession, node: str) -> str | None:
     return None if ev is None else str((ev.data or {}).get("state"))
 
 
+def _needs_event(recorded: str | None, state: str) -> bool:
+    """A change to record: not the state last recorded, and not "up" for a node that was
+    never down."""
+    return recorded != state and not (recorded is None and state == "up")
+
+
+async def lock_watch(session: AsyncSession, nodes: list[str]) -> None:
+    """Serialise the watchers until the transaction ends: an advisory lock on PostgreSQL;
+    on SQLite the write lock, taken by a no-op write to the nodes' heartbeat rows before
+    anything is read (a read first would leave a snapshot a second watcher's commit makes
+    stale, and SQLite refuses to turn that into a write)."""
+    if is_postgresql(session):
+        await session.execute(text("SELECT pg_advisory_xact_lock(:ns, 0)"),
+                              {"ns": WATCH_LOCK_NS})
+        return
+    await session.execute(update(m.NodeHeartbeat).where(m.NodeHeartbeat.node.in_(nodes))
+                          .values(node=m.NodeHeartbeat.node))
+
+
 class NodeWatch:
     """Polls the nodes' heartbeats; writes a ``node`` event for each change it sees first."""
 
@@ -70,21 +94,25 @@ class NodeWatch:
         changed = {n for n, (state, _) in states.items() if self.seen.get(n) != state}
         if not changed:
             return []
+        # Read first, without the lock: usually (a watcher starting, a change another
+        # process recorded) nothing is to be written, and on SQLite the lock is the
+        # database's one write lock.
+        async with self.maker() as s:
+            due = [n for n in sorted(changed)
+                   if _needs_event(await last_node_state(s, n), states[n][0])]
         written = []
-        async with self.maker() as s, s.begin():
-            if is_postgresql(s):
-                # Released at commit: the watchers compare and write one at a time.
-                await s.execute(text("SELECT pg_advisory_xact_lock(:ns, 0)"),
-                                {"ns": WATCH_LOCK_NS})
-            for node in sorted(changed):
-                state, beat = states[node]
-                recorded = await last_node_state(s, node)
-                if recorded == state or (recorded is None and state == "up"):
-                    continue
-                ev = await self._event(s, node, state, beat, now)
-                s.add(ev)
-                await s.flush()
-                written.append(ev.id)
+        if due:
+            async with self.maker() as s, s.begin():
+                # Held to commit: the watchers compare and write one at a time.
+                await lock_watch(s, due)
+                for node in due:
+                    state, beat = states[node]
+                    if not _needs_event(await last_node_state(s, node), state):
+                        continue
+                    ev = await self._event(s, node, state, beat, now)
+                    s.add(ev)
+                    await s.flush()
+                    written.append(ev.id)
         # Only after the commit: a failed write is tried again at the next poll.
         self.seen.update({n: states[n][0] for n in changed})
         return written

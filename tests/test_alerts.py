@@ -247,6 +247,43 @@ def test_api_process_runs_the_notifier(sqlite_url: str, receiver: _Receiver) -> 
     assert hook["run_id"] == run_id and hook["limit"]["limit"] == "max_voltage_v"
 
 
+def test_api_process_on_sqlite_records_and_alerts_a_silent_engine(
+    sqlite_url: str, receiver: _Receiver
+) -> None:
+    """On SQLite (one machine, ``--role all``) the API process watches the engine's
+    heartbeat as it watches nodes on PostgreSQL: a beat older than ``node_down_after_s``
+    becomes a ``node`` event and a ``node_down`` alert naming the engine's run."""
+    import asyncio
+
+    from fastapi.testclient import TestClient
+
+    from labdaq.api.app import create_app
+
+    lab = asyncio.run(make_lab(sqlite_url))
+    run_id = lab["run_ids"][0]
+
+    async def silent_engine() -> None:
+        engine = create_engine(sqlite_url)
+        try:
+            maker = sessionmaker(engine)
+            await _acquiring_on(maker, run_id, "bench-pc")
+            async with session_scope(maker) as s:
+                s.add(m.AlertCursor(id=1, event_id=0))
+            await _beat(maker, "bench-pc", 60)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(silent_engine())
+    url = f"http://127.0.0.1:{receiver.server_address[1]}/ok"
+    settings = Settings(database_url=sqlite_url, alerts_poll_s=0.05, node_down_after_s=15,
+                        alerts=[AlertSubscription(webhook=url, kinds=["node_down"])])
+    with TestClient(create_app(settings)):
+        assert receiver.posted.wait(timeout=30), "no node_down alert from the API process"
+    [hook] = receiver.posts["/ok"]
+    assert hook["kind"] == "node_down" and hook["node"] == "bench-pc"
+    assert hook["runs"] == [run_id]
+
+
 def test_subscription_names_exactly_one_target_and_known_kinds() -> None:
     with pytest.raises(ValueError):
         AlertSubscription()
@@ -254,6 +291,13 @@ def test_subscription_names_exactly_one_target_and_known_kinds() -> None:
         AlertSubscription(email="a@b", webhook="http://x")
     with pytest.raises(ValueError):
         AlertSubscription(email="a@b", kinds=["exploded"])
+
+
+async def _acquiring_on(maker: Any, run_id: int, node: str) -> None:
+    """The run is running, acquired by ``node``."""
+    async with session_scope(maker) as s:
+        await s.execute(update(m.Run).where(m.Run.id == run_id)
+                        .values(state="running", node=node))
 
 
 async def _beat(maker: Any, node: str, age_s: float) -> None:
@@ -275,7 +319,6 @@ async def _beat(maker: Any, node: str, age_s: float) -> None:
             row.beat_at = beat_at
 
 
-@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 async def test_node_down_and_back_are_one_event_each_and_alert(
     db_url: str, smtp_sink: tuple[int, _Sink], receiver: _Receiver
 ) -> None:
@@ -299,9 +342,7 @@ async def test_node_down_and_back_are_one_event_each_and_alert(
     engine = create_engine(db_url)
     try:
         maker = sessionmaker(engine)
-        async with session_scope(maker) as s:
-            await s.execute(update(m.Run).where(m.Run.id == run_id)
-                            .values(state="running", node="a"))
+        await _acquiring_on(maker, run_id, "a")
         await _beat(maker, "a", 0)
         await _beat(maker, "b", 0)
         assert await Notifier(maker, settings).run_once() == 0

@@ -43,6 +43,7 @@ DEPLOY = ROOT / "deploy"
 DOCKERFILE = DEPLOY / "Dockerfile"
 COMPOSE = DEPLOY / "compose.yaml"
 UNITS = sorted((DEPLOY / "systemd").glob("*.service"))
+TIMERS = sorted((DEPLOY / "systemd").glob("*.timer"))
 EXAMPLE_TOML = DEPLOY / "labdaq.example.toml"
 DEPLOY_DOC = ROOT / "docs" / "deploy.md"
 UNIT_LABDAQ = "/opt/labdaq/bin/labdaq"  # where the units expect the installed CLI
@@ -498,9 +499,10 @@ def _verified_clean(proc: subprocess.CompletedProcess[str]) -> bool:
 
 
 def test_systemd_units_verify_clean(tmp_path: Path) -> None:
-    names = {u.name for u in UNITS}
-    assert names == {"labdaq.service", "labdaq-api.service", "labdaq-engine.service"}
-    proc = _verify_units(UNITS, tmp_path)
+    names = {u.name for u in UNITS + TIMERS}
+    assert names == {"labdaq.service", "labdaq-api.service", "labdaq-engine.service",
+                     "labdaq-retention.service", "labdaq-retention.timer"}
+    proc = _verify_units(UNITS + TIMERS, tmp_path)
     assert _verified_clean(proc), proc.stdout + proc.stderr
 
 

@@ -7,9 +7,10 @@ transaction, and say whether that worked (``OK``), the database cannot take writ
 
 * Idempotent inserts on ``(run_id, seq)``. SQLite: ``executemany`` of ``INSERT ... ON
   CONFLICT (run_id, seq) DO NOTHING`` (not ``INSERT OR IGNORE``, which would also silently
-  skip NOT NULL violations). PostgreSQL: COPY (asyncpg ``copy_records_to_table``) into a
-  per-connection TEMP staging table, then ``INSERT ... SELECT ... ON CONFLICT (run_id, seq)
-  DO NOTHING`` in the same transaction.
+  skip NOT NULL violations). PostgreSQL: COPY (asyncpg ``copy_records_to_table``) straight
+  into samples; a batch that meets a stored row fails on the primary key as a whole and is
+  then COPYed into a per-connection TEMP staging table and moved with ``INSERT ... SELECT
+  ... ON CONFLICT (run_id, seq) DO NOTHING`` in the same transaction.
   So a batch whose commit outcome is unknown (timeout, dropped connection) can be written
   again — from the journal — without ever duplicating a sample.
 * Unavailable: SQLite "database is locked" past its busy timeout or other
@@ -204,6 +205,8 @@ class DatabaseWrites:
         self.rows_written = 0
         self.batches_written = 0
         self.rows_rejected = 0
+        # PostgreSQL batches that met stored rows and went through the staging merge.
+        self.batches_merged = 0
         self.db_available = True
         self.last_error: str | None = None
 
@@ -401,6 +404,22 @@ class DatabaseWrites:
         raise ConnectionError("no usable database connection in the pool")
 
     async def _copy_merge(self, apg: Any, rows: Rows, records: Records | None = None) -> None:
+        """COPY the rows straight into samples, with their records, in one transaction. A
+        batch that meets rows already stored (a replay of a batch whose commit went
+        unseen) fails as a whole on the primary key and is written again through the
+        staging table, which skips the stored rows: the merge, a second pass over every
+        row, is paid only then (docs/performance.md)."""
+        import asyncpg
+
+        if rows:
+            try:
+                async with apg.transaction():
+                    await apg.copy_records_to_table("samples", records=rows,
+                                                    columns=SAMPLE_COLUMNS)
+                    await self._write_records(apg, records)
+                return
+            except asyncpg.UniqueViolationError:
+                self.batches_merged += 1
         new = apg not in self._staged
         async with apg.transaction():
             if new:
@@ -408,10 +427,13 @@ class DatabaseWrites:
             if rows:
                 await apg.copy_records_to_table(PG_STAGE, records=rows, columns=SAMPLE_COLUMNS)
                 await apg.execute(self._merge_sql)
-            for sql, rec_params in self._rec_sql.params(records) if records else ():
-                await apg.executemany(sql, rec_params)
+            await self._write_records(apg, records)
         if new:  # only once the CREATE is committed
             self._staged.add(apg)
+
+    async def _write_records(self, apg: Any, records: Records | None) -> None:
+        for sql, rec_params in self._rec_sql.params(records) if records else ():
+            await apg.executemany(sql, rec_params)
 
     def _pool_size(self) -> int:
         size = getattr(self.engine.sync_engine.pool, "size", None)

@@ -102,8 +102,16 @@ def alembic_config(url: str | URL) -> Any:
     return cfg
 
 
-def upgrade(url: str | URL, revision: str = "head") -> None:
-    """Apply migrations (blocking; runs its own event loop inside Alembic's env.py)."""
+def upgrade(url: str | URL, revision: str = "head", samples_partitions: int | None = None
+            ) -> None:
+    """Apply migrations (blocking; runs its own event loop inside Alembic's env.py).
+    ``samples_partitions``: the samples layout a migration that sets it up gives
+    PostgreSQL (labdaq.storage.partitions; None: ``LABDAQ_SAMPLES_PARTITIONS``, else 0)."""
     from alembic import command
 
-    command.upgrade(alembic_config(url), revision)
+    from labdaq.storage import partitions
+
+    cfg = alembic_config(url)
+    if samples_partitions is not None:
+        cfg.attributes[partitions.ATTRIBUTE] = samples_partitions
+    command.upgrade(cfg, revision)

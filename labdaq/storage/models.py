@@ -278,10 +278,8 @@ class SampleFlag(enum.IntFlag):
     TEMP_LOST = 64
 
 
-class Sample(Base):
-    """One measurement of one channel. Narrow on purpose: this is the hot table."""
-
-    __tablename__ = "samples"
+class SampleColumns:
+    """The columns of a sample row, shared by samples and its downsampled copies."""
 
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
     # Per-run monotonic sequence; (run_id, seq) unique so a replay never duplicates.
@@ -299,6 +297,38 @@ class Sample(Base):
     # The age of temperature_c's reading when it comes from a wired sensor (engine
     # seconds from the logger's query to this sample's measurement); NULL otherwise.
     temperature_age_s: Mapped[float | None] = mapped_column(Float)
+
+
+class Sample(SampleColumns, Base):
+    """One measurement of one channel. Narrow on purpose: this is the hot table."""
+
+    __tablename__ = "samples"
+
+
+class DownsampledSample(SampleColumns, Base):
+    """A sample kept in a run's downsampled copy (labdaq.retention): a row of samples as
+    it was, chosen to keep the shape of voltage and current at a few thousand points."""
+
+    __tablename__ = "samples_downsampled"
+
+
+class RunArchive(Base):
+    """An archived export of an ended run's samples (labdaq.retention): where the file
+    is, what it holds and its hash. No foreign key: the record outlives its run."""
+
+    __tablename__ = "run_archives"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(Integer, unique=True)
+    path: Mapped[str] = mapped_column(String(1000))
+    format: Mapped[str] = mapped_column(String(20))
+    samples: Mapped[int] = mapped_column(BigInteger)
+    last_seq: Mapped[int] = mapped_column(BigInteger)
+    data_sha256: Mapped[str] = mapped_column(String(64))
+    file_sha256: Mapped[str] = mapped_column(String(64))
+    downsampled: Mapped[int] = mapped_column(Integer)  # rows in samples_downsampled
+    archived_at: Mapped[datetime] = mapped_column(default=utcnow)
+    archived_by: Mapped[str] = mapped_column(String(200))
 
 
 class Step(Base):

@@ -9,9 +9,16 @@ from sqlalchemy.engine import Connection
 
 from labdaq.storage.db import create_engine
 from labdaq.storage.models import Base
+from labdaq.storage.partitions import is_partition_name
 
 config = context.config
 target_metadata = Base.metadata
+
+
+def _include_name(name: str | None, type_: str, _parents: object) -> bool:
+    # The model has one samples table whatever its layout: its partitions
+    # (labdaq.storage.partitions) are not tables to compare.
+    return not (type_ == "table" and is_partition_name(name))
 
 
 def _run(connection: Connection) -> None:
@@ -21,6 +28,7 @@ def _run(connection: Connection) -> None:
         # SQLite cannot ALTER most things in place; batch mode recreates tables instead.
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        include_name=_include_name,
     )
     with context.begin_transaction():
         context.run_migrations()
