@@ -38,7 +38,10 @@ from labdaq.api.routers import (
     web,
 )
 from labdaq.config import Settings, load_settings
+from labdaq.downsample import DownsampleCache
+from labdaq.read_pool import ReadPool
 from labdaq.storage.db import create_engine, sessionmaker
+from labdaq.token_cache import TokenCache
 
 
 def _api_busy_timeout(timeout_s: float) -> Any:
@@ -64,6 +67,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 engine.sync_engine, "connect", _api_busy_timeout(settings.api_db_busy_timeout_s)
             )
         app.state.engine = engine
+        # The downsampled-samples route's connections, one per worker thread.
+        app.state.read_pool = ReadPool(settings.resolved_database_url)
         app.state.sessionmaker = sessionmaker(
             engine, audit_head_file=settings.audit_head_file, origin="api"
         )
@@ -93,10 +98,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
             await engine.dispose()
+            app.state.read_pool.close()
 
     app = FastAPI(title="labdaq", version=labdaq.__version__, lifespan=lifespan,
                   generate_unique_id_function=operation_id)
     app.state.settings = settings
+    app.state.token_cache = TokenCache(settings.api_token_cache_s)
+    app.state.downsample_cache = DownsampleCache()
     install_problem_handlers(app, settings.api_retry_after_s)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.api_max_body_bytes,
                        larger={"/api/v1/imports": settings.api_max_import_bytes})

@@ -9,11 +9,13 @@ from fastapi import Depends, HTTPException, Path, Request, Security, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from labdaq import token_cache
 from labdaq.audit import Principal, set_principal
-from labdaq.auth import ROLE_GRANTS, Authenticated, authenticate
+from labdaq.auth import ROLE_GRANTS, Authenticated, authenticate, aware
 from labdaq.bounds import INT32_MAX
 from labdaq.storage import models as m
 from labdaq.storage.db import session_scope
+from labdaq.token_cache import TokenCache
 
 _bearer = HTTPBearer(auto_error=False)
 
@@ -46,6 +48,7 @@ def require(*grants: str) -> Callable[..., Coroutine[Any, Any, m.ApiToken]]:
     grant = " or ".join(grants)
 
     async def _check(
+        request: Request,
         session: Session,
         creds: HTTPAuthorizationCredentials | None,
     ) -> m.ApiToken:
@@ -55,18 +58,25 @@ def require(*grants: str) -> Callable[..., Coroutine[Any, Any, m.ApiToken]]:
                 "missing bearer token",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        found = await authenticate(session, creds.credentials)
-        if not isinstance(found, Authenticated):
-            raise HTTPException(
-                status.HTTP_401_UNAUTHORIZED,
-                found,  # unknown, revoked or expired token, or a disabled user
-                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
-            )
-        token = found.token
+        cache: TokenCache = request.app.state.token_cache
+        cached = cache.get(creds.credentials)
+        if cached is not None:
+            token, actor = cached.token, cached.actor
+        else:
+            generation = token_cache.generation()
+            found = await authenticate(session, creds.credentials)
+            if not isinstance(found, Authenticated):
+                raise HTTPException(
+                    status.HTTP_401_UNAUTHORIZED,
+                    found,  # unknown, revoked or expired token, or a disabled user
+                    headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+                )
+            token, actor = found.token, found.actor
+            cache.put(creds.credentials, token, actor, aware(token.expires_at), generation)
         if token.role not in admitted:
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"role {token.role!r} may not {grant}")
         # The audit log names whoever this request's changes are made by.
-        set_principal(session.info, Principal(found.actor, token.role, token.id))
+        set_principal(session.info, Principal(actor, token.role, token.id))
         return token
 
     # The roles admitted, as the OpenAPI security requirement's role list (OpenAPI 3.1:

@@ -78,8 +78,11 @@ DEFAULT_CHUNK_ROWS = 65_536
 # --- reading ---------------------------------------------------------------------------
 
 
-def connect(url: str) -> tuple[Any, str]:
+def connect(url: str, autocommit: bool = False) -> tuple[Any, str]:
     """A DB-API connection for reading samples, and its parameter style.
+
+    ``autocommit``: on PostgreSQL, each query its own transaction (a connection kept
+    between requests is then not left idle in a transaction); SQLite's reads never open one.
 
     PostgreSQL: ADBC, straight into Arrow. SQLite: the standard ``sqlite3`` module, read
     only. Not ADBC there: its driver carries its own copy of the SQLite library, and two
@@ -103,7 +106,7 @@ def connect(url: str) -> tuple[Any, str]:
         import adbc_driver_postgresql.dbapi as adbc_pg
 
         uri = u.set(drivername="postgresql").render_as_string(hide_password=False)
-        return adbc_pg.connect(uri), "numeric"
+        return adbc_pg.connect(uri, autocommit=autocommit), "numeric"
     raise Invalid(f"export does not support {backend} databases")
 
 
@@ -140,7 +143,23 @@ def iter_sample_batches(
         return
     conn, style = connect(url)
     try:
-        cur = conn.cursor()
+        yield from batches_on(conn, style, run_id, max_seq, after_seq, chunk_rows, where)
+    finally:
+        conn.close()
+
+
+def batches_on(
+    conn: Any,
+    style: str,
+    run_id: int,
+    max_seq: int,
+    after_seq: int = -1,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    where: SampleFilter | None = None,
+) -> Iterator[pa.RecordBatch]:
+    """:func:`iter_sample_batches` on a connection the caller holds (:func:`connect`)."""
+    cur = conn.cursor()
+    try:
         where = where or SampleFilter()
         sql = chunk_sql(style, where)
         extra = [v for _, v in where.conditions()]
@@ -155,9 +174,8 @@ def iter_sample_batches(
             last = int(batch.column(0)[-1].as_py())
             if table.num_rows < chunk_rows:
                 break
-        cur.close()
     finally:
-        conn.close()
+        cur.close()
 
 
 def _widen_pipe(fd: int, size: int = 1 << 20) -> None:
