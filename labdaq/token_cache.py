@@ -55,7 +55,7 @@ def _after_rollback(session: Session) -> None:
 
 @dataclass(frozen=True)
 class CachedToken:
-    """What a request needs of a verified token (detached from any session)."""
+    """What a request needs of a verified token (a transient copy, in no session)."""
 
     token: m.ApiToken
     actor: str
@@ -98,8 +98,12 @@ class TokenCache:
             return
         if len(self._entries) >= self.max_entries:
             self._entries.clear()  # unbounded distinct secrets: start over, stay small
+        # A copy outside any session: the request's own instance is expired when its
+        # session rolls back, and could then not be read by the next request.
+        copy = m.ApiToken(id=token.id, name=token.name, role=token.role,
+                          user_id=token.user_id, expires_at=expires_at)
         self._entries[self.key(secret)] = CachedToken(
-            token, actor, expires_at, generation, time.monotonic())
+            copy, actor, expires_at, generation, time.monotonic())
 
 
 def generation() -> int:
