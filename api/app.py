@@ -33,6 +33,7 @@ from labdaq.api.routers import (
     runs,
     samples,
     stream,
+    subscriptions,
     tokens,
     users,
     web,
@@ -72,9 +73,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.sessionmaker = sessionmaker(
             engine, audit_head_file=settings.audit_head_file, origin="api"
         )
-        # The alert notifier (labdaq.alerts) runs with the API when anyone subscribed.
+        # The alert notifier (labdaq.alerts) runs with the API: for the lab's subscribers
+        # in the configuration and the runs' own (labdaq.run_alerts) unless turned off.
         notifier = None
-        if settings.alerts:
+        if settings.alerts or settings.run_alerts:
             from labdaq.alerts import Notifier
 
             notifier = asyncio.create_task(
@@ -124,6 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(exports.router)
     app.include_router(stream.router)
     app.include_router(stream.lab_router)
+    app.include_router(subscriptions.router)
 
     def _openapi() -> dict[str, Any]:
         cached = app.openapi_schema is not None

@@ -133,6 +133,10 @@ class Settings(BaseSettings):
     # safety; the link in each alert is {public_url}/runs/{id}.
     alerts: list[AlertSubscription] = Field(default=[], description="alert subscriptions")
     public_url: str = "http://127.0.0.1:8000"
+    # Per-run subscriptions (POST /api/v1/runs/{id}/subscriptions, labdaq.run_alerts): the
+    # API runs the notifier for them even with no lab-wide subscriber above; false stores
+    # them but sends nothing.
+    run_alerts: bool = True
     smtp_host: str = "127.0.0.1"
     smtp_port: int = Field(default=25, ge=1, le=65535)
     smtp_from: str = "labdaq@localhost"
