@@ -32,8 +32,10 @@ class SubscriptionIn(BaseModel):
         return self
 
     def subscription(self) -> AlertSubscription:
-        extra = {"kinds": list(self.kinds)} if self.kinds else {}
-        return AlertSubscription(email=self.email, webhook=self.webhook, **extra)
+        if self.kinds:
+            return AlertSubscription(email=self.email, webhook=self.webhook,
+                                     kinds=[str(k) for k in self.kinds])
+        return AlertSubscription(email=self.email, webhook=self.webhook)
 
 
 class SubscriptionOut(BaseModel):
