@@ -55,6 +55,13 @@ async def _write(url: str, *rows: Any, stmt: Any = None) -> None:
         await engine.dispose()
 
 
+async def _revoke_elsewhere(url: str, secret: str) -> None:
+    """As `labdaq token revoke` in another process would: nothing tells the API."""
+    await _write(url, stmt=update(m.ApiToken).where(
+        m.ApiToken.token_sha256 == auth_service.hash_token(secret)).values(
+        revoked_at=m.utcnow()))
+
+
 def _cycle(run_id: int, k: int) -> m.Cycle:
     return m.Cycle(run_id=run_id, cycle_index=k, start_t_s=10.0 * k, end_t_s=10.0 * k + 10,
                    charge_capacity_ah=1.5 + k, discharge_capacity_ah=1.25,
@@ -130,10 +137,7 @@ async def test_revoked_elsewhere_is_refused_once_the_entry_is_old(
     secret = info["tokens"]["engineer"]
     path = f"/api/v1/runs/{info['run_ids'][0]}/cycles"
     assert (await c.get(path, headers=_h(secret))).status_code == 200
-    # As `labdaq token revoke` in another process would: nothing tells this one.
-    await _write(url, stmt=update(m.ApiToken).where(
-        m.ApiToken.token_sha256 == auth_service.hash_token(secret)).values(
-        revoked_at=m.utcnow()))
+    await _revoke_elsewhere(url, secret)
     assert (await c.get(path, headers=_h(secret))).status_code == 200  # within the TTL
     now = token_cache.time.monotonic()
     monkeypatch.setattr(token_cache.time, "monotonic", lambda: now + 60.0)
@@ -165,7 +169,5 @@ async def test_no_cache_sees_every_revocation(sqlite_url: str) -> None:
         secret = info["tokens"]["technician"]
         path = f"/api/v1/runs/{info['run_ids'][0]}/cycles"
         assert (await c.get(path, headers=_h(secret))).status_code == 200
-        await _write(url, stmt=update(m.ApiToken).where(
-            m.ApiToken.token_sha256 == auth_service.hash_token(secret)).values(
-            revoked_at=m.utcnow()))
+        await _revoke_elsewhere(url, secret)
         assert (await c.get(path, headers=_h(secret))).status_code == 401
