@@ -10,8 +10,11 @@ from labdaq.api.schemas import UtcDatetime
 from labdaq.config import AlertSubscription
 
 AlertKind = Literal["completed", "paused_fault", "aborted_safety", "node_down", "node_up"]
-Email = Annotated[str, StringConstraints(max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")]
-Webhook = Annotated[str, StringConstraints(max_length=500, pattern=r"^https?://[^\s]+$")]
+# One line, no control characters (PostgreSQL refuses a NUL in text).
+Email = Annotated[str, StringConstraints(
+    max_length=320, pattern=r"^[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+$")]
+Webhook = Annotated[str, StringConstraints(
+    max_length=500, pattern=r"^https?://[^\s\x00-\x1f\x7f]+$")]
 
 
 class SubscriptionIn(BaseModel):
