@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from labdaq.api.schemas import UtcDatetime
-from labdaq.config import AlertSubscription
+from labdaq.config import ALERT_KINDS, AlertSubscription
 
 AlertKind = Literal["completed", "paused_fault", "aborted_safety", "node_down", "node_up"]
 # One line, no control characters (PostgreSQL refuses a NUL in text).
@@ -17,28 +17,41 @@ Webhook = Annotated[str, StringConstraints(
     max_length=500, pattern=r"^https?://[^\s\x00-\x1f\x7f]+$")]
 
 
-class SubscriptionIn(BaseModel):
-    """Who to tell about this run: an e-mail address or a webhook URL (exactly one), and
-    which alerts (all of them if left out)."""
+Kinds = Annotated[list[AlertKind], Field(min_length=1, max_length=5,
+                                          examples=[["completed", "aborted_safety"]])]
 
+
+class _Subscribe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    email: Email | None = Field(default=None, examples=["engineer@lab.example"])
-    webhook: Webhook | None = Field(default=None, examples=[None])
-    kinds: list[AlertKind] | None = Field(default=None, min_length=1, max_length=5,
-                                          examples=[["completed", "aborted_safety"]])
+    # Which alerts (all of them if left out).
+    kinds: Kinds | None = None
 
-    @model_validator(mode="after")
-    def _one_target(self) -> SubscriptionIn:
-        if (self.email is None) == (self.webhook is None):
-            raise ValueError("name exactly one of email or webhook")
-        return self
+    def _kinds(self) -> list[str]:
+        return [str(k) for k in self.kinds] if self.kinds else list(ALERT_KINDS)
+
+
+class SubscribeEmail(_Subscribe):
+    """Tell this e-mail address about the run."""
+
+    email: Email = Field(examples=["engineer@lab.example"])
 
     def subscription(self) -> AlertSubscription:
-        if self.kinds:
-            return AlertSubscription(email=self.email, webhook=self.webhook,
-                                     kinds=[str(k) for k in self.kinds])
-        return AlertSubscription(email=self.email, webhook=self.webhook)
+        return AlertSubscription(email=self.email, kinds=self._kinds())
+
+
+class SubscribeWebhook(_Subscribe):
+    """POST this run's alerts to this URL (JSON, docs/deploy.md "Alerts")."""
+
+    webhook: Webhook = Field(examples=["https://hooks.lab.example/labdaq"])
+
+    def subscription(self) -> AlertSubscription:
+        return AlertSubscription(webhook=self.webhook, kinds=self._kinds())
+
+
+#: Exactly one of email or webhook: each form forbids the other's field, so the schema
+#: says it too (a body with both or neither matches no form).
+SubscriptionIn = SubscribeEmail | SubscribeWebhook
 
 
 class SubscriptionOut(BaseModel):
