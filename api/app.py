@@ -33,13 +33,17 @@ from labdaq.api.routers import (
     runs,
     samples,
     stream,
+    subscriptions,
     tokens,
     users,
     web,
     web_session,
 )
 from labdaq.config import Settings, load_settings
+from labdaq.downsample import DownsampleCache
+from labdaq.read_pool import ReadPool
 from labdaq.storage.db import create_engine, sessionmaker
+from labdaq.token_cache import TokenCache
 
 
 def _api_busy_timeout(timeout_s: float) -> Any:
@@ -65,12 +69,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 engine.sync_engine, "connect", _api_busy_timeout(settings.api_db_busy_timeout_s)
             )
         app.state.engine = engine
+        # The downsampled-samples route's connections, one per worker thread.
+        app.state.read_pool = ReadPool(settings.resolved_database_url)
         app.state.sessionmaker = sessionmaker(
             engine, audit_head_file=settings.audit_head_file, origin="api"
         )
-        # The alert notifier (labdaq.alerts) runs with the API when anyone subscribed.
+        # The alert notifier (labdaq.alerts) runs with the API: for the lab's subscribers
+        # in the configuration and the runs' own (labdaq.run_alerts) unless turned off.
         notifier = None
-        if settings.alerts:
+        if settings.alerts or settings.run_alerts:
             from labdaq.alerts import Notifier
 
             notifier = asyncio.create_task(
@@ -92,10 +99,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
             await engine.dispose()
+            app.state.read_pool.close()
 
     app = FastAPI(title="labdaq", version=labdaq.__version__, lifespan=lifespan,
                   generate_unique_id_function=operation_id)
     app.state.settings = settings
+    app.state.token_cache = TokenCache(settings.api_token_cache_s)
+    app.state.downsample_cache = DownsampleCache()
     install_problem_handlers(app, settings.api_retry_after_s)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.api_max_body_bytes,
                        larger={"/api/v1/imports": settings.api_max_import_bytes})
@@ -115,6 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(exports.router)
     app.include_router(stream.router)
     app.include_router(stream.lab_router)
+    app.include_router(subscriptions.router)
 
     def _openapi() -> dict[str, Any]:
         cached = app.openapi_schema is not None

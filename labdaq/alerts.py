@@ -1,5 +1,7 @@
 """Alert notifier: tell subscribers by e-mail and webhook when a run completes, stops on a
-fault or stops for safety, and when an acquisition node goes down or comes back.
+fault or stops for safety, and when an acquisition node goes down or comes back. Who is
+told: the lab's subscribers in the configuration (``[[labdaq.alerts]]``) and the run's own
+(:mod:`labdaq.run_alerts`, subscribed through the API).
 
 It follows the events table (the engine writes a ``state`` event with every run's final
 state) with a cursor on ``events.id`` kept in the database (``alert_cursor``), so a
@@ -25,6 +27,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from labdaq import run_alerts
 from labdaq.config import AlertSubscription, Settings
 from labdaq.node_watch import NODE_EVENT
 from labdaq.storage import models as m
@@ -172,18 +175,28 @@ class Notifier:
                                                         "chamber", NODE_EVENT)))
                 .order_by(m.Event.id).limit(_BATCH))).all()
             alerts = [a for a in [await self._alert(s, ev) for ev in events] if a is not None]
+            sends = [(alert, sub) for alert in alerts
+                     for sub in await self._subscribers(s, alert)]
         if len(events) == _BATCH:
             last = events[-1].id  # more to read: the next call continues from here
         # Concurrently: one receiver that is down (retrying with backoff) holds up no other.
-        done = sum(await asyncio.gather(*(
-            self._deliver(alert, sub) for alert in alerts for sub in self.settings.alerts
-            if alert.kind in sub.kinds)))
+        done = sum(await asyncio.gather(*(self._deliver(alert, sub) for alert, sub in sends)))
         async with self.maker() as s:
             row = await s.get(m.AlertCursor, 1)
             if row is not None and row.event_id < last:
                 row.event_id = last
                 await s.commit()
         return done
+
+    async def _subscribers(self, s: AsyncSession, alert: Alert) -> list[AlertSubscription]:
+        """The lab's subscribers of the alert's kind, then those of its run (a node's
+        alert: of the runs it was acquiring), each address or URL once."""
+        runs = [alert.run_id] if alert.run_id is not None else list(alert.runs)
+        out: dict[str | None, AlertSubscription] = {}
+        for sub in [*self.settings.alerts, *await run_alerts.targets_for(s, runs, alert.kind)]:
+            if alert.kind in sub.kinds:
+                out.setdefault(sub.email or sub.webhook, sub)
+        return list(out.values())
 
     async def _deliver(self, alert: Alert, sub: AlertSubscription) -> int:
         channel, target = ("email", sub.email) if sub.email else ("webhook", sub.webhook)

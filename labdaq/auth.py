@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from labdaq.errors import Conflict, Invalid, NotFound
 from labdaq.storage import models as m
+from labdaq.token_cache import mark_auth_changed
 
 # Which roles may do what. Admin may do everything.
 ROLE_GRANTS: dict[str, set[str]] = {
@@ -214,6 +215,8 @@ async def update_user(
             t.role = role
     if disabled is not None and disabled != (user.disabled_at is not None):
         user.disabled_at = m.utcnow() if disabled else None
+    # The API's verified-token cache is dropped when this commits (labdaq.token_cache).
+    mark_auth_changed(session.sync_session)
     after = _plain(user_view(user))
     if after != before:
         session.add(m.Event(
@@ -282,6 +285,7 @@ async def revoke_token(
     if token.revoked_at is None:
         before = _plain(token_view(token, user))
         token.revoked_at = m.utcnow()
+        mark_auth_changed(session.sync_session)
         session.add(m.Event(
             kind="audit", actor=actor, message=f"token {token.id} {token.name!r} revoked",
             data={"token_id_revoked": token.id, "before": before,
@@ -308,6 +312,7 @@ async def revoke_demo_tokens(session: AsyncSession) -> int:
     now = m.utcnow()
     for row in rows:
         row.revoked_at = now
+    mark_auth_changed(session.sync_session)
     if rows:
         session.add(m.Event(kind="audit", message=f"revoked {len(rows)} earlier demo token(s)"))
     return len(rows)

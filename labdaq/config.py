@@ -135,10 +135,18 @@ class Settings(BaseSettings):
     # (the engine keeps its own, longer wait); and the Retry-After it then suggests.
     api_db_busy_timeout_s: float = Field(default=2.0, ge=0)
     api_retry_after_s: int = Field(default=2, ge=1)
+    # How long the API keeps a verified token before checking it in the database again
+    # (labdaq.token_cache); 0 checks every request. A revocation through the same API
+    # process takes effect at once, one made elsewhere (CLI, another API) within this.
+    api_token_cache_s: float = Field(default=2.0, ge=0, le=60)
     # Alerts (labdaq.alerts): who is told when a run completes, stops on a fault or for
     # safety; the link in each alert is {public_url}/runs/{id}.
     alerts: list[AlertSubscription] = Field(default=[], description="alert subscriptions")
     public_url: str = "http://127.0.0.1:8000"
+    # Per-run subscriptions (POST /api/v1/runs/{id}/subscriptions, labdaq.run_alerts): the
+    # API runs the notifier for them even with no lab-wide subscriber above; false stores
+    # them but sends nothing.
+    run_alerts: bool = True
     smtp_host: str = "127.0.0.1"
     smtp_port: int = Field(default=25, ge=1, le=65535)
     smtp_from: str = "labdaq@localhost"

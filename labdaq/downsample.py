@@ -6,44 +6,68 @@ the keyset-paginated read of :mod:`labdaq.export`, so memory is bounded by one c
 4 × N rows whatever the run's length. Voltage and current are both kept in shape: half of
 the points are chosen on each and the union returned (at most N rows, in seq order), so a
 current pulse is not lost on a flat voltage curve.
+
+A result is kept (:class:`DownsampleCache`) under the run, its last committed ``seq``
+when asked, the number of points and the filter: samples are never changed once stored,
+so the same key always has the same answer, and a plot of a finished run, or one polled
+faster than the run samples, is not recomputed.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 from tsdownsample import LTTBDownsampler, MinMaxDownsampler
 
-from labdaq.export import SCHEMA, SampleFilter, connect, iter_sample_batches
+from labdaq.export import SCHEMA, SampleFilter, batches_on
 
 #: Min-max preselection ratio (tsdownsample's MinMaxLTTB default).
 MINMAX_RATIO = 4
 SIGNALS = ("voltage_v", "current_a")
 
 
+def _marks(style: str, n: int) -> list[str]:
+    return ["?" if style == "qmark" else f"${i + 1}" for i in range(n)]
+
+
 def count_sql(style: str, where: SampleFilter) -> str:
     """How many of a run's samples up to a seq match ``where`` (parameters: run id, the
     seq, then ``where``'s values)."""
     conds = ["run_id = {}", "seq <= {}", *(c for c, _ in where.conditions())]
-    marks = ["?" if style == "qmark" else f"${i + 1}" for i in range(len(conds))]
     return "SELECT COUNT(*) FROM samples WHERE " + " AND ".join(
-        c.format(mk) for c, mk in zip(conds, marks, strict=True)
+        c.format(mk) for c, mk in zip(conds, _marks(style, len(conds)), strict=True)
     )
 
 
-def count_samples(url: str, run_id: int, max_seq: int, where: SampleFilter) -> int:
-    conn, style = connect(url)
+def count_samples(conn: Any, style: str, run_id: int, max_seq: int, where: SampleFilter) -> int:
+    sql = count_sql(style, where)
+    cur = conn.cursor()
     try:
-        sql = count_sql(style, where)
-        cur = conn.cursor()
         cur.execute(sql, (run_id, max_seq, *(v for _, v in where.conditions())))
         row = cur.fetchone()
-        cur.close()
-        return int(row[0]) if row else 0
     finally:
-        conn.close()
+        cur.close()
+    return int(row[0]) if row else 0
+
+
+def last_seq(conn: Any, style: str, run_id: int) -> int | None:
+    """The run's last stored ``seq`` (-1: none yet), or None if there is no such run."""
+    mark = _marks(style, 1)[0]
+    cur = conn.cursor()
+    try:
+        cur.execute("SELECT id, (SELECT MAX(seq) FROM samples WHERE samples.run_id = runs.id)"
+                    f" FROM runs WHERE id = {mark}", (run_id,))
+        row = cur.fetchone()
+    finally:
+        cur.close()
+    if row is None:
+        return None
+    return -1 if row[1] is None else int(row[1])
 
 
 def _minmax(x: np.ndarray, y: np.ndarray, n_out: int) -> np.ndarray:
@@ -54,13 +78,14 @@ def _minmax(x: np.ndarray, y: np.ndarray, n_out: int) -> np.ndarray:
 
 
 def downsample(
-    url: str, run_id: int, max_seq: int, points: int, where: SampleFilter
+    conn: Any, style: str, run_id: int, max_seq: int, points: int, where: SampleFilter
 ) -> tuple[pa.Table, int]:
-    """At most ``points`` samples that keep the shape of voltage and current, and the
-    number of samples they were chosen from."""
-    n = count_samples(url, run_id, max_seq, where)
+    """At most ``points`` samples with ``seq <= max_seq`` that keep the shape of voltage
+    and current, and the number of samples they were chosen from (on a connection from
+    :func:`labdaq.export.connect`)."""
+    n = count_samples(conn, style, run_id, max_seq, where)
     batches = []
-    for batch in iter_sample_batches(url, run_id, max_seq, where=where):
+    for batch in batches_on(conn, style, run_id, max_seq, where=where):
         if n <= points:
             batches.append(batch)
             continue
@@ -84,3 +109,57 @@ def downsample(
     ]
     keep = np.unique(np.concatenate(chosen))[:points]
     return table.take(pa.array(keep)), n
+
+
+_Key = tuple[int, int, int, SampleFilter]
+
+
+class DownsampleCache:
+    """Downsampled results by (run, last seq, points, filter), least recently used out
+    first, at most ``max_rows`` rows in all. Shared by the API's worker threads."""
+
+    def __init__(self, max_rows: int = 200_000) -> None:
+        self.max_rows = max_rows
+        self._rows = 0
+        self._entries: OrderedDict[_Key, tuple[pa.Table, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: _Key) -> tuple[pa.Table, int] | None:
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None:
+                self._entries.move_to_end(key)
+            return hit
+
+    def put(self, key: _Key, value: tuple[pa.Table, int]) -> None:
+        rows = value[0].num_rows
+        if rows > self.max_rows:
+            return
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._rows -= old[0].num_rows
+            self._entries[key] = value
+            self._rows += rows
+            while self._rows > self.max_rows:
+                _, dropped = self._entries.popitem(last=False)
+                self._rows -= dropped[0].num_rows
+
+
+def downsampled(
+    conn: Any, style: str, run_id: int, points: int, where: SampleFilter,
+    cache: DownsampleCache | None = None,
+) -> tuple[pa.Table, int] | None:
+    """:func:`downsample` of everything the run has stored now, from ``cache`` when it
+    was computed before for the same last seq; None if there is no such run."""
+    top = last_seq(conn, style, run_id)
+    if top is None:
+        return None
+    key = (run_id, top, points, where)
+    hit = cache.get(key) if cache is not None else None
+    if hit is not None:
+        return hit
+    out = downsample(conn, style, run_id, top, points, where)
+    if cache is not None:
+        cache.put(key, out)
+    return out

@@ -73,13 +73,22 @@ BDF_LABELS: dict[str, str] = {
 }
 
 DEFAULT_CHUNK_ROWS = 65_536
+#: Chunk of a CSV or BDF export. A row is ~100 bytes of text against ~90 of Arrow, and a
+#: chunk is held as a batch, as the writer's text and as the bytes sent, so text exports
+#: read smaller chunks: the API's peak RSS over a 10 M-row CSV export grew 46 MiB at
+#: 65,536 rows a chunk and 27 MiB at 16,384 (docs/performance.md, "Export memory").
+#: Parquet keeps 65,536 (a chunk is a row group; smaller ones compress worse).
+TEXT_CHUNK_ROWS = 16_384
 
 
 # --- reading ---------------------------------------------------------------------------
 
 
-def connect(url: str) -> tuple[Any, str]:
+def connect(url: str, autocommit: bool = False) -> tuple[Any, str]:
     """A DB-API connection for reading samples, and its parameter style.
+
+    ``autocommit``: on PostgreSQL, each query its own transaction (a connection kept
+    between requests is then not left idle in a transaction); SQLite's reads never open one.
 
     PostgreSQL: ADBC, straight into Arrow. SQLite: the standard ``sqlite3`` module, read
     only. Not ADBC there: its driver carries its own copy of the SQLite library, and two
@@ -103,7 +112,7 @@ def connect(url: str) -> tuple[Any, str]:
         import adbc_driver_postgresql.dbapi as adbc_pg
 
         uri = u.set(drivername="postgresql").render_as_string(hide_password=False)
-        return adbc_pg.connect(uri), "numeric"
+        return adbc_pg.connect(uri, autocommit=autocommit), "numeric"
     raise Invalid(f"export does not support {backend} databases")
 
 
@@ -140,7 +149,23 @@ def iter_sample_batches(
         return
     conn, style = connect(url)
     try:
-        cur = conn.cursor()
+        yield from batches_on(conn, style, run_id, max_seq, after_seq, chunk_rows, where)
+    finally:
+        conn.close()
+
+
+def batches_on(
+    conn: Any,
+    style: str,
+    run_id: int,
+    max_seq: int,
+    after_seq: int = -1,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    where: SampleFilter | None = None,
+) -> Iterator[pa.RecordBatch]:
+    """:func:`iter_sample_batches` on a connection the caller holds (:func:`connect`)."""
+    cur = conn.cursor()
+    try:
         where = where or SampleFilter()
         sql = chunk_sql(style, where)
         extra = [v for _, v in where.conditions()]
@@ -155,9 +180,8 @@ def iter_sample_batches(
             last = int(batch.column(0)[-1].as_py())
             if table.num_rows < chunk_rows:
                 break
-        cur.close()
     finally:
-        conn.close()
+        cur.close()
 
 
 def _widen_pipe(fd: int, size: int = 1 << 20) -> None:
@@ -469,9 +493,12 @@ def _comment_block(meta: dict[str, Any]) -> bytes:
 
 
 def stream_export(
-    url: str, plan: ExportPlan, fmt: str, chunk_rows: int = DEFAULT_CHUNK_ROWS
+    url: str, plan: ExportPlan, fmt: str, chunk_rows: int | None = None
 ) -> Iterator[bytes]:
-    """The export as a sequence of byte chunks (one per chunk of samples)."""
+    """The export as a sequence of byte chunks (one per chunk of samples; by default
+    :data:`TEXT_CHUNK_ROWS` rows for CSV and BDF, :data:`DEFAULT_CHUNK_ROWS` for Parquet)."""
+    if chunk_rows is None:
+        chunk_rows = DEFAULT_CHUNK_ROWS if fmt == "parquet" else TEXT_CHUNK_ROWS
     digest = DataDigest()
     multi = len(plan.run_ids) != 1 or "runs" in plan.metadata
     sink = _Drain()

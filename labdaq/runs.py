@@ -568,12 +568,10 @@ async def list_samples(
     return list(rows.all())
 
 
-async def list_cycles(session: AsyncSession, run_id: int) -> list[m.Cycle]:
-    await get_run(session, run_id)
-    rows = await session.scalars(
-        select(m.Cycle).where(m.Cycle.run_id == run_id).order_by(m.Cycle.cycle_index)
-    )
-    return list(rows.all())
+async def require_run(session: AsyncSession, run_id: int) -> None:
+    """NotFound unless the run exists (its id only: the row, with its plan, is not read)."""
+    if await session.scalar(select(m.Run.id).where(m.Run.id == run_id)) is None:
+        raise NotFound(f"no run {run_id}")
 
 
 async def list_runs(

@@ -55,6 +55,7 @@ class Lab:
     spare_token_id: int = 0
     safety_event_id: int = 0
     import_id: int = 0
+    subscription_id: int = 0
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,12 @@ CALLS: dict[tuple[str, str], Callable[[Lab], Call]] = {
         "instrument": "smu1", "channel": "smu1/1", "certificate_id": "CAL-1",
         "lab": "NABL lab", "calibrated_on": "2026-01-05", "due_on": "2027-01-05",
         "accuracy": {"voltage_rel": 0.001, "current_rel": 0.01, "temperature_c": 2.0}}),
+    # A run's alert subscriptions (labdaq.run_alerts).
+    ("post", "/api/v1/runs/{run_id}/subscriptions"): lambda lab: (
+        f"/api/v1/runs/{lab.runs['queued']}/subscriptions",
+        {"email": "owner@lab.example", "kinds": ["aborted_safety"]}),
+    ("delete", "/api/v1/runs/{run_id}/subscriptions/{subscription_id}"): lambda lab: (
+        f"/api/v1/runs/{lab.runs['running']}/subscriptions/{lab.subscription_id}", None),
     # The dashboard's alarm acknowledgement (when merged).
     ("post", "/api/v1/alarms/{event_id}/ack"): lambda lab: (
         f"/api/v1/alarms/{lab.safety_event_id}/ack", None),
@@ -174,8 +181,13 @@ async def _runs(c: httpx.AsyncClient, lab: Lab, engine: AsyncEngine) -> None:
         alarm = m.Event(run_id=lab.runs["running"], kind="safety", severity="error",
                         message="voltage above limit")
         s.add(alarm)
+        sub = m.RunSubscription(run_id=lab.runs["running"], channel="webhook",
+                                target="http://127.0.0.1:9/hook", kinds=["completed"],
+                                created_by="seed")
+        s.add(sub)
         await s.flush()
         lab.safety_event_id = alarm.id
+        lab.subscription_id = sub.id
 
 
 @pytest.fixture

@@ -4,16 +4,21 @@ summaries."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Query, Request, status
-from fastapi.responses import JSONResponse
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from pydantic import TypeAdapter
 
 from labdaq import nodes, run_queue
 from labdaq import runs as service
 from labdaq.api.deps import NodeDownAfterS, Operator, Reader, RunId, RunStarter, Session
+from labdaq.api.json_response import validated_json
 from labdaq.api.problems import AUTH, COMMON, OPERATE, responses
 from labdaq.api.schemas import CycleOut, EisOut, EventOut, RunOut, StepOut
 from labdaq.api.schemas_dashboard import RunPreview
 from labdaq.bounds import INT32_MAX
+from labdaq.errors import NotFound
 from labdaq.run_queue import RunPatch
+from labdaq.run_reads import cycles_on
 from labdaq.runs import RunCreate
 from labdaq.storage import models as m
 from labdaq.storage.models import RunState
@@ -133,9 +138,16 @@ async def resume_run(run_id: RunId, session: Session, token: Operator) -> RunOut
     return RunOut.model_validate(run)
 
 
+_CYCLES = TypeAdapter(list[CycleOut])
+
+
 @router.get("/{run_id}/cycles", response_model=list[CycleOut], responses=READ)
-async def get_cycles(run_id: RunId, session: Session, _: Reader) -> list[CycleOut]:
-    return [CycleOut.model_validate(c) for c in await service.list_cycles(session, run_id)]
+async def get_cycles(run_id: RunId, request: Request, _: Reader) -> Response:
+    # One hop to a worker thread's kept connection (labdaq.run_reads).
+    rows = await run_in_threadpool(request.app.state.read_pool.run, cycles_on, run_id)
+    if rows is None:
+        raise NotFound(f"no run {run_id}")
+    return validated_json(_CYCLES, rows)
 
 
 @router.get("/{run_id}/steps", response_model=list[StepOut], responses=READ)

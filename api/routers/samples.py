@@ -6,14 +6,17 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
 from sqlalchemy import select
 
 from labdaq import runs as run_service
 from labdaq.api.dataout_schemas import SamplesPage
 from labdaq.api.deps import Reader, RunId, Session
+from labdaq.api.json_response import model_json
 from labdaq.api.problems import Problem
 from labdaq.bounds import INT32_MAX, INT64_MAX
-from labdaq.downsample import downsample
+from labdaq.downsample import downsampled
+from labdaq.errors import NotFound
 from labdaq.export import COLUMNS, SampleFilter
 from labdaq.storage import models as m
 
@@ -43,24 +46,25 @@ async def get_samples(
         description="downsample to at most this many points (MinMaxLTTB on voltage and "
         "current); the cursor parameters are then ignored",
     ),
-) -> SamplesPage:
-    await run_service.get_run(session, run_id)
+) -> Response:
     where = SampleFilter(t_from=t_from, t_to=t_to, cycle=cycle, step=step)
     if points is not None:
-        top = await session.scalar(
-            select(m.Sample.seq).where(m.Sample.run_id == run_id)
-            .order_by(m.Sample.seq.desc()).limit(1)
+        # One hop to a worker thread with its own connection: the run, its last seq and
+        # the samples are all read there (labdaq.read_pool), and an unchanged run is
+        # answered from the cache.
+        found = await run_in_threadpool(
+            request.app.state.read_pool.run, downsampled, run_id, points, where,
+            request.app.state.downsample_cache,
         )
-        url = request.app.state.settings.resolved_database_url
-        table, source = await run_in_threadpool(
-            downsample, url, run_id, int(top if top is not None else -1), points, where
-        )
+        if found is None:
+            raise NotFound(f"no run {run_id}")
+        table, source = found
         cols = table.to_pydict()
         seqs = cols["seq"]
-        return SamplesPage(
+        return model_json(SamplesPage(
             run_id=run_id, count=len(seqs), next_after_seq=seqs[-1] if seqs else after_seq,
             more=False, downsampled=True, source_count=source, **cols,
-        )
+        ))
     s = m.Sample
     q = (
         select(*(getattr(s, c) for c in COLUMNS))
@@ -77,12 +81,14 @@ async def get_samples(
     if step is not None:
         q = q.where(s.step_index == step)
     rows = (await session.execute(q)).all()
+    if not rows:
+        await run_service.require_run(session, run_id)
     more = len(rows) > limit
     rows = rows[:limit]
     # Core rows, not ORM objects: building ORM instances dominated this endpoint's cost.
     columns = list(zip(*rows, strict=True)) if rows else [() for _ in COLUMNS]
     data = {c: list(v) for c, v in zip(COLUMNS, columns, strict=True)}
-    return SamplesPage(
+    return model_json(SamplesPage(
         run_id=run_id, count=len(rows),
         next_after_seq=data["seq"][-1] if rows else after_seq, more=more, **data,
-    )
+    ))

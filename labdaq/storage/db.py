@@ -53,8 +53,9 @@ def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
     if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
         Path(u.database).parent.mkdir(parents=True, exist_ok=True)
     # pre_ping: after a PostgreSQL restart the pool would otherwise hand out dead
-    # connections once each before recovering.
-    kwargs.setdefault("pool_pre_ping", True)
+    # connections once each before recovering. Not for a SQLite file, which has no server
+    # to lose: there it was one more round trip to aiosqlite's thread per checkout.
+    kwargs.setdefault("pool_pre_ping", u.get_backend_name() != "sqlite")
     engine = create_async_engine(u, **kwargs)
     if u.get_backend_name() == "sqlite":
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)

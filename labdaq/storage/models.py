@@ -650,3 +650,24 @@ class LiveReading(Base):
     state: Mapped[str] = mapped_column(String(20))
     # The last harvested sample's seq when it was read: how far the samples lag.
     last_seq: Mapped[int] = mapped_column(BigInteger)
+
+
+class RunSubscription(Base):
+    """Someone to tell about one run (labdaq.run_alerts): an e-mail address or a webhook
+    URL, and the alert kinds they want. The notifier (labdaq.alerts) sends a run's alerts
+    to these besides the lab-wide subscribers of the configuration."""
+
+    __tablename__ = "run_subscriptions"
+    __table_args__ = (
+        UniqueConstraint("run_id", "target", name="uq_run_subscriptions_run_target"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)
+    # email | webhook, and the address or URL
+    channel: Mapped[str] = mapped_column(String(10))
+    target: Mapped[str] = mapped_column(String(500))
+    kinds: Mapped[list[str]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Who subscribed it (the audit log has the rest).
+    created_by: Mapped[str] = mapped_column(String(200))
