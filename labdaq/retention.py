@@ -64,6 +64,14 @@ async def due_runs(session: AsyncSession, ended_before: datetime) -> list[int]:
         .order_by(m.Run.ended_at, m.Run.id))).all())
 
 
+def _downsample(url: str, run_id: int, top: int, points: int) -> Any:
+    conn, style = export.connect(url)
+    try:
+        return downsample(conn, style, run_id, top, points, SampleFilter())[0]
+    finally:
+        conn.close()
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -94,7 +102,7 @@ async def archive_run(maker: async_sessionmaker[AsyncSession], url: str, run_id:
     file_sha = await asyncio.to_thread(_sha256, part)
     os.replace(part, path)
     top = plan.max_seq[run_id]
-    table, _ = await asyncio.to_thread(downsample, url, run_id, top, points, SampleFilter())
+    table = await asyncio.to_thread(_downsample, url, run_id, top, points)
     copy: list[dict[str, Any]] = [{"run_id": run_id, **row} for row in table.to_pylist()]
     async with maker() as s, s.begin():
         if copy:
