@@ -49,7 +49,7 @@ test-slow: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -m "slow and not deep and not soak" --durations=15
 
 # The long form of the memory soak: 64 channels at 1 s under the standard API load for
-# 65 minutes of wall time, RSS of every serve process (tests/test_soak_api_load.py).
+# an hour of wall time, RSS of every serve process (tests/test_soak_api_load.py).
 soak: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -s -m soak
 
