@@ -44,16 +44,18 @@ test: $(VENV)/.installed-dev
 test-fast: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -m "not slow and not deep" $(FAST_TESTS)
 
-# The long suites (@pytest.mark.slow); .ci/run runs them after `make test`.
+# The long suites (@pytest.mark.slow, schemathesis in depth included); .ci/run runs them
+# after `make test`.
 test-slow: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q -m "slow and not deep and not soak" --durations=15
+	$(BIN)/python -m pytest -q -m "slow and not soak" --durations=15
 
 # The long form of the memory soak: 64 channels at 1 s under the standard API load for
 # an hour of wall time, RSS of every serve process (tests/test_soak_api_load.py).
 soak: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -s -m soak
 
-# schemathesis in depth: 100 examples per operation, every phase, each role, both backends.
+# schemathesis in depth alone (also in test-slow): 100 examples per operation, every
+# phase, each role, both backends.
 test-deep: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -m deep
 
