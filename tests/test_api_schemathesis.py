@@ -33,11 +33,6 @@ from tests.db_fixtures import PG_URL, _pg_admin
 
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 ROLES = ("technician", "engineer", "admin")
-# The simulated lab at 10x: runs move on (steps end, states change) within a test, while
-# the samples the operations read and export stay in the thousands. At 100x one run's
-# 100 samples a second made every export, report and dQ/dV read more as the test went
-# on (an export of cell 1 was 13.6 MB after 20 minutes).
-SPEED = "10"
 START_TIMEOUT_S = 180.0  # generous: the machine may be busy; only a hang fails
 
 
@@ -84,7 +79,7 @@ def service(
     base = f"http://127.0.0.1:{port}"
     log = (data_dir / "serve.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "labdaq.cli", "serve", "--sim", "--speed", SPEED,
+        [sys.executable, "-m", "labdaq.cli", "serve", "--sim", "--speed", "100",
          "--port", str(port), "--data-dir", str(data_dir), *db_args],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
