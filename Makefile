@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 DATA_DIR ?= ./data
 
-.PHONY: run test test-fast test-slow test-deep faults bench lint typecheck clean
+.PHONY: run test test-fast test-slow test-deep soak faults bench lint typecheck clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -44,11 +44,18 @@ test: $(VENV)/.installed-dev
 test-fast: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -m "not slow and not deep" $(FAST_TESTS)
 
-# The long suites (@pytest.mark.slow); .ci/run runs them after `make test`.
+# The long suites (@pytest.mark.slow, schemathesis in depth included); .ci/run runs them
+# after `make test`.
 test-slow: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q -m "slow and not deep" --durations=15
+	$(BIN)/python -m pytest -q -m "slow and not deep and not soak" --durations=15
 
-# schemathesis in depth: 100 examples per operation, every phase, each role, both backends.
+# The long form of the memory soak: 64 channels at 1 s under the standard API load for
+# an hour of wall time, RSS of every serve process (tests/test_soak_api_load.py).
+soak: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q -s -m soak
+
+# schemathesis in depth: 100 examples per operation, every phase, each role, both backends
+# (not in test-slow: its six runs have not been timed on a quiet machine yet).
 test-deep: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -m deep
 

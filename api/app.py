@@ -45,14 +45,22 @@ from labdaq.read_pool import ReadPool
 from labdaq.storage.db import create_engine, sessionmaker
 from labdaq.token_cache import TokenCache
 
+#: Page cache of each of the API's SQLite connections, KiB (the storage layer's 32 MiB is
+#: for the writer's inserts). A request reads one run's rows, a few hundred pages at most,
+#: and the OS caches the file behind it. With 32 MiB each pooled connection kept caching
+#: new sample pages as the database grew, and so did the API's memory (the 1 h soak,
+#: tests/test_soak_api_load.py).
+API_SQLITE_CACHE_KIB = 2048
 
-def _api_busy_timeout(timeout_s: float) -> Any:
+
+def _api_sqlite_pragmas(timeout_s: float) -> Any:
     def _set(dbapi_conn: Any, _record: Any) -> None:
         # Runs after the storage layer's pragmas: an API request waits this long for a
         # locked SQLite file and then answers 503 with Retry-After, instead of holding the
         # client (and a worker) for the engine's longer wait.
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
+        cur.execute(f"PRAGMA cache_size=-{API_SQLITE_CACHE_KIB}")
         cur.close()
 
     return _set
@@ -66,7 +74,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = create_engine(settings.resolved_database_url)
         if engine.dialect.name == "sqlite":
             event.listen(
-                engine.sync_engine, "connect", _api_busy_timeout(settings.api_db_busy_timeout_s)
+                engine.sync_engine, "connect",
+                _api_sqlite_pragmas(settings.api_db_busy_timeout_s)
             )
         app.state.engine = engine
         # The downsampled-samples route's connections, one per worker thread.

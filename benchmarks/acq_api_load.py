@@ -81,13 +81,16 @@ async def _api_load(port: int, token: str, ids: list[int], rate_hz: float,
     cpu0 = time.process_time()
     t0 = time.perf_counter() + 0.05
     n = int(rate_hz * duration_s)
-    tasks = []
+    # Only unanswered requests are kept: an hour's load is 360,000 of them.
+    tasks: set[asyncio.Task[None]] = set()
     for i in range(n):
         intended = t0 + i / rate_hz
         delay = intended - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(i, intended)))
+        task = asyncio.create_task(one(i, intended))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
     # Requests still unanswered a few seconds after the last was due count as unfinished.
     done, pending = await asyncio.wait(tasks, timeout=5.0) if tasks else (set(), set())
     for t in pending:

@@ -27,11 +27,9 @@ def _value(text: str) -> float | bool:
 
 
 def _parse_observations(items: list[str]) -> dict[str, float | bool]:
-    from labdaq.benchmarks.catalogue import METRICS, load_catalogue
+    from labdaq.benchmarks.store import observable_metrics
 
-    # Metrics, and the quantities banded limits depend on (e.g. cell_mass_g).
-    known = set(METRICS) | {c.band_quantity for e in load_catalogue().entries
-                            for c in e.criteria if c.band_quantity}
+    known = observable_metrics()
     out: dict[str, float | bool] = {}
     for item in items:
         name, sep, value = item.partition("=")

@@ -523,8 +523,11 @@ def stream_export(
         return pacsv.CSVWriter(sink, schema)
 
     for run_id in plan.run_ids:
+        # A run of one chunk or less is one range read: a reader process would cost more to
+        # start (its interpreter and pyarrow) than it saves.
         for batch in iter_sample_batches(url, run_id, plan.max_seq[run_id],
-                                         chunk_rows=chunk_rows, reader_process=True):
+                                         chunk_rows=chunk_rows,
+                                         reader_process=plan.max_seq[run_id] > chunk_rows):
             digest.update(batch)
             out = shaped(batch, run_id)
             if writer is None:

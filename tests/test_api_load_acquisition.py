@@ -22,6 +22,8 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -92,20 +94,47 @@ def _start_runs(svc: Service) -> list[int]:
     return ids
 
 
-@pytest.mark.timeout(900)
-def test_api_load_does_not_make_the_engine_miss_periods(tmp_path: Path) -> None:
+@dataclass
+class LoadOutcome:
+    """What one session under the standard API load left behind, counted from the database
+    (``lost``: due periods with no stored sample; ``holes``/``seq_lost``: numbered samples
+    the database does not hold)."""
+
+    api: dict[str, Any]
+    final: dict[str, Any]
+    recorded_missed: int
+    gap_events: list[tuple[Any, ...]]
+    seq_lost: int
+    duplicates: int
+    n_runs: int
+
+
+def run_under_api_load(tmp_path: Path, load_s: float,
+                       while_loaded: Callable[[Service, subprocess.Popen[str]], None]
+                       | None = None) -> LoadOutcome:
+    """`labdaq serve --sim --speed 1`, a run on each of the 64 channels, the standard API
+    load for ``load_s`` seconds (``while_loaded(svc, load_proc)`` is called while it runs
+    and returns once it has ended), then every run stopped and the database checked."""
     bench = _bench()
     with _serve(tmp_path, speed=1.0, serve_args=("--sim-cabinets", str(CABINETS))) as svc:
         run_ids = _start_runs(svc)
         _wait(lambda: svc.db("SELECT count(DISTINCT run_id) FROM samples")[0][0] == CHANNELS,
               "every run to store a sample", svc.proc)
         spec = {"port": int(svc.base.rsplit(":", 1)[1]), "token": _engineer_token(svc),
-                "ids": run_ids, "rate_hz": RATE_HZ, "duration_s": LOAD_S, "conns": CONNS}
-        load = subprocess.run([sys.executable, str(BENCH), "--api-load", json.dumps(spec)],
-                              capture_output=True, text=True, timeout=LOAD_S + 300)
+                "ids": run_ids, "rate_hz": RATE_HZ, "duration_s": load_s, "conns": CONNS}
+        load = subprocess.Popen([sys.executable, str(BENCH), "--api-load", json.dumps(spec)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            if while_loaded is not None:
+                while_loaded(svc, load)
+            out, err = load.communicate(timeout=load_s + 300)
+        finally:
+            if load.poll() is None:  # the test failed while the load ran
+                load.kill()
+                load.wait()
         load_end_utc = time.time()
-        assert load.returncode == 0, load.stderr[-3000:]
-        api = json.loads(load.stdout.strip().splitlines()[-1])
+        assert load.returncode == 0, err[-3000:]
+        api = json.loads(out.strip().splitlines()[-1])
         with httpx.Client(base_url=svc.base, headers=svc.headers, timeout=60) as client:
             for rid in run_ids:
                 r = client.post(f"/api/v1/runs/{rid}/stop")
@@ -128,15 +157,25 @@ def test_api_load_does_not_make_the_engine_miss_periods(tmp_path: Path) -> None:
     print(f"API load: {json.dumps(api)}")
     print(f"stored rows {final['rows']}, periods lost {final['lost']}, recorded missed "
           f"{recorded}, gap events {len(gap_events)}, seq holes {final['holes']}")
+    return LoadOutcome(api, final, recorded, gap_events, lost, dups, len(run_ids))
+
+
+def assert_nothing_missed(out: LoadOutcome) -> None:
+    # The load ran and was served: requests answered, and none with an error.
+    assert out.api["requests"] > 0, out.api
+    assert out.api["errors"] == 0 and set(out.api["statuses"]) == {"200"}, out.api
+    # Nothing missed, by the engine's record and by the database's rows.
+    assert out.recorded_missed == 0 and not out.gap_events, out.gap_events[:5]
+    assert out.final["lost"] == [0], out.final
+    assert out.final["holes"] == 0 and out.seq_lost == 0 and out.duplicates == 0, out.final
+    assert not out.final["bad"], out.final["bad"]
+
+
+@pytest.mark.timeout(900)
+def test_api_load_does_not_make_the_engine_miss_periods(tmp_path: Path) -> None:
+    out = run_under_api_load(tmp_path, LOAD_S)
     record_fault(f"{CHANNELS} channels at {PERIOD_S:g} s under the standard API load "
                  f"({RATE_HZ:g} req/s for {LOAD_S:g} s, speed 1)", faults=0,
-                 lost=final["lost"][0] + lost, duplicates=dups, runs_resumed=len(run_ids),
-                 runs=len(run_ids), missed_periods=recorded)
-    # The load ran and was served: requests answered, and none with an error.
-    assert api["requests"] > 0, api
-    assert api["errors"] == 0 and set(api["statuses"]) == {"200"}, api
-    # Nothing missed, by the engine's record and by the database's rows.
-    assert recorded == 0 and not gap_events, gap_events[:5]
-    assert final["lost"] == [0], final
-    assert final["holes"] == 0 and lost == 0 and dups == 0, final
-    assert not final["bad"], final["bad"]
+                 lost=out.final["lost"][0] + out.seq_lost, duplicates=out.duplicates,
+                 runs_resumed=out.n_runs, runs=out.n_runs, missed_periods=out.recorded_missed)
+    assert_nothing_missed(out)

@@ -4,7 +4,9 @@
 PostgreSQL; schemathesis runs every check (no 5xx, responses match their schema and
 content type, only documented status codes, negative data refused, links followed)
 against it with a bearer token. The quick form is part of the normal suite; the deep form
-(100 examples per operation, every phase, each role's token) is marked ``slow``.
+(100 examples per operation, every phase, each role's token, on SQLite and PostgreSQL:
+six test cases) is marked ``slow`` and ``deep``: `make test-deep` runs it (`make test-slow` leaves
+it out).
 """
 
 from __future__ import annotations
@@ -149,8 +151,8 @@ def test_schemathesis_quick(service: tuple[str, dict[str, str]]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.deep  # `make test-deep`: ~20-45 min for both backends and three roles
-@pytest.mark.timeout(3600)
+@pytest.mark.deep  # also alone: `make test-deep`
+@pytest.mark.timeout(3600)  # only stops a hang: a run is minutes, more on a loaded machine
 @pytest.mark.parametrize("role", ROLES)
 def test_schemathesis_deep(service: tuple[str, dict[str, str]], role: str) -> None:
     base, tokens = service

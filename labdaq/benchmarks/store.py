@@ -4,6 +4,7 @@ Sync; an async caller uses ``session.run_sync``."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from importlib import metadata, resources
 from pathlib import Path
@@ -18,7 +19,7 @@ from labdaq.storage import models as m
 
 __all__ = [
     "data_sha256", "catalogue_sha256", "store_evaluation", "latest_evaluation",
-    "record_observation", "observations_of",
+    "record_observation", "observations_of", "observable_metrics",
 ]
 
 # The sample columns an evaluation reads, in a fixed order for the hash.
@@ -81,14 +82,22 @@ def latest_evaluation(session: Session, run_id: int) -> list[m.Evaluation]:
         .order_by(m.Evaluation.entry_id)))
 
 
+@functools.cache
+def observable_metrics() -> frozenset[str]:
+    """What an observation may name: the catalogue's metrics and the quantities its banded
+    limits depend on (e.g. cell_mass_g). Read once: the shipped catalogue does not change
+    while the process runs, and parsing its YAML for every value of every request made
+    POST /runs/{id}/observations the API's slowest operation."""
+    from labdaq.benchmarks.catalogue import METRICS, load_catalogue
+
+    return frozenset(METRICS) | {c.band_quantity for e in load_catalogue().entries
+                                 for c in e.criteria if c.band_quantity}
+
+
 def record_observation(session: Session, run_id: int, metric: str, value: float | bool,
                        observed_by: str, note: str | None = None) -> m.Observation:
     """Add a technician's observation (the caller commits)."""
-    from labdaq.benchmarks.catalogue import METRICS, load_catalogue
-
-    known = set(METRICS) | {c.band_quantity for e in load_catalogue().entries
-                            for c in e.criteria if c.band_quantity}
-    if metric not in known:
+    if metric not in observable_metrics():
         raise ValueError(f"unknown metric {metric!r}")
     if session.get(m.Run, run_id) is None:
         raise KeyError(f"no run {run_id}")
