@@ -21,6 +21,11 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(VENV)/.installed $@
 
+# make bench also measures the tools it compares with (cellpy, pandas: the bench extra).
+$(VENV)/.installed-bench: pyproject.toml $(VENV)/.installed-dev
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	touch $@
+
 run: $(VENV)/.installed
 	$(BIN)/labdaq serve --sim --speed $(SPEED) --host $(HOST) --port $(PORT) --data-dir $(DATA_DIR)
 
@@ -76,7 +81,7 @@ lint: $(VENV)/.installed-dev
 # The lab's PostgreSQL (every machine here runs one); override to measure another server.
 BENCH_PG_URL ?= postgresql://postgres@127.0.0.1:5432/test
 
-bench: $(VENV)/.installed-dev
+bench: $(VENV)/.installed-bench
 	LABDAQ_BENCH_PG_URL="$${LABDAQ_BENCH_PG_URL:-$(BENCH_PG_URL)}" $(BIN)/python benchmarks/run_all.py
 
 clean:
