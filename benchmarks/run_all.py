@@ -89,8 +89,9 @@ def main() -> None:
     ap.add_argument("--no-readme", action="store_true")
     ap.add_argument("--only", nargs="*", default=None, help="benchmark names (file stems)")
     args = ap.parse_args()
+    # Helpers start with "_"; acq_*.py are acquisition_scale.py's parts, not benchmarks.
     scripts = sorted(p for p in HERE.glob("*.py")
-                     if not p.name.startswith(("_", "run_all")) and p.stem not in BY_HAND)
+                     if not p.name.startswith(("_", "run_all", "acq_")) and p.stem not in BY_HAND)
     if args.only:
         scripts = [p for p in scripts if p.stem in args.only]
     results: list[dict] = []
