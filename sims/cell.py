@@ -24,13 +24,11 @@ Model (per cell, vectorised over a bank with numpy; current positive = charge):
 Parameters come from YAML files in ``labdaq.seeds/cells`` (see docs/cells.md), read and
 validated by :mod:`labdaq.sims.cell_spec`.
 
-Why this module is over ~650 lines: it is one class, :class:`CellBank`, on purpose. Its
-``step`` is a single vectorised integrator whose state arrays the electrical, thermal,
-ageing and abuse parts all read and write within the same step (the heat depends on the
-overpotentials, the resistances on the temperature and ageing, the short on the
-decomposition); split across modules, that state would be passed back and forth or shared
-through mixins. About 140 of its lines are read-only views of those arrays (``voltage_v``,
-``soc``, ``heat_w`` ...).
+One class, :class:`CellBank`, holds the integrator: its ``step`` is a single vectorised
+update whose state arrays the electrical, thermal, ageing and abuse parts all read and
+write within the same step (the heat depends on the overpotentials, the resistances on
+the temperature and ageing, the short on the decomposition). Its read-only views of those
+arrays (``voltage_v``, ``soc``, ``heat_w`` ...) are :mod:`labdaq.sims.cell_readings`.
 """
 
 from __future__ import annotations
@@ -40,6 +38,7 @@ import math
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from .cell_readings import CellReadings
 from .cell_spec import (  # noqa: F401 - re-exported: callers import them from here
     GAS_CONSTANT_J_PER_MOL_K,
     KELVIN_OFFSET,
@@ -82,7 +81,7 @@ _MAX_RISE_PER_SUBSTEP_C = 2.0
 _MIN_SUBSTEP_FRACTION = 1e-4
 
 
-class CellBank:
+class CellBank(CellReadings):
     """N cells of one spec advanced together; every state is a numpy array of length N.
 
     Hot-path notes: a step is ~60 small numpy operations, so per-call overhead dominates at
@@ -574,145 +573,3 @@ class CellBank:
         self._any_forced = True
         self._update_reacting()
         self._cache = None
-
-    # ------------------------------------------------------------------ read-outs
-    @property
-    def voltage_v(self) -> FloatArray:
-        """Terminal voltage at the last applied current."""
-        return self.terminal_voltage(self._current_a)
-
-    @property
-    def current_a(self) -> FloatArray:
-        """Last applied (external) current, A, + = charge."""
-        return np.broadcast_to(self._current_a, self._soc.shape).copy()
-
-    @property
-    def cell_current_a(self) -> FloatArray:
-        """Current through the electrochemistry in the last step (external minus shorts)."""
-        return np.array(self._cell_current_a, dtype=float)
-
-    @property
-    def ocv_v(self) -> FloatArray:
-        return self._eval()[0].copy()
-
-    @property
-    def soc(self) -> FloatArray:
-        return self._soc.copy()
-
-    @soc.setter
-    def soc(self, value: ArrayLike) -> None:
-        self._soc = np.broadcast_to(np.asarray(value, dtype=float), self._soc.shape).copy()
-        self._soc_min = float(self._soc.min())
-        self._soc_max = float(self._soc.max())
-        self._cache = None
-
-    @property
-    def temperature_c(self) -> FloatArray:
-        """Reported temperature: NaN where the sensor has dropped out."""
-        if self.sensor_dropout.any():
-            return np.where(self.sensor_dropout, np.nan, self._temp_c)
-        return self._temp_c.copy()
-
-    @property
-    def cell_temperature_c(self) -> FloatArray:
-        """True cell temperature (ignores sensor dropout)."""
-        return self._temp_c.copy()
-
-    @property
-    def ambient_c(self) -> FloatArray:
-        return self._ambient.copy()
-
-    @ambient_c.setter
-    def ambient_c(self, value: ArrayLike) -> None:
-        self._ambient = np.broadcast_to(np.asarray(value, dtype=float), self._soc.shape).copy()
-
-    @property
-    def capacity_fade(self) -> FloatArray:
-        """Relative capacity lost to ageing so far (0 = fresh)."""
-        kc, kd = self._k_fade
-        return kc * self._w_efc + kd * self._w_days
-
-    @property
-    def resistance_growth(self) -> FloatArray:
-        """Relative growth of all resistances from ageing so far (0 = fresh)."""
-        kc, kd = self._k_growth
-        return kc * self._w_efc + kd * self._w_days
-
-    @property
-    def capacity_ah(self) -> FloatArray:
-        """Present (faded) capacity at the reference temperature."""
-        return self._fresh_capacity_ah * np.maximum(1.0 - self.capacity_fade, 0.01)
-
-    @property
-    def available_capacity_ah(self) -> FloatArray:
-        """Present capacity times the deliverable fraction at the cell's temperature."""
-        return self.capacity_ah * np.interp(self._temp_c, self._cap_t, self._cap_f)
-
-    @property
-    def soh(self) -> FloatArray:
-        """State of health: present capacity over the cell's fresh capacity."""
-        return self.capacity_ah / self._fresh_capacity_ah
-
-    @property
-    def r0_ohm(self) -> FloatArray:
-        """Present series resistance (temperature, SOC and ageing applied)."""
-        return self._eval()[1].copy()
-
-    @property
-    def r1_ohm(self) -> FloatArray:
-        return self._eval()[2].copy()
-
-    @property
-    def r2_ohm(self) -> FloatArray:
-        return self._eval()[3].copy()
-
-    @property
-    def v_rc1_v(self) -> FloatArray:
-        return self._v1.copy()
-
-    @property
-    def v_rc2_v(self) -> FloatArray:
-        return self._v2.copy()
-
-    @property
-    def hysteresis_state(self) -> FloatArray:
-        """-1 on the discharge OCV branch, +1 on the charge branch."""
-        return self._h_state.copy()
-
-    @property
-    def heat_w(self) -> FloatArray:
-        """Heat generated inside each cell during the last step (mean over the step)."""
-        return np.array(self._heat_w)
-
-    @property
-    def reversible_heat_w(self) -> FloatArray:
-        """Reversible (entropic) part of ``heat_w`` in the last step, ``I*T*dU/dT`` with I
-        positive on charge: positive (heating) on discharge where dU/dT < 0."""
-        if self._rev_parts is None:
-            return np.zeros(self._shape)
-        i_cell, t_k, dudt = self._rev_parts
-        return np.asarray(i_cell * t_k * dudt, dtype=float)
-
-    @property
-    def entropic_coefficient_v_per_k(self) -> FloatArray:
-        """dU/dT at each cell's present SOC, V/K."""
-        return np.broadcast_to(self._eval()[6], self._shape).astype(float)
-
-    @property
-    def decomposed_fraction(self) -> FloatArray:
-        """Fraction of the runaway decomposition already reacted (0 = none)."""
-        return self._conversion.copy()
-
-    @property
-    def equivalent_full_cycles(self) -> FloatArray:
-        return self._efc.copy()
-
-    @property
-    def throughput_ah(self) -> FloatArray:
-        """Charge moved through the cell either way, Ah."""
-        return self._efc * (2.0 * self.spec.capacity_ah)
-
-    @property
-    def runaway(self) -> NDArray[np.bool_]:
-        """True for cells in (or after) thermal runaway."""
-        return self._runaway.copy()
