@@ -69,8 +69,6 @@ from pydantic import (
 
 from labdaq.bounds import (
     INT32_MAX,
-    AmpHours,
-    Celsius,
     Name,
     PositiveAmps,
     PositiveVolts,
@@ -83,6 +81,7 @@ from labdaq.instrument_resources import (  # noqa: F401 - re-exported for caller
     parse_resource,
 )
 from labdaq.instruments_toml import dump_instruments_toml  # noqa: F401 - re-exported
+from labdaq.run_requests import CellIn
 
 # ---------------------------------------------------------------------------------------
 # Schema
@@ -146,35 +145,12 @@ class ChannelConfig(_Strict):
         return aux or None
 
 
-class CellConfig(_Strict):
-    """One ``[[cells]]`` table: a cell a channel can name as its default.
+class CellConfig(CellIn):
+    """One ``[[cells]]`` table: a cell a channel can name as its default, with the fields
+    and checks of a run request's inline cell (:class:`labdaq.run_requests.CellIn`, which
+    imports no database layer), whitespace stripped like every other table here."""
 
-    The fields of a run request's inline cell (``labdaq.runs.CellIn``), declared here so
-    that checking or probing does not import the database layer (seconds on a busy
-    machine); tests/test_instruments_apply.py keeps the two alike.
-    """
-
-    serial: Name = Field(max_length=100)
-    chemistry: Name = Field(max_length=50)
-    capacity_ah: AmpHours
-    nominal_voltage_v: PositiveVolts | None = None
-    charge_cutoff_v: PositiveVolts
-    discharge_cutoff_v: PositiveVolts
-    max_charge_current_a: PositiveAmps | None = None
-    max_discharge_current_a: PositiveAmps | None = None
-    # The cell's temperature window (datasheet), a limit of every run on the cell.
-    min_temperature_c: Celsius | None = None
-    max_temperature_c: Celsius | None = None
-    spec_name: Name | None = Field(default=None, max_length=100)
-
-    @model_validator(mode="after")
-    def _window(self) -> CellConfig:
-        if self.discharge_cutoff_v >= self.charge_cutoff_v:
-            raise ValueError("discharge_cutoff_v must be below charge_cutoff_v")
-        if (self.min_temperature_c is not None and self.max_temperature_c is not None
-                and self.min_temperature_c >= self.max_temperature_c):
-            raise ValueError("min_temperature_c must be below max_temperature_c")
-        return self
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
 
 class InstrumentConfig(_Strict):
