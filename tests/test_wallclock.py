@@ -60,3 +60,46 @@ def test_the_resolver_commits_a_snapshot_with_each_position() -> None:
     assert progress["position"][wallclock.KEY] == {
         "boot_id": wallclock.BOOT_ID,
         "offset_s": pytest.approx(wallclock.snapshot()["offset_s"], abs=0.05)}  # type: ignore[index]
+
+
+class _Rounds:
+    """The scheduler's wall-clock watch alone (Scheduling._watch_wall_clock), with a wall
+    clock this test sets as an offset from the monotonic clock, one round at a time."""
+
+    def __init__(self) -> None:
+        from labdaq.engine.scheduling import Scheduling
+
+        self._watch = Scheduling._watch_wall_clock
+        self.offset_s = 0.0
+        self.wall_clock = lambda: time.monotonic() + self.offset_s
+        self.clock_jump_threshold_s = 1.0
+        self._clock_offset_s: float | None = None
+        self._clock_pending_s: float | None = None
+        self.active = {7: object()}
+        self.events: list[object] = []
+        self.recorder = self
+
+    def event(self, ev: object) -> None:
+        self.events.append(ev)
+
+    def rounds(self, *offsets_s: float) -> list[float]:
+        for offset_s in offsets_s:
+            self.offset_s = offset_s
+            self._watch(self)  # type: ignore[arg-type]
+        return [round(e.data["jump_s"]) for e in self.events]  # type: ignore[attr-defined]
+
+
+def test_a_step_held_for_two_rounds_is_one_jump_on_each_active_run() -> None:
+    r = _Rounds()
+    assert r.rounds(0, 0, 3600, 3600, 3600, 0, 0) == [3600, -3600]
+    assert all(e.run_id == 7 and e.kind == "clock_jump" for e in r.events)  # type: ignore[attr-defined]
+
+
+def test_one_bad_reading_is_not_a_jump() -> None:
+    # libfaketime answers one read with the real time while another thread reads its
+    # timestamp file: the first reading of the process, or one in the middle.
+    assert _Rounds().rounds(0, -3600, -3600, -3600, 0, -3600, -3600) == []
+
+
+def test_ntp_slewing_never_adds_up_to_a_jump() -> None:
+    assert _Rounds().rounds(*(0.4 * i for i in range(20))) == []

@@ -142,13 +142,15 @@ class AcquisitionNode(Scheduling, Recovery):
         self._finishing: set[asyncio.Task[None]] = set()
         self._scheduler_error = False
         self._stopping = asyncio.Event()
-        # Wall-clock jump detection (_watch_wall_clock): a jump is a difference of at least
-        # clock_jump_threshold_s between wall and monotonic time elapsed since the last tick.
+        # Wall-clock jump detection (_watch_wall_clock): a jump is a change of at least
+        # clock_jump_threshold_s in the wall clock's offset from the monotonic clock,
+        # held for two scheduler rounds.
         self.wall_clock: Callable[[], float] = time.time
         self.clock_jump_threshold_s = 1.0
         # Scheduler rounds done (what "the engine has looked at its queues" means).
         self.rounds = 0
-        self._clock_ref: tuple[float, float] | None = None
+        self._clock_offset_s: float | None = None  # the wall clock's settled offset
+        self._clock_pending_s: float | None = None  # a new offset, seen for one round
         self._dropped_reported: dict[int, int] = {}  # run id -> samples lost, recorded
         self._waiting: set[asyncio.Task[None]] = set()  # runs waiting for an instrument
         if isinstance(self.writer, WriterProcess):

@@ -39,7 +39,8 @@ class NodeParts:
     wall_clock: Callable[[], float]
     rounds: int
     clock_jump_threshold_s: float
-    _clock_ref: tuple[float, float] | None
+    _clock_offset_s: float | None
+    _clock_pending_s: float | None
     _dropped_reported: dict[int, int]
     _scheduler_error: bool
     _stopping: asyncio.Event

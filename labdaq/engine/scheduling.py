@@ -53,17 +53,30 @@ class Scheduling(NodeParts):
         """Record a wall-clock jump (NTP step, a technician setting the time) on every
         active run. Step and run timing use the monotonic clock and are unaffected; the
         samples' ts_utc follow the wall clock, so a jump shows there and the event says
-        by how much."""
-        wall, mono = self.wall_clock(), time.monotonic()
-        ref, self._clock_ref = self._clock_ref, (wall, mono)
-        if ref is None:
+        by how much.
+
+        A jump counts once the wall clock has held its new offset from the monotonic
+        clock for two rounds in a row. One reading that disagrees with the rounds before
+        and after it is a bad reading, not a step: recorded, it would put two false jumps
+        on every active run, or one when it is the first reading a process takes (seen
+        under libfaketime, which answers with the real time while another thread reads
+        its timestamp file, wolfcw/libfaketime#452)."""
+        offset_s = self.wall_clock() - time.monotonic()
+        threshold_s = self.clock_jump_threshold_s
+        settled, pending = self._clock_offset_s, self._clock_pending_s
+        if settled is not None and abs(offset_s - settled) < threshold_s:
+            # Follow NTP slewing round by round, so it never adds up to a jump.
+            self._clock_offset_s, self._clock_pending_s = offset_s, None
             return
-        jump_s = (wall - ref[0]) - (mono - ref[1])
-        if abs(jump_s) < self.clock_jump_threshold_s:
+        if pending is None or abs(offset_s - pending) >= threshold_s:
+            self._clock_pending_s = offset_s  # a new offset: wait for the next round
             return
+        self._clock_offset_s, self._clock_pending_s = offset_s, None
+        if settled is None:
+            return  # the process's first settled reading: nothing to compare it with
+        jump_s = offset_s - settled
         log.warning("wall clock jumped %+.3f s against the monotonic clock", jump_s)
-        data = {"jump_s": jump_s, "wall_before": ref[0], "wall_after": wall,
-                "monotonic_elapsed_s": mono - ref[1]}
+        data = {"jump_s": jump_s, "offset_before_s": settled, "offset_after_s": offset_s}
         for run_id in list(self.active):
             self.recorder.event(RunEvent(
                 run_id, "clock_jump", "warning",
