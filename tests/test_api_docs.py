@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.dataout_fixtures import api_server, insert_samples, make_lab
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "api.md"
@@ -19,6 +21,9 @@ def blocks() -> list[tuple[str, str]]:
     return re.findall(r"```(bash|python)\n(.*?)```", DOC.read_text(), flags=re.S)
 
 
+# Only a hang fails: ~30 s quiet, its dozen subprocesses each start Python (and the
+# API's start-up) again, several times slower on a loaded machine than the default 120 s.
+@pytest.mark.timeout(600)
 def test_every_api_doc_example_runs(sqlite_url: str, tmp_path: Path) -> None:
     found = blocks()
     assert {lang for lang, _ in found} == {"bash", "python"} and len(found) >= 6
