@@ -13,6 +13,7 @@ from sqlalchemy import event
 
 import labdaq
 from labdaq.api.body_limit import BodyLimitMiddleware
+from labdaq.api.gc_freeze import freeze_startup_heap
 from labdaq.api.openapi_examples import add_examples, operation_id
 from labdaq.api.problems import install_problem_handlers, problem_openapi
 from labdaq.api.request_log import RequestIdMiddleware
@@ -66,7 +67,9 @@ def _api_sqlite_pragmas(timeout_s: float) -> Any:
     return _set
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, gc_freeze: bool = False) -> FastAPI:
+    """The application. ``gc_freeze``: freeze the heap once started (labdaq.api.gc_freeze;
+    ``labdaq api`` asks for it, tests building many apps in one process do not)."""
     settings = settings or load_settings()
 
     @asynccontextmanager
@@ -99,6 +102,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.sessionmaker, settings.node_down_after_s,
             min(settings.alerts_poll_s, settings.node_down_after_s / 3)).run_forever(),
             name="node-watch")
+        if gc_freeze:
+            # Last: everything start-up made, the engines and pools included, is frozen.
+            freeze_startup_heap()
         try:
             yield
         finally:

@@ -83,19 +83,27 @@ async def _from_bearer(
     cache: TokenCache = request.app.state.token_cache
     cached = cache.get(secret)
     if cached is not None:
-        token, actor = cached.token, cached.actor
-    else:
-        generation = token_cache.generation()
+        return Principal(cached.actor, cached.token.role, cached.token.id), cached.token
+    own: list[m.ApiToken] = []
+
+    async def lookup(generation: int) -> token_cache.CachedToken | str:
         found = await authenticate(session, secret)
         if not isinstance(found, Authenticated):
-            raise HTTPException(
-                status.HTTP_401_UNAUTHORIZED,
-                found,  # unknown, revoked or expired token, or a disabled user
-                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
-            )
-        token, actor = found.token, found.actor
-        cache.put(secret, token, actor, aware(token.expires_at), generation)
-    return Principal(actor, token.role, token.id), token
+            return found  # unknown, revoked or expired token, or a disabled user
+        own.append(found.token)
+        return cache.put(secret, found.token, found.actor, aware(found.token.expires_at),
+                         generation)
+
+    # Requests of the same token arriving while it is looked up share that one lookup.
+    verdict, _ = await cache.verify_once(secret, lookup)
+    if isinstance(verdict, str):
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED, verdict,
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        )
+    # The request that looked it up keeps its session's own instance, as before.
+    token = own[0] if own else verdict.token
+    return Principal(verdict.actor, token.role, token.id), token
 
 
 async def _from_cookie(request: Request, session: AsyncSession) -> tuple[Principal, m.ApiToken]:

@@ -194,8 +194,8 @@ def api_cmd(
         os.nice(s.api_nice)
     configure_json_logging(log_level)
     # uvicorn's access log is off: RequestIdMiddleware writes one record per request.
-    uvicorn.run(create_app(s), host=host, port=port, log_level=log_level, log_config=None,
-                access_log=False)
+    uvicorn.run(create_app(s, gc_freeze=s.api_gc_freeze), host=host, port=port,
+                log_level=log_level, log_config=None, access_log=False)
 
 
 async def _register_sim_lab(url: str, desc: dict[str, Any],

@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     port: int = 8000
     # Niceness added to the API process (labdaq api / serve): acquisition gets the CPU first.
     api_nice: int = Field(default=10, ge=0, le=19)
+    # labdaq api: move the start-up heap out of full GC collections (labdaq.api.gc_freeze).
+    api_gc_freeze: bool = True
     # Writer batching: a batch is flushed when it reaches this many rows or this age.
     writer_batch_rows: int = 2000
     writer_batch_age_s: float = 0.5
