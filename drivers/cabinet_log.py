@@ -33,12 +33,12 @@ class LoggedReadings(NamedTuple):
 
     ``first_held``: the oldest index the ring still held when it answered (0: nothing
     logged yet); indices asked for below it were overwritten before they were fetched,
-    and are lost. ``index`` and ``t_s`` (instrument seconds) have one entry per reading;
+    and are lost. ``indices`` and ``t_s`` (instrument seconds) have one entry per reading;
     ``voltage_v``, ``current_a`` and ``temperature_c`` are ``(readings, channels)``, NaN
     where the instrument reported over range or an open sensor."""
 
     first_held: int
-    index: NDArray[np.int64]
+    indices: NDArray[np.int64]
     t_s: NDArray[np.float64]
     voltage_v: NDArray[np.float64]
     current_a: NDArray[np.float64]
@@ -49,8 +49,8 @@ class LoggedReadings(NamedTuple):
         return max(0, self.first_held - start) if self.first_held else 0
 
 
-def parse_logged(reply: bytes, channels: int, start: int, *, instrument: str | None = None,
-                 command: str | None = None) -> LoggedReadings:
+def parse_logged(reply: bytes, channels: int, start: int, *, instrument: str = "",
+                 command: str = "") -> LoggedReadings:
     """The readings in a ``TRAC:DATA? <start>`` block for ``channels`` listed channels."""
 
     def garbled(why: str) -> GarbledReply:

@@ -140,7 +140,7 @@ def test_driver_start_fetch_stop_bytes() -> None:
     cab.start_logging(0.01)
     got = cab.fetch_logged(2, [1, 3, 8])
     assert got.first_held == 4 and got.lost_before(2) == 2
-    assert got.index.tolist() == [4, 5, 6] and got.t_s.tolist() == [1.5, 1.51, 1.52]
+    assert got.indices.tolist() == [4, 5, 6] and got.t_s.tolist() == [1.5, 1.51, 1.52]
     assert got.voltage_v.shape == (3, 3)
     assert np.array_equal(got.current_a[0], vit[0, :, 1])
     assert np.isnan(got.temperature_c[1, 2]) and np.isnan(got.temperature_c).sum() == 1
@@ -208,7 +208,7 @@ def test_fetch_waits_for_a_block_split_across_reads(peer: BytePeer, stream: bool
                 assert not got.done()
                 gate.set()
             r = got.result(5.0)
-        assert r.index.tolist() == list(range(1, 41))
+        assert r.indices.tolist() == list(range(1, 41))
         assert np.array_equal(r.voltage_v, vit[:, :, 0].astype(float))
         # A whole block whose header counts one reading more than it holds: garbled, and
         # the next fetch reads its own reply.
@@ -218,7 +218,7 @@ def test_fetch_waits_for_a_block_split_across_reads(peer: BytePeer, stream: bool
         with pytest.raises(GarbledReply):
             cab.fetch_logged(1)
         peer.plan(one + b"\n")
-        assert cab.fetch_logged(1).index.tolist() == [1]
+        assert cab.fetch_logged(1).indices.tolist() == [1]
     finally:
         cab.close()
 
@@ -250,9 +250,9 @@ async def test_logging_over_tcp_every_reading_once_and_the_overflow(
             clock.advance(0.033)
             got = await cab.afetch_logged(nxt, [3, 4])
             assert got is not None and got.lost_before(nxt) == 0
-            seen += got.index.tolist()
+            seen += got.indices.tolist()
             t_seen += got.t_s.tolist()
-            nxt = int(got.index[-1]) + 1 if len(got.index) else nxt
+            nxt = int(got.indices[-1]) + 1 if len(got.indices) else nxt
         assert seen == list(range(1, len(seen) + 1)) and len(seen) == 24
         assert np.allclose(np.diff(t_seen), 0.01)
         clock.advance(1.0)  # 100 readings into a ring of 50
@@ -261,7 +261,7 @@ async def test_logging_over_tcp_every_reading_once_and_the_overflow(
         last = await asyncio.to_thread(lambda: cab.buffer_last_index)
         assert got.first_held == first > nxt
         assert got.lost_before(nxt) == got.first_held - nxt
-        assert got.index[-1] == last
+        assert got.indices[-1] == last
         assert (got.current_a[:, 0] == -1.0).all()
         await asyncio.to_thread(cab.stop_logging)
         with pytest.raises(InstrumentReportedError):
