@@ -340,6 +340,7 @@ class CabinetSim:
         i_max, v_max = self.current_max_a, self.voltage_max_v
         # Hot queries first: the parser tries patterns in registration order.
         p.register(":MEASure:ALL?", on_query=self._q_meas_all)
+        p.register(":TRACe:DATA?", on_query=self._q_trace_data)
         p.register(":MEASure:VOLTage[:DC]?", on_query=self._q_meas("v"))
         p.register(":MEASure:CURRent[:DC]?", on_query=self._q_meas("i"))
         p.register(":MEASure:TEMPerature?", on_query=self._q_meas("t"))
@@ -363,7 +364,6 @@ class CabinetSim:
                              v_max * PROTECTION_HEADROOM)
         p.register(":FORMat[:DATA]", on_set=self._set_format, on_query=self._q_format)
         p.register(":FORMat:BORDer", on_set=self._set_border, on_query=self._q_border)
-        p.register(":TRACe:DATA?", on_query=self._q_trace_data)
         p.register(":TRACe:POINts", on_set=self._set_points, on_query=self._q_points)
         p.register(":TRACe:ACTual?", on_query=self._q_actual)
         p.register(":TRACe:ACTual:STARt?", on_query=self._q_actual_start)
@@ -624,20 +624,33 @@ class CabinetSim:
                 skip = due - log.points
                 self._step_bank(log.next_t_s + (skip - 1) * log.period_s)
                 log.skip(skip)
+            current = None
             while log.next_t_s <= now:
                 t_r = log.next_t_s
-                self._step_bank(t_r)
-                v, i, temp, _, _ = self.snapshot()
+                self._step_bank(t_r, current)
+                if self.frozen and self._last_snapshot is not None:
+                    v, i, temp, _, _ = self._last_snapshot  # a hung measurement loop
+                    current = None
+                else:
+                    # One regulation per reading: its current also drives the next step.
+                    i, v, _, _ = self._drive()
+                    temp, current = self.bank.temperature_c, i
                 log.record(t_r, v, i, temp)
+                self.readings.append((t_r, v))
+            self._step_bank(now, current)
+            return
         self._step_bank(now)
 
-    def _step_bank(self, now: float) -> None:
+    def _step_bank(self, now: float, current: FloatArray | None = None) -> None:
+        """Every cell to ``now``; ``current``: what flows from the last update on, when
+        the caller has just regulated (else from the snapshot, or regulated here)."""
         remaining = now - self._t_last
         self._t_last = now
         if remaining <= 0.0:
             return
         # A still-valid snapshot already holds the current flowing from the last update.
-        current = self._snapshot[1] if self._snapshot is not None else self._drive()[0]
+        if current is None:
+            current = self._snapshot[1] if self._snapshot is not None else self._drive()[0]
         while True:
             h = min(remaining, MAX_STEP_ACTIVE_S if current.any() else MAX_STEP_IDLE_S)
             self.bank.step(current, h)
@@ -715,10 +728,12 @@ class CabinetSim:
         self.advance()  # protection trips happen without a controller asking
 
     def on_watchdog(self) -> None:
-        """The host stopped talking: every output off, latched watchdog flag."""
+        """The host stopped talking: every output off, latched watchdog flag, and logging
+        stopped (nobody fetches it; the ring stays fetchable)."""
         self._flush()
         self.latched[self.output_on] |= STAT_WATCHDOG
         self.output_on[:] = False
+        self.log.running = False
         self._changed()
 
     # -- fault injection ----------------------------------------------------------------
