@@ -204,3 +204,47 @@ async def test_an_overflow_is_a_gap_of_exactly_the_lost_readings(rig: Rig) -> No
     gap_row = due[jump + 1]
     assert gap_row[FLAGS] & GAP and gaps[0]["seq"] == gap_row[SEQ]
     assert rig.group.runs[0].missed_periods == lost
+
+
+# -- through the node: the option in the instrument's registration ---------------------------
+
+
+async def test_a_node_runs_a_buffered_cabinet_with_every_period_stored(
+        sqlite_url: str) -> None:
+    """The whole path: the lab registered with ``acquisition = "buffered"``, the node opens
+    the cabinet with it, a run is claimed, sampled from the cabinet's log and completes
+    with a sample for every period, each at one of the cabinet's own reading times."""
+    from labdaq.sims.lab import SimLab
+    from tests.engine_rig import assert_contiguous, samples, start_rig, wait_for
+
+    lab = SimLab(soc=0.3, cabinets=1, cabinet_channels=2)
+    # Fetch every 2 simulated seconds (40 ms of wall time at 50x).
+    lab.by_name("cabinet1").driver_options.update(acquisition="buffered", fetch_period_s=2.0)
+    cabinet = lab.by_name("cabinet1").sim
+    rig = await start_rig(sqlite_url, lab, 50.0, control_period_s=1.0)
+    try:
+        doc = {"schema_version": 1, "name": "charge",
+               "steps": [{"step": "cc", "current_a": 3.0, "until": {"duration_s": 40}}]}
+        run_id = await rig.start_run("cabinet1/1", protocol_document=doc, sample_period_s=1)
+        await wait_for(lambda: any(r.run_id == run_id for g in rig.node.groups.values()
+                                   for r in g.runs), what="the run in its group")
+        group = next(iter(rig.node.groups.values()))
+        assert group.buffered
+        await wait_for(lambda: group.log_period_s == 1.0, what="the cabinet logging")
+        run_t0 = float(group.state.t0_clock_s[0])
+        ended = await rig.wait_end(run_id)
+        assert ended.state == "completed", (ended.state, ended.end_reason)
+        assert not cabinet.log.running  # the group stopped logging when its run left
+    finally:
+        await rig.stop()
+    s = await samples(rig.maker, run_id)
+    assert_contiguous(s["seq"])
+    due = s["t_s"][(s["flags"] & EDGE) == 0]
+    # One stored sample per period from the first to the last: none lost.
+    assert round((due[-1] - due[0]) / 1.0) == due.size - 1 and due.size >= 38
+    # Each at one of the cabinet's reading times, mapped with one offset (the middle of
+    # the INIT exchange: within it, so under a period here).
+    logged = np.array([t for t, _ in cabinet.readings])
+    diff = (run_t0 + due)[:, None] - logged[None, :]
+    nearest = diff[np.arange(due.size), np.abs(diff).argmin(axis=1)]
+    assert np.ptp(nearest) < 1e-6 and abs(nearest[0]) < 1.0

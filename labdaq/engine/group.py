@@ -132,6 +132,7 @@ class InstrumentGroup(GroupBuffered):
 
     # -- membership --------------------------------------------------------------------
     async def add(self, run: ChannelRun, phase: Phase, t0_clock_s: float) -> None:
+        await self._logging_for([run.period_s])  # buffered acquisition only
         # Not in the middle of a tick: it holds arrays sized for the runs it measured.
         async with self._busy:
             await self._add(run, phase, t0_clock_s)
@@ -203,6 +204,7 @@ class InstrumentGroup(GroupBuffered):
                 fresh.append((r, p))
         if not fresh:
             return
+        await self._logging_for([r.period_s for r, _ in fresh])  # buffered acquisition only
         before = self.clock.now()
         await self._apply_many(fresh)
         # As in _add: the runs' clocks start when their set points are in place.

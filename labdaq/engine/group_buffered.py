@@ -10,9 +10,10 @@ ms), so a scheduling hiccup shorter than the ring delays readings instead of los
 
 Each reading of a block goes through the same steps as a tick (group.py), in order:
 integrate → safety (outputs off first) → end conditions → store → transitions, with the
-reading's time the instrument's, mapped to the engine clock (offset fixed when logging
-starts: reading 1 is taken when ``INIT`` arrives, so its engine time is taken as the time
-``INIT`` went out, the same convention as a tick's query). The rows of one fetch go to
+reading's time the instrument's, mapped to the engine clock with an offset fixed when
+logging starts (reading 1 is taken while ``INIT`` is exchanged, and the first block's
+newest reading within a period before the fetch is answered: the middle of those bounds,
+:meth:`GroupBuffered._clock_offset`). The rows of one fetch go to
 the writer as one batch (unless a run ends inside it: its rows go first, then its end).
 
 Rules that differ from a tick:
@@ -43,7 +44,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -107,6 +108,7 @@ class GroupBuffered(GroupCommands):
     emit: Emit
     control_period_s: float
     phase: float
+    buffered: bool
     runs: list[ChannelRun]
     _phases: list[Phase]
     state: RunArrays
@@ -129,27 +131,39 @@ class GroupBuffered(GroupCommands):
         self.log_period_s = math.nan  # the instrument's logging period (engine seconds)
         self._log_next = 1  # the next reading index to fetch
         self._log_offset_s: float | None = None  # engine clock - instrument time
-        self._log_t_init = 0.0  # engine clock when INIT went out
+        self._log_t_init = 0.0  # engine clock just before INIT was sent ...
+        self._log_t_acked = 0.0  # ... and once it was acknowledged
         self._log_last_new = 0.0  # engine clock when a fetch last brought readings
         # run id -> (V, I) of the reading that ended its phase: a pulse step's DCIR is
         # taken at the first reading under the new set point.
         self._dcir_before: dict[int, tuple[float, float]] = {}
         self.overflow_lost = 0  # reading indices the ring overwrote before a fetch
+        self.logging = False  # the instrument is logging for this group
 
     # -- logging on the instrument -------------------------------------------------------
     def _wanted_log_period(self) -> float:
         return min(float(self.state.period_s.min()), self.control_period_s)
 
-    async def _start_logging(self) -> None:
-        period = self._wanted_log_period()
+    async def _logging_for(self, periods: Sequence[float]) -> None:
+        """Runs with these storage periods are about to join: the instrument logs before
+        their set points go out, so their first storage periods have readings."""
+        if self.buffered and not self.logging and periods:
+            await self._start_logging(min(min(periods), self.control_period_s))
+
+    async def _start_logging(self, period: float | None = None) -> None:
+        if period is None:
+            period = self._wanted_log_period()
         self._log_t_init = self.clock.now()
         await self.call(self.driver.start_logging, period)  # type: ignore[attr-defined]
+        self._log_t_acked = self.clock.now()
+        self.logging = True
         self.log_period_s = period
         self._log_next = 1
         self._log_offset_s = None
         self._log_last_new = self.clock.now()
 
     async def _stop_logging(self) -> None:
+        self.logging = False
         try:
             await self.call(self.driver.stop_logging)  # type: ignore[attr-defined]
         except Exception as exc:  # noqa: BLE001 - the loop is ending anyway
@@ -167,8 +181,9 @@ class GroupBuffered(GroupCommands):
         fetch_s = float(getattr(self.driver, "fetch_period_s", 0.05))
         started = False
         try:
-            async with self._busy:
-                await self._guarded(self._start_logging)
+            if not self.logging:  # (it normally started before the first run joined)
+                async with self._busy:
+                    await self._guarded(self._start_logging)
             started = True
             deadline = self.clock.now() + self.phase * fetch_s
             while self.runs and not self._closing:
@@ -196,6 +211,7 @@ class GroupBuffered(GroupCommands):
             await self._start_logging()
         chans = list(self.chans)
         start = self._log_next
+        t_send = self.clock.now()
         got = await self._fetch(start, chans)
         t_meas = time.perf_counter()
         clock_now, wall_now = self.clock.now(), time.time()
@@ -212,9 +228,7 @@ class GroupBuffered(GroupCommands):
         lost = got.lost_before(start)
         self.overflow_lost += lost
         if self._log_offset_s is None:
-            # Reading 1 was taken when INIT arrived: its engine time is when INIT went out.
-            t1 = float(got.t_s[0]) - (int(got.indices[0]) - 1) * self.log_period_s
-            self._log_offset_s = self._log_t_init - t1
+            self._log_offset_s = self._clock_offset(got, t_send, clock_now)
         self._log_next = int(got.indices[-1]) + 1
         t_clock = got.t_s + self._log_offset_s
         ts_utc = wall_now - (clock_now - t_clock) / self.clock.speed
@@ -234,6 +248,20 @@ class GroupBuffered(GroupCommands):
                 cols = cols[keep]
                 run_ids = [run_ids[k] for k in keep]
         await self._put_pending(pending)
+
+    def _clock_offset(self, got: Any, t_send: float, t_recv: float) -> float:
+        """Engine clock minus instrument time, from the first block: reading 1 was taken
+        while INIT was being exchanged (between the engine times before it was sent and
+        after it was acknowledged), and the block's newest reading within one period
+        before the fetch was answered (between its send and its reply). The middle of the
+        narrower of those bounds: off by at most half of it (half an exchange)."""
+        t1 = float(got.t_s[0]) - (int(got.indices[0]) - 1) * self.log_period_s
+        elapsed = float(got.t_s[-1]) - t1
+        lo = max(self._log_t_init, t_send - elapsed - self.log_period_s)
+        hi = min(self._log_t_acked, t_recv - elapsed)
+        if hi < lo:  # bounds that disagree (clocks at different speeds): the INIT's
+            lo, hi = self._log_t_init, self._log_t_acked
+        return 0.5 * (lo + hi) - t1
 
     async def _put_pending(self, pending: _Pending) -> None:
         rows, ledger = pending.take()
