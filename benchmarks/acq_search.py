@@ -29,6 +29,19 @@ class Plan:
     budget_s: float  # for the search: no trial starts if its estimated end is past this
     min_channels: int = 8  # on one cabinet, when a whole one is not lossless
     api_kinds: tuple[str, ...] | None = None  # part of API_MIX to send; None: all of it
+    # 1: the cabinets log on their own clock and the engine fetches blocks of readings
+    # (the instruments' acquisition = "buffered" option); 0: one MEAS:ALL? per tick.
+    buffered: int = 0
+    fetch_s: float = 0.05  # buffered: the engine's fetch period
+    ring_points: int = 1000  # buffered: the cabinets' logging ring, in readings
+
+    @property
+    def mode(self) -> str:
+        if self.buffered:
+            return (f"buffered (the cabinets log every {self.period_s * 1e3:g} ms on their "
+                    f"own clock into a {self.ring_points}-reading ring; the engine fetches "
+                    f"every {self.fetch_s * 1e3:g} ms)")
+        return "per tick (one MEAS:ALL? per cabinet per sample period)"
 
 
 FULL = Plan(cpc=64, period_s=0.01, max_cabinets=20, start_cabinets=4, window_s=10.0,

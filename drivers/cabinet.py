@@ -20,11 +20,13 @@ from numpy.typing import NDArray
 from .base import (
     Instrument,
     _ScpiProperty,
+    control,
     measurement,
     register_driver,
     strict_discrete_set,
     strict_range,
 )
+from .cabinet_log import LoggedReadings, parse_logged
 from .errors import GarbledReply, InstrumentError, InstrumentReportedError, InstrumentValueError
 from .roles import Cycler
 from .transport import Transport
@@ -38,6 +40,14 @@ OVERRANGE_THRESHOLD = 9.0e37  # 9.9E+37 over range, 9.91E+37 NaN (open sensor)
 # MEAS:ALL? reply formats (FORM:DATA): "real32" is a block of big-endian float32
 # (FORM:BORD NORM, the IEEE 488.2 default); "ascii" comma-separated NR3/NR1.
 DATA_FORMATS = ("ascii", "real32")
+# How the engine reads the cabinet (docs/architecture.md, "Buffered acquisition"):
+# "tick", one MEAS:ALL? per sample period; "buffered", the cabinet logs on its own clock
+# and the engine fetches the new readings every fetch period (TRAC:DATA?).
+ACQUISITIONS = ("tick", "buffered")
+BUFFER_POINTS_MIN = 10
+BUFFER_POINTS_MAX = 100_000
+LOG_PERIOD_MIN_S = 0.001
+LOG_PERIOD_MAX_S = 60.0
 _REAL32_BIG_ENDIAN = np.dtype(">f4")
 
 # Mode codes (MEAS:ALL? field 4).
@@ -188,6 +198,17 @@ class CyclerCabinet(Instrument, Cycler):
     output_enabled = channel_control(
         "OUTP?", "OUTP %s", "Output relay (queried back as 1/0).",
         values={True: "ON", False: "OFF"}, map_values=True, cast=_on_off)
+    # Hardware-timed logging (docs/instruments/cabinet.md, "Buffered logging").
+    logging_period_s = control(
+        "TRIG:TIM?", "TRIG:TIM %g", "Logging period on the instrument's clock (s).",
+        validator=strict_range(LOG_PERIOD_MIN_S, LOG_PERIOD_MAX_S))
+    buffer_points = control(
+        "TRAC:POIN?", "TRAC:POIN %d", "Depth of the logging ring (readings).",
+        validator=strict_range(BUFFER_POINTS_MIN, BUFFER_POINTS_MAX), cast=int)
+    buffer_first_index = measurement(
+        "TRAC:ACT:STAR?", "Oldest reading index the ring holds (0: empty).", cast=int)
+    buffer_last_index = measurement(
+        "TRAC:ACT:END?", "Newest reading index (readings since INIT).", cast=int)
     protection_tripped = channel_control(
         "OUTP:PROT:TRIP?", None, "Latched OVP/OCP trip; clear with clear_protection().",
         values={True: 1, False: 0}, map_values=True, cast=int)
@@ -202,11 +223,28 @@ class CyclerCabinet(Instrument, Cycler):
         current_max_a: float | None = None,
         voltage_max_v: float | None = None,
         data_format: str | None = None,
+        acquisition: str = "tick",
+        buffer_points: int = 1000,
+        fetch_period_s: float = 0.05,
     ) -> None:
         super().__init__(transport, name, idn=idn)
         if data_format is not None and data_format not in DATA_FORMATS:
             raise ValueError(f"data_format must be one of {DATA_FORMATS} or None (ask the "
                              f"instrument), got {data_format!r}")
+        if acquisition not in ACQUISITIONS:
+            raise ValueError(f"acquisition must be one of {ACQUISITIONS}, got {acquisition!r}")
+        if acquisition == "buffered" and data_format == "ascii":
+            raise ValueError("acquisition 'buffered' reads binary blocks: data_format "
+                             "'ascii' cannot go with it")
+        if not BUFFER_POINTS_MIN <= buffer_points <= BUFFER_POINTS_MAX:
+            raise ValueError(f"buffer_points must be in {BUFFER_POINTS_MIN}.."
+                             f"{BUFFER_POINTS_MAX}, got {buffer_points!r}")
+        if not 0.0 < fetch_period_s <= 10.0:
+            raise ValueError(f"fetch_period_s must be in (0, 10], got {fetch_period_s!r}")
+        # Read by the engine's instrument group (labdaq/engine/group_buffered.py).
+        self.acquisition = acquisition
+        self.buffer_depth = int(buffer_points)
+        self.fetch_period_s = float(fetch_period_s)
         # Discover what this model has; a controller may also pass them (no traffic).
         if channels is None:
             channels = int(self.channel_count)
@@ -237,6 +275,10 @@ class CyclerCabinet(Instrument, Cycler):
         self._all_list = channel_list(self.channels)
         self._last_sel: tuple[list[Any], list[int], str] = ([], [], "")
         self.data_format = self._select_format(data_format)
+        if acquisition == "buffered" and self.data_format != "real32":
+            raise InstrumentError("acquisition 'buffered' needs FORM:DATA REAL,32, which "
+                                  "the instrument refused", instrument=self.name,
+                                  command="FORM:DATA REAL,32")
 
     def _select_format(self, wanted: str | None) -> str:
         """Binary ``MEAS:ALL?`` replies where the instrument has them: None asks for
@@ -403,6 +445,57 @@ class CyclerCabinet(Instrument, Cycler):
             voltage_v=table[:, 0], current_a=table[:, 1], temperature_c=table[:, 2],
             mode=table[:, 3].astype(np.int64), status=table[:, 4].astype(np.int64),
         )
+
+    # -- hardware-timed logging -----------------------------------------------------------
+    def start_logging(self, period_s: float, points: int | None = None) -> None:
+        """Stop any logging, size the ring (``points`` readings, default the
+        ``buffer_points`` option), set the period and start: reading 1 is taken when the
+        instrument takes ``INIT``, the rest on its own clock ``period_s`` apart."""
+        commands = [
+            "ABOR",
+            self.command_for("buffer_points", self.buffer_depth if points is None else points),
+            self.command_for("logging_period_s", period_s),
+            "INIT",
+        ]
+        self._send_checked(commands)
+
+    def stop_logging(self) -> None:
+        """``ABOR``: no more readings; those held can still be fetched."""
+        self.write_checked("ABOR")
+
+    def _fetch_command(self, start: int, channels: int | Sequence[int] | None
+                       ) -> tuple[list[int], str]:
+        if isinstance(start, bool) or not isinstance(start, int | np.integer) or start < 1:
+            raise InstrumentValueError(f"start index {start!r}; nothing was sent",
+                                       instrument=self.name, expected="an index >= 1")
+        chans, text = self._list(channels)
+        return chans, f"TRAC:DATA? {int(start)},{text}"
+
+    def _parse_logged(self, reply: bytes, chans: list[int], start: int,
+                      command: str) -> LoggedReadings:
+        try:
+            return parse_logged(reply, len(chans), start, instrument=self.name,
+                                command=command)
+        except GarbledReply:
+            self.transport.mark_out_of_step()
+            raise
+
+    def fetch_logged(self, start: int, channels: int | Sequence[int] | None = None
+                     ) -> LoggedReadings:
+        """Every reading the ring holds from index ``start`` on, for ``channels`` (None
+        = all), in one query; ``first_held`` says which asked-for indices were lost."""
+        chans, command = self._fetch_command(start, channels)
+        return self._parse_logged(self.query_raw(command), chans, start, command)
+
+    async def afetch_logged(self, start: int, channels: Sequence[int] | None = None
+                            ) -> LoggedReadings | None:
+        """:meth:`fetch_logged` on the event loop's thread; None when it has to go
+        through the worker thread instead (as :meth:`ameasure`)."""
+        chans, command = self._fetch_command(start, channels)
+        reply = await self.aquery(command, raw=True)
+        if reply is None:
+            return None
+        return self._parse_logged(reply, chans, start, command)
 
     def status(self, channels: Sequence[int] | None = None) -> NDArray[np.int64]:
         """``STAT:CHAN?`` bits per channel."""

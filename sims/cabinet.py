@@ -28,6 +28,13 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from .cabinet_log import (
+    PERIOD_MAX_S,
+    PERIOD_MIN_S,
+    POINTS_MAX,
+    POINTS_MIN,
+    ReadingLog,
+)
 from .cell import CellBank, CellSpec
 from .clock import Clock, SimClock
 from .scpi import (
@@ -292,6 +299,9 @@ class CabinetSim:
         self.frozen = False
         self._last_snapshot: tuple[FloatArray, FloatArray, FloatArray, IntArray, IntArray] | None
         self._last_snapshot = None
+        # Hardware-timed logging (TRIG:TIM, TRAC:POIN, INIT/ABOR, TRAC:DATA?): readings
+        # on this cabinet's clock into a bounded ring (cabinet_log.py).
+        self.log = ReadingLog(self.channels)
         self.parser = ScpiParser(
             idn=f"LABDAQ,{self.model},{serial},{firmware}", on_reset=self._reset,
         )
@@ -315,6 +325,8 @@ class CabinetSim:
         self.latched = np.zeros(n, dtype=np.int64)  # STAT_OVP | STAT_OCP | STAT_WATCHDOG
         self.data_format = "ASC"  # *RST restores ASCII replies, as SCPI requires
         self.byte_order = "NORM"
+        if getattr(self, "log", None) is not None:  # *RST stops logging, empties the ring
+            self.log = ReadingLog(self.channels)
         self._changed()
 
     def _changed(self) -> None:
@@ -328,6 +340,7 @@ class CabinetSim:
         i_max, v_max = self.current_max_a, self.voltage_max_v
         # Hot queries first: the parser tries patterns in registration order.
         p.register(":MEASure:ALL?", on_query=self._q_meas_all)
+        p.register(":TRACe:DATA?", on_query=self._q_trace_data)
         p.register(":MEASure:VOLTage[:DC]?", on_query=self._q_meas("v"))
         p.register(":MEASure:CURRent[:DC]?", on_query=self._q_meas("i"))
         p.register(":MEASure:TEMPerature?", on_query=self._q_meas("t"))
@@ -351,6 +364,14 @@ class CabinetSim:
                              v_max * PROTECTION_HEADROOM)
         p.register(":FORMat[:DATA]", on_set=self._set_format, on_query=self._q_format)
         p.register(":FORMat:BORDer", on_set=self._set_border, on_query=self._q_border)
+        p.register(":TRACe:POINts", on_set=self._set_points, on_query=self._q_points)
+        p.register(":TRACe:ACTual?", on_query=self._q_actual)
+        p.register(":TRACe:ACTual:STARt?", on_query=self._q_actual_start)
+        p.register(":TRACe:ACTual:END?", on_query=self._q_actual_end)
+        p.register(":TRACe:CLEar", on_set=self._set_trace_clear)
+        p.register(":TRIGger:TIMer", on_set=self._set_timer, on_query=self._q_timer)
+        p.register(":INITiate[:IMMediate]", on_set=self._set_init)
+        p.register(":ABORt", on_set=self._set_abort)
         p.register(":SYSTem:CHANnel:COUNt?", on_query=self._q_channel_count)
         p.register(":SYSTem:CHANnel:LIMits?", on_query=self._q_limits)
 
@@ -466,6 +487,78 @@ class CabinetSim:
         expect_args(args, 0)
         return f"{format_nr3(self.current_max_a)},{format_nr3(self.voltage_max_v)}"
 
+    # -- hardware-timed logging (cabinet_log.py) ---------------------------------------
+    def _set_points(self, args: list[str]) -> None:
+        expect_args(args, 1)
+        points = parse_number(args[0], minimum=POINTS_MIN, maximum=POINTS_MAX)
+        if points != int(points):
+            raise ScpiError(-224, "Illegal parameter value; TRAC:POIN takes a whole number")
+        self.log.set_points(int(points))
+
+    def _q_points(self, args: list[str]) -> str:
+        expect_args(args, 0)
+        return format_nr1(self.log.points)
+
+    def _set_timer(self, args: list[str]) -> None:
+        expect_args(args, 1)
+        self.log.set_period(parse_number(args[0], minimum=PERIOD_MIN_S, maximum=PERIOD_MAX_S))
+
+    def _q_timer(self, args: list[str]) -> str:
+        expect_args(args, 0)
+        return format_nr3(self.log.period_s)
+
+    def _set_init(self, args: list[str]) -> None:
+        expect_args(args, 0)
+        now = self.clock.now()
+        self._step_to(now)  # the cells are at now: the first reading is taken now
+        self.log.start(now)
+        self._step_to(now)
+
+    def _set_abort(self, args: list[str]) -> None:
+        expect_args(args, 0)
+        self._step_to(self.clock.now())  # the readings due until now are taken
+        self.log.running = False
+
+    def _set_trace_clear(self, args: list[str]) -> None:
+        expect_args(args, 0)
+        if self.log.running:
+            raise ScpiError(-221, "Settings conflict; ABOR logging before TRAC:CLE")
+        self.log.clear()
+
+    def _logged_now(self) -> None:
+        if self.log.running:
+            self._step_to(self.clock.now())
+
+    def _q_actual(self, args: list[str]) -> str:
+        expect_args(args, 0)
+        self._logged_now()
+        first = self.log.first_held
+        return format_nr1(self.log.count - first + 1 if first else 0)
+
+    def _q_actual_start(self, args: list[str]) -> str:
+        expect_args(args, 0)
+        self._logged_now()
+        return format_nr1(self.log.first_held)
+
+    def _q_actual_end(self, args: list[str]) -> str:
+        expect_args(args, 0)
+        self._logged_now()
+        return format_nr1(self.log.count)
+
+    def _q_trace_data(self, args: list[str]) -> str:
+        """``TRAC:DATA? <from>[,(@list)]``: the readings held from index ``from`` on (a
+        binary block, FORM:DATA REAL,32 only)."""
+        if not 1 <= len(args) <= 2:
+            raise ScpiError(-109 if not args else -108)
+        start = parse_number(args[0], minimum=1, maximum=2.0**53)
+        if start != int(start):
+            raise ScpiError(-224, "Illegal parameter value; the start index is a whole number")
+        idx = self._all if len(args) == 1 else self._channels_arg(args[1])
+        if self.data_format != "REAL":
+            raise ScpiError(-221, "Settings conflict; TRAC:DATA? needs FORM:DATA REAL,32")
+        self._logged_now()
+        return self.log.fetch(int(start), idx, self.byte_order)
+
     # -- physics ---------------------------------------------------------------------
     def _regulate(self) -> tuple[FloatArray, IntArray, NDArray[np.bool_]]:
         """(current that flows, mode code, compliance) per channel for the present state."""
@@ -520,12 +613,44 @@ class CabinetSim:
         return current, voltage, mode, compliance
 
     def _step_to(self, now: float) -> None:
+        """Every cell to ``now``; while logging, through each reading due by then, taken
+        at its own instrument time under the settings in force at that time."""
+        log = self.log
+        if log.running and log.next_t_s <= now:
+            due = int((now - log.next_t_s) / log.period_s) + 1
+            if due > log.points:
+                # Readings the ring would overwrite before anyone could fetch them: their
+                # time passes (the cells move on), their values are never kept.
+                skip = due - log.points
+                self._step_bank(log.next_t_s + (skip - 1) * log.period_s)
+                log.skip(skip)
+            current = None
+            while log.next_t_s <= now:
+                t_r = log.next_t_s
+                self._step_bank(t_r, current)
+                if self.frozen and self._last_snapshot is not None:
+                    v, i, temp, _, _ = self._last_snapshot  # a hung measurement loop
+                    current = None
+                else:
+                    # One regulation per reading: its current also drives the next step.
+                    i, v, _, _ = self._drive()
+                    temp, current = self.bank.temperature_c, i
+                log.record(t_r, v, i, temp)
+                self.readings.append((t_r, v))
+            self._step_bank(now, current)
+            return
+        self._step_bank(now)
+
+    def _step_bank(self, now: float, current: FloatArray | None = None) -> None:
+        """Every cell to ``now``; ``current``: what flows from the last update on, when
+        the caller has just regulated (else from the snapshot, or regulated here)."""
         remaining = now - self._t_last
         self._t_last = now
         if remaining <= 0.0:
             return
         # A still-valid snapshot already holds the current flowing from the last update.
-        current = self._snapshot[1] if self._snapshot is not None else self._drive()[0]
+        if current is None:
+            current = self._snapshot[1] if self._snapshot is not None else self._drive()[0]
         while True:
             h = min(remaining, MAX_STEP_ACTIVE_S if current.any() else MAX_STEP_IDLE_S)
             self.bank.step(current, h)
@@ -603,10 +728,12 @@ class CabinetSim:
         self.advance()  # protection trips happen without a controller asking
 
     def on_watchdog(self) -> None:
-        """The host stopped talking: every output off, latched watchdog flag."""
+        """The host stopped talking: every output off, latched watchdog flag, and logging
+        stopped (nobody fetches it; the ring stays fetchable)."""
         self._flush()
         self.latched[self.output_on] |= STAT_WATCHDOG
         self.output_on[:] = False
+        self.log.running = False
         self._changed()
 
     # -- fault injection ----------------------------------------------------------------

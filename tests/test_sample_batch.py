@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from labdaq.engine.ledger import FAST_COLUMNS, Ledger
-from labdaq.engine.sample_batch import MAGIC, SampleBatch, decode, encode, is_batch
+from labdaq.engine.sample_batch import MAGIC, SampleBatch, concat, decode, encode, is_batch
 from labdaq.engine.writer_process import WriterProcess
 from labdaq.storage.models import SAMPLE_COLUMNS, SampleFlag
 from tests.test_writer import _seed_run
@@ -82,6 +82,19 @@ def test_round_trip_gives_the_rows_the_writer_inserts() -> None:
     assert all(type(r[11]) is int and type(r[1]) is int for r in rows)  # plain Python
     assert rows[1][:6] == (7, 2, 0.01, 1_765_000_000.25, 2, 3)
     assert rows[1][7:] == (-1.5, None, 1e-4, 4e-4, 1, None)
+
+
+def test_concatenated_batches_keep_each_rows_wall_time() -> None:
+    """A fetch of logged readings: one put, each reading's rows with their own ts_utc."""
+    a, b = _batch(2), _batch(3, seq0=3)
+    b.ts_utc = 1_765_000_000.5
+    both = concat([a, b])
+    buf = encode(both, Ledger(fast=[_fast(5)]))
+    flags, n = struct.unpack_from("<4sBBHIId", buf)[2], struct.unpack_from("<4sBBHIId", buf)[4]
+    assert flags == 3 and n == 5  # a ledger, and a ts_utc column
+    got, _ = decode(buf)
+    assert got.rows() == both.rows() == a.rows() + b.rows()
+    assert [r[3] for r in got.rows()] == [1_765_000_000.25] * 2 + [1_765_000_000.5] * 3
 
 
 def test_all_nan_temperatures_store_null() -> None:

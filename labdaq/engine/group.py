@@ -48,7 +48,7 @@ from labdaq.engine.clock import EngineClock
 from labdaq.engine.end_conditions import EndConditions, Previous
 from labdaq.engine.events import AuxRequested, Command, Emit, RunEnded
 from labdaq.engine.gaps import missed
-from labdaq.engine.group_commands import GroupCommands
+from labdaq.engine.group_buffered import GroupBuffered, is_buffered
 from labdaq.engine.group_edges import (  # noqa: F401 - the flags are imported from here
     _STATS_MAX,
     FLAG_BREACH,
@@ -66,7 +66,7 @@ from labdaq.engine.sink import SampleSink, SinkLost
 log = logging.getLogger(__name__)
 
 
-class InstrumentGroup(GroupCommands):
+class InstrumentGroup(GroupBuffered):
     def __init__(
         self,
         name: str,
@@ -123,11 +123,16 @@ class InstrumentGroup(GroupCommands):
         self._prev_runs: list[ChannelRun] = []
         self._requests = False  # a command is waiting in the inbox
         self.chans: list[int] = []
+        # The instrument logs on its own clock and the loop fetches blocks of readings
+        # (group_buffered.py) instead of one query per tick.
+        self.buffered = is_buffered(driver)
+        self._buffered_init()
         self._limits_changed()
         self._load_phases()
 
     # -- membership --------------------------------------------------------------------
     async def add(self, run: ChannelRun, phase: Phase, t0_clock_s: float) -> None:
+        await self._logging_for([run.period_s])  # buffered acquisition only
         # Not in the middle of a tick: it holds arrays sized for the runs it measured.
         async with self._busy:
             await self._add(run, phase, t0_clock_s)
@@ -199,6 +204,7 @@ class InstrumentGroup(GroupCommands):
                 fresh.append((r, p))
         if not fresh:
             return
+        await self._logging_for([r.period_s for r, _ in fresh])  # buffered acquisition only
         before = self.clock.now()
         await self._apply_many(fresh)
         # As in _add: the runs' clocks start when their set points are in place.
@@ -306,6 +312,12 @@ class InstrumentGroup(GroupCommands):
 
     # -- the loop ----------------------------------------------------------------------
     async def _loop(self) -> None:
+        if self.buffered:
+            try:
+                await self._loop_buffered()
+            finally:
+                self._task = None
+            return
         period = min(float(self.state.period_s.min()), self.control_period_s)
         deadline = self.clock.now() + self.phase * period - period
         while self.runs and not self._closing:
@@ -337,6 +349,22 @@ class InstrumentGroup(GroupCommands):
                 log.exception("instrument %s: acquisition failed", self.name)
                 await self._fail_all(f"{type(exc).__name__}: {exc}")
         self._task = None
+
+    async def _guarded(self, step: Callable[[], Awaitable[None]]) -> None:
+        """One step of the buffered loop with the per-tick loop's handling of failures
+        (the same outcomes as in :meth:`_loop`)."""
+        try:
+            await step()
+        except LOST_INSTRUMENT as exc:
+            log.error("instrument %s lost: %s", self.name, exc)
+            await self._interrupt_all(exc)
+        except SinkLost as exc:
+            log.error("instrument %s: outputs off, sample writer gone: %s", self.name, exc)
+            await self._outputs_off(list(self.chans))
+            self._closing = True
+        except Exception as exc:  # noqa: BLE001 - make every channel safe, then report
+            log.exception("instrument %s: acquisition failed", self.name)
+            await self._fail_all(f"{type(exc).__name__}: {exc}")
 
     async def _tick(self, deadline: float | None = None, tick_s: float | None = None) -> None:
         """One look at every channel. ``deadline`` is the tick's scheduled time on the

@@ -112,10 +112,11 @@ class GroupEdges(GroupSensors):
                                      float(self.state.step_capacity_ah[k]), sensor))
 
     def _gaps(self, idx: IntArray, miss: IntArray, due_t_s: FloatArray, flags: NDArray[Any],
-              ts_utc: float) -> Ledger:
+              ts_utc: float, cause: str = "late") -> Ledger:
         """The gaps of runs ``idx`` that missed storage times (``miss``, by run; the first
         missed one is ``due_t_s``) for the ledger of their next rows; flags those rows
-        GAP (``flags``, aligned with ``idx``, in place)."""
+        GAP (``flags``, aligned with ``idx``, in place). ``cause``: "late" (a tick came
+        late), "overflow" (a logging instrument's ring overwrote readings first)."""
         ledger = Ledger()
         st = self.state
         for j, k in enumerate(idx.tolist()):
@@ -127,7 +128,7 @@ class GroupEdges(GroupSensors):
             flags[j] |= FLAG_GAP
             ledger.gaps.append(gap_record(
                 r.run_id, int(st.seq[k]) + 1, n, float(due_t_s[k]), float(st.period_s[k]),
-                ts_utc, r.missed_periods, "late"))
+                ts_utc, r.missed_periods, cause))
         return ledger
 
     async def _put(self, idx: IntArray, rows: SampleBatch,

@@ -34,6 +34,9 @@ _FLOATS = (
     "dvdt_ref_t_s",  # dV/dt end condition: reference point
     "dvdt_ref_voltage_v",
     "t_s",  # run time of the last stored sample
+    # run time from which the instrument reads under the run's present set point (a
+    # logging cabinet's readings before it were taken under the previous one)
+    "setpoint_t_s",
     "step_capacity_ah",  # |charge| moved in the step
     "step_energy_wh",  # |energy| moved in the step
     "step_discharge_ah",  # charge discharged in the step
@@ -63,6 +66,7 @@ class RunArrays:
     dvdt_ref_t_s: FloatArray
     dvdt_ref_voltage_v: FloatArray
     t_s: FloatArray
+    setpoint_t_s: FloatArray
     step_capacity_ah: FloatArray
     step_energy_wh: FloatArray
     step_discharge_ah: FloatArray
@@ -111,6 +115,7 @@ class RunArrays:
             self.last_temperature_c[k] = np.nan
             self.breach_since_t_s[k] = np.nan
             self.dvdt_ref_t_s[k] = run.t_s
+            self.setpoint_t_s[k] = run.t_s
             self.dvdt_ref_voltage_v[k] = np.nan
             self.run_id[k] = run.run_id
             self.push(k, run)

@@ -2,19 +2,21 @@
 
 An instrument group stores the due samples of a tick as one :class:`SampleBatch`: a numpy
 column per sample field (``SAMPLE_COLUMNS`` order) and one ``ts_utc`` for the tick,
-instead of a Python tuple per row. The sink turns it into what it inserts
+instead of a Python tuple per row (a block of logged readings, taken at different times,
+carries a ``ts_utc`` column instead: :func:`concat`). The sink turns it into what it inserts
 (:meth:`SampleBatch.rows`): the in-process writer at once, the writer process in its
 child, so the engine's event loop neither builds row tuples nor pickles them.
 
 Wire form (:func:`encode`, :func:`decode`), one ``Connection.send_bytes`` message per put,
 little-endian::
 
-    header   24 bytes  magic b"LDQB", version (1), flags (bit 0: a ledger is present),
-                       fast-array count (uint16), rows n (uint32), slow-part length
-                       (uint32), ts_utc (float64)
+    header   24 bytes  magic b"LDQB", version (1), flags (bit 0: a ledger is present,
+                       bit 1: a ts_utc column follows the columns), fast-array count
+                       (uint16), rows n (uint32), slow-part length (uint32), ts_utc
+                       (float64; the first row's with a ts_utc column)
     counts   8 bytes × fast-array count: rows of each fast array (uint64)
     columns  n × 8 bytes each, in COLUMNS order: int64 or float64 (temperature and its
-                       age NaN = none)
+                       age NaN = none); then ts_utc (float64) when flag bit 1 is set
     fast     each fast-state array (ledger.FAST_COLUMNS wide, float64, row-major)
     slow     pickle of the ledger's (positions, steps, cycles, gaps) when any is non-empty
 
@@ -40,6 +42,7 @@ from labdaq.engine.ledger import FAST_COLUMNS, Ledger
 MAGIC = b"LDQB"
 VERSION = 2
 _HAS_LEDGER = 0x01
+_HAS_TS_COLUMN = 0x02
 _HEAD = struct.Struct("<4sBBHIId")
 _FAST_WIDTH = len(FAST_COLUMNS)
 
@@ -69,7 +72,7 @@ class SampleBatch:
     run_id: NDArray[np.int64]
     seq: NDArray[np.int64]
     t_s: NDArray[np.float64]
-    ts_utc: float
+    ts_utc: float | NDArray[np.float64]  # one for every row, or one per row
     step_index: NDArray[np.int64]
     cycle_index: NDArray[np.int64]
     voltage_v: NDArray[np.float64]
@@ -89,11 +92,12 @@ class SampleBatch:
     def rows(self) -> list[tuple[Any, ...]]:
         """The rows as tuples in ``SAMPLE_COLUMNS`` order, as the writer inserts them."""
         return list(
-            zip(
+            zip(  # noqa: B905 - the repeat()s are endless; every list has n rows
                 self.run_id.tolist(),
                 self.seq.tolist(),
                 self.t_s.tolist(),
-                repeat(self.ts_utc),
+                (self.ts_utc.tolist() if isinstance(self.ts_utc, np.ndarray)
+                 else repeat(self.ts_utc)),
                 self.step_index.tolist(),
                 self.cycle_index.tolist(),
                 self.voltage_v.tolist(),
@@ -105,6 +109,18 @@ class SampleBatch:
                 _nullable(self.temperature_age_s),
             )
         )
+
+
+def concat(batches: list[SampleBatch]) -> SampleBatch:
+    """Several batches as one, rows in order; each row keeps its batch's ``ts_utc`` (a
+    column when they differ)."""
+    if len(batches) == 1:
+        return batches[0]
+    ts = np.concatenate([np.broadcast_to(np.asarray(b.ts_utc, np.float64), (len(b),))
+                         for b in batches])
+    cols = {name: np.concatenate([np.asarray(getattr(b, name)) for b in batches])
+            for name, _ in COLUMNS}
+    return SampleBatch(ts_utc=ts, **cols)
 
 
 def _nullable(x: NDArray[np.float64]) -> Any:
@@ -126,15 +142,26 @@ def encode(batch: SampleBatch, ledger: Ledger | None = None) -> bytes:
                                or ledger.gaps):
         slow = pickle.dumps((ledger.positions, ledger.steps, ledger.cycles, ledger.gaps),
                             protocol=pickle.HIGHEST_PROTOCOL)
+    ts = batch.ts_utc
+    ts_col = isinstance(ts, np.ndarray)
+    if isinstance(ts, np.ndarray):
+        ts_first = float(ts[0]) if len(ts) else 0.0
+    else:
+        ts_first = float(ts)
+    flags = (_HAS_LEDGER if ledger is not None else 0) | (_HAS_TS_COLUMN if ts_col else 0)
     parts = [
-        _HEAD.pack(MAGIC, VERSION, _HAS_LEDGER if ledger is not None else 0, len(fast), n,
-                   len(slow), batch.ts_utc),
+        _HEAD.pack(MAGIC, VERSION, flags, len(fast), n, len(slow), ts_first),
         np.array([len(f) for f in fast], "<u8").tobytes(),
     ]
     for name, dtype in COLUMNS:
         col = np.asarray(getattr(batch, name), dtype)
         if col.shape != (n,):
             raise ValueError(f"column {name}: shape {col.shape}, expected ({n},)")
+        parts.append(col.tobytes())
+    if ts_col:
+        col = np.asarray(batch.ts_utc, "<f8")
+        if col.shape != (n,):
+            raise ValueError(f"column ts_utc: shape {col.shape}, expected ({n},)")
         parts.append(col.tobytes())
     for f in fast:
         parts.append(np.ascontiguousarray(f, "<f8").tobytes())
@@ -164,13 +191,17 @@ def decode(buf: bytes | bytearray | memoryview) -> tuple[SampleBatch, Ledger | N
         raise ValueError("sample batch: truncated in its fast-array counts")
     counts = np.frombuffer(mv, "<u8", n_fast, off).tolist()
     off = end
-    size = off + 8 * n * len(COLUMNS) + 8 * _FAST_WIDTH * sum(counts)
+    ncols = len(COLUMNS) + (1 if flags & _HAS_TS_COLUMN else 0)
+    size = off + 8 * n * ncols + 8 * _FAST_WIDTH * sum(counts)
     size += slow_len + (-slow_len % 8)
     if size != len(mv):
         raise ValueError(f"sample batch: {len(mv)} bytes, its header says {size}")
     cols: dict[str, Any] = {}
     for name, dtype in COLUMNS:
         cols[name] = np.frombuffer(mv, dtype, n, off)
+        off += 8 * n
+    if flags & _HAS_TS_COLUMN:
+        ts_utc = np.frombuffer(mv, "<f8", n, off)
         off += 8 * n
     fast = []
     for c in counts:

@@ -1,0 +1,124 @@
+"""Hardware-timed logging of a simulated cabinet: a bounded ring of readings and its fetch.
+
+One job: keep the readings a cabinet takes on its own clock (``TRIG:TIM`` apart, from
+``INIT`` until ``ABOR``) in a ring of ``TRAC:POIN`` readings, and answer
+``TRAC:DATA? <from>[,(@list)]`` with every reading still held from index ``from`` on, as
+one IEEE 488.2 definite-length block (docs/instruments/cabinet.md, "Buffered logging")::
+
+    header   2 x float64: the first index the ring still holds (0: none yet), and the
+             number of readings in this block
+    reading  float64 index (1, 2, ...), float64 instrument time (s), then float32 V, I, T
+             per listed channel, in list order
+
+big-endian under ``FORM:BORD NORM``, little-endian under ``SWAP``. A reading overwritten
+before it was fetched is gone: the header's first index says where the ring starts, so the
+client knows exactly which indices it lost.
+
+The cabinet (:class:`labdaq.sims.cabinet.CabinetSim`) decides *when* readings are taken
+and what they are: it advances its cells reading by reading (each at its exact instrument
+time, under the set points in force then) whenever anything asks it to move on, so a set
+command takes effect for the readings after it and not for those before.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .scpi import NOT_A_NUMBER, ScpiError, format_block
+
+POINTS_MIN = 10
+POINTS_MAX = 100_000
+POINTS_DEFAULT = 1000  # 10 s at 100 Hz
+PERIOD_MIN_S = 0.001
+PERIOD_MAX_S = 60.0
+PERIOD_DEFAULT_S = 0.01
+HEADER_FIELDS = 2  # first index held, readings in the block
+
+
+def reading_dtype(channels: int, byte_order: str = "NORM") -> np.dtype:
+    """One reading of a ``TRAC:DATA?`` block for ``channels`` listed channels."""
+    e = ">" if byte_order == "NORM" else "<"
+    return np.dtype([("index", f"{e}f8"), ("t_s", f"{e}f8"), ("vit", f"{e}f4", (channels, 3))])
+
+
+class ReadingLog:
+    """The ring of readings of ``channels`` channels (V, I, T each, float32)."""
+
+    def __init__(self, channels: int) -> None:
+        self.channels = channels
+        self.points = POINTS_DEFAULT
+        self.period_s = PERIOD_DEFAULT_S
+        self.running = False
+        self.t0_s = 0.0  # instrument time of reading 1
+        self.clear()
+
+    def clear(self) -> None:
+        """Empty ring (``TRAC:CLE``, ``INIT``); readings are numbered from 1 again."""
+        self.count = 0  # readings taken since INIT = the newest index
+        self._t = np.zeros(self.points)
+        self._vit = np.zeros((self.points, self.channels, 3), np.float32)
+
+    def set_points(self, points: int) -> None:
+        if self.running:
+            raise ScpiError(-221, "Settings conflict; ABOR logging before TRAC:POIN")
+        self.points = points
+        self.clear()
+
+    def set_period(self, period_s: float) -> None:
+        if self.running:
+            raise ScpiError(-221, "Settings conflict; ABOR logging before TRIG:TIM")
+        self.period_s = period_s
+
+    def start(self, now_s: float) -> None:
+        """``INIT``: a fresh ring, the first reading at ``now_s``."""
+        if self.running:
+            raise ScpiError(-213, "Init ignored; logging is already running")
+        self.clear()
+        self.running = True
+        self.t0_s = now_s
+
+    @property
+    def next_t_s(self) -> float:
+        """Instrument time of the next reading: on the timer's grid from reading 1, so
+        the times do not drift by summing periods."""
+        return self.t0_s + self.count * self.period_s
+
+    @property
+    def first_held(self) -> int:
+        """The oldest index still in the ring (0 while empty)."""
+        return 0 if self.count == 0 else max(1, self.count - self.points + 1)
+
+    def skip(self, readings: int) -> None:
+        """``readings`` readings taken and overwritten at once (nobody asked for the
+        cabinet for longer than the ring holds): their times pass, no values kept."""
+        self.count += readings
+
+    def record(self, t_s: float, voltage_v: NDArray[np.float64], current_a: NDArray[np.float64],
+               temperature_c: NDArray[np.float64]) -> None:
+        """Reading ``count + 1`` taken at instrument time ``t_s`` (every channel)."""
+        slot = self.count % self.points
+        self.count += 1
+        self._t[slot] = t_s
+        vit = self._vit[slot]
+        vit[:, 0], vit[:, 1], vit[:, 2] = voltage_v, current_a, temperature_c
+
+    def fetch(self, start: int, idx: NDArray[np.int64], byte_order: str = "NORM") -> str:
+        """The ``TRAC:DATA?`` block of every reading held from index ``start`` on, for
+        channels ``idx`` (zero-based, list order)."""
+        first = self.first_held
+        lo = max(start, first, 1)
+        hi = self.count  # newest index
+        n = max(0, hi - lo + 1) if first else 0
+        e = ">" if byte_order == "NORM" else "<"
+        head = np.array([first, n], f"{e}f8").tobytes()
+        rec = np.empty(n, reading_dtype(len(idx), byte_order))
+        if n:
+            index = np.arange(lo, hi + 1)
+            slots = (index - 1) % self.points
+            rec["index"] = index
+            rec["t_s"] = self._t[slots]
+            vit = self._vit[slots][:, idx, :]
+            # An open sensor (NaN) reads 9.91E+37, as in MEAS:ALL?.
+            rec["vit"] = np.where(np.isnan(vit), np.float32(NOT_A_NUMBER), vit)
+        return format_block(head + rec.tobytes())
