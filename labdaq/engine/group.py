@@ -332,33 +332,26 @@ class InstrumentGroup(GroupBuffered):
             if late * self.clock.speed > period:
                 # Fell behind by more than a tick: re-anchor instead of bursting.
                 deadline = self.clock.now()
-            try:
+
+            async def tick(deadline: float = deadline, period: float = period) -> None:
                 async with self._busy:
                     await self._tick(deadline, period)
-            except LOST_INSTRUMENT as exc:
-                # The transport has already reconnected with backoff and given up.
-                log.error("instrument %s lost: %s", self.name, exc)
-                await self._interrupt_all(exc)
-            except SinkLost as exc:
-                # Neither the instrument's fault nor the runs': outputs off, runs kept. The
-                # node stops and is restarted, and resumes them from their committed samples.
-                log.error("instrument %s: outputs off, sample writer gone: %s", self.name, exc)
-                await self._outputs_off(list(self.chans))
-                self._closing = True
-            except Exception as exc:  # noqa: BLE001 - make every channel safe, then report
-                log.exception("instrument %s: acquisition failed", self.name)
-                await self._fail_all(f"{type(exc).__name__}: {exc}")
+
+            await self._guarded(tick)
         self._task = None
 
     async def _guarded(self, step: Callable[[], Awaitable[None]]) -> None:
-        """One step of the buffered loop with the per-tick loop's handling of failures
-        (the same outcomes as in :meth:`_loop`)."""
+        """One tick (or one fetch of the buffered loop), with the loop's handling of its
+        failures."""
         try:
             await step()
         except LOST_INSTRUMENT as exc:
+            # The transport has already reconnected with backoff and given up.
             log.error("instrument %s lost: %s", self.name, exc)
             await self._interrupt_all(exc)
         except SinkLost as exc:
+            # Neither the instrument's fault nor the runs': outputs off, runs kept. The
+            # node stops and is restarted, and resumes them from their committed samples.
             log.error("instrument %s: outputs off, sample writer gone: %s", self.name, exc)
             await self._outputs_off(list(self.chans))
             self._closing = True
