@@ -13,8 +13,8 @@ the calls running now plus ``max_idle``, however many threads have come and gone
 used to keep one connection per worker thread in a list for the process's life: anyio
 ends a worker thread idle for 10 s and starts a new one when requests overlap again, and
 every new thread opened a connection (with its own page cache) that was never closed, so
-the API grew by about 1 MB a minute under the standard API load (the 1 h soak,
-tests/test_soak_api_load.py). A connection is used by one call at a time, from whichever
+the API's connections and memory grew with that churn (the 1 h soak under the standard
+API load, tests/test_soak_api_load.py). A connection is used by one call at a time, from whichever
 thread borrows it (``sqlite3`` is opened with ``check_same_thread`` off).
 
 SQLite: a read connection outside a transaction holds no lock and does not stop WAL
