@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from sqlalchemy import event
 
 import labdaq
+from labdaq import malloc_trim
 from labdaq.api.body_limit import BodyLimitMiddleware
 from labdaq.api.openapi_examples import add_examples, operation_id
 from labdaq.api.problems import install_problem_handlers, problem_openapi
@@ -99,10 +100,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.sessionmaker, settings.node_down_after_s,
             min(settings.alerts_poll_s, settings.node_down_after_s / 3)).run_forever(),
             name="node-watch")
+        # Freed malloc memory back to the OS once a minute (labdaq.malloc_trim).
+        trimmer = asyncio.create_task(malloc_trim.trim_forever(), name="malloc-trim")
         try:
             yield
         finally:
-            for task in (notifier, watch):
+            for task in (notifier, watch, trimmer):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):

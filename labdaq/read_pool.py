@@ -33,6 +33,11 @@ T = TypeVar("T")
 
 #: Idle connections kept: the standard API load keeps 8 requests in flight.
 MAX_IDLE = 8
+#: SQLite page cache of each read connection, KiB (SQLite's default is about 2 MiB). A
+#: read walks one run's rows once, and the OS caches the file behind it; each connection
+#: kept filling its cache with pages of the growing database, so the API's memory rose
+#: for the first hour of the soak before it levelled off.
+READ_CACHE_KIB = 512
 
 
 def _close(conn: Any) -> None:
@@ -61,6 +66,8 @@ class ReadPool:
             held = self._idle.pop() if self._idle else None
         if held is None:
             held = connect(self.url, autocommit=True)
+            if held[1] == "qmark":  # sqlite3
+                held[0].execute(f"PRAGMA cache_size=-{READ_CACHE_KIB}")
             with self._lock:
                 self.open_count += 1
         try:
