@@ -100,7 +100,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.sessionmaker, settings.node_down_after_s,
             min(settings.alerts_poll_s, settings.node_down_after_s / 3)).run_forever(),
             name="node-watch")
-        # Freed malloc memory back to the OS once a minute (labdaq.malloc_trim).
+        # Large buffers mmapped, and freed malloc memory back to the OS once a minute
+        # (labdaq.malloc_trim).
+        malloc_trim.fix_mmap_threshold()
         trimmer = asyncio.create_task(malloc_trim.trim_forever(), name="malloc-trim")
         try:
             yield
