@@ -5,8 +5,10 @@ PostgreSQL; schemathesis runs every check (no 5xx, responses match their schema 
 content type, only documented status codes, negative data refused, links followed)
 against it with a bearer token. The quick form is part of the normal suite; the deep form
 (100 examples per operation, every phase, each role's token, on SQLite and PostgreSQL:
-six test cases) is marked ``slow`` and ``deep``: `make test-deep` runs it (`make test-slow` leaves
-it out).
+one test case, one service per backend, runs at once where they cannot disturb each
+other) is marked ``slow`` and ``deep``: `make test-deep` runs it; `make test-slow` leaves
+it out until it fits CI's budget with a margin (docs/performance.md: 2026-12-06 it took
+longer than 30 minutes on the busy shared machine).
 """
 
 from __future__ import annotations
