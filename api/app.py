@@ -100,9 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.sessionmaker, settings.node_down_after_s,
             min(settings.alerts_poll_s, settings.node_down_after_s / 3)).run_forever(),
             name="node-watch")
-        # Large buffers mmapped, and freed malloc memory back to the OS once a minute
-        # (labdaq.malloc_trim).
-        malloc_trim.fix_mmap_threshold()
+        # Freed malloc memory back to the OS once a minute (labdaq.malloc_trim).
         trimmer = asyncio.create_task(malloc_trim.trim_forever(), name="malloc-trim")
         try:
             yield

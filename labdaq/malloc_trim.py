@@ -41,31 +41,6 @@ def _libc() -> Any | None:
 
 _trim = _libc()
 
-#: mallopt parameter numbers (malloc.h) and the fixed mmap threshold.
-M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 128 * 1024
-
-
-def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD_BYTES) -> bool:
-    """Allocations of ``nbytes`` or more are mmapped (and unmapped when freed) for the
-    rest of the process's life.
-
-    glibc starts at 128 KiB but raises the threshold to the size of each mmapped block
-    freed, up to 32 MiB: after the first large response body or query result, the large
-    buffers of later requests come from the heap, and the heap's top stays as high as
-    the largest of them while a small allocation above it lives. A fixed threshold also
-    turns that raising off. False where this is not glibc."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, nbytes))
-
 
 def trim() -> bool:
     """Release malloc's free memory to the OS; False where there is no malloc_trim."""

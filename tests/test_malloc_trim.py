@@ -36,8 +36,3 @@ async def test_trim_forever_trims_each_period_until_cancelled(
     with pytest.raises(asyncio.CancelledError):
         await task
     assert calls[:3] == [0, 0, 0]
-
-
-def test_the_mmap_threshold_is_fixed_where_glibc_is() -> None:
-    # Only that glibc accepts it: mallopt answers 1 for a parameter it took.
-    assert malloc_trim.fix_mmap_threshold() is (malloc_trim._trim is not None)
