@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from sqlalchemy import event
 
 import labdaq
+from labdaq import malloc_trim
 from labdaq.api.body_limit import BodyLimitMiddleware
 from labdaq.api.gc_freeze import freeze_startup_heap
 from labdaq.api.openapi_examples import add_examples, operation_id
@@ -102,13 +103,15 @@ def create_app(settings: Settings | None = None, gc_freeze: bool = False) -> Fas
             app.state.sessionmaker, settings.node_down_after_s,
             min(settings.alerts_poll_s, settings.node_down_after_s / 3)).run_forever(),
             name="node-watch")
+        # Freed malloc memory back to the OS once a minute (labdaq.malloc_trim).
+        trimmer = asyncio.create_task(malloc_trim.trim_forever(), name="malloc-trim")
         if gc_freeze:
             # Last: everything start-up made, the engines and pools included, is frozen.
             freeze_startup_heap()
         try:
             yield
         finally:
-            for task in (notifier, watch):
+            for task in (notifier, watch, trimmer):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):

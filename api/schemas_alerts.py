@@ -10,11 +10,15 @@ from labdaq.api.schemas import UtcDatetime
 from labdaq.config import ALERT_KINDS, AlertSubscription
 
 AlertKind = Literal["completed", "paused_fault", "aborted_safety", "node_down", "node_up"]
-# One line, no control characters (PostgreSQL refuses a NUL in text).
+# One line, no control characters (PostgreSQL refuses a NUL in text). The C1 controls
+# (U+0080-U+009F) and U+FEFF are named, not left to ``\s``: pydantic's (Rust) ``\s``
+# matches U+0085 and not U+FEFF, a JSON Schema (ECMA-262) one the other way round, so
+# schemathesis generated a schema-valid address with U+0085 that was refused (422).
 Email = Annotated[str, StringConstraints(
-    max_length=320, pattern=r"^[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+$")]
+    max_length=320,
+    pattern=r"^[^@\s\x00-\x1f\x7f-\x9f\ufeff]+@[^@\s\x00-\x1f\x7f-\x9f\ufeff]+$")]
 Webhook = Annotated[str, StringConstraints(
-    max_length=500, pattern=r"^https?://[^\s\x00-\x1f\x7f]+$")]
+    max_length=500, pattern=r"^https?://[^\s\x00-\x1f\x7f-\x9f\ufeff]+$")]
 
 
 Kinds = Annotated[list[AlertKind], Field(min_length=1, max_length=5,

@@ -7,10 +7,12 @@ the keyset-paginated read of :mod:`labdaq.export`, so memory is bounded by one c
 the points are chosen on each and the union returned (at most N rows, in seq order), so a
 current pulse is not lost on a flat voltage curve.
 
-A result is kept (:class:`DownsampleCache`) under the run, its last committed ``seq``
-when asked, the number of points and the filter: samples are never changed once stored,
-so the same key always has the same answer, and a plot of a finished run, or one polled
-faster than the run samples, is not recomputed.
+A result is kept (:class:`DownsampleCache`) under the run, the number of points and the
+filter, with the run's last committed ``seq`` when it was computed: samples are never
+changed once stored, so while that seq is still the run's last the answer is the same,
+and a plot of a finished run, or one polled faster than the run samples, is not
+recomputed. Once the run has stored more, the next answer replaces the entry: a run's
+last seq only grows, so an answer for an older one would never be asked for again.
 """
 
 from __future__ import annotations
@@ -111,39 +113,60 @@ def downsample(
     return table.take(pa.array(keep)), n
 
 
-_Key = tuple[int, int, int, SampleFilter]
+_Key = tuple[int, int, SampleFilter]
 
 
 class DownsampleCache:
-    """Downsampled results by (run, last seq, points, filter), least recently used out
-    first, at most ``max_rows`` rows in all. Shared by the API's worker threads."""
+    """Downsampled results by (run, points, filter), each with the last seq it was
+    computed up to; least recently used out first, at most ``max_rows`` rows in all.
+    Shared by the API's worker threads.
+
+    One entry per key, not one per (key, last seq): a live run's last seq changes every
+    sample period, and entries for the seqs before it, never asked for again, filled the
+    cache to ``max_rows`` (the API's memory kept growing under the standard API load
+    until they did; tests/test_soak_api_load.py)."""
 
     def __init__(self, max_rows: int = 200_000) -> None:
         self.max_rows = max_rows
         self._rows = 0
-        self._entries: OrderedDict[_Key, tuple[pa.Table, int]] = OrderedDict()
+        self._entries: OrderedDict[_Key, tuple[int, pa.Table, int]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: _Key) -> tuple[pa.Table, int] | None:
+    @property
+    def rows(self) -> int:
+        """Rows held now, in all entries."""
+        return self._rows
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: _Key, seq: int) -> tuple[pa.Table, int] | None:
+        """The answer for ``key`` computed up to ``seq``, if that is the one kept."""
         with self._lock:
             hit = self._entries.get(key)
-            if hit is not None:
-                self._entries.move_to_end(key)
-            return hit
+            if hit is None or hit[0] != seq:
+                return None
+            self._entries.move_to_end(key)
+            return hit[1], hit[2]
 
-    def put(self, key: _Key, value: tuple[pa.Table, int]) -> None:
+    def put(self, key: _Key, seq: int, value: tuple[pa.Table, int]) -> None:
+        """Keep ``value``, computed up to ``seq``, for ``key`` unless a later seq's answer
+        is kept already (two requests may race: the older answer does not replace it)."""
         rows = value[0].num_rows
         if rows > self.max_rows:
             return
         with self._lock:
-            old = self._entries.pop(key, None)
+            old = self._entries.get(key)
             if old is not None:
-                self._rows -= old[0].num_rows
-            self._entries[key] = value
+                if old[0] > seq:
+                    return
+                del self._entries[key]
+                self._rows -= old[1].num_rows
+            self._entries[key] = (seq, *value)
             self._rows += rows
             while self._rows > self.max_rows:
                 _, dropped = self._entries.popitem(last=False)
-                self._rows -= dropped[0].num_rows
+                self._rows -= dropped[1].num_rows
 
 
 def downsampled(
@@ -155,11 +178,11 @@ def downsampled(
     top = last_seq(conn, style, run_id)
     if top is None:
         return None
-    key = (run_id, top, points, where)
-    hit = cache.get(key) if cache is not None else None
+    key = (run_id, points, where)
+    hit = cache.get(key, top) if cache is not None else None
     if hit is not None:
         return hit
     out = downsample(conn, style, run_id, top, points, where)
     if cache is not None:
-        cache.put(key, out)
+        cache.put(key, top, out)
     return out

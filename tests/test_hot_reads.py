@@ -171,3 +171,29 @@ async def test_no_cache_sees_every_revocation(sqlite_url: str) -> None:
         assert (await c.get(path, headers=_h(secret))).status_code == 200
         await _revoke_elsewhere(url, secret)
         assert (await c.get(path, headers=_h(secret))).status_code == 401
+
+
+def test_the_downsample_cache_keeps_one_answer_per_run_points_and_filter() -> None:
+    # A live run's last seq changes every period: each new answer replaces the one before
+    # (which would never be asked for again) instead of filling the cache.
+    import pyarrow as pa
+
+    from labdaq.downsample import DownsampleCache
+    from labdaq.sample_arrow import SampleFilter
+
+    cache = DownsampleCache(max_rows=10_000)
+    key = (1, 500, SampleFilter())
+    for seq in range(1, 101):
+        cache.put(key, seq, (pa.table({"seq": list(range(50))}), seq))
+    assert len(cache) == 1 and cache.rows == 50
+    assert cache.get(key, 99) is None
+    hit = cache.get(key, 100)
+    assert hit is not None and hit[1] == 100
+    # A slower request's older answer does not replace a newer one.
+    cache.put(key, 90, (pa.table({"seq": [1]}), 90))
+    assert cache.get(key, 100) is not None and cache.rows == 50
+    # Other runs, other keys; the least recently used go first past max_rows.
+    for run_id in range(2, 400):
+        cache.put((run_id, 500, SampleFilter()), 1, (pa.table({"seq": list(range(50))}), 1))
+    assert cache.rows <= 10_000 and len(cache) == 200
+    assert cache.get(key, 100) is None  # the oldest, evicted

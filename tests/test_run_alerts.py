@@ -107,3 +107,21 @@ async def test_subscribers_of_a_run_are_told_of_its_safety_stop(
 
 
 _ALL = ("completed", "paused_fault", "aborted_safety", "node_down", "node_up")
+
+
+def test_addresses_with_c1_controls_are_refused_the_same_way_the_schema_says() -> None:
+    # schemathesis's deep run sent "]\u0085…@S": schema-valid by the OpenAPI (ECMA-262's
+    # \s does not match U+0085) but refused by pydantic (whose \s does). The pattern now
+    # names the C1 controls and U+FEFF, so both read it alike.
+    import re
+
+    import pydantic
+
+    from labdaq.api.schemas_alerts import SubscribeEmail
+
+    pattern = SubscribeEmail.model_json_schema()["properties"]["email"]["pattern"]
+    for bad in ("]\u0085x@S", "a\ufeff@c", "a\x9f@c"):
+        with pytest.raises(pydantic.ValidationError):
+            SubscribeEmail(email=bad)
+        assert not re.match(pattern.replace("\\s", " \\t\\n\\r\\f\\v"), bad)
+    assert SubscribeEmail(email="ingé@lab.example").email == "ingé@lab.example"
