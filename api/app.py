@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from sqlalchemy import event
 
 import labdaq
-from labdaq import malloc_trim
+from labdaq import export, malloc_trim
 from labdaq.api.body_limit import BodyLimitMiddleware
 from labdaq.api.gc_freeze import freeze_startup_heap
 from labdaq.api.openapi_examples import add_examples, operation_id
@@ -44,7 +44,7 @@ from labdaq.api.routers import (
 from labdaq.config import Settings, load_settings
 from labdaq.downsample import DownsampleCache
 from labdaq.read_pool import ReadPool
-from labdaq.storage.db import create_engine, sessionmaker
+from labdaq.storage.db import create_engine, sessionmaker, warm_pool
 from labdaq.token_cache import TokenCache
 
 #: Page cache of each of the API's SQLite connections, KiB (the storage layer's 32 MiB is
@@ -105,6 +105,9 @@ def create_app(settings: Settings | None = None, gc_freeze: bool = False) -> Fas
             name="node-watch")
         # Freed malloc memory back to the OS once a minute (labdaq.malloc_trim).
         trimmer = asyncio.create_task(malloc_trim.trim_forever(), name="malloc-trim")
+        # Before the first request: the reads' one-time imports, the pool's connections.
+        export.warm_up()
+        await warm_pool(engine)
         if gc_freeze:
             # Last: everything start-up made, the engines and pools included, is frozen.
             freeze_startup_heap()

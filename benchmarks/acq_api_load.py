@@ -36,6 +36,9 @@ async def _api_load(port: int, token: str, ids: list[int], rate_hz: float,
     and ``go_path`` it creates the first once connected and starts when the second exists."""
     mix = [(k, p) for k, p in API_MIX if kinds is None or k in kinds]
     lat: dict[str, list[float]] = {kind: [] for kind, _ in mix}
+    # When the slow ones were due (s after the start) and how long they took: a stall at
+    # the start and a periodic one look alike in a percentile.
+    slow: list[tuple[float, float]] = []
     statuses: dict[int, int] = {}
     errors = 0
     pool: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
@@ -59,7 +62,10 @@ async def _api_load(port: int, token: str, ids: list[int], rate_hz: float,
                 if line.lower().startswith("content-length:"):
                     length = int(line.split(":", 1)[1])
             await reader.readexactly(length)
-            lat[kind].append(time.perf_counter() - intended)
+            took = time.perf_counter() - intended
+            lat[kind].append(took)
+            if took > 0.05 and len(slow) < 500:
+                slow.append((round(intended - t0, 3), round(took * 1000, 1)))
             statuses[code] = statuses.get(code, 0) + 1
             if code != 200:
                 errors += 1
@@ -105,6 +111,7 @@ async def _api_load(port: int, token: str, ids: list[int], rate_hz: float,
         "p50_ms": pct(every, 50), "p99_ms": pct(every, 99),
         "p99_ms_by_kind": {k: pct(v, 99) for k, v in lat.items()},
         "p50_ms_by_kind": {k: pct(v, 50) for k, v in lat.items()}, "statuses": statuses,
+        "slow_ms_at_s": slow,
     }
 
 

@@ -358,6 +358,8 @@ class Trial:
             step.api = (json.loads(lines[-1]) if lines
                         else {"error": self.lab.children.tail("api-load")})
             step.cpu_pct["api_load"] = float(step.api.get("cpu_pct", 0.0))
+            if step.api.get("slow_ms_at_s"):
+                log(f"api requests over 50 ms (s after the start, ms): {step.api['slow_ms_at_s']}")
             ours = sum(v for n, v in step.cpu_pct.items() if n != "machine")
             step.cpu_pct["others"] = round(max(0.0, step.cpu_pct["machine"] - ours), 1)
             # Rows of the window are committed by now (flush), then counted in SQL.

@@ -127,6 +127,14 @@ def _fetch_table(cur: Any, style: str) -> pa.Table:
     return pa.table({str(i): pa.array(cols[i], type=t) for i, t in enumerate(types)})
 
 
+def warm_up() -> None:
+    """Do at start-up what the first read would: pyarrow's first conversion of Python
+    values (``pa.array`` of a list, as :func:`_fetch_table` does with SQLite rows) imports
+    pandas for its pandas checks, about half a second with the GIL held; in a request it
+    stalls every other request the API is serving."""
+    pa.array([0.0], type=pa.float64())
+
+
 def iter_sample_batches(
     url: str,
     run_id: int,

@@ -186,3 +186,36 @@ async def test_without_a_cache_every_request_looks_up() -> None:
 
     await asyncio.gather(*(cache.verify_once("s", lookup) for _ in range(3)))
     assert calls == 3
+
+
+def test_the_reads_one_time_imports_happen_at_startup(db_url: str) -> None:
+    """pyarrow imports pandas on its first conversion of Python values (half a second with
+    the GIL held, every request waiting): the API does it before it serves, not in the
+    first downsampled-samples request."""
+    import subprocess
+    import sys
+
+    asyncio.run(make_lab(db_url))
+    code = (
+        "import asyncio, sys\n"
+        "from labdaq.api.app import create_app\n"
+        "from labdaq.config import Settings\n"
+        f"app = create_app(Settings(database_url={db_url!r}))\n"
+        "before = 'pandas' in sys.modules\n"
+        "async def go():\n"
+        "    async with app.router.lifespan_context(app):\n"
+        "        return 'pandas' in sys.modules\n"
+        "print(before, asyncio.run(go()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["False", "True"], out.stdout
+
+
+async def test_the_api_opens_its_pools_connections_before_serving(db_url: str) -> None:
+    await make_lab(db_url)
+    app = create_app(Settings(database_url=db_url))
+    async with app.router.lifespan_context(app):
+        pool = app.state.engine.pool
+        assert pool.size() > 0 and pool.checkedin() == pool.size()

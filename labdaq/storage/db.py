@@ -62,6 +62,24 @@ def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
     return engine
 
 
+async def warm_pool(engine: AsyncEngine) -> int:
+    """Open the pool's kept connections now (each one a query, so a SQLite connection has
+    read its schema); returns how many. A service does this before its first request:
+    opening one (aiosqlite's thread, the file, its pragmas; a PostgreSQL login) while a
+    burst of requests waits for it adds that time to each of them."""
+    size = int(getattr(engine.pool, "size", lambda: 0)())
+    conns = []
+    try:
+        for _ in range(size):
+            conn = await engine.connect()
+            conns.append(conn)
+            await conn.exec_driver_sql("SELECT 1")
+    finally:
+        for conn in conns:
+            await conn.close()
+    return len(conns)
+
+
 def sessionmaker(
     engine: AsyncEngine, audit_head_file: Path | None = None, origin: str = "cli"
 ) -> async_sessionmaker[AsyncSession]:
