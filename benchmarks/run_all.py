@@ -75,6 +75,33 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _busy_fraction(window_s: float = 1.0) -> float:
+    """How busy the machine's CPUs were over ``window_s`` (0..1), from /proc/stat."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields), idle
+
+    total0, idle0 = sample()
+    time.sleep(window_s)
+    total1, idle1 = sample()
+    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def settle(max_wait_s: float = 60.0, busy_below: float = 0.15) -> str:
+    """Wait until what the previous benchmark left behind (its children's exit, the
+    database's checkpoints and vacuum, the OS freeing its files) has died down, so each
+    benchmark starts on the machine as it is, not on its predecessor's tail."""
+    t0 = time.perf_counter()
+    busy = 1.0
+    while time.perf_counter() - t0 < max_wait_s:
+        busy = _busy_fraction()
+        if busy < busy_below:
+            break
+    return f"settled in {time.perf_counter() - t0:.0f} s (machine {100 * busy:.0f} % busy)"
+
+
 def loadavg() -> str:
     return " / ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -102,6 +129,8 @@ def main() -> None:
     load0 = loadavg()
     t0 = time.perf_counter()
     for s in scripts:
+        if Path("/proc/stat").exists():
+            print(settle(), file=sys.stderr, flush=True)
         print(f"running {s.name} ...", file=sys.stderr, flush=True)
         got, elapsed = run(s, args.quick, log_dir)
         results += got
