@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -16,6 +18,10 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+
+log = logging.getLogger(__name__)
+# A database that neither answers nor refuses does not hold a service's start-up longer.
+WARM_POOL_TIMEOUT_S = 10.0
 
 
 def async_url(url: str | URL) -> URL:
@@ -66,14 +72,19 @@ async def warm_pool(engine: AsyncEngine) -> int:
     """Open the pool's kept connections now (each one a query, so a SQLite connection has
     read its schema); returns how many. A service does this before its first request:
     opening one (aiosqlite's thread, the file, its pragmas; a PostgreSQL login) while a
-    burst of requests waits for it adds that time to each of them."""
+    burst of requests waits for it adds that time to each of them. A database that does
+    not answer is logged, not raised: the service still starts (and reports it, /ready)."""
     size = int(getattr(engine.pool, "size", lambda: 0)())
     conns = []
     try:
-        for _ in range(size):
-            conn = await engine.connect()
-            conns.append(conn)
-            await conn.exec_driver_sql("SELECT 1")
+        async with asyncio.timeout(WARM_POOL_TIMEOUT_S):
+            for _ in range(size):
+                conn = await engine.connect()
+                conns.append(conn)
+                await conn.exec_driver_sql("SELECT 1")
+    except Exception as exc:  # noqa: BLE001 - a service starts, and says 503, without it
+        log.warning("database not available at start-up (%s: %s); connections are opened "
+                    "as requests need them", type(exc).__name__, exc)
     finally:
         for conn in conns:
             await conn.close()
