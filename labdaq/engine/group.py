@@ -45,9 +45,8 @@ from labdaq.drivers.roles import Cycler
 from labdaq.engine.aux_temps import WiredTemperatures
 from labdaq.engine.channel import ChannelRun, Phase, Transition
 from labdaq.engine.clock import EngineClock
-from labdaq.engine.end_conditions import EndConditions, Previous
+from labdaq.engine.end_conditions import EndConditions
 from labdaq.engine.events import AuxRequested, Command, Emit, RunEnded
-from labdaq.engine.gaps import missed
 from labdaq.engine.group_buffered import GroupBuffered, is_buffered
 from labdaq.engine.group_edges import (  # noqa: F401 - the flags are imported from here
     _STATS_MAX,
@@ -380,11 +379,8 @@ class InstrumentGroup(GroupBuffered):
         v, i, temp = meas[:, 0].copy(), meas[:, 1].copy(), meas[:, 2].copy()
         t = now_clock - self.state.t0_clock_s
         # Wired sensors: their last scan (aux_temps.py); a stale one is checked by nothing.
-        wired = self._temperatures(slice(None), now_clock, temp)
-        temp_rows, temp_flags, temp_age = temp, None, None
-        if wired is not None:
-            temp, temp_rows, temp_flags = wired.check_c, wired.stored_c, wired.flags
-            temp_age = wired.age_s
+        wired, temp, temp_rows, temp_flags, temp_age = self._reading_temperatures(
+            now_clock, temp)
 
         # 1. Integrate (trapezoids) since the previous reading: numpy only, nothing
         # awaited, so it does not delay the safety check, which needs the charge moved.
@@ -392,10 +388,7 @@ class InstrumentGroup(GroupBuffered):
         # lies between the two.
         st = self.state
         paused = st.paused
-        prev = Previous(st.last_t_s, st.last_voltage_v, st.last_current_a,
-                        st.last_temperature_c,
-                        st.step_capacity_ah.copy() if self.ends.present["capacity"]
-                        else st.step_capacity_ah)
+        prev = self._previous()
         st.integrate(slice(None), t, v, i, ~paused)
 
         # 2. Safety, on every measurement of every channel; outputs off at once.
@@ -416,31 +409,11 @@ class InstrumentGroup(GroupBuffered):
         half = 0.5 * (fast if tick_s is None else tick_s)
         t_sched = t if deadline is None else deadline - self.state.t0_clock_s
         reach = t_sched + half  # the tick serves the storage times before this
-        due_t_s = st.next_due_t_s
-        on_grid = reach > due_t_s
-        due = on_grid | breach | ended
-        # Only a row on the storage grid moves the next storage time on: a row stored off
-        # it (a phase end, a breach) is extra, and the period after it is still sampled.
-        next_due = np.where(on_grid, due_t_s + st.period_s, due_t_s)
-        # A later storage time is due as well (a late tick): the tick serves the last
-        # one, the ones before it went by unsampled (missed periods, gaps.py), and the
-        # run goes on with the storage time after it — on its grid, no catch-up burst.
-        skipped = next_due < reach
-        miss = None
-        if skipped.any():
-            miss = missed(reach, due_t_s, st.period_s, skipped)
-            next_due = np.where(skipped, due_t_s + (miss + 1) * st.period_s, next_due)
-        st.next_due_t_s = next_due
-        idx = np.flatnonzero(due)
+        idx, miss, due_t_s = self._due(reach, breach | ended)
         if idx.size:
-            flags: Any = np.where(breach[idx], FLAG_BREACH, 0) | np.where(paused[idx],
-                                                                          FLAG_PAUSED, 0)
-            if temp_flags is not None:
-                flags = flags | temp_flags[idx]
-            ledger = None if miss is None else self._gaps(idx, miss, due_t_s, flags, ts_utc)
-            await self._put(idx, st.batch(idx, t[idx], v[idx], i[idx], temp_rows[idx], ts_utc,
-                                          flags, None if temp_age is None else temp_age[idx]),
-                            ledger)
+            rows, ledger = self._due_rows(idx, t, v, i, temp_rows, temp_age, temp_flags,
+                                          breach, miss, due_t_s, ts_utc)
+            await self._put(idx, rows, ledger)
         st.last_t_s, st.last_voltage_v, st.last_current_a, st.last_temperature_c = t, v, i, temp
 
         # 5. Per-channel Python only where something happened.

@@ -52,11 +52,10 @@ import numpy as np
 from labdaq.drivers.roles import Cycler
 from labdaq.engine.channel import ChannelRun, Phase, Transition
 from labdaq.engine.clock import EngineClock
-from labdaq.engine.end_conditions import EndConditions, Previous
+from labdaq.engine.end_conditions import EndConditions
 from labdaq.engine.events import Emit, RunEnded
-from labdaq.engine.gaps import missed
 from labdaq.engine.group_commands import GroupCommands
-from labdaq.engine.group_edges import _STATS_MAX, FLAG_BREACH, FLAG_PAUSED, _add_records
+from labdaq.engine.group_edges import _STATS_MAX, _add_records
 from labdaq.engine.ledger import Ledger
 from labdaq.engine.run_arrays import FloatArray, IntArray, RunArrays
 from labdaq.engine.safety import Limits
@@ -288,18 +287,12 @@ class GroupBuffered(GroupCommands):
             v = np.where(fresh, v, st.last_voltage_v)
             i = np.where(fresh, i, st.last_current_a)
             temp = np.where(fresh, temp, st.last_temperature_c)
-        wired = self._temperatures(slice(None), t_clock, temp)
-        temp_rows, temp_flags, temp_age = temp, None, None
-        if wired is not None:
-            temp, temp_rows, temp_flags = wired.check_c, wired.stored_c, wired.flags
-            temp_age = wired.age_s
+        wired, temp, temp_rows, temp_flags, temp_age = self._reading_temperatures(
+            t_clock, temp)
 
         # 1. Integrate; 2. safety, outputs off at once (as a tick).
         paused = st.paused
-        prev = Previous(st.last_t_s, st.last_voltage_v, st.last_current_a,
-                        st.last_temperature_c,
-                        st.step_capacity_ah.copy() if self.ends.present["capacity"]
-                        else st.step_capacity_ah)
+        prev = self._previous()
         st.integrate(slice(None), t, v, i, ~paused & fresh)
         breach = await self._check(slice(None), t, v, i, temp, t_meas,
                                    None if wired is None else wired.lost)
@@ -317,26 +310,10 @@ class GroupBuffered(GroupCommands):
         # 4. Store: the reading serves the storage times before it plus half a logging
         # period (readings are exactly a period apart on the instrument's clock).
         reach = t + 0.5 * self.log_period_s
-        due_t_s = st.next_due_t_s
-        on_grid = (reach > due_t_s) & fresh
-        due = on_grid | ((breach | ended) & fresh)
-        next_due = np.where(on_grid, due_t_s + st.period_s, due_t_s)
-        skipped = (next_due < reach) & fresh
-        miss = None
-        if skipped.any():
-            miss = missed(reach, due_t_s, st.period_s, skipped)
-            next_due = np.where(skipped, due_t_s + (miss + 1) * st.period_s, next_due)
-        st.next_due_t_s = next_due
-        idx = np.flatnonzero(due)
+        idx, miss, due_t_s = self._due(reach, breach | ended, valid=fresh)
         if idx.size:
-            flags: Any = np.where(breach[idx], FLAG_BREACH, 0) | np.where(paused[idx],
-                                                                          FLAG_PAUSED, 0)
-            if temp_flags is not None:
-                flags = flags | temp_flags[idx]
-            ledger = (None if miss is None
-                      else self._gaps(idx, miss, due_t_s, flags, ts_utc, gap_cause))
-            rows = st.batch(idx, t[idx], v[idx], i[idx], temp_rows[idx], ts_utc, flags,
-                            None if temp_age is None else temp_age[idx])
+            rows, ledger = self._due_rows(idx, t, v, i, temp_rows, temp_age, temp_flags,
+                                          breach, miss, due_t_s, ts_utc, gap_cause)
             pending.add(rows, st.fast(idx), ledger)
         st.last_t_s, st.last_voltage_v, st.last_current_a, st.last_temperature_c = t, v, i, temp
 

@@ -28,7 +28,8 @@ from numpy.typing import NDArray
 from labdaq.drivers.roles import Cycler
 from labdaq.engine.channel import Transition
 from labdaq.engine.clock import EngineClock
-from labdaq.engine.gaps import FLAG_GAP, gap_record, outage_missed
+from labdaq.engine.end_conditions import EndConditions, Previous
+from labdaq.engine.gaps import FLAG_GAP, gap_record, missed, outage_missed
 from labdaq.engine.group_sensors import GroupSensors
 from labdaq.engine.ledger import Ledger
 from labdaq.engine.run_arrays import BoolArray, FloatArray, IntArray
@@ -62,6 +63,7 @@ class GroupEdges(GroupSensors):
     _lost_at_breach: set[int]
     _outputs_off: Callable[[Sequence[int]], Awaitable[float]]
     _pull: Callable[[int], None]
+    ends: EndConditions
 
     async def _check(
         self,
@@ -110,6 +112,63 @@ class GroupEdges(GroupSensors):
         self._lost_at_breach.discard(r.run_id)
         await self.emit(breach_event(self.limits, r, k, v, i, temp, t, off_s, ack_s,
                                      float(self.state.step_capacity_ah[k]), sensor))
+
+    def _previous(self) -> Previous:
+        """The runs' last reading and step capacity, kept before a new reading is
+        integrated: an end condition's crossing lies between the two."""
+        st = self.state
+        return Previous(st.last_t_s, st.last_voltage_v, st.last_current_a,
+                        st.last_temperature_c,
+                        st.step_capacity_ah.copy() if self.ends.present["capacity"]
+                        else st.step_capacity_ah)
+
+    def _due(self, reach: FloatArray, extra: BoolArray,
+             valid: BoolArray | None = None) -> tuple[IntArray, IntArray | None, FloatArray]:
+        """Which runs store this reading: those whose next storage time falls before
+        ``reach`` (the time the reading serves up to), and ``extra`` ones (a breach, a
+        phase end: stored off the grid). Moves each run's next storage time on; a storage
+        time before the one served went by unsampled (a missed period). ``valid``: the
+        runs this reading counts for (None: all). Returns (runs to store, missed periods
+        by run or None, the storage times they were due at)."""
+        st = self.state
+        due_t_s = st.next_due_t_s
+        on_grid = reach > due_t_s
+        if valid is not None:
+            on_grid &= valid
+        due = on_grid | extra
+        # Only a row on the storage grid moves the next storage time on: a row stored off
+        # it (a phase end, a breach) is extra, and the period after it is still sampled.
+        next_due = np.where(on_grid, due_t_s + st.period_s, due_t_s)
+        # A later storage time is due as well (a late tick): the reading serves the last
+        # one, the ones before it went by unsampled (missed periods, gaps.py), and the
+        # run goes on with the storage time after it — on its grid, no catch-up burst.
+        skipped = next_due < reach
+        if valid is not None:
+            skipped &= valid
+        miss = None
+        if skipped.any():
+            miss = missed(reach, due_t_s, st.period_s, skipped)
+            next_due = np.where(skipped, due_t_s + (miss + 1) * st.period_s, next_due)
+        st.next_due_t_s = next_due
+        return np.flatnonzero(due), miss, due_t_s
+
+    def _due_rows(self, idx: IntArray, t: FloatArray, v: FloatArray, i: FloatArray,
+                  temp_rows: FloatArray, temp_age: FloatArray | None,
+                  temp_flags: IntArray | None, breach: BoolArray, miss: IntArray | None,
+                  due_t_s: FloatArray, ts_utc: float, gap_cause: str = "late"
+                  ) -> tuple[SampleBatch, Ledger | None]:
+        """The rows of runs ``idx`` (from :meth:`_due`) with their flags, and the ledger of
+        the gaps they close (None: no period was missed)."""
+        st = self.state
+        flags: Any = (np.where(breach[idx], FLAG_BREACH, 0)
+                      | np.where(st.paused[idx], FLAG_PAUSED, 0))
+        if temp_flags is not None:
+            flags = flags | temp_flags[idx]
+        ledger = (None if miss is None
+                  else self._gaps(idx, miss, due_t_s, flags, ts_utc, gap_cause))
+        rows = st.batch(idx, t[idx], v[idx], i[idx], temp_rows[idx], ts_utc, flags,
+                        None if temp_age is None else temp_age[idx])
+        return rows, ledger
 
     def _gaps(self, idx: IntArray, miss: IntArray, due_t_s: FloatArray, flags: NDArray[Any],
               ts_utc: float, cause: str = "late") -> Ledger:

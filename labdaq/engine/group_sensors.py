@@ -52,6 +52,16 @@ class GroupSensors:
         return Overlay(wired.check_c, wired.stored_c, wired.age_s,
                        wired.flags | np.where(own, FLAG_TEMP_LOST, 0), wired.lost | own)
 
+    def _reading_temperatures(self, now_clock: float, temp: FloatArray) -> tuple[
+            Overlay | None, FloatArray, FloatArray, IntArray | None, FloatArray | None]:
+        """For a reading of every run: (the overlay, the temperatures the limits check,
+        those stored, their flags, their age); without wired sensors the cycler's own
+        readings are checked and stored, with no flags and no age."""
+        wired = self._temperatures(slice(None), now_clock, temp)
+        if wired is None:
+            return None, temp, temp, None, None
+        return wired, wired.check_c, wired.stored_c, wired.flags, wired.age_s
+
     def _sensor_info(self, k: int) -> dict[str, Any]:
         """Run ``k``'s temperature sensor, for events: ``where`` names it."""
         slot = int(self._tc_slot[k]) if k < len(self._tc_slot) else -1
