@@ -18,7 +18,11 @@ libfaketime is Debian's ``libfaketime`` package, installed with apt-get when mis
 tests/test_dashboard.py installs chromium); where that cannot run the test skips, under
 CI it fails instead. (libfaketime 0.9.10 with ``FAKETIME_DONT_FAKE_MONOTONIC`` makes
 ``time.sleep`` fail with EINVAL; the engine does not sleep that way while its
-instruments answer, so none of them is disconnected here.)
+instruments answer, so none of them is disconnected here. While one thread reads the
+timestamp file, libfaketime answers every other thread with the real time,
+wolfcw/libfaketime#452: read on every call (``FAKETIME_NO_CACHE``), a thread descheduled
+inside that read on a loaded machine gave the engine real-time readings for rounds on end,
+so the file is read once a second.)
 """
 
 from __future__ import annotations
@@ -45,9 +49,12 @@ LIBFAKETIME_GLOB = "/usr/lib/*/faketime/libfaketime.so.1"  # Debian's multiarch 
 SPEED = 50.0
 PERIOD_S = 1.0
 HOUR_S = 3600
-STEP_SAMPLES = 20  # samples each clock setting must see before the next change
+# Samples each clock setting must see before the next change: 3 wall seconds at SPEED,
+# more than the engine needs to see a new setting (libfaketime re-reads the timestamp file
+# once a second, FAKETIME_CACHE_DURATION) and to hold it for two scheduler rounds.
+STEP_SAMPLES = 150
 WAIT_S = 120.0
-REST_S = 300.0  # simulated: 6 wall seconds at SPEED, through the jumps while running
+REST_S = 600.0  # simulated: 12 wall seconds at SPEED, through the jumps while running
 # A rest, then a slow charge that lasts far beyond the test: the rest's end is timed by
 # the engine's clock alone, and nothing ends the run but the stop at the end.
 JUMP_DOC: dict[str, Any] = {
@@ -116,7 +123,7 @@ class Engine:
                 stdout=out, stderr=subprocess.STDOUT, cwd=self.lab.data_dir.parent,
                 env=_env(LD_PRELOAD=str(self.lib),
                          FAKETIME_TIMESTAMP_FILE=str(self.clock_file),
-                         FAKETIME_DONT_FAKE_MONOTONIC="1", FAKETIME_NO_CACHE="1",
+                         FAKETIME_DONT_FAKE_MONOTONIC="1", FAKETIME_CACHE_DURATION="1",
                          LABDAQ_MAX_RESUME_GAP_S="600", LABDAQ_ENGINE_POLL_S="0.2"),
                 start_new_session=True)
         return self.proc
