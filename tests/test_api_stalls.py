@@ -133,6 +133,17 @@ async def test_a_change_to_tokens_during_a_lookup_is_not_shared(
     assert calls[1] == calls[0] + 1
 
 
+async def _leader_and_follower(cache: TokenCache, lookup: Any, started: asyncio.Event
+                               ) -> tuple[asyncio.Task[Any], asyncio.Task[Any]]:
+    """A request looking the token up (it has started) and one that arrived meanwhile and
+    waits for it."""
+    leader = asyncio.create_task(cache.verify_once("s", lookup))
+    await started.wait()
+    follower = asyncio.create_task(cache.verify_once("s", lookup))
+    await asyncio.sleep(0)
+    return leader, follower
+
+
 async def test_an_error_reaches_the_waiters_and_a_cancelled_lookup_is_redone() -> None:
     cache = TokenCache(ttl_s=2.0)
     started, release = asyncio.Event(), asyncio.Event()
@@ -145,10 +156,7 @@ async def test_an_error_reaches_the_waiters_and_a_cancelled_lookup_is_redone() -
         await release.wait()
         raise RuntimeError("database is locked")
 
-    leader = asyncio.create_task(cache.verify_once("s", failing))
-    await started.wait()
-    follower = asyncio.create_task(cache.verify_once("s", failing))
-    await asyncio.sleep(0)
+    leader, follower = await _leader_and_follower(cache, failing, started)
     release.set()
     for task in (leader, follower):
         with pytest.raises(RuntimeError, match="locked"):
@@ -164,10 +172,7 @@ async def test_an_error_reaches_the_waiters_and_a_cancelled_lookup_is_redone() -
         await gate.wait()
         return _entry("again")
 
-    leader = asyncio.create_task(cache.verify_once("s", slow))
-    await started.wait()
-    follower = asyncio.create_task(cache.verify_once("s", slow))
-    await asyncio.sleep(0)
+    leader, follower = await _leader_and_follower(cache, slow, started)
     leader.cancel()
     gate.set()
     verdict, own = await follower
