@@ -1,12 +1,10 @@
 """Keep the API's start-up heap out of Python's full garbage collections.
 
-The API process starts with about 165,000 GC-tracked objects (FastAPI, pydantic,
+The API process starts with a large heap of GC-tracked objects (FastAPI, pydantic,
 SQLAlchemy, pyarrow, the routes and their schemas) that live as long as the process. A
 full (generation 2) collection walks all of them, and in CPython it holds the GIL while
-it does: measured at 105-112 ms of CPU each in ``labdaq api`` (docs/performance.md,
-"API latency: stalls"), during which the event loop and every worker thread stand still.
-Under the standard API load such a collection came every few seconds, and each one held
-back every request that arrived meanwhile: that, not the queries, was the p99.
+it does, so the event loop and every worker thread stand still meanwhile, and every
+request that arrives waits (docs/performance.md, "API latency: stalls").
 
 :func:`freeze_startup_heap` runs once the application has started (its lifespan, after the
 routes, database engines and pools exist): one collection to drop start-up garbage, then

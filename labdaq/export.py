@@ -130,8 +130,8 @@ def _fetch_table(cur: Any, style: str) -> pa.Table:
 def warm_up() -> None:
     """Do at start-up what the first read would: pyarrow's first conversion of Python
     values (``pa.array`` of a list, as :func:`_fetch_table` does with SQLite rows) imports
-    pandas for its pandas checks, about half a second with the GIL held; in a request it
-    stalls every other request the API is serving."""
+    pandas for its pandas checks, with the GIL held; in a request it stalls every other
+    request the API is serving (docs/performance.md)."""
     pa.array([0.0], type=pa.float64())
 
 

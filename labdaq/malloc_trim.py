@@ -3,9 +3,9 @@
 The API frees most of what a request allocates (SQLite result rows, JSON bodies, Arrow
 tables) from several threads (the event loop, anyio's worker pool, aiosqlite's connection
 threads); glibc keeps freed chunks in its heaps for reuse, and a heap whose top is in use
-keeps the free holes below it resident. Under the standard API load that free memory
-grew about as fast as the memory in use (about 1.2 MB/min each over 6.5 minutes of a
-shortened soak, by mallinfo2) and was never returned. ``malloc_trim(0)`` releases the
+keeps the free holes below it resident, so under a steady load the API's resident
+memory grew while the memory in use did not (docs/performance.md, "What grew in the
+API"). ``malloc_trim(0)`` releases the
 free pages of every arena (madvise, not only the top), so resident memory follows what
 is in use. It takes a lock per arena for a moment; once a minute is nothing next to a
 request.

@@ -9,13 +9,11 @@ dropped, so a restarted PostgreSQL or a replaced file is met with a new one on t
 request.
 
 At most ``max_idle`` are kept; one returned to a full pool is closed, so the pool holds
-the calls running now plus ``max_idle``, however many threads have come and gone. It
-used to keep one connection per worker thread in a list for the process's life: anyio
-ends a worker thread idle for 10 s and starts a new one when requests overlap again, and
-every new thread opened a connection (with its own page cache) that was never closed, so
-the API's connections and memory grew with that churn (the 1 h soak under the standard
-API load, tests/test_soak_api_load.py). A connection is used by one call at a time, from whichever
-thread borrows it (``sqlite3`` is opened with ``check_same_thread`` off).
+the calls running now plus ``max_idle``, however many threads have come and gone
+(anyio ends a worker thread idle for 10 s and starts new ones when requests overlap
+again: connections kept per thread would grow with that churn). A connection is used by
+one call at a time, from whichever thread borrows it (``sqlite3`` is opened with
+``check_same_thread`` off).
 
 SQLite: a read connection outside a transaction holds no lock and does not stop WAL
 checkpoints (``sqlite3`` opens a transaction only for writes), so keeping it is free.
@@ -34,9 +32,8 @@ T = TypeVar("T")
 #: Idle connections kept: the standard API load keeps 8 requests in flight.
 MAX_IDLE = 8
 #: SQLite page cache of each read connection, KiB (SQLite's default is about 2 MiB). A
-#: read walks one run's rows once, and the OS caches the file behind it; each connection
-#: kept filling its cache with pages of the growing database, so the API's memory rose
-#: for the first hour of the soak before it levelled off.
+#: read walks one run's rows once and the OS caches the file behind it, so a large cache
+#: per kept connection would only fill with pages of the growing database.
 READ_CACHE_KIB = 512
 
 

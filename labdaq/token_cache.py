@@ -14,10 +14,10 @@ Expiry is checked on every request against the cached ``expires_at``, so an expi
 token is refused on time whatever its age in the cache.
 
 One lookup at a time per token (:meth:`TokenCache.verify_once`): when an entry ages out,
-every request of that token arriving before the database has answered used to make its
-own lookup, up to one per open connection (16 at once under the standard API load, each
-an ORM query on aiosqlite's thread), a burst every ``ttl_s`` that the requests behind it
-waited for. Now they wait for the one lookup and share its answer.
+every request of that token arriving before the database has answered would otherwise
+make its own lookup, up to one per open connection (each an ORM query on aiosqlite's
+thread), a burst every ``ttl_s`` that the requests behind it wait for. They wait for the
+one lookup instead and share its answer.
 """
 
 from __future__ import annotations
