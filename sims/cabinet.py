@@ -20,7 +20,6 @@ Physics per channel (numpy over all channels at once; positive current = charge)
 
 from __future__ import annotations
 
-import re
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +27,11 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from .cabinet_channels import (  # noqa: F401 - re-exported: tests import it from here
+    CHANNELS_MAX,
+    CHANNELS_MIN,
+    parse_channel_list,
+)
 from .cabinet_format import (
     format_meas_all,
     format_meas_all_real32,
@@ -57,8 +61,6 @@ from .scpi import (
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
 
-CHANNELS_MIN = 1
-CHANNELS_MAX = 64
 DEFAULT_CURRENT_MAX_A = 10.0
 VOLTAGE_MAX_V = 5.0
 # Protection thresholds may be set a little above the source range so that a limit at
@@ -90,38 +92,6 @@ _COMPLIANCE_RTOL = 1e-9
 _COMPLIANCE_ATOL_A = 1e-12
 # Readings kept for tests that compare stored sample times with the simulator's clock.
 READINGS_KEPT = 10_000
-
-
-# ---------------------------------------------------------------------------------------
-# Channel lists
-# ---------------------------------------------------------------------------------------
-
-_CHANNEL_LIST_RE = re.compile(r"^\(\s*@\s*(.*?)\s*\)$")
-_CHANNEL_ITEM_RE = re.compile(r"^(\d+)(?:\s*:\s*(\d+))?$")
-
-
-def parse_channel_list(text: str, channels: int) -> IntArray:
-    """``(@1:4,7,9:10)`` -> zero-based channel indexes in list order (duplicates kept).
-
-    A range may run downwards (``(@8:5)`` = 8,7,6,5). Malformed text is -171 "Invalid
-    expression"; a channel outside 1..channels is -222 "Data out of range".
-    """
-    m = _CHANNEL_LIST_RE.match(text.strip())
-    if m is None or not m.group(1):
-        raise ScpiError(-171, "Invalid expression; expected a channel list like (@1:8)")
-    out: list[int] = []
-    for item in m.group(1).split(","):
-        im = _CHANNEL_ITEM_RE.match(item.strip())
-        if im is None:
-            raise ScpiError(-171, f"Invalid expression; bad channel list item {item.strip()!r}")
-        first = int(im.group(1))
-        last = int(im.group(2)) if im.group(2) is not None else first
-        for ch in (first, last):
-            if not CHANNELS_MIN <= ch <= channels:
-                raise ScpiError(-222, f"Data out of range; channel {ch} not in 1:{channels}")
-        step = 1 if last >= first else -1
-        out.extend(range(first - 1, last - 1 + step, step))
-    return np.asarray(out, dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------------------
@@ -504,6 +474,37 @@ class CabinetSim:
             voltage = self.bank.terminal_voltage(current)
         return current, voltage, mode, compliance
 
+    def _drive_reading(self) -> tuple[FloatArray, FloatArray]:
+        """(current_a, voltage_v) of a logged reading: :meth:`_drive` without the mode and
+        compliance a reading does not keep, the open-circuit sum computed once for the
+        clamps and the terminal voltage. The same operations in the same order as
+        ``_regulate`` and ``CellBank.current_for_voltage``/``terminal_voltage``, so the
+        same numbers (tests/test_cabinet_blocks.py); a shorted bank or a trip takes
+        :meth:`_drive` itself."""
+        bank = self.bank
+        if bank._shorted:
+            current, voltage, _, _ = self._drive()
+            return current, voltage
+        ocv, r0 = bank._eval()[:2]
+        e = ocv + bank._v1 + bank._v2
+        i_set = self.current_set_a
+        i_high = (self.voltage_limit_v - e) / r0
+        i_low = (self.voltage_limit_low_v - e) / r0
+        current = np.maximum(np.minimum(i_set, np.maximum(i_high, 0.0)), np.minimum(i_low, 0.0))
+        volt = self.volt_function
+        if volt.any():
+            i_raw = (self.voltage_set_v - e) / r0
+            limit = self.current_limit_a
+            current = np.where(volt, np.minimum(np.maximum(i_raw, -limit), limit), current)
+        current = np.minimum(np.maximum(current, -self.current_max_a), self.current_max_a)
+        on = self.output_on
+        current = np.where(on, current, 0.0)
+        voltage = e + current * r0
+        over = (voltage > self.ovp_v) | (np.abs(current) > self.ocp_a * (1.0 + _COMPLIANCE_RTOL))
+        if (on & over).any():
+            current, voltage, _, _ = self._drive()  # trips, then regulates again
+        return current, voltage
+
     def _step_to(self, now: float) -> None:
         """Every cell to ``now``; while logging, through each reading due by then, taken
         at its own instrument time under the settings in force at that time."""
@@ -516,22 +517,44 @@ class CabinetSim:
                 skip = due - log.points
                 self._step_bank(log.next_t_s + (skip - 1) * log.period_s)
                 log.skip(skip)
-            current = None
-            while log.next_t_s <= now:
-                t_r = log.next_t_s
-                self._step_bank(t_r, current)
-                if self.frozen and self._last_snapshot is not None:
-                    v, i, temp, _, _ = self._last_snapshot  # a hung measurement loop
-                    current = None
-                else:
-                    # One regulation per reading: its current also drives the next step.
-                    i, v, _, _ = self._drive()
-                    temp, current = self.bank.temperature_c, i
-                log.record(t_r, v, i, temp)
-                self.readings.append((t_r, v))
-            self._step_bank(now, current)
+                due = log.points
+            self._step_bank(now, self._take_readings(log.due_times(due + 1, now)))
             return
         self._step_bank(now)
+
+    def _take_readings(self, times_s: list[float]) -> FloatArray | None:
+        """Take the readings at ``times_s`` (due, on the timer's grid) and record them into
+        the ring as one block; returns the current flowing after the last one (None when
+        the caller must regulate again).
+
+        Nothing can change a setting between two readings of one call, so each reading is
+        one step of the bank and one regulation (its current drives the next step), with
+        no Python per channel; values are kept as references and copied into the ring once.
+        """
+        current: FloatArray | None = None
+        vs: list[FloatArray] = []
+        iis: list[FloatArray] = []
+        temps: list[FloatArray] = []
+        bank = self.bank
+        dropout = bank.sensor_dropout
+        dropped = bool(dropout.any())  # fault injection changes it only between lines
+        for t_r in times_s:
+            self._step_bank(t_r, current)
+            if self.frozen and self._last_snapshot is not None:
+                v, i, temp, _, _ = self._last_snapshot  # a hung measurement loop
+                current = None
+            else:
+                # One regulation per reading: its current also drives the next step.
+                i, v = self._drive_reading()
+                temp = np.where(dropout, np.nan, bank._temp_c) if dropped else bank._temp_c
+                current = i
+            vs.append(v)
+            iis.append(i)
+            temps.append(temp)
+        if times_s:
+            self.log.record_block(times_s, vs, iis, temps)
+            self.readings.extend(zip(times_s, vs, strict=True))
+        return current
 
     def _step_bank(self, now: float, current: FloatArray | None = None) -> None:
         """Every cell to ``now``; ``current``: what flows from the last update on, when
@@ -543,6 +566,10 @@ class CabinetSim:
         # A still-valid snapshot already holds the current flowing from the last update.
         if current is None:
             current = self._snapshot[1] if self._snapshot is not None else self._drive()[0]
+        if remaining <= MAX_STEP_ACTIVE_S:  # one step, whatever flows (a logging reading)
+            self.bank.step(current, remaining)
+            self._changed()
+            return
         while True:
             h = min(remaining, MAX_STEP_ACTIVE_S if current.any() else MAX_STEP_IDLE_S)
             self.bank.step(current, h)

@@ -94,14 +94,26 @@ class ReadingLog:
         cabinet for longer than the ring holds): their times pass, no values kept."""
         self.count += readings
 
-    def record(self, t_s: float, voltage_v: NDArray[np.float64], current_a: NDArray[np.float64],
-               temperature_c: NDArray[np.float64]) -> None:
-        """Reading ``count + 1`` taken at instrument time ``t_s`` (every channel)."""
-        slot = self.count % self.points
-        self.count += 1
-        self._t[slot] = t_s
-        vit = self._vit[slot]
-        vit[:, 0], vit[:, 1], vit[:, 2] = voltage_v, current_a, temperature_c
+    def due_times(self, most: int, now_s: float) -> list[float]:
+        """Instrument times of the next readings, at most ``most``, due by ``now_s``: the
+        same grid as :attr:`next_t_s` (the same arithmetic, so the same floats)."""
+        t_s = self.t0_s + np.arange(self.count, self.count + most) * self.period_s
+        times: list[float] = t_s[t_s <= now_s].tolist()
+        return times
+
+    def record_block(self, t_s: list[float], voltage_v: list[NDArray[np.float64]],
+                     current_a: list[NDArray[np.float64]],
+                     temperature_c: list[NDArray[np.float64]]) -> None:
+        """Readings ``count + 1`` on, one per time in ``t_s`` (each with every channel's
+        V, I and T), into the ring with one assignment per field."""
+        n = len(t_s)
+        keep = min(n, self.points)  # a block longer than the ring keeps its newest
+        slots = (self.count + np.arange(n - keep, n)) % self.points
+        self.count += n
+        self._t[slots] = t_s[n - keep:]
+        vit = self._vit
+        for field, values in enumerate((voltage_v, current_a, temperature_c)):
+            vit[slots, :, field] = values[n - keep:]
 
     def fetch(self, start: int, idx: NDArray[np.int64], byte_order: str = "NORM") -> str:
         """The ``TRAC:DATA?`` block of every reading held from index ``start`` on, for

@@ -79,6 +79,8 @@ _RUNAWAY_COLLAPSE_SPAN_C = 30.0
 _MAX_RISE_PER_SUBSTEP_C = 2.0
 # ... but never shorter than this fraction of the step, so a step's cost stays bounded.
 _MIN_SUBSTEP_FRACTION = 1e-4
+# Distinct step lengths whose coefficients are kept (emptied when full).
+_DT_CACHE_SIZE = 16
 
 
 class CellBank(CellReadings):
@@ -225,7 +227,10 @@ class CellBank(CellReadings):
         self.sensor_dropout = np.zeros(shape, dtype=bool)
         self.time_s = 0.0
         self._cache: tuple[FloatArray, ...] | None = None
-        self._dt_cache: tuple[float, tuple[FloatArray, ...]] | None = None
+        # A logging cabinet steps reading to reading: t - t_prev on its timer's grid comes
+        # out as a handful of floats a last bit apart, so one remembered dt missed nearly
+        # every step; a few kept hit.
+        self._dt_cache: dict[float, tuple[FloatArray, ...]] = {}
 
     # ------------------------------------------------------------------ evaluation
     def _eval(self) -> tuple[FloatArray, ...]:
@@ -276,7 +281,8 @@ class CellBank(CellReadings):
     def _dt_coeffs(self, dt_s: float) -> tuple[FloatArray, ...]:
         """Per-dt constants (exp(-dt/tau), step-mean weights, thermal decay, ...) as 0-d
         arrays; computed once per distinct dt."""
-        if self._dt_cache is None or self._dt_cache[0] != dt_s:
+        cached = self._dt_cache.get(dt_s)
+        if cached is None:
             a1 = math.exp(-dt_s / self.tau1_s)
             a2 = math.exp(-dt_s / self.tau2_s)
             b1 = self.tau1_s / dt_s * (1.0 - a1)
@@ -284,8 +290,10 @@ class CellBank(CellReadings):
             a_th = math.exp(-dt_s * self._h / self._mcp)
             values = (a1, a2, b1, b2, a_th, dt_s, self._self_discharge_per_s * dt_s,
                       dt_s / SECONDS_PER_DAY, dt_s * self._inv_2q_as)
-            self._dt_cache = (dt_s, tuple(_const(v) for v in values))
-        return self._dt_cache[1]
+            if len(self._dt_cache) >= _DT_CACHE_SIZE:
+                self._dt_cache.clear()
+            cached = self._dt_cache[dt_s] = tuple(_const(v) for v in values)
+        return cached
 
     def _refresh_ageing(self) -> None:
         """Fold the integrated ageing into capacity and resistances."""
