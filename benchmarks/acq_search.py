@@ -34,6 +34,9 @@ class Plan:
     buffered: int = 0
     fetch_s: float = 0.05  # buffered: the engine's fetch period
     ring_points: int = 1000  # buffered: the cabinets' logging ring, in readings
+    # buffered: the simulator's ceiling at most is measured with every cabinet logging
+    # this often (the timer's shortest), fetched back to back: far more than it can take.
+    ceiling_period_s: float = 0.001
 
     @property
     def mode(self) -> str:

@@ -22,7 +22,12 @@ Phases, all in one run:
 
 1. Simulator ceiling: raw asyncio clients ask every cabinet ``MEAS:ALL? (@1:64)`` back to
    back (binary ``FORM:DATA REAL,32`` replies, parsed, nothing stored): channel-readings/s
-   the simulator process serves at most, and its CPU.
+   the simulator process serves at most, and its CPU. With ``buffered=1`` also the
+   logging ceiling (``acq_bare.trace_main``): every cabinet logging on its own clock and a
+   raw client per cabinet fetching ``TRAC:DATA?`` blocks, once at the engine's pattern
+   (every ``period_s``, fetched every ``fetch_s``: readings per simulator CPU-second) and
+   once at most (logging every ``ceiling_period_s``, fetched back to back: readings/s the
+   simulator logs and serves with its core saturated).
 2. Search (100 Hz, control period = sample period). Each tried cabinet count K is a fresh
    AcquisitionNode with fresh runs on every channel of K cabinets: every channel cycles
    CC-CV (a 1C CC-CV charge clamped ~80 mV above the cell's voltage, then a 1C discharge,
@@ -94,7 +99,7 @@ from _common import result  # noqa: E402
 # The parts, by job; re-exported here, where the tests and benchmarks/api_latency.py
 # find them.
 from acq_api_load import API_MIX, api_load_main  # noqa: E402, F401
-from acq_bare import bare_loop, bare_main, sim_ceiling  # noqa: E402
+from acq_bare import bare_loop, bare_main, sim_ceiling, sim_log_ceiling  # noqa: E402
 from acq_common import (  # noqa: E402, F401
     CHANNELS,
     free_port,
@@ -128,6 +133,7 @@ async def _phases(args: argparse.Namespace, plan: Plan, lab: Lab, t_start: float
         f"{ceiling['acquired_per_s']:,.0f} channel-readings/s served (client cpu "
         f"{ceiling['cpu_pct']:.0f} %, simulator >= {ceiling['sim_cpu_pct']:.0f} %: "
         f"{(ceiling['per_sim_cpu_s'] or 0):,.0f} readings per simulator CPU-second)")
+    log_ceiling = await _log_ceiling(lab, plan, top) if plan.buffered else None
     # 2. The search.
     steps = await search(lab, plan, t_start)
     ok = [s for s in steps if s.lossless]
@@ -187,7 +193,7 @@ async def _phases(args: argparse.Namespace, plan: Plan, lab: Lab, t_start: float
         f"{ceiling['acquired_per_s']:,.0f} readings/s served back to back "
         f"({(ceiling['per_sim_cpu_s'] or 0):,.0f} per simulator CPU-second; the simulator "
         f"used {head.cpu_pct.get('sim') if head else 'n/a'} % of a core in the headline "
-        f"window); trials: {trials}; load average "
+        f"window){_log_ceiling_text(log_ceiling)}; trials: {trials}; load average "
         f"{load0} -> {load1}. Targets: >=100k/s {met(value >= 1e5)}, >=0.3x bare "
         f"{met(ratio >= 0.3)}, max lateness < {period_ms:g} ms "
         f"{met(lat_max is not None and lat_max < period_ms)}, breach-to-ack p99 <= 2 ms "
@@ -231,6 +237,7 @@ async def _phases(args: argparse.Namespace, plan: Plan, lab: Lab, t_start: float
                              "lost_over_lives": in_window.lost} if in_window else None,
         bare=bare,
         sim_ceiling=ceiling,
+        sim_log_ceiling=log_ceiling,
         trials=[s.summary() for s in steps],
         background_cpu_pct=round(background, 1),
         loadavg_before=load0,
@@ -239,6 +246,36 @@ async def _phases(args: argparse.Namespace, plan: Plan, lab: Lab, t_start: float
         note=note,
         headline=headline,
     )
+
+
+async def _log_ceiling(lab: Lab, plan: Plan, cabinets: int) -> dict[str, Any]:
+    """Buffered mode: what the simulator logs and serves as ``TRAC:DATA?`` blocks, at the
+    engine's pattern (every cabinet logging every period, fetched every fetch period:
+    its CPU per reading) and at most (logging every ``ceiling_period_s``, fetched back to
+    back: readings served/s with the simulator saturated)."""
+    paced = await sim_log_ceiling(lab, plan, cabinets, plan.period_s, plan.fetch_s,
+                                  plan.sim_ceiling_s)
+    most = await sim_log_ceiling(lab, plan, cabinets, plan.ceiling_period_s, 0.0,
+                                 plan.sim_ceiling_s)
+    log(f"simulator logging ceiling, {cabinets} cabinets x 64 ch: at the engine's pattern "
+        f"(every {plan.period_s * 1e3:g} ms, fetched every {plan.fetch_s * 1e3:g} ms) "
+        f"{paced['readings_per_s']:,.0f} readings/s served with the simulator at "
+        f">= {paced['sim_cpu_pct']:.0f} % of a core = "
+        f"{(paced['readings_per_sim_cpu_s'] or 0):,.0f} readings per simulator "
+        f"CPU-second; at most (logging every {plan.ceiling_period_s * 1e3:g} ms, fetched "
+        f"back to back) {most['readings_per_s']:,.0f} readings/s = "
+        f"{most['channel_readings_per_s']:,.0f} channel-readings/s logged and served "
+        f"(simulator {most['sim_cpu_pct']:.0f} %, {most['lost']:,} overwritten unfetched)")
+    return {"paced": paced, "at_most": most}
+
+
+def _log_ceiling_text(c: dict[str, Any] | None) -> str:
+    if c is None:
+        return ""
+    return (f"; simulator logging ceiling {c['at_most']['channel_readings_per_s']:,.0f} "
+            f"channel-readings/s logged and served via TRAC:DATA? at most "
+            f"({(c['paced']['readings_per_sim_cpu_s'] or 0) * CHANNELS:,.0f} per simulator "
+            f"CPU-second at the engine's pattern)")
 
 
 async def main_async(args: argparse.Namespace, plan: Plan, lab: Lab, t_start: float) -> None:

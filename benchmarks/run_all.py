@@ -107,7 +107,7 @@ def loadavg() -> str:
 
 
 #: Benchmarks run by hand (their docstrings say how), not by `make bench`.
-BY_HAND = {"audit_chain", "before_after"}
+BY_HAND = {"audit_chain", "before_after", "sim_logging"}
 
 
 def main() -> None:

@@ -24,7 +24,9 @@ Two parts, in one run:
    does (socket threads, its watchdog and idle housekeeping), so it is the figure a lab of
    K cabinets costs.
 
-The last stdout line is one JSON object (benchmarks/_common.py); human lines on stderr.
+Run by hand (not by ``make bench``: acquisition_scale.py's buffered phase 1 measures the
+simulator's ceiling in the same run as the engine); ``--quick`` takes a few seconds. The
+last stdout line is one JSON object (benchmarks/_common.py); human lines on stderr.
 """
 
 from __future__ import annotations
@@ -200,7 +202,10 @@ def main() -> None:
     ap.add_argument("--fetch-s", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--profile", action="store_true", help="cProfile the in-process part")
+    ap.add_argument("--quick", action="store_true", help="1,000 readings, 2 cabinets, 2 s")
     args = ap.parse_args()
+    if args.quick:
+        args.readings, args.cabinets, args.tcp_s = 1000, 2, 2.0
     load0 = loadavg()
     inproc = in_process(args.readings, args.period_s, args.fetch_s, args.seed, args.profile)
     tcp = (over_tcp(args.cabinets, args.tcp_s, args.period_s, args.fetch_s)

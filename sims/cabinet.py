@@ -388,8 +388,13 @@ class CabinetSim:
         self.log.clear()
 
     def _logged_now(self) -> None:
-        if self.log.running:
-            self._step_to(self.clock.now())
+        """Take the readings due by now before a logging query answers. Only when one is
+        due: the line's ``advance`` has just moved the cells (to within ``refresh_s``), and
+        stepping them again by the microseconds since would cost a step and a regulation
+        per query and change no reading."""
+        now = self.clock.now()
+        if self.log.running and self.log.next_t_s <= now:
+            self._step_to(now)
 
     def _q_actual(self, args: list[str]) -> str:
         expect_args(args, 0)
@@ -474,13 +479,14 @@ class CabinetSim:
             voltage = self.bank.terminal_voltage(current)
         return current, voltage, mode, compliance
 
-    def _drive_reading(self) -> tuple[FloatArray, FloatArray]:
+    def _drive_reading(self, volt_any: bool | None = None) -> tuple[FloatArray, FloatArray]:
         """(current_a, voltage_v) of a logged reading: :meth:`_drive` without the mode and
         compliance a reading does not keep, the open-circuit sum computed once for the
         clamps and the terminal voltage. The same operations in the same order as
         ``_regulate`` and ``CellBank.current_for_voltage``/``terminal_voltage``, so the
         same numbers (tests/test_cabinet_blocks.py); a shorted bank or a trip takes
-        :meth:`_drive` itself."""
+        :meth:`_drive` itself. ``volt_any``: whether any channel is in the VOLT function,
+        when the caller knows (None: look)."""
         bank = self.bank
         if bank._shorted:
             current, voltage, _, _ = self._drive()
@@ -492,7 +498,7 @@ class CabinetSim:
         i_low = (self.voltage_limit_low_v - e) / r0
         current = np.maximum(np.minimum(i_set, np.maximum(i_high, 0.0)), np.minimum(i_low, 0.0))
         volt = self.volt_function
-        if volt.any():
+        if volt.any() if volt_any is None else volt_any:
             i_raw = (self.voltage_set_v - e) / r0
             limit = self.current_limit_a
             current = np.where(volt, np.minimum(np.maximum(i_raw, -limit), limit), current)
@@ -538,6 +544,7 @@ class CabinetSim:
         bank = self.bank
         dropout = bank.sensor_dropout
         dropped = bool(dropout.any())  # fault injection changes it only between lines
+        volt_any = bool(self.volt_function.any())  # and set commands too
         for t_r in times_s:
             self._step_bank(t_r, current)
             if self.frozen and self._last_snapshot is not None:
@@ -545,7 +552,7 @@ class CabinetSim:
                 current = None
             else:
                 # One regulation per reading: its current also drives the next step.
-                i, v = self._drive_reading()
+                i, v = self._drive_reading(volt_any)
                 temp = np.where(dropout, np.nan, bank._temp_c) if dropped else bank._temp_c
                 current = i
             vs.append(v)
@@ -565,7 +572,8 @@ class CabinetSim:
             return
         # A still-valid snapshot already holds the current flowing from the last update.
         if current is None:
-            current = self._snapshot[1] if self._snapshot is not None else self._drive()[0]
+            current = (self._snapshot[1] if self._snapshot is not None
+                       else self._drive_reading()[0])
         if remaining <= MAX_STEP_ACTIVE_S:  # one step, whatever flows (a logging reading)
             self.bank.step(current, remaining)
             self._changed()
@@ -576,7 +584,7 @@ class CabinetSim:
             remaining -= h
             if remaining <= 1e-12:
                 break
-            current = self._drive()[0]
+            current = self._drive_reading()[0]
         self._changed()
 
     def advance(self) -> None:

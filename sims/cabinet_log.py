@@ -22,6 +22,8 @@ command takes effect for the readings after it and not for those before.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numpy.typing import NDArray
 
@@ -36,8 +38,11 @@ PERIOD_DEFAULT_S = 0.01
 HEADER_FIELDS = 2  # first index held, readings in the block
 
 
+@functools.lru_cache(maxsize=64)
 def reading_dtype(channels: int, byte_order: str = "NORM") -> np.dtype:
-    """One reading of a ``TRAC:DATA?`` block for ``channels`` listed channels."""
+    """One reading of a ``TRAC:DATA?`` block for ``channels`` listed channels (built once
+    per list length and order: making a structured dtype costs about as much as
+    answering a block of a few readings)."""
     e = ">" if byte_order == "NORM" else "<"
     return np.dtype([("index", f"{e}f8"), ("t_s", f"{e}f8"), ("vit", f"{e}f4", (channels, 3))])
 
@@ -57,7 +62,9 @@ class ReadingLog:
         """Empty ring (``TRAC:CLE``, ``INIT``); readings are numbered from 1 again."""
         self.count = 0  # readings taken since INIT = the newest index
         self._t = np.zeros(self.points)
-        self._vit = np.zeros((self.points, self.channels, 3), np.float32)
+        # (reading, V/I/T, channel): a reading's three quantities are rows, so a block of
+        # readings goes in with one assignment.
+        self._vit = np.zeros((self.points, 3, self.channels), np.float32)
 
     def set_points(self, points: int) -> None:
         if self.running:
@@ -97,8 +104,12 @@ class ReadingLog:
     def due_times(self, most: int, now_s: float) -> list[float]:
         """Instrument times of the next readings, at most ``most``, due by ``now_s``: the
         same grid as :attr:`next_t_s` (the same arithmetic, so the same floats)."""
-        t_s = self.t0_s + np.arange(self.count, self.count + most) * self.period_s
-        times: list[float] = t_s[t_s <= now_s].tolist()
+        times: list[float] = []
+        for count in range(self.count, self.count + most):
+            t_s = self.t0_s + count * self.period_s
+            if t_s > now_s:
+                break
+            times.append(t_s)
         return times
 
     def record_block(self, t_s: list[float], voltage_v: list[NDArray[np.float64]],
@@ -111,9 +122,8 @@ class ReadingLog:
         slots = (self.count + np.arange(n - keep, n)) % self.points
         self.count += n
         self._t[slots] = t_s[n - keep:]
-        vit = self._vit
-        for field, values in enumerate((voltage_v, current_a, temperature_c)):
-            vit[slots, :, field] = values[n - keep:]
+        block = np.array((voltage_v[n - keep:], current_a[n - keep:], temperature_c[n - keep:]))
+        self._vit[slots] = block.transpose(1, 0, 2)
 
     def fetch(self, start: int, idx: NDArray[np.int64], byte_order: str = "NORM") -> str:
         """The ``TRAC:DATA?`` block of every reading held from index ``start`` on, for
@@ -130,7 +140,8 @@ class ReadingLog:
             slots = (index - 1) % self.points
             rec["index"] = index
             rec["t_s"] = self._t[slots]
-            vit = self._vit[slots][:, idx, :]
+            vit = self._vit[slots][:, :, idx]
             # An open sensor (NaN) reads 9.91E+37, as in MEAS:ALL?.
-            rec["vit"] = np.where(np.isnan(vit), np.float32(NOT_A_NUMBER), vit)
+            vit = np.where(np.isnan(vit), np.float32(NOT_A_NUMBER), vit)
+            rec["vit"] = vit.transpose(0, 2, 1)
         return format_block(head + rec.tobytes())
