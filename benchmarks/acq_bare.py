@@ -8,6 +8,7 @@ engine is measured on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import queue
 import socket
@@ -122,8 +123,8 @@ def trace_main(a: dict[str, Any]) -> None:
     ``points`` ring (``ABOR;TRAC:POIN;TRIG:TIM;INIT``, as the engine's driver starts it)
     and a raw client per cabinet fetches ``TRAC:DATA? <next>,(@1:64)`` every ``fetch_s``
     (0: back to back); readings served/s, and readings the ring overwrote before they
-    were fetched (the simulator fell behind). Logging is stopped (``ABOR``) at the end,
-    so no cabinet goes on logging for nobody."""
+    were fetched (the simulator fell behind). Logging is stopped (``ABOR``, answered) at
+    the end, so no cabinet goes on logging for nobody."""
     ports: list[int] = a["ports"]
     period_s: float = a["period_s"]
     fetch_s: float = a["fetch_s"]
@@ -155,8 +156,12 @@ def trace_main(a: dict[str, Any]) -> None:
                     deadline += fetch_s
                     await asyncio.sleep(max(0.0, deadline - time.perf_counter()))
         finally:
-            w.write(b"ABOR\n")
+            # Wait for the answer: ABOR takes the readings due until then, which a
+            # saturated simulator may still owe; the next phase starts once it is idle.
+            w.write(b"ABOR;*OPC?\n")
             await w.drain()
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.IncompleteReadError):
+                await asyncio.wait_for(reader.readline(), 60.0)
             w.close()
 
     async def run() -> dict[str, Any]:
