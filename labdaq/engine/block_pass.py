@@ -37,18 +37,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from labdaq.engine.group_edges import FLAG_PAUSED
-from labdaq.engine.run_arrays import FloatArray
+from labdaq.engine.run_arrays import BoolArray, FloatArray, IntArray
 from labdaq.engine.sample_batch import SampleBatch
 
 if TYPE_CHECKING:
     from labdaq.engine.group_buffered import GroupBuffered, _Pending
 
-#: Accumulators added to per reading (RunArrays names), in ledger.FAST_COLUMNS order.
-_ADDED = ("step_capacity_ah", "step_energy_wh", "step_discharge_ah", "cycle_charge_ah",
-          "cycle_discharge_ah", "cycle_charge_wh", "cycle_discharge_wh", "cycle_charge_v_s",
-          "cycle_charge_s", "cycle_discharge_v_s", "cycle_discharge_s")
-#: Of those, the ones a reading subtracts from (discharge).
-_SUBTRACTED = frozenset(("step_discharge_ah", "cycle_discharge_ah"))
+#: The accumulators (RunArrays names) in ledger.FAST_COLUMNS order: a reading adds to
+#: each, the time of the last reading that moved charge last.
+_ACC = ("step_capacity_ah", "step_energy_wh", "step_discharge_ah", "cycle_charge_ah",
+        "cycle_discharge_ah", "cycle_charge_wh", "cycle_discharge_wh", "cycle_charge_v_s",
+        "cycle_charge_s", "cycle_discharge_v_s", "cycle_discharge_s", "cycle_end_t_s")
+_ADDED = len(_ACC) - 1
+_PULSE = ("pulse.on", "pulse.rest")
 
 
 def vectorisable(g: GroupBuffered) -> bool:
@@ -73,30 +74,27 @@ def quiet_pass(g: GroupBuffered, t_clock: FloatArray, v: FloatArray, i: FloatArr
     if not (t[0] > st.last_t_s).all():
         return 0
     with np.errstate(invalid="ignore", over="ignore"):
-        quiet, acc, on_grid, cnt, nd_seq = _readings(g, t, v, i, temp)
+        quiet, acc, grew, cnt, nd_seq = _readings(g, t, v, i, temp)
     n = int(np.argmin(quiet)) if not quiet.all() else n_read
     if n:
-        _commit(g, n, t, v, i, temp, ts_utc, acc, on_grid, cnt, nd_seq, pending)
-        if g._dcir_before:
-            settled = (t[:n] > st.setpoint_t_s).any(axis=0)
-            for rid in np.intersect1d(st.run_id[settled], list(g._dcir_before)).tolist():
-                del g._dcir_before[rid]
+        _commit(g, n, t, v, i, temp, ts_utc, acc, grew, cnt, nd_seq, pending)
     return n
 
 
 def _readings(g: GroupBuffered, t: FloatArray, v: FloatArray, i: FloatArray,
-              temp: FloatArray) -> tuple[np.ndarray, dict[str, FloatArray], np.ndarray,
-                                         np.ndarray, FloatArray]:
+              temp: FloatArray) -> tuple[BoolArray, FloatArray, IntArray, IntArray,
+                                         FloatArray]:
     """Every reading's quietness, with what it takes to commit them: the accumulators
-    before and after each reading ((readings + 1) x runs), which storage times are due,
-    the count of grid points below each reach and the grid (see :func:`quiet_pass`)."""
+    ((readings + 1) x ``_ACC`` x runs: before the block, then after each reading), how
+    many storage times each reading serves, how many grid points lie below each
+    reading's reach and the grid (see :func:`quiet_pass`)."""
     st = g.state
     ends = g.ends
-    n_read = len(t)
+    n_read, n_runs = t.shape
     # The previous reading of each: the run's anchor, then the reading before.
-    lt = np.vstack((st.last_t_s, t[:-1]))
-    lv = np.vstack((st.last_voltage_v, v[:-1]))
-    li = np.vstack((st.last_current_a, i[:-1]))
+    lt = np.concatenate((st.last_t_s[None], t[:-1]))
+    lv = np.concatenate((st.last_voltage_v[None], v[:-1]))
+    li = np.concatenate((st.last_current_a[None], i[:-1]))
     quiet = (t > lt).all(axis=1)
     if g._own_sensor:
         quiet &= ~np.isnan(temp).any(axis=1)
@@ -114,32 +112,38 @@ def _readings(g: GroupBuffered, t: FloatArray, v: FloatArray, i: FloatArray,
         p_mid = p_mid * active
     dq = i_mid * dt / 3600.0
     de = np.abs(p_mid * dt / 3600.0)
-    chg = dq > 0.0
-    dis = dq < 0.0
-    steps = {
-        "step_capacity_ah": np.abs(dq),
-        "step_energy_wh": de,
-        "step_discharge_ah": np.where(dis, dq, 0.0),
-        "cycle_charge_ah": np.where(chg, dq, 0.0),
-        "cycle_discharge_ah": np.where(dis, dq, 0.0),
-        "cycle_charge_wh": np.where(chg, de, 0.0),
-        "cycle_discharge_wh": np.where(dis, de, 0.0),
-        "cycle_charge_v_s": np.where(chg, v_dt, 0.0),
-        "cycle_charge_s": np.where(chg, dt, 0.0),
-        "cycle_discharge_v_s": np.where(dis, v_dt, 0.0),
-        "cycle_discharge_s": np.where(dis, dt, 0.0),
-    }
-    acc: dict[str, FloatArray] = {}
-    for name, step in steps.items():
-        op = np.subtract if name in _SUBTRACTED else np.add
-        acc[name] = op.accumulate(np.vstack((getattr(st, name), step)), axis=0)
+    moved = np.empty((n_read, 4, n_runs))  # readings x quantity x runs
+    moved[:, 0], moved[:, 1], moved[:, 2], moved[:, 3] = dq, de, v_dt, dt
+    chg = np.where(dq[:, None] > 0.0, moved, 0.0)
+    dis = np.where(dq[:, None] < 0.0, moved, 0.0)
+    # One running sum for all accumulators (readings + 1 x _ACC x runs), seeded with
+    # their values before the block, reading after reading along the first axis; a
+    # discharge subtracted per reading is its negation added (x - y is x + -y exactly).
+    acc = np.empty((n_read + 1, len(_ACC), n_runs))
+    acc[0] = [getattr(st, name) for name in _ACC]
+    acc[1:, 0] = np.abs(dq)
+    acc[1:, 1] = de
+    acc[1:, 2] = -dis[:, 0]
+    acc[1:, 3] = chg[:, 0]
+    acc[1:, 4] = -dis[:, 0]
+    acc[1:, 5] = chg[:, 1]
+    acc[1:, 6] = dis[:, 1]
+    acc[1:, 7] = chg[:, 2]
+    acc[1:, 8] = chg[:, 3]
+    acc[1:, 9] = dis[:, 2]
+    acc[1:, 10] = dis[:, 3]
+    for k in range(1, n_read + 1):  # (cheaper than ufunc.accumulate on these shapes)
+        acc[k, :_ADDED] += acc[k - 1, :_ADDED]
     # The cycle's end: the time of the last reading that moved charge.
-    rows = np.arange(1, n_read + 1)[:, None]
-    last = np.maximum.accumulate(np.where(dq != 0.0, rows, 0), axis=0)
-    end = np.vstack((st.cycle_end_t_s, t))
-    acc["cycle_end_t_s"] = np.take_along_axis(end, np.vstack((np.zeros_like(last[:1]),
-                                                              last)), axis=0)
-    cap = acc["step_capacity_ah"][1:]
+    moving = dq != 0.0
+    if moving.all():
+        acc[1:, _ADDED] = t
+    else:
+        last = np.maximum.accumulate(
+            np.where(moving, np.arange(1, n_read + 1)[:, None], 0), axis=0)
+        acc[1:, _ADDED] = np.concatenate((st.cycle_end_t_s[None], t))[last,
+                                                                      np.arange(n_runs)]
+    cap = acc[1:, 0]
 
     # Safety: nothing outside its window (no debounce starts, nothing breaches).
     quiet &= ~g.limits.outside(slice(None), v, i, temp, cap).any(axis=1)
@@ -165,62 +169,79 @@ def _readings(g: GroupBuffered, t: FloatArray, v: FloatArray, i: FloatArray,
     if g._dcir_before:
         # The first settled reading of a run whose phase just changed gives a pulse
         # step's DCIR (_pulse_edges): an event for a pulse phase; for any other phase
-        # it only drops the pending edge (_commit does).
-        pulse = np.isin(st.run_id, [r.run_id for r in g.runs
-                                    if r.run_id in g._dcir_before and r.phase_name
-                                    in ("pulse.on", "pulse.rest")])
-        quiet &= ~(settled & pulse).any(axis=1)
+        # it only drops the pending edge (quiet_pass's caller, _commit, does).
+        pulse = [k for k in _pending(g) if g.runs[k].phase_name in _PULSE]
+        if pulse:
+            quiet &= ~settled[:, pulse].any(axis=1)
 
     # Storage: the grid of each run's next storage times (a running sum of its period,
     # as _due adds it), and how many of them lie below each reading's reach. Reading j
     # serves a storage time when that count grows; by two or more, a period was missed.
     reach = t + 0.5 * g.log_period_s
-    nd_seq = np.add.accumulate(
-        np.vstack((st.next_due_t_s, np.broadcast_to(st.period_s, t.shape))), axis=0)
+    nd_seq = np.empty((n_read + 1, n_runs))
+    nd_seq[0] = st.next_due_t_s
+    nd_seq[1:] = st.period_s
+    np.add.accumulate(nd_seq, axis=0, out=nd_seq)
     cnt = (nd_seq[None, :, :] < reach[:, None, :]).sum(axis=1)
-    grew = np.diff(cnt, axis=0, prepend=0)
+    grew = cnt.copy()
+    grew[1:] -= cnt[:-1]
     quiet &= (grew <= 1).all(axis=1)
-    return quiet, acc, grew == 1, cnt, nd_seq
+    return quiet, acc, grew, cnt, nd_seq
 
 
 def _commit(g: GroupBuffered, n: int, t: FloatArray, v: FloatArray, i: FloatArray,
-            temp: FloatArray, ts_utc: FloatArray, acc: dict[str, FloatArray],
-            on_grid: np.ndarray, cnt: np.ndarray, nd_seq: FloatArray,
-            pending: _Pending) -> None:
+            temp: FloatArray, ts_utc: FloatArray, acc: FloatArray, grew: IntArray,
+            cnt: IntArray, nd_seq: FloatArray, pending: _Pending) -> None:
     """The first ``n`` (quiet) readings' rows, fast state and run state."""
     st = g.state
-    due = on_grid[:n]
+    n_runs = t.shape[1]
+    due = grew[:n] == 1
     jj, kk = np.nonzero(due)  # reading by reading, runs in order: the per-reading order
     if jj.size:
         seq = st.seq[kk] + np.cumsum(due, axis=0)[jj, kk]
         t_rows = t[jj, kk]
-        after = jj + 1
-        cap = acc["step_capacity_ah"][after, kk]
-        energy = acc["step_energy_wh"][after, kk]
+        after = acc[jj + 1, :, kk]  # each row's accumulators after its reading
         flags = np.where(st.paused[kk], FLAG_PAUSED, 0).astype(np.int64)
         ts = float(ts_utc[jj[0]]) if jj[0] == jj[-1] else ts_utc[jj]
         rows = SampleBatch(
             st.run_id[kk], seq, t_rows, ts, st.step_index[kk], st.cycle_index[kk],
-            v[jj, kk], i[jj, kk], temp[jj, kk], cap, energy, flags,
+            v[jj, kk], i[jj, kk], temp[jj, kk], after[:, 0], after[:, 1], flags,
             np.full(jj.size, np.nan))
-        fast = np.empty((jj.size, 15))
+        fast = np.empty((jj.size, 3 + len(_ACC)))
         fast[:, 0] = st.run_id[kk]
         fast[:, 1] = seq
         fast[:, 2] = t_rows
-        for col, name in enumerate((*_ADDED, "cycle_end_t_s"), start=3):
-            fast[:, col] = acc[name][after, kk]
+        fast[:, 3:] = after
         pending.add(rows, fast, None)
-        stored = due.any(axis=0)
         st.seq = st.seq + due.sum(axis=0)
         # Each run's time is its last stored row's (the latest reading due for it).
         last_due = n - 1 - np.argmax(due[::-1], axis=0)
-        st.t_s = np.where(stored, t[last_due, np.arange(t.shape[1])], st.t_s)
-    for name, arr in acc.items():
-        setattr(st, name, arr[n].copy())
-    st.next_due_t_s = np.take_along_axis(nd_seq, cnt[n - 1][None, :], axis=0)[0].copy()
+        st.t_s = np.where(due.any(axis=0), t[last_due, np.arange(n_runs)], st.t_s)
+    for k, name in enumerate(_ACC):
+        setattr(st, name, acc[n, k].copy())
+    st.next_due_t_s = nd_seq[cnt[n - 1], np.arange(n_runs)]
     # Every reading was inside the window: no debounce is running.
-    st.breach_since_t_s = np.full(len(st.breach_since_t_s), np.nan)
+    st.breach_since_t_s = np.full(n_runs, np.nan)
     st.last_t_s = t[n - 1].copy()
     st.last_voltage_v = v[n - 1].copy()
     st.last_current_a = i[n - 1].copy()
     st.last_temperature_c = temp[n - 1].copy()
+    if g._dcir_before:
+        # A non-pulse phase's pending edge goes at its first settled reading.
+        present = set(st.run_id.tolist())
+        for rid in [rid for rid in g._dcir_before if rid not in present]:
+            del g._dcir_before[rid]  # as _pulse_edges: the run left another way
+        for k in _pending(g):
+            if (t[:n, k] > st.setpoint_t_s[k]).any():
+                del g._dcir_before[int(st.run_id[k])]
+
+
+def _pending(g: GroupBuffered) -> list[int]:
+    """The runs (indices) whose phase just changed, waiting for their first settled
+    reading (a handful at most: np.isin costs more)."""
+    ks = []
+    for rid in g._dcir_before:
+        at = np.flatnonzero(g.state.run_id == rid)
+        if at.size:
+            ks.append(int(at[0]))
+    return ks

@@ -399,7 +399,12 @@ class GroupBuffered(GroupCommands):
         the new set point."""
         for rid in list(self._dcir_before):
             ks = np.flatnonzero(self.state.run_id == rid)
-            if not ks.size or not settled[ks[0]]:
+            if not ks.size:
+                # The run left another way (stopped, its instrument lost): its edge
+                # would never be taken, and a run resumed later starts afresh.
+                del self._dcir_before[rid]
+                continue
+            if not settled[ks[0]]:
                 continue
             k = int(ks[0])
             before = self._dcir_before.pop(rid)
