@@ -41,8 +41,9 @@ async def _rig(stack: AsyncExitStack, ring: int) -> AsyncIterator[Rig]:
     clock = ManualClock(50.0)
     sim = CabinetSim(8, "nmc811", clock=clock, seed=4)
     server = stack.enter_context(SimServer.tcp(sim))
+    # A long timeout: a busy machine may answer late, and nothing here measures time.
     cab = await asyncio.to_thread(
-        lambda: CyclerCabinet(open_transport(server.resource, timeout_s=2.0), "cab",
+        lambda: CyclerCabinet(open_transport(server.resource, timeout_s=10.0), "cab",
                               acquisition="buffered", buffer_points=ring,
                               fetch_period_s=FETCH_S))
     try:
