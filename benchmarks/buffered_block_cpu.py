@@ -121,7 +121,7 @@ async def main() -> None:
                 finally:
                     spent["quiet_pass"] += time.thread_time() - c0
                     calls["quiet_pass"] += 1
-            gb.quiet_pass = timed_qp
+            gb.quiet_pass = timed_qp  # type: ignore[assignment]
             for name in ("_reading", "_put_pending"):
                 fn = getattr(r.group, name)
 
@@ -139,9 +139,11 @@ async def main() -> None:
             gb.quiet_pass = qp
             print({k: f"{v * 1e3:.0f} ms in {calls[k]} calls" for k, v in spent.items()})
             readings = r.group.ticks
+            sink = r.group.writer
+            assert isinstance(sink, _EncodeSink)
             print(f"block_pass={flag}: {readings} readings of {CH} ch, fetch {FETCH * 1e3:g} ms:"
                   f" engine CPU {cpu * 1e3:.0f} ms = {cpu / readings * 1e6:.0f} us/reading, "
-                  f"{r.sink.n} rows, {r.sink.steps} steps")
+                  f"{sink.n} rows, {sink.steps} steps")
 
 
 asyncio.run(main())

@@ -96,7 +96,7 @@ async def _both(monkeypatch: pytest.MonkeyPatch, scenario: Scenario, ring: int =
             return await reading_b(*args)
 
         b.group._fetch = replayed  # type: ignore[method-assign]
-        b.group._reading = counted  # type: ignore[method-assign]
+        b.group._reading = counted  # type: ignore[method-assign,assignment]
         _wall_clock(monkeypatch, b)
         await scenario(b)
         assert next(replay, None) is None  # B fetched exactly A's blocks
