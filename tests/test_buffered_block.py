@@ -6,9 +6,9 @@ and the same run state at the end.
 Rig A (``block_pass = False``) fetches from its simulated cabinet over TCP and records
 every block; rig B (the vectorised pass on) is handed A's blocks instead of fetching, on
 a twin simulator (same seed, same manual clock moves) that takes its commands (set
-points, outputs off). Each scenario puts an event inside a block: a phase ending, a
-breach, a run joining while the cabinet logs, a ring overflow; and the test checks the
-pass did process readings at once (B feeds fewer readings through ``_reading``).
+points, outputs off). Each scenario puts an event inside a block: a phase ending (a pulse
+train's too), a breach, a run joining while the cabinet logs, a ring overflow; and the test
+checks the pass did process readings at once (B feeds fewer readings through ``_reading``).
 """
 
 from __future__ import annotations
@@ -142,12 +142,19 @@ async def test_phase_ends_inside_blocks_give_the_same_rows_ledger_and_state(
             {"step": "cc", "current_a": 3.0, "until": {"capacity_ah": 1e-4}},
             {"step": "cc", "current_a": -1.0, "until": {"duration_s": 1000}}]}, run_id=3)
         await rig.join(4, _cc((0.5, 1000.0)), run_id=4)
+        # A pulse train: its DCIR is taken at the first reading under each new set point.
+        await rig.join(8, {"schema_version": 1, "name": "pulse", "steps": [
+            {"step": "pulse", "current_a": 2.0, "pulse_duration_s": 0.06,
+             "rest_duration_s": 0.08, "count": 3},
+            {"step": "cc", "current_a": 0.5, "until": {"duration_s": 1000}}]}, run_id=8)
         await rig.group._start_logging()
         await rig.fetches(12)
 
     a, b, calls = await _both(monkeypatch, scenario)
     _assert_same(a, b)
     assert len(a.sink.ledger.steps) >= 4  # the phases did end
+    dcir = [x["dcir_ohm"] for x in a.sink.ledger.steps if x["run_id"] == 8]
+    assert dcir and all(d == d for d in dcir)  # the pulses' DCIR were taken (not NaN)
     assert sum(calls) < b.group.ticks // 2  # most readings went through the pass
 
 
