@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from labdaq.drivers.roles import Cycler
+from labdaq.engine.block_pass import quiet_pass
 from labdaq.engine.channel import ChannelRun, Phase, Transition
 from labdaq.engine.clock import EngineClock
 from labdaq.engine.end_conditions import EndConditions
@@ -98,6 +99,10 @@ class _Pending:
 
 class GroupBuffered(GroupCommands):
     """The buffered loop (the state is the group's, see group.py)."""
+
+    #: Quiet readings of a block in one vectorised pass (block_pass.py); False feeds
+    #: every reading through _reading (the reference the pass is tested against).
+    block_pass = True
 
     name: str
     driver: Cycler
@@ -235,13 +240,21 @@ class GroupBuffered(GroupCommands):
         pending = _Pending()
         cols = np.arange(len(chans))
         run_ids = [r.run_id for r in self.runs]
-        for j in range(count):
-            if not self.runs:
-                break
+        j = 0
+        while j < count and self.runs:
+            if self.block_pass:
+                # The quiet readings from j on at once; the first where something
+                # happens goes through _reading (block_pass.py).
+                j += quiet_pass(self, t_clock[j:], got.voltage_v[j:, cols],
+                                got.current_a[j:, cols], got.temperature_c[j:, cols],
+                                ts_utc[j:], pending)
+                if j >= count:
+                    break
             gone = await self._reading(
                 float(t_clock[j]), got.voltage_v[j, cols], got.current_a[j, cols],
                 got.temperature_c[j, cols], float(ts_utc[j]), t_meas, pending,
                 "overflow" if j == 0 and lost else "late")
+            j += 1
             if gone:
                 keep = [k for k in range(len(run_ids)) if k not in gone]
                 cols = cols[keep]
@@ -386,7 +399,12 @@ class GroupBuffered(GroupCommands):
         the new set point."""
         for rid in list(self._dcir_before):
             ks = np.flatnonzero(self.state.run_id == rid)
-            if not ks.size or not settled[ks[0]]:
+            if not ks.size:
+                # The run left another way (stopped, its instrument lost): its edge
+                # would never be taken, and a run resumed later starts afresh.
+                del self._dcir_before[rid]
+                continue
+            if not settled[ks[0]]:
                 continue
             k = int(ks[0])
             before = self._dcir_before.pop(rid)
