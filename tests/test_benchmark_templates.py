@@ -87,7 +87,7 @@ async def run_one(name: str, url: str, spec: str, seed: int) -> dict[str, Any]:
     rig.extra.append(asyncio.create_task(gov.run()))
     try:
         run_id = await rig.start_run("smu1/1", template=name)
-        run = await rig.wait_end(run_id, timeout_s=150)
+        run = await rig.wait_end(run_id, timeout_s=800)  # a hang guard
         assert run.state == "completed", f"run {run.state}: {run.end_reason}"
         s = await samples(rig.maker, run_id)
         assert_contiguous(s["seq"])
@@ -130,8 +130,12 @@ async def run_shares(shares: list[list[str]], tmp_path: Path, db: Path) -> dict[
             cwd=str(REPO), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE))
     r: dict[str, Any] = {}
     errors = []
+    # One hang guard for the workers together (they run at once), inside the test's own
+    # limit (tests/conftest.py: 900 s for a slow test).
+    deadline = asyncio.get_running_loop().time() + 840
     for p in procs:
-        out, err = await asyncio.wait_for(p.communicate(), 170)
+        left_s = max(1.0, deadline - asyncio.get_running_loop().time())
+        out, err = await asyncio.wait_for(p.communicate(), left_s)
         if p.returncode != 0:
             errors.append(err.decode()[-3000:])
             continue
