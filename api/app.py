@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from sqlalchemy import event
 
 import labdaq
-from labdaq import export, malloc_trim
+from labdaq import export, malloc_trim, run_analysis
 from labdaq.api.body_limit import BodyLimitMiddleware
 from labdaq.api.gc_freeze import freeze_startup_heap
 from labdaq.api.openapi_examples import add_examples, operation_id
@@ -107,6 +107,7 @@ def create_app(settings: Settings | None = None, gc_freeze: bool = False) -> Fas
         trimmer = asyncio.create_task(malloc_trim.trim_forever(), name="malloc-trim")
         # Before the first request: the reads' one-time imports, the pool's connections.
         export.warm_up()
+        run_analysis.warm_up()
         await warm_pool(engine)
         if gc_freeze:
             # Last: everything start-up made, the engines and pools included, is frozen.

@@ -315,6 +315,10 @@ def serve(
     sim_fault: Annotated[list[str] | None, typer.Option(
         help="--sim: a fault for the simulated lab, as `labdaq sim --fault` takes it "
              "(repeatable)")] = None,
+    sim_reply_timeout: Annotated[float | None, typer.Option(
+        min=0.1, help="--sim: seconds the engine waits for a simulated instrument's reply "
+                      "(default: each driver's own; a simulated lab on a loaded machine "
+                      "can take longer)")] = None,
     max_restarts: Annotated[int | None, typer.Option(
         help="restarts of a child that keeps dying before giving up on it "
              "(default: the restart_max setting)")] = None,
@@ -383,6 +387,11 @@ def serve(
         if role == "node":
             # Several simulated nodes share the database: each lab's names its own.
             desc = node_lab(desc, node_name or s.node_name or socket.gethostname())
+        if sim_reply_timeout is not None:
+            for inst in desc["instruments"]:
+                options = inst.setdefault("options", {})
+                options["transport"] = {**options.get("transport", {}),
+                                        "timeout_s": sim_reply_timeout}
         token, revoked = asyncio.run(_register_sim_lab(
             url, desc, node=desc.get("node")))
         if revoked:

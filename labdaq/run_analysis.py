@@ -21,7 +21,7 @@ from labdaq.analysis.load import read_samples
 from labdaq.runs import get_run
 from labdaq.storage import models as m
 
-__all__ = ["FIT_CURVE_POINTS", "dqdv_curves", "eis_fits"]
+__all__ = ["FIT_CURVE_POINTS", "dqdv_curves", "eis_fits", "warm_up"]
 
 Direction = Literal["charge", "discharge"]
 #: Points of each fitted curve, log-spaced over the spectrum's measured band.
@@ -98,3 +98,12 @@ async def eis_fits(session: AsyncSession, run_id: int, newest: int) -> list[dict
         .order_by(m.EisSpectrum.id.desc()).limit(newest))).all())
     rows.reverse()
     return await asyncio.to_thread(lambda: [_fit(r) for r in rows])
+
+
+def warm_up() -> None:
+    """Import at start-up what the first dQ/dV and the first circuit fit import: SciPy's
+    signal and optimize packages, over a second of CPU time, part of it with the GIL held.
+    In a request, on a loaded machine where the API runs niced, that first dQ/dV request
+    took minutes and every request beside it slowed (docs/performance.md)."""
+    import scipy.optimize  # noqa: F401
+    import scipy.signal  # noqa: F401

@@ -58,6 +58,38 @@ class WarpClock(EngineClock):
             await asyncio.sleep(min(delay, 0.02))
 
 
+class HoldClock(WarpClock):
+    """A paced instrument loop's clock (:class:`SpeedGovernor`): its loop wakes for a tick
+    only once simulated time has reached the loop's hold, so the tick reads the
+    instrument at the hold, and the clock stays there until the tick is done.
+
+    Without it the loop woke as soon as the clock passed its deadline (a loop period after
+    the last reading) while the clock was still running at up to 10^6× towards the hold:
+    the engine stamped the reading with the time its query went out, and the simulator
+    took it whenever the query arrived, up to the hold — on a busy machine tens of
+    simulated seconds later (70 s seen in a CC discharge, 4,000 s in a rest). The stamps,
+    and the voltage rates the governor computes from them, then depended on how fast this
+    process was scheduled."""
+
+    def __init__(self, sim_clock: LockstepClock, key: str) -> None:
+        super().__init__(sim_clock)
+        self.lockstep = sim_clock
+        self.key = key
+
+    async def sleep_until(self, t_s: float) -> None:
+        if self.lockstep.held(self.key) is None:
+            # A loop's first tick (its runs have just joined): it reads at its deadline too.
+            self.lockstep.hold(self.key, max(t_s, self.now()))
+        while True:
+            hold = self.lockstep.held(self.key)
+            target = t_s if hold is None else max(t_s, hold)
+            delay = (target - self.now()) / self.speed
+            if delay <= 0:
+                return
+            # Short naps, as WarpClock: a change of speed or of hold takes effect soon.
+            await asyncio.sleep(min(delay, 0.02))
+
+
 class LockstepClock:
     """Simulated time for a lab and for the engine reading it (pass it to ``SimLab(clock=)``,
     then wrap it in :class:`WarpClock` for the node).
@@ -97,6 +129,11 @@ class LockstepClock:
         with self._lock:
             self._holds.pop(key, None)
 
+    def held(self, key: str) -> float | None:
+        """The hold ``key`` set (None: none)."""
+        with self._lock:
+            return self._holds.get(key)
+
     def now(self) -> float:
         with self._lock:
             t = self._offset + (time.monotonic() - self._t0) * self._speed
@@ -112,7 +149,9 @@ class SpeedGovernor:
     device: the engine only ever sees its readings).
 
     After each tick of an instrument loop it lets simulated time run at most a *gap* past
-    that reading; the gap is what the loop's runs need from the next reading:
+    that tick's reading, and the loop's next tick reads the instrument exactly there
+    (:class:`HoldClock`), so readings are a gap apart in simulated time however busy the
+    machine is; the gap is what the loop's runs need from the next reading:
 
     * ``tick_s`` normally (a CV taper, a chamber settling, the middle of a CC step);
     * a tenth of the time left until the next event (a phase's deadline, a CC step
@@ -168,17 +207,20 @@ class SpeedGovernor:
 
     def _pace(self, g: Any) -> None:
         tick = g._tick
+        g.clock = HoldClock(self.clock, g.name)
 
         async def paced(*args: Any) -> None:
+            # The tick's reading time: the clock waits here, at the loop's hold (HoldClock).
+            t_read = self.clock.now()
             try:
                 await tick(*args)
             finally:
-                self._after_tick(g)
+                self._after_tick(g, t_read)
 
         g._tick = paced
         g._paced = True
 
-    def _after_tick(self, g: Any) -> None:
+    def _after_tick(self, g: Any, t_read: float) -> None:
         if not g.runs:
             self.clock.release(g.name)
             self._caps.pop(g.name, None)
@@ -191,9 +233,12 @@ class SpeedGovernor:
             run_cap, run_gap = self._run(g, k, r, p, now - float(g.state.t0_clock_s[k]))
             cap, gap = min(cap, run_cap), min(gap, run_gap)
         self._caps[g.name] = cap
-        # Never less than the loop's own period: it sleeps until then for its next tick.
+        # Never less than the loop's own period: it sleeps until then for its next tick
+        # (its next deadline is at most a period past this tick's start). The gap counts
+        # from the reading: the next reading is then at most a gap after it. Never before
+        # now: simulated time does not go back.
         period = min(float(g.state.period_s.min()), g.control_period_s)
-        self.clock.hold(g.name, now + max(gap, period))
+        self.clock.hold(g.name, max(now, t_read + max(gap, period)))
 
     def _run(self, g: Any, k: int, r: Any, p: Any, t: float) -> tuple[float, float]:
         """(speed cap, simulated seconds to the next reading) for run ``r`` in phase ``p``."""

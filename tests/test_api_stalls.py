@@ -193,10 +193,14 @@ async def test_without_a_cache_every_request_looks_up() -> None:
     assert calls == 3
 
 
+# A hang guard: the child imports the whole API and SciPy, several seconds of CPU, which
+# at a load average of 35 took over the default 120 s.
+@pytest.mark.timeout(600)
 def test_the_reads_one_time_imports_happen_at_startup(db_url: str) -> None:
     """pyarrow imports pandas on its first conversion of Python values (half a second with
-    the GIL held, every request waiting): the API does it before it serves, not in the
-    first downsampled-samples request."""
+    the GIL held, every request waiting), and dQ/dV and the circuit fit import SciPy's
+    signal and optimize packages (over a second of CPU): the API does them before it
+    serves, not in the first downsampled-samples, dQ/dV or fit request."""
     import subprocess
     import sys
 
@@ -206,10 +210,11 @@ def test_the_reads_one_time_imports_happen_at_startup(db_url: str) -> None:
         "from labdaq.api.app import create_app\n"
         "from labdaq.config import Settings\n"
         f"app = create_app(Settings(database_url={db_url!r}))\n"
-        "before = 'pandas' in sys.modules\n"
+        "names = ('pandas', 'scipy.signal', 'scipy.optimize')\n"
+        "before = any(n in sys.modules for n in names)\n"
         "async def go():\n"
         "    async with app.router.lifespan_context(app):\n"
-        "        return 'pandas' in sys.modules\n"
+        "        return all(n in sys.modules for n in names)\n"
         "print(before, asyncio.run(go()))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -53,9 +53,10 @@ SHARES = [
     ["iec62133_2_external_short"],
 ]
 # Run in a process of its own, with no other rig beside it: its -20 °C discharge reaches
-# the cut-off with a steep knee, and with other rigs competing for the CPU the lockstep
-# pacing let a reading come after the knee (a safety stop at ~2.2 V, seen in CI). Why
-# the pacing lets that happen under load is not yet found.
+# the cut-off with a steep knee (2.5 V at 8,095 s, 2.3 V at 8,254 s of the discharge).
+# Under load its readings used to land at simulated times that depended on scheduling
+# (a safety stop at ~2.2-2.3 V was seen in CI); engine_rig.HoldClock now takes each
+# reading at the governor's hold.
 ALONE = ["iec62660_1_capacity_temperatures"]
 ABUSE = {"un383_t7_overcharge", "un383_t8_forced_discharge", "iec62133_2_overcharge",
          "iec62133_2_forced_discharge", "iec62133_2_thermal_abuse"}
@@ -86,7 +87,7 @@ async def run_one(name: str, url: str, spec: str, seed: int) -> dict[str, Any]:
     rig.extra.append(asyncio.create_task(gov.run()))
     try:
         run_id = await rig.start_run("smu1/1", template=name)
-        run = await rig.wait_end(run_id, timeout_s=150)
+        run = await rig.wait_end(run_id, timeout_s=800)  # a hang guard
         assert run.state == "completed", f"run {run.state}: {run.end_reason}"
         s = await samples(rig.maker, run_id)
         assert_contiguous(s["seq"])
@@ -129,8 +130,12 @@ async def run_shares(shares: list[list[str]], tmp_path: Path, db: Path) -> dict[
             cwd=str(REPO), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE))
     r: dict[str, Any] = {}
     errors = []
+    # One hang guard for the workers together (they run at once), inside the test's own
+    # limit (tests/conftest.py: 900 s for a slow test).
+    deadline = asyncio.get_running_loop().time() + 840
     for p in procs:
-        out, err = await asyncio.wait_for(p.communicate(), 170)
+        left_s = max(1.0, deadline - asyncio.get_running_loop().time())
+        out, err = await asyncio.wait_for(p.communicate(), left_s)
         if p.returncode != 0:
             errors.append(err.decode()[-3000:])
             continue

@@ -571,16 +571,20 @@ def test_out_of_range_over_the_wire(cab: CyclerCabinet) -> None:
 
 def test_watchdog_turns_every_output_off(clock: ManualClock) -> None:
     sim = CabinetSim(8, "nmc811", clock=clock)
-    with SimServer.tcp(sim, watchdog_s=0.15) as server:
+    # The window is short only while the test waits for the trip: a test descheduled for
+    # 0.15 s between two commands on a loaded machine would trip it while setting up.
+    with SimServer.tcp(sim, watchdog_s=3600.0) as server:
         cab = open_instrument(server.resource, timeout_s=TIMEOUT_S)
         assert isinstance(cab, CyclerCabinet)
         cab.set_current([1, 2, 5], 1.0, 4.2)
         cab.output([1, 2, 5], True)
         assert cab.output_enabled.get().sum() == 3
+        server.watchdog_s = 0.15  # counted from that last command
         deadline = time.monotonic() + 30.0
         while server.watchdog_trips == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert server.watchdog_trips >= 1
+        server.watchdog_s = 3600.0
+        assert server.watchdog_trips == 1
         bits = cab.status()
         assert not (bits & STAT_OUTPUT).any()
         assert [bool(b & STAT_WATCHDOG) for b in bits] == [True, True, False, False, True,

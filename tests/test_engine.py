@@ -429,7 +429,7 @@ async def test_shutdown_makes_safe_and_closes_every_link(
         async with session_scope(r.maker) as s:
             assert (await s.get(m.Run, run_id)).state == "running"  # type: ignore[union-attr]
         await wait_for(lambda: not any(inst.server._connections for inst in lab.instruments),
-                       timeout_s=5, what="every simulator to see its client go")
+                       timeout_s=60, what="every simulator to see its client go")
     finally:
         await r.engine.dispose()
         lab.stop()

@@ -225,7 +225,7 @@ async def run_template(name: str, url: str, spec: str, seed: int) -> dict[str, A
     t0 = time.monotonic()
     try:
         run_id = await rig.start_run("smu1/1", template=name)
-        await rig.wait_end(run_id, timeout_s=100)
+        await rig.wait_end(run_id, timeout_s=500)  # a hang guard
         out = await check_run(rig, run_id)
         spectra = await rows_of(rig.maker, m.EisSpectrum, run_id, m.EisSpectrum.id)
         ticks = sum(g.ticks for g in rig.node.groups.values())
@@ -315,8 +315,12 @@ async def test_every_template_completes(sqlite_url: str, tmp_path: Path) -> None
         )
     r: dict[str, Any] = {}
     errors = []
+    # One hang guard for the workers together (they run at once), inside the test's
+    # 600 s: at a load average of 34 the first worker was still running at 110 s.
+    deadline = asyncio.get_running_loop().time() + 540
     for p in procs:
-        out, err = await asyncio.wait_for(p.communicate(), 110)
+        left_s = max(1.0, deadline - asyncio.get_running_loop().time())
+        out, err = await asyncio.wait_for(p.communicate(), left_s)
         if p.returncode != 0:
             errors.append(err.decode()[-3000:])
             continue

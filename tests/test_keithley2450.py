@@ -487,14 +487,17 @@ def test_dropped_connection_reconnects() -> None:
 
 def test_watchdog_turns_output_off() -> None:
     sim = Keithley2450Sim(cell_bank=StubCell(), clock=ManualClock())
-    with SimServer.tcp(sim, watchdog_s=1.0) as server:
+    # The window is 1 s only from the last command on: a test descheduled for a second
+    # between two commands on a loaded machine would otherwise trip it while setting up.
+    with SimServer.tcp(sim, watchdog_s=3600.0) as server:
         t = open_transport(server.resource, timeout_s=TIMEOUT_S)
         try:
             k = Keithley2450(t, "smu")  # asks *IDN? for the model
             assert k.model == "2450"
             k.set_current(1, 0.1, 4.2)
             k.output(1, True)
-            assert sim.output_on  # still talking within the window
+            assert sim.output_on
+            server.watchdog_s = 1.0
             # Taken before the last command goes out, so the server's silence starts
             # after it: the trip cannot come less than the window after this.
             last_command = time.monotonic()
@@ -503,6 +506,7 @@ def test_watchdog_turns_output_off() -> None:
             while sim.output_on and time.monotonic() < deadline:
                 time.sleep(0.02)
             assert time.monotonic() - last_command >= 1.0  # not before the window closed
+            server.watchdog_s = 3600.0  # the query below must not wait for a second trip
             assert not sim.output_on and sim.watchdog_tripped
             assert server.watchdog_trips == 1
             assert k.output_enabled is False

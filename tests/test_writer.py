@@ -288,7 +288,9 @@ async def _flapping(url: str) -> AsyncIterator[list[int]]:
     if u.get_backend_name() == "sqlite":
 
         def lock_once() -> None:
-            con = sqlite3.connect(u.database or "", timeout=1, isolation_level=None)
+            # Waits for the writer's own transaction to end (a hang guard: a descheduled
+            # writer can hold its lock for seconds on a loaded machine).
+            con = sqlite3.connect(u.database or "", timeout=120, isolation_level=None)
             try:
                 con.execute("BEGIN EXCLUSIVE")
                 time.sleep(0.08)

@@ -246,6 +246,11 @@ async function initOverview() {
   const refresh = coalesce(async () => {
     let rows;
     try { rows = await api("/api/v1/lab"); } catch (e) { return; }
+    // The rows are rebuilt, but a run's count of live updates carries over: the stream's
+    // `latest` messages and these refreshes interleave, and a count reset by every
+    // refresh never grew past one where a stream poll took longer than a third of the
+    // refresh interval (a loaded server).
+    const updates = new Map(Array.from(tbody.rows, (tr) => [tr.dataset.runId, tr.dataset.updates]));
     tbody.replaceChildren();
     for (const c of rows) {
       const r = c.run;
@@ -258,7 +263,8 @@ async function initOverview() {
         : "";
       if (startLink) startLink.hidden = !(can("operate") || can("abuse"));
       tbody.append(el("tr", { "data-channel": c.channel, "data-state": c.state,
-                              "data-run-id": r ? r.id : "" },
+                              "data-run-id": r ? r.id : "",
+                              "data-updates": r ? updates.get(String(r.id)) : undefined },
         el("td", {}, c.channel), el("td", {}, c.instrument), el("td", {}, state, " ", startLink),
         el("td", {}, r ? el("a", { href: `/runs/${r.id}` }, `#${r.id}`) : "–"),
         el("td", {}, r ? el("a", { href: `/cells/${r.cell_id}` }, r.cell_serial || r.cell_id) : "–"),
