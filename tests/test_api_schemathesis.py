@@ -4,11 +4,9 @@
 PostgreSQL; schemathesis runs every check (no 5xx, responses match their schema and
 content type, only documented status codes, negative data refused, links followed)
 against it with a bearer token. The quick form is part of the normal suite; the deep form
-(100 examples per operation, every phase, each role's token, on SQLite and PostgreSQL:
-one test case, one service per backend, runs at once where they cannot disturb each
-other) is marked ``slow`` and ``deep``: `make test-deep` runs it; `make test-slow` leaves
-it out until it fits CI's budget with a margin (docs/performance.md: 2026-12-06 it took
-longer than 30 minutes on the busy shared machine).
+(every phase, each role's token, on SQLite and PostgreSQL, 100 examples per operation for
+each role it admits: one test case, one service per backend, every role's run at once) is
+marked ``slow`` and ``deep``: `make test-slow` runs it, `make test-deep` runs it alone.
 """
 
 from __future__ import annotations
