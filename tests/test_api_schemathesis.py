@@ -134,11 +134,14 @@ def _running_service(backend: str, data_dir: Path) -> Iterator[Service]:
         assert r.status_code == 201, r.text
         yield Service(base, tokens, hook_env)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        # A serve that exited on its own (it failed to start) has no process group left.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
         if drop and PG_URL:
