@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -54,6 +55,7 @@ class Service(NamedTuple):
     base: str
     tokens: dict[str, str]
     hook_env: dict[str, str]
+    openapi: str  # its /openapi.json, read once
 
 
 def _tokens(url: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -132,7 +134,11 @@ def _running_service(backend: str, data_dir: Path) -> Iterator[Service]:
             timeout=60,
         )
         assert r.status_code == 201, r.text
-        yield Service(base, tokens, hook_env)
+        # schemathesis reads the schema from a file: it allows 10 s to load one from a URL,
+        # and a busy machine's fresh service (three runs asking at once) took longer.
+        openapi = httpx.get(f"{base}/openapi.json", timeout=60)
+        assert openapi.status_code == 200, openapi.text
+        yield Service(base, tokens, hook_env, openapi.text)
     finally:
         # A serve that exited on its own (it failed to start) has no process group left.
         with contextlib.suppress(ProcessLookupError):
@@ -159,11 +165,15 @@ def service(
         yield svc
 
 
-def _schemathesis_cmd(base: str, token: str, *args: str, config: Path = CONFIG) -> list[str]:
+def _schemathesis_cmd(svc: Service, role: str, cwd: Path, *args: str,
+                      config: Path = CONFIG) -> list[str]:
+    """The command line of a schemathesis run as ``role`` against ``svc`` from ``cwd``
+    (where the service's OpenAPI document is written)."""
+    (cwd / "openapi.json").write_text(svc.openapi)
     return [
         sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "--no-color",
-        "run", f"{base}/openapi.json",
-        "-H", f"Authorization: Bearer {token}",
+        "run", str(cwd / "openapi.json"), "--url", svc.base,
+        "-H", f"Authorization: Bearer {svc.tokens[role]}",
         "--checks", "all",
         "--workers", "1",
         "--request-timeout", "60",
@@ -179,7 +189,7 @@ def _schemathesis_cmd(base: str, token: str, *args: str, config: Path = CONFIG) 
 def _schemathesis(svc: Service, role: str, *args: str) -> None:
     # schemathesis keeps a cache of crashes in its working directory: not in the checkout.
     with tempfile.TemporaryDirectory() as cwd:
-        done = subprocess.run(_schemathesis_cmd(svc.base, svc.tokens[role], *args),
+        done = subprocess.run(_schemathesis_cmd(svc, role, Path(cwd), *args),
                               capture_output=True, text=True, timeout=3600, cwd=cwd,
                               env={**os.environ, **svc.hook_env})
     assert done.returncode == 0, done.stdout[-20000:] + done.stderr[-5000:]
@@ -203,7 +213,7 @@ def _schemathesis_together(runs: dict[str, tuple[Service, str, str]]) -> dict[st
                        str(Path(report_dir) / f"{cwd.name}.ndjson")] if report_dir else [])
             with (cwd / "out.txt").open("wb") as out:
                 procs[name] = (time.monotonic(), subprocess.Popen(
-                    _schemathesis_cmd(svc.base, svc.tokens[role], *report, config=config),
+                    _schemathesis_cmd(svc, role, cwd, *report, config=config),
                     stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
                     env={**os.environ, **svc.hook_env}))
         failed = {}
@@ -245,11 +255,11 @@ EXAMPLES = 100  # per operation, for every role the operation admits
 # status is documented, its body matches the schema) while the admitting roles give the
 # operation its 100.
 REFUSED_EXAMPLES = 10
-def _admitted_roles(base: str) -> dict[str, set[str] | None]:
+def _admitted_roles(svc: Service) -> dict[str, set[str] | None]:
     """Each operation ("METHOD /path") of the service's OpenAPI: the roles its security
     requirement admits (api/deps.py lists them as the scheme's role names), or None when
     it takes no token."""
-    spec = httpx.get(f"{base}/openapi.json", timeout=60).json()
+    spec = json.loads(svc.openapi)
     return {
         f"{method.upper()} {path}": (
             {role for req in op["security"] for roles in req.values() for role in roles}
@@ -287,7 +297,7 @@ def test_schemathesis_deep(tmp_path_factory: pytest.TempPathFactory) -> None:
     with contextlib.ExitStack() as stack:
         svcs = {b: stack.enter_context(_running_service(b, tmp_path_factory.mktemp(f"deep-{b}")))
                 for b in backends}
-        admitted = _admitted_roles(next(iter(svcs.values())).base)
+        admitted = _admitted_roles(next(iter(svcs.values())))
         failed = _schemathesis_together({
             f"{b} {role}": (svc, role, _deep_config(admitted, role))
             for b, svc in svcs.items() for role in ROLES})
