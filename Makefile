@@ -49,18 +49,22 @@ test: $(VENV)/.installed-dev
 test-fast: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -m "not slow and not deep" $(FAST_TESTS)
 
-# The long suites (@pytest.mark.slow, schemathesis in depth included); .ci/run runs them
-# after `make test`.
+# The long suites (@pytest.mark.slow), schemathesis in depth included; .ci/run runs them
+# after `make test`. SLOW_TEST_WORKERS pytest-xdist workers, a whole file each: the deep
+# schemathesis run (its file comes early in collection order) keeps one worker while the
+# other takes the rest, most of which wait on simulated instruments and subprocesses.
+SLOW_TEST_WORKERS ?= 2
 test-slow: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q -m "slow and not deep and not soak" --durations=15
+	$(BIN)/python -m pytest -q -m "slow and not soak" -n $(SLOW_TEST_WORKERS) --dist loadfile \
+		--durations=15
 
 # The long form of the memory soak: 64 channels at 1 s under the standard API load for
 # an hour of wall time, RSS of every serve process (tests/test_soak_api_load.py).
 soak: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -s -m soak
 
-# schemathesis in depth: 100 examples per operation, every phase, each role, both backends
-# (not in test-slow: its six runs have not been timed on a quiet machine yet).
+# schemathesis in depth alone (it is also part of test-slow): every operation, every phase,
+# all checks, each role's token, SQLite and (with LABDAQ_TEST_PG_URL) PostgreSQL.
 test-deep: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -m deep
 

@@ -4,17 +4,16 @@
 PostgreSQL; schemathesis runs every check (no 5xx, responses match their schema and
 content type, only documented status codes, negative data refused, links followed)
 against it with a bearer token. The quick form is part of the normal suite; the deep form
-(100 examples per operation, every phase, each role's token, on SQLite and PostgreSQL:
-one test case, one service per backend, runs at once where they cannot disturb each
-other) is marked ``slow`` and ``deep``: `make test-deep` runs it; `make test-slow` leaves
-it out until it fits CI's budget with a margin (docs/performance.md: 2026-12-06 it took
-longer than 30 minutes on the busy shared machine).
+(every phase, each role's token, on SQLite and PostgreSQL, 100 examples per operation for
+each role it admits: one test case, one service per backend, every role's run at once) is
+marked ``slow`` and ``deep``: `make test-slow` runs it, `make test-deep` runs it alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -25,18 +24,22 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import pytest
+from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from labdaq.auth import create_token
+from labdaq.storage import models as m
 from labdaq.storage.db import create_engine, session_scope, sessionmaker, upgrade
 from tests.db_fixtures import PG_URL, _pg_admin
 
 CONFIG = Path(__file__).with_name("schemathesis.toml")
+HOOKS = Path(__file__).with_name("schemathesis_hooks.py")
 ROLES = ("technician", "engineer", "admin")
-START_TIMEOUT_S = 180.0  # generous: the machine may be busy; only a hang fails
+START_TIMEOUT_S = 600.0  # only a hang fails: a busy 2-core machine takes minutes
 
 
 def _free_port() -> int:
@@ -45,22 +48,44 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _tokens(url: str) -> dict[str, str]:
-    async def make() -> dict[str, str]:
+class Service(NamedTuple):
+    """A running `labdaq serve --sim`: its base URL, a token per role, and the
+    environment that loads tests/schemathesis_hooks.py for those tokens."""
+
+    base: str
+    tokens: dict[str, str]
+    hook_env: dict[str, str]
+    openapi: str  # its /openapi.json, read once
+
+
+def _tokens(url: str) -> tuple[dict[str, str], dict[str, str]]:
+    """A token per role, and the hook's environment: those tokens' ids, kept, and a
+    spare token's, revoked in their place."""
+    async def make() -> tuple[dict[str, str], dict[str, str]]:
         engine = create_engine(url)
         try:
             async with session_scope(sessionmaker(engine)) as s:
-                return {role: await create_token(s, f"st-{role}", role) for role in ROLES}
+                tokens = {role: await create_token(s, f"st-{role}", role) for role in ROLES}
+                await create_token(s, "st-spare", "technician")
+            async with session_scope(sessionmaker(engine)) as s:
+                rows = await s.execute(select(m.ApiToken.name, m.ApiToken.id)
+                                       .where(m.ApiToken.name.like("st-%")))
+                ids = {name: token_id for name, token_id in rows}
         finally:
             await engine.dispose()
+        return tokens, {
+            "SCHEMATHESIS_HOOKS": str(HOOKS),
+            "LABDAQ_ST_KEEP_TOKEN_IDS": ",".join(str(ids[f"st-{r}"]) for r in ROLES),
+            "LABDAQ_ST_SPARE_TOKEN_ID": str(ids["st-spare"]),
+        }
 
     return asyncio.run(make())
 
 
 @contextlib.contextmanager
-def _running_service(backend: str, data_dir: Path) -> Iterator[tuple[str, dict[str, str]]]:
+def _running_service(backend: str, data_dir: Path) -> Iterator[Service]:
     """A running `labdaq serve --sim` on ``backend`` ("sqlite" or "postgresql"; skips
-    when PostgreSQL is not configured): (base URL, token per role)."""
+    when PostgreSQL is not configured)."""
     db_args: list[str] = []
     drop = None
     if backend == "sqlite":
@@ -73,7 +98,7 @@ def _running_service(backend: str, data_dir: Path) -> Iterator[tuple[str, dict[s
         url = make_url(PG_URL).set(database=drop).render_as_string(hide_password=False)
         db_args = ["--database-url", url]
     upgrade(url)
-    tokens = _tokens(url)
+    tokens, hook_env = _tokens(url)
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     log = (data_dir / "serve.log").open("wb")
@@ -109,13 +134,20 @@ def _running_service(backend: str, data_dir: Path) -> Iterator[tuple[str, dict[s
             timeout=60,
         )
         assert r.status_code == 201, r.text
-        yield base, tokens
+        # schemathesis reads the schema from a file: it allows 10 s to load one from a URL,
+        # and a busy machine's fresh service (three runs asking at once) took longer.
+        openapi = httpx.get(f"{base}/openapi.json", timeout=60)
+        assert openapi.status_code == 200, openapi.text
+        yield Service(base, tokens, hook_env, openapi.text)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        # A serve that exited on its own (it failed to start) has no process group left.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
         if drop and PG_URL:
@@ -127,17 +159,21 @@ def _running_service(backend: str, data_dir: Path) -> Iterator[tuple[str, dict[s
                 params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
 def service(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[str, dict[str, str]]]:
-    """A running `labdaq serve --sim`: (base URL, token per role)."""
+) -> Iterator[Service]:
+    """A running `labdaq serve --sim`."""
     with _running_service(request.param, tmp_path_factory.mktemp("st")) as svc:
         yield svc
 
 
-def _schemathesis_cmd(base: str, token: str, *args: str) -> list[str]:
+def _schemathesis_cmd(svc: Service, role: str, cwd: Path, *args: str,
+                      config: Path = CONFIG) -> list[str]:
+    """The command line of a schemathesis run as ``role`` against ``svc`` from ``cwd``
+    (where the service's OpenAPI document is written)."""
+    (cwd / "openapi.json").write_text(svc.openapi)
     return [
-        sys.executable, "-m", "schemathesis.cli", "--config-file", str(CONFIG), "--no-color",
-        "run", f"{base}/openapi.json",
-        "-H", f"Authorization: Bearer {token}",
+        sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "--no-color",
+        "run", str(cwd / "openapi.json"), "--url", svc.base,
+        "-H", f"Authorization: Bearer {svc.tokens[role]}",
         "--checks", "all",
         "--workers", "1",
         "--request-timeout", "60",
@@ -150,35 +186,53 @@ def _schemathesis_cmd(base: str, token: str, *args: str) -> list[str]:
     ]
 
 
-def _schemathesis(base: str, token: str, *args: str) -> None:
+def _schemathesis(svc: Service, role: str, *args: str) -> None:
     # schemathesis keeps a cache of crashes in its working directory: not in the checkout.
     with tempfile.TemporaryDirectory() as cwd:
-        done = subprocess.run(_schemathesis_cmd(base, token, *args), capture_output=True,
-                              text=True, timeout=3600, cwd=cwd)
+        done = subprocess.run(_schemathesis_cmd(svc, role, Path(cwd), *args),
+                              capture_output=True, text=True, timeout=3600, cwd=cwd,
+                              env={**os.environ, **svc.hook_env})
     assert done.returncode == 0, done.stdout[-20000:] + done.stderr[-5000:]
 
 
-def _schemathesis_together(runs: dict[str, tuple[str, str]], *args: str) -> dict[str, str]:
-    """schemathesis once per entry of ``runs`` (name: (base URL, token)), all at once, each
-    in its own working directory; the output of each that failed, by name."""
+def _schemathesis_together(runs: dict[str, tuple[Service, str, str]]) -> dict[str, str]:
+    """schemathesis once per entry of ``runs`` (name: (service, role, configuration
+    text)), all at once, each in its own working directory; the output of each that
+    failed, by name. With ``LABDAQ_ST_REPORT_DIR`` set, each run also leaves its NDJSON
+    event report there (per operation and phase: cases, elapsed and response times) and
+    appends its wall and CPU seconds to ``times.txt``: where a deep run's time goes."""
+    report_dir = os.environ.get("LABDAQ_ST_REPORT_DIR")
     with tempfile.TemporaryDirectory() as tmp:
         procs = {}
-        for name, (base, token) in runs.items():
-            cwd = Path(tmp) / name
+        for name, (svc, role, config_text) in runs.items():
+            cwd = Path(tmp) / name.replace(" ", "-")
             cwd.mkdir()
+            config = cwd / "schemathesis.toml"
+            config.write_text(config_text)
+            report = (["--report", "ndjson", "--report-ndjson-path",
+                       str(Path(report_dir) / f"{cwd.name}.ndjson")] if report_dir else [])
             with (cwd / "out.txt").open("wb") as out:
-                procs[name] = subprocess.Popen(_schemathesis_cmd(base, token, *args),
-                                               stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
+                procs[name] = (time.monotonic(), subprocess.Popen(
+                    _schemathesis_cmd(svc, role, cwd, *report, config=config),
+                    stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
+                    env={**os.environ, **svc.hook_env}))
         failed = {}
         try:
-            for name, proc in procs.items():
-                proc.wait(timeout=3600)
+            for name, (started_s, proc) in procs.items():
+                _, status, usage = os.wait4(proc.pid, 0)
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                if report_dir:
+                    with (Path(report_dir) / "times.txt").open("a") as times:
+                        times.write(f"{name}: wall {time.monotonic() - started_s:.0f} s, "
+                                    f"cpu {usage.ru_utime + usage.ru_stime:.0f} s, "
+                                    f"exit {proc.returncode}\n")
                 if proc.returncode != 0:
-                    text = (Path(tmp) / name / "out.txt").read_text(errors="replace")
+                    text = (Path(tmp) / name.replace(" ", "-") / "out.txt").read_text(
+                        errors="replace")
                     failed[name] = text[-20000:]
         finally:
-            for proc in procs.values():
-                if proc.poll() is None:  # a hang: the timeout above fails the test
+            for _, proc in procs.values():
+                if proc.poll() is None:  # the test's timeout fired: do not leave it behind
                     proc.kill()
                     proc.wait()
     return failed
@@ -186,38 +240,67 @@ def _schemathesis_together(runs: dict[str, tuple[str, str]], *args: str) -> dict
 
 # Limits only stop a hang: starting the service and the run take ~1 min on a busy machine.
 @pytest.mark.timeout(900)
-def test_schemathesis_quick(service: tuple[str, dict[str, str]]) -> None:
-    base, tokens = service
+def test_schemathesis_quick(service: Service) -> None:
     _schemathesis(
-        base, tokens["technician"],
+        service, "technician",
         "--phases", "examples,fuzzing,stateful",
         "--max-examples", "5",
         "--seed", "0",
     )
 
 
-DEEP_ARGS = ("--phases", "examples,coverage,fuzzing,stateful", "--max-examples", "100")
+EXAMPLES = 100  # per operation, for every role the operation admits
+# A role the operation refuses gets 403 before any of its logic runs, whatever the
+# request: fewer examples and no coverage phase there still check that answer (its
+# status is documented, its body matches the schema) while the admitting roles give the
+# operation its 100.
+REFUSED_EXAMPLES = 10
+def _admitted_roles(svc: Service) -> dict[str, set[str] | None]:
+    """Each operation ("METHOD /path") of the service's OpenAPI: the roles its security
+    requirement admits (api/deps.py lists them as the scheme's role names), or None when
+    it takes no token."""
+    spec = json.loads(svc.openapi)
+    return {
+        f"{method.upper()} {path}": (
+            {role for req in op["security"] for roles in req.values() for role in roles}
+            if op.get("security") else None)
+        for path, ops in spec["paths"].items() for method, op in ops.items()
+    }
+
+
+def _toml_list(names: list[str]) -> str:
+    return "[" + ", ".join(f'"{n}"' for n in sorted(names)) + "]"
+
+
+def _deep_config(admitted: dict[str, set[str] | None], role: str) -> str:
+    """tests/schemathesis.toml for ``role``'s deep run: every phase (the default), all
+    its checks, EXAMPLES per operation but REFUSED_EXAMPLES where the role is refused."""
+    refused = [name for name, roles in admitted.items() if roles is not None and role not in roles]
+    text = f"generation.max-examples = {EXAMPLES}\n\n{CONFIG.read_text()}"
+    if refused:
+        text += ("\n[[operations]]\n"
+                 f"include-name = {_toml_list(refused)}\n"
+                 f"generation.max-examples = {REFUSED_EXAMPLES}\n"
+                 "phases.coverage.enabled = false\n")
+    return text
 
 
 @pytest.mark.slow
 @pytest.mark.deep  # also alone: `make test-deep`
-@pytest.mark.timeout(7200)  # only stops a hang: ~30 min on the busy CI machine
+@pytest.mark.timeout(5400)  # only stops a hang
 def test_schemathesis_deep(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Every role on every backend, 100 examples per operation, every phase. One service
-    per backend, shared by the roles, and the runs at once where they cannot disturb each
-    other: the technician's and the engineer's on both backends together, then the
-    admin's on both (admin may revoke tokens and disable users, which would turn the
-    others' runs into 401s; before, it ran last too). One run after another was about
-    10 minutes each on the busy machine, mostly waiting: six of them did not fit CI."""
+    """Every role on every backend, every phase, all checks, EXAMPLES per operation for
+    each role it admits. One service per backend, shared by the roles, and every run at
+    once: no run can take another's token away (tests/schemathesis_hooks.py). Where the
+    time goes: docs/performance.md."""
     backends = ["sqlite", *(["postgresql"] if PG_URL else [])]
     with contextlib.ExitStack() as stack:
         svcs = {b: stack.enter_context(_running_service(b, tmp_path_factory.mktemp(f"deep-{b}")))
                 for b in backends}
-        failed = {}
-        for roles in (("technician", "engineer"), ("admin",)):
-            failed.update(_schemathesis_together(
-                {f"{b} {role}": (base, tokens[role])
-                 for b, (base, tokens) in svcs.items() for role in roles}, *DEEP_ARGS))
+        admitted = _admitted_roles(next(iter(svcs.values())))
+        failed = _schemathesis_together({
+            f"{b} {role}": (svc, role, _deep_config(admitted, role))
+            for b, svc in svcs.items() for role in ROLES})
     assert not failed, "\n\n".join(f"== {name}\n{out}" for name, out in failed.items())
     if not PG_URL:
         pytest.skip("SQLite passed; PostgreSQL not run: LABDAQ_TEST_PG_URL not set "
