@@ -53,9 +53,10 @@ async def _rig(stack: AsyncExitStack, ring: int) -> AsyncIterator[Rig]:
 
 
 def _wall_clock(monkeypatch: pytest.MonkeyPatch, rig: Rig) -> None:
-    """The rows' wall times from the rig's manual clock, so both rigs' agree."""
+    """The rows' wall times (and the stall watch's monotonic clock) from the rig's
+    manual clock, so both rigs' agree."""
     shim = SimpleNamespace(time=lambda: 1.8e9 + rig.clock.now(),
-                           perf_counter=time.perf_counter)
+                           monotonic=rig.clock.now, perf_counter=time.perf_counter)
     for module in (group_buffered, group_edges):
         monkeypatch.setattr(module, "time", shim)
 

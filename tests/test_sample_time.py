@@ -46,7 +46,9 @@ async def test_stored_time_is_between_query_and_next_reading(sqlite_url: str, tm
         await rig.stop()
 
     s = await samples(rig.maker, run_id)
-    assert len(s["t_s"]) >= 30
+    # Enough samples to check (a busy machine may miss periods of this 50x run: they are
+    # gaps, tested elsewhere; what this test checks is the time of every sample stored).
+    assert len(s["t_s"]) >= 5
     stored_at = run_t0 + s["t_s"]
     reading_t = np.array([t for t, _ in cabinet.readings])
     # Channel 1's voltage as the driver received it (float32 in a REAL,32 block).

@@ -65,9 +65,13 @@ from labdaq.engine.sink import SampleSink
 
 log = logging.getLogger(__name__)
 
-#: No new reading for this many fetch periods (and at least a second): the instrument's
-#: logging stopped behind the engine's back (reset, power cycle): it is started again.
+#: No new reading for this many fetch periods, and at least ``_STALL_WALL_S`` of wall
+#: time: the instrument's logging stopped behind the engine's back (reset, power cycle):
+#: it is started again. Counted on the wall clock: an accelerated clock on a busy machine
+#: makes a short scheduling stall many simulated seconds long, and a needless restart
+#: empties the ring (its readings would be lost).
 _STALL_FETCHES = 20
+_STALL_WALL_S = 5.0
 
 
 def is_buffered(driver: Any) -> bool:
@@ -137,7 +141,7 @@ class GroupBuffered(GroupCommands):
         self._log_offset_s: float | None = None  # engine clock - instrument time
         self._log_t_init = 0.0  # engine clock just before INIT was sent ...
         self._log_t_acked = 0.0  # ... and once it was acknowledged
-        self._log_last_new = 0.0  # engine clock when a fetch last brought readings
+        self._log_last_new = 0.0  # wall clock (monotonic) when a fetch last brought readings
         # run id -> (V, I) of the reading that ended its phase: a pulse step's DCIR is
         # taken at the first reading under the new set point.
         self._dcir_before: dict[int, tuple[float, float]] = {}
@@ -164,7 +168,7 @@ class GroupBuffered(GroupCommands):
         self.log_period_s = period
         self._log_next = 1
         self._log_offset_s = None
-        self._log_last_new = self.clock.now()
+        self._log_last_new = time.monotonic()
 
     async def _stop_logging(self) -> None:
         self.logging = False
@@ -221,14 +225,15 @@ class GroupBuffered(GroupCommands):
         clock_now, wall_now = self.clock.now(), time.time()
         count = len(got.indices)
         if not count:
-            stalled = clock_now - self._log_last_new > max(
-                1.0, _STALL_FETCHES * float(getattr(self.driver, "fetch_period_s", 0.05)))
+            fetch_wall_s = float(getattr(self.driver, "fetch_period_s", 0.05)) / self.clock.speed
+            stalled = time.monotonic() - self._log_last_new > max(
+                _STALL_WALL_S, _STALL_FETCHES * fetch_wall_s)
             if (got.first_held == 0 and start > 1) or stalled:
                 log.warning("instrument %s: its logging stopped (reset?); starting it again",
                             self.name)
                 await self._start_logging()
             return
-        self._log_last_new = clock_now
+        self._log_last_new = time.monotonic()
         lost = got.lost_before(start)
         self.overflow_lost += lost
         if self._log_offset_s is None:
