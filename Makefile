@@ -49,13 +49,14 @@ test: $(VENV)/.installed-dev
 test-fast: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -m "not slow and not deep" $(FAST_TESTS)
 
-# The long suites (@pytest.mark.slow), schemathesis in depth included; .ci/run runs them
-# after `make test`. SLOW_TEST_WORKERS pytest-xdist workers, a whole file each: the deep
-# schemathesis run (its file comes early in collection order) keeps one worker while the
-# other takes the rest, most of which wait on simulated instruments and subprocesses.
+# The long suites (@pytest.mark.slow); .ci/run runs them after `make test`.
+# SLOW_TEST_WORKERS pytest-xdist workers, a whole file each: most of these tests wait on
+# simulated instruments and subprocesses. schemathesis in depth is not among them yet: it
+# has not been timed to completion inside .ci/run's 90 minutes (make test-deep).
 SLOW_TEST_WORKERS ?= 2
 test-slow: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q -m "slow and not soak" -n $(SLOW_TEST_WORKERS) --dist loadfile \
+	$(BIN)/python -m pytest -q -m "slow and not deep and not soak" -n $(SLOW_TEST_WORKERS) \
+		--dist loadfile \
 		--durations=15
 
 # The long form of the memory soak: 64 channels at 1 s under the standard API load for

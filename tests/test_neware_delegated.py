@@ -180,17 +180,35 @@ async def test_a_program_already_running_under_the_runs_barcode_is_followed(
     assert s["seq"].size == len(rig.sim.tests["1-1-1"][1].records)
 
 
+async def _wait_run_state(rig: BtsRig, run_id: int, state: str, timeout_s: float = 60.0
+                          ) -> None:
+    """Until the run's stored state is ``state`` (``timeout_s`` only bounds a hang)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        async with session_scope(rig.maker) as s:
+            run = await s.get(m.Run, run_id)
+            if run is not None and run.state == state:
+                return
+        assert loop.time() < deadline, f"run {run_id} never became {state}"
+        await asyncio.sleep(0.05)
+
+
 async def test_pause_resume_and_stop_reach_the_cycler(rig: BtsRig) -> None:
     from labdaq.runs import request_pause, request_resume, request_stop
 
     run_id = await rig.start_run(doc(LONG))
     await wait_for_samples(rig, run_id, 3)
     ch = rig.sim.channels["1-1-1"]
-    for request, state in ((request_pause, "pause"), (request_resume, "working")):
+    for request, state, run_state in ((request_pause, "pause", "paused"),
+                                      (request_resume, "working", "running")):
         async with session_scope(rig.maker) as s:
             await request(s, run_id, "test")
         await wait_for(lambda state=state: ch.workstatus == state, timeout_s=30,
                        what=f"the channel to be {state}")
+        # The cycler acts first; the node records the run's new state after its reply, and
+        # only a paused run takes a resume: the next request waits for the record.
+        await _wait_run_state(rig, run_id, run_state)
     async with session_scope(rig.maker) as s:
         await request_stop(s, run_id, "test")
     run = await wait_end(rig.maker, run_id, timeout_s=30)
