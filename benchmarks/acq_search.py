@@ -47,12 +47,15 @@ class Plan:
         return "per tick (one MEAS:ALL? per cabinet per sample period)"
 
 
-FULL = Plan(cpc=64, period_s=0.01, max_cabinets=20, start_cabinets=4, window_s=10.0,
+# Both forms measure buffered acquisition (the cabinets log on their own clock, the
+# engine fetches blocks): the mode that stores the most with nothing lost on this machine
+# (docs/performance.md); ``--set buffered=0`` measures one MEAS:ALL? per tick instead.
+FULL = Plan(cpc=64, period_s=0.01, max_cabinets=24, start_cabinets=8, window_s=10.0,
             settle_s=2.0, cycle_s=20.0, breach_per_cab=2, api_rate_hz=50.0, api_conns=8,
-            bare_s=30.0, sim_ceiling_s=4.0, budget_s=180.0)
+            bare_s=30.0, sim_ceiling_s=4.0, budget_s=180.0, buffered=1)
 QUICK = Plan(cpc=8, period_s=0.01, max_cabinets=2, start_cabinets=2, window_s=2.0,
              settle_s=1.0, cycle_s=2.0, breach_per_cab=1, api_rate_hz=20.0, api_conns=4,
-             bare_s=1.5, sim_ceiling_s=1.0, budget_s=40.0, min_channels=4)
+             bare_s=1.5, sim_ceiling_s=1.0, budget_s=40.0, min_channels=4, buffered=1)
 
 
 def apply_overrides(plan: Plan, items: list[str]) -> Plan:

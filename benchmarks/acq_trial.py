@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from acq_common import (
     BREACH_CURRENT_A,
     BREACH_MARGIN_V,
@@ -89,6 +90,11 @@ class Step:
     claim_s: float = 0.0
     trial_s: float = 0.0
     lossless: bool = False  # none lost in the window, nor in any run's life up to its end
+    # Buffered mode: how fast the writer's backlog (rows/s) and the fetch loop's lateness
+    # (s/s) grew through the window; a trial that fell behind is not lossless (kept_up).
+    backlog_growth_per_s: float | None = None
+    lateness_growth: float | None = None
+    kept_up: bool = True
     why: str = ""
 
     @property
@@ -119,6 +125,9 @@ class Step:
             "trial_s": round(self.trial_s, 1),
             "cpu_pct": self.cpu_pct,
             "writer": self.writer,
+            "kept_up": self.kept_up,
+            "backlog_growth_rows_per_s": self.backlog_growth_per_s,
+            "lateness_growth_s_per_s": self.lateness_growth,
             **({"why": self.why.strip()} if self.why else {}),
         }
 
@@ -126,7 +135,8 @@ class Step:
         api = self.api
         api_txt = (f"; api {api.get('req_per_s')} req/s p99 {api.get('p99_ms')} ms "
                    f"{api.get('errors')} err {api.get('unfinished')} unfinished" if api else "")
-        verdict = "LOSSLESS" if self.lossless else f"with {self.lost} lost"
+        verdict = ("LOSSLESS" if self.lossless else f"with {self.lost} lost" if self.lost
+                   else "none lost but FELL BEHIND")
         return (
             f"  {self.hz:g} Hz x {self.channels:5d} ch ({self.cabinets} cab): {verdict}; "
             f"stored {self.stored_per_s:8.0f}/s, window rows {self.window_rows} lost "
@@ -331,8 +341,10 @@ class Trial:
             t0, w0 = time.perf_counter(), time.time()
             # Watch the writer's backlog through the window (cheap: attribute reads).
             pending_max = 0
+            backlog: list[tuple[float, int]] = []
             while time.perf_counter() - t0 < plan.window_s:
                 pending_max = max(pending_max, wr.pending_rows)
+                backlog.append((time.perf_counter() - t0, wr.pending_rows))
                 await asyncio.sleep(min(0.2, max(0.0, plan.window_s
                                                  - (time.perf_counter() - t0))))
             t1, w1 = time.perf_counter(), time.time()
@@ -347,8 +359,10 @@ class Trial:
             # (other work on the machine, loopback softirq); the load client is
             # subtracted once it has reported.
             step.cpu_pct["machine"] = round(100 * (m1 - m0) / (t1 - t0), 1)
+            lat_growth = []
             for g, i0, j0, k0 in zip(groups, l0, b0, o0, strict=True):
                 lat = g.lateness_s[i0:]
+                lat_growth.append(growth_per_s(lat, t1 - t0))
                 step.lateness_s.extend(lat)
                 step.ticks_over_period += sum(1 for x in lat if x > self.period)
                 step.breach_to_ack_s.extend(g.breach_to_ack_s[j0:])
@@ -372,6 +386,10 @@ class Trial:
             # Stored = due rows committed for the window's periods, counted in the
             # database (edge rows after a set-point change are extra readings).
             step.stored_per_s = step.window_rows / (w1 - w0)
+            if plan.buffered:
+                step.backlog_growth_per_s = round(growth_of(backlog), 1)
+                step.lateness_growth = round(max(lat_growth, default=0.0), 4)
+                step.kept_up = kept_up(step, pending_max >= wr.max_pending_rows)
             log(f"  window counted after {time.perf_counter() - t_trial:.1f} s")
         finally:
             if load is not None:
@@ -400,7 +418,7 @@ class Trial:
             step.why += f" writer dropped {w.rows_dropped} rejected {w.rows_rejected};"
         step.lossless = (step.window_lost == 0 and step.life_lost == 0 and step.holes == 0
                          and not bad and not w.rows_dropped and not w.rows_rejected
-                         and step.window_rows > 0)
+                         and step.window_rows > 0 and step.kept_up)
         step.trial_s = time.perf_counter() - t_trial
         return step
 
@@ -419,6 +437,53 @@ class Trial:
                 await asyncio.wait_for(task, 60)
             except Exception as exc:  # noqa: BLE001 - report, carry on with the checks
                 log(f"  node did not stop cleanly: {exc!r}")
+
+
+# Buffered mode keeps readings in the cabinets' rings while the engine is behind, so a
+# window can lose nothing and still not be sustainable: an engine or writer slower than
+# the cabinets falls further behind every second until a ring overflows. A trial counts
+# only if it kept up: the writer's backlog never reached its bound (the engine never
+# waited for it), and neither the backlog nor the fetch lateness grew through the window
+# by more than these (a backlog growing by 2 % of the rows stored per second fills a
+# 200,000-row bound in minutes at 100,000/s; lateness growing by 0.02 s a second passes a
+# 10 s ring in under 10 minutes).
+BACKLOG_GROWTH_MAX = 0.02  # of the stored rate
+LATENESS_GROWTH_MAX = 0.02  # seconds of lateness per second of window
+
+
+def growth_of(points: list[tuple[float, int]]) -> float:
+    """Least-squares slope of (t, value) points: units per second (0 for fewer than 3)."""
+    if len(points) < 3:
+        return 0.0
+    t, v = np.array(points, dtype=float).T
+    if np.ptp(t) == 0:
+        return 0.0
+    return float(np.polyfit(t, v, 1)[0])
+
+
+def growth_per_s(lateness_s: list[float], span_s: float) -> float:
+    """Slope of a fetch loop's lateness over the window, its fetches taken as evenly
+    spread over ``span_s`` (they are, give or take the lateness itself)."""
+    n = len(lateness_s)
+    if n < 3:
+        return 0.0
+    return growth_of(list(zip(np.linspace(0.0, span_s, n).tolist(), lateness_s,
+                              strict=True)))  # type: ignore[arg-type]
+
+
+def kept_up(step: Step, hit_bound: bool) -> bool:
+    """Whether a buffered trial could have gone on (see BACKLOG_GROWTH_MAX); says why not
+    in ``step.why``."""
+    why = []
+    if hit_bound:
+        why.append("the writer's backlog reached its bound")
+    if (step.backlog_growth_per_s or 0.0) > BACKLOG_GROWTH_MAX * max(step.stored_per_s, 1.0):
+        why.append(f"the writer's backlog grew by {step.backlog_growth_per_s:,.0f} rows/s")
+    if (step.lateness_growth or 0.0) > LATENESS_GROWTH_MAX:
+        why.append(f"the fetch lateness grew by {step.lateness_growth:.3f} s a second")
+    if why:
+        step.why += " fell behind (" + "; ".join(why) + "): not sustainable;"
+    return not why
 
 
 async def stop_runs(lab: Lab, ids: list[int]) -> None:

@@ -40,10 +40,14 @@ Phases, all in one run:
    window every run is stopped and its whole life checked in the database. A count is
    **lossless** when no period was lost inside the window, none from any run's start to
    the window's end, the database holds every seq the engine numbered, every run ended
-   as asked and the writer dropped and rejected nothing. The search starts at
-   ``start_cabinets`` (4; the same every run, so two runs take the same path while their
-   verdicts agree), goes up by doubling while lossless and bisects between the largest
-   lossless and the smallest lossy count; a trial whose estimated end is past
+   as asked and the writer dropped and rejected nothing; in buffered mode also only
+   when the engine kept up (``acq_trial.kept_up``: the writer's backlog never reached its
+   bound, and neither that backlog nor the fetch lateness grew through the window), since
+   the cabinets' rings hide a falling-behind engine only until they overflow. The search
+   starts at ``start_cabinets`` (8 in the full form; the same every run, so two runs
+   take the same path while their verdicts agree), goes up by doubling while lossless
+   and bisects between the largest lossless and the smallest lossy count; a trial whose
+   estimated end is past
    ``budget_s`` is not started. When not even one cabinet is lossless, one cabinet's
    channels are halved down to ``min_channels``.
 3. Bare loop over the headline's cabinet count (``bare_s``, 30 s in the full form):
@@ -168,14 +172,16 @@ async def _phases(args: argparse.Namespace, plan: Plan, lab: Lab, t_start: float
 
     period_ms = plan.period_s * 1e3
     api = head.api if head else {}
-    beside = (f"; with losses: {lossy.stored_per_s:,.0f}/s at {lossy.channels} ch "
-              f"with {lossy.lost:,} lost" if lossy else "")
+    beside = (f"; not lossless: {lossy.stored_per_s:,.0f}/s at {lossy.channels} ch "
+              + (f"with {lossy.lost:,} lost" if lossy.lost else
+                 "with none lost but falling behind") if lossy else "")
     if in_window is not None and not in_window.lossless:
         beside += (f"; none lost inside the window only: {in_window.stored_per_s:,.0f}/s at "
                    f"{in_window.channels} ch (with {in_window.lost:,} lost over the runs' "
                    f"lives)")
     trials = ", ".join(f"{s.channels} ch " + ("lossless" if s.lossless
-                                               else f"with {s.lost:,} lost")
+                                               else f"with {s.lost:,} lost" if s.lost
+                                               else "fell behind")
                        for s in steps)
     lateness_of = "fetch" if plan.buffered else "loop"
     headline = (
@@ -210,6 +216,10 @@ async def _phases(args: argparse.Namespace, plan: Plan, lab: Lab, t_start: float
         f"cycles of {plan.cycle_s:g} s). API mix: {', '.join(k for k, _ in API_MIX)}. "
         f"Bare = asyncio streams + REAL,32 parse + 8-col sqlite3 executemany(10k) in a "
         f"writer thread. Acquisition: {plan.mode}"
+        + ("; lossless also requires that the engine kept up (the writer's backlog "
+           "never at its bound, neither it nor the fetch lateness growing through the "
+           "window by more than 2 % of the stored rate / 0.02 s a second)"
+           if plan.buffered else "")
         + ("; lateness is the fetch loop's against its fetch deadlines, and a breach is "
            "cut off up to a fetch period plus the exchange after its reading was taken "
            "(breach-to-ack counts from the block's arrival)" if plan.buffered else "")

@@ -12,6 +12,7 @@ import sqlite3
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -109,3 +110,35 @@ def test_seq_holes_and_end_states(bench: ModuleType, tmp_path: Path) -> None:
     assert f["lost"] == [2]  # the two uncommitted rows are missed periods as well
     assert [why.split(":")[0] for _, why in f["bad"]] == ["run 3 ended failed"]
     assert f["untripped"] == 1
+
+
+def test_a_buffered_trial_that_falls_behind_is_not_lossless(bench: ModuleType) -> None:
+    """Buffered mode: the cabinets' rings hide an engine that falls behind until they
+    overflow, so a trial with nothing lost still fails when its writer's backlog reached
+    its bound or it or the fetch lateness kept growing through the window."""
+    import acq_trial
+
+    def step(backlog: list[tuple[float, int]], lateness: list[float], hit: bool) -> Any:
+        st = acq_trial.Step(hz=100.0, period_s=PERIOD_S, cabinets=1, channels=64)
+        st.stored_per_s = 50_000.0
+        st.backlog_growth_per_s = acq_trial.growth_of(backlog)
+        st.lateness_growth = acq_trial.growth_per_s(lateness, 10.0)
+        st.kept_up = acq_trial.kept_up(st, hit)
+        return st
+
+    # Steady: the backlog swings with each commit and the lateness jitters, neither grows.
+    saw = [(0.2 * k, 20_000 + (k % 5) * 4_000) for k in range(50)]
+    jitter = [0.02 + 0.01 * (k % 3) for k in range(200)]
+    ok = step(saw, jitter, hit=False)
+    assert ok.kept_up and not ok.why
+    # The writer is 5 % slower than the cabinets: 2,500 rows more every second.
+    growing = [(t, v + int(2_500 * t)) for t, v in saw]
+    slow = step(growing, jitter, hit=False)
+    assert not slow.kept_up and "backlog grew" in slow.why
+    # Back-pressure held the backlog at its bound, and the engine fell behind instead.
+    late = [0.02 + 0.15 * k / 20 for k in range(200)]  # 1.5 s behind after 10 s
+    behind = step(saw, late, hit=True)
+    assert not behind.kept_up
+    assert "reached its bound" in behind.why and "lateness grew" in behind.why
+    # A falling-behind trial reads "fell behind", never "LOSSLESS".
+    assert "FELL BEHIND" in behind.line()
