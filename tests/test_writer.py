@@ -608,6 +608,31 @@ async def test_rejected_rows_are_isolated(db_engine: AsyncEngine) -> None:
     assert await _seqs(db_engine, run_id) == [s for s in range(1, 301) if s not in (11, 201)]
 
 
+async def test_rows_of_the_wrong_width_never_shift_values_into_other_columns(
+    db_engine: AsyncEngine,
+) -> None:
+    # SQLite inserts 50 rows per statement, flattened: a row one value short next to one
+    # a value long would bind the same count and move values between columns. Each is
+    # refused on its own and every other row is stored exactly as given, including the
+    # rows after the last whole statement.
+    run_id = await _seed_run(db_engine)
+    rows: list[Any] = _rows(run_id, 1, 123)
+    rows = [(*r[:7], r[7] - r[1] / 1000, *r[8:]) for r in rows]  # a distinct current each
+    rows[20] = rows[20][:-1]  # 12 values
+    rows[30] = (*rows[30], 0.0)  # 14 values, in the same 50 rows as the short one
+    writer = SampleWriter(db_engine, batch_rows=200)
+    await writer.put(rows)
+    await writer.close()
+    assert writer.rows_rejected == 2
+    async with db_engine.connect() as conn:
+        stored = (await conn.execute(text(
+            "SELECT run_id, seq, t_s, ts_utc, step_index, cycle_index, voltage_v, current_a, "
+            "temperature_c, step_capacity_ah, step_energy_wh, flags, temperature_age_s "
+            "FROM samples WHERE run_id = :r ORDER BY seq"), {"r": run_id})).all()
+    expected = [r for j, r in enumerate(rows) if j not in (20, 30)]
+    assert [tuple(r) for r in stored] == expected
+
+
 class PoisonWriter(SampleWriter):
     """A driver failure that no classifier knows, caused by one particular row."""
 
