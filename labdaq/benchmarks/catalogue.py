@@ -22,6 +22,7 @@ the unit is fixed once.
 
 from __future__ import annotations
 
+import functools
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +44,7 @@ __all__ = [
     "Catalogue",
     "CatalogueError",
     "load_catalogue",
+    "shipped_catalogue",
     "parse_catalogue",
 ]
 
@@ -358,10 +360,22 @@ def parse_catalogue(documents: dict[str, Any]) -> Catalogue:
         raise CatalogueError([str(exc)]) from exc
 
 
+# libyaml's safe loader when PyYAML was built with it: the same documents, parsed in C.
+_SAFE_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def load_catalogue(directory: Path | None = None) -> Catalogue:
     """Read every ``*.yaml`` of ``directory`` (default: the shipped seeds/benchmarks)."""
     root: Any = directory if directory is not None else (
         resources.files("labdaq.seeds") / "benchmarks")
-    docs = {p.name: yaml.safe_load(p.read_text(encoding="utf-8"))
+    docs = {p.name: yaml.load(p.read_text(encoding="utf-8"), Loader=_SAFE_LOADER)  # noqa: S506 - a safe loader
             for p in root.iterdir() if p.name.endswith(".yaml")}
     return parse_catalogue(docs)
+
+
+@functools.cache
+def shipped_catalogue() -> Catalogue:
+    """The shipped catalogue, read once per process: package data does not change while
+    the process runs, and reading it for every run judged made a cell's evaluation (every
+    run of the cell) take seconds per run (docs/performance.md)."""
+    return load_catalogue()

@@ -43,7 +43,13 @@ from labdaq.analysis import (
     summarise_cycles,
 )
 from labdaq.analysis.cycles import CycleSummary
-from labdaq.benchmarks.catalogue import METRICS, Catalogue, Criterion, Entry, load_catalogue
+from labdaq.benchmarks.catalogue import (
+    METRICS,
+    Catalogue,
+    Criterion,
+    Entry,
+    shipped_catalogue,
+)
 from labdaq.protocol import CellLimits, ResolvedProtocol
 
 __all__ = [
@@ -610,7 +616,7 @@ def evaluate_run(run: RunData, catalogue: Catalogue | None = None,
                  entries: list[str] | None = None, rule: Rule = "simple",
                  ) -> list[EntryResult]:
     """Verdicts for the entries the run's protocol serves (or the ``entries`` given)."""
-    cat = catalogue or load_catalogue()
+    cat = catalogue or shipped_catalogue()
     chosen = ([cat.get(e) for e in entries] if entries is not None
               else applicable_entries(cat, run.protocol))
     ctx = RunView(run)

@@ -39,9 +39,19 @@ def data_sha256(samples: dict[str, np.ndarray]) -> str:
 
 
 def catalogue_sha256(directory: Path | None = None) -> str:
-    """SHA-256 over the catalogue's YAML files (sorted by name)."""
-    root: Any = directory if directory is not None else (
-        resources.files("labdaq.seeds") / "benchmarks")
+    """SHA-256 over the catalogue's YAML files (sorted by name); the shipped one's is
+    computed once per process, as its catalogue is read once (shipped_catalogue)."""
+    if directory is None:
+        return _shipped_sha256()
+    return _sha256_of(directory)
+
+
+@functools.cache
+def _shipped_sha256() -> str:
+    return _sha256_of(resources.files("labdaq.seeds") / "benchmarks")
+
+
+def _sha256_of(root: Any) -> str:
     h = hashlib.sha256()
     for p in sorted((p for p in root.iterdir() if p.name.endswith(".yaml")),
                     key=lambda p: p.name):
@@ -88,9 +98,9 @@ def observable_metrics() -> frozenset[str]:
     limits depend on (e.g. cell_mass_g). Read once: the shipped catalogue does not change
     while the process runs, and parsing its YAML for every value of every request made
     POST /runs/{id}/observations the API's slowest operation."""
-    from labdaq.benchmarks.catalogue import METRICS, load_catalogue
+    from labdaq.benchmarks.catalogue import METRICS, shipped_catalogue
 
-    return frozenset(METRICS) | {c.band_quantity for e in load_catalogue().entries
+    return frozenset(METRICS) | {c.band_quantity for e in shipped_catalogue().entries
                                  for c in e.criteria if c.band_quantity}
 
 
