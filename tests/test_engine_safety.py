@@ -86,11 +86,12 @@ async def paced_rig(sqlite_url: str, tmp_path: Path) -> AsyncIterator[Rig]:
     simulated time goes at most one control period past an instrument's last reading, and
     the next reading is taken there, however busy the machine.
 
-    For the cabinet's heating faults. On the free 500x clock a loaded machine (load 15+)
-    let simulated minutes pass between two readings; the simulator then caught up on them
-    at once (1 s steps, a reacting cell sub-stepped within each), its reply missed the
-    driver's 2 s timeout, the cabinet counted as lost and the runs never ended as the test
-    waits for (pytest-timeout)."""
+    For the cabinet's heating faults. On the free 500x clock, on a loaded machine (load
+    10-15, two busy loops beside the test), the cabinet stopped answering within the
+    driver's 2 s timeout (the simulator steps its cells through all the simulated time
+    since the last query, in steps of at most 1 s, before it replies, and at 500x a
+    stalled second of wall time is 500 of them), was counted as lost, and the runs never
+    ended as the tests wait for (pytest-timeout)."""
     lab = safety_lab(tmp_path, LockstepClock())
     rig = await start_rig(sqlite_url, lab, SPEED)
     # Made before any run is claimed: it paces each instrument group as it is created.
