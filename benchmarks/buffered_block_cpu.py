@@ -22,6 +22,7 @@ sys.path.insert(0, ".")
 import labdaq.engine.group_buffered as gb  # noqa: E402
 from labdaq.drivers.cabinet import CyclerCabinet  # noqa: E402
 from labdaq.drivers.transport import open_transport  # noqa: E402
+from labdaq.engine.fetch_record import record_fetches  # noqa: E402
 from labdaq.engine.sample_batch import SampleBatch, encode  # noqa: E402
 from labdaq.sims.cabinet import CabinetSim  # noqa: E402
 from labdaq.sims.clock import ManualClock  # noqa: E402
@@ -90,15 +91,7 @@ async def main() -> None:
     async with AsyncExitStack() as stack:
         src = await rig(stack)
         src.group.block_pass = False
-        blocks: list[Any] = []
-        fetch = src.group._fetch
-
-        async def record(start: int, chans: list[int]) -> Any:
-            got = await fetch(start, chans)
-            blocks.append(got)
-            return got
-
-        src.group._fetch = record  # type: ignore[method-assign]
+        blocks = record_fetches(src.group)
         await scenario(src)
         for flag in (False, True, False, True):
             r = await rig(stack)

@@ -27,6 +27,7 @@ from labdaq.drivers.cabinet import CyclerCabinet
 from labdaq.drivers.transport import open_transport
 from labdaq.engine import group_buffered, group_edges
 from labdaq.engine.block_pass import vectorisable
+from labdaq.engine.fetch_record import record_fetches
 from labdaq.engine.run_arrays import _FLOATS, _INTS
 from labdaq.sims.cabinet import CabinetSim
 from labdaq.sims.clock import ManualClock
@@ -69,15 +70,7 @@ async def _both(monkeypatch: pytest.MonkeyPatch, scenario: Scenario, ring: int =
         a = await stack.enter_async_context(_rig(stack, ring))
         b = await stack.enter_async_context(_rig(stack, ring))
         a.group.block_pass = False
-        blocks: list[Any] = []
-        fetch_a = a.group._fetch
-
-        async def record(start: int, chans: list[int]) -> Any:
-            got = await fetch_a(start, chans)
-            blocks.append(got)
-            return got
-
-        a.group._fetch = record  # type: ignore[method-assign]
+        blocks = record_fetches(a.group)
         _wall_clock(monkeypatch, a)
         await scenario(a)
 

@@ -38,7 +38,15 @@ from labdaq.engine.group import FLAG_BREACH
 from labdaq.sims.lab import SimLab
 from labdaq.storage import models as m
 from labdaq.storage.db import session_scope
-from tests.engine_rig import Rig, assert_contiguous, nmc_18650_spec, samples, start_rig
+from tests.engine_rig import (
+    LockstepClock,
+    Rig,
+    SpeedGovernor,
+    assert_contiguous,
+    nmc_18650_spec,
+    samples,
+    start_rig,
+)
 
 SPEED = 500.0
 
@@ -53,19 +61,51 @@ def document(step: dict[str, Any], max_temperature_c: float | None = None) -> di
 CHARGE_1A = {"step": "cc", "current_a": 1.0, "until": {"duration_s": 36000}}
 
 
-@pytest.fixture
-async def rig(sqlite_url: str, tmp_path: Path) -> AsyncIterator[Rig]:
-    lab = SimLab(
+def safety_lab(tmp_path: Path, clock: LockstepClock | None = None) -> SimLab:
+    return SimLab(
         smus=1,
         cabinets=1,
         cabinet_channels=2,
         cell_spec=nmc_18650_spec(tmp_path),
         soc=0.5,
         seed=11,
+        clock=clock,
     )
-    rig = await start_rig(sqlite_url, lab, SPEED)
+
+
+@pytest.fixture
+async def rig(sqlite_url: str, tmp_path: Path) -> AsyncIterator[Rig]:
+    rig = await start_rig(sqlite_url, safety_lab(tmp_path), SPEED)
     yield rig
     await rig.stop()
+
+
+@pytest.fixture
+async def paced_rig(sqlite_url: str, tmp_path: Path) -> AsyncIterator[Rig]:
+    """The lab on a lockstep clock paced by the engine (engine_rig.SpeedGovernor):
+    simulated time goes at most one control period past an instrument's last reading, and
+    the next reading is taken there, however busy the machine.
+
+    For the cabinet's heating faults. On the free 500x clock, on a loaded machine (load
+    10-15, two busy loops beside the test), the cabinet stopped answering within the
+    driver's 2 s timeout (the simulator steps its cells through all the simulated time
+    since the last query, in steps of at most 1 s, before it replies, and at 500x a
+    stalled second of wall time is 500 of them), was counted as lost, and the runs never
+    ended as the tests wait for (pytest-timeout)."""
+    lab = safety_lab(tmp_path, LockstepClock())
+    rig = await start_rig(sqlite_url, lab, SPEED)
+    # Made before any run is claimed: it paces each instrument group as it is created.
+    gov = SpeedGovernor(lab, rig.node, tick_s=1.0, idle=SPEED)
+    rig.extra.append(asyncio.create_task(gov.run()))
+    yield rig
+    await rig.stop()
+
+
+# The paced tests' hang guards. Their simulated span is fixed (a reading per simulated
+# second until the fault trips), so a busy machine only makes them take more wall time:
+# these bound that, they are no performance bound.
+PACED_WAIT_S = 240.0
+PACED_TIMEOUT = pytest.mark.timeout(600)
 
 
 async def safety_event(rig: Rig, run_id: int) -> m.Event:
@@ -79,10 +119,12 @@ async def safety_event(rig: Rig, run_id: int) -> m.Event:
     return events[0]
 
 
-async def check_aborted(rig: Rig, run_id: int, limit: str) -> tuple[m.Event, dict[str, Any]]:
+async def check_aborted(rig: Rig, run_id: int, limit: str, timeout_s: float = 30.0
+                        ) -> tuple[m.Event, dict[str, Any]]:
     """aborted_safety with ``limit``; the event names the breaching sample, which is stored
-    and flagged, and carries the breach-to-off time; no sample was lost."""
-    run = await rig.wait_end(run_id, timeout_s=30)
+    and flagged, and carries the breach-to-off time; no sample was lost. ``timeout_s``
+    only stops a hung run."""
+    run = await rig.wait_end(run_id, timeout_s=timeout_s)
     assert run.state == "aborted_safety", (run.state, run.end_reason)
     assert limit in (run.end_reason or "")
     ev = await safety_event(rig, run_id)
@@ -103,13 +145,15 @@ async def check_aborted(rig: Rig, run_id: int, limit: str) -> tuple[m.Event, dic
     return ev, s
 
 
-async def test_internal_short_on_cabinet_trips_on_temperature(rig: Rig) -> None:
+@PACED_TIMEOUT
+async def test_internal_short_on_cabinet_trips_on_temperature(paced_rig: Rig) -> None:
+    rig = paced_rig
     cab = rig.lab.by_name("cabinet1").sim
     hot = await rig.start_run("cabinet1/1", protocol_document=document(CHARGE_1A, 50.0))
     calm = await rig.start_run("cabinet1/2", protocol_document=document(CHARGE_1A, 50.0))
     await _running(rig, hot, calm)
     cab.bank.set_internal_short(0, 1.0)
-    ev, s = await check_aborted(rig, hot, "max_temperature_c")
+    ev, s = await check_aborted(rig, hot, "max_temperature_c", PACED_WAIT_S)
     assert ev.data["value"] > 50.0 and ev.data["bound"] == 50.0
     assert s["temperature_c"][-1] > 50.0 and np.nanmax(s["temperature_c"][:-1]) <= 50.0
     assert s["voltage_v"][-1] > 3.0  # the voltage had not collapsed
@@ -121,12 +165,14 @@ async def test_internal_short_on_cabinet_trips_on_temperature(rig: Rig) -> None:
         assert other is not None and other.state == "running"
 
 
-async def test_thermal_runaway_on_cabinet(rig: Rig) -> None:
+@PACED_TIMEOUT
+async def test_thermal_runaway_on_cabinet(paced_rig: Rig) -> None:
+    rig = paced_rig
     cab = rig.lab.by_name("cabinet1").sim
     run_id = await rig.start_run("cabinet1/2", protocol_document=document(CHARGE_1A, 50.0))
     await _running(rig, run_id)
     cab.bank.trigger_thermal_runaway(1)
-    ev, s = await check_aborted(rig, run_id, "min_voltage_v")
+    ev, s = await check_aborted(rig, run_id, "min_voltage_v", PACED_WAIT_S)
     assert ev.data["value"] < ev.data["bound"]
     assert s["temperature_c"][-1] > s["temperature_c"][-2]  # and it is heating up
     assert not cab.output_on[1]
