@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from acq_common import (
     BREACH_CURRENT_A,
     BREACH_MARGIN_V,
@@ -341,7 +340,7 @@ class Trial:
             t0, w0 = time.perf_counter(), time.time()
             # Watch the writer's backlog through the window (cheap: attribute reads).
             pending_max = 0
-            backlog: list[tuple[float, int]] = []
+            backlog: list[tuple[float, float]] = []
             while time.perf_counter() - t0 < plan.window_s:
                 pending_max = max(pending_max, wr.pending_rows)
                 backlog.append((time.perf_counter() - t0, wr.pending_rows))
@@ -443,32 +442,38 @@ class Trial:
 # window can lose nothing and still not be sustainable: an engine or writer slower than
 # the cabinets falls further behind every second until a ring overflows. A trial counts
 # only if it kept up: the writer's backlog never reached its bound (the engine never
-# waited for it), and neither the backlog nor the fetch lateness grew through the window
-# by more than these (a backlog growing by 2 % of the rows stored per second fills a
-# 200,000-row bound in minutes at 100,000/s; lateness growing by 0.02 s a second passes a
-# 10 s ring in under 10 minutes).
+# waited for it), and the floor of neither the backlog nor the fetch lateness rose through
+# the window by more than these (a backlog growing by 2 % of the rows stored per second
+# fills a 200,000-row bound in minutes at 100,000/s; lateness growing by 0.02 s a second
+# passes a 10 s ring in under 10 minutes).
 BACKLOG_GROWTH_MAX = 0.02  # of the stored rate
 LATENESS_GROWTH_MAX = 0.02  # seconds of lateness per second of window
 
 
-def growth_of(points: list[tuple[float, int]]) -> float:
-    """Least-squares slope of (t, value) points: units per second (0 for fewer than 3)."""
-    if len(points) < 3:
+def growth_of(points: list[tuple[float, float]]) -> float:
+    """How fast the floor of (t, value) points rose, units per second: the minimum over
+    the last third against the minimum over the first third, divided by the time between
+    the thirds' middles (0 for fewer than 6 points). The floor, not a fit through every
+    point: the writer's backlog is a sawtooth (it empties at each commit of up to
+    ``writer_max_batch_rows``) and lateness has spikes, and either made a least-squares
+    slope over a 10 s window swing by several percent of the rate with nothing falling
+    behind; a writer or engine that falls behind raises the floor."""
+    n = len(points)
+    if n < 6:
         return 0.0
-    t, v = np.array(points, dtype=float).T
-    if np.ptp(t) == 0:
+    k = n // 3
+    first, last = points[:k], points[-k:]
+    dt = (last[0][0] + last[-1][0]) / 2 - (first[0][0] + first[-1][0]) / 2
+    if dt <= 0:
         return 0.0
-    return float(np.polyfit(t, v, 1)[0])
+    return (min(v for _, v in last) - min(v for _, v in first)) / dt
 
 
 def growth_per_s(lateness_s: list[float], span_s: float) -> float:
-    """Slope of a fetch loop's lateness over the window, its fetches taken as evenly
-    spread over ``span_s`` (they are, give or take the lateness itself)."""
+    """:func:`growth_of` a fetch loop's lateness over the window, its fetches taken as
+    evenly spread over ``span_s`` (they are, give or take the lateness itself)."""
     n = len(lateness_s)
-    if n < 3:
-        return 0.0
-    return growth_of(list(zip(np.linspace(0.0, span_s, n).tolist(), lateness_s,
-                              strict=True)))  # type: ignore[arg-type]
+    return growth_of([(span_s * j / max(1, n - 1), x) for j, x in enumerate(lateness_s)])
 
 
 def kept_up(step: Step, hit_bound: bool) -> bool:
@@ -478,9 +483,11 @@ def kept_up(step: Step, hit_bound: bool) -> bool:
     if hit_bound:
         why.append("the writer's backlog reached its bound")
     if (step.backlog_growth_per_s or 0.0) > BACKLOG_GROWTH_MAX * max(step.stored_per_s, 1.0):
-        why.append(f"the writer's backlog grew by {step.backlog_growth_per_s:,.0f} rows/s")
+        why.append(f"the floor of the writer's backlog rose by "
+                   f"{step.backlog_growth_per_s:,.0f} rows/s")
     if (step.lateness_growth or 0.0) > LATENESS_GROWTH_MAX:
-        why.append(f"the fetch lateness grew by {step.lateness_growth:.3f} s a second")
+        why.append(f"the floor of the fetch lateness rose by {step.lateness_growth:.3f} s "
+                   "a second")
     if why:
         step.why += " fell behind (" + "; ".join(why) + "): not sustainable;"
     return not why
