@@ -64,7 +64,7 @@ test-slow: $(VENV)/.installed-dev
 soak: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -s -m soak
 
-# schemathesis in depth alone (it is also part of test-slow): every operation, every phase,
+# schemathesis in depth alone (not part of test-slow, see above): every operation, every phase,
 # all checks, each role's token, SQLite and (with LABDAQ_TEST_PG_URL) PostgreSQL.
 test-deep: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -m deep
