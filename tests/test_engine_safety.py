@@ -2,7 +2,8 @@
 as aborted_safety and records a safety event with the breach-to-off time.
 
 Through the simulated lab over real TCP (Keithley 2460 SMUs and a cycler cabinet in
-this process, engine on the lab's clock). Faults are injected in the simulators:
+this process, engine on the lab's clock, which the engine paces: ``paced_rig``). Faults
+are injected in the simulators:
 
 * thermal runaway (``CellBank.trigger_thermal_runaway``): the simulated cell's separator
   fails within ~1 s of the onset, so on either instrument the voltage collapses before the
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,7 @@ from tests.engine_rig import (
     nmc_18650_spec,
     samples,
     start_rig,
+    wait_for,
 )
 
 SPEED = 500.0
@@ -74,24 +77,21 @@ def safety_lab(tmp_path: Path, clock: LockstepClock | None = None) -> SimLab:
 
 
 @pytest.fixture
-async def rig(sqlite_url: str, tmp_path: Path) -> AsyncIterator[Rig]:
-    rig = await start_rig(sqlite_url, safety_lab(tmp_path), SPEED)
-    yield rig
-    await rig.stop()
-
-
-@pytest.fixture
 async def paced_rig(sqlite_url: str, tmp_path: Path) -> AsyncIterator[Rig]:
     """The lab on a lockstep clock paced by the engine (engine_rig.SpeedGovernor):
     simulated time goes at most one control period past an instrument's last reading, and
     the next reading is taken there, however busy the machine.
 
-    For the cabinet's heating faults. On the free 500x clock, on a loaded machine (load
-    10-15, two busy loops beside the test), the cabinet stopped answering within the
-    driver's 2 s timeout (the simulator steps its cells through all the simulated time
-    since the last query, in steps of at most 1 s, before it replies, and at 500x a
-    stalled second of wall time is 500 of them), was counted as lost, and the runs never
-    ended as the tests wait for (pytest-timeout)."""
+    Every test here runs on it. The governor paces each instrument group the node creates
+    (it wraps ``node._group_for``, through which a run joins the SMU's group as the
+    cabinet's), so the SMU is held to a reading per simulated second as the cabinet is. On
+    the free 500x clock, on a loaded machine (load 10-15, two busy loops beside the test),
+    the cabinet stopped answering within the driver's 2 s timeout (the simulator steps its
+    cells through all the simulated time since the last query, in steps of at most 1 s,
+    before it replies, and at 500x a stalled second of wall time is 500 of them), was
+    counted as lost, and the runs never ended as the tests wait for (pytest-timeout); the
+    SMU tests failed the same way, and the over-current one also ended on max_voltage_v:
+    the cell was full before the fault went in."""
     lab = safety_lab(tmp_path, LockstepClock())
     rig = await start_rig(sqlite_url, lab, SPEED)
     # Made before any run is claimed: it paces each instrument group as it is created.
@@ -106,6 +106,12 @@ async def paced_rig(sqlite_url: str, tmp_path: Path) -> AsyncIterator[Rig]:
 # these bound that, they are no performance bound.
 PACED_WAIT_S = 240.0
 PACED_TIMEOUT = pytest.mark.timeout(600)
+
+# When a fault goes into a running run (simulated seconds into the run, see
+# _runs_held_at): well before a charge could fill the cell (2160 s at 2 A from half full),
+# which on the free clock a loaded machine's slow polling let happen first.
+FAULT_AT_S = 30.0
+_FAULT_HOLD = "test: fault injection"  # the test's own hold on the lockstep clock
 
 
 async def safety_event(rig: Rig, run_id: int) -> m.Event:
@@ -178,41 +184,45 @@ async def test_thermal_runaway_on_cabinet(paced_rig: Rig) -> None:
     assert not cab.output_on[1]
 
 
-async def test_thermal_runaway_on_smu_shows_as_voltage_collapse(rig: Rig) -> None:
+@PACED_TIMEOUT
+async def test_thermal_runaway_on_smu_shows_as_voltage_collapse(paced_rig: Rig) -> None:
+    rig = paced_rig
     smu = rig.lab.by_name("smu1").sim
-    run_id = await rig.start_run("smu1/1", protocol_document=document(CHARGE_1A))
-    await _running(rig, run_id)
-    smu.cell.trigger_thermal_runaway(0)
-    ev, s = await check_aborted(rig, run_id, "min_voltage_v")
+    async with _runs_held_at(rig, FAULT_AT_S, ("smu1/1", document(CHARGE_1A))) as (run_id,):
+        smu.cell.trigger_thermal_runaway(0)
+    ev, s = await check_aborted(rig, run_id, "min_voltage_v", PACED_WAIT_S)
     assert ev.data["value"] < ev.data["bound"]
     assert np.isnan(s["temperature_c"]).all()  # a 2460 measures no temperature
     assert not smu.output_on
 
 
-async def test_over_current_when_the_smu_regulation_fails(rig: Rig) -> None:
+@PACED_TIMEOUT
+async def test_over_current_when_the_smu_regulation_fails(paced_rig: Rig) -> None:
+    rig = paced_rig
     smu = rig.lab.by_name("smu1").sim
-    run_id = await rig.start_run(
-        "smu1/1",
-        protocol_document=document({"step": "cc", "current_a": 2.0, "until": {"duration_s": 3600}}),
-    )
-    await _running(rig, run_id)
-    regulated = smu.actual_current
-    smu.actual_current = lambda: 1.5 * regulated()  # 3.0 A for a 2.0 A set point
-    ev, s = await check_aborted(rig, run_id, "max_charge_current_a")
+    charge_2a = document({"step": "cc", "current_a": 2.0, "until": {"duration_s": 3600}})
+    async with _runs_held_at(rig, FAULT_AT_S, ("smu1/1", charge_2a)) as (run_id,):
+        regulated = smu.actual_current
+        smu.actual_current = lambda: 1.5 * regulated()  # 3.0 A for a 2.0 A set point
+    ev, s = await check_aborted(rig, run_id, "max_charge_current_a", PACED_WAIT_S)
     assert ev.data["value"] == pytest.approx(3.0, rel=1e-6)
     assert ev.data["bound"] == pytest.approx(2.4)  # the cell's 1C
     assert s["current_a"][-1] == pytest.approx(3.0, rel=1e-6)
     assert not smu.output_on
 
 
-async def test_over_voltage_when_the_smu_compliance_fails(rig: Rig) -> None:
+@PACED_TIMEOUT
+async def test_over_voltage_when_the_smu_compliance_fails(paced_rig: Rig) -> None:
+    # The fault is in before the run starts, so no hold: a reading per simulated second
+    # all the way from half full to past 4.3 V.
+    rig = paced_rig
     smu = rig.lab.by_name("smu1").sim
     smu._compliance_voltage = lambda: 99.0
     run_id = await rig.start_run(
         "smu1/1",
         protocol_document=document({"step": "cc", "current_a": 2.4, "until": {"duration_s": 7200}}),
     )
-    ev, s = await check_aborted(rig, run_id, "max_voltage_v")
+    ev, s = await check_aborted(rig, run_id, "max_voltage_v", PACED_WAIT_S)
     assert ev.data["bound"] == pytest.approx(4.3)  # charge cut-off + 0.1 V margin
     assert s["voltage_v"][-1] > 4.3 and s["voltage_v"][:-1].max() <= 4.3
     assert not smu.output_on
@@ -230,11 +240,66 @@ async def _running(rig: Rig, *run_ids: int) -> None:
             raise AssertionError(f"run {run_id} did not start")
 
 
-async def test_breach_on_the_first_reading(rig: Rig) -> None:
+def _has_read(rig: Rig, clock: LockstepClock, run_id: int) -> bool:
+    """The run has joined its instrument's group and taken its first reading, and the
+    group's loop waits on the lockstep clock (HoldClock has set its hold)."""
+    g = rig.node.run_groups.get(run_id)
+    if g is None or clock.held(g.name) is None:
+        return False
+    k = np.flatnonzero(g.state.run_id == run_id)
+    return bool(k.size) and int(g.state.seq[k[0]]) >= 1
+
+
+@asynccontextmanager
+async def _runs_held_at(
+    rig: Rig, t_s: float, *starts: tuple[str, dict[str, Any]]
+) -> AsyncIterator[list[int]]:
+    """Start runs (channel, protocol document), let them acquire for ``t_s`` simulated
+    seconds and hold simulated time there while the body injects a fault; time goes on
+    when the body is done.
+
+    The fault then goes in at the same simulated time into the runs however busy the
+    machine: simulated time stands still from before the runs are queued until each has
+    taken its first reading (the scheduler claims runs on wall-time polls, which at the
+    idle 500x would be minutes of simulated time), then runs to ``t_s`` past that, the
+    engine reading every simulated second (paced_rig), and stops there (the lockstep
+    clock never passes its lowest hold). The body runs once each group's loop has
+    finished its last reading before ``t_s`` and waits for one after it, and once the
+    runs' samples are stored (_running). Its hold is short (a few polls of wall time), far
+    below the simulators' 30 s command watchdog."""
+    clock = rig.lab.clock
+    assert isinstance(clock, LockstepClock), "paced_rig's lab"
+    t0 = clock.now()
+    clock.hold(_FAULT_HOLD, t0)
+    try:
+        run_ids = [await rig.start_run(ch, protocol_document=doc) for ch, doc in starts]
+        await wait_for(lambda: all(_has_read(rig, clock, r) for r in run_ids), PACED_WAIT_S,
+                       "the runs' first readings")
+        groups = {rig.node.run_groups[r].name for r in run_ids}
+        t_fault = t0 + t_s
+        clock.hold(_FAULT_HOLD, t_fault)
+
+        def waiting_past_fault() -> bool:
+            # A group's hold is moved past t_fault only when a reading at or before it is
+            # done (SpeedGovernor._after_tick); its next reading waits for the clock.
+            return all((h := clock.held(name)) is not None and h > t_fault
+                       for name in groups)
+
+        await wait_for(waiting_past_fault, PACED_WAIT_S,
+                       f"the runs to read up to {t_s} s of simulated time")
+        await _running(rig, *run_ids)
+        yield run_ids
+    finally:
+        clock.release(_FAULT_HOLD)
+
+
+@PACED_TIMEOUT
+async def test_breach_on_the_first_reading(paced_rig: Rig) -> None:
     # The reading taken right after the set point is applied is checked like any other:
     # a limit below the cell's temperature trips there, before the first control tick.
+    rig = paced_rig
     cab = rig.lab.by_name("cabinet1").sim
     run_id = await rig.start_run("cabinet1/1", protocol_document=document(CHARGE_1A, 20.0))
-    ev, s = await check_aborted(rig, run_id, "max_temperature_c")
+    ev, s = await check_aborted(rig, run_id, "max_temperature_c", PACED_WAIT_S)
     assert len(s["seq"]) == 1 and ev.data["seq"] == 1
     assert not cab.output_on[0]
