@@ -65,7 +65,10 @@ def run_limited(cmd: list[str], limit_s: float, env: dict[str, str] | None = Non
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        if proc.poll() is None:
+        if timed_out or proc.poll() is None:
+            # After a timed-out communicate() the output read so far is kept in ``proc``
+            # and this call returns all of it. Skipping it whenever the killed child had
+            # already been reaped lost what a stopped benchmark had printed.
             stdout2, stderr2 = proc.communicate()
             stdout, stderr = stdout or stdout2, (stderr or "") + stderr2
     rc = proc.returncode if proc.returncode is not None else -1
