@@ -443,7 +443,9 @@ def test_start_run_from_form_watch_live_plot_pause_resume_stop(session, lab: Lab
     page.wait_for_function(f"{bar} > {first}")
     titles = _axis_titles(page, "#plot-vit")
     assert titles and all(" / " in t for t in titles), titles
-    assert page.locator("#steps tbody tr").count() >= 2  # a finished step and the current
+    # A finished step and the current one: the steps table is refreshed by its own
+    # request, which may land after the progress bar's update, so wait for it.
+    page.wait_for_function("document.querySelectorAll('#steps tbody tr').length >= 2")
     s.shot("run-page-live")
     page.click("#pause")
     page.wait_for_selector("body[data-run-state='paused']")
