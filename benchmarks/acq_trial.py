@@ -339,14 +339,13 @@ class Trial:
             gc_timer = GcTimer()
             t0, w0 = time.perf_counter(), time.time()
             # Watch the writer's backlog through the window (cheap: attribute reads).
-            pending_max = 0
             backlog: list[tuple[float, float]] = []
             while time.perf_counter() - t0 < plan.window_s:
-                pending_max = max(pending_max, wr.pending_rows)
                 backlog.append((time.perf_counter() - t0, wr.pending_rows))
                 await asyncio.sleep(min(0.2, max(0.0, plan.window_s
                                                  - (time.perf_counter() - t0))))
             t1, w1 = time.perf_counter(), time.time()
+            pending_max = int(max((v for _, v in backlog), default=0))
             step.gc_s = gc_timer.stop()
             step.writer = {"pending_max": pending_max, "pending_end": wr.pending_rows,
                            "bound": wr.max_pending_rows}
