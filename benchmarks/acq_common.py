@@ -17,6 +17,9 @@ import numpy as np
 
 from labdaq.processes import Children
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests import ports  # noqa: E402
+
 CHANNELS = 64
 MEAS_CMD = f"MEAS:ALL? (@1:{CHANNELS})\n".encode()
 # The engine's cabinet driver asks for binary replies (a block of big-endian float32); the
@@ -75,10 +78,9 @@ def machine_busy_s() -> float:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A port for a service the benchmark starts: from the benchmarks' block below the
+    kernel's ephemeral range, where the simulated cabinets' own ports cannot take it."""
+    return ports.free_port("bench")
 
 
 

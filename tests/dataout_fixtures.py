@@ -8,7 +8,6 @@ magnitudes, negative zero, and missing temperatures at the start of the run.
 from __future__ import annotations
 
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from labdaq.auth import create_token
 from labdaq.channels import upsert_instrument
 from labdaq.storage import models as m
 from labdaq.storage.db import create_engine, session_scope, sessionmaker
+from tests.ports import free_port
 
 CELL = {
     "serial": "EXP-001",
@@ -184,10 +184,6 @@ async def make_lab(url: str, runs: int = 1) -> dict[str, Any]:
         await engine.dispose()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager

@@ -20,7 +20,8 @@ from labdaq.alerts import Notifier
 from labdaq.config import AlertSubscription, Settings
 from labdaq.storage import models as m
 from labdaq.storage.db import create_engine, session_scope, sessionmaker
-from tests.dataout_fixtures import free_port, make_lab
+from tests.dataout_fixtures import make_lab
+from tests.ports import free_port
 
 
 class _Sink:

@@ -20,7 +20,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from typer.testing import CliRunner
 
 from labdaq.cli import app as cli_app
 from labdaq.config import Settings, load_settings
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -294,10 +294,6 @@ def test_wheel_installed_alone_imports_every_module_and_migrates(
     assert (tmp_path / "data" / "labdaq.db").is_file()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.slow  # make test-slow: keeps make test within its budget
@@ -308,7 +304,7 @@ def test_image_healthcheck_command_passes_on_a_live_api_and_fails_without_one(
     one): exit 0 while the API answers /health, non-zero once it is gone."""
     command = _healthcheck_command()
     assert command[0] == "python" and "127.0.0.1:8000/health" in command[-1]
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, *command[1:-1], command[-1].replace(":8000/", f":{port}/")]
     env = {k: v for k, v in os.environ.items() if not k.startswith("LABDAQ_")}
     env["LABDAQ_DATA_DIR"] = str(tmp_path)

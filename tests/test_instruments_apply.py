@@ -37,6 +37,7 @@ from labdaq.sims.hioki_bt4560 import HiokiBT4560Sim
 from labdaq.sims.server import SimServer
 from labdaq.storage import models as m
 from labdaq.storage.db import create_engine, session_scope, sessionmaker, upgrade
+from tests.ports import free_port
 
 CLI = [sys.executable, "-m", "labdaq.cli"]
 CRLF = {"read_termination": "\r\n", "write_termination": "\r\n"}
@@ -412,12 +413,6 @@ async def test_hioki_configured_through_the_api_opens_with_its_framing(api: Any)
 # -- labdaq serve applies the configured file --------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
@@ -428,7 +423,7 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Path, subprocess.Popen[str], l
         lab = _write(tmp_path / "lab.toml", [
             {"name": "eis1", "driver": "hioki_bt4560", "resource": hioki.resource,
              "channels": []}], cells=[])
-        port = _free_port()
+        port = free_port()
         env = {**__import__("os").environ, "LABDAQ_INSTRUMENTS_FILE": str(lab),
                "PYTHONUNBUFFERED": "1"}
         proc = subprocess.Popen(

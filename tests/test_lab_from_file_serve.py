@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ import httpx
 import pytest
 
 from labdaq.storage.models import SampleFlag
+from tests.ports import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -91,10 +91,6 @@ class _Proc:
                 self.proc.wait()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
@@ -132,7 +128,7 @@ def test_sim_config_apply_serve_runs_eis_and_chamber_with_logger_temperatures(
                            env=_env(), timeout=60)
     assert token.returncode == 0, token.stderr
     auth = {"Authorization": f"Bearer {token.stdout.strip().splitlines()[-1]}"}
-    port = _free_port()
+    port = free_port()
     serve = _Proc([*CLI, "serve", "--data-dir", str(data), "--port", str(port)])
     base = f"http://127.0.0.1:{port}"
     try:

@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +33,7 @@ from labdaq import processes
 from labdaq.auth import create_token
 from labdaq.cli import _register_sim_lab, node_lab
 from labdaq.storage.db import create_engine, session_scope, sessionmaker
+from tests.ports import free_port
 from tests.test_alerts import _Receiver
 from tests.test_alerts import receiver as receiver  # the webhook receiver fixture
 from tests.test_live_stream import read_stream, seqs
@@ -49,10 +49,6 @@ def _charge(duration_s: float) -> dict[str, Any]:
             "steps": [{"step": "cc", "rate_c": 0.2, "until": {"duration_s": duration_s}}]}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -162,7 +158,7 @@ def cluster(db_url: str, tmp_path: Path, receiver: _Receiver) -> Iterator[Cluste
         c.labs["a"] = node_lab(processes.read_sim_description(path, proc), "a")
         c.token = asyncio.run(_register(db_url, c.labs))
         for k in range(2):
-            port = _free_port()
+            port = free_port()
             proc = c.children.spawn(
                 f"api-{k}", processes.labdaq_argv(
                     "serve", "--role", "api", "--port", str(port), "--database-url", db_url,

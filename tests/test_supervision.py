@@ -31,6 +31,7 @@ import httpx
 import pytest
 
 from tests.fault_report import lost_and_duplicates, record_fault
+from tests.ports import free_port
 
 # Minutes of simulated lab each: `make test-slow` (run by .ci/run after `make test`).
 pytestmark = pytest.mark.slow
@@ -51,10 +52,6 @@ CHARGE_DOC: dict[str, Any] = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait(pred: Callable[[], Any], what: str, proc: subprocess.Popen[bytes],
@@ -169,7 +166,7 @@ def _serve(tmp_path: Path, speed: float = SPEED, serve_args: tuple[str, ...] = (
            **settings: str) -> Iterator[Service]:
     """`labdaq serve --sim` at ``speed`` with ``serve_args`` and ``LABDAQ_<KEY>``
     settings, stopped with Ctrl-C after."""
-    port = _free_port()
+    port = free_port()
     data_dir = tmp_path / "data"
     log = tmp_path / "serve.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
