@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
 from labdaq.api.schemas import UtcDatetime
 from labdaq.bounds import Text
@@ -30,7 +30,7 @@ class UserPatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: RoleName | None = None
-    disabled: bool | None = None
+    disabled: StrictBool | None = None  # 0 and 1 are not booleans
     reason: Reason | None = None
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import date
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from labdaq.api.schemas import UtcDatetime
 
 
 class ImportOut(BaseModel):
@@ -26,7 +28,7 @@ class ImportOut(BaseModel):
     current_measured: bool
     n_samples: int
     imported_by: str
-    imported_at: datetime
+    imported_at: UtcDatetime
     vendor_cycles: list[dict[str, Any]] | None = None
     details: dict[str, Any] = {}
     # The protocol template the other lab's test followed (its catalogue entries apply);
@@ -54,5 +56,5 @@ class CalibrationOut(BaseModel):
     due_on: date
     accuracy: dict[str, float]
     recorded_by: str
-    recorded_at: datetime
+    recorded_at: UtcDatetime
     note: str | None

@@ -13,6 +13,12 @@ schemathesis (4.32) scans 2xx JSON bodies for same-origin URLs to infer stateful
 and `urllib.parse.urlsplit` raises ValueError ("Invalid IPv6 URL") for a string such as
 "http://[x" that a run stored in a free-text field and read back: the whole run ended
 with "Test Execution Error". Such a string is not a link, so the scan skips it.
+
+Its inferred links read a field of every record of a list (``GET /api/v1/audit`` ->
+``run_id`` of each record) and follow one of the values, null ones included: the deep run
+sent ``GET /api/v1/runs/None/observations`` and reported the 422 as a schema-valid request
+rejected. schemathesis already skips a link whose one value is null; the null values of a
+list are skipped the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any
 
 import schemathesis
 from schemathesis.engine import observations
+from schemathesis.specs.openapi import expressions
 
 REVOKE = "POST /api/v1/tokens/{token_id}/revoke"
 KEEP = {s.strip() for s in os.environ.get("LABDAQ_ST_KEEP_TOKEN_IDS", "").split(",") if s.strip()}
@@ -47,3 +54,16 @@ def _same_origin_path_or_none(value: str, origin: tuple[str, str]) -> str | None
 
 
 observations._same_origin_path = _same_origin_path_or_none
+
+
+_resolve_pointer_all = expressions.resolve_pointer_all
+
+
+def _resolve_pointer_all_present(document: Any, pointer: Any) -> Any:
+    matches = _resolve_pointer_all(document, pointer)
+    if isinstance(matches, list):
+        return [m for m in matches if m is not None]
+    return matches
+
+
+expressions.resolve_pointer_all = _resolve_pointer_all_present

@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from labdaq.auth import create_token
 from labdaq.storage import models as m
 from labdaq.storage.db import create_engine, session_scope, sessionmaker, upgrade
 from tests.db_fixtures import PG_URL, _pg_admin
+from tests.ports import free_port
 
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 HOOKS = Path(__file__).with_name("schemathesis_hooks.py")
@@ -43,10 +43,6 @@ ROLES = ("technician", "engineer", "admin")
 START_TIMEOUT_S = 600.0  # only a hang fails: a busy 2-core machine takes minutes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Service(NamedTuple):
@@ -100,7 +96,7 @@ def _running_service(backend: str, data_dir: Path) -> Iterator[Service]:
         db_args = ["--database-url", url]
     upgrade(url)
     tokens, hook_env = _tokens(url)
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = (data_dir / "serve.log").open("wb")
     proc = subprocess.Popen(
@@ -306,3 +302,23 @@ def test_schemathesis_deep(tmp_path_factory: pytest.TempPathFactory) -> None:
     if not PG_URL:
         pytest.skip("SQLite passed; PostgreSQL not run: LABDAQ_TEST_PG_URL not set "
                     "(CI sets it)")
+
+
+def test_the_hooks_keep_null_values_of_a_list_out_of_inferred_links() -> None:
+    """A link inferred from ``run_id`` of every audit record must not follow a null one
+    (the deep run sent ``GET /api/v1/runs/None/observations``)."""
+    import importlib.util
+
+    from schemathesis.specs.openapi import expressions
+
+    before = expressions.resolve_pointer_all
+    spec = importlib.util.spec_from_file_location("st_hooks_under_test", HOOKS)
+    assert spec is not None and spec.loader is not None
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    try:
+        audit = {"items": [{"run_id": 7}, {"run_id": None}, {"run_id": 9}]}
+        assert expressions.resolve_pointer_all(audit, "/items/*/run_id") == [7, 9]
+        assert expressions.resolve_pointer_all({"items": [{"run_id": None}] * 2},
+                                               "/items/*/run_id") == []
+    finally:
+        expressions.resolve_pointer_all = before

@@ -5,7 +5,7 @@ day the run started, taking a certificate's accuracy as the channel's."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -97,6 +97,9 @@ async def test_calibrated_by_a_certificate_in_force(lab: Any) -> None:
     assert ev["entries"] and all(e["calibration"] == text for e in ev["entries"]), ev
     listed = (await c.get("/api/v1/calibrations", headers={"Authorization": tok["admin"]}))
     assert [x["certificate_id"] for x in listed.json()] == ["CAL-2026-001"]
+    # An RFC 3339 date-time, as the OpenAPI says: with its zone, on SQLite too.
+    recorded_at = datetime.fromisoformat(listed.json()[0]["recorded_at"])
+    assert recorded_at.utcoffset() == timedelta(0)
     r = await c.get("/api/v1/calibrations", headers={"Authorization": tok["technician"]})
     assert r.status_code == 403
 
