@@ -92,6 +92,7 @@ class Step:
     # Buffered mode: how fast the writer's backlog (rows/s) and the fetch loop's lateness
     # (s/s) grew through the window; a trial that fell behind is not lossless (kept_up).
     backlog_growth_per_s: float | None = None
+    backlog_floor_end: float | None = None  # the backlog's minimum over the last third
     lateness_growth: float | None = None
     kept_up: bool = True
     why: str = ""
@@ -386,8 +387,10 @@ class Trial:
             step.stored_per_s = step.window_rows / (w1 - w0)
             if plan.buffered:
                 step.backlog_growth_per_s = round(growth_of(backlog), 1)
+                step.backlog_floor_end = last_floor(backlog)
                 step.lateness_growth = round(max(lat_growth, default=0.0), 4)
-                step.kept_up = kept_up(step, pending_max >= wr.max_pending_rows)
+                step.kept_up = kept_up(step, pending_max >= wr.max_pending_rows,
+                                       self.lab.settings.writer_batch_rows)
             log(f"  window counted after {time.perf_counter() - t_trial:.1f} s")
         finally:
             if load is not None:
@@ -468,6 +471,12 @@ def growth_of(points: list[tuple[float, float]]) -> float:
     return (min(v for _, v in last) - min(v for _, v in first)) / dt
 
 
+def last_floor(points: list[tuple[float, float]]) -> float | None:
+    """The minimum over the last third of (t, value) points (None for fewer than 6), the
+    floor :func:`growth_of` compares with the first third's."""
+    return min(v for _, v in points[-(len(points) // 3):]) if len(points) >= 6 else None
+
+
 def growth_per_s(lateness_s: list[float], span_s: float) -> float:
     """:func:`growth_of` a fetch loop's lateness over the window, its fetches taken as
     evenly spread over ``span_s`` (they are, give or take the lateness itself)."""
@@ -475,13 +484,16 @@ def growth_per_s(lateness_s: list[float], span_s: float) -> float:
     return growth_of([(span_s * j / max(1, n - 1), x) for j, x in enumerate(lateness_s)])
 
 
-def kept_up(step: Step, hit_bound: bool) -> bool:
+def kept_up(step: Step, hit_bound: bool, batch_rows: int) -> bool:
     """Whether a buffered trial could have gone on (see BACKLOG_GROWTH_MAX); says why not
-    in ``step.why``."""
+    in ``step.why``. A backlog whose floor stays within one writer batch (``batch_rows``)
+    has not fallen behind, whatever its rise: the writer lets up to a batch wait for its
+    age flush, and a short window's thirds can each miss a flush's trough."""
     why = []
     if hit_bound:
         why.append("the writer's backlog reached its bound")
-    if (step.backlog_growth_per_s or 0.0) > BACKLOG_GROWTH_MAX * max(step.stored_per_s, 1.0):
+    if ((step.backlog_growth_per_s or 0.0) > BACKLOG_GROWTH_MAX * max(step.stored_per_s, 1.0)
+            and (step.backlog_floor_end or 0.0) > batch_rows):
         why.append(f"the floor of the writer's backlog rose by "
                    f"{step.backlog_growth_per_s:,.0f} rows/s")
     if (step.lateness_growth or 0.0) > LATENESS_GROWTH_MAX:

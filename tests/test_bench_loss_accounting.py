@@ -118,12 +118,14 @@ def test_a_buffered_trial_that_falls_behind_is_not_lossless(bench: ModuleType) -
     its bound or it or the fetch lateness kept growing through the window."""
     import acq_trial
 
-    def step(backlog: list[tuple[float, int]], lateness: list[float], hit: bool) -> Any:
+    def step(backlog: list[tuple[float, int]], lateness: list[float], hit: bool,
+             span_s: float = 10.0, stored_per_s: float = 50_000.0) -> Any:
         st = acq_trial.Step(hz=100.0, period_s=PERIOD_S, cabinets=1, channels=64)
-        st.stored_per_s = 50_000.0
+        st.stored_per_s = stored_per_s
         st.backlog_growth_per_s = acq_trial.growth_of(backlog)
-        st.lateness_growth = acq_trial.growth_per_s(lateness, 10.0)
-        st.kept_up = acq_trial.kept_up(st, hit)
+        st.backlog_floor_end = acq_trial.last_floor(backlog)
+        st.lateness_growth = acq_trial.growth_per_s(lateness, span_s)
+        st.kept_up = acq_trial.kept_up(st, hit, batch_rows=2_000)
         return st
 
     # Steady: the backlog is a sawtooth (it empties at each commit) and the lateness
@@ -143,3 +145,15 @@ def test_a_buffered_trial_that_falls_behind_is_not_lossless(bench: ModuleType) -
     assert "reached its bound" in behind.why and "lateness rose" in behind.why
     # A falling-behind trial reads "fell behind", never "LOSSLESS".
     assert "FELL BEHIND" in behind.line()
+    # A 2 s window of a small quick trial (2,500 rows/s stored), sampled every 0.2 s: the
+    # writer commits when its rows reach a batch or age 0.5 s, so the thirds (0.6 s) can
+    # miss the troughs and the floor "rises" past 2 % of the rate while the backlog stays
+    # under one batch of 2,000 rows.
+    short = [(0.2 * k, [0, 600, 300, 0, 700, 400, 100, 715, 450, 150][k]) for k in range(10)]
+    assert acq_trial.growth_of(short) > acq_trial.BACKLOG_GROWTH_MAX * 2_500
+    quick = step(short, [0.02] * 40, hit=False, span_s=2.0, stored_per_s=2_500.0)
+    assert quick.kept_up and not quick.why
+    # The same rise above a batch is a writer falling behind.
+    above = step([(t, v + 5_000 + int(3_000 * t)) for t, v in short], [0.02] * 40, hit=False,
+                 span_s=2.0, stored_per_s=2_500.0)
+    assert not above.kept_up and "backlog rose" in above.why
