@@ -252,6 +252,9 @@ EXAMPLES = 100  # per operation, for every role the operation admits
 # status is documented, its body matches the schema) while the admitting roles give the
 # operation its 100.
 REFUSED_EXAMPLES = 10
+# A fixed seed: CI gets the same generated requests each time, so a pass does not depend
+# on the draw. LABDAQ_ST_SEED=random explores new ones (make test-deep, by hand).
+SEED = os.environ.get("LABDAQ_ST_SEED", "0")
 def _admitted_roles(svc: Service) -> dict[str, set[str] | None]:
     """Each operation ("METHOD /path") of the service's OpenAPI: the roles its security
     requirement admits (api/deps.py lists them as the scheme's role names), or None when
@@ -273,7 +276,8 @@ def _deep_config(admitted: dict[str, set[str] | None], role: str) -> str:
     """tests/schemathesis.toml for ``role``'s deep run: every phase (the default), all
     its checks, EXAMPLES per operation but REFUSED_EXAMPLES where the role is refused."""
     refused = [name for name, roles in admitted.items() if roles is not None and role not in roles]
-    text = f"generation.max-examples = {EXAMPLES}\n\n{CONFIG.read_text()}"
+    seed = "" if SEED == "random" else f"seed = {int(SEED)}\n"
+    text = f"{seed}generation.max-examples = {EXAMPLES}\n\n{CONFIG.read_text()}"
     if refused:
         text += ("\n[[operations]]\n"
                  f"include-name = {_toml_list(refused)}\n"
