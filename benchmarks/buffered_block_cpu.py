@@ -9,16 +9,26 @@ simulator's server thread is not counted), and its split between the pass, the
 per-reading ``_reading`` and the hand-off (``_put_pending``, rows encoded as for the writer
 process). Two rounds of each path, alternated, so a busy machine weighs on both alike.
 
-Run from the repository root: ``python benchmarks/buffered_block_cpu.py [seconds] [fetch_s]``
-(defaults 10 and 0.05).
+Run from the repository root: ``python benchmarks/buffered_block_cpu.py [--seconds S]
+[--fetch-s F] [--quick]`` (defaults 10 s of cabinet time and 0.05 s; ``--quick`` 3 s). The
+last line of stdout is one JSON object (benchmarks/_common.py): value = the block pass's
+engine CPU per reading (labdaq as built), baseline = the per-reading path, medians of the
+two rounds of each; lower is better. The split of each round goes to stderr.
 """
+import argparse
 import asyncio
+import os
+import statistics
 import sys
 import time
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, ".")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _common import result  # noqa: E402
+
 import labdaq.engine.group_buffered as gb  # noqa: E402
 from labdaq.drivers.cabinet import CyclerCabinet  # noqa: E402
 from labdaq.drivers.transport import open_transport  # noqa: E402
@@ -30,8 +40,8 @@ from labdaq.sims.server import SimServer  # noqa: E402
 from tests.test_buffered_acquisition import Rig  # noqa: E402
 
 CH = 64
-SECONDS = float(sys.argv[1]) if len(sys.argv) > 1 else 10.0
-FETCH = float(sys.argv[2]) if len(sys.argv) > 2 else 0.05
+SECONDS = 10.0
+FETCH = 0.05
 
 
 async def rig(stack: AsyncExitStack) -> Rig:
@@ -87,7 +97,9 @@ async def scenario(r: Rig) -> float:
     return cpu
 
 
-async def main() -> None:
+async def measure() -> dict[bool, list[float]]:
+    """Engine CPU seconds per reading of each round, by ``block_pass``."""
+    per_reading: dict[bool, list[float]] = {False: [], True: []}
     async with AsyncExitStack() as stack:
         src = await rig(stack)
         src.group.block_pass = False
@@ -130,13 +142,35 @@ async def main() -> None:
                 setattr(r.group, name, timed)
             cpu = await scenario(r)
             gb.quiet_pass = qp
-            print({k: f"{v * 1e3:.0f} ms in {calls[k]} calls" for k, v in spent.items()})
+            print({k: f"{v * 1e3:.0f} ms in {calls[k]} calls" for k, v in spent.items()},
+                  file=sys.stderr)
             readings = r.group.ticks
             sink = r.group.writer
             assert isinstance(sink, _EncodeSink)
             print(f"block_pass={flag}: {readings} readings of {CH} ch, fetch {FETCH * 1e3:g} ms:"
                   f" engine CPU {cpu * 1e3:.0f} ms = {cpu / readings * 1e6:.0f} us/reading, "
-                  f"{sink.n} rows, {sink.steps} steps")
+                  f"{sink.n} rows, {sink.steps} steps", file=sys.stderr)
+            per_reading[flag].append(cpu / readings)
+    return per_reading
 
 
-asyncio.run(main())
+def main() -> None:
+    global SECONDS, FETCH
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=SECONDS, help="cabinet time per round")
+    ap.add_argument("--fetch-s", type=float, default=FETCH, help="engine fetch period")
+    ap.add_argument("--quick", action="store_true", help="3 s of cabinet time per round")
+    args = ap.parse_args()
+    SECONDS, FETCH = (3.0 if args.quick else args.seconds), args.fetch_s
+    per_reading = asyncio.run(measure())
+    block, single = (statistics.median(per_reading[k]) * 1e6 for k in (True, False))
+    result("buffered_block_cpu", block, "us engine CPU per 64-ch reading", single,
+           seconds=SECONDS, fetch_s=FETCH, load_avg=round(os.getloadavg()[0], 1),
+           note=(f"buffered mode, one 64-channel cabinet over TCP on a manual clock, every "
+                 f"channel cycling; value = the vectorised block pass (labdaq as built), "
+                 f"baseline = the per-reading path on the same recorded blocks, medians of 2 "
+                 f"alternated rounds of {SECONDS:g} s each; lower is better"))
+
+
+if __name__ == "__main__":
+    main()

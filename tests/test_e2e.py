@@ -128,9 +128,8 @@ def test_demo_run_through_http_to_simulated_smu(lab) -> None:
     # "queue": false: a busy channel is refused (by default the run would be queued).
     busy = httpx.post(f"{base}/api/v1/runs", json={**body, "queue": False}, headers=h)
     assert busy.status_code == 409
-    state = None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    # Until the run ends: the test's timeout bounds a loaded machine's slower run.
+    while True:
         run = httpx.get(f"{base}/api/v1/runs/{run_id}", headers=h).json()
         state = run["state"]
         if state not in ("queued", "running"):
