@@ -51,20 +51,22 @@ test-fast: $(VENV)/.installed-dev
 
 # The long suites (@pytest.mark.slow); .ci/run runs them after `make test`.
 # SLOW_TEST_WORKERS pytest-xdist workers, a whole file each: most of these tests wait on
-# simulated instruments and subprocesses. schemathesis in depth is not among them yet: it
-# has not been timed to completion inside .ci/run's 90 minutes (make test-deep).
+# simulated instruments and subprocesses. Then schemathesis in depth on its own (make
+# test-deep): its six runs and two services load both cores, and beside it the other
+# slow tests would wait on a machine busier than they need.
 SLOW_TEST_WORKERS ?= 2
 test-slow: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -m "slow and not deep and not soak" -n $(SLOW_TEST_WORKERS) \
 		--dist loadfile \
 		--durations=15
+	$(BIN)/python -m pytest -q -m deep
 
 # The long form of the memory soak: 64 channels at 1 s under the standard API load for
 # an hour of wall time, RSS of every serve process (tests/test_soak_api_load.py).
 soak: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -s -m soak
 
-# schemathesis in depth alone (not part of test-slow, see above): every operation, every phase,
+# schemathesis in depth alone (the last part of test-slow): every operation, every phase,
 # all checks, each role's token, SQLite and (with LABDAQ_TEST_PG_URL) PostgreSQL.
 test-deep: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -m deep

@@ -6,8 +6,8 @@ content type, only documented status codes, negative data refused, links followe
 against it with a bearer token. The quick form is part of the normal suite; the deep form
 (every phase, each role's token, on SQLite and PostgreSQL, 100 examples per operation for
 each role it admits: one test case, one service per backend, every role's run at once) is
-marked ``slow`` and ``deep``: `make test-deep` runs it alone (`make test-slow` leaves
-``deep`` out until a whole deep run is timed inside CI's budget; docs/performance.md).
+marked ``slow`` and ``deep``: `make test-slow` runs it last, on its own, and `make
+test-deep` runs it alone (its time: docs/performance.md).
 """
 
 from __future__ import annotations
