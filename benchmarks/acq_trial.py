@@ -137,6 +137,10 @@ class Step:
                    f"{api.get('errors')} err {api.get('unfinished')} unfinished" if api else "")
         verdict = ("LOSSLESS" if self.lossless else f"with {self.lost} lost" if self.lost
                    else "none lost but FELL BEHIND")
+        growth = (f"; backlog floor {self.backlog_growth_per_s:+,.0f} rows/s (last third "
+                  f"{self.backlog_floor_end or 0:,.0f}), lateness floor "
+                  f"{self.lateness_growth or 0:+.4f} s/s"
+                  if self.backlog_growth_per_s is not None else "")
         return (
             f"  {self.hz:g} Hz x {self.channels:5d} ch ({self.cabinets} cab): {verdict}; "
             f"stored {self.stored_per_s:8.0f}/s, window rows {self.window_rows} lost "
@@ -151,7 +155,7 @@ class Step:
             f"period); breach->off n={len(self.breach_to_off_s)} p99 "
             f"{pct(self.breach_to_off_s, 99)} ms, ->ack p99 {pct(self.breach_to_ack_s, 99)} "
             f"ms; claim {self.claim_s:.1f} s for {self.new_runs} runs; trial "
-            f"{self.trial_s:.0f} s; cpu% {self.cpu_pct}; writer {self.writer}{api_txt}"
+            f"{self.trial_s:.0f} s; cpu% {self.cpu_pct}; writer {self.writer}{growth}{api_txt}"
             f"{' -- ' + self.why.strip() if self.why else ''}"
         )
 
