@@ -83,11 +83,8 @@ def free_port() -> int:
     return ports.free_port("bench")
 
 
-
-
 def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
-
 
 
 # ---------------------------------------------------------------------------------------

@@ -41,8 +41,6 @@ if TYPE_CHECKING:
     from acq_search import Plan
 
 
-
-
 @dataclass
 class Lab:
     url: str

@@ -184,8 +184,6 @@ async def make_lab(url: str, runs: int = 1) -> dict[str, Any]:
         await engine.dispose()
 
 
-
-
 @contextmanager
 def api_server(url: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """``labdaq api`` in its own process on a free port; yields its base URL. Its output

@@ -43,8 +43,6 @@ ROLES = ("technician", "engineer", "admin")
 START_TIMEOUT_S = 600.0  # only a hang fails: a busy 2-core machine takes minutes
 
 
-
-
 class Service(NamedTuple):
     """A running `labdaq serve --sim`: its base URL, a token per role, and the
     environment that loads tests/schemathesis_hooks.py for those tokens."""
@@ -255,6 +253,8 @@ REFUSED_EXAMPLES = 10
 # A fixed seed: CI gets the same generated requests each time, so a pass does not depend
 # on the draw. LABDAQ_ST_SEED=random explores new ones (make test-deep, by hand).
 SEED = os.environ.get("LABDAQ_ST_SEED", "0")
+
+
 def _admitted_roles(svc: Service) -> dict[str, set[str] | None]:
     """Each operation ("METHOD /path") of the service's OpenAPI: the roles its security
     requirement admits (api/deps.py lists them as the scheme's role names), or None when

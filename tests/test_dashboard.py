@@ -98,8 +98,6 @@ def _ensure_chromium() -> Path:
     return CHROMIUM
 
 
-
-
 class Lab:
     """The running service: its URL, database, a token per role, and an API client per
     role."""

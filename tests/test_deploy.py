@@ -294,8 +294,6 @@ def test_wheel_installed_alone_imports_every_module_and_migrates(
     assert (tmp_path / "data" / "labdaq.db").is_file()
 
 
-
-
 @pytest.mark.slow  # make test-slow: keeps make test within its budget
 def test_image_healthcheck_command_passes_on_a_live_api_and_fails_without_one(
     tmp_path: Path,

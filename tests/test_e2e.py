@@ -24,8 +24,6 @@ SOC0 = 0.5
 SEED = 1
 
 
-
-
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[tuple[str, str, subprocess.Popen[str]]]:
     port = free_port()

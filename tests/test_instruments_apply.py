@@ -413,8 +413,6 @@ async def test_hioki_configured_through_the_api_opens_with_its_framing(api: Any)
 # -- labdaq serve applies the configured file --------------------------------------------
 
 
-
-
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[str, Path, subprocess.Popen[str], list[str]]]:
     hioki = SimServer.pty(HiokiBT4560Sim(CellBank("nmc811", n=1, soc=0.5, seed=1), seed=5),

@@ -91,8 +91,6 @@ class _Proc:
                 self.proc.wait()
 
 
-
-
 @pytest.fixture
 def sim_lab(tmp_path: Path) -> Iterator[Path]:
     config = tmp_path / "lab.toml"

@@ -49,8 +49,6 @@ def _charge(duration_s: float) -> dict[str, Any]:
             "steps": [{"step": "cc", "rate_c": 0.2, "until": {"duration_s": duration_s}}]}
 
 
-
-
 @dataclass
 class Cluster:
     url: str

@@ -52,8 +52,6 @@ CHARGE_DOC: dict[str, Any] = {
 }
 
 
-
-
 def _wait(pred: Callable[[], Any], what: str, proc: subprocess.Popen[bytes],
           timeout_s: float = TIMEOUT_S) -> Any:
     deadline = time.monotonic() + timeout_s
