@@ -462,11 +462,10 @@ def growth_of(points: list[tuple[float, float]]) -> float:
     ``writer_max_batch_rows``) and lateness has spikes, and either made a least-squares
     slope over a 10 s window swing by several percent of the rate with nothing falling
     behind; a writer or engine that falls behind raises the floor."""
-    n = len(points)
-    if n < 6:
+    thirds = _thirds(points)
+    if thirds is None:
         return 0.0
-    k = n // 3
-    first, last = points[:k], points[-k:]
+    first, last = thirds
     dt = (last[0][0] + last[-1][0]) / 2 - (first[0][0] + first[-1][0]) / 2
     if dt <= 0:
         return 0.0
@@ -476,7 +475,17 @@ def growth_of(points: list[tuple[float, float]]) -> float:
 def last_floor(points: list[tuple[float, float]]) -> float | None:
     """The minimum over the last third of (t, value) points (None for fewer than 6), the
     floor :func:`growth_of` compares with the first third's."""
-    return min(v for _, v in points[-(len(points) // 3):]) if len(points) >= 6 else None
+    thirds = _thirds(points)
+    return None if thirds is None else min(v for _, v in thirds[1])
+
+
+def _thirds(points: list[tuple[float, float]]
+            ) -> tuple[list[tuple[float, float]], list[tuple[float, float]]] | None:
+    """The first and the last third of ``points`` (None for fewer than 6)."""
+    if len(points) < 6:
+        return None
+    k = len(points) // 3
+    return points[:k], points[-k:]
 
 
 def growth_per_s(lateness_s: list[float], span_s: float) -> float:
