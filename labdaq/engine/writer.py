@@ -34,15 +34,15 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from labdaq.engine.journal import Journal
 from labdaq.engine.ledger import Ledger, Records, Resolver
 from labdaq.engine.sample_batch import SampleBatch
+from labdaq.engine.sample_rows import SampleRows, join, rows_of
 from labdaq.engine.writer_db import (  # noqa: F401 - public names, imported from here
     PG_STAGE,
     Rows,
@@ -99,12 +99,14 @@ class SampleWriter(JournalFallback):
         self.max_batch_rows = max(self.batch_rows, max_batch_rows)
         self._resolver = Resolver()
 
-        # Memory: the open batch, then full batches waiting for the writer task.
-        self._buf: list[Sequence[Any]] = []
+        # Memory: the open batch (the pieces handed over, joined when it is handed on),
+        # then full batches waiting for the writer task.
+        self._buf: list[Rows] = []
+        self._buf_rows = 0
         self._buf_ledger: Ledger | None = None
         self._buf_since = 0.0
         # Full batches in stream order, each with the ledger that came with its rows.
-        self._batches: deque[tuple[list[Sequence[Any]], Ledger | None]] = deque()
+        self._batches: deque[tuple[Rows, Ledger | None]] = deque()
         self._pending = 0  # rows in memory: open batch + queued + being written
         self._rows_in = 0  # rows ever handed over
         self._rows_settled = 0  # rows committed, journaled, rejected or dropped (FIFO)
@@ -157,7 +159,9 @@ class SampleWriter(JournalFallback):
         runs; it needs at least one row to travel with.
         """
         if isinstance(rows, SampleBatch):
-            rows = rows.rows()
+            rows = rows_of(rows)
+        elif not isinstance(rows, SampleRows):
+            rows = list(rows)  # the caller may reuse its list
         n = len(rows)
         if n == 0:
             return
@@ -178,20 +182,25 @@ class SampleWriter(JournalFallback):
         if not self._buf:
             self._buf_since = time.monotonic()
             self._wake.set()  # the writer task arms the age timer
-        self._buf.extend(rows)
+        self._buf.append(rows)
+        self._buf_rows += n
         if ledger is not None:
             if self._buf_ledger is None:
                 self._buf_ledger = Ledger()
             self._buf_ledger.extend(ledger)
         self._pending += n
         self._rows_in += n
-        if len(self._buf) >= self.batch_rows:
+        if self._buf_rows >= self.batch_rows:
             self._hand_over()
+
+    def _take_buf(self) -> tuple[Rows, Ledger | None]:
+        taken = join(self._buf), self._buf_ledger
+        self._buf, self._buf_rows, self._buf_ledger = [], 0, None
+        return taken
 
     def _hand_over(self) -> None:
         if self._buf:
-            self._batches.append((self._buf, self._buf_ledger))
-            self._buf, self._buf_ledger = [], None
+            self._batches.append(self._take_buf())
             self._wake.set()
 
     async def flush(self) -> None:
@@ -287,24 +296,25 @@ class SampleWriter(JournalFallback):
             return False
         return self._replay_now or now >= self._retry_at
 
-    def _take(self, now: float) -> tuple[list[Sequence[Any]], Records] | None:
+    def _take(self, now: float) -> tuple[Rows, Records] | None:
         if self._batches:
-            batch, ledger = self._batches.popleft()
+            first, ledger = self._batches.popleft()
+            parts, n = [first], len(first)
             records = self._resolver.resolve(ledger)
             # Behind? Write what has queued up in one transaction: with hundreds of runs
             # interleaved, rows per commit is what sets the rate (docs/performance.md).
             # Capped so that one write stays far inside write_timeout_s even on a loaded
             # machine: merging a whole backlog once made single writes time out, and the
             # writer then fell into its journal and could not climb out.
-            while self._batches and len(batch) + len(self._batches[0][0]) <= self.max_batch_rows:
+            while self._batches and n + len(self._batches[0][0]) <= self.max_batch_rows:
                 more, ledger = self._batches.popleft()
-                batch.extend(more)
+                parts.append(more)
+                n += len(more)
                 records.extend(self._resolver.resolve(ledger))
-            return batch, records
+            return join(parts), records
         if self._buf and now - self._buf_since >= self.batch_age_s:
             # Age-based flush so a slow channel's samples reach the database promptly.
-            batch, ledger = self._buf, self._buf_ledger
-            self._buf, self._buf_ledger = [], None
+            batch, ledger = self._take_buf()
             return batch, self._resolver.resolve(ledger)
         return None
 
@@ -331,7 +341,7 @@ class SampleWriter(JournalFallback):
         self._space.set()
         self._pulse()
 
-    async def _store(self, taken: tuple[list[Sequence[Any]], Records]) -> None:
+    async def _store(self, taken: tuple[Rows, Records]) -> None:
         """Write one batch, or journal it (with everything queued behind it) if the DB is down."""
         batch, records = taken
         if self._held:

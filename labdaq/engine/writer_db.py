@@ -40,7 +40,7 @@ import logging
 import operator
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
@@ -49,13 +49,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from labdaq.engine.journal import Journal
 from labdaq.engine.ledger import Records, RecordSql
+from labdaq.engine.sample_rows import Rows, SampleRows
 from labdaq.storage.models import SAMPLE_COLUMNS, Run
 
 log = logging.getLogger(__name__)
 
 _PK = operator.itemgetter(0, 1)  # (run_id, seq) in SAMPLE_COLUMNS order
-
-Rows = Sequence[Sequence[Any]]
 
 # Per-connection staging table for COPY; ON COMMIT DELETE ROWS empties it in place at each
 # commit (PostgreSQL skips that for transactions that did not touch it).
@@ -362,7 +361,8 @@ class DatabaseWrites:
         self._retry_delay = self.retry_min_s
 
     async def _insert(self, rows: Rows, records: Records | None = None) -> None:
-        if rows and set(map(len, rows)) != {len(SAMPLE_COLUMNS)}:
+        if (rows and not isinstance(rows, SampleRows)
+                and set(map(len, rows)) != {len(SAMPLE_COLUMNS)}):
             # A data error, so the bisection refuses exactly the malformed rows: COPY
             # would store a row with an extra value cut short, and SQLite's flattened
             # statements would shift a short row's neighbours into the wrong columns.
@@ -378,20 +378,24 @@ class DatabaseWrites:
         # In (run_id, seq) order: a batch interleaves every running channel, and walking
         # the primary-key B-tree in order is faster than hopping between their pages row
         # by row (docs/performance.md).
-        params = sorted(rows, key=_PK)
-        # exec_driver_sql wants a list whose first element is a tuple; the driver itself
-        # takes any sequences, so only a leading list row needs converting.
-        if params and not isinstance(params[0], tuple):
-            params = [tuple(r) for r in params]
         k = SQLITE_ROWS_PER_INSERT
-        whole = len(params) - len(params) % k
+        if isinstance(rows, SampleRows):
+            multi, rest = rows.insert_params(k)  # sorted and flattened by numpy
+        else:
+            params = sorted(rows, key=_PK)
+            # exec_driver_sql wants a list whose first element is a tuple; the driver
+            # itself takes any sequences, so only a leading list row needs converting.
+            if params and not isinstance(params[0], tuple):
+                params = [tuple(r) for r in params]
+            whole = len(params) - len(params) % k
+            flat = itertools.chain.from_iterable
+            multi = [tuple(flat(params[i:i + k])) for i in range(0, whole, k)]
+            rest = params[whole:]
         async with self.engine.begin() as conn:
-            if whole:
-                flat = itertools.chain.from_iterable
-                await conn.exec_driver_sql(
-                    self._sql_multi, [tuple(flat(params[i:i + k])) for i in range(0, whole, k)])
-            if whole < len(params):
-                await conn.exec_driver_sql(self._sql, params[whole:])
+            if multi:
+                await conn.exec_driver_sql(self._sql_multi, multi)
+            if rest:
+                await conn.exec_driver_sql(self._sql, rest)
             for sql, rec_params in self._rec_sql.params(records) if records else ():
                 await conn.exec_driver_sql(sql, rec_params)  # type: ignore[arg-type]
 

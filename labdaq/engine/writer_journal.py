@@ -28,7 +28,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +50,8 @@ class JournalFallback(DatabaseWrites):
     ``rows_replayed``, ``rows_dropped`` and ``journal_overflowed``."""
 
     # SampleWriter's (writer.py): the queue batches come from and its accounting.
-    _batches: deque[tuple[list[Sequence[Any]], Ledger | None]]
-    _buf: list[Sequence[Any]]
+    _batches: deque[tuple[Rows, Ledger | None]]
+    _buf_rows: int
     _pending: int
     _resolver: Resolver
     max_pending_rows: int
@@ -79,7 +79,7 @@ class JournalFallback(DatabaseWrites):
         # Batches the journal could not take because writing it failed (disk full, I/O
         # error), oldest first, each with when it was first held: kept in memory and
         # retried for up to hold_s, within half the memory bound so put() never waits.
-        self._held: deque[tuple[list[Sequence[Any]], Records, float]] = deque()
+        self._held: deque[tuple[Rows, Records, float]] = deque()
         self._held_rows = 0
         self._held_retrying = 0  # held rows out of the deque while _store_held retries them
         self._held_retry_at = 0.0
@@ -119,7 +119,7 @@ class JournalFallback(DatabaseWrites):
             self._held_retrying = 0
 
     def _keep_or_drop(
-        self, batches: list[tuple[list[Sequence[Any]], Records, float]], failed: bool = True
+        self, batches: list[tuple[Rows, Records, float]], failed: bool = True
     ) -> None:
         """Hold batches the journal could not take, within the hold bounds; drop the rest.
         ``failed``: the journal just failed (back off) rather than rows joining the queue."""
@@ -135,7 +135,7 @@ class JournalFallback(DatabaseWrites):
         self._held_retry_at = now + self._held_delay
         self._held_delay = min(self._held_delay * 2, self.retry_max_s)
 
-    def _drop(self, b: list[Sequence[Any]]) -> None:
+    def _drop(self, b: Rows) -> None:
         assert self._journal is not None
         self.rows_dropped += len(b)
         self._note_dropped(b)
@@ -150,7 +150,7 @@ class JournalFallback(DatabaseWrites):
 
     async def _spill(
         self,
-        batches: list[tuple[list[Sequence[Any]], Records]],
+        batches: list[tuple[Rows, Records]],
         since: list[float] | None = None,
     ) -> None:
         """Append batches, plus every batch queued behind them, to the journal (one fsync).
@@ -226,7 +226,7 @@ class JournalFallback(DatabaseWrites):
                 self._pulse()
                 # A long replay must not stall acquisition: past half the memory bound,
                 # newer batches join the journal behind the records being replayed.
-                if self._pending - len(self._buf) > self.max_pending_rows // 2:
+                if self._pending - self._buf_rows > self.max_pending_rows // 2:
                     await self._spill([])
             log.info("sample journal replayed; writing directly again")
         finally:

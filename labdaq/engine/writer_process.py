@@ -53,6 +53,7 @@ from typing import Any
 
 from labdaq.engine.ledger import Ledger
 from labdaq.engine.sample_batch import SampleBatch, decode, encode, is_batch
+from labdaq.engine.sample_rows import rows_of
 from labdaq.engine.sink import SinkLost
 
 log = logging.getLogger(__name__)
@@ -297,7 +298,7 @@ async def _child(conn: Connection, database_url: str, kwargs: dict[str, Any]) ->
         buf = conn.recv_bytes()
         if is_batch(buf):
             batch, ledger = decode(buf)
-            return ("put", batch.rows(), ledger)
+            return ("put", rows_of(batch), ledger)
         msg: tuple[Any, ...] = pickle.loads(buf)
         return msg
 
