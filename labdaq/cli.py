@@ -147,6 +147,7 @@ def engine(
             batch_rows=s.writer_batch_rows,
             batch_age_s=s.writer_batch_age_s,
             max_batch_rows=s.writer_max_batch_rows,
+            commit_interval_s=s.writer_commit_interval_s,
             control_period_s=s.engine_control_period_s,
             max_resume_gap_s=s.max_resume_gap_s,
             writer_process=s.writer_process,

@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     writer_batch_age_s: float = 0.5
     # Batches that queued up behind a slow write go out together, up to this many rows.
     writer_max_batch_rows: int = Field(default=32_000, ge=1)
+    # A write starts at most this often (s) unless writer_max_batch_rows are waiting: every
+    # commit updates the position of each run in it.
+    writer_commit_interval_s: float = Field(default=0.25, ge=0, le=5)
     # The sample writer runs in its own process (no GIL shared with acquisition).
     writer_process: bool = True
     # How often the engine polls the database for new work when no nudge arrives.

@@ -87,6 +87,7 @@ class AcquisitionNode(Scheduling, Recovery):
         batch_rows: int = 2000,
         batch_age_s: float = 0.5,
         max_batch_rows: int = 32_000,
+        commit_interval_s: float = 0.25,
         node_name: str | None = None,
         max_resume_gap_s: float = 600.0,
         control_period_s: float = 1.0,
@@ -111,12 +112,13 @@ class AcquisitionNode(Scheduling, Recovery):
             WriterProcess(
                 engine.url.render_as_string(hide_password=False),
                 batch_rows=batch_rows, batch_age_s=batch_age_s, journal_dir=self.journal_dir,
-                max_batch_rows=max_batch_rows,
+                max_batch_rows=max_batch_rows, commit_interval_s=commit_interval_s,
             )
             if writer_process
             else SampleWriter(
                 engine, batch_rows=batch_rows, batch_age_s=batch_age_s,
                 journal_dir=self.journal_dir, max_batch_rows=max_batch_rows,
+                commit_interval_s=commit_interval_s,
             )
         )
         self.node_name = node_name or socket.gethostname()

@@ -13,6 +13,10 @@ Data path::
   ``put`` waits for space, and that is the only thing it ever waits for.
 * Batches queued behind a write are merged into one transaction (up to
   ``max_batch_rows``): with hundreds of runs interleaved, rows per commit sets the rate.
+  ``commit_interval_s`` spaces the commits out: a write starts at most that often unless
+  ``max_batch_rows`` are waiting or a flush asks for them. Every commit also updates the
+  position of each run in it (:mod:`.ledger`), so at 1,024 runs a commit of 2,000 rows
+  spent more on positions than on its rows (docs/performance.md).
 * Without ``journal_dir`` there is nowhere durable to put rows: the writer retries with
   backoff holding them in memory and ``put`` waits once ``max_pending_rows`` are pending.
 
@@ -89,6 +93,7 @@ class SampleWriter(JournalFallback):
         retry_min_s: float = 0.05,
         retry_max_s: float = 2.0,
         hold_s: float = 30.0,
+        commit_interval_s: float = 0.0,
     ) -> None:
         self._init_db(engine, write_timeout_s, retry_min_s, retry_max_s)
         self.max_pending_rows = max(1, max_pending_rows)
@@ -97,6 +102,9 @@ class SampleWriter(JournalFallback):
         self.batch_age_s = batch_age_s
         # Batches queued behind a write are merged up to this many rows (see _take).
         self.max_batch_rows = max(self.batch_rows, max_batch_rows)
+        self.commit_interval_s = max(0.0, commit_interval_s)
+        self._next_commit_at = 0.0  # a queued batch waits for this (monotonic) time
+        self._urgent = 0  # flushes waiting: queued batches go now
         self._resolver = Resolver()
 
         # Memory: the open batch (the pieces handed over, joined when it is handed on),
@@ -209,7 +217,12 @@ class SampleWriter(JournalFallback):
             self.start()
         self._hand_over()
         target = self._rows_in
-        await self._wait_until(lambda: self._ready and self._rows_settled >= target)
+        self._urgent += 1
+        self._wake.set()
+        try:
+            await self._wait_until(lambda: self._ready and self._rows_settled >= target)
+        finally:
+            self._urgent -= 1
         if self.journal_pending_rows:
             # One replay attempt now rather than at the next backoff step, so a flush
             # after the database came back means "in the database".
@@ -278,6 +291,7 @@ class SampleWriter(JournalFallback):
                     continue
                 batch = self._take(now)
                 if batch is not None:
+                    self._next_commit_at = now + self.commit_interval_s
                     await self._store(batch)
                     continue
                 if self._closing:
@@ -297,29 +311,42 @@ class SampleWriter(JournalFallback):
         return self._replay_now or now >= self._retry_at
 
     def _take(self, now: float) -> tuple[Rows, Records] | None:
+        if self._batches and self._spacing(now):
+            return None
         if self._batches:
             first, ledger = self._batches.popleft()
             parts, n = [first], len(first)
-            records = self._resolver.resolve(ledger)
             # Behind? Write what has queued up in one transaction: with hundreds of runs
             # interleaved, rows per commit is what sets the rate (docs/performance.md).
             # Capped so that one write stays far inside write_timeout_s even on a loaded
             # machine: merging a whole backlog once made single writes time out, and the
             # writer then fell into its journal and could not climb out.
             while self._batches and n + len(self._batches[0][0]) <= self.max_batch_rows:
-                more, ledger = self._batches.popleft()
+                more, later = self._batches.popleft()
                 parts.append(more)
                 n += len(more)
-                records.extend(self._resolver.resolve(ledger))
-            return join(parts), records
+                # One resolution for the whole write: each run's newest position is built
+                # once, not once per queued batch that carries it.
+                if ledger is None:
+                    ledger = later
+                elif later is not None:
+                    ledger.extend(later)
+            return join(parts), self._resolver.resolve(ledger)
         if self._buf and now - self._buf_since >= self.batch_age_s:
             # Age-based flush so a slow channel's samples reach the database promptly.
             batch, ledger = self._take_buf()
             return batch, self._resolver.resolve(ledger)
         return None
 
+    def _spacing(self, now: float) -> bool:
+        """True while queued batches wait for the next commit time."""
+        return (now < self._next_commit_at and not self._urgent and not self._closing
+                and sum(len(b) for b, _ in self._batches) < self.max_batch_rows)
+
     async def _sleep(self, now: float) -> None:
         deadlines = []
+        if self._batches:
+            deadlines.append(self._next_commit_at)
         if self._buf:
             deadlines.append(self._buf_since + self.batch_age_s)
         if self.journal_pending_rows:
