@@ -19,7 +19,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from labdaq.engine.journal import Journal
-from labdaq.engine.ledger import FAST_COLUMNS, Ledger, Records, Resolver
+from labdaq.engine import wallclock
+from labdaq.engine.ledger import FAST_COLUMNS, Ledger, Records, Resolver, position_json
 from labdaq.engine.writer import SampleWriter
 from tests.test_writer import _rows, _seed_run, _until
 
@@ -73,6 +74,50 @@ def test_a_boundary_position_wins_over_the_row_that_ended_the_step() -> None:
     out = r.resolve(Ledger(fast=[_fast(7, 6, 0.01)]))
     pos = out.progress[7]["position"]
     assert (pos["pc"], pos["seq"], pos["step_cap_ah"]) == (1, 6, 0.01)
+
+
+def _strip_clock(progress: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    out = {}
+    for rid, p in progress.items():
+        pos = {k: v for k, v in p["position"].items() if k != wallclock.KEY}
+        out[rid] = {**p, "position": pos}
+    return out
+
+
+def test_ledgers_resolved_together_give_what_resolving_them_in_turn_gives() -> None:
+    """The writer resolves the ledgers of every batch a write takes at once: each run's
+    newest full position with its newest row, steps and cycles in stream order."""
+    ledgers = [
+        Ledger(fast=[_fast(7, 1, 0.1), _fast(8, 1, 0.5)],
+               positions=[_full(7, 0, 0.0), _full(8, 0, 0.0)], steps=[{"n": 1}]),
+        Ledger(fast=[_fast(7, 2, 0.2)], cycles=[{"c": 1}]),
+        # Run 8 ends a step: its boundary position is newer than its last row so far.
+        Ledger(fast=[_fast(7, 4, 0.4), _fast(7, 3, 0.3)],
+               positions=[_full(8, 5, 0.0, pc=1)], steps=[{"n": 2}]),
+        Ledger(fast=[_fast(8, 4, 0.9)]),
+    ]
+    one_by_one, together = Resolver(), Resolver()
+    want = Records()
+    for led in ledgers:
+        want.extend(one_by_one.resolve(Ledger(fast=list(led.fast), positions=list(led.positions),
+                                              steps=list(led.steps), cycles=list(led.cycles))))
+    merged = Ledger()
+    for led in ledgers:
+        merged.extend(led)
+    got = together.resolve(merged)
+    assert _strip_clock(got.progress) == _strip_clock(want.progress)
+    assert got.progress[8]["position"]["pc"] == 1 and got.progress[8]["last_seq"] == 5
+    assert got.progress[7]["last_seq"] == 4
+    assert (got.steps, got.cycles) == ([{"n": 1}, {"n": 2}], [{"c": 1}])
+
+
+def test_position_json_is_json_dumps_text_and_keeps_a_nan() -> None:
+    pos = _position(12, 0.25)
+    pos["step_en_wh"] = np.float64(1.5)
+    pos["pulse_i"] = np.int64(3)
+    assert json.loads(position_json(pos)) == json.loads(json.dumps(pos, default=float))
+    pos["step_cap_ah"] = float("nan")
+    assert np.isnan(json.loads(position_json(pos))["step_cap_ah"])
 
 
 def test_journal_keeps_records_with_their_rows(tmp_path: Path) -> None:

@@ -181,6 +181,30 @@ async def test_batches_queued_behind_a_slow_write_merge_up_to_the_cap(
     assert writer.rows_written == 1000 and writer.rows_journaled == 0
 
 
+async def test_commits_are_spaced_unless_the_cap_or_a_flush_is_waiting(
+    db_engine: AsyncEngine,
+) -> None:
+    run_id = await _seed_run(db_engine)
+    # An interval no test run lasts: only the cap or a flush can start a write before it.
+    writer = RecordingWriter(db_engine, batch_rows=100, batch_age_s=3600, max_batch_rows=300,
+                             commit_interval_s=3600)
+    writer.start()
+    await writer.put(_rows(run_id, 1, 100))
+    await _until(lambda: writer.rows_written == 100)  # nothing written yet: it goes at once
+    for start in (101, 201):
+        await writer.put(_rows(run_id, start, 100))
+        # The writer task saw the batch and went back to sleep: it waits for its time.
+        await _until(lambda: not writer._wake.is_set())
+        assert writer.rows_written == 100
+    await writer.put(_rows(run_id, 301, 100))  # now the cap's 300 rows are queued
+    await _until(lambda: writer.rows_written == 400)
+    await writer.put(_rows(run_id, 401, 100))
+    await writer.flush()  # a flush does not wait for the interval either
+    assert [n for _, n in writer.inserts] == [100, 300, 100]
+    await writer.close()
+    assert await _seqs(db_engine, run_id) == list(range(1, 501))
+
+
 async def test_lists_and_large_puts(db_engine: AsyncEngine) -> None:
     run_id = await _seed_run(db_engine)
     writer = RecordingWriter(db_engine, batch_rows=300, max_pending_rows=1000, max_batch_rows=600)
