@@ -18,8 +18,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from labdaq.engine.journal import Journal
 from labdaq.engine import wallclock
+from labdaq.engine.journal import Journal
 from labdaq.engine.ledger import FAST_COLUMNS, Ledger, Records, Resolver, position_json
 from labdaq.engine.writer import SampleWriter
 from tests.test_writer import _rows, _seed_run, _until
