@@ -228,6 +228,8 @@ class Trial:
         self.node = AcquisitionNode(
             lab.engine, EngineClock(1.0), poll_s=s.engine_poll_s,
             batch_rows=s.writer_batch_rows, batch_age_s=s.writer_batch_age_s,
+            max_batch_rows=s.writer_max_batch_rows,
+            commit_interval_s=s.writer_commit_interval_s,
             control_period_s=self.period, max_resume_gap_s=s.max_resume_gap_s,
             writer_process=s.writer_process,
         )
