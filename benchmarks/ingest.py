@@ -228,7 +228,7 @@ def main() -> None:
         raw_med,
         note=f"{n} rows, batch {args.batch}, vs raw sqlite3.executemany",
     )
-    interleaved(30 if args.quick else 60, 1 if args.quick else args.repeats)
+    interleaved(20 if args.quick else 40, 1)
 
 
 if __name__ == "__main__":

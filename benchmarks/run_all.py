@@ -107,7 +107,7 @@ def loadavg() -> str:
 
 
 #: Benchmarks run by hand (their docstrings say how), not by `make bench`.
-BY_HAND = {"audit_chain", "before_after", "sim_logging"}
+BY_HAND = {"audit_chain", "before_after", "sim_logging", "writer_pace"}
 
 
 def main() -> None:
