@@ -9,7 +9,6 @@ connections (``ALLOW_CONNECTIONS false``) and the writer's backends are terminat
 from __future__ import annotations
 
 import asyncio
-import math
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -21,7 +20,7 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from labdaq.engine.journal import FILE_HEADER, Journal, decode_rows, encode_rows
+from labdaq.engine.journal import Journal
 from labdaq.engine.writer import SampleWriter
 from labdaq.storage import models as m
 from labdaq.storage.db import create_engine, session_scope, sessionmaker
@@ -614,150 +613,3 @@ async def test_fast_producer_bounded_by_max_pending_rows(db_engine: AsyncEngine)
     # 4500 rows beyond the bound had to wait for 45 slow inserts.
     assert waited >= 45 * 0.02 * 0.8
     assert await _seqs(db_engine, run_id) == list(range(1, 5001))
-
-
-# -- rows the database refuses -------------------------------------------------------------
-
-
-async def test_rejected_rows_are_isolated(db_engine: AsyncEngine) -> None:
-    run_id = await _seed_run(db_engine)
-    rows: list[Any] = _rows(run_id, 1, 300)
-    rows[10] = (run_id + 999, *rows[10][1:])  # unknown run (foreign key)
-    rows[200] = (*rows[200][:6], None, *rows[200][7:])  # NULL voltage (NOT NULL)
-    writer = SampleWriter(db_engine, batch_rows=300)
-    await writer.put(rows)
-    await writer.close()
-    assert writer.rows_rejected == 2
-    assert writer.db_available
-    assert await _seqs(db_engine, run_id) == [s for s in range(1, 301) if s not in (11, 201)]
-
-
-async def test_rows_of_the_wrong_width_never_shift_values_into_other_columns(
-    db_engine: AsyncEngine,
-) -> None:
-    # SQLite inserts 50 rows per statement, flattened: a row one value short next to one
-    # a value long would bind the same count and move values between columns. Each is
-    # refused on its own and every other row is stored exactly as given, including the
-    # rows after the last whole statement.
-    run_id = await _seed_run(db_engine)
-    rows: list[Any] = _rows(run_id, 1, 123)
-    rows = [(*r[:7], r[7] - r[1] / 1000, *r[8:]) for r in rows]  # a distinct current each
-    rows[20] = rows[20][:-1]  # 12 values
-    rows[30] = (*rows[30], 0.0)  # 14 values, in the same 50 rows as the short one
-    writer = SampleWriter(db_engine, batch_rows=200)
-    await writer.put(rows)
-    await writer.close()
-    assert writer.rows_rejected == 2
-    async with db_engine.connect() as conn:
-        stored = (await conn.execute(text(
-            "SELECT run_id, seq, t_s, ts_utc, step_index, cycle_index, voltage_v, current_a, "
-            "temperature_c, step_capacity_ah, step_energy_wh, flags, temperature_age_s "
-            "FROM samples WHERE run_id = :r ORDER BY seq"), {"r": run_id})).all()
-    expected = [r for j, r in enumerate(rows) if j not in (20, 30)]
-    assert [tuple(r) for r in stored] == expected
-
-
-class PoisonWriter(SampleWriter):
-    """A driver failure that no classifier knows, caused by one particular row."""
-
-    async def _insert(self, rows: Sequence[Sequence[Any]]) -> None:
-        if any(r[1] == 13 for r in rows):
-            raise RuntimeError("driver cannot encode this row")
-        await super()._insert(rows)
-
-
-async def test_unrecognised_error_on_one_row_does_not_block_the_rest(
-    db_engine: AsyncEngine, tmp_path: Path
-) -> None:
-    # Treated as an outage first (rows journaled), but once it persists while the database
-    # answers, the row is isolated and dropped instead of holding everything back.
-    run_id = await _seed_run(db_engine)
-    writer = PoisonWriter(
-        db_engine, batch_rows=100, journal_dir=tmp_path / "journal", retry_max_s=0.1
-    )
-    await writer.put(_rows(run_id, 1, 500))
-    await writer.flush()
-    await _until(lambda: writer.journal_pending_rows == 0)
-    await writer.put(_rows(run_id, 501, 10))
-    await writer.close()
-    assert writer.rows_rejected == 1 and writer.db_available
-    assert await _seqs(db_engine, run_id) == [s for s in range(1, 511) if s != 13]
-
-
-# -- journal format ------------------------------------------------------------------------
-
-
-def test_journal_encoding_round_trips() -> None:
-    packed = [(1, 2, 0.5, 1.7e9, 3, 4, 3.7, -1.0, None, 0.1, 0.2, 5, None),
-              (1, 3, 0.0, 0.0, 0, 0, 0.0, 0.0, math.inf, 0.0, 0.0, 0, 1.25)]
-    assert decode_rows(encode_rows(packed)) == packed
-    assert encode_rows(packed)[0] == 3  # fixed 106-byte rows (with the temperature's age)
-    odd = [[1, 2**70, "x", None, 0, 0, 1.0, 2.0, 3.0, 4.0, 5.0, 6, None]]  # not packable
-    assert encode_rows(odd)[0] == 2
-    assert decode_rows(encode_rows(odd)) == odd
-    nan = decode_rows(encode_rows([(1, 2, 0.0, 0.0, 0, 0, 0.0, 0.0, math.nan, 0.0, 0.0, 0,
-                                    math.nan)]))
-    assert math.isnan(nan[0][8]) and math.isnan(nan[0][12])
-
-
-def test_journal_reads_records_written_before_the_temperature_age() -> None:
-    """A journal left by the previous version (12 columns, kind 1 or JSON) replays with
-    a NULL age."""
-    import struct
-
-    from labdaq.engine.journal import decode_payload
-
-    row = (1, 2, 0.5, 1.7e9, 3, 4, 3.7, -1.0, True, 25.0, 0.1, 0.2, 5)
-    v1 = struct.pack("<BI", 1, 1) + struct.Struct("<qqddqqdd?dddq").pack(*row)
-    assert decode_payload(v1)[0] == [(1, 2, 0.5, 1.7e9, 3, 4, 3.7, -1.0, 25.0, 0.1, 0.2, 5,
-                                      None)]
-    old_json = struct.pack("<BI", 2, 1) + b"[[1, 2, 0.5, 0, 3, 4, 3.7, -1.0, null, 0, 0, 5]]"
-    assert decode_payload(old_json)[0] == [[1, 2, 0.5, 0, 3, 4, 3.7, -1.0, None, 0, 0, 5,
-                                            None]]
-
-
-def test_journal_detects_corruption_rotates_and_deletes(tmp_path: Path) -> None:
-    j = Journal(tmp_path, segment_bytes=25_000)
-    batches = [_rows(1, i * 100 + 1, 100) for i in range(5)]  # ~9.7 kB each: 2 per file
-    assert j.append_many(batches) == 5
-    assert j.pending_rows == 500 and len(j.segments) == 3
-    j.close()
-    last = j.segments[-1]
-    data = bytearray(last.read_bytes())
-    data[-1] ^= 0xFF  # a flipped bit in the last record: CRC mismatch
-    last.write_bytes(bytes(data))
-
-    j = Journal(tmp_path)
-    j.open()
-    assert j.pending_rows == 400 and j.ignored_bytes > 0
-    seen: list[Any] = []
-    while (rec := j.peek()) is not None:
-        seen += rec.rows
-        j.consume(rec)
-    assert seen == [r for b in batches[:4] for r in b]
-    assert j.pending_rows == 0 and not list(tmp_path.iterdir())
-    # New records after a restart go to a new file, never behind a torn tail.
-    assert j.append_many([_rows(1, 1, 10)]) == 1
-    (f,) = list(tmp_path.iterdir())
-    assert f.read_bytes().startswith(FILE_HEADER)
-
-
-def test_journal_peek_many_reads_ahead_without_consuming(tmp_path: Path) -> None:
-    j = Journal(tmp_path)
-    batches = [_rows(1, i * 100 + 1, 100) for i in range(5)]
-    assert j.append_many(batches) == 5
-    recs = j.peek_many(350)
-    assert [len(r.rows) for r in recs] == [100, 100, 100]
-    assert [r.rows for r in recs] == batches[:3]
-    assert j.pending_rows == 500  # nothing consumed yet
-    assert [r.rows for r in j.peek_many(10)] == [batches[0]]  # one even if over the cap
-    for r in recs:
-        j.consume(r)
-    assert [r.rows for r in j.peek_many(10_000)] == batches[3:]
-    assert j.pending_rows == 200
-
-
-def test_journal_disk_bound(tmp_path: Path) -> None:
-    j = Journal(tmp_path, max_bytes=25_000)
-    assert j.append_many([_rows(1, 1, 100)] * 5) == 2
-    assert j.size_bytes <= 25_000 and j.pending_rows == 200
