@@ -33,7 +33,7 @@ from _common import result  # noqa: E402
 
 KINDS = ("cycles", "points")
 PLAN = replace(acq.FULL, cpc=64, period_s=1.0, max_cabinets=1, start_cabinets=1,
-               window_s=20.0, settle_s=3.0, cycle_s=20.0, breach_per_cab=0,
+               window_s=15.0, settle_s=3.0, cycle_s=20.0, breach_per_cab=0,
                api_rate_hz=200.0, api_conns=16, api_kinds=KINDS)
 QUICK = replace(PLAN, cpc=16, window_s=6.0, settle_s=2.0, api_rate_hz=100.0, api_conns=8)
 

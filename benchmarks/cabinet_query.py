@@ -196,7 +196,7 @@ def main() -> None:
     if args.serve:
         serve(args.channels, args.sim_speed)
         return
-    duration_s = args.duration if args.duration is not None else (1.0 if args.quick else 1.5)
+    duration_s = args.duration if args.duration is not None else (0.7 if args.quick else 1.0)
     repeats = args.repeats if args.repeats is not None else 2
     n = args.channels
     command = f"MEAS:ALL? (@1:{n})\n".encode()

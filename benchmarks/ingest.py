@@ -201,12 +201,12 @@ def interleaved(fetches: int, repeats: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="200k rows instead of 500k")
+    ap.add_argument("--quick", action="store_true", help="200k rows instead of 300k")
     ap.add_argument("--rows", type=int, default=None)
     ap.add_argument("--batch", type=int, default=10_000)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    n = args.rows or (200_000 if args.quick else 500_000)
+    n = args.rows or (200_000 if args.quick else 300_000)
     ours, raw = [], []
     for _ in range(1 if args.quick else args.repeats):
         with tempfile.TemporaryDirectory() as d:

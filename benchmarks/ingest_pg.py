@@ -190,7 +190,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="100k rows instead of 250k")
     ap.add_argument("--rows", type=int, default=None)
     ap.add_argument("--batch", type=int, default=10_000)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--channels", type=int, default=64, help="runs per put (one cabinet)")
     ap.add_argument("--no-positions", action="store_true",
                     help="one run, rows without ledgers (no positions committed)")
