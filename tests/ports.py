@@ -8,6 +8,10 @@ fails with "address already in use", and the test's HTTP polling of that port re
 whatever took it (a simulated SMU queues -113 "Undefined header" for ``GET /health``).
 The kernel never hands out a port below the ephemeral range, and each pytest-xdist worker
 picks from its own block there, so a port found free stays free for its caller.
+
+``LABDAQ_TEST_PORT_BASE`` moves every block (default 18000): two checkouts that run their
+tests at once on one machine give each a different base (25000 for the second leaves
+room for 11 workers below Linux's default ephemeral range), or their workers share blocks.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import random
 import socket
 
 BLOCK = 500  # ports per process block
-FIRST = 18_000  # the benchmarks' block; tests without xdist next, then each worker's
+# The benchmarks' block; tests without xdist next, then each worker's.
+FIRST = int(os.environ.get("LABDAQ_TEST_PORT_BASE", "18000"))
 _given: set[int] = set()  # handed out by this process: its service may not have bound it yet
 
 
@@ -39,8 +44,9 @@ def _block_start(owner: str | None) -> int:
     else:
         index = 2 + int(owner.removeprefix("gw"))
     start = FIRST + index * BLOCK
-    if start + BLOCK > _ephemeral_low():
-        raise RuntimeError(f"no port block below the ephemeral range for {owner!r}")
+    if start < 1024 or start + BLOCK > _ephemeral_low():
+        raise RuntimeError(f"no port block between 1024 and the ephemeral range for "
+                           f"{owner!r} (LABDAQ_TEST_PORT_BASE={FIRST})")
     return start
 
 

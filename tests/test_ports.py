@@ -37,3 +37,16 @@ def test_a_port_someone_listens_on_is_skipped(monkeypatch: pytest.MonkeyPatch) -
             monkeypatch.setattr(ports, "_given", set())
             with pytest.raises(RuntimeError, match="in use"):
                 ports.free_port("gw9")
+
+
+def test_the_base_moves_every_block_and_stays_out_of_the_ephemeral_range(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ports, "FIRST", 25_000)
+    assert ports._block_start("gw0") == 26_000
+    monkeypatch.setattr(ports, "FIRST", ports._ephemeral_low() - ports.BLOCK)
+    with pytest.raises(RuntimeError, match="LABDAQ_TEST_PORT_BASE"):
+        ports._block_start("gw0")
+    monkeypatch.setattr(ports, "FIRST", 0)
+    with pytest.raises(RuntimeError, match="between 1024"):
+        ports._block_start("bench")
