@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import resource
 import sqlite3
 import sys
 import tempfile
@@ -29,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 from _common import result  # noqa: E402
+from _ingest_cpu import cpu_s  # noqa: E402
 
 from labdaq.engine.sample_batch import SampleBatch  # noqa: E402
 from labdaq.engine.writer import SampleWriter, insert_sql  # noqa: E402
@@ -115,28 +115,25 @@ def raw_ingest(path: Path, rows: list[tuple], batch: int) -> float:
     return dt
 
 
-def cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+def fetch_batch(runs: np.ndarray, f: int, readings: int = 5) -> SampleBatch:
+    """Fetch number ``f`` of one cabinet: ``readings`` readings of its runs, reading-major
+    (seq ``f * readings + 1`` on)."""
+    k = np.repeat(np.arange(f * readings, (f + 1) * readings), len(runs))
+    n = len(k)
+    return SampleBatch(
+        run_id=np.tile(runs, readings), seq=k + 1, t_s=k * 0.01,
+        ts_utc=1.7e9 + k * 0.01, step_index=np.full(n, 2, np.int64),
+        cycle_index=np.ones(n, np.int64), voltage_v=3.6 + (k % 100) * 1e-3,
+        current_a=np.full(n, -2.5), temperature_c=25.0 + (k % 7) * 0.1,
+        step_capacity_ah=k * 6.9e-5, step_energy_wh=k * 2.5e-4,
+        flags=np.zeros(n, np.int64), temperature_age_s=np.full(n, np.nan))
 
 
-def fetch_batches(run_ids: list[int], fetches: int, readings: int = 5,
-                  per_cabinet: int = 64) -> list[SampleBatch]:
-    """Every cabinet's fetches in turn: ``readings`` readings of its runs, reading-major."""
-    out = []
-    for f in range(fetches):
-        for c0 in range(0, len(run_ids), per_cabinet):
-            runs = np.asarray(run_ids[c0:c0 + per_cabinet], np.int64)
-            k = np.repeat(np.arange(f * readings, (f + 1) * readings), len(runs))
-            n = len(k)
-            out.append(SampleBatch(
-                run_id=np.tile(runs, readings), seq=k + 1, t_s=k * 0.01,
-                ts_utc=1.7e9 + k * 0.01, step_index=np.full(n, 2, np.int64),
-                cycle_index=np.ones(n, np.int64), voltage_v=3.6 + (k % 100) * 1e-3,
-                current_a=np.full(n, -2.5), temperature_c=25.0 + (k % 7) * 0.1,
-                step_capacity_ah=k * 6.9e-5, step_energy_wh=k * 2.5e-4,
-                flags=np.zeros(n, np.int64), temperature_age_s=np.full(n, np.nan)))
-    return out
+def fetch_batches(run_ids: list[int], fetches: int, per_cabinet: int = 64) -> list[SampleBatch]:
+    """Every cabinet's fetches in turn."""
+    cabinets = [np.asarray(run_ids[c0:c0 + per_cabinet], np.int64)
+                for c0 in range(0, len(run_ids), per_cabinet)]
+    return [fetch_batch(runs, f) for f in range(fetches) for runs in cabinets]
 
 
 async def writer_cpu(url: str, batches: list[SampleBatch], as_tuples: bool) -> float:

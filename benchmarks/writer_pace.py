@@ -35,10 +35,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import result  # noqa: E402
-from ingest import prepare_runs  # noqa: E402
+from ingest import fetch_batch, prepare_runs  # noqa: E402
 
 from labdaq.engine.ledger import FAST_COLUMNS, Ledger  # noqa: E402
-from labdaq.engine.sample_batch import SampleBatch  # noqa: E402
 from labdaq.engine.writer_process import WriterProcess  # noqa: E402
 from labdaq.storage.db import upgrade  # noqa: E402
 
@@ -73,18 +72,11 @@ def position() -> dict[str, Any]:
             "step_cap_ah": 0.0, "step_en_wh": 0.0, "step_dis_ah": 0.0}
 
 
-def fetch(runs: np.ndarray, f: int) -> tuple[SampleBatch, np.ndarray]:
-    k = np.repeat(np.arange(f * READINGS, (f + 1) * READINGS), len(runs))
-    n = len(k)
-    batch = SampleBatch(
-        run_id=np.tile(runs, READINGS), seq=k + 1, t_s=k * 0.01, ts_utc=1.7e9 + k * 0.01,
-        step_index=np.zeros(n, np.int64), cycle_index=np.zeros(n, np.int64),
-        voltage_v=3.6 + k * 1e-6, current_a=np.full(n, 2.5), temperature_c=25.0 + 0 * k,
-        step_capacity_ah=k * 7e-6, step_energy_wh=k * 2.6e-5, flags=np.zeros(n, np.int64),
-        temperature_age_s=np.full(n, np.nan))
+def fast_state(runs: np.ndarray, f: int) -> np.ndarray:
+    """The ledger's fast state after fetch ``f``: each run's newest seq and t_s."""
     fast = np.zeros((len(runs), len(FAST_COLUMNS)))
     fast[:, 0], fast[:, 1], fast[:, 2] = runs, (f + 1) * READINGS, ((f + 1) * READINGS - 1) * 0.01
-    return batch, fast
+    return fast
 
 
 async def paced(url: str, run_ids: list[int], args: argparse.Namespace) -> dict[str, Any]:
@@ -104,10 +96,10 @@ async def paced(url: str, run_ids: list[int], args: argparse.Namespace) -> dict[
             await asyncio.sleep(f * FETCH_S - now)
             continue
         for runs in cabinets:
-            batch, fast = fetch(runs, f)
+            batch = fetch_batch(runs, f, READINGS)
             ledger = None
             if not args.no_ledger:
-                ledger = Ledger(fast=[fast])
+                ledger = Ledger(fast=[fast_state(runs, f)])
                 if f == 0:
                     ledger.positions = [
                         {"run_id": int(r), "step_index": 0, "step_count": 2, "cycle_index": 0,
