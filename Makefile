@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 DATA_DIR ?= ./data
 
-.PHONY: run test test-fast test-slow test-deep soak faults bench lint typecheck clean
+.PHONY: run test test-fast test-slow test-deep soak faults bench lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)

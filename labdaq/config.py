@@ -111,7 +111,7 @@ class Settings(BaseSettings):
     # API shows its running and paused runs as node_down until it returns.
     node_down_after_s: float = Field(default=15.0, gt=0)
     # PostgreSQL: hash partitions of the samples table by run_id (0: one plain table);
-    # applied when migrations first reach 0016, changed later with `labdaq db
+    # applied when migrations first reach 0019, changed later with `labdaq db
     # partition-samples` (labdaq.storage.partitions).
     samples_partitions: int = Field(default=0, ge=0, le=1024)
     # Retention (labdaq.retention): where archived exports go (default <data_dir>/archive),
