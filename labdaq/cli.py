@@ -128,6 +128,7 @@ def engine(
 ) -> None:
     """Run the acquisition node (owns the instruments; its own OS process)."""
     _logging(log_level)
+    from labdaq import stack_dump
     from labdaq.engine.clock import EngineClock
     from labdaq.engine.node import AcquisitionNode
     from labdaq.storage.db import create_engine
@@ -159,6 +160,7 @@ def engine(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, node.request_stop)
+        stack_dump.install(loop)
         try:
             await node.run_forever()
         finally:

@@ -15,6 +15,7 @@ node: samples travel through the database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -124,7 +125,36 @@ class Cluster:
                                          f"{self.children.tail(name)}")
             return pred()
 
-        processes.wait_until(check, timeout_s, what, poll_s=0.1)
+        try:
+            processes.wait_until(check, timeout_s, what, poll_s=0.1)
+        except processes.ChildFailed as exc:
+            raise AssertionError(f"{exc}\n{self.diagnosis()}") from None
+
+    def diagnosis(self) -> str:
+        """What a wait that ran out of time needs to be understood: the database's view of
+        the runs and their events, and every engine's threads and asyncio tasks
+        (labdaq/stack_dump.py) with the end of its log."""
+        queries = {
+            "runs": "SELECT id, node, state, started_at, end_reason FROM runs ORDER BY id",
+            "events": "SELECT id, run_id, kind, message FROM events ORDER BY id",
+            "samples": "SELECT run_id, count(*) FROM samples GROUP BY run_id",
+        }
+        parts = [f"{what}: {self.query(sql)}" for what, sql in queries.items()]
+        for name, proc in self.children.procs:
+            if not name.startswith("node-") or proc.poll() is not None:
+                continue
+            # `engine` itself, or the engine child of `serve --role node`; only engines
+            # take SIGUSR2 (to any other process it is fatal).
+            for pid in [proc.pid, *_children(proc.pid)]:
+                with contextlib.suppress(OSError):
+                    if b"\0engine\0" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        os.kill(pid, signal.SIGUSR2)
+            with contextlib.suppress(processes.ChildFailed):
+                processes.wait_until(
+                    lambda n=name: "--- end of stacks" in self.children.tail(n, 200_000),
+                    30, "stacks")
+            parts.append(f"== {name}\n{self.children.tail(name, 30_000)}")
+        return "\n".join(parts)
 
 
 async def _register(url: str, labs: dict[str, dict[str, Any]]) -> str:
