@@ -19,7 +19,10 @@ from typing import Any
 
 def install(loop: asyncio.AbstractEventLoop) -> None:
     """SIGUSR1: every thread's stack; SIGUSR2: every thread's and every task's."""
-    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+    try:
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+    except (OSError, ValueError, AttributeError):
+        pass  # stderr has no file descriptor (captured in-process): SIGUSR2 still works
     loop.add_signal_handler(signal.SIGUSR2, dump, loop)
 
 
