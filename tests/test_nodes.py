@@ -35,6 +35,7 @@ from labdaq.auth import create_token
 from labdaq.cli import _register_sim_lab, node_lab
 from labdaq.storage.db import create_engine, session_scope, sessionmaker
 from tests.ports import free_port
+from tests.sim_idle import make_idle_safe
 from tests.test_alerts import _Receiver
 from tests.test_alerts import receiver as receiver  # the webhook receiver fixture
 from tests.test_live_stream import read_stream, seqs
@@ -184,6 +185,7 @@ def cluster(db_url: str, tmp_path: Path, receiver: _Receiver) -> Iterator[Cluste
                                         "--watchdog", "0"),
             stdout=subprocess.DEVNULL, env=c.env(), cwd=tmp_path, new_session=True)
         c.labs["a"] = node_lab(processes.read_sim_description(path, proc), "a")
+        make_idle_safe(c.labs["a"])  # until node a opens its SMU (tests/sim_idle.py)
         c.token = asyncio.run(_register(db_url, c.labs))
         for k in range(2):
             port = free_port()

@@ -38,6 +38,7 @@ import pytest
 from labdaq.cli import _register_sim_lab
 from labdaq.runs import RunCreate, create_run
 from labdaq.storage.db import create_engine, session_scope, sessionmaker, upgrade
+from tests.sim_idle import make_idle_safe
 
 # The kill -9 campaign's short form: real processes started, killed and restarted.
 pytestmark = pytest.mark.slow
@@ -173,6 +174,7 @@ def _lab(tmp_path: Path, speed: float = SPEED,
     try:
         _wait(desc_path.exists, 30, "the simulated lab to describe itself", proc)
         desc = json.loads(desc_path.read_text())
+        make_idle_safe(desc)  # until an engine opens it (tests/sim_idle.py)
         asyncio.run(_register_sim_lab(url, desc))
         smu = next(i for i in desc["instruments"] if i["name"] == "smu1")
         port = int(smu["resource"].split("::")[2])
