@@ -62,6 +62,7 @@ class GroupEdges(GroupSensors):
     _breach_to_off: dict[int, tuple[float, float]]
     _lost_at_breach: set[int]
     _outputs_off: Callable[[Sequence[int]], Awaitable[float]]
+    _measure: Callable[[list[int]], Awaitable[Any]]
     _pull: Callable[[int], None]
     ends: EndConditions
 
@@ -218,7 +219,9 @@ class GroupEdges(GroupSensors):
         now_clock = self.clock.now()
         t2 = now_clock - self.state.t0_clock_s[idx]  # before the query, as in _tick
         ts_utc = time.time()
-        m2 = await self.call(self.driver.measure, [self.chans[k] for k in changed])
+        # On the loop's thread where the driver can, as a tick's reading: a phase change
+        # on many channels is many edges, and each worker-thread hand-off costs GIL turns.
+        m2 = await self._measure([self.chans[k] for k in changed])
         t_meas = time.perf_counter()
         m2 = np.asarray(m2, float).reshape(len(changed), 3)
         v2, i2, temp2 = m2[:, 0].copy(), m2[:, 1].copy(), m2[:, 2].copy()
