@@ -297,12 +297,15 @@ class Instrument:
         with self._lock:
             return self.transport.query_raw(command)
 
-    async def aquery(self, command: str, *, raw: bool = False) -> Any:
+    async def aquery(self, command: str, *, raw: bool = False,
+                     repeatable: bool = False) -> Any:
         """:meth:`query` without leaving the event loop's thread, where the transport can
         (``Transport.aquery``: a socket session, an idempotent query); None when not —
         the instrument is busy in another thread, or the exchange failed — and the
         caller asks through :meth:`query` in the instrument's worker thread instead.
-        ``raw=True``: the reply's bytes, as :meth:`query_raw`."""
+        ``raw=True``: the reply's bytes, as :meth:`query_raw`. ``repeatable``: a program
+        message that is not a pure query but may be sent again after None (the
+        transport's ``aquery_raw``)."""
         fast = getattr(self.transport, "aquery_raw" if raw else "aquery", None)
         # The RLock alone would let a second coroutine of the loop's own thread in while
         # the first awaits its reply: the plain lock keeps the loop thread to one exchange.
@@ -312,7 +315,7 @@ class Instrument:
             if not self._lock.acquire(blocking=False):
                 return None
             try:
-                return await fast(command)
+                return await (fast(command, repeatable=True) if repeatable else fast(command))
             finally:
                 self._lock.release()
         finally:

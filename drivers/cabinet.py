@@ -11,6 +11,7 @@ set command. Dialect: docs/instruments/cabinet.md.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -22,6 +23,7 @@ from .base import (
     _ScpiProperty,
     control,
     measurement,
+    parse_error_reply,
     register_driver,
     strict_discrete_set,
     strict_range,
@@ -571,6 +573,30 @@ class CyclerCabinet(Instrument, Cycler):
 
     def output(self, channel: int | Sequence[int], on: bool) -> None:
         self.output_enabled.set(bool(on), channel)
+
+    async def aswitch_off(self, channels: int | list[int]) -> float | None:
+        """:meth:`switch_off` on the event loop's thread in one round trip: the off
+        command and the error query in one program message (``OUTP OFF,(@1,3);:SYST:ERR?``,
+        nothing happens on the instrument between the two). A safety cut-off waits for
+        no worker-thread hand-off. Switching off twice does no harm, so when this cannot
+        be done (the link busy or failing) None: the caller switches off through the
+        worker thread. An error entry in the reply is raised as the worker path raises
+        it (InstrumentReportedError, after the command went out)."""
+        _, text = self._list(channels)
+        command = f"{self.command_for('output_enabled', False)},{text};{self.error_query}"
+        self.mark_next_send()
+        reply = await self.aquery(command, repeatable=True)
+        if reply is None:
+            return None
+        try:
+            code, message = parse_error_reply(reply)
+        except ValueError:
+            return None  # out of step: the worker path resynchronises and sends it again
+        if code != 0:
+            raise InstrumentReportedError(code=code, text=message, instrument=self.name,
+                                          command=command)
+        sent_s = self.marked_send_s()
+        return sent_s if math.isfinite(sent_s) else time.perf_counter()
 
     def clear_protection(self, channels: int | Sequence[int] | None = None) -> None:
         """Clear latched OVP/OCP trips so the outputs can be switched on again."""

@@ -91,6 +91,12 @@ class Cycler(ABC):
         not known."""
         return math.nan
 
+    async def aswitch_off(self, channels: int | list[int]) -> float | None:
+        """:meth:`switch_off` without leaving the event loop's thread, where the driver
+        and its link allow it; None: call :meth:`switch_off` (in the instrument's worker
+        thread) instead, which may send the off command again."""
+        return None
+
     def switch_off(self, channels: int | list[int]) -> float:
         """``output(channels, False)``; returns when (perf_counter) the off command went
         out, which the error-queue check a driver does after it would otherwise hide (the

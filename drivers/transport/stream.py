@@ -256,7 +256,7 @@ class StreamTransport(Transport):
         return self._run(exchange)
 
     # -- the hot path -----------------------------------------------------------------------
-    async def aquery(self, command: str) -> str | None:
+    async def aquery(self, command: str, *, repeatable: bool = False) -> str | None:
         """:meth:`query` on the running loop with no thread hand-off (the engine's
         per-tick read). Returns None, exactly as :meth:`VisaTransport.aquery`, when it
         cannot be done that way (not an idempotent query, busy in another thread or
@@ -264,12 +264,16 @@ class StreamTransport(Transport):
         lost, misframed reply): the caller then asks through :meth:`query` in the worker
         thread, which reconnects and retries; a timeout here counts as that query's
         first try. Undecodable text is raised."""
-        raw = await self.aquery_raw(command)
+        raw = await self.aquery_raw(command, repeatable=repeatable)
         return None if raw is None else self._decode(raw, command=command)
 
-    async def aquery_raw(self, command: str) -> bytes | None:
-        """:meth:`aquery` returning the reply's bytes without the termination."""
-        if not is_idempotent(command) or not self._async_busy.acquire(blocking=False):
+    async def aquery_raw(self, command: str, *, repeatable: bool = False) -> bytes | None:
+        """:meth:`aquery` returning the reply's bytes without the termination.
+        ``repeatable``: the caller vouches that sending ``command`` again (through the
+        worker thread, after None) does no harm although it is not a pure query, such as
+        an output switched off followed by the error query."""
+        if not (repeatable or is_idempotent(command)) \
+                or not self._async_busy.acquire(blocking=False):
             return None
         try:
             if not self._lock.acquire(blocking=False):

@@ -192,7 +192,7 @@ class VisaTransport(Transport):
                     instrument=self.resource, expected="a terminated reply")
             self._check_eof()
 
-    async def aquery(self, command: str) -> str | None:
+    async def aquery(self, command: str, *, repeatable: bool = False) -> str | None:
         """:meth:`query` on the event loop's own thread, for a TCPIP SOCKET session and
         an idempotent query: no hand-off to the instrument's worker thread and back per
         reply (an engine reads every cabinet up to 100 times a second; the hand-offs
@@ -205,16 +205,19 @@ class VisaTransport(Transport):
         through :meth:`query` in the worker thread, which resynchronises (the link is
         marked stale), reconnects and retries as usual — except after a timeout here,
         which counts as the first try, so a dead instrument is given up on after as many
-        timeouts as before. Only for idempotent queries, since the command may then be
-        sent twice. Errors of the reply itself (undecodable) are raised.
+        timeouts as before. Only for idempotent queries (or ``repeatable`` commands),
+        since the command may then be sent twice. Errors of the reply itself
+        (undecodable) are raised.
         """
-        raw = await self.aquery_raw(command)
+        raw = await self.aquery_raw(command, repeatable=repeatable)
         return None if raw is None else self._decode(raw, command=command)
 
-    async def aquery_raw(self, command: str) -> bytes | None:
+    async def aquery_raw(self, command: str, *, repeatable: bool = False) -> bytes | None:
         """:meth:`aquery` returning the reply's bytes without the termination (binary
-        blocks); None in the same cases."""
-        if not is_idempotent(command) or not self._lock.acquire(blocking=False):
+        blocks); None in the same cases. ``repeatable``: as
+        :meth:`StreamTransport.aquery_raw`."""
+        if not (repeatable or is_idempotent(command)) \
+                or not self._lock.acquire(blocking=False):
             return None
         try:
             # Checked under the lock: a reconnect in another thread holds it.

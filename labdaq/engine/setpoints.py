@@ -109,7 +109,7 @@ class Outputs:
         sent_s = math.nan
         if self._lists and len(chans) > 1:
             try:
-                return float(await self.call(self.driver.switch_off, list(chans)))
+                return float(await self._switch_off(list(chans)))
             except Exception as exc:  # noqa: BLE001 - fall back to one command per channel
                 log.error("could not turn %s ch %s off at once: %s", self.name, chans, exc)
                 # A command can fail only in the error-queue check after it: then it was
@@ -117,7 +117,7 @@ class Outputs:
                 sent_s = self.driver.marked_send_s()
         for ch in chans:
             try:
-                at = float(await self.call(self.driver.switch_off, ch))
+                at = await self._switch_off(ch)
             except LOST_INSTRUMENT as exc:
                 # Each further try would wait out the transport's reconnect backoff again.
                 log.error("could not turn %s off, instrument not answering: %s", self.name, exc)
@@ -128,3 +128,11 @@ class Outputs:
             if math.isnan(sent_s):
                 sent_s = at
         return sent_s
+
+    async def _switch_off(self, channels: int | list[int]) -> float:
+        """One off command, on the event loop's thread where the driver can (a safety
+        cut-off waits for no worker-thread hand-off), else in the worker thread."""
+        fast = await self.driver.aswitch_off(channels)
+        if fast is not None:
+            return fast
+        return float(await self.call(self.driver.switch_off, channels))
