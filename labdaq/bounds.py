@@ -80,10 +80,10 @@ LoopCount = Annotated[int, Field(strict=True, ge=1, le=MAX_LOOP_COUNT)]
 RowId = Annotated[int, Field(strict=True, ge=1, le=INT32_MAX)]
 
 # No control characters (NUL is refused by PostgreSQL text and JSONB, and the others hide
-# in logs and exports). Names are one line; free text may hold tabs and newlines.
-Name = Annotated[
-    str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$")
-]
+# in logs and exports). Names are one line; free text may hold tabs and newlines. A query,
+# form or path parameter compared with a stored name takes ONE_LINE as its pattern.
+ONE_LINE = r"^[^\x00-\x1f\x7f]*$"
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=ONE_LINE)]
 Text = Annotated[
     str,
     StringConstraints(max_length=MAX_TEXT_LENGTH, pattern=r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"),

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, status
 from labdaq.api.deps import Admin, Session
 from labdaq.api.problems import Problem
 from labdaq.api.schemas_imports import CalibrationOut
+from labdaq.bounds import ONE_LINE
 from labdaq.calibrations import CalibrationIn, list_calibrations, record_calibration
 from labdaq.storage import models as m
 
@@ -43,6 +44,6 @@ async def create_calibration(body: CalibrationIn, session: Session,
 @router.get("", response_model=list[CalibrationOut], responses=_AUTH)
 async def get_calibrations(
     session: Session, _: Admin,
-    instrument: str | None = Query(None, max_length=100),
+    instrument: str | None = Query(None, max_length=100, pattern=ONE_LINE),
 ) -> list[CalibrationOut]:
     return [_out(c, i, ch) for c, i, ch in await list_calibrations(session, instrument)]

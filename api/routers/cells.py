@@ -11,7 +11,7 @@ from labdaq.api.dataout_schemas import CellOut
 from labdaq.api.deps import CellId, Operator, Reader, Session
 from labdaq.api.problems import Problem
 from labdaq.api.schemas import EventOut
-from labdaq.bounds import INT32_MAX
+from labdaq.bounds import INT32_MAX, ONE_LINE
 from labdaq.cells import CellCreate, CellPatch
 from labdaq.storage import models as m
 
@@ -39,8 +39,8 @@ async def _out(session: Session, cells: list[m.Cell]) -> list[CellOut]:
 async def list_cells(
     session: Session,
     _: Reader,
-    chemistry: str | None = Query(None, max_length=50),
-    serial: str | None = Query(None, max_length=100),
+    chemistry: str | None = Query(None, max_length=50, pattern=ONE_LINE),
+    serial: str | None = Query(None, max_length=100, pattern=ONE_LINE),
     limit: int = Query(100, ge=1, le=1000),
     offset: int = Query(0, ge=0, le=INT32_MAX),
 ) -> list[CellOut]:

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from labdaq.api.deps import Reader, Session, require
 from labdaq.api.problems import Problem
 from labdaq.api.schemas_imports import ImportOut, ImportPatch
-from labdaq.bounds import INT32_MAX
+from labdaq.bounds import INT32_MAX, ONE_LINE
 from labdaq.errors import NotFound
 from labdaq.imports.readers import FORMATS
 from labdaq.imports.store import import_file, safe_filename
@@ -43,13 +43,13 @@ _AUTH: dict[int | str, dict[str, Any]] = {
 async def create_import(
     session: Session, token: Importer, response: Response,
     file: Annotated[UploadFile, File(description="the cycler's file")],
-    cell_serial: Annotated[str | None, Form(max_length=100, description=(
+    cell_serial: Annotated[str | None, Form(max_length=100, pattern=ONE_LINE, description=(
         "the registered cell the data are of; without it a cell is created from the "
         "file"))] = None,
     fmt: Annotated[str | None, Form(alias="format", description=(
         f"one of {', '.join(sorted(FORMATS))}; default: from the file's name and "
         "content"))] = None,
-    template: Annotated[str | None, Form(max_length=100, description=(
+    template: Annotated[str | None, Form(max_length=100, pattern=ONE_LINE, description=(
         "the protocol template (GET /api/v1/protocols/templates) the other lab's test "
         "followed: its catalogue entries then apply to the run. Not applied when the "
         "file was imported before (PATCH the import)"))] = None,

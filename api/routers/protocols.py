@@ -9,6 +9,7 @@ from fastapi import APIRouter, Path
 from labdaq.api.deps import Reader
 from labdaq.api.problems import AUTH, COMMON, responses
 from labdaq.api.schemas import TemplateOut
+from labdaq.bounds import ONE_LINE
 from labdaq.errors import NotFound
 from labdaq.protocol import list_templates, load_template
 
@@ -24,7 +25,8 @@ async def get_templates(_: Reader) -> list[TemplateOut]:
     "/templates/{name}", response_model=TemplateOut, responses=responses(*COMMON, *AUTH, 404)
 )
 async def get_template(
-    name: Annotated[str, Path(max_length=200, description="template name")], _: Reader
+    name: Annotated[str, Path(max_length=200, pattern=ONE_LINE, description="template name")],
+    _: Reader,
 ) -> TemplateOut:
     if name not in list_templates():
         raise NotFound(f"no template {name!r}; available: {', '.join(list_templates())}")
