@@ -5,6 +5,7 @@ driver against the simulator over TCP (pyvisa-py SOCKET) and a pty (pyvisa ASRL,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import threading
 import time
@@ -389,9 +390,10 @@ async def test_ameasure_on_the_loop_thread_reads_what_measure_reads(
     assert await cab.aquery("OUTP OFF,(@2)") is None
 
 
-async def test_ameasure_steps_aside_when_the_instrument_is_busy(cab: CyclerCabinet) -> None:
-    """Another thread in the middle of an exchange: None, nothing sent (the caller
-    queues behind it in the worker thread)."""
+@contextlib.contextmanager
+def held_by_another_thread(cab: CyclerCabinet) -> Iterator[None]:
+    """The instrument's lock held by another thread (an exchange in the middle of its
+    round trip) for the body of the ``with``."""
     held, done = threading.Event(), threading.Event()
 
     def hold() -> None:
@@ -403,10 +405,17 @@ async def test_ameasure_steps_aside_when_the_instrument_is_busy(cab: CyclerCabin
     t.start()
     try:
         assert held.wait(5)
-        assert await cab.ameasure([1]) is None
+        yield
     finally:
         done.set()
         t.join()
+
+
+async def test_ameasure_steps_aside_when_the_instrument_is_busy(cab: CyclerCabinet) -> None:
+    """Another thread in the middle of an exchange: None, nothing sent (the caller
+    queues behind it in the worker thread)."""
+    with held_by_another_thread(cab):
+        assert await cab.ameasure([1]) is None
     assert await cab.ameasure([1]) is not None
 
 

@@ -6,7 +6,6 @@ path."""
 from __future__ import annotations
 
 import math
-import threading
 
 import pytest
 
@@ -17,6 +16,7 @@ from labdaq.sims.server import TcpSimServer
 from tests.sim_probes import ServerProbe
 from tests.test_cabinet import cab as cab  # noqa: F401 - fixtures
 from tests.test_cabinet import clock as clock  # noqa: F401
+from tests.test_cabinet import held_by_another_thread
 from tests.test_cabinet import tcp_sim as tcp_sim  # noqa: F401
 
 
@@ -62,22 +62,9 @@ async def test_aswitch_off_steps_aside_when_the_link_is_busy(
     sim, server = tcp_sim
     cab.output(5, True)
     probe = ServerProbe(server)
-    held, done = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with cab._lock:
-            held.set()
-            done.wait(5)
-
-    t = threading.Thread(target=hold)
-    t.start()
-    try:
-        assert held.wait(5)
+    with held_by_another_thread(cab):
         assert await cab.aswitch_off(5) is None
         assert probe.received == []
-    finally:
-        done.set()
-        t.join()
     assert sim.output_on[4]
     assert await cab.aswitch_off(5) is not None
     assert not sim.output_on[4]
