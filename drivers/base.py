@@ -315,7 +315,7 @@ class Instrument:
             if not self._lock.acquire(blocking=False):
                 return None
             try:
-                return await (fast(command, repeatable=True) if repeatable else fast(command))
+                return await fast(command, repeatable=repeatable)
             finally:
                 self._lock.release()
         finally:
