@@ -7,6 +7,11 @@ Model (per cell, vectorised over a bank with numpy; current positive = charge):
   pairs (Plett, *Battery Management Systems* Vol. I, ch. 2), updated with the exact
   exponential solution for constant current over ``dt`` so any step size is stable;
 * one-state hysteresis ``h`` in [-1, 1] blending the discharge and charge OCV branches (LFP);
+* a cold cell's shortfall of deliverable charge as a *depletion* state ``d`` (SOC units):
+  the OCV is read at ``SOC - d``; a cold discharge builds ``d`` up as charge is drawn, so
+  that it delivers the ``available_capacity`` table's fraction, and at rest or on charge
+  ``d`` relaxes to 0 with the slower RC time constant (a resting cold cell's voltage
+  recovers; cooling at rest does not lower it);
 * lumped thermal model ``m*cp*dT/dt = Q - h_tr*(T - T_amb)`` with Bernardi's heat written
   for current positive on charge, ``Q = I^2*R0 + I*(v1 + v2) + I*T*dU/dT`` (Bernardi's own
   ``I_d*(U - V) - I_d*T*dU/dT`` with ``I_d = -I``; derivation in docs/cells.md), dU/dT a
@@ -179,6 +184,8 @@ class CellBank(CellReadings):
         self._h_state = np.clip(2.0 * self._soc - 1.0, -1.0, 1.0)
         self._v1 = np.zeros(shape)
         self._v2 = np.zeros(shape)
+        self._depletion = np.zeros(shape)
+        self._any_depleted = False
         self._ambient = np.broadcast_to(np.asarray(ambient_c, dtype=float), shape).copy()
         t0 = self._ambient if temperature_c is None else np.asarray(temperature_c, dtype=float)
         self._temp_c = np.broadcast_to(t0, shape).astype(float).copy()
@@ -255,11 +262,10 @@ class CellBank(CellReadings):
         else:
             dudt = self._c_dudt
 
-        # Cold cells cannot deliver their full charge: map SOC onto the table so that the
-        # empty end of the curve is reached after only factor*capacity has been drawn.
-        if float(temp_c.min()) < self._t_full_c:
-            f = np.interp(temp_c, self._cap_t, self._cap_f)
-            x = 1.0 - (1.0 - soc) / f
+        # Cold cells cannot deliver their full charge: the OCV is read at SOC minus the
+        # depletion state, which a cold discharge builds up (step) and a rest relaxes.
+        if self._any_depleted:
+            x = soc - self._depletion
             x_min = float(x.min())
         else:
             x = soc
@@ -395,6 +401,7 @@ class CellBank(CellReadings):
 
         # Calendar/cycle ageing and self-discharge share one Arrhenius factor of T.
         abs_i = np.abs(i_cell)
+        soc_before = soc
         soc = soc + i_cell * self._inv_cap_as * c_dt - c_sd * accel
         lo = float(soc.min())
         hi = float(soc.max())
@@ -410,6 +417,8 @@ class CellBank(CellReadings):
             decay = np.exp(d_efc * (-2.0 * self.spec.capacity_ah / self._hyst_ah)
                            / self._capacity_ah)
             self._h_state = target + (self._h_state - target) * decay
+        if self._any_depleted or float(temp.min()) < self._t_full_c:
+            self._deplete(i_cell, soc_before, soc, temp, a2)
         self._efc = self._efc + d_efc
         self._w_efc = self._w_efc + d_efc * accel
         self._w_days = self._w_days + accel * c_days
@@ -483,6 +492,30 @@ class CellBank(CellReadings):
         self._shorted = bool(np.any(self._g_total > 0.0))
 
     # ------------------------------------------------------------------ instantaneous
+    def _deplete(self, i_cell: FloatArray, soc_before: FloatArray, soc: FloatArray,
+                 temp_c: FloatArray, a2: FloatArray) -> None:
+        """Update the depletion state at the end of a step (SOC and temperature already
+        advanced). A discharge adds ``1/f(T) - 1`` for each unit of SOC drawn, so a cold
+        cell delivers ``f(T)`` of the charge it held, and a discharge from full reaches
+        the empty end of the OCV curve after ``f(T)`` of its capacity, as the
+        ``available_capacity`` table says; never more than that table's
+        ``(1 - SOC)(1/f(T) - 1)`` (a cell warming as it works). Otherwise (a rest, a
+        charge) it relaxes to 0 with the slower RC pair's time constant."""
+        discharging = i_cell < 0.0
+        if discharging.any():
+            f = np.interp(temp_c, self._cap_t, self._cap_f)
+            k = 1.0 / f - 1.0
+            drawn = np.maximum(soc_before - soc, 0.0)
+            cap = (1.0 - np.minimum(soc, 1.0)) * k
+            grown = np.minimum(self._depletion + drawn * k, np.maximum(cap, 0.0))
+            self._depletion = np.where(discharging, grown, self._depletion * a2)
+        else:
+            self._depletion = self._depletion * a2
+        # A negligible depletion is dropped, and with it the remap (the hot path skips it).
+        self._any_depleted = bool(float(self._depletion.max()) > 1e-9)
+        if not self._any_depleted:
+            self._depletion.fill(0.0)
+
     def terminal_voltage(self, current_a: ArrayLike) -> FloatArray:
         """Terminal voltage if ``current_a`` flowed now (no state change)."""
         ocv, r0 = self._eval()[:2]
@@ -538,6 +571,7 @@ class CellBank(CellReadings):
         self._h_state[index] = min(max(2.0 * soc - 1.0, -1.0), 1.0)
         self._v1[index] = 0.0
         self._v2[index] = 0.0
+        self._depletion[index] = 0.0
         self._temp_c[index] = self._ambient[index] if temperature_c is None else temperature_c
         for arr in (self._efc, self._w_efc, self._w_days, self._collapse, self._g_int,
                     self._g_ext, self._runaway_start_c):
