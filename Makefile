@@ -46,8 +46,12 @@ test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -m "not slow and not deep" -n $(TEST_WORKERS) --dist loadfile \
 		--durations=25
 
+# Most of their time is waiting on simulated instruments' timeouts: FAST_TEST_WORKERS
+# pytest-xdist workers, a whole file each (its module fixtures start once).
+FAST_TEST_WORKERS ?= 3
 test-fast: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q -m "not slow and not deep" $(FAST_TESTS)
+	$(BIN)/python -m pytest -q -m "not slow and not deep" -n $(FAST_TEST_WORKERS) --dist loadfile \
+		$(FAST_TESTS)
 
 # The long suites (@pytest.mark.slow); .ci/run runs them after `make test`.
 # SLOW_TEST_WORKERS pytest-xdist workers, a whole file each: most of these tests wait on
