@@ -100,11 +100,8 @@ def _start_engine(lab: Lab, n: int) -> subprocess.Popen[bytes]:
                 LABDAQ_MAX_RESUME_GAP_S="1e9",
                 LABDAQ_ENGINE_POLL_S="0.1",
                 # Commits every few ticks: a boundary is on record within tens of ms, so
-                # kills land both before and after it is committed. (The default spacing
-                # of writes, 0.25 s, would show most boundaries only after the 100 ms
-                # window that aimed kills look for; on a loaded machine, none for 20 s.)
+                # kills land both before and after it is committed.
                 LABDAQ_WRITER_BATCH_AGE_S="0.02",
-                LABDAQ_WRITER_COMMIT_INTERVAL_S="0.02",
             ),
             start_new_session=True,
         )
