@@ -491,7 +491,6 @@ class CellBank(CellReadings):
         self._g_total = self._g_int + self._g_ext + g_rw
         self._shorted = bool(np.any(self._g_total > 0.0))
 
-    # ------------------------------------------------------------------ instantaneous
     def _deplete(self, i_cell: FloatArray, soc_before: FloatArray, soc: FloatArray,
                  temp_c: FloatArray, a2: FloatArray) -> None:
         """Update the depletion state at the end of a step (SOC and temperature already
@@ -501,21 +500,22 @@ class CellBank(CellReadings):
         ``available_capacity`` table says; never more than that table's
         ``(1 - SOC)(1/f(T) - 1)`` (a cell warming as it works). Otherwise (a rest, a
         charge) it relaxes to 0 with the slower RC pair's time constant."""
+        depletion = self._depletion * a2  # relaxed; the discharging cells' come next
         discharging = i_cell < 0.0
         if discharging.any():
-            f = np.interp(temp_c, self._cap_t, self._cap_f)
-            k = 1.0 / f - 1.0
+            # f is in (0, 1] (the spec's check), so k and the cap are never negative.
+            k = 1.0 / np.interp(temp_c, self._cap_t, self._cap_f) - 1.0
             drawn = np.maximum(soc_before - soc, 0.0)
             cap = (1.0 - np.minimum(soc, 1.0)) * k
-            grown = np.minimum(self._depletion + drawn * k, np.maximum(cap, 0.0))
-            self._depletion = np.where(discharging, grown, self._depletion * a2)
-        else:
-            self._depletion = self._depletion * a2
+            grown = np.minimum(self._depletion + drawn * k, cap)
+            depletion = np.where(discharging, grown, depletion)
+        self._depletion = depletion
         # A negligible depletion is dropped, and with it the remap (the hot path skips it).
         self._any_depleted = bool(float(self._depletion.max()) > 1e-9)
         if not self._any_depleted:
             self._depletion.fill(0.0)
 
+    # ------------------------------------------------------------------ instantaneous
     def terminal_voltage(self, current_a: ArrayLike) -> FloatArray:
         """Terminal voltage if ``current_a`` flowed now (no state change)."""
         ocv, r0 = self._eval()[:2]
