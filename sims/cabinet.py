@@ -151,6 +151,9 @@ class CabinetSim(LoggingCommands):
         # (clock time of the reading, voltages) of every distinct reading taken, oldest
         # first: when each reading a client was sent was measured, by this cabinet's clock.
         self.readings: deque[tuple[float, FloatArray]] = deque(maxlen=READINGS_KEPT)
+        # The clock times of the readings the hardware timer took into the log (a subset
+        # of ``readings``, which also holds the direct MEAS:ALL? ones).
+        self.logged_t_s: deque[float] = deque(maxlen=READINGS_KEPT)
         # Fault injection (labdaq.sims.faults): a frozen cabinet keeps answering the last
         # snapshot it measured while the cells move on (a hung measurement loop).
         self.frozen = False
@@ -479,6 +482,7 @@ class CabinetSim(LoggingCommands):
         if times_s:
             self.log.record_block(times_s, vs, iis, temps)
             self.readings.extend(zip(times_s, vs, strict=True))
+            self.logged_t_s.extend(times_s)
         return current
 
     def _step_bank(self, now: float, current: FloatArray | None = None) -> None:

@@ -18,6 +18,7 @@ import pytest
 
 from labdaq.sims.lab import make_cell_bank
 from tests.ports import free_port
+from tests.service_wait import SERVICE_TEST_TIMEOUT_S, wait_healthy
 
 SPEED = 500.0
 SOC0 = 0.5
@@ -63,12 +64,7 @@ def lab(tmp_path: Path) -> Iterator[tuple[str, str, subprocess.Popen[str]]]:
             token = m.group(1)
     assert token, "serve did not print a token:\n" + "".join(lines)
     base = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
+    wait_healthy(base, proc, lambda: "".join(lines))
     yield base, token, proc
     proc.send_signal(signal.SIGINT)
     try:
@@ -98,7 +94,7 @@ def reference_discharge_ah(
     return q_ah
 
 
-@pytest.mark.timeout(300)  # ~50 s with its service start-up under heavy load
+@pytest.mark.timeout(SERVICE_TEST_TIMEOUT_S)  # a hang guard (service start-up)
 def test_demo_run_through_http_to_simulated_smu(lab) -> None:
     base, token, proc = lab
     h = {"Authorization": f"Bearer {token}"}

@@ -38,6 +38,7 @@ from labdaq.sims.server import SimServer
 from labdaq.storage import models as m
 from labdaq.storage.db import create_engine, session_scope, sessionmaker, upgrade
 from tests.ports import free_port
+from tests.service_wait import SERVICE_TEST_TIMEOUT_S, wait_healthy
 
 CLI = [sys.executable, "-m", "labdaq.cli"]
 CRLF = {"read_termination": "\r\n", "write_termination": "\r\n"}
@@ -446,19 +447,10 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Path, subprocess.Popen[str], l
                 proc.wait()
 
 
+@pytest.mark.timeout(SERVICE_TEST_TIMEOUT_S)
 def test_serve_applies_the_instruments_file_at_start(served: Any, tmp_path: Path) -> None:
     base, lab, proc, out = served
-    deadline = time.monotonic() + 90
-    ready = False
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            ready = httpx.get(f"{base}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            ready = False
-        if ready:
-            break
-        time.sleep(0.2)
-    assert ready, "".join(out)
+    wait_healthy(base, proc, lambda: "".join(out))
     assert any(f"instruments file {lab} applied: 1 to add" in line for line in out), out
     url = f"sqlite:///{(tmp_path / 'data' / 'labdaq.db').resolve()}"
     state = _query(url, _state)

@@ -6,10 +6,10 @@ simulated lab (``labdaq sim``, one SMU and a 3-channel cabinet, so two instrumen
 ``labdaq engine`` processes on a migrated SQLite file, read here with plain ``sqlite3``.
 Four runs loop short charge/rest/discharge/rest steps, so a step boundary comes every few
 tenths of a second (wall). Kills are either at a random moment or aimed at a boundary:
-the test watches the committed samples for a new step's first reading and kills within
-100 ms of the boundary. A killed writer makes its engine stop (outputs off, runs kept,
-non-zero exit) for its supervisor to restart; the test restarts it as ``labdaq serve``
-would. Which kills really fell within 100 ms after a boundary is judged
+the test predicts the next step end from the committed samples (the steps end by
+duration alone) and kills within 100 ms after it. A killed writer makes its engine stop
+(outputs off, runs kept, non-zero exit) for its supervisor to restart; the test restarts
+it as ``labdaq serve`` would. Which kills really fell within 100 ms after a boundary is judged
 afterwards from the steps table (the boundary is the wall time of the reading that ended
 the step).
 
@@ -58,6 +58,7 @@ BREACH, PAUSED, RESUMED, EDGE, GAP = 1, 2, 4, 8, 16  # samples.flags (docs/archi
 COLS = ("seq", "t_s", "ts_utc", "step_index", "cycle_index", "voltage_v", "current_a",
         "temperature_c", "step_capacity_ah", "step_energy_wh", "flags")
 BOUNDARY_WINDOW_S = 0.1
+STEP_S, REST_S = 6.0, 2.0  # simulated durations of LOOP_DOC's cc and rest steps
 
 # Short steps by duration only (no voltage end: where the cell is after each gap does not
 # change the program), C/5 each way so the cell stays mid-range however the kills fall.
@@ -66,10 +67,10 @@ LOOP_DOC: dict[str, Any] = {
     "name": "kill9_campaign",
     "steps": [
         {"step": "loop", "count": 100_000, "body": [
-            {"step": "cc", "rate_c": 0.2, "until": {"duration_s": 6}},
-            {"step": "rest", "until": {"duration_s": 2}},
-            {"step": "cc", "rate_c": -0.2, "until": {"duration_s": 6}},
-            {"step": "rest", "until": {"duration_s": 2}},
+            {"step": "cc", "rate_c": 0.2, "until": {"duration_s": STEP_S}},
+            {"step": "rest", "until": {"duration_s": REST_S}},
+            {"step": "cc", "rate_c": -0.2, "until": {"duration_s": STEP_S}},
+            {"step": "rest", "until": {"duration_s": REST_S}},
         ]},
     ],
 }
@@ -166,20 +167,36 @@ def _snapshot(lab: Lab, camp: Campaign) -> None:
     camp.snapshots.append(snap)
 
 
-def _newest_edge(lab: Lab, after_rowid: int) -> tuple[int, float | None]:
-    """(rowid, wall time of the step end) of the newest committed first reading of a
-    step (EDGE, not RESUMED) after ``after_rowid``; the step end is the reading before it."""
+def _next_boundary(lab: Lab, now: float) -> float | None:
+    """Wall time of the next step end of any run, predicted from the newest committed
+    first reading of a step (EDGE, not RESUMED) of each run since its last resume: the
+    steps end by duration alone (LOOP_DOC), and a step's clock starts at the reading that
+    ended the one before, so the next end is that reading's wall time plus the step's
+    duration. Predicted rather than waited for, because the writer spaces its commits out
+    (``writer_commit_interval_s``): a boundary is often on record only after the window
+    after it has passed. A kill aimed this way lands before or after the boundary's rows
+    are committed, both of which the campaign must survive."""
     rows = _query(
         lab,
-        "SELECT s.rowid, p.ts_utc FROM samples s JOIN samples p "
-        "ON p.run_id = s.run_id AND p.seq = s.seq - 1 "
-        f"WHERE s.rowid > ? AND (s.flags & {EDGE}) AND NOT (s.flags & {RESUMED}) "
-        "ORDER BY s.rowid DESC LIMIT 1",
-        after_rowid,
+        "SELECT p.ts_utc, s.current_a, s.flags FROM samples s JOIN samples p "
+        "ON p.run_id = s.run_id AND p.seq = s.seq - 1 WHERE s.rowid IN ("
+        "SELECT (SELECT e.rowid FROM samples e WHERE e.run_id = r.id "
+        f"AND (e.flags & {EDGE}) ORDER BY e.seq DESC LIMIT 1) FROM runs r)",
     )
-    if not rows:
-        return after_rowid, None
-    return int(rows[0][0]), float(rows[0][1])
+    best = None
+    for end_wall, current_a, flags in rows:
+        if flags & RESUMED:
+            continue  # the run's step clock since its resume is not on record yet
+        duration_s = STEP_S if abs(current_a) > 1e-9 else REST_S
+        boundary = float(end_wall) + duration_s / SPEED
+        # At most the step after that one: each step's end lands on the tick after its
+        # duration, so every step predicted further adds up to a period of drift.
+        if boundary < now:
+            duration_s = REST_S if duration_s == STEP_S else STEP_S
+            boundary += duration_s / SPEED
+        if boundary > now and (best is None or boundary < best):
+            best = boundary
+    return best
 
 
 def _max_rowid(lab: Lab) -> int:
@@ -192,18 +209,16 @@ def _kill_moment(lab: Lab, rng: random.Random, aimed: bool, *procs: Any) -> None
         time.sleep(rng.uniform(0.2, 1.2))
         return
     deadline = time.monotonic() + 20
-    seen = _max_rowid(lab)
     while time.monotonic() < deadline:
-        seen, end_wall = _newest_edge(lab, seen)
-        if end_wall is not None:
-            left = BOUNDARY_WINDOW_S - (time.time() - end_wall)
-            if left > 0.01:
-                time.sleep(rng.uniform(0.0, left - 0.01))
-                return
+        now = time.time()
+        boundary = _next_boundary(lab, now + 0.01)
+        if boundary is not None:
+            time.sleep(boundary - time.time() + rng.uniform(0.0, BOUNDARY_WINDOW_S - 0.03))
+            return
         for p in procs:
             assert p.poll() is None
-        time.sleep(0.003)
-    raise AssertionError("no step boundary seen in 20 s")
+        time.sleep(0.01)
+    raise AssertionError("no step boundary to aim at in 20 s")
 
 
 def _campaign(tmp_path: Path, engine_kills: int, writer_kills: int, seed: int,

@@ -35,6 +35,7 @@ from labdaq.auth import create_token
 from labdaq.cli import _register_sim_lab, node_lab
 from labdaq.storage.db import create_engine, session_scope, sessionmaker
 from tests.ports import free_port
+from tests.service_wait import SERVICE_START_S
 from tests.sim_idle import make_idle_safe
 from tests.test_alerts import _Receiver
 from tests.test_alerts import receiver as receiver  # the webhook receiver fixture
@@ -195,7 +196,7 @@ def cluster(db_url: str, tmp_path: Path, receiver: _Receiver) -> Iterator[Cluste
                     "--data-dir", str(tmp_path / f"api-{k}")),
                 env=c.env(), cwd=tmp_path, new_session=True)
             # One after the other: each `serve` runs the migrations first.
-            processes.wait_for_http("127.0.0.1", port, "/health", 60, proc)
+            processes.wait_for_http("127.0.0.1", port, "/health", SERVICE_START_S, proc)
             c.apis.append(f"http://127.0.0.1:{port}")
         data_b = tmp_path / "node-b"
         c.nodes["b"] = c.children.spawn(
