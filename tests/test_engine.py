@@ -16,7 +16,16 @@ from labdaq.engine.channel import CLAMP_OVERSHOOT_V
 from labdaq.sims.lab import SimLab
 from labdaq.storage import models as m
 from labdaq.storage.db import session_scope
-from tests.engine_rig import Rig, assert_contiguous, rows_of, samples, start_rig, wait_for
+from tests.engine_rig import (
+    LockstepClock,
+    Rig,
+    SpeedGovernor,
+    assert_contiguous,
+    rows_of,
+    samples,
+    start_rig,
+    wait_for,
+)
 
 SPEED = 500.0
 
@@ -28,6 +37,23 @@ async def rig(
     soc, control_period_s = getattr(request, "param", (0.5, 1.0))
     lab = SimLab(soc=soc, cabinets=1, cabinet_channels=2)
     r = await start_rig(sqlite_url, lab, SPEED, control_period_s=control_period_s)
+    yield r
+    await r.stop()
+
+
+@pytest.fixture
+async def paced_rig(
+    sqlite_url: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Rig]:
+    """``rig`` on a clock the engine's ticks pace (:class:`SpeedGovernor`): simulated time
+    runs at most a control period past each tick's reading, so how many ticks a step gets
+    does not depend on how busy the machine is (on the free 500x clock a loaded machine's
+    late ticks are skipped, and a 900 s step was over in fewer than 20)."""
+    soc, control_period_s = getattr(request, "param", (0.5, 1.0))
+    lab = SimLab(soc=soc, cabinets=1, cabinet_channels=2, clock=LockstepClock())
+    r = await start_rig(sqlite_url, lab, SPEED, control_period_s=control_period_s)
+    gov = SpeedGovernor(lab, r.node, tick_s=control_period_s, idle=SPEED)
+    r.extra.append(asyncio.create_task(gov.run()))
     yield r
     await r.stop()
 
@@ -96,7 +122,8 @@ async def test_voltage_end_is_held_by_the_cabinet_between_looks(rig: Rig) -> Non
     )
 
 
-async def test_a_run_joining_leaves_the_others_integration_alone(rig: Rig) -> None:
+async def test_a_run_joining_leaves_the_others_integration_alone(paced_rig: Rig) -> None:
+    rig = paced_rig
     # Regression: the group used to rebuild every run's integration anchor when a run
     # joined or left, so the next reading integrated again from the last *stored* sample.
     charge = charge_doc(900)
@@ -440,10 +467,11 @@ async def test_shutdown_makes_safe_and_closes_every_link(
 OFF_GRID = [(0.5, 10.0)]
 
 
-@pytest.mark.parametrize("rig", OFF_GRID, indirect=True)
+@pytest.mark.parametrize("paced_rig", OFF_GRID, indirect=True)
 async def test_a_phase_end_off_the_storage_grid_does_not_skip_the_next_period(
-    rig: Rig,
+    paced_rig: Rig,
 ) -> None:
+    rig = paced_rig
     # Regression: the row a phase end stores moved the run's next storage time on by a
     # period, so the period after it went unsampled (a lost sample per off-grid phase end;
     # every run joining a group lost one this way, docs/performance.md).
