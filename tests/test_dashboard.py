@@ -458,6 +458,50 @@ def test_start_run_from_form_watch_live_plot_pause_resume_stop(session, lab: Lab
     assert page.is_disabled("#stop") and page.is_disabled("#pause")
 
 
+def test_a_progress_answer_older_than_the_stop_leaves_the_run_stopped(session, lab: Lab) -> None:
+    """The run page asks ``/api/v1/lab`` for progress every 3 s. An answer asked for while
+    the run was running and arriving after the stream said it stopped put the page back
+    to "running" for good (the stream ends with the run): the answer is held here until
+    the page shows the stop."""
+    with lab.api("technician") as c:
+        r = c.post("/api/v1/runs", json={
+            "channel": "cabinet1/7", "cell_serial": "SIM-NMC811-C1-007", "sample_period_s": 5,
+            "protocol": {"charge_current_a": 4.9, "charge_voltage_v": 4.0,
+                         "taper_current_a": 3, "rest_s": 10, "discharge_current_a": 4.9,
+                         "discharge_cutoff_v": 3.5, "cycles": 50}})
+        assert r.status_code == 201, r.text
+        run_id = int(r.json()["id"])
+    s = session("technician")
+    page = s.open(f"/runs/{run_id}")
+    # A progress the page shows: the lab's answers now carry the run with its progress.
+    page.wait_for_function(
+        "Number(document.querySelector('main > .progress').dataset.progress || 0) > 0")
+    held: list[tuple[Any, Any]] = []
+    holding = [True]
+
+    def hold(route: Any) -> None:
+        if holding[0]:
+            held.append((route, route.fetch()))
+        else:
+            route.continue_()
+
+    page.route("**/api/v1/lab", hold)
+    while not held:  # the page's next refresh, answered while the run runs
+        page.wait_for_timeout(100)
+    assert held[0][1].json() and page.get_attribute("body", "data-run-state") == "running"
+    refreshes = int(page.get_attribute("#run-progress", "data-refreshes") or 0)
+    page.click("#stop")
+    page.click("#stop")  # a second click confirms
+    page.wait_for_selector("body[data-run-state='stopped']")
+    holding[0] = False
+    for route, answer in held:
+        route.fulfill(response=answer)
+    page.wait_for_function(
+        f"Number(document.querySelector('#run-progress').dataset.refreshes || 0) > {refreshes}")
+    assert page.get_attribute("body", "data-run-state") == "stopped"
+    assert page.is_disabled("#stop") and page.is_disabled("#pause")
+
+
 def test_run_page_exports_parquet_and_shows_cycles(session, lab: Lab, seeded: Seeded) -> None:
     run_id = seeded.runs[0]
     s = session("engineer")

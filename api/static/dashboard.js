@@ -472,7 +472,11 @@ async function initRun() {
   let points = 0;
   let dqdvReload = null;  // set once the dQ/dV plot exists; a cycle's end redraws it
 
+  // Every state shown so far, counted: a progress refresh whose answer was asked for
+  // before a newer state arrived (a stream event, a command's reply) must not undo it.
+  let statesShown = 0;
   function showState(r) {
+    if (r.state !== undefined) statesShown += 1;
     run = { ...run, ...r };
     stateEl.textContent = run.state.replace("_", " ");
     stateEl.className = `state s-${run.state}`;
@@ -497,14 +501,19 @@ async function initRun() {
       return;
     }
     try {
+      const shown = statesShown;
       const lab = await api("/api/v1/lab");
+      bar.dataset.refreshes = Number(bar.dataset.refreshes || 0) + 1;
+      if (TERMINAL.has(run.state)) return;  // the run ended while this was asked for
       const mine = lab.find((c) => c.run && String(c.run.id) === String(runId));
       if (mine && mine.run.progress !== null) {
         bar.style.width = `${(mine.run.progress * 100).toFixed(1)}%`;
         bar.parentElement.dataset.progress = mine.run.progress.toFixed(4);
         document.getElementById("run-left").textContent = timeLeft(mine.run);
-        showState({ step_index: mine.run.step_index, cycle_index: mine.run.cycle_index,
-                    elapsed_s: mine.run.elapsed_s, state: mine.run.state });
+        const now = { step_index: mine.run.step_index, cycle_index: mine.run.cycle_index,
+                      elapsed_s: mine.run.elapsed_s };
+        // The lab's state only if no newer one came while it was asked for.
+        showState(statesShown === shown ? { ...now, state: mine.run.state } : now);
       }
     } catch (e) { /* the next refresh tries again */ }
   });
