@@ -239,7 +239,10 @@ def test_runs_start_on_their_node_and_a_race_keeps_queue_order(cluster: Cluster)
     # Both APIs create runs for one busy channel at once: each gets a place of its own,
     # and once the run holding the channel is stopped (a command row, through the other
     # API) they start one at a time in the order of their places.
-    holder = c.create(0, "a", 3000)["id"]
+    # Stopped below, never completed: it must outlast the eight creations however slow a
+    # busy machine makes them (if it ended first, the first raced run would start at once
+    # and the next would take place 1 again). C/5 from 20 % stays short of full.
+    holder = c.create(0, "a", 12_000)["id"]
     c.wait(lambda: c.run(1, holder)["state"] == "running", "the holder to start")
     with ThreadPoolExecutor(8) as pool:
         made = list(pool.map(lambda k: c.create(k % 2, "a", 30)["id"], range(8)))
