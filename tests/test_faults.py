@@ -45,6 +45,7 @@ from labdaq.sims.faults import (
 )
 from labdaq.sims.keithley2450 import Keithley2450Sim
 from labdaq.sims.lab import SimLab
+from tests.service_wait import SERVICE_START_S, SERVICE_TEST_TIMEOUT_S
 
 # Short transport timeouts and quick reconnects: a broken link must fail fast here.
 FAST = {"timeout_s": 0.5, "reconnect_attempts": 3, "backoff_initial_s": 0.01}
@@ -452,6 +453,7 @@ def test_cli_bad_fault_exits_2_with_one_line() -> None:
     assert result.exit_code == 2 and "unknown scenario" in result.output
 
 
+@pytest.mark.timeout(SERVICE_TEST_TIMEOUT_S)
 def test_cli_scenario_and_fault_fire() -> None:
     cmd = [sys.executable, "-m", "labdaq.cli", "sim", "--speed", "200", "--watchdog", "0",
            "--scenario", "sensor_dropout", "--fault",
@@ -469,7 +471,7 @@ def test_cli_scenario_and_fault_fire() -> None:
     threading.Thread(target=read, daemon=True).start()
     seen: list[str] = []
     try:
-        deadline = time.monotonic() + 90.0  # a Python start-up on a busy machine
+        deadline = time.monotonic() + SERVICE_START_S  # a hang guard: a saturated machine
         while not any("fault 3 cleared" in s for s in seen):
             line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
             if line is None:

@@ -456,7 +456,7 @@ def test_serve_applies_the_instruments_file_at_start(served: Any, tmp_path: Path
     state = _query(url, _state)
     assert list(state["instruments"]) == ["eis1"]
     token = _query(url, lambda s: create_token(s, "t-admin", "admin"))
-    r = httpx.put(f"{base}/api/v1/instruments", headers=_auth(token), timeout=10,
+    r = httpx.put(f"{base}/api/v1/instruments", headers=_auth(token), timeout=120,
                   json={"name": "smu9", "driver": "keithley2450",
                         "resource": "TCPIP::127.0.0.1::5025::SOCKET"})
     assert r.status_code == 409 and str(lab) in r.json()["detail"]
