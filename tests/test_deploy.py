@@ -37,6 +37,7 @@ from typer.testing import CliRunner
 from labdaq.cli import app as cli_app
 from labdaq.config import Settings, load_settings
 from tests.ports import free_port
+from tests.service_wait import SERVICE_START_S
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -317,7 +318,7 @@ def test_image_healthcheck_command_passes_on_a_live_api_and_fails_without_one(
             stderr=subprocess.STDOUT,
         )
         try:
-            deadline = time.monotonic() + 120
+            deadline = time.monotonic() + SERVICE_START_S
             while True:
                 check = subprocess.run(command, capture_output=True, timeout=60)
                 if check.returncode == 0:

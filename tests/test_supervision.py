@@ -32,13 +32,16 @@ import pytest
 
 from tests.fault_report import lost_and_duplicates, record_fault
 from tests.ports import free_port
+from tests.service_wait import SERVICE_START_S
 
 # Minutes of simulated lab each: `make test-slow` (run by .ci/run after `make test`).
 pytestmark = pytest.mark.slow
 
 SPEED = 100.0
 PERIOD_S = 10.0  # simulated: 10 samples per wall second at SPEED
-TIMEOUT_S = 120.0  # for each recovery, on a loaded 2-core machine
+# For each start-up and recovery: a hang guard, as for any service start
+# (tests/service_wait.py); a saturated 2-core machine takes minutes.
+TIMEOUT_S = SERVICE_START_S
 CHANNEL = "cabinet1/1"
 FLAG_PAUSED = 2  # labdaq.engine.group flags (not imported: keep to the public rows)
 FLAG_RESUMED = 4
