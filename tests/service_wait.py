@@ -9,10 +9,10 @@ it ends at once when the process exits.
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
-import httpx
+from labdaq import processes
 
 #: Longest wait for a service to answer /health: only a hang takes longer. A test that
 #: waits this long needs a pytest timeout above it (``SERVICE_TEST_TIMEOUT_S``).
@@ -24,13 +24,11 @@ def wait_healthy(base: str, proc: subprocess.Popen[str] | subprocess.Popen[bytes
                  output: Callable[[], str] = lambda: "") -> None:
     """Return once ``base``/health answers 200; fail if ``proc`` exits first or after
     ``SERVICE_START_S`` (with ``output()``, the service's log so far)."""
-    deadline = time.monotonic() + SERVICE_START_S
-    while True:
-        assert proc.poll() is None, f"the service exited ({proc.returncode}):\n{output()}"
-        try:
-            if httpx.get(f"{base}/health", timeout=10).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, f"no answer to /health:\n{output()}"
-        time.sleep(0.2)
+    url = urlsplit(base)
+    host, port = url.hostname or "127.0.0.1", url.port or 80
+    try:
+        # Each request may take 10 s: the niced API answers slowly while it starts.
+        processes.wait_until(lambda: processes.http_ok(host, port, "/health", timeout_s=10),
+                             SERVICE_START_S, "GET /health", proc, poll_s=0.2)
+    except processes.ChildFailed as exc:
+        raise AssertionError(f"{exc}:\n{output()}") from exc
