@@ -8,7 +8,8 @@ tests/test_missed_periods.py): the test is as slow or fast as the machine, never
 different. Programming a joining run takes several such commands. Had the group's loop
 waited for them (the lock held for the whole join, as before batched joins) its next tick
 would come more than a period late and every running channel would miss a period; now it
-waits for one command at most. The count comes from the database. A run the instrument
+waits for one command at most, and no command of a join goes out while a tick is due.
+The count comes from the database. A run the instrument
 refuses fails alone: the others of its batch start as if each had joined on its own.
 """
 
@@ -38,7 +39,10 @@ from tests.test_missed_periods import HOLD, SteppedClock
 
 SPEED = 20.0  # simulated seconds per wall second while the clock runs
 PERIOD_S = 1.0
-COMMAND_COST_S = 0.3 * PERIOD_S  # simulated time each non-measuring command takes
+# Simulated time each non-measuring line takes. A driver call is a command and its
+# error-queue read: 0.4 s, so a tick that waits for the call in flight is still within
+# half its period, and the samples' times (when the queries went out) round to it.
+COMMAND_COST_S = 0.2 * PERIOD_S
 RUNNING = 4  # runs sampling before the others join
 JOINING = 4  # runs joining them, in one scheduler round or a few
 TICKS_AFTER = 6  # ticks with every run in the group before the engine stops
@@ -75,13 +79,33 @@ def _charge(duration_s: float) -> dict[str, Any]:
             "steps": [{"step": "cc", "current_a": 0.1, "until": {"duration_s": duration_s}}]}
 
 
+class LateWaking(SteppedClock):
+    """The loop's wait for a deadline ends up to 0.2 s of wall time after simulated time
+    reached it: the event loop of a busy machine, where other coroutines (the one joining
+    runs) are resumed first."""
+
+    poll_s = 0.2
+
+
 async def test_runs_joining_a_sampling_group_cost_its_runs_no_period(db_url: str) -> None:
+    await _join_while_sampling(db_url, SteppedClock)
+
+
+async def test_a_join_sends_no_command_while_a_tick_is_due(db_url: str) -> None:
+    """The group's coroutine wakes late for its deadlines: the joins' commands, which take
+    simulated time, still wait for the due tick's measurement (group.call_between_ticks),
+    so no running channel misses a period. Without that wait, the joins' commands pushed
+    the clock seconds past a deadline before the tick measured."""
+    await _join_while_sampling(db_url, LateWaking)
+
+
+async def _join_while_sampling(db_url: str, clock: type[SteppedClock]) -> None:
     lab = SimLab(smus=0, cabinets=1, cabinet_channels=RUNNING + JOINING,
                  clock=LockstepClock())
     rig = await start_rig(db_url, lab, SPEED, control_period_s=PERIOD_S)
     try:
         lab.clock.hold(HOLD, lab.clock.now())  # still until the engine's loop asks for time
-        rig.node.clock = SteppedClock(lab.clock)  # the group is made with it at the claim
+        rig.node.clock = clock(lab.clock)  # the group is made with it at the claim
         cost = CostlyCommands(lab.by_name("cabinet1").server, lab.clock, COMMAND_COST_S)
         node = rig.node
         first = [await rig.start_run(f"cabinet1/{c}", protocol_document=_charge(3600.0),

@@ -57,13 +57,16 @@ GAP = int(m.SampleFlag.GAP)
 class SteppedClock(WarpClock):
     """The engine's clock on a :class:`LockstepClock` that only the engine moves: waiting
     for a deadline lets simulated time run to it, and it stays there until the next wait
-    (never backwards: a deadline already passed leaves the clock where it is)."""
+    (never backwards: a deadline already passed leaves the clock where it is).
+    ``poll_s``: how often (wall seconds) the waiting coroutine looks at the clock."""
+
+    poll_s = 0.001
 
     async def sleep_until(self, t_s: float) -> None:
         assert isinstance(self.sim, LockstepClock)
         self.sim.hold(HOLD, max(t_s, self.now()))
         while self.now() < t_s:
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(self.poll_s)
 
 
 class StallOnce:

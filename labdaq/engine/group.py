@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -118,6 +119,13 @@ class InstrumentGroup(GroupBuffered):
         # run id → its breach's (to command sent, to acknowledged) times
         self._breach_to_off: dict[int, tuple[float, float]] = {}
         self.outputs = Outputs(name, driver, call)
+        # Set points of runs joining from outside the loop: each command waits while a
+        # tick is due (call_between_ticks).
+        self._join_outputs = Outputs(name, driver, self.call_between_ticks)
+        # The deadline of the tick the loop waits for, until that tick has measured
+        # (inf: none due); set when it has.
+        self._due_s = math.inf
+        self._measured = asyncio.Event()
         self.state = RunArrays()
         self._prev_runs: list[ChannelRun] = []
         self._requests = False  # a command is waiting in the inbox
@@ -205,7 +213,7 @@ class InstrumentGroup(GroupBuffered):
             return
         await self._logging_for([r.period_s for r, _ in fresh])  # buffered acquisition only
         before = self.clock.now()
-        await self._apply_many(fresh)
+        await self._apply_many(fresh, self._join_outputs)
         # As in _add: the runs' clocks start when their set points are in place.
         t0_clock_s += self.clock.now() - before
         async with self._busy:
@@ -297,10 +305,12 @@ class InstrumentGroup(GroupBuffered):
     async def _apply(self, run: ChannelRun, phase: Phase) -> None:
         await self._apply_many([(run, phase)])
 
-    async def _apply_many(self, items: list[tuple[ChannelRun, Phase]]) -> None:
+    async def _apply_many(self, items: list[tuple[ChannelRun, Phase]],
+                          outputs: Outputs | None = None) -> None:
         """Set points for runs' new phases (channels with the same ones in one command
         where the instrument takes lists), then each auxiliary step's request."""
-        await self.outputs.apply_many([(run.channel, phase) for run, phase in items])
+        await (outputs or self.outputs).apply_many(
+            [(run.channel, phase) for run, phase in items])
         for run, phase in items:
             if phase.aux is not None:
                 run.aux_done, run.aux_error = False, None
@@ -308,6 +318,21 @@ class InstrumentGroup(GroupBuffered):
 
     async def _outputs_off(self, chans: Sequence[int]) -> float:
         return await self.outputs.off(chans)
+
+    async def call_between_ticks(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """A command from outside the loop (a run joining, its protection): sent only
+        while no tick is due. The instrument's worker keeps commands in submission order,
+        so a tick waits for the exchange in flight when it falls due; without this, a
+        joining run's next command could go out between the deadline and the moment the
+        loop's coroutine gets to submit its measurement (a busy event loop resumes the
+        joiner first), and every command of a join could stand in front of it."""
+        while self.clock.now() >= self._due_s:
+            await self._measured.wait()
+        return await self.call(fn, *args)
+
+    def _tick_measured(self) -> None:
+        self._due_s = math.inf
+        self._measured.set()
 
     # -- the loop ----------------------------------------------------------------------
     async def _loop(self) -> None:
@@ -322,6 +347,8 @@ class InstrumentGroup(GroupBuffered):
         while self.runs and not self._closing:
             period = min(float(self.state.period_s.min()), self.control_period_s)
             deadline += period
+            self._measured.clear()
+            self._due_s = deadline
             await self.clock.sleep_until(deadline)
             # Lateness against the tick's own deadline, also when ticks were missed.
             late = self.clock.wall_lateness_s(deadline)
@@ -336,7 +363,10 @@ class InstrumentGroup(GroupBuffered):
                 async with self._busy:
                     await self._tick(deadline, period)
 
-            await self._guarded(tick)
+            try:
+                await self._guarded(tick)
+            finally:
+                self._tick_measured()  # also a tick that ended before its measurement
         self._task = None
 
     async def _guarded(self, step: Callable[[], Awaitable[None]]) -> None:
@@ -374,6 +404,7 @@ class InstrumentGroup(GroupBuffered):
         ts_utc = time.time()
         meas = await self._measure(self.chans)
         t_meas = time.perf_counter()
+        self._tick_measured()
         self.ticks += 1
         meas = np.asarray(meas, float).reshape(n, 3)
         v, i, temp = meas[:, 0].copy(), meas[:, 1].copy(), meas[:, 2].copy()

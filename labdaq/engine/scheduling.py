@@ -211,7 +211,8 @@ class Scheduling(NodeParts):
         lists = group.driver.sets_channel_lists
         for (v_max, i_max), chans in by_limits.items():
             for ch in ([chans] if lists and len(chans) > 1 else chans):
-                await group.call(group.driver.configure_protection, ch, v_max, i_max)
+                await group.call_between_ticks(group.driver.configure_protection, ch,
+                                               v_max, i_max)
 
     def _not_started(self, run: m.Run, channel: m.Channel, exc: Exception) -> None:
         """A run that could not start fails with its reason, or waits for its instrument."""
