@@ -53,14 +53,16 @@ test-fast: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -m "not slow and not deep" -n $(FAST_TEST_WORKERS) --dist loadfile \
 		$(FAST_TESTS)
 
-# The long suites (@pytest.mark.slow); .ci/run runs them after `make test`.
+# The long suites (@pytest.mark.slow); .ci/run runs them after `make test`. The fault
+# campaign's long form (@pytest.mark.long: 100 kills) runs in `make faults` instead.
 # SLOW_TEST_WORKERS pytest-xdist workers, a whole file each: most of these tests wait on
 # simulated instruments and subprocesses. Then schemathesis in depth on its own (make
 # test-deep): its six runs and two services load both cores, and beside it the other
 # slow tests would wait on a machine busier than they need.
 SLOW_TEST_WORKERS ?= 2
 test-slow: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q -m "slow and not deep and not soak" -n $(SLOW_TEST_WORKERS) \
+	$(BIN)/python -m pytest -q -m "slow and not deep and not soak and not long" \
+		-n $(SLOW_TEST_WORKERS) \
 		--dist loadfile \
 		--durations=15
 	$(BIN)/python -m pytest -q -m deep

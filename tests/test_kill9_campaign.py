@@ -412,6 +412,7 @@ def test_kill9_campaign_short(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.faults
+@pytest.mark.long  # in `make faults`, not in `make test-slow`
 # A hang guard above the slow tests' 900 s: its 100 engine starts take minutes longer on a
 # loaded machine (docs/performance.md).
 @pytest.mark.timeout(1800)

@@ -38,10 +38,14 @@ import pytest
 from labdaq.cli import _register_sim_lab
 from labdaq.runs import RunCreate, create_run
 from labdaq.storage.db import create_engine, session_scope, sessionmaker, upgrade
+from tests.service_wait import SERVICE_TEST_TIMEOUT_S
 from tests.sim_idle import make_idle_safe
 
 # The kill -9 campaign's short form: real processes started, killed and restarted.
-pytestmark = pytest.mark.slow
+# Each wait below is a hang guard, not a timing check: on two shared cores a restart and
+# a claim can take minutes. A test may wait on several.
+HANG_S = 240.0
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(SERVICE_TEST_TIMEOUT_S)]
 
 SPEED = 200.0  # simulated seconds per wall second, the same for the lab and the engines
 SOC0 = 0.4  # a C/2 discharge from 40 % takes ~45 min simulated, ~14 s of wall time
@@ -172,7 +176,7 @@ def _lab(tmp_path: Path, speed: float = SPEED,
             start_new_session=True,
         )
     try:
-        _wait(desc_path.exists, 30, "the simulated lab to describe itself", proc)
+        _wait(desc_path.exists, HANG_S, "the simulated lab to describe itself", proc)
         desc = json.loads(desc_path.read_text())
         make_idle_safe(desc)  # until an engine opens it (tests/sim_idle.py)
         asyncio.run(_register_sim_lab(url, desc))
@@ -291,7 +295,7 @@ def _run_and_kill(lab: Lab, run_id: int, min_samples: int) -> list[tuple[Any, ..
         return n >= min_samples and position is not None
 
     try:
-        _wait(ready, 30, f"{min_samples} committed samples", engine, lab.proc)
+        _wait(ready, HANG_S, f"{min_samples} committed samples", engine, lab.proc)
         children = _children(engine.pid)  # its sample writer
         assert children, "the engine should run its sample writer in a child process"
         os.kill(engine.pid, signal.SIGKILL)
@@ -299,7 +303,7 @@ def _run_and_kill(lab: Lab, run_id: int, min_samples: int) -> list[tuple[Any, ..
         assert engine.returncode == -signal.SIGKILL
         # The writer child exits when its pipe breaks; a commit it had in flight may
         # still land, so "committed at the moment of death" is read once it is gone.
-        _wait(lambda: not any(_alive(c) for c in children), 30, "the writer child to exit")
+        _wait(lambda: not any(_alive(c) for c in children), HANG_S, "the writer child to exit")
     finally:
         if engine.poll() is None:
             engine.kill()
@@ -379,7 +383,7 @@ def resumed(tmp_path_factory: pytest.TempPathFactory) -> Resumed:
         try:
             _wait(
                 lambda: _state(lab, run_id) not in ("queued", "running", "paused"),
-                45,
+                HANG_S,
                 "the resumed run to end",
                 engine,
                 lab.proc,
@@ -531,7 +535,7 @@ def test_kill9_gap_longer_than_limit_marks_run_interrupted(lab: Lab) -> None:
     try:
         _wait(
             lambda: _state(lab, run_id) != "running",
-            30,
+            HANG_S,
             "the restarted engine to judge the run",
             engine,
             lab.proc,
@@ -546,7 +550,7 @@ def test_kill9_gap_longer_than_limit_marks_run_interrupted(lab: Lab) -> None:
         # is claimed and acquires (the scheduler has gone round after judging the first),
         # and the first has no new samples and is still interrupted.
         later = _create_run(lab)
-        _wait(lambda: len(_samples(lab, later)) >= 5, 60,
+        _wait(lambda: len(_samples(lab, later)) >= 5, HANG_S,
               "the engine to claim and sample a later run", engine, lab.proc)
         assert _samples(lab, run_id) == committed
         assert _state(lab, run_id) == "interrupted"
