@@ -14,6 +14,9 @@ from typing import Any
 import httpx
 from sqlalchemy.engine import make_url
 
+from labdaq import live
+from labdaq.storage import models as m
+from labdaq.storage.db import create_engine, session_scope, sessionmaker, snapshot_scope
 from tests.dataout_fixtures import api_server, insert_samples, make_lab
 
 
@@ -158,3 +161,46 @@ def test_lab_stream_follows_every_run_from_now_and_resumes(sqlite_url: str) -> N
         assert [m["data"].get("message") for m in again if m["event"] == "event"] == [
             "limit breached on run b"]
     db.close()
+
+
+async def test_a_poll_reads_one_snapshot_of_the_database(db_url: str) -> None:
+    """A step and its cycle summary committed together after the poll has read the steps
+    and before it reads the cycles: the poll (a snapshot, as the stream's) sees neither,
+    the next one both, the step first. Reading each table as it is at that moment would
+    have sent the cycle without its step, and the step after it."""
+    lab = await make_lab(db_url)
+    run_id = lab["run_ids"][0]
+    engine = create_engine(db_url)
+    maker = sessionmaker(engine)
+    try:
+        async with snapshot_scope(maker) as s:
+            read = s.scalars
+            committed = False
+
+            async def scalars(statement: Any, *args: Any, **kwargs: Any) -> Any:
+                nonlocal committed
+                if not committed and "FROM cycles" in str(statement):
+                    committed = True
+                    async with session_scope(maker) as w:
+                        w.add(m.Step(run_id=run_id, step_number=1, step_index=0,
+                                     cycle_index=0, kind="cc", start_t_s=0.0, end_t_s=300.0,
+                                     end_reason="voltage", capacity_ah=1.2, energy_wh=4.4))
+                        w.add(m.Cycle(run_id=run_id, cycle_index=0, start_t_s=0.0,
+                                      end_t_s=500.0, charge_capacity_ah=1.2,
+                                      discharge_capacity_ah=1.1, charge_energy_wh=4.4,
+                                      discharge_energy_wh=4.0))
+                return await read(statement, *args, **kwargs)
+
+            s.scalars = scalars  # type: ignore[method-assign]
+            run = await s.get(m.Run, run_id)
+            assert run is not None
+            first = await live.poll(s, run, live.Cursor())
+        assert committed
+        assert [x.event for x in first] == ["state"]
+        async with snapshot_scope(maker) as s:
+            run = await s.get(m.Run, run_id)
+            assert run is not None
+            second = await live.poll(s, run, first[-1].cursor)
+        assert [x.event for x in second] == ["step", "cycle"]
+    finally:
+        await engine.dispose()

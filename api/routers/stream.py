@@ -16,7 +16,7 @@ from labdaq import runs as run_service
 from labdaq.api.deps import Reader, RunId, Session
 from labdaq.api.problems import Problem
 from labdaq.storage import models as m
-from labdaq.storage.db import session_scope
+from labdaq.storage.db import snapshot_scope
 
 router = APIRouter(prefix="/api/v1/runs", tags=["stream"])
 
@@ -74,9 +74,10 @@ async def stream_run(
         idle = 0.0
         seen: dict[int, float] = {}
         while not await request.is_disconnected():
-            async with session_scope(maker) as s:
-                # The state first: rows committed before a final state are then read below,
-                # so the stream never ends before the run's last samples.
+            async with snapshot_scope(maker) as s:
+                # One snapshot: the state and every row committed with or before it, so
+                # the stream never ends before the run's last samples, and rows committed
+                # together arrive in the poll's order (samples, steps, cycles, events).
                 run = await s.get(m.Run, run_id)
                 assert run is not None
                 msgs = await live.poll(s, run, cursor, rate_hz)
@@ -144,7 +145,7 @@ async def stream_lab(
         seen: dict[int, int] = {}
         seen_readings: dict[int, float] = {}
         while not await request.is_disconnected():
-            async with session_scope(maker) as s:
+            async with snapshot_scope(maker) as s:
                 msgs = await live.poll_lab(s, cursor)
                 snapshots = await live.poll_latest(s, seen) if latest else []
                 # A cycler running its own program: its inquired reading is the newest.

@@ -119,6 +119,31 @@ async def session_scope(
             raise
 
 
+@asynccontextmanager
+async def snapshot_scope(
+    maker: async_sessionmaker[AsyncSession],
+) -> AsyncIterator[AsyncSession]:
+    """A unit of work whose reads all see one snapshot of the database. In SQLite's
+    default mode and PostgreSQL's READ COMMITTED each SELECT sees what is committed when it
+    runs, so reading steps, then cycles, could show a cycle committed with a step the
+    first read missed: an explicit BEGIN on SQLite (its snapshot is taken at the first
+    read) and REPEATABLE READ on PostgreSQL."""
+    async with maker() as session:
+        try:
+            if session.get_bind().dialect.name == "sqlite":
+                # The driver begins a transaction only before a write; a read-only unit of
+                # work would otherwise run each SELECT in its own.
+                await (await session.connection()).exec_driver_sql("BEGIN")
+            else:
+                await session.connection(
+                    execution_options={"isolation_level": "REPEATABLE READ"})
+            yield session
+            await session.commit()
+        except BaseException:
+            await session.rollback()
+            raise
+
+
 def alembic_config(url: str | URL) -> Any:
     from alembic.config import Config
 
