@@ -38,14 +38,13 @@ import pytest
 from labdaq.cli import _register_sim_lab
 from labdaq.runs import RunCreate, create_run
 from labdaq.storage.db import create_engine, session_scope, sessionmaker, upgrade
-from tests.service_wait import SERVICE_TEST_TIMEOUT_S
 from tests.sim_idle import make_idle_safe
 
 # The kill -9 campaign's short form: real processes started, killed and restarted.
 # Each wait below is a hang guard, not a timing check: on two shared cores a restart and
 # a claim can take minutes. A test may wait on several.
 HANG_S = 240.0
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(SERVICE_TEST_TIMEOUT_S)]
+pytestmark = pytest.mark.slow  # 900 s each (tests/conftest.py)
 
 SPEED = 200.0  # simulated seconds per wall second, the same for the lab and the engines
 SOC0 = 0.4  # a C/2 discharge from 40 % takes ~45 min simulated, ~14 s of wall time
