@@ -14,7 +14,7 @@ import asyncio
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -485,6 +485,18 @@ async def wait_for(
         if loop.time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str,
+                     timeout_s: float = 90.0) -> None:
+    """Poll an async ``check`` (a database read) until it holds. A hang guard, not a
+    timing check: below the 120 s a test may take, above what a loaded machine needs."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not await check():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(0.05)
 
 
 # -- reading results ---------------------------------------------------------------------

@@ -41,6 +41,7 @@ from tests.engine_rig import (
     Rig,
     assert_contiguous,
     channel_cell,
+    eventually,
     nmc_18650_spec,
     samples,
     start_rig,
@@ -96,13 +97,10 @@ async def until_samples(rig: Rig, run_id: int, n: int) -> None:
         s = await samples(rig.maker, run_id)
         return int(np.isfinite(s["temperature_c"]).sum())
 
-    got = 0
-    for _ in range(400):
-        got = await count()
-        if got >= n:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"run {run_id}: {got} samples with a temperature, wanted {n}")
+    async def enough() -> bool:
+        return await count() >= n
+
+    await eventually(enough, f"run {run_id}: {n} samples with a temperature")
 
 
 async def aborted(rig: Rig, run_id: int, limit: str) -> tuple[m.Run, m.Event, Any]:
@@ -219,18 +217,18 @@ async def test_open_thermocouple_is_a_lost_sensor_and_stops_a_run_with_a_limit(
     # The run without a temperature limit keeps running, its samples say the sensor is
     # lost; once the thermocouple is repaired they carry temperatures again.
     seq_lost = int((await samples(rig.maker, unguarded))["seq"][-1])
-    for _ in range(200):
+    async def three_lost() -> bool:
         u = await samples(rig.maker, unguarded)
-        if (u["flags"][u["seq"] > seq_lost] & TEMP_LOST).sum() >= 3:
-            break
-        await asyncio.sleep(0.05)
+        return bool((u["flags"][u["seq"] > seq_lost] & TEMP_LOST).sum() >= 3)
+
+    await eventually(three_lost, "three samples flagged with the sensor lost")
     assert (await events(rig, unguarded, "sensor"))[0].severity == "error"
     rig.lab.faults.clear_all()
-    for _ in range(200):
-        sensor = await events(rig, unguarded, "sensor")
-        if len(sensor) >= 2:
-            break
-        await asyncio.sleep(0.05)
+    async def repaired() -> bool:
+        return len(await events(rig, unguarded, "sensor")) >= 2
+
+    await eventually(repaired, "the sensor's repair event")
+    sensor = await events(rig, unguarded, "sensor")
     assert [e.severity for e in sensor] == ["error", "info"]
     async with session_scope(rig.maker) as ss:
         other = await ss.get(m.Run, unguarded)

@@ -23,7 +23,7 @@ from sqlalchemy.engine import make_url
 from labdaq.sims.lab import SimLab
 from labdaq.storage import models as m
 from tests.db_fixtures import PG_URL
-from tests.engine_rig import Rig, assert_contiguous, rows_of, samples, start_rig
+from tests.engine_rig import Rig, assert_contiguous, eventually, rows_of, samples, start_rig
 
 SPEED = 200.0
 OUTAGE_S = 3.0
@@ -101,12 +101,7 @@ async def test_database_outage_loses_no_sample(db_url: str, tmp_path: Path) -> N
             s = await samples(rig.maker, run_id)
             return bool((s["step_index"] == 1).sum() > 5)
 
-        for _ in range(200):
-            if await in_discharge():
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("the run did not reach its discharge")
+        await eventually(in_discharge, "the run to reach its discharge")
         seq_before = int((await samples(rig.maker, run_id))["seq"][-1])
         if db_url.startswith("sqlite"):
             await _sqlite_outage(db_url)
@@ -145,10 +140,10 @@ async def test_journal_overflow_becomes_an_interruption_with_bounds(
     journal.max_bytes = 0  # nothing fits: every batch of the outage is dropped
     try:
         run_id = await rig.start_run("smu1/1", protocol_document=PROTOCOL)
-        for _ in range(200):
-            if len((await samples(rig.maker, run_id))["seq"]) > 20:
-                break
-            await asyncio.sleep(0.05)
+        async def twenty() -> bool:
+            return len((await samples(rig.maker, run_id))["seq"]) > 20
+
+        await eventually(twenty, "20 samples before the outage")
         await _sqlite_outage(sqlite_url)
         run = await rig.wait_end(run_id, timeout_s=40)
         s = await samples(rig.maker, run_id)

@@ -45,6 +45,7 @@ from tests.engine_rig import (
     Rig,
     SpeedGovernor,
     assert_contiguous,
+    eventually,
     nmc_18650_spec,
     samples,
     start_rig,
@@ -231,13 +232,10 @@ async def test_over_voltage_when_the_smu_compliance_fails(paced_rig: Rig) -> Non
 async def _running(rig: Rig, *run_ids: int) -> None:
     """Until every run has stored a few samples (acquisition is under way)."""
     for run_id in run_ids:
-        for _ in range(200):
-            s = await samples(rig.maker, run_id)
-            if len(s["seq"]) >= 3:
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError(f"run {run_id} did not start")
+        async def three(run_id: int = run_id) -> bool:
+            return len((await samples(rig.maker, run_id))["seq"]) >= 3
+
+        await eventually(three, f"run {run_id} to store three samples")
 
 
 def _has_read(rig: Rig, clock: LockstepClock, run_id: int) -> bool:
