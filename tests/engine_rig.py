@@ -460,6 +460,18 @@ async def start_rig(
     return Rig(lab, desc, engine, maker, node, clock, task)
 
 
+async def start_paced_rig(url: str, lab: SimLab, speed: float, *, tick_s: float = 120.0,
+                          idle: float = 1000.0, **rig_kw: Any) -> Rig:
+    """:func:`start_rig` on a lab whose :class:`LockstepClock` the engine's ticks pace: a
+    :class:`SpeedGovernor` (``tick_s``, ``idle``) made before any run is claimed, so it
+    paces each instrument group as the node creates it, and run as one of the rig's
+    tasks."""
+    rig = await start_rig(url, lab, speed, **rig_kw)
+    gov = SpeedGovernor(lab, rig.node, tick_s=tick_s, idle=idle)
+    rig.extra.append(asyncio.create_task(gov.run()))
+    return rig
+
+
 async def wait_end(
     maker: async_sessionmaker[AsyncSession], run_id: int, timeout_s: float = 60.0
 ) -> m.Run:

@@ -14,7 +14,6 @@ from the empty state the previous discharge left and are valid.
 
 from __future__ import annotations
 
-import asyncio
 import math
 from pathlib import Path
 from typing import Any
@@ -30,12 +29,11 @@ from labdaq.sims.lab import SimLab
 from labdaq.storage import models as m
 from tests.engine_rig import (
     LockstepClock,
-    SpeedGovernor,
     assert_contiguous,
     nmc_18650_spec,
     rows_of,
     samples,
-    start_rig,
+    start_paced_rig,
 )
 
 PROTOCOL = {
@@ -92,9 +90,7 @@ def reference_cycles(t: list[float], v: list[float], i: list[float], cyc: list[i
 
 async def simulated_run(url: str, tmp: Path) -> dict[str, Any]:
     lab = SimLab(smus=1, cell_spec=nmc_18650_spec(tmp), seed=5, clock=LockstepClock())
-    rig = await start_rig(url, lab, 1000.0)
-    gov = SpeedGovernor(lab, rig.node)
-    rig.extra.append(asyncio.create_task(gov.run()))
+    rig = await start_paced_rig(url, lab, 1000.0)
     try:
         run_id = await rig.start_run("smu1/1", protocol_document=PROTOCOL)
         run = await rig.wait_end(run_id, timeout_s=120)

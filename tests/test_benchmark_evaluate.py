@@ -38,15 +38,13 @@ from labdaq.benchmarks.rundata import load_run_data
 from labdaq.benchmarks.store import catalogue_sha256, data_sha256, latest_evaluation
 from labdaq.protocol import CellLimits, load_template, resolve
 from labdaq.sims.lab import SimLab
-from tests.engine_rig import LockstepClock, SpeedGovernor, nmc_18650_spec, start_rig
+from tests.engine_rig import LockstepClock, nmc_18650_spec, start_paced_rig
 
 
 async def run_template(url: str, tmp: Path, template: str, **spec: Any) -> int:
     lab = SimLab(smus=1, cell_spec=nmc_18650_spec(tmp, **spec), impedance=1, chamber=True,
                  seed=3, clock=LockstepClock())
-    rig = await start_rig(url, lab, 1000.0)
-    gov = SpeedGovernor(lab, rig.node)
-    rig.extra.append(asyncio.create_task(gov.run()))
+    rig = await start_paced_rig(url, lab, 1000.0)
     try:
         run_id = await rig.start_run("smu1/1", template=template)
         run = await rig.wait_end(run_id, timeout_s=120)

@@ -32,12 +32,11 @@ from labdaq.sims.lab import SimLab
 from labdaq.storage import models as m
 from tests.engine_rig import (
     LockstepClock,
-    SpeedGovernor,
     assert_contiguous,
     nmc_18650_spec,
     rows_of,
     samples,
-    start_rig,
+    start_paced_rig,
 )
 from tests.test_engine_templates import check_cycles, check_steps
 
@@ -82,9 +81,7 @@ async def run_one(name: str, url: str, spec: str, seed: int) -> dict[str, Any]:
     its runs (contiguous samples, every step's end, cycle totals where it has cycles)."""
     lab = SimLab(smus=1, cell_spec=spec, impedance=1, chamber=True, seed=seed,
                  clock=LockstepClock())
-    rig = await start_rig(url, lab, 1000.0)
-    gov = SpeedGovernor(lab, rig.node)
-    rig.extra.append(asyncio.create_task(gov.run()))
+    rig = await start_paced_rig(url, lab, 1000.0)
     try:
         run_id = await rig.start_run("smu1/1", template=name)
         run = await rig.wait_end(run_id, timeout_s=800)  # a hang guard

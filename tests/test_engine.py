@@ -19,10 +19,10 @@ from labdaq.storage.db import session_scope
 from tests.engine_rig import (
     LockstepClock,
     Rig,
-    SpeedGovernor,
     assert_contiguous,
     rows_of,
     samples,
+    start_paced_rig,
     start_rig,
     wait_for,
 )
@@ -51,9 +51,8 @@ async def paced_rig(
     late ticks are skipped, and a 900 s step was over in fewer than 20)."""
     soc, control_period_s = getattr(request, "param", (0.5, 1.0))
     lab = SimLab(soc=soc, cabinets=1, cabinet_channels=2, clock=LockstepClock())
-    r = await start_rig(sqlite_url, lab, SPEED, control_period_s=control_period_s)
-    gov = SpeedGovernor(lab, r.node, tick_s=control_period_s, idle=SPEED)
-    r.extra.append(asyncio.create_task(gov.run()))
+    r = await start_paced_rig(sqlite_url, lab, SPEED, tick_s=control_period_s, idle=SPEED,
+                              control_period_s=control_period_s)
     yield r
     await r.stop()
 

@@ -25,7 +25,6 @@ Timings are recorded, not asserted (benchmarks/engine_channels.py reports them).
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -43,12 +42,11 @@ from labdaq.storage.db import session_scope
 from tests.engine_rig import (
     LockstepClock,
     Rig,
-    SpeedGovernor,
     assert_contiguous,
     eventually,
     nmc_18650_spec,
     samples,
-    start_rig,
+    start_paced_rig,
     wait_for,
 )
 
@@ -94,10 +92,7 @@ async def paced_rig(sqlite_url: str, tmp_path: Path) -> AsyncIterator[Rig]:
     SMU tests failed the same way, and the over-current one also ended on max_voltage_v:
     the cell was full before the fault went in."""
     lab = safety_lab(tmp_path, LockstepClock())
-    rig = await start_rig(sqlite_url, lab, SPEED)
-    # Made before any run is claimed: it paces each instrument group as it is created.
-    gov = SpeedGovernor(lab, rig.node, tick_s=1.0, idle=SPEED)
-    rig.extra.append(asyncio.create_task(gov.run()))
+    rig = await start_paced_rig(sqlite_url, lab, SPEED, tick_s=1.0, idle=SPEED)
     yield rig
     await rig.stop()
 
@@ -156,10 +151,11 @@ async def check_aborted(rig: Rig, run_id: int, limit: str, timeout_s: float = 30
 async def test_internal_short_on_cabinet_trips_on_temperature(paced_rig: Rig) -> None:
     rig = paced_rig
     cab = rig.lab.by_name("cabinet1").sim
-    hot = await rig.start_run("cabinet1/1", protocol_document=document(CHARGE_1A, 50.0))
-    calm = await rig.start_run("cabinet1/2", protocol_document=document(CHARGE_1A, 50.0))
-    await _running(rig, hot, calm)
-    cab.bank.set_internal_short(0, 1.0)
+    # Held at FAULT_AT_S: a start that takes long (an instrument lost and found again while
+    # run 2 joins) must not let run 1 charge its cell full before the short goes in.
+    async with _runs_held_at(rig, FAULT_AT_S, ("cabinet1/1", document(CHARGE_1A, 50.0)),
+                             ("cabinet1/2", document(CHARGE_1A, 50.0))) as (hot, calm):
+        cab.bank.set_internal_short(0, 1.0)
     ev, s = await check_aborted(rig, hot, "max_temperature_c", PACED_WAIT_S)
     assert ev.data["value"] > 50.0 and ev.data["bound"] == 50.0
     assert s["temperature_c"][-1] > 50.0 and np.nanmax(s["temperature_c"][:-1]) <= 50.0
@@ -176,9 +172,9 @@ async def test_internal_short_on_cabinet_trips_on_temperature(paced_rig: Rig) ->
 async def test_thermal_runaway_on_cabinet(paced_rig: Rig) -> None:
     rig = paced_rig
     cab = rig.lab.by_name("cabinet1").sim
-    run_id = await rig.start_run("cabinet1/2", protocol_document=document(CHARGE_1A, 50.0))
-    await _running(rig, run_id)
-    cab.bank.trigger_thermal_runaway(1)
+    async with _runs_held_at(rig, FAULT_AT_S,
+                             ("cabinet1/2", document(CHARGE_1A, 50.0))) as (run_id,):
+        cab.bank.trigger_thermal_runaway(1)
     ev, s = await check_aborted(rig, run_id, "min_voltage_v", PACED_WAIT_S)
     assert ev.data["value"] < ev.data["bound"]
     assert s["temperature_c"][-1] > s["temperature_c"][-2]  # and it is heating up

@@ -17,7 +17,6 @@ this cell's 4 s RC pair includes part of the fast polarisation (docs/instruments
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +30,10 @@ from labdaq.storage import models as m
 from labdaq.storage.db import session_scope, upgrade
 from tests.engine_rig import (
     LockstepClock,
-    SpeedGovernor,
     assert_contiguous,
     rows_of,
     samples,
+    start_paced_rig,
     start_rig,
     wait_end,
 )
@@ -78,9 +77,7 @@ async def results(maker: Any, run_id: int) -> dict[str, Any]:
 async def direct(template: str, url: str) -> tuple[dict[str, Any], dict[str, Any]]:
     lab = SimLab(smus=1, cell_spec="nmc811", chamber=True, seed=SEED, soc=SOC,
                  clock=LockstepClock())
-    rig = await start_rig(url, lab, 1000.0)
-    gov = SpeedGovernor(lab, rig.node)
-    rig.extra.append(asyncio.create_task(gov.run()))
+    rig = await start_paced_rig(url, lab, 1000.0)
     try:
         (cell,) = [ch["cell"] for inst in rig.desc["instruments"] for ch in inst["channels"]]
         run_id = await rig.start_run("smu1/1", template=template)
