@@ -20,6 +20,10 @@ from labdaq.sims.lab import make_cell_bank
 from tests.ports import free_port
 from tests.service_wait import SERVICE_TEST_TIMEOUT_S, wait_healthy
 
+# Requests to the service under test: httpx's 5 s default is a timing check on a
+# loaded machine (a POST /runs answered after it in CI); this is a hang guard.
+http = httpx.Client(timeout=60.0)
+
 SPEED = 500.0
 SOC0 = 0.5
 SEED = 1
@@ -98,7 +102,7 @@ def reference_discharge_ah(
 def test_demo_run_through_http_to_simulated_smu(lab) -> None:
     base, token, proc = lab
     h = {"Authorization": f"Bearer {token}"}
-    channels = {c["name"]: c for c in httpx.get(f"{base}/api/v1/channels", headers=h).json()}
+    channels = {c["name"]: c for c in http.get(f"{base}/api/v1/channels", headers=h).json()}
     smu = channels["smu1/1"]
     assert smu["state"] == "idle"
     assert smu["resource"].startswith("TCPIP::127.0.0.1::")
@@ -116,28 +120,28 @@ def test_demo_run_through_http_to_simulated_smu(lab) -> None:
         },
         "sample_period_s": 10,
     }
-    r = httpx.post(f"{base}/api/v1/runs", json=body, headers=h)
+    r = http.post(f"{base}/api/v1/runs", json=body, headers=h)
     assert r.status_code == 201, r.text
     run_id = r.json()["id"]
     # "queue": false: a busy channel is refused (by default the run would be queued).
-    busy = httpx.post(f"{base}/api/v1/runs", json={**body, "queue": False}, headers=h)
+    busy = http.post(f"{base}/api/v1/runs", json={**body, "queue": False}, headers=h)
     assert busy.status_code == 409
     # Until the run ends: the test's timeout bounds a loaded machine's slower run.
     while True:
-        run = httpx.get(f"{base}/api/v1/runs/{run_id}", headers=h).json()
+        run = http.get(f"{base}/api/v1/runs/{run_id}", headers=h).json()
         state = run["state"]
         if state not in ("queued", "running"):
             break
         time.sleep(0.5)
     assert state == "completed", run["end_reason"]
-    cycles = httpx.get(f"{base}/api/v1/runs/{run_id}/cycles", headers=h).json()
+    cycles = http.get(f"{base}/api/v1/runs/{run_id}/cycles", headers=h).json()
     assert len(cycles) == 1
     expected = reference_discharge_ah("nmc811", cap / 2, 4.2, cap / 20, 300, 2.5)
     got = cycles[0]["discharge_capacity_ah"]
     assert got == pytest.approx(expected, rel=0.02), (got, expected)
     assert cycles[0]["coulombic_efficiency"] > 0.9
     # Every sample is stored, contiguous, and the stored data integrates to the summary.
-    samples = httpx.get(
+    samples = http.get(
         f"{base}/api/v1/runs/{run_id}/samples", params={"limit": 100_000}, headers=h
     ).json()
     seq = np.array(samples["seq"])

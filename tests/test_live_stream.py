@@ -105,7 +105,8 @@ def test_stream_follows_a_run_and_resumes_without_gap(sqlite_url: str) -> None:
         assert 450 <= len(t) <= 501
         assert all(b - a >= 1.0 for a, b in zip(t, t[1:], strict=False))
         bad = httpx.get(f"{base}/api/v1/runs/{run_id}/stream",
-                        headers={"Authorization": f"Bearer {token}", "Last-Event-ID": "x"})
+                        headers={"Authorization": f"Bearer {token}", "Last-Event-ID": "x"},
+                        timeout=60)
         assert bad.status_code == 422
     db.close()
 
