@@ -342,6 +342,14 @@ class InstrumentGroup(GroupBuffered):
             finally:
                 self._task = None
             return
+        try:
+            await self._loop_ticks()
+        finally:
+            # Also a loop cancelled while it waited for a deadline: no joiner waits on it.
+            self._tick_measured()
+            self._task = None
+
+    async def _loop_ticks(self) -> None:
         period = min(float(self.state.period_s.min()), self.control_period_s)
         deadline = self.clock.now() + self.phase * period - period
         while self.runs and not self._closing:
@@ -367,7 +375,6 @@ class InstrumentGroup(GroupBuffered):
                 await self._guarded(tick)
             finally:
                 self._tick_measured()  # also a tick that ended before its measurement
-        self._task = None
 
     async def _guarded(self, step: Callable[[], Awaitable[None]]) -> None:
         """One tick (or one fetch of the buffered loop), with the loop's handling of its
