@@ -128,20 +128,14 @@ async def snapshot_scope(
     runs, so reading steps, then cycles, could show a cycle committed with a step the
     first read missed: an explicit BEGIN on SQLite (its snapshot is taken at the first
     read) and REPEATABLE READ on PostgreSQL."""
-    async with maker() as session:
-        try:
-            if session.get_bind().dialect.name == "sqlite":
-                # The driver begins a transaction only before a write; a read-only unit of
-                # work would otherwise run each SELECT in its own.
-                await (await session.connection()).exec_driver_sql("BEGIN")
-            else:
-                await session.connection(
-                    execution_options={"isolation_level": "REPEATABLE READ"})
-            yield session
-            await session.commit()
-        except BaseException:
-            await session.rollback()
-            raise
+    async with session_scope(maker) as session:
+        if session.get_bind().dialect.name == "sqlite":
+            # The driver begins a transaction only before a write; a read-only unit of
+            # work would otherwise run each SELECT in its own.
+            await (await session.connection()).exec_driver_sql("BEGIN")
+        else:
+            await session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+        yield session
 
 
 def alembic_config(url: str | URL) -> Any:
