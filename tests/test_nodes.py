@@ -95,6 +95,11 @@ class Cluster:
         body: dict[str, Any] = r.json()
         return body
 
+    def stop(self, api: int, run_id: int) -> None:
+        r = httpx.post(f"{self.apis[api]}/api/v1/runs/{run_id}/stop", headers=self.auth,
+                       timeout=30)
+        assert r.status_code == 200, r.text
+
     def run(self, api: int, run_id: int) -> dict[str, Any]:
         r = httpx.get(f"{self.apis[api]}/api/v1/runs/{run_id}", headers=self.auth, timeout=30)
         assert r.status_code == 200, r.text
@@ -249,8 +254,7 @@ def test_runs_start_on_their_node_and_a_race_keeps_queue_order(cluster: Cluster)
     assert len(set(made)) == 8
     places = dict(c.query("SELECT id, queue_order FROM runs WHERE id = ANY(:ids)", ids=made))
     assert sorted(places.values()) == list(range(1, 9))
-    r = httpx.post(f"{c.apis[1]}/api/v1/runs/{holder}/stop", headers=c.auth, timeout=30)
-    assert r.status_code == 200, r.text
+    c.stop(1, holder)
     c.wait(lambda: all(c.run(k % 2, r)["state"] == "completed" for k, r in enumerate(made)),
            "every raced run to complete", timeout_s=400)
     assert c.run(0, holder)["state"] == "stopped"
@@ -302,8 +306,7 @@ def test_kill9_node_shows_node_down_then_resumes_without_loss(
                        "kind = 'interruption'", r=run_a)[0][0] == 1,
            "node a to resume its run", 60)
     c.wait(lambda: len(node_alerts()) == 2, "the node_up alert", 60)
-    r = httpx.post(f"{c.apis[0]}/api/v1/runs/{run_a}/stop", headers=c.auth, timeout=30)
-    assert r.status_code == 200, r.text
+    c.stop(0, run_a)
     c.wait(lambda: c.run(0, run_a)["state"] == "stopped"
            and c.run(0, run_b)["state"] == "completed",
            "node a's run to stop and node b's to complete", 240)
@@ -336,9 +339,7 @@ def test_live_stream_from_an_api_process_on_no_node(cluster: Cluster) -> None:
     def stop_once_live(out: list[dict[str, Any]]) -> bool:
         # Live: samples in a second message while the run goes on, not all at once.
         if not stopping and sum(1 for m in out if m["event"] == "samples") > 1:
-            r = httpx.post(f"{c.apis[0]}/api/v1/runs/{run_b}/stop", headers=c.auth,
-                           timeout=30)
-            assert r.status_code == 200, r.text
+            c.stop(0, run_b)
             stopping.append(run_b)
         return False
 
